@@ -1,0 +1,43 @@
+"""bn-inspect: see what every BatchNorm layer of a PyTorch model computes on your data.
+
+The public Python API; torch is imported only when a function that needs it is first used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from bn_inspect.errors import BnInspectError
+from bn_inspect.options import Mode
+from bn_inspect.report import SCHEMA_VERSION, InputInfo, LayerReport, ModelInfo, Report
+
+if TYPE_CHECKING:
+    from bn_inspect.inspection import Batch, inspect_model
+    from bn_inspect.loading import load_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Batch",
+    "BnInspectError",
+    "InputInfo",
+    "LayerReport",
+    "Mode",
+    "ModelInfo",
+    "Report",
+    "__version__",
+    "inspect_model",
+    "load_model",
+]
+
+_LAZY = {"inspect_model": "bn_inspect.inspection", "Batch": "bn_inspect.inspection", "load_model": "bn_inspect.loading"}
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'bn_inspect' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module_name), name)

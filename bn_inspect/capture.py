@@ -1,0 +1,222 @@
+"""Hooks (or dispatch capture) that reduce each normalization layer's input on the fly.
+
+Eager modules are observed with forward pre-hooks. TorchScript modules reject Python hooks, so
+for them a ``TorchDispatchMode`` watches the normalization kernels and names each call by the
+parameters or running buffers it was handed. Either way only (C,)-sized moments outlive the
+forward: the activation is reduced inside the hook and never referenced afterwards.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bn_inspect.errors import ShapeMismatchError
+from bn_inspect.layers import NormFamily, NormLayer
+from bn_inspect.stats import ChannelMoments, InstanceMoments, channel_moments, instance_moments
+
+Moments = ChannelMoments | InstanceMoments
+
+
+@dataclass
+class CallRecord:
+    """What one call index of one layer has seen so far, merged over batches."""
+
+    layer: NormLayer
+    call: int
+    input_shape: tuple[int, ...]
+    is_unbatched: bool
+    moments: Moments | None
+    num_batches: int = 1
+
+
+class StatisticsRecorder:
+    """Receives each normalization layer's input during forward passes and merges its moments."""
+
+    def __init__(self) -> None:
+        self.records: dict[tuple[str, int], CallRecord] = {}
+        self.last_layer: str | None = None
+        self._calls_in_batch: Counter[str] = Counter()
+
+    def start_batch(self) -> None:
+        """Call indices restart with every forward pass."""
+        self._calls_in_batch.clear()
+
+    def observe(self, layer: NormLayer, x: torch.Tensor) -> None:
+        """Check ``x`` against ``layer`` and fold its per-channel moments into the layer's record."""
+        is_unbatched = _check_input(layer, x)
+        call = self._calls_in_batch[layer.name]
+        self._calls_in_batch[layer.name] += 1
+        self.last_layer = layer.name if call == 0 else f"{layer.name}#{call}"
+        moments = _moments(layer.family, x.unsqueeze(0) if is_unbatched else x)
+        key = (layer.name, call)
+        record = self.records.get(key)
+        if record is None:
+            self.records[key] = CallRecord(layer, call, tuple(x.shape), is_unbatched, moments)
+            return
+        record.num_batches += 1
+        if record.moments is not None and moments is not None:
+            record.moments = record.moments.merge(moments)  # type: ignore[arg-type]
+
+
+def _moments(family: NormFamily, x: torch.Tensor) -> Moments | None:
+    if family is NormFamily.BATCH:
+        return channel_moments(x)
+    if family is NormFamily.INSTANCE:
+        return instance_moments(x)
+    return None
+
+
+def _describe(shape: torch.Size) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def _check_input(layer: NormLayer, x: torch.Tensor) -> bool:
+    """Raise a ShapeMismatchError naming the layer when ``x`` cannot fit; return is_unbatched."""
+    label = f"layer {layer.name} ({layer.type_name})"
+    if not x.is_floating_point():
+        raise ShapeMismatchError(
+            f"{label} received a {str(x.dtype).removeprefix('torch.')} tensor",
+            "Normalization layers need floating-point input; convert the data to float",
+        )
+    ranks = layer.expected_ranks
+    if ranks is not None and x.dim() not in ranks:
+        wanted = " or ".join(f"{r}-D" for r in ranks)
+        raise ShapeMismatchError(
+            f"{label} expects {wanted} input but received {x.dim()}-D {_describe(x.shape)}",
+            "Give input of the rank the model expects (see --shape)",
+        )
+    if layer.family in (NormFamily.LAYER, NormFamily.RMS):
+        return False
+    is_unbatched = layer.family is NormFamily.INSTANCE and ranks is not None and x.dim() == ranks[0]
+    channel_dim = 0 if is_unbatched else 1
+    if x.dim() <= channel_dim:
+        raise ShapeMismatchError(
+            f"{label} needs at least 2-D input but received {_describe(x.shape)}",
+            "Give input of shape (N, C, ...)",
+        )
+    expected = layer.num_channels
+    if expected is not None and x.shape[channel_dim] != expected:
+        raise ShapeMismatchError(
+            f"{label} expects {expected} channels in dim {channel_dim} but received "
+            f"{x.shape[channel_dim]} in an input of shape {_describe(x.shape)}",
+            "Give input whose channel count fits the model (see --shape)",
+        )
+    return is_unbatched
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    candidate = kwargs.get("input")
+    if isinstance(candidate, torch.Tensor):
+        return candidate
+    return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+
+
+@contextmanager
+def hooks_capture(layers: list[NormLayer], recorder: StatisticsRecorder) -> Iterator[None]:
+    """Forward pre-hooks on every layer for the duration of the block, removed even on error."""
+    handles = []
+
+    def make_hook(layer: NormLayer) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = _first_tensor(args, kwargs)
+            if x is not None:
+                recorder.observe(layer, x)
+
+        return hook
+
+    try:
+        for layer in layers:
+            handles.append(layer.module.register_forward_pre_hook(make_hook(layer), with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+_BATCH_NORM_OPS = {
+    name
+    for name in (
+        "native_batch_norm",
+        "_native_batch_norm_legit",
+        "_native_batch_norm_legit_no_training",
+        "_native_batch_norm_legit_functional",
+        "_batch_norm_with_update",
+        "_batch_norm_no_update",
+        "cudnn_batch_norm",
+        "miopen_batch_norm",
+    )
+    if hasattr(torch.ops.aten, name)
+}
+# Where each op keeps the tensors that identify the owning layer (weight, bias, running stats).
+_OWNER_ARGS = {name: (1, 2, 3, 4) for name in _BATCH_NORM_OPS} | {
+    "native_group_norm": (1, 2),
+    "native_layer_norm": (2, 3),
+    "_fused_rms_norm": (2,),
+}
+
+
+class _NormOpObserver(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Sees every aten normalization kernel and hands its input to the recorder."""
+
+    def __init__(self, owners: dict[int, NormLayer], recorder: StatisticsRecorder) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._owners = owners
+        self._recorder = recorder
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        positions = _OWNER_ARGS.get(func.overloadpacket.__name__)
+        if positions is not None and args and isinstance(args[0], torch.Tensor):
+            for position in positions:
+                owner_arg = args[position] if position < len(args) else None
+                if isinstance(owner_arg, torch.Tensor):
+                    layer = self._owners.get(owner_arg.data_ptr())
+                    if layer is not None:
+                        self._recorder.observe(layer, args[0])
+                        break
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def dispatch_capture(layers: list[NormLayer], recorder: StatisticsRecorder) -> Iterator[None]:
+    """Capture through the dispatcher, for modules (TorchScript) whose hooks never fire."""
+    owners: dict[int, NormLayer] = {}
+    for layer in layers:
+        tensors = [*layer.module.parameters(recurse=False), *layer.module.buffers(recurse=False)]
+        for tensor in tensors:
+            if tensor.numel() > 0:
+                owners.setdefault(tensor.data_ptr(), layer)
+    with _NormOpObserver(owners, recorder):
+        yield
+
+
+@contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Restore every module's training flag and every buffer on exit, even when the block raises."""
+    flags = [(module, module.training) for module in model.modules()]
+    saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, copy in saved:
+                if buffer.shape == copy.shape:
+                    buffer.copy_(copy)
+        # modules() lists parents before children, so each module ends with its own flag.
+        for module, flag in flags:
+            module.train(flag)

@@ -1,0 +1,72 @@
+"""BnInspectError and its subclasses: the only exceptions users see."""
+
+from __future__ import annotations
+
+
+class BnInspectError(Exception):
+    """A failure the user can fix; the CLI prints it as one line and exits with ``exit_code``.
+
+    Args:
+        what: what went wrong, as a sentence without the final full stop.
+        fix: how to fix it, as a sentence.
+    """
+
+    exit_code = 2
+
+    def __init__(self, what: str, fix: str = "") -> None:
+        self.what = what.rstrip(".")
+        self.fix = fix
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        """The one-line message: what went wrong, then how to fix it."""
+        return f"{self.what}. {self.fix}".strip()
+
+
+class ModelFileError(BnInspectError):
+    """The model file is missing, unreadable, corrupt, or of an unknown kind."""
+
+
+class UntrustedPickleError(BnInspectError):
+    """The model file would import (and so run) code to load; refused without --trust-pickle."""
+
+    def __init__(self, path: str, unsafe_globals: list[str]) -> None:
+        self.unsafe_globals = unsafe_globals
+        super().__init__(
+            f"{path} is a pickle that imports {', '.join(unsafe_globals)} when loaded, "
+            "and loading it would run code from the file",
+            "If you trust the file, pass --trust-pickle; otherwise ask for a state_dict "
+            "(load it with --arch) or a TorchScript archive",
+        )
+
+
+class ArchError(BnInspectError):
+    """The --arch spec or --arch-kwargs cannot build a model."""
+
+
+class StateDictMismatchError(BnInspectError):
+    """The state_dict does not fit the architecture (missing, unexpected or misshapen keys)."""
+
+
+class InputError(BnInspectError):
+    """The --shape or --input data cannot be used."""
+
+
+class ShapeMismatchError(BnInspectError):
+    """The data does not fit what a layer of the model expects."""
+
+
+class DeviceError(BnInspectError):
+    """The requested device is not available."""
+
+
+class ForwardError(BnInspectError):
+    """The model's forward pass failed on the given data."""
+
+
+class NoNormLayersError(BnInspectError):
+    """The model has no normalization layer to inspect."""
+
+
+class OutputError(BnInspectError):
+    """The --output file cannot be written."""

@@ -1,0 +1,349 @@
+"""--shape / --input FILE -> batches of tensors, checked before anything large is allocated."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bn_inspect.errors import InputError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from bn_inspect.inspection import Batch
+
+INPUT_SUFFIXES = (".pt", ".pth", ".npy", ".npz", ".csv", ".parquet")
+DEFAULT_BATCH_SIZE = 64
+# Spatial sizes tried, in order, when only the channel count can be read off the first layer.
+CANDIDATE_SIDES = (32, 224, 64, 28, 16, 8)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'16,3,32,32' -> (16, 3, 32, 32); at least (N, C), every size positive."""
+    parts = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise InputError(
+            f"--shape {text!r} is not a comma-separated list of integers", "Write e.g. --shape 16,3,32,32"
+        ) from None
+    if len(shape) < 2:
+        raise InputError(
+            f"--shape {text!r} has {len(shape)} dims; the model needs at least (N, C)", "Write e.g. --shape 16,3,32,32"
+        )
+    if any(s <= 0 for s in shape):
+        raise InputError(f"--shape {text!r} has a size that is not positive", "Every size must be at least 1")
+    check_fits_memory(shape, 4)
+    return shape
+
+
+def available_memory_bytes() -> int:
+    """Physical memory currently available, from the OS."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def check_fits_memory(shape: Sequence[int], itemsize: int) -> None:
+    """Refuse, before allocating, a batch that would take more than half the available memory."""
+    needed = math.prod(shape) * itemsize
+    available = available_memory_bytes()
+    if needed > available // 2:
+        raise InputError(
+            f"one batch of shape {tuple(shape)} needs {needed / 2**30:,.1f} GiB, more than half of the "
+            f"{available / 2**30:,.1f} GiB of memory available",
+            "Use a smaller batch (first dim of --shape, or --batch-size)",
+        )
+
+
+@dataclass(frozen=True)
+class ShapeGuess:
+    """Input shapes worth trying when none was given, and why."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    reason: str
+
+
+def guess_input_shapes(model: nn.Module, batch_size: int) -> ShapeGuess | None:
+    """Candidate input shapes read off the first Conv or Linear layer, or None when unsound.
+
+    A Linear's in_features fixes the whole shape; a Conv's in_channels fixes only C, so several
+    spatial sizes are offered, to be tried in order.
+    """
+    from torch import nn
+
+    for name, module in model.named_modules():
+        kind = module.original_name if hasattr(module, "original_name") else type(module).__name__
+        if kind in ("Conv1d", "Conv2d", "Conv3d") or isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            channels = getattr(module, "in_channels", None)
+            if not isinstance(channels, int):
+                return None
+            rank = int(kind[4])
+            shapes = tuple((batch_size, channels, *([side] * rank)) for side in CANDIDATE_SIDES)
+            return ShapeGuess(shapes, f"the first layer {name} is {kind} with in_channels={channels}")
+        if kind == "Linear" or isinstance(module, nn.Linear):
+            features = getattr(module, "in_features", None)
+            if not isinstance(features, int) or features <= 0:
+                return None
+            return ShapeGuess(
+                ((batch_size, features),), f"the first layer {name} is Linear with in_features={features}"
+            )
+        if kind in ("Embedding", "LSTM", "GRU", "RNN", "MultiheadAttention") or isinstance(module, nn.Embedding):
+            return None
+    return None
+
+
+def random_batches(shape: tuple[int, ...], num_batches: int, seed: int) -> Iterator[Batch]:
+    """``num_batches`` seeded standard-normal batches of ``shape`` (same numbers on every device)."""
+    import torch
+
+    from bn_inspect.inspection import Batch
+
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(num_batches):
+        yield Batch((torch.randn(shape, generator=generator),))
+
+
+@dataclass(frozen=True)
+class InputData:
+    """Input read from a file: positional and keyword arrays sharing their first dim."""
+
+    source: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    num_samples: int
+
+    def batches(self, batch_size: int, max_batches: int | None) -> Iterator[Batch]:
+        """Consecutive slices along dim 0, converted to tensors one batch at a time."""
+        from bn_inspect.inspection import Batch
+
+        starts = range(0, self.num_samples, batch_size)
+        for start in starts if max_batches is None else starts[:max_batches]:
+            stop = start + batch_size
+            yield Batch(
+                tuple(_as_tensor(a[start:stop]) for a in self.args),
+                {k: _as_tensor(v[start:stop]) for k, v in self.kwargs.items()},
+            )
+
+    def num_batches(self, batch_size: int, max_batches: int | None) -> int:
+        """How many batches ``batches`` yields."""
+        total = math.ceil(self.num_samples / batch_size)
+        return total if max_batches is None else min(total, max_batches)
+
+
+def _as_tensor(array: Any) -> torch.Tensor:
+    import numpy as np
+    import torch
+
+    if isinstance(array, torch.Tensor):
+        return array
+    # Slices of a memory-mapped file are read-only; the copy also reads only this batch from disk.
+    return torch.from_numpy(np.array(array, copy=True))
+
+
+def read_input(path: Path, *, key: str | None = None, drop_columns: Sequence[str] = ()) -> InputData:
+    """Read ``path`` (.pt/.pth, .npy, .npz, .csv, .parquet) into arrays of floating-point data.
+
+    Args:
+        path: the input file.
+        key: which array of an .npz, or which entry of a dict in a .pt file, to use alone.
+        drop_columns: table columns to leave out (labels, ids).
+
+    Raises:
+        InputError: unreadable file, unknown suffix, wrong dtype, empty data, ambiguous content.
+    """
+    if not path.exists():
+        raise InputError(f"input file {path} does not exist", "Check the path")
+    if path.is_dir():
+        raise InputError(f"input path {path} is a directory", "Give one input file")
+    suffix = path.suffix.lower()
+    if suffix in (".pt", ".pth"):
+        data = _read_torch(path, key)
+    elif suffix == ".npy":
+        data = InputData(str(path), (_checked(_load_npy(path), path),), {}, 0)
+    elif suffix == ".npz":
+        data = InputData(str(path), (_checked(_read_npz(path, key), path),), {}, 0)
+    elif suffix in (".csv", ".parquet"):
+        data = InputData(str(path), (_read_table(path, drop_columns),), {}, 0)
+    else:
+        raise InputError(
+            f"input file {path} has suffix {suffix or '(none)'!r}, which bn-inspect cannot read",
+            f"Give one of {', '.join(INPUT_SUFFIXES)}",
+        )
+    arrays = [*data.args, *data.kwargs.values()]
+    lengths = {int(a.shape[0]) for a in arrays}
+    if len(lengths) != 1:
+        raise InputError(
+            f"the tensors in {path} differ in their first dim: {sorted(lengths)}", "Give tensors with one sample count"
+        )
+    num_samples = lengths.pop()
+    if num_samples == 0:
+        raise InputError(f"input file {path} holds no samples", "Give a file with at least one sample")
+    return InputData(data.source, data.args, data.kwargs, num_samples)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    import numpy as np
+
+    try:
+        array: np.ndarray = np.load(path, mmap_mode="r", allow_pickle=False)
+        return array
+    except ValueError as error:
+        if "allow_pickle" in str(error) or "pickled" in str(error):
+            raise InputError(f"{path} holds Python objects, not numbers", "Save a numeric array") from error
+        raise InputError(f"cannot read {path} as a .npy array ({error})", "Re-save it with numpy.save") from error
+    except OSError as error:
+        raise InputError(f"cannot read {path} as a .npy array ({error})", "Re-save it with numpy.save") from error
+
+
+def _read_npz(path: Path, key: str | None) -> np.ndarray:
+    import zipfile
+
+    import numpy as np
+
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile) as error:
+        raise InputError(f"cannot read {path} as a .npz archive ({error})", "Re-save it with numpy.savez") from error
+    with archive:
+        names = list(archive.files)
+        if key is None and len(names) == 1:
+            key = names[0]
+        if key is None:
+            raise InputError(
+                f"{path} holds {len(names)} arrays ({', '.join(names)}) and none was chosen",
+                "Pick one with --input-key NAME",
+            )
+        if key not in names:
+            raise InputError(
+                f"{path} has no array {key!r} (it has {', '.join(names)})", "Pick one with --input-key NAME"
+            )
+        try:
+            chosen: np.ndarray = archive[key]
+            return chosen
+        except ValueError as error:
+            raise InputError(
+                f"array {key!r} in {path} holds Python objects, not numbers", "Save a numeric array"
+            ) from error
+
+
+def _checked(array: np.ndarray, path: Path) -> np.ndarray:
+    kind = array.dtype.kind
+    if kind == "f":
+        if array.ndim < 2:
+            raise InputError(
+                f"{path} holds a {array.ndim}-D array of shape {array.shape}; the model needs (N, C, ...)",
+                "Add the batch dim (e.g. x[None]) or the feature dim",
+            )
+        return array
+    described = {
+        "i": "integers",
+        "u": "integers",
+        "b": "booleans",
+        "c": "complex numbers",
+        "U": "strings",
+        "S": "bytes",
+        "O": "Python objects",
+    }
+    raise InputError(
+        f"{path} holds {described.get(kind, str(array.dtype))} ({array.dtype}); normalization layers need floating-point input",
+        "Convert it to float32 first (e.g. x.astype('float32') / 255 for images)",
+    )
+
+
+def _read_torch(path: Path, key: str | None) -> InputData:
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise InputError(
+            f"{path} needs code to unpickle; bn-inspect reads only tensors from input files",
+            "Save a tensor, a tuple/list of tensors or a dict of tensors",
+        ) from error
+    except Exception as error:
+        raise InputError(
+            f"cannot read input file {path} ({type(error).__name__})", "Re-save it with torch.save"
+        ) from error
+    if isinstance(obj, dict) and key is not None:
+        if key not in obj:
+            raise InputError(
+                f"{path} has no entry {key!r} (it has {', '.join(map(str, obj))})", "Pick one with --input-key NAME"
+            )
+        obj = obj[key]
+    if isinstance(obj, torch.Tensor):
+        return InputData(str(path), (_checked_tensor(obj, path),), {}, 0)
+    if isinstance(obj, (tuple, list)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
+        return InputData(str(path), tuple(_checked_tensor(t, path) for t in obj), {}, 0)
+    if (
+        isinstance(obj, dict)
+        and obj
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    ):
+        return InputData(str(path), (), {k: _checked_tensor(v, path) for k, v in obj.items()}, 0)
+    raise InputError(
+        f"{path} holds a {type(obj).__name__}, not tensors",
+        "Save a tensor, a tuple/list of tensors (positional inputs) or a dict of tensors (keyword inputs)",
+    )
+
+
+def _checked_tensor(tensor: torch.Tensor, path: Path) -> torch.Tensor:
+    if tensor.is_floating_point():
+        if tensor.dim() < 2:
+            raise InputError(
+                f"{path} holds a {tensor.dim()}-D tensor of shape {tuple(tensor.shape)}; the model needs (N, C, ...)",
+                "Add the batch dim (e.g. x[None]) or the feature dim",
+            )
+        return tensor
+    raise InputError(
+        f"{path} holds a {str(tensor.dtype).removeprefix('torch.')} tensor; normalization layers need floating-point input",
+        "Convert it to float first (e.g. x.float() / 255 for images)",
+    )
+
+
+def _read_table(path: Path, drop_columns: Sequence[str]) -> np.ndarray:
+    import numpy as np
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+    except ImportError as error:
+        raise InputError(
+            "reading .parquet files needs pyarrow, which is not installed",
+            "Install it: pip install 'bn-inspect[parquet]'",
+        ) from error
+    except pd.errors.EmptyDataError as error:
+        raise InputError(f"{path} is empty", "Give a table with a header row and at least one row") from error
+    except Exception as error:
+        raise InputError(
+            f"cannot read {path} as a table ({type(error).__name__}: {error})", "Check the file"
+        ) from error
+    unknown = [c for c in drop_columns if c not in frame.columns]
+    if unknown:
+        raise InputError(
+            f"--drop-column {', '.join(unknown)}: no such column in {path}",
+            f"Its columns: {', '.join(map(str, frame.columns[:20]))}",
+        )
+    frame = frame.drop(columns=list(drop_columns))
+    non_numeric = [
+        str(c)
+        for c in frame.columns
+        if not pd.api.types.is_numeric_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c])
+    ]
+    if non_numeric:
+        raise InputError(
+            f"{path} has non-numeric columns: {', '.join(non_numeric[:10])}",
+            "Leave them out with --drop-column NAME (repeatable)",
+        )
+    if frame.shape[1] == 0 or frame.shape[0] == 0:
+        raise InputError(f"{path} has no numeric data left", "Give a table with numeric feature columns and rows")
+    return np.ascontiguousarray(frame.to_numpy(dtype=np.float32))

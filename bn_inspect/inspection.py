@@ -1,0 +1,293 @@
+"""Run batches through a model under capture and turn what the layers saw into a Report."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from bn_inspect.axes import explain_axes
+from bn_inspect.capture import (
+    CallRecord,
+    StatisticsRecorder,
+    dispatch_capture,
+    hooks_capture,
+    preserved_state,
+)
+from bn_inspect.errors import BnInspectError, ForwardError, InputError, NoNormLayersError
+from bn_inspect.layers import NormFamily, NormLayer, is_uninitialized, iter_norm_layers
+from bn_inspect.options import Mode
+from bn_inspect.report import InputInfo, LayerReport, ModelInfo, Report
+from bn_inspect.stats import ChannelMoments, InstanceMoments
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One forward pass worth of inputs: positional and keyword tensors."""
+
+    args: tuple[torch.Tensor, ...]
+    kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        """Size of dim 0 of the first tensor."""
+        first = self.args[0] if self.args else next(iter(self.kwargs.values()))
+        return int(first.shape[0]) if first.dim() else 1
+
+    def tensors(self) -> list[torch.Tensor]:
+        """All tensors of the batch, positional first."""
+        return [*self.args, *self.kwargs.values()]
+
+
+def as_batch(item: Any) -> Batch:
+    """A Batch from a tensor, a dict of tensors, or an (inputs, targets) pair from a DataLoader."""
+    if isinstance(item, Batch):
+        return item
+    if isinstance(item, torch.Tensor):
+        return Batch((item,))
+    if isinstance(item, dict) and all(isinstance(v, torch.Tensor) for v in item.values()):
+        return Batch((), dict(item))
+    if isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+        return Batch((item[0],))
+    raise InputError(
+        f"cannot use a batch of type {type(item).__name__}",
+        "Pass tensors, dicts of tensors, (inputs, targets) pairs or bn_inspect.Batch objects",
+    )
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _model_float_dtype(model: nn.Module) -> torch.dtype:
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point() and not is_uninitialized(tensor):
+            return tensor.dtype
+    return torch.float32
+
+
+def _has_lazy_modules(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params() for m in model.modules())
+
+
+def _prepare(batch: Batch, device: torch.device, dtype: torch.dtype) -> Batch:
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, non_blocking=True)
+
+    return Batch(tuple(move(t) for t in batch.args), {k: move(v) for k, v in batch.kwargs.items()})
+
+
+def run_model(model: nn.Module, batch: Batch, recorder: StatisticsRecorder) -> None:
+    """One forward pass; turns a failure inside the model into a ForwardError naming the last layer."""
+    try:
+        model(*batch.args, **batch.kwargs)
+    except BnInspectError:
+        raise
+    except Exception as error:
+        raise _forward_error(error, recorder.last_layer) from error
+
+
+def _forward_error(error: Exception, last_layer: str | None) -> BnInspectError:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, ValueError) and "Expected more than 1 value per channel" in message:
+        return ForwardError(
+            f"layer {last_layer or '?'} got 1 value per channel in train mode ({message}); "
+            "a batch variance needs at least 2 values per channel",
+            "Use a batch of at least 2 samples (--batch-size) or --mode eval",
+        )
+    where = f"after layer {last_layer} ran" if last_layer else "before any normalization layer ran"
+    return ForwardError(
+        f"the model's forward raised {type(error).__name__} {where}: {message[:300]}",
+        "Check that the input fits the model (--shape, --input)",
+    )
+
+
+def find_working_shape(model: nn.Module, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The first shape whose two-sample batch the model runs in eval mode, or None.
+
+    Each trial runs under the same state protection as an inspection, so it changes nothing.
+    """
+    if _has_lazy_modules(model):
+        model = copy.deepcopy(model)
+    device, dtype = model_device(model), _model_float_dtype(model)
+    for shape in shapes:
+        trial = torch.zeros((min(shape[0], 2), *shape[1:]), device=device, dtype=dtype)
+        try:
+            with preserved_state(model), torch.no_grad():
+                model.eval()
+                model(trial)
+        except Exception:
+            continue
+        return shape
+    return None
+
+
+def inspect_model(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    mode: Mode | str = Mode.EVAL,
+    model_info: ModelInfo | None = None,
+    input_source: str = "<batches>",
+    require_norm_layers: bool = True,
+) -> Report:
+    """Run ``batches`` through ``model`` and report what every normalization layer saw.
+
+    The model is left exactly as it was: its training flags and all buffers are restored and
+    every hook removed, even when the forward pass raises. Models with lazy modules are copied
+    first, because their first forward pass would materialize (and so change) them.
+
+    Args:
+        model: an ``nn.Module`` (eager or TorchScript).
+        batches: tensors, dicts of tensors, (inputs, targets) pairs, or ``Batch`` objects.
+        mode: "eval" (as deployed) or "train" (batch statistics, as in training).
+        model_info: where the model came from, for the report.
+        input_source: where the batches came from, for the report.
+        require_norm_layers: raise NoNormLayersError when the model has none.
+
+    Returns:
+        The Report, with layer calls in execution order.
+
+    Raises:
+        NoNormLayersError, ShapeMismatchError, ForwardError, InputError.
+    """
+    mode = Mode(mode)
+    if _has_lazy_modules(model):
+        model = copy.deepcopy(model)
+    layers = iter_norm_layers(model)
+    if not layers and require_norm_layers:
+        raise NoNormLayersError(
+            "the model has no normalization layer (BatchNorm, InstanceNorm, GroupNorm, LayerNorm, "
+            "RMSNorm or FrozenBatchNorm2d)",
+            "Nothing to inspect; check that this is the model you meant",
+        )
+    device = model_device(model)
+    dtype = _model_float_dtype(model)
+    recorder = StatisticsRecorder()
+    capture = dispatch_capture if isinstance(model, torch.jit.ScriptModule) else hooks_capture
+    first: Batch | None = None
+    num_batches = num_samples = num_nonfinite = 0
+    with preserved_state(model), capture(layers, recorder), torch.no_grad():
+        model.train(mode is Mode.TRAIN)
+        for item in batches:
+            batch = _prepare(as_batch(item), device, dtype)
+            first = first or batch
+            num_batches += 1
+            num_samples += batch.num_samples
+            num_nonfinite += sum(int((~torch.isfinite(t)).sum()) for t in batch.tensors() if t.is_floating_point())
+            recorder.start_batch()
+            run_model(model, batch, recorder)
+    if first is None:
+        raise InputError("no batch ran", "Give at least one batch of input")
+    shape_source = first.args[0] if first.args else next(iter(first.kwargs.values()))
+    input_info = InputInfo(
+        source=input_source,
+        shape=tuple(shape_source.shape),
+        dtype=str(shape_source.dtype).removeprefix("torch."),
+        num_batches=num_batches,
+        num_samples=num_samples,
+        num_nonfinite_values=num_nonfinite,
+    )
+    seen = {record.layer.name for record in recorder.records.values()}
+    return Report(
+        model=model_info or ModelInfo("<module>", "module"),
+        input=input_info,
+        mode=mode.value,
+        device=str(device),
+        layers=tuple(_layer_report(record, mode) for record in recorder.records.values()),
+        not_executed=tuple(layer.name for layer in layers if layer.name not in seen),
+        torch_version=torch.__version__,
+    )
+
+
+def _floats(tensor: torch.Tensor) -> tuple[float, ...]:
+    return tuple(float(v) for v in tensor.cpu().tolist())
+
+
+def _layer_report(record: CallRecord, mode: Mode) -> LayerReport:
+    layer = record.layer
+    normalized_ndim = len(layer.normalized_shape) if layer.normalized_shape else 1
+    axes = explain_axes(
+        layer.family,
+        f"{layer.name if record.call == 0 else f'{layer.name}#{record.call}'} ({layer.type_name})",
+        record.input_shape,
+        is_unbatched=record.is_unbatched,
+        num_groups=layer.num_groups,
+        normalized_ndim=normalized_ndim,
+    )
+    batch_mean = batch_var = batch_var_unbiased = None
+    values_per_channel: int | None = None
+    moments = record.moments
+    if isinstance(moments, ChannelMoments):
+        batch_mean, batch_var = _floats(moments.mean), _floats(moments.biased_var())
+        batch_var_unbiased = _floats(moments.unbiased_var())
+        values_per_channel = moments.count
+    elif isinstance(moments, InstanceMoments):
+        batch_mean, batch_var = _floats(moments.mean()), _floats(moments.biased_var())
+        batch_var_unbiased = _floats(moments.unbiased_var())
+        values_per_channel = moments.num_instances * moments.values_per_instance
+    explanation = axes.sentence
+    if record.num_batches > 1 and values_per_channel is not None:
+        explanation += f" Over {record.num_batches} batches: {values_per_channel:,} values per channel in all."
+    num_channels = layer.num_channels
+    if num_channels is None and layer.family in (NormFamily.BATCH, NormFamily.INSTANCE, NormFamily.GROUP):
+        num_channels = record.input_shape[0 if record.is_unbatched else 1]
+    return LayerReport(
+        name=layer.name,
+        call=record.call,
+        type=layer.type_name,
+        family=layer.family.value,
+        num_channels=num_channels,
+        input_shape=record.input_shape,
+        axis_names=axes.axis_names,
+        reduced_axes=axes.reduced_axes,
+        values_per_channel=values_per_channel,
+        eps=layer.eps,
+        momentum=layer.momentum,
+        affine=layer.affine,
+        track_running_stats=layer.track_running_stats,
+        num_batches_tracked=layer.num_batches_tracked,
+        normalizes_with=layer.normalizes_with(mode is Mode.TRAIN),
+        batch_mean=batch_mean,
+        batch_var=batch_var,
+        batch_var_unbiased=batch_var_unbiased,
+        running_mean=layer.running_mean,
+        running_var=layer.running_var,
+        weight=layer.weight,
+        bias=layer.bias,
+        explanation=explanation,
+        flags=_flags(layer, batch_mean, batch_var),
+    )
+
+
+def _flags(layer: NormLayer, batch_mean: Sequence[float] | None, batch_var: Sequence[float] | None) -> tuple[str, ...]:
+    flags = []
+    if layer.is_lazy:
+        flags.append("lazy")
+    if layer.is_frozen:
+        flags.append("frozen")
+    stats = [*(batch_mean or ()), *(batch_var or ())]
+    if any(not math.isfinite(v) for v in stats):
+        flags.append("nonfinite-input")
+    running = [*(layer.running_mean or ()), *(layer.running_var or ())]
+    if any(not math.isfinite(v) for v in running):
+        flags.append("nonfinite-running")
+    if (
+        layer.num_batches_tracked == 0
+        and layer.running_mean is not None
+        and layer.running_var is not None
+        and all(v == 0 for v in layer.running_mean)
+        and all(v == 1 for v in layer.running_var)
+    ):
+        flags.append("untrained")
+    if layer.family is NormFamily.BATCH and not layer.is_frozen and layer.running_mean is None:
+        flags.append("no-running-stats")
+    return tuple(flags)

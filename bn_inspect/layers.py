@@ -1,0 +1,208 @@
+"""Which modules are normalization layers, and their static facts (read without running data)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import nn
+
+
+class NormFamily(str, Enum):
+    """How a layer reduces its input; decides the statistics and the explanation."""
+
+    BATCH = "batch"
+    INSTANCE = "instance"
+    GROUP = "group"
+    LAYER = "layer"
+    RMS = "rms"
+
+
+_SCRIPT_FAMILIES = {
+    "BatchNorm1d": NormFamily.BATCH,
+    "BatchNorm2d": NormFamily.BATCH,
+    "BatchNorm3d": NormFamily.BATCH,
+    "SyncBatchNorm": NormFamily.BATCH,
+    "FrozenBatchNorm2d": NormFamily.BATCH,
+    "InstanceNorm1d": NormFamily.INSTANCE,
+    "InstanceNorm2d": NormFamily.INSTANCE,
+    "InstanceNorm3d": NormFamily.INSTANCE,
+    "GroupNorm": NormFamily.GROUP,
+    "LayerNorm": NormFamily.LAYER,
+    "RMSNorm": NormFamily.RMS,
+}
+
+# Input rank each layer class is built for; None where any rank >= 2 is allowed.
+_EXPECTED_RANKS: dict[str, tuple[int, ...]] = {
+    "BatchNorm1d": (2, 3),
+    "BatchNorm2d": (4,),
+    "BatchNorm3d": (5,),
+    "FrozenBatchNorm2d": (4,),
+    "InstanceNorm1d": (2, 3),
+    "InstanceNorm2d": (3, 4),
+    "InstanceNorm3d": (4, 5),
+}
+
+
+@dataclass(frozen=True)
+class NormLayer:
+    """A normalization layer of a model and what is known about it before any data runs.
+
+    Running statistics and affine parameters are float64 host copies taken when the layer was
+    found, so a train-mode forward that updates the buffers cannot change what is reported.
+    """
+
+    name: str
+    module: nn.Module
+    family: NormFamily
+    type_name: str
+    num_channels: int | None
+    eps: float | None
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    num_batches_tracked: int | None
+    running_mean: tuple[float, ...] | None
+    running_var: tuple[float, ...] | None
+    weight: tuple[float, ...] | None
+    bias: tuple[float, ...] | None
+    is_frozen: bool
+    is_lazy: bool
+    num_groups: int | None
+    normalized_shape: tuple[int, ...] | None
+
+    @property
+    def expected_ranks(self) -> tuple[int, ...] | None:
+        """Input ranks the layer's class accepts, or None where it does not restrict them."""
+        for cls_name, ranks in _EXPECTED_RANKS.items():
+            if self.type_name == cls_name or self.type_name == "Lazy" + cls_name:
+                return ranks
+        return None
+
+    def normalizes_with(self, is_training: bool) -> str:
+        """'running' where the layer normalizes with its stored statistics in this mode, else 'batch'.
+
+        BatchNorm uses batch statistics when training or when it has no running buffers
+        (``bn_training = training or (running_mean is None and running_var is None)``); setting
+        ``track_running_stats = False`` after construction does not change eval. InstanceNorm uses
+        input statistics unless it tracks running ones and is in eval mode. Group, layer and RMS
+        norms always use the statistics of the input itself.
+        """
+        if self.is_frozen:
+            return "running"
+        has_running = self.running_mean is not None and self.running_var is not None
+        if self.family is NormFamily.BATCH:
+            return "batch" if is_training or not has_running else "running"
+        if self.family is NormFamily.INSTANCE:
+            return "running" if (not is_training and self.track_running_stats and has_running) else "batch"
+        return "batch"
+
+
+def _is_script_module(module: nn.Module) -> bool:
+    return isinstance(module, torch.jit.ScriptModule)
+
+
+def is_uninitialized(tensor: object) -> bool:
+    """True for the placeholder parameters and buffers of a lazy module before its first forward."""
+    return isinstance(tensor, (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer))
+
+
+def norm_family(module: nn.Module) -> NormFamily | None:
+    """The normalization family of ``module``, or None when it is no normalization layer."""
+    if _is_script_module(module):
+        return _SCRIPT_FAMILIES.get(str(module.original_name))
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return NormFamily.BATCH
+    if _is_frozen_batch_norm(module):
+        return NormFamily.BATCH
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return NormFamily.INSTANCE
+    if isinstance(module, nn.GroupNorm):
+        return NormFamily.GROUP
+    if isinstance(module, nn.LayerNorm):
+        return NormFamily.LAYER
+    rms_norm = getattr(nn, "RMSNorm", None)
+    if rms_norm is not None and isinstance(module, rms_norm):
+        return NormFamily.RMS
+    return None
+
+
+def _is_frozen_batch_norm(module: nn.Module) -> bool:
+    # torchvision's FrozenBatchNorm2d is a plain Module whose statistics and affine terms are all
+    # buffers; recognise it (and look-alikes) by shape rather than by importing torchvision.
+    buffers = dict(module.named_buffers(recurse=False))
+    return (
+        type(module).__name__.startswith("FrozenBatchNorm")
+        and {"weight", "bias", "running_mean", "running_var"} <= buffers.keys()
+    )
+
+
+def iter_norm_layers(model: nn.Module) -> list[NormLayer]:
+    """Every normalization layer of ``model`` in registration order, shared modules once."""
+    layers = []
+    for name, module in model.named_modules():
+        family = norm_family(module)
+        if family is not None:
+            layers.append(describe_layer(name or type(module).__name__, module, family))
+    return layers
+
+
+def _host_values(tensor: object) -> tuple[float, ...] | None:
+    if not isinstance(tensor, torch.Tensor) or is_uninitialized(tensor):
+        return None
+    return tuple(float(v) for v in tensor.detach().to("cpu", torch.float64).reshape(-1).tolist())
+
+
+def _optional_float(value: object) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def describe_layer(name: str, module: nn.Module, family: NormFamily) -> NormLayer:
+    """Static facts of one normalization layer, copied to the host."""
+    is_script = _is_script_module(module)
+    type_name = str(module.original_name) if is_script else type(module).__name__
+    is_frozen = type_name.startswith("FrozenBatchNorm")
+    is_lazy = isinstance(module, nn.modules.lazy.LazyModuleMixin) and bool(module.has_uninitialized_params())
+    buffers = dict(module.named_buffers(recurse=False))
+    params = dict(module.named_parameters(recurse=False))
+    weight = params.get("weight", buffers.get("weight"))
+    bias = params.get("bias", buffers.get("bias"))
+    running_mean = _host_values(buffers.get("running_mean"))
+    running_var = _host_values(buffers.get("running_var"))
+    tracked = buffers.get("num_batches_tracked")
+    num_channels: int | None = getattr(module, "num_features", None)
+    if num_channels is None and family is NormFamily.GROUP:
+        num_channels = getattr(module, "num_channels", None)
+    if num_channels is None and running_mean is not None:
+        num_channels = len(running_mean)
+    if is_lazy:
+        num_channels = None
+    normalized_shape = getattr(module, "normalized_shape", None)
+    momentum = _optional_float(getattr(module, "momentum", None))
+    eps = _optional_float(getattr(module, "eps", None))
+    if eps is not None and math.isnan(eps):
+        eps = None
+    return NormLayer(
+        name=name,
+        module=module,
+        family=family,
+        type_name=type_name,
+        num_channels=num_channels,
+        eps=eps,
+        momentum=momentum,
+        affine=weight is not None,
+        track_running_stats=bool(getattr(module, "track_running_stats", running_mean is not None)),
+        num_batches_tracked=int(tracked.item()) if isinstance(tracked, torch.Tensor) and tracked.numel() else None,
+        running_mean=running_mean,
+        running_var=running_var,
+        weight=_host_values(weight),
+        bias=_host_values(bias),
+        is_frozen=is_frozen,
+        is_lazy=is_lazy,
+        num_groups=getattr(module, "num_groups", None),
+        normalized_shape=tuple(normalized_shape) if normalized_shape is not None else None,
+    )

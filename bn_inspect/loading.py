@@ -1,0 +1,473 @@
+"""Model file or --arch spec -> nn.Module, safely: no code from the file runs unless trusted."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import pickle
+import pickletools
+import sys
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bn_inspect.errors import (
+    ArchError,
+    ModelFileError,
+    StateDictMismatchError,
+    UntrustedPickleError,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+class FileKind(str, Enum):
+    """What a model file is, judged by its bytes, never by its extension."""
+
+    TORCH_SAVE = "torch.save"
+    TORCHSCRIPT = "torchscript"
+    TORCH_EXPORT = "torch.export"
+    SAFETENSORS = "safetensors"
+    LEGACY_PICKLE = "legacy-pickle"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to inspect and a description of where it came from.
+
+    ``format`` is one of: state_dict, checkpoint, safetensors, torchscript, pickle, arch.
+    """
+
+    module: nn.Module
+    source: str
+    format: str
+    arch: str | None
+
+
+# Checkpoint dicts keep the weights under one of these keys (PyTorch Lightning, timm, torchvision
+# references, and most training scripts).
+_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "weights", "ema")
+_STRIPPED_PREFIXES = ("module.", "_orig_mod.")
+
+
+def detect_file_kind(path: Path) -> FileKind:
+    """Classify ``path`` from its first bytes and, for zip archives, its entry names.
+
+    Raises:
+        ModelFileError: the file is missing, unreadable, empty, corrupt or of no known kind.
+    """
+    if not path.exists():
+        raise ModelFileError(f"model file {path} does not exist", "Check the path")
+    if path.is_dir():
+        raise ModelFileError(f"model path {path} is a directory", "Give the path of a model file")
+    try:
+        with path.open("rb") as stream:
+            head = stream.read(16)
+    except OSError as error:
+        raise ModelFileError(f"cannot read model file {path}: {error.strerror}", "Check its permissions") from error
+    if not head:
+        raise ModelFileError(f"model file {path} is empty", "Re-save or re-download it")
+    if zipfile.is_zipfile(path):
+        return _zip_kind(path)
+    if head.startswith(b"PK"):
+        raise ModelFileError(f"model file {path} is a damaged or truncated zip archive", "Re-save or re-download it")
+    if len(head) >= 9 and head[8:9] == b"{":
+        header_size = int.from_bytes(head[:8], "little")
+        if 0 < header_size <= path.stat().st_size - 8:
+            return FileKind.SAFETENSORS
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return FileKind.LEGACY_PICKLE
+    raise ModelFileError(
+        f"{path} is not a PyTorch model file (no zip archive, pickle or safetensors header)",
+        "Give a file written by torch.save, torch.jit.save, torch.export.save or safetensors",
+    )
+
+
+def _zip_kind(path: Path) -> FileKind:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            # A flipped byte in a tensor payload loads silently; the CRC check catches it.
+            broken = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        raise ModelFileError(
+            f"model file {path} is a damaged zip archive ({error})", "Re-save or re-download it"
+        ) from error
+    if broken is not None:
+        raise ModelFileError(
+            f"model file {path} is corrupt: entry {broken} fails its CRC check", "Re-save or re-download it"
+        )
+    parts = {part for name in names for part in name.split("/")[1:2]}
+    if "archive_format" in parts or any("/models/" in name for name in names):
+        return FileKind.TORCH_EXPORT
+    if "code" in parts or "constants.pkl" in parts:
+        return FileKind.TORCHSCRIPT
+    if "data.pkl" in parts:
+        return FileKind.TORCH_SAVE
+    raise ModelFileError(
+        f"{path} is a zip archive but not a PyTorch checkpoint (no data.pkl, code/ or archive_format)",
+        "Give a file written by torch.save, torch.jit.save or torch.export.save",
+    )
+
+
+def list_pickle_globals(path: Path, kind: FileKind) -> list[str]:
+    """Every ``module.name`` global the pickle would import, found without running it."""
+    import torch
+
+    if kind is FileKind.TORCH_SAVE:
+        try:
+            return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        except Exception:
+            return _scan_globals(_zip_pickle_bytes(path))
+    return _scan_globals(path.read_bytes())
+
+
+def _zip_pickle_bytes(path: Path) -> bytes:
+    with zipfile.ZipFile(path) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+        return archive.read(name)
+
+
+_SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset")
+
+
+def _scan_globals(data: bytes) -> list[str]:
+    """Globals named by GLOBAL / STACK_GLOBAL opcodes in a sequence of pickles."""
+    found: set[str] = set()
+    offset = 0
+    while offset < len(data):
+        strings: list[str] = []
+        try:
+            for opcode, arg, position in pickletools.genops(data[offset:]):
+                if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                    strings.append(str(arg))
+                elif opcode.name == "GLOBAL":
+                    found.add(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.add(f"{strings[-2]}.{strings[-1]}")
+                elif opcode.name == "STOP":
+                    offset += (position or 0) + 1
+                    break
+            else:
+                break
+        except (ValueError, pickle.UnpicklingError, EOFError, IndexError):
+            break
+    return sorted(g for g in found if not g.startswith(_SAFE_GLOBAL_PREFIXES))
+
+
+def _torch_load(path: Path, map_location: str, trust_pickle: bool, kind: FileKind) -> Any:
+    import torch
+
+    try:
+        return torch.load(str(path), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise _corrupt(path, error) from error
+        if not trust_pickle:
+            unsafe = list_pickle_globals(path, kind) or ["(unlisted globals)"]
+            raise UntrustedPickleError(str(path), unsafe) from None
+    except Exception as error:
+        raise _corrupt(path, error) from error
+    with _cwd_importable():
+        try:
+            return torch.load(str(path), map_location=map_location, weights_only=False)
+        except (ModuleNotFoundError, ImportError) as error:
+            module = getattr(error, "name", None) or str(error)
+            raise ModelFileError(
+                f"{path} needs module {module!r} to unpickle, which cannot be imported",
+                "Install the package that defines the model or add its folder to PYTHONPATH",
+            ) from error
+        except AttributeError as error:
+            raise ModelFileError(
+                f"{path} needs a class that its module no longer defines ({error})",
+                "Use the version of the code the model was saved with",
+            ) from error
+        except Exception as error:
+            raise _corrupt(path, error) from error
+
+
+def _corrupt(path: Path, error: BaseException) -> ModelFileError:
+    # torch's own messages often advise weights_only=False; that is wrong advice for a corrupt file.
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if "weights_only" in detail or len(detail) > 160:
+        detail = ""
+    described = f"{type(error).__name__}: {detail}" if detail else type(error).__name__
+    return ModelFileError(
+        f"model file {path} is corrupt or not a PyTorch checkpoint ({described})",
+        "Re-save or re-download it",
+    )
+
+
+@contextmanager
+def _cwd_importable() -> Iterator[None]:
+    # Like `python -m`, let code in the current directory be found, but only for this load.
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
+    """The --arch-kwargs JSON object as a dict."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ArchError(
+            f"--arch-kwargs is not valid JSON ({error.msg} at character {error.pos})",
+            """Give a JSON object, e.g. --arch-kwargs '{"num_classes": 10}'""",
+        ) from error
+    if not isinstance(value, dict):
+        raise ArchError(
+            f"--arch-kwargs must be a JSON object, not {type(value).__name__}",
+            """Give a JSON object, e.g. --arch-kwargs '{"num_classes": 10}'""",
+        )
+    return value
+
+
+def resolve_arch(spec: str) -> Callable[..., Any]:
+    """The callable named by ``package.module:callable`` or ``path/to/file.py:callable``.
+
+    This imports code the user named, which runs it: that is what --arch is for.
+    """
+    target, sep, attribute = spec.rpartition(":")
+    if not sep or not target or not attribute:
+        raise ArchError(
+            f"--arch {spec!r} has no ':' between module and callable",
+            "Write --arch package.module:callable or --arch path/to/file.py:callable",
+        )
+    module = _import_arch_module(target, spec)
+    obj: Any = module
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
+            raise ArchError(
+                f"--arch {spec!r}: {target} has no attribute {attribute!r}",
+                f"Callables there: {', '.join(public[:12]) or 'none'}",
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ArchError(f"--arch {spec!r} names a {type(obj).__name__}, not a callable", "Name a class or function")
+    return obj  # type: ignore[no-any-return]
+
+
+def _import_arch_module(target: str, spec: str) -> Any:
+    if target.endswith(".py") or "/" in target or os.sep in target:
+        path = Path(target)
+        if not path.is_file():
+            raise ArchError(f"--arch {spec!r}: file {target} does not exist", "Check the path")
+        name = f"bn_inspect_arch_{path.stem}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise ArchError(f"--arch {spec!r}: cannot import {target}", "Name a Python file")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        try:
+            with _cwd_importable():
+                module_spec.loader.exec_module(module)
+        except Exception as error:
+            sys.modules.pop(name, None)
+            raise ArchError(
+                f"--arch {spec!r}: importing {target} raised {type(error).__name__}: {error}",
+                "Fix the file or name another",
+            ) from error
+        return module
+    try:
+        with _cwd_importable():
+            return importlib.import_module(target)
+    except ModuleNotFoundError as error:
+        raise ArchError(
+            f"--arch {spec!r}: module {error.name or target!r} cannot be imported",
+            "Install it, run from its project folder, or give a file path (path/to/file.py:callable)",
+        ) from error
+    except Exception as error:
+        raise ArchError(
+            f"--arch {spec!r}: importing {target} raised {type(error).__name__}: {error}",
+            "Fix the module or name another",
+        ) from error
+
+
+def build_arch(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    """Call the --arch callable with --arch-kwargs and check that it returns an nn.Module."""
+    from torch import nn
+
+    factory = resolve_arch(spec)
+    try:
+        module = factory(**kwargs)
+    except Exception as error:
+        raise ArchError(
+            f"--arch {spec!r} raised {type(error).__name__} when called: {error}",
+            "Check --arch-kwargs against its signature",
+        ) from error
+    if not isinstance(module, nn.Module):
+        raise ArchError(
+            f"--arch {spec!r} returned a {type(module).__name__}, not a torch.nn.Module",
+            "Name a callable that builds the model",
+        )
+    return module
+
+
+def extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """The tensors of a state_dict or checkpoint dict, prefixes stripped; and whether it was nested."""
+    import torch
+
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return strip_prefixes(dict(obj)), False
+    if isinstance(obj, Mapping):
+        for key in _STATE_DICT_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return strip_prefixes(dict(inner)), True
+        keys = ", ".join(repr(k) for k in list(obj)[:10])
+        raise ModelFileError(
+            f"{path} is a dict without a state_dict inside (top-level keys: {keys})",
+            f"Save model.state_dict(), or a dict with it under one of {', '.join(_STATE_DICT_KEYS)}",
+        )
+    raise ModelFileError(
+        f"{path} holds a {type(obj).__name__}, not a model or state_dict",
+        "Save the model, its state_dict, or a checkpoint dict",
+    )
+
+
+def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop `module.` (DataParallel/DDP) and `_orig_mod.` (torch.compile) prefixes shared by all keys."""
+    changed = True
+    while changed and state_dict:
+        changed = False
+        for prefix in _STRIPPED_PREFIXES:
+            if all(key.startswith(prefix) for key in state_dict):
+                state_dict = {key[len(prefix) :]: value for key, value in state_dict.items()}
+                changed = True
+    return state_dict
+
+
+def load_state_into(module: nn.Module, state_dict: dict[str, torch.Tensor], spec: str) -> None:
+    """Load strictly, listing missing, unexpected and misshapen keys by name when they do not fit."""
+    from bn_inspect.layers import is_uninitialized
+
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    misshapen = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and not is_uninitialized(v) and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_names(unexpected)}")
+    if misshapen:
+        problems.append(f"wrong shapes (file vs model): {_names(misshapen)}")
+    if problems:
+        raise StateDictMismatchError(
+            f"the state_dict does not fit --arch {spec}: {'; '.join(problems)}",
+            "Check --arch and --arch-kwargs against the model that was saved",
+        )
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        raise StateDictMismatchError(
+            f"the state_dict does not fit --arch {spec}: {str(error).splitlines()[-1].strip()}",
+            "Check --arch and --arch-kwargs against the model that was saved",
+        ) from error
+
+
+def _names(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def load_model(
+    path: Path | None,
+    *,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    trust_pickle: bool = False,
+    map_location: str = "cpu",
+) -> LoadedModel:
+    """Load a model file (or build --arch alone) without running code from the file by default.
+
+    Args:
+        path: the model file, or None to inspect a freshly built --arch.
+        arch: ``package.module:callable`` or ``path/to/file.py:callable`` that builds the model.
+        arch_kwargs: keyword arguments for the arch callable.
+        trust_pickle: allow unpickling arbitrary classes, which runs code from the file.
+        map_location: device to load tensors onto.
+
+    Raises:
+        ModelFileError, UntrustedPickleError, ArchError, StateDictMismatchError.
+    """
+    kwargs = dict(arch_kwargs or {})
+    if path is None:
+        if arch is None:
+            raise ArchError("no model given", "Give a MODEL file, or --arch to inspect a fresh architecture")
+        return LoadedModel(build_arch(arch, kwargs), "<arch>", "arch", arch)
+    kind = detect_file_kind(path)
+    if kind is FileKind.TORCHSCRIPT:
+        return LoadedModel(_load_torchscript(path, map_location), str(path), "torchscript", None)
+    if kind is FileKind.TORCH_EXPORT:
+        raise ModelFileError(
+            f"{path} is a torch.export archive (.pt2), which this version cannot inspect yet",
+            "Inspect the eager model (state_dict with --arch) or a TorchScript archive instead",
+        )
+    if kind is FileKind.SAFETENSORS:
+        state_dict, file_format = _load_safetensors(path, map_location), "safetensors"
+    else:
+        obj = _torch_load(path, map_location, trust_pickle, kind)
+        from torch import nn
+
+        if isinstance(obj, nn.Module):
+            return LoadedModel(obj, str(path), "pickle", None)
+        if isinstance(obj, Mapping):
+            for key in _STATE_DICT_KEYS:
+                if isinstance(obj.get(key), nn.Module):
+                    return LoadedModel(obj[key], str(path), "pickle", None)
+        state_dict, nested = extract_state_dict(obj, path)
+        file_format = "checkpoint" if nested else "state_dict"
+    if arch is None:
+        raise ArchError(
+            f"{path} holds only weights ({file_format}), not the model's code",
+            "Pass --arch package.module:callable (or path/to/file.py:callable) that builds the model",
+        )
+    module = build_arch(arch, kwargs)
+    load_state_into(module, state_dict, arch)
+    return LoadedModel(module, str(path), file_format, arch)
+
+
+def _load_torchscript(path: Path, map_location: str) -> nn.Module:
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module: nn.Module = torch.jit.load(str(path), map_location=map_location)  # type: ignore[no-untyped-call]
+            return module
+    except Exception as error:
+        raise _corrupt(path, error) from error
+
+
+def _load_safetensors(path: Path, map_location: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return strip_prefixes(load_file(str(path), device=map_location))
+    except Exception as error:
+        raise _corrupt(path, error) from error

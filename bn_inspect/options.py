@@ -1,0 +1,29 @@
+"""User choices as string enums whose values are the CLI spellings (no torch import here)."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Mode(str, Enum):
+    """How the model runs: as deployed (eval) or as in training (batch statistics)."""
+
+    EVAL = "eval"
+    TRAIN = "train"
+
+
+class OutputFormat(str, Enum):
+    """How the report is written."""
+
+    TABLE = "table"
+    JSON = "json"
+    CSV = "csv"
+    MARKDOWN = "markdown"
+
+
+class DeviceChoice(str, Enum):
+    """Where the model runs; auto picks CUDA when it is available."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
+    AUTO = "auto"

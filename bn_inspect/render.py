@@ -1,0 +1,273 @@
+"""Report -> rich renderables for people (never prints, never imports torch)."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from bn_inspect.report import LayerReport, Report
+
+# |z| beyond which the batch mean sits far outside the running distribution.
+SHIFT_WARN = 1.0
+SHIFT_ALARM = 3.0
+_BAR_CELLS = 6
+_BAR_TOP = 100.0
+_EIGHTHS = " ▏▎▍▌▋▊▉█"
+
+
+def format_number(value: float | None, digits: int = 4) -> str:
+    """``digits`` significant digits, thousands separated, '—' for missing values."""
+    if value is None:
+        return "—"
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if value == 0:
+        return "0"
+    magnitude = abs(value)
+    if 1e-3 <= magnitude < 1e6:
+        return f"{value:,.{digits}g}" if magnitude >= 1e4 else f"{value:.{digits}g}"
+    return f"{value:.{digits - 1}e}"
+
+
+def _mean(values: Sequence[float] | None) -> float | None:
+    if not values:
+        return None
+    return math.fsum(values) / len(values)
+
+
+def _geometric_mean(values: Sequence[float] | None) -> float | None:
+    if not values:
+        return None
+    if any(math.isnan(v) or v <= 0 or math.isinf(v) for v in values):
+        return math.nan
+    return math.exp(math.fsum(math.log(v) for v in values) / len(values))
+
+
+def shift_style(max_abs_z: float | None) -> str:
+    """Colour for a layer's worst |shift z|."""
+    if max_abs_z is None:
+        return "dim"
+    if math.isnan(max_abs_z) or max_abs_z > SHIFT_ALARM:
+        return "bold red"
+    if max_abs_z > SHIFT_WARN:
+        return "yellow"
+    return "green"
+
+
+def shift_bar(max_abs_z: float | None) -> Text:
+    """A 6-cell bar of max |z| on a log scale (1 -> ~0.9 cell, 3 -> ~1.8, 100 -> full)."""
+    if max_abs_z is None:
+        return Text("")
+    if math.isnan(max_abs_z):
+        return Text("?" * _BAR_CELLS, style="bold red")
+    fill = _BAR_CELLS * min(1.0, math.log10(1 + max_abs_z) / math.log10(1 + _BAR_TOP))
+    eighths = round(fill * 8)
+    full, rest = divmod(eighths, 8)
+    bar = "█" * full + (_EIGHTHS[rest] if rest else "")
+    return Text(bar.ljust(_BAR_CELLS, "·"), style=shift_style(max_abs_z))
+
+
+def _shape(shape: Sequence[int] | None) -> str:
+    return "×".join(str(s) for s in shape) if shape else "—"
+
+
+def _reduced(layer: LayerReport) -> str:
+    if not layer.axis_names or layer.reduced_axes is None:
+        return "—"
+    return ",".join(layer.axis_names[d] for d in layer.reduced_axes)
+
+
+def _pair(batch: float | None, running: float | None) -> str:
+    return f"{format_number(batch)} | {format_number(running)}"
+
+
+def _short(value: float | None) -> str:
+    return format_number(value, 3)
+
+
+def _two_lines(top: str | Text, bottom: str | Text, bottom_style: str = "dim") -> Text:
+    text = top.copy() if isinstance(top, Text) else Text(top)
+    text.append("\n")
+    text.append(bottom if isinstance(bottom, Text) else Text(bottom, style=bottom_style))
+    return text
+
+
+def layer_table(report: Report, compact: bool = False) -> Table:
+    """One two-line row per layer call: shapes and axes, batch over running statistics, shift.
+
+    ``compact`` (for terminals under about 110 columns) moves the channel count into the input
+    column and leaves out the statistics used and the flags (the JSON report has them).
+    """
+    table = Table(header_style="bold", show_edge=False, pad_edge=False, box=box.SIMPLE_HEAD, collapse_padding=True)
+    longest = max((max(len(layer.label), len(layer.type)) for layer in report.layers), default=5)
+    table.add_column("layer\ntype", overflow="fold", min_width=min(longest, 24))
+    table.add_column("input" + (" (C)" if compact else "") + "\nreduced: n/ch", justify="right", no_wrap=True)
+    if not compact:
+        table.add_column("C", justify="right")
+    table.add_column("mean\nbatch/run", justify="right", no_wrap=True)
+    table.add_column("var\nbatch/run", justify="right", no_wrap=True)
+    table.add_column("shift |z|\nmax", no_wrap=True)
+    table.add_column("var ratio\n(worst)", justify="right", no_wrap=True)
+    if not compact:
+        table.add_column("uses\nflags")
+    for layer in report.layers:
+        shifts = layer.mean_shift_z
+        worst = layer.max_abs_shift_z
+        shift_cell = Text("—", style="dim")
+        if shifts is not None and worst is not None:
+            shift_cell = _two_lines(
+                shift_bar(worst) + Text(f" {_short(worst)}"), f"avg {_short(_mean([abs(z) for z in shifts]))}"
+            )
+        ratio = layer.var_ratio
+        ratio_cell = Text("—", style="dim")
+        if ratio is not None:
+            ratio_cell = _two_lines(_short(_geometric_mean(ratio)), f"({_short(layer.worst_var_ratio)})")
+        values = layer.values_per_channel
+        reduced = _reduced(layer) + (f": {values:,}" if values is not None else "")
+        channels = str(layer.num_channels) if layer.num_channels is not None else "—"
+        flags = " ".join(layer.flags)
+        name_cell = _two_lines(Text(layer.label, style="bold"), layer.type)
+        cells: list[RenderableType] = [
+            name_cell,
+            _two_lines(_shape(layer.input_shape) + (f" ({channels})" if compact else ""), reduced),
+        ]
+        if not compact:
+            cells.append(channels)
+        cells += [
+            _two_lines(_short(_mean(layer.batch_mean)), _short(_mean(layer.running_mean))),
+            _two_lines(_short(_mean(layer.batch_var)), _short(_mean(layer.running_var))),
+            shift_cell,
+            ratio_cell,
+        ]
+        if not compact:
+            cells.append(_two_lines(layer.normalizes_with, flags, "magenta"))
+        table.add_row(*cells)
+    return table
+
+
+def header(report: Report) -> Text:
+    """Model, input, mode and device in two lines."""
+    model = report.model
+    source = f"{model.source} ({model.format}" + (f", --arch {model.arch})" if model.arch else ")")
+    data = report.input
+    batches = "batch" if data.num_batches == 1 else "batches"
+    text = Text()
+    text.append("model ", style="bold")
+    text.append(source + "\n")
+    text.append("input ", style="bold")
+    text.append(
+        f"{data.source}: {data.num_samples:,} samples in {data.num_batches} {batches} of "
+        f"{_shape(data.shape)} {data.dtype} · mode {report.mode} · device {report.device}"
+    )
+    if data.num_nonfinite_values:
+        text.append(f"\n{data.num_nonfinite_values:,} input values are NaN or infinite", style="bold red")
+    return text
+
+
+def verdict(report: Report) -> Text:
+    """Which layer's batch statistics depart first from its running statistics."""
+    first = report.first_divergent(SHIFT_ALARM)
+    compared = [layer for layer in report.layers if layer.max_abs_shift_z is not None]
+    if not compared:
+        return Text("No layer keeps running statistics to compare the batch with.", style="dim")
+    if first is None:
+        worst = max(compared, key=lambda layer: layer.max_abs_shift_z or 0.0)
+        return Text(
+            f"Every layer's batch means lie within {SHIFT_ALARM:g} running standard deviations "
+            f"(largest: {worst.label}, max |z| = {format_number(worst.max_abs_shift_z)}).",
+            style="green",
+        )
+    return Text(
+        f"First departure from the running statistics, in execution order: {first.label} "
+        f"(max |z| = {format_number(first.max_abs_shift_z)}, worst var ratio "
+        f"{format_number(first.worst_var_ratio)}).",
+        style="bold red",
+    )
+
+
+def explanations(report: Report) -> Text:
+    """One sentence per layer call: which axes were reduced, over how many values."""
+    text = Text()
+    text.append("How each layer's statistics were computed\n", style="bold")
+    for layer in report.layers:
+        text.append(f"• {layer.explanation}\n")
+    if report.not_executed:
+        text.append(f"Not executed on this input: {', '.join(report.not_executed)}\n", style="yellow")
+    return text
+
+
+def matching_layers(report: Report, patterns: Sequence[str]) -> list[LayerReport]:
+    """Layer calls whose qualified name matches any glob pattern."""
+    return [
+        layer
+        for layer in report.layers
+        if any(fnmatch.fnmatchcase(layer.name, p) or fnmatch.fnmatchcase(layer.label, p) for p in patterns)
+    ]
+
+
+def channel_table(layer: LayerReport) -> Table:
+    """Per-channel batch and running statistics of one layer call."""
+    table = Table(
+        title=f"{layer.label} ({layer.type}), per channel", title_justify="left", show_edge=False, pad_edge=False
+    )
+    for name in (
+        "ch",
+        "batch mean",
+        "running mean",
+        "batch var",
+        "running var",
+        "shift z",
+        "var ratio",
+        "weight",
+        "bias",
+    ):
+        table.add_column(name, justify="right")
+    num_channels = len(layer.batch_mean or layer.running_mean or ())
+    shifts, ratios = layer.mean_shift_z, layer.var_ratio
+
+    def at(values: Sequence[float] | None, index: int) -> float | None:
+        return values[index] if values is not None else None
+
+    for c in range(num_channels):
+        z = at(shifts, c)
+        table.add_row(
+            str(c),
+            format_number(at(layer.batch_mean, c)),
+            format_number(at(layer.running_mean, c)),
+            format_number(at(layer.batch_var, c)),
+            format_number(at(layer.running_var, c)),
+            Text(format_number(z), style=shift_style(abs(z) if z is not None else None)),
+            format_number(at(ratios, c)),
+            format_number(at(layer.weight, c)),
+            format_number(at(layer.bias, c)),
+        )
+    return table
+
+
+def render_report(report: Report, channel_patterns: Sequence[str] = (), width: int = 120) -> RenderableType:
+    """The whole inspection as one renderable: header, layer table, verdict, explanations, channels.
+
+    ``width`` is the console width the table is laid out for.
+    """
+    table = layer_table(report, compact=width < 110)
+    parts: list[RenderableType] = [header(report), Text(""), table, Text(""), verdict(report)]
+    parts += [Text(""), explanations(report)]
+    for layer in matching_layers(report, channel_patterns):
+        parts += [channel_table(layer), Text("")]
+    parts.append(
+        Text(
+            "var = biased batch variance (what BatchNorm normalizes with); running var tracks the unbiased one. "
+            "z = (batch mean − running mean) / √(running var + eps); var ratio = batch var / running var "
+            "(geometric mean over channels, worst in brackets).",
+            style="dim",
+        )
+    )
+    return Group(*parts)

@@ -1,0 +1,180 @@
+"""Frozen dataclasses for the versioned inspection report: plain floats, no torch objects inside.
+
+Per-channel statistics of a layer call, over every batch that ran:
+
+* ``batch_mean[c]``: mean of the layer's input over all reduced axes.
+* ``batch_var[c]``: biased variance, sum((x - mean)**2) / n, what BatchNorm normalizes with.
+* ``batch_var_unbiased[c]``: sum((x - mean)**2) / (n - 1), what BatchNorm folds into running_var.
+* ``mean_shift_z[c] = (batch_mean - running_mean) / sqrt(running_var + eps)``: how many running
+  standard deviations the data's mean sits from the stored mean.
+* ``var_ratio[c] = batch_var / running_var``.
+
+n is ``values_per_channel``: N times the product of the reduced spatial sizes, summed over batches.
+For InstanceNorm the figures are averages over samples of per-instance statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+Floats = tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Where the model came from: file path (or "<module>"), detected format, --arch spec."""
+
+    source: str
+    format: str
+    arch: str | None = None
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """What data ran: its source, the shape and dtype of one batch, how many batches and samples."""
+
+    source: str
+    shape: tuple[int, ...]
+    dtype: str
+    num_batches: int
+    num_samples: int
+    num_nonfinite_values: int = 0
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One call of one normalization layer (a shared module called twice gives two)."""
+
+    name: str
+    call: int
+    type: str
+    family: str
+    num_channels: int | None
+    input_shape: tuple[int, ...] | None
+    axis_names: tuple[str, ...] | None
+    reduced_axes: tuple[int, ...] | None
+    values_per_channel: int | None
+    eps: float | None
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    num_batches_tracked: int | None
+    normalizes_with: str
+    batch_mean: Floats | None
+    batch_var: Floats | None
+    batch_var_unbiased: Floats | None
+    running_mean: Floats | None
+    running_var: Floats | None
+    weight: Floats | None
+    bias: Floats | None
+    explanation: str
+    flags: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """The qualified name, with the call index where the module ran more than once."""
+        return self.name if self.call == 0 else f"{self.name}#{self.call}"
+
+    @property
+    def mean_shift_z(self) -> Floats | None:
+        """(batch_mean - running_mean) / sqrt(running_var + eps) per channel."""
+        if self.batch_mean is None or self.running_mean is None or self.running_var is None:
+            return None
+        eps = self.eps or 0.0
+        return tuple(
+            _div(b - r, math.sqrt(v + eps) if v + eps >= 0 else math.nan)
+            for b, r, v in zip(self.batch_mean, self.running_mean, self.running_var, strict=True)
+        )
+
+    @property
+    def var_ratio(self) -> Floats | None:
+        """batch_var / running_var per channel."""
+        if self.batch_var is None or self.running_var is None:
+            return None
+        return tuple(_div(b, r) for b, r in zip(self.batch_var, self.running_var, strict=True))
+
+    @property
+    def max_abs_shift_z(self) -> float | None:
+        """The largest |mean_shift_z| over channels (NaN if any channel is NaN)."""
+        return _max_abs(self.mean_shift_z)
+
+    @property
+    def worst_var_ratio(self) -> float | None:
+        """The channel's var_ratio farthest from 1 on a log scale."""
+        ratios = self.var_ratio
+        if not ratios:
+            return None
+        if any(math.isnan(r) for r in ratios):
+            return math.nan
+        return max(ratios, key=lambda r: abs(math.log(r)) if 0 < r < math.inf else math.inf)
+
+
+def _div(a: float, b: float) -> float:
+    if b == 0 or math.isnan(b):
+        return math.nan if a == 0 or math.isnan(a) or math.isnan(b) else math.copysign(math.inf, a)
+    return a / b
+
+
+def _max_abs(values: Floats | None) -> float | None:
+    if not values:
+        return None
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    return max(abs(v) for v in values)
+
+
+@dataclass(frozen=True)
+class Report:
+    """The result of one inspection; ``to_dict`` gives the JSON document of schema version 1."""
+
+    model: ModelInfo
+    input: InputInfo
+    mode: str
+    device: str
+    layers: tuple[LayerReport, ...]
+    not_executed: tuple[str, ...] = ()
+    torch_version: str = ""
+    schema_version: int = field(default=SCHEMA_VERSION)
+
+    def first_divergent(self, max_shift: float = 3.0) -> LayerReport | None:
+        """The first layer call in execution order whose max |shift z| exceeds ``max_shift``."""
+        for layer in self.layers:
+            worst = layer.max_abs_shift_z
+            if worst is not None and (math.isnan(worst) or worst > max_shift):
+                return layer
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data; non-finite floats become "nan", "inf" or "-inf"."""
+        layers = []
+        for layer in self.layers:
+            entry = asdict(layer)
+            entry["mean_shift_z"] = layer.mean_shift_z
+            entry["var_ratio"] = layer.var_ratio
+            layers.append(entry)
+        document = {
+            "schema_version": self.schema_version,
+            "torch_version": self.torch_version,
+            "model": asdict(self.model),
+            "input": asdict(self.input),
+            "mode": self.mode,
+            "device": self.device,
+            "layers": layers,
+            "not_executed": list(self.not_executed),
+        }
+        return _json_ready(document)  # type: ignore[no-any-return]
+
+
+def _json_ready(value: Any) -> Any:
+    # JSON has no NaN or infinity; strings keep them distinguishable from a missing value (null).
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    return value

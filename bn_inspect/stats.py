@@ -1,0 +1,154 @@
+"""Per-channel moments of normalization-layer inputs and their exact merge: pure tensor math.
+
+Two accumulators, both kept in float64 on the activations' device so that a run never
+synchronises with the host until the report is built:
+
+* ``ChannelMoments`` for batch-style layers (BatchNorm and relatives). For an input of shape
+  (N, C, *S) each channel c has ``count = N * prod(S)`` values x; it keeps their mean and the
+  centred sum of squares ``m2 = sum((x - mean)**2)``. The biased variance ``m2 / count`` is what
+  BatchNorm normalizes with in training; the unbiased ``m2 / (count - 1)`` is what it folds into
+  ``running_var``. Batches merge with Chan's parallel formula, which is exact: the merged moments
+  are those of all values seen, not an average of per-batch numbers.
+* ``InstanceMoments`` for InstanceNorm, which normalizes every (sample, channel) pair over its own
+  spatial values and whose running statistics average those per-instance statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Shifted sums lose about log2(1 + shift**2 / var) bits to the cancellation in m2 = S2 - S1**2 / n.
+# Past this factor the exact (slower) two-pass torch.var_mean is used for that input instead.
+MAX_CANCELLATION = 64.0
+
+
+@dataclass(frozen=True)
+class ChannelMoments:
+    """Count, mean and centred sum of squares per channel (float64, on the input's device).
+
+    Attributes:
+        count: values per channel, N x product of the reduced spatial sizes.
+        mean: (C,) per-channel mean.
+        m2: (C,) per-channel sum of squared deviations from ``mean``.
+    """
+
+    count: int
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    def merge(self, other: ChannelMoments) -> ChannelMoments:
+        """Moments of the union of both value sets (Chan et al.'s parallel update)."""
+        if self.count == 0:
+            return other
+        if other.count == 0:
+            return self
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / count)
+        m2 = self.m2 + other.m2 + delta.square() * (self.count * other.count / count)
+        return ChannelMoments(count, mean, m2)
+
+    def biased_var(self) -> torch.Tensor:
+        """m2 / count: the variance BatchNorm normalizes with."""
+        return self.m2 / self.count if self.count else torch.full_like(self.m2, float("nan"))
+
+    def unbiased_var(self) -> torch.Tensor:
+        """m2 / (count - 1): the variance BatchNorm folds into running_var; NaN for one value."""
+        if self.count < 2:
+            return torch.full_like(self.m2, float("nan"))
+        return self.m2 / (self.count - 1)
+
+
+def channel_moments(x: torch.Tensor) -> ChannelMoments:
+    """Per-channel moments of ``x`` of shape (N, C, *S), reducing every dim but dim 1.
+
+    The sums run in float32 (float64 for float64 input), never in bf16/fp16, on the input's
+    device; only (C,)-sized results are kept. Values are first shifted by one sample of their
+    channel, so the sum of squares stays accurate even for large means and tiny variances.
+    """
+    num_channels = x.shape[1]
+    count = x.numel() // num_channels if num_channels else 0
+    if count == 0:
+        empty = torch.zeros(num_channels, dtype=torch.float64, device=x.device)
+        return ChannelMoments(0, empty, empty.clone())
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    dims = [0, *range(2, x.dim())]
+    if x.device.type != "cpu":
+        # Elsewhere a cancellation check would stall the device queue; the Welford kernel is exact.
+        return _two_pass_moments(work, dims, count)
+    shift = work[(0, slice(None)) + (0,) * (x.dim() - 2)].view(1, num_channels, *([1] * (x.dim() - 2)))
+    shifted = work - shift
+    shifted_sum = shifted.sum(dims).double()
+    sum_sq = torch.linalg.vector_norm(shifted, dim=dims).double().square()
+    del shifted
+    shifted_mean = shifted_sum / count
+    m2 = sum_sq - shifted_sum * shifted_mean
+    cancellation = shifted_mean.square() * count / m2
+    if bool(((m2 <= 0) & (shifted_mean != 0)).any() | (cancellation > MAX_CANCELLATION).any()):
+        return _two_pass_moments(work, dims, count)
+    return ChannelMoments(count, shift.reshape(-1).double() + shifted_mean, m2.clamp_min(0))
+
+
+def _two_pass_moments(work: torch.Tensor, dims: list[int], count: int) -> ChannelMoments:
+    batch_var, batch_mean = torch.var_mean(work, dim=dims, correction=0)
+    return ChannelMoments(count, batch_mean.double(), batch_var.double() * count)
+
+
+@dataclass(frozen=True)
+class InstanceMoments:
+    """Sums of per-instance statistics for InstanceNorm (float64, on the input's device).
+
+    Attributes:
+        num_instances: samples seen; each contributes one mean and one variance per channel.
+        values_per_instance: spatial values behind each per-instance statistic.
+        mean_sum: (C,) sum over instances of the instance mean.
+        var_sum: (C,) sum over instances of the instance's biased variance.
+    """
+
+    num_instances: int
+    values_per_instance: int
+    mean_sum: torch.Tensor
+    var_sum: torch.Tensor
+
+    def merge(self, other: InstanceMoments) -> InstanceMoments:
+        """Sums over the instances of both."""
+        if self.num_instances == 0:
+            return other
+        if other.num_instances == 0:
+            return self
+        return InstanceMoments(
+            self.num_instances + other.num_instances,
+            self.values_per_instance,
+            self.mean_sum + other.mean_sum,
+            self.var_sum + other.var_sum,
+        )
+
+    def mean(self) -> torch.Tensor:
+        """Average instance mean: what running_mean tracks."""
+        return self.mean_sum / self.num_instances
+
+    def biased_var(self) -> torch.Tensor:
+        """Average biased instance variance: what InstanceNorm normalizes with, averaged."""
+        return self.var_sum / self.num_instances
+
+    def unbiased_var(self) -> torch.Tensor:
+        """Average unbiased instance variance: what running_var tracks."""
+        if self.values_per_instance < 2:
+            return torch.full_like(self.var_sum, float("nan"))
+        n = self.values_per_instance
+        return self.var_sum / self.num_instances * (n / (n - 1))
+
+
+def instance_moments(x: torch.Tensor) -> InstanceMoments:
+    """Per-channel sums of per-instance moments of ``x`` of shape (N, C, *S) over the dims S."""
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    flat = work.flatten(2)
+    instance_var, instance_mean = torch.var_mean(flat, dim=2, correction=0)
+    return InstanceMoments(
+        x.shape[0],
+        flat.shape[2],
+        instance_mean.double().sum(0),
+        instance_var.double().sum(0),
+    )

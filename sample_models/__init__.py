@@ -1,0 +1,1 @@
+"""Trained sample models that ship with bn-inspect."""
