@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bn_inspect.errors import ShapeMismatchError
-from bn_inspect.layers import NormFamily, NormLayer
+from bn_inspect.layers import NormFamily, NormLayer, is_uninitialized
 from bn_inspect.stats import ChannelMoments, InstanceMoments, channel_moments, instance_moments
 
 Moments = ChannelMoments | InstanceMoments
@@ -209,7 +209,7 @@ def dispatch_capture(layers: list[NormLayer], recorder: StatisticsRecorder) -> I
 def preserved_state(model: nn.Module) -> Iterator[None]:
     """Restore every module's training flag and every buffer on exit, even when the block raises."""
     flags = [(module, module.training) for module in model.modules()]
-    saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers() if not is_uninitialized(buffer)]
     try:
         yield
     finally:

@@ -214,6 +214,7 @@ def inspect_command(
         mode=mode,
         model_info=ModelInfo(loaded.source, loaded.format, loaded.arch),
         input_source=input_source,
+        materialize_lazy=True,
     )
     if report.input.num_nonfinite_values:
         _note(

@@ -68,5 +68,9 @@ class NoNormLayersError(BnInspectError):
     """The model has no normalization layer to inspect."""
 
 
+class LazyModelError(BnInspectError):
+    """Inspecting would materialize the model's lazy modules, which the caller did not allow."""
+
+
 class OutputError(BnInspectError):
     """The --output file cannot be written."""

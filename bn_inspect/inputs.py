@@ -196,7 +196,7 @@ def _load_npy(path: Path) -> np.ndarray:
         array: np.ndarray = np.load(path, mmap_mode="r", allow_pickle=False)
         return array
     except ValueError as error:
-        if "allow_pickle" in str(error) or "pickled" in str(error):
+        if "allow_pickle" in str(error) or "pickled" in str(error) or "Python objects" in str(error):
             raise InputError(f"{path} holds Python objects, not numbers", "Save a numeric array") from error
         raise InputError(f"cannot read {path} as a .npy array ({error})", "Re-save it with numpy.save") from error
     except OSError as error:
@@ -260,11 +260,14 @@ def _checked(array: np.ndarray, path: Path) -> np.ndarray:
 
 def _read_torch(path: Path, key: str | None) -> InputData:
     import pickle
+    import warnings
 
     import torch
 
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error says enough
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise InputError(
             f"{path} needs code to unpickle; bn-inspect reads only tensors from input files",
@@ -327,6 +330,9 @@ def _read_table(path: Path, drop_columns: Sequence[str]) -> np.ndarray:
         raise InputError(
             f"cannot read {path} as a table ({type(error).__name__}: {error})", "Check the file"
         ) from error
+    if frame.shape[0] == 0:
+        # Checked first: with no rows every column reads as text, which would be misreported.
+        raise InputError(f"{path} has a header but no rows", "Give a table with at least one row of numbers")
     unknown = [c for c in drop_columns if c not in frame.columns]
     if unknown:
         raise InputError(
@@ -344,6 +350,6 @@ def _read_table(path: Path, drop_columns: Sequence[str]) -> np.ndarray:
             f"{path} has non-numeric columns: {', '.join(non_numeric[:10])}",
             "Leave them out with --drop-column NAME (repeatable)",
         )
-    if frame.shape[1] == 0 or frame.shape[0] == 0:
-        raise InputError(f"{path} has no numeric data left", "Give a table with numeric feature columns and rows")
+    if frame.shape[1] == 0:
+        raise InputError(f"{path} has no columns left after --drop-column", "Keep at least one feature column")
     return np.ascontiguousarray(frame.to_numpy(dtype=np.float32))

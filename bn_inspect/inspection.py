@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from bn_inspect.capture import (
     hooks_capture,
     preserved_state,
 )
-from bn_inspect.errors import BnInspectError, ForwardError, InputError, NoNormLayersError
+from bn_inspect.errors import BnInspectError, ForwardError, InputError, LazyModelError, NoNormLayersError
 from bn_inspect.layers import NormFamily, NormLayer, is_uninitialized, iter_norm_layers
 from bn_inspect.options import Mode
 from bn_inspect.report import InputInfo, LayerReport, ModelInfo, Report
@@ -113,10 +112,9 @@ def _forward_error(error: Exception, last_layer: str | None) -> BnInspectError:
 def find_working_shape(model: nn.Module, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...] | None:
     """The first shape whose two-sample batch the model runs in eval mode, or None.
 
-    Each trial runs under the same state protection as an inspection, so it changes nothing.
+    Each trial runs under the same state protection as an inspection, so it changes nothing
+    except that lazy modules materialize, as they do on any first forward.
     """
-    if _has_lazy_modules(model):
-        model = copy.deepcopy(model)
     device, dtype = model_device(model), _model_float_dtype(model)
     for shape in shapes:
         trial = torch.zeros((min(shape[0], 2), *shape[1:]), device=device, dtype=dtype)
@@ -138,12 +136,15 @@ def inspect_model(
     model_info: ModelInfo | None = None,
     input_source: str = "<batches>",
     require_norm_layers: bool = True,
+    materialize_lazy: bool = False,
 ) -> Report:
     """Run ``batches`` through ``model`` and report what every normalization layer saw.
 
     The model is left exactly as it was: its training flags and all buffers are restored and
-    every hook removed, even when the forward pass raises. Models with lazy modules are copied
-    first, because their first forward pass would materialize (and so change) them.
+    every hook removed, even when the forward pass raises. The one change inspection cannot undo
+    is materializing lazy modules (their first forward turns them into ordinary ones, and they
+    cannot be copied before it), so a model with unmaterialized lazy modules is refused unless
+    ``materialize_lazy`` allows it.
 
     Args:
         model: an ``nn.Module`` (eager or TorchScript).
@@ -152,16 +153,20 @@ def inspect_model(
         model_info: where the model came from, for the report.
         input_source: where the batches came from, for the report.
         require_norm_layers: raise NoNormLayersError when the model has none.
+        materialize_lazy: let the forward pass materialize lazy modules.
 
     Returns:
         The Report, with layer calls in execution order.
 
     Raises:
-        NoNormLayersError, ShapeMismatchError, ForwardError, InputError.
+        NoNormLayersError, ShapeMismatchError, ForwardError, InputError, LazyModelError.
     """
     mode = Mode(mode)
-    if _has_lazy_modules(model):
-        model = copy.deepcopy(model)
+    if _has_lazy_modules(model) and not materialize_lazy:
+        raise LazyModelError(
+            "the model has lazy modules that have not run yet, and inspecting it would materialize them",
+            "Run one forward pass first, or pass materialize_lazy=True",
+        )
     layers = iter_norm_layers(model)
     if not layers and require_norm_layers:
         raise NoNormLayersError(

@@ -32,8 +32,10 @@ def format_number(value: float | None, digits: int = 4) -> str:
     if value == 0:
         return "0"
     magnitude = abs(value)
-    if 1e-3 <= magnitude < 1e6:
-        return f"{value:,.{digits}g}" if magnitude >= 1e4 else f"{value:.{digits}g}"
+    if 10 ** (digits - 1) <= magnitude < 1e7:
+        return f"{round(value):,}"
+    if 1e-3 <= magnitude:
+        return f"{value:.{digits}g}"
     return f"{value:.{digits - 1}e}"
 
 
@@ -185,10 +187,14 @@ def verdict(report: Report) -> Text:
             f"(largest: {worst.label}, max |z| = {format_number(worst.max_abs_shift_z)}).",
             style="green",
         )
+    worst = first.max_abs_shift_z
+    detail = (
+        "NaN in its statistics"
+        if worst is None or math.isnan(worst)
+        else f"max |z| = {format_number(worst)}, worst var ratio {format_number(first.worst_var_ratio)}"
+    )
     return Text(
-        f"First departure from the running statistics, in execution order: {first.label} "
-        f"(max |z| = {format_number(first.max_abs_shift_z)}, worst var ratio "
-        f"{format_number(first.worst_var_ratio)}).",
+        f"First departure from the running statistics, in execution order: {first.label} ({detail}).",
         style="bold red",
     )
 

@@ -1,0 +1,179 @@
+"""Tiny deterministic models for every case bn-inspect must handle, with trained-looking statistics."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def randomize_norm_state(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every normalization layer non-trivial running statistics and affine terms."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            for name in ("running_mean", "weight", "bias"):
+                tensor = getattr(module, name, None)
+                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.numel():
+                    tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5 + (1.0 if name == "weight" else 0))
+            running_var = getattr(module, "running_var", None)
+            if isinstance(running_var, torch.Tensor):
+                running_var.copy_(torch.rand(running_var.shape, generator=generator) * 2 + 0.1)
+            tracked = getattr(module, "num_batches_tracked", None)
+            if isinstance(tracked, torch.Tensor):
+                tracked.fill_(100)
+    return model
+
+
+class ConvBN2d(nn.Module):
+    """Conv2d -> BatchNorm2d -> ReLU(inplace) -> Conv2d -> BatchNorm2d: input (N, 3, H, W)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+
+
+class BN1dFeatures(nn.Module):
+    """BatchNorm1d on (N, C) features."""
+
+    def __init__(self, features: int = 5) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x)
+
+
+class BN1dSequence(nn.Module):
+    """BatchNorm1d on (N, C, L)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x)
+
+
+class BN3dVolume(nn.Module):
+    """BatchNorm3d on (N, C, D, H, W)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm3d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x)
+
+
+class SharedBN(nn.Module):
+    """One BatchNorm2d called twice per forward, and one that is never called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.unused = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.bn(x) * 2 + 1)
+
+
+class KeywordCall(nn.Module):
+    """Calls its BatchNorm with the input as a keyword argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(input=x)
+
+
+class Family(nn.Module):
+    """InstanceNorm (tracking and not), GroupNorm, LayerNorm and RMSNorm side by side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inorm = nn.InstanceNorm2d(4, affine=True, track_running_stats=True)
+        self.inorm_plain = nn.InstanceNorm2d(4)
+        self.gn = nn.GroupNorm(2, 4)
+        self.ln = nn.LayerNorm(5)
+        self.rms = nn.RMSNorm(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.gn(self.inorm_plain(self.inorm(x)))
+        return self.rms(self.ln(y[..., :5]))
+
+
+class Untracked(nn.Module):
+    """BatchNorm without running statistics: normalizes with batch statistics even in eval."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3, track_running_stats=False, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x)
+
+
+class LazyConvBN(nn.Module):
+    """LazyConv2d -> LazyBatchNorm2d: nothing is materialized before the first forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.LazyConv2d(4, 3)
+        self.bn = nn.LazyBatchNorm2d()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+class Raises(nn.Module):
+    """Runs one BatchNorm, then fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.bn(x)
+        raise RuntimeError("deliberate failure after bn")
+
+
+class FunctionalBN(nn.Module):
+    """Calls F.batch_norm with its own buffers: there is no module to hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(3))
+        self.register_buffer("var", torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.mean, self.var, training=self.training)
+
+
+class NoNorm(nn.Module):
+    """A model without any normalization layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def make_input(shape: tuple[int, ...], *, mean: float = 0.0, std: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """Normal data with a different offset per channel (dim 1), drawn in float64 then rounded to float32."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=generator, dtype=torch.float64) * std
+    channel_offsets = torch.randn(shape[1], generator=generator, dtype=torch.float64) * std * 3
+    x = x + mean + channel_offsets.view(1, -1, *([1] * (len(shape) - 2)))
+    return x.float()

@@ -1,0 +1,240 @@
+"""inspect_model end to end on small models: numbers against float64, order, modes, and no side effects."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bn_inspect.errors import ForwardError, LazyModelError, NoNormLayersError, ShapeMismatchError
+from bn_inspect.inspection import Batch, inspect_model
+from bn_inspect.report import LayerReport, Report
+from tests import models
+from tests.conftest import state_fingerprint
+from tests.test_stats import reference
+
+
+def inspect_unchanged(model: nn.Module, batches: list, **kwargs: object) -> Report:
+    """inspect_model, asserting the model's parameters, buffers, flags and hooks are untouched."""
+    before = state_fingerprint(model)
+    report = inspect_model(model, batches, **kwargs)  # type: ignore[arg-type]
+    assert state_fingerprint(model) == before
+    return report
+
+
+def layer(report: Report, name: str, call: int = 0) -> LayerReport:
+    return next(entry for entry in report.layers if entry.name == name and entry.call == call)
+
+
+def assert_matches(entry: LayerReport, activation: torch.Tensor) -> None:
+    ref_mean, ref_var = reference(activation)
+    n = activation.numel() // activation.shape[1]
+    assert entry.values_per_channel == n
+    scale = math.sqrt(float(ref_var.max())) or 1.0
+    np.testing.assert_allclose(entry.batch_mean, ref_mean, rtol=1e-7, atol=scale * 1e-6)
+    np.testing.assert_allclose(entry.batch_var, ref_var, rtol=3e-5, atol=1e-30)
+    np.testing.assert_allclose(entry.batch_var_unbiased, ref_var * n / (n - 1), rtol=3e-5, atol=1e-30)
+
+
+@pytest.mark.parametrize(("mean", "std"), [(0.0, 1.0), (1e3, 1e-2)], ids=["standard", "large-mean-tiny-std"])
+def test_conv_bn_statistics_match_float64_reference(mean: float, std: float) -> None:
+    model = models.randomize_norm_state(models.ConvBN2d()).eval()
+    x = models.make_input((4, 3, 9, 11), mean=mean, std=std)
+    report = inspect_unchanged(model, [x])
+    with torch.no_grad():
+        bn1_input = model.conv1(x)
+        bn2_input = model.conv2(torch.relu(model.bn1(bn1_input)))
+    assert [entry.name for entry in report.layers] == ["bn1", "bn2"]
+    assert_matches(layer(report, "bn1"), bn1_input)
+    assert_matches(layer(report, "bn2"), bn2_input)
+    bn1 = layer(report, "bn1")
+    assert bn1.input_shape == (4, 8, 9, 11)
+    assert bn1.axis_names == ("N", "C", "H", "W") and bn1.reduced_axes == (0, 2, 3)
+    assert bn1.running_mean == pytest.approx(model.bn1.running_mean.double().tolist())
+    assert bn1.running_var == pytest.approx(model.bn1.running_var.double().tolist())
+    assert bn1.weight == pytest.approx(model.bn1.weight.double().tolist())
+    assert bn1.normalizes_with == "running"
+    assert bn1.num_batches_tracked == 100
+
+
+@pytest.mark.parametrize(
+    ("factory", "shape"),
+    [(models.BN1dFeatures, (64, 5)), (models.BN1dSequence, (5, 6, 13)), (models.BN3dVolume, (2, 3, 4, 5, 3))],
+    ids=["BatchNorm1d (N,C)", "BatchNorm1d (N,C,L)", "BatchNorm3d"],
+)
+def test_every_batch_norm_rank(factory: type[nn.Module], shape: tuple[int, ...]) -> None:
+    model = models.randomize_norm_state(factory()).eval()
+    x = models.make_input(shape, mean=-2e3, std=5e-2)
+    report = inspect_unchanged(model, [x])
+    assert_matches(layer(report, "bn"), x)
+
+
+def test_uneven_batches_merge_to_population_statistics() -> None:
+    model = models.randomize_norm_state(models.BN1dSequence()).eval()
+    batches = [models.make_input((n, 6, 7), mean=50.0, std=0.1, seed=n) for n in (1, 5, 2, 9)]
+    report = inspect_unchanged(model, batches)
+    entry = layer(report, "bn")
+    assert_matches(entry, torch.cat(batches))
+    assert report.input.num_batches == 4 and report.input.num_samples == 17
+    assert "Over 4 batches: 119 values per channel in all." in entry.explanation
+
+
+def test_shift_z_and_var_ratio_follow_their_formulas() -> None:
+    model = models.randomize_norm_state(models.BN1dFeatures()).eval()
+    entry = layer(inspect_unchanged(model, [models.make_input((32, 5), mean=1.0)]), "bn")
+    for c in range(5):
+        expected_z = (entry.batch_mean[c] - entry.running_mean[c]) / math.sqrt(entry.running_var[c] + entry.eps)
+        assert entry.mean_shift_z[c] == pytest.approx(expected_z, rel=1e-12)
+        assert entry.var_ratio[c] == pytest.approx(entry.batch_var[c] / entry.running_var[c], rel=1e-12)
+
+
+def test_shared_module_gives_one_row_per_call_and_unused_is_listed() -> None:
+    model = models.randomize_norm_state(models.SharedBN()).eval()
+    x = models.make_input((3, 3, 4, 4))
+    report = inspect_unchanged(model, [x, x])
+    assert [(entry.name, entry.call) for entry in report.layers] == [("bn", 0), ("bn", 1)]
+    assert report.not_executed == ("unused",)
+    with torch.no_grad():
+        second_input = model.bn(x) * 2 + 1
+    assert_matches(layer(report, "bn", 1), torch.cat([second_input, second_input]))
+    assert layer(report, "bn", 1).label == "bn#1"
+
+
+def test_input_passed_as_keyword_is_captured() -> None:
+    model = models.randomize_norm_state(models.KeywordCall()).eval()
+    x = models.make_input((8, 4))
+    assert_matches(layer(inspect_unchanged(model, [x]), "bn"), x)
+
+
+def test_train_mode_restores_buffers_and_mode_and_reports_stored_statistics() -> None:
+    model = models.randomize_norm_state(models.ConvBN2d()).eval()
+    stored_mean = model.bn1.running_mean.double().tolist()
+    report = inspect_unchanged(model, [models.make_input((4, 3, 6, 6))] * 3, mode="train")
+    assert report.mode == "train"
+    assert all(entry.normalizes_with == "batch" for entry in report.layers)
+    assert layer(report, "bn1").running_mean == pytest.approx(stored_mean)
+    assert not model.training
+
+
+def test_training_model_stays_in_training_mode() -> None:
+    model = models.randomize_norm_state(models.ConvBN2d()).train()
+    model.bn2.eval()
+    inspect_unchanged(model, [models.make_input((2, 3, 5, 5))])
+    assert model.training and model.bn1.training and not model.bn2.training
+
+
+def test_forward_that_raises_names_last_layer_and_changes_nothing() -> None:
+    model = models.randomize_norm_state(models.Raises()).eval()
+    before = state_fingerprint(model)
+    with pytest.raises(ForwardError, match="raised RuntimeError after layer bn ran: deliberate failure"):
+        inspect_model(model, [models.make_input((2, 3, 4, 4))], mode="train")
+    assert state_fingerprint(model) == before
+
+
+def test_channel_mismatch_names_the_layer() -> None:
+    model = models.BN1dFeatures(5).eval()
+    with pytest.raises(ShapeMismatchError, match=r"layer bn \(BatchNorm1d\) expects 5 channels in dim 1 but received 6"):
+        inspect_model(model, [torch.randn(4, 6)])
+    assert not model.bn._forward_pre_hooks
+
+
+def test_rank_mismatch_names_the_layer() -> None:
+    with pytest.raises(ShapeMismatchError, match=r"layer bn \(BatchNorm3d\) expects 5-D input but received 4-D"):
+        inspect_model(models.BN3dVolume().eval(), [torch.randn(2, 3, 4, 4)])
+
+
+def test_one_value_per_channel_in_train_mode_is_explained() -> None:
+    with pytest.raises(ForwardError, match="1 value per channel in train mode.*at least 2 values per channel"):
+        inspect_model(models.BN1dFeatures().eval(), [torch.randn(1, 5)], mode="train")
+
+
+def test_normalization_family_rows() -> None:
+    model = models.randomize_norm_state(models.Family()).eval()
+    x = models.make_input((3, 4, 5, 6), mean=10.0)
+    report = inspect_unchanged(model, [x])
+    assert [entry.name for entry in report.layers] == ["inorm", "inorm_plain", "gn", "ln", "rms"]
+    inorm = layer(report, "inorm")
+    flat = x.double().numpy().reshape(3, 4, -1)
+    np.testing.assert_allclose(inorm.batch_mean, flat.mean(axis=2).mean(axis=0), rtol=1e-7)
+    np.testing.assert_allclose(inorm.batch_var, flat.var(axis=2).mean(axis=0), rtol=1e-5)
+    assert inorm.normalizes_with == "running" and inorm.reduced_axes == (2, 3)
+    assert layer(report, "inorm_plain").normalizes_with == "batch"
+    for name in ("gn", "ln", "rms"):
+        entry = layer(report, name)
+        assert entry.batch_mean is None and entry.running_mean is None
+        assert "keeps no running statistics" in entry.explanation
+    assert layer(report, "gn").family == "group"
+
+
+def test_untracked_batch_norm_uses_batch_statistics_in_eval() -> None:
+    entry = layer(inspect_unchanged(models.Untracked().eval(), [models.make_input((4, 3, 3, 3))]), "bn")
+    assert entry.normalizes_with == "batch"
+    assert "no-running-stats" in entry.flags
+    assert entry.running_mean is None and entry.mean_shift_z is None
+
+
+def test_lazy_model_is_refused_unless_materializing_is_allowed() -> None:
+    model = models.LazyConvBN().eval()
+    before = state_fingerprint(model)
+    with pytest.raises(LazyModelError, match="lazy modules that have not run yet"):
+        inspect_model(model, [models.make_input((2, 3, 6, 6))])
+    assert state_fingerprint(model) == before
+    report = inspect_model(model, [models.make_input((2, 3, 6, 6))], materialize_lazy=True)
+    entry = layer(report, "bn")
+    assert entry.num_channels == 4 and "lazy" in entry.flags
+    assert entry.running_mean is None and entry.batch_mean is not None
+
+
+def test_untrained_statistics_are_flagged() -> None:
+    entry = layer(inspect_unchanged(models.BN1dFeatures().eval(), [torch.randn(8, 5)]), "bn")
+    assert "untrained" in entry.flags
+
+
+def test_no_normalization_layer_is_an_error() -> None:
+    with pytest.raises(NoNormLayersError, match="has no normalization layer"):
+        inspect_model(models.NoNorm(), [torch.randn(2, 4)])
+
+
+def test_torchscript_capture_matches_eager() -> None:
+    model = models.randomize_norm_state(models.ConvBN2d()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(model)
+    x = models.make_input((3, 3, 7, 7), mean=100.0, std=0.1)
+    eager = inspect_unchanged(model, [x])
+    script = inspect_unchanged(scripted, [x])
+    assert [entry.name for entry in script.layers] == ["bn1", "bn2"]
+    for a, b in zip(eager.layers, script.layers, strict=True):
+        assert a.type == b.type == "BatchNorm2d"
+        np.testing.assert_allclose(a.batch_mean, b.batch_mean, rtol=1e-6)
+        np.testing.assert_allclose(a.batch_var, b.batch_var, rtol=1e-5)
+        assert a.explanation == b.explanation
+
+
+def test_torchscript_train_mode_restores_buffers() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(models.randomize_norm_state(models.ConvBN2d()).eval())
+    report = inspect_unchanged(scripted, [models.make_input((3, 3, 5, 5))], mode="train")
+    assert [entry.normalizes_with for entry in report.layers] == ["batch", "batch"]
+
+
+def test_batches_from_a_dataloader_and_batch_objects() -> None:
+    model = models.randomize_norm_state(models.BN1dFeatures()).eval()
+    x = models.make_input((10, 5))
+    pairs = [(x[:6], torch.zeros(6)), (x[6:], torch.zeros(4))]
+    assert_matches(layer(inspect_unchanged(model, pairs), "bn"), x)
+    assert_matches(layer(inspect_unchanged(model, [Batch((x,))]), "bn"), x)
+
+
+def test_float64_model_and_half_precision_input() -> None:
+    model = models.randomize_norm_state(models.BN1dSequence()).double().eval()
+    x = models.make_input((4, 6, 9), mean=1e5, std=1e-3).double()
+    assert_matches(layer(inspect_unchanged(model, [x]), "bn"), x)
+    half_model = models.randomize_norm_state(models.BN1dSequence()).eval()
+    half = models.make_input((4, 6, 9), mean=2.0).half()
+    assert_matches(layer(inspect_unchanged(half_model, [half]), "bn"), half.float())
