@@ -34,7 +34,7 @@ def format_number(value: float | None, digits: int = 4) -> str:
     magnitude = abs(value)
     if 10 ** (digits - 1) <= magnitude < 1e7:
         return f"{round(value):,}"
-    if 1e-3 <= magnitude:
+    if 1e-3 <= magnitude < 1e7:
         return f"{value:.{digits}g}"
     return f"{value:.{digits - 1}e}"
 
