@@ -187,11 +187,11 @@ def verdict(report: Report) -> Text:
             f"(largest: {worst.label}, max |z| = {format_number(worst.max_abs_shift_z)}).",
             style="green",
         )
-    worst = first.max_abs_shift_z
+    first_shift = first.max_abs_shift_z
     detail = (
         "NaN in its statistics"
-        if worst is None or math.isnan(worst)
-        else f"max |z| = {format_number(worst)}, worst var ratio {format_number(first.worst_var_ratio)}"
+        if first_shift is None or math.isnan(first_shift)
+        else f"max |z| = {format_number(first_shift)}, worst var ratio {format_number(first.worst_var_ratio)}"
     )
     return Text(
         f"First departure from the running statistics, in execution order: {first.label} ({detail}).",

@@ -137,7 +137,9 @@ def test_forward_that_raises_names_last_layer_and_changes_nothing() -> None:
 
 def test_channel_mismatch_names_the_layer() -> None:
     model = models.BN1dFeatures(5).eval()
-    with pytest.raises(ShapeMismatchError, match=r"layer bn \(BatchNorm1d\) expects 5 channels in dim 1 but received 6"):
+    with pytest.raises(
+        ShapeMismatchError, match=r"layer bn \(BatchNorm1d\) expects 5 channels in dim 1 but received 6"
+    ):
         inspect_model(model, [torch.randn(4, 6)])
     assert not model.bn._forward_pre_hooks
 
@@ -148,7 +150,7 @@ def test_rank_mismatch_names_the_layer() -> None:
 
 
 def test_one_value_per_channel_in_train_mode_is_explained() -> None:
-    with pytest.raises(ForwardError, match="1 value per channel in train mode.*at least 2 values per channel"):
+    with pytest.raises(ForwardError, match=r"1 value per channel in train mode.*at least 2 values per channel"):
         inspect_model(models.BN1dFeatures().eval(), [torch.randn(1, 5)], mode="train")
 
 

@@ -1,0 +1,251 @@
+"""The CLI as users run it: successful runs, every output format, help, and the files it writes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from io import StringIO
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bn_inspect.cli import run
+
+SAMPLES = Path(__file__).parent.parent / "sample_models"
+DIGITS = SAMPLES / "digits_cnn"
+ARCH = "sample_models.architectures:DigitsCNN"
+
+
+def invoke(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = run([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_inspect_torchscript_sample_prints_table_and_explanations(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, err = invoke(capsys, "inspect", DIGITS / "torchscript.pt", "--input", DIGITS / "test_images.npy")
+    assert code == 0, err
+    assert "features.1" in out and "BatchNorm2d" in out
+    words = " ".join(out.split())
+    assert "16 means and 16 variances, each over N×H×W = 64×8×8 = 4,096 values" in words
+    assert "Over 8 batches: 28,800 values per channel in all." in words
+    assert err == ""
+
+
+@pytest.mark.parametrize("model_file", ["state_dict.pt", "torchscript.pt"])
+def test_json_output_is_the_documented_report(capsys: pytest.CaptureFixture[str], model_file: str) -> None:
+    arch = ["--arch", ARCH] if model_file == "state_dict.pt" else []
+    code, out, _ = invoke(
+        capsys,
+        "inspect",
+        DIGITS / model_file,
+        *arch,
+        "--input",
+        DIGITS / "test_images.npy",
+        "--batch-size",
+        "100",
+        "--batches",
+        "3",
+        "--format",
+        "json",
+    )
+    assert code == 0
+    document = json.loads(out)
+    assert document["schema_version"] == 1
+    assert document["model"]["format"] == ("state_dict" if arch else "torchscript")
+    assert document["input"] == {
+        "source": str(DIGITS / "test_images.npy"),
+        "shape": [100, 1, 8, 8],
+        "dtype": "float32",
+        "num_batches": 3,
+        "num_samples": 300,
+        "num_nonfinite_values": 0,
+    }
+    assert [layer["name"] for layer in document["layers"]] == ["features.1", "features.4", "features.8"]
+    assert document["layers"][0]["values_per_channel"] == 300 * 64
+
+
+def test_json_of_state_dict_and_torchscript_agree(capsys: pytest.CaptureFixture[str]) -> None:
+    documents = []
+    for model_file, arch in (
+        ("state_dict.pt", ["--arch", ARCH]),
+        ("torchscript.pt", []),
+        ("pickle.pt", ["--trust-pickle"]),
+    ):
+        code, out, _ = invoke(
+            capsys, "inspect", DIGITS / model_file, *arch, "--input", DIGITS / "test_images.npy", "--format", "json"
+        )
+        assert code == 0
+        documents.append(json.loads(out))
+    for other in documents[1:]:
+        for a, b in zip(documents[0]["layers"], other["layers"], strict=True):
+            assert a["batch_mean"] == pytest.approx(b["batch_mean"], rel=1e-6, abs=1e-9)
+            assert a["running_var"] == b["running_var"]
+
+
+def test_csv_table_with_dropped_label_column(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = invoke(
+        capsys,
+        "inspect",
+        SAMPLES / "cancer_mlp" / "state_dict.pt",
+        "--arch",
+        "sample_models.architectures:CancerMLP",
+        "--input",
+        SAMPLES / "cancer_mlp" / "test.csv",
+        "--drop-column",
+        "label",
+        "--format",
+        "csv",
+    )
+    assert code == 0, err
+    frame = pd.read_csv(StringIO(out))
+    assert len(frame) == 30 + 32 + 16
+    first = frame[(frame["layer"] == "net.0") & (frame["channel"] == 3)].iloc[0]
+    table = pd.read_csv(SAMPLES / "cancer_mlp" / "test.csv")
+    assert first["batch_mean"] == pytest.approx(table["mean_area"].astype("float32").astype("float64").mean(), rel=1e-7)
+    assert first["batch_var"] == pytest.approx(
+        table["mean_area"].astype("float32").astype("float64").var(ddof=0), rel=1e-5
+    )
+
+
+def test_markdown_and_layer_glob(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = invoke(
+        capsys,
+        "inspect",
+        DIGITS / "torchscript.pt",
+        "--input",
+        DIGITS / "test_images.npy",
+        "--format",
+        "markdown",
+        "--layer",
+        "features.[48]",
+    )
+    assert code == 0
+    assert out.startswith("## bn-inspect")
+    assert "### `features.4` per channel" in out and "### `features.8` per channel" in out
+    assert "### `features.1` per channel" not in out
+
+
+def test_table_layer_glob_adds_per_channel_table(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = invoke(capsys, "inspect", DIGITS / "torchscript.pt", "--shape", "4,1,8,8", "--layer", "*.8")
+    assert code == 0
+    assert "features.8 (BatchNorm2d), per channel" in out
+    assert "features.1 (BatchNorm2d), per channel" not in out
+
+
+def test_output_file_is_written_atomically(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    target = tmp_path / "report.json"
+    target.write_text("old")
+    code, out, _ = invoke(
+        capsys, "inspect", DIGITS / "torchscript.pt", "--shape", "4,1,8,8", "--format", "json", "--output", target
+    )
+    assert code == 0 and out == ""
+    assert json.loads(target.read_text())["schema_version"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    table = tmp_path / "report.txt"
+    assert invoke(capsys, "inspect", DIGITS / "torchscript.pt", "--shape", "4,1,8,8", "--output", table)[0] == 0
+    assert "features.1" in table.read_text()
+
+
+def test_shape_is_inferred_from_the_first_layer(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = invoke(capsys, "inspect", SAMPLES / "cancer_mlp" / "torchscript.pt", "--format", "json")
+    assert code == 0
+    assert json.loads(out)["input"]["shape"] == [8, 30]
+    assert "using random normal input of shape (8, 30)" in err and "in_features=30" in err
+
+
+def test_fresh_architecture_without_a_file(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = invoke(
+        capsys,
+        "inspect",
+        "--arch",
+        "sample_models/architectures.py:SignalCNN1d",
+        "--shape",
+        "4,1,64",
+        "--format",
+        "json",
+    )
+    assert code == 0
+    document = json.loads(out)
+    assert document["model"] == {
+        "source": "<arch>",
+        "format": "arch",
+        "arch": "sample_models/architectures.py:SignalCNN1d",
+    }
+    assert all("untrained" in layer["flags"] for layer in document["layers"])
+
+
+def test_train_mode_and_seed(capsys: pytest.CaptureFixture[str]) -> None:
+    args = [
+        "inspect",
+        SAMPLES / "volume_cnn3d" / "torchscript.pt",
+        "--shape",
+        "4,1,8,8,8",
+        "--mode",
+        "train",
+        "--format",
+        "json",
+    ]
+    first = json.loads(invoke(capsys, *args, "--seed", "3")[1])
+    again = json.loads(invoke(capsys, *args, "--seed", "3")[1])
+    other = json.loads(invoke(capsys, *args, "--seed", "4")[1])
+    assert first["mode"] == "train"
+    assert all(layer["normalizes_with"] == "batch" for layer in first["layers"])
+    assert first["layers"] == again["layers"]
+    assert first["layers"][0]["batch_mean"] != other["layers"][0]["batch_mean"]
+
+
+def test_help_lists_every_option_and_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = invoke(capsys, "inspect", "--help")
+    assert code == 0
+    for option in (
+        "--arch",
+        "--arch-kwargs",
+        "--trust-pickle",
+        "--shape",
+        "--input",
+        "--input-key",
+        "--drop-column",
+        "--batch-size",
+        "--batches",
+        "--seed",
+        "--mode",
+        "--device",
+        "--layer",
+        "--format",
+        "--output",
+        "--debug",
+    ):
+        assert option in out
+    assert "Examples:" in out
+
+
+def test_help_does_not_import_torch_or_pandas() -> None:
+    code = "import sys; from bn_inspect.cli import run; run(['--help']); print(sorted(m for m in ('torch', 'pandas') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().endswith("[]")
+
+
+def test_python_dash_m_and_console_script_agree() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bn_inspect",
+            "inspect",
+            str(DIGITS / "torchscript.pt"),
+            "--shape",
+            "2,1,8,8",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["layers"][0]["name"] == "features.1"

@@ -1,0 +1,29 @@
+"""The style gate runs with the tests: ruff (lint and format) and mypy --strict on the package."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["ruff", "check", "bn_inspect", "tests", "sample_models", "benchmarks"],
+        ["ruff", "format", "--check", "bn_inspect", "tests", "sample_models", "benchmarks"],
+        ["mypy"],
+    ],
+    ids=["ruff-check", "ruff-format", "mypy"],
+)
+def test_tool_passes(command: list[str]) -> None:
+    executable = shutil.which(command[0], path=str(Path(sys.executable).parent)) or shutil.which(command[0])
+    if executable is None:
+        pytest.skip(f"{command[0]} is not installed (pip install -e '.[test]')")
+    result = subprocess.run([executable, *command[1:]], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
