@@ -12,7 +12,7 @@ from bn_inspect.options import Mode
 from bn_inspect.report import SCHEMA_VERSION, InputInfo, LayerReport, ModelInfo, Report
 
 if TYPE_CHECKING:
-    from bn_inspect.inspection import Batch, inspect_model
+    from bn_inspect.inspection import Batch, check_model, inspect_model
     from bn_inspect.loading import load_model
 
 __version__ = "0.1.0"
@@ -27,11 +27,17 @@ __all__ = [
     "ModelInfo",
     "Report",
     "__version__",
+    "check_model",
     "inspect_model",
     "load_model",
 ]
 
-_LAZY = {"inspect_model": "bn_inspect.inspection", "Batch": "bn_inspect.inspection", "load_model": "bn_inspect.loading"}
+_LAZY = {
+    "check_model": "bn_inspect.inspection",
+    "inspect_model": "bn_inspect.inspection",
+    "Batch": "bn_inspect.inspection",
+    "load_model": "bn_inspect.loading",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -107,7 +107,8 @@ def _check_input(layer: NormLayer, x: torch.Tensor) -> bool:
         raise ShapeMismatchError(
             f"{label} expects {expected} channels in dim {channel_dim} but received "
             f"{x.shape[channel_dim]} in an input of shape {_describe(x.shape)}",
-            "Give input whose channel count fits the model (see --shape)",
+            "Give input whose channel count fits the model (--shape; for a table --input, drop label or id "
+            "columns with --drop-column)",
         )
     return is_unbatched
 

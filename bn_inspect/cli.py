@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from bn_inspect.errors import BnInspectError, DeviceError, InputError, OutputError
-from bn_inspect.options import DeviceChoice, Mode, OutputFormat
+from bn_inspect.options import CheckFormat, DeviceChoice, FailOn, Mode, OutputFormat
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
+    from rich.console import RenderableType
     from torch import nn
 
     from bn_inspect.inspection import Batch
+    from bn_inspect.loading import LoadedModel
     from bn_inspect.report import Report
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_CANNOT_RUN, EXIT_INTERNAL = 0, 1, 2, 3
@@ -93,76 +94,142 @@ def write_atomically(path: Path, text: str) -> None:
 def _note(message: str) -> None:
     from rich.console import Console
 
-    Console(stderr=True, highlight=False).print(message, style="dim")
+    Console(stderr=True, highlight=False, soft_wrap=True).print(message, style="dim")
+
+
+ModelArg = Annotated[
+    Path | None,
+    typer.Argument(
+        help="Model file: state_dict or checkpoint (.pt/.pth), safetensors, TorchScript or pickled model. "
+        "Omit it with --arch to inspect a fresh architecture.",
+        show_default=False,
+    ),
+]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        help="Callable that builds the model: package.module:callable or path/to/file.py:callable "
+        "(imports and runs that code).",
+    ),
+]
+ArchKwargsOpt = Annotated[
+    str | None,
+    typer.Option("--arch-kwargs", help="JSON object of keyword arguments for --arch, e.g. '{\"num_classes\": 10}'."),
+]
+TrustPickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        help="Allow a pickle to import the classes it names. This runs code from the file: only for files you trust.",
+    ),
+]
+ShapeOpt = Annotated[str | None, typer.Option("--shape", help="Random normal input of this shape, e.g. 16,3,32,32.")]
+InputOpt = Annotated[
+    Path | None,
+    typer.Option("--input", help="Data: .pt/.pth (tensor, tuple/list or dict of tensors), .npy, .npz, .csv, .parquet."),
+]
+InputKeyOpt = Annotated[str | None, typer.Option("--input-key", help="Array of an .npz (or entry of a dict .pt).")]
+DropColumnOpt = Annotated[
+    list[str] | None, typer.Option("--drop-column", help="Table column to leave out, e.g. a label (repeatable).")
+]
+BatchSizeOpt = Annotated[
+    int | None,
+    typer.Option("--batch-size", min=1, help="Samples per batch for --input (default 64) or an inferred shape (8)."),
+]
+BatchesOpt = Annotated[
+    int | None, typer.Option("--batches", min=1, help="Run at most this many batches (default: all; 1 for --shape).")
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random input and for dropout in train mode.")]
+ModeOpt = Annotated[
+    Mode,
+    typer.Option("--mode", help="eval: as deployed (running statistics); train: as in training (batch statistics)."),
+]
+DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="Where the model runs.")]
+OutputOpt = Annotated[
+    Path | None, typer.Option("--output", help="Write the report to this file (atomically) instead of stdout.")
+]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of any error.")]
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A loaded model and the batches to run, as both commands need them."""
+
+    loaded: LoadedModel
+    batches: Iterator[Batch] | None
+    input_source: str
+    is_real_data: bool
+
+
+def _prepare(
+    model: Path | None,
+    arch: str | None,
+    arch_kwargs: str | None,
+    trust_pickle: bool,
+    shape: str | None,
+    input_file: Path | None,
+    input_key: str | None,
+    drop_column: list[str] | None,
+    batch_size: int | None,
+    batches: int | None,
+    seed: int,
+    device: DeviceChoice,
+    output: Path | None,
+    *,
+    needs_data: bool = True,
+) -> _Prepared:
+    """Validate the shared options, load the model and build the batches (guessing a shape if needed)."""
+    from bn_inspect.loading import LoadedModel, load_model, parse_arch_kwargs
+
+    if shape is not None and input_file is not None:
+        raise InputError("--shape and --input were both given", "Use one of them")
+    if shape is not None and batch_size is not None:
+        raise InputError("--batch-size does not apply to --shape", "Set the batch size as the first dim of --shape")
+    _check_output(output, [model, input_file])
+    kwargs = parse_arch_kwargs(arch_kwargs)
+    target_device = _resolve_device(device)
+    batch_iter: Iterator[Batch] | None = None
+    input_source = ""
+    if needs_data:
+        batch_iter, input_source = _make_batches(
+            shape, input_file, input_key, drop_column or [], batch_size, batches, seed
+        )
+    import torch
+
+    torch.manual_seed(seed)
+    loaded = load_model(model, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle, map_location=target_device)
+    if model is None:
+        loaded = LoadedModel(loaded.module.to(target_device), loaded.source, loaded.format, loaded.arch)
+    elif arch is not None and loaded.arch is None:
+        _note(f"note: --arch is not used: {model} holds a whole {loaded.format} model, architecture included.")
+    if needs_data and batch_iter is None:
+        batch_iter, input_source = _guessed_batches(loaded.module, batch_size or 8, batches or 1, seed)
+    return _Prepared(loaded, batch_iter, input_source, is_real_data=input_file is not None)
+
+
+def _emit(text: str, output: Path | None) -> None:
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        write_atomically(output, text)
 
 
 @app.command("inspect")
 def inspect_command(
-    model: Annotated[
-        Path | None,
-        typer.Argument(
-            help="Model file: state_dict/checkpoint (.pt/.pth), safetensors, TorchScript or pickled model. Omit with --arch to inspect a fresh architecture.",
-            show_default=False,
-        ),
-    ] = None,
-    arch: Annotated[
-        str | None,
-        typer.Option(
-            "--arch",
-            help="Callable that builds the model: package.module:callable or path/to/file.py:callable (imports and runs that code).",
-        ),
-    ] = None,
-    arch_kwargs: Annotated[
-        str | None,
-        typer.Option(
-            "--arch-kwargs", help="JSON object of keyword arguments for --arch, e.g. '{\"num_classes\": 10}'."
-        ),
-    ] = None,
-    trust_pickle: Annotated[
-        bool,
-        typer.Option(
-            "--trust-pickle",
-            help="Allow a pickle to import the classes it names. This runs code from the file: only for files you trust.",
-        ),
-    ] = False,
-    shape: Annotated[
-        str | None, typer.Option("--shape", help="Random normal input of this shape, e.g. 16,3,32,32 (N,C,...).")
-    ] = None,
-    input_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--input",
-            help="Input file: .pt/.pth (tensor, tuple/list or dict of tensors), .npy, .npz, .csv or .parquet.",
-        ),
-    ] = None,
-    input_key: Annotated[
-        str | None, typer.Option("--input-key", help="Array of an .npz (or entry of a dict .pt) to use.")
-    ] = None,
-    drop_column: Annotated[
-        list[str] | None, typer.Option("--drop-column", help="Table column to leave out, e.g. a label (repeatable).")
-    ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--batch-size",
-            min=1,
-            help="Samples per batch when splitting --input (default 64), or when the shape is inferred (default 8).",
-        ),
-    ] = None,
-    batches: Annotated[
-        int | None,
-        typer.Option(
-            "--batches", min=1, help="Run at most this many batches (default: all of --input; 1 for --shape)."
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for random input and for dropout in train mode.")] = 0,
-    mode: Annotated[
-        Mode,
-        typer.Option(
-            "--mode", help="eval: as deployed (running statistics); train: as in training (batch statistics)."
-        ),
-    ] = Mode.EVAL,
-    device: Annotated[DeviceChoice, typer.Option("--device", help="Where the model runs.")] = DeviceChoice.CPU,
+    model: ModelArg = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    shape: ShapeOpt = None,
+    input_file: InputOpt = None,
+    input_key: InputKeyOpt = None,
+    drop_column: DropColumnOpt = None,
+    batch_size: BatchSizeOpt = None,
+    batches: BatchesOpt = None,
+    seed: SeedOpt = 0,
+    mode: ModeOpt = Mode.EVAL,
+    device: DeviceOpt = DeviceChoice.CPU,
     layer: Annotated[
         list[str] | None,
         typer.Option("--layer", help="Glob on qualified layer names that adds a per-channel table (repeatable)."),
@@ -170,10 +237,8 @@ def inspect_command(
     output_format: Annotated[
         OutputFormat, typer.Option("--format", help="table for people; json, csv or markdown for machines and CI.")
     ] = OutputFormat.TABLE,
-    output: Annotated[
-        Path | None, typer.Option("--output", help="Write the report to this file (atomically) instead of stdout.")
-    ] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of any error.")] = False,
+    output: OutputOpt = None,
+    debug: DebugOpt = False,
 ) -> None:
     """Run data through a model and show, per normalization layer, batch vs running statistics.
 
@@ -188,68 +253,204 @@ def inspect_command(
       bn-inspect inspect model.ts --shape 16,3,32,32 --format json --output report.json
     """
     from bn_inspect.export import to_csv, to_json, to_markdown
-    from bn_inspect.loading import load_model, parse_arch_kwargs
+    from bn_inspect.inspection import inspect_model
     from bn_inspect.report import ModelInfo
 
-    if shape is not None and input_file is not None:
-        raise InputError("--shape and --input were both given", "Use one of them")
-    if shape is not None and batch_size is not None:
-        raise InputError("--batch-size does not apply to --shape", "Set the batch size as the first dim of --shape")
-    _check_output(output, [model, input_file])
-    kwargs = parse_arch_kwargs(arch_kwargs)
-    target_device = _resolve_device(device)
-    batch_iter, input_source = _make_batches(shape, input_file, input_key, drop_column or [], batch_size, batches, seed)
-    import torch
-
-    from bn_inspect.inspection import inspect_model
-
-    torch.manual_seed(seed)
-    loaded = load_model(model, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle, map_location=target_device)
-    module = loaded.module.to(target_device) if model is None else loaded.module
-    if batch_iter is None:
-        batch_iter, input_source = _guessed_batches(module, batch_size or 8, batches or 1, seed)
+    prepared = _prepare(
+        model,
+        arch,
+        arch_kwargs,
+        trust_pickle,
+        shape,
+        input_file,
+        input_key,
+        drop_column,
+        batch_size,
+        batches,
+        seed,
+        device,
+        output,
+    )
+    assert prepared.batches is not None
+    loaded = prepared.loaded
     report = inspect_model(
-        module,
-        batch_iter,
+        loaded.module,
+        prepared.batches,
         mode=mode,
         model_info=ModelInfo(loaded.source, loaded.format, loaded.arch),
-        input_source=input_source,
+        input_source=prepared.input_source,
         materialize_lazy=True,
     )
-    if report.input.num_nonfinite_values:
-        _note(
-            f"warning: {report.input.num_nonfinite_values:,} input values are NaN or infinite; the statistics of the layers they reach are NaN"
-        )
+    _warn_nonfinite(report.input.num_nonfinite_values)
     patterns = tuple(layer or ())
     if output_format is OutputFormat.JSON:
-        text = to_json(report)
+        _emit(to_json(report), output)
     elif output_format is OutputFormat.CSV:
-        text = to_csv(report)
+        _emit(to_csv(report), output)
     elif output_format is OutputFormat.MARKDOWN:
-        text = to_markdown(report, patterns)
+        _emit(to_markdown(report, patterns), output)
     else:
         _print_table(report, patterns, output)
-        return
-    if output is None:
-        sys.stdout.write(text)
+
+
+def _warn_nonfinite(count: int) -> None:
+    if count:
+        _note(f"warning: {count:,} input values are NaN or infinite; the statistics of the layers they reach are NaN")
+
+
+@app.command("check")
+def check_command(
+    model: ModelArg = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    shape: ShapeOpt = None,
+    input_file: InputOpt = None,
+    input_key: InputKeyOpt = None,
+    drop_column: DropColumnOpt = None,
+    batch_size: BatchSizeOpt = None,
+    batches: BatchesOpt = None,
+    seed: SeedOpt = 0,
+    mode: ModeOpt = Mode.EVAL,
+    device: DeviceOpt = DeviceChoice.CPU,
+    no_data: Annotated[
+        bool, typer.Option("--no-data", help="Run only the rules on stored state: no forward pass, no input needed.")
+    ] = False,
+    fail_on: Annotated[
+        FailOn | None, typer.Option("--fail-on", help="Lowest severity that fails the check (default error).")
+    ] = None,
+    max_shift: Annotated[
+        float | None, typer.Option("--max-shift", min=0, help="|shift z| above this is shifted (default 3).")
+    ] = None,
+    max_var_ratio: Annotated[
+        float | None,
+        typer.Option("--max-var-ratio", min=1, help="Var ratio outside [1/R, R] is shifted (default 4)."),
+    ] = None,
+    max_share: Annotated[
+        float | None,
+        typer.Option("--max-share", min=0, max=1, help="Share of shifted channels a layer may have (default 0.1)."),
+    ] = None,
+    min_values: Annotated[
+        int | None, typer.Option("--min-values", min=1, help="Fewer values per channel per batch warn (default 16).")
+    ] = None,
+    ignore: Annotated[
+        list[str] | None, typer.Option("--ignore", help="Rule code or name to leave out, e.g. BN106 (repeatable).")
+    ] = None,
+    strict: Annotated[
+        bool | None, typer.Option("--strict/--no-strict", help="Untrained statistics (BN104) are an error.")
+    ] = None,
+    output_format: Annotated[
+        CheckFormat, typer.Option("--format", help="table for people; json, markdown or junit for CI.")
+    ] = CheckFormat.TABLE,
+    output: OutputOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Check a model's normalization layers for broken state; exit 1 when a finding reaches --fail-on.
+
+    Thresholds can be pinned in pyproject.toml under [tool.bn-inspect] (max-shift, max-var-ratio,
+    max-share, min-values, fail-on, strict, ignore); flags override them.
+
+    Examples:
+
+      bn-inspect check model.ts --no-data
+
+      bn-inspect check state_dict.pt --arch mypkg.models:resnet18 --input val.npy --format junit --output bn.xml
+
+      bn-inspect check model.pt --input val.npy --fail-on warning --max-shift 2 --ignore BN106
+    """
+    from bn_inspect.config import load_check_config
+    from bn_inspect.export import check_to_json, check_to_junit, check_to_markdown
+    from bn_inspect.inspection import check_model
+    from bn_inspect.report import ModelInfo
+    from bn_inspect.rules import Thresholds, unknown_codes
+
+    config = load_check_config(Path.cwd())
+    ignored = [*config.ignore, *(ignore or [])]
+    unknown = unknown_codes(ignored)
+    if unknown:
+        raise InputError(f"--ignore {', '.join(unknown)}: no such rule", "See the rule codes in bn-inspect's README")
+    defaults = Thresholds()
+    thresholds = Thresholds(
+        max_shift=_first(max_shift, config.max_shift, defaults.max_shift),
+        max_var_ratio=_first(max_var_ratio, config.max_var_ratio, defaults.max_var_ratio),
+        max_share=_first(max_share, config.max_share, defaults.max_share),
+        min_values=int(_first(min_values, config.min_values, defaults.min_values)),
+        strict=bool(_first(strict, config.strict, defaults.strict)),
+    )
+    try:
+        gate = FailOn(fail_on or config.fail_on or FailOn.ERROR)
+    except ValueError:
+        raise InputError(f"fail-on {config.fail_on!r} in {config.source}", "Use error or warning") from None
+    prepared = _prepare(
+        model,
+        arch,
+        arch_kwargs,
+        trust_pickle,
+        shape,
+        input_file,
+        input_key,
+        drop_column,
+        batch_size,
+        batches,
+        seed,
+        device,
+        output,
+        needs_data=not no_data,
+    )
+    loaded = prepared.loaded
+    result = check_model(
+        loaded.module,
+        prepared.batches,
+        mode=mode,
+        thresholds=thresholds,
+        fail_on=gate,
+        ignore=ignored,
+        model_info=ModelInfo(loaded.source, loaded.format, loaded.arch),
+        input_source=prepared.input_source,
+        flags_from_file=loaded.format in ("pickle", "torchscript"),
+        data_is_real=prepared.is_real_data,
+        materialize_lazy=True,
+    )
+    if result.input is not None:
+        _warn_nonfinite(result.input.num_nonfinite_values)
+    if output_format is CheckFormat.JSON:
+        _emit(check_to_json(result), output)
+    elif output_format is CheckFormat.MARKDOWN:
+        _emit(check_to_markdown(result), output)
+    elif output_format is CheckFormat.JUNIT:
+        _emit(check_to_junit(result), output)
     else:
-        write_atomically(output, text)
+        from bn_inspect.render import render_check
+
+        _print_renderable(render_check(result), output)
+    if not result.passed:
+        raise typer.Exit(EXIT_CHECK_FAILED)
 
 
-def _print_table(report: Report, patterns: tuple[str, ...], output: Path | None) -> None:
+def _first(*values: float | bool | None) -> float:
+    return float(next(v for v in values if v is not None))
+
+
+def _print_renderable(renderable: RenderableType, output: Path | None) -> None:
     import io
 
     from rich.console import Console
 
-    from bn_inspect.render import render_report
-
     if output is None:
-        console = Console(highlight=False)
-        console.print(render_report(report, patterns, console.width))
+        Console(highlight=False).print(renderable)
         return
     console = Console(record=True, width=160, no_color=True, highlight=False, file=io.StringIO())
-    console.print(render_report(report, patterns, console.width))
+    console.print(renderable)
     write_atomically(output, console.export_text())
+
+
+def _print_table(report: Report, patterns: tuple[str, ...], output: Path | None) -> None:
+    from rich.console import Console
+
+    from bn_inspect.render import render_report
+
+    width = Console().width if output is None else 160
+    _print_renderable(render_report(report, patterns, width), output)
 
 
 def _make_batches(
@@ -261,13 +462,7 @@ def _make_batches(
     max_batches: int | None,
     seed: int,
 ) -> tuple[Iterator[Batch] | None, str]:
-    from bn_inspect.inputs import (
-        DEFAULT_BATCH_SIZE,
-        check_fits_memory,
-        parse_shape,
-        random_batches,
-        read_input,
-    )
+    from bn_inspect.inputs import DEFAULT_BATCH_SIZE, check_fits_memory, parse_shape, random_batches, read_input
 
     if shape is not None:
         parsed = parse_shape(shape)
@@ -294,7 +489,8 @@ def _guessed_batches(module: nn.Module, batch_size: int, num_batches: int, seed:
             "Pass --shape N,C,... or --input FILE",
         )
     _note(
-        f"No --shape or --input: using random normal input of shape {tuple(chosen)}, because {guess.reason}. Pass --shape to choose."
+        f"No --shape or --input: using random normal input of shape {tuple(chosen)}, because {guess.reason}. "
+        "Pass --shape to choose."
     )
     return random_batches(chosen, num_batches, seed), f"random normal, seed {seed} (shape inferred)"
 
@@ -314,7 +510,8 @@ def run(argv: Sequence[str]) -> int:
             traceback.print_exc()
         format_message = getattr(error, "format_message", None)
         message = format_message() if callable(format_message) else str(error)
-        print(f"Error: {' '.join(str(message).split())} (see bn-inspect --help).", file=sys.stderr)
+        text = " ".join(str(message).split()).replace("Value error, ", "").rstrip(".")
+        print(f"Error: {text}. See bn-inspect --help.", file=sys.stderr)
         return int(getattr(error, "exit_code", EXIT_CANNOT_RUN))
     except KeyboardInterrupt:
         print("Error: interrupted.", file=sys.stderr)

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from typing import TYPE_CHECKING
 
 from bn_inspect.render import format_number, matching_layers
 from bn_inspect.report import Report
+from bn_inspect.rules import CheckReport, Finding
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def to_json(report: Report) -> str:
@@ -33,7 +38,7 @@ CSV_COLUMNS = (
 )
 
 
-def to_csv(report: Report) -> str:
+def report_frame(report: Report) -> pd.DataFrame:
     """One row per layer call and channel; layers without per-channel statistics get one row."""
     import pandas as pd
 
@@ -65,10 +70,15 @@ def to_csv(report: Report) -> str:
             for key, values in per_channel.items():
                 row[key] = values[c] if values is not None and c < len(values) else None
             rows.append(row)
-    frame = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
+    frame: pd.DataFrame = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
     frame["channel"] = frame["channel"].astype("Int64")
     frame["values_per_channel"] = frame["values_per_channel"].astype("Int64")
-    return str(frame.to_csv(index=False, float_format="%.17g"))
+    return frame
+
+
+def to_csv(report: Report) -> str:
+    """The rows of ``report_frame`` as CSV, floats written to full precision."""
+    return str(report_frame(report).to_csv(index=False, float_format="%.17g"))
 
 
 def _cell(text: str) -> str:
@@ -144,3 +154,87 @@ def to_markdown(report: Report, channel_patterns: tuple[str, ...] = ()) -> str:
             lines.append(f"| {c} | " + " | ".join(format_number(v) for v in values) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def check_to_json(check: CheckReport) -> str:
+    """The findings, thresholds and verdict as JSON (same schema_version as the inspect report)."""
+    return json.dumps(check.to_dict(), indent=2, allow_nan=False) + "\n"
+
+
+def check_to_markdown(check: CheckReport) -> str:
+    """A job-summary / pull-request comment: verdict first, then one row per finding."""
+    verdict = "✅ passed" if check.passed else "❌ failed"
+    counts = {s: sum(f.severity.value == s for f in check.findings) for s in ("error", "warning", "info")}
+    lines = [
+        f"## bn-inspect check: {verdict}",
+        "",
+        f"**Model** `{check.model.source}` ({check.model.format}) · "
+        + (f"**input** `{check.input.source}` · " if check.input else "**no data** · ")
+        + f"{_count(counts['error'], 'error')}, {_count(counts['warning'], 'warning')}, "
+        f"{_count(counts['info'], 'note')} · "
+        f"fails on {check.fail_on.value}",
+        "",
+    ]
+    if check.findings:
+        lines += ["| severity | code | layer | finding |", "|---|---|---|---|"]
+        for f in sorted(check.findings, key=lambda f: -f.severity.rank):
+            lines.append(f"| {f.severity.value} | {f.code} {f.rule} | `{f.label}` | {_cell(f.message)}. |")
+    else:
+        lines.append("No findings.")
+    if check.first_divergent:
+        lines += [
+            "",
+            f"First layer whose batch statistics depart from its running statistics: `{check.first_divergent}`.",
+        ]
+    lines += [f"- {note}" for note in check.notes]
+    t = check.thresholds
+    lines += [
+        "",
+        f"<sub>max shift {t.max_shift:g} · max var ratio {t.max_var_ratio:g} · max share {t.max_share:g} · "
+        f"min values {t.min_values} · strict {t.strict}</sub>",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def check_to_junit(check: CheckReport) -> str:
+    """JUnit XML: one test case per layer (and one for the model), failed where a finding reaches --fail-on."""
+    from xml.etree import ElementTree as ET
+
+    failing = set(check.failed)
+    by_layer: dict[str, list[Finding]] = {}
+    for finding in check.findings:
+        by_layer.setdefault(finding.label, []).append(finding)
+    cases = ["(model)", *check.layers]
+    suite = ET.Element(
+        "testsuite",
+        name="bn-inspect check",
+        tests=str(len(cases)),
+        failures=str(sum(any(f in failing for f in by_layer.get(case, ())) for case in cases)),
+        errors="0",
+    )
+    for case in cases:
+        element = ET.SubElement(suite, "testcase", classname=f"bn-inspect.{check.model.source}", name=case)
+        findings = by_layer.get(case, [])
+        failed = [f for f in findings if f in failing]
+        if failed:
+            failure = ET.SubElement(
+                element,
+                "failure",
+                type=failed[0].code,
+                message=f"{failed[0].code} {failed[0].rule}: {failed[0].message}",
+            )
+            failure.text = "\n".join(f"[{f.severity.value}] {f.code} {f.rule}: {f.message}" for f in failed)
+        others = [f for f in findings if f not in failing]
+        if others:
+            ET.SubElement(element, "system-out").text = "\n".join(
+                f"[{f.severity.value}] {f.code} {f.rule}: {f.message}" for f in others
+            )
+    root = ET.Element("testsuites")
+    root.append(suite)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"

@@ -35,7 +35,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
         ) from None
     if len(shape) < 2:
         raise InputError(
-            f"--shape {text!r} has {len(shape)} dims; the model needs at least (N, C)", "Write e.g. --shape 16,3,32,32"
+            f"--shape {text!r} has {len(shape)} dim{'' if len(shape) == 1 else 's'}; the model needs at least (N, C)",
+            "Write e.g. --shape 16,3,32,32",
         )
     if any(s <= 0 for s in shape):
         raise InputError(f"--shape {text!r} has a size that is not positive", "Every size must be at least 1")
@@ -192,6 +193,11 @@ def read_input(path: Path, *, key: str | None = None, drop_columns: Sequence[str
 def _load_npy(path: Path) -> np.ndarray:
     import numpy as np
 
+    with path.open("rb") as stream:
+        is_npy = stream.read(6) == b"\x93NUMPY"
+    if not is_npy:
+        # np.load takes any other file for a pickle and would report "pickled data".
+        raise InputError(f"{path} is not a .npy file (no NUMPY header)", "Save the array with numpy.save")
     try:
         array: np.ndarray = np.load(path, mmap_mode="r", allow_pickle=False)
         return array
@@ -294,7 +300,7 @@ def _read_torch(path: Path, key: str | None) -> InputData:
     ):
         return InputData(str(path), (), {k: _checked_tensor(v, path) for k, v in obj.items()}, 0)
     raise InputError(
-        f"{path} holds a {type(obj).__name__}, not tensors",
+        f"{path} holds an object of type {type(obj).__name__}, not tensors",
         "Save a tensor, a tuple/list of tensors (positional inputs) or a dict of tensors (keyword inputs)",
     )
 
@@ -308,7 +314,7 @@ def _checked_tensor(tensor: torch.Tensor, path: Path) -> torch.Tensor:
             )
         return tensor
     raise InputError(
-        f"{path} holds a {str(tensor.dtype).removeprefix('torch.')} tensor; normalization layers need floating-point input",
+        f"{path} holds a tensor of dtype {str(tensor.dtype).removeprefix('torch.')}; normalization layers need floating-point input",
         "Convert it to float first (e.g. x.float() / 255 for images)",
     )
 

@@ -20,8 +20,15 @@ from bn_inspect.capture import (
 )
 from bn_inspect.errors import BnInspectError, ForwardError, InputError, LazyModelError, NoNormLayersError
 from bn_inspect.layers import NormFamily, NormLayer, is_uninitialized, iter_norm_layers
-from bn_inspect.options import Mode
+from bn_inspect.options import FailOn, Mode
 from bn_inspect.report import InputInfo, LayerReport, ModelInfo, Report
+from bn_inspect.rules import (
+    CheckReport,
+    Thresholds,
+    filter_ignored,
+    report_findings,
+    state_findings,
+)
 from bn_inspect.stats import ChannelMoments, InstanceMoments
 
 
@@ -85,16 +92,33 @@ def _prepare(batch: Batch, device: torch.device, dtype: torch.dtype) -> Batch:
 
 
 def run_model(model: nn.Module, batch: Batch, recorder: StatisticsRecorder) -> None:
-    """One forward pass; turns a failure inside the model into a ForwardError naming the last layer."""
+    """One forward pass; turns a failure inside the model into a ForwardError naming where it failed."""
     try:
         model(*batch.args, **batch.kwargs)
     except BnInspectError:
         raise
     except Exception as error:
-        raise _forward_error(error, recorder.last_layer) from error
+        raise _forward_error(error, recorder.last_layer, _failing_module(model, error)) from error
 
 
-def _forward_error(error: Exception, last_layer: str | None) -> BnInspectError:
+def _failing_module(model: nn.Module, error: Exception) -> str | None:
+    """'name (Type)' of the innermost submodule whose forward was running when ``error`` was raised.
+
+    Read off the traceback's frames (each forward's ``self``), so finding it costs nothing until
+    something fails.
+    """
+    names = {id(module): name for name, module in model.named_modules() if name}
+    found = None
+    traceback = error.__traceback__
+    while traceback is not None:
+        candidate = traceback.tb_frame.f_locals.get("self")
+        if isinstance(candidate, nn.Module) and id(candidate) in names:
+            found = f"{names[id(candidate)]} ({type(candidate).__name__})"
+        traceback = traceback.tb_next
+    return found
+
+
+def _forward_error(error: Exception, last_layer: str | None, failing_module: str | None = None) -> BnInspectError:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if isinstance(error, ValueError) and "Expected more than 1 value per channel" in message:
         return ForwardError(
@@ -103,8 +127,9 @@ def _forward_error(error: Exception, last_layer: str | None) -> BnInspectError:
             "Use a batch of at least 2 samples (--batch-size) or --mode eval",
         )
     where = f"after layer {last_layer} ran" if last_layer else "before any normalization layer ran"
+    inside = f" in {failing_module}" if failing_module else ""
     return ForwardError(
-        f"the model's forward raised {type(error).__name__} {where}: {message[:300]}",
+        f"the model's forward raised {type(error).__name__}{inside} {where}: {message[:300]}",
         "Check that the input fits the model (--shape, --input)",
     )
 
@@ -296,3 +321,88 @@ def _flags(layer: NormLayer, batch_mean: Sequence[float] | None, batch_var: Sequ
     if layer.family is NormFamily.BATCH and not layer.is_frozen and layer.running_mean is None:
         flags.append("no-running-stats")
     return tuple(flags)
+
+
+def check_model(
+    model: nn.Module,
+    batches: Iterable[Any] | None = None,
+    *,
+    mode: Mode | str = Mode.EVAL,
+    thresholds: Thresholds | None = None,
+    fail_on: FailOn | str = FailOn.ERROR,
+    ignore: Sequence[str] = (),
+    model_info: ModelInfo | None = None,
+    input_source: str = "<batches>",
+    flags_from_file: bool = True,
+    data_is_real: bool = True,
+    materialize_lazy: bool = False,
+) -> CheckReport:
+    """Run the BatchNorm health rules on ``model`` (and on ``batches``, when given).
+
+    Args:
+        model: the model to check; left unchanged, as by inspect_model.
+        batches: data for the rules that need a forward pass; None runs only the rules on
+            stored state (buffers, flags).
+        mode: mode of the forward pass.
+        thresholds: limits for the data rules.
+        fail_on: the lowest severity that makes the check fail.
+        ignore: rule codes (BN201) or names (shifted) to leave out.
+        model_info: where the model came from, for the report.
+        input_source: where the batches came from, for the report.
+        flags_from_file: the model's training flags were saved with it (False for a state_dict
+            loaded into a fresh --arch, whose flags say nothing about the checkpoint).
+        data_is_real: the batches are real data; random input makes every layer look shifted, so
+            the shift and dead-channel rules only run on real data.
+        materialize_lazy: as for inspect_model.
+
+    Returns:
+        The CheckReport; ``passed`` is False when a finding reaches ``fail_on``.
+    """
+    thresholds = thresholds or Thresholds()
+    layers = iter_norm_layers(model)
+    if not layers:
+        raise NoNormLayersError(
+            "the model has no normalization layer (BatchNorm, InstanceNorm, GroupNorm, LayerNorm, "
+            "RMSNorm or FrozenBatchNorm2d)",
+            "Nothing to check; check that this is the model you meant",
+        )
+    findings = state_findings(
+        [layer.state() for layer in layers],
+        thresholds,
+        flags_from_file=flags_from_file,
+        model_is_training=bool(model.training),
+    )
+    notes: list[str] = []
+    report: Report | None = None
+    if batches is None:
+        notes.append("no data: only the rules on stored state (BN1xx) ran")
+    else:
+        report = inspect_model(
+            model,
+            batches,
+            mode=mode,
+            model_info=model_info,
+            input_source=input_source,
+            materialize_lazy=materialize_lazy,
+        )
+        data_findings = report_findings(report, thresholds)
+        if not data_is_real:
+            notes.append(
+                "random input: the shift (BN201) and dead-channel (BN202) rules need real data (--input) and did not run"
+            )
+            data_findings = [f for f in data_findings if f.code not in ("BN201", "BN202")]
+        findings += data_findings
+    first = report.first_divergent(thresholds.max_shift) if report is not None and data_is_real else None
+    kept = filter_ignored(findings, ignore)
+    return CheckReport(
+        model=model_info or ModelInfo("<module>", "module"),
+        input=report.input if report else None,
+        mode=Mode(mode).value,
+        thresholds=thresholds,
+        fail_on=FailOn(fail_on),
+        findings=tuple(kept),
+        layers=tuple(layer.label for layer in report.layers) if report else tuple(layer.name for layer in layers),
+        notes=tuple(notes),
+        ignored=tuple(ignore),
+        first_divergent=first.label if first else None,
+    )

@@ -9,6 +9,8 @@ from enum import Enum
 import torch
 from torch import nn
 
+from bn_inspect.report import LayerState
+
 
 class NormFamily(str, Enum):
     """How a layer reduces its input; decides the statistics and the explanation."""
@@ -72,6 +74,35 @@ class NormLayer:
     is_lazy: bool
     num_groups: int | None
     normalized_shape: tuple[int, ...] | None
+    is_training: bool = False
+    has_momentum: bool = False
+    affine_requires_grad: bool | None = None
+    buffer_dtype: str | None = None
+
+    def state(self) -> LayerState:
+        """The torch-free facts of this layer, for reports and rules."""
+        return LayerState(
+            name=self.name,
+            type=self.type_name,
+            family=self.family.value,
+            num_channels=self.num_channels,
+            eps=self.eps,
+            momentum=self.momentum,
+            is_cumulative_average=self.has_momentum and self.momentum is None,
+            affine=self.affine,
+            track_running_stats=self.track_running_stats,
+            num_batches_tracked=self.num_batches_tracked,
+            is_training=self.is_training,
+            affine_requires_grad=self.affine_requires_grad,
+            buffer_dtype=self.buffer_dtype,
+            running_mean=self.running_mean,
+            running_var=self.running_var,
+            weight=self.weight,
+            bias=self.bias,
+            is_frozen=self.is_frozen,
+            is_lazy=self.is_lazy,
+            eval_uses=self.normalizes_with(is_training=False),
+        )
 
     @property
     def expected_ranks(self) -> tuple[int, ...] | None:
@@ -205,4 +236,20 @@ def describe_layer(name: str, module: nn.Module, family: NormFamily) -> NormLaye
         is_lazy=is_lazy,
         num_groups=getattr(module, "num_groups", None),
         normalized_shape=tuple(normalized_shape) if normalized_shape is not None else None,
+        is_training=bool(module.training),
+        has_momentum=hasattr(module, "momentum"),
+        affine_requires_grad=_requires_grad(weight, bias),
+        buffer_dtype=_dtype_name(buffers.get("running_var", buffers.get("running_mean"))),
     )
+
+
+def _requires_grad(weight: object, bias: object) -> bool | None:
+    # Only trainable parameters can be frozen; FrozenBatchNorm2d keeps its affine terms as buffers.
+    params = [p for p in (weight, bias) if isinstance(p, nn.Parameter)]
+    return any(p.requires_grad for p in params) if params else None
+
+
+def _dtype_name(tensor: object) -> str | None:
+    if isinstance(tensor, torch.Tensor) and not is_uninitialized(tensor):
+        return str(tensor.dtype).removeprefix("torch.")
+    return None

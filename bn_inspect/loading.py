@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from bn_inspect.errors import (
     ArchError,
@@ -154,9 +154,8 @@ def _unsafe(found: set[str]) -> list[str]:
     try:
         from torch import _weights_only_unpickler
 
-        allowed = set(_weights_only_unpickler._get_allowed_globals()) | set(
-            _weights_only_unpickler._get_user_allowed_globals()
-        )
+        unpickler: Any = _weights_only_unpickler  # private and partly untyped
+        allowed = set(unpickler._get_allowed_globals()) | set(unpickler._get_user_allowed_globals())
     except (ImportError, AttributeError):  # a torch without the private allowlist: be coarse
         return sorted(g for g in found if not g.startswith(_SAFE_GLOBAL_PREFIXES))
     return sorted(found - allowed)
@@ -199,8 +198,8 @@ def _scan_globals(data: bytes, max_pickles: int) -> tuple[set[str], bool]:
         pushed: list[str | None] = []
         protocol = 0
         try:
-            for opcode, arg, position in pickletools.genops(data[offset:]):
-                name = opcode.name
+            for opcode, raw_arg, position in pickletools.genops(data[offset:]):
+                name, arg = opcode.name, cast(Any, raw_arg)
                 if name == "PROTO":
                     protocol = int(arg)
                 elif name in _STRING_OPCODES:
@@ -359,7 +358,9 @@ def resolve_arch(spec: str) -> Callable[..., Any]:
             )
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ArchError(f"--arch {spec!r} names a {type(obj).__name__}, not a callable", "Name a class or function")
+        raise ArchError(
+            f"--arch {spec!r} names an object of type {type(obj).__name__}, not a callable", "Name a class or function"
+        )
     return obj  # type: ignore[no-any-return]
 
 
@@ -413,7 +414,7 @@ def build_arch(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
         ) from error
     if not isinstance(module, nn.Module):
         raise ArchError(
-            f"--arch {spec!r} returned a {type(module).__name__}, not a torch.nn.Module",
+            f"--arch {spec!r} returned an object of type {type(module).__name__}, not a torch.nn.Module",
             "Name a callable that builds the model",
         )
     return module
@@ -436,7 +437,7 @@ def extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], b
             f"Save model.state_dict(), or a dict with it under one of {', '.join(_STATE_DICT_KEYS)}",
         )
     raise ModelFileError(
-        f"{path} holds a {type(obj).__name__}, not a model or state_dict",
+        f"{path} holds an object of type {type(obj).__name__}, not a model or state_dict",
         "Save the model, its state_dict, or a checkpoint dict",
     )
 

@@ -21,6 +21,22 @@ class OutputFormat(str, Enum):
     MARKDOWN = "markdown"
 
 
+class CheckFormat(str, Enum):
+    """How `bn-inspect check` writes its findings."""
+
+    TABLE = "table"
+    JSON = "json"
+    MARKDOWN = "markdown"
+    JUNIT = "junit"
+
+
+class FailOn(str, Enum):
+    """The lowest severity that makes `bn-inspect check` exit 1."""
+
+    ERROR = "error"
+    WARNING = "warning"
+
+
 class DeviceChoice(str, Enum):
     """Where the model runs; auto picks CUDA when it is available."""
 

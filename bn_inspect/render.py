@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bn_inspect.report import LayerReport, Report
+from bn_inspect.rules import CheckReport
 
 # |z| beyond which the batch mean sits far outside the running distribution.
 SHIFT_WARN = 1.0
@@ -274,6 +275,59 @@ def render_report(report: Report, channel_patterns: Sequence[str] = (), width: i
             "z = (batch mean − running mean) / √(running var + eps); var ratio = batch var / running var "
             "(geometric mean over channels, worst in brackets).",
             style="dim",
+        )
+    )
+    return Group(*parts)
+
+
+_SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+def render_check(check: CheckReport) -> RenderableType:
+    """Findings sorted by severity, then the verdict and what the gate was measured against."""
+    parts: list[RenderableType] = []
+    model = check.model
+    head = Text()
+    head.append("model ", style="bold")
+    head.append(f"{model.source} ({model.format})")
+    if check.input is not None:
+        head.append("\ninput ", style="bold")
+        head.append(f"{check.input.source}: {check.input.num_samples:,} samples · mode {check.mode}")
+    parts += [head, Text("")]
+    if check.findings:
+        table = Table(header_style="bold", show_edge=False, pad_edge=False, box=box.SIMPLE_HEAD)
+        table.add_column("severity")
+        table.add_column("code")
+        table.add_column("layer", overflow="fold")
+        table.add_column("finding", ratio=1)
+        ordered = sorted(check.findings, key=lambda f: -f.severity.rank)
+        for finding in ordered:
+            table.add_row(
+                Text(finding.severity.value, style=_SEVERITY_STYLE[finding.severity.value]),
+                f"{finding.code}\n{finding.rule}",
+                finding.label,
+                finding.message + ".",
+            )
+        parts += [table, Text("")]
+    else:
+        parts += [Text("No findings.", style="green"), Text("")]
+    if check.first_divergent:
+        parts.append(
+            Text(
+                f"First layer whose batch statistics depart from its running statistics: {check.first_divergent}",
+                style="bold",
+            )
+        )
+    for note in check.notes:
+        parts.append(Text(f"Note: {note}.", style="dim"))
+    counts = {s: sum(f.severity.value == s for f in check.findings) for s in ("error", "warning", "info")}
+    nouns = {"error": "error", "warning": "warning", "info": "note"}
+    summary = ", ".join(f"{n} {nouns[s]}{'s' if n != 1 else ''}" for s, n in counts.items())
+    verdict_text = "PASSED" if check.passed else "FAILED"
+    parts.append(
+        Text(
+            f"{summary}: {verdict_text} (fails on {check.fail_on.value} or worse)",
+            style="bold green" if check.passed else "bold red",
         )
     )
     return Group(*parts)

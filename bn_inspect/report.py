@@ -46,6 +46,36 @@ class InputInfo:
 
 
 @dataclass(frozen=True)
+class LayerState:
+    """What a normalization layer holds before any data runs (read from the model, not computed).
+
+    ``eval_uses`` says which statistics the layer would normalize with in eval mode: "running",
+    or "batch" when it keeps none (its eval output then depends on the batch).
+    """
+
+    name: str
+    type: str
+    family: str
+    num_channels: int | None
+    eps: float | None
+    momentum: float | None
+    is_cumulative_average: bool
+    affine: bool
+    track_running_stats: bool
+    num_batches_tracked: int | None
+    is_training: bool
+    affine_requires_grad: bool | None
+    buffer_dtype: str | None
+    running_mean: Floats | None
+    running_var: Floats | None
+    weight: Floats | None
+    bias: Floats | None
+    is_frozen: bool
+    is_lazy: bool
+    eval_uses: str
+
+
+@dataclass(frozen=True)
 class LayerReport:
     """One call of one normalization layer (a shared module called twice gives two)."""
 
@@ -147,6 +177,12 @@ class Report:
             if worst is not None and (math.isnan(worst) or worst > max_shift):
                 return layer
         return None
+
+    def to_dataframe(self) -> Any:
+        """A pandas DataFrame with one row per layer call and channel (the CSV export's rows)."""
+        from bn_inspect.export import report_frame
+
+        return report_frame(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data; non-finite floats become "nan", "inf" or "-inf"."""

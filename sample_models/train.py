@@ -63,7 +63,7 @@ def make_volumes(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
         half = rng.uniform(2.0, 3.0) if label == 0 else rng.uniform(1.5, 2.5)
         centre = rng.uniform(half - 0.5, VOLUME_SIZE - 0.5 - half, size=3)
         offsets = grid - centre
-        inside = np.sqrt((offsets ** 2).sum(axis=-1)) <= half if label == 0 else np.abs(offsets).max(axis=-1) <= half
+        inside = np.sqrt((offsets**2).sum(axis=-1)) <= half if label == 0 else np.abs(offsets).max(axis=-1) <= half
         volumes[i] = inside * rng.uniform(0.8, 1.2)
     volumes += rng.normal(0.0, 0.1, size=volumes.shape)
     return volumes[:, None].astype(np.float32), labels.astype(np.int64)

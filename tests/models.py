@@ -15,7 +15,9 @@ def randomize_norm_state(model: nn.Module, seed: int = 0) -> nn.Module:
             for name in ("running_mean", "weight", "bias"):
                 tensor = getattr(module, name, None)
                 if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.numel():
-                    tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5 + (1.0 if name == "weight" else 0))
+                    tensor.copy_(
+                        torch.randn(tensor.shape, generator=generator) * 0.5 + (1.0 if name == "weight" else 0)
+                    )
             running_var = getattr(module, "running_var", None)
             if isinstance(running_var, torch.Tensor):
                 running_var.copy_(torch.rand(running_var.shape, generator=generator) * 2 + 0.1)

@@ -92,7 +92,9 @@ def test_json_validates_against_schema_and_round_trips(name: str) -> None:
         assert entry["name"] == layer.name
         if layer.batch_mean is not None:
             values = [float(v) for v in entry["batch_mean"]]
-            assert all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(values, layer.batch_mean, strict=True))
+            assert all(
+                a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(values, layer.batch_mean, strict=True)
+            )
 
 
 def test_schema_rejects_a_document_without_layers() -> None:

@@ -1,0 +1,86 @@
+"""The [tool.bn-inspect] table of the project's pyproject.toml: a repository's pinned check gate."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bn_inspect.errors import BnInspectError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[import-not-found]
+
+
+class ConfigError(BnInspectError):
+    """pyproject.toml's [tool.bn-inspect] table cannot be used."""
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    """Settings for `bn-inspect check` read from pyproject.toml; None where the file sets nothing."""
+
+    source: Path | None = None
+    max_shift: float | None = None
+    max_var_ratio: float | None = None
+    max_share: float | None = None
+    min_values: int | None = None
+    fail_on: str | None = None
+    strict: bool | None = None
+    ignore: tuple[str, ...] = field(default_factory=tuple)
+
+
+_KEYS: dict[str, tuple[type, ...]] = {
+    "max-shift": (int, float),
+    "max-var-ratio": (int, float),
+    "max-share": (int, float),
+    "min-values": (int,),
+    "fail-on": (str,),
+    "strict": (bool,),
+    "ignore": (list,),
+}
+
+
+def find_pyproject(start: Path) -> Path | None:
+    """The nearest pyproject.toml in ``start`` or one of its parents."""
+    for folder in (start, *start.parents):
+        candidate = folder / "pyproject.toml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_check_config(start: Path) -> CheckConfig:
+    """Read [tool.bn-inspect] from the nearest pyproject.toml, validating every key.
+
+    Raises:
+        ConfigError: the file is not valid TOML, or a key is unknown or of the wrong type.
+    """
+    path = find_pyproject(start)
+    if path is None:
+        return CheckConfig()
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read {path} ({error})", "Fix the TOML syntax") from error
+    table: Any = document.get("tool", {}).get("bn-inspect", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"[tool.bn-inspect] in {path} is not a table", "Write it as a TOML table")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        expected = _KEYS.get(key)
+        if expected is None:
+            raise ConfigError(
+                f"[tool.bn-inspect] in {path} has unknown key {key!r}", f"Known keys: {', '.join(sorted(_KEYS))}"
+            )
+        if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+            raise ConfigError(
+                f"[tool.bn-inspect] {key} in {path} must be {' or '.join(t.__name__ for t in expected)}, "
+                f"not {type(value).__name__}",
+                "Fix the value",
+            )
+        values[key.replace("-", "_")] = tuple(str(v) for v in value) if isinstance(value, list) else value
+    return CheckConfig(source=path, **values)

@@ -1,0 +1,495 @@
+"""BatchNorm health rules: layer states and an inspection report -> findings (pure, no torch).
+
+Every rule has a stable code. Rules on stored state (BN1xx) need no data; rules on what the data
+did (BN2xx) need a forward pass over real input, because on random input every layer looks
+shifted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from bn_inspect.options import FailOn
+from bn_inspect.report import SCHEMA_VERSION, InputInfo, LayerReport, LayerState, ModelInfo, Report
+
+FLOAT16_MAX = 65504.0
+EPS_DOMINANCE = 10.0
+
+
+class Severity(str, Enum):
+    """How bad a finding is; --fail-on picks the lowest that fails the gate."""
+
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+    @property
+    def rank(self) -> int:
+        """0 for info, 1 for warning, 2 for error."""
+        return ("info", "warning", "error").index(self.value)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A rule's stable code, short name, default severity and what it is about."""
+
+    code: str
+    name: str
+    severity: Severity
+    summary: str
+
+
+RULES = {
+    rule.code: rule
+    for rule in (
+        Rule("BN101", "nonfinite-state", Severity.ERROR, "running mean/var, weight or bias holds NaN or Inf"),
+        Rule("BN102", "nonpositive-running-var", Severity.ERROR, "running variance is zero or negative"),
+        Rule("BN103", "eps-dominated", Severity.WARNING, "running variance below eps/10: eps dominates normalization"),
+        Rule("BN104", "untrained", Severity.WARNING, "statistics never trained (num_batches_tracked 0, stats 0 and 1)"),
+        Rule("BN105", "momentum", Severity.WARNING, "momentum >= 0.5 (ported from Keras/TF?) or 0 (statistics frozen)"),
+        Rule("BN106", "cumulative-average", Severity.INFO, "momentum None: running stats are a cumulative average"),
+        Rule("BN107", "train-mode", Severity.WARNING, "saved in train mode, or train and eval layers mixed"),
+        Rule(
+            "BN108",
+            "frozen-but-updating",
+            Severity.WARNING,
+            "affine frozen (requires_grad False) but layer in train mode",
+        ),
+        Rule(
+            "BN109",
+            "low-precision-buffers",
+            Severity.WARNING,
+            "buffers in float16/bfloat16, or running var above fp16 max",
+        ),
+        Rule("BN110", "batch-stats-in-eval", Severity.WARNING, "no running buffers: eval output depends on the batch"),
+        Rule("BN201", "shifted", Severity.ERROR, "batch statistics far from running statistics"),
+        Rule("BN202", "dead-channels", Severity.WARNING, "channels with zero batch variance on the data"),
+        Rule("BN203", "few-values", Severity.WARNING, "too few values per channel for trustworthy statistics"),
+        Rule("BN204", "nonfinite-batch", Severity.ERROR, "the layer's input holds NaN or Inf on the data"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Limits the data rules use; pyproject.toml's [tool.bn-inspect] and flags override them.
+
+    Attributes:
+        max_shift: |mean_shift_z| above this counts as shifted.
+        max_var_ratio: var_ratio outside [1/R, R] counts as shifted.
+        max_share: BN201 fires when more than this share of a layer's channels is shifted.
+        min_values: fewer values per channel per batch than this is too noisy (BN203).
+        strict: untrained statistics (BN104) are an error, not a warning.
+    """
+
+    max_shift: float = 3.0
+    max_var_ratio: float = 4.0
+    max_share: float = 0.1
+    min_values: int = 16
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One rule firing on one layer (or on the whole model, layer None)."""
+
+    code: str
+    rule: str
+    severity: Severity
+    layer: str | None
+    call: int | None
+    channels: tuple[int, ...]
+    message: str
+
+    @property
+    def label(self) -> str:
+        """The layer as shown to people: name, with #call past the first call."""
+        if self.layer is None:
+            return "(model)"
+        return self.layer if not self.call else f"{self.layer}#{self.call}"
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """Findings of one `check` run and what they were measured against."""
+
+    model: ModelInfo
+    input: InputInfo | None
+    mode: str
+    thresholds: Thresholds
+    fail_on: FailOn
+    findings: tuple[Finding, ...]
+    layers: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()
+    first_divergent: str | None = None
+    schema_version: int = field(default=SCHEMA_VERSION)
+
+    @property
+    def failed(self) -> tuple[Finding, ...]:
+        """Findings at or above --fail-on."""
+        limit = Severity(self.fail_on.value).rank
+        return tuple(f for f in self.findings if f.severity.rank >= limit)
+
+    @property
+    def passed(self) -> bool:
+        """True when no finding reaches --fail-on."""
+        return not self.failed
+
+    def to_dataframe(self) -> Any:
+        """A pandas DataFrame with one row per finding."""
+        import pandas as pd
+
+        columns = ["code", "rule", "severity", "layer", "call", "channels", "message"]
+        return pd.DataFrame(self.to_dict()["findings"], columns=columns)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready data: findings, thresholds, the verdict."""
+        return {
+            "schema_version": self.schema_version,
+            "kind": "check",
+            "model": asdict(self.model),
+            "input": asdict(self.input) if self.input else None,
+            "mode": self.mode,
+            "thresholds": asdict(self.thresholds),
+            "fail_on": self.fail_on.value,
+            "ignored": list(self.ignored),
+            "passed": self.passed,
+            "first_divergent": self.first_divergent,
+            "layers": list(self.layers),
+            "notes": list(self.notes),
+            "findings": [
+                {
+                    "code": f.code,
+                    "rule": f.rule,
+                    "severity": f.severity.value,
+                    "layer": f.layer,
+                    "call": f.call,
+                    "channels": list(f.channels),
+                    "message": f.message,
+                }
+                for f in self.findings
+            ],
+        }
+
+
+def _channels(values: Sequence[float] | None, bad: Any) -> tuple[int, ...]:
+    return tuple(i for i, v in enumerate(values or ()) if bad(v))
+
+
+def _listed(channels: Sequence[int | str], limit: int = 8) -> str:
+    shown = ", ".join(str(c) for c in channels[:limit])
+    return shown + (f" and {len(channels) - limit} more" if len(channels) > limit else "")
+
+
+def _finding(
+    code: str,
+    layer: str | None,
+    message: str,
+    *,
+    call: int | None = 0,
+    channels: Sequence[int] = (),
+    severity: Severity | None = None,
+) -> Finding:
+    rule = RULES[code]
+    return Finding(code, rule.name, severity or rule.severity, layer, call, tuple(channels), message)
+
+
+def state_findings(
+    states: Sequence[LayerState], thresholds: Thresholds, *, flags_from_file: bool, model_is_training: bool
+) -> list[Finding]:
+    """Rules on stored buffers and flags (no data needed).
+
+    Args:
+        states: the model's normalization layers.
+        thresholds: only ``strict`` matters here.
+        flags_from_file: training flags were saved with the model (pickle, TorchScript), not set
+            by the --arch constructor; the train-mode rules need that.
+        model_is_training: the root module's training flag.
+    """
+    findings: list[Finding] = []
+    batch_like = [s for s in states if s.family in ("batch", "instance")]
+    for s in batch_like:
+        findings += _buffer_findings(s, thresholds)
+    if flags_from_file:
+        findings += _mode_findings(batch_like, model_is_training)
+    return findings
+
+
+def _buffer_findings(s: LayerState, thresholds: Thresholds) -> list[Finding]:
+    out: list[Finding] = []
+    for what, values in (
+        ("running_mean", s.running_mean),
+        ("running_var", s.running_var),
+        ("weight", s.weight),
+        ("bias", s.bias),
+    ):
+        bad = _channels(values, lambda v: not math.isfinite(v))
+        if bad:
+            out.append(
+                _finding(
+                    "BN101",
+                    s.name,
+                    f"{what} is NaN or infinite in channels {_listed(bad)}; every output "
+                    "of those channels will be NaN. Retrain or restore the checkpoint from before the "
+                    "divergence (often a too-high learning rate or fp16 overflow)",
+                    channels=bad,
+                )
+            )
+    if s.running_var is not None:
+        nonpositive = _channels(s.running_var, lambda v: v <= 0)
+        if nonpositive:
+            out.append(
+                _finding(
+                    "BN102",
+                    s.name,
+                    f"running_var is zero or negative in channels "
+                    f"{_listed(nonpositive)}; a variance cannot be, so the buffer was overwritten or "
+                    "corrupted. Recalibrate the statistics on real data",
+                    channels=nonpositive,
+                )
+            )
+        eps = s.eps or 0.0
+        # Dominated: eps makes up over 90% of running_var + eps, the denominator of the normalization.
+        tiny = _channels(s.running_var, lambda v: 0 < v < eps / EPS_DOMINANCE)
+        if tiny:
+            out.append(
+                _finding(
+                    "BN103",
+                    s.name,
+                    f"running_var is below eps/{EPS_DOMINANCE:g} = {eps / EPS_DOMINANCE:g} in channels {_listed(tiny)}, so "
+                    "eps, not the data, sets their scale. Check that eps was not ported in the wrong "
+                    "units, or that those channels are not dead",
+                    channels=tiny,
+                )
+            )
+        if s.buffer_dtype in ("float16", "bfloat16"):
+            out.append(
+                _finding(
+                    "BN109",
+                    s.name,
+                    f"running statistics are stored in {s.buffer_dtype}, which rounds "
+                    "them coarsely and overflows past 65,504. Keep BatchNorm buffers in float32",
+                )
+            )
+        large = _channels(s.running_var, lambda v: v > FLOAT16_MAX)
+        if large and s.buffer_dtype not in ("float16", "bfloat16"):
+            out.append(
+                _finding(
+                    "BN109",
+                    s.name,
+                    f"running_var exceeds the float16 maximum (65,504) in channels "
+                    f"{_listed(large)}; the model breaks if run or exported in half precision",
+                    channels=large,
+                    severity=Severity.INFO,
+                )
+            )
+    if (
+        s.num_batches_tracked == 0
+        and s.running_mean is not None
+        and s.running_var is not None
+        and all(v == 0 for v in s.running_mean)
+        and all(v == 1 for v in s.running_var)
+    ):
+        out.append(
+            _finding(
+                "BN104",
+                s.name,
+                "running statistics were never updated (num_batches_tracked is 0, "
+                "running_mean 0, running_var 1), so eval normalizes with nothing learned. Train, or "
+                "recalibrate on real data before evaluating",
+                severity=Severity.ERROR if thresholds.strict else None,
+            )
+        )
+    if s.momentum is not None and s.family == "batch" and not s.is_frozen:
+        if s.momentum >= 0.5:
+            out.append(
+                _finding(
+                    "BN105",
+                    s.name,
+                    f"momentum is {s.momentum:g}: PyTorch weights the NEW batch by "
+                    "momentum, Keras/TF weight the OLD statistics by theirs (0.99 there is 0.01 here). "
+                    "Use 1 - momentum when porting",
+                )
+            )
+        elif s.momentum == 0:
+            out.append(
+                _finding(
+                    "BN105",
+                    s.name,
+                    "momentum is 0: running statistics never change in training. If "
+                    "that is not deliberate, use 0.1 (the default)",
+                )
+            )
+    if s.is_cumulative_average:
+        out.append(
+            _finding(
+                "BN106",
+                s.name,
+                f"momentum is None: running statistics are the plain average of all "
+                f"{s.num_batches_tracked or 0} batches tracked so far (num_batches_tracked sets each new "
+                "batch's weight, 1/num_batches_tracked), so early batches count as much as late ones",
+            )
+        )
+    if s.eval_uses == "batch" and s.family == "batch":
+        out.append(
+            _finding(
+                "BN110",
+                s.name,
+                "the layer keeps no running statistics (track_running_stats=False), "
+                "so even in eval it normalizes with the statistics of the batch it is given: outputs "
+                "depend on batch size and on the other samples. Track running statistics, or document it",
+            )
+        )
+    return out
+
+
+def _mode_findings(states: Sequence[LayerState], model_is_training: bool) -> list[Finding]:
+    out: list[Finding] = []
+    training = [s.name for s in states if s.is_training and not s.is_frozen]
+    if model_is_training:
+        out.append(
+            _finding(
+                "BN107",
+                None,
+                "the model was saved in train mode: whoever loads it and forgets "
+                "model.eval() normalizes with batch statistics and updates the buffers. Call "
+                "model.eval() before saving",
+                call=None,
+            )
+        )
+    elif training:
+        out.append(
+            _finding(
+                "BN107",
+                None,
+                f"the model is in eval mode but {len(training)} normalization layers are "
+                f"in train mode ({_listed(training)}); they normalize with batch statistics. Call "
+                "model.eval() after any .train() on submodules",
+                call=None,
+            )
+        )
+    for s in states:
+        if s.is_training and s.affine_requires_grad is False and not s.is_frozen:
+            out.append(
+                _finding(
+                    "BN108",
+                    s.name,
+                    "weight and bias have requires_grad=False, so the layer looks frozen, "
+                    "but it is in train mode, so its running statistics still update. Put it in eval "
+                    "mode too (or replace it with FrozenBatchNorm2d)",
+                )
+            )
+    return out
+
+
+def report_findings(report: Report, thresholds: Thresholds) -> list[Finding]:
+    """Rules on what the data did at each layer call."""
+    findings: list[Finding] = []
+    for layer in report.layers:
+        findings += _data_findings(layer, thresholds)
+    return findings
+
+
+def _per_batch_values(layer: LayerReport) -> int | None:
+    if layer.family != "batch" or layer.input_shape is None or layer.reduced_axes is None:
+        return None
+    return math.prod(layer.input_shape[d] for d in layer.reduced_axes)
+
+
+def _data_findings(layer: LayerReport, thresholds: Thresholds) -> list[Finding]:
+    out: list[Finding] = []
+    nonfinite = _channels(layer.batch_mean, lambda v: not math.isfinite(v))
+    if nonfinite:
+        out.append(
+            _finding(
+                "BN204",
+                layer.name,
+                f"the input holds NaN or Inf in channels {_listed(nonfinite)}: "
+                "something upstream (the data, or a layer before this one) produces them",
+                call=layer.call,
+                channels=nonfinite,
+            )
+        )
+    shifts, ratios = layer.mean_shift_z, layer.var_ratio
+    if shifts is not None and ratios is not None:
+        low, high = 1 / thresholds.max_var_ratio, thresholds.max_var_ratio
+        shifted = [
+            c
+            for c, (z, r) in enumerate(zip(shifts, ratios, strict=True))
+            if math.isfinite(z) and math.isfinite(r) and (abs(z) > thresholds.max_shift or not low <= r <= high)
+        ]
+        share = len(shifted) / len(shifts) if shifts else 0.0
+        if shifted and share > thresholds.max_share:
+            worst = max(abs(z) for z in shifts if math.isfinite(z))
+            out.append(
+                _finding(
+                    "BN201",
+                    layer.name,
+                    f"{len(shifted)} of {len(shifts)} channels ({share:.0%}) have "
+                    f"|shift z| > {thresholds.max_shift:g} or var ratio outside [{low:.3g}, "
+                    f"{high:.3g}] (max |z| = {worst:.3g}). The data does not match the running statistics "
+                    "this layer normalizes with in eval: check preprocessing against training, or "
+                    "recalibrate the statistics on representative data",
+                    call=layer.call,
+                    channels=shifted,
+                )
+            )
+    variances = layer.batch_var or ()
+    dead = [
+        c
+        for c, v in enumerate(variances)
+        if math.isfinite(v) and v <= 1e-12 * max(1.0, (layer.batch_mean or (0.0,) * len(variances))[c] ** 2)
+    ]
+    if dead:
+        out.append(
+            _finding(
+                "BN202",
+                layer.name,
+                f"channels {_listed(dead)} are constant on this data (batch variance "
+                "0): their upstream units are dead, or the data never varies there",
+                call=layer.call,
+                channels=dead,
+            )
+        )
+    per_batch = _per_batch_values(layer)
+    if per_batch is not None and per_batch == 1:
+        out.append(
+            _finding(
+                "BN203",
+                layer.name,
+                "1 value per channel per batch: BatchNorm cannot compute a variance "
+                "from one value, so training with this batch shape fails ('Expected more than 1 value "
+                "per channel'). Use larger batches",
+                call=layer.call,
+                severity=Severity.ERROR,
+            )
+        )
+    elif per_batch is not None and per_batch < thresholds.min_values:
+        out.append(
+            _finding(
+                "BN203",
+                layer.name,
+                f"only {per_batch} values per channel per batch (fewer than "
+                f"{thresholds.min_values}): batch statistics this noisy make training unstable and the "
+                "comparison here unreliable. Use larger batches or --min-values",
+                call=layer.call,
+            )
+        )
+    return out
+
+
+def filter_ignored(findings: Iterable[Finding], ignore: Sequence[str]) -> list[Finding]:
+    """Drop findings whose code or rule name is in ``ignore``."""
+    wanted = {code.upper() for code in ignore} | {code.lower() for code in ignore}
+    return [f for f in findings if f.code not in wanted and f.rule not in wanted]
+
+
+def unknown_codes(ignore: Sequence[str]) -> list[str]:
+    """Entries of --ignore that name no rule."""
+    names = {r.name for r in RULES.values()}
+    return [code for code in ignore if code.upper() not in RULES and code.lower() not in names]

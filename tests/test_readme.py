@@ -1,0 +1,42 @@
+"""The README's promises: its Python example runs as written, and the quick start matches CI."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_pytest_example_in_readme_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "def test_" in b)
+    namespace: dict[str, object] = {}
+    monkeypatch.chdir(ROOT)
+    exec(compile(block, "README.md", "exec"), namespace)
+    test = next(v for k, v in namespace.items() if k.startswith("test_"))
+    test()  # type: ignore[operator]
+
+
+def test_quick_start_is_two_commands_and_ci_runs_the_second() -> None:
+    quick_start = README.split("## Quick start", 1)[1].split("```", 2)[1]
+    commands = [line for line in quick_start.splitlines() if line.strip()]
+    assert len(commands) == 2
+    assert "bn-inspect inspect sample_models/" in commands[0]
+    assert "pytest" in commands[1]
+    assert commands[1] in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+
+
+def test_api_report_converts_to_dataframe() -> None:
+    import torch
+
+    from bn_inspect import check_model, inspect_model
+    from tests import models
+
+    model = models.randomize_norm_state(models.BN1dFeatures()).eval()
+    frame = inspect_model(model, [torch.randn(16, 5)]).to_dataframe()
+    assert list(frame["channel"]) == [0, 1, 2, 3, 4]
+    findings = check_model(model, [torch.randn(4, 5)]).to_dataframe()
+    assert "BN203" in set(findings["code"])
