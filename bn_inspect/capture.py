@@ -19,7 +19,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bn_inspect.errors import ShapeMismatchError
-from bn_inspect.layers import NormFamily, NormLayer, is_uninitialized
+from bn_inspect.layers import (
+    NormFamily,
+    NormLayer,
+    describe_functional,
+    functional_candidates,
+    is_uninitialized,
+)
 from bn_inspect.stats import ChannelMoments, InstanceMoments, channel_moments, instance_moments
 
 Moments = ChannelMoments | InstanceMoments
@@ -167,12 +173,23 @@ _OWNER_ARGS = {name: (1, 2, 3, 4) for name in _BATCH_NORM_OPS} | {
 
 
 class _NormOpObserver(TorchDispatchMode):  # type: ignore[no-untyped-call]
-    """Sees every aten normalization kernel and hands its input to the recorder."""
+    """Sees every aten normalization kernel and hands its input to the recorder.
 
-    def __init__(self, owners: dict[int, NormLayer], recorder: StatisticsRecorder) -> None:
+    ``functional`` maps the storage of buffers that belong to no normalization module to their
+    names: a batch-norm call handed one of them as running mean is a direct ``F.batch_norm``,
+    which becomes a layer of its own the first time it runs.
+    """
+
+    def __init__(
+        self,
+        owners: dict[int, NormLayer],
+        recorder: StatisticsRecorder,
+        functional: dict[int, tuple[str, nn.Module]] | None = None,
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._owners = owners
         self._recorder = recorder
+        self._functional = functional or {}
 
     def __torch_dispatch__(
         self,
@@ -181,29 +198,57 @@ class _NormOpObserver(TorchDispatchMode):  # type: ignore[no-untyped-call]
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        positions = _OWNER_ARGS.get(func.overloadpacket.__name__)
+        op_name = func.overloadpacket.__name__
+        positions = _OWNER_ARGS.get(op_name)
         if positions is not None and args and isinstance(args[0], torch.Tensor):
-            for position in positions:
-                owner_arg = args[position] if position < len(args) else None
-                if isinstance(owner_arg, torch.Tensor):
-                    layer = self._owners.get(owner_arg.data_ptr())
-                    if layer is not None:
-                        self._recorder.observe(layer, args[0])
-                        break
+            layer = self._owner(op_name, positions, args)
+            if layer is not None:
+                self._recorder.observe(layer, args[0])
         return func(*args, **(kwargs or {}))
+
+    def _owner(self, op_name: str, positions: tuple[int, ...], args: tuple[Any, ...]) -> NormLayer | None:
+        for position in positions:
+            owner_arg = args[position] if position < len(args) else None
+            if isinstance(owner_arg, torch.Tensor):
+                layer = self._owners.get(owner_arg.data_ptr())
+                if layer is not None:
+                    return layer
+        running_mean = args[3] if op_name in _BATCH_NORM_OPS and len(args) > 3 else None
+        if isinstance(running_mean, torch.Tensor) and running_mean.data_ptr() in self._functional:
+            name, module = self._functional[running_mean.data_ptr()]
+            layer = describe_functional(name, module, args, op_name)
+            self._owners[running_mean.data_ptr()] = layer
+            return layer
+        return None
 
 
 @contextmanager
 def dispatch_capture(layers: list[NormLayer], recorder: StatisticsRecorder) -> Iterator[None]:
-    """Capture through the dispatcher, for modules (TorchScript) whose hooks never fire."""
+    """Capture through the dispatcher, for modules (TorchScript, torch.export) whose hooks never fire."""
     owners: dict[int, NormLayer] = {}
     for layer in layers:
-        tensors = [*layer.module.parameters(recurse=False), *layer.module.buffers(recurse=False)]
+        tensors = layer.owner_tensors or (*layer.module.parameters(recurse=False), *layer.module.buffers(recurse=False))
         for tensor in tensors:
             if tensor.numel() > 0:
                 owners.setdefault(tensor.data_ptr(), layer)
     with _NormOpObserver(owners, recorder):
         yield
+
+
+@contextmanager
+def hooks_and_functional_capture(
+    model: nn.Module, layers: list[NormLayer], recorder: StatisticsRecorder
+) -> Iterator[None]:
+    """Module hooks, plus dispatch capture of direct F.batch_norm calls where the model could make any."""
+    candidates = functional_candidates(model, layers)
+    modules = dict(model.named_modules())
+    functional = {ptr: (name, modules[name.rpartition(".")[0]]) for ptr, name in candidates.items()}
+    with hooks_capture(layers, recorder):
+        if not functional:
+            yield
+            return
+        with _NormOpObserver({}, recorder, functional):
+            yield
 
 
 @contextmanager
@@ -218,6 +263,7 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             for buffer, copy in saved:
                 if buffer.shape == copy.shape:
                     buffer.copy_(copy)
-        # modules() lists parents before children, so each module ends with its own flag.
+        # Set the flags directly: train() may be overridden (frozen-BN backbones), and exported
+        # programs refuse it; the saved per-module flags are the truth to restore.
         for module, flag in flags:
-            module.train(flag)
+            module.training = flag

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from bn_inspect.errors import BnInspectError, DeviceError, InputError, OutputError
-from bn_inspect.options import CheckFormat, DeviceChoice, FailOn, Mode, OutputFormat
+from bn_inspect.options import CheckFormat, DeviceChoice, FailOn, ListingFormat, Mode, OutputFormat
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -176,6 +176,7 @@ def _prepare(
     seed: int,
     device: DeviceChoice,
     output: Path | None,
+    mode: Mode,
     *,
     needs_data: bool = True,
 ) -> _Prepared:
@@ -203,6 +204,16 @@ def _prepare(
         loaded = LoadedModel(loaded.module.to(target_device), loaded.source, loaded.format, loaded.arch)
     elif arch is not None and loaded.arch is None:
         _note(f"note: --arch is not used: {model} holds a whole {loaded.format} model, architecture included.")
+    if loaded.format == "torch.export":
+        from bn_inspect.layers import exported_training_mode, iter_graph_norm_layers
+
+        training = exported_training_mode(iter_graph_norm_layers(loaded.module))
+        # On a mismatch the error says it all; a note on top would make it two lines.
+        if training is not None and training == (mode is Mode.TRAIN):
+            _note(
+                f"note: this torch.export archive was exported in {'train' if training else 'eval'} mode, "
+                "which its graph fixes."
+            )
     if needs_data and batch_iter is None:
         batch_iter, input_source = _guessed_batches(loaded.module, batch_size or 8, batches or 1, seed)
     return _Prepared(loaded, batch_iter, input_source, is_real_data=input_file is not None)
@@ -270,12 +281,12 @@ def inspect_command(
         seed,
         device,
         output,
+        mode,
     )
-    assert prepared.batches is not None
     loaded = prepared.loaded
     report = inspect_model(
         loaded.module,
-        prepared.batches,
+        prepared.batches or (),
         mode=mode,
         model_info=ModelInfo(loaded.source, loaded.format, loaded.arch),
         input_source=prepared.input_source,
@@ -395,6 +406,7 @@ def check_command(
         seed,
         device,
         output,
+        mode,
         needs_data=not no_data,
     )
     loaded = prepared.loaded
@@ -425,6 +437,63 @@ def check_command(
         _print_renderable(render_check(result), output)
     if not result.passed:
         raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@app.command("layers")
+def layers_command(
+    model: Annotated[Path, typer.Argument(help="Model file (any format bn-inspect reads).", show_default=False)],
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    output_format: Annotated[
+        ListingFormat, typer.Option("--format", help="table for people; json or markdown for machines and CI.")
+    ] = ListingFormat.TABLE,
+    output: OutputOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """List every normalization layer and what it stores, without running any data.
+
+    A bare state_dict needs no --arch: layers are found by their running_mean/running_var keys
+    (their exact classes are then inferred, and eps and momentum unknown).
+
+    Examples:
+
+      bn-inspect layers sample_models/digits_cnn/state_dict.pt
+
+      bn-inspect layers sample_models/digits_cnn/torchscript.pt --format json
+    """
+    from bn_inspect.export import listing_to_json, listing_to_markdown
+    from bn_inspect.loading import LoadedModel, build_arch, load_state_into, parse_arch_kwargs, read_model_file
+    from bn_inspect.report import LayerListing, ModelInfo
+
+    _check_output(output, [model])
+    kwargs = parse_arch_kwargs(arch_kwargs)
+    content = read_model_file(model, trust_pickle=trust_pickle)
+    if isinstance(content, LoadedModel):
+        from bn_inspect.inspection import find_layers, unwrap_compiled
+
+        layers, _ = find_layers(unwrap_compiled(content.module))
+        listing = LayerListing(ModelInfo(content.source, content.format), tuple(layer.state() for layer in layers))
+    elif arch is not None:
+        module = build_arch(arch, kwargs)
+        load_state_into(module, content.state_dict, arch)
+        from bn_inspect.layers import iter_norm_layers
+
+        states = tuple(layer.state() for layer in iter_norm_layers(module))
+        listing = LayerListing(ModelInfo(content.source, content.format, arch), states)
+    else:
+        from bn_inspect.layers import states_from_state_dict
+
+        states = tuple(states_from_state_dict(content.state_dict))
+        listing = LayerListing(ModelInfo(content.source, content.format), states, types_inferred=True)
+    if output_format is ListingFormat.JSON:
+        _emit(listing_to_json(listing), output)
+    elif output_format is ListingFormat.MARKDOWN:
+        _emit(listing_to_markdown(listing), output)
+    else:
+        from bn_inspect.render import render_listing
+
+        _print_renderable(render_listing(listing), output)
 
 
 def _first(*values: float | bool | None) -> float:

@@ -68,6 +68,10 @@ class NoNormLayersError(BnInspectError):
     """The model has no normalization layer to inspect."""
 
 
+class ExportModeError(BnInspectError):
+    """A torch.export program cannot run in the requested mode: its mode was fixed at export."""
+
+
 class LazyModelError(BnInspectError):
     """Inspecting would materialize the model's lazy modules, which the caller did not allow."""
 

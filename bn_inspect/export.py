@@ -7,7 +7,7 @@ import math
 from typing import TYPE_CHECKING
 
 from bn_inspect.render import format_number, matching_layers
-from bn_inspect.report import Report
+from bn_inspect.report import LayerListing, Report
 from bn_inspect.rules import CheckReport, Finding
 
 if TYPE_CHECKING:
@@ -238,3 +238,30 @@ def check_to_junit(check: CheckReport) -> str:
     root.append(suite)
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def listing_to_json(listing: LayerListing) -> str:
+    """The static layer listing as JSON."""
+    return json.dumps(listing.to_dict(), indent=2, allow_nan=False) + "\n"
+
+
+def listing_to_markdown(listing: LayerListing) -> str:
+    """The static layer listing as a Markdown table."""
+    lines = [
+        "## bn-inspect layers",
+        "",
+        f"**Model** `{listing.model.source}` ({listing.model.format})"
+        + (" · layer types inferred from the state_dict keys" if listing.types_inferred else ""),
+        "",
+        "| layer | type | C | eps | momentum | affine | batches | running mean (avg) | running var (avg) | eval uses |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for layer in listing.layers:
+        momentum = "None" if layer.is_cumulative_average else format_number(layer.momentum)
+        lines.append(
+            f"| `{layer.name}` | {layer.type} | {layer.num_channels if layer.num_channels is not None else '—'} | "
+            f"{format_number(layer.eps)} | {momentum} | {'yes' if layer.affine else 'no'} | "
+            f"{layer.num_batches_tracked if layer.num_batches_tracked is not None else '—'} | "
+            f"{format_number(_avg(layer.running_mean))} | {format_number(_avg(layer.running_var))} | {layer.eval_uses} |"
+        )
+    return "\n".join(lines) + "\n"

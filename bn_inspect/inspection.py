@@ -15,11 +15,26 @@ from bn_inspect.capture import (
     CallRecord,
     StatisticsRecorder,
     dispatch_capture,
-    hooks_capture,
+    hooks_and_functional_capture,
     preserved_state,
 )
-from bn_inspect.errors import BnInspectError, ForwardError, InputError, LazyModelError, NoNormLayersError
-from bn_inspect.layers import NormFamily, NormLayer, is_uninitialized, iter_norm_layers
+from bn_inspect.errors import (
+    BnInspectError,
+    ExportModeError,
+    ForwardError,
+    InputError,
+    LazyModelError,
+    NoNormLayersError,
+)
+from bn_inspect.layers import (
+    NormFamily,
+    NormLayer,
+    exported_training_mode,
+    functional_candidates,
+    is_uninitialized,
+    iter_graph_norm_layers,
+    iter_norm_layers,
+)
 from bn_inspect.options import FailOn, Mode
 from bn_inspect.report import InputInfo, LayerReport, ModelInfo, Report
 from bn_inspect.rules import (
@@ -134,6 +149,42 @@ def _forward_error(error: Exception, last_layer: str | None, failing_module: str
     )
 
 
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The eager module inside a ``torch.compile`` wrapper: hooks added to a compiled model after
+    its first call never fire, and its graphs are shared between instances."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else model
+
+
+def find_layers(model: nn.Module) -> tuple[list[NormLayer], bool]:
+    """The model's normalization layers, and whether they were read off an exported graph."""
+    layers = iter_norm_layers(model)
+    if layers or not isinstance(model, torch.fx.GraphModule):
+        return layers, False
+    graph_layers = iter_graph_norm_layers(model)
+    return graph_layers, bool(graph_layers)
+
+
+def set_training(model: nn.Module, training: bool) -> None:
+    """model.train(training), except for exported programs, whose mode was fixed at export."""
+    try:
+        model.train(training)
+    except NotImplementedError:
+        return
+
+
+def _check_exported_mode(layers: list[NormLayer], mode: Mode) -> None:
+    exported = exported_training_mode(layers)
+    if exported is None or exported == (mode is Mode.TRAIN):
+        return
+    frozen = "train" if exported else "eval"
+    raise ExportModeError(
+        f"this torch.export archive was exported in {frozen} mode, which is fixed in its graph, so it "
+        f"cannot run in --mode {mode.value}",
+        f"Use --mode {frozen}, or export the model again after model.{'train' if mode is Mode.TRAIN else 'eval'}()",
+    )
+
+
 def find_working_shape(model: nn.Module, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...] | None:
     """The first shape whose two-sample batch the model runs in eval mode, or None.
 
@@ -145,7 +196,7 @@ def find_working_shape(model: nn.Module, shapes: Sequence[tuple[int, ...]]) -> t
         trial = torch.zeros((min(shape[0], 2), *shape[1:]), device=device, dtype=dtype)
         try:
             with preserved_state(model), torch.no_grad():
-                model.eval()
+                set_training(model, False)
                 model(trial)
         except Exception:
             continue
@@ -192,29 +243,40 @@ def inspect_model(
             "the model has lazy modules that have not run yet, and inspecting it would materialize them",
             "Run one forward pass first, or pass materialize_lazy=True",
         )
-    layers = iter_norm_layers(model)
-    if not layers and require_norm_layers:
+    model = unwrap_compiled(model)
+    layers, is_graph = find_layers(model)
+    if not layers and not functional_candidates(model, []) and require_norm_layers:
         raise NoNormLayersError(
             "the model has no normalization layer (BatchNorm, InstanceNorm, GroupNorm, LayerNorm, "
             "RMSNorm or FrozenBatchNorm2d)",
             "Nothing to inspect; check that this is the model you meant",
         )
+    if is_graph:
+        _check_exported_mode(layers, mode)
     device = model_device(model)
     dtype = _model_float_dtype(model)
     recorder = StatisticsRecorder()
-    capture = dispatch_capture if isinstance(model, torch.jit.ScriptModule) else hooks_capture
+    if is_graph or isinstance(model, torch.jit.ScriptModule):
+        capture = dispatch_capture(layers, recorder)
+    else:
+        capture = hooks_and_functional_capture(model, layers, recorder)
     first: Batch | None = None
-    num_batches = num_samples = num_nonfinite = 0
-    with preserved_state(model), capture(layers, recorder), torch.no_grad():
-        model.train(mode is Mode.TRAIN)
+    num_batches = num_samples = 0
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+    with preserved_state(model), capture, torch.no_grad():
+        set_training(model, mode is Mode.TRAIN)
         for item in batches:
             batch = _prepare(as_batch(item), device, dtype)
             first = first or batch
             num_batches += 1
             num_samples += batch.num_samples
-            num_nonfinite += sum(int((~torch.isfinite(t)).sum()) for t in batch.tensors() if t.is_floating_point())
+            # Counted on the device and read once at the end: no host synchronisation per batch.
+            for tensor in batch.tensors():
+                if tensor.is_floating_point():
+                    nonfinite += (~torch.isfinite(tensor)).sum()
             recorder.start_batch()
             run_model(model, batch, recorder)
+    num_nonfinite = int(nonfinite.item())
     if first is None:
         raise InputError("no batch ran", "Give at least one batch of input")
     shape_source = first.args[0] if first.args else next(iter(first.kwargs.values()))
@@ -359,8 +421,9 @@ def check_model(
         The CheckReport; ``passed`` is False when a finding reaches ``fail_on``.
     """
     thresholds = thresholds or Thresholds()
-    layers = iter_norm_layers(model)
-    if not layers:
+    model = unwrap_compiled(model)
+    layers, _ = find_layers(model)
+    if not layers and not functional_candidates(model, []):
         raise NoNormLayersError(
             "the model has no normalization layer (BatchNorm, InstanceNorm, GroupNorm, LayerNorm, "
             "RMSNorm or FrozenBatchNorm2d)",

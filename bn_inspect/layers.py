@@ -78,6 +78,8 @@ class NormLayer:
     has_momentum: bool = False
     affine_requires_grad: bool | None = None
     buffer_dtype: str | None = None
+    owner_tensors: tuple[torch.Tensor, ...] = ()
+    observed_training: bool | None = None
 
     def state(self) -> LayerState:
         """The torch-free facts of this layer, for reports and rules."""
@@ -123,6 +125,8 @@ class NormLayer:
         """
         if self.is_frozen:
             return "running"
+        if self.observed_training is not None:
+            is_training = self.observed_training
         has_running = self.running_mean is not None and self.running_var is not None
         if self.family is NormFamily.BATCH:
             return "batch" if is_training or not has_running else "running"
@@ -253,3 +257,213 @@ def _dtype_name(tensor: object) -> str | None:
     if isinstance(tensor, torch.Tensor) and not is_uninitialized(tensor):
         return str(tensor.dtype).removeprefix("torch.")
     return None
+
+
+_GRAPH_BATCH_NORM_OPS = {
+    "batch_norm",
+    "native_batch_norm",
+    "_native_batch_norm_legit",
+    "_native_batch_norm_legit_no_training",
+    "_native_batch_norm_legit_functional",
+    "_batch_norm_with_update",
+    "_batch_norm_no_update",
+}
+
+
+def _graph_op_name(target: object) -> str | None:
+    packet = getattr(target, "overloadpacket", None)
+    return getattr(packet, "__name__", None)
+
+
+def iter_graph_norm_layers(model: nn.Module) -> list[NormLayer]:
+    """Batch-norm calls of a torch.export program's module (``ep.module()``), named by module path.
+
+    The graph keeps no normalization submodules, only ``aten`` calls whose ``nn_module_stack``
+    metadata records the original path and class; the layer is then recognised at run time by
+    the running buffers the call is handed.
+    """
+    graph = getattr(model, "graph", None)
+    if graph is None:
+        return []
+    layers: dict[str, NormLayer] = {}
+    for node in graph.nodes:
+        name = _graph_op_name(node.target) if node.op == "call_function" else None
+        if name not in _GRAPH_BATCH_NORM_OPS:
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            continue
+        path, cls = list(stack.values())[-1]
+        type_name = (cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))).rsplit(".", 1)[-1]
+        buffer_args = [a for a in node.args[1:5] if getattr(a, "op", None) == "get_attr"]
+        running = {
+            arg.target.rsplit(".", 1)[-1]: model.get_buffer(arg.target)
+            for arg in buffer_args
+            if arg.target.endswith(("running_mean", "running_var"))
+        }
+        if "running_mean" not in running or path in layers:
+            continue
+        training = _graph_training_flag(name, node.args)
+        layers[path] = NormLayer(
+            name=path,
+            module=model,
+            family=NormFamily.BATCH,
+            type_name=type_name,
+            num_channels=int(running["running_mean"].numel()),
+            eps=_optional_float(
+                node.args[-1] if name == "_native_batch_norm_legit_no_training" else _arg(node.args, 7)
+            ),
+            momentum=_optional_float(_arg(node.args, 5 if name == "_native_batch_norm_legit_no_training" else 6)),
+            affine=node.args[1] is not None,
+            track_running_stats=True,
+            num_batches_tracked=_tracked(model, path),
+            running_mean=_host_values(running["running_mean"]),
+            running_var=_host_values(running.get("running_var")),
+            weight=_host_values(_graph_tensor(model, node.args[1])),
+            bias=_host_values(_graph_tensor(model, node.args[2])),
+            is_frozen=False,
+            is_lazy=False,
+            num_groups=None,
+            normalized_shape=None,
+            is_training=bool(training),
+            has_momentum=True,
+            buffer_dtype=_dtype_name(running["running_mean"]),
+            owner_tensors=tuple(running.values()),
+            observed_training=training,
+        )
+    return list(layers.values())
+
+
+def _arg(args: tuple[object, ...], index: int) -> object:
+    return args[index] if index < len(args) else None
+
+
+def _graph_training_flag(op_name: str, args: tuple[object, ...]) -> bool | None:
+    if op_name in ("_native_batch_norm_legit_no_training", "_batch_norm_no_update"):
+        return False
+    if op_name == "_batch_norm_with_update":
+        return True
+    flag = _arg(args, 5)
+    return flag if isinstance(flag, bool) else None
+
+
+def _graph_tensor(model: nn.Module, arg: object) -> torch.Tensor | None:
+    target = getattr(arg, "target", None)
+    if getattr(arg, "op", None) != "get_attr" or not isinstance(target, str):
+        return None
+    try:
+        return model.get_parameter(target)
+    except AttributeError:
+        pass
+    try:
+        return model.get_buffer(target)
+    except AttributeError:
+        return None
+
+
+def _tracked(model: nn.Module, path: str) -> int | None:
+    try:
+        tracked = model.get_buffer(f"{path}.num_batches_tracked")
+    except AttributeError:
+        return None
+    return int(tracked.item()) if tracked.numel() else None
+
+
+def exported_training_mode(layers: list[NormLayer]) -> bool | None:
+    """The mode a torch.export program's batch norms were frozen in, or None if it has none."""
+    flags = {layer.observed_training for layer in layers if layer.observed_training is not None}
+    return flags.pop() if len(flags) == 1 else (True if flags else None)
+
+
+def functional_candidates(model: nn.Module, layers: list[NormLayer]) -> dict[int, str]:
+    """Where a direct ``F.batch_norm`` call keeps its running statistics: 1-D float buffers of
+    modules that are not normalization layers, by storage address -> qualified buffer name."""
+    norm_modules = {id(layer.module) for layer in layers}
+    found: dict[int, str] = {}
+    for name, module in model.named_modules():
+        if id(module) in norm_modules:
+            continue
+        for buffer_name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point() and buffer.dim() == 1 and buffer.numel() and not is_uninitialized(buffer):
+                found[buffer.data_ptr()] = f"{name}.{buffer_name}" if name else buffer_name
+    return found
+
+
+def describe_functional(running_mean_name: str, module: nn.Module, args: tuple[object, ...], op_name: str) -> NormLayer:
+    """A NormLayer for a direct F.batch_norm call, named by the running-mean buffer it was handed."""
+    no_training = op_name == "_native_batch_norm_legit_no_training"
+    training = False if no_training else _arg(args, 5)
+    running_mean, running_var = _arg(args, 3), _arg(args, 4)
+    weight, bias = _arg(args, 1), _arg(args, 2)
+    return NormLayer(
+        name=running_mean_name,
+        module=module,
+        family=NormFamily.BATCH,
+        type_name="functional batch_norm",
+        num_channels=int(running_mean.numel()) if isinstance(running_mean, torch.Tensor) else None,
+        eps=_optional_float(_arg(args, 6 if no_training else 7)),
+        momentum=_optional_float(_arg(args, 5 if no_training else 6)),
+        affine=isinstance(weight, torch.Tensor),
+        track_running_stats=True,
+        num_batches_tracked=None,
+        running_mean=_host_values(running_mean),
+        running_var=_host_values(running_var),
+        weight=_host_values(weight),
+        bias=_host_values(bias),
+        is_frozen=False,
+        is_lazy=False,
+        num_groups=None,
+        normalized_shape=None,
+        is_training=bool(training),
+        has_momentum=True,
+        buffer_dtype=_dtype_name(running_mean),
+        observed_training=training if isinstance(training, bool) else None,
+    )
+
+
+INFERRED_TYPE = "BatchNorm-like (inferred)"
+
+
+def states_from_state_dict(state_dict: dict[str, torch.Tensor]) -> list[LayerState]:
+    """Normalization layers read off a bare state_dict: every prefix with running_mean and running_var.
+
+    Without the architecture the class cannot be known: BatchNorm1d/2d/3d, SyncBatchNorm,
+    FrozenBatchNorm2d and InstanceNorm with running statistics all save the same buffers. eps
+    and momentum are not saved at all.
+    """
+    states = []
+    for key in state_dict:
+        if not key.endswith("running_mean"):
+            continue
+        prefix = key[: -len("running_mean")]
+        running_var = state_dict.get(prefix + "running_var")
+        if running_var is None:
+            continue
+        running_mean = state_dict[key]
+        weight, bias = state_dict.get(prefix + "weight"), state_dict.get(prefix + "bias")
+        tracked = state_dict.get(prefix + "num_batches_tracked")
+        states.append(
+            LayerState(
+                name=prefix.rstrip(".") or "(root)",
+                type=INFERRED_TYPE,
+                family=NormFamily.BATCH.value,
+                num_channels=int(running_mean.numel()),
+                eps=None,
+                momentum=None,
+                is_cumulative_average=False,
+                affine=weight is not None,
+                track_running_stats=True,
+                num_batches_tracked=int(tracked.item()) if tracked is not None and tracked.numel() == 1 else None,
+                is_training=False,
+                affine_requires_grad=None,
+                buffer_dtype=_dtype_name(running_mean),
+                running_mean=_host_values(running_mean),
+                running_var=_host_values(running_var),
+                weight=_host_values(weight),
+                bias=_host_values(bias),
+                is_frozen=False,
+                is_lazy=False,
+                eval_uses="running",
+            )
+        )
+    return states

@@ -492,6 +492,41 @@ def _names(items: list[str], limit: int = 8) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
+@dataclass(frozen=True)
+class Weights:
+    """A file that holds only tensors (a state_dict, checkpoint dict or safetensors), prefixes stripped."""
+
+    state_dict: dict[str, torch.Tensor]
+    source: str
+    format: str
+
+
+def read_model_file(path: Path, *, trust_pickle: bool = False, map_location: str = "cpu") -> LoadedModel | Weights:
+    """A whole model (TorchScript, torch.export, pickle) or the weights a file holds, loaded safely.
+
+    Raises:
+        ModelFileError, UntrustedPickleError.
+    """
+    kind = detect_file_kind(path)
+    if kind is FileKind.TORCHSCRIPT:
+        return LoadedModel(_load_torchscript(path, map_location), str(path), "torchscript", None)
+    if kind is FileKind.TORCH_EXPORT:
+        return LoadedModel(_load_exported(path, map_location), str(path), "torch.export", None)
+    if kind is FileKind.SAFETENSORS:
+        return Weights(_load_safetensors(path, map_location), str(path), "safetensors")
+    obj = _torch_load(path, map_location, trust_pickle, kind)
+    from torch import nn
+
+    if isinstance(obj, nn.Module):
+        return LoadedModel(obj, str(path), "pickle", None)
+    if isinstance(obj, Mapping):
+        for key in _STATE_DICT_KEYS:
+            if isinstance(obj.get(key), nn.Module):
+                return LoadedModel(obj[key], str(path), "pickle", None)
+    state_dict, nested = extract_state_dict(obj, path)
+    return Weights(state_dict, str(path), "checkpoint" if nested else "state_dict")
+
+
 def load_model(
     path: Path | None,
     *,
@@ -517,36 +552,17 @@ def load_model(
         if arch is None:
             raise ArchError("no model given", "Give a MODEL file, or --arch to inspect a fresh architecture")
         return LoadedModel(build_arch(arch, kwargs), "<arch>", "arch", arch)
-    kind = detect_file_kind(path)
-    if kind is FileKind.TORCHSCRIPT:
-        return LoadedModel(_load_torchscript(path, map_location), str(path), "torchscript", None)
-    if kind is FileKind.TORCH_EXPORT:
-        raise ModelFileError(
-            f"{path} is a torch.export archive (.pt2), which this version cannot inspect yet",
-            "Inspect the eager model (state_dict with --arch) or a TorchScript archive instead",
-        )
-    if kind is FileKind.SAFETENSORS:
-        state_dict, file_format = _load_safetensors(path, map_location), "safetensors"
-    else:
-        obj = _torch_load(path, map_location, trust_pickle, kind)
-        from torch import nn
-
-        if isinstance(obj, nn.Module):
-            return LoadedModel(obj, str(path), "pickle", None)
-        if isinstance(obj, Mapping):
-            for key in _STATE_DICT_KEYS:
-                if isinstance(obj.get(key), nn.Module):
-                    return LoadedModel(obj[key], str(path), "pickle", None)
-        state_dict, nested = extract_state_dict(obj, path)
-        file_format = "checkpoint" if nested else "state_dict"
+    content = read_model_file(path, trust_pickle=trust_pickle, map_location=map_location)
+    if isinstance(content, LoadedModel):
+        return content
     if arch is None:
         raise ArchError(
-            f"{path} holds only weights ({file_format}), not the model's code",
+            f"{path} holds only weights ({content.format}), not the model's code",
             "Pass --arch package.module:callable (or path/to/file.py:callable) that builds the model",
         )
     module = build_arch(arch, kwargs)
-    load_state_into(module, state_dict, arch)
-    return LoadedModel(module, str(path), file_format, arch)
+    load_state_into(module, content.state_dict, arch)
+    return LoadedModel(module, str(path), content.format, arch)
 
 
 def _load_torchscript(path: Path, map_location: str) -> nn.Module:
@@ -561,6 +577,30 @@ def _load_torchscript(path: Path, map_location: str) -> nn.Module:
             return module
     except Exception as error:
         raise _corrupt(path, error) from error
+
+
+def _load_exported(path: Path, map_location: str) -> nn.Module:
+    """``torch.export.load(path).module()``: a GraphModule whose batch norms are aten calls."""
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.load(str(path))
+            module = program.module()
+    except Exception as error:
+        raise _corrupt(path, error) from error
+    if map_location != "cpu":
+        try:
+            module = module.to(map_location)
+        except Exception as error:
+            raise ModelFileError(
+                f"{path}: the exported program cannot move to {map_location} ({type(error).__name__})",
+                "Export it on that device, or use --device cpu",
+            ) from error
+    return module
 
 
 def _load_safetensors(path: Path, map_location: str) -> dict[str, torch.Tensor]:

@@ -30,6 +30,14 @@ class CheckFormat(str, Enum):
     JUNIT = "junit"
 
 
+class ListingFormat(str, Enum):
+    """How `bn-inspect layers` writes its listing."""
+
+    TABLE = "table"
+    JSON = "json"
+    MARKDOWN = "markdown"
+
+
 class FailOn(str, Enum):
     """The lowest severity that makes `bn-inspect check` exit 1."""
 

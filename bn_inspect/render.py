@@ -11,7 +11,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from bn_inspect.report import LayerReport, Report
+from bn_inspect.report import LayerListing, LayerReport, Report
 from bn_inspect.rules import CheckReport
 
 # |z| beyond which the batch mean sits far outside the running distribution.
@@ -330,4 +330,69 @@ def render_check(check: CheckReport) -> RenderableType:
             style="bold green" if check.passed else "bold red",
         )
     )
+    return Group(*parts)
+
+
+def _spread(values: Sequence[float] | None) -> str:
+    if not values:
+        return "—"
+    finite = [v for v in values if math.isfinite(v)]
+    bad = len(values) - len(finite)
+    if not finite:
+        return "all non-finite"
+    text = f"{_short(_mean(finite))} [{_short(min(finite))}, {_short(max(finite))}]"
+    return text + (f" +{bad} non-finite" if bad else "")
+
+
+def render_listing(listing: LayerListing) -> RenderableType:
+    """The static listing: one row per normalization layer, its settings and its running statistics."""
+    table = Table(header_style="bold", show_edge=False, pad_edge=False, box=box.SIMPLE_HEAD)
+    for name, justify in (
+        ("layer", "left"),
+        ("type", "left"),
+        ("C", "right"),
+        ("eps", "right"),
+        ("momentum", "right"),
+        ("affine", "left"),
+        ("tracks", "left"),
+        ("batches", "right"),
+        ("running mean avg [min, max]", "right"),
+        ("running var avg [min, max]", "right"),
+        ("eval uses", "left"),
+    ):
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for layer in listing.layers:
+        momentum = "None (cumulative)" if layer.is_cumulative_average else _short(layer.momentum)
+        flags = [
+            f
+            for f, on in (("train mode", layer.is_training), ("lazy", layer.is_lazy), ("frozen", layer.is_frozen))
+            if on
+        ]
+        table.add_row(
+            layer.name,
+            layer.type + (f" ({', '.join(flags)})" if flags else ""),
+            str(layer.num_channels) if layer.num_channels is not None else "—",
+            _short(layer.eps),
+            momentum,
+            "yes" if layer.affine else "no",
+            "yes" if layer.track_running_stats else "no",
+            str(layer.num_batches_tracked) if layer.num_batches_tracked is not None else "—",
+            _spread(layer.running_mean),
+            _spread(layer.running_var),
+            Text(layer.eval_uses, style="yellow" if layer.eval_uses == "batch" else ""),
+        )
+    head = Text()
+    head.append("model ", style="bold")
+    head.append(f"{listing.model.source} ({listing.model.format})")
+    parts: list[RenderableType] = [head, Text(""), table]
+    if listing.types_inferred:
+        parts.append(
+            Text(
+                "Layer types are inferred from the state_dict's *.running_mean / *.running_var keys "
+                "(eps and momentum are not saved); pass --arch for the real classes.",
+                style="dim",
+            )
+        )
+    if not listing.layers:
+        parts.append(Text("No normalization layer found.", style="yellow"))
     return Group(*parts)

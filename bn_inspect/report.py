@@ -158,6 +158,31 @@ def _max_abs(values: Floats | None) -> float | None:
 
 
 @dataclass(frozen=True)
+class LayerListing:
+    """The static listing of `bn-inspect layers`: what each normalization layer holds, no data run.
+
+    ``types_inferred`` is True when the listing was read off a bare state_dict, whose keys cannot
+    tell BatchNorm1d/2d/3d, FrozenBatchNorm2d and tracking InstanceNorm apart.
+    """
+
+    model: ModelInfo
+    layers: tuple[LayerState, ...]
+    types_inferred: bool = False
+    schema_version: int = field(default=SCHEMA_VERSION)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready data; non-finite floats become "nan", "inf" or "-inf"."""
+        document = {
+            "schema_version": self.schema_version,
+            "kind": "layers",
+            "model": asdict(self.model),
+            "types_inferred": self.types_inferred,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+        return _json_ready(document)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
 class Report:
     """The result of one inspection; ``to_dict`` gives the JSON document of schema version 1."""
 

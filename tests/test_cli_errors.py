@@ -120,7 +120,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         archive.writestr("archive/version", "3\n")
     torch.save(_Evil(), folder / "evil.pt")
     model = DigitsCNN().eval()
-    torch.export.save(torch.export.export(model, (torch.randn(2, 1, 8, 8),)), str(folder / "model.pt2"))
+    torch.export.save(torch.export.export(model.train(), (torch.randn(2, 1, 8, 8),)), str(folder / "model.pt2"))
 
     missing = dict(state_dict)
     del missing["classifier.bias"]
@@ -202,8 +202,10 @@ CASES = {
     "malicious-pickle": Case(
         f"$dir/evil.pt {S}", f"Error: $dir/evil.pt is a pickle that imports {os.system.__module__}.system when loaded"
     ),
-    "torch-export-archive": Case(
-        f"$dir/model.pt2 {S}", "Error: $dir/model.pt2 is a torch.export archive (.pt2), which this version cannot"
+    "torch-export-mode-mismatch": Case(
+        f"$dir/model.pt2 {S}",
+        "Error: this torch.export archive was exported in train mode, which is fixed in its graph, so it cannot "
+        "run in --mode eval. Use --mode train",
     ),
     "weights-without-arch": Case(
         f"$digits {S}",

@@ -210,14 +210,15 @@ def test_nothing_given() -> None:
 # --- TorchScript and torch.export are never "corrupt" -----------------------------------------
 
 
-def test_torch_export_archive_gets_a_clear_message(tmp_path: Path, trained: DigitsCNN) -> None:
+def test_torch_export_archive_loads_as_its_graph_module(tmp_path: Path, trained: DigitsCNN) -> None:
     path = tmp_path / "model.pt2"
     torch.export.save(torch.export.export(trained.eval(), (torch.randn(2, 1, 8, 8),)), str(path))
     assert detect_file_kind(path) is FileKind.TORCH_EXPORT
-    with pytest.raises(ModelFileError, match=r"is a torch\.export archive \(\.pt2\)") as info:
-        load_model(path, arch=ARCH)
-    assert "corrupt" not in str(info.value)
-    assert "weights_only" not in str(info.value)
+    loaded = load_model(path)
+    assert loaded.format == "torch.export"
+    x = torch.randn(2, 1, 8, 8)  # exported with a static batch of 2
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(x), trained.eval()(x))
 
 
 @pytest.mark.parametrize("name", ["scripted.pt", "scripted.pth", "scripted.pt2", "scripted.safetensors"])
