@@ -73,11 +73,13 @@ def channel_moments(x: torch.Tensor) -> ChannelMoments:
     if count == 0:
         empty = torch.zeros(num_channels, dtype=torch.float64, device=x.device)
         return ChannelMoments(0, empty, empty.clone())
+    if x.is_cuda and x.dtype != torch.float64:
+        return welford_moments(x, count)
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
     dims = [0, *range(2, x.dim())]
     if x.device.type != "cpu":
-        # Elsewhere a cancellation check would stall the device queue; the Welford kernel is exact.
-        return _two_pass_moments(work, dims, count)
+        # Elsewhere a cancellation check would stall the device queue; var_mean is exact.
+        return two_pass_moments(work, dims, count)
     shift = work[(0, slice(None)) + (0,) * (x.dim() - 2)].view(1, num_channels, *([1] * (x.dim() - 2)))
     shifted = work - shift
     shifted_sum = shifted.sum(dims).double()
@@ -87,11 +89,23 @@ def channel_moments(x: torch.Tensor) -> ChannelMoments:
     m2 = sum_sq - shifted_sum * shifted_mean
     cancellation = shifted_mean.square() * count / m2
     if bool(((m2 <= 0) & (shifted_mean != 0)).any() | (cancellation > MAX_CANCELLATION).any()):
-        return _two_pass_moments(work, dims, count)
+        return two_pass_moments(work, dims, count)
     return ChannelMoments(count, shift.reshape(-1).double() + shifted_mean, m2.clamp_min(0))
 
 
-def _two_pass_moments(work: torch.Tensor, dims: list[int], count: int) -> ChannelMoments:
+def welford_moments(x: torch.Tensor, count: int) -> ChannelMoments:
+    """CUDA: the batch-norm statistics kernel (Welford, float accumulation, one read of ``x``).
+
+    With eps 0 it returns 1/sqrt(biased var), so var = invstd**-2 (a constant channel gives
+    invstd = inf and var = 0). It reads bf16/fp16 directly and accumulates in float32, so no
+    upcast copy is made, and it handles channels-last layouts natively.
+    """
+    mean, invstd = torch.batch_norm_stats(x, 0.0)
+    return ChannelMoments(count, mean.double(), invstd.double().pow(-2) * count)
+
+
+def two_pass_moments(work: torch.Tensor, dims: list[int], count: int) -> ChannelMoments:
+    """torch.var_mean over ``dims``: exact two-pass moments, the fallback on every device."""
     batch_var, batch_mean = torch.var_mean(work, dim=dims, correction=0)
     return ChannelMoments(count, batch_mean.double(), batch_var.double() * count)
 
