@@ -302,3 +302,13 @@ def test_layers_table_and_markdown(capsys: pytest.CaptureFixture[str], monkeypat
     assert "features.8" in out and "inferred" in out
     assert run(["layers", str(SAMPLES / "volume_cnn3d" / "torchscript.pt"), "--format", "markdown"]) == 0
     assert "| `features.1` | BatchNorm3d |" in capsys.readouterr().out
+
+
+def test_torchscript_family_coverage_is_as_documented() -> None:
+    model = models.randomize_norm_state(models.Family()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(model)
+    report = inspect_unchanged(scripted, [models.make_input((3, 4, 5, 6))])
+    assert [entry.name for entry in report.layers] == ["gn", "ln"]
+    assert report.not_executed == ("inorm", "inorm_plain", "rms")
