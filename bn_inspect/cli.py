@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -91,6 +91,10 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
+def _silent(_message: str) -> None:
+    """A note sink for --quiet."""
+
+
 def _note(message: str) -> None:
     from rich.console import Console
 
@@ -150,6 +154,7 @@ OutputOpt = Annotated[
     Path | None, typer.Option("--output", help="Write the report to this file (atomically) instead of stdout.")
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of any error.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no notes on stderr.")]
 
 
 @dataclass(frozen=True)
@@ -179,9 +184,12 @@ def _prepare(
     mode: Mode,
     *,
     needs_data: bool = True,
+    quiet: bool = False,
 ) -> _Prepared:
     """Validate the shared options, load the model and build the batches (guessing a shape if needed)."""
     from bn_inspect.loading import LoadedModel, load_model, parse_arch_kwargs
+
+    note = _silent if quiet else _note
 
     if shape is not None and input_file is not None:
         raise InputError("--shape and --input were both given", "Use one of them")
@@ -194,7 +202,7 @@ def _prepare(
     input_source = ""
     if needs_data:
         batch_iter, input_source = _make_batches(
-            shape, input_file, input_key, drop_column or [], batch_size, batches, seed
+            shape, input_file, input_key, drop_column or [], batch_size, batches, seed, quiet
         )
     import torch
 
@@ -203,19 +211,19 @@ def _prepare(
     if model is None:
         loaded = LoadedModel(loaded.module.to(target_device), loaded.source, loaded.format, loaded.arch)
     elif arch is not None and loaded.arch is None:
-        _note(f"note: --arch is not used: {model} holds a whole {loaded.format} model, architecture included.")
+        note(f"note: --arch is not used: {model} holds a whole {loaded.format} model, architecture included.")
     if loaded.format == "torch.export":
         from bn_inspect.layers import exported_training_mode, iter_graph_norm_layers
 
         training = exported_training_mode(iter_graph_norm_layers(loaded.module))
         # On a mismatch the error says it all; a note on top would make it two lines.
         if training is not None and training == (mode is Mode.TRAIN):
-            _note(
+            note(
                 f"note: this torch.export archive was exported in {'train' if training else 'eval'} mode, "
                 "which its graph fixes."
             )
     if needs_data and batch_iter is None:
-        batch_iter, input_source = _guessed_batches(loaded.module, batch_size or 8, batches or 1, seed)
+        batch_iter, input_source = _guessed_batches(loaded.module, batch_size or 8, batches or 1, seed, note)
     return _Prepared(loaded, batch_iter, input_source, is_real_data=input_file is not None)
 
 
@@ -249,6 +257,7 @@ def inspect_command(
         OutputFormat, typer.Option("--format", help="table for people; json, csv or markdown for machines and CI.")
     ] = OutputFormat.TABLE,
     output: OutputOpt = None,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Run data through a model and show, per normalization layer, batch vs running statistics.
@@ -282,6 +291,7 @@ def inspect_command(
         device,
         output,
         mode,
+        quiet=quiet,
     )
     loaded = prepared.loaded
     report = inspect_model(
@@ -354,6 +364,7 @@ def check_command(
         CheckFormat, typer.Option("--format", help="table for people; json, markdown or junit for CI.")
     ] = CheckFormat.TABLE,
     output: OutputOpt = None,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Check a model's normalization layers for broken state; exit 1 when a finding reaches --fail-on.
@@ -408,6 +419,7 @@ def check_command(
         output,
         mode,
         needs_data=not no_data,
+        quiet=quiet,
     )
     loaded = prepared.loaded
     result = check_model(
@@ -530,22 +542,42 @@ def _make_batches(
     batch_size: int | None,
     max_batches: int | None,
     seed: int,
+    quiet: bool,
 ) -> tuple[Iterator[Batch] | None, str]:
-    from bn_inspect.inputs import DEFAULT_BATCH_SIZE, check_fits_memory, parse_shape, random_batches, read_input
+    from bn_inspect.inputs import DEFAULT_BATCH_SIZE, check_fits_memory, open_input, parse_shape, random_batches
 
     if shape is not None:
         parsed = parse_shape(shape)
-        return random_batches(parsed, max_batches or 1, seed), f"random normal, seed {seed}"
+        count = max_batches or 1
+        return _with_progress(random_batches(parsed, count, seed), count, quiet), f"random normal, seed {seed}"
     if input_file is not None:
-        data = read_input(input_file, key=input_key, drop_columns=drop_columns)
+        data = open_input(input_file, key=input_key, drop_columns=drop_columns)
         size = batch_size or DEFAULT_BATCH_SIZE
-        first = (data.args or tuple(data.kwargs.values()))[0]
-        check_fits_memory((min(size, data.num_samples), *first.shape[1:]), 4)
-        return data.batches(size, max_batches), str(input_file)
+        check_fits_memory((size, *data.sample_shape()), 4)
+        total = data.num_batches(size, max_batches)
+        return _with_progress(data.batches(size, max_batches), total, quiet), str(input_file)
     return None, ""
 
 
-def _guessed_batches(module: nn.Module, batch_size: int, num_batches: int, seed: int) -> tuple[Iterator[Batch], str]:
+def _with_progress(batches: Iterator[Batch], total: int | None, quiet: bool) -> Iterator[Batch]:
+    """A rich progress bar on stderr while batches run; none when quiet, for one batch, or off a terminal."""
+    if quiet or total == 1 or not sys.stderr.isatty():
+        yield from batches
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("batches"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("batches", total=total)
+        for batch in batches:
+            yield batch
+            progress.advance(task)
+
+
+def _guessed_batches(
+    module: nn.Module, batch_size: int, num_batches: int, seed: int, note: Callable[[str], None]
+) -> tuple[Iterator[Batch], str]:
     from bn_inspect.inputs import guess_input_shapes, random_batches
     from bn_inspect.inspection import find_working_shape
 
@@ -557,7 +589,7 @@ def _guessed_batches(module: nn.Module, batch_size: int, num_batches: int, seed:
             + (f" ({guess.reason}, but no tried size ran)" if guess else ""),
             "Pass --shape N,C,... or --input FILE",
         )
-    _note(
+    note(
         f"No --shape or --input: using random normal input of shape {tuple(chosen)}, because {guess.reason}. "
         "Pass --shape to choose."
     )

@@ -138,6 +138,71 @@ class InputData:
         total = math.ceil(self.num_samples / batch_size)
         return total if max_batches is None else min(total, max_batches)
 
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample of the first input tensor."""
+        first = (self.args or tuple(self.kwargs.values()))[0]
+        return tuple(int(s) for s in first.shape[1:])
+
+
+DIRECTORY_SUFFIXES = (".pt", ".pth", ".npy", ".npz")
+
+
+@dataclass(frozen=True)
+class DirectoryData:
+    """A directory of .pt/.pth/.npy/.npz files, read one file at a time in name order.
+
+    Only the current file is in memory (.npy files are memory-mapped and read a batch at a
+    time), so a dataset of any size streams through with flat memory. Batches do not span files.
+    """
+
+    source: str
+    files: tuple[Path, ...]
+    key: str | None = None
+
+    def batches(self, batch_size: int, max_batches: int | None) -> Iterator[Batch]:
+        """The batches of every file in turn, at most ``max_batches`` in all."""
+        remaining = max_batches
+        for path in self.files:
+            if remaining is not None and remaining <= 0:
+                return
+            data = read_input(path, key=self.key)
+            for batch in data.batches(batch_size, remaining):
+                yield batch
+                if remaining is not None:
+                    remaining -= 1
+
+    def num_batches(self, batch_size: int, max_batches: int | None) -> int | None:
+        """How many batches ``batches`` yields, when the files' headers tell (.npy); else None."""
+        import numpy as np
+
+        total = 0
+        for path in self.files:
+            if path.suffix.lower() != ".npy":
+                return max_batches
+            total += math.ceil(int(np.load(path, mmap_mode="r", allow_pickle=False).shape[0]) / batch_size)
+        return total if max_batches is None else min(total, max_batches)
+
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample of the first file."""
+        return read_input(self.files[0], key=self.key).sample_shape()
+
+
+def open_input(path: Path, *, key: str | None = None, drop_columns: Sequence[str] = ()) -> InputData | DirectoryData:
+    """An input file, or a directory of input files to stream.
+
+    Raises:
+        InputError: as read_input; a directory without readable files.
+    """
+    if path.is_dir():
+        files = tuple(sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DIRECTORY_SUFFIXES))
+        if not files:
+            raise InputError(
+                f"input directory {path} holds no {', '.join(DIRECTORY_SUFFIXES)} files",
+                "Give a directory of tensor files, or one input file",
+            )
+        return DirectoryData(str(path), files, key)
+    return read_input(path, key=key, drop_columns=drop_columns)
+
 
 def _as_tensor(array: Any) -> torch.Tensor:
     import numpy as np
@@ -163,7 +228,7 @@ def read_input(path: Path, *, key: str | None = None, drop_columns: Sequence[str
     if not path.exists():
         raise InputError(f"input file {path} does not exist", "Check the path")
     if path.is_dir():
-        raise InputError(f"input path {path} is a directory", "Give one input file")
+        raise InputError(f"input path {path} is a directory", "Give one input file, or stream it with open_input")
     suffix = path.suffix.lower()
     if suffix in (".pt", ".pth"):
         data = _read_torch(path, key)
