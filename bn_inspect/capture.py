@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bn_inspect.errors import ShapeMismatchError
 from bn_inspect.layers import (
+    BATCH_NORM_OPS,
     NormFamily,
     NormLayer,
     describe_functional,
@@ -150,20 +151,7 @@ def hooks_capture(layers: list[NormLayer], recorder: StatisticsRecorder) -> Iter
             handle.remove()
 
 
-_BATCH_NORM_OPS = {
-    name
-    for name in (
-        "native_batch_norm",
-        "_native_batch_norm_legit",
-        "_native_batch_norm_legit_no_training",
-        "_native_batch_norm_legit_functional",
-        "_batch_norm_with_update",
-        "_batch_norm_no_update",
-        "cudnn_batch_norm",
-        "miopen_batch_norm",
-    )
-    if hasattr(torch.ops.aten, name)
-}
+_BATCH_NORM_OPS = {name for name in BATCH_NORM_OPS if hasattr(torch.ops.aten, name)}
 # Where each op keeps the tensors that identify the owning layer (weight, bias, running stats).
 _OWNER_ARGS = {name: (1, 2, 3, 4) for name in _BATCH_NORM_OPS} | {
     "native_group_norm": (1, 2),

@@ -149,6 +149,14 @@ def _forward_error(error: Exception, last_layer: str | None, failing_module: str
     )
 
 
+def _no_norm_layers(verb: str) -> NoNormLayersError:
+    return NoNormLayersError(
+        "the model has no normalization layer (BatchNorm, InstanceNorm, GroupNorm, LayerNorm, "
+        "RMSNorm or FrozenBatchNorm2d)",
+        f"Nothing to {verb}; check that this is the model you meant",
+    )
+
+
 def unwrap_compiled(model: nn.Module) -> nn.Module:
     """The eager module inside a ``torch.compile`` wrapper: hooks added to a compiled model after
     its first call never fire, and its graphs are shared between instances."""
@@ -246,11 +254,7 @@ def inspect_model(
     model = unwrap_compiled(model)
     layers, is_graph = find_layers(model)
     if not layers and not functional_candidates(model, []) and require_norm_layers:
-        raise NoNormLayersError(
-            "the model has no normalization layer (BatchNorm, InstanceNorm, GroupNorm, LayerNorm, "
-            "RMSNorm or FrozenBatchNorm2d)",
-            "Nothing to inspect; check that this is the model you meant",
-        )
+        raise _no_norm_layers("inspect")
     if is_graph:
         _check_exported_mode(layers, mode)
     device = model_device(model)
@@ -424,11 +428,7 @@ def check_model(
     model = unwrap_compiled(model)
     layers, _ = find_layers(model)
     if not layers and not functional_candidates(model, []):
-        raise NoNormLayersError(
-            "the model has no normalization layer (BatchNorm, InstanceNorm, GroupNorm, LayerNorm, "
-            "RMSNorm or FrozenBatchNorm2d)",
-            "Nothing to check; check that this is the model you meant",
-        )
+        raise _no_norm_layers("check")
     findings = state_findings(
         [layer.state() for layer in layers],
         thresholds,

@@ -259,15 +259,20 @@ def _dtype_name(tensor: object) -> str | None:
     return None
 
 
-_GRAPH_BATCH_NORM_OPS = {
-    "batch_norm",
-    "native_batch_norm",
-    "_native_batch_norm_legit",
-    "_native_batch_norm_legit_no_training",
-    "_native_batch_norm_legit_functional",
-    "_batch_norm_with_update",
-    "_batch_norm_no_update",
-}
+# The aten batch-norm kernels, as eager code, TorchScript and exported graphs reach them.
+BATCH_NORM_OPS = frozenset(
+    {
+        "native_batch_norm",
+        "_native_batch_norm_legit",
+        "_native_batch_norm_legit_no_training",
+        "_native_batch_norm_legit_functional",
+        "_batch_norm_with_update",
+        "_batch_norm_no_update",
+        "cudnn_batch_norm",
+        "miopen_batch_norm",
+    }
+)
+_GRAPH_BATCH_NORM_OPS = BATCH_NORM_OPS | {"batch_norm"}
 
 
 def _graph_op_name(target: object) -> str | None:
