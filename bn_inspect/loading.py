@@ -106,7 +106,9 @@ def _zip_kind(path: Path) -> FileKind:
             f"model file {path} is corrupt: entry {broken} fails its CRC check", "Re-save or re-download it"
         )
     parts = {part for name in names for part in name.split("/")[1:2]}
-    if "archive_format" in parts or any("/models/" in name for name in names):
+    # Only the archive's top-level entries count: TorchScript keeps user code under code/, whose
+    # module paths (code/__torch__/tests/models/...) may contain any folder name.
+    if "archive_format" in parts or "models" in parts:
         return FileKind.TORCH_EXPORT
     if "code" in parts or "constants.pkl" in parts:
         return FileKind.TORCHSCRIPT
