@@ -14,6 +14,8 @@ from bn_inspect.report import SCHEMA_VERSION, InputInfo, LayerReport, ModelInfo,
 if TYPE_CHECKING:
     from bn_inspect.inspection import Batch, check_model, inspect_model
     from bn_inspect.loading import load_model
+    from bn_inspect.modes import compare_modes
+    from bn_inspect.recalibration import recalibrate, save_like
 
 __version__ = "0.1.0"
 
@@ -28,12 +30,18 @@ __all__ = [
     "Report",
     "__version__",
     "check_model",
+    "compare_modes",
     "inspect_model",
     "load_model",
+    "recalibrate",
+    "save_like",
 ]
 
 _LAZY = {
     "check_model": "bn_inspect.inspection",
+    "compare_modes": "bn_inspect.modes",
+    "recalibrate": "bn_inspect.recalibration",
+    "save_like": "bn_inspect.recalibration",
     "inspect_model": "bn_inspect.inspection",
     "Batch": "bn_inspect.inspection",
     "load_model": "bn_inspect.loading",

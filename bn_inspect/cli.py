@@ -17,12 +17,21 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from bn_inspect.errors import BnInspectError, DeviceError, InputError, OutputError
-from bn_inspect.options import CheckFormat, DeviceChoice, FailOn, ListingFormat, Mode, OutputFormat
+from bn_inspect.options import (
+    CheckFormat,
+    DeviceChoice,
+    FailOn,
+    ListingFormat,
+    Mode,
+    OutputFormat,
+    RecalibrationChoice,
+)
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
     from torch import nn
 
+    from bn_inspect.inputs import DirectoryData, InputData
     from bn_inspect.inspection import Batch
     from bn_inspect.loading import LoadedModel
     from bn_inspect.report import Report
@@ -506,6 +515,167 @@ def layers_command(
         from bn_inspect.render import render_listing
 
         _print_renderable(render_listing(listing), output)
+
+
+@app.command("compare-modes")
+def compare_modes_command(
+    model: ModelArg = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    shape: ShapeOpt = None,
+    input_file: InputOpt = None,
+    input_key: InputKeyOpt = None,
+    drop_column: DropColumnOpt = None,
+    batch_size: BatchSizeOpt = None,
+    batches: BatchesOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = DeviceChoice.CPU,
+    threshold: Annotated[
+        float,
+        typer.Option(
+            "--threshold",
+            min=0,
+            help="Relative output difference at which a layer counts as departing (default 0.1: train-mode "
+            "batch statistics alone differ by a few percent from running ones on a healthy model).",
+        ),
+    ] = 0.1,
+    output_format: Annotated[
+        ListingFormat, typer.Option("--format", help="table for people; json or markdown for machines.")
+    ] = ListingFormat.TABLE,
+    output: OutputOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run the same batches in eval and in train mode and show, per layer, where the outputs part.
+
+    "Fine in train mode, bad in eval": each normalization layer's output is compared between the
+    modes (relative difference), with its input's difference and its own share, and the first
+    layer where the gap opens is named. Dropout is off in both modes. The model is restored.
+
+    Examples:
+
+      bn-inspect compare-modes sample_models/digits_cnn/torchscript.pt --input sample_models/digits_cnn/test_images.npy
+
+      bn-inspect compare-modes model.pt --arch mypkg.models:net --input val.npy --threshold 0.02 --format json
+    """
+    from bn_inspect.export import dataclass_to_json
+    from bn_inspect.modes import compare_modes
+
+    prepared = _prepare(
+        model,
+        arch,
+        arch_kwargs,
+        trust_pickle,
+        shape,
+        input_file,
+        input_key,
+        drop_column,
+        batch_size,
+        batches,
+        seed,
+        device,
+        output,
+        Mode.EVAL,
+        quiet=quiet,
+    )
+    comparison = compare_modes(prepared.loaded.module, prepared.batches or (), threshold=threshold)
+    if output_format is ListingFormat.JSON:
+        _emit(dataclass_to_json(comparison, "compare-modes"), output)
+    elif output_format is ListingFormat.MARKDOWN:
+        from bn_inspect.export import comparison_to_markdown
+
+        _emit(comparison_to_markdown(comparison), output)
+    else:
+        from bn_inspect.render import render_mode_comparison
+
+        _print_renderable(render_mode_comparison(comparison), output)
+
+
+class _Rereadable:
+    """Batches that can be read again: recalibration makes several passes over the same data."""
+
+    def __init__(self, data: InputData | DirectoryData, batch_size: int, max_batches: int | None) -> None:
+        self._data, self._batch_size, self._max_batches = data, batch_size, max_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self._data.batches(self._batch_size, self._max_batches)
+
+
+@app.command("recalibrate")
+def recalibrate_command(
+    model: Annotated[Path, typer.Argument(help="Model file to recalibrate (it is never written).", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", help="Where to write the recalibrated model (same format).")],
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    input_file: Annotated[
+        Path | None, typer.Option("--input", help="Representative data: a file or a directory of shards (required).")
+    ] = None,
+    input_key: InputKeyOpt = None,
+    drop_column: DropColumnOpt = None,
+    batch_size: BatchSizeOpt = None,
+    batches: BatchesOpt = None,
+    device: DeviceOpt = DeviceChoice.CPU,
+    method: Annotated[
+        RecalibrationChoice,
+        typer.Option(
+            "--method",
+            help="precise: one pass with norm layers in train mode (PreciseBN, update_bn); "
+            "sequential: layer by layer in eval mode, exact for the deployed model.",
+        ),
+    ] = RecalibrationChoice.PRECISE,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --output file.")] = False,
+    output_format: Annotated[
+        ListingFormat, typer.Option("--format", help="How to print the before/after report.")
+    ] = ListingFormat.TABLE,
+    debug: DebugOpt = False,
+) -> None:
+    """Recompute every layer's running mean and (unbiased) variance from your data; write a new file.
+
+    The new statistics are the exact population statistics of every value each layer sees over
+    the data. The input file is never overwritten; the output is written atomically, in the input's
+    format (state_dict, checkpoint, safetensors, TorchScript or pickle).
+
+    Examples:
+
+      bn-inspect recalibrate sample_models/digits_cnn/torchscript.pt --input sample_models/digits_cnn/train_images.npy --output digits_recalibrated.pt
+
+      bn-inspect recalibrate state_dict.pt --arch mypkg.models:net --input train_shards/ --method sequential --output new.pt
+    """
+    from bn_inspect.export import dataclass_to_json
+    from bn_inspect.inputs import DEFAULT_BATCH_SIZE, check_fits_memory, open_input
+    from bn_inspect.loading import load_model, parse_arch_kwargs
+    from bn_inspect.recalibration import recalibrate, save_like
+
+    if input_file is None:
+        raise InputError(
+            "recalibrate needs real data: random input would replace the running statistics with noise",
+            "Pass --input FILE or --input DIR with representative data",
+        )
+    if output.exists() and output.resolve() == model.resolve():
+        raise OutputError(f"--output {output} is the model file itself", "Write the recalibrated model elsewhere")
+    if output.exists() and not force:
+        raise OutputError(f"--output {output} already exists", "Pass --force to replace it, or choose another path")
+    _check_output(output, [model, input_file])
+    kwargs = parse_arch_kwargs(arch_kwargs)
+    target_device = _resolve_device(device)
+    data = open_input(input_file, key=input_key, drop_columns=drop_column or [])
+    size = batch_size or DEFAULT_BATCH_SIZE
+    check_fits_memory((size, *data.sample_shape()), 4)
+    loaded = load_model(model, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle, map_location=target_device)
+    result = recalibrate(loaded.module, _Rereadable(data, size, batches), method=method.value)
+    save_like(model, loaded.format, loaded.module, output, force=force)
+    if output_format is ListingFormat.JSON:
+        _emit(dataclass_to_json(result, "recalibrate"), None)
+    elif output_format is ListingFormat.MARKDOWN:
+        from bn_inspect.export import recalibration_to_markdown
+
+        _emit(recalibration_to_markdown(result, str(output)), None)
+    else:
+        from bn_inspect.render import render_recalibration
+
+        _print_renderable(render_recalibration(result, str(output)), None)
 
 
 def _first(*values: float | bool | None) -> float:

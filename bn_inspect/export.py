@@ -13,6 +13,9 @@ from bn_inspect.rules import CheckReport, Finding
 if TYPE_CHECKING:
     import pandas as pd
 
+    from bn_inspect.modes import ModeComparison
+    from bn_inspect.recalibration import RecalibrationResult
+
 
 def to_json(report: Report) -> str:
     """The report as a JSON document of schema version 1 (see report.schema.json)."""
@@ -264,4 +267,65 @@ def listing_to_markdown(listing: LayerListing) -> str:
             f"{layer.num_batches_tracked if layer.num_batches_tracked is not None else '—'} | "
             f"{format_number(_avg(layer.running_mean))} | {format_number(_avg(layer.running_var))} | {layer.eval_uses} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def dataclass_to_json(value: object, kind: str) -> str:
+    """A frozen result dataclass (recalibration, mode comparison) as a versioned JSON document."""
+    from dataclasses import asdict, is_dataclass
+
+    from bn_inspect.report import SCHEMA_VERSION, json_ready
+
+    if not is_dataclass(value) or isinstance(value, type):
+        raise TypeError(f"expected a dataclass instance, not {type(value).__name__}")
+    document = {"schema_version": SCHEMA_VERSION, "kind": kind, **asdict(value)}
+    return json.dumps(json_ready(document), indent=2, allow_nan=False) + "\n"
+
+
+def comparison_to_markdown(comparison: ModeComparison) -> str:
+    """The train/eval gap per layer call as a Markdown table."""
+    lines = [
+        "## bn-inspect compare-modes",
+        "",
+        f"{comparison.num_samples:,} samples in {comparison.num_batches} batches; Δ = ‖train − eval‖ / ‖eval‖.",
+        "",
+        "| layer | type | output Δ | input Δ | own Δ | max \\|z\\| | worst var ratio |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for gap in comparison.layers:
+        lines.append(
+            f"| `{gap.label}` | {gap.type} | {gap.output_rel_diff:.2%} | {gap.input_rel_diff:.2%} | "
+            f"{gap.own_rel_diff:.2%} | {format_number(gap.max_abs_shift_z)} | {format_number(gap.worst_var_ratio)} |"
+        )
+    lines.append("")
+    lines.append(
+        f"**The gap opens at `{comparison.gap_opens_at}`.**"
+        if comparison.gap_opens_at
+        else f"No layer's output differs by more than {comparison.threshold:.0%} between modes."
+    )
+    if comparison.output is not None:
+        change = comparison.output.argmax_change_fraction
+        lines.append(
+            f"Model output differs by {comparison.output.rel_diff:.2%}"
+            + (f"; predicted class changes for {change:.1%} of samples." if change is not None else ".")
+        )
+    return "\n".join(lines) + "\n"
+
+
+def recalibration_to_markdown(result: RecalibrationResult, output: str) -> str:
+    """Before/after shift per recalibrated layer as a Markdown table."""
+    lines = [
+        f"## bn-inspect recalibrate ({result.method})",
+        "",
+        f"{result.num_samples:,} samples in {result.num_batches} batches; wrote `{output}`.",
+        "",
+        "| layer | values/ch | max \\|z\\| before | max \\|z\\| after |",
+        "|---|---:|---:|---:|",
+    ]
+    for layer in result.layers:
+        lines.append(
+            f"| `{layer.name}` | {layer.values_per_channel:,} | {format_number(layer.max_abs_shift_z_before)} | "
+            f"{format_number(layer.max_abs_shift_z_after)} |"
+        )
+    lines += [f"- skipped `{s.name}`: {s.reason}" for s in result.skipped]
     return "\n".join(lines) + "\n"

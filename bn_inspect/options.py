@@ -38,6 +38,13 @@ class ListingFormat(str, Enum):
     MARKDOWN = "markdown"
 
 
+class RecalibrationChoice(str, Enum):
+    """How `bn-inspect recalibrate` recomputes running statistics."""
+
+    PRECISE = "precise"
+    SEQUENTIAL = "sequential"
+
+
 class FailOn(str, Enum):
     """The lowest severity that makes `bn-inspect check` exit 1."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Group, RenderableType
@@ -13,6 +14,10 @@ from rich.text import Text
 
 from bn_inspect.report import LayerListing, LayerReport, Report
 from bn_inspect.rules import CheckReport
+
+if TYPE_CHECKING:
+    from bn_inspect.modes import ModeComparison
+    from bn_inspect.recalibration import RecalibrationResult
 
 # |z| beyond which the batch mean sits far outside the running distribution.
 SHIFT_WARN = 1.0
@@ -395,4 +400,112 @@ def render_listing(listing: LayerListing) -> RenderableType:
         )
     if not listing.layers:
         parts.append(Text("No normalization layer found.", style="yellow"))
+    return Group(*parts)
+
+
+def _ratio_bar(value: float, top: float = 1.0) -> Text:
+    """A 10-cell bar of a relative difference on a log scale from 1e-4 to ``top``."""
+    if math.isnan(value):
+        return Text("?" * 10, style="bold red")
+    fill = 0.0 if value <= 1e-4 else min(1.0, (math.log10(value) + 4) / (math.log10(top) + 4))
+    cells = round(fill * 10)
+    style = "green" if value < 0.01 else "yellow" if value < 0.05 else "bold red"
+    return Text("█" * cells + "·" * (10 - cells), style=style)
+
+
+def render_mode_comparison(comparison: ModeComparison) -> RenderableType:
+    """The train/eval gap as a profile over depth: one row per layer call, bars for the output difference."""
+    table = Table(header_style="bold", show_edge=False, pad_edge=False, box=box.SIMPLE_HEAD)
+    table.add_column("layer", overflow="fold")
+    table.add_column("type")
+    table.add_column("output Δ train vs eval", no_wrap=True)
+    table.add_column("input Δ", justify="right")
+    table.add_column("own Δ", justify="right")
+    table.add_column("max |z|", justify="right")
+    table.add_column("worst var ratio", justify="right")
+    for gap in comparison.layers:
+        style = "bold" if gap.label == comparison.gap_opens_at else ""
+        table.add_row(
+            Text(gap.label, style=style),
+            gap.type,
+            _ratio_bar(gap.output_rel_diff) + Text(f" {gap.output_rel_diff:.2%}"),
+            f"{gap.input_rel_diff:.2%}",
+            f"{gap.own_rel_diff:.2%}",
+            _short(gap.max_abs_shift_z),
+            _short(gap.worst_var_ratio),
+        )
+    parts: list[RenderableType] = [
+        Text(
+            f"{comparison.num_samples:,} samples in {comparison.num_batches} batches, each run in eval and in "
+            "train mode (dropout off in both); Δ = ‖train − eval‖ / ‖eval‖.",
+            style="dim",
+        ),
+        Text(""),
+        table,
+        Text(""),
+    ]
+    if comparison.gap_opens_at is not None:
+        opening = comparison.layer(comparison.gap_opens_at)
+        parts.append(
+            Text(
+                f"The gap opens at {opening.label}: its output differs by {opening.output_rel_diff:.1%} between "
+                f"modes, its input by {opening.input_rel_diff:.1%}; its own share is {opening.own_rel_diff:.1%}.",
+                style="bold red",
+            )
+        )
+    else:
+        parts.append(
+            Text(f"No layer's output differs by more than {comparison.threshold:.0%} between modes.", style="green")
+        )
+    if comparison.output is not None:
+        output = comparison.output
+        line = f"Model output: differs by {output.rel_diff:.2%}"
+        if output.argmax_change_fraction is not None:
+            line += f"; the predicted class changes for {output.argmax_change_fraction:.1%} of samples"
+        parts.append(Text(line + "."))
+    if comparison.not_executed:
+        parts.append(Text(f"Not executed: {', '.join(comparison.not_executed)}", style="yellow"))
+    return Group(*parts)
+
+
+def render_recalibration(result: RecalibrationResult, output: str) -> RenderableType:
+    """Before/after per layer: how far the data sat from the old statistics, and from the new."""
+    table = Table(header_style="bold", show_edge=False, pad_edge=False, box=box.SIMPLE_HEAD)
+    for name, justify in (
+        ("layer", "left"),
+        ("values/ch", "right"),
+        ("max |z| before → after", "right"),
+        ("worst var ratio before → after", "right"),
+        ("mean old → new", "right"),
+        ("var old → new", "right"),
+    ):
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for layer in result.layers:
+        table.add_row(
+            layer.name,
+            f"{layer.values_per_channel:,}",
+            f"{_short(layer.max_abs_shift_z_before)} → {_short(layer.max_abs_shift_z_after)}",
+            f"{_short(layer.worst_var_ratio_before)} → {_short(layer.worst_var_ratio_after)}",
+            f"{_short(_mean(layer.old_running_mean))} → {_short(_mean(layer.new_running_mean))}",
+            f"{_short(_mean(layer.old_running_var))} → {_short(_mean(layer.new_running_var))}",
+        )
+    method = (
+        "precise: one pass with normalization layers in train mode (as PreciseBN / update_bn)"
+        if result.method == "precise"
+        else "sequential: layer by layer in eval mode, each after the layers before it (exact for the deployed model)"
+    )
+    parts: list[RenderableType] = [
+        Text(
+            f"Recalibrated {len(result.layers)} layers over {result.num_samples:,} samples in "
+            f"{result.num_batches} batches ({result.num_passes} passes), method {method}.",
+            style="bold",
+        ),
+        Text(""),
+        table,
+    ]
+    for skipped in result.skipped:
+        parts.append(Text(f"Skipped {skipped.name} ({skipped.type}): {skipped.reason}", style="yellow"))
+    for note in result.notes:
+        parts.append(Text(f"Note: {note}", style="dim"))
+    parts.append(Text(f"Wrote {output}", style="green"))
     return Group(*parts)

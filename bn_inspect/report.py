@@ -179,7 +179,7 @@ class LayerListing:
             "types_inferred": self.types_inferred,
             "layers": [asdict(layer) for layer in self.layers],
         }
-        return _json_ready(document)  # type: ignore[no-any-return]
+        return json_ready(document)  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -227,15 +227,16 @@ class Report:
             "layers": layers,
             "not_executed": list(self.not_executed),
         }
-        return _json_ready(document)  # type: ignore[no-any-return]
+        return json_ready(document)  # type: ignore[no-any-return]
 
 
-def _json_ready(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by "nan", "inf" or "-inf", tuples as lists."""
     # JSON has no NaN or infinity; strings keep them distinguishable from a missing value (null).
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
+        return {k: json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
+        return [json_ready(v) for v in value]
     return value

@@ -1,0 +1,569 @@
+"""Eval mode against train mode on the same data: where, layer by layer, the two part.
+
+Both modes run in one forward. Each batch is stacked on itself, (x; x), and the model runs in
+eval mode; at every normalization layer the first half is normalized as in eval (running
+statistics) and the second half as in training (statistics of the second half alone, running
+buffers left untouched), and the two halves go on to the next layer. So each layer sees exactly
+what it would see in an eval pass and in a train pass, side by side, and the differences are
+reduced on the device as they pass: nothing but per-layer sums of squares (float64) is kept.
+
+For each layer call, with x_e, x_t its input and y_e, y_t its output in eval and train mode:
+
+* ``input_rel_diff = ||x_t - x_e|| / ||x_e||``: what arrives already different from upstream;
+* ``output_rel_diff = ||y_t - y_e|| / ||y_e||``: what leaves (upstream difference included);
+* ``own_rel_diff = ||f_train(x_e) - f_eval(x_e)|| / ||f_eval(x_e)||``: what this layer alone
+  changes, given the eval input: its own share of the gap.
+
+Norms are Frobenius norms over the whole tensor, summed over batches as squares before the root.
+"Train mode" here means the normalization layers train and every other module stays in eval:
+dropout (and stochastic depth, and any branch a module takes on its own ``training`` flag) would
+otherwise add noise that has nothing to do with normalization.
+
+Stacking is exact only when no other module mixes samples of a batch; the first batch is run
+again in each mode alone (on the same stacked input, so the same kernels run) to check, and a
+ModeComparisonError says so when the halves disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bn_inspect.capture import StatisticsRecorder, preserved_state
+from bn_inspect.errors import BnInspectError, InputError, LazyModelError, NoNormLayersError
+from bn_inspect.inspection import Batch, as_batch, model_device, run_model
+from bn_inspect.layers import NormFamily, NormLayer, is_uninitialized, iter_norm_layers
+from bn_inspect.recalibration import set_norm_layers_training
+from bn_inspect.stats import ChannelMoments, InstanceMoments
+
+DEFAULT_THRESHOLD = 0.05
+# How far each half of the side-by-side output may sit from a plain forward in its mode (relative
+# norm). The eval halves run the very same kernels, so they agree to the bit. The train halves
+# reduce batch statistics over N rows instead of the plain run's 2N identical ones; that rounding,
+# amplified through deep stacks under TF32, was 8e-3 on ResNet-50 (H100), 1.4e-5 without TF32.
+# A module that mixes samples moves the halves by a share of the eval/train gap itself.
+_EVAL_TOLERANCE = 1e-3
+_TRAIN_TOLERANCE = 5e-2
+
+
+class ModeComparisonError(BnInspectError):
+    """The two modes cannot be compared side by side on this model."""
+
+
+@dataclass(frozen=True)
+class LayerModeGap:
+    """One call of one normalization layer: how its input and output differ between the modes.
+
+    Attributes:
+        name, call: qualified module path and call index within a forward.
+        type, family: class name and normalization family.
+        eval_uses: statistics the layer normalizes with in eval: "running" or "batch".
+        input_rel_diff: ||x_train - x_eval|| / ||x_eval|| over all batches.
+        output_rel_diff: ||y_train - y_eval|| / ||y_eval|| over all batches.
+        own_rel_diff: ||f_train(x_eval) - f_eval(x_eval)|| / ||f_eval(x_eval)||: this layer's
+            own contribution, with the same (eval) input in both modes.
+        values_per_channel: values behind each per-channel statistic of the eval pass.
+        max_abs_shift_z, mean_abs_shift_z: of z = (batch_mean - running_mean) /
+            sqrt(running_var + eps) over channels, for the eval pass's input (None without
+            running statistics).
+        worst_var_ratio: batch_var / running_var farthest from 1 on a log scale (biased batch
+            variance, as BatchNorm normalizes with).
+    """
+
+    name: str
+    call: int
+    type: str
+    family: str
+    eval_uses: str
+    input_rel_diff: float
+    output_rel_diff: float
+    own_rel_diff: float
+    values_per_channel: int | None
+    max_abs_shift_z: float | None
+    mean_abs_shift_z: float | None
+    worst_var_ratio: float | None
+
+    @property
+    def label(self) -> str:
+        """The qualified name, with the call index where the module ran more than once."""
+        return self.name if self.call == 0 else f"{self.name}#{self.call}"
+
+
+@dataclass(frozen=True)
+class OutputGap:
+    """The model output in both modes.
+
+    Attributes:
+        rel_diff: ||out_train - out_eval|| / ||out_eval|| over every floating-point output tensor
+            with a batch dim, over all batches.
+        argmax_change_fraction: for a single 2-D floating-point output (logits of shape (N, K)),
+            the fraction of samples whose argmax over dim 1 differs between the modes; else None.
+        num_samples: samples compared.
+    """
+
+    rel_diff: float
+    argmax_change_fraction: float | None
+    num_samples: int
+
+
+@dataclass(frozen=True)
+class ModeComparison:
+    """Eval against train mode, per normalization layer call in execution order.
+
+    Attributes:
+        layers: one entry per layer call, in execution order.
+        output: the model output's difference, or None when the output has no batch dim.
+        threshold: the relative difference above which a layer counts as departing.
+        gap_opens_at: label of the first layer call whose output_rel_diff exceeds ``threshold``
+            (or is NaN); its input_rel_diff says how much came from upstream and its own_rel_diff
+            how much it adds itself. None when every layer stays within the threshold.
+        not_executed: normalization layers that never ran.
+        num_batches, num_samples: the data.
+    """
+
+    layers: tuple[LayerModeGap, ...]
+    output: OutputGap | None
+    threshold: float
+    gap_opens_at: str | None
+    not_executed: tuple[str, ...]
+    num_batches: int
+    num_samples: int
+
+    def layer(self, label: str) -> LayerModeGap:
+        """The entry of that label (``name`` or ``name#call``); KeyError if none."""
+        for entry in self.layers:
+            if entry.label == label:
+                return entry
+        raise KeyError(label)
+
+
+class _Sums:
+    """Sums of squares of one layer call, float64 on the device (no host sync until the end)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, torch.Tensor] = {}
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        square = torch.linalg.vector_norm(tensor, dtype=torch.float64).square()
+        previous = self.values.get(key)
+        self.values[key] = square if previous is None else previous + square
+
+    def ratio(self, difference: str, reference: str) -> float:
+        return _ratio(self.values.get(difference), self.values.get(reference))
+
+
+def _ratio(difference: torch.Tensor | None, reference: torch.Tensor | None) -> float:
+    if difference is None or reference is None:
+        return math.nan
+    top, bottom = float(difference), float(reference)
+    if math.isnan(top) or math.isnan(bottom):
+        return math.nan
+    if bottom == 0:
+        return 0.0 if top == 0 else math.inf
+    return math.sqrt(top / bottom)
+
+
+class _Lockstep:
+    """Per layer call: splits the stacked input, normalizes each half in its mode, keeps the sums."""
+
+    def __init__(self, recorder: StatisticsRecorder) -> None:
+        self.recorder = recorder
+        self.num_samples = 0
+        self.sums: dict[tuple[str, int], _Sums] = {}
+        self._calls: Counter[str] = Counter()
+
+    def start_batch(self, num_samples: int) -> None:
+        self.num_samples = num_samples
+        self._calls.clear()
+
+    def compare(
+        self,
+        layer: NormLayer,
+        x: torch.Tensor,
+        eval_forward: Callable[[torch.Tensor], torch.Tensor],
+        train_forward: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor | None:
+        """The stacked output (eval half; train half), or None where ``x`` is not stacked."""
+        if not _is_stacked(x, self.num_samples):
+            return None
+        call = self._calls[layer.name]
+        self._calls[layer.name] += 1
+        half = x.shape[0] // 2
+        x_eval, x_train = x[:half], x[half:]
+        self.recorder.observe(layer, x_eval)
+        y_eval = eval_forward(x_eval)
+        y_train = train_forward(x_train)
+        y_own = train_forward(x_eval)
+        sums = self.sums.setdefault((layer.name, call), _Sums())
+        sums.add("input_diff", x_train - x_eval)
+        sums.add("input", x_eval)
+        sums.add("output_diff", y_train - y_eval)
+        sums.add("output", y_eval)
+        sums.add("own_diff", y_own - y_eval)
+        return torch.cat([y_eval, y_train])
+
+
+def compare_modes(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> ModeComparison:
+    """Run ``batches`` in eval and in train mode and report where the outputs part.
+
+    The model is left as it was: training flags and every buffer are restored and every hook
+    removed, even on error. See the module docstring for the method and the formulas.
+
+    Args:
+        model: an eager ``nn.Module`` or a TorchScript module (whose batch-norm kernels are
+            intercepted at the dispatcher; TorchScript InstanceNorm is not supported).
+        batches: tensors, dicts of tensors, (inputs, targets) pairs or ``Batch`` objects; every
+            input tensor needs the batch in dim 0.
+        threshold: relative output difference above which a layer counts as departing.
+
+    Returns:
+        The ModeComparison.
+
+    Raises:
+        NoNormLayersError, LazyModelError, InputError, ForwardError, ShapeMismatchError,
+        ModeComparisonError: the model mixes samples of a batch, so the modes cannot run stacked.
+    """
+    if any(is_uninitialized(t) for t in (*model.parameters(), *model.buffers())):
+        raise LazyModelError(
+            "the model has lazy modules that have not run yet", "Run one forward pass first, then compare"
+        )
+    layers = iter_norm_layers(model)
+    if not layers:
+        raise NoNormLayersError(
+            "the model has no normalization layer (BatchNorm, InstanceNorm, GroupNorm, LayerNorm, "
+            "RMSNorm or FrozenBatchNorm2d)",
+            "Nothing to compare; check that this is the model you meant",
+        )
+    device = model_device(model)
+    dtype = next((t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), torch.float32)
+    is_script = isinstance(model, torch.jit.ScriptModule)
+    recorder = StatisticsRecorder()
+    lockstep = _Lockstep(recorder)
+    output_sums = _Sums()
+    num_changed: torch.Tensor | int = 0  # a device tensor: no host sync per batch
+    num_compared = num_batches = num_samples = 0
+    has_output = has_logits = True
+    intercept = _script_lockstep if is_script else _eager_lockstep
+    with preserved_state(model), torch.no_grad():
+        for item in batches:
+            batch = _move(as_batch(item), device, dtype)
+            n = batch.num_samples
+            if n == 0:
+                continue  # nothing to compare, and BatchNorm refuses empty input in train mode
+            stacked = _stack(batch)
+            model.eval()
+            recorder.start_batch()
+            lockstep.start_batch(n)
+            with intercept(layers, lockstep):
+                output = _forward(model, stacked, recorder)
+            if num_batches == 0:
+                _check_stacking(model, layers, stacked, n, output)
+            num_batches += 1
+            num_samples += n
+            tensors = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            batched = _stacked_outputs(output, n)
+            has_output = has_output and bool(batched)
+            has_logits = has_logits and len(tensors) == len(batched) == 1 and batched[0].dim() == 2
+            has_logits = has_logits and batched[0].shape[0] == 2 * n
+            for tensor in batched:
+                half = tensor.shape[0] // 2
+                output_sums.add("diff", tensor[half:] - tensor[:half])
+                output_sums.add("reference", tensor[:half])
+            if has_logits:
+                logits = batched[0]
+                num_changed = num_changed + (logits[:n].argmax(1) != logits[n:].argmax(1)).sum()
+                num_compared += n
+    if num_batches == 0:
+        raise InputError("no batch ran", "Give at least one batch of input")
+    by_name = {layer.name: layer for layer in layers}
+    entries = tuple(
+        _entry(by_name[name], call, sums, recorder) for (name, call), sums in lockstep.sums.items() if name in by_name
+    )
+    output_gap = None
+    if has_output:
+        output_gap = OutputGap(
+            rel_diff=output_sums.ratio("diff", "reference"),
+            argmax_change_fraction=int(num_changed) / num_compared if has_logits and num_compared else None,
+            num_samples=num_samples,
+        )
+    opens = next((e.label for e in entries if not e.output_rel_diff <= threshold), None)
+    seen = {name for name, _ in lockstep.sums}
+    return ModeComparison(
+        layers=entries,
+        output=output_gap,
+        threshold=threshold,
+        gap_opens_at=opens,
+        not_executed=tuple(layer.name for layer in layers if layer.name not in seen),
+        num_batches=num_batches,
+        num_samples=num_samples,
+    )
+
+
+def _move(batch: Batch, device: torch.device, dtype: torch.dtype) -> Batch:
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    return Batch(tuple(move(t) for t in batch.args), {k: move(v) for k, v in batch.kwargs.items()})
+
+
+def _stack(batch: Batch) -> Batch:
+    n = batch.num_samples
+    for position, tensor in enumerate(batch.tensors()):
+        if tensor.dim() == 0 or tensor.shape[0] != n:
+            raise InputError(
+                f"input tensor {position} of shape {tuple(tensor.shape)} has no batch of {n} in dim 0",
+                "Comparing modes stacks each batch twice along dim 0; give inputs batched in dim 0",
+            )
+    return Batch(
+        tuple(torch.cat([t, t]) for t in batch.args),
+        {k: torch.cat([v, v]) for k, v in batch.kwargs.items()},
+    )
+
+
+def _forward(model: nn.Module, batch: Batch, recorder: StatisticsRecorder) -> Any:
+    """run_model (failures become ForwardErrors naming the layer), keeping the model's output."""
+    kept: list[Any] = []
+    if isinstance(model, torch.jit.ScriptModule):
+        # ScriptModules take no hooks; their frames are not Python's, so nothing is lost by wrapping.
+        run_model(_Calling(model, kept), batch, recorder)
+    else:
+        handle = model.register_forward_hook(lambda _module, _args, output: kept.append(output))
+        try:
+            run_model(model, batch, recorder)
+        finally:
+            handle.remove()
+    return kept[-1] if kept else None
+
+
+class _Calling(nn.Module):
+    """Calls a model it does not own (it is no submodule) and keeps the output."""
+
+    def __init__(self, model: nn.Module, kept: list[Any]) -> None:
+        super().__init__()
+        self._call = model.__call__
+        self._kept = kept
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._kept.append(self._call(*args, **kwargs))
+        return self._kept[-1]
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    candidate = kwargs.get("input")
+    return candidate if isinstance(candidate, torch.Tensor) else None
+
+
+@contextmanager
+def _train_semantics(module: nn.Module) -> Iterator[None]:
+    """The module alone in training mode, its own buffers put back after (no running update)."""
+    saved = [(b, b.detach().clone()) for b in module.buffers(recurse=False)]
+    module.training = True  # not module.train(): its submodules (a dropout inside) stay in eval
+    try:
+        yield
+    finally:
+        module.training = False
+        for buffer, copy in saved:
+            buffer.copy_(copy)
+
+
+@contextmanager
+def _eager_lockstep(layers: list[NormLayer], lockstep: _Lockstep) -> Iterator[None]:
+    handles = []
+
+    def make_hook(layer: NormLayer) -> Callable[..., torch.Tensor | None]:
+        module = layer.module
+
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], _output: Any) -> Any:
+            x = _first_tensor(args, kwargs)
+            if x is None:
+                return None
+
+            def call(half: torch.Tensor) -> torch.Tensor:
+                if args and args[0] is x:
+                    return module.forward(half, *args[1:], **kwargs)  # type: ignore[no-any-return]
+                return module.forward(*args, **{**kwargs, "input": half})  # type: ignore[no-any-return]
+
+            def train_call(half: torch.Tensor) -> torch.Tensor:
+                with _train_semantics(module):
+                    return call(half)
+
+            return lockstep.compare(layer, x, call, train_call)
+
+        return hook
+
+    try:
+        for layer in layers:
+            handles.append(layer.module.register_forward_hook(make_hook(layer), with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _ScriptLockstep(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """For TorchScript: replaces each batch-norm kernel of a known layer by the two-mode version."""
+
+    def __init__(self, owners: dict[int, NormLayer], lockstep: _Lockstep) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._owners = owners
+        self._lockstep = lockstep
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        layer = None
+        if "batch_norm" in func.overloadpacket.__name__ and args and isinstance(args[0], torch.Tensor):
+            layer = next(
+                (
+                    self._owners[a.data_ptr()]
+                    for a in args[1:5]
+                    if isinstance(a, torch.Tensor) and a.data_ptr() in self._owners
+                ),
+                None,
+            )
+        if layer is None:
+            return func(*args, **kwargs)
+        names = [argument.name for argument in func._schema.arguments]
+        # CPU kernels call it eps, cuDNN's epsilon; both sit among the positional arguments.
+        position = next((names.index(e) for e in ("eps", "epsilon") if e in names), len(args))
+        eps = args[position] if position < len(args) else 1e-5
+        weight, bias = args[1], args[2]
+        rest: list[Any] = []
+
+        def eval_forward(half: torch.Tensor) -> torch.Tensor:
+            result = func(half, *args[1:], **kwargs)
+            rest[:] = list(result[1:])
+            return result[0]  # type: ignore[no-any-return]
+
+        def train_forward(half: torch.Tensor) -> torch.Tensor:
+            # Running statistics None: normalize with the batch's own, update nothing.
+            result = torch.ops.aten.native_batch_norm(half, weight, bias, None, None, True, 0.0, eps)
+            return result[0]  # type: ignore[no-any-return]
+
+        stacked = self._lockstep.compare(layer, args[0], eval_forward, train_forward)
+        if stacked is None:
+            return func(*args, **kwargs)
+        return (stacked, *rest)
+
+
+@contextmanager
+def _script_lockstep(layers: list[NormLayer], lockstep: _Lockstep) -> Iterator[None]:
+    owners: dict[int, NormLayer] = {}
+    for layer in layers:
+        if layer.family is not NormFamily.BATCH or layer.is_frozen:
+            continue  # other kernels behave the same in both modes, or cannot be told apart
+        for tensor in (*layer.module.parameters(recurse=False), *layer.module.buffers(recurse=False)):
+            if tensor.numel() and tensor.is_floating_point():
+                owners.setdefault(tensor.data_ptr(), layer)
+    with _ScriptLockstep(owners, lockstep):
+        yield
+
+
+def _check_stacking(model: nn.Module, layers: list[NormLayer], stacked: Batch, num_samples: int, output: Any) -> None:
+    """Each half of the side-by-side output against a plain forward in that mode alone.
+
+    The plain forwards run on the same stacked batch (x; x): the same shapes pick the same
+    kernels (cuDNN and TF32 results depend on the batch size), and with two identical copies a
+    module that mixes samples computes what it would on x alone. Only mixing *between the two
+    different halves* of the side-by-side run makes them disagree.
+    """
+    halves = _stacked_outputs(output, num_samples)
+    if not halves:
+        return
+    for is_train in (False, True):
+        with preserved_state(model):
+            set_norm_layers_training(model, layers if is_train else [])
+            scratch = StatisticsRecorder()
+            scratch.start_batch()
+            plain = _stacked_outputs(_forward(model, stacked, scratch), num_samples)
+        for side_by_side, alone in zip(halves, plain, strict=False):
+            rows = side_by_side.shape[0] // 2
+            part = slice(rows, None) if is_train else slice(None, rows)
+            if not _close(side_by_side[part], alone[part], _TRAIN_TOLERANCE if is_train else _EVAL_TOLERANCE):
+                mode = "train" if is_train else "eval"
+                raise ModeComparisonError(
+                    f"the model's {mode}-mode output changes when another batch runs beside it, "
+                    "so some module mixes the samples of a batch",
+                    "Comparing modes side by side needs a model whose samples are independent; "
+                    "compare separate inspect runs in --mode eval and --mode train instead",
+                )
+
+
+def _stacked_outputs(output: Any, num_samples: int) -> list[torch.Tensor]:
+    leaves = pytree.tree_leaves(output)
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point() and _is_stacked(t, num_samples)]
+
+
+def _is_stacked(tensor: torch.Tensor, num_samples: int) -> bool:
+    """A tensor whose dim 0 holds both copies of the batch: 2N rows, or 2N x T after a reshape
+    that folds other dims into the batch (the halves stay contiguous either way)."""
+    return num_samples > 0 and tensor.dim() > 0 and tensor.shape[0] > 0 and tensor.shape[0] % (2 * num_samples) == 0
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tolerance: float) -> bool:
+    if a.shape != b.shape:
+        return False
+    both_nan = a.isnan() & b.isnan()
+    a, b = a.masked_fill(both_nan, 0), b.masked_fill(both_nan, 0)
+    difference = float(torch.linalg.vector_norm(a - b, dtype=torch.float64))
+    scale = float(torch.linalg.vector_norm(b, dtype=torch.float64))
+    return difference <= tolerance * scale or difference == 0.0
+
+
+def _entry(layer: NormLayer, call: int, sums: _Sums, recorder: StatisticsRecorder) -> LayerModeGap:
+    record = recorder.records.get((layer.name, call))
+    moments = record.moments if record is not None else None
+    values_per_channel = max_z = mean_z = worst_ratio = None
+    if isinstance(moments, (ChannelMoments, InstanceMoments)):
+        if isinstance(moments, ChannelMoments):
+            mean, biased = moments.mean, moments.biased_var()
+            values_per_channel = moments.count
+        else:
+            mean, biased = moments.mean(), moments.biased_var()
+            values_per_channel = moments.num_instances * moments.values_per_instance
+        if layer.running_mean is not None and layer.running_var is not None:
+            max_z, mean_z, worst_ratio = _shift(mean, biased, layer)
+    return LayerModeGap(
+        name=layer.name,
+        call=call,
+        type=layer.type_name,
+        family=layer.family.value,
+        eval_uses=layer.normalizes_with(is_training=False),
+        input_rel_diff=sums.ratio("input_diff", "input"),
+        output_rel_diff=sums.ratio("output_diff", "output"),
+        own_rel_diff=sums.ratio("own_diff", "output"),
+        values_per_channel=values_per_channel,
+        max_abs_shift_z=max_z,
+        mean_abs_shift_z=mean_z,
+        worst_var_ratio=worst_ratio,
+    )
+
+
+def _shift(mean: torch.Tensor, biased: torch.Tensor, layer: NormLayer) -> tuple[float, float, float]:
+    running_mean = torch.tensor(layer.running_mean, dtype=torch.float64)
+    running_var = torch.tensor(layer.running_var, dtype=torch.float64)
+    mean, biased = mean.cpu(), biased.cpu()
+    z = ((mean - running_mean) / (running_var + (layer.eps or 0.0)).sqrt()).abs()
+    ratio = biased / running_var
+    if not z.numel() or bool(z.isnan().any()):
+        return math.nan, math.nan, math.nan
+    distance = ratio.log().abs().nan_to_num(math.inf)
+    worst = math.nan if bool(ratio.isnan().any()) else float(ratio[distance.argmax()])
+    return float(z.max()), float(z.mean()), worst
