@@ -3,7 +3,8 @@
 Everything that is timed in-process is timed side by side: each pair runs the plain forward and
 the captured forward back to back, alternating which goes first, and the figure reported is the
 median of the per-pair ratios with its interquartile range. Absolute times on a shared machine
-drift by tens of percent between minutes; ratios of neighbouring runs drift far less.
+can change several-fold within seconds when other processes use the same cores; the two runs of
+a pair usually share the same conditions, so their ratio varies far less.
 
 Measures (model: a small ResNet-style CNN built below, batch 32x3x64x64, eval mode):
 
@@ -63,6 +64,8 @@ THROUGHPUT_PAIRS = 4
 MEMORY_BATCHES = 5
 MEMORY_PAIRS = 2
 HELP_RUNS = 5
+
+QUIET_FACTOR = 1.5
 
 TARGET_CAPTURE_RATIO = 1.30
 TARGET_THROUGHPUT_RATIO = 0.8
@@ -140,6 +143,14 @@ class PairedResult:
 
     def summary(self) -> dict[str, float]:
         return _summarize(self.ratios)
+
+    def quiet_pairs(self, reference_s: float) -> int:
+        """Pairs whose baseline ran within ``QUIET_FACTOR`` of ``reference_s``, the quiet-host time.
+
+        Another process on the same cores slows a run by 2-4x, so a pair well above the quiet
+        time was measured under contention, and its ratio is mostly noise.
+        """
+        return sum(base <= QUIET_FACTOR * reference_s for base in self.baseline_s)
 
     def best_ratio(self) -> float:
         """Fastest variant run over fastest baseline run: the pair least disturbed by other load."""
@@ -270,6 +281,21 @@ def measure_startup() -> dict[str, Any]:
     return {"command": command, "median_s": statistics.median(times), "times_s": times, "imports_torch": imports_torch}
 
 
+def source_revision() -> str:
+    """Commit of the checkout, plus "+dirty" when bn_inspect/ has uncommitted or untracked files."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "bn_inspect"], cwd=root, check=True, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
 def _fmt_ratio(summary: dict[str, float]) -> str:
     return f"{summary['median']:.3f} (IQR {summary['q1']:.3f}–{summary['q3']:.3f})"
 
@@ -295,12 +321,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     started = time.perf_counter()
+    revision = source_revision()
+    load_at_start = os.getloadavg()[0]
     model = build_model()
     layers = iter_norm_layers(model)
     batches = make_batches(args.batches)
     x = batches[0]
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(layers)} norm layers, "
+        f"bn_inspect {revision}, torch {torch.__version__}, {torch.get_num_threads()} threads, {len(layers)} norm layers, "
         f"batch {tuple(x.shape)}, {args.pairs} pairs",
         flush=True,
     )
@@ -324,6 +352,14 @@ def main(argv: list[str] | None = None) -> int:
     startup = measure_startup()
     print(f"--help:                 {startup['median_s']:.3f} s", flush=True)
 
+    # The fastest single plain forward of the whole run stands for a quiet host; a throughput run
+    # is judged against that many forwards, as its own fastest may have been disturbed too.
+    fastest_forward = min(capture.baseline_s + inspect_one.baseline_s)
+    quiet = {
+        "capture": capture.quiet_pairs(fastest_forward),
+        "inspect_model": inspect_one.quiet_pairs(fastest_forward),
+        "throughput": throughput.quiet_pairs(fastest_forward * args.batches),
+    }
     mib = 1024 * 1024
     samples_total = args.batches * BATCH_SHAPE[0]
     plain_tps = samples_total / statistics.median(throughput.baseline_s)
@@ -379,11 +415,20 @@ def main(argv: list[str] | None = None) -> int:
         f"\nfastest-vs-fastest (least disturbed runs): capture {capture.best_ratio():.3f}, "
         f"inspect_model {inspect_one.best_ratio():.3f}, throughput {1 / throughput.best_ratio():.3f}"
     )
+    print(
+        f"undisturbed pairs (plain run within {QUIET_FACTOR}x of the fastest plain forward): capture "
+        f"{quiet['capture']}/{args.pairs}, inspect_model {quiet['inspect_model']}/{args.pairs}, "
+        f"throughput {quiet['throughput']}/{THROUGHPUT_PAIRS}"
+    )
+    load_at_end = os.getloadavg()[0]
+    # Load well above this process's own torch threads means other work shared the CPU.
+    print(f"1-min load average: {load_at_start:.2f} at start, {load_at_end:.2f} at end ({os.cpu_count()} CPUs)")
     elapsed = time.perf_counter() - started
     print(f"total {elapsed:.0f} s")
 
     if args.json:
         results = {
+            "bn_inspect_revision": revision,
             "torch_version": torch.__version__,
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
@@ -397,18 +442,21 @@ def main(argv: list[str] | None = None) -> int:
                 "ratios": capture.ratios,
                 "summary": capture.summary(),
                 "best_ratio": capture.best_ratio(),
+                "quiet_pairs": quiet["capture"],
             },
             "inspect_model": {
                 **asdict(inspect_one),
                 "ratios": inspect_one.ratios,
                 "summary": inspect_one.summary(),
                 "best_ratio": inspect_one.best_ratio(),
+                "quiet_pairs": quiet["inspect_model"],
             },
             "throughput": {
                 **asdict(throughput),
                 "samples_per_s_ratios": throughput_ratios,
                 "summary": throughput_summary,
                 "best_ratio": 1 / throughput.best_ratio(),
+                "quiet_pairs": quiet["throughput"],
                 "batches": args.batches,
                 "plain_samples_per_s": plain_tps,
                 "inspect_samples_per_s": inspect_tps,
@@ -421,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
                 "memory_ratio_max": TARGET_MEMORY_RATIO,
                 "help_seconds_max": TARGET_HELP_SECONDS,
             },
+            "load_average_1min": {"start": load_at_start, "end": load_at_end},
             "passed": {row[0]: row[3] for row in rows if row[3] is not None},
             "elapsed_s": elapsed,
         }

@@ -50,6 +50,9 @@ class StatisticsRecorder:
     def __init__(self) -> None:
         self.records: dict[tuple[str, int], CallRecord] = {}
         self.last_layer: str | None = None
+        # TorchScript passes a kernel's error back through dispatch capture without its message;
+        # the observer keeps the message here so the error can still say what failed.
+        self.last_kernel_error: str | None = None
         self._calls_in_batch: Counter[str] = Counter()
 
     def start_batch(self) -> None:
@@ -192,7 +195,11 @@ class _NormOpObserver(TorchDispatchMode):  # type: ignore[no-untyped-call]
             layer = self._owner(op_name, positions, args)
             if layer is not None:
                 self._recorder.observe(layer, args[0])
-        return func(*args, **(kwargs or {}))
+        try:
+            return func(*args, **(kwargs or {}))
+        except Exception as error:
+            self._recorder.last_kernel_error = f"{type(error).__name__}: {error}"
+            raise
 
     def _owner(self, op_name: str, positions: tuple[int, ...], args: tuple[Any, ...]) -> NormLayer | None:
         for position in positions:
@@ -243,12 +250,31 @@ def hooks_and_functional_capture(
 def preserved_state(model: nn.Module) -> Iterator[None]:
     """Restore every module's training flag and every buffer on exit, even when the block raises."""
     flags = [(module, module.training) for module in model.modules()]
-    saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers() if not is_uninitialized(buffer)]
+    # Kept by (module, name): a forward may assign a new tensor to a buffer (self.moving_mean = ...),
+    # and the original object, with its original values, must be back in place afterwards.
+    saved = [
+        (module, name, buffer, buffer.detach().clone())
+        for module in model.modules()
+        if not isinstance(module, torch.jit.ScriptModule)
+        for name, buffer in module._buffers.items()
+        if buffer is not None and not is_uninitialized(buffer)
+    ]
+    script_saved = [
+        (buffer, buffer.detach().clone())
+        for module in model.modules()
+        if isinstance(module, torch.jit.ScriptModule)
+        for buffer in module.buffers(recurse=False)
+        if not is_uninitialized(buffer)
+    ]
     try:
         yield
     finally:
         with torch.no_grad():
-            for buffer, copy in saved:
+            for module, name, buffer, copy in saved:
+                module._buffers[name] = buffer
+                if buffer.shape == copy.shape:
+                    buffer.copy_(copy)
+            for buffer, copy in script_saved:
                 if buffer.shape == copy.shape:
                     buffer.copy_(copy)
         # Set the flags directly: train() may be overridden (frozen-BN backbones), and exported

@@ -86,15 +86,30 @@ def _check_output(output: Path | None, protected: Sequence[Path | None]) -> None
 def write_atomically(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path`` and rename it over: never a torn file."""
     import os
+    import stat
     import tempfile
 
-    descriptor, temporary = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        descriptor, temporary = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise OutputError(
+            f"cannot write --output {path}: {error.strerror}", "Check the folder and free space"
+        ) from error
+    try:
+        # mkstemp makes the file private (0600); give it what an ordinary write would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(descriptor, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~umask)
         with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
             stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise OutputError(
+            f"cannot write --output {path}: {error.strerror}", "Check the folder and free space"
+        ) from error
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -194,6 +209,7 @@ def _prepare(
     *,
     needs_data: bool = True,
     quiet: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> _Prepared:
     """Validate the shared options, load the model and build the batches (guessing a shape if needed)."""
     from bn_inspect.loading import LoadedModel, load_model, parse_arch_kwargs
@@ -211,7 +227,7 @@ def _prepare(
     input_source = ""
     if needs_data:
         batch_iter, input_source = _make_batches(
-            shape, input_file, input_key, drop_column or [], batch_size, batches, seed, quiet
+            shape, input_file, input_key, drop_column or [], batch_size, batches, seed, quiet or shard[0] != 0, shard
         )
     import torch
 
@@ -281,46 +297,52 @@ def inspect_command(
 
       bn-inspect inspect model.ts --shape 16,3,32,32 --format json --output report.json
     """
+    from bn_inspect.distributed import distributed_context
     from bn_inspect.export import to_csv, to_json, to_markdown
     from bn_inspect.inspection import inspect_model
     from bn_inspect.report import ModelInfo
 
-    prepared = _prepare(
-        model,
-        arch,
-        arch_kwargs,
-        trust_pickle,
-        shape,
-        input_file,
-        input_key,
-        drop_column,
-        batch_size,
-        batches,
-        seed,
-        device,
-        output,
-        mode,
-        quiet=quiet,
-    )
-    loaded = prepared.loaded
-    report = inspect_model(
-        loaded.module,
-        prepared.batches or (),
-        mode=mode,
-        model_info=ModelInfo(loaded.source, loaded.format, loaded.arch),
-        input_source=prepared.input_source,
-        materialize_lazy=True,
-    )
-    _warn_nonfinite(report.input.num_nonfinite_values)
-    patterns = tuple(layer or ())
-    if output_format is OutputFormat.JSON:
-        _emit(to_json(report), output)
-    elif output_format is OutputFormat.CSV:
-        _emit(to_csv(report), output)
-    elif output_format is OutputFormat.MARKDOWN:
-        _emit(to_markdown(report, patterns), output)
-    else:
-        _print_table(report, patterns, output)
+    with distributed_context(device=_resolve_device(device)) as context:
+        prepared = _prepare(
+            model,
+            arch,
+            arch_kwargs,
+            trust_pickle,
+            shape,
+            input_file,
+            input_key,
+            drop_column,
+            batch_size,
+            batches,
+            seed,
+            device,
+            output,
+            mode,
+            quiet=quiet,
+            shard=(context.rank, context.world_size),
+        )
+        loaded = prepared.loaded
+        report = inspect_model(
+            loaded.module,
+            prepared.batches or (),
+            mode=mode,
+            model_info=ModelInfo(loaded.source, loaded.format, loaded.arch),
+            input_source=prepared.input_source,
+            materialize_lazy=True,
+            distributed=context,
+        )
+        if not context.is_main:
+            return
+        _warn_nonfinite(report.input.num_nonfinite_values)
+        patterns = tuple(layer or ())
+        if output_format is OutputFormat.JSON:
+            _emit(to_json(report), output)
+        elif output_format is OutputFormat.CSV:
+            _emit(to_csv(report), output)
+        elif output_format is OutputFormat.MARKDOWN:
+            _emit(to_markdown(report, patterns), output)
+        else:
+            _print_table(report, patterns, output)
 
 
 def _warn_nonfinite(count: int) -> None:
@@ -713,19 +735,28 @@ def _make_batches(
     max_batches: int | None,
     seed: int,
     quiet: bool,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[Iterator[Batch] | None, str]:
     from bn_inspect.inputs import DEFAULT_BATCH_SIZE, check_fits_memory, open_input, parse_shape, random_batches
 
+    rank, world_size = shard
     if shape is not None:
+        from bn_inspect.distributed import shard_batches
+
         parsed = parse_shape(shape)
         count = max_batches or 1
-        return _with_progress(random_batches(parsed, count, seed), count, quiet), f"random normal, seed {seed}"
+        # Every rank draws the same seeded sequence and keeps its share, so the run equals one process's.
+        mine = shard_batches(random_batches(parsed, count, seed), rank, world_size)
+        return _with_progress(mine, len(range(rank, count, world_size)), quiet), f"random normal, seed {seed}"
     if input_file is not None:
+        from bn_inspect.distributed import shard_input
+
         data = open_input(input_file, key=input_key, drop_columns=drop_columns)
         size = batch_size or DEFAULT_BATCH_SIZE
         check_fits_memory((size, *data.sample_shape()), 4)
-        total = data.num_batches(size, max_batches)
-        return _with_progress(data.batches(size, max_batches), total, quiet), str(input_file)
+        source = data if world_size == 1 else shard_input(data, rank, world_size)
+        total = source.num_batches(size, max_batches)
+        return _with_progress(source.batches(size, max_batches), total, quiet), str(input_file)
     return None, ""
 
 

@@ -348,26 +348,24 @@ class ShardedInput:
 def _slices(
     data: InputData, batch_size: int, max_batches: int | None, rank: int, world_size: int, first_index: int
 ) -> Iterator[Batch]:
-    """Batches of one file whose global index (``first_index`` + local index) is this rank's."""
-    import numpy as np
-    import torch
+    """Batches of one file whose global index (``first_index`` + local index) is this rank's.
 
-    from bn_inspect.inspection import Batch
-
-    def tensor(array: Any, start: int) -> torch.Tensor:
-        piece = array[start : start + batch_size]
-        # A copy: slices of a memory-mapped file are read-only, and it reads only this batch.
-        return piece if isinstance(piece, torch.Tensor) else torch.from_numpy(np.array(piece, copy=True))
-
+    Each batch is cut from the (memory-mapped) arrays first and converted by InputData itself, so
+    only this rank's batches are read, with the same conversion as in one process.
+    """
     starts = range(0, data.num_samples, batch_size)
     if max_batches is not None:
         starts = starts[:max_batches]
     offset = (rank - first_index) % world_size
     for start in starts[offset::world_size]:
-        yield Batch(
-            tuple(tensor(a, start) for a in data.args),
-            {name: tensor(a, start) for name, a in data.kwargs.items()},
+        stop = start + batch_size
+        piece = InputData(
+            data.source,
+            tuple(a[start:stop] for a in data.args),
+            {name: a[start:stop] for name, a in data.kwargs.items()},
+            min(stop, data.num_samples) - start,
         )
+        yield from piece.batches(batch_size, 1)
 
 
 def shard_input(data: InputData | DirectoryData, rank: int, world_size: int) -> ShardedInput:

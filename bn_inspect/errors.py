@@ -14,13 +14,20 @@ class BnInspectError(Exception):
     exit_code = 2
 
     def __init__(self, what: str, fix: str = "") -> None:
-        self.what = what.rstrip(".")
-        self.fix = fix
+        self.what = _one_line(what).rstrip(".")
+        self.fix = _one_line(fix)
         super().__init__(self.line())
 
     def line(self) -> str:
         """The one-line message: what went wrong, then how to fix it."""
         return f"{self.what}. {self.fix}".strip()
+
+
+def _one_line(text: str) -> str:
+    """Whitespace collapsed and control characters escaped: a message may quote a hostile file's
+    bytes (entry names, parser errors), and they must neither break the line nor reach the terminal."""
+    printable = "".join(c if c.isprintable() or c.isspace() else repr(c)[1:-1] for c in text)
+    return " ".join(printable.split())
 
 
 class ModelFileError(BnInspectError):

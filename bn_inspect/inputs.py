@@ -210,8 +210,9 @@ def _as_tensor(array: Any) -> torch.Tensor:
 
     if isinstance(array, torch.Tensor):
         return array
-    # Slices of a memory-mapped file are read-only; the copy also reads only this batch from disk.
-    return torch.from_numpy(np.array(array, copy=True))
+    # Slices of a memory-mapped file are read-only; the copy also reads only this batch from disk,
+    # and turns big-endian data from other machines into the native byte order torch needs.
+    return torch.from_numpy(np.array(array, dtype=array.dtype.newbyteorder("="), copy=True))
 
 
 def read_input(path: Path, *, key: str | None = None, drop_columns: Sequence[str] = ()) -> InputData:
@@ -270,8 +271,11 @@ def _load_npy(path: Path) -> np.ndarray:
         if "allow_pickle" in str(error) or "pickled" in str(error) or "Python objects" in str(error):
             raise InputError(f"{path} holds Python objects, not numbers", "Save a numeric array") from error
         raise InputError(f"cannot read {path} as a .npy array ({error})", "Re-save it with numpy.save") from error
-    except OSError as error:
-        raise InputError(f"cannot read {path} as a .npy array ({error})", "Re-save it with numpy.save") from error
+    except Exception as error:
+        # A damaged header reaches numpy's header parser, which raises whatever it meets.
+        raise InputError(
+            f"cannot read {path} as a .npy array ({type(error).__name__})", "Re-save it with numpy.save"
+        ) from error
 
 
 def _read_npz(path: Path, key: str | None) -> np.ndarray:
@@ -307,6 +311,11 @@ def _read_npz(path: Path, key: str | None) -> np.ndarray:
 
 def _checked(array: np.ndarray, path: Path) -> np.ndarray:
     kind = array.dtype.kind
+    if kind == "f" and array.dtype.itemsize > 8:
+        raise InputError(
+            f"{path} holds {array.dtype} (extended precision), which torch cannot take",
+            "Save it as float32 or float64",
+        )
     if kind == "f":
         if array.ndim < 2:
             raise InputError(

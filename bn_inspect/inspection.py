@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +20,7 @@ from bn_inspect.capture import (
     hooks_and_functional_capture,
     preserved_state,
 )
+from bn_inspect.distributed import DistributedContext, RunTotals, fail_together, merge_run_across_ranks
 from bn_inspect.errors import (
     BnInspectError,
     ExportModeError,
@@ -113,7 +116,9 @@ def run_model(model: nn.Module, batch: Batch, recorder: StatisticsRecorder) -> N
     except BnInspectError:
         raise
     except Exception as error:
-        raise _forward_error(error, recorder.last_layer, _failing_module(model, error)) from error
+        raise _forward_error(
+            error, recorder.last_layer, _failing_module(model, error), recorder.last_kernel_error
+        ) from error
 
 
 def _failing_module(model: nn.Module, error: Exception) -> str | None:
@@ -133,8 +138,17 @@ def _failing_module(model: nn.Module, error: Exception) -> str | None:
     return found
 
 
-def _forward_error(error: Exception, last_layer: str | None, failing_module: str | None = None) -> BnInspectError:
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+def _forward_error(
+    error: Exception, last_layer: str | None, failing_module: str | None = None, kernel_error: str | None = None
+) -> BnInspectError:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    # TorchScript opens every failure with a fixed header; the cause is its last line.
+    if lines and lines[0].startswith("The following operation failed in the TorchScript interpreter"):
+        causes = [i for i, line in enumerate(lines) if re.match(r"^\w+(Error|Exception):", line)]
+        lines = [" ".join(lines[causes[-1] :])] if causes else lines[-1:]
+        if kernel_error and lines[0].rstrip(":") in ("RuntimeError", type(error).__name__):
+            lines = [kernel_error]
+    message = lines[0] if lines else type(error).__name__
     if isinstance(error, ValueError) and "Expected more than 1 value per channel" in message:
         return ForwardError(
             f"layer {last_layer or '?'} got 1 value per channel in train mode ({message}); "
@@ -221,6 +235,7 @@ def inspect_model(
     input_source: str = "<batches>",
     require_norm_layers: bool = True,
     materialize_lazy: bool = False,
+    distributed: DistributedContext | None = None,
 ) -> Report:
     """Run ``batches`` through ``model`` and report what every normalization layer saw.
 
@@ -238,6 +253,9 @@ def inspect_model(
         input_source: where the batches came from, for the report.
         require_norm_layers: raise NoNormLayersError when the model has none.
         materialize_lazy: let the forward pass materialize lazy modules.
+        distributed: this process's place in a torch.distributed run: each rank passes its own
+            share of the batches, and the returned report (identical on every rank) holds the
+            exact statistics of all ranks' data, merged in float64.
 
     Returns:
         The Report, with layer calls in execution order.
@@ -267,7 +285,11 @@ def inspect_model(
     first: Batch | None = None
     num_batches = num_samples = 0
     nonfinite = torch.zeros((), dtype=torch.int64, device=device)
-    with preserved_state(model), capture, torch.no_grad():
+    group = distributed.group if distributed is not None else None
+    # Every rank finishes its local share, or all of them fail together: none waits on a dead one.
+    is_distributed = distributed is not None and distributed.is_distributed
+    together = fail_together(group) if is_distributed else nullcontext()
+    with together, preserved_state(model), capture, torch.no_grad():
         set_training(model, mode is Mode.TRAIN)
         for item in batches:
             batch = _prepare(as_batch(item), device, dtype)
@@ -280,25 +302,35 @@ def inspect_model(
                     nonfinite += (~torch.isfinite(tensor)).sum()
             recorder.start_batch()
             run_model(model, batch, recorder)
-    num_nonfinite = int(nonfinite.item())
-    if first is None:
-        raise InputError("no batch ran", "Give at least one batch of input")
-    shape_source = first.args[0] if first.args else next(iter(first.kwargs.values()))
-    input_info = InputInfo(
-        source=input_source,
-        shape=tuple(shape_source.shape),
-        dtype=str(shape_source.dtype).removeprefix("torch."),
+    shape_source = None if first is None else first.args[0] if first.args else next(iter(first.kwargs.values()))
+    totals = RunTotals(
         num_batches=num_batches,
         num_samples=num_samples,
-        num_nonfinite_values=num_nonfinite,
+        num_nonfinite_values=int(nonfinite.item()),
+        first_shape=None if shape_source is None else tuple(shape_source.shape),
+        first_dtype=None if shape_source is None else str(shape_source.dtype).removeprefix("torch."),
     )
-    seen = {record.layer.name for record in recorder.records.values()}
+    records = recorder.records
+    if is_distributed:
+        merged = merge_run_across_ranks(records, totals, group, layers=layers)
+        records, totals = merged.records, merged.totals
+    if totals.first_shape is None or totals.first_dtype is None:
+        raise InputError("no batch ran", "Give at least one batch of input")
+    input_info = InputInfo(
+        source=input_source,
+        shape=totals.first_shape,
+        dtype=totals.first_dtype,
+        num_batches=totals.num_batches,
+        num_samples=totals.num_samples,
+        num_nonfinite_values=totals.num_nonfinite_values,
+    )
+    seen = {record.layer.name for record in records.values()}
     return Report(
         model=model_info or ModelInfo("<module>", "module"),
         input=input_info,
         mode=mode.value,
         device=str(device),
-        layers=tuple(_layer_report(record, mode) for record in recorder.records.values()),
+        layers=tuple(_layer_report(record, mode) for record in records.values()),
         not_executed=tuple(layer.name for layer in layers if layer.name not in seen),
         torch_version=torch.__version__,
     )

@@ -75,7 +75,14 @@ def detect_file_kind(path: Path) -> FileKind:
         raise ModelFileError(f"cannot read model file {path}: {error.strerror}", "Check its permissions") from error
     if not head:
         raise ModelFileError(f"model file {path} is empty", "Re-save or re-download it")
-    if zipfile.is_zipfile(path):
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except Exception as error:
+        # A damaged zip64 locator (several disks) makes is_zipfile itself raise.
+        raise ModelFileError(
+            f"model file {path} is a damaged zip archive ({type(error).__name__})", "Re-save or re-download it"
+        ) from error
+    if is_zip:
         return _zip_kind(path)
     if head.startswith(b"PK"):
         raise ModelFileError(f"model file {path} is a damaged or truncated zip archive", "Re-save or re-download it")
@@ -97,7 +104,7 @@ def _zip_kind(path: Path) -> FileKind:
             names = archive.namelist()
             # A flipped byte in a tensor payload loads silently; the CRC check catches it.
             broken = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+    except Exception as error:  # unsupported versions, flags, methods: all damage
         raise ModelFileError(
             f"model file {path} is a damaged zip archive ({error})", "Re-save or re-download it"
         ) from error
@@ -576,9 +583,23 @@ def _load_torchscript(path: Path, map_location: str) -> nn.Module:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             module: nn.Module = torch.jit.load(str(path), map_location=map_location)  # type: ignore[no-untyped-call]
-            return module
+        _check_storages(module)
     except Exception as error:
         raise _corrupt(path, error) from error
+    return module
+
+
+def _check_storages(module: nn.Module) -> None:
+    """Raise if a tensor's storage is smaller than the tensor: torch.jit.load does not check a
+    record's size against its tensors (torch.load does), and reading past it crashes the process."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.numel() == 0:
+            continue
+        storage = tensor.untyped_storage()
+        extent = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
+        needed = (tensor.storage_offset() + extent) * tensor.element_size()
+        if storage.nbytes() < needed or storage.data_ptr() == 0:
+            raise ValueError(f"a tensor needs {needed} bytes but its data record holds {storage.nbytes()}")
 
 
 def _load_exported(path: Path, map_location: str) -> nn.Module:

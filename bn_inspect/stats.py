@@ -48,6 +48,11 @@ class ChannelMoments:
         delta = other.mean - self.mean
         mean = self.mean + delta * (other.count / count)
         m2 = self.m2 + other.m2 + delta.square() * (self.count * other.count / count)
+        # Chan's update turns an infinite mean into NaN (inf - inf); the sum of the means keeps
+        # +inf, -inf or NaN as the population of values would have it, and the spread is undefined.
+        finite = torch.isfinite(self.mean) & torch.isfinite(other.mean)
+        mean = torch.where(finite, mean, self.mean + other.mean)
+        m2 = torch.where(finite, m2, torch.full_like(m2, float("nan")))
         return ChannelMoments(count, mean, m2)
 
     def biased_var(self) -> torch.Tensor:
@@ -80,7 +85,9 @@ def channel_moments(x: torch.Tensor) -> ChannelMoments:
     if x.device.type != "cpu":
         # Elsewhere a cancellation check would stall the device queue; var_mean is exact.
         return two_pass_moments(work, dims, count)
-    shift = work[(0, slice(None)) + (0,) * (x.dim() - 2)].view(1, num_channels, *([1] * (x.dim() - 2)))
+    first = work[(0, slice(None)) + (0,) * (x.dim() - 2)]
+    # An infinite first value would turn the whole channel into inf - inf = NaN.
+    shift = torch.where(torch.isfinite(first), first, 0).view(1, num_channels, *([1] * (x.dim() - 2)))
     shifted = work - shift
     shifted_sum = shifted.sum(dims).double()
     sum_sq = torch.linalg.vector_norm(shifted, dim=dims).double().square()
@@ -88,8 +95,12 @@ def channel_moments(x: torch.Tensor) -> ChannelMoments:
     shifted_mean = shifted_sum / count
     m2 = sum_sq - shifted_sum * shifted_mean
     cancellation = shifted_mean.square() * count / m2
-    if bool(((m2 <= 0) & (shifted_mean != 0)).any() | (cancellation > MAX_CANCELLATION).any()):
-        return two_pass_moments(work, dims, count)
+    # Shifted sums are unusable where they cancelled, or where float32 squares overflowed
+    # although the values themselves are finite (activations beyond ~1e17).
+    overflowed = ~torch.isfinite(sum_sq) & torch.isfinite(shifted_sum)
+    if bool(((m2 <= 0) & (shifted_mean != 0)).any() | (cancellation > MAX_CANCELLATION).any() | overflowed.any()):
+        # Exact, and rare: in float64, so no channel's mean is rounded to float32.
+        return two_pass_moments(work.double(), dims, count)
     return ChannelMoments(count, shift.reshape(-1).double() + shifted_mean, m2.clamp_min(0))
 
 
