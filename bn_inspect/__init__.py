@@ -12,6 +12,7 @@ from bn_inspect.options import Mode
 from bn_inspect.report import SCHEMA_VERSION, InputInfo, LayerReport, ModelInfo, Report
 
 if TYPE_CHECKING:
+    from bn_inspect.distributed import DistributedContext
     from bn_inspect.inspection import Batch, check_model, inspect_model
     from bn_inspect.loading import load_model
     from bn_inspect.modes import compare_modes
@@ -23,6 +24,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Batch",
     "BnInspectError",
+    "DistributedContext",
     "InputInfo",
     "LayerReport",
     "Mode",
@@ -45,6 +47,7 @@ _LAZY = {
     "inspect_model": "bn_inspect.inspection",
     "Batch": "bn_inspect.inspection",
     "load_model": "bn_inspect.loading",
+    "DistributedContext": "bn_inspect.distributed",
 }
 
 

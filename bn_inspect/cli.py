@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -31,10 +32,12 @@ if TYPE_CHECKING:
     from rich.console import RenderableType
     from torch import nn
 
+    from bn_inspect.distributed import DistributedContext, ShardedInput
     from bn_inspect.inputs import DirectoryData, InputData
     from bn_inspect.inspection import Batch
     from bn_inspect.loading import LoadedModel
     from bn_inspect.report import Report
+    from bn_inspect.rules import CheckReport
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_CANNOT_RUN, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -211,10 +214,11 @@ def _prepare(
     quiet: bool = False,
     shard: tuple[int, int] = (0, 1),
 ) -> _Prepared:
-    """Validate the shared options, load the model and build the batches (guessing a shape if needed)."""
+    """Validate the shared options, load the model and build this rank's batches (guessing a shape if needed)."""
     from bn_inspect.loading import LoadedModel, load_model, parse_arch_kwargs
 
-    note = _silent if quiet else _note
+    # Rank 0 speaks for the run; the other ranks' notes would repeat its own.
+    note = _silent if quiet or shard[0] != 0 else _note
 
     if shape is not None and input_file is not None:
         raise InputError("--shape and --input were both given", "Use one of them")
@@ -248,8 +252,20 @@ def _prepare(
                 "which its graph fixes."
             )
     if needs_data and batch_iter is None:
-        batch_iter, input_source = _guessed_batches(loaded.module, batch_size or 8, batches or 1, seed, note)
+        batch_iter, input_source = _guessed_batches(loaded.module, batch_size or 8, batches or 1, seed, note, shard)
     return _Prepared(loaded, batch_iter, input_source, is_real_data=input_file is not None)
+
+
+@contextmanager
+def _all_or_none(context: DistributedContext) -> Iterator[None]:
+    """Under torchrun: if the block fails on any rank, it fails on every rank, so none waits on the others."""
+    from bn_inspect.distributed import fail_together
+
+    if not context.is_distributed:
+        yield
+        return
+    with fail_together(context.group):
+        yield
 
 
 def _emit(text: str, output: Path | None) -> None:
@@ -303,24 +319,25 @@ def inspect_command(
     from bn_inspect.report import ModelInfo
 
     with distributed_context(device=_resolve_device(device)) as context:
-        prepared = _prepare(
-            model,
-            arch,
-            arch_kwargs,
-            trust_pickle,
-            shape,
-            input_file,
-            input_key,
-            drop_column,
-            batch_size,
-            batches,
-            seed,
-            device,
-            output,
-            mode,
-            quiet=quiet,
-            shard=(context.rank, context.world_size),
-        )
+        with _all_or_none(context):
+            prepared = _prepare(
+                model,
+                arch,
+                arch_kwargs,
+                trust_pickle,
+                shape,
+                input_file,
+                input_key,
+                drop_column,
+                batch_size,
+                batches,
+                seed,
+                device,
+                output,
+                mode,
+                quiet=quiet,
+                shard=(context.rank, context.world_size),
+            )
         loaded = prepared.loaded
         report = inspect_model(
             loaded.module,
@@ -412,7 +429,7 @@ def check_command(
       bn-inspect check model.pt --input val.npy --fail-on warning --max-shift 2 --ignore BN106
     """
     from bn_inspect.config import load_check_config
-    from bn_inspect.export import check_to_json, check_to_junit, check_to_markdown
+    from bn_inspect.distributed import distributed_context, gather_json
     from bn_inspect.inspection import check_model
     from bn_inspect.report import ModelInfo
     from bn_inspect.rules import Thresholds, unknown_codes
@@ -434,38 +451,55 @@ def check_command(
         gate = FailOn(fail_on or config.fail_on or FailOn.ERROR)
     except ValueError:
         raise InputError(f"fail-on {config.fail_on!r} in {config.source}", "Use error or warning") from None
-    prepared = _prepare(
-        model,
-        arch,
-        arch_kwargs,
-        trust_pickle,
-        shape,
-        input_file,
-        input_key,
-        drop_column,
-        batch_size,
-        batches,
-        seed,
-        device,
-        output,
-        mode,
-        needs_data=not no_data,
-        quiet=quiet,
-    )
-    loaded = prepared.loaded
-    result = check_model(
-        loaded.module,
-        prepared.batches,
-        mode=mode,
-        thresholds=thresholds,
-        fail_on=gate,
-        ignore=ignored,
-        model_info=ModelInfo(loaded.source, loaded.format, loaded.arch),
-        input_source=prepared.input_source,
-        flags_from_file=loaded.format in ("pickle", "torchscript"),
-        data_is_real=prepared.is_real_data,
-        materialize_lazy=True,
-    )
+    with distributed_context(device=_resolve_device(device)) as context:
+        with _all_or_none(context):
+            prepared = _prepare(
+                model,
+                arch,
+                arch_kwargs,
+                trust_pickle,
+                shape,
+                input_file,
+                input_key,
+                drop_column,
+                batch_size,
+                batches,
+                seed,
+                device,
+                output,
+                mode,
+                needs_data=not no_data,
+                quiet=quiet,
+                shard=(context.rank, context.world_size),
+            )
+        loaded = prepared.loaded
+        result = check_model(
+            loaded.module,
+            prepared.batches,
+            mode=mode,
+            thresholds=thresholds,
+            fail_on=gate,
+            ignore=ignored,
+            model_info=ModelInfo(loaded.source, loaded.format, loaded.arch),
+            input_source=prepared.input_source,
+            flags_from_file=loaded.format in ("pickle", "torchscript"),
+            data_is_real=prepared.is_real_data,
+            materialize_lazy=True,
+            distributed=context,
+        )
+        passed = result.passed
+        if context.is_distributed:
+            # Ranks whose buffers diverge (BN111) judge differently: rank 0's verdict is the run's.
+            passed = bool(gather_json(passed, context.group, "agreeing on the verdict")[0])
+        if context.is_main:
+            _report_check(result, output_format, output)
+    if not passed:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+def _report_check(result: CheckReport, output_format: CheckFormat, output: Path | None) -> None:
+    from bn_inspect.export import check_to_json, check_to_junit, check_to_markdown
+
     if result.input is not None:
         _warn_nonfinite(result.input.num_nonfinite_values)
     if output_format is CheckFormat.JSON:
@@ -478,8 +512,6 @@ def check_command(
         from bn_inspect.render import render_check
 
         _print_renderable(render_check(result), output)
-    if not result.passed:
-        raise typer.Exit(EXIT_CHECK_FAILED)
 
 
 @app.command("layers")
@@ -617,7 +649,9 @@ def compare_modes_command(
 class _Rereadable:
     """Batches that can be read again: recalibration makes several passes over the same data."""
 
-    def __init__(self, data: InputData | DirectoryData, batch_size: int, max_batches: int | None) -> None:
+    def __init__(
+        self, data: InputData | DirectoryData | ShardedInput, batch_size: int, max_batches: int | None
+    ) -> None:
         self._data, self._batch_size, self._max_batches = data, batch_size, max_batches
 
     def __iter__(self) -> Iterator[Batch]:
@@ -665,6 +699,7 @@ def recalibrate_command(
 
       bn-inspect recalibrate state_dict.pt --arch mypkg.models:net --input train_shards/ --method sequential --output new.pt
     """
+    from bn_inspect.distributed import distributed_context, shard_input
     from bn_inspect.export import dataclass_to_json
     from bn_inspect.inputs import DEFAULT_BATCH_SIZE, check_fits_memory, open_input
     from bn_inspect.loading import load_model, parse_arch_kwargs
@@ -682,12 +717,22 @@ def recalibrate_command(
     _check_output(output, [model, input_file])
     kwargs = parse_arch_kwargs(arch_kwargs)
     target_device = _resolve_device(device)
-    data = open_input(input_file, key=input_key, drop_columns=drop_column or [])
-    size = batch_size or DEFAULT_BATCH_SIZE
-    check_fits_memory((size, *data.sample_shape()), 4)
-    loaded = load_model(model, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle, map_location=target_device)
-    result = recalibrate(loaded.module, _Rereadable(data, size, batches), method=method.value)
-    save_like(model, loaded.format, loaded.module, output, force=force)
+    with distributed_context(device=target_device) as context:
+        with _all_or_none(context):
+            data = open_input(input_file, key=input_key, drop_columns=drop_column or [])
+            size = batch_size or DEFAULT_BATCH_SIZE
+            check_fits_memory((size, *data.sample_shape()), 4)
+            loaded = load_model(
+                model, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle, map_location=target_device
+            )
+        mine = data if not context.is_distributed else shard_input(data, context.rank, context.world_size)
+        result = recalibrate(loaded.module, _Rereadable(mine, size, batches), method=method.value, distributed=context)
+        # Every rank now holds the same buffers; rank 0 alone writes the one file.
+        with _all_or_none(context):
+            if context.is_main:
+                save_like(model, loaded.format, loaded.module, output, force=force)
+    if not context.is_main:
+        return
     if output_format is ListingFormat.JSON:
         _emit(dataclass_to_json(result, "recalibrate"), None)
     elif output_format is ListingFormat.MARKDOWN:
@@ -777,8 +822,14 @@ def _with_progress(batches: Iterator[Batch], total: int | None, quiet: bool) -> 
 
 
 def _guessed_batches(
-    module: nn.Module, batch_size: int, num_batches: int, seed: int, note: Callable[[str], None]
+    module: nn.Module,
+    batch_size: int,
+    num_batches: int,
+    seed: int,
+    note: Callable[[str], None],
+    shard: tuple[int, int],
 ) -> tuple[Iterator[Batch], str]:
+    from bn_inspect.distributed import shard_batches
     from bn_inspect.inputs import guess_input_shapes, random_batches
     from bn_inspect.inspection import find_working_shape
 
@@ -794,7 +845,8 @@ def _guessed_batches(
         f"No --shape or --input: using random normal input of shape {tuple(chosen)}, because {guess.reason}. "
         "Pass --shape to choose."
     )
-    return random_batches(chosen, num_batches, seed), f"random normal, seed {seed} (shape inferred)"
+    mine = shard_batches(random_batches(chosen, num_batches, seed), *shard)
+    return mine, f"random normal, seed {seed} (shape inferred)"
 
 
 def run(argv: Sequence[str]) -> int:

@@ -42,7 +42,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from bn_inspect.errors import BnInspectError
 from bn_inspect.inputs import DirectoryData, InputData, read_input
-from bn_inspect.rules import RULES, Finding, Rule, Severity
+from bn_inspect.report import (
+    BufferDivergence,
+    DistributedInfo,
+    LayerDivergence,
+    RankDivergence,
+    RankShare,
+    SyncGroupInfo,
+)
+from bn_inspect.rules import RULES, Finding
 
 if TYPE_CHECKING:
     import torch
@@ -194,15 +202,7 @@ def distributed_context(
 
     environ = os.environ if environ is None else environ
     if dist.is_available() and dist.is_initialized():
-        world = dist.get_world_size()
-        rank = dist.get_rank()
-        yield DistributedContext(
-            rank=rank,
-            world_size=world,
-            local_rank=int(environ.get("LOCAL_RANK", rank)),
-            backend=str(dist.get_backend()),
-            owns_group=False,
-        )
+        yield joined_context(environ)
         return
     world = int(environ.get("WORLD_SIZE", "1") or "1")
     if world <= 1:
@@ -251,6 +251,28 @@ def distributed_context(
         )
     finally:
         dist.destroy_process_group()
+
+
+def joined_context(environ: Mapping[str, str] | None = None) -> DistributedContext:
+    """The process group this process already belongs to (the end of a DDP job), or a single process.
+
+    What the Python API uses when it is given no context: called on every rank of an initialized
+    group, it merges over all of them. To look at this rank's data alone, pass
+    ``DistributedContext()`` instead.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistributedContext()
+    environ = os.environ if environ is None else environ
+    rank = dist.get_rank()
+    return DistributedContext(
+        rank=rank,
+        world_size=dist.get_world_size(),
+        local_rank=int(environ.get("LOCAL_RANK", rank)),
+        backend=str(dist.get_backend()),
+        owns_group=False,
+    )
 
 
 def _group_rank_and_size(group: ProcessGroup | None) -> tuple[int, int]:
@@ -445,6 +467,18 @@ def _exchange(
     return [(bytes(h[:n].cpu().numpy().tobytes()), v) for h, (n, _), v in zip(headers, lengths, values, strict=True)]
 
 
+def gather_json(value: Any, group: ProcessGroup | None, step: str) -> list[Any]:
+    """Every rank's JSON-serialisable ``value``, in rank order (one exchange; nothing is pickled)."""
+    import torch
+
+    _, world = _group_rank_and_size(group)
+    header = json.dumps(value, sort_keys=True).encode()
+    if world == 1:
+        return [json.loads(header)]
+    gathered = _exchange(header, torch.zeros(0, dtype=torch.float64), group, step)
+    return [json.loads(text) for text, _ in gathered]
+
+
 # ---------------------------------------------------------------------------------------------
 # Failing together
 
@@ -563,15 +597,6 @@ class RunTotals:
     num_nonfinite_values: int = 0
     first_shape: tuple[int, ...] | None = None
     first_dtype: str | None = None
-
-
-@dataclass(frozen=True)
-class RankShare:
-    """How much of the data one rank ran."""
-
-    rank: int
-    num_batches: int
-    num_samples: int
 
 
 @dataclass
@@ -814,15 +839,6 @@ def local_sync_batch_norm(model: nn.Module) -> Iterator[None]:
             module.__dict__.pop("forward", None)
 
 
-@dataclass(frozen=True)
-class SyncGroupInfo:
-    """The ranks a SyncBatchNorm layer synchronizes its training batch statistics over."""
-
-    name: str
-    ranks: tuple[int, ...]
-    is_world: bool
-
-
 def sync_batch_norm_groups(model: nn.Module) -> tuple[SyncGroupInfo, ...]:
     """For every SyncBatchNorm: the global ranks of its process group (all ranks for the default).
 
@@ -848,70 +864,6 @@ def sync_batch_norm_groups(model: nn.Module) -> tuple[SyncGroupInfo, ...]:
 
 # ---------------------------------------------------------------------------------------------
 # Rank divergence of the stored buffers
-
-
-@dataclass(frozen=True)
-class BufferDivergence:
-    """How one buffer of one layer differs across ranks.
-
-    Attributes:
-        buffer: "running_mean", "running_var" or "num_batches_tracked".
-        max_abs_difference: max over elements of (max over ranks - min over ranks), i.e. the
-            largest |x_i - x_j| between any two ranks; 0.0 when all agree, NaN when an element
-            is NaN on some ranks only.
-        differing_ranks: ranks whose buffer is not identical to rank 0's (NaN equals NaN).
-        elements: indices (channels) where some rank differs from rank 0.
-    """
-
-    buffer: str
-    max_abs_difference: float
-    differing_ranks: tuple[int, ...]
-    elements: tuple[int, ...]
-
-    @property
-    def is_divergent(self) -> bool:
-        """True when some rank holds other values than rank 0."""
-        return bool(self.differing_ranks)
-
-
-@dataclass(frozen=True)
-class LayerDivergence:
-    """How a normalization layer's running buffers differ across ranks."""
-
-    name: str
-    type: str
-    buffers: tuple[BufferDivergence, ...]
-
-    @property
-    def is_divergent(self) -> bool:
-        """True when any buffer differs between ranks."""
-        return any(b.is_divergent for b in self.buffers)
-
-    @property
-    def differing_ranks(self) -> tuple[int, ...]:
-        """Ranks that differ from rank 0 in any buffer."""
-        return tuple(sorted({r for b in self.buffers for r in b.differing_ranks}))
-
-    @property
-    def max_abs_difference(self) -> float:
-        """The largest max_abs_difference of its buffers (NaN if any is NaN)."""
-        values = [b.max_abs_difference for b in self.buffers]
-        if any(math.isnan(v) for v in values):
-            return math.nan
-        return max(values, default=0.0)
-
-
-@dataclass(frozen=True)
-class RankDivergence:
-    """Per normalization layer with running buffers, how they differ across ``world_size`` ranks."""
-
-    world_size: int
-    layers: tuple[LayerDivergence, ...]
-
-    @property
-    def divergent(self) -> tuple[LayerDivergence, ...]:
-        """The layers whose buffers differ between ranks."""
-        return tuple(layer for layer in self.layers if layer.is_divergent)
 
 
 def _layer_buffers(model: nn.Module) -> list[tuple[str, str, str, torch.Tensor]]:
@@ -1003,10 +955,7 @@ def _buffer_divergence(buffer_name: str, block: torch.Tensor) -> BufferDivergenc
     )
 
 
-# rules.py registers BN111 in RULES (for --ignore and the README); until then the same rule is defined here.
-RANK_DIVERGENCE_RULE = RULES.get("BN111") or Rule(
-    "BN111", "rank-divergence", Severity.WARNING, "running statistics differ between distributed ranks"
-)
+RANK_DIVERGENCE_RULE = RULES["BN111"]
 
 
 def divergence_findings(divergence: RankDivergence, tolerance: float = 0.0) -> list[Finding]:
@@ -1045,6 +994,22 @@ def divergence_findings(divergence: RankDivergence, tolerance: float = 0.0) -> l
             )
         )
     return findings
+
+
+def distributed_lines(info: DistributedInfo) -> list[str]:
+    """Plain sentences for the report's section on a run over several ranks."""
+    shares = "; ".join(f"rank {s.rank}: {s.num_samples:,} samples in {s.num_batches} batch(es)" for s in info.shares)
+    lines = [
+        f"{info.world_size} ranks ({info.backend}): every statistic above is over all ranks' data, "
+        f"merged exactly in float64 ({shares})."
+    ]
+    for group in info.sync_batch_norm:
+        over = "all ranks" if group.is_world else f"ranks {', '.join(map(str, group.ranks))}"
+        lines.append(
+            f"{group.name} (SyncBatchNorm) synchronizes its training statistics over {over}; each batch ran "
+            "through it locally here, and its statistics are merged over all ranks."
+        )
+    return lines + divergence_lines(info.divergence)
 
 
 def divergence_lines(divergence: RankDivergence) -> list[str]:

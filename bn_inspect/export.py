@@ -137,6 +137,10 @@ def to_markdown(report: Report, channel_patterns: tuple[str, ...] = ()) -> str:
     lines += ["", "<details><summary>How each layer's statistics were computed</summary>", ""]
     lines += [f"- {layer.explanation}" for layer in report.layers]
     lines += ["", "</details>", ""]
+    if report.distributed is not None:
+        from bn_inspect.distributed import distributed_lines
+
+        lines += ["### Ranks", "", *(f"- {line}" for line in distributed_lines(report.distributed)), ""]
     for layer in matching_layers(report, channel_patterns):
         lines += [
             f"### `{layer.label}` per channel",

@@ -172,14 +172,18 @@ class DirectoryData:
                     remaining -= 1
 
     def num_batches(self, batch_size: int, max_batches: int | None) -> int | None:
-        """How many batches ``batches`` yields, when the files' headers tell (.npy); else None."""
-        import numpy as np
+        """How many batches ``batches`` yields, when the files' headers tell (.npy); else None.
 
+        Raises:
+            InputError: a .npy file that is not a numeric array.
+        """
         total = 0
         for path in self.files:
-            if path.suffix.lower() != ".npy":
+            array = _load_npy(path) if path.suffix.lower() == ".npy" else None
+            if array is None or array.ndim == 0:
+                # Not told by a header: reading the file will tell, or say what is wrong with it.
                 return max_batches
-            total += math.ceil(int(np.load(path, mmap_mode="r", allow_pickle=False).shape[0]) / batch_size)
+            total += math.ceil(array.shape[0] / batch_size)
         return total if max_batches is None else min(total, max_batches)
 
     def sample_shape(self) -> tuple[int, ...]:

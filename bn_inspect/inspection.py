@@ -20,7 +20,17 @@ from bn_inspect.capture import (
     hooks_and_functional_capture,
     preserved_state,
 )
-from bn_inspect.distributed import DistributedContext, RunTotals, fail_together, merge_run_across_ranks
+from bn_inspect.distributed import (
+    DistributedContext,
+    RunTotals,
+    divergence_findings,
+    fail_together,
+    joined_context,
+    local_sync_batch_norm,
+    merge_run_across_ranks,
+    rank_divergence,
+    sync_batch_norm_groups,
+)
 from bn_inspect.errors import (
     BnInspectError,
     ExportModeError,
@@ -39,7 +49,7 @@ from bn_inspect.layers import (
     iter_norm_layers,
 )
 from bn_inspect.options import FailOn, Mode
-from bn_inspect.report import InputInfo, LayerReport, ModelInfo, Report
+from bn_inspect.report import DistributedInfo, InputInfo, LayerReport, ModelInfo, Report
 from bn_inspect.rules import (
     CheckReport,
     Thresholds,
@@ -254,8 +264,13 @@ def inspect_model(
         require_norm_layers: raise NoNormLayersError when the model has none.
         materialize_lazy: let the forward pass materialize lazy modules.
         distributed: this process's place in a torch.distributed run: each rank passes its own
-            share of the batches, and the returned report (identical on every rank) holds the
-            exact statistics of all ranks' data, merged in float64.
+            share of the batches, and the returned report holds the exact statistics of all
+            ranks' data, merged in float64 (identical on every rank), next to this rank's own
+            running statistics (identical too, unless BN111 says otherwise), with a ``distributed``
+            section (each rank's share, SyncBatchNorm groups, running buffers compared across
+            ranks). None joins the process group this process already belongs to, if any (the
+            end of a DDP job: call it on every rank); ``DistributedContext()`` inspects this
+            rank's batches alone.
 
     Returns:
         The Report, with layer calls in execution order.
@@ -285,11 +300,12 @@ def inspect_model(
     first: Batch | None = None
     num_batches = num_samples = 0
     nonfinite = torch.zeros((), dtype=torch.int64, device=device)
-    group = distributed.group if distributed is not None else None
+    context = joined_context() if distributed is None else distributed
+    group = context.group
     # Every rank finishes its local share, or all of them fail together: none waits on a dead one.
-    is_distributed = distributed is not None and distributed.is_distributed
-    together = fail_together(group) if is_distributed else nullcontext()
-    with together, preserved_state(model), capture, torch.no_grad():
+    together = fail_together(group) if context.is_distributed else nullcontext()
+    # SyncBatchNorm runs locally (see local_sync_batch_norm); the merge below makes it global.
+    with together, preserved_state(model), capture, local_sync_batch_norm(model), torch.no_grad():
         set_training(model, mode is Mode.TRAIN)
         for item in batches:
             batch = _prepare(as_batch(item), device, dtype)
@@ -311,9 +327,17 @@ def inspect_model(
         first_dtype=None if shape_source is None else str(shape_source.dtype).removeprefix("torch."),
     )
     records = recorder.records
-    if is_distributed:
+    distributed_info = None
+    if context.is_distributed:
         merged = merge_run_across_ranks(records, totals, group, layers=layers)
         records, totals = merged.records, merged.totals
+        distributed_info = DistributedInfo(
+            world_size=context.world_size,
+            backend=context.backend,
+            shares=merged.shares,
+            sync_batch_norm=sync_batch_norm_groups(model),
+            divergence=rank_divergence(model, group),
+        )
     if totals.first_shape is None or totals.first_dtype is None:
         raise InputError("no batch ran", "Give at least one batch of input")
     input_info = InputInfo(
@@ -333,6 +357,7 @@ def inspect_model(
         layers=tuple(_layer_report(record, mode) for record in records.values()),
         not_executed=tuple(layer.name for layer in layers if layer.name not in seen),
         torch_version=torch.__version__,
+        distributed=distributed_info,
     )
 
 
@@ -434,6 +459,7 @@ def check_model(
     flags_from_file: bool = True,
     data_is_real: bool = True,
     materialize_lazy: bool = False,
+    distributed: DistributedContext | None = None,
 ) -> CheckReport:
     """Run the BatchNorm health rules on ``model`` (and on ``batches``, when given).
 
@@ -452,11 +478,16 @@ def check_model(
         data_is_real: the batches are real data; random input makes every layer look shifted, so
             the shift and dead-channel rules only run on real data.
         materialize_lazy: as for inspect_model.
+        distributed: as for inspect_model; across several ranks the data rules see the
+            statistics of all ranks' data, and the running buffers are compared across ranks
+            (BN111). Every rank judges the global statistics against its own running ones, so
+            ranks agree unless their buffers diverge; report rank 0's verdict.
 
     Returns:
         The CheckReport; ``passed`` is False when a finding reaches ``fail_on``.
     """
     thresholds = thresholds or Thresholds()
+    context = joined_context() if distributed is None else distributed
     model = unwrap_compiled(model)
     layers, _ = find_layers(model)
     if not layers and not functional_candidates(model, []):
@@ -479,6 +510,7 @@ def check_model(
             model_info=model_info,
             input_source=input_source,
             materialize_lazy=materialize_lazy,
+            distributed=context,
         )
         data_findings = report_findings(report, thresholds)
         if not data_is_real:
@@ -487,6 +519,18 @@ def check_model(
             )
             data_findings = [f for f in data_findings if f.code not in ("BN201", "BN202")]
         findings += data_findings
+    if context.is_distributed:
+        divergence = report.distributed.divergence if report and report.distributed else None
+        divergence = divergence or rank_divergence(model, context.group)
+        findings += divergence_findings(divergence)
+        notes.append(
+            f"{context.world_size} ranks: the data rules saw the statistics of all ranks' data; "
+            + (
+                "running buffers identical on all ranks"
+                if not divergence.divergent
+                else f"running buffers differ between ranks in {len(divergence.divergent)} layer(s) (BN111)"
+            )
+        )
     first = report.first_divergent(thresholds.max_shift) if report is not None and data_is_real else None
     kept = filter_ignored(findings, ignore)
     return CheckReport(

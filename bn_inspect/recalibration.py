@@ -75,7 +75,7 @@ import os
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -86,7 +86,16 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bn_inspect.capture import StatisticsRecorder, dispatch_capture, hooks_capture, preserved_state
+from bn_inspect.capture import CallRecord, StatisticsRecorder, dispatch_capture, hooks_capture, preserved_state
+from bn_inspect.distributed import (
+    DistributedContext,
+    RunTotals,
+    fail_together,
+    gather_json,
+    joined_context,
+    local_sync_batch_norm,
+    merge_run_across_ranks,
+)
 from bn_inspect.errors import (
     BnInspectError,
     ForwardError,
@@ -224,6 +233,7 @@ def recalibrate(
     *,
     method: RecalibrationMethod | str = RecalibrationMethod.PRECISE,
     verify: bool = True,
+    distributed: DistributedContext | None = None,
 ) -> RecalibrationResult:
     """Rewrite every batch-style layer's running statistics with exact population statistics.
 
@@ -246,6 +256,10 @@ def recalibrate(
         verify: for ``precise``, run one more eval pass to measure how well the recalibrated
             model's layer inputs fit the new statistics (``max_abs_shift_z_after``);
             ``sequential`` always runs that pass, as the check of its result.
+        distributed: as for ``inspect_model``: each rank passes its own share of the batches
+            (None joins an initialized process group). Every pass merges the layers' moments
+            across ranks exactly before anything is written, so every rank ends with the same
+            buffers: those one process would compute from all ranks' data. Save from one rank.
 
     Returns:
         The RecalibrationResult.
@@ -271,7 +285,8 @@ def recalibrate(
             "Nothing to do; check that this is the model you meant",
         )
     data = _reiterable(batches)
-    runner = _Runner(model, data, is_script)
+    context = joined_context() if distributed is None else distributed
+    runner = _Runner(model, data, is_script, context)
     originals = {
         name: (t.running_mean.clone(), t.running_var.clone(), _clone(t.num_batches_tracked))
         for name, t in targets.items()
@@ -399,10 +414,11 @@ class _StopForward(Exception):
 class _Runner:
     """Runs passes over the same batches, capturing chosen layers' inputs."""
 
-    def __init__(self, model: nn.Module, batches: Iterable[Any], is_script: bool) -> None:
+    def __init__(self, model: nn.Module, batches: Iterable[Any], is_script: bool, context: DistributedContext) -> None:
         self.model = model
         self.batches = batches
         self.is_script = is_script
+        self.context = context
         self.device = model_device(model)
         self.dtype = _float_dtype(model)
         self.norm_layers = iter_norm_layers(model)
@@ -422,15 +438,17 @@ class _Runner:
 
         ``stop_after`` (layer name -> calls per forward) ends each forward once every listed
         layer has been called that often; the model's state (flags, buffers) is restored after.
+        Across ranks, the pass covers every rank's batches: the moments are merged exactly.
         """
         recorder = StatisticsRecorder() if tracer is None else _TracedRecorder(tracer)
         layers = [t.layer for t in targets]
         capture = dispatch_capture if self.is_script else hooks_capture
         stopper = _Stopper(targets, stop_after or {}, self.is_script)
         num_batches = num_samples = 0
-        with preserved_state(self.model), torch.no_grad(), _maybe(tracer), _maybe(stopper.mode()):
+        together = fail_together(self.context.group) if self.context.is_distributed else nullcontext()
+        with together, preserved_state(self.model), torch.no_grad(), _maybe(tracer), _maybe(stopper.mode()):
             set_norm_layers_training(self.model, self.norm_layers if training else [])
-            with capture(layers, recorder), stopper.hooks():
+            with capture(layers, recorder), stopper.hooks(), local_sync_batch_norm(self.model):
                 for item in self.batches:
                     batch = _to_model(as_batch(item), self.device, self.dtype)
                     num_batches += 1
@@ -449,11 +467,18 @@ class _Runner:
                                 error.what, "Use batches of at least 2 samples, or the sequential method (eval mode)"
                             ) from error
                         raise
+        records: Mapping[tuple[str, int], CallRecord] = recorder.records
+        if self.context.is_distributed:
+            merged = merge_run_across_ranks(
+                records, RunTotals(num_batches, num_samples), self.context.group, layers=layers
+            )
+            records = merged.records
+            num_batches, num_samples = merged.totals.num_batches, merged.totals.num_samples
         if num_batches == 0:
             raise InputError("no batch ran", "Give at least one batch of input")
         self.num_passes += 1
         self.num_batches, self.num_samples = num_batches, num_samples
-        return _merge_calls(recorder)
+        return _merge_calls(records)
 
 
 @contextmanager
@@ -465,9 +490,9 @@ def _maybe(mode: TorchDispatchMode | None) -> Iterator[None]:
         yield
 
 
-def _merge_calls(recorder: StatisticsRecorder) -> dict[str, _Seen]:
+def _merge_calls(records: Mapping[tuple[str, int], CallRecord]) -> dict[str, _Seen]:
     seen: dict[str, _Seen] = {}
-    for (name, call), record in recorder.records.items():
+    for (name, call), record in records.items():
         moments = record.moments
         if moments is None:
             continue
@@ -655,6 +680,8 @@ def _sequential(
     first = runner.run(list(targets.values()), training=False, tracer=tracer)
     order = list(first)  # execution order of first calls
     notes = []
+    if tracer is not None and runner.context.is_distributed:
+        _share_dependencies(tracer, runner.context)
     is_chain = tracer is None or tracer.has_data_dependent_control_flow
     stoppable = tracer is None or not tracer.has_data_dependent_control_flow
     waves: dict[str, int] = {}
@@ -688,6 +715,22 @@ def _sequential(
         _measure_waves(runner, targets, first, order, waves, seen, stoppable=stoppable, start=last + 1)
         check = _check_pass(runner, targets, order, seen)
     return {name: seen[name] for name in order if name in seen}, waves, notes, check
+
+
+def _share_dependencies(tracer: _DependencyTracer, context: DistributedContext) -> None:
+    """Give every rank the union of all ranks' traced dependencies, so all plan the same waves.
+
+    A rank sees only the paths its own data took (none at all without batches); the union of
+    what all ranks saw is what one process over all the data would have seen.
+    """
+    local = {
+        "depends": {name: sorted(upstream) for name, upstream in tracer.depends.items()},
+        "control_flow": tracer.has_data_dependent_control_flow,
+    }
+    for seen in gather_json(local, context.group, "sharing the traced dependencies"):
+        for name, upstream in seen["depends"].items():
+            tracer.depends[name] |= set(upstream)
+        tracer.has_data_dependent_control_flow |= bool(seen["control_flow"])
 
 
 def _measure_waves(

@@ -274,6 +274,10 @@ def render_report(report: Report, channel_patterns: Sequence[str] = (), width: i
     parts += [Text(""), explanations(report)]
     for layer in matching_layers(report, channel_patterns):
         parts += [channel_table(layer), Text("")]
+    if report.distributed is not None:
+        from bn_inspect.distributed import distributed_lines
+
+        parts += [Text("\n".join(distributed_lines(report.distributed))), Text("")]
     parts.append(
         Text(
             "var = biased batch variance (what BatchNorm normalizes with); running var tracks the unbiased one. "

@@ -183,6 +183,107 @@ class LayerListing:
 
 
 @dataclass(frozen=True)
+class RankShare:
+    """How much of the data one rank ran."""
+
+    rank: int
+    num_batches: int
+    num_samples: int
+
+
+@dataclass(frozen=True)
+class SyncGroupInfo:
+    """The ranks a SyncBatchNorm layer synchronizes its training batch statistics over."""
+
+    name: str
+    ranks: tuple[int, ...]
+    is_world: bool
+
+
+@dataclass(frozen=True)
+class BufferDivergence:
+    """How one buffer of one layer differs across ranks.
+
+    Attributes:
+        buffer: "running_mean", "running_var" or "num_batches_tracked".
+        max_abs_difference: max over elements of (max over ranks - min over ranks), i.e. the
+            largest |x_i - x_j| between any two ranks; 0.0 when all agree, NaN when an element
+            is NaN on some ranks only.
+        differing_ranks: ranks whose buffer is not identical to rank 0's (NaN equals NaN).
+        elements: indices (channels) where some rank differs from rank 0.
+    """
+
+    buffer: str
+    max_abs_difference: float
+    differing_ranks: tuple[int, ...]
+    elements: tuple[int, ...]
+
+    @property
+    def is_divergent(self) -> bool:
+        """True when some rank holds other values than rank 0."""
+        return bool(self.differing_ranks)
+
+
+@dataclass(frozen=True)
+class LayerDivergence:
+    """How a normalization layer's running buffers differ across ranks."""
+
+    name: str
+    type: str
+    buffers: tuple[BufferDivergence, ...]
+
+    @property
+    def is_divergent(self) -> bool:
+        """True when any buffer differs between ranks."""
+        return any(b.is_divergent for b in self.buffers)
+
+    @property
+    def differing_ranks(self) -> tuple[int, ...]:
+        """Ranks that differ from rank 0 in any buffer."""
+        return tuple(sorted({r for b in self.buffers for r in b.differing_ranks}))
+
+    @property
+    def max_abs_difference(self) -> float:
+        """The largest max_abs_difference of its buffers (NaN if any is NaN)."""
+        values = [b.max_abs_difference for b in self.buffers]
+        if any(math.isnan(v) for v in values):
+            return math.nan
+        return max(values, default=0.0)
+
+
+@dataclass(frozen=True)
+class RankDivergence:
+    """Per normalization layer with running buffers, how they differ across ``world_size`` ranks."""
+
+    world_size: int
+    layers: tuple[LayerDivergence, ...]
+
+    @property
+    def divergent(self) -> tuple[LayerDivergence, ...]:
+        """The layers whose buffers differ between ranks."""
+        return tuple(layer for layer in self.layers if layer.is_divergent)
+
+
+@dataclass(frozen=True)
+class DistributedInfo:
+    """How a run was spread over torch.distributed ranks; the report's statistics are over all of them.
+
+    Attributes:
+        world_size: number of ranks.
+        backend: the process group's backend ("gloo", "nccl").
+        shares: what each rank ran (every rank reads its own shard of the input).
+        sync_batch_norm: every SyncBatchNorm layer with the ranks it synchronizes over.
+        divergence: each layer's running buffers compared across ranks.
+    """
+
+    world_size: int
+    backend: str | None
+    shares: tuple[RankShare, ...]
+    sync_batch_norm: tuple[SyncGroupInfo, ...]
+    divergence: RankDivergence
+
+
+@dataclass(frozen=True)
 class Report:
     """The result of one inspection; ``to_dict`` gives the JSON document of schema version 1."""
 
@@ -193,6 +294,7 @@ class Report:
     layers: tuple[LayerReport, ...]
     not_executed: tuple[str, ...] = ()
     torch_version: str = ""
+    distributed: DistributedInfo | None = None
     schema_version: int = field(default=SCHEMA_VERSION)
 
     def first_divergent(self, max_shift: float = 3.0) -> LayerReport | None:
@@ -227,6 +329,8 @@ class Report:
             "layers": layers,
             "not_executed": list(self.not_executed),
         }
+        if self.distributed is not None:
+            document["distributed"] = asdict(self.distributed)
         return json_ready(document)  # type: ignore[no-any-return]
 
 

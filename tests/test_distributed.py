@@ -56,6 +56,7 @@ from bn_inspect.distributed import (
 )
 from bn_inspect.errors import BnInspectError, InputError
 from bn_inspect.inputs import DirectoryData, open_input
+from bn_inspect.inspection import check_model, inspect_model
 from bn_inspect.layers import NormLayer, iter_norm_layers
 from bn_inspect.stats import ChannelMoments, InstanceMoments
 from tests.conftest import state_fingerprint
@@ -230,6 +231,30 @@ def _divergence_phase(directory: Path, ctx: DistributedContext) -> None:
     _write(directory, "divergence", ctx.rank, {"divergence": dataclasses.asdict(divergence), "findings": findings})
 
 
+def _api_phase(directory: Path, ctx: DistributedContext) -> None:
+    """check_model and inspect_model called with no context inside the user's own group join it."""
+    model = make_model()
+    with torch.no_grad():
+        if ctx.rank == 1:
+            # The last layer's buffers: every layer's input is still as in one process.
+            model.bn_out.running_mean[1] += 0.5
+    before = state_fingerprint(model)
+    batches = list(shard_batches(uneven_batches(), ctx.rank, ctx.world_size))
+    check = check_model(model, batches)
+    report = inspect_model(model, batches)
+    _write(
+        directory,
+        "api",
+        ctx.rank,
+        {
+            "findings": [[f.code, f.layer, f.message] for f in check.findings],
+            "notes": list(check.notes),
+            "report": report.to_dict(),
+            "unchanged": before == state_fingerprint(model),
+        },
+    )
+
+
 def _two_ranks(directory: Path, rank: int) -> None:
     """As at the end of a DDP job: the group exists before bn-inspect's functions are called."""
     import datetime
@@ -243,6 +268,7 @@ def _two_ranks(directory: Path, rank: int) -> None:
         _merge_phase(directory, ctx, shard_batches(uneven_batches(), ctx.rank, ctx.world_size), "merge")
         _sync_phase(directory, ctx)
         _divergence_phase(directory, ctx)
+        _api_phase(directory, ctx)
     _write(directory, "kept", rank, {"initialized": dist.is_initialized()})
     if rank == 1:
         # Rank 0 is done with every earlier collective once its file exists: crash only then.
@@ -491,6 +517,37 @@ def test_sync_batch_norm_trains_locally_and_reports_its_group(two_ranks: tuple[P
 
 # ---------------------------------------------------------------------------------------------
 # (b) diverged buffers are reported by name with the right difference
+
+
+def test_the_python_api_joins_the_users_group_and_reports_divergence_as_bn111(
+    two_ranks: tuple[Path, list[Outcome]],
+) -> None:
+    directory, _ = two_ranks
+    results = read_phase(directory, "api", 2)
+    result, other = results
+    assert result["notes"] == other["notes"]
+    # Batch statistics are global, identical on both; running statistics are each rank's own.
+    for mine, theirs in zip(result["report"]["layers"], other["report"]["layers"], strict=True):
+        assert (mine["batch_mean"], mine["batch_var"]) == (theirs["batch_mean"], theirs["batch_var"])
+        assert (mine["running_mean"] == theirs["running_mean"]) == (mine["name"] != "bn_out")
+    assert result["unchanged"]
+    divergent = [f for f in result["findings"] if f[0] == "BN111"]
+    assert [f[1] for f in divergent] == ["bn_out"]
+    assert "running_mean by up to 0.5" in divergent[0][2] and "rank 1 of 2" in divergent[0][2]
+    assert any("2 ranks" in note and "differ between ranks in 1 layer" in note for note in result["notes"])
+    # Rank 0's data rules saw all ranks' data: the same findings as one process over every batch.
+    single = check_model(make_model(), uneven_batches(), distributed=DistributedContext())
+    assert [[f.code, f.layer] for f in single.findings] == [f[:2] for f in result["findings"] if f[0] != "BN111"]
+    section = result["report"]["distributed"]
+    assert [s["num_samples"] for s in section["shares"]] == [13, 1]
+    assert section["sync_batch_norm"] == [{"name": "shared", "ranks": [0, 1], "is_world": True}]
+    spread = {layer["name"]: layer for layer in section["divergence"]["layers"]}
+    assert spread["bn_out"]["buffers"][0]["differing_ranks"] == [1]
+    reference = reference_statistics(make_model(), uneven_batches())
+    for layer in result["report"]["layers"]:
+        mean, var = reference[f"{layer['name']}#{layer['call']}"]
+        np.testing.assert_allclose(layer["batch_mean"], mean, rtol=1e-12)
+        np.testing.assert_allclose(layer["batch_var"], var, rtol=1e-8)
 
 
 def _divergent(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
