@@ -163,7 +163,20 @@ _OWNER_ARGS = {name: (1, 2, 3, 4) for name in _BATCH_NORM_OPS} | {
 }
 
 
-class _NormOpObserver(TorchDispatchMode):  # type: ignore[no-untyped-call]
+class PlainDispatchMode(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """A dispatch mode whose ``__torch_dispatch__`` torch leaves unwrapped.
+
+    Otherwise torch wraps it in ``torch._dynamo.disable``: the first op then imports
+    torch._dynamo (about 3 s on a 2-core machine, longer than inspecting a small model) and every
+    op pays a frame check. Nothing runs under torch.compile inside bn-inspect's modes.
+    """
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
+
+class _NormOpObserver(PlainDispatchMode):
     """Sees every aten normalization kernel and hands its input to the recorder.
 
     ``functional`` maps the storage of buffers that belong to no normalization module to their

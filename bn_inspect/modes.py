@@ -36,9 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from bn_inspect.capture import StatisticsRecorder, preserved_state
+from bn_inspect.capture import PlainDispatchMode, StatisticsRecorder, preserved_state
 from bn_inspect.errors import BnInspectError, InputError, LazyModelError, NoNormLayersError
 from bn_inspect.inspection import Batch, as_batch, model_device, run_model
 from bn_inspect.layers import NormFamily, NormLayer, is_uninitialized, iter_norm_layers
@@ -416,7 +415,7 @@ def _eager_lockstep(layers: list[NormLayer], lockstep: _Lockstep) -> Iterator[No
             handle.remove()
 
 
-class _ScriptLockstep(TorchDispatchMode):  # type: ignore[no-untyped-call]
+class _ScriptLockstep(PlainDispatchMode):
     """For TorchScript: replaces each batch-norm kernel of a known layer by the two-mode version."""
 
     def __init__(self, owners: dict[int, NormLayer], lockstep: _Lockstep) -> None:

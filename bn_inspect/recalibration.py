@@ -86,7 +86,14 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bn_inspect.capture import CallRecord, StatisticsRecorder, dispatch_capture, hooks_capture, preserved_state
+from bn_inspect.capture import (
+    CallRecord,
+    PlainDispatchMode,
+    StatisticsRecorder,
+    dispatch_capture,
+    hooks_capture,
+    preserved_state,
+)
 from bn_inspect.distributed import (
     DistributedContext,
     RunTotals,
@@ -563,7 +570,7 @@ class _Stopper:
         return _StopMode(owners, self)
 
 
-class _StopMode(TorchDispatchMode):  # type: ignore[no-untyped-call]
+class _StopMode(PlainDispatchMode):
     def __init__(self, owners: dict[int, str], stopper: _Stopper) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._owners = owners
@@ -588,7 +595,7 @@ def _storage_key(tensor: torch.Tensor) -> int | None:
     return key or None
 
 
-class _DependencyTracer(TorchDispatchMode):  # type: ignore[no-untyped-call]
+class _DependencyTracer(PlainDispatchMode):
     """Follows which layers' running statistics each tensor was computed from, op by op.
 
     Every tensor (by storage) carries the set of target layers whose running buffers went into
