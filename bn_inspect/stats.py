@@ -131,15 +131,24 @@ def _shifted_sums(work: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor
     return shifted_sum, sum_sq
 
 
+# torch's batch-norm statistics kernel returns invstd = 0 for a zero variance when eps is 0 (its
+# InvStd functor), which would read back as an infinite variance for every constant channel (a dead
+# ReLU upstream). With the smallest normal float32 as eps, a constant channel gives invstd = 2**63
+# exactly, and subtracting eps again gives exactly 0; an overflowed variance still reads as inf, and
+# any other variance keeps its float32 accuracy, to within 1e-45 absolute.
+_WELFORD_EPS = torch.finfo(torch.float32).tiny
+
+
 def welford_moments(x: torch.Tensor, count: int) -> ChannelMoments:
     """CUDA: the batch-norm statistics kernel (Welford, float accumulation, one read of ``x``).
 
-    With eps 0 it returns 1/sqrt(biased var), so var = invstd**-2 (a constant channel gives
-    invstd = inf and var = 0). It reads bf16/fp16 directly and accumulates in float32, so no
-    upcast copy is made, and it handles channels-last layouts natively.
+    It returns 1/sqrt(biased var + eps), so var = invstd**-2 - eps (see _WELFORD_EPS). It reads
+    bf16/fp16 directly and accumulates in float32, so no upcast copy is made, and it handles
+    channels-last layouts natively.
     """
-    mean, invstd = torch.batch_norm_stats(x, 0.0)
-    return ChannelMoments(count, mean.double(), invstd.double().pow(-2) * count)
+    mean, invstd = torch.batch_norm_stats(x, _WELFORD_EPS)
+    biased_var = (invstd.double().pow(-2) - _WELFORD_EPS).clamp_min(0)
+    return ChannelMoments(count, mean.double(), biased_var * count)
 
 
 def two_pass_moments(work: torch.Tensor, dims: list[int], count: int) -> ChannelMoments:

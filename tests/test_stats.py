@@ -124,3 +124,36 @@ def test_instance_moments_average_per_instance_statistics() -> None:
     np.testing.assert_allclose(moments.mean().numpy(), flat.mean(axis=2).mean(axis=0), rtol=1e-7)
     np.testing.assert_allclose(moments.biased_var().numpy(), flat.var(axis=2).mean(axis=0), rtol=1e-5)
     np.testing.assert_allclose(moments.unbiased_var().numpy(), flat.var(axis=2, ddof=1).mean(axis=0), rtol=1e-5)
+
+
+def _cuda_batch_norm_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """What CUDA's torch.batch_norm_stats returns, in float32: mean and InvStd(var, eps).
+
+    torch's InvStd functor gives 0 when var == 0 and eps == 0, and 1 / sqrt(var + eps) otherwise.
+    """
+    dims = [0, *range(2, x.dim())]
+    var, mean = torch.var_mean(x.double(), dim=dims, correction=0)
+    var = var.float()  # the kernel accumulates in float32: a huge variance overflows to inf
+    zero_stays_zero = (var == 0) & (eps == 0)
+    invstd = torch.where(zero_stays_zero, torch.zeros_like(var), 1 / (var + eps).sqrt())
+    return mean.float(), invstd.float()
+
+
+def test_cuda_statistics_give_zero_variance_for_constant_channels(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CUDA path cannot run here; the kernel's contract can. A dead channel must read as
+    # variance 0 (not inf), an overflowed one as inf, and the others keep float32 accuracy.
+    from bn_inspect.stats import welford_moments
+
+    monkeypatch.setattr(torch, "batch_norm_stats", _cuda_batch_norm_stats)
+    x = make_input((8, 4, 5, 5), mean=2.0, std=0.5)
+    x[:, 0] = 0.0
+    x[:, 1] = 1e3
+    x[:, 2] *= 1e-12
+    moments = welford_moments(x, x.numel() // x.shape[1])
+    ref_mean, ref_var = reference(x)
+    var = moments.biased_var().numpy()
+    assert var[0] == 0 and var[1] == 0
+    np.testing.assert_allclose(var[2:], ref_var[2:], rtol=1e-6)
+    np.testing.assert_allclose(moments.mean.numpy(), ref_mean, rtol=1e-6, atol=1e-30)
+    huge = make_input((2, 1, 3, 3)) * 3e19
+    assert np.isinf(welford_moments(huge, 18).biased_var().numpy()).all()
