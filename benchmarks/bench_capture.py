@@ -13,8 +13,8 @@ Measures (model: a small ResNet-style CNN built below, batch 32x3x64x64, eval mo
 * inspect_model overhead: the full public API for one batch (layer discovery, state
   save/restore, report building) versus ``model(x)``;
 * throughput: ``inspect_model`` over 10 batches (``--batches``) versus a plain loop over the same batches;
-* peak memory: peak RSS of a child process running ``inspect_model`` over 5 batches versus one
-  running the plain loop over the same batches (``ru_maxrss`` cannot be reset, hence one process per figure);
+* peak memory: peak RSS (VmHWM) of a child process running ``inspect_model`` over 5 batches versus
+  one running the plain loop over the same batches (a peak cannot be reset, hence one process per figure);
 * startup: wall time of ``bn-inspect --help`` and whether ``import bn_inspect.cli`` imports torch.
 
 Run from the repository root:
@@ -217,7 +217,20 @@ def _current_rss_bytes() -> int:
 
 
 def _peak_rss_bytes() -> int:
-    # Linux reports ru_maxrss in KiB, macOS in bytes.
+    """Peak RSS of this process image: VmHWM on Linux, else ``ru_maxrss``.
+
+    On Linux a child's ``ru_maxrss`` is useless here: execve folds the high-water mark of the
+    address space it replaces into it, and that is the parent's (forked), so every child would
+    report at least the parent's peak. VmHWM belongs to the new address space.
+    """
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        status = ""
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    # ru_maxrss: KiB on Linux, bytes on macOS.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
