@@ -244,7 +244,9 @@ def measure_memory(threads: int | None) -> dict[str, Any]:
             command = [sys.executable, __file__, "--memory-child", kind]
             if threads is not None:
                 command += ["--threads", str(threads)]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            output = subprocess.run(
+                command, check=True, capture_output=True, text=True, env=bench_capture.FIXED_MALLOC_ENV
+            ).stdout
             samples[kind].append(json.loads(output.strip().splitlines()[-1]))
     peak = {kind: statistics.median(s["peak"] for s in values) for kind, values in samples.items()}
     growth = {

@@ -58,6 +58,8 @@ STARTUP_RUNS = 5
 FLAT_BATCHES = (10, 1000)
 # Small batches, so that 1000 of them take seconds and the moments, not activations, dominate growth.
 FLAT_SHAPE = "16,1,8,8"
+# Peak RSS of identical children varies by tens of MiB with the allocator's luck: more than 2 each.
+MEMORY_PAIRS = 4
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,14 @@ def _peak_rss_of(argv: list[str]) -> int:
         "print(bench_capture._peak_rss_bytes(), file=sys.stderr)\n"
         "sys.exit(code)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=bench_capture.FIXED_MALLOC_ENV,
+    )
     return int(done.stderr.strip().splitlines()[-1])
 
 
@@ -218,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=15, help="alternating pairs for the small-model ratios")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     args = parser.parse_args(argv)
+    bench_capture.MEMORY_PAIRS = MEMORY_PAIRS
     started = time.perf_counter()
     load_start = os.getloadavg()[0]
     print(
@@ -228,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("capture_small", lambda: capture_small(args.pairs)),
-        ("capture_resnet50", lambda: capture_resnet50(max(4, args.pairs // 2))),
+        ("capture_resnet50", lambda: capture_resnet50(args.pairs)),
         ("throughput", lambda: throughput(max(4, args.pairs // 4))),
         ("memory", lambda: bench_capture.measure_memory(None)),
         ("memory_flat", memory_flat),
