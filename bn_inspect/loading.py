@@ -10,6 +10,7 @@ import pickle
 import pickletools
 import sys
 import zipfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -434,12 +435,12 @@ def extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], b
     import torch
 
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return strip_prefixes(dict(obj)), False
+        return strip_prefixes(obj), False
     if isinstance(obj, Mapping):
         for key in _STATE_DICT_KEYS:
             inner = obj.get(key)
             if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                return strip_prefixes(dict(inner)), True
+                return strip_prefixes(inner), True
         keys = ", ".join(repr(k) for k in list(obj)[:10])
         raise ModelFileError(
             f"{path} is a dict without a state_dict inside (top-level keys: {keys})",
@@ -451,16 +452,32 @@ def extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], b
     )
 
 
-def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop `module.` (DataParallel/DDP) and `_orig_mod.` (torch.compile) prefixes shared by all keys."""
+def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop `module.` (DataParallel/DDP) and `_orig_mod.` (torch.compile) prefixes shared by all keys.
+
+    The ``_metadata`` torch.save keeps on a state_dict (each module's version, which some modules'
+    ``_load_from_state_dict`` needs, torchvision's MNASNet among them) is kept, its keys stripped alike.
+    """
+    stripped: list[str] = []
+    keys = list(state_dict)
     changed = True
-    while changed and state_dict:
+    while changed and keys:
         changed = False
         for prefix in _STRIPPED_PREFIXES:
-            if all(key.startswith(prefix) for key in state_dict):
-                state_dict = {key[len(prefix) :]: value for key, value in state_dict.items()}
+            if all(key.startswith(prefix) for key in keys):
+                keys = [key[len(prefix) :] for key in keys]
+                stripped.append(prefix)
                 changed = True
-    return state_dict
+    result: dict[str, torch.Tensor] = OrderedDict(zip(keys, state_dict.values(), strict=True))
+    metadata = getattr(state_dict, "_metadata", None)
+    if isinstance(metadata, Mapping):
+        kept = OrderedDict()
+        for name, value in metadata.items():
+            for prefix in stripped:
+                name = name[len(prefix) :] if name.startswith(prefix) else "" if name == prefix[:-1] else name
+            kept[name] = value
+        result._metadata = kept  # type: ignore[attr-defined]
+    return result
 
 
 def load_state_into(module: nn.Module, state_dict: dict[str, torch.Tensor], spec: str) -> None:

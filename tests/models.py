@@ -172,6 +172,25 @@ class NoNorm(nn.Module):
         return self.linear(x)
 
 
+class Versioned(nn.Module):
+    """Refuses a state_dict without its module version, as torchvision's MNASNet does."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if local_metadata.get("version") != 2:
+            raise ValueError(f"version should be 2 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
 def make_input(shape: tuple[int, ...], *, mean: float = 0.0, std: float = 1.0, seed: int = 0) -> torch.Tensor:
     """Normal data with a different offset per channel (dim 1), drawn in float64 then rounded to float32."""
     generator = torch.Generator().manual_seed(seed)

@@ -22,6 +22,7 @@ from bn_inspect.cli import run
 from bn_inspect.errors import ArchError, ModelFileError, StateDictMismatchError, UntrustedPickleError
 from bn_inspect.loading import FileKind, detect_file_kind, load_model, parse_arch_kwargs
 from sample_models.architectures import DigitsCNN
+from tests import models
 from tests.malicious import ATTACKS, CARRIERS, Payload, disguise_as_torchscript
 
 REPO = Path(__file__).resolve().parent.parent
@@ -683,3 +684,17 @@ def test_unreadable_file(tmp_path: Path, state_dict: dict[str, torch.Tensor]) ->
             load_model(path, arch=ARCH)
     finally:
         path.chmod(0o600)
+
+
+@pytest.mark.parametrize("wrapper", [None, "module.", "_orig_mod."])
+def test_a_state_dict_keeps_the_module_versions_it_was_saved_with(wrapper: str | None, tmp_path: Path) -> None:
+    model = models.Versioned()
+    saved = model.state_dict()
+    if wrapper is not None:
+        wrapped = nn.Module()
+        setattr(wrapped, wrapper[:-1], model)
+        saved = wrapped.state_dict()
+    path = tmp_path / "versioned.pt"
+    torch.save(saved, path)
+    code = run(["inspect", str(path), "--arch", "tests.models:Versioned", "--shape", "2,3,6,6", "--format", "json"])
+    assert code == 0
