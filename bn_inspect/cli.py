@@ -242,9 +242,17 @@ def _prepare(
     elif arch is not None and loaded.arch is None:
         note(f"note: --arch is not used: {model} holds a whole {loaded.format} model, architecture included.")
     if loaded.format == "torch.export":
-        from bn_inspect.layers import exported_training_mode, iter_graph_norm_layers
+        from bn_inspect.layers import exported_training_mode, iter_graph_norm_layers, lowered_graph_norm_modules
 
-        training = exported_training_mode(iter_graph_norm_layers(loaded.module))
+        graph_layers = iter_graph_norm_layers(loaded.module)
+        lowered = lowered_graph_norm_modules(loaded.module, (layer.name for layer in graph_layers))
+        if graph_layers and lowered:
+            note(
+                f"note: {len(lowered)} normalization module(s) of this archive, e.g. {lowered[0][0]} "
+                f"({lowered[0][1]}), are plain arithmetic in its graph and are not inspected; "
+                "inspect the state_dict with --arch to see them."
+            )
+        training = exported_training_mode(graph_layers)
         # On a mismatch the error says it all; a note on top would make it two lines.
         if training is not None and training == (mode is Mode.TRAIN):
             note(

@@ -47,6 +47,7 @@ from bn_inspect.layers import (
     is_uninitialized,
     iter_graph_norm_layers,
     iter_norm_layers,
+    lowered_graph_norm_modules,
 )
 from bn_inspect.options import FailOn, Mode
 from bn_inspect.report import DistributedInfo, InputInfo, LayerReport, ModelInfo, Report
@@ -181,6 +182,20 @@ def _no_norm_layers(verb: str) -> NoNormLayersError:
     )
 
 
+def _refuse_lowered_norm_layers(model: torch.fx.GraphModule) -> None:
+    """Raise when an exported graph's only normalization modules were traced into plain arithmetic."""
+    lowered = lowered_graph_norm_modules(model, ())
+    if not lowered:
+        return
+    names = ", ".join(f"{path} ({type_name})" for path, type_name in lowered[:5])
+    more = f" and {len(lowered) - 5} more" if len(lowered) > 5 else ""
+    raise NoNormLayersError(
+        f"this torch.export archive keeps {names}{more} only as plain arithmetic (no batch-norm kernel), "
+        "so their inputs cannot be told apart from other tensors",
+        "Inspect the state_dict with --arch instead, where these modules are hooked directly",
+    )
+
+
 def unwrap_compiled(model: nn.Module) -> nn.Module:
     """The eager module inside a ``torch.compile`` wrapper: hooks added to a compiled model after
     its first call never fire, and its graphs are shared between instances."""
@@ -286,6 +301,8 @@ def inspect_model(
         )
     model = unwrap_compiled(model)
     layers, is_graph = find_layers(model)
+    if not layers and require_norm_layers and isinstance(model, torch.fx.GraphModule):
+        _refuse_lowered_norm_layers(model)
     if not layers and not functional_candidates(model, []) and require_norm_layers:
         raise _no_norm_layers("inspect")
     if is_graph:

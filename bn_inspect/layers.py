@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -278,6 +279,30 @@ _GRAPH_BATCH_NORM_OPS = BATCH_NORM_OPS | {"batch_norm"}
 def _graph_op_name(target: object) -> str | None:
     packet = getattr(target, "overloadpacket", None)
     return getattr(packet, "__name__", None)
+
+
+def lowered_graph_norm_modules(model: nn.Module, found: Iterable[str]) -> list[tuple[str, str]]:
+    """(path, class) of normalization modules a torch.export graph kept only as plain arithmetic.
+
+    Export traces a module's forward, so a layer that normalizes with its own arithmetic (such as
+    torchvision's FrozenBatchNorm2d: ``x * scale + shift``) leaves no batch-norm kernel to watch;
+    ``nn_module_stack`` still names it. Any class whose name contains "Norm" and that does not
+    appear among ``found`` is listed.
+    """
+    graph = getattr(model, "graph", None)
+    if graph is None:
+        return []
+    known = set(found)
+    lowered: dict[str, str] = {}
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {} if node.op == "call_function" else {}
+        if not stack:
+            continue
+        path, cls = list(stack.values())[-1]
+        type_name = (cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))).rsplit(".", 1)[-1]
+        if "Norm" in type_name and path not in known:
+            lowered.setdefault(path, type_name)
+    return list(lowered.items())
 
 
 def iter_graph_norm_layers(model: nn.Module) -> list[NormLayer]:

@@ -312,3 +312,17 @@ def test_torchscript_family_coverage_is_as_documented() -> None:
     report = inspect_unchanged(scripted, [models.make_input((3, 4, 5, 6))])
     assert [entry.name for entry in report.layers] == ["gn", "ln"]
     assert report.not_executed == ("inorm", "inorm_plain", "rms")
+
+
+def test_export_says_which_layers_it_lowered_to_arithmetic(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # torch.export traces FrozenBatchNorm2d's forward into mul/add: no kernel is left to watch.
+    mixed = export(models.randomize_norm_state(ThirdParty()).eval(), torch.randn(2, 3, 5, 5), tmp_path / "mixed.pt2")
+    assert run(["inspect", str(mixed), "--shape", "2,3,5,5", "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    assert [layer["name"] for layer in json.loads(captured.out)["layers"]] == ["act", "sync"]
+    assert "1 normalization module(s) of this archive, e.g. frozen (FrozenBatchNorm2d)" in captured.err
+    only = export(nn.Sequential(FrozenBatchNorm2d(3)).eval(), torch.randn(2, 3, 5, 5), tmp_path / "only.pt2")
+    assert run(["inspect", str(only), "--shape", "2,3,5,5"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "keeps 0 (FrozenBatchNorm2d) only as plain arithmetic" in error
+    assert "--arch" in error
