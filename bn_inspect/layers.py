@@ -286,8 +286,8 @@ def lowered_graph_norm_modules(model: nn.Module, found: Iterable[str]) -> list[t
 
     Export traces a module's forward, so a layer that normalizes with its own arithmetic (such as
     torchvision's FrozenBatchNorm2d: ``x * scale + shift``) leaves no batch-norm kernel to watch;
-    ``nn_module_stack`` still names it. Any class whose name contains "Norm" and that does not
-    appear among ``found`` is listed.
+    ``nn_module_stack`` still names it. Any class whose name contains "BatchNorm" and that does not
+    appear among ``found`` is listed (other families are not reported inside export programs).
     """
     graph = getattr(model, "graph", None)
     if graph is None:
@@ -300,7 +300,7 @@ def lowered_graph_norm_modules(model: nn.Module, found: Iterable[str]) -> list[t
             continue
         path, cls = list(stack.values())[-1]
         type_name = (cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))).rsplit(".", 1)[-1]
-        if "Norm" in type_name and path not in known:
+        if "BatchNorm" in type_name and path not in known:
             lowered.setdefault(path, type_name)
     return list(lowered.items())
 
