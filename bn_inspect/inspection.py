@@ -183,15 +183,22 @@ def _no_norm_layers(verb: str) -> NoNormLayersError:
 
 
 def _refuse_lowered_norm_layers(model: torch.fx.GraphModule) -> None:
-    """Raise when an exported graph's only normalization modules were traced into plain arithmetic."""
+    """Raise, naming them, when an exported graph's normalization modules are none bn-inspect can watch there."""
     lowered = lowered_graph_norm_modules(model, ())
-    if not lowered:
+    others = lowered_graph_norm_modules(model, (), kind="Norm")
+    if not others:
         return
-    names = ", ".join(f"{path} ({type_name})" for path, type_name in lowered[:5])
-    more = f" and {len(lowered) - 5} more" if len(lowered) > 5 else ""
+    shown = lowered or others
+    names = ", ".join(f"{path} ({type_name})" for path, type_name in shown[:5])
+    more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
+    what = (
+        "only as plain arithmetic (no batch-norm kernel), so their inputs cannot be told apart from other tensors"
+        if lowered
+        else "and no batch norm: inside torch.export programs bn-inspect reports batch norms only (other "
+        "families' kernels cannot be tied back to a module)"
+    )
     raise NoNormLayersError(
-        f"this torch.export archive keeps {names}{more} only as plain arithmetic (no batch-norm kernel), "
-        "so their inputs cannot be told apart from other tensors",
+        f"this torch.export archive keeps {names}{more} {what}",
         "Inspect the state_dict with --arch instead, where these modules are hooked directly",
     )
 

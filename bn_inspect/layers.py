@@ -281,13 +281,16 @@ def _graph_op_name(target: object) -> str | None:
     return getattr(packet, "__name__", None)
 
 
-def lowered_graph_norm_modules(model: nn.Module, found: Iterable[str]) -> list[tuple[str, str]]:
+def lowered_graph_norm_modules(
+    model: nn.Module, found: Iterable[str], kind: str = "BatchNorm"
+) -> list[tuple[str, str]]:
     """(path, class) of normalization modules a torch.export graph kept only as plain arithmetic.
 
     Export traces a module's forward, so a layer that normalizes with its own arithmetic (such as
     torchvision's FrozenBatchNorm2d: ``x * scale + shift``) leaves no batch-norm kernel to watch;
-    ``nn_module_stack`` still names it. Any class whose name contains "BatchNorm" and that does not
-    appear among ``found`` is listed (other families are not reported inside export programs).
+    ``nn_module_stack`` still names it. Any class whose name contains ``kind`` and that does not
+    appear among ``found`` is listed ("Norm" lists the other families too, which bn-inspect does
+    not report inside export programs).
     """
     graph = getattr(model, "graph", None)
     if graph is None:
@@ -300,7 +303,7 @@ def lowered_graph_norm_modules(model: nn.Module, found: Iterable[str]) -> list[t
             continue
         path, cls = list(stack.values())[-1]
         type_name = (cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))).rsplit(".", 1)[-1]
-        if "BatchNorm" in type_name and path not in known:
+        if kind in type_name and path not in known:
             lowered.setdefault(path, type_name)
     return list(lowered.items())
 

@@ -326,3 +326,12 @@ def test_export_says_which_layers_it_lowered_to_arithmetic(tmp_path: Path, capsy
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "keeps 0 (FrozenBatchNorm2d) only as plain arithmetic" in error
     assert "--arch" in error
+
+
+def test_export_with_only_other_norm_families_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4), nn.LayerNorm(5)).eval()
+    archive = export(model, torch.randn(2, 3, 5, 5), tmp_path / "groups.pt2")
+    assert run(["inspect", str(archive), "--shape", "2,3,5,5"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1, error
+    assert "keeps 1 (GroupNorm), 2 (LayerNorm) and no batch norm" in error and "--arch" in error

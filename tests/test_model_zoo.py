@@ -400,11 +400,12 @@ def test_model_matches_float64_reference(
             assert code == 2 and "(FrozenBatchNorm2d)" in message and "only as plain arithmetic" in message, message
             return
         if not any(call.kind == "batch" for call in ready.calls):
-            # As documented: inside torch.export programs only batch norms are reported, and a
-            # model with no normalization layer found ends with exit 2.
+            # As documented: inside torch.export programs only batch norms are reported, so a model
+            # with only other families ends with exit 2, naming them and pointing to --arch.
             code = run(["inspect", str(archive), "--input", str(ready.input), "--format", "json", "--quiet"])
             captured = capsys.readouterr()
-            assert code == 2 and "no normalization layer" in captured.err, captured.err
+            assert code == 2 and "inside torch.export programs bn-inspect reports batch norms only" in captured.err
+            assert "(LayerNorm2d)" in captured.err and "--arch" in captured.err, captured.err
             return
         document = inspect_json([str(archive), "--input", str(ready.input)], ready.folder / "export.json", capsys)
     finally:
