@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bn_inspect.errors import ShapeMismatchError
+from bn_inspect.fused import STOCK_FORWARD, batch_norm_eval_with_moments, fused_applies, fused_may_run
 from bn_inspect.layers import (
     BATCH_NORM_OPS,
     NormFamily,
@@ -61,19 +63,43 @@ class StatisticsRecorder:
 
     def observe(self, layer: NormLayer, x: torch.Tensor) -> None:
         """Check ``x`` against ``layer`` and fold its per-channel moments into the layer's record."""
-        is_unbatched = _check_input(layer, x)
-        call = self._calls_in_batch[layer.name]
-        self._calls_in_batch[layer.name] += 1
-        self.last_layer = layer.name if call == 0 else f"{layer.name}#{call}"
+        key, is_unbatched = self._enter(layer, x)
         moments = _moments(layer.family, x.unsqueeze(0) if is_unbatched else x)
-        key = (layer.name, call)
         record = self.records.get(key)
         if record is None:
-            self.records[key] = CallRecord(layer, call, tuple(x.shape), is_unbatched, moments)
+            self.records[key] = CallRecord(layer, key[1], tuple(x.shape), is_unbatched, moments)
             return
         record.num_batches += 1
         if record.moments is not None and moments is not None:
             record.moments = record.moments.merge(moments)  # type: ignore[arg-type]
+
+    def observe_fused(
+        self,
+        layer: NormLayer,
+        x: torch.Tensor,
+        normalize: Callable[[ChannelMoments | None], tuple[torch.Tensor, ChannelMoments]],
+    ) -> torch.Tensor:
+        """Like ``observe``, for a kernel that normalizes ``x`` and merges its moments in one pass.
+
+        ``normalize`` gets the moments seen so far and returns the layer's output and the merged
+        moments; its output is returned.
+        """
+        key, is_unbatched = self._enter(layer, x)
+        record = self.records.get(key)
+        output, moments = normalize(None if record is None else record.moments)  # type: ignore[arg-type]
+        if record is None:
+            self.records[key] = CallRecord(layer, key[1], tuple(x.shape), is_unbatched, moments)
+        else:
+            record.num_batches += 1
+            record.moments = moments
+        return output
+
+    def _enter(self, layer: NormLayer, x: torch.Tensor) -> tuple[tuple[str, int], bool]:
+        is_unbatched = _check_input(layer, x)
+        call = self._calls_in_batch[layer.name]
+        self._calls_in_batch[layer.name] += 1
+        self.last_layer = layer.name if call == 0 else f"{layer.name}#{call}"
+        return (layer.name, call), is_unbatched
 
 
 def _moments(family: NormFamily, x: torch.Tensor) -> Moments | None:
@@ -134,7 +160,11 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
 
 @contextmanager
 def hooks_capture(layers: list[NormLayer], recorder: StatisticsRecorder) -> Iterator[None]:
-    """Forward pre-hooks on every layer for the duration of the block, removed even on error."""
+    """Forward pre-hooks on every layer for the duration of the block, removed even on error.
+
+    Stock batch norms on a GPU with Triton instead run the fused kernel (see ``fused``), which
+    normalizes and reduces in one read of the input.
+    """
     handles = []
 
     def make_hook(layer: NormLayer) -> Callable[..., None]:
@@ -145,13 +175,39 @@ def hooks_capture(layers: list[NormLayer], recorder: StatisticsRecorder) -> Iter
 
         return hook
 
+    def make_fused_forward(layer: NormLayer) -> Callable[[torch.Tensor], torch.Tensor]:
+        module = layer.module
+        assert isinstance(module, _BatchNorm)
+
+        def forward(input: torch.Tensor) -> torch.Tensor:
+            if not fused_applies(module, input):
+                recorder.observe(layer, input)
+                return STOCK_FORWARD(module, input)
+
+            def normalize(previous: ChannelMoments | None) -> tuple[torch.Tensor, ChannelMoments]:
+                module._check_input_dim(input)  # type: ignore[no-untyped-call]
+                return batch_norm_eval_with_moments(module, input, previous)
+
+            return recorder.observe_fused(layer, input, normalize)
+
+        return forward
+
+    fused: list[nn.Module] = []
     try:
         for layer in layers:
-            handles.append(layer.module.register_forward_pre_hook(make_hook(layer), with_kwargs=True))
+            if layer.family is NormFamily.BATCH and fused_may_run(layer.module):
+                # An instance attribute shadows the class's forward; __call__ (and so every hook
+                # of the user's) runs as before, and the attribute is deleted again below.
+                layer.module.forward = make_fused_forward(layer)  # type: ignore[method-assign]
+                fused.append(layer.module)
+            else:
+                handles.append(layer.module.register_forward_pre_hook(make_hook(layer), with_kwargs=True))
         yield
     finally:
         for handle in handles:
             handle.remove()
+        for module in fused:
+            del module.forward
 
 
 _BATCH_NORM_OPS = {name for name in BATCH_NORM_OPS if hasattr(torch.ops.aten, name)}

@@ -1,0 +1,150 @@
+"""Eval-mode batch norm that also returns its input's per-channel moments, in one read (Triton).
+
+A separate statistics pass must read every batch-norm input once more than the forward does;
+on a GPU that read costs as much as the normalization itself. In eval mode the layer's output
+is an affine map of its input with fixed coefficients, so one kernel can normalize a tile and
+reduce the same tile while it sits in registers: the input is read once, as the plain forward
+reads it. This module holds that kernel and the small one that folds its per-tile partials into
+the float64 moments, merged with the batches seen before.
+
+Exactness: each channel is first shifted by its first value (as on the CPU path), every tile is
+reduced two-pass in float32 (mean, then squared deviations from it, both from registers), and
+tiles are merged with Chan's formula, in float32 within a program and in float64 across programs
+and batches. Large means and tiny variances therefore keep float32 resolution relative to the
+spread, not to the magnitude.
+
+Used only where it applies exactly (stock ``nn.BatchNorm1d/2d/3d`` in eval mode with running
+statistics, on CUDA, input contiguous in NC* or channels-last order, no autograd); elsewhere the
+portable path (a pre-hook and ``stats.channel_moments``) runs. ``BN_INSPECT_FUSED=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bn_inspect.stats import ChannelMoments
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """How the fused kernel splits its input (benchmarks/gpu_check.py measures the choices).
+
+    Attributes:
+        elements: values in one tile: enough to stream at full bandwidth, few enough that the
+            running sums stay in registers.
+        tiles_per_program: tiles one program walks through before it reduces and writes its
+            partials: more means fewer partials to write and combine.
+        max_block_c: channels side by side in a tile.
+        num_warps: warps per program.
+    """
+
+    elements: int = 8192
+    tiles_per_program: int = 16
+    max_block_c: int = 64
+    num_warps: int = 4
+
+
+TILE = TileConfig()
+STOCK_FORWARD = _BatchNorm.forward
+_FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _interpreting() -> bool:
+    # Triton's interpreter runs the kernels on CPU tensors: how they are tested without a GPU.
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _kernels() -> Any:
+    """The compiled kernels, or None where Triton is absent or turned off."""
+    if os.environ.get("BN_INSPECT_FUSED") == "0" or importlib.util.find_spec("triton") is None:
+        return None
+    from bn_inspect import fused_kernels
+
+    return fused_kernels
+
+
+def fused_may_run(module: nn.Module) -> bool:
+    """Whether ``module`` is a stock batch norm on a device where the fused kernel can replace its forward."""
+    if not (
+        isinstance(module, _BatchNorm)
+        and type(module).forward is STOCK_FORWARD
+        and "forward" not in vars(module)
+        and not isinstance(module, nn.modules.lazy.LazyModuleMixin)
+        and module.running_mean is not None
+    ):
+        return False
+    device = module.running_mean.device
+    return (device.type == "cuda" or (_interpreting() and device.type == "cpu")) and _kernels() is not None
+
+
+def _layout(x: torch.Tensor) -> tuple[str, int, int, int] | None:
+    """('rows', R, C, 1) for (R, C) row-major data, ('planes', N, C, S) for NC* contiguous, else None."""
+    return _layout_of(x.shape, x.stride())
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_of(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[str, int, int, int] | None:
+    # Cached by shape and strides: this runs for every layer call, and Python time adds up when
+    # the forward is short (on a GPU the host can fall behind the kernels).
+    if len(shape) < 2:
+        return None
+    num_channels = shape[1]
+    spatial = math.prod(shape[2:])
+    if _dense_in_order(shape, strides, (*range(len(shape) - 1, 1, -1), 1, 0)) and spatial > 1:
+        return ("planes", shape[0], num_channels, spatial)
+    if _dense_in_order(shape, strides, (1, *range(len(shape) - 1, 1, -1), 0)):
+        return ("rows", shape[0] * spatial, num_channels, 1)
+    return None
+
+
+def _dense_in_order(shape: tuple[int, ...], strides: tuple[int, ...], innermost_first: tuple[int, ...]) -> bool:
+    """Whether the dims, innermost first, are laid out densely (size-1 dims may have any stride)."""
+    expected = 1
+    for dim in innermost_first:
+        if shape[dim] != 1 and strides[dim] != expected:
+            return False
+        expected *= shape[dim]
+    return True
+
+
+def fused_applies(module: _BatchNorm, x: torch.Tensor) -> bool:
+    """Whether this call of a fusable module can run the fused kernel (else: the portable path)."""
+    if module.training or module.running_mean is None or module.running_var is None or x.dim() < 2:
+        return False
+    if not (x.is_cuda or (_interpreting() and x.device.type == "cpu")) or x.dtype not in _FLOAT_TYPES:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters(False))):
+        return False
+    if x.numel() == 0 or _layout(x) is None:
+        return False
+    return _kernels() is not None
+
+
+def batch_norm_eval_with_moments(
+    module: _BatchNorm, x: torch.Tensor, previous: ChannelMoments | None
+) -> tuple[torch.Tensor, ChannelMoments]:
+    """The layer's eval-mode output and ``previous`` merged with the moments of ``x``.
+
+    Call only where ``fused_applies(module, x)``. Returns a tensor of ``x``'s shape, dtype and
+    memory format, normalized with the running statistics as ``F.batch_norm`` would (float32
+    arithmetic; the result differs from torch's kernels by rounding only).
+    """
+    kernels = _kernels()
+    layout = _layout(x)
+    assert kernels is not None and layout is not None
+    kind, outer, num_channels, spatial = layout
+    y = torch.empty_like(x)
+    partials = kernels.normalize_and_reduce(kind, x, y, module, outer, num_channels, spatial, TILE)
+    count = x.numel() // num_channels
+    mean, m2 = kernels.combine(partials, num_channels, previous, count)
+    return y, ChannelMoments(count + (previous.count if previous else 0), mean, m2)
