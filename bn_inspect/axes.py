@@ -1,4 +1,8 @@
-"""Input shape -> axis names, reduced dims, values per statistic, and the sentence that explains them."""
+"""Input shape -> axis names, reduced dims, values per statistic, and the sentence that explains them.
+
+Also which dims of a layer's input a layer-norm kernel reduces, when the layer rearranges its
+input before normalizing.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +33,100 @@ class AxesExplanation:
     sentence: str
 
 
+@dataclass(frozen=True)
+class TensorLayout:
+    """Where a tensor's values lie: enough to tell whether one tensor is a rearranged view of another.
+
+    Attributes:
+        shape: the sizes.
+        strides: the strides, in elements.
+        storage: the address of the storage the tensor views.
+        offset: the storage offset, in elements.
+    """
+
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    storage: int
+    offset: int
+
+
+def kernel_reduced_dims(
+    module_input: TensorLayout, kernel_input: TensorLayout, normalized_ndim: int
+) -> tuple[int, ...] | None:
+    """The dims of a module's input that a layer-norm kernel called inside the module reduces.
+
+    The kernel reduces the last ``normalized_ndim`` dims of its own input. A module that permutes
+    before normalizing (timm's and torchvision's LayerNorm2d: NCHW -> NHWC, then over C) hands
+    the kernel a view of its input, whose strides name the input dims behind every kernel dim,
+    permuted, merged or not. A module that copies after rearranging (``.contiguous()``, a dtype
+    cast) leaves only the sizes: that case assumes the kernel's input is the module's input with
+    its dims reordered (values possibly transformed elementwise), and matches dims by size, which
+    settles the answer only where each size is wholly reduced or wholly kept.
+
+    Returns:
+        The reduced dims of the module's input in ascending order, or None where they cannot be
+        established (the caller then keeps the rule for an unmodified LayerNorm: the trailing dims).
+    """
+    rank = len(kernel_input.shape)
+    if not 0 < normalized_ndim <= rank:
+        return None
+    reduced = set(range(rank - normalized_ndim, rank))
+    found = _reduced_in_view(module_input, kernel_input, reduced)
+    if found is None and sorted(module_input.shape) == sorted(kernel_input.shape):
+        found = _reduced_by_size(module_input.shape, kernel_input.shape, reduced, set(module_input.shape))
+    return None if found is None else tuple(sorted(found))
+
+
+def _reduced_in_view(module_input: TensorLayout, kernel_input: TensorLayout, reduced: set[int]) -> set[int] | None:
+    """Input dims behind the reduced kernel dims, when the kernel's input views every value of the module's."""
+    is_same_storage = (kernel_input.storage, kernel_input.offset) == (module_input.storage, module_input.offset)
+    if not is_same_storage or math.prod(kernel_input.shape) != math.prod(module_input.shape):
+        return None
+    by_stride: dict[int, int] = {}
+    for dim, (size, stride) in enumerate(zip(module_input.shape, module_input.strides, strict=True)):
+        if size > 1:
+            if stride in by_stride:
+                return None  # overlapping (expanded) input: a stride names no single dim
+            by_stride[stride] = dim
+    spanned: set[int] = set()
+    found: set[int] = set()
+    for kernel_dim, (size, stride) in enumerate(zip(kernel_input.shape, kernel_input.strides, strict=True)):
+        # A kernel dim spans a run of input dims, innermost first, each stride the product of the
+        # sizes and stride before it: one dim for a permutation, several where dims were merged.
+        covered, step = 1, stride
+        while covered < size:
+            inner = by_stride.get(step)
+            if inner is None or inner in spanned:
+                return None
+            spanned.add(inner)
+            if kernel_dim in reduced:
+                found.add(inner)
+            covered *= module_input.shape[inner]
+            step *= module_input.shape[inner]
+        if covered != size:
+            return None
+    # Strides of size-1 dims are arbitrary, so those dims are matched by size alone.
+    units = _reduced_by_size(module_input.shape, kernel_input.shape, reduced, {1})
+    return None if units is None else found | units
+
+
+def _reduced_by_size(
+    module_shape: tuple[int, ...], kernel_shape: tuple[int, ...], reduced: set[int], sizes: set[int]
+) -> set[int] | None:
+    """Input dims of the given sizes that the reduced kernel dims stand for, matching dims by size."""
+    found: set[int] = set()
+    for size in sizes:
+        module_dims = [d for d, s in enumerate(module_shape) if s == size]
+        kernel_dims = [d for d, s in enumerate(kernel_shape) if s == size]
+        num_reduced = len(reduced.intersection(kernel_dims))
+        if num_reduced == 0:
+            continue
+        if num_reduced != len(kernel_dims) or len(kernel_dims) != len(module_dims):
+            return None
+        found.update(module_dims)
+    return found
+
+
 def _spatial_names(count: int) -> tuple[str, ...]:
     return _SPATIAL_NAMES.get(count, tuple(f"S{i + 1}" for i in range(count)))
 
@@ -57,6 +155,7 @@ def explain_axes(
     is_unbatched: bool = False,
     num_groups: int | None = None,
     normalized_ndim: int = 1,
+    reduced_axes: tuple[int, ...] | None = None,
 ) -> AxesExplanation:
     """Axis names, reduced dims and the explanation for one call of a layer on ``shape``.
 
@@ -67,6 +166,8 @@ def explain_axes(
         is_unbatched: InstanceNorm given (C, *S) without a batch dim.
         num_groups: GroupNorm's G.
         normalized_ndim: how many trailing dims LayerNorm / RMSNorm normalize over.
+        reduced_axes: the dims LayerNorm / RMSNorm reduce, where the layer's kernel was seen to
+            reduce others than the trailing ones (see kernel_reduced_dims).
     """
     if family is NormFamily.BATCH:
         return _explain_batch(layer_label, shape)
@@ -74,7 +175,7 @@ def explain_axes(
         return _explain_instance(layer_label, shape, is_unbatched)
     if family is NormFamily.GROUP:
         return _explain_group(layer_label, shape, num_groups or 1)
-    return _explain_trailing(family, layer_label, shape, normalized_ndim)
+    return _explain_trailing(family, layer_label, shape, normalized_ndim, reduced_axes)
 
 
 def _explain_batch(label: str, shape: tuple[int, ...]) -> AxesExplanation:
@@ -128,24 +229,40 @@ def _explain_group(label: str, shape: tuple[int, ...], groups: int) -> AxesExpla
     return AxesExplanation(names, (1, *spatial), count, values, sentence)
 
 
-def _explain_trailing(family: NormFamily, label: str, shape: tuple[int, ...], normalized_ndim: int) -> AxesExplanation:
+def _explain_trailing(
+    family: NormFamily,
+    label: str,
+    shape: tuple[int, ...],
+    normalized_ndim: int,
+    reduced_axes: tuple[int, ...] | None,
+) -> AxesExplanation:
     rank = len(shape)
     normalized_ndim = max(1, min(normalized_ndim, rank))
-    if rank == 2:
-        names: tuple[str, ...] = ("N", "D")
+    reduced = reduced_axes or tuple(range(rank - normalized_ndim, rank))
+    is_trailing = reduced == tuple(range(rank - len(reduced), rank))
+    if not is_trailing and reduced == (1,) and rank >= 3:
+        # Normalizing over dim 1 alone is LayerNorm over channels (ConvNeXt's LayerNorm2d).
+        names: tuple[str, ...] = ("N", "C", *_spatial_names(rank - 2))
+    elif rank == 2:
+        names = ("N", "D")
     elif rank == 3:
         names = ("N", "T", "D")
     else:
         names = ("N", *(f"D{i}" for i in range(1, rank)))
-    reduced = tuple(range(rank - normalized_ndim, rank))
-    count = math.prod(shape[: rank - normalized_ndim])
+    kept = [d for d in range(rank) if d not in reduced]
+    count = math.prod(shape[d] for d in kept)
     values = math.prod(shape[d] for d in reduced)
     what = "root mean squares (no mean is subtracted)" if family is NormFamily.RMS else ("means and as many variances")
-    per = "one per sample" if rank - normalized_ndim == 1 else "one per position"
-    which = "the last dim" if normalized_ndim == 1 else f"the last {normalized_ndim} dims"
+    per = "one per sample" if kept == [0] else "one per position"
+    if is_trailing:
+        head = f"{count:,}"
+        which = ("the last dim" if len(reduced) == 1 else f"the last {len(reduced)} dims") + " reduced"
+    else:
+        head = _product([names[d] for d in kept], [shape[d] for d in kept])
+        which = f"{_dims(reduced)} reduced, which the layer moves last before normalizing"
     sentence = (
-        f"{label} got {_shape(shape)} = ({', '.join(names)}): {count:,} {what}, {per}, each over "
+        f"{label} got {_shape(shape)} = ({', '.join(names)}): {head} {what}, {per}, each over "
         f"{_product([names[d] for d in reduced], [shape[d] for d in reduced])} values "
-        f"({which} reduced; keeps no running statistics)."
+        f"({which}; keeps no running statistics)."
     )
     return AxesExplanation(names, reduced, count, values, sentence)

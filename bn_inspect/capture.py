@@ -4,6 +4,10 @@ Eager modules are observed with forward pre-hooks. TorchScript modules reject Py
 for them a ``TorchDispatchMode`` watches the normalization kernels and names each call by the
 parameters or running buffers it was handed. Either way only (C,)-sized moments outlive the
 forward: the activation is reduced inside the hook and never referenced afterwards.
+
+A LayerNorm or RMSNorm module may rearrange its input before normalizing (ConvNeXt's
+LayerNorm2d permutes NCHW to NHWC), so during its first call a ``TorchFunctionMode`` watches the
+layer-norm call inside its forward to learn which dims of the module's input are reduced.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bn_inspect.axes import TensorLayout, kernel_reduced_dims
 from bn_inspect.errors import ShapeMismatchError
 from bn_inspect.fused import STOCK_FORWARD, batch_norm_eval_with_moments, fused_applies, fused_may_run
 from bn_inspect.layers import (
@@ -44,6 +50,8 @@ class CallRecord:
     is_unbatched: bool
     moments: Moments | None
     num_batches: int = 1
+    # LayerNorm / RMSNorm: the input dims its kernel was seen to reduce; None keeps the trailing dims.
+    reduced_dims: tuple[int, ...] | None = None
 
 
 class StatisticsRecorder:
@@ -61,17 +69,22 @@ class StatisticsRecorder:
         """Call indices restart with every forward pass."""
         self._calls_in_batch.clear()
 
-    def observe(self, layer: NormLayer, x: torch.Tensor) -> None:
-        """Check ``x`` against ``layer`` and fold its per-channel moments into the layer's record."""
+    def observe(self, layer: NormLayer, x: torch.Tensor) -> CallRecord | None:
+        """Check ``x`` against ``layer`` and fold its per-channel moments into the layer's record.
+
+        Returns:
+            The record, when this call opened it (the first batch of this layer call), else None.
+        """
         key, is_unbatched = self._enter(layer, x)
         moments = _moments(layer.family, x.unsqueeze(0) if is_unbatched else x)
         record = self.records.get(key)
         if record is None:
-            self.records[key] = CallRecord(layer, key[1], tuple(x.shape), is_unbatched, moments)
-            return
+            record = self.records[key] = CallRecord(layer, key[1], tuple(x.shape), is_unbatched, moments)
+            return record
         record.num_batches += 1
         if record.moments is not None and moments is not None:
             record.moments = record.moments.merge(moments)  # type: ignore[arg-type]
+        return None
 
     def observe_fused(
         self,
@@ -158,20 +171,116 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
     return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
 
 
+def _layout(tensor: torch.Tensor) -> TensorLayout | None:
+    try:
+        storage = tensor.untyped_storage().data_ptr()
+    except RuntimeError:
+        return None  # a wrapper subclass (a nested jagged tensor) has no storage of its own
+    return TensorLayout(tuple(tensor.shape), tuple(tensor.stride()), storage, int(tensor.storage_offset()))
+
+
+# Where a LayerNorm / RMSNorm module's forward can hand its input to the kernel: F.layer_norm and
+# F.rms_norm (what nn.LayerNorm, nn.RMSNorm and their subclasses call) and the torch.* functions
+# they wrap. The mode sees only the outermost of these (torch disables it while it handles one).
+# Watching at this level rather than the dispatcher's: on CPU, rms_norm reaches the dispatcher as
+# plain pow/mean arithmetic.
+_LAYER_NORM_FUNCTIONS = {
+    function
+    for owner, name in (
+        (torch.nn.functional, "layer_norm"),
+        (torch, "layer_norm"),
+        (torch, "native_layer_norm"),
+        (torch.nn.functional, "rms_norm"),
+        (torch, "rms_norm"),
+    )
+    if (function := getattr(owner, name, None)) is not None
+}
+
+
+@dataclass
+class _KernelWindow:
+    """The forward of one LayerNorm / RMSNorm call whose kernel has yet to be seen."""
+
+    module: nn.Module
+    module_input: torch.Tensor
+    record: CallRecord
+    has_seen_kernel: bool = False
+
+
+class _LayerNormKernelWatch(TorchFunctionMode):
+    """Active only while the forward of a watched LayerNorm / RMSNorm call runs (its first call).
+
+    The first layer-norm function called inside that forward tells which dims of the module's
+    input are reduced (kernel_reduced_dims); a window on the stack per running call, so a watched
+    layer inside another is told apart, and the innermost running one owns the call.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._windows: list[_KernelWindow] = []
+
+    def open(self, module: nn.Module, module_input: torch.Tensor, record: CallRecord) -> None:
+        """Start watching the forward of ``module`` (called from its forward pre-hook)."""
+        if not self._windows:
+            self.__enter__()  # type: ignore[no-untyped-call]
+        self._windows.append(_KernelWindow(module, module_input, record))
+
+    def close(self, module: nn.Module) -> None:
+        """Stop watching ``module``'s forward (its forward hook: a no-op where its call opened nothing)."""
+        if self._windows and self._windows[-1].module is module:
+            self._windows.pop()
+            if not self._windows:
+                self.__exit__(None, None, None)  # type: ignore[no-untyped-call]
+
+    def close_all(self) -> None:
+        """Leave no mode behind where a forward ended without its forward hooks (KeyboardInterrupt)."""
+        if self._windows:
+            self._windows.clear()
+            self.__exit__(None, None, None)  # type: ignore[no-untyped-call]
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        window = self._windows[-1]
+        if func in _LAYER_NORM_FUNCTIONS and not window.has_seen_kernel:
+            window.has_seen_kernel = True
+            kernel_input = args[0] if args else kwargs.get("input")
+            normalized_shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
+            module_layout = _layout(window.module_input)
+            kernel_layout = _layout(kernel_input) if isinstance(kernel_input, torch.Tensor) else None
+            if module_layout is not None and kernel_layout is not None and normalized_shape is not None:
+                normalized_ndim = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
+                window.record.reduced_dims = kernel_reduced_dims(module_layout, kernel_layout, normalized_ndim)
+        return func(*args, **kwargs)
+
+
 @contextmanager
 def hooks_capture(layers: list[NormLayer], recorder: StatisticsRecorder) -> Iterator[None]:
     """Forward pre-hooks on every layer for the duration of the block, removed even on error.
 
     Stock batch norms on a GPU with Triton instead run the fused kernel (see ``fused``), which
     normalizes and reduces in one read of the input.
+
+    LayerNorm and RMSNorm layers also get a forward hook that ends the watch over their first call.
     """
     handles = []
+    watch = _LayerNormKernelWatch()
 
     def make_hook(layer: NormLayer) -> Callable[..., None]:
-        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        is_watched = layer.family in (NormFamily.LAYER, NormFamily.RMS)
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = _first_tensor(args, kwargs)
-            if x is not None:
-                recorder.observe(layer, x)
+            if x is None:
+                return
+            opened = recorder.observe(layer, x)
+            if opened is not None and is_watched:
+                watch.open(module, x, opened)
 
         return hook
 
@@ -192,6 +301,9 @@ def hooks_capture(layers: list[NormLayer], recorder: StatisticsRecorder) -> Iter
 
         return forward
 
+    def end_watch(module: nn.Module, _args: tuple[Any, ...], _output: Any) -> None:
+        watch.close(module)
+
     fused: list[nn.Module] = []
     try:
         for layer in layers:
@@ -200,10 +312,14 @@ def hooks_capture(layers: list[NormLayer], recorder: StatisticsRecorder) -> Iter
                 # of the user's) runs as before, and the attribute is deleted again below.
                 layer.module.forward = make_fused_forward(layer)  # type: ignore[method-assign]
                 fused.append(layer.module)
-            else:
-                handles.append(layer.module.register_forward_pre_hook(make_hook(layer), with_kwargs=True))
+                continue
+            handles.append(layer.module.register_forward_pre_hook(make_hook(layer), with_kwargs=True))
+            if layer.family in (NormFamily.LAYER, NormFamily.RMS):
+                # always_call: a forward that raises still ends the watch its pre-hook began.
+                handles.append(layer.module.register_forward_hook(end_watch, always_call=True))
         yield
     finally:
+        watch.close_all()
         for handle in handles:
             handle.remove()
         for module in fused:

@@ -644,6 +644,7 @@ def _encode_records(
             "num_batches": record.num_batches,
             "input_shape": list(record.input_shape),
             "is_unbatched": record.is_unbatched,
+            "reduced_dims": None if record.reduced_dims is None else list(record.reduced_dims),
             # A layer found at run time (a direct F.batch_norm) travels with its facts, for ranks that never ran it.
             "layer": None if record.layer.name in known else _layer_fields(record.layer),
         }
@@ -798,6 +799,7 @@ def _merge_record(
         is_unbatched=bool(first_entry["is_unbatched"]),
         moments=merged_moments,
         num_batches=sum(int(entry["num_batches"]) for _, (entry, _) in present),
+        reduced_dims=None if first_entry["reduced_dims"] is None else tuple(first_entry["reduced_dims"]),
     )
 
 

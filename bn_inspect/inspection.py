@@ -399,6 +399,7 @@ def _layer_report(record: CallRecord, mode: Mode) -> LayerReport:
         is_unbatched=record.is_unbatched,
         num_groups=layer.num_groups,
         normalized_ndim=normalized_ndim,
+        reduced_axes=record.reduced_dims,
     )
     batch_mean = batch_var = batch_var_unbiased = None
     values_per_channel: int | None = None

@@ -667,10 +667,10 @@ class _TracedRecorder(StatisticsRecorder):
         super().__init__()
         self._tracer = tracer
 
-    def observe(self, layer: NormLayer, x: torch.Tensor) -> None:
+    def observe(self, layer: NormLayer, x: torch.Tensor) -> CallRecord | None:
         self._tracer.is_paused = True
         try:
-            super().observe(layer, x)
+            return super().observe(layer, x)
         finally:
             self._tracer.is_paused = False
 

@@ -114,6 +114,55 @@ class Family(nn.Module):
         return self.rms(self.ln(y[..., :5]))
 
 
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over C of an NCHW map, as ConvNeXt's LayerNorm2d: normalizes a permuted view."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
+
+
+class ChannelLayerNormCopy(nn.LayerNorm):
+    """As ChannelLayerNorm, but the kernel gets a contiguous copy: only the sizes are left to match."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.layer_norm(x.permute(0, 2, 3, 1).contiguous(), self.normalized_shape, self.weight, self.bias)
+        return y.permute(0, 3, 1, 2)
+
+
+class ChannelRMSNorm(nn.RMSNorm):
+    """RMSNorm over C of an (N, C, L) sequence, through a transposed view."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.transpose(1, 2), self.normalized_shape, self.weight, self.eps).transpose(1, 2)
+
+
+class ArithmeticLayerNorm(nn.LayerNorm):
+    """A LayerNorm subclass that normalizes over C with its own arithmetic: no kernel call to watch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(x, dim=1, correction=0, keepdim=True)
+        return (x - mean) / torch.sqrt(var + self.eps)
+
+
+class ChannelNorms(nn.Module):
+    """Channel-wise LayerNorm and RMSNorm subclasses, next to a plain LayerNorm on tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.ln_view = ChannelLayerNorm(6)
+        self.ln_copy = ChannelLayerNormCopy(6)
+        self.ln_tokens = nn.LayerNorm(6)
+        self.rms_view = ChannelRMSNorm(6)
+        self.ln_own = ArithmeticLayerNorm(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln_own(self.ln_copy(self.ln_view(self.conv(x))))
+        tokens = self.ln_tokens(y.flatten(2).transpose(1, 2))
+        return self.rms_view(tokens.transpose(1, 2))
+
+
 class Untracked(nn.Module):
     """BatchNorm without running statistics: normalizes with batch statistics even in eval."""
 

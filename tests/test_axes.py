@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+from collections.abc import Callable
 
-from bn_inspect.axes import explain_axes
+import pytest
+import torch
+
+from bn_inspect.axes import TensorLayout, explain_axes, kernel_reduced_dims
 from bn_inspect.layers import NormFamily
 
 
@@ -70,3 +73,97 @@ def test_layer_norm_and_rms_norm_over_trailing_dims() -> None:
     assert (two_dims.num_statistics, two_dims.values_per_statistic) == (12, 30)
     rms = explain_axes(NormFamily.RMS, "rms (RMSNorm)", (4, 16))
     assert "4 root mean squares (no mean is subtracted), one per sample, each over D = 16 values" in rms.sentence
+
+
+def test_layer_norm_over_channels_moved_last() -> None:
+    axes = explain_axes(NormFamily.LAYER, "stem.1 (LayerNorm2d)", (8, 64, 56, 56), reduced_axes=(1,))
+    assert axes.sentence == (
+        "stem.1 (LayerNorm2d) got (8, 64, 56, 56) = (N, C, H, W): N×H×W = 8×56×56 = 25,088 means and as many "
+        "variances, one per position, each over C = 64 values (dim 1 reduced, which the layer moves last before "
+        "normalizing; keeps no running statistics)."
+    )
+    assert axes.axis_names == ("N", "C", "H", "W")
+    assert axes.reduced_axes == (1,)
+    assert (axes.num_statistics, axes.values_per_statistic) == (25_088, 64)
+    rms = explain_axes(NormFamily.RMS, "rms (ChannelRMSNorm)", (4, 16, 10), reduced_axes=(1,))
+    assert rms.axis_names == ("N", "C", "L")
+    assert "N×L = 4×10 = 40 root mean squares (no mean is subtracted), one per position, each over C = 16" in (
+        rms.sentence
+    )
+
+
+def test_given_trailing_dims_read_as_the_plain_rule() -> None:
+    plain = explain_axes(NormFamily.LAYER, "ln (LayerNorm)", (4, 3, 5, 6), normalized_ndim=2)
+    assert explain_axes(NormFamily.LAYER, "ln (LayerNorm)", (4, 3, 5, 6), reduced_axes=(2, 3)) == plain
+    moved = explain_axes(NormFamily.LAYER, "ln (Odd)", (4, 3, 5, 6), reduced_axes=(1, 2, 3))
+    assert moved == explain_axes(NormFamily.LAYER, "ln (Odd)", (4, 3, 5, 6), normalized_ndim=3)
+    assert "4 means and as many variances, one per sample" in moved.sentence
+    two = explain_axes(NormFamily.LAYER, "ln (Odd)", (4, 3, 5, 6), reduced_axes=(1, 2))
+    assert two.axis_names == ("N", "D1", "D2", "D3")
+    assert (two.num_statistics, two.values_per_statistic) == (24, 15)
+    assert "N×D3 = 4×6 = 24 means" in two.sentence and "(dims 1, 2 reduced, which the layer moves last" in two.sentence
+
+
+def layout(tensor: torch.Tensor) -> TensorLayout:
+    return TensorLayout(
+        tuple(tensor.shape), tuple(tensor.stride()), tensor.untyped_storage().data_ptr(), tensor.storage_offset()
+    )
+
+
+def to_nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize(
+    ("shape", "rearrange", "normalized_ndim", "expected"),
+    [
+        ((2, 3, 4, 5), lambda x: x, 1, (3,)),
+        ((2, 3, 4, 5), lambda x: x, 2, (2, 3)),
+        ((2, 3, 4, 5), to_nhwc, 1, (1,)),
+        ((2, 3, 4, 5), lambda x: x.permute(0, 3, 1, 2), 2, (1, 2)),
+        ((2, 3, 4, 4), to_nhwc, 1, (1,)),
+        ((2, 4, 4, 4), to_nhwc, 1, (1,)),
+        ((2, 3, 4, 5), lambda x: to_nhwc(x.contiguous(memory_format=torch.channels_last)), 1, (1,)),
+        ((2, 3, 4, 5), lambda x: x.flatten(2).transpose(1, 2), 1, (1,)),
+        ((2, 6, 1, 1), to_nhwc, 1, (1,)),
+        ((2, 1, 4, 5), to_nhwc, 1, (1,)),
+        ((2, 3, 4, 5), lambda x: to_nhwc(x).contiguous(), 1, (1,)),
+        ((2, 3, 4, 4), lambda x: to_nhwc(x).contiguous(), 1, (1,)),
+        ((2, 3, 4, 5), lambda x: to_nhwc(x.half()).float(), 1, (1,)),
+        ((2, 3, 4, 5), lambda x: torch.relu(to_nhwc(x)), 1, (1,)),
+        ((2, 4, 4, 4), lambda x: to_nhwc(x).contiguous(), 1, None),
+        ((2, 3, 3, 5), lambda x: to_nhwc(x).contiguous(), 1, None),
+        ((2, 3, 4, 5), lambda x: x.flatten(2).transpose(1, 2).contiguous(), 1, None),
+        ((2, 3, 4, 5), lambda x: to_nhwc(x)[:, :, :, :2], 1, None),
+        ((2, 3, 4, 5), lambda x: to_nhwc(x), 5, None),
+    ],
+    ids=[
+        "itself",
+        "itself, 2 dims",
+        "NHWC view",
+        "NWCH view, 2 dims",
+        "NHWC view, H = W",
+        "NHWC view, C = H = W",
+        "NHWC view of channels_last input",
+        "flattened (N, HW, C) view",
+        "NHWC view, 1x1 maps",
+        "NHWC view, one channel",
+        "NHWC copy",
+        "NHWC copy, H = W",
+        "NHWC copy in another dtype",
+        "NHWC after an elementwise op",
+        "NHWC copy, C = H = W: ambiguous",
+        "NHWC copy, C = H: ambiguous",
+        "flattened copy: sizes do not match",
+        "part of the input",
+        "more dims than the kernel input has",
+    ],
+)
+def test_kernel_reduced_dims(
+    shape: tuple[int, ...],
+    rearrange: Callable[[torch.Tensor], torch.Tensor],
+    normalized_ndim: int,
+    expected: tuple[int, ...] | None,
+) -> None:
+    x = torch.randn(shape)
+    assert kernel_reduced_dims(layout(x), layout(rearrange(x)), normalized_ndim) == expected

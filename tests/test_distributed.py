@@ -60,7 +60,7 @@ from bn_inspect.inspection import check_model, inspect_model
 from bn_inspect.layers import NormLayer, iter_norm_layers
 from bn_inspect.stats import ChannelMoments, InstanceMoments
 from tests.conftest import state_fingerprint
-from tests.models import randomize_norm_state
+from tests.models import ChannelLayerNorm, randomize_norm_state
 
 ROOT = Path(__file__).parent.parent
 LAUNCH_TIMEOUT_S = 60.0
@@ -217,6 +217,16 @@ def _sync_phase(directory: Path, ctx: DistributedContext) -> None:
     _write(directory, "sync", ctx.rank, {"records": describe_records(merged.records), "groups": groups})
 
 
+def _layer_norm_phase(directory: Path, ctx: DistributedContext) -> None:
+    """A LayerNorm over channels: the dims its kernel was seen to reduce travel with its record."""
+    model = nn.Sequential(ChannelLayerNorm(3)).double().eval()
+    with fail_together(ctx.group):
+        run = record_locally(model, shard_batches(uneven_batches(), ctx.rank, ctx.world_size))
+    merged = merge_run_across_ranks(run.records, run.totals, ctx.group, layers=run.layers)
+    reduced = {f"{name}#{call}": record.reduced_dims for (name, call), record in merged.records.items()}
+    _write(directory, "layer_norm", ctx.rank, reduced)
+
+
 def _divergence_phase(directory: Path, ctx: DistributedContext) -> None:
     model = make_model()
     with torch.no_grad():
@@ -267,6 +277,7 @@ def _two_ranks(directory: Path, rank: int) -> None:
             raise AssertionError(f"unexpected context {ctx}")
         _merge_phase(directory, ctx, shard_batches(uneven_batches(), ctx.rank, ctx.world_size), "merge")
         _sync_phase(directory, ctx)
+        _layer_norm_phase(directory, ctx)
         _divergence_phase(directory, ctx)
         _api_phase(directory, ctx)
     _write(directory, "kept", rank, {"initialized": dist.is_initialized()})
@@ -517,6 +528,11 @@ def test_sync_batch_norm_trains_locally_and_reports_its_group(two_ranks: tuple[P
 
 # ---------------------------------------------------------------------------------------------
 # (b) diverged buffers are reported by name with the right difference
+
+
+def test_the_dims_a_layer_norm_reduces_are_the_same_on_every_rank(two_ranks: tuple[Path, list[Outcome]]) -> None:
+    directory, _ = two_ranks
+    assert read_phase(directory, "layer_norm", 2) == [{"0#0": [1]}, {"0#0": [1]}]
 
 
 def test_the_python_api_joins_the_users_group_and_reports_divergence_as_bn111(

@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from bn_inspect.capture import StatisticsRecorder, hooks_capture
 from bn_inspect.errors import ForwardError, LazyModelError, NoNormLayersError, ShapeMismatchError
 from bn_inspect.inspection import Batch, inspect_model
+from bn_inspect.layers import iter_norm_layers
 from bn_inspect.report import LayerReport, Report
 from tests import models
 from tests.conftest import state_fingerprint
@@ -240,3 +242,138 @@ def test_float64_model_and_half_precision_input() -> None:
     half_model = models.randomize_norm_state(models.BN1dSequence()).eval()
     half = models.make_input((4, 6, 9), mean=2.0).half()
     assert_matches(layer(inspect_unchanged(half_model, [half]), "bn"), half.float())
+
+
+def function_mode_depth() -> int:
+    return int(torch._C._len_torch_function_stack())
+
+
+def test_layer_norm_subclasses_report_the_dims_their_kernel_reduces() -> None:
+    model = models.ChannelNorms().eval()
+    x = models.make_input((2, 3, 7, 9), mean=5.0)
+    report = inspect_unchanged(model, [x, models.make_input((1, 3, 7, 9), seed=1)])
+    expected = {
+        "ln_view": ((2, 6, 5, 7), ("N", "C", "H", "W"), (1,)),
+        "ln_copy": ((2, 6, 5, 7), ("N", "C", "H", "W"), (1,)),
+        # Normalizes over C with its own arithmetic: no kernel call to watch, so the module's rule stays.
+        "ln_own": ((2, 6, 5, 7), ("N", "D1", "D2", "D3"), (3,)),
+        "ln_tokens": ((2, 35, 6), ("N", "T", "D"), (2,)),
+        "rms_view": ((2, 6, 35), ("N", "C", "L"), (1,)),
+    }
+    assert {e.name: (e.input_shape, e.axis_names, e.reduced_axes) for e in report.layers} == expected
+    assert layer(report, "ln_view").explanation == (
+        "ln_view (ChannelLayerNorm) got (2, 6, 5, 7) = (N, C, H, W): N×H×W = 2×5×7 = 70 means and as many "
+        "variances, one per position, each over C = 6 values (dim 1 reduced, which the layer moves last before "
+        "normalizing; keeps no running statistics)."
+    )
+    assert "N×L = 2×35 = 70 root mean squares (no mean is subtracted), one per position, each over C = 6 values" in (
+        layer(report, "rms_view").explanation
+    )
+    assert layer(report, "ln_tokens").explanation == (
+        "ln_tokens (LayerNorm) got (2, 35, 6) = (N, T, D): 70 means and as many variances, one per position, "
+        "each over D = 6 values (the last dim reduced; keeps no running statistics)."
+    )
+    assert function_mode_depth() == 0
+    # Torch itself agrees: each layer's output, over the dims reported for it, has mean 0 and
+    # variance 1 (RMSNorm: mean square 1), per statistic (weights are 1 and biases 0).
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [
+        getattr(model, name).register_forward_hook(lambda _m, _a, y, name=name: outputs.__setitem__(name, y))
+        for name in ("ln_view", "ln_copy", "rms_view")
+    ]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    for name, y in outputs.items():
+        dims = layer(report, name).reduced_axes
+        assert dims is not None
+        if name == "rms_view":
+            torch.testing.assert_close(y.pow(2).mean(dims), torch.ones(2, 35), atol=1e-4, rtol=0)
+            continue
+        var, mean = torch.var_mean(y, dims, correction=0)
+        torch.testing.assert_close(mean, torch.zeros(2, 5, 7), atol=1e-5, rtol=0)
+        torch.testing.assert_close(var, torch.ones(2, 5, 7), atol=1e-3, rtol=0)
+
+
+class DepthProbe(models.ChannelLayerNorm):
+    """Notes how many torch function modes are active while its forward runs."""
+
+    def __init__(self, num_channels: int) -> None:
+        super().__init__(num_channels)
+        self.depths: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.depths.append(function_mode_depth())
+        return super().forward(x)
+
+
+class WrapsALayerNorm(models.ChannelLayerNorm):
+    """Runs a plain LayerNorm over W inside its own forward, before its own kernel over C."""
+
+    def __init__(self, num_channels: int, width: int) -> None:
+        super().__init__(num_channels)
+        self.inner = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.inner(x))
+
+
+class FailsAfterNormalizing(models.ChannelLayerNorm):
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(3)
+        self.error = error
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        super().forward(x)
+        raise self.error
+
+
+def test_the_kernel_is_watched_on_the_first_call_only_and_owned_by_the_innermost_layer() -> None:
+    probe = DepthProbe(3)
+    model = nn.Sequential(nn.BatchNorm2d(3), probe, WrapsALayerNorm(3, 5)).eval()
+    report = inspect_unchanged(model, [models.make_input((2, 3, 4, 5), seed=seed) for seed in range(3)])
+    assert probe.depths == [1, 0, 0]
+    assert function_mode_depth() == 0
+    assert [(e.name, e.reduced_axes) for e in report.layers] == [
+        ("0", (0, 2, 3)),
+        ("1", (1,)),
+        ("2", (1,)),
+        ("2.inner", (3,)),
+    ]
+
+
+@pytest.mark.parametrize(
+    "error", [RuntimeError("deliberate failure inside the layer"), KeyboardInterrupt()], ids=["error", "interrupt"]
+)
+def test_a_layer_norm_that_raises_leaves_no_mode_and_no_hook(error: BaseException) -> None:
+    model = nn.Sequential(FailsAfterNormalizing(error)).eval()
+    before = state_fingerprint(model)
+    is_error = isinstance(error, Exception)
+    with pytest.raises(
+        ForwardError if is_error else KeyboardInterrupt, match="deliberate failure" if is_error else None
+    ):
+        inspect_model(model, [models.make_input((2, 3, 4, 5))])
+    assert function_mode_depth() == 0
+    assert state_fingerprint(model) == before
+
+
+class JaggedLayerNorm(nn.Module):
+    """LayerNorm on a nested jagged tensor, which has no storage of its own to compare."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(torch.nested.as_nested_tensor([x[0, :2], x[1]], layout=torch.jagged))
+
+
+def test_a_layer_norm_on_a_nested_tensor_runs_with_its_dims_unknown() -> None:
+    model = JaggedLayerNorm().eval()
+    recorder = StatisticsRecorder()
+    with warnings.catch_warnings(), hooks_capture(iter_norm_layers(model), recorder), torch.no_grad():
+        warnings.simplefilter("ignore")
+        model(torch.randn(2, 3, 4))
+    assert [(name, record.reduced_dims) for name, record in recorder.records.items()] == [(("ln", 0), None)]
+    assert function_mode_depth() == 0

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from bn_inspect.cli import run
+from bn_inspect.inspection import inspect_model
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -76,12 +77,6 @@ TORCHVISION_HEAVY = (
     "wide_resnet101_2",
 )
 TIMM_MODELS = ("efficientnet_b0", "mobilenetv3_large_100", "regnetx_002", "resnet18", "convnext_atto")
-
-LAYER_NORM_2D_AXES_BUG = (
-    "bn_inspect bug: LayerNorm2d (an nn.LayerNorm that permutes NCHW to NHWC) is reported as reducing the last "
-    "dim (W) of its input; it reduces C (dim 1)"
-)
-
 
 # bn_inspect's own unit tests hold batch_var to 2e-5..3e-5 of a float64 reference.
 VAR_RTOL = 3e-5
@@ -339,8 +334,7 @@ def assert_matches_reference(document: dict[str, Any], calls: list[Call], *, exp
         assert tuple(entry["input_shape"]) == call.shape, where
         if call.kind == "layer":
             assert entry["family"] == "layer" and entry["batch_mean"] is None, where
-            if not call.is_2d_layer_norm:  # see test_layer_norm_2d_reduces_channels
-                assert tuple(entry["reduced_axes"]) == call.reduced_axes, where
+            assert tuple(entry["reduced_axes"]) == call.reduced_axes, where
             continue
         assert call.mean is not None and call.var is not None
         assert entry["family"] == "batch" and entry["normalizes_with"] == "running", where
@@ -414,9 +408,9 @@ def test_model_matches_float64_reference(
     assert_matches_reference(document, ready.calls, exported=True)
 
 
-@pytest.mark.xfail(reason=LAYER_NORM_2D_AXES_BUG, strict=True, raises=AssertionError)
 def test_layer_norm_2d_reduces_channels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """timm's ConvNeXt normalizes NCHW maps over C with LayerNorm2d; the report must say dim 1."""
+    """timm's ConvNeXt normalizes NCHW maps over C with LayerNorm2d (an nn.LayerNorm that permutes
+    NCHW to NHWC); the report must say dim 1, read off the layer-norm call inside its forward."""
     pytest.importorskip("timm")
     case = timm_model("convnext_atto")
     ready = prepare(case, tmp_path)
@@ -427,6 +421,19 @@ def test_layer_norm_2d_reduces_channels(tmp_path: Path, capsys: pytest.CaptureFi
     for call in layer_norms:
         entry = reported[(call.name, call.call)]
         assert tuple(entry["reduced_axes"]) == call.reduced_axes, f"{call.name}: {entry['explanation']}"
+        assert entry["axis_names"] == ["N", "C", "H", "W"], call.name
+        assert f"each over C = {call.shape[1]:,} values (dim 1 reduced" in entry["explanation"], call.name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_every_layer_norm_2d_class_reduces_channels(dtype: torch.dtype) -> None:
+    """torchvision's and timm's LayerNorm2d, and timm's LayerNorm2dFp32, which in bfloat16 hands
+    the kernel a float32 copy rather than a view."""
+    classes = _layer_norm_2d_classes()
+    model = nn.Sequential(*(cls(6) for cls in classes)).to(dtype).eval()
+    report = inspect_model(model, [torch.randn(2, 6, 4, 5)])
+    assert [(entry.type, entry.reduced_axes) for entry in report.layers] == [(c.__name__, (1,)) for c in classes]
+    assert all("N×H×W = 2×4×5 = 40 means" in entry.explanation for entry in report.layers)
 
 
 @contextmanager
