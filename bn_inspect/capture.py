@@ -260,11 +260,12 @@ class _LayerNormKernelWatch(TorchFunctionMode):
 
 
 @contextmanager
-def hooks_capture(layers: list[NormLayer], recorder: StatisticsRecorder) -> Iterator[None]:
+def hooks_capture(layers: list[NormLayer], recorder: StatisticsRecorder, *, fuse: bool = True) -> Iterator[None]:
     """Forward pre-hooks on every layer for the duration of the block, removed even on error.
 
-    Stock batch norms on a GPU with Triton instead run the fused kernel (see ``fused``), which
-    normalizes and reduces in one read of the input.
+    With ``fuse``, stock batch norms on a GPU with Triton instead run the fused kernel (see
+    ``fused``), which normalizes and reduces in one read of the input. Its work is invisible to
+    dispatch modes, so a caller that follows the ops of the forward passes ``fuse=False``.
 
     LayerNorm and RMSNorm layers also get a forward hook that ends the watch over their first call.
     """
@@ -307,7 +308,7 @@ def hooks_capture(layers: list[NormLayer], recorder: StatisticsRecorder) -> Iter
     fused: list[nn.Module] = []
     try:
         for layer in layers:
-            if layer.family is NormFamily.BATCH and fused_may_run(layer.module):
+            if fuse and layer.family is NormFamily.BATCH and fused_may_run(layer.module):
                 # An instance attribute shadows the class's forward; __call__ (and so every hook
                 # of the user's) runs as before, and the attribute is deleted again below.
                 layer.module.forward = make_fused_forward(layer)  # type: ignore[method-assign]

@@ -75,6 +75,13 @@ def _planes_tile(
 
 
 @triton.jit
+def _partial_pointers(work_ptr, num_programs, num_channels):
+    """Where shifts, shifted means, m2 and counts start in the work buffer (see ``Partials``)."""
+    plane = num_programs.to(tl.int64) * num_channels
+    return work_ptr, work_ptr + plane, work_ptr + 2 * plane, work_ptr + 3 * plane
+
+
+@triton.jit
 def _store_partials(
     work_ptr,
     program,
@@ -89,11 +96,7 @@ def _store_partials(
     count,
 ):
     """Write one program's (shift, mean - shift, m2, count) into the work buffer (see ``Partials``)."""
-    plane = num_programs.to(tl.int64) * num_channels
-    pshift_ptr = work_ptr
-    pmean_ptr = work_ptr + plane
-    pm2_ptr = work_ptr + 2 * plane
-    pcount_ptr = work_ptr + 3 * plane
+    pshift_ptr, pmean_ptr, pm2_ptr, pcount_ptr = _partial_pointers(work_ptr, num_programs, num_channels)
     shifted_mean = sums / count
     m2 = squares - sums * shifted_mean
     m2 = tl.where(m2 < 0, 0.0, m2)
@@ -226,6 +229,20 @@ def _planes_kernel(
     )
 
 
+@triton.jit
+def _load_partials(work_ptr, start, num_partials, num_channels, cols, cmask, BLOCK_P: tl.constexpr):
+    """BLOCK_P programs' partials from ``start`` in float64: (counts, means, m2, mask)."""
+    pshift_ptr, pmean_ptr, pm2_ptr, pcount_ptr = _partial_pointers(work_ptr, num_partials, num_channels)
+    parts = start + tl.arange(0, BLOCK_P)
+    mask = (parts < num_partials)[:, None] & cmask[None, :]
+    offsets = parts.to(tl.int64)[:, None] * num_channels + cols[None, :]
+    counts = tl.load(pcount_ptr + parts, mask=parts < num_partials, other=0.0).to(tl.float64)[:, None]
+    means = tl.load(pshift_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+    means += tl.load(pmean_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+    m2s = tl.load(pm2_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+    return counts, means, m2s, mask
+
+
 # Counts change from call to call: specializing on them (1, multiples of 16) would recompile.
 @triton.jit(do_not_specialize=["prev_count", "batch_count", "num_partials"])
 def _combine_kernel(
@@ -245,35 +262,25 @@ def _combine_kernel(
 
     Writes mean to ``out[0]`` and m2 to ``out[1]``.
     """
-    plane = num_partials.to(tl.int64) * num_channels
-    pshift_ptr = work_ptr
-    pmean_ptr = work_ptr + plane
-    pm2_ptr = work_ptr + 2 * plane
-    pcount_ptr = work_ptr + 3 * plane
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < num_channels
     batch_count = batch_count.to(tl.float64)
+    # while, not range(0, num_partials, BLOCK_P): Triton's interpreter (the CPU test) cannot
+    # take a runtime range bound under NumPy >= 2.4.
     weighted = tl.zeros([BLOCK_C], dtype=tl.float64)
-    for p0 in range(0, num_partials, BLOCK_P):
-        parts = p0 + tl.arange(0, BLOCK_P)
-        mask = (parts < num_partials)[:, None] & cmask[None, :]
-        offsets = parts.to(tl.int64)[:, None] * num_channels + cols[None, :]
-        counts = tl.load(pcount_ptr + parts, mask=parts < num_partials, other=0.0).to(tl.float64)[:, None]
-        means = tl.load(pshift_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
-        means += tl.load(pmean_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+    start = tl.full([], 0, tl.int32)
+    while start < num_partials:
+        counts, means, _, mask = _load_partials(work_ptr, start, num_partials, num_channels, cols, cmask, BLOCK_P)
         weighted += tl.sum(tl.where(mask, counts * means, 0.0), 0)
+        start += BLOCK_P
     batch_mean = weighted / batch_count
     m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
-    for p0 in range(0, num_partials, BLOCK_P):
-        parts = p0 + tl.arange(0, BLOCK_P)
-        mask = (parts < num_partials)[:, None] & cmask[None, :]
-        offsets = parts.to(tl.int64)[:, None] * num_channels + cols[None, :]
-        counts = tl.load(pcount_ptr + parts, mask=parts < num_partials, other=0.0).to(tl.float64)[:, None]
-        means = tl.load(pshift_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
-        means += tl.load(pmean_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
-        m2s = tl.load(pm2_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+    start = tl.full([], 0, tl.int32)
+    while start < num_partials:
+        counts, means, m2s, mask = _load_partials(work_ptr, start, num_partials, num_channels, cols, cmask, BLOCK_P)
         delta = means - batch_mean[None, :]
         m2 += tl.sum(tl.where(mask, m2s + counts * delta * delta, 0.0), 0)
+        start += BLOCK_P
     mean = batch_mean
     m2 = tl.where(_is_finite(batch_mean), m2, float("nan"))
     if HAS_PREVIOUS:

@@ -70,6 +70,7 @@ Both methods mutate the model they are given; on an error every buffer they chan
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -449,7 +450,8 @@ class _Runner:
         """
         recorder = StatisticsRecorder() if tracer is None else _TracedRecorder(tracer)
         layers = [t.layer for t in targets]
-        capture = dispatch_capture if self.is_script else hooks_capture
+        # Unfused: the sequential method's dependency tracer follows the batch-norm ops themselves.
+        capture = dispatch_capture if self.is_script else functools.partial(hooks_capture, fuse=False)
         stopper = _Stopper(targets, stop_after or {}, self.is_script)
         num_batches = num_samples = 0
         together = fail_together(self.context.group) if self.context.is_distributed else nullcontext()

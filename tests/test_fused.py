@@ -1,8 +1,7 @@
 """The fused eval batch-norm kernel (bn_inspect/fused.py), run by Triton's interpreter on the CPU.
 
-CI installs no Triton (the CPU torch wheel does not need it), so there these tests skip; they run
-wherever Triton is importable, and benchmarks/gpu_check.py runs the same checks compiled on a GPU.
-The interpreter needs NumPy < 2.4 (it converts 1-element arrays to scalars).
+Triton comes with the test extra on Linux x86-64; elsewhere these tests skip.
+benchmarks/gpu_check.py runs the same checks on the compiled kernels on a GPU.
 """
 
 from __future__ import annotations
@@ -87,6 +86,24 @@ assert moments.biased_var()[5] == 0 and moments.mean[5] == 7.0
 assert moments.mean[9] == float("inf") and moments.biased_var()[9].isnan()
 # Train mode and autograd take the portable path.
 assert not fused.fused_applies(model.train()[1], x)
+model.eval()
+
+# Sequential recalibration plans its waves from a trace of torch ops, which cannot see inside the
+# kernel: it must give what the portable path gives.
+import copy
+from bn_inspect.recalibration import recalibrate
+results = {}
+compiled = fused._kernels
+for use_fused in (True, False):
+    fused._kernels = compiled if use_fused else (lambda: None)
+    copied = copy.deepcopy(model)
+    result = recalibrate(copied, batches, method="sequential")
+    results[use_fused] = ([layer.wave for layer in result.layers], copied.state_dict())
+fused_waves, fused_state = results[True]
+plain_waves, plain_state = results[False]
+assert fused_waves == plain_waves == [0, 1, 2], (fused_waves, plain_waves)
+for key in plain_state:
+    assert torch.allclose(fused_state[key].double(), plain_state[key].double(), rtol=1e-5, atol=1e-6), key
 print("ok")
 """
 
