@@ -66,7 +66,9 @@ def _planes_tile(
     sample = tile // blocks_per_plane
     start = (tile % blocks_per_plane) * BLOCK_S
     positions = start + tl.arange(0, BLOCK_S)
-    mask = cmask[:, None] & (positions < spatial)[None, :] & (sample < num_samples)
+    # Past the last sample no position is valid (a comparison of ints, not a scalar-bool mask).
+    valid_positions = tl.where(sample < num_samples, spatial, 0)
+    mask = cmask[:, None] & (positions < valid_positions)[None, :]
     offsets = (sample.to(tl.int64) * num_channels + cols[:, None]) * spatial + positions[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offsets, (x * scale[:, None] + offset[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
