@@ -119,7 +119,9 @@ def test_a_bad_shard_stops_every_rank_with_one_clear_line(tmp_path: Path) -> Non
     assert result.returncode == 1
     assert "exitcode  : 2" in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 2, result.stderr[-2000:]  # one line per rank
+    # One line per rank that gets to print it: torchrun sends SIGTERM to the rest as soon as the
+    # first worker exits, which can come before the other rank's line (seen on a fresh install).
+    assert 1 <= len(errors) <= 2, result.stderr[-2000:]
     assert all("rank 1 of 2 failed" in line and "part1.npy is not a .npy file" in line for line in errors), errors
     assert "bn_inspect/" not in result.stderr  # no traceback of ours (torchrun prints its own)
     alone = bn_inspect(["check", MODEL, "--input", str(shards)], 1)
