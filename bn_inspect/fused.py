@@ -4,14 +4,16 @@ A separate statistics pass must read every batch-norm input once more than the f
 on a GPU that read costs as much as the normalization itself. In eval mode the layer's output
 is an affine map of its input with fixed coefficients, so one kernel can normalize a tile and
 reduce the same tile while it sits in registers: the input is read once, as the plain forward
-reads it. This module holds that kernel and the small one that folds its per-tile partials into
+reads it. This module holds that kernel and the small one that folds its per-program partials into
 the float64 moments, merged with the batches seen before.
 
-Exactness: each channel is first shifted by its first value (as on the CPU path), every tile is
-reduced two-pass in float32 (mean, then squared deviations from it, both from registers), and
-tiles are merged with Chan's formula, in float32 within a program and in float64 across programs
-and batches. Large means and tiny variances therefore keep float32 resolution relative to the
-spread, not to the magnitude.
+Exactness: each program shifts its channels by the mean of its own first tile, adds the shifted
+values and their squares element by element across its tiles in float32 (no reduction across
+threads per tile), and reduces once at the end; the shift is stored exactly, so the float64
+combine recovers every program's mean and sum of squared deviations, and merges programs and
+batches with Chan's formula. The sums cancel only by how far a program's values stray from its
+own first tile's mean, so large means and tiny variances keep float32 resolution relative to
+the spread, not to the magnitude (tests/test_fused.py, benchmarks/gpu_check.py).
 
 Used only where it applies exactly (stock ``nn.BatchNorm1d/2d/3d`` in eval mode with running
 statistics, on CUDA, input contiguous in NC* or channels-last order, no autograd); elsewhere the
