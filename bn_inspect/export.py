@@ -6,8 +6,7 @@ import json
 import math
 from typing import TYPE_CHECKING
 
-from bn_inspect.render import format_number, matching_layers
-from bn_inspect.report import LayerListing, Report
+from bn_inspect.report import LayerListing, Report, matching_layers
 from bn_inspect.rules import CheckReport, Finding
 
 if TYPE_CHECKING:
@@ -15,6 +14,24 @@ if TYPE_CHECKING:
 
     from bn_inspect.modes import ModeComparison
     from bn_inspect.recalibration import RecalibrationResult
+
+
+def format_number(value: float | None, digits: int = 4) -> str:
+    """``digits`` significant digits, thousands separated, '—' for missing values."""
+    if value is None:
+        return "—"
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if value == 0:
+        return "0"
+    magnitude = abs(value)
+    if 10 ** (digits - 1) <= magnitude < 1e7:
+        return f"{round(value):,}"
+    if 1e-3 <= magnitude < 1e7:
+        return f"{value:.{digits}g}"
+    return f"{value:.{digits - 1}e}"
 
 
 def to_json(report: Report) -> str:

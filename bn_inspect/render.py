@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -12,7 +11,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from bn_inspect.report import LayerListing, LayerReport, Report
+from bn_inspect.export import format_number
+from bn_inspect.report import LayerListing, LayerReport, Report, matching_layers
 from bn_inspect.rules import CheckReport
 
 if TYPE_CHECKING:
@@ -25,24 +25,6 @@ SHIFT_ALARM = 3.0
 _BAR_CELLS = 6
 _BAR_TOP = 100.0
 _EIGHTHS = " ▏▎▍▌▋▊▉█"
-
-
-def format_number(value: float | None, digits: int = 4) -> str:
-    """``digits`` significant digits, thousands separated, '—' for missing values."""
-    if value is None:
-        return "—"
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    if value == 0:
-        return "0"
-    magnitude = abs(value)
-    if 10 ** (digits - 1) <= magnitude < 1e7:
-        return f"{round(value):,}"
-    if 1e-3 <= magnitude < 1e7:
-        return f"{value:.{digits}g}"
-    return f"{value:.{digits - 1}e}"
 
 
 def _mean(values: Sequence[float] | None) -> float | None:
@@ -214,15 +196,6 @@ def explanations(report: Report) -> Text:
     if report.not_executed:
         text.append(f"Not executed on this input: {', '.join(report.not_executed)}\n", style="yellow")
     return text
-
-
-def matching_layers(report: Report, patterns: Sequence[str]) -> list[LayerReport]:
-    """Layer calls whose qualified name matches any glob pattern."""
-    return [
-        layer
-        for layer in report.layers
-        if any(fnmatch.fnmatchcase(layer.name, p) or fnmatch.fnmatchcase(layer.label, p) for p in patterns)
-    ]
 
 
 def channel_table(layer: LayerReport) -> Table:

@@ -15,7 +15,9 @@ For InstanceNorm the figures are averages over samples of per-instance statistic
 
 from __future__ import annotations
 
+import fnmatch
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -344,3 +346,12 @@ def json_ready(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_ready(v) for v in value]
     return value
+
+
+def matching_layers(report: Report, patterns: Sequence[str]) -> list[LayerReport]:
+    """Layer calls whose qualified name matches any glob pattern."""
+    return [
+        layer
+        for layer in report.layers
+        if any(fnmatch.fnmatchcase(layer.name, p) or fnmatch.fnmatchcase(layer.label, p) for p in patterns)
+    ]

@@ -231,6 +231,69 @@ def test_help_does_not_import_torch_or_pandas() -> None:
     assert result.stdout.strip().endswith("[]")
 
 
+_COLLECTOR_PROBE = """
+import gc, sys
+import bn_inspect.inspection, bn_inspect.recalibration
+from bn_inspect import cli
+
+def probe(function):
+    def wrapper(*args, **kwargs):
+        print(function.__name__, gc.isenabled(), gc.get_freeze_count() > 0, file=sys.stderr)
+        return function(*args, **kwargs)
+    return wrapper
+
+bn_inspect.inspection.inspect_model = probe(bn_inspect.inspection.inspect_model)
+bn_inspect.recalibration.recalibrate = probe(bn_inspect.recalibration.recalibrate)
+if sys.argv[1] == "main":
+    sys.argv[1:2] = []
+    cli.main()
+sys.exit(cli.run(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("entry", ["main", "run"])
+def test_main_pauses_the_collector_for_startup_only(entry: str, tmp_path: Path) -> None:
+    model = str(DIGITS / "torchscript.pt")
+    images = str(DIGITS / "test_images.npy")
+    commands = (
+        ["inspect", model, "--input", images, "--batches", "2", "--format", "json", "--quiet"],
+        [
+            "recalibrate",
+            model,
+            "--input",
+            images,
+            "--batches",
+            "2",
+            "--output",
+            str(tmp_path / "new.pt"),
+            "--format",
+            "json",
+        ],
+    )
+    for command in commands:
+        result = subprocess.run(
+            [sys.executable, "-c", _COLLECTOR_PROBE, entry, *command], capture_output=True, text=True, cwd=tmp_path
+        )
+        assert result.returncode == 0, result.stderr
+        # The batches run with the collector on; main() froze what startup built, run() leaves the collector alone.
+        assert result.stderr.split()[-3:] == [
+            "inspect_model" if command[0] == "inspect" else "recalibrate",
+            "True",
+            str(entry == "main"),
+        ]
+
+
+def test_json_output_does_not_import_rich() -> None:
+    code = (
+        "import sys, io, contextlib; from bn_inspect.cli import run\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    run(['inspect', {str(DIGITS / 'torchscript.pt')!r}, '--shape', '2,1,8,8', '--format', 'json', '--quiet'])\n"
+        "print('rich' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
 def test_python_dash_m_and_console_script_agree() -> None:
     result = subprocess.run(
         [

@@ -15,10 +15,10 @@ import pytest
 import torch
 from rich.console import Console
 
-from bn_inspect.export import to_csv, to_json, to_markdown
+from bn_inspect.export import format_number, to_csv, to_json, to_markdown
 from bn_inspect.inspection import inspect_model
 from bn_inspect.loading import load_model
-from bn_inspect.render import format_number, render_report, shift_bar
+from bn_inspect.render import render_report, shift_bar
 from bn_inspect.report import ModelInfo, Report
 from tests import models
 
