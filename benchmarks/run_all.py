@@ -158,11 +158,19 @@ def memory_flat() -> dict:
 
 
 _BARE_SCRIPT = """
+import gc
 import sys
+
+paused = sys.argv[3] == "paused"
+if paused:
+    gc.disable()
 import numpy as np
 import torch
 
 model = torch.jit.load(sys.argv[1], map_location="cpu").eval()
+if paused:
+    gc.freeze()
+    gc.enable()
 images = np.load(sys.argv[2], mmap_mode="r")
 with torch.no_grad():
     for start in range(0, len(images), 64):
@@ -171,27 +179,38 @@ with torch.no_grad():
 
 
 def startup() -> dict:
+    """Times the CLI against a bare script; ``bare_paused`` is that script with the CLI's garbage-collector pause.
+
+    The target compares with the plain script, what a user would write. The paused one shows what
+    bn-inspect itself adds (typer, its own imports, the capture), apart from the collector's share.
+    """
     model, data = DIGITS / "torchscript.pt", DIGITS / "test_images_unscaled.npy"
     executable = Path(sys.executable).parent / "bn-inspect"
     cli = [str(executable)] if executable.exists() else [sys.executable, "-m", "bn_inspect"]
     inspect = [*cli, "inspect", str(model), "--input", str(data), "--quiet", "--format", "json"]
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
         script.write(_BARE_SCRIPT)
-    bare = [sys.executable, script.name, str(model), str(data)]
-    times: dict[str, list[float]] = {"inspect": [], "bare": [], "help": []}
+    bare = [sys.executable, "-W", "ignore", script.name, str(model), str(data)]
+    times: dict[str, list[float]] = {"inspect": [], "bare": [], "bare_paused": [], "help": []}
     try:
         for index in range(STARTUP_RUNS):
-            order = (("inspect", inspect), ("bare", bare)) if index % 2 == 0 else (("bare", bare), ("inspect", inspect))
-            for name, command in (*order, ("help", [*cli, "--help"])):
+            commands = [("inspect", inspect), ("bare", [*bare, "plain"]), ("bare_paused", [*bare, "paused"])]
+            # Rotate the order so that no command always runs first after the machine idled.
+            commands = commands[index % 3 :] + commands[: index % 3]
+            for name, command in (*commands, ("help", [*cli, "--help"])):
                 start = time.perf_counter()
                 subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
                 times[name].append(time.perf_counter() - start)
     finally:
         os.unlink(script.name)
-    ratios = [i / b for i, b in zip(times["inspect"], times["bare"], strict=True)]
+
+    def ratios(baseline: str) -> list[float]:
+        return [i / b for i, b in zip(times["inspect"], times[baseline], strict=True)]
+
     return {
-        "ratio": statistics.median(ratios),
-        "ratios": ratios,
+        "ratio": statistics.median(ratios("bare")),
+        "ratios": ratios("bare"),
+        "ratio_vs_paused": statistics.median(ratios("bare_paused")),
         "help_s": statistics.median(times["help"]),
         "times_s": times,
     }
@@ -288,6 +307,13 @@ def main(argv: list[str] | None = None) -> int:
             1.2,
             True,
             f"{statistics.median(results['startup']['times_s']['bare']):.2f} s bare",
+        ),
+        Row(
+            "  same, bare script with the CLI's GC pause",
+            results["startup"]["ratio_vs_paused"],
+            "(info)",
+            None,
+            f"{statistics.median(results['startup']['times_s']['bare_paused']):.2f} s paused bare",
         ),
     ]
     if results["peer"] is not None:
