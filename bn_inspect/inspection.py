@@ -78,6 +78,17 @@ class Batch:
         """All tensors of the batch, positional first."""
         return [*self.args, *self.kwargs.values()]
 
+    def to(self, device: torch.device, dtype: torch.dtype) -> Batch:
+        """The batch on ``device``, its floating-point tensors cast to ``dtype`` (the model's)."""
+        # A copy to the GPU may overlap the work queued before it; one to the host must be
+        # complete before the CPU reads it, which only a blocking copy guarantees.
+        non_blocking = device.type != "cpu"
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, non_blocking=non_blocking)
+
+        return Batch(tuple(move(t) for t in self.args), {k: move(v) for k, v in self.kwargs.items()})
+
 
 def as_batch(item: Any) -> Batch:
     """A Batch from a tensor, a dict of tensors, or an (inputs, targets) pair from a DataLoader."""
@@ -102,7 +113,8 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _model_float_dtype(model: nn.Module) -> torch.dtype:
+def model_float_dtype(model: nn.Module) -> torch.dtype:
+    """What floating-point inputs are cast to: the dtype of the model's first initialized float tensor, else float32."""
     for tensor in (*model.parameters(), *model.buffers()):
         if tensor.is_floating_point() and not is_uninitialized(tensor):
             return tensor.dtype
@@ -111,13 +123,6 @@ def _model_float_dtype(model: nn.Module) -> torch.dtype:
 
 def _has_lazy_modules(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params() for m in model.modules())
-
-
-def _prepare(batch: Batch, device: torch.device, dtype: torch.dtype) -> Batch:
-    def move(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, non_blocking=True)
-
-    return Batch(tuple(move(t) for t in batch.args), {k: move(v) for k, v in batch.kwargs.items()})
 
 
 def run_model(model: nn.Module, batch: Batch, recorder: StatisticsRecorder) -> None:
@@ -245,7 +250,7 @@ def find_working_shape(model: nn.Module, shapes: Sequence[tuple[int, ...]]) -> t
     Each trial runs under the same state protection as an inspection, so it changes nothing
     except that lazy modules materialize, as they do on any first forward.
     """
-    device, dtype = model_device(model), _model_float_dtype(model)
+    device, dtype = model_device(model), model_float_dtype(model)
     for shape in shapes:
         trial = torch.zeros((min(shape[0], 2), *shape[1:]), device=device, dtype=dtype)
         try:
@@ -315,7 +320,7 @@ def inspect_model(
     if is_graph:
         _check_exported_mode(layers, mode)
     device = model_device(model)
-    dtype = _model_float_dtype(model)
+    dtype = model_float_dtype(model)
     recorder = StatisticsRecorder()
     if is_graph or isinstance(model, torch.jit.ScriptModule):
         capture = dispatch_capture(layers, recorder)
@@ -332,7 +337,7 @@ def inspect_model(
     with together, preserved_state(model), capture, local_sync_batch_norm(model), torch.no_grad():
         set_training(model, mode is Mode.TRAIN)
         for item in batches:
-            batch = _prepare(as_batch(item), device, dtype)
+            batch = as_batch(item).to(device, dtype)
             first = first or batch
             num_batches += 1
             num_samples += batch.num_samples

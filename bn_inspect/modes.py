@@ -39,7 +39,7 @@ from torch.utils import _pytree as pytree
 
 from bn_inspect.capture import PlainDispatchMode, StatisticsRecorder, preserved_state
 from bn_inspect.errors import BnInspectError, InputError, LazyModelError, NoNormLayersError
-from bn_inspect.inspection import Batch, as_batch, model_device, run_model
+from bn_inspect.inspection import Batch, as_batch, model_device, model_float_dtype, run_model
 from bn_inspect.layers import NormFamily, NormLayer, is_uninitialized, iter_norm_layers
 from bn_inspect.recalibration import set_norm_layers_training
 from bn_inspect.stats import ChannelMoments, InstanceMoments
@@ -248,7 +248,7 @@ def compare_modes(
             "Nothing to compare; check that this is the model you meant",
         )
     device = model_device(model)
-    dtype = next((t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), torch.float32)
+    dtype = model_float_dtype(model)
     is_script = isinstance(model, torch.jit.ScriptModule)
     recorder = StatisticsRecorder()
     lockstep = _Lockstep(recorder)
@@ -259,7 +259,7 @@ def compare_modes(
     intercept = _script_lockstep if is_script else _eager_lockstep
     with preserved_state(model), torch.no_grad():
         for item in batches:
-            batch = _move(as_batch(item), device, dtype)
+            batch = as_batch(item).to(device, dtype)
             n = batch.num_samples
             if n == 0:
                 continue  # nothing to compare, and BatchNorm refuses empty input in train mode
@@ -310,13 +310,6 @@ def compare_modes(
         num_batches=num_batches,
         num_samples=num_samples,
     )
-
-
-def _move(batch: Batch, device: torch.device, dtype: torch.dtype) -> Batch:
-    def move(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-
-    return Batch(tuple(move(t) for t in batch.args), {k: move(v) for k, v in batch.kwargs.items()})
 
 
 def _stack(batch: Batch) -> Batch:

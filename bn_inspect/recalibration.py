@@ -112,7 +112,7 @@ from bn_inspect.errors import (
     NoNormLayersError,
     OutputError,
 )
-from bn_inspect.inspection import Batch, as_batch, model_device, run_model
+from bn_inspect.inspection import as_batch, model_device, model_float_dtype, run_model
 from bn_inspect.layers import NormFamily, NormLayer, is_uninitialized, iter_norm_layers
 from bn_inspect.stats import ChannelMoments, InstanceMoments
 
@@ -390,20 +390,6 @@ def _reiterable(batches: Iterable[Any]) -> Iterable[Any]:
     return batches
 
 
-def _float_dtype(model: nn.Module) -> torch.dtype:
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.float32
-
-
-def _to_model(batch: Batch, device: torch.device, dtype: torch.dtype) -> Batch:
-    def move(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-
-    return Batch(tuple(move(t) for t in batch.args), {k: move(v) for k, v in batch.kwargs.items()})
-
-
 def set_norm_layers_training(model: nn.Module, layers: Iterable[NormLayer]) -> None:
     """Every module in eval mode except the given normalization layers, which train.
 
@@ -428,7 +414,7 @@ class _Runner:
         self.is_script = is_script
         self.context = context
         self.device = model_device(model)
-        self.dtype = _float_dtype(model)
+        self.dtype = model_float_dtype(model)
         self.norm_layers = iter_norm_layers(model)
         self.num_passes = 0
         self.num_batches = 0
@@ -459,7 +445,7 @@ class _Runner:
             set_norm_layers_training(self.model, self.norm_layers if training else [])
             with capture(layers, recorder), stopper.hooks(), local_sync_batch_norm(self.model):
                 for item in self.batches:
-                    batch = _to_model(as_batch(item), self.device, self.dtype)
+                    batch = as_batch(item).to(self.device, self.dtype)
                     num_batches += 1
                     num_samples += batch.num_samples
                     recorder.start_batch()
