@@ -284,6 +284,41 @@ def cli_cuda_matches_cpu() -> dict[str, Any]:
     }
 
 
+def cuda_batches_into_cpu_model() -> dict[str, Any]:
+    """A CPU model fed CUDA batches: the copy to the host must land before the CPU reads it.
+
+    Each batch comes right after a long sleep kernel on the stream, so a non-blocking copy would
+    still be queued when the capture reads the batch.
+    """
+    torch.manual_seed(0)
+    model = ConvBN().eval()
+    on_gpu = [torch.randn(64, 3, 32, 32, device="cuda") * 3 + 5 for _ in range(4)]
+    on_host = [x.cpu() for x in on_gpu]
+
+    def after_a_sleep() -> Any:
+        for x in on_gpu:
+            torch.cuda._sleep(200_000_000)
+            yield x
+
+    from_gpu = inspect_model(model, after_a_sleep())
+    from_host = inspect_model(model, on_host)
+    worst = max(
+        abs(a - b)
+        for la, lb in zip(from_gpu.layers, from_host.layers, strict=True)
+        for a, b in zip(la.batch_mean, lb.batch_mean, strict=True)
+    )
+    # What the earlier non-blocking copy risked: read at once, it may still hold no data.
+    torch.cuda._sleep(200_000_000)
+    early = on_gpu[0].to("cpu", non_blocking=True)
+    read_early = not torch.equal(early.clone(), on_host[0])
+    return {
+        "ok": worst == 0.0,
+        "max_mean_abs_diff": worst,
+        "device": from_gpu.device,
+        "non_blocking_copy_read_too_early": read_early,
+    }
+
+
 HOST_MS: dict[str, float] = {}
 
 
@@ -543,6 +578,7 @@ def main() -> None:
     section("constant_channels_portable", constant_channels)
     section("no_sync_inside_forward", no_sync_inside_forward)
     section("cli_cuda_matches_cpu", cli_cuda_matches_cpu)
+    section("cuda_batches_into_cpu_model", cuda_batches_into_cpu_model)
     section("kernel_bandwidth", lambda: kernel_bandwidth(args.repeats, args.sweep))
     section("timings", lambda: timings(args.repeats))
     section("end_to_end_10_batches", lambda: end_to_end(max(5, args.repeats // 4), 10))
