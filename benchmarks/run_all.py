@@ -1,6 +1,6 @@
 """Every CPU measurement of bn-inspect's cost, in one run, as ratios against the targets.
 
-Run from the repository root on an idle machine (about 12 minutes on 2 cores):
+Run from the repository root on an idle machine (about 6 minutes on 2 cores):
 
     python benchmarks/run_all.py [--pairs N] [--json PATH]
 
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("capture_small", lambda: capture_small(args.pairs)),
         ("capture_resnet50", lambda: capture_resnet50(args.pairs)),
-        ("throughput", lambda: throughput(max(4, args.pairs // 4))),
+        ("throughput", lambda: throughput(max(8, args.pairs // 2))),
         ("memory", lambda: bench_capture.measure_memory(None)),
         ("memory_flat", memory_flat),
         ("startup", startup),
