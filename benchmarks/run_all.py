@@ -54,7 +54,7 @@ from bn_inspect.inspection import inspect_model  # noqa: E402
 from bn_inspect.layers import iter_norm_layers  # noqa: E402
 
 DIGITS = ROOT / "sample_models" / "digits_cnn"
-STARTUP_RUNS = 5
+STARTUP_RUNS = 6
 FLAT_BATCHES = (10, 1000)
 # Small batches, so that 1000 of them take seconds and the moments, not activations, dominate growth.
 FLAT_SHAPE = "16,1,8,8"

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_CANNOT_RUN, EXIT_INTERNAL = 0, 1, 2, 3
 
 # Only main() sets this: a CLI process owns its garbage collector, a program that calls run() does not.
-_collector_paused_for_startup = False
+_is_collector_paused = False
 
 app = typer.Typer(
     name="bn-inspect",
@@ -557,6 +557,7 @@ def layers_command(
     _check_output(output, [model])
     kwargs = parse_arch_kwargs(arch_kwargs)
     content = read_model_file(model, trust_pickle=trust_pickle)
+    _end_startup()
     if isinstance(content, LoadedModel):
         from bn_inspect.inspection import find_layers, unwrap_compiled
 
@@ -896,9 +897,9 @@ def run(argv: Sequence[str]) -> int:
 
 def main() -> None:
     """Console-script entry point."""
-    global _collector_paused_for_startup
+    global _is_collector_paused
     gc.disable()
-    _collector_paused_for_startup = True
+    _is_collector_paused = True
     sys.exit(run(sys.argv[1:]))
 
 
@@ -907,11 +908,14 @@ def _end_startup() -> None:
 
     Importing torch and loading the model make a few hundred thousand objects that live until
     exit. With the collector on, every full collection while they are being made scans them all
-    again: 0.4-0.6 s of a 2.5 s run on the digits sample (docs/benchmarks.md). Frozen, they are
-    also skipped by the collections that run between batches.
+    again: a bare script that imports torch and runs the digits sample takes 0.5-1.0 s less with
+    this pause (docs/benchmarks.md). Frozen, they are also skipped by the collections between
+    batches.
+    No collection runs before the freeze, as it would cost what the pause saves; the few cycles
+    startup leaves (a failed trial forward's traceback) are kept until exit.
     """
-    global _collector_paused_for_startup
-    if _collector_paused_for_startup:
-        _collector_paused_for_startup = False
+    global _is_collector_paused
+    if _is_collector_paused:
+        _is_collector_paused = False
         gc.freeze()
         gc.enable()

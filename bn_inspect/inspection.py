@@ -81,7 +81,9 @@ class Batch:
     def to(self, device: torch.device, dtype: torch.dtype) -> Batch:
         """The batch on ``device``, its floating-point tensors cast to ``dtype`` (the model's)."""
         # A copy to the GPU may overlap the work queued before it; one to the host must be
-        # complete before the CPU reads it, which only a blocking copy guarantees.
+        # complete before the CPU reads it, which only a blocking copy guarantees. From pinned
+        # memory the GPU copy is asynchronous, so a caller who refills one pinned buffer in place
+        # must not do so before the forward has run (a DataLoader pins a new buffer per batch).
         non_blocking = device.type != "cpu"
 
         def move(t: torch.Tensor) -> torch.Tensor:

@@ -233,65 +233,65 @@ def test_help_does_not_import_torch_or_pandas() -> None:
 
 _COLLECTOR_PROBE = """
 import gc, sys
-import bn_inspect.inspection, bn_inspect.recalibration
 from bn_inspect import cli
+from bn_inspect.inspection import Batch
 
-def probe(function):
-    def wrapper(*args, **kwargs):
-        print(function.__name__, gc.isenabled(), gc.get_freeze_count() > 0, file=sys.stderr)
-        return function(*args, **kwargs)
-    return wrapper
+moved = Batch.to
 
-bn_inspect.inspection.inspect_model = probe(bn_inspect.inspection.inspect_model)
-bn_inspect.recalibration.recalibrate = probe(bn_inspect.recalibration.recalibrate)
-if sys.argv[1] == "main":
-    sys.argv[1:2] = []
-    cli.main()
-sys.exit(cli.run(sys.argv[2:]))
+def probed(batch, *args):
+    # Every command moves each batch to the model through Batch.to, just before its forward.
+    print("PROBE", gc.isenabled(), gc.get_freeze_count() > 0, file=sys.stderr)
+    return moved(batch, *args)
+
+Batch.to = probed
+entry, argv = sys.argv[1], sys.argv[2:]
+sys.argv[1:] = argv
+sys.exit(cli.main() if entry == "main" else cli.run(argv))
 """
 
 
-@pytest.mark.parametrize("entry", ["main", "run"])
-def test_main_pauses_the_collector_for_startup_only(entry: str, tmp_path: Path) -> None:
-    model = str(DIGITS / "torchscript.pt")
-    images = str(DIGITS / "test_images.npy")
-    commands = (
-        ["inspect", model, "--input", images, "--batches", "2", "--format", "json", "--quiet"],
-        [
-            "recalibrate",
-            model,
-            "--input",
-            images,
-            "--batches",
-            "2",
-            "--output",
-            str(tmp_path / "new.pt"),
-            "--format",
-            "json",
-        ],
+def _probe_lines(entry: str, command: list[str], cwd: Path) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", _COLLECTOR_PROBE, entry, *command], capture_output=True, text=True, cwd=cwd
     )
-    for command in commands:
-        result = subprocess.run(
-            [sys.executable, "-c", _COLLECTOR_PROBE, entry, *command], capture_output=True, text=True, cwd=tmp_path
-        )
-        assert result.returncode == 0, result.stderr
-        # The batches run with the collector on; main() froze what startup built, run() leaves the collector alone.
-        assert result.stderr.split()[-3:] == [
-            "inspect_model" if command[0] == "inspect" else "recalibrate",
-            "True",
-            str(entry == "main"),
-        ]
+    assert result.returncode in (0, 1), result.stderr
+    return [line for line in result.stderr.splitlines() if line.startswith("PROBE ")]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["inspect", "MODEL", "--input", "IMAGES", "--batches", "2", "--format", "json", "--quiet"],
+        ["inspect", "MODEL", "--batches", "2", "--format", "json", "--quiet"],
+        ["check", "MODEL", "--input", "IMAGES", "--batches", "2", "--format", "json", "--quiet"],
+        ["compare-modes", "MODEL", "--input", "IMAGES", "--batches", "2", "--format", "json", "--quiet"],
+        ["recalibrate", "MODEL", "--input", "IMAGES", "--batches", "2", "--output", "new.pt", "--format", "json"],
+    ],
+    ids=["inspect", "inspect-guessed-shape", "check", "compare-modes", "recalibrate"],
+)
+def test_main_turns_the_collector_back_on_before_the_batches(command: list[str], tmp_path: Path) -> None:
+    paths = {"MODEL": str(DIGITS / "torchscript.pt"), "IMAGES": str(DIGITS / "test_images.npy")}
+    lines = _probe_lines("main", [paths.get(word, word) for word in command], tmp_path)
+    # Startup ran with the collector paused and froze what it built; the batches run with it on.
+    assert lines and set(lines) == {"PROBE True True"}
+
+
+def test_run_leaves_the_collector_alone(tmp_path: Path) -> None:
+    command = ["inspect", str(DIGITS / "torchscript.pt"), "--input", str(DIGITS / "test_images.npy")]
+    lines = _probe_lines("run", [*command, "--batches", "2", "--format", "json", "--quiet"], tmp_path)
+    assert lines and set(lines) == {"PROBE True False"}
 
 
 def test_json_output_does_not_import_rich() -> None:
     code = (
-        "import sys, io, contextlib; from bn_inspect.cli import run\n"
-        "with contextlib.redirect_stdout(io.StringIO()):\n"
-        f"    run(['inspect', {str(DIGITS / 'torchscript.pt')!r}, '--shape', '2,1,8,8', '--format', 'json', '--quiet'])\n"
-        "print('rich' in sys.modules)"
+        "import sys, io, json, contextlib; from bn_inspect.cli import run\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        f"    code = run(['inspect', {str(DIGITS / 'torchscript.pt')!r}, '--shape', '2,1,8,8', '--format', 'json', '--quiet'])\n"
+        "print(code, len(json.loads(out.getvalue())['layers']) > 0, 'rich' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "False"
+    assert result.stdout.strip() == "0 True False"
 
 
 def test_python_dash_m_and_console_script_agree() -> None:
