@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -622,7 +623,13 @@ def test_a_crashed_rank_is_noticed_without_waiting_for_the_timeout(two_ranks: tu
     assert read_phase(directory, "kept", 2) == [{"initialized": True}] * 2  # a group it did not create stays
     crashed, survivor = outcomes[1], outcomes[0]
     assert crashed.returncode == 5
-    assert survivor.returncode == 2, survivor.stderr
+    # The caller's gloo group outlives bn-inspect here; once its peer is gone, torch may abort in
+    # that group's destructor while the process exits with bn-inspect's code 2 (about 1 run in 15
+    # on 2 cores), after the error line above. Any other ending is a failure.
+    aborted_at_exit = survivor.returncode == -signal.SIGABRT and survivor.stderr.rstrip().endswith(
+        "terminate called without an active exception"
+    )
+    assert survivor.returncode == 2 or aborted_at_exit, survivor.stderr
     assert "Error: rank 0 of 2 lost contact with the other ranks while exchanging each rank's status" in (
         survivor.stderr
     )
