@@ -911,6 +911,7 @@ def _end_startup() -> None:
     again: a bare script that imports torch and runs the digits sample takes 0.5-1.0 s less with
     this pause (docs/benchmarks.md). Frozen, they are also skipped by the collections between
     batches.
+
     No collection runs before the freeze, as it would cost what the pause saves; the few cycles
     startup leaves (a failed trial forward's traceback) are kept until exit.
     """
