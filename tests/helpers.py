@@ -1,0 +1,56 @@
+"""Paths and comparisons that several test files share."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from pathlib import Path
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+SAMPLES = REPO / "sample_models"
+GOLDEN = TESTS / "golden"
+
+# A printed number: digits with optional thousands commas, decimals and exponent.
+_NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?(?:e[+-]?\d+)?")
+
+
+def _last_place(token: str) -> Decimal:
+    """One unit in the last printed place of ``token`` (``1.02`` -> 0.01, ``3.4e-05`` -> 1e-06)."""
+    mantissa, _, exponent = token.partition("e")
+    decimals = len(mantissa.partition(".")[2])
+    return Decimal(1).scaleb(-decimals + int(exponent or 0))
+
+
+def _value(token: str) -> Decimal:
+    return Decimal(token.replace(",", ""))
+
+
+def golden_mismatch(expected: str, actual: str) -> str | None:
+    """Why ``actual`` differs from the golden ``expected``, or None when they agree.
+
+    Everything but the numbers must match exactly (layout, names, flags). Two numbers agree when
+    they differ by at most one unit in their last printed place: the last digit of a rounded float
+    can differ between CPUs, and a golden file must not depend on it.
+    """
+    expected_parts, actual_parts = _NUMBER.split(expected), _NUMBER.split(actual)
+    if expected_parts != actual_parts:
+        for number, (want, got) in enumerate(zip(expected.splitlines(), actual.splitlines(), strict=False)):
+            if _NUMBER.split(want) != _NUMBER.split(got):
+                return f"line {number + 1} differs:\n  golden: {want!r}\n  actual: {got!r}"
+        return "the texts differ in their number of lines"
+    for want, got in zip(_NUMBER.findall(expected), _NUMBER.findall(actual), strict=True):
+        unit = max(_last_place(want), _last_place(got))
+        if abs(_value(want) - _value(got)) > unit:
+            return f"number {got} differs from the golden {want} by more than {unit}"
+    return None
+
+
+def check_golden(name: str, text: str, update: bool) -> None:
+    """Compare ``text`` with tests/golden/``name``; ``--update-golden`` rewrites the file instead."""
+    path = GOLDEN / name
+    if update:
+        path.write_text(text, encoding="utf-8")
+    assert path.exists(), f"{path} is missing; run pytest --update-golden"
+    mismatch = golden_mismatch(path.read_text(encoding="utf-8"), text)
+    assert mismatch is None, mismatch
