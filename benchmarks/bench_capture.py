@@ -15,7 +15,7 @@ Measures (model: a small ResNet-style CNN built below, batch 32x3x64x64, eval mo
 * throughput: ``inspect_model`` over 10 batches (``--batches``) versus a plain loop over the same batches;
 * peak memory: peak RSS (VmHWM) of a child process running ``inspect_model`` over 5 batches versus
   one running the plain loop over the same batches (a peak cannot be reset, hence one process per figure);
-* startup: wall time of ``bn-inspect --help`` and whether ``import bn_inspect.cli`` imports torch.
+* startup: wall time of ``bn-inspect --help`` and whether ``import bn_inspect.cli.app`` imports torch.
 
 Run from the repository root:
     python benchmarks/bench_capture.py [--pairs N] [--threads T] [--batches B] [--json PATH]
@@ -44,9 +44,9 @@ from torch import nn
 # Run from a checkout without installing: the package sits one directory up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bn_inspect.capture import StatisticsRecorder, hooks_capture
-from bn_inspect.inspection import inspect_model
-from bn_inspect.layers import NormLayer, iter_norm_layers
+from bn_inspect.analyses.inspection import inspect_model
+from bn_inspect.engine.capture import StatisticsRecorder, hooks_capture
+from bn_inspect.model.layers import NormLayer, iter_norm_layers
 
 BATCH_SHAPE = (32, 3, 64, 64)
 # The issue asks for 20 batches; at ~0.5 s per forward on 2 cores (and up to 3x that when the host
@@ -288,7 +288,7 @@ def measure_startup() -> dict[str, Any]:
         subprocess.run(command, check=True, capture_output=True)
         times.append(time.perf_counter() - start)
     trace = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import bn_inspect.cli"],
+        [sys.executable, "-X", "importtime", "-c", "import bn_inspect.cli.app"],
         check=True,
         capture_output=True,
         text=True,
@@ -421,7 +421,12 @@ def main(argv: list[str] | None = None) -> int:
             f"<= {TARGET_HELP_SECONDS} s",
             startup["median_s"] <= TARGET_HELP_SECONDS,
         ),
-        ("import bn_inspect.cli imports torch", str(startup["imports_torch"]), "False", not startup["imports_torch"]),
+        (
+            "import bn_inspect.cli.app imports torch",
+            str(startup["imports_torch"]),
+            "False",
+            not startup["imports_torch"],
+        ),
     ]
     width = max(len(row[0]) for row in rows)
     value_width = max(len(row[1]) for row in rows)

@@ -68,9 +68,9 @@ def worker(num_batches: int, batch_size: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from bn_inspect.capture import StatisticsRecorder, hooks_capture, preserved_state
-    from bn_inspect.distributed import RunTotals, distributed_context, merge_run_across_ranks, shard_batches
-    from bn_inspect.layers import iter_norm_layers
+    from bn_inspect.distributed.runtime import RunTotals, distributed_context, merge_run_across_ranks, shard_batches
+    from bn_inspect.engine.capture import StatisticsRecorder, hooks_capture, preserved_state
+    from bn_inspect.model.layers import iter_norm_layers
 
     model = build_model()
     generator = torch.Generator().manual_seed(1)
@@ -104,10 +104,10 @@ def cuda_worker(num_batches: int, batch_size: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from bn_inspect.capture import CallRecord, StatisticsRecorder, hooks_capture
-    from bn_inspect.distributed import RunTotals, merge_run_across_ranks, shard_batches
-    from bn_inspect.layers import iter_norm_layers
-    from bn_inspect.stats import ChannelMoments
+    from bn_inspect.distributed.runtime import RunTotals, merge_run_across_ranks, shard_batches
+    from bn_inspect.engine.capture import CallRecord, StatisticsRecorder, hooks_capture
+    from bn_inspect.engine.moments import ChannelMoments
+    from bn_inspect.model.layers import iter_norm_layers
 
     dist.init_process_group("cpu:gloo,cuda:nccl", timeout=datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -149,7 +149,7 @@ def nccl_exchange_check() -> None:
     import torch
     import torch.distributed as dist
 
-    from bn_inspect.distributed import _exchange
+    from bn_inspect.distributed.runtime import _exchange
 
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))

@@ -19,8 +19,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bn_inspect.capture import StatisticsRecorder, hooks_capture
-from bn_inspect.layers import iter_norm_layers
+from bn_inspect.engine.capture import StatisticsRecorder, hooks_capture
+from bn_inspect.model.layers import iter_norm_layers
 
 
 class Bottleneck(nn.Module):

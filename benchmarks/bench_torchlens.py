@@ -67,8 +67,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_capture
 from bench_capture import PairedResult
 
-from bn_inspect.layers import NormLayer, iter_norm_layers
-from bn_inspect.stats import ChannelMoments
+from bn_inspect.engine.moments import ChannelMoments
+from bn_inspect.model.layers import NormLayer, iter_norm_layers
 
 # Events between a normalization input and its batch_norm op: the input itself, then the
 # running-mean and running-variance buffers (see the module docstring).

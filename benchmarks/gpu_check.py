@@ -2,7 +2,7 @@
 
 Run on a CUDA machine from the repository root: ``python benchmarks/gpu_check.py [--json OUT]``.
 Needs torchvision for the ResNets and Triton for the fused path. Both capture paths are checked
-and timed: the fused eval kernel (bn_inspect/fused.py: normalizes and reduces in one read) and
+and timed: the fused eval kernel (bn_inspect/engine/fused.py: normalizes and reduces in one read) and
 the portable one (a pre-hook with torch's batch-norm statistics kernel, one extra read). Every
 timing is a median over alternating runs, measured with CUDA events in one process, and reported
 as a ratio to the plain eval forward of the same model.
@@ -28,12 +28,12 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import bn_inspect.capture as capture  # noqa: E402
-import bn_inspect.fused as fused  # noqa: E402
-from bn_inspect.capture import StatisticsRecorder, hooks_capture  # noqa: E402
-from bn_inspect.inspection import inspect_model  # noqa: E402
-from bn_inspect.layers import iter_norm_layers  # noqa: E402
-from bn_inspect.stats import ChannelMoments, two_pass_moments, welford_moments  # noqa: E402
+import bn_inspect.engine.capture as capture  # noqa: E402
+import bn_inspect.engine.fused as fused  # noqa: E402
+from bn_inspect.analyses.inspection import inspect_model  # noqa: E402
+from bn_inspect.engine.capture import StatisticsRecorder, hooks_capture  # noqa: E402
+from bn_inspect.engine.moments import ChannelMoments, two_pass_moments, welford_moments  # noqa: E402
+from bn_inspect.model.layers import iter_norm_layers  # noqa: E402
 
 
 class ConvBN(nn.Module):
@@ -250,7 +250,7 @@ def cli_cuda_matches_cpu() -> dict[str, Any]:
     import contextlib
     import io
 
-    from bn_inspect.cli import run
+    from bn_inspect.cli.app import run
 
     documents = {}
     for device in ("cpu", "cuda"):

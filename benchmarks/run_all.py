@@ -50,8 +50,8 @@ sys.path.insert(0, str(ROOT))
 import bench_capture  # noqa: E402
 import bench_resnet50_cpu  # noqa: E402
 
-from bn_inspect.inspection import inspect_model  # noqa: E402
-from bn_inspect.layers import iter_norm_layers  # noqa: E402
+from bn_inspect.analyses.inspection import inspect_model  # noqa: E402
+from bn_inspect.model.layers import iter_norm_layers  # noqa: E402
 
 DIGITS = ROOT / "sample_models" / "digits_cnn"
 STARTUP_RUNS = 6
@@ -131,7 +131,7 @@ def _peak_rss_of(argv: list[str]) -> int:
         "import sys\n"
         f"sys.path.insert(0, {str(BENCHMARKS)!r})\n"
         "import bench_capture\n"
-        "from bn_inspect.cli import run\n"
+        "from bn_inspect.cli.app import run\n"
         f"code = run({argv!r})\n"
         "print(bench_capture._peak_rss_bytes(), file=sys.stderr)\n"
         "sys.exit(code)\n"

@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 from bn_inspect.errors import BnInspectError
 from bn_inspect.options import Mode
-from bn_inspect.report import SCHEMA_VERSION, InputInfo, LayerReport, ModelInfo, Report
+from bn_inspect.report.records import SCHEMA_VERSION, InputInfo, LayerReport, ModelInfo, Report
 
 if TYPE_CHECKING:
-    from bn_inspect.distributed import DistributedContext
-    from bn_inspect.inspection import Batch, check_model, inspect_model
-    from bn_inspect.loading import load_model
-    from bn_inspect.modes import compare_modes
-    from bn_inspect.recalibration import recalibrate, save_like
+    from bn_inspect.analyses.inspection import Batch, check_model, inspect_model
+    from bn_inspect.analyses.modes import compare_modes
+    from bn_inspect.analyses.recalibration import recalibrate, save_like
+    from bn_inspect.distributed.runtime import DistributedContext
+    from bn_inspect.model.loading import load_model
 
 __version__ = "0.1.0"
 
@@ -40,14 +40,14 @@ __all__ = [
 ]
 
 _LAZY = {
-    "check_model": "bn_inspect.inspection",
-    "compare_modes": "bn_inspect.modes",
-    "recalibrate": "bn_inspect.recalibration",
-    "save_like": "bn_inspect.recalibration",
-    "inspect_model": "bn_inspect.inspection",
-    "Batch": "bn_inspect.inspection",
-    "load_model": "bn_inspect.loading",
-    "DistributedContext": "bn_inspect.distributed",
+    "check_model": "bn_inspect.analyses.inspection",
+    "compare_modes": "bn_inspect.analyses.modes",
+    "recalibrate": "bn_inspect.analyses.recalibration",
+    "save_like": "bn_inspect.analyses.recalibration",
+    "inspect_model": "bn_inspect.analyses.inspection",
+    "Batch": "bn_inspect.analyses.inspection",
+    "load_model": "bn_inspect.model.loading",
+    "DistributedContext": "bn_inspect.distributed.runtime",
 }
 
 

@@ -1,5 +1,5 @@
 """python -m bn_inspect."""
 
-from bn_inspect.cli import main
+from bn_inspect.cli.app import main
 
 main()

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from bn_inspect.axes import TensorLayout, explain_axes, kernel_reduced_dims
-from bn_inspect.layers import NormFamily
+from bn_inspect.engine.axes import TensorLayout, explain_axes, kernel_reduced_dims
+from bn_inspect.model.layers import NormFamily
 
 
 def test_batch_norm_2d_sentence_from_the_issue() -> None:

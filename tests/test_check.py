@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from bn_inspect.cli import run
-from bn_inspect.inspection import check_model
-from bn_inspect.rules import RULES, Severity, Thresholds
+from bn_inspect.analyses.inspection import check_model
+from bn_inspect.cli.app import run
+from bn_inspect.report.rules import RULES, Severity, Thresholds
 from tests import models
 from tests.conftest import state_fingerprint
 

@@ -14,8 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bn_inspect.cli import run
-from bn_inspect.inspection import inspect_model
+from bn_inspect.analyses.inspection import inspect_model
+from bn_inspect.cli.app import run
 from tests import models
 from tests.test_inspection import assert_matches, layer
 

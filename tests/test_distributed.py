@@ -32,8 +32,9 @@ import pytest
 import torch
 from torch import nn
 
-from bn_inspect.capture import CallRecord, StatisticsRecorder, hooks_capture, preserved_state
-from bn_inspect.distributed import (
+from bn_inspect.analyses.inspection import check_model, inspect_model
+from bn_inspect.data.inputs import DirectoryData, open_input
+from bn_inspect.distributed.runtime import (
     BufferDivergence,
     DistributedContext,
     DistributedError,
@@ -55,11 +56,10 @@ from bn_inspect.distributed import (
     shard_input,
     sync_batch_norm_groups,
 )
+from bn_inspect.engine.capture import CallRecord, StatisticsRecorder, hooks_capture, preserved_state
+from bn_inspect.engine.moments import ChannelMoments, InstanceMoments
 from bn_inspect.errors import BnInspectError, InputError
-from bn_inspect.inputs import DirectoryData, open_input
-from bn_inspect.inspection import check_model, inspect_model
-from bn_inspect.layers import NormLayer, iter_norm_layers
-from bn_inspect.stats import ChannelMoments, InstanceMoments
+from bn_inspect.model.layers import NormLayer, iter_norm_layers
 from tests.conftest import state_fingerprint
 from tests.models import ChannelLayerNorm, randomize_norm_state
 

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bn_inspect.cli import run
+from bn_inspect.analyses.inspection import inspect_model
+from bn_inspect.cli.app import run
 from bn_inspect.errors import ExportModeError
-from bn_inspect.inspection import inspect_model
-from bn_inspect.loading import load_model
+from bn_inspect.model.loading import load_model
 from tests import models
 from tests.conftest import state_fingerprint
 from tests.test_inspection import assert_matches, inspect_unchanged, layer
@@ -256,7 +256,7 @@ def test_models_with_several_inputs_from_a_pt_file(
 def test_structured_outputs_are_fine() -> None:
     model = models.randomize_norm_state(TwoInputs()).eval()
     before = state_fingerprint(model)
-    from bn_inspect.inspection import Batch
+    from bn_inspect.analyses.inspection import Batch
 
     report = inspect_model(model, [Batch((torch.randn(4, 3, 2, 2), torch.randn(4, 5)))])
     assert [entry.name for entry in report.layers] == ["bn_image", "bn_extra"]

@@ -1,4 +1,4 @@
-"""The fused eval batch-norm kernel (bn_inspect/fused.py), run by Triton's interpreter on the CPU.
+"""The fused eval batch-norm kernel (bn_inspect/engine/fused.py), run by Triton's interpreter on the CPU.
 
 Triton comes with the test extra on Linux x86-64; elsewhere these tests skip.
 benchmarks/gpu_check.py runs the same checks on the compiled kernels on a GPU.
@@ -21,9 +21,9 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 CHECK = r"""
 import hashlib, torch
 from torch import nn
-import bn_inspect.capture as capture
-import bn_inspect.fused as fused
-from bn_inspect.inspection import inspect_model
+import bn_inspect.engine.capture as capture
+import bn_inspect.engine.fused as fused
+from bn_inspect.analyses.inspection import inspect_model
 
 calls = []
 original = capture.batch_norm_eval_with_moments
@@ -91,7 +91,7 @@ model.eval()
 # Sequential recalibration plans its waves from a trace of torch ops, which cannot see inside the
 # kernel: it must give what the portable path gives.
 import copy
-from bn_inspect.recalibration import recalibrate
+from bn_inspect.analyses.recalibration import recalibrate
 results = {}
 compiled = fused._kernels
 for use_fused in (True, False):

@@ -1,4 +1,4 @@
-"""--shape parsing, input files, batching and shape guessing (bn_inspect.inputs)."""
+"""--shape parsing, input files, batching and shape guessing (bn_inspect.data.inputs)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from bn_inspect.errors import InputError
-from bn_inspect.inputs import (
+from bn_inspect.data.inputs import (
     CANDIDATE_SIDES,
     InputData,
     check_fits_memory,
@@ -22,6 +21,7 @@ from bn_inspect.inputs import (
     random_batches,
     read_input,
 )
+from bn_inspect.errors import InputError
 from sample_models.architectures import CancerMLP, DigitsCNN, SignalCNN1d, VolumeCNN3d
 from tests.malicious import ATTACKS
 
@@ -77,7 +77,7 @@ def test_parse_shape_too_large_is_refused_before_allocating() -> None:
 
 
 def test_memory_check_uses_what_the_os_reports(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("bn_inspect.inputs.available_memory_bytes", lambda: 2**30)
+    monkeypatch.setattr("bn_inspect.data.inputs.available_memory_bytes", lambda: 2**30)
     check_fits_memory((2**27 - 1,), 4)  # just under half of 1 GiB
     with pytest.raises(InputError, match=r"needs 0\.5 GiB, more than half of the 1\.0 GiB of memory available"):
         check_fits_memory((2**27 + 1,), 4)

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from bn_inspect.capture import StatisticsRecorder, hooks_capture
+from bn_inspect.analyses.inspection import Batch, inspect_model
+from bn_inspect.engine.capture import StatisticsRecorder, hooks_capture
 from bn_inspect.errors import ForwardError, LazyModelError, NoNormLayersError, ShapeMismatchError
-from bn_inspect.inspection import Batch, inspect_model
-from bn_inspect.layers import iter_norm_layers
-from bn_inspect.report import LayerReport, Report
+from bn_inspect.model.layers import iter_norm_layers
+from bn_inspect.report.records import LayerReport, Report
 from tests import models
 from tests.conftest import state_fingerprint
 from tests.test_stats import reference

@@ -35,8 +35,8 @@ import pytest
 import torch
 from torch import nn
 
-from bn_inspect.cli import run
-from bn_inspect.inspection import inspect_model
+from bn_inspect.analyses.inspection import inspect_model
+from bn_inspect.cli.app import run
 
 torchvision = pytest.importorskip("torchvision")
 

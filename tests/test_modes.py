@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bn_inspect.analyses.modes import ModeComparison, ModeComparisonError, compare_modes
+from bn_inspect.analyses.recalibration import recalibrate
 from bn_inspect.errors import InputError
-from bn_inspect.modes import ModeComparison, ModeComparisonError, compare_modes
-from bn_inspect.recalibration import recalibrate
 from tests import models
 from tests.conftest import state_fingerprint
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from rich.console import Console
 
-from bn_inspect.export import format_number, to_csv, to_json, to_markdown
-from bn_inspect.inspection import inspect_model
-from bn_inspect.loading import load_model
-from bn_inspect.render import render_report, shift_bar
-from bn_inspect.report import ModelInfo, Report
+from bn_inspect.analyses.inspection import inspect_model
+from bn_inspect.model.loading import load_model
+from bn_inspect.output.export import format_number, to_csv, to_json, to_markdown
+from bn_inspect.output.render import render_report, shift_bar
+from bn_inspect.report.records import ModelInfo, Report
 from tests import models
 from tests.helpers import SAMPLES, check_golden, golden_mismatch
 
@@ -68,7 +68,7 @@ def test_markdown_matches_golden(name: str, update_golden: bool) -> None:
 
 
 def schema() -> dict:
-    return json.loads(resources.files("bn_inspect").joinpath("report.schema.json").read_text(encoding="utf-8"))
+    return json.loads(resources.files("bn_inspect.report").joinpath("report.schema.json").read_text(encoding="utf-8"))
 
 
 @pytest.mark.parametrize("name", sorted(REPORTS))

@@ -39,11 +39,11 @@ import torch
 import typer.main
 from torch import nn
 
-from bn_inspect.cli import run
+from bn_inspect.analyses.inspection import check_model, find_working_shape, inspect_model
+from bn_inspect.cli.app import run
 from bn_inspect.errors import BnInspectError, ForwardError
-from bn_inspect.inspection import check_model, find_working_shape, inspect_model
-from bn_inspect.loading import load_model
-from bn_inspect.report import LayerReport, Report
+from bn_inspect.model.loading import load_model
+from bn_inspect.report.records import LayerReport, Report
 from tests.conftest import state_fingerprint
 from tests.malicious import ATTACKS, CARRIERS, disguise_as_torchscript
 
@@ -645,7 +645,7 @@ import torch
 
 torch.set_num_threads(1)  # no OpenMP pool in the parent: forked children stay safe
 
-from bn_inspect.cli import run
+from bn_inspect.cli.app import run
 
 started = {}
 

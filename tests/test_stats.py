@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bn_inspect.stats import ChannelMoments, channel_moments, instance_moments
+from bn_inspect.engine.moments import ChannelMoments, channel_moments, instance_moments
 from tests.models import make_input
 
 
@@ -142,7 +142,7 @@ def _cuda_batch_norm_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, t
 def test_cuda_statistics_give_zero_variance_for_constant_channels(monkeypatch: pytest.MonkeyPatch) -> None:
     # The CUDA path cannot run here; the kernel's contract can. A dead channel must read as
     # variance 0 (not inf), an overflowed one as inf, and the others keep float32 accuracy.
-    from bn_inspect.stats import welford_moments
+    from bn_inspect.engine.moments import welford_moments
 
     monkeypatch.setattr(torch, "batch_norm_stats", _cuda_batch_norm_stats)
     x = make_input((8, 4, 5, 5), mean=2.0, std=0.5)

@@ -83,7 +83,7 @@ def test_two_ranks_equal_one_process(args: list[str], tmp_path: Path) -> None:
     assert sum(s["num_samples"] for s in section["shares"]) == single["input"]["num_samples"]
     assert all(s["num_batches"] > 0 for s in section["shares"])
     assert not any(b["differing_ranks"] for layer in section["divergence"]["layers"] for b in layer["buffers"])
-    schema = json.loads((ROOT / "bn_inspect" / "report.schema.json").read_text())
+    schema = json.loads((ROOT / "bn_inspect" / "report" / "report.schema.json").read_text())
     jsonschema.validate(double, schema)
 
 

@@ -10,7 +10,7 @@ from enum import Enum
 import torch
 from torch import nn
 
-from bn_inspect.report import LayerState
+from bn_inspect.report.records import LayerState
 
 
 class NormFamily(str, Enum):

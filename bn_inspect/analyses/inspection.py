@@ -12,15 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bn_inspect.axes import explain_axes
-from bn_inspect.capture import (
-    CallRecord,
-    StatisticsRecorder,
-    dispatch_capture,
-    hooks_and_functional_capture,
-    preserved_state,
-)
-from bn_inspect.distributed import (
+from bn_inspect.distributed.runtime import (
     DistributedContext,
     RunTotals,
     divergence_findings,
@@ -31,6 +23,15 @@ from bn_inspect.distributed import (
     rank_divergence,
     sync_batch_norm_groups,
 )
+from bn_inspect.engine.axes import explain_axes
+from bn_inspect.engine.capture import (
+    CallRecord,
+    StatisticsRecorder,
+    dispatch_capture,
+    hooks_and_functional_capture,
+    preserved_state,
+)
+from bn_inspect.engine.moments import ChannelMoments, InstanceMoments
 from bn_inspect.errors import (
     BnInspectError,
     ExportModeError,
@@ -39,7 +40,7 @@ from bn_inspect.errors import (
     LazyModelError,
     NoNormLayersError,
 )
-from bn_inspect.layers import (
+from bn_inspect.model.layers import (
     NormFamily,
     NormLayer,
     exported_training_mode,
@@ -50,15 +51,14 @@ from bn_inspect.layers import (
     lowered_graph_norm_modules,
 )
 from bn_inspect.options import FailOn, Mode
-from bn_inspect.report import DistributedInfo, InputInfo, LayerReport, ModelInfo, Report
-from bn_inspect.rules import (
+from bn_inspect.report.records import DistributedInfo, InputInfo, LayerReport, ModelInfo, Report
+from bn_inspect.report.rules import (
     CheckReport,
     Thresholds,
     filter_ignored,
     report_findings,
     state_findings,
 )
-from bn_inspect.stats import ChannelMoments, InstanceMoments
 
 
 @dataclass(frozen=True)

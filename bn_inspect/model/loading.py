@@ -482,7 +482,7 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 
 def load_state_into(module: nn.Module, state_dict: dict[str, torch.Tensor], spec: str) -> None:
     """Load strictly, listing missing, unexpected and misshapen keys by name when they do not fit."""
-    from bn_inspect.layers import is_uninitialized
+    from bn_inspect.model.layers import is_uninitialized
 
     expected = module.state_dict()
     missing = [k for k in expected if k not in state_dict]

@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from bn_inspect.fused import TileConfig
-from bn_inspect.stats import ChannelMoments
+from bn_inspect.engine.fused import TileConfig
+from bn_inspect.engine.moments import ChannelMoments
 
 
 @triton.jit

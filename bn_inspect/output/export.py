@@ -6,14 +6,14 @@ import json
 import math
 from typing import TYPE_CHECKING
 
-from bn_inspect.report import LayerListing, Report, matching_layers
-from bn_inspect.rules import CheckReport, Finding
+from bn_inspect.report.records import LayerListing, Report, matching_layers
+from bn_inspect.report.rules import CheckReport, Finding
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from bn_inspect.modes import ModeComparison
-    from bn_inspect.recalibration import RecalibrationResult
+    from bn_inspect.analyses.modes import ModeComparison
+    from bn_inspect.analyses.recalibration import RecalibrationResult
 
 
 def format_number(value: float | None, digits: int = 4) -> str:
@@ -155,7 +155,7 @@ def to_markdown(report: Report, channel_patterns: tuple[str, ...] = ()) -> str:
     lines += [f"- {layer.explanation}" for layer in report.layers]
     lines += ["", "</details>", ""]
     if report.distributed is not None:
-        from bn_inspect.distributed import distributed_lines
+        from bn_inspect.distributed.runtime import distributed_lines
 
         lines += ["### Ranks", "", *(f"- {line}" for line in distributed_lines(report.distributed)), ""]
     for layer in matching_layers(report, channel_patterns):
@@ -295,7 +295,7 @@ def dataclass_to_json(value: object, kind: str) -> str:
     """A frozen result dataclass (recalibration, mode comparison) as a versioned JSON document."""
     from dataclasses import asdict, is_dataclass
 
-    from bn_inspect.report import SCHEMA_VERSION, json_ready
+    from bn_inspect.report.records import SCHEMA_VERSION, json_ready
 
     if not is_dataclass(value) or isinstance(value, type):
         raise TypeError(f"expected a dataclass instance, not {type(value).__name__}")

@@ -87,15 +87,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bn_inspect.capture import (
-    CallRecord,
-    PlainDispatchMode,
-    StatisticsRecorder,
-    dispatch_capture,
-    hooks_capture,
-    preserved_state,
-)
-from bn_inspect.distributed import (
+from bn_inspect.analyses.inspection import as_batch, model_device, model_float_dtype, run_model
+from bn_inspect.distributed.runtime import (
     DistributedContext,
     RunTotals,
     fail_together,
@@ -104,6 +97,15 @@ from bn_inspect.distributed import (
     local_sync_batch_norm,
     merge_run_across_ranks,
 )
+from bn_inspect.engine.capture import (
+    CallRecord,
+    PlainDispatchMode,
+    StatisticsRecorder,
+    dispatch_capture,
+    hooks_capture,
+    preserved_state,
+)
+from bn_inspect.engine.moments import ChannelMoments, InstanceMoments
 from bn_inspect.errors import (
     BnInspectError,
     ForwardError,
@@ -112,9 +114,7 @@ from bn_inspect.errors import (
     NoNormLayersError,
     OutputError,
 )
-from bn_inspect.inspection import as_batch, model_device, model_float_dtype, run_model
-from bn_inspect.layers import NormFamily, NormLayer, is_uninitialized, iter_norm_layers
-from bn_inspect.stats import ChannelMoments, InstanceMoments
+from bn_inspect.model.layers import NormFamily, NormLayer, is_uninitialized, iter_norm_layers
 
 Floats = tuple[float, ...]
 Moments = ChannelMoments | InstanceMoments
@@ -1064,7 +1064,7 @@ def _replaced(saved: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
     """``saved`` with every tensor taken from the model's state_dict, keys and dtypes kept."""
     from collections import OrderedDict
 
-    from bn_inspect.loading import strip_prefixes
+    from bn_inspect.model.loading import strip_prefixes
 
     current = model.state_dict()
     # strip_prefixes keeps the order, so zipping pairs each saved key with its stripped form.
@@ -1089,7 +1089,7 @@ def _state_dict_document(source: Path, file_format: SaveFormat, model: nn.Module
         raise OutputError(f"{source} does not hold a dict any more", "Save the model as a state_dict elsewhere")
     if file_format is SaveFormat.STATE_DICT:
         return _replaced(document, model)
-    from bn_inspect.loading import extract_state_dict
+    from bn_inspect.model.loading import extract_state_dict
 
     try:
         weights, _ = extract_state_dict(document, source)

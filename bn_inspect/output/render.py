@@ -11,13 +11,13 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from bn_inspect.export import format_number
-from bn_inspect.report import LayerListing, LayerReport, Report, matching_layers
-from bn_inspect.rules import CheckReport
+from bn_inspect.output.export import format_number
+from bn_inspect.report.records import LayerListing, LayerReport, Report, matching_layers
+from bn_inspect.report.rules import CheckReport
 
 if TYPE_CHECKING:
-    from bn_inspect.modes import ModeComparison
-    from bn_inspect.recalibration import RecalibrationResult
+    from bn_inspect.analyses.modes import ModeComparison
+    from bn_inspect.analyses.recalibration import RecalibrationResult
 
 # |z| beyond which the batch mean sits far outside the running distribution.
 SHIFT_WARN = 1.0
@@ -248,7 +248,7 @@ def render_report(report: Report, channel_patterns: Sequence[str] = (), width: i
     for layer in matching_layers(report, channel_patterns):
         parts += [channel_table(layer), Text("")]
     if report.distributed is not None:
-        from bn_inspect.distributed import distributed_lines
+        from bn_inspect.distributed.runtime import distributed_lines
 
         parts += [Text("\n".join(distributed_lines(report.distributed))), Text("")]
     parts.append(

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bn_inspect.stats import ChannelMoments
+from bn_inspect.engine.moments import ChannelMoments
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def _kernels() -> Any:
     """The compiled kernels, or None where Triton is absent or turned off."""
     if os.environ.get("BN_INSPECT_FUSED") == "0" or importlib.util.find_spec("triton") is None:
         return None
-    from bn_inspect import fused_kernels
+    from bn_inspect.engine import fused_kernels
 
     return fused_kernels
 

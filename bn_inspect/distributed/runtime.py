@@ -40,9 +40,9 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from bn_inspect.data.inputs import DirectoryData, InputData, read_input
 from bn_inspect.errors import BnInspectError
-from bn_inspect.inputs import DirectoryData, InputData, read_input
-from bn_inspect.report import (
+from bn_inspect.report.records import (
     BufferDivergence,
     DistributedInfo,
     LayerDivergence,
@@ -50,16 +50,16 @@ from bn_inspect.report import (
     RankShare,
     SyncGroupInfo,
 )
-from bn_inspect.rules import RULES, Finding
+from bn_inspect.report.rules import RULES, Finding
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
     from torch.distributed import ProcessGroup
 
-    from bn_inspect.capture import CallRecord
-    from bn_inspect.inspection import Batch
-    from bn_inspect.layers import NormLayer
+    from bn_inspect.analyses.inspection import Batch
+    from bn_inspect.engine.capture import CallRecord
+    from bn_inspect.model.layers import NormLayer
 
 T = TypeVar("T")
 RecordKey = tuple[str, int]
@@ -620,7 +620,7 @@ def _layer_from_fields(fields: Mapping[str, Any]) -> NormLayer:
     """A NormLayer rebuilt from another rank's description (its module is a placeholder)."""
     from torch import nn
 
-    from bn_inspect.layers import NormFamily, NormLayer
+    from bn_inspect.model.layers import NormFamily, NormLayer
 
     values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
     values["family"] = NormFamily(values["family"])
@@ -633,7 +633,7 @@ def _encode_records(
 ) -> tuple[bytes, torch.Tensor]:
     import torch
 
-    from bn_inspect.stats import ChannelMoments, InstanceMoments
+    from bn_inspect.engine.moments import ChannelMoments, InstanceMoments
 
     entries: list[dict[str, Any]] = []
     pieces: list[torch.Tensor] = []
@@ -669,7 +669,7 @@ def _encode_records(
 
 
 def _decode_moments(entry: Mapping[str, Any], floats: torch.Tensor, offset: int) -> tuple[Any, int]:
-    from bn_inspect.stats import ChannelMoments, InstanceMoments
+    from bn_inspect.engine.moments import ChannelMoments, InstanceMoments
 
     if entry["kind"] == "none":
         return None, offset
@@ -766,7 +766,7 @@ def _merge_record(
     local: Mapping[RecordKey, CallRecord],
     known: Mapping[str, NormLayer],
 ) -> CallRecord:
-    from bn_inspect.capture import CallRecord
+    from bn_inspect.engine.capture import CallRecord
 
     present = [(rank, item) for rank, item in enumerate(per_rank) if item is not None]
     first_rank, (first_entry, merged_moments) = present[0]
@@ -870,8 +870,8 @@ def sync_batch_norm_groups(model: nn.Module) -> tuple[SyncGroupInfo, ...]:
 
 def _layer_buffers(model: nn.Module) -> list[tuple[str, str, str, torch.Tensor]]:
     """(layer name, type, buffer name, tensor) for each running buffer, in model order."""
-    from bn_inspect.inspection import find_layers, unwrap_compiled
-    from bn_inspect.layers import is_uninitialized
+    from bn_inspect.analyses.inspection import find_layers, unwrap_compiled
+    from bn_inspect.model.layers import is_uninitialized
 
     model = unwrap_compiled(model)
     inner = getattr(model, "module", None)

@@ -33,12 +33,12 @@ if TYPE_CHECKING:
     from rich.console import RenderableType
     from torch import nn
 
-    from bn_inspect.distributed import DistributedContext, ShardedInput
-    from bn_inspect.inputs import DirectoryData, InputData
-    from bn_inspect.inspection import Batch
-    from bn_inspect.loading import LoadedModel
-    from bn_inspect.report import Report
-    from bn_inspect.rules import CheckReport
+    from bn_inspect.analyses.inspection import Batch
+    from bn_inspect.data.inputs import DirectoryData, InputData
+    from bn_inspect.distributed.runtime import DistributedContext, ShardedInput
+    from bn_inspect.model.loading import LoadedModel
+    from bn_inspect.report.records import Report
+    from bn_inspect.report.rules import CheckReport
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_CANNOT_RUN, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -219,7 +219,7 @@ def _prepare(
     shard: tuple[int, int] = (0, 1),
 ) -> _Prepared:
     """Validate the shared options, load the model and build this rank's batches (guessing a shape if needed)."""
-    from bn_inspect.loading import LoadedModel, load_model, parse_arch_kwargs
+    from bn_inspect.model.loading import LoadedModel, load_model, parse_arch_kwargs
 
     # Rank 0 speaks for the run; the other ranks' notes would repeat its own.
     note = _silent if quiet or shard[0] != 0 else _note
@@ -246,7 +246,7 @@ def _prepare(
     elif arch is not None and loaded.arch is None:
         note(f"note: --arch is not used: {model} holds a whole {loaded.format} model, architecture included.")
     if loaded.format == "torch.export":
-        from bn_inspect.layers import exported_training_mode, iter_graph_norm_layers, lowered_graph_norm_modules
+        from bn_inspect.model.layers import exported_training_mode, iter_graph_norm_layers, lowered_graph_norm_modules
 
         graph_layers = iter_graph_norm_layers(loaded.module)
         lowered = lowered_graph_norm_modules(loaded.module, (layer.name for layer in graph_layers))
@@ -272,7 +272,7 @@ def _prepare(
 @contextmanager
 def _all_or_none(context: DistributedContext) -> Iterator[None]:
     """Under torchrun: if the block fails on any rank, it fails on every rank, so none waits on the others."""
-    from bn_inspect.distributed import fail_together
+    from bn_inspect.distributed.runtime import fail_together
 
     if not context.is_distributed:
         yield
@@ -326,10 +326,10 @@ def inspect_command(
 
       bn-inspect inspect model.ts --shape 16,3,32,32 --format json --output report.json
     """
-    from bn_inspect.distributed import distributed_context
-    from bn_inspect.export import to_csv, to_json, to_markdown
-    from bn_inspect.inspection import inspect_model
-    from bn_inspect.report import ModelInfo
+    from bn_inspect.analyses.inspection import inspect_model
+    from bn_inspect.distributed.runtime import distributed_context
+    from bn_inspect.output.export import to_csv, to_json, to_markdown
+    from bn_inspect.report.records import ModelInfo
 
     with distributed_context(device=_resolve_device(device)) as context:
         with _all_or_none(context):
@@ -441,11 +441,11 @@ def check_command(
 
       bn-inspect check model.pt --input val.npy --fail-on warning --max-shift 2 --ignore BN106
     """
+    from bn_inspect.analyses.inspection import check_model
     from bn_inspect.config import load_check_config
-    from bn_inspect.distributed import distributed_context, gather_json
-    from bn_inspect.inspection import check_model
-    from bn_inspect.report import ModelInfo
-    from bn_inspect.rules import Thresholds, unknown_codes
+    from bn_inspect.distributed.runtime import distributed_context, gather_json
+    from bn_inspect.report.records import ModelInfo
+    from bn_inspect.report.rules import Thresholds, unknown_codes
 
     config = load_check_config(Path.cwd())
     ignored = [*config.ignore, *(ignore or [])]
@@ -511,7 +511,7 @@ def check_command(
 
 
 def _report_check(result: CheckReport, output_format: CheckFormat, output: Path | None) -> None:
-    from bn_inspect.export import check_to_json, check_to_junit, check_to_markdown
+    from bn_inspect.output.export import check_to_json, check_to_junit, check_to_markdown
 
     if result.input is not None:
         _warn_nonfinite(result.input.num_nonfinite_values)
@@ -522,7 +522,7 @@ def _report_check(result: CheckReport, output_format: CheckFormat, output: Path 
     elif output_format is CheckFormat.JUNIT:
         _emit(check_to_junit(result), output)
     else:
-        from bn_inspect.render import render_check
+        from bn_inspect.output.render import render_check
 
         _print_renderable(render_check(result), output)
 
@@ -550,28 +550,28 @@ def layers_command(
 
       bn-inspect layers sample_models/digits_cnn/torchscript.pt --format json
     """
-    from bn_inspect.export import listing_to_json, listing_to_markdown
-    from bn_inspect.loading import LoadedModel, build_arch, load_state_into, parse_arch_kwargs, read_model_file
-    from bn_inspect.report import LayerListing, ModelInfo
+    from bn_inspect.model.loading import LoadedModel, build_arch, load_state_into, parse_arch_kwargs, read_model_file
+    from bn_inspect.output.export import listing_to_json, listing_to_markdown
+    from bn_inspect.report.records import LayerListing, ModelInfo
 
     _check_output(output, [model])
     kwargs = parse_arch_kwargs(arch_kwargs)
     content = read_model_file(model, trust_pickle=trust_pickle)
     _end_startup()
     if isinstance(content, LoadedModel):
-        from bn_inspect.inspection import find_layers, unwrap_compiled
+        from bn_inspect.analyses.inspection import find_layers, unwrap_compiled
 
         layers, _ = find_layers(unwrap_compiled(content.module))
         listing = LayerListing(ModelInfo(content.source, content.format), tuple(layer.state() for layer in layers))
     elif arch is not None:
         module = build_arch(arch, kwargs)
         load_state_into(module, content.state_dict, arch)
-        from bn_inspect.layers import iter_norm_layers
+        from bn_inspect.model.layers import iter_norm_layers
 
         states = tuple(layer.state() for layer in iter_norm_layers(module))
         listing = LayerListing(ModelInfo(content.source, content.format, arch), states)
     else:
-        from bn_inspect.layers import states_from_state_dict
+        from bn_inspect.model.layers import states_from_state_dict
 
         states = tuple(states_from_state_dict(content.state_dict))
         listing = LayerListing(ModelInfo(content.source, content.format), states, types_inferred=True)
@@ -580,7 +580,7 @@ def layers_command(
     elif output_format is ListingFormat.MARKDOWN:
         _emit(listing_to_markdown(listing), output)
     else:
-        from bn_inspect.render import render_listing
+        from bn_inspect.output.render import render_listing
 
         _print_renderable(render_listing(listing), output)
 
@@ -627,8 +627,8 @@ def compare_modes_command(
 
       bn-inspect compare-modes model.pt --arch mypkg.models:net --input val.npy --threshold 0.02 --format json
     """
-    from bn_inspect.export import dataclass_to_json
-    from bn_inspect.modes import compare_modes
+    from bn_inspect.analyses.modes import compare_modes
+    from bn_inspect.output.export import dataclass_to_json
 
     prepared = _prepare(
         model,
@@ -651,11 +651,11 @@ def compare_modes_command(
     if output_format is ListingFormat.JSON:
         _emit(dataclass_to_json(comparison, "compare-modes"), output)
     elif output_format is ListingFormat.MARKDOWN:
-        from bn_inspect.export import comparison_to_markdown
+        from bn_inspect.output.export import comparison_to_markdown
 
         _emit(comparison_to_markdown(comparison), output)
     else:
-        from bn_inspect.render import render_mode_comparison
+        from bn_inspect.output.render import render_mode_comparison
 
         _print_renderable(render_mode_comparison(comparison), output)
 
@@ -713,11 +713,11 @@ def recalibrate_command(
 
       bn-inspect recalibrate state_dict.pt --arch mypkg.models:net --input train_shards/ --method sequential --output new.pt
     """
-    from bn_inspect.distributed import distributed_context, shard_input
-    from bn_inspect.export import dataclass_to_json
-    from bn_inspect.inputs import DEFAULT_BATCH_SIZE, check_fits_memory, open_input
-    from bn_inspect.loading import load_model, parse_arch_kwargs
-    from bn_inspect.recalibration import recalibrate, save_like
+    from bn_inspect.analyses.recalibration import recalibrate, save_like
+    from bn_inspect.data.inputs import DEFAULT_BATCH_SIZE, check_fits_memory, open_input
+    from bn_inspect.distributed.runtime import distributed_context, shard_input
+    from bn_inspect.model.loading import load_model, parse_arch_kwargs
+    from bn_inspect.output.export import dataclass_to_json
 
     if input_file is None:
         raise InputError(
@@ -751,11 +751,11 @@ def recalibrate_command(
     if output_format is ListingFormat.JSON:
         _emit(dataclass_to_json(result, "recalibrate"), None)
     elif output_format is ListingFormat.MARKDOWN:
-        from bn_inspect.export import recalibration_to_markdown
+        from bn_inspect.output.export import recalibration_to_markdown
 
         _emit(recalibration_to_markdown(result, str(output)), None)
     else:
-        from bn_inspect.render import render_recalibration
+        from bn_inspect.output.render import render_recalibration
 
         _print_renderable(render_recalibration(result, str(output)), None)
 
@@ -780,7 +780,7 @@ def _print_renderable(renderable: RenderableType, output: Path | None) -> None:
 def _print_table(report: Report, patterns: tuple[str, ...], output: Path | None) -> None:
     from rich.console import Console
 
-    from bn_inspect.render import render_report
+    from bn_inspect.output.render import render_report
 
     width = Console().width if output is None else 160
     _print_renderable(render_report(report, patterns, width), output)
@@ -797,11 +797,11 @@ def _make_batches(
     quiet: bool,
     shard: tuple[int, int] = (0, 1),
 ) -> tuple[Iterator[Batch] | None, str]:
-    from bn_inspect.inputs import DEFAULT_BATCH_SIZE, check_fits_memory, open_input, parse_shape, random_batches
+    from bn_inspect.data.inputs import DEFAULT_BATCH_SIZE, check_fits_memory, open_input, parse_shape, random_batches
 
     rank, world_size = shard
     if shape is not None:
-        from bn_inspect.distributed import shard_batches
+        from bn_inspect.distributed.runtime import shard_batches
 
         parsed = parse_shape(shape)
         count = max_batches or 1
@@ -809,7 +809,7 @@ def _make_batches(
         mine = shard_batches(random_batches(parsed, count, seed), rank, world_size)
         return _with_progress(mine, len(range(rank, count, world_size)), quiet), f"random normal, seed {seed}"
     if input_file is not None:
-        from bn_inspect.distributed import shard_input
+        from bn_inspect.distributed.runtime import shard_input
 
         data = open_input(input_file, key=input_key, drop_columns=drop_columns)
         size = batch_size or DEFAULT_BATCH_SIZE
@@ -844,9 +844,9 @@ def _guessed_batches(
     note: Callable[[str], None],
     shard: tuple[int, int],
 ) -> tuple[Iterator[Batch], str]:
-    from bn_inspect.distributed import shard_batches
-    from bn_inspect.inputs import guess_input_shapes, random_batches
-    from bn_inspect.inspection import find_working_shape
+    from bn_inspect.analyses.inspection import find_working_shape
+    from bn_inspect.data.inputs import guess_input_shapes, random_batches
+    from bn_inspect.distributed.runtime import shard_batches
 
     guess = guess_input_shapes(module, batch_size)
     chosen = find_working_shape(module, guess.shapes) if guess else None

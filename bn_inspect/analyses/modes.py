@@ -37,12 +37,12 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from bn_inspect.capture import PlainDispatchMode, StatisticsRecorder, preserved_state
+from bn_inspect.analyses.inspection import Batch, as_batch, model_device, model_float_dtype, run_model
+from bn_inspect.analyses.recalibration import set_norm_layers_training
+from bn_inspect.engine.capture import PlainDispatchMode, StatisticsRecorder, preserved_state
+from bn_inspect.engine.moments import ChannelMoments, InstanceMoments
 from bn_inspect.errors import BnInspectError, InputError, LazyModelError, NoNormLayersError
-from bn_inspect.inspection import Batch, as_batch, model_device, model_float_dtype, run_model
-from bn_inspect.layers import NormFamily, NormLayer, is_uninitialized, iter_norm_layers
-from bn_inspect.recalibration import set_norm_layers_training
-from bn_inspect.stats import ChannelMoments, InstanceMoments
+from bn_inspect.model.layers import NormFamily, NormLayer, is_uninitialized, iter_norm_layers
 
 DEFAULT_THRESHOLD = 0.05
 # How far each half of the side-by-side output may sit from a plain forward in its mode (relative

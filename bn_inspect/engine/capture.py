@@ -24,10 +24,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bn_inspect.axes import TensorLayout, kernel_reduced_dims
+from bn_inspect.engine.axes import TensorLayout, kernel_reduced_dims
+from bn_inspect.engine.fused import STOCK_FORWARD, batch_norm_eval_with_moments, fused_applies, fused_may_run
+from bn_inspect.engine.moments import ChannelMoments, InstanceMoments, channel_moments, instance_moments
 from bn_inspect.errors import ShapeMismatchError
-from bn_inspect.fused import STOCK_FORWARD, batch_norm_eval_with_moments, fused_applies, fused_may_run
-from bn_inspect.layers import (
+from bn_inspect.model.layers import (
     BATCH_NORM_OPS,
     NormFamily,
     NormLayer,
@@ -35,7 +36,6 @@ from bn_inspect.layers import (
     functional_candidates,
     is_uninitialized,
 )
-from bn_inspect.stats import ChannelMoments, InstanceMoments, channel_moments, instance_moments
 
 Moments = ChannelMoments | InstanceMoments
 

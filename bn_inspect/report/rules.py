@@ -14,7 +14,7 @@ from enum import Enum
 from typing import Any
 
 from bn_inspect.options import FailOn
-from bn_inspect.report import SCHEMA_VERSION, InputInfo, LayerReport, LayerState, ModelInfo, Report
+from bn_inspect.report.records import SCHEMA_VERSION, InputInfo, LayerReport, LayerState, ModelInfo, Report
 
 FLOAT16_MAX = 65504.0
 EPS_DOMINANCE = 10.0

@@ -1,0 +1,1 @@
+"""The runs: inspection, train/eval comparison and recalibration over batches."""

@@ -1,0 +1,1 @@
+"""The typer app: options, one short function per command, errors -> exit codes."""

@@ -1,0 +1,1 @@
+"""--shape / --input -> batches of tensors."""

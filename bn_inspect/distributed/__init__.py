@@ -1,0 +1,1 @@
+"""torchrun: sharding, collectives, merging statistics across ranks, rank divergence."""

@@ -1,0 +1,1 @@
+"""Model file or --arch spec -> nn.Module, safely; which modules are normalization layers."""

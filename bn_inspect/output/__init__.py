@@ -1,0 +1,1 @@
+"""Report -> text: rich rendering and one formatter per machine-readable format."""

@@ -1,0 +1,1 @@
+"""What a run produces: frozen records (no torch inside), rules -> findings, JSON schemas."""
