@@ -2,7 +2,7 @@
 
 Run on a CUDA machine from the repository root: ``python benchmarks/gpu_check.py [--json OUT]``.
 Needs torchvision for the ResNets and Triton for the fused path. Both capture paths are checked
-and timed: the fused eval kernel (bn_inspect/engine/fused.py: normalizes and reduces in one read) and
+and timed: the fused eval kernel (bn_inspect/engine/fused/dispatch.py: normalizes and reduces in one read) and
 the portable one (a pre-hook with torch's batch-norm statistics kernel, one extra read). Every
 timing is a median over alternating runs, measured with CUDA events in one process, and reported
 as a ratio to the plain eval forward of the same model.
@@ -29,9 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import bn_inspect.engine.capture as capture  # noqa: E402
-import bn_inspect.engine.fused as fused  # noqa: E402
+import bn_inspect.engine.fused.dispatch as fused  # noqa: E402
 from bn_inspect.analyses.inspection import inspect_model  # noqa: E402
 from bn_inspect.engine.capture import StatisticsRecorder, hooks_capture  # noqa: E402
+from bn_inspect.engine.fused.tiles import TileConfig  # noqa: E402
 from bn_inspect.engine.moments import ChannelMoments, two_pass_moments, welford_moments  # noqa: E402
 from bn_inspect.model.layers import iter_norm_layers  # noqa: E402
 
@@ -430,12 +431,12 @@ def kernel_bandwidth(repeats: int, sweep: bool) -> dict[str, Any]:
     """
     candidates = [fused.TILE]
     candidates += [
-        fused.TileConfig(elements, tiles, block_c, warps)
+        TileConfig(elements, tiles, block_c, warps)
         for elements in (4096, 8192)
         for tiles in (4, 8, 16)
         for block_c in (64, 128)
         for warps in (4, 8)
-        if sweep and fused.TileConfig(elements, tiles, block_c, warps) != fused.TILE
+        if sweep and TileConfig(elements, tiles, block_c, warps) != fused.TILE
     ]
     inputs = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -447,7 +448,7 @@ def kernel_bandwidth(repeats: int, sweep: bool) -> dict[str, Any]:
         bn.weight.uniform_(0.5, 2)
         bn.bias.uniform_(-1, 1)
     results: dict[str, Any] = {"configs": {}}
-    totals: dict[fused.TileConfig, float] = {}
+    totals: dict[TileConfig, float] = {}
     with torch.no_grad():
         for dtype, x in inputs.items():
             functions: dict[str, Callable[[], Any]] = {
@@ -477,7 +478,7 @@ def kernel_bandwidth(repeats: int, sweep: bool) -> dict[str, Any]:
     results["chosen"] = {
         "config": str(best),
         "ratio_sum": totals[best],
-        "default_ratio_sum": totals.get(fused.TileConfig()),
+        "default_ratio_sum": totals.get(TileConfig()),
     }
     return results
 
@@ -499,7 +500,7 @@ def _stats_alone(x: torch.Tensor) -> Callable[[], Any]:
     return lambda: torch.batch_norm_stats(x, 1e-5)
 
 
-def _fused_with(bn: nn.BatchNorm2d, x: torch.Tensor, config: fused.TileConfig) -> Callable[[], Any]:
+def _fused_with(bn: nn.BatchNorm2d, x: torch.Tensor, config: TileConfig) -> Callable[[], Any]:
     def run() -> Any:
         fused.TILE = config
         return fused.batch_norm_eval_with_moments(bn, x, None)

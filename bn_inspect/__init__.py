@@ -12,9 +12,10 @@ from bn_inspect.options import Mode
 from bn_inspect.report.records import SCHEMA_VERSION, InputInfo, LayerReport, ModelInfo, Report
 
 if TYPE_CHECKING:
-    from bn_inspect.analyses.inspection import Batch, check_model, inspect_model
+    from bn_inspect.analyses.inspection import check_model, inspect_model
     from bn_inspect.analyses.modes import compare_modes
     from bn_inspect.analyses.recalibration import recalibrate, save_like
+    from bn_inspect.data.batch import Batch
     from bn_inspect.distributed.runtime import DistributedContext
     from bn_inspect.model.loading import load_model
 
@@ -45,7 +46,7 @@ _LAZY = {
     "recalibrate": "bn_inspect.analyses.recalibration",
     "save_like": "bn_inspect.analyses.recalibration",
     "inspect_model": "bn_inspect.analyses.inspection",
-    "Batch": "bn_inspect.analyses.inspection",
+    "Batch": "bn_inspect.data.batch",
     "load_model": "bn_inspect.model.loading",
     "DistributedContext": "bn_inspect.distributed.runtime",
 }

@@ -7,16 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bn_inspect.errors import BnInspectError
+from bn_inspect.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[import-not-found]
-
-
-class ConfigError(BnInspectError):
-    """pyproject.toml's [tool.bn-inspect] table cannot be used."""
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class BnInspectError(Exception):
     """A failure the user can fix; the CLI prints it as one line and exits with ``exit_code``.
@@ -85,3 +87,38 @@ class LazyModelError(BnInspectError):
 
 class OutputError(BnInspectError):
     """The --output file cannot be written."""
+
+
+class ModeComparisonError(BnInspectError):
+    """The two modes cannot be compared side by side on this model."""
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    """What one rank reported when its local work raised."""
+
+    rank: int
+    error_type: str
+    what: str
+    fix: str
+    is_internal: bool
+    exit_code: int
+
+
+class DistributedError(BnInspectError):
+    """A rank failed, the ranks lost contact, or the torchrun environment is unusable.
+
+    Raised on every rank alike, so that all of them stop with the same one-line message.
+
+    Attributes:
+        failures: the ranks that failed and what each reported (empty for a lost contact).
+    """
+
+    def __init__(self, what: str, fix: str = "", *, failures: tuple[RankFailure, ...] = (), exit_code: int = 2) -> None:
+        super().__init__(what, fix)
+        self.failures = failures
+        self.exit_code = exit_code
+
+
+class ConfigError(BnInspectError):
+    """pyproject.toml's [tool.bn-inspect] table cannot be used."""

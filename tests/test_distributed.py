@@ -37,10 +37,8 @@ from bn_inspect.data.inputs import DirectoryData, open_input
 from bn_inspect.distributed.runtime import (
     BufferDivergence,
     DistributedContext,
-    DistributedError,
     LayerDivergence,
     RankDivergence,
-    RankFailure,
     RunTotals,
     collective_timeout_s,
     describe_failures,
@@ -58,7 +56,7 @@ from bn_inspect.distributed.runtime import (
 )
 from bn_inspect.engine.capture import CallRecord, StatisticsRecorder, hooks_capture, preserved_state
 from bn_inspect.engine.moments import ChannelMoments, InstanceMoments
-from bn_inspect.errors import BnInspectError, InputError
+from bn_inspect.errors import BnInspectError, DistributedError, InputError, RankFailure
 from bn_inspect.model.layers import NormLayer, iter_norm_layers
 from tests.conftest import state_fingerprint
 from tests.models import ChannelLayerNorm, randomize_norm_state

@@ -256,7 +256,7 @@ def test_models_with_several_inputs_from_a_pt_file(
 def test_structured_outputs_are_fine() -> None:
     model = models.randomize_norm_state(TwoInputs()).eval()
     before = state_fingerprint(model)
-    from bn_inspect.analyses.inspection import Batch
+    from bn_inspect.data.batch import Batch
 
     report = inspect_model(model, [Batch((torch.randn(4, 3, 2, 2), torch.randn(4, 5)))])
     assert [entry.name for entry in report.layers] == ["bn_image", "bn_extra"]

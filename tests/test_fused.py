@@ -1,4 +1,4 @@
-"""The fused eval batch-norm kernel (bn_inspect/engine/fused.py), run by Triton's interpreter on the CPU.
+"""The fused eval batch-norm kernel (bn_inspect/engine/fused/dispatch.py), run by Triton's interpreter on the CPU.
 
 Triton comes with the test extra on Linux x86-64; elsewhere these tests skip.
 benchmarks/gpu_check.py runs the same checks on the compiled kernels on a GPU.
@@ -22,7 +22,7 @@ CHECK = r"""
 import hashlib, torch
 from torch import nn
 import bn_inspect.engine.capture as capture
-import bn_inspect.engine.fused as fused
+import bn_inspect.engine.fused.dispatch as fused
 from bn_inspect.analyses.inspection import inspect_model
 
 calls = []

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from bn_inspect.analyses.inspection import Batch, inspect_model
+from bn_inspect.analyses.inspection import inspect_model
+from bn_inspect.data.batch import Batch
 from bn_inspect.engine.capture import StatisticsRecorder, hooks_capture
 from bn_inspect.errors import ForwardError, LazyModelError, NoNormLayersError, ShapeMismatchError
 from bn_inspect.model.layers import iter_norm_layers

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bn_inspect.analyses.modes import ModeComparison, ModeComparisonError, compare_modes
+from bn_inspect.analyses.modes import compare_modes
 from bn_inspect.analyses.recalibration import recalibrate
-from bn_inspect.errors import InputError
+from bn_inspect.errors import InputError, ModeComparisonError
+from bn_inspect.report.comparisons import ModeComparison
 from tests import models
 from tests.conftest import state_fingerprint
 

@@ -6,12 +6,12 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from bn_inspect.data.batch import Batch, as_batch
 from bn_inspect.distributed.runtime import (
     DistributedContext,
     RunTotals,
@@ -45,10 +45,15 @@ from bn_inspect.model.layers import (
     NormLayer,
     exported_training_mode,
     functional_candidates,
-    is_uninitialized,
-    iter_graph_norm_layers,
-    iter_norm_layers,
     lowered_graph_norm_modules,
+)
+from bn_inspect.model.modules import (
+    find_layers,
+    has_lazy_modules,
+    model_device,
+    model_float_dtype,
+    set_training,
+    unwrap_compiled,
 )
 from bn_inspect.options import FailOn, Mode
 from bn_inspect.report.records import DistributedInfo, InputInfo, LayerReport, ModelInfo, Report
@@ -59,72 +64,6 @@ from bn_inspect.report.rules import (
     report_findings,
     state_findings,
 )
-
-
-@dataclass(frozen=True)
-class Batch:
-    """One forward pass worth of inputs: positional and keyword tensors."""
-
-    args: tuple[torch.Tensor, ...]
-    kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def num_samples(self) -> int:
-        """Size of dim 0 of the first tensor."""
-        first = self.args[0] if self.args else next(iter(self.kwargs.values()))
-        return int(first.shape[0]) if first.dim() else 1
-
-    def tensors(self) -> list[torch.Tensor]:
-        """All tensors of the batch, positional first."""
-        return [*self.args, *self.kwargs.values()]
-
-    def to(self, device: torch.device, dtype: torch.dtype) -> Batch:
-        """The batch on ``device``, its floating-point tensors cast to ``dtype`` (the model's)."""
-        # A copy to the GPU may overlap the work queued before it; one to the host must be
-        # complete before the CPU reads it, which only a blocking copy guarantees. From pinned
-        # memory the GPU copy is asynchronous, so a caller who refills one pinned buffer in place
-        # must not do so before the forward has run (a DataLoader pins a new buffer per batch).
-        non_blocking = device.type != "cpu"
-
-        def move(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, non_blocking=non_blocking)
-
-        return Batch(tuple(move(t) for t in self.args), {k: move(v) for k, v in self.kwargs.items()})
-
-
-def as_batch(item: Any) -> Batch:
-    """A Batch from a tensor, a dict of tensors, or an (inputs, targets) pair from a DataLoader."""
-    if isinstance(item, Batch):
-        return item
-    if isinstance(item, torch.Tensor):
-        return Batch((item,))
-    if isinstance(item, dict) and all(isinstance(v, torch.Tensor) for v in item.values()):
-        return Batch((), dict(item))
-    if isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
-        return Batch((item[0],))
-    raise InputError(
-        f"cannot use a batch of type {type(item).__name__}",
-        "Pass tensors, dicts of tensors, (inputs, targets) pairs or bn_inspect.Batch objects",
-    )
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def model_float_dtype(model: nn.Module) -> torch.dtype:
-    """What floating-point inputs are cast to: the dtype of the model's first initialized float tensor, else float32."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.is_floating_point() and not is_uninitialized(tensor):
-            return tensor.dtype
-    return torch.float32
-
-
-def _has_lazy_modules(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params() for m in model.modules())
 
 
 def run_model(model: nn.Module, batch: Batch, recorder: StatisticsRecorder) -> None:
@@ -210,30 +149,6 @@ def _refuse_lowered_norm_layers(model: torch.fx.GraphModule) -> None:
     )
 
 
-def unwrap_compiled(model: nn.Module) -> nn.Module:
-    """The eager module inside a ``torch.compile`` wrapper: hooks added to a compiled model after
-    its first call never fire, and its graphs are shared between instances."""
-    inner = getattr(model, "_orig_mod", None)
-    return inner if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else model
-
-
-def find_layers(model: nn.Module) -> tuple[list[NormLayer], bool]:
-    """The model's normalization layers, and whether they were read off an exported graph."""
-    layers = iter_norm_layers(model)
-    if layers or not isinstance(model, torch.fx.GraphModule):
-        return layers, False
-    graph_layers = iter_graph_norm_layers(model)
-    return graph_layers, bool(graph_layers)
-
-
-def set_training(model: nn.Module, training: bool) -> None:
-    """model.train(training), except for exported programs, whose mode was fixed at export."""
-    try:
-        model.train(training)
-    except NotImplementedError:
-        return
-
-
 def _check_exported_mode(layers: list[NormLayer], mode: Mode) -> None:
     exported = exported_training_mode(layers)
     if exported is None or exported == (mode is Mode.TRAIN):
@@ -308,7 +223,7 @@ def inspect_model(
         NoNormLayersError, ShapeMismatchError, ForwardError, InputError, LazyModelError.
     """
     mode = Mode(mode)
-    if _has_lazy_modules(model) and not materialize_lazy:
+    if has_lazy_modules(model) and not materialize_lazy:
         raise LazyModelError(
             "the model has lazy modules that have not run yet, and inspecting it would materialize them",
             "Run one forward pass first, or pass materialize_lazy=True",

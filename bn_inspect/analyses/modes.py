@@ -30,19 +30,20 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from bn_inspect.analyses.inspection import Batch, as_batch, model_device, model_float_dtype, run_model
-from bn_inspect.analyses.recalibration import set_norm_layers_training
+from bn_inspect.analyses.inspection import run_model
+from bn_inspect.data.batch import Batch, as_batch
 from bn_inspect.engine.capture import PlainDispatchMode, StatisticsRecorder, preserved_state
 from bn_inspect.engine.moments import ChannelMoments, InstanceMoments
-from bn_inspect.errors import BnInspectError, InputError, LazyModelError, NoNormLayersError
+from bn_inspect.errors import InputError, LazyModelError, ModeComparisonError, NoNormLayersError
 from bn_inspect.model.layers import NormFamily, NormLayer, is_uninitialized, iter_norm_layers
+from bn_inspect.model.modules import model_device, model_float_dtype, set_norm_layers_training
+from bn_inspect.report.comparisons import LayerModeGap, ModeComparison, OutputGap
 
 DEFAULT_THRESHOLD = 0.05
 # How far each half of the side-by-side output may sit from a plain forward in its mode (relative
@@ -52,97 +53,6 @@ DEFAULT_THRESHOLD = 0.05
 # A module that mixes samples moves the halves by a share of the eval/train gap itself.
 _EVAL_TOLERANCE = 1e-3
 _TRAIN_TOLERANCE = 5e-2
-
-
-class ModeComparisonError(BnInspectError):
-    """The two modes cannot be compared side by side on this model."""
-
-
-@dataclass(frozen=True)
-class LayerModeGap:
-    """One call of one normalization layer: how its input and output differ between the modes.
-
-    Attributes:
-        name, call: qualified module path and call index within a forward.
-        type, family: class name and normalization family.
-        eval_uses: statistics the layer normalizes with in eval: "running" or "batch".
-        input_rel_diff: ||x_train - x_eval|| / ||x_eval|| over all batches.
-        output_rel_diff: ||y_train - y_eval|| / ||y_eval|| over all batches.
-        own_rel_diff: ||f_train(x_eval) - f_eval(x_eval)|| / ||f_eval(x_eval)||: this layer's
-            own contribution, with the same (eval) input in both modes.
-        values_per_channel: values behind each per-channel statistic of the eval pass.
-        max_abs_shift_z, mean_abs_shift_z: of z = (batch_mean - running_mean) /
-            sqrt(running_var + eps) over channels, for the eval pass's input (None without
-            running statistics).
-        worst_var_ratio: batch_var / running_var farthest from 1 on a log scale (biased batch
-            variance, as BatchNorm normalizes with).
-    """
-
-    name: str
-    call: int
-    type: str
-    family: str
-    eval_uses: str
-    input_rel_diff: float
-    output_rel_diff: float
-    own_rel_diff: float
-    values_per_channel: int | None
-    max_abs_shift_z: float | None
-    mean_abs_shift_z: float | None
-    worst_var_ratio: float | None
-
-    @property
-    def label(self) -> str:
-        """The qualified name, with the call index where the module ran more than once."""
-        return self.name if self.call == 0 else f"{self.name}#{self.call}"
-
-
-@dataclass(frozen=True)
-class OutputGap:
-    """The model output in both modes.
-
-    Attributes:
-        rel_diff: ||out_train - out_eval|| / ||out_eval|| over every floating-point output tensor
-            with a batch dim, over all batches.
-        argmax_change_fraction: for a single 2-D floating-point output (logits of shape (N, K)),
-            the fraction of samples whose argmax over dim 1 differs between the modes; else None.
-        num_samples: samples compared.
-    """
-
-    rel_diff: float
-    argmax_change_fraction: float | None
-    num_samples: int
-
-
-@dataclass(frozen=True)
-class ModeComparison:
-    """Eval against train mode, per normalization layer call in execution order.
-
-    Attributes:
-        layers: one entry per layer call, in execution order.
-        output: the model output's difference, or None when the output has no batch dim.
-        threshold: the relative difference above which a layer counts as departing.
-        gap_opens_at: label of the first layer call whose output_rel_diff exceeds ``threshold``
-            (or is NaN); its input_rel_diff says how much came from upstream and its own_rel_diff
-            how much it adds itself. None when every layer stays within the threshold.
-        not_executed: normalization layers that never ran.
-        num_batches, num_samples: the data.
-    """
-
-    layers: tuple[LayerModeGap, ...]
-    output: OutputGap | None
-    threshold: float
-    gap_opens_at: str | None
-    not_executed: tuple[str, ...]
-    num_batches: int
-    num_samples: int
-
-    def layer(self, label: str) -> LayerModeGap:
-        """The entry of that label (``name`` or ``name#call``); KeyError if none."""
-        for entry in self.layers:
-            if entry.label == label:
-                return entry
-        raise KeyError(label)
 
 
 class _Sums:

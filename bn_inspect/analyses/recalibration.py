@@ -87,7 +87,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bn_inspect.analyses.inspection import as_batch, model_device, model_float_dtype, run_model
+from bn_inspect.analyses.inspection import run_model
+from bn_inspect.data.batch import as_batch
 from bn_inspect.distributed.runtime import (
     DistributedContext,
     RunTotals,
@@ -115,6 +116,8 @@ from bn_inspect.errors import (
     OutputError,
 )
 from bn_inspect.model.layers import NormFamily, NormLayer, is_uninitialized, iter_norm_layers
+from bn_inspect.model.modules import model_device, model_float_dtype, set_norm_layers_training
+from bn_inspect.report.comparisons import RecalibratedLayer, RecalibrationResult, SkippedLayer
 
 Floats = tuple[float, ...]
 Moments = ChannelMoments | InstanceMoments
@@ -125,95 +128,6 @@ class RecalibrationMethod(str, Enum):
 
     PRECISE = "precise"
     SEQUENTIAL = "sequential"
-
-
-@dataclass(frozen=True)
-class RecalibratedLayer:
-    """One layer whose running statistics were rewritten.
-
-    Attributes:
-        name: qualified module path.
-        type: class name (``BatchNorm2d``, ``InstanceNorm2d``, ...).
-        family: "batch" or "instance".
-        num_channels: C.
-        num_calls: forward calls of the layer over all batches (a module called twice per
-            forward counts twice); written to ``num_batches_tracked`` for batch-style layers.
-        calls_per_forward: the most calls of the layer in one forward; above 1 the layer's later
-            calls depend on its own statistics, which no single recalibration makes exact.
-        values_per_channel: n, the values behind each new statistic (for InstanceNorm, instances
-            times values per instance).
-        wave: for ``sequential``, the pass whose data gave the statistics (0: the first pass);
-            0 for ``precise``.
-        old_running_mean, old_running_var: the buffers before (float64 copies).
-        new_running_mean, new_running_var: the buffers after, as stored (rounded to their dtype).
-        old_num_batches_tracked, new_num_batches_tracked: that buffer before and after.
-        max_abs_shift_z_before: max over channels of |mean - old_running_mean| /
-            sqrt(old_running_var + eps) for the data the new statistics come from.
-        worst_var_ratio_before: biased variance of that data / old_running_var, the channel
-            farthest from 1 on a log scale.
-        max_abs_shift_z_after, worst_var_ratio_after: the same for the layer's inputs in an eval
-            forward of the recalibrated model, against the new statistics (None without the
-            verification pass). About 0 and (n - 1) / n for ``sequential``.
-    """
-
-    name: str
-    type: str
-    family: str
-    num_channels: int
-    num_calls: int
-    calls_per_forward: int
-    values_per_channel: int
-    wave: int
-    old_running_mean: Floats
-    old_running_var: Floats
-    new_running_mean: Floats
-    new_running_var: Floats
-    old_num_batches_tracked: int | None
-    new_num_batches_tracked: int | None
-    max_abs_shift_z_before: float
-    worst_var_ratio_before: float
-    max_abs_shift_z_after: float | None
-    worst_var_ratio_after: float | None
-
-
-@dataclass(frozen=True)
-class SkippedLayer:
-    """A normalization layer left as it was, and why."""
-
-    name: str
-    type: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class RecalibrationResult:
-    """What ``recalibrate`` changed.
-
-    Attributes:
-        method: "precise" or "sequential".
-        layers: the recalibrated layers, in execution order.
-        skipped: layers left unchanged, with the reason.
-        num_batches, num_samples: the data, per pass.
-        num_passes: passes over the batches, early-stopped ones and the verification included.
-        num_waves: ``sequential``: passes that produced statistics (1 for ``precise``).
-        notes: caveats that apply to this run (data-dependent control flow, shared modules).
-    """
-
-    method: str
-    layers: tuple[RecalibratedLayer, ...]
-    skipped: tuple[SkippedLayer, ...]
-    num_batches: int
-    num_samples: int
-    num_passes: int
-    num_waves: int
-    notes: tuple[str, ...] = ()
-
-    def layer(self, name: str) -> RecalibratedLayer:
-        """The recalibrated layer of that qualified name (KeyError if none)."""
-        for entry in self.layers:
-            if entry.name == name:
-                return entry
-        raise KeyError(name)
 
 
 @dataclass
@@ -388,17 +302,6 @@ def _reiterable(batches: Iterable[Any]) -> Iterable[Any]:
     if isinstance(batches, Iterator):
         return list(batches)
     return batches
-
-
-def set_norm_layers_training(model: nn.Module, layers: Iterable[NormLayer]) -> None:
-    """Every module in eval mode except the given normalization layers, which train.
-
-    Non-recursive for the layers, so a layer's own submodules (the dropout inside timm's
-    BatchNormAct2d) stay in eval.
-    """
-    model.eval()
-    for layer in layers:
-        layer.module.training = True
 
 
 class _StopForward(Exception):

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from rich.console import RenderableType
     from torch import nn
 
-    from bn_inspect.analyses.inspection import Batch
+    from bn_inspect.data.batch import Batch
     from bn_inspect.data.inputs import DirectoryData, InputData
     from bn_inspect.distributed.runtime import DistributedContext, ShardedInput
     from bn_inspect.model.loading import LoadedModel
@@ -559,7 +559,7 @@ def layers_command(
     content = read_model_file(model, trust_pickle=trust_pickle)
     _end_startup()
     if isinstance(content, LoadedModel):
-        from bn_inspect.analyses.inspection import find_layers, unwrap_compiled
+        from bn_inspect.model.modules import find_layers, unwrap_compiled
 
         layers, _ = find_layers(unwrap_compiled(content.module))
         listing = LayerListing(ModelInfo(content.source, content.format), tuple(layer.state() for layer in layers))

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from bn_inspect.analyses.inspection import Batch
+    from bn_inspect.data.batch import Batch
 
 INPUT_SUFFIXES = (".pt", ".pth", ".npy", ".npz", ".csv", ".parquet")
 DEFAULT_BATCH_SIZE = 64
@@ -105,7 +105,7 @@ def random_batches(shape: tuple[int, ...], num_batches: int, seed: int) -> Itera
     """``num_batches`` seeded standard-normal batches of ``shape`` (same numbers on every device)."""
     import torch
 
-    from bn_inspect.analyses.inspection import Batch
+    from bn_inspect.data.batch import Batch
 
     generator = torch.Generator().manual_seed(seed)
     for _ in range(num_batches):
@@ -123,7 +123,7 @@ class InputData:
 
     def batches(self, batch_size: int, max_batches: int | None) -> Iterator[Batch]:
         """Consecutive slices along dim 0, converted to tensors one batch at a time."""
-        from bn_inspect.analyses.inspection import Batch
+        from bn_inspect.data.batch import Batch
 
         starts = range(0, self.num_samples, batch_size)
         for start in starts if max_batches is None else starts[:max_batches]:

@@ -41,10 +41,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from bn_inspect.data.inputs import DirectoryData, InputData, read_input
-from bn_inspect.errors import BnInspectError
+from bn_inspect.errors import BnInspectError, DistributedError, RankFailure
 from bn_inspect.report.records import (
     BufferDivergence,
-    DistributedInfo,
     LayerDivergence,
     RankDivergence,
     RankShare,
@@ -57,7 +56,7 @@ if TYPE_CHECKING:
     from torch import nn
     from torch.distributed import ProcessGroup
 
-    from bn_inspect.analyses.inspection import Batch
+    from bn_inspect.data.batch import Batch
     from bn_inspect.engine.capture import CallRecord
     from bn_inspect.model.layers import NormLayer
 
@@ -70,33 +69,6 @@ TIMEOUT_ENV = "BN_INSPECT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0
 _BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
 _MAX_MESSAGE = 400
-
-
-class DistributedError(BnInspectError):
-    """A rank failed, the ranks lost contact, or the torchrun environment is unusable.
-
-    Raised on every rank alike, so that all of them stop with the same one-line message.
-
-    Attributes:
-        failures: the ranks that failed and what each reported (empty for a lost contact).
-    """
-
-    def __init__(self, what: str, fix: str = "", *, failures: tuple[RankFailure, ...] = (), exit_code: int = 2) -> None:
-        super().__init__(what, fix)
-        self.failures = failures
-        self.exit_code = exit_code
-
-
-@dataclass(frozen=True)
-class RankFailure:
-    """What one rank reported when its local work raised."""
-
-    rank: int
-    error_type: str
-    what: str
-    fix: str
-    is_internal: bool
-    exit_code: int
 
 
 @dataclass(frozen=True)
@@ -870,8 +842,8 @@ def sync_batch_norm_groups(model: nn.Module) -> tuple[SyncGroupInfo, ...]:
 
 def _layer_buffers(model: nn.Module) -> list[tuple[str, str, str, torch.Tensor]]:
     """(layer name, type, buffer name, tensor) for each running buffer, in model order."""
-    from bn_inspect.analyses.inspection import find_layers, unwrap_compiled
     from bn_inspect.model.layers import is_uninitialized
+    from bn_inspect.model.modules import find_layers, unwrap_compiled
 
     model = unwrap_compiled(model)
     inner = getattr(model, "module", None)
@@ -996,35 +968,3 @@ def divergence_findings(divergence: RankDivergence, tolerance: float = 0.0) -> l
             )
         )
     return findings
-
-
-def distributed_lines(info: DistributedInfo) -> list[str]:
-    """Plain sentences for the report's section on a run over several ranks."""
-    shares = "; ".join(f"rank {s.rank}: {s.num_samples:,} samples in {s.num_batches} batch(es)" for s in info.shares)
-    lines = [
-        f"{info.world_size} ranks ({info.backend}): every statistic above is over all ranks' data, "
-        f"merged exactly in float64 ({shares})."
-    ]
-    for group in info.sync_batch_norm:
-        over = "all ranks" if group.is_world else f"ranks {', '.join(map(str, group.ranks))}"
-        lines.append(
-            f"{group.name} (SyncBatchNorm) synchronizes its training statistics over {over}; each batch ran "
-            "through it locally here, and its statistics are merged over all ranks."
-        )
-    return lines + divergence_lines(info.divergence)
-
-
-def divergence_lines(divergence: RankDivergence) -> list[str]:
-    """Plain sentences for a report section: one per divergent layer, or one saying all agree."""
-    if not divergence.divergent:
-        return [f"Running buffers are identical on all {divergence.world_size} ranks."]
-    lines = []
-    for layer in divergence.divergent:
-        parts = "; ".join(
-            f"{b.buffer} max |Δ| {b.max_abs_difference:.4g} (ranks {', '.join(map(str, b.differing_ranks))} "
-            "differ from rank 0)"
-            for b in layer.buffers
-            if b.is_divergent
-        )
-        lines.append(f"{layer.name} ({layer.type}): {parts}")
-    return lines

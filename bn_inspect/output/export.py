@@ -6,14 +6,12 @@ import json
 import math
 from typing import TYPE_CHECKING
 
+from bn_inspect.report.frame import report_frame
 from bn_inspect.report.records import LayerListing, Report, matching_layers
 from bn_inspect.report.rules import CheckReport, Finding
 
 if TYPE_CHECKING:
-    import pandas as pd
-
-    from bn_inspect.analyses.modes import ModeComparison
-    from bn_inspect.analyses.recalibration import RecalibrationResult
+    from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
 
 
 def format_number(value: float | None, digits: int = 4) -> str:
@@ -37,63 +35,6 @@ def format_number(value: float | None, digits: int = 4) -> str:
 def to_json(report: Report) -> str:
     """The report as a JSON document of schema version 1 (see report.schema.json)."""
     return json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n"
-
-
-CSV_COLUMNS = (
-    "layer",
-    "call",
-    "type",
-    "channel",
-    "values_per_channel",
-    "normalizes_with",
-    "batch_mean",
-    "running_mean",
-    "batch_var",
-    "batch_var_unbiased",
-    "running_var",
-    "mean_shift_z",
-    "var_ratio",
-    "weight",
-    "bias",
-)
-
-
-def report_frame(report: Report) -> pd.DataFrame:
-    """One row per layer call and channel; layers without per-channel statistics get one row."""
-    import pandas as pd
-
-    rows = []
-    for layer in report.layers:
-        num_channels = len(layer.batch_mean or layer.running_mean or ())
-        per_channel = {
-            "batch_mean": layer.batch_mean,
-            "running_mean": layer.running_mean,
-            "batch_var": layer.batch_var,
-            "batch_var_unbiased": layer.batch_var_unbiased,
-            "running_var": layer.running_var,
-            "mean_shift_z": layer.mean_shift_z,
-            "var_ratio": layer.var_ratio,
-            "weight": layer.weight,
-            "bias": layer.bias,
-        }
-        common = {
-            "layer": layer.name,
-            "call": layer.call,
-            "type": layer.type,
-            "values_per_channel": layer.values_per_channel,
-            "normalizes_with": layer.normalizes_with,
-        }
-        if num_channels == 0:
-            rows.append({**common, "channel": None})
-        for c in range(num_channels):
-            row = {**common, "channel": c}
-            for key, values in per_channel.items():
-                row[key] = values[c] if values is not None and c < len(values) else None
-            rows.append(row)
-    frame: pd.DataFrame = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
-    frame["channel"] = frame["channel"].astype("Int64")
-    frame["values_per_channel"] = frame["values_per_channel"].astype("Int64")
-    return frame
 
 
 def to_csv(report: Report) -> str:
@@ -155,7 +96,7 @@ def to_markdown(report: Report, channel_patterns: tuple[str, ...] = ()) -> str:
     lines += [f"- {layer.explanation}" for layer in report.layers]
     lines += ["", "</details>", ""]
     if report.distributed is not None:
-        from bn_inspect.distributed.runtime import distributed_lines
+        from bn_inspect.output.ranks import distributed_lines
 
         lines += ["### Ranks", "", *(f"- {line}" for line in distributed_lines(report.distributed)), ""]
     for layer in matching_layers(report, channel_patterns):

@@ -16,8 +16,7 @@ from bn_inspect.report.records import LayerListing, LayerReport, Report, matchin
 from bn_inspect.report.rules import CheckReport
 
 if TYPE_CHECKING:
-    from bn_inspect.analyses.modes import ModeComparison
-    from bn_inspect.analyses.recalibration import RecalibrationResult
+    from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
 
 # |z| beyond which the batch mean sits far outside the running distribution.
 SHIFT_WARN = 1.0
@@ -248,7 +247,7 @@ def render_report(report: Report, channel_patterns: Sequence[str] = (), width: i
     for layer in matching_layers(report, channel_patterns):
         parts += [channel_table(layer), Text("")]
     if report.distributed is not None:
-        from bn_inspect.distributed.runtime import distributed_lines
+        from bn_inspect.output.ranks import distributed_lines
 
         parts += [Text("\n".join(distributed_lines(report.distributed))), Text("")]
     parts.append(

@@ -309,7 +309,7 @@ class Report:
 
     def to_dataframe(self) -> Any:
         """A pandas DataFrame with one row per layer call and channel (the CSV export's rows)."""
-        from bn_inspect.output.export import report_frame
+        from bn_inspect.report.frame import report_frame
 
         return report_frame(self)
 

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bn_inspect.engine.fused import TileConfig
+from bn_inspect.engine.fused.tiles import TileConfig
 from bn_inspect.engine.moments import ChannelMoments
 
 

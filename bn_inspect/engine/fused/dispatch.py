@@ -26,36 +26,15 @@ import functools
 import importlib.util
 import math
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bn_inspect.engine.fused.tiles import TILE
 from bn_inspect.engine.moments import ChannelMoments
 
-
-@dataclass(frozen=True)
-class TileConfig:
-    """How the fused kernel splits its input (benchmarks/gpu_check.py measures the choices).
-
-    Attributes:
-        elements: values in one tile: enough to stream at full bandwidth, few enough that the
-            running sums stay in registers.
-        tiles_per_program: tiles one program walks through before it reduces and writes its
-            partials: more means fewer partials to write and combine.
-        max_block_c: channels side by side in a tile.
-        num_warps: warps per program.
-    """
-
-    elements: int = 8192
-    tiles_per_program: int = 16
-    max_block_c: int = 64
-    num_warps: int = 4
-
-
-TILE = TileConfig()
 STOCK_FORWARD = _BatchNorm.forward
 _FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -70,7 +49,7 @@ def _kernels() -> Any:
     """The compiled kernels, or None where Triton is absent or turned off."""
     if os.environ.get("BN_INSPECT_FUSED") == "0" or importlib.util.find_spec("triton") is None:
         return None
-    from bn_inspect.engine import fused_kernels
+    from bn_inspect.engine.fused import kernels as fused_kernels
 
     return fused_kernels
 

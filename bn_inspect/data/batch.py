@@ -1,0 +1,57 @@
+"""The Batch: one forward pass worth of input tensors, and what user code may hand in as one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bn_inspect.errors import InputError
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One forward pass worth of inputs: positional and keyword tensors."""
+
+    args: tuple[torch.Tensor, ...]
+    kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        """Size of dim 0 of the first tensor."""
+        first = self.args[0] if self.args else next(iter(self.kwargs.values()))
+        return int(first.shape[0]) if first.dim() else 1
+
+    def tensors(self) -> list[torch.Tensor]:
+        """All tensors of the batch, positional first."""
+        return [*self.args, *self.kwargs.values()]
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Batch:
+        """The batch on ``device``, its floating-point tensors cast to ``dtype`` (the model's)."""
+        # A copy to the GPU may overlap the work queued before it; one to the host must be
+        # complete before the CPU reads it, which only a blocking copy guarantees. From pinned
+        # memory the GPU copy is asynchronous, so a caller who refills one pinned buffer in place
+        # must not do so before the forward has run (a DataLoader pins a new buffer per batch).
+        non_blocking = device.type != "cpu"
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, non_blocking=non_blocking)
+
+        return Batch(tuple(move(t) for t in self.args), {k: move(v) for k, v in self.kwargs.items()})
+
+
+def as_batch(item: Any) -> Batch:
+    """A Batch from a tensor, a dict of tensors, or an (inputs, targets) pair from a DataLoader."""
+    if isinstance(item, Batch):
+        return item
+    if isinstance(item, torch.Tensor):
+        return Batch((item,))
+    if isinstance(item, dict) and all(isinstance(v, torch.Tensor) for v in item.values()):
+        return Batch((), dict(item))
+    if isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+        return Batch((item[0],))
+    raise InputError(
+        f"cannot use a batch of type {type(item).__name__}",
+        "Pass tensors, dicts of tensors, (inputs, targets) pairs or bn_inspect.Batch objects",
+    )

@@ -1,0 +1,64 @@
+"""What a loaded module is: its device and dtype, its compiled wrapper, lazy parts, modes and norm layers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from bn_inspect.model.layers import NormLayer, is_uninitialized, iter_graph_norm_layers, iter_norm_layers
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def model_float_dtype(model: nn.Module) -> torch.dtype:
+    """What floating-point inputs are cast to: the dtype of the model's first initialized float tensor, else float32."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point() and not is_uninitialized(tensor):
+            return tensor.dtype
+    return torch.float32
+
+
+def has_lazy_modules(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params() for m in model.modules())
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The eager module inside a ``torch.compile`` wrapper: hooks added to a compiled model after
+    its first call never fire, and its graphs are shared between instances."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else model
+
+
+def find_layers(model: nn.Module) -> tuple[list[NormLayer], bool]:
+    """The model's normalization layers, and whether they were read off an exported graph."""
+    layers = iter_norm_layers(model)
+    if layers or not isinstance(model, torch.fx.GraphModule):
+        return layers, False
+    graph_layers = iter_graph_norm_layers(model)
+    return graph_layers, bool(graph_layers)
+
+
+def set_training(model: nn.Module, training: bool) -> None:
+    """model.train(training), except for exported programs, whose mode was fixed at export."""
+    try:
+        model.train(training)
+    except NotImplementedError:
+        return
+
+
+def set_norm_layers_training(model: nn.Module, layers: Iterable[NormLayer]) -> None:
+    """Every module in eval mode except the given normalization layers, which train.
+
+    Non-recursive for the layers, so a layer's own submodules (the dropout inside timm's
+    BatchNormAct2d) stay in eval.
+    """
+    model.eval()
+    for layer in layers:
+        layer.module.training = True
