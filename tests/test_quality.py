@@ -1,4 +1,4 @@
-"""The style gate runs with the tests: ruff (lint and format) and mypy --strict on the package."""
+"""The style gate runs with the tests: ruff (lint and format), mypy --strict and import-linter's room contracts."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ ROOT = Path(__file__).parent.parent
         ["ruff", "check", "bn_inspect", "tests", "sample_models", "benchmarks"],
         ["ruff", "format", "--check", "bn_inspect", "tests", "sample_models", "benchmarks"],
         ["mypy"],
+        ["lint-imports"],
     ],
-    ids=["ruff-check", "ruff-format", "mypy"],
+    ids=["ruff-check", "ruff-format", "mypy", "import-linter"],
 )
 def test_tool_passes(command: list[str]) -> None:
     executable = shutil.which(command[0], path=str(Path(sys.executable).parent)) or shutil.which(command[0])
