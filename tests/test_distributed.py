@@ -172,7 +172,7 @@ def describe_records(records: dict[tuple[str, int], CallRecord]) -> dict[str, di
         elif isinstance(moments, InstanceMoments):
             entry |= {
                 "count": moments.num_instances,
-                "mean": moments.mean().tolist(),
+                "mean": moments.mean.tolist(),
                 "var": moments.biased_var().tolist(),
             }
         described[f"{name}#{call}"] = entry

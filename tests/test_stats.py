@@ -121,7 +121,7 @@ def test_instance_moments_average_per_instance_statistics() -> None:
     x = make_input((6, 4, 5, 7), mean=2.0, std=3.0)
     flat = x.double().numpy().reshape(6, 4, -1)
     moments = instance_moments(x[:2]).merge(instance_moments(x[2:]))
-    np.testing.assert_allclose(moments.mean().numpy(), flat.mean(axis=2).mean(axis=0), rtol=1e-7)
+    np.testing.assert_allclose(moments.mean.numpy(), flat.mean(axis=2).mean(axis=0), rtol=1e-7)
     np.testing.assert_allclose(moments.biased_var().numpy(), flat.var(axis=2).mean(axis=0), rtol=1e-5)
     np.testing.assert_allclose(moments.unbiased_var().numpy(), flat.var(axis=2, ddof=1).mean(axis=0), rtol=1e-5)
 

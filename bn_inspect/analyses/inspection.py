@@ -31,7 +31,6 @@ from bn_inspect.engine.capture import (
     hooks_and_functional_capture,
     preserved_state,
 )
-from bn_inspect.engine.moments import ChannelMoments, InstanceMoments
 from bn_inspect.errors import (
     BnInspectError,
     ExportModeError,
@@ -326,14 +325,10 @@ def _layer_report(record: CallRecord, mode: Mode) -> LayerReport:
     batch_mean = batch_var = batch_var_unbiased = None
     values_per_channel: int | None = None
     moments = record.moments
-    if isinstance(moments, ChannelMoments):
+    if moments is not None:
         batch_mean, batch_var = _floats(moments.mean), _floats(moments.biased_var())
         batch_var_unbiased = _floats(moments.unbiased_var())
-        values_per_channel = moments.count
-    elif isinstance(moments, InstanceMoments):
-        batch_mean, batch_var = _floats(moments.mean()), _floats(moments.biased_var())
-        batch_var_unbiased = _floats(moments.unbiased_var())
-        values_per_channel = moments.num_instances * moments.values_per_instance
+        values_per_channel = moments.values_per_channel
     explanation = axes.sentence
     if record.num_batches > 1 and values_per_channel is not None:
         explanation += f" Over {record.num_batches} batches: {values_per_channel:,} values per channel in all."

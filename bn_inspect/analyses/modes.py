@@ -39,10 +39,10 @@ from torch.utils import _pytree as pytree
 from bn_inspect.analyses.inspection import run_model
 from bn_inspect.data.batch import Batch, as_batch
 from bn_inspect.engine.capture import PlainDispatchMode, StatisticsRecorder, preserved_state
-from bn_inspect.engine.moments import ChannelMoments, InstanceMoments
 from bn_inspect.errors import InputError, LazyModelError, ModeComparisonError, NoNormLayersError
 from bn_inspect.model.layers import NormFamily, NormLayer, is_uninitialized, iter_norm_layers
 from bn_inspect.model.modules import model_device, model_float_dtype, set_norm_layers_training
+from bn_inspect.report import shift
 from bn_inspect.report.comparisons import LayerModeGap, ModeComparison, OutputGap
 
 DEFAULT_THRESHOLD = 0.05
@@ -433,15 +433,12 @@ def _entry(layer: NormLayer, call: int, sums: _Sums, recorder: StatisticsRecorde
     record = recorder.records.get((layer.name, call))
     moments = record.moments if record is not None else None
     values_per_channel = max_z = mean_z = worst_ratio = None
-    if isinstance(moments, (ChannelMoments, InstanceMoments)):
-        if isinstance(moments, ChannelMoments):
-            mean, biased = moments.mean, moments.biased_var()
-            values_per_channel = moments.count
-        else:
-            mean, biased = moments.mean(), moments.biased_var()
-            values_per_channel = moments.num_instances * moments.values_per_instance
+    if moments is not None:
+        values_per_channel = moments.values_per_channel
         if layer.running_mean is not None and layer.running_var is not None:
-            max_z, mean_z, worst_ratio = _shift(mean, biased, layer)
+            z = shift.mean_shift_z(_floats(moments.mean), layer.running_mean, layer.running_var, layer.eps or 0.0)
+            max_z, mean_z = shift.max_abs(z), shift.mean_abs(z)
+            worst_ratio = shift.worst_ratio(shift.var_ratio(_floats(moments.biased_var()), layer.running_var))
     return LayerModeGap(
         name=layer.name,
         call=call,
@@ -458,14 +455,5 @@ def _entry(layer: NormLayer, call: int, sums: _Sums, recorder: StatisticsRecorde
     )
 
 
-def _shift(mean: torch.Tensor, biased: torch.Tensor, layer: NormLayer) -> tuple[float, float, float]:
-    running_mean = torch.tensor(layer.running_mean, dtype=torch.float64)
-    running_var = torch.tensor(layer.running_var, dtype=torch.float64)
-    mean, biased = mean.cpu(), biased.cpu()
-    z = ((mean - running_mean) / (running_var + (layer.eps or 0.0)).sqrt()).abs()
-    ratio = biased / running_var
-    if not z.numel() or bool(z.isnan().any()):
-        return math.nan, math.nan, math.nan
-    distance = ratio.log().abs().nan_to_num(math.inf)
-    worst = math.nan if bool(ratio.isnan().any()) else float(ratio[distance.argmax()])
-    return float(z.max()), float(z.mean()), worst
+def _floats(tensor: torch.Tensor) -> tuple[float, ...]:
+    return tuple(float(v) for v in tensor.detach().to("cpu", torch.float64).tolist())

@@ -106,7 +106,7 @@ from bn_inspect.engine.capture import (
     hooks_capture,
     preserved_state,
 )
-from bn_inspect.engine.moments import ChannelMoments, InstanceMoments
+from bn_inspect.engine.moments import Moments
 from bn_inspect.errors import (
     BnInspectError,
     ForwardError,
@@ -117,10 +117,10 @@ from bn_inspect.errors import (
 )
 from bn_inspect.model.layers import NormFamily, NormLayer, is_uninitialized, iter_norm_layers
 from bn_inspect.model.modules import model_device, model_float_dtype, set_norm_layers_training
+from bn_inspect.report import shift
 from bn_inspect.report.comparisons import RecalibratedLayer, RecalibrationResult, SkippedLayer
 
 Floats = tuple[float, ...]
-Moments = ChannelMoments | InstanceMoments
 
 
 class RecalibrationMethod(str, Enum):
@@ -676,8 +676,8 @@ def _first_disagreeing(
         written, measured = seen.get(name), check.get(name)
         if written is None or measured is None or written.calls_per_forward > 1 or _unusable(written):
             continue  # a module called twice cannot agree exactly (see the result's notes)
-        mean, biased = _mean_and_biased_var(written.moments)
-        measured_mean, measured_biased = _mean_and_biased_var(measured.moments)
+        mean, biased = written.moments.mean, written.moments.biased_var()
+        measured_mean, measured_biased = measured.moments.mean, measured.moments.biased_var()
         scale = biased + (targets[name].layer.eps or 0.0)
         z = (measured_mean - mean).abs() / scale.sqrt()
         ratio = (measured_biased - biased).abs() / scale
@@ -686,23 +686,14 @@ def _first_disagreeing(
     return None
 
 
-def _mean_and_biased_var(moments: Moments) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(moments, ChannelMoments):
-        return moments.mean, moments.biased_var()
-    return moments.mean(), moments.biased_var()
-
-
 def _new_statistics(moments: Moments) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(moments, ChannelMoments):
-        return moments.mean, moments.unbiased_var()
-    return moments.mean(), moments.unbiased_var()
+    return moments.mean, moments.unbiased_var()
 
 
 def _unusable(seen: _Seen) -> str | None:
     """Why these statistics must not be written, or None."""
     moments = seen.moments
-    per_statistic = moments.count if isinstance(moments, ChannelMoments) else moments.values_per_instance
-    if per_statistic < 2 or _values_per_channel(moments) < 2:
+    if moments.values_per_statistic < 2 or moments.values_per_channel < 2:
         return "fewer than 2 values per channel on these batches: no unbiased variance"
     mean, var = _new_statistics(moments)
     if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
@@ -725,25 +716,15 @@ def _summary(
     moments: Moments, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float
 ) -> tuple[float, float]:
     """(max |mean shift z|, worst var ratio) of the data in ``moments`` against running statistics."""
-    mean, biased = _mean_and_biased_var(moments)
-    running_mean, running_var = running_mean.double(), running_var.double()
-    z = (mean - running_mean) / (running_var + eps).sqrt()
-    ratio = biased / running_var
-    max_z = math.nan if bool(z.isnan().any()) else float(z.abs().max()) if z.numel() else math.nan
-    if not ratio.numel() or bool(ratio.isnan().any()):
-        return max_z, math.nan
-    distance = ratio.log().abs().nan_to_num(math.inf)
-    return max_z, float(ratio[distance.argmax()])
+    old_var = _floats(running_var)
+    z = shift.mean_shift_z(_floats(moments.mean), _floats(running_mean), old_var, eps)
+    ratio = shift.var_ratio(_floats(moments.biased_var()), old_var)
+    max_z, worst = shift.max_abs(z), shift.worst_ratio(ratio)
+    return (math.nan if max_z is None else max_z), (math.nan if worst is None else worst)
 
 
 def _floats(tensor: torch.Tensor) -> Floats:
     return tuple(float(v) for v in tensor.detach().to("cpu", torch.float64).tolist())
-
-
-def _values_per_channel(moments: Moments) -> int:
-    if isinstance(moments, ChannelMoments):
-        return moments.count
-    return moments.num_instances * moments.values_per_instance
 
 
 def _describe(
@@ -768,7 +749,7 @@ def _describe(
         num_channels=int(target.running_mean.numel()),
         num_calls=seen.num_calls,
         calls_per_forward=seen.calls_per_forward,
-        values_per_channel=_values_per_channel(seen.moments),
+        values_per_channel=seen.moments.values_per_channel,
         wave=wave,
         old_running_mean=_floats(old_mean),
         old_running_var=_floats(old_var),

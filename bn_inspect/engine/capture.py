@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bn_inspect.engine.axes import TensorLayout, kernel_reduced_dims
 from bn_inspect.engine.fused.dispatch import STOCK_FORWARD, batch_norm_eval_with_moments, fused_applies, fused_may_run
-from bn_inspect.engine.moments import ChannelMoments, InstanceMoments, channel_moments, instance_moments
+from bn_inspect.engine.moments import ChannelMoments, Moments, channel_moments, instance_moments
 from bn_inspect.errors import ShapeMismatchError
 from bn_inspect.model.layers import (
     BATCH_NORM_OPS,
@@ -36,8 +36,6 @@ from bn_inspect.model.layers import (
     functional_candidates,
     is_uninitialized,
 )
-
-Moments = ChannelMoments | InstanceMoments
 
 
 @dataclass

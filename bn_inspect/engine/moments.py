@@ -11,6 +11,9 @@ synchronises with the host until the report is built:
   are those of all values seen, not an average of per-batch numbers.
 * ``InstanceMoments`` for InstanceNorm, which normalizes every (sample, channel) pair over its own
   spatial values and whose running statistics average those per-instance statistics.
+
+Both answer the same questions alike (``Moments``): ``mean``, ``biased_var()``, ``unbiased_var()``,
+``values_per_channel``, ``values_per_statistic`` and ``merge``, so no caller asks which it holds.
 """
 
 from __future__ import annotations
@@ -41,6 +44,16 @@ class ChannelMoments:
     count: int
     mean: torch.Tensor
     m2: torch.Tensor
+
+    @property
+    def values_per_channel(self) -> int:
+        """Values behind each channel's statistics: ``count``."""
+        return self.count
+
+    @property
+    def values_per_statistic(self) -> int:
+        """Values behind one mean and one variance: ``count`` (decides whether n - 1 > 0)."""
+        return self.count
 
     def merge(self, other: ChannelMoments) -> ChannelMoments:
         """Moments of the union of both value sets (Chan et al.'s parallel update)."""
@@ -186,6 +199,17 @@ class InstanceMoments:
             self.var_sum + other.var_sum,
         )
 
+    @property
+    def values_per_channel(self) -> int:
+        """Values behind each channel's averaged statistics: every instance's spatial values."""
+        return self.num_instances * self.values_per_instance
+
+    @property
+    def values_per_statistic(self) -> int:
+        """Values behind one instance's mean and variance (decides whether n - 1 > 0)."""
+        return self.values_per_instance
+
+    @property
     def mean(self) -> torch.Tensor:
         """Average instance mean: what running_mean tracks."""
         return self.mean_sum / self.num_instances
@@ -200,6 +224,9 @@ class InstanceMoments:
             return torch.full_like(self.var_sum, float("nan"))
         n = self.values_per_instance
         return self.var_sum / self.num_instances * (n / (n - 1))
+
+
+Moments = ChannelMoments | InstanceMoments
 
 
 def instance_moments(x: torch.Tensor) -> InstanceMoments:

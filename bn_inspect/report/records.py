@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bn_inspect.report import shift
+
 SCHEMA_VERSION = 1
 
 Floats = tuple[float, ...]
@@ -113,50 +115,27 @@ class LayerReport:
 
     @property
     def mean_shift_z(self) -> Floats | None:
-        """(batch_mean - running_mean) / sqrt(running_var + eps) per channel."""
+        """(batch_mean - running_mean) / sqrt(running_var + eps) per channel (report/shift.py)."""
         if self.batch_mean is None or self.running_mean is None or self.running_var is None:
             return None
-        eps = self.eps or 0.0
-        return tuple(
-            _div(b - r, math.sqrt(v + eps) if v + eps >= 0 else math.nan)
-            for b, r, v in zip(self.batch_mean, self.running_mean, self.running_var, strict=True)
-        )
+        return shift.mean_shift_z(self.batch_mean, self.running_mean, self.running_var, self.eps or 0.0)
 
     @property
     def var_ratio(self) -> Floats | None:
         """batch_var / running_var per channel."""
         if self.batch_var is None or self.running_var is None:
             return None
-        return tuple(_div(b, r) for b, r in zip(self.batch_var, self.running_var, strict=True))
+        return shift.var_ratio(self.batch_var, self.running_var)
 
     @property
     def max_abs_shift_z(self) -> float | None:
         """The largest |mean_shift_z| over channels (NaN if any channel is NaN)."""
-        return _max_abs(self.mean_shift_z)
+        return shift.max_abs(self.mean_shift_z)
 
     @property
     def worst_var_ratio(self) -> float | None:
-        """The channel's var_ratio farthest from 1 on a log scale."""
-        ratios = self.var_ratio
-        if not ratios:
-            return None
-        if any(math.isnan(r) for r in ratios):
-            return math.nan
-        return max(ratios, key=lambda r: abs(math.log(r)) if 0 < r < math.inf else math.inf)
-
-
-def _div(a: float, b: float) -> float:
-    if b == 0 or math.isnan(b):
-        return math.nan if a == 0 or math.isnan(a) or math.isnan(b) else math.copysign(math.inf, a)
-    return a / b
-
-
-def _max_abs(values: Floats | None) -> float | None:
-    if not values:
-        return None
-    if any(math.isnan(v) for v in values):
-        return math.nan
-    return max(abs(v) for v in values)
+        """The channel's var_ratio farthest from 1 on a log scale (NaN if any channel is NaN)."""
+        return shift.worst_ratio(self.var_ratio)
 
 
 @dataclass(frozen=True)
