@@ -152,12 +152,12 @@ def nccl_exchange_check() -> None:
     import torch
     import torch.distributed as dist
 
-    from bn_inspect.distributed.collectives import _exchange
+    from bn_inspect.distributed.collectives import exchange
 
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
     values = torch.arange(5, dtype=torch.float64, device="cuda") / 3
-    ((header, floats),) = _exchange(b"header", values, None, "checking nccl")
+    ((header, floats),) = exchange(b"header", values, None, "checking nccl")
     print(json.dumps({"nccl_header": header.decode(), "nccl_floats_equal": bool(torch.equal(floats, values.cpu()))}))
     dist.destroy_process_group()
 

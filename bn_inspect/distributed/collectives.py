@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from bn_inspect.distributed.context import TIMEOUT_ENV, _first_line, _group_rank_and_size
+from bn_inspect.distributed.context import TIMEOUT_ENV, first_line, group_rank_and_size
 from bn_inspect.errors import BnInspectError, DistributedError, RankFailure
 
 if TYPE_CHECKING:
@@ -38,15 +38,15 @@ def _contact(step: str, group: ProcessGroup | None) -> Iterator[None]:
     try:
         yield
     except RuntimeError as error:
-        rank, world = _group_rank_and_size(group)
+        rank, world = group_rank_and_size(group)
         raise DistributedError(
-            f"rank {rank} of {world} lost contact with the other ranks while {step} ({_first_line(error)})",
+            f"rank {rank} of {world} lost contact with the other ranks while {step} ({first_line(error)})",
             "Another rank exited, crashed or is stuck: see its output above. Collectives time out after "
             f"the process group's timeout ({TIMEOUT_ENV} seconds when bn-inspect created the group)",
         ) from error
 
 
-def _exchange(
+def exchange(
     header: bytes, floats: torch.Tensor, group: ProcessGroup | None, step: str
 ) -> list[tuple[bytes, torch.Tensor]]:
     """all_gather of a byte string and a 1-D float64 tensor of any lengths: one pair per rank.
@@ -56,7 +56,7 @@ def _exchange(
     import torch
     import torch.distributed as dist
 
-    _, world = _group_rank_and_size(group)
+    _, world = group_rank_and_size(group)
     device = _collective_device(group)
     with _contact(step, group):
         sizes = torch.tensor([len(header), floats.numel()], dtype=torch.int64, device=device)
@@ -85,11 +85,11 @@ def gather_json(value: Any, group: ProcessGroup | None, step: str) -> list[Any]:
     """Every rank's JSON-serialisable ``value``, in rank order (one exchange; nothing is pickled)."""
     import torch
 
-    _, world = _group_rank_and_size(group)
+    _, world = group_rank_and_size(group)
     header = json.dumps(value, sort_keys=True).encode()
     if world == 1:
         return [json.loads(header)]
-    gathered = _exchange(header, torch.zeros(0, dtype=torch.float64), group, step)
+    gathered = exchange(header, torch.zeros(0, dtype=torch.float64), group, step)
     return [json.loads(text) for text, _ in gathered]
 
 
@@ -108,7 +108,7 @@ def _status(error: BaseException | None) -> dict[str, Any]:
     return {
         "ok": False,
         "type": type(error).__name__,
-        "what": _first_line(error),
+        "what": first_line(error),
         "fix": "",
         "internal": True,
         "exit_code": 3,
@@ -129,14 +129,14 @@ def exchange_status(error: BaseException | None, group: ProcessGroup | None = No
     """
     import torch
 
-    _, world = _group_rank_and_size(group)
+    _, world = group_rank_and_size(group)
     if world == 1:
         if error is not None:
             raise error
         return
     payload = json.dumps(_status(error)).encode()
     statuses = [
-        json.loads(text) for text, _ in _exchange(payload, torch.zeros(0), group, "exchanging each rank's status")
+        json.loads(text) for text, _ in exchange(payload, torch.zeros(0), group, "exchanging each rank's status")
     ]
     failures = tuple(
         RankFailure(r, s["type"], s["what"], s["fix"], s["internal"], s["exit_code"])

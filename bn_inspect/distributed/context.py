@@ -171,7 +171,7 @@ def distributed_context(
     except (RuntimeError, ValueError) as error:
         raise DistributedError(
             f"rank {rank} of {world} could not join the process group at "
-            f"{environ.get('MASTER_ADDR')}:{environ.get('MASTER_PORT')} ({_first_line(error)})",
+            f"{environ.get('MASTER_ADDR')}:{environ.get('MASTER_PORT')} ({first_line(error)})",
             f"Check that every rank was started and can reach MASTER_ADDR; the wait times out after {timeout:g} s",
         ) from error
     try:
@@ -209,7 +209,8 @@ def joined_context(environ: Mapping[str, str] | None = None) -> DistributedConte
     )
 
 
-def _group_rank_and_size(group: ProcessGroup | None) -> tuple[int, int]:
+def group_rank_and_size(group: ProcessGroup | None) -> tuple[int, int]:
+    """This process's rank in ``group`` and the group's size; (0, 1) without a process group."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -217,7 +218,8 @@ def _group_rank_and_size(group: ProcessGroup | None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """One line of a torch.distributed error for a message: no C++ source location, no generic hint."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)
     text = text.split(". This is typically caused")[0]

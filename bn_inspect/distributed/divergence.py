@@ -10,8 +10,8 @@ import json
 import math
 from typing import TYPE_CHECKING
 
-from bn_inspect.distributed.collectives import _exchange
-from bn_inspect.distributed.context import _group_rank_and_size
+from bn_inspect.distributed.collectives import exchange
+from bn_inspect.distributed.context import group_rank_and_size
 from bn_inspect.errors import DistributedError
 from bn_inspect.report.records import BufferDivergence, LayerDivergence, RankDivergence
 from bn_inspect.report.rules import RULES, Finding
@@ -65,7 +65,7 @@ def rank_divergence(model: nn.Module, group: ProcessGroup | None = None) -> Rank
     """
     import torch
 
-    rank, world = _group_rank_and_size(group)
+    rank, world = group_rank_and_size(group)
     entries = _layer_buffers(model)
     header = json.dumps([[name, type_name, buffer_name, int(t.numel())] for name, type_name, buffer_name, t in entries])
     values = (
@@ -76,7 +76,7 @@ def rank_divergence(model: nn.Module, group: ProcessGroup | None = None) -> Rank
     if world == 1:
         gathered = [(header.encode(), values)]
     else:
-        gathered = _exchange(header.encode(), values, group, "comparing buffers across ranks")
+        gathered = exchange(header.encode(), values, group, "comparing buffers across ranks")
     for other, (text, _) in enumerate(gathered):
         if text.decode() != header:
             raise DistributedError(

@@ -27,8 +27,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from bn_inspect.distributed.collectives import _exchange
-from bn_inspect.distributed.context import _group_rank_and_size
+from bn_inspect.distributed.collectives import exchange
+from bn_inspect.distributed.context import group_rank_and_size
 from bn_inspect.errors import DistributedError
 from bn_inspect.report.records import RankShare
 
@@ -186,13 +186,13 @@ def merge_run_across_ranks(
         DistributedError: the ranks lost contact, or report one layer call with different kinds
             of statistics or channel counts (they do not run the same model).
     """
-    _, world = _group_rank_and_size(group)
+    _, world = group_rank_and_size(group)
     if world == 1:
         share = RankShare(0, totals.num_batches, totals.num_samples)
         return MergedRun(dict(records), totals, (share,))
     known = {layer.name: layer for layer in layers}
     header, floats = _encode_records(records, totals, set(known))
-    gathered = _exchange(header, floats, group, "merging the statistics of all ranks")
+    gathered = exchange(header, floats, group, "merging the statistics of all ranks")
     decoded = []
     for text, values in gathered:
         document = json.loads(text)
