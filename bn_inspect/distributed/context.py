@@ -103,6 +103,19 @@ def _env_int(environ: Mapping[str, str], name: str) -> int:
         raise DistributedError(f"{name}={text!r} is not an integer", "Launch with torchrun") from None
 
 
+def _torchrun_ranks(environ: Mapping[str, str], world: int) -> tuple[int, int]:
+    """RANK and LOCAL_RANK from torchrun's environment, once it tells where the ranks meet."""
+    rank = _env_int(environ, "RANK")
+    local_rank = int(environ.get("LOCAL_RANK", rank))
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not environ.get(name):
+            raise DistributedError(
+                f"WORLD_SIZE={world} is set but {name} is not, so the ranks cannot find each other",
+                "Launch with torchrun, which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT",
+            )
+    return rank, local_rank
+
+
 @contextmanager
 def distributed_context(
     *,
@@ -146,14 +159,7 @@ def distributed_context(
         raise DistributedError(
             "WORLD_SIZE is set but this torch build has no torch.distributed", "Install a torch build with it"
         )
-    rank = _env_int(environ, "RANK")
-    local_rank = int(environ.get("LOCAL_RANK", rank))
-    for name in ("MASTER_ADDR", "MASTER_PORT"):
-        if not environ.get(name):
-            raise DistributedError(
-                f"WORLD_SIZE={world} is set but {name} is not, so the ranks cannot find each other",
-                "Launch with torchrun, which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT",
-            )
+    rank, local_rank = _torchrun_ranks(environ, world)
     timeout = collective_timeout_s(timeout_s, environ)
     uses_cuda = device is not None and device.startswith("cuda")
     chosen = backend or ("nccl" if uses_cuda and dist.is_nccl_available() else "gloo")
