@@ -166,7 +166,7 @@ def merge_run_across_ranks(
     """Merge every rank's recorded moments and totals; every rank gets identical results.
 
     Per layer call the moments of ranks 0, 1, ..., W-1 are folded in that order with the exact
-    merge of stats.py (Chan's formula for ChannelMoments, sums for InstanceMoments), in float64
+    merge of engine/moments.py (Chan's formula for ChannelMoments, sums for InstanceMoments), in float64
     on the CPU. A layer call that ran on some ranks only (a rank with no batches, data-dependent
     control flow) merges over the ranks that ran it. ``num_batches`` and the totals add; the
     input shape reported is that of the lowest rank that ran the call.
