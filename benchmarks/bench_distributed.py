@@ -68,7 +68,9 @@ def worker(num_batches: int, batch_size: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from bn_inspect.distributed.runtime import RunTotals, distributed_context, merge_run_across_ranks, shard_batches
+    from bn_inspect.distributed.context import distributed_context
+    from bn_inspect.distributed.merge import RunTotals, merge_run_across_ranks
+    from bn_inspect.distributed.sharding import shard_batches
     from bn_inspect.engine.capture import StatisticsRecorder, hooks_capture, preserved_state
     from bn_inspect.model.layers import iter_norm_layers
 
@@ -104,7 +106,8 @@ def cuda_worker(num_batches: int, batch_size: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from bn_inspect.distributed.runtime import RunTotals, merge_run_across_ranks, shard_batches
+    from bn_inspect.distributed.merge import RunTotals, merge_run_across_ranks
+    from bn_inspect.distributed.sharding import shard_batches
     from bn_inspect.engine.capture import CallRecord, StatisticsRecorder, hooks_capture
     from bn_inspect.engine.moments import ChannelMoments
     from bn_inspect.model.layers import iter_norm_layers
@@ -149,12 +152,12 @@ def nccl_exchange_check() -> None:
     import torch
     import torch.distributed as dist
 
-    from bn_inspect.distributed.runtime import _exchange
+    from bn_inspect.distributed.collectives import exchange
 
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
     values = torch.arange(5, dtype=torch.float64, device="cuda") / 3
-    ((header, floats),) = _exchange(b"header", values, None, "checking nccl")
+    ((header, floats),) = exchange(b"header", values, None, "checking nccl")
     print(json.dumps({"nccl_header": header.decode(), "nccl_floats_equal": bool(torch.equal(floats, values.cpu()))}))
     dist.destroy_process_group()
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from bn_inspect.analyses.modes import compare_modes
     from bn_inspect.analyses.recalibration import recalibrate, save_like
     from bn_inspect.data.batch import Batch
-    from bn_inspect.distributed.runtime import DistributedContext
+    from bn_inspect.distributed.context import DistributedContext
     from bn_inspect.model.loading import load_model
 
 __version__ = "0.1.0"
@@ -48,7 +48,7 @@ _LAZY = {
     "inspect_model": "bn_inspect.analyses.inspection",
     "Batch": "bn_inspect.data.batch",
     "load_model": "bn_inspect.model.loading",
-    "DistributedContext": "bn_inspect.distributed.runtime",
+    "DistributedContext": "bn_inspect.distributed.context",
 }
 
 

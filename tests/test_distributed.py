@@ -34,30 +34,17 @@ from torch import nn
 
 from bn_inspect.analyses.inspection import check_model, inspect_model
 from bn_inspect.data.inputs import DirectoryData, open_input
-from bn_inspect.distributed.runtime import (
-    BufferDivergence,
-    DistributedContext,
-    LayerDivergence,
-    RankDivergence,
-    RunTotals,
-    collective_timeout_s,
-    describe_failures,
-    distributed_context,
-    divergence_findings,
-    exchange_status,
-    fail_together,
-    local_sync_batch_norm,
-    merge_run_across_ranks,
-    rank_divergence,
-    shard_batches,
-    shard_files,
-    shard_input,
-    sync_batch_norm_groups,
-)
+from bn_inspect.distributed.collectives import describe_failures, exchange_status, fail_together
+from bn_inspect.distributed.context import DistributedContext, collective_timeout_s, distributed_context
+from bn_inspect.distributed.divergence import divergence_findings, rank_divergence
+from bn_inspect.distributed.merge import RunTotals, merge_run_across_ranks
+from bn_inspect.distributed.sharding import shard_batches, shard_files, shard_input
+from bn_inspect.distributed.syncbn import local_sync_batch_norm, sync_batch_norm_groups
 from bn_inspect.engine.capture import CallRecord, StatisticsRecorder, hooks_capture, preserved_state
 from bn_inspect.engine.moments import ChannelMoments, InstanceMoments
 from bn_inspect.errors import BnInspectError, DistributedError, InputError, RankFailure
 from bn_inspect.model.layers import NormLayer, iter_norm_layers
+from bn_inspect.report.records import BufferDivergence, LayerDivergence, RankDivergence
 from tests.conftest import state_fingerprint
 from tests.models import ChannelLayerNorm, randomize_norm_state
 

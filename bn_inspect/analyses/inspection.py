@@ -12,17 +12,11 @@ import torch
 from torch import nn
 
 from bn_inspect.data.batch import Batch, as_batch
-from bn_inspect.distributed.runtime import (
-    DistributedContext,
-    RunTotals,
-    divergence_findings,
-    fail_together,
-    joined_context,
-    local_sync_batch_norm,
-    merge_run_across_ranks,
-    rank_divergence,
-    sync_batch_norm_groups,
-)
+from bn_inspect.distributed.collectives import fail_together
+from bn_inspect.distributed.context import DistributedContext, joined_context
+from bn_inspect.distributed.divergence import divergence_findings, rank_divergence
+from bn_inspect.distributed.merge import RunTotals, merge_run_across_ranks
+from bn_inspect.distributed.syncbn import local_sync_batch_norm, sync_batch_norm_groups
 from bn_inspect.engine.axes import explain_axes
 from bn_inspect.engine.capture import (
     CallRecord,

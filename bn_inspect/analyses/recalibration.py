@@ -89,15 +89,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bn_inspect.analyses.inspection import run_model
 from bn_inspect.data.batch import as_batch
-from bn_inspect.distributed.runtime import (
-    DistributedContext,
-    RunTotals,
-    fail_together,
-    gather_json,
-    joined_context,
-    local_sync_batch_norm,
-    merge_run_across_ranks,
-)
+from bn_inspect.distributed.collectives import fail_together, gather_json
+from bn_inspect.distributed.context import DistributedContext, joined_context
+from bn_inspect.distributed.merge import RunTotals, merge_run_across_ranks
+from bn_inspect.distributed.syncbn import local_sync_batch_norm
 from bn_inspect.engine.capture import (
     CallRecord,
     PlainDispatchMode,

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
     from bn_inspect.data.batch import Batch
     from bn_inspect.data.inputs import DirectoryData, InputData
-    from bn_inspect.distributed.runtime import DistributedContext, ShardedInput
+    from bn_inspect.distributed.context import DistributedContext
+    from bn_inspect.distributed.sharding import ShardedInput
     from bn_inspect.model.loading import LoadedModel
     from bn_inspect.report.records import Report
     from bn_inspect.report.rules import CheckReport
@@ -272,7 +273,7 @@ def _prepare(
 @contextmanager
 def _all_or_none(context: DistributedContext) -> Iterator[None]:
     """Under torchrun: if the block fails on any rank, it fails on every rank, so none waits on the others."""
-    from bn_inspect.distributed.runtime import fail_together
+    from bn_inspect.distributed.collectives import fail_together
 
     if not context.is_distributed:
         yield
@@ -327,7 +328,7 @@ def inspect_command(
       bn-inspect inspect model.ts --shape 16,3,32,32 --format json --output report.json
     """
     from bn_inspect.analyses.inspection import inspect_model
-    from bn_inspect.distributed.runtime import distributed_context
+    from bn_inspect.distributed.context import distributed_context
     from bn_inspect.output.export import to_csv, to_json, to_markdown
     from bn_inspect.report.records import ModelInfo
 
@@ -443,7 +444,8 @@ def check_command(
     """
     from bn_inspect.analyses.inspection import check_model
     from bn_inspect.config import load_check_config
-    from bn_inspect.distributed.runtime import distributed_context, gather_json
+    from bn_inspect.distributed.collectives import gather_json
+    from bn_inspect.distributed.context import distributed_context
     from bn_inspect.report.records import ModelInfo
     from bn_inspect.report.rules import Thresholds, unknown_codes
 
@@ -715,7 +717,8 @@ def recalibrate_command(
     """
     from bn_inspect.analyses.recalibration import recalibrate, save_like
     from bn_inspect.data.inputs import DEFAULT_BATCH_SIZE, check_fits_memory, open_input
-    from bn_inspect.distributed.runtime import distributed_context, shard_input
+    from bn_inspect.distributed.context import distributed_context
+    from bn_inspect.distributed.sharding import shard_input
     from bn_inspect.model.loading import load_model, parse_arch_kwargs
     from bn_inspect.output.export import dataclass_to_json
 
@@ -801,7 +804,7 @@ def _make_batches(
 
     rank, world_size = shard
     if shape is not None:
-        from bn_inspect.distributed.runtime import shard_batches
+        from bn_inspect.distributed.sharding import shard_batches
 
         parsed = parse_shape(shape)
         count = max_batches or 1
@@ -809,7 +812,7 @@ def _make_batches(
         mine = shard_batches(random_batches(parsed, count, seed), rank, world_size)
         return _with_progress(mine, len(range(rank, count, world_size)), quiet), f"random normal, seed {seed}"
     if input_file is not None:
-        from bn_inspect.distributed.runtime import shard_input
+        from bn_inspect.distributed.sharding import shard_input
 
         data = open_input(input_file, key=input_key, drop_columns=drop_columns)
         size = batch_size or DEFAULT_BATCH_SIZE
@@ -846,7 +849,7 @@ def _guessed_batches(
 ) -> tuple[Iterator[Batch], str]:
     from bn_inspect.analyses.inspection import find_working_shape
     from bn_inspect.data.inputs import guess_input_shapes, random_batches
-    from bn_inspect.distributed.runtime import shard_batches
+    from bn_inspect.distributed.sharding import shard_batches
 
     guess = guess_input_shapes(module, batch_size)
     chosen = find_working_shape(module, guess.shapes) if guess else None
