@@ -68,8 +68,9 @@ def worker(num_batches: int, batch_size: int) -> None:
     import torch
     import torch.distributed as dist
 
+    from bn_inspect.data.batch import RunTotals
     from bn_inspect.distributed.context import distributed_context
-    from bn_inspect.distributed.merge import RunTotals, merge_run_across_ranks
+    from bn_inspect.distributed.merge import merge_run_across_ranks
     from bn_inspect.distributed.sharding import shard_batches
     from bn_inspect.engine.capture import StatisticsRecorder, hooks_capture, preserved_state
     from bn_inspect.model.layers import iter_norm_layers
@@ -106,7 +107,8 @@ def cuda_worker(num_batches: int, batch_size: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from bn_inspect.distributed.merge import RunTotals, merge_run_across_ranks
+    from bn_inspect.data.batch import RunTotals
+    from bn_inspect.distributed.merge import merge_run_across_ranks
     from bn_inspect.distributed.sharding import shard_batches
     from bn_inspect.engine.capture import CallRecord, StatisticsRecorder, hooks_capture
     from bn_inspect.engine.moments import ChannelMoments

@@ -76,6 +76,15 @@ class ForwardError(BnInspectError):
 class NoNormLayersError(BnInspectError):
     """The model has no normalization layer to inspect."""
 
+    @classmethod
+    def for_action(cls, verb: str) -> NoNormLayersError:
+        """The error for a model without any normalization layer, where the user asked to ``verb``."""
+        return cls(
+            "the model has no normalization layer (BatchNorm, InstanceNorm, GroupNorm, LayerNorm, "
+            "RMSNorm or FrozenBatchNorm2d)",
+            f"Nothing to {verb}; check that this is the model you meant",
+        )
+
 
 class ExportModeError(BnInspectError):
     """A torch.export program cannot run in the requested mode: its mode was fixed at export."""

@@ -33,11 +33,12 @@ import torch
 from torch import nn
 
 from bn_inspect.analyses.inspection import check_model, inspect_model
+from bn_inspect.data.batch import RunTotals
 from bn_inspect.data.inputs import DirectoryData, open_input
 from bn_inspect.distributed.collectives import describe_failures, exchange_status, fail_together
 from bn_inspect.distributed.context import DistributedContext, collective_timeout_s, distributed_context
 from bn_inspect.distributed.divergence import divergence_findings, rank_divergence
-from bn_inspect.distributed.merge import RunTotals, merge_run_across_ranks
+from bn_inspect.distributed.merge import merge_run_across_ranks
 from bn_inspect.distributed.sharding import shard_batches, shard_files, shard_input
 from bn_inspect.distributed.syncbn import local_sync_batch_norm, sync_batch_norm_groups
 from bn_inspect.engine.capture import CallRecord, StatisticsRecorder, hooks_capture, preserved_state

@@ -5,18 +5,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from bn_inspect.data.batch import Batch, as_batch
-from bn_inspect.distributed.collectives import fail_together
-from bn_inspect.distributed.context import DistributedContext, joined_context
-from bn_inspect.distributed.divergence import divergence_findings, rank_divergence
-from bn_inspect.distributed.merge import RunTotals, merge_run_across_ranks
-from bn_inspect.distributed.syncbn import local_sync_batch_norm, sync_batch_norm_groups
+from bn_inspect.analyses.passes import Tally, guarded_pass, iter_batches, joined_run, merged_over_ranks
+from bn_inspect.data.batch import Batch
 from bn_inspect.engine.axes import explain_axes
 from bn_inspect.engine.capture import (
     CallRecord,
@@ -30,7 +25,6 @@ from bn_inspect.errors import (
     ExportModeError,
     ForwardError,
     InputError,
-    LazyModelError,
     NoNormLayersError,
 )
 from bn_inspect.model.layers import (
@@ -42,9 +36,9 @@ from bn_inspect.model.layers import (
 )
 from bn_inspect.model.modules import (
     find_layers,
-    has_lazy_modules,
     model_device,
     model_float_dtype,
+    refuse_lazy_modules,
     set_training,
     unwrap_compiled,
 )
@@ -57,6 +51,10 @@ from bn_inspect.report.rules import (
     report_findings,
     state_findings,
 )
+
+if TYPE_CHECKING:
+    from bn_inspect.distributed.context import DistributedContext
+    from bn_inspect.report.records import RankShare
 
 
 def run_model(model: nn.Module, batch: Batch, recorder: StatisticsRecorder) -> None:
@@ -110,14 +108,6 @@ def _forward_error(
     return ForwardError(
         f"the model's forward raised {type(error).__name__}{inside} {where}: {message[:300]}",
         "Check that the input fits the model (--shape, --input)",
-    )
-
-
-def _no_norm_layers(verb: str) -> NoNormLayersError:
-    return NoNormLayersError(
-        "the model has no normalization layer (BatchNorm, InstanceNorm, GroupNorm, LayerNorm, "
-        "RMSNorm or FrozenBatchNorm2d)",
-        f"Nothing to {verb}; check that this is the model you meant",
     )
 
 
@@ -215,68 +205,51 @@ def inspect_model(
     Raises:
         NoNormLayersError, ShapeMismatchError, ForwardError, InputError, LazyModelError.
     """
-    mode = Mode(mode)
-    if has_lazy_modules(model) and not materialize_lazy:
-        raise LazyModelError(
-            "the model has lazy modules that have not run yet, and inspecting it would materialize them",
+    return _inspect(
+        model,
+        batches,
+        Mode(mode),
+        model_info=model_info,
+        input_source=input_source,
+        require_norm_layers=require_norm_layers,
+        materialize_lazy=materialize_lazy,
+        run=joined_run(distributed),
+    )
+
+
+def _inspect(
+    model: nn.Module,
+    batches: Iterable[Any],
+    mode: Mode,
+    *,
+    model_info: ModelInfo | None,
+    input_source: str,
+    require_norm_layers: bool,
+    materialize_lazy: bool,
+    run: DistributedContext | None,
+) -> Report:
+    if not materialize_lazy:
+        refuse_lazy_modules(
+            model,
+            ", and inspecting it would materialize them",
             "Run one forward pass first, or pass materialize_lazy=True",
         )
     model = unwrap_compiled(model)
-    layers, is_graph = find_layers(model)
-    if not layers and require_norm_layers and isinstance(model, torch.fx.GraphModule):
-        _refuse_lowered_norm_layers(model)
-    if not layers and not functional_candidates(model, []) and require_norm_layers:
-        raise _no_norm_layers("inspect")
-    if is_graph:
-        _check_exported_mode(layers, mode)
+    layers, is_graph = _layers_to_inspect(model, mode, require_norm_layers)
     device = model_device(model)
-    dtype = model_float_dtype(model)
     recorder = StatisticsRecorder()
     if is_graph or isinstance(model, torch.jit.ScriptModule):
         capture = dispatch_capture(layers, recorder)
     else:
         capture = hooks_and_functional_capture(model, layers, recorder)
-    first: Batch | None = None
-    num_batches = num_samples = 0
-    nonfinite = torch.zeros((), dtype=torch.int64, device=device)
-    context = joined_context() if distributed is None else distributed
-    group = context.group
-    # Every rank finishes its local share, or all of them fail together: none waits on a dead one.
-    together = fail_together(group) if context.is_distributed else nullcontext()
-    # SyncBatchNorm runs locally (see local_sync_batch_norm); the merge below makes it global.
-    with together, preserved_state(model), capture, local_sync_batch_norm(model), torch.no_grad():
+    tally = Tally(device, count_nonfinite=True)
+    with guarded_pass(model, run), capture:
         set_training(model, mode is Mode.TRAIN)
-        for item in batches:
-            batch = as_batch(item).to(device, dtype)
-            first = first or batch
-            num_batches += 1
-            num_samples += batch.num_samples
-            # Counted on the device and read once at the end: no host synchronisation per batch.
-            for tensor in batch.tensors():
-                if tensor.is_floating_point():
-                    nonfinite += (~torch.isfinite(tensor)).sum()
+        for batch in iter_batches(batches, device, model_float_dtype(model), tally):
             recorder.start_batch()
             run_model(model, batch, recorder)
-    shape_source = None if first is None else first.args[0] if first.args else next(iter(first.kwargs.values()))
-    totals = RunTotals(
-        num_batches=num_batches,
-        num_samples=num_samples,
-        num_nonfinite_values=int(nonfinite.item()),
-        first_shape=None if shape_source is None else tuple(shape_source.shape),
-        first_dtype=None if shape_source is None else str(shape_source.dtype).removeprefix("torch."),
-    )
-    records = recorder.records
-    distributed_info = None
-    if context.is_distributed:
-        merged = merge_run_across_ranks(records, totals, group, layers=layers)
-        records, totals = merged.records, merged.totals
-        distributed_info = DistributedInfo(
-            world_size=context.world_size,
-            backend=context.backend,
-            shares=merged.shares,
-            sync_batch_norm=sync_batch_norm_groups(model),
-            divergence=rank_divergence(model, group),
-        )
+    records, totals, shares = merged_over_ranks(recorder.records, tally.totals(), run, layers)
+    distributed_info = None if run is None else _distributed_info(model, run, shares)
     if totals.first_shape is None or totals.first_dtype is None:
         raise InputError("no batch ran", "Give at least one batch of input")
     input_info = InputInfo(
@@ -297,6 +270,31 @@ def inspect_model(
         not_executed=tuple(layer.name for layer in layers if layer.name not in seen),
         torch_version=torch.__version__,
         distributed=distributed_info,
+    )
+
+
+def _layers_to_inspect(model: nn.Module, mode: Mode, require_norm_layers: bool) -> tuple[list[NormLayer], bool]:
+    """The layers to watch, and whether they come off an exported graph; refuses models without any."""
+    layers, is_graph = find_layers(model)
+    if not layers and require_norm_layers and isinstance(model, torch.fx.GraphModule):
+        _refuse_lowered_norm_layers(model)
+    if not layers and not functional_candidates(model, []) and require_norm_layers:
+        raise NoNormLayersError.for_action("inspect")
+    if is_graph:
+        _check_exported_mode(layers, mode)
+    return layers, is_graph
+
+
+def _distributed_info(model: nn.Module, run: DistributedContext, shares: tuple[RankShare, ...]) -> DistributedInfo:
+    from bn_inspect.distributed.divergence import rank_divergence
+    from bn_inspect.distributed.syncbn import sync_batch_norm_groups
+
+    return DistributedInfo(
+        world_size=run.world_size,
+        backend=run.backend,
+        shares=shares,
+        sync_batch_norm=sync_batch_norm_groups(model),
+        divergence=rank_divergence(model, run.group),
     )
 
 
@@ -423,11 +421,11 @@ def check_model(
         The CheckReport; ``passed`` is False when a finding reaches ``fail_on``.
     """
     thresholds = thresholds or Thresholds()
-    context = joined_context() if distributed is None else distributed
+    run = joined_run(distributed)
     model = unwrap_compiled(model)
     layers, _ = find_layers(model)
     if not layers and not functional_candidates(model, []):
-        raise _no_norm_layers("check")
+        raise NoNormLayersError.for_action("check")
     findings = state_findings(
         [layer.state() for layer in layers],
         thresholds,
@@ -439,14 +437,15 @@ def check_model(
     if batches is None:
         notes.append("no data: only the rules on stored state (BN1xx) ran")
     else:
-        report = inspect_model(
+        report = _inspect(
             model,
             batches,
-            mode=mode,
+            Mode(mode),
             model_info=model_info,
             input_source=input_source,
+            require_norm_layers=True,
             materialize_lazy=materialize_lazy,
-            distributed=context,
+            run=run,
         )
         data_findings = report_findings(report, thresholds)
         if not data_is_real:
@@ -455,12 +454,14 @@ def check_model(
             )
             data_findings = [f for f in data_findings if f.code not in ("BN201", "BN202")]
         findings += data_findings
-    if context.is_distributed:
+    if run is not None:
+        from bn_inspect.distributed.divergence import divergence_findings, rank_divergence
+
         divergence = report.distributed.divergence if report and report.distributed else None
-        divergence = divergence or rank_divergence(model, context.group)
+        divergence = divergence or rank_divergence(model, run.group)
         findings += divergence_findings(divergence)
         notes.append(
-            f"{context.world_size} ranks: the data rules saw the statistics of all ranks' data; "
+            f"{run.world_size} ranks: the data rules saw the statistics of all ranks' data; "
             + (
                 "running buffers identical on all ranks"
                 if not divergence.divergent

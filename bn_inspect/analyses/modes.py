@@ -37,11 +37,12 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from bn_inspect.analyses.inspection import run_model
-from bn_inspect.data.batch import Batch, as_batch
+from bn_inspect.analyses.passes import Tally, guarded_pass, iter_batches
+from bn_inspect.data.batch import Batch
 from bn_inspect.engine.capture import PlainDispatchMode, StatisticsRecorder, preserved_state
-from bn_inspect.errors import InputError, LazyModelError, ModeComparisonError, NoNormLayersError
-from bn_inspect.model.layers import NormFamily, NormLayer, is_uninitialized, iter_norm_layers
-from bn_inspect.model.modules import model_device, model_float_dtype, set_norm_layers_training
+from bn_inspect.errors import InputError, ModeComparisonError, NoNormLayersError
+from bn_inspect.model.layers import NormFamily, NormLayer, iter_norm_layers
+from bn_inspect.model.modules import model_device, model_float_dtype, refuse_lazy_modules, set_norm_layers_training
 from bn_inspect.report import shift
 from bn_inspect.report.comparisons import LayerModeGap, ModeComparison, OutputGap
 
@@ -146,17 +147,10 @@ def compare_modes(
         NoNormLayersError, LazyModelError, InputError, ForwardError, ShapeMismatchError,
         ModeComparisonError: the model mixes samples of a batch, so the modes cannot run stacked.
     """
-    if any(is_uninitialized(t) for t in (*model.parameters(), *model.buffers())):
-        raise LazyModelError(
-            "the model has lazy modules that have not run yet", "Run one forward pass first, then compare"
-        )
+    refuse_lazy_modules(model, "", "Run one forward pass first, then compare")
     layers = iter_norm_layers(model)
     if not layers:
-        raise NoNormLayersError(
-            "the model has no normalization layer (BatchNorm, InstanceNorm, GroupNorm, LayerNorm, "
-            "RMSNorm or FrozenBatchNorm2d)",
-            "Nothing to compare; check that this is the model you meant",
-        )
+        raise NoNormLayersError.for_action("compare")
     device = model_device(model)
     dtype = model_float_dtype(model)
     is_script = isinstance(model, torch.jit.ScriptModule)
@@ -164,25 +158,22 @@ def compare_modes(
     lockstep = _Lockstep(recorder)
     output_sums = _Sums()
     num_changed: torch.Tensor | int = 0  # a device tensor: no host sync per batch
-    num_compared = num_batches = num_samples = 0
+    num_compared = 0
     has_output = has_logits = True
     intercept = _script_lockstep if is_script else _eager_lockstep
-    with preserved_state(model), torch.no_grad():
-        for item in batches:
-            batch = as_batch(item).to(device, dtype)
+    tally = Tally(device)
+    with guarded_pass(model, None):
+        # An empty batch has nothing to compare, and BatchNorm refuses one in train mode.
+        for batch in iter_batches(batches, device, dtype, tally, skip_empty=True):
             n = batch.num_samples
-            if n == 0:
-                continue  # nothing to compare, and BatchNorm refuses empty input in train mode
             stacked = _stack(batch)
             model.eval()
             recorder.start_batch()
             lockstep.start_batch(n)
             with intercept(layers, lockstep):
                 output = _forward(model, stacked, recorder)
-            if num_batches == 0:
+            if tally.num_batches == 1:
                 _check_stacking(model, layers, stacked, n, output)
-            num_batches += 1
-            num_samples += n
             tensors = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
             batched = _stacked_outputs(output, n)
             has_output = has_output and bool(batched)
@@ -196,6 +187,7 @@ def compare_modes(
                 logits = batched[0]
                 num_changed = num_changed + (logits[:n].argmax(1) != logits[n:].argmax(1)).sum()
                 num_compared += n
+    num_batches, num_samples = tally.num_batches, tally.num_samples
     if num_batches == 0:
         raise InputError("no batch ran", "Give at least one batch of input")
     by_name = {layer.name: layer for layer in layers}

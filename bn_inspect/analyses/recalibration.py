@@ -88,10 +88,10 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bn_inspect.analyses.inspection import run_model
-from bn_inspect.data.batch import as_batch
+from bn_inspect.data.batch import RunTotals, as_batch
 from bn_inspect.distributed.collectives import fail_together, gather_json
 from bn_inspect.distributed.context import DistributedContext, joined_context
-from bn_inspect.distributed.merge import RunTotals, merge_run_across_ranks
+from bn_inspect.distributed.merge import merge_run_across_ranks
 from bn_inspect.distributed.syncbn import local_sync_batch_norm
 from bn_inspect.engine.capture import (
     CallRecord,
@@ -106,12 +106,11 @@ from bn_inspect.errors import (
     BnInspectError,
     ForwardError,
     InputError,
-    LazyModelError,
     NoNormLayersError,
     OutputError,
 )
-from bn_inspect.model.layers import NormFamily, NormLayer, is_uninitialized, iter_norm_layers
-from bn_inspect.model.modules import model_device, model_float_dtype, set_norm_layers_training
+from bn_inspect.model.layers import NormFamily, NormLayer, iter_norm_layers
+from bn_inspect.model.modules import model_device, model_float_dtype, refuse_lazy_modules, set_norm_layers_training
 from bn_inspect.report import shift
 from bn_inspect.report.comparisons import RecalibratedLayer, RecalibrationResult, SkippedLayer
 
@@ -188,11 +187,7 @@ def recalibrate(
         ForwardError, ShapeMismatchError: the data does not run through the model.
     """
     method = RecalibrationMethod(method)
-    if any(is_uninitialized(t) for t in (*model.parameters(), *model.buffers())):
-        raise LazyModelError(
-            "the model has lazy modules that have not run yet, so they have no running statistics to recalibrate",
-            "Run one forward pass first",
-        )
+    refuse_lazy_modules(model, ", so they have no running statistics to recalibrate", "Run one forward pass first")
     is_script = isinstance(model, torch.jit.ScriptModule)
     layers = iter_norm_layers(model)
     targets, skipped = _select_targets(layers, is_script)

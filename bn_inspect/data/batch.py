@@ -55,3 +55,22 @@ def as_batch(item: Any) -> Batch:
         f"cannot use a batch of type {type(item).__name__}",
         "Pass tensors, dicts of tensors, (inputs, targets) pairs or bn_inspect.Batch objects",
     )
+
+
+@dataclass(frozen=True)
+class RunTotals:
+    """What one rank's run (or the merged run) saw besides the layer moments.
+
+    Attributes:
+        num_batches: forward passes run.
+        num_samples: samples in them.
+        num_nonfinite_values: NaN or infinite input values.
+        first_shape: shape of the first input tensor of the first batch (None: no batch ran).
+        first_dtype: its dtype, e.g. "float32".
+    """
+
+    num_batches: int = 0
+    num_samples: int = 0
+    num_nonfinite_values: int = 0
+    first_shape: tuple[int, ...] | None = None
+    first_dtype: str | None = None

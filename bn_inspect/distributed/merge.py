@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from bn_inspect.data.batch import RunTotals
 from bn_inspect.distributed.collectives import exchange
 from bn_inspect.distributed.context import group_rank_and_size
 from bn_inspect.errors import DistributedError
@@ -40,25 +41,6 @@ if TYPE_CHECKING:
     from bn_inspect.model.layers import NormLayer
 
 RecordKey = tuple[str, int]
-
-
-@dataclass(frozen=True)
-class RunTotals:
-    """What one rank's run (or the merged run) saw besides the layer moments.
-
-    Attributes:
-        num_batches: forward passes run.
-        num_samples: samples in them.
-        num_nonfinite_values: NaN or infinite input values.
-        first_shape: shape of the first input tensor of the first batch (None: no batch ran).
-        first_dtype: its dtype, e.g. "float32".
-    """
-
-    num_batches: int = 0
-    num_samples: int = 0
-    num_nonfinite_values: int = 0
-    first_shape: tuple[int, ...] | None = None
-    first_dtype: str | None = None
 
 
 @dataclass

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from bn_inspect.errors import LazyModelError
 from bn_inspect.model.layers import NormLayer, is_uninitialized, iter_graph_norm_layers, iter_norm_layers
 
 
@@ -25,8 +26,15 @@ def model_float_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def has_lazy_modules(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params() for m in model.modules())
+def refuse_lazy_modules(model: nn.Module, why: str, fix: str) -> None:
+    """Raise LazyModelError when lazy modules have not run yet (their tensors are still uninitialized).
+
+    Args:
+        why: what running the analysis would mean for them, appended to the message (", so ...").
+        fix: what to do instead.
+    """
+    if any(is_uninitialized(t) for t in (*model.parameters(), *model.buffers())):
+        raise LazyModelError(f"the model has lazy modules that have not run yet{why}", fix)
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:
