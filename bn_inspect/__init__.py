@@ -12,7 +12,8 @@ from bn_inspect.options import Mode
 from bn_inspect.report.records import SCHEMA_VERSION, InputInfo, LayerReport, ModelInfo, Report
 
 if TYPE_CHECKING:
-    from bn_inspect.analyses.inspection import check_model, inspect_model
+    from bn_inspect.analyses.checking import check_model
+    from bn_inspect.analyses.inspection import inspect_model
     from bn_inspect.analyses.modes import compare_modes
     from bn_inspect.analyses.recalibration import recalibrate, save_like
     from bn_inspect.data.batch import Batch
@@ -41,7 +42,7 @@ __all__ = [
 ]
 
 _LAZY = {
-    "check_model": "bn_inspect.analyses.inspection",
+    "check_model": "bn_inspect.analyses.checking",
     "compare_modes": "bn_inspect.analyses.modes",
     "recalibrate": "bn_inspect.analyses.recalibration",
     "save_like": "bn_inspect.analyses.recalibration",

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from bn_inspect.analyses.inspection import check_model
+from bn_inspect.analyses.checking import check_model
 from bn_inspect.cli.app import run
 from bn_inspect.report.rules import RULES, Severity, Thresholds
 from tests import models

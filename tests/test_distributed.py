@@ -32,7 +32,8 @@ import pytest
 import torch
 from torch import nn
 
-from bn_inspect.analyses.inspection import check_model, inspect_model
+from bn_inspect.analyses.checking import check_model
+from bn_inspect.analyses.inspection import inspect_model
 from bn_inspect.data.batch import RunTotals
 from bn_inspect.data.inputs import DirectoryData, open_input
 from bn_inspect.distributed.collectives import describe_failures, exchange_status, fail_together

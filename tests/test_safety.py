@@ -39,7 +39,8 @@ import torch
 import typer.main
 from torch import nn
 
-from bn_inspect.analyses.inspection import check_model, find_working_shape, inspect_model
+from bn_inspect.analyses.checking import check_model
+from bn_inspect.analyses.inspection import find_working_shape, inspect_model
 from bn_inspect.cli.app import run
 from bn_inspect.errors import BnInspectError, ForwardError
 from bn_inspect.model.loading import load_model

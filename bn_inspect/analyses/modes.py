@@ -156,10 +156,7 @@ def compare_modes(
     is_script = isinstance(model, torch.jit.ScriptModule)
     recorder = StatisticsRecorder()
     lockstep = _Lockstep(recorder)
-    output_sums = _Sums()
-    num_changed: torch.Tensor | int = 0  # a device tensor: no host sync per batch
-    num_compared = 0
-    has_output = has_logits = True
+    outputs = _OutputComparison()
     intercept = _script_lockstep if is_script else _eager_lockstep
     tally = Tally(device)
     with guarded_pass(model, None):
@@ -174,19 +171,7 @@ def compare_modes(
                 output = _forward(model, stacked, recorder)
             if tally.num_batches == 1:
                 _check_stacking(model, layers, stacked, n, output)
-            tensors = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-            batched = _stacked_outputs(output, n)
-            has_output = has_output and bool(batched)
-            has_logits = has_logits and len(tensors) == len(batched) == 1 and batched[0].dim() == 2
-            has_logits = has_logits and batched[0].shape[0] == 2 * n
-            for tensor in batched:
-                half = tensor.shape[0] // 2
-                output_sums.add("diff", tensor[half:] - tensor[:half])
-                output_sums.add("reference", tensor[:half])
-            if has_logits:
-                logits = batched[0]
-                num_changed = num_changed + (logits[:n].argmax(1) != logits[n:].argmax(1)).sum()
-                num_compared += n
+            outputs.add(output, n)
     num_batches, num_samples = tally.num_batches, tally.num_samples
     if num_batches == 0:
         raise InputError("no batch ran", "Give at least one batch of input")
@@ -194,24 +179,54 @@ def compare_modes(
     entries = tuple(
         _entry(by_name[name], call, sums, recorder) for (name, call), sums in lockstep.sums.items() if name in by_name
     )
-    output_gap = None
-    if has_output:
-        output_gap = OutputGap(
-            rel_diff=output_sums.ratio("diff", "reference"),
-            argmax_change_fraction=int(num_changed) / num_compared if has_logits and num_compared else None,
-            num_samples=num_samples,
-        )
     opens = next((e.label for e in entries if not e.output_rel_diff <= threshold), None)
     seen = {name for name, _ in lockstep.sums}
     return ModeComparison(
         layers=entries,
-        output=output_gap,
+        output=outputs.gap(num_samples),
         threshold=threshold,
         gap_opens_at=opens,
         not_executed=tuple(layer.name for layer in layers if layer.name not in seen),
         num_batches=num_batches,
         num_samples=num_samples,
     )
+
+
+class _OutputComparison:
+    """The model output's eval half against its train half, summed over batches on the device."""
+
+    def __init__(self) -> None:
+        self.sums = _Sums()
+        self.num_changed: torch.Tensor | int = 0  # a device tensor: no host sync per batch
+        self.num_compared = 0
+        self.has_output = self.has_logits = True
+
+    def add(self, output: Any, n: int) -> None:
+        """Add one stacked forward's output (eval half first, ``n`` samples each)."""
+        tensors = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        batched = _stacked_outputs(output, n)
+        self.has_output = self.has_output and bool(batched)
+        is_logits = len(tensors) == len(batched) == 1 and batched[0].dim() == 2 and batched[0].shape[0] == 2 * n
+        self.has_logits = self.has_logits and is_logits
+        for tensor in batched:
+            half = tensor.shape[0] // 2
+            self.sums.add("diff", tensor[half:] - tensor[:half])
+            self.sums.add("reference", tensor[:half])
+        if self.has_logits:
+            logits = batched[0]
+            self.num_changed = self.num_changed + (logits[:n].argmax(1) != logits[n:].argmax(1)).sum()
+            self.num_compared += n
+
+    def gap(self, num_samples: int) -> OutputGap | None:
+        """The OutputGap, or None when an output had no batch dim."""
+        if not self.has_output:
+            return None
+        has_argmax = self.has_logits and self.num_compared
+        return OutputGap(
+            rel_diff=self.sums.ratio("diff", "reference"),
+            argmax_change_fraction=int(self.num_changed) / self.num_compared if has_argmax else None,
+            num_samples=num_samples,
+        )
 
 
 def _stack(batch: Batch) -> Batch:

@@ -442,7 +442,7 @@ def check_command(
 
       bn-inspect check model.pt --input val.npy --fail-on warning --max-shift 2 --ignore BN106
     """
-    from bn_inspect.analyses.inspection import check_model
+    from bn_inspect.analyses.checking import check_model
     from bn_inspect.config import load_check_config
     from bn_inspect.distributed.collectives import gather_json
     from bn_inspect.distributed.context import distributed_context

@@ -1,0 +1,129 @@
+"""check: the health rules over a model's stored state and, given data, over what its layers saw."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from bn_inspect.analyses.inspection import run_inspection
+from bn_inspect.analyses.passes import joined_run
+from bn_inspect.errors import NoNormLayersError
+from bn_inspect.model.layers import functional_candidates
+from bn_inspect.model.modules import find_layers, unwrap_compiled
+from bn_inspect.options import FailOn, Mode
+from bn_inspect.report.records import ModelInfo, Report
+from bn_inspect.report.rules import CheckReport, Finding, Thresholds, filter_ignored, report_findings, state_findings
+
+if TYPE_CHECKING:
+    from bn_inspect.distributed.context import DistributedContext
+
+
+def check_model(
+    model: nn.Module,
+    batches: Iterable[Any] | None = None,
+    *,
+    mode: Mode | str = Mode.EVAL,
+    thresholds: Thresholds | None = None,
+    fail_on: FailOn | str = FailOn.ERROR,
+    ignore: Sequence[str] = (),
+    model_info: ModelInfo | None = None,
+    input_source: str = "<batches>",
+    flags_from_file: bool = True,
+    data_is_real: bool = True,
+    materialize_lazy: bool = False,
+    distributed: DistributedContext | None = None,
+) -> CheckReport:
+    """Run the BatchNorm health rules on ``model`` (and on ``batches``, when given).
+
+    Args:
+        model: the model to check; left unchanged, as by inspect_model.
+        batches: data for the rules that need a forward pass; None runs only the rules on
+            stored state (buffers, flags).
+        mode: mode of the forward pass.
+        thresholds: limits for the data rules.
+        fail_on: the lowest severity that makes the check fail.
+        ignore: rule codes (BN201) or names (shifted) to leave out.
+        model_info: where the model came from, for the report.
+        input_source: where the batches came from, for the report.
+        flags_from_file: the model's training flags were saved with it (False for a state_dict
+            loaded into a fresh --arch, whose flags say nothing about the checkpoint).
+        data_is_real: the batches are real data; random input makes every layer look shifted, so
+            the shift and dead-channel rules only run on real data.
+        materialize_lazy: as for inspect_model.
+        distributed: as for inspect_model; across several ranks the data rules see the
+            statistics of all ranks' data, and the running buffers are compared across ranks
+            (BN111). Every rank judges the global statistics against its own running ones, so
+            ranks agree unless their buffers diverge; report rank 0's verdict.
+
+    Returns:
+        The CheckReport; ``passed`` is False when a finding reaches ``fail_on``.
+    """
+    thresholds = thresholds or Thresholds()
+    run = joined_run(distributed)
+    model = unwrap_compiled(model)
+    layers, _ = find_layers(model)
+    if not layers and not functional_candidates(model, []):
+        raise NoNormLayersError.for_action("check")
+    states = [layer.state() for layer in layers]
+    findings = state_findings(states, thresholds, flags_from_file=flags_from_file, model_is_training=model.training)
+    notes: list[str] = []
+    report: Report | None = None
+    if batches is None:
+        notes.append("no data: only the rules on stored state (BN1xx) ran")
+    else:
+        report = run_inspection(
+            model,
+            batches,
+            Mode(mode),
+            model_info=model_info,
+            input_source=input_source,
+            require_norm_layers=True,
+            materialize_lazy=materialize_lazy,
+            run=run,
+        )
+        findings += _data_findings(report, thresholds, data_is_real, notes)
+    if run is not None:
+        findings += _rank_findings(model, report, run, notes)
+    first = report.first_divergent(thresholds.max_shift) if report is not None and data_is_real else None
+    kept = filter_ignored(findings, ignore)
+    return CheckReport(
+        model=model_info or ModelInfo("<module>", "module"),
+        input=report.input if report else None,
+        mode=Mode(mode).value,
+        thresholds=thresholds,
+        fail_on=FailOn(fail_on),
+        findings=tuple(kept),
+        layers=tuple(layer.label for layer in report.layers) if report else tuple(layer.name for layer in layers),
+        notes=tuple(notes),
+        ignored=tuple(ignore),
+        first_divergent=first.label if first else None,
+    )
+
+
+def _data_findings(report: Report, thresholds: Thresholds, data_is_real: bool, notes: list[str]) -> list[Finding]:
+    findings = report_findings(report, thresholds)
+    if data_is_real:
+        return findings
+    notes.append(
+        "random input: the shift (BN201) and dead-channel (BN202) rules need real data (--input) and did not run"
+    )
+    return [f for f in findings if f.code not in ("BN201", "BN202")]
+
+
+def _rank_findings(model: nn.Module, report: Report | None, run: DistributedContext, notes: list[str]) -> list[Finding]:
+    """BN111 across ranks, with a note on what the data rules saw."""
+    from bn_inspect.distributed.divergence import divergence_findings, rank_divergence
+
+    divergence = report.distributed.divergence if report and report.distributed else None
+    divergence = divergence or rank_divergence(model, run.group)
+    notes.append(
+        f"{run.world_size} ranks: the data rules saw the statistics of all ranks' data; "
+        + (
+            "running buffers identical on all ranks"
+            if not divergence.divergent
+            else f"running buffers differ between ranks in {len(divergence.divergent)} layer(s) (BN111)"
+        )
+    )
+    return divergence_findings(divergence)
