@@ -27,13 +27,8 @@ from bn_inspect.errors import (
     InputError,
     NoNormLayersError,
 )
-from bn_inspect.model.layers import (
-    NormFamily,
-    NormLayer,
-    exported_training_mode,
-    functional_candidates,
-    lowered_graph_norm_modules,
-)
+from bn_inspect.model.graph import exported_training_mode, lowered_graph_norm_modules
+from bn_inspect.model.layers import NormFamily, NormLayer, functional_candidates
 from bn_inspect.model.modules import (
     find_layers,
     model_device,

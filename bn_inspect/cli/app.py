@@ -247,7 +247,7 @@ def _prepare(
     elif arch is not None and loaded.arch is None:
         note(f"note: --arch is not used: {model} holds a whole {loaded.format} model, architecture included.")
     if loaded.format == "torch.export":
-        from bn_inspect.model.layers import exported_training_mode, iter_graph_norm_layers, lowered_graph_norm_modules
+        from bn_inspect.model.graph import exported_training_mode, iter_graph_norm_layers, lowered_graph_norm_modules
 
         graph_layers = iter_graph_norm_layers(loaded.module)
         lowered = lowered_graph_norm_modules(loaded.module, (layer.name for layer in graph_layers))

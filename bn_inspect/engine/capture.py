@@ -28,14 +28,8 @@ from bn_inspect.engine.axes import TensorLayout, kernel_reduced_dims
 from bn_inspect.engine.fused.dispatch import STOCK_FORWARD, batch_norm_eval_with_moments, fused_applies, fused_may_run
 from bn_inspect.engine.moments import ChannelMoments, Moments, channel_moments, instance_moments
 from bn_inspect.errors import ShapeMismatchError
-from bn_inspect.model.layers import (
-    BATCH_NORM_OPS,
-    NormFamily,
-    NormLayer,
-    describe_functional,
-    functional_candidates,
-    is_uninitialized,
-)
+from bn_inspect.model.graph import BATCH_NORM_OPS
+from bn_inspect.model.layers import NormFamily, NormLayer, describe_functional, functional_candidates, is_uninitialized
 
 
 @dataclass

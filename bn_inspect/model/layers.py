@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -185,13 +184,15 @@ def iter_norm_layers(model: nn.Module) -> list[NormLayer]:
     return layers
 
 
-def _host_values(tensor: object) -> tuple[float, ...] | None:
+def host_values(tensor: object) -> tuple[float, ...] | None:
+    """A tensor's values as float64 host floats; None for anything else or an uninitialized tensor."""
     if not isinstance(tensor, torch.Tensor) or is_uninitialized(tensor):
         return None
     return tuple(float(v) for v in tensor.detach().to("cpu", torch.float64).reshape(-1).tolist())
 
 
-def _optional_float(value: object) -> float | None:
+def optional_float(value: object) -> float | None:
+    """A number as a float; None for anything else (bools included)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     return None
@@ -207,8 +208,8 @@ def describe_layer(name: str, module: nn.Module, family: NormFamily) -> NormLaye
     params = dict(module.named_parameters(recurse=False))
     weight = params.get("weight", buffers.get("weight"))
     bias = params.get("bias", buffers.get("bias"))
-    running_mean = _host_values(buffers.get("running_mean"))
-    running_var = _host_values(buffers.get("running_var"))
+    running_mean = host_values(buffers.get("running_mean"))
+    running_var = host_values(buffers.get("running_var"))
     tracked = buffers.get("num_batches_tracked")
     num_channels: int | None = getattr(module, "num_features", None)
     if num_channels is None and family is NormFamily.GROUP:
@@ -218,8 +219,8 @@ def describe_layer(name: str, module: nn.Module, family: NormFamily) -> NormLaye
     if is_lazy:
         num_channels = None
     normalized_shape = getattr(module, "normalized_shape", None)
-    momentum = _optional_float(getattr(module, "momentum", None))
-    eps = _optional_float(getattr(module, "eps", None))
+    momentum = optional_float(getattr(module, "momentum", None))
+    eps = optional_float(getattr(module, "eps", None))
     if eps is not None and math.isnan(eps):
         eps = None
     return NormLayer(
@@ -235,8 +236,8 @@ def describe_layer(name: str, module: nn.Module, family: NormFamily) -> NormLaye
         num_batches_tracked=int(tracked.item()) if isinstance(tracked, torch.Tensor) and tracked.numel() else None,
         running_mean=running_mean,
         running_var=running_var,
-        weight=_host_values(weight),
-        bias=_host_values(bias),
+        weight=host_values(weight),
+        bias=host_values(bias),
         is_frozen=is_frozen,
         is_lazy=is_lazy,
         num_groups=getattr(module, "num_groups", None),
@@ -244,7 +245,7 @@ def describe_layer(name: str, module: nn.Module, family: NormFamily) -> NormLaye
         is_training=bool(module.training),
         has_momentum=hasattr(module, "momentum"),
         affine_requires_grad=_requires_grad(weight, bias),
-        buffer_dtype=_dtype_name(buffers.get("running_var", buffers.get("running_mean"))),
+        buffer_dtype=dtype_name(buffers.get("running_var", buffers.get("running_mean"))),
     )
 
 
@@ -254,158 +255,11 @@ def _requires_grad(weight: object, bias: object) -> bool | None:
     return any(p.requires_grad for p in params) if params else None
 
 
-def _dtype_name(tensor: object) -> str | None:
+def dtype_name(tensor: object) -> str | None:
+    """ "float32" for a float32 tensor; None for anything else or an uninitialized tensor."""
     if isinstance(tensor, torch.Tensor) and not is_uninitialized(tensor):
         return str(tensor.dtype).removeprefix("torch.")
     return None
-
-
-# The aten batch-norm kernels, as eager code, TorchScript and exported graphs reach them.
-BATCH_NORM_OPS = frozenset(
-    {
-        "native_batch_norm",
-        "_native_batch_norm_legit",
-        "_native_batch_norm_legit_no_training",
-        "_native_batch_norm_legit_functional",
-        "_batch_norm_with_update",
-        "_batch_norm_no_update",
-        "cudnn_batch_norm",
-        "miopen_batch_norm",
-    }
-)
-_GRAPH_BATCH_NORM_OPS = BATCH_NORM_OPS | {"batch_norm"}
-
-
-def _graph_op_name(target: object) -> str | None:
-    packet = getattr(target, "overloadpacket", None)
-    return getattr(packet, "__name__", None)
-
-
-def lowered_graph_norm_modules(
-    model: nn.Module, found: Iterable[str], kind: str = "BatchNorm"
-) -> list[tuple[str, str]]:
-    """(path, class) of normalization modules a torch.export graph kept only as plain arithmetic.
-
-    Export traces a module's forward, so a layer that normalizes with its own arithmetic (such as
-    torchvision's FrozenBatchNorm2d: ``x * scale + shift``) leaves no batch-norm kernel to watch;
-    ``nn_module_stack`` still names it. Any class whose name contains ``kind`` and that does not
-    appear among ``found`` is listed ("Norm" lists the other families too, which bn-inspect does
-    not report inside export programs).
-    """
-    graph = getattr(model, "graph", None)
-    if graph is None:
-        return []
-    known = set(found)
-    lowered: dict[str, str] = {}
-    for node in graph.nodes:
-        stack = node.meta.get("nn_module_stack") or {} if node.op == "call_function" else {}
-        if not stack:
-            continue
-        path, cls = list(stack.values())[-1]
-        type_name = (cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))).rsplit(".", 1)[-1]
-        if kind in type_name and path not in known:
-            lowered.setdefault(path, type_name)
-    return list(lowered.items())
-
-
-def iter_graph_norm_layers(model: nn.Module) -> list[NormLayer]:
-    """Batch-norm calls of a torch.export program's module (``ep.module()``), named by module path.
-
-    The graph keeps no normalization submodules, only ``aten`` calls whose ``nn_module_stack``
-    metadata records the original path and class; the layer is then recognised at run time by
-    the running buffers the call is handed.
-    """
-    graph = getattr(model, "graph", None)
-    if graph is None:
-        return []
-    layers: dict[str, NormLayer] = {}
-    for node in graph.nodes:
-        name = _graph_op_name(node.target) if node.op == "call_function" else None
-        if name not in _GRAPH_BATCH_NORM_OPS:
-            continue
-        stack = node.meta.get("nn_module_stack") or {}
-        if not stack:
-            continue
-        path, cls = list(stack.values())[-1]
-        type_name = (cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))).rsplit(".", 1)[-1]
-        buffer_args = [a for a in node.args[1:5] if getattr(a, "op", None) == "get_attr"]
-        running = {
-            arg.target.rsplit(".", 1)[-1]: model.get_buffer(arg.target)
-            for arg in buffer_args
-            if arg.target.endswith(("running_mean", "running_var"))
-        }
-        if "running_mean" not in running or path in layers:
-            continue
-        training = _graph_training_flag(name, node.args)
-        layers[path] = NormLayer(
-            name=path,
-            module=model,
-            family=NormFamily.BATCH,
-            type_name=type_name,
-            num_channels=int(running["running_mean"].numel()),
-            eps=_optional_float(
-                node.args[-1] if name == "_native_batch_norm_legit_no_training" else _arg(node.args, 7)
-            ),
-            momentum=_optional_float(_arg(node.args, 5 if name == "_native_batch_norm_legit_no_training" else 6)),
-            affine=node.args[1] is not None,
-            track_running_stats=True,
-            num_batches_tracked=_tracked(model, path),
-            running_mean=_host_values(running["running_mean"]),
-            running_var=_host_values(running.get("running_var")),
-            weight=_host_values(_graph_tensor(model, node.args[1])),
-            bias=_host_values(_graph_tensor(model, node.args[2])),
-            is_frozen=False,
-            is_lazy=False,
-            num_groups=None,
-            normalized_shape=None,
-            is_training=bool(training),
-            has_momentum=True,
-            buffer_dtype=_dtype_name(running["running_mean"]),
-            owner_tensors=tuple(running.values()),
-            observed_training=training,
-        )
-    return list(layers.values())
-
-
-def _arg(args: tuple[object, ...], index: int) -> object:
-    return args[index] if index < len(args) else None
-
-
-def _graph_training_flag(op_name: str, args: tuple[object, ...]) -> bool | None:
-    if op_name in ("_native_batch_norm_legit_no_training", "_batch_norm_no_update"):
-        return False
-    if op_name == "_batch_norm_with_update":
-        return True
-    flag = _arg(args, 5)
-    return flag if isinstance(flag, bool) else None
-
-
-def _graph_tensor(model: nn.Module, arg: object) -> torch.Tensor | None:
-    target = getattr(arg, "target", None)
-    if getattr(arg, "op", None) != "get_attr" or not isinstance(target, str):
-        return None
-    try:
-        return model.get_parameter(target)
-    except AttributeError:
-        pass
-    try:
-        return model.get_buffer(target)
-    except AttributeError:
-        return None
-
-
-def _tracked(model: nn.Module, path: str) -> int | None:
-    try:
-        tracked = model.get_buffer(f"{path}.num_batches_tracked")
-    except AttributeError:
-        return None
-    return int(tracked.item()) if tracked.numel() else None
-
-
-def exported_training_mode(layers: list[NormLayer]) -> bool | None:
-    """The mode a torch.export program's batch norms were frozen in, or None if it has none."""
-    flags = {layer.observed_training for layer in layers if layer.observed_training is not None}
-    return flags.pop() if len(flags) == 1 else (True if flags else None)
 
 
 def functional_candidates(model: nn.Module, layers: list[NormLayer]) -> dict[int, str]:
@@ -425,31 +279,31 @@ def functional_candidates(model: nn.Module, layers: list[NormLayer]) -> dict[int
 def describe_functional(running_mean_name: str, module: nn.Module, args: tuple[object, ...], op_name: str) -> NormLayer:
     """A NormLayer for a direct F.batch_norm call, named by the running-mean buffer it was handed."""
     no_training = op_name == "_native_batch_norm_legit_no_training"
-    training = False if no_training else _arg(args, 5)
-    running_mean, running_var = _arg(args, 3), _arg(args, 4)
-    weight, bias = _arg(args, 1), _arg(args, 2)
+    training = False if no_training else positional_arg(args, 5)
+    running_mean, running_var = positional_arg(args, 3), positional_arg(args, 4)
+    weight, bias = positional_arg(args, 1), positional_arg(args, 2)
     return NormLayer(
         name=running_mean_name,
         module=module,
         family=NormFamily.BATCH,
         type_name="functional batch_norm",
         num_channels=int(running_mean.numel()) if isinstance(running_mean, torch.Tensor) else None,
-        eps=_optional_float(_arg(args, 6 if no_training else 7)),
-        momentum=_optional_float(_arg(args, 5 if no_training else 6)),
+        eps=optional_float(positional_arg(args, 6 if no_training else 7)),
+        momentum=optional_float(positional_arg(args, 5 if no_training else 6)),
         affine=isinstance(weight, torch.Tensor),
         track_running_stats=True,
         num_batches_tracked=None,
-        running_mean=_host_values(running_mean),
-        running_var=_host_values(running_var),
-        weight=_host_values(weight),
-        bias=_host_values(bias),
+        running_mean=host_values(running_mean),
+        running_var=host_values(running_var),
+        weight=host_values(weight),
+        bias=host_values(bias),
         is_frozen=False,
         is_lazy=False,
         num_groups=None,
         normalized_shape=None,
         is_training=bool(training),
         has_momentum=True,
-        buffer_dtype=_dtype_name(running_mean),
+        buffer_dtype=dtype_name(running_mean),
         observed_training=training if isinstance(training, bool) else None,
     )
 
@@ -489,14 +343,19 @@ def states_from_state_dict(state_dict: dict[str, torch.Tensor]) -> list[LayerSta
                 num_batches_tracked=int(tracked.item()) if tracked is not None and tracked.numel() == 1 else None,
                 is_training=False,
                 affine_requires_grad=None,
-                buffer_dtype=_dtype_name(running_mean),
-                running_mean=_host_values(running_mean),
-                running_var=_host_values(running_var),
-                weight=_host_values(weight),
-                bias=_host_values(bias),
+                buffer_dtype=dtype_name(running_mean),
+                running_mean=host_values(running_mean),
+                running_var=host_values(running_var),
+                weight=host_values(weight),
+                bias=host_values(bias),
                 is_frozen=False,
                 is_lazy=False,
                 eval_uses="running",
             )
         )
     return states
+
+
+def positional_arg(args: tuple[object, ...], index: int) -> object:
+    """args[index], or None where the call passed fewer arguments."""
+    return args[index] if index < len(args) else None

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from bn_inspect.errors import LazyModelError
-from bn_inspect.model.layers import NormLayer, is_uninitialized, iter_graph_norm_layers, iter_norm_layers
+from bn_inspect.model.graph import iter_graph_norm_layers
+from bn_inspect.model.layers import NormLayer, is_uninitialized, iter_norm_layers
 
 
 def model_device(model: nn.Module) -> torch.device:
