@@ -14,7 +14,7 @@ from torch import nn
 
 from bn_inspect.analyses.checking import check_model
 from bn_inspect.cli.app import run
-from bn_inspect.report.rules import RULES, Severity, Thresholds
+from bn_inspect.report.findings import RULES, Severity, Thresholds
 from tests import models
 from tests.conftest import state_fingerprint
 

@@ -13,8 +13,9 @@ from bn_inspect.errors import NoNormLayersError
 from bn_inspect.model.layers import functional_candidates
 from bn_inspect.model.modules import find_layers, unwrap_compiled
 from bn_inspect.options import FailOn, Mode
+from bn_inspect.report.findings import CheckReport, Finding, Thresholds
 from bn_inspect.report.records import ModelInfo, Report
-from bn_inspect.report.rules import CheckReport, Finding, Thresholds, filter_ignored, report_findings, state_findings
+from bn_inspect.report.rules import filter_ignored, report_findings, state_findings
 
 if TYPE_CHECKING:
     from bn_inspect.distributed.context import DistributedContext

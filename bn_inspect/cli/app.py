@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from bn_inspect.distributed.context import DistributedContext
     from bn_inspect.distributed.sharding import ShardedInput
     from bn_inspect.model.loading import LoadedModel
+    from bn_inspect.report.findings import CheckReport
     from bn_inspect.report.records import Report
-    from bn_inspect.report.rules import CheckReport
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_CANNOT_RUN, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -446,8 +446,9 @@ def check_command(
     from bn_inspect.config import load_check_config
     from bn_inspect.distributed.collectives import gather_json
     from bn_inspect.distributed.context import distributed_context
+    from bn_inspect.report.findings import Thresholds
     from bn_inspect.report.records import ModelInfo
-    from bn_inspect.report.rules import Thresholds, unknown_codes
+    from bn_inspect.report.rules import unknown_codes
 
     config = load_check_config(Path.cwd())
     ignored = [*config.ignore, *(ignore or [])]

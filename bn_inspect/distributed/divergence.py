@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 from bn_inspect.distributed.collectives import exchange
 from bn_inspect.distributed.context import group_rank_and_size
 from bn_inspect.errors import DistributedError
+from bn_inspect.report.findings import RULES, Finding
 from bn_inspect.report.records import BufferDivergence, LayerDivergence, RankDivergence
-from bn_inspect.report.rules import RULES, Finding
 
 if TYPE_CHECKING:
     import torch

@@ -6,9 +6,9 @@ import json
 import math
 from typing import TYPE_CHECKING
 
+from bn_inspect.report.findings import CheckReport, Finding
 from bn_inspect.report.frame import report_frame
 from bn_inspect.report.records import LayerListing, Report, matching_layers
-from bn_inspect.report.rules import CheckReport, Finding
 
 if TYPE_CHECKING:
     from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult

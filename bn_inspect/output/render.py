@@ -12,8 +12,8 @@ from rich.table import Table
 from rich.text import Text
 
 from bn_inspect.output.export import format_number
+from bn_inspect.report.findings import CheckReport
 from bn_inspect.report.records import LayerListing, LayerReport, Report, matching_layers
-from bn_inspect.report.rules import CheckReport
 
 if TYPE_CHECKING:
     from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult

@@ -9,173 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from enum import Enum
 from typing import Any
 
-from bn_inspect.options import FailOn
-from bn_inspect.report.records import SCHEMA_VERSION, InputInfo, LayerReport, LayerState, ModelInfo, Report
+from bn_inspect.report.findings import RULES, Finding, Severity, Thresholds
+from bn_inspect.report.records import LayerReport, LayerState, Report
 
 FLOAT16_MAX = 65504.0
 EPS_DOMINANCE = 10.0
-
-
-class Severity(str, Enum):
-    """How bad a finding is; --fail-on picks the lowest that fails the gate."""
-
-    INFO = "info"
-    WARNING = "warning"
-    ERROR = "error"
-
-    @property
-    def rank(self) -> int:
-        """0 for info, 1 for warning, 2 for error."""
-        return ("info", "warning", "error").index(self.value)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A rule's stable code, short name, default severity and what it is about."""
-
-    code: str
-    name: str
-    severity: Severity
-    summary: str
-
-
-RULES = {
-    rule.code: rule
-    for rule in (
-        Rule("BN101", "nonfinite-state", Severity.ERROR, "running mean/var, weight or bias holds NaN or Inf"),
-        Rule("BN102", "nonpositive-running-var", Severity.ERROR, "running variance is zero or negative"),
-        Rule("BN103", "eps-dominated", Severity.WARNING, "running variance below eps/10: eps dominates normalization"),
-        Rule("BN104", "untrained", Severity.WARNING, "statistics never trained (num_batches_tracked 0, stats 0 and 1)"),
-        Rule("BN105", "momentum", Severity.WARNING, "momentum >= 0.5 (ported from Keras/TF?) or 0 (statistics frozen)"),
-        Rule("BN106", "cumulative-average", Severity.INFO, "momentum None: running stats are a cumulative average"),
-        Rule("BN107", "train-mode", Severity.WARNING, "saved in train mode, or train and eval layers mixed"),
-        Rule(
-            "BN108",
-            "frozen-but-updating",
-            Severity.WARNING,
-            "affine frozen (requires_grad False) but layer in train mode",
-        ),
-        Rule(
-            "BN109",
-            "low-precision-buffers",
-            Severity.WARNING,
-            "buffers in float16/bfloat16, or running var above fp16 max",
-        ),
-        Rule("BN110", "batch-stats-in-eval", Severity.WARNING, "no running buffers: eval output depends on the batch"),
-        Rule("BN111", "rank-divergence", Severity.WARNING, "running statistics differ between distributed ranks"),
-        Rule("BN201", "shifted", Severity.ERROR, "batch statistics far from running statistics"),
-        Rule("BN202", "dead-channels", Severity.WARNING, "channels with zero batch variance on the data"),
-        Rule("BN203", "few-values", Severity.WARNING, "too few values per channel for trustworthy statistics"),
-        Rule("BN204", "nonfinite-batch", Severity.ERROR, "the layer's input holds NaN or Inf on the data"),
-    )
-}
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Limits the data rules use; pyproject.toml's [tool.bn-inspect] and flags override them.
-
-    Attributes:
-        max_shift: |mean_shift_z| above this counts as shifted.
-        max_var_ratio: var_ratio outside [1/R, R] counts as shifted.
-        max_share: BN201 fires when more than this share of a layer's channels is shifted.
-        min_values: fewer values per channel per batch than this is too noisy (BN203).
-        strict: untrained statistics (BN104) are an error, not a warning.
-    """
-
-    max_shift: float = 3.0
-    max_var_ratio: float = 4.0
-    max_share: float = 0.1
-    min_values: int = 16
-    strict: bool = False
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One rule firing on one layer (or on the whole model, layer None)."""
-
-    code: str
-    rule: str
-    severity: Severity
-    layer: str | None
-    call: int | None
-    channels: tuple[int, ...]
-    message: str
-
-    @property
-    def label(self) -> str:
-        """The layer as shown to people: name, with #call past the first call."""
-        if self.layer is None:
-            return "(model)"
-        return self.layer if not self.call else f"{self.layer}#{self.call}"
-
-
-@dataclass(frozen=True)
-class CheckReport:
-    """Findings of one `check` run and what they were measured against."""
-
-    model: ModelInfo
-    input: InputInfo | None
-    mode: str
-    thresholds: Thresholds
-    fail_on: FailOn
-    findings: tuple[Finding, ...]
-    layers: tuple[str, ...]
-    notes: tuple[str, ...] = ()
-    ignored: tuple[str, ...] = ()
-    first_divergent: str | None = None
-    schema_version: int = field(default=SCHEMA_VERSION)
-
-    @property
-    def failed(self) -> tuple[Finding, ...]:
-        """Findings at or above --fail-on."""
-        limit = Severity(self.fail_on.value).rank
-        return tuple(f for f in self.findings if f.severity.rank >= limit)
-
-    @property
-    def passed(self) -> bool:
-        """True when no finding reaches --fail-on."""
-        return not self.failed
-
-    def to_dataframe(self) -> Any:
-        """A pandas DataFrame with one row per finding."""
-        import pandas as pd
-
-        columns = ["code", "rule", "severity", "layer", "call", "channels", "message"]
-        return pd.DataFrame(self.to_dict()["findings"], columns=columns)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready data: findings, thresholds, the verdict."""
-        return {
-            "schema_version": self.schema_version,
-            "kind": "check",
-            "model": asdict(self.model),
-            "input": asdict(self.input) if self.input else None,
-            "mode": self.mode,
-            "thresholds": asdict(self.thresholds),
-            "fail_on": self.fail_on.value,
-            "ignored": list(self.ignored),
-            "passed": self.passed,
-            "first_divergent": self.first_divergent,
-            "layers": list(self.layers),
-            "notes": list(self.notes),
-            "findings": [
-                {
-                    "code": f.code,
-                    "rule": f.rule,
-                    "severity": f.severity.value,
-                    "layer": f.layer,
-                    "call": f.call,
-                    "channels": list(f.channels),
-                    "message": f.message,
-                }
-                for f in self.findings
-            ],
-        }
 
 
 def _channels(values: Sequence[float] | None, bad: Any) -> tuple[int, ...]:
@@ -222,6 +62,11 @@ def state_findings(
 
 
 def _buffer_findings(s: LayerState, thresholds: Thresholds) -> list[Finding]:
+    return [*_nonfinite_findings(s), *_running_var_findings(s), *_update_findings(s, thresholds)]
+
+
+def _nonfinite_findings(s: LayerState) -> list[Finding]:
+    """BN101: NaN or infinite buffers."""
     out: list[Finding] = []
     for what, values in (
         ("running_mean", s.running_mean),
@@ -241,6 +86,12 @@ def _buffer_findings(s: LayerState, thresholds: Thresholds) -> list[Finding]:
                     channels=bad,
                 )
             )
+    return out
+
+
+def _running_var_findings(s: LayerState) -> list[Finding]:
+    """BN102, BN103, BN109: running variances no data could give, or that eps or float16 ruin."""
+    out: list[Finding] = []
     if s.running_var is not None:
         nonpositive = _channels(s.running_var, lambda v: v <= 0)
         if nonpositive:
@@ -289,6 +140,12 @@ def _buffer_findings(s: LayerState, thresholds: Thresholds) -> list[Finding]:
                     severity=Severity.INFO,
                 )
             )
+    return out
+
+
+def _update_findings(s: LayerState, thresholds: Thresholds) -> list[Finding]:
+    """BN104, BN105, BN106, BN110: how (and whether) the running statistics were updated."""
+    out: list[Finding] = []
     if (
         s.num_batches_tracked == 0
         and s.running_mean is not None
