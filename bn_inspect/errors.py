@@ -85,3 +85,16 @@ class LazyModelError(BnInspectError):
 
 class OutputError(BnInspectError):
     """The --output file cannot be written."""
+
+
+class UntrustedArchiveError(BnInspectError):
+    """A TorchScript or torch.export archive would run code or reach files when loaded or run;
+    refused without --trust-pickle."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.reason = reason
+        super().__init__(
+            f"{path} {reason}",
+            "If you trust the file, pass --trust-pickle; otherwise ask for a state_dict or safetensors file "
+            "(load it with --arch)",
+        )
