@@ -156,7 +156,8 @@ TrustPickleOpt = Annotated[
     bool,
     typer.Option(
         "--trust-pickle",
-        help="Allow a pickle to import the classes it names. This runs code from the file: only for files you trust.",
+        help="Allow a pickle to import the classes it names, and an archive to unpickle or call file operators. "
+        "This runs code from the file: only for files you trust.",
     ),
 ]
 ShapeOpt = Annotated[str | None, typer.Option("--shape", help="Random normal input of this shape, e.g. 16,3,32,32.")]
