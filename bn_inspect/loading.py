@@ -816,23 +816,32 @@ def _check_export_member(path: Path, member: str, data: bytes) -> None:
 
 
 def _member_globals(data: bytes) -> set[str]:
-    """The globals named by a pickle member, or by the data.pkl of a torch.save archive member."""
-    if data[:1] == b"\x80":
-        return _scan_globals(data, max_pickles=1)[0]
-    if data[:2] != b"PK":
-        return set()
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            pickles = [archive.read(name) for name in archive.namelist() if name.endswith(".pkl")]
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
-        return set()
-    return {name for pickled in pickles for name in _scan_globals(pickled, max_pickles=1)[0]}
+    """The globals named by a pickle member, or by the pickles of a torch.save archive member.
+
+    Only well-formed pickles count, so that raw tensor bytes that happen to start like a pickle are
+    not read as one. The scan only names globals for the message: every member torch would unpickle
+    is refused or emptied whatever the scan finds.
+    """
+    if data[:2] == b"PK":
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                pickles = [archive.read(name) for name in archive.namelist() if name.endswith(".pkl")]
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
+            return set()
+    else:
+        pickles = [data] if data[:1] == b"\x80" else []
+    found: set[str] = set()
+    for pickled in pickles:
+        names, is_well_formed = _scan_globals(pickled, max_pickles=1)
+        if is_well_formed:
+            found |= names
+    return found
 
 
 def _read_json(path: Path, member: str, data: bytes) -> Any:
     try:
         return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise ModelFileError(
             f"model file {path} is corrupt: {member} is not valid JSON", "Re-save or re-download it"
         ) from error
@@ -855,17 +864,21 @@ def _check_payload_config(path: Path, member: str, data: bytes) -> None:
             )
 
 
-def _node_targets(graph: Any) -> Iterator[str]:
-    """The target of every node in a serialized exported program, subgraphs included."""
-    if isinstance(graph, dict):
-        target = graph.get("target")
-        if isinstance(target, str) and "inputs" in graph and "outputs" in graph:
-            yield target
-        for value in graph.values():
-            yield from _node_targets(value)
-    elif isinstance(graph, list):
-        for value in graph:
-            yield from _node_targets(value)
+def _node_targets(program: Any) -> Iterator[str]:
+    """The target of every node in a serialized exported program, subgraphs included.
+
+    Walked with a stack, not recursion: the JSON's depth is the file's to choose.
+    """
+    pending = [program]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            target = value.get("target")
+            if isinstance(target, str) and "inputs" in value and "outputs" in value:
+                yield target
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
 
 
 def _check_graph_targets(path: Path, member: str, data: bytes) -> None:
