@@ -782,6 +782,15 @@ def _checked_export_archive(path: Path, trust_pickle: bool) -> io.BytesIO:
             entries = [(info, source.read(info)) for info in source.infolist()]
     except (OSError, zipfile.BadZipFile) as error:
         raise _corrupt(path, error) from error
+    root = entries[0][0].filename.partition("/")[0]
+    for info, _ in entries:
+        # torch's reader fails on such an entry and falls back to the pre-2.7 format, whose top-level
+        # pickles it retries with weights_only=False.
+        if not info.filename.startswith(f"{root}/"):
+            raise ModelFileError(
+                f"model file {path} is corrupt: entry {info.filename} is outside the archive's folder {root}/",
+                "Re-save it with torch.export.save",
+            )
     if not trust_pickle:
         # Pickles first: the globals a payload imports say more than which entry torch would unpickle.
         for info, data in entries:

@@ -237,3 +237,24 @@ def torchscript_from_file(target: Path, folder: Path, *, on_load: bool) -> Path:
     path = folder / f"from-file-{'load' if on_load else 'forward'}.pt"
     torch.jit.save(torch.jit.script(model), str(path))
     return path
+
+
+def pt2_with_legacy_fallback(payload: Any, folder: Path) -> Path:
+    """A torch.export archive with top-level entries in the pre-2.7 layout, which make torch's reader fail
+    and fall back to that layout's loader; its pickles are ``payload`` followed by a bad opcode, so that
+    they are not well formed and yet run ``payload`` when unpickled with weights_only=False."""
+    from torch._export.serde.schema import SCHEMA_VERSION
+
+    source = exported_archive(folder)
+    broken = pickle.dumps(payload)[:-1] + b"\xff"
+    target = folder / "legacy-fallback.pt2"
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w") as archive:
+        for name in original.namelist():
+            archive.writestr(name, original.read(name))
+            if name.endswith("/models/model.json"):
+                program = original.read(name)
+        archive.writestr("version", ".".join(map(str, SCHEMA_VERSION)))
+        archive.writestr("serialized_exported_program.json", program)
+        for part in ("state_dict", "constants", "example_inputs"):
+            archive.writestr(f"serialized_{part}.pt", broken)
+    return target

@@ -18,12 +18,13 @@ import pytest
 import torch
 
 from bn_inspect.cli import run
-from bn_inspect.errors import UntrustedArchiveError, UntrustedPickleError
+from bn_inspect.errors import ModelFileError, UntrustedArchiveError, UntrustedPickleError
 from bn_inspect.loading import load_model
 from tests.helpers import SAMPLES
 from tests.malicious import (
     ATTACKS,
     exported_archive,
+    pt2_with_legacy_fallback,
     pt2_with_opaque_constant,
     pt2_with_pickled_weight,
     pt2_with_sample_inputs,
@@ -120,6 +121,16 @@ def test_pt2_opaque_constant_is_refused_without_trust(tmp_path: Path, capsys: py
         f"Error: {path} stores 'evil' as a pickle (opaque_obj_0, listed in "
         "data/constants/model_constants_config.json), and loading it would run code from the file. " + TRUST
     ]
+
+
+@pytest.mark.parametrize("trust_pickle", [False, True], ids=["untrusted", "trusted"])
+def test_pt2_entries_outside_its_folder_are_refused(tmp_path: Path, trust_pickle: bool) -> None:
+    # Such an entry sends torch.export.load to its pre-2.7 loader, which retries pickles unsafely.
+    attack = ATTACKS["os.system"](tmp_path)
+    path = pt2_with_legacy_fallback(attack.payload, tmp_path)
+    with pytest.raises(ModelFileError, match="corrupt: entry version is outside the archive's folder exported/"):
+        load_model(path, trust_pickle=trust_pickle)
+    assert not attack.ran()
 
 
 def test_legitimate_exported_model_loads_without_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
