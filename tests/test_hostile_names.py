@@ -379,3 +379,16 @@ def test_seed_at_the_64_bit_limits_runs(
 ) -> None:
     code, _, err = invoke(capsys, ["inspect", str(hostile["torchscript"]), "--shape", "8,4", "--seed", seed])
     assert code == 0, err
+
+
+@pytest.mark.parametrize("fmt", ["table", "markdown"])
+def test_per_channel_table_titles_show_hostile_names(
+    hostile: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    monkeypatch.setenv("COLUMNS", "400")
+    argv = [*command_argv("inspect", hostile, None), "--layer", "*", "--format", fmt]
+    code, out, err = invoke(capsys, argv)
+    assert code == 0, err
+    assert not raw_controls(out)
+    title = f"{SHOWN} (BatchNorm1d), per channel" if fmt == "table" else f"### `` {SHOWN} `` per channel"
+    assert title in [line.rstrip() for line in out.splitlines()]
