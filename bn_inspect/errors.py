@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from bn_inspect.text import one_line
+
 
 class BnInspectError(Exception):
     """A failure the user can fix; the CLI prints it as one line and exits with ``exit_code``.
@@ -14,20 +16,13 @@ class BnInspectError(Exception):
     exit_code = 2
 
     def __init__(self, what: str, fix: str = "") -> None:
-        self.what = _one_line(what).rstrip(".")
-        self.fix = _one_line(fix)
+        self.what = one_line(what).rstrip(".")
+        self.fix = one_line(fix)
         super().__init__(self.line())
 
     def line(self) -> str:
         """The one-line message: what went wrong, then how to fix it."""
         return f"{self.what}. {self.fix}".strip()
-
-
-def _one_line(text: str) -> str:
-    """Whitespace collapsed and control characters escaped: a message may quote a hostile file's
-    bytes (entry names, parser errors), and they must neither break the line nor reach the terminal."""
-    printable = "".join(c if c.isprintable() or c.isspace() else repr(c)[1:-1] for c in text)
-    return " ".join(printable.split())
 
 
 class ModelFileError(BnInspectError):

@@ -341,6 +341,11 @@ def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
             f"--arch-kwargs is not valid JSON ({error.msg} at character {error.pos})",
             """Give a JSON object, e.g. --arch-kwargs '{"num_classes": 10}'""",
         ) from error
+    except RecursionError:
+        raise ArchError(
+            "--arch-kwargs is nested too deeply to read",
+            """Give a flat JSON object, e.g. --arch-kwargs '{"num_classes": 10}'""",
+        ) from None
     if not isinstance(value, dict):
         raise ArchError(
             f"--arch-kwargs must be a JSON object, not {type(value).__name__}",
