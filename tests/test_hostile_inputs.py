@@ -4,6 +4,7 @@ samples without values. Each ends in exit 2 and one line naming the file and the
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import resource
@@ -168,6 +169,21 @@ def test_npz_header_claiming_10_to_the_12_samples(tmp_path: Path) -> None:
     )
     with pytest.raises(InputError, match=r"declares shape \(1000000000000, 1, 8, 8\) of float32"):
         read_input(archive)
+
+
+def test_npz_member_claiming_more_than_memory_is_refused_before_reading(tmp_path: Path) -> None:
+    # A zip may declare any uncompressed size (a zip bomb's claim); a header that agrees with the
+    # claim passes the size check, so the memory check must stop the read.
+    shape = (2**34, 1, 8, 8)
+    header = forged_header(shape)
+    path = tmp_path / "claim.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("x.npy", header + bytes(1024))
+        archive.filelist[0].file_size = len(header) + math.prod(shape) * 4
+    with pytest.raises(
+        InputError, match=r"array 'x' in .*claim\.npz of shape \(17179869184, 1, 8, 8\) needs 4,096\.0 GiB"
+    ):
+        read_input(path)
 
 
 def test_npz_truncated_member_says_what_failed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
