@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import pickletools
+import stat
 import sys
 import zipfile
 from collections import OrderedDict
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -65,10 +67,7 @@ def detect_file_kind(path: Path) -> FileKind:
     Raises:
         ModelFileError: the file is missing, unreadable, empty, corrupt or of no known kind.
     """
-    if not path.exists():
-        raise ModelFileError(f"model file {path} does not exist", "Check the path")
-    if path.is_dir():
-        raise ModelFileError(f"model path {path} is a directory", "Give the path of a model file")
+    _check_regular_file(path)
     try:
         with path.open("rb") as stream:
             head = stream.read(16)
@@ -103,8 +102,12 @@ def _zip_kind(path: Path) -> FileKind:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
+            file_size = path.stat().st_size
+            _check_entry_extents(archive, path, file_size)
             # A flipped byte in a tensor payload loads silently; the CRC check catches it.
-            broken = archive.testzip()
+            broken = _first_failing_crc(archive, path, file_size)
+    except ModelFileError:
+        raise
     except Exception as error:  # unsupported versions, flags, methods: all damage
         raise ModelFileError(
             f"model file {path} is a damaged zip archive ({error})", "Re-save or re-download it"
@@ -126,6 +129,101 @@ def _zip_kind(path: Path) -> FileKind:
         f"{path} is a zip archive but not a PyTorch checkpoint (no data.pkl, code/ or archive_format)",
         "Give a file written by torch.save, torch.jit.save or torch.export.save",
     )
+
+
+_FILE_TYPES = (
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _check_regular_file(path: Path) -> None:
+    """Raise unless ``path`` is a regular file (a symlink to one is fine), judged without opening it:
+    opening a named pipe blocks until a writer comes, and a device such as /dev/zero never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ModelFileError(f"model file {path} does not exist", "Check the path") from None
+    except OSError as error:
+        raise ModelFileError(f"cannot read model file {path}: {error.strerror}", "Check its permissions") from error
+    if stat.S_ISDIR(mode):
+        raise ModelFileError(f"model path {path} is a directory", "Give the path of a model file")
+    if not stat.S_ISREG(mode):
+        described = next((name for is_type, name in _FILE_TYPES if is_type(mode)), "not a file")
+        raise ModelFileError(
+            f"model file {path} is {described}, not a regular file", "Give the path of a saved model file"
+        )
+
+
+# A zip entry's local header is at least this long: its data starts no earlier than 30 bytes after
+# the header's offset.
+_LOCAL_HEADER_SIZE = 30
+# Compressed (deflated, bzip2, lzma) entries may declare at most this many inflated bytes per byte of
+# the archive, plus the floor below. torch.save, torch.jit.save and torch.export.save store entries
+# uncompressed, so their CRC check costs one read of the file; a re-zipped checkpoint compresses
+# tensors a few times at most, and the floor leaves room for all-zero buffers, which compress ~1000x.
+_MAX_INFLATION_RATIO = 16
+_INFLATION_FLOOR = 64 * 2**20
+_CHUNK_SIZE = 2**20
+
+
+def _check_entry_extents(archive: zipfile.ZipFile, path: Path, file_size: int) -> None:
+    """Refuse entries that share bytes, and compressed entries that declare more than the budget.
+
+    With no two entries overlapping, their compressed bytes add up to at most the file's size, so
+    together with the per-entry cap on inflated bytes (each entry yields at most its declared size)
+    the CRC check inflates at most the budget. A zip bomb whose many central-directory records all
+    point at one highly compressed entry is refused here before anything is inflated.
+    """
+    entries = sorted(archive.infolist(), key=lambda entry: entry.header_offset)
+    for before, after in pairwise(entries):
+        if before.header_offset + _LOCAL_HEADER_SIZE + before.compress_size > after.header_offset:
+            raise ModelFileError(
+                f"model file {path} is a malformed zip archive: entries {before.filename} and {after.filename} overlap",
+                "Re-save or re-download it",
+            )
+    if entries and entries[-1].header_offset + _LOCAL_HEADER_SIZE + entries[-1].compress_size > archive.start_dir:
+        raise ModelFileError(
+            f"model file {path} is a malformed zip archive: entry {entries[-1].filename} overlaps the "
+            "central directory",
+            "Re-save or re-download it",
+        )
+    declared = sum(entry.file_size for entry in entries if entry.compress_type != zipfile.ZIP_STORED)
+    if declared > _inflation_budget(file_size):
+        raise ModelFileError(
+            f"model file {path} is a zip archive whose compressed entries declare {declared} bytes "
+            f"in a file of {file_size} bytes, more than a checkpoint holds (a zip bomb?)",
+            "Give a file written by torch.save, which stores tensors uncompressed",
+        )
+
+
+def _inflation_budget(file_size: int) -> int:
+    return _MAX_INFLATION_RATIO * file_size + _INFLATION_FLOOR
+
+
+def _first_failing_crc(archive: zipfile.ZipFile, path: Path, file_size: int) -> str | None:
+    """The first entry whose bytes fail their CRC, or None; like ``ZipFile.testzip``, but bounded.
+
+    zipfile stops each entry at its declared size; the running total is checked as well, so no more
+    is read than the stored entries' bytes (at most the file) and the compressed entries' budget.
+    """
+    budget = file_size + _inflation_budget(file_size)
+    inflated = 0
+    for entry in archive.infolist():
+        try:
+            with archive.open(entry) as stream:
+                while chunk := stream.read(_CHUNK_SIZE):
+                    inflated += len(chunk)
+                    if inflated > budget:
+                        raise ModelFileError(
+                            f"model file {path} is a zip archive that inflates past {budget} bytes",
+                            "Give a file written by torch.save, which stores tensors uncompressed",
+                        )
+        except zipfile.BadZipFile:
+            return entry.filename
+    return None
 
 
 def list_pickle_globals(path: Path, kind: FileKind) -> list[str]:
