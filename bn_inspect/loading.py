@@ -533,11 +533,13 @@ def extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], b
     import torch
 
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        validate_state_dict(obj, path)
         return strip_prefixes(obj), False
     if isinstance(obj, Mapping):
         for key in _STATE_DICT_KEYS:
             inner = obj.get(key)
             if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                validate_state_dict(inner, path)
                 return strip_prefixes(inner), True
         keys = ", ".join(repr(k) for k in list(obj)[:10])
         raise ModelFileError(
@@ -548,6 +550,50 @@ def extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], b
         f"{path} holds an object of type {type(obj).__name__}, not a model or state_dict",
         "Save the model, its state_dict, or a checkpoint dict",
     )
+
+
+def validate_state_dict(state_dict: Mapping[Any, Any], path: Path) -> None:
+    """Refuse a state_dict that ``load_state_dict`` or bn-inspect's reading would choke on or misread.
+
+    A file's dict may hold anything torch's weights-only loader builds: keys that are not strings,
+    a ``_metadata`` whose versions are not integers (BatchNorm's ``_load_from_state_dict`` compares
+    them with ``<``), sparse or meta tensors (``load_state_dict`` fails to copy them), complex
+    tensors (it silently drops their imaginary part into a real buffer) and a non-finite
+    ``num_batches_tracked`` (it becomes -2**63 in the int64 buffer).
+
+    Raises:
+        ModelFileError: naming the file and the first offending key.
+    """
+    import torch
+
+    fix = "Re-save the model's state_dict() with torch.save or safetensors"
+    for key, tensor in state_dict.items():
+        if not isinstance(key, str):
+            raise ModelFileError(f"{path}: the state_dict has a key {key!r} of type {type(key).__name__}", fix)
+        if tensor.layout != torch.strided:
+            raise ModelFileError(f"{path}: state_dict entry {key} is a {tensor.layout} tensor, not a dense one", fix)
+        if tensor.is_meta:
+            raise ModelFileError(f"{path}: state_dict entry {key} is on the meta device and holds no values", fix)
+        if tensor.is_complex():
+            raise ModelFileError(f"{path}: state_dict entry {key} is complex ({tensor.dtype}), not real", fix)
+        if key.rpartition(".")[2] == "num_batches_tracked" and not bool(torch.isfinite(tensor).all()):
+            raise ModelFileError(f"{path}: state_dict entry {key} is not a finite count", fix)
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is None:
+        return
+    if not isinstance(metadata, Mapping):
+        raise ModelFileError(f"{path}: the state_dict's _metadata is a {type(metadata).__name__}, not a dict", fix)
+    for prefix, local in metadata.items():
+        if not isinstance(prefix, str) or not isinstance(local, Mapping):
+            raise ModelFileError(
+                f"{path}: the state_dict's _metadata has an entry {prefix!r} that is not a module's", fix
+            )
+        version = local.get("version")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+            raise ModelFileError(
+                f"{path}: the state_dict's _metadata gives module {prefix!r} the version {version!r}, not an integer",
+                fix,
+            )
 
 
 def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -637,7 +683,9 @@ def read_model_file(path: Path, *, trust_pickle: bool = False, map_location: str
     if kind is FileKind.TORCH_EXPORT:
         return LoadedModel(_load_exported(path, map_location), str(path), "torch.export", None)
     if kind is FileKind.SAFETENSORS:
-        return Weights(_load_safetensors(path, map_location), str(path), "safetensors")
+        tensors = _load_safetensors(path, map_location)
+        validate_state_dict(tensors, path)
+        return Weights(tensors, str(path), "safetensors")
     obj = _torch_load(path, map_location, trust_pickle, kind)
     from torch import nn
 

@@ -15,12 +15,15 @@ import subprocess
 import sys
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
 import pytest
+import torch
+from torch import nn
 
 from bn_inspect.cli import run
 from bn_inspect.errors import ModelFileError
@@ -195,3 +198,68 @@ def test_deflated_checkpoint_passes_the_bounded_crc_check(tmp_path: Path) -> Non
         for entry in original.infolist():
             copy.writestr(entry.filename, original.read(entry))
     assert detect_file_kind(path) is FileKind.TORCH_SAVE
+
+
+# --- state_dicts that load_state_dict would choke on or misread ------------------------------------
+
+
+def _with(key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    state = dict(nn.BatchNorm1d(3).state_dict())
+    state[key] = value
+    return state
+
+
+def _bad_version() -> OrderedDict[str, torch.Tensor]:
+    state = nn.BatchNorm1d(3).state_dict()
+    state._metadata = OrderedDict({"": {"version": "2"}})  # type: ignore[attr-defined]
+    return state
+
+
+STATE_DICT_CASES: dict[str, tuple[Callable[[], object], str]] = {
+    "non-string key": (lambda: {0: torch.zeros(3)}, "the state_dict has a key 0 of type int"),
+    "metadata version": (
+        _bad_version,
+        "the state_dict's _metadata gives module '' the version '2', not an integer",
+    ),
+    "sparse": (
+        lambda: _with("running_mean", torch.zeros(3).to_sparse()),
+        "state_dict entry running_mean is a torch.sparse_coo tensor, not a dense one",
+    ),
+    "meta": (
+        lambda: _with("running_var", torch.ones(3, device="meta")),
+        "state_dict entry running_var is on the meta device and holds no values",
+    ),
+    "complex": (
+        lambda: _with("running_mean", torch.zeros(3, dtype=torch.complex64)),
+        "state_dict entry running_mean is complex (torch.complex64), not real",
+    ),
+    "nan count": (
+        lambda: _with("num_batches_tracked", torch.tensor(float("nan"))),
+        "state_dict entry num_batches_tracked is not a finite count",
+    ),
+    "nested checkpoint": (
+        lambda: {"state_dict": _with("module.num_batches_tracked", torch.tensor(float("inf")))},
+        "state_dict entry module.num_batches_tracked is not a finite count",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STATE_DICT_CASES))
+@pytest.mark.parametrize("command", ["layers", "inspect"])
+def test_unusable_state_dict_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, command: str
+) -> None:
+    build, problem = STATE_DICT_CASES[case]
+    path = tmp_path / "model.pt"
+    torch.save(build(), path)
+    argv = [command, str(path)] + ([*BN_ARCH, "--shape", "2,3"] if command == "inspect" else [])
+    code, line = first_error_line(capsys, argv)
+    assert code == 2
+    assert line == f"Error: {path}: {problem}. Re-save the model's state_dict() with torch.save or safetensors"
+
+
+def test_valid_metadata_still_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "model.pt"
+    torch.save(nn.BatchNorm1d(3).state_dict(), path)
+    assert run(["layers", str(path), *BN_ARCH, "--format", "json"]) == 0
+    capsys.readouterr()
