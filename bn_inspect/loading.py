@@ -413,11 +413,12 @@ def _corrupt(path: Path, error: BaseException) -> ModelFileError:
 
 @contextmanager
 def _cwd_importable() -> Iterator[None]:
-    # Like `python -m`, let code in the current directory be found, but only for this load.
+    # Let code in the current directory be found, but only for this load, and only after installed
+    # packages: a folder named like one (a cloned torchvision/, a PR checkout in CI) must not shadow it.
     cwd = os.getcwd()
     added = cwd not in sys.path
     if added:
-        sys.path.insert(0, cwd)
+        sys.path.append(cwd)
     try:
         yield
     finally:

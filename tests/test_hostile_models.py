@@ -13,6 +13,7 @@ import signal
 import struct
 import subprocess
 import sys
+import uuid
 import zipfile
 import zlib
 from collections import OrderedDict
@@ -262,4 +263,46 @@ def test_valid_metadata_still_loads(tmp_path: Path, capsys: pytest.CaptureFixtur
     path = tmp_path / "model.pt"
     torch.save(nn.BatchNorm1d(3).state_dict(), path)
     assert run(["layers", str(path), *BN_ARCH, "--format", "json"]) == 0
+    capsys.readouterr()
+
+
+# --- --arch imports ----------------------------------------------------------------------------------
+
+
+def test_arch_prefers_the_installed_package_to_a_folder_of_that_name(tmp_path: Path) -> None:
+    # A cloned or checked-out jsonschema/ in the working directory must not be what --arch imports.
+    canary = tmp_path / "canary"
+    fake = tmp_path / "jsonschema"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        f"open({str(canary)!r}, 'w').close()\nimport torch\ndef build():\n    return torch.nn.BatchNorm1d(3)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # -P: the interpreter itself puts no folder first, as with the bn-inspect console script.
+    argv = [sys.executable, "-P", "-m", "bn_inspect", "inspect", "--arch", "jsonschema:build", "--shape", "2,3"]
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert not canary.exists()
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[0].startswith(
+        "Error: --arch 'jsonschema:build': jsonschema has no attribute 'build'"
+    )
+
+
+def _local_module(folder: Path) -> str:
+    name = f"bn_inspect_local_arch_{uuid.uuid4().hex}"
+    (folder / f"{name}.py").write_text("import torch\ndef build():\n    return torch.nn.BatchNorm1d(3)\n")
+    return name
+
+
+def test_arch_module_found_only_in_the_current_folder_still_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    name = _local_module(tmp_path)
+    try:
+        assert run(["inspect", "--arch", f"{name}:build", "--shape", "2,3", "-q"]) == 0
+        assert run(["inspect", "--arch", f"{name}.py:build", "--shape", "2,3", "-q"]) == 0
+    finally:
+        sys.modules.pop(name, None)
+    assert str(tmp_path) not in sys.path
     capsys.readouterr()
