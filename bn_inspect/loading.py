@@ -570,7 +570,7 @@ def validate_state_dict(state_dict: Mapping[Any, Any], path: Path) -> None:
     fix = "Re-save the model's state_dict() with torch.save or safetensors"
     for key, tensor in state_dict.items():
         if not isinstance(key, str):
-            raise ModelFileError(f"{path}: the state_dict has a key {key!r} of type {type(key).__name__}", fix)
+            raise ModelFileError(f"{path}: the state_dict has a key {_shown(key)} of type {type(key).__name__}", fix)
         if tensor.layout != torch.strided:
             raise ModelFileError(f"{path}: state_dict entry {key} is a {tensor.layout} tensor, not a dense one", fix)
         if tensor.is_meta:
@@ -586,15 +586,20 @@ def validate_state_dict(state_dict: Mapping[Any, Any], path: Path) -> None:
         raise ModelFileError(f"{path}: the state_dict's _metadata is a {type(metadata).__name__}, not a dict", fix)
     for prefix, local in metadata.items():
         if not isinstance(prefix, str) or not isinstance(local, Mapping):
-            raise ModelFileError(
-                f"{path}: the state_dict's _metadata has an entry {prefix!r} that is not a module's", fix
-            )
+            raise ModelFileError(f"{path}: the state_dict's _metadata entry {_shown(prefix)} is not a dict", fix)
         version = local.get("version")
         if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
             raise ModelFileError(
-                f"{path}: the state_dict's _metadata gives module {prefix!r} the version {version!r}, not an integer",
+                f"{path}: the state_dict's _metadata gives module {prefix!r} the version {_shown(version)}, "
+                "not an integer",
                 fix,
             )
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a key from a hostile file may be any size."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

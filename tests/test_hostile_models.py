@@ -28,7 +28,7 @@ from torch import nn
 
 from bn_inspect.cli import run
 from bn_inspect.errors import ModelFileError
-from bn_inspect.loading import FileKind, detect_file_kind
+from bn_inspect.loading import FileKind, detect_file_kind, validate_state_dict
 from tests.helpers import REPO, SAMPLES
 
 BN_ARCH = ["--arch", "torch.nn:BatchNorm1d", "--arch-kwargs", '{"num_features": 3}']
@@ -257,6 +257,12 @@ def test_unusable_state_dict_is_one_error_line(
     code, line = first_error_line(capsys, argv)
     assert code == 2
     assert line == f"Error: {path}: {problem}. Re-save the model's state_dict() with torch.save or safetensors"
+
+
+def test_a_huge_key_is_cut_short_in_the_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match=r"has a key \('xxx\S*\.\.\. of type tuple") as raised:
+        validate_state_dict({("x" * 100_000,): torch.zeros(3)}, tmp_path / "model.pt")
+    assert len(str(raised.value)) < 300
 
 
 def test_valid_metadata_still_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
