@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import pickletools
+import stat
 import sys
 import tokenize
 import zipfile
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -68,10 +70,7 @@ def detect_file_kind(path: Path) -> FileKind:
     Raises:
         ModelFileError: the file is missing, unreadable, empty, corrupt or of no known kind.
     """
-    if not path.exists():
-        raise ModelFileError(f"model file {path} does not exist", "Check the path")
-    if path.is_dir():
-        raise ModelFileError(f"model path {path} is a directory", "Give the path of a model file")
+    _check_regular_file(path)
     try:
         with path.open("rb") as stream:
             head = stream.read(16)
@@ -106,8 +105,12 @@ def _zip_kind(path: Path) -> FileKind:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
+            file_size = path.stat().st_size
+            _check_entry_extents(archive, path, file_size)
             # A flipped byte in a tensor payload loads silently; the CRC check catches it.
-            broken = archive.testzip()
+            broken = _first_failing_crc(archive, path, file_size)
+    except ModelFileError:
+        raise
     except Exception as error:  # unsupported versions, flags, methods: all damage
         raise ModelFileError(
             f"model file {path} is a damaged zip archive ({error})", "Re-save or re-download it"
@@ -129,6 +132,101 @@ def _zip_kind(path: Path) -> FileKind:
         f"{path} is a zip archive but not a PyTorch checkpoint (no data.pkl, code/ or archive_format)",
         "Give a file written by torch.save, torch.jit.save or torch.export.save",
     )
+
+
+_FILE_TYPES = (
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _check_regular_file(path: Path) -> None:
+    """Raise unless ``path`` is a regular file (a symlink to one is fine), judged without opening it:
+    opening a named pipe blocks until a writer comes, and a device such as /dev/zero never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ModelFileError(f"model file {path} does not exist", "Check the path") from None
+    except OSError as error:
+        raise ModelFileError(f"cannot read model file {path}: {error.strerror}", "Check its permissions") from error
+    if stat.S_ISDIR(mode):
+        raise ModelFileError(f"model path {path} is a directory", "Give the path of a model file")
+    if not stat.S_ISREG(mode):
+        described = next((name for is_type, name in _FILE_TYPES if is_type(mode)), "not a file")
+        raise ModelFileError(
+            f"model file {path} is {described}, not a regular file", "Give the path of a saved model file"
+        )
+
+
+# A zip entry's local header is at least this long: its data starts no earlier than 30 bytes after
+# the header's offset.
+_LOCAL_HEADER_SIZE = 30
+# Compressed (deflated, bzip2, lzma) entries may declare at most this many inflated bytes per byte of
+# the archive, plus the floor below. torch.save, torch.jit.save and torch.export.save store entries
+# uncompressed, so their CRC check costs one read of the file; a re-zipped checkpoint compresses
+# tensors a few times at most, and the floor leaves room for all-zero buffers, which compress ~1000x.
+_MAX_INFLATION_RATIO = 16
+_INFLATION_FLOOR = 64 * 2**20
+_CHUNK_SIZE = 2**20
+
+
+def _check_entry_extents(archive: zipfile.ZipFile, path: Path, file_size: int) -> None:
+    """Refuse entries that share bytes, and compressed entries that declare more than the budget.
+
+    With no two entries overlapping, their compressed bytes add up to at most the file's size, so
+    together with the per-entry cap on inflated bytes (each entry yields at most its declared size)
+    the CRC check inflates at most the budget. A zip bomb whose many central-directory records all
+    point at one highly compressed entry is refused here before anything is inflated.
+    """
+    entries = sorted(archive.infolist(), key=lambda entry: entry.header_offset)
+    for before, after in pairwise(entries):
+        if before.header_offset + _LOCAL_HEADER_SIZE + before.compress_size > after.header_offset:
+            raise ModelFileError(
+                f"model file {path} is a malformed zip archive: entries {before.filename} and {after.filename} overlap",
+                "Re-save or re-download it",
+            )
+    if entries and entries[-1].header_offset + _LOCAL_HEADER_SIZE + entries[-1].compress_size > archive.start_dir:
+        raise ModelFileError(
+            f"model file {path} is a malformed zip archive: entry {entries[-1].filename} overlaps the "
+            "central directory",
+            "Re-save or re-download it",
+        )
+    declared = sum(entry.file_size for entry in entries if entry.compress_type != zipfile.ZIP_STORED)
+    if declared > _inflation_budget(file_size):
+        raise ModelFileError(
+            f"model file {path} is a zip archive whose compressed entries declare {declared} bytes "
+            f"in a file of {file_size} bytes, more than a checkpoint holds (a zip bomb?)",
+            "Give a file written by torch.save, which stores tensors uncompressed",
+        )
+
+
+def _inflation_budget(file_size: int) -> int:
+    return _MAX_INFLATION_RATIO * file_size + _INFLATION_FLOOR
+
+
+def _first_failing_crc(archive: zipfile.ZipFile, path: Path, file_size: int) -> str | None:
+    """The first entry whose bytes fail their CRC, or None; like ``ZipFile.testzip``, but bounded.
+
+    zipfile stops each entry at its declared size; the running total is checked as well, so no more
+    is read than the stored entries' bytes (at most the file) and the compressed entries' budget.
+    """
+    budget = file_size + _inflation_budget(file_size)
+    inflated = 0
+    for entry in archive.infolist():
+        try:
+            with archive.open(entry) as stream:
+                while chunk := stream.read(_CHUNK_SIZE):
+                    inflated += len(chunk)
+                    if inflated > budget:
+                        raise ModelFileError(
+                            f"model file {path} is a zip archive that inflates past {budget} bytes",
+                            "Give a file written by torch.save, which stores tensors uncompressed",
+                        )
+        except zipfile.BadZipFile:
+            return entry.filename
+    return None
 
 
 def list_pickle_globals(path: Path, kind: FileKind) -> list[str]:
@@ -318,11 +416,12 @@ def _corrupt(path: Path, error: BaseException) -> ModelFileError:
 
 @contextmanager
 def _cwd_importable() -> Iterator[None]:
-    # Like `python -m`, let code in the current directory be found, but only for this load.
+    # Let code in the current directory be found, but only for this load, and only after installed
+    # packages: a folder named like one (a cloned torchvision/, a PR checkout in CI) must not shadow it.
     cwd = os.getcwd()
     added = cwd not in sys.path
     if added:
-        sys.path.insert(0, cwd)
+        sys.path.append(cwd)
     try:
         yield
     finally:
@@ -443,11 +542,13 @@ def extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], b
     import torch
 
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        validate_state_dict(obj, path)
         return strip_prefixes(obj), False
     if isinstance(obj, Mapping):
         for key in _STATE_DICT_KEYS:
             inner = obj.get(key)
             if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                validate_state_dict(inner, path)
                 return strip_prefixes(inner), True
         keys = ", ".join(repr(k) for k in list(obj)[:10])
         raise ModelFileError(
@@ -458,6 +559,55 @@ def extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], b
         f"{path} holds an object of type {type(obj).__name__}, not a model or state_dict",
         "Save the model, its state_dict, or a checkpoint dict",
     )
+
+
+def validate_state_dict(state_dict: Mapping[Any, Any], path: Path) -> None:
+    """Refuse a state_dict that ``load_state_dict`` or bn-inspect's reading would choke on or misread.
+
+    A file's dict may hold anything torch's weights-only loader builds: keys that are not strings,
+    a ``_metadata`` whose versions are not integers (BatchNorm's ``_load_from_state_dict`` compares
+    them with ``<``), sparse or meta tensors (``load_state_dict`` fails to copy them), complex
+    tensors (it silently drops their imaginary part into a real buffer) and a non-finite
+    ``num_batches_tracked`` (it becomes -2**63 in the int64 buffer).
+
+    Raises:
+        ModelFileError: naming the file and the first offending key.
+    """
+    import torch
+
+    fix = "Re-save the model's state_dict() with torch.save or safetensors"
+    for key, tensor in state_dict.items():
+        if not isinstance(key, str):
+            raise ModelFileError(f"{path}: the state_dict has a key {_shown(key)} of type {type(key).__name__}", fix)
+        if tensor.layout != torch.strided:
+            raise ModelFileError(f"{path}: state_dict entry {key} is a {tensor.layout} tensor, not a dense one", fix)
+        if tensor.is_meta:
+            raise ModelFileError(f"{path}: state_dict entry {key} is on the meta device and holds no values", fix)
+        if tensor.is_complex():
+            raise ModelFileError(f"{path}: state_dict entry {key} is complex ({tensor.dtype}), not real", fix)
+        if key.rpartition(".")[2] == "num_batches_tracked" and not bool(torch.isfinite(tensor).all()):
+            raise ModelFileError(f"{path}: state_dict entry {key} is not a finite count", fix)
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is None:
+        return
+    if not isinstance(metadata, Mapping):
+        raise ModelFileError(f"{path}: the state_dict's _metadata is a {type(metadata).__name__}, not a dict", fix)
+    for prefix, local in metadata.items():
+        if not isinstance(prefix, str) or not isinstance(local, Mapping):
+            raise ModelFileError(f"{path}: the state_dict's _metadata entry {_shown(prefix)} is not a dict", fix)
+        version = local.get("version")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+            raise ModelFileError(
+                f"{path}: the state_dict's _metadata gives module {prefix!r} the version {_shown(version)}, "
+                "not an integer",
+                fix,
+            )
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a key from a hostile file may be any size."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -547,7 +697,9 @@ def read_model_file(path: Path, *, trust_pickle: bool = False, map_location: str
     if kind is FileKind.TORCH_EXPORT:
         return LoadedModel(_load_exported(path, map_location, trust_pickle), str(path), "torch.export", None)
     if kind is FileKind.SAFETENSORS:
-        return Weights(_load_safetensors(path, map_location), str(path), "safetensors")
+        tensors = _load_safetensors(path, map_location)
+        validate_state_dict(tensors, path)
+        return Weights(tensors, str(path), "safetensors")
     obj = _torch_load(path, map_location, trust_pickle, kind)
     from torch import nn
 
