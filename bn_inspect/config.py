@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,15 @@ _KEYS: dict[str, tuple[type, ...]] = {
     "fail-on": (str,),
     "strict": (bool,),
     "ignore": (list,),
+}
+
+# The least and the most each number may be, as the flags of the same names allow: a NaN or an
+# out-of-range gate would turn a failing check into a pass (or divide by zero).
+_BOUNDS: dict[str, tuple[float, float | None]] = {
+    "max-shift": (0, None),
+    "max-var-ratio": (1, None),
+    "max-share": (0, 1),
+    "min-values": (1, None),
 }
 
 
@@ -78,5 +88,18 @@ def load_check_config(start: Path) -> CheckConfig:
                 f"not {type(value).__name__}",
                 "Fix the value",
             )
+        if key in _BOUNDS and isinstance(value, int | float):
+            _check_range(key, value, path)
         values[key.replace("-", "_")] = tuple(str(v) for v in value) if isinstance(value, list) else value
     return CheckConfig(source=path, **values)
+
+
+def _check_range(key: str, value: float, path: Path) -> None:
+    low, high = _BOUNDS[key]
+    is_finite = not isinstance(value, float) or math.isfinite(value)
+    if is_finite and low <= value and (high is None or value <= high):
+        return
+    allowed = f"from {low:g} to {high:g}" if high is not None else f"of at least {low:g}"
+    raise ConfigError(
+        f"[tool.bn-inspect] {key} = {value!r} in {path} is out of range", f"Use a finite number {allowed}"
+    )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bn_inspect.text import one_line
+
 
 class BnInspectError(Exception):
     """A failure the user can fix; the CLI prints it as one line and exits with ``exit_code``.
@@ -16,20 +18,13 @@ class BnInspectError(Exception):
     exit_code = 2
 
     def __init__(self, what: str, fix: str = "") -> None:
-        self.what = _one_line(what).rstrip(".")
-        self.fix = _one_line(fix)
+        self.what = one_line(what).rstrip(".")
+        self.fix = one_line(fix)
         super().__init__(self.line())
 
     def line(self) -> str:
         """The one-line message: what went wrong, then how to fix it."""
         return f"{self.what}. {self.fix}".strip()
-
-
-def _one_line(text: str) -> str:
-    """Whitespace collapsed and control characters escaped: a message may quote a hostile file's
-    bytes (entry names, parser errors), and they must neither break the line nor reach the terminal."""
-    printable = "".join(c if c.isprintable() or c.isspace() else repr(c)[1:-1] for c in text)
-    return " ".join(printable.split())
 
 
 class ModelFileError(BnInspectError):
@@ -131,3 +126,16 @@ class DistributedError(BnInspectError):
 
 class ConfigError(BnInspectError):
     """pyproject.toml's [tool.bn-inspect] table cannot be used."""
+
+
+class UntrustedArchiveError(BnInspectError):
+    """A TorchScript or torch.export archive would run code or reach files when loaded or run;
+    refused without --trust-pickle."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.reason = reason
+        super().__init__(
+            f"{path} {reason}",
+            "If you trust the file, pass --trust-pickle; otherwise ask for a state_dict or safetensors file "
+            "(load it with --arch)",
+        )

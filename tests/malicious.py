@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import importlib
 import io
+import json
 import os
 import pickle
 import shutil
@@ -129,3 +130,131 @@ def disguise_as_torchscript(payload: Payload, folder: Path) -> Path:
         archive.writestr(f"{root}/code/__torch__/evil.py", "")
         archive.writestr(f"{root}/constants.pkl", pickle.dumps((), protocol=2))
     return path
+
+
+def exported_archive(folder: Path) -> Path:
+    """A legitimate torch.export archive of a small BatchNorm model, with its sample inputs."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)).eval()
+    path = folder / "exported.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(4, 3),)), path)
+    return path
+
+
+def _rewrite_archive(source: Path, target: Path, changes: dict[str, bytes]) -> Path:
+    """``source`` with the entries named in ``changes`` (relative to the archive's root folder) replaced or added."""
+    with zipfile.ZipFile(source) as original:
+        entries = {info.filename.partition("/")[2]: original.read(info) for info in original.infolist()}
+        root = original.namelist()[0].partition("/")[0]
+    entries.update(changes)
+    with zipfile.ZipFile(target, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(f"{root}/{name}", data)
+    return target
+
+
+def _weights_config(archive: Path) -> dict[str, Any]:
+    with zipfile.ZipFile(archive) as original:
+        name = next(n for n in original.namelist() if n.endswith("model_weights_config.json"))
+        config: dict[str, Any] = json.loads(original.read(name))
+        return config
+
+
+def pt2_with_sample_inputs(payload: Any, folder: Path) -> Path:
+    """A torch.export archive whose sample inputs are ``payload``, pickled (torch retries them unsafely)."""
+    return _rewrite_archive(
+        exported_archive(folder),
+        folder / "sample-inputs.pt2",
+        {"data/sample_inputs/model.pt": _torch_save_bytes(payload)},
+    )
+
+
+def pt2_with_pickled_weight(weight: Any, folder: Path) -> Path:
+    """A torch.export archive whose first weight is marked ``use_pickle`` and is ``weight``, torch.saved."""
+    source = exported_archive(folder)
+    config = _weights_config(source)
+    meta = next(iter(config["config"].values()))
+    meta["use_pickle"] = True
+    return _rewrite_archive(
+        source,
+        folder / "pickled-weight.pt2",
+        {
+            "data/weights/model_weights_config.json": json.dumps(config).encode(),
+            f"data/weights/{meta['path_name']}": _torch_save_bytes(weight),
+        },
+    )
+
+
+def pt2_with_opaque_constant(obj: Any, folder: Path) -> Path:
+    """A torch.export archive with an ``opaque_obj_0`` constant, ``obj`` pickled (torch uses pickle.loads)."""
+    opaque = {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True, "tensor_meta": None}
+    return _rewrite_archive(
+        exported_archive(folder),
+        folder / "opaque.pt2",
+        {
+            "data/constants/model_constants_config.json": json.dumps({"config": {"evil": opaque}}).encode(),
+            "data/constants/opaque_obj_0": pickle.dumps(obj),
+        },
+    )
+
+
+class _FromFileOnLoad(torch.nn.Module):
+    """Overwrites the start of ``target`` with '#' through torch.from_file(shared=True) when unpickled."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__()
+        self.target = target
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[str, bool]:
+        return (self.target, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[str, bool]) -> None:
+        self.target = state[0]
+        # Used, so that TorchScript's dead code elimination keeps the call.
+        self.training = state[1] or bool(torch.from_file(self.target, True, 7, dtype=torch.uint8).fill_(35).sum() < 0)
+
+
+class _FromFileOnForward(torch.nn.Module):
+    """Overwrites the start of ``target`` with '#' through torch.from_file(shared=True) on every call."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__()
+        self.target = target
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stamp = torch.from_file(self.target, True, 7, dtype=torch.uint8).fill_(35)
+        return x + stamp.sum() * 0
+
+
+def torchscript_from_file(target: Path, folder: Path, *, on_load: bool) -> Path:
+    """A TorchScript BatchNorm model that overwrites ``target`` when loaded (``on_load``) or when run."""
+    trap = (_FromFileOnLoad if on_load else _FromFileOnForward)(str(target))
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(3), trap).eval()
+    path = folder / f"from-file-{'load' if on_load else 'forward'}.pt"
+    torch.jit.save(torch.jit.script(model), str(path))
+    return path
+
+
+def pt2_with_legacy_fallback(payload: Any, folder: Path) -> Path:
+    """A torch.export archive with top-level entries in the pre-2.7 layout, which make torch's reader fail
+    and fall back to that layout's loader; its pickles are ``payload`` followed by a bad opcode, so that
+    they are not well formed and yet run ``payload`` when unpickled with weights_only=False."""
+    from torch._export.serde.schema import SCHEMA_VERSION
+
+    source = exported_archive(folder)
+    broken = pickle.dumps(payload)[:-1] + b"\xff"
+    target = folder / "legacy-fallback.pt2"
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w") as archive:
+        for name in original.namelist():
+            archive.writestr(name, original.read(name))
+            if name.endswith("/models/model.json"):
+                program = original.read(name)
+        archive.writestr("version", ".".join(map(str, SCHEMA_VERSION)))
+        archive.writestr("serialized_exported_program.json", program)
+        for part in ("state_dict", "constants", "example_inputs"):
+            archive.writestr(f"serialized_{part}.pt", broken)
+    return target

@@ -28,6 +28,7 @@ from bn_inspect.options import (
     OutputFormat,
     RecalibrationChoice,
 )
+from bn_inspect.text import inert, one_line
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -129,8 +130,10 @@ def _silent(_message: str) -> None:
 
 def _note(message: str) -> None:
     from rich.console import Console
+    from rich.text import Text
 
-    Console(stderr=True, highlight=False, soft_wrap=True).print(message, style="dim")
+    # A note quotes the model's path and layer names: as Text, never as markup; control characters escaped.
+    Console(stderr=True, highlight=False, soft_wrap=True).print(Text(inert(message), style="dim"))
 
 
 ModelArg = Annotated[
@@ -157,7 +160,8 @@ TrustPickleOpt = Annotated[
     bool,
     typer.Option(
         "--trust-pickle",
-        help="Allow a pickle to import the classes it names. This runs code from the file: only for files you trust.",
+        help="Allow a pickle to import the classes it names, and an archive to unpickle or call file operators. "
+        "This runs code from the file: only for files you trust.",
     ),
 ]
 ShapeOpt = Annotated[str | None, typer.Option("--shape", help="Random normal input of this shape, e.g. 16,3,32,32.")]
@@ -176,7 +180,11 @@ BatchSizeOpt = Annotated[
 BatchesOpt = Annotated[
     int | None, typer.Option("--batches", min=1, help="Run at most this many batches (default: all; 1 for --shape).")
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random input and for dropout in train mode.")]
+# torch seeds any integer that fits in 64 bits, signed or not.
+SeedOpt = Annotated[
+    int,
+    typer.Option("--seed", min=-(2**63), max=2**64 - 1, help="Seed for random input and for dropout in train mode."),
+]
 ModeOpt = Annotated[
     Mode,
     typer.Option("--mode", help="eval: as deployed (running statistics); train: as in training (batch statistics)."),
@@ -883,12 +891,23 @@ def run(argv: Sequence[str]) -> int:
             traceback.print_exc()
         format_message = getattr(error, "format_message", None)
         message = format_message() if callable(format_message) else str(error)
-        text = " ".join(str(message).split()).replace("Value error, ", "").rstrip(".")
+        text = one_line(str(message)).replace("Value error, ", "").rstrip(".")
         print(f"Error: {text}. See bn-inspect --help.", file=sys.stderr)
         return int(getattr(error, "exit_code", EXIT_CANNOT_RUN))
     except KeyboardInterrupt:
         print("Error: interrupted.", file=sys.stderr)
         return 130
+    except SystemExit as error:
+        # Only code bn-inspect was told to run raises this (an --arch module or factory, a trusted
+        # pickle): it did not finish, and exit 0 would say that everything was checked.
+        if debug:
+            traceback.print_exc()
+        print(
+            f"Error: code run for the model (--arch, or a pickle under --trust-pickle) called exit({one_line(repr(error.code))}) "
+            "before bn-inspect finished. Check what that code runs when imported and called.",
+            file=sys.stderr,
+        )
+        return EXIT_CANNOT_RUN
     except Exception:
         traceback.print_exc()
         print(

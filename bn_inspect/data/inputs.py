@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from bn_inspect.errors import InputError
 
@@ -198,7 +199,10 @@ def open_input(path: Path, *, key: str | None = None, drop_columns: Sequence[str
         InputError: as read_input; a directory without readable files.
     """
     if path.is_dir():
-        files = tuple(sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DIRECTORY_SUFFIXES))
+        files = tuple(sorted(p for p in path.iterdir() if p.suffix.lower() in DIRECTORY_SUFFIXES))
+        for file in files:
+            # A shard that is a pipe or device would block or never end; skipping it would drop data.
+            _require_regular_file(file, f"{file.name} in input directory {path}")
         if not files:
             raise InputError(
                 f"input directory {path} holds no {', '.join(DIRECTORY_SUFFIXES)} files",
@@ -234,6 +238,7 @@ def read_input(path: Path, *, key: str | None = None, drop_columns: Sequence[str
         raise InputError(f"input file {path} does not exist", "Check the path")
     if path.is_dir():
         raise InputError(f"input path {path} is a directory", "Give one input file, or stream it with open_input")
+    _require_regular_file(path, f"input path {path}")
     suffix = path.suffix.lower()
     if suffix in (".pt", ".pth"):
         data = _read_torch(path, key)
@@ -260,26 +265,95 @@ def read_input(path: Path, *, key: str | None = None, drop_columns: Sequence[str
     return InputData(data.source, data.args, data.kwargs, num_samples)
 
 
+_FILE_KINDS = {
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a directory",
+}
+
+
+def _require_regular_file(path: Path, name: str) -> None:
+    """Refuse, from its metadata alone, a path that is not a regular file (symlinks followed).
+
+    A FIFO blocks in open() until a writer comes and a device such as /dev/zero never ends, so
+    such a path must be refused before anything opens it.
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        raise InputError(f"cannot read {name} ({error.strerror})", "Check the path and its permissions") from error
+    if not stat.S_ISREG(mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise InputError(f"{name} is {kind}, not a regular file", "Save the data to a regular file and give its path")
+
+
+@dataclass(frozen=True)
+class _NpyHeader:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def _read_npy_header(stream: IO[bytes], size: int, name: str) -> _NpyHeader:
+    """The header of the .npy data in ``stream`` of ``size`` bytes, checked against what follows it.
+
+    Shared by .npy files and .npz members, so that neither reaches numpy's reader with a header
+    that would make it allocate what the file does not hold, or unpickle.
+
+    Raises:
+        InputError: no NUMPY magic, a damaged or unknown header, Python objects, or a shape that
+            needs more bytes than follow the header.
+    """
+    import numpy as np
+
+    magic = stream.read(8)
+    if magic[:6] != b"\x93NUMPY":
+        # np.load takes any other file for a pickle (and NpzFile returns such a member as raw bytes).
+        raise InputError(f"{name} is not a .npy file (no NUMPY header)", "Save the array with numpy.save")
+    version = (magic[6], magic[7]) if len(magic) == 8 else None
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
+        raise InputError(
+            f"cannot read {name} as a .npy array: unknown .npy format version {version}", "Re-save it with numpy.save"
+        )
+    try:
+        shape, _, dtype = readers[version](stream)
+    except Exception as error:
+        # A damaged header reaches numpy's header parser, which raises whatever it meets.
+        raise InputError(
+            f"cannot read {name} as a .npy array: its header is damaged ({type(error).__name__}: {error})",
+            "Re-save it with numpy.save",
+        ) from error
+    if any(s < 0 for s in shape):
+        raise InputError(
+            f"cannot read {name} as a .npy array: its header declares the negative shape {shape}",
+            "Re-save it with numpy.save",
+        )
+    if dtype.hasobject:
+        raise InputError(f"{name} holds Python objects, not numbers", "Save a numeric array")
+    declared = math.prod(shape) * dtype.itemsize
+    available = size - stream.tell()
+    if declared > available:
+        raise InputError(
+            f"cannot read {name} as a .npy array: its header declares shape {shape} of {dtype}, "
+            f"{declared:,} bytes, but only {max(available, 0):,} bytes follow it",
+            "The file is truncated or damaged; save the array again",
+        )
+    return _NpyHeader(tuple(shape), dtype)
+
+
 def _load_npy(path: Path) -> np.ndarray:
     import numpy as np
 
     with path.open("rb") as stream:
-        is_npy = stream.read(6) == b"\x93NUMPY"
-    if not is_npy:
-        # np.load takes any other file for a pickle and would report "pickled data".
-        raise InputError(f"{path} is not a .npy file (no NUMPY header)", "Save the array with numpy.save")
+        _read_npy_header(stream, os.fstat(stream.fileno()).st_size, str(path))
     try:
         array: np.ndarray = np.load(path, mmap_mode="r", allow_pickle=False)
         return array
-    except ValueError as error:
-        if "allow_pickle" in str(error) or "pickled" in str(error) or "Python objects" in str(error):
-            raise InputError(f"{path} holds Python objects, not numbers", "Save a numeric array") from error
+    except (ValueError, OSError) as error:
+        # The header was checked above; what is left is the memory map itself failing.
         raise InputError(f"cannot read {path} as a .npy array ({error})", "Re-save it with numpy.save") from error
-    except Exception as error:
-        # A damaged header reaches numpy's header parser, which raises whatever it meets.
-        raise InputError(
-            f"cannot read {path} as a .npy array ({type(error).__name__})", "Re-save it with numpy.save"
-        ) from error
 
 
 def _read_npz(path: Path, key: str | None) -> np.ndarray:
@@ -287,12 +361,15 @@ def _read_npz(path: Path, key: str | None) -> np.ndarray:
 
     import numpy as np
 
+    # The archive is read with zipfile rather than np.load: NpzFile hands back a member without the
+    # NUMPY magic as raw bytes, and lets numpy allocate whatever a member's header declares.
     try:
-        archive = np.load(path, allow_pickle=False)
+        archive = zipfile.ZipFile(path)
     except (ValueError, OSError, zipfile.BadZipFile) as error:
         raise InputError(f"cannot read {path} as a .npz archive ({error})", "Re-save it with numpy.savez") from error
     with archive:
-        names = list(archive.files)
+        members = {name.removesuffix(".npy"): name for name in archive.namelist()}
+        names = list(members)
         if key is None and len(names) == 1:
             key = names[0]
         if key is None:
@@ -300,17 +377,41 @@ def _read_npz(path: Path, key: str | None) -> np.ndarray:
                 f"{path} holds {len(names)} arrays ({', '.join(names)}) and none was chosen",
                 "Pick one with --input-key NAME",
             )
-        if key not in names:
+        if key not in members:
             raise InputError(
                 f"{path} has no array {key!r} (it has {', '.join(names)})", "Pick one with --input-key NAME"
             )
+        member = archive.getinfo(members[key])
+        name = f"array {key!r} in {path}"
         try:
-            chosen: np.ndarray = archive[key]
-            return chosen
-        except ValueError as error:
+            with archive.open(member) as stream:
+                header = _read_npy_header(stream, member.file_size, name)
+        except InputError:
+            raise
+        except Exception as error:
+            raise _damaged_npz_error(name, error) from error
+        # Unlike a .npy file, an .npz member cannot be memory-mapped: all of it is read at once.
+        needed = math.prod(header.shape) * header.dtype.itemsize
+        available = available_memory_bytes()
+        if needed > available // 2:
             raise InputError(
-                f"array {key!r} in {path} holds Python objects, not numbers", "Save a numeric array"
-            ) from error
+                f"{name} of shape {header.shape} needs {needed / 2**30:,.1f} GiB once read, more than half of "
+                f"the {available / 2**30:,.1f} GiB of memory available",
+                "Save it with numpy.save as a .npy file (read a batch at a time), or as shards in a directory",
+            )
+        try:
+            with archive.open(member) as stream:
+                chosen: np.ndarray = np.lib.format.read_array(stream, allow_pickle=False)
+                return chosen
+        except Exception as error:
+            raise _damaged_npz_error(name, error) from error
+
+
+def _damaged_npz_error(name: str, error: Exception) -> InputError:
+    # zipfile and zlib raise whatever a damaged archive makes them meet (bad CRC, early end of data).
+    return InputError(
+        f"cannot read {name}: the archive is damaged ({type(error).__name__}: {error})", "Re-save it with numpy.savez"
+    )
 
 
 def _checked(array: np.ndarray, path: Path) -> np.ndarray:
@@ -326,6 +427,7 @@ def _checked(array: np.ndarray, path: Path) -> np.ndarray:
                 f"{path} holds a {array.ndim}-D array of shape {array.shape}; the model needs (N, C, ...)",
                 "Add the batch dim (e.g. x[None]) or the feature dim",
             )
+        _require_values(tuple(array.shape), path)
         return array
     described = {
         "i": "integers",
@@ -384,17 +486,41 @@ def _read_torch(path: Path, key: str | None) -> InputData:
 
 
 def _checked_tensor(tensor: torch.Tensor, path: Path) -> torch.Tensor:
+    import torch
+
+    if tensor.layout != torch.strided or tensor.is_nested:
+        layout = "nested" if tensor.is_nested else str(tensor.layout).removeprefix("torch.")
+        raise InputError(
+            f"{path} holds a {layout} tensor of shape {tuple(tensor.shape)}; bn-inspect reads dense tensors",
+            "Save a dense tensor: torch.save(t.to_dense(), ...)",
+        )
+    if tensor.device.type != "cpu":
+        # map_location="cpu" moves every real device's tensors; what stays elsewhere (meta) has no values.
+        raise InputError(
+            f"{path} holds a tensor of shape {tuple(tensor.shape)} on device {tensor.device.type}, which has no values",
+            "Save the real tensor with its values: torch.save(t.detach().cpu(), ...)",
+        )
     if tensor.is_floating_point():
         if tensor.dim() < 2:
             raise InputError(
                 f"{path} holds a {tensor.dim()}-D tensor of shape {tuple(tensor.shape)}; the model needs (N, C, ...)",
                 "Add the batch dim (e.g. x[None]) or the feature dim",
             )
+        _require_values(tuple(tensor.shape), path)
         return tensor
     raise InputError(
         f"{path} holds a tensor of dtype {str(tensor.dtype).removeprefix('torch.')}; normalization layers need floating-point input",
         "Convert it to float first (e.g. x.float() / 255 for images)",
     )
+
+
+def _require_values(shape: tuple[int, ...], path: Path) -> None:
+    """Refuse samples with no values: every statistic over them would be empty, not a finding."""
+    if math.prod(shape[1:]) == 0:
+        raise InputError(
+            f"{path} holds data of shape {shape}: each sample, of shape {shape[1:]}, has no values",
+            "Give data with at least one value per sample: every dim after the first must be at least 1",
+        )
 
 
 def _read_table(path: Path, drop_columns: Sequence[str]) -> np.ndarray:

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import io
 import json
 import os
 import pickle
 import pickletools
+import stat
 import sys
+import tokenize
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -22,6 +26,7 @@ from bn_inspect.errors import (
     ArchError,
     ModelFileError,
     StateDictMismatchError,
+    UntrustedArchiveError,
     UntrustedPickleError,
 )
 
@@ -65,10 +70,7 @@ def detect_file_kind(path: Path) -> FileKind:
     Raises:
         ModelFileError: the file is missing, unreadable, empty, corrupt or of no known kind.
     """
-    if not path.exists():
-        raise ModelFileError(f"model file {path} does not exist", "Check the path")
-    if path.is_dir():
-        raise ModelFileError(f"model path {path} is a directory", "Give the path of a model file")
+    _check_regular_file(path)
     try:
         with path.open("rb") as stream:
             head = stream.read(16)
@@ -103,8 +105,12 @@ def _zip_kind(path: Path) -> FileKind:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
+            file_size = path.stat().st_size
+            _check_entry_extents(archive, path, file_size)
             # A flipped byte in a tensor payload loads silently; the CRC check catches it.
-            broken = archive.testzip()
+            broken = _first_failing_crc(archive, path, file_size)
+    except ModelFileError:
+        raise
     except Exception as error:  # unsupported versions, flags, methods: all damage
         raise ModelFileError(
             f"model file {path} is a damaged zip archive ({error})", "Re-save or re-download it"
@@ -126,6 +132,101 @@ def _zip_kind(path: Path) -> FileKind:
         f"{path} is a zip archive but not a PyTorch checkpoint (no data.pkl, code/ or archive_format)",
         "Give a file written by torch.save, torch.jit.save or torch.export.save",
     )
+
+
+_FILE_TYPES = (
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _check_regular_file(path: Path) -> None:
+    """Raise unless ``path`` is a regular file (a symlink to one is fine), judged without opening it:
+    opening a named pipe blocks until a writer comes, and a device such as /dev/zero never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ModelFileError(f"model file {path} does not exist", "Check the path") from None
+    except OSError as error:
+        raise ModelFileError(f"cannot read model file {path}: {error.strerror}", "Check its permissions") from error
+    if stat.S_ISDIR(mode):
+        raise ModelFileError(f"model path {path} is a directory", "Give the path of a model file")
+    if not stat.S_ISREG(mode):
+        described = next((name for is_type, name in _FILE_TYPES if is_type(mode)), "not a file")
+        raise ModelFileError(
+            f"model file {path} is {described}, not a regular file", "Give the path of a saved model file"
+        )
+
+
+# A zip entry's local header is at least this long: its data starts no earlier than 30 bytes after
+# the header's offset.
+_LOCAL_HEADER_SIZE = 30
+# Compressed (deflated, bzip2, lzma) entries may declare at most this many inflated bytes per byte of
+# the archive, plus the floor below. torch.save, torch.jit.save and torch.export.save store entries
+# uncompressed, so their CRC check costs one read of the file; a re-zipped checkpoint compresses
+# tensors a few times at most, and the floor leaves room for all-zero buffers, which compress ~1000x.
+_MAX_INFLATION_RATIO = 16
+_INFLATION_FLOOR = 64 * 2**20
+_CHUNK_SIZE = 2**20
+
+
+def _check_entry_extents(archive: zipfile.ZipFile, path: Path, file_size: int) -> None:
+    """Refuse entries that share bytes, and compressed entries that declare more than the budget.
+
+    With no two entries overlapping, their compressed bytes add up to at most the file's size, so
+    together with the per-entry cap on inflated bytes (each entry yields at most its declared size)
+    the CRC check inflates at most the budget. A zip bomb whose many central-directory records all
+    point at one highly compressed entry is refused here before anything is inflated.
+    """
+    entries = sorted(archive.infolist(), key=lambda entry: entry.header_offset)
+    for before, after in pairwise(entries):
+        if before.header_offset + _LOCAL_HEADER_SIZE + before.compress_size > after.header_offset:
+            raise ModelFileError(
+                f"model file {path} is a malformed zip archive: entries {before.filename} and {after.filename} overlap",
+                "Re-save or re-download it",
+            )
+    if entries and entries[-1].header_offset + _LOCAL_HEADER_SIZE + entries[-1].compress_size > archive.start_dir:
+        raise ModelFileError(
+            f"model file {path} is a malformed zip archive: entry {entries[-1].filename} overlaps the "
+            "central directory",
+            "Re-save or re-download it",
+        )
+    declared = sum(entry.file_size for entry in entries if entry.compress_type != zipfile.ZIP_STORED)
+    if declared > _inflation_budget(file_size):
+        raise ModelFileError(
+            f"model file {path} is a zip archive whose compressed entries declare {declared} bytes "
+            f"in a file of {file_size} bytes, more than a checkpoint holds (a zip bomb?)",
+            "Give a file written by torch.save, which stores tensors uncompressed",
+        )
+
+
+def _inflation_budget(file_size: int) -> int:
+    return _MAX_INFLATION_RATIO * file_size + _INFLATION_FLOOR
+
+
+def _first_failing_crc(archive: zipfile.ZipFile, path: Path, file_size: int) -> str | None:
+    """The first entry whose bytes fail their CRC, or None; like ``ZipFile.testzip``, but bounded.
+
+    zipfile stops each entry at its declared size; the running total is checked as well, so no more
+    is read than the stored entries' bytes (at most the file) and the compressed entries' budget.
+    """
+    budget = file_size + _inflation_budget(file_size)
+    inflated = 0
+    for entry in archive.infolist():
+        try:
+            with archive.open(entry) as stream:
+                while chunk := stream.read(_CHUNK_SIZE):
+                    inflated += len(chunk)
+                    if inflated > budget:
+                        raise ModelFileError(
+                            f"model file {path} is a zip archive that inflates past {budget} bytes",
+                            "Give a file written by torch.save, which stores tensors uncompressed",
+                        )
+        except zipfile.BadZipFile:
+            return entry.filename
+    return None
 
 
 def list_pickle_globals(path: Path, kind: FileKind) -> list[str]:
@@ -315,11 +416,12 @@ def _corrupt(path: Path, error: BaseException) -> ModelFileError:
 
 @contextmanager
 def _cwd_importable() -> Iterator[None]:
-    # Like `python -m`, let code in the current directory be found, but only for this load.
+    # Let code in the current directory be found, but only for this load, and only after installed
+    # packages: a folder named like one (a cloned torchvision/, a PR checkout in CI) must not shadow it.
     cwd = os.getcwd()
     added = cwd not in sys.path
     if added:
-        sys.path.insert(0, cwd)
+        sys.path.append(cwd)
     try:
         yield
     finally:
@@ -338,6 +440,11 @@ def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
             f"--arch-kwargs is not valid JSON ({error.msg} at character {error.pos})",
             """Give a JSON object, e.g. --arch-kwargs '{"num_classes": 10}'""",
         ) from error
+    except RecursionError:
+        raise ArchError(
+            "--arch-kwargs is nested too deeply to read",
+            """Give a flat JSON object, e.g. --arch-kwargs '{"num_classes": 10}'""",
+        ) from None
     if not isinstance(value, dict):
         raise ArchError(
             f"--arch-kwargs must be a JSON object, not {type(value).__name__}",
@@ -435,11 +542,13 @@ def extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], b
     import torch
 
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        validate_state_dict(obj, path)
         return strip_prefixes(obj), False
     if isinstance(obj, Mapping):
         for key in _STATE_DICT_KEYS:
             inner = obj.get(key)
             if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                validate_state_dict(inner, path)
                 return strip_prefixes(inner), True
         keys = ", ".join(repr(k) for k in list(obj)[:10])
         raise ModelFileError(
@@ -450,6 +559,55 @@ def extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], b
         f"{path} holds an object of type {type(obj).__name__}, not a model or state_dict",
         "Save the model, its state_dict, or a checkpoint dict",
     )
+
+
+def validate_state_dict(state_dict: Mapping[Any, Any], path: Path) -> None:
+    """Refuse a state_dict that ``load_state_dict`` or bn-inspect's reading would choke on or misread.
+
+    A file's dict may hold anything torch's weights-only loader builds: keys that are not strings,
+    a ``_metadata`` whose versions are not integers (BatchNorm's ``_load_from_state_dict`` compares
+    them with ``<``), sparse or meta tensors (``load_state_dict`` fails to copy them), complex
+    tensors (it silently drops their imaginary part into a real buffer) and a non-finite
+    ``num_batches_tracked`` (it becomes -2**63 in the int64 buffer).
+
+    Raises:
+        ModelFileError: naming the file and the first offending key.
+    """
+    import torch
+
+    fix = "Re-save the model's state_dict() with torch.save or safetensors"
+    for key, tensor in state_dict.items():
+        if not isinstance(key, str):
+            raise ModelFileError(f"{path}: the state_dict has a key {_shown(key)} of type {type(key).__name__}", fix)
+        if tensor.layout != torch.strided:
+            raise ModelFileError(f"{path}: state_dict entry {key} is a {tensor.layout} tensor, not a dense one", fix)
+        if tensor.is_meta:
+            raise ModelFileError(f"{path}: state_dict entry {key} is on the meta device and holds no values", fix)
+        if tensor.is_complex():
+            raise ModelFileError(f"{path}: state_dict entry {key} is complex ({tensor.dtype}), not real", fix)
+        if key.rpartition(".")[2] == "num_batches_tracked" and not bool(torch.isfinite(tensor).all()):
+            raise ModelFileError(f"{path}: state_dict entry {key} is not a finite count", fix)
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is None:
+        return
+    if not isinstance(metadata, Mapping):
+        raise ModelFileError(f"{path}: the state_dict's _metadata is a {type(metadata).__name__}, not a dict", fix)
+    for prefix, local in metadata.items():
+        if not isinstance(prefix, str) or not isinstance(local, Mapping):
+            raise ModelFileError(f"{path}: the state_dict's _metadata entry {_shown(prefix)} is not a dict", fix)
+        version = local.get("version")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+            raise ModelFileError(
+                f"{path}: the state_dict's _metadata gives module {prefix!r} the version {_shown(version)}, "
+                "not an integer",
+                fix,
+            )
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a key from a hostile file may be any size."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -535,11 +693,13 @@ def read_model_file(path: Path, *, trust_pickle: bool = False, map_location: str
     """
     kind = detect_file_kind(path)
     if kind is FileKind.TORCHSCRIPT:
-        return LoadedModel(_load_torchscript(path, map_location), str(path), "torchscript", None)
+        return LoadedModel(_load_torchscript(path, map_location, trust_pickle), str(path), "torchscript", None)
     if kind is FileKind.TORCH_EXPORT:
-        return LoadedModel(_load_exported(path, map_location), str(path), "torch.export", None)
+        return LoadedModel(_load_exported(path, map_location, trust_pickle), str(path), "torch.export", None)
     if kind is FileKind.SAFETENSORS:
-        return Weights(_load_safetensors(path, map_location), str(path), "safetensors")
+        tensors = _load_safetensors(path, map_location)
+        validate_state_dict(tensors, path)
+        return Weights(tensors, str(path), "safetensors")
     obj = _torch_load(path, map_location, trust_pickle, kind)
     from torch import nn
 
@@ -591,11 +751,13 @@ def load_model(
     return LoadedModel(module, str(path), content.format, arch)
 
 
-def _load_torchscript(path: Path, map_location: str) -> nn.Module:
+def _load_torchscript(path: Path, map_location: str, trust_pickle: bool) -> nn.Module:
     import warnings
 
     import torch
 
+    if not trust_pickle:
+        _check_torchscript_archive(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -619,16 +781,20 @@ def _check_storages(module: nn.Module) -> None:
             raise ValueError(f"a tensor needs {needed} bytes but its data record holds {storage.nbytes()}")
 
 
-def _load_exported(path: Path, map_location: str) -> nn.Module:
-    """``torch.export.load(path).module()``: a GraphModule whose batch norms are aten calls."""
+def _load_exported(path: Path, map_location: str, trust_pickle: bool) -> nn.Module:
+    """``torch.export.load(path).module()``: a GraphModule whose batch norms are aten calls.
+
+    torch loads a checked copy of the archive (see ``_checked_export_archive``), never the file itself.
+    """
     import warnings
 
     import torch
 
+    archive = _checked_export_archive(path, trust_pickle)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.export.load(str(path))
+            program = torch.export.load(archive)
             module = program.module()
     except Exception as error:
         raise _corrupt(path, error) from error
@@ -650,3 +816,247 @@ def _load_safetensors(path: Path, map_location: str) -> dict[str, torch.Tensor]:
         return strip_prefixes(load_file(str(path), device=map_location))
     except Exception as error:
         raise _corrupt(path, error) from error
+
+
+# Operators that reach files, processes or the network. TorchScript code and exported graphs may call
+# any registered operator: over two thousand in torch alone, nearly all pure tensor math, and more with
+# each release and each extension imported. An allow-list would have to follow every torch release, so
+# these few are denied instead: aten::from_file maps (and with shared=True creates or overwrites) any
+# file, aten::save writes one, debugprims::load_tensor reads one, and the distributed namespaces talk
+# to other processes over the network.
+_DENIED_OPERATORS = frozenset(("aten::from_file", "aten::save", "debugprims::load_tensor"))
+_DENIED_NAMESPACES = frozenset(("c10d", "_c10d_functional", "_c10d_functional_autograd", "_dtensor", "symm_mem"))
+
+# What an exported graph node may call: operators, and the Python arithmetic that symbolic shapes use.
+# Any other target is a Python function that torch.export.load looks up by name under torch.
+_EXPORT_TARGET_PREFIXES = ("torch.ops.", "_operator.", "math.", "torch.sym_", "torch._sym_")
+
+# Constants that torch.export.load restores by unpickling: opaque objects with pickle.loads, custom
+# objects with TorchScript classes' __setstate__.
+_PICKLED_CONSTANT_PREFIXES = ("opaque_obj_", "custom_obj_")
+
+
+def _denied_operator(dotted_name: str) -> str | None:
+    """The denied operator that ``torch.from_file``, ``ops.c10d.barrier`` or ``torch.classes.x.Y`` names."""
+    parts = dotted_name.split(".")
+    if "from_file" in parts:
+        return "aten::from_file"
+    if ".torch.classes." in f".{dotted_name}.":
+        return "torch.classes (custom C++ classes)"
+    if parts[0] == "torch":
+        parts = parts[1:]
+        if len(parts) == 1:
+            parts = ["ops", "aten", parts[0]]
+    if len(parts) >= 3 and parts[0] == "ops":
+        operator = f"{parts[1]}::{parts[2]}"
+        if operator in _DENIED_OPERATORS or parts[1] in _DENIED_NAMESPACES:
+            return operator
+    return None
+
+
+def _dotted_names(source: str) -> Iterator[str]:
+    """Every dotted name in Python source, read with its tokenizer so that spaces, line breaks and
+    comments between the parts (``torch . from_file``) cannot hide one."""
+    parts: list[str] = []
+    expects_name = False
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type in (tokenize.NL, tokenize.COMMENT):
+            continue
+        if token.type == tokenize.NAME and (expects_name or not parts):
+            parts.append(token.string)
+            expects_name = False
+            continue
+        if token.type == tokenize.OP and token.string == "." and parts and not expects_name:
+            expects_name = True
+            continue
+        if parts:
+            yield ".".join(parts)
+        parts = [token.string] if token.type == tokenize.NAME else []
+        expects_name = False
+    if parts:
+        yield ".".join(parts)
+
+
+def _check_torchscript_archive(path: Path) -> None:
+    """Refuse a TorchScript archive whose code calls an operator that reaches files, processes or the
+    network (run by ``__setstate__`` on load or by ``forward``), or whose pickles restore custom C++ classes.
+
+    Raises:
+        UntrustedArchiveError, ModelFileError.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                member = info.filename.partition("/")[2]
+                if member.startswith("code/") and member.endswith(".py"):
+                    _check_script_source(path, member, archive.read(info).decode("utf-8", errors="replace"))
+                elif member.endswith(".pkl"):
+                    custom = sorted(g for g in _scan_globals(archive.read(info), 1)[0] if ".torch.classes." in f".{g}")
+                    if custom:
+                        raise UntrustedArchiveError(
+                            str(path),
+                            f"restores {', '.join(custom)} in {member}: custom C++ classes, whose code runs when loaded",
+                        )
+    except (OSError, zipfile.BadZipFile) as error:
+        raise _corrupt(path, error) from error
+
+
+def _check_script_source(path: Path, member: str, source: str) -> None:
+    try:
+        names = list(_dotted_names(source))
+    except (tokenize.TokenError, SyntaxError) as error:
+        raise ModelFileError(
+            f"model file {path} is corrupt: its TorchScript code {member} cannot be read ({type(error).__name__})",
+            "Re-save or re-download it",
+        ) from error
+    for name in names:
+        operator = _denied_operator(name)
+        if operator is not None:
+            raise UntrustedArchiveError(
+                str(path),
+                f"calls {operator} in its TorchScript code {member}, an operator that reaches files, "
+                "processes or the network",
+            )
+
+
+def _checked_export_archive(path: Path, trust_pickle: bool) -> io.BytesIO:
+    """A copy of the torch.export archive at ``path`` for torch.export.load, its sample inputs emptied.
+
+    torch.export.load unpickles with weights_only=False in several places: the sample inputs (retried
+    unsafely when the safe load fails), weights and tensor constants marked ``use_pickle``, opaque and
+    custom object constants, and the legacy one-file weights and constants; it also loads AOTInductor
+    native libraries. bn-inspect never needs the sample inputs, so torch never sees them. Without
+    ``trust_pickle``, every member is checked first, and the archive is refused when a pickle imports a
+    global outside torch's weights-only allow-list, when torch would unpickle a member or load native
+    code, or when a graph node calls anything but an operator, or an operator that reaches files,
+    processes or the network.
+
+    Raises:
+        UntrustedPickleError, UntrustedArchiveError, ModelFileError.
+    """
+    try:
+        with zipfile.ZipFile(path) as source:
+            entries = [(info, source.read(info)) for info in source.infolist()]
+    except (OSError, zipfile.BadZipFile) as error:
+        raise _corrupt(path, error) from error
+    root = entries[0][0].filename.partition("/")[0]
+    for info, _ in entries:
+        # torch's reader fails on such an entry and falls back to the pre-2.7 format, whose top-level
+        # pickles it retries with weights_only=False.
+        if not info.filename.startswith(f"{root}/"):
+            raise ModelFileError(
+                f"model file {path} is corrupt: entry {info.filename} is outside the archive's folder {root}/",
+                "Re-save it with torch.export.save",
+            )
+    if not trust_pickle:
+        # Pickles first: the globals a payload imports say more than which entry torch would unpickle.
+        for info, data in entries:
+            unsafe = _unsafe(_member_globals(data))
+            if unsafe:
+                raise UntrustedPickleError(f"{path} (entry {info.filename.partition('/')[2]})", unsafe)
+        for info, data in entries:
+            _check_export_member(path, info.filename.partition("/")[2], data)
+    copy = io.BytesIO()
+    with zipfile.ZipFile(copy, "w") as target:
+        for info, data in entries:
+            # torch reads an empty record as "no sample inputs".
+            target.writestr(info, b"" if info.filename.partition("/")[2].startswith("data/sample_inputs/") else data)
+    copy.seek(0)
+    return copy
+
+
+def _check_export_member(path: Path, member: str, data: bytes) -> None:
+    if member.startswith("data/aotinductor/"):
+        raise UntrustedArchiveError(str(path), f"holds AOTInductor native code ({member}), which runs when loaded")
+    if member.startswith(("data/weights/", "data/constants/")):
+        if member.endswith(".pt"):
+            raise UntrustedArchiveError(
+                str(path),
+                f"stores its weights or constants as one pickle ({member}, torch.export's legacy format), "
+                "and loading it would run code from the file; re-save it with a current torch.export.save",
+            )
+        if member.endswith("_config.json"):
+            _check_payload_config(path, member, data)
+    elif member.startswith("models/") and member.endswith(".json"):
+        _check_graph_targets(path, member, data)
+
+
+def _member_globals(data: bytes) -> set[str]:
+    """The globals named by a pickle member, or by the pickles of a torch.save archive member.
+
+    Only well-formed pickles count, so that raw tensor bytes that happen to start like a pickle are
+    not read as one. The scan only names globals for the message: every member torch would unpickle
+    is refused or emptied whatever the scan finds.
+    """
+    if data[:2] == b"PK":
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                pickles = [archive.read(name) for name in archive.namelist() if name.endswith(".pkl")]
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
+            return set()
+    else:
+        pickles = [data] if data[:1] == b"\x80" else []
+    found: set[str] = set()
+    for pickled in pickles:
+        names, is_well_formed = _scan_globals(pickled, max_pickles=1)
+        if is_well_formed:
+            found |= names
+    return found
+
+
+def _read_json(path: Path, member: str, data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise ModelFileError(
+            f"model file {path} is corrupt: {member} is not valid JSON", "Re-save or re-download it"
+        ) from error
+
+
+def _check_payload_config(path: Path, member: str, data: bytes) -> None:
+    config = _read_json(path, member, data)
+    entries = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(entries, dict) or not all(isinstance(meta, dict) for meta in entries.values()):
+        raise ModelFileError(
+            f"model file {path} is corrupt: {member} is not a torch.export payload config", "Re-save or re-download it"
+        )
+    for name, meta in entries.items():
+        path_name = str(meta.get("path_name", ""))
+        if meta.get("use_pickle") or path_name.startswith(_PICKLED_CONSTANT_PREFIXES):
+            raise UntrustedArchiveError(
+                str(path),
+                f"stores {name!r} as a pickle ({path_name}, listed in {member}), "
+                "and loading it would run code from the file",
+            )
+
+
+def _node_targets(program: Any) -> Iterator[str]:
+    """The target of every node in a serialized exported program, subgraphs included.
+
+    Walked with a stack, not recursion: the JSON's depth is the file's to choose.
+    """
+    pending = [program]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            target = value.get("target")
+            if isinstance(target, str) and "inputs" in value and "outputs" in value:
+                yield target
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+
+
+def _check_graph_targets(path: Path, member: str, data: bytes) -> None:
+    for target in _node_targets(_read_json(path, member, data)):
+        if not target.startswith(_EXPORT_TARGET_PREFIXES):
+            raise UntrustedArchiveError(
+                str(path), f"has a graph node in {member} that calls {target}, which is not a torch operator"
+            )
+        operator = _denied_operator(target)
+        if operator is not None:
+            raise UntrustedArchiveError(
+                str(path),
+                f"has a graph node in {member} that calls {operator}, an operator that reaches files, "
+                "processes or the network",
+            )

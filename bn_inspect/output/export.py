@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import TYPE_CHECKING
 
 from bn_inspect.report.findings import CheckReport, Finding
 from bn_inspect.report.frame import report_frame
 from bn_inspect.report.records import LayerListing, Report, matching_layers
+from bn_inspect.text import inert
 
 if TYPE_CHECKING:
     from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
@@ -38,11 +40,39 @@ def to_json(report: Report) -> str:
 
 
 def to_csv(report: Report) -> str:
-    """The rows of ``report_frame`` as CSV, floats written to full precision."""
-    return str(report_frame(report).to_csv(index=False, float_format="%.17g"))
+    """The rows of ``report_frame`` as CSV, floats written to full precision, names ``inert``."""
+    frame = report_frame(report)
+    for column in ("layer", "type"):
+        frame[column] = frame[column].map(inert)
+    return str(frame.to_csv(index=False, float_format="%.17g"))
+
+
+# What Markdown reads as structure in text from a file: a table cell's end, a code span, HTML or an
+# autolink, a link or image, an entity (``&#x202e;`` would become a bidi override), and the
+# backslash that escapes them all.
+_MARKDOWN_SPECIAL = frozenset("\\`|<>[]&")
+
+
+def _text(text: str) -> str:
+    """Text from a file as Markdown that shows it as it is: ``inert``, each special character escaped."""
+    return "".join("\\" + c if c in _MARKDOWN_SPECIAL else c for c in inert(text))
+
+
+def _code(text: str) -> str:
+    """A name or path as a Markdown code span that shows it as it is (``inert``), backticks included.
+
+    In a code span only a run of backticks as long as the fence is special, so the fence is one
+    longer than the name's longest run; the spaces that then pad it are stripped when rendered.
+    """
+    shown = inert(text)
+    longest = max((len(run) for run in re.findall("`+", shown)), default=0)
+    pad = " " if longest or (shown.startswith(" ") and shown.endswith(" ")) else ""
+    fence = "`" * (longest + 1)
+    return f"{fence}{pad}{shown}{pad}{fence}"
 
 
 def _cell(text: str) -> str:
+    """Markdown made a table cell: GitHub ends a cell at every ``|`` not escaped, inside code spans too."""
     return text.replace("|", "\\|")
 
 
@@ -56,7 +86,7 @@ def to_markdown(report: Report, channel_patterns: tuple[str, ...] = ()) -> str:
     lines = [
         "## bn-inspect",
         "",
-        f"**Model** `{report.model.source}` ({report.model.format}) · **input** `{data.source}`: "
+        f"**Model** {_code(report.model.source)} ({report.model.format}) · **input** {_code(data.source)}: "
         f"{data.num_samples:,} samples, {data.num_batches} batch(es) of {tuple(data.shape)} · "
         f"**mode** {report.mode} · **device** {report.device}",
         "",
@@ -67,8 +97,8 @@ def to_markdown(report: Report, channel_patterns: tuple[str, ...] = ()) -> str:
     for index, layer in enumerate(report.layers):
         cells = [
             str(index),
-            f"`{layer.label}`",
-            layer.type,
+            _code(layer.label),
+            _text(layer.type),
             "×".join(str(s) for s in layer.input_shape or ()),
             str(layer.num_channels) if layer.num_channels is not None else "—",
             f"{layer.values_per_channel:,}" if layer.values_per_channel is not None else "—",
@@ -86,22 +116,22 @@ def to_markdown(report: Report, channel_patterns: tuple[str, ...] = ()) -> str:
     lines.append("")
     if first is not None:
         lines.append(
-            f"**First departure from the running statistics:** `{first.label}` (max |z| = {format_number(first.max_abs_shift_z)})."
+            f"**First departure from the running statistics:** {_code(first.label)} (max |z| = {format_number(first.max_abs_shift_z)})."
         )
     else:
         lines.append("No layer's batch mean lies more than 3 running standard deviations from its running mean.")
     if report.not_executed:
-        lines.append(f"Not executed: {', '.join(f'`{n}`' for n in report.not_executed)}.")
+        lines.append(f"Not executed: {', '.join(_code(n) for n in report.not_executed)}.")
     lines += ["", "<details><summary>How each layer's statistics were computed</summary>", ""]
-    lines += [f"- {layer.explanation}" for layer in report.layers]
+    lines += [f"- {_text(layer.explanation)}" for layer in report.layers]
     lines += ["", "</details>", ""]
     if report.distributed is not None:
         from bn_inspect.output.ranks import distributed_lines
 
-        lines += ["### Ranks", "", *(f"- {line}" for line in distributed_lines(report.distributed)), ""]
+        lines += ["### Ranks", "", *(f"- {_text(line)}" for line in distributed_lines(report.distributed)), ""]
     for layer in matching_layers(report, channel_patterns):
         lines += [
-            f"### `{layer.label}` per channel",
+            f"### {_code(layer.label)} per channel",
             "",
             "| ch | batch mean | running mean | batch var | running var | shift z | var ratio |",
             "|---:|---:|---:|---:|---:|---:|---:|",
@@ -133,8 +163,8 @@ def check_to_markdown(check: CheckReport) -> str:
     lines = [
         f"## bn-inspect check: {verdict}",
         "",
-        f"**Model** `{check.model.source}` ({check.model.format}) · "
-        + (f"**input** `{check.input.source}` · " if check.input else "**no data** · ")
+        f"**Model** {_code(check.model.source)} ({check.model.format}) · "
+        + (f"**input** {_code(check.input.source)} · " if check.input else "**no data** · ")
         + f"{_count(counts['error'], 'error')}, {_count(counts['warning'], 'warning')}, "
         f"{_count(counts['info'], 'note')} · "
         f"fails on {check.fail_on.value}",
@@ -143,15 +173,15 @@ def check_to_markdown(check: CheckReport) -> str:
     if check.findings:
         lines += ["| severity | code | layer | finding |", "|---|---|---|---|"]
         for f in sorted(check.findings, key=lambda f: -f.severity.rank):
-            lines.append(f"| {f.severity.value} | {f.code} {f.rule} | `{f.label}` | {_cell(f.message)}. |")
+            lines.append(f"| {f.severity.value} | {f.code} {f.rule} | {_cell(_code(f.label))} | {_text(f.message)}. |")
     else:
         lines.append("No findings.")
     if check.first_divergent:
         lines += [
             "",
-            f"First layer whose batch statistics depart from its running statistics: `{check.first_divergent}`.",
+            f"First layer whose batch statistics depart from its running statistics: {_code(check.first_divergent)}.",
         ]
-    lines += [f"- {note}" for note in check.notes]
+    lines += [f"- {_text(note)}" for note in check.notes]
     t = check.thresholds
     lines += [
         "",
@@ -183,7 +213,9 @@ def check_to_junit(check: CheckReport) -> str:
         errors="0",
     )
     for case in cases:
-        element = ET.SubElement(suite, "testcase", classname=f"bn-inspect.{check.model.source}", name=case)
+        element = ET.SubElement(
+            suite, "testcase", classname=f"bn-inspect.{inert(check.model.source)}", name=inert(case)
+        )
         findings = by_layer.get(case, [])
         failed = [f for f in findings if f in failing]
         if failed:
@@ -191,13 +223,13 @@ def check_to_junit(check: CheckReport) -> str:
                 element,
                 "failure",
                 type=failed[0].code,
-                message=f"{failed[0].code} {failed[0].rule}: {failed[0].message}",
+                message=f"{failed[0].code} {failed[0].rule}: {inert(failed[0].message)}",
             )
-            failure.text = "\n".join(f"[{f.severity.value}] {f.code} {f.rule}: {f.message}" for f in failed)
+            failure.text = "\n".join(f"[{f.severity.value}] {f.code} {f.rule}: {inert(f.message)}" for f in failed)
         others = [f for f in findings if f not in failing]
         if others:
             ET.SubElement(element, "system-out").text = "\n".join(
-                f"[{f.severity.value}] {f.code} {f.rule}: {f.message}" for f in others
+                f"[{f.severity.value}] {f.code} {f.rule}: {inert(f.message)}" for f in others
             )
     root = ET.Element("testsuites")
     root.append(suite)
@@ -215,7 +247,7 @@ def listing_to_markdown(listing: LayerListing) -> str:
     lines = [
         "## bn-inspect layers",
         "",
-        f"**Model** `{listing.model.source}` ({listing.model.format})"
+        f"**Model** {_code(listing.model.source)} ({listing.model.format})"
         + (" · layer types inferred from the state_dict keys" if listing.types_inferred else ""),
         "",
         "| layer | type | C | eps | momentum | affine | batches | running mean (avg) | running var (avg) | eval uses |",
@@ -224,7 +256,7 @@ def listing_to_markdown(listing: LayerListing) -> str:
     for layer in listing.layers:
         momentum = "None" if layer.is_cumulative_average else format_number(layer.momentum)
         lines.append(
-            f"| `{layer.name}` | {layer.type} | {layer.num_channels if layer.num_channels is not None else '—'} | "
+            f"| {_cell(_code(layer.name))} | {_text(layer.type)} | {layer.num_channels if layer.num_channels is not None else '—'} | "
             f"{format_number(layer.eps)} | {momentum} | {'yes' if layer.affine else 'no'} | "
             f"{layer.num_batches_tracked if layer.num_batches_tracked is not None else '—'} | "
             f"{format_number(_avg(layer.running_mean))} | {format_number(_avg(layer.running_var))} | {layer.eval_uses} |"
@@ -256,12 +288,12 @@ def comparison_to_markdown(comparison: ModeComparison) -> str:
     ]
     for gap in comparison.layers:
         lines.append(
-            f"| `{gap.label}` | {gap.type} | {gap.output_rel_diff:.2%} | {gap.input_rel_diff:.2%} | "
+            f"| {_cell(_code(gap.label))} | {_text(gap.type)} | {gap.output_rel_diff:.2%} | {gap.input_rel_diff:.2%} | "
             f"{gap.own_rel_diff:.2%} | {format_number(gap.max_abs_shift_z)} | {format_number(gap.worst_var_ratio)} |"
         )
     lines.append("")
     lines.append(
-        f"**The gap opens at `{comparison.gap_opens_at}`.**"
+        f"**The gap opens at {_code(comparison.gap_opens_at)}.**"
         if comparison.gap_opens_at
         else f"No layer's output differs by more than {comparison.threshold:.0%} between modes."
     )
@@ -279,15 +311,15 @@ def recalibration_to_markdown(result: RecalibrationResult, output: str) -> str:
     lines = [
         f"## bn-inspect recalibrate ({result.method})",
         "",
-        f"{result.num_samples:,} samples in {result.num_batches} batches; wrote `{output}`.",
+        f"{result.num_samples:,} samples in {result.num_batches} batches; wrote {_code(output)}.",
         "",
         "| layer | values/ch | max \\|z\\| before | max \\|z\\| after |",
         "|---|---:|---:|---:|",
     ]
     for layer in result.layers:
         lines.append(
-            f"| `{layer.name}` | {layer.values_per_channel:,} | {format_number(layer.max_abs_shift_z_before)} | "
+            f"| {_cell(_code(layer.name))} | {layer.values_per_channel:,} | {format_number(layer.max_abs_shift_z_before)} | "
             f"{format_number(layer.max_abs_shift_z_after)} |"
         )
-    lines += [f"- skipped `{s.name}`: {s.reason}" for s in result.skipped]
+    lines += [f"- skipped {_code(s.name)}: {_text(s.reason)}" for s in result.skipped]
     return "\n".join(lines) + "\n"

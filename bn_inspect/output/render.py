@@ -14,6 +14,7 @@ from rich.text import Text
 from bn_inspect.output.export import format_number
 from bn_inspect.report.findings import CheckReport
 from bn_inspect.report.records import LayerListing, LayerReport, Report, matching_layers
+from bn_inspect.text import inert
 
 if TYPE_CHECKING:
     from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
@@ -24,6 +25,12 @@ SHIFT_ALARM = 3.0
 _BAR_CELLS = 6
 _BAR_TOP = 100.0
 _EIGHTHS = " ▏▎▍▌▋▊▉█"
+
+
+def _inert(text: str, style: str = "") -> Text:
+    """A name or path from the model file, the data or the command line: never read as markup,
+    its control characters shown as escapes."""
+    return Text(inert(text), style=style)
 
 
 def _mean(values: Sequence[float] | None) -> float | None:
@@ -96,7 +103,7 @@ def layer_table(report: Report, compact: bool = False) -> Table:
     column and leaves out the statistics used and the flags (the JSON report has them).
     """
     table = Table(header_style="bold", show_edge=False, pad_edge=False, box=box.SIMPLE_HEAD, collapse_padding=True)
-    longest = max((max(len(layer.label), len(layer.type)) for layer in report.layers), default=5)
+    longest = max((max(len(inert(layer.label)), len(inert(layer.type))) for layer in report.layers), default=5)
     table.add_column("layer\ntype", overflow="fold", min_width=min(longest, 24))
     table.add_column("input" + (" (C)" if compact else "") + "\nreduced: n/ch", justify="right", no_wrap=True)
     if not compact:
@@ -123,7 +130,7 @@ def layer_table(report: Report, compact: bool = False) -> Table:
         reduced = _reduced(layer) + (f": {values:,}" if values is not None else "")
         channels = str(layer.num_channels) if layer.num_channels is not None else "—"
         flags = " ".join(layer.flags)
-        name_cell = _two_lines(Text(layer.label, style="bold"), layer.type)
+        name_cell = _two_lines(_inert(layer.label, "bold"), _inert(layer.type, "dim"))
         cells: list[RenderableType] = [
             name_cell,
             _two_lines(_shape(layer.input_shape) + (f" ({channels})" if compact else ""), reduced),
@@ -145,7 +152,7 @@ def layer_table(report: Report, compact: bool = False) -> Table:
 def header(report: Report) -> Text:
     """Model, input, mode and device in two lines."""
     model = report.model
-    source = f"{model.source} ({model.format}" + (f", --arch {model.arch})" if model.arch else ")")
+    source = f"{inert(model.source)} ({model.format}" + (f", --arch {inert(model.arch)})" if model.arch else ")")
     data = report.input
     batches = "batch" if data.num_batches == 1 else "batches"
     text = Text()
@@ -153,7 +160,7 @@ def header(report: Report) -> Text:
     text.append(source + "\n")
     text.append("input ", style="bold")
     text.append(
-        f"{data.source}: {data.num_samples:,} samples in {data.num_batches} {batches} of "
+        f"{inert(data.source)}: {data.num_samples:,} samples in {data.num_batches} {batches} of "
         f"{_shape(data.shape)} {data.dtype} · mode {report.mode} · device {report.device}"
     )
     if data.num_nonfinite_values:
@@ -171,7 +178,7 @@ def verdict(report: Report) -> Text:
         worst = max(compared, key=lambda layer: layer.max_abs_shift_z or 0.0)
         return Text(
             f"Every layer's batch means lie within {SHIFT_ALARM:g} running standard deviations "
-            f"(largest: {worst.label}, max |z| = {format_number(worst.max_abs_shift_z)}).",
+            f"(largest: {inert(worst.label)}, max |z| = {format_number(worst.max_abs_shift_z)}).",
             style="green",
         )
     first_shift = first.max_abs_shift_z
@@ -181,7 +188,7 @@ def verdict(report: Report) -> Text:
         else f"max |z| = {format_number(first_shift)}, worst var ratio {format_number(first.worst_var_ratio)}"
     )
     return Text(
-        f"First departure from the running statistics, in execution order: {first.label} ({detail}).",
+        f"First departure from the running statistics, in execution order: {inert(first.label)} ({detail}).",
         style="bold red",
     )
 
@@ -191,16 +198,20 @@ def explanations(report: Report) -> Text:
     text = Text()
     text.append("How each layer's statistics were computed\n", style="bold")
     for layer in report.layers:
-        text.append(f"• {layer.explanation}\n")
+        text.append(f"• {inert(layer.explanation)}\n")
     if report.not_executed:
-        text.append(f"Not executed on this input: {', '.join(report.not_executed)}\n", style="yellow")
+        names = ", ".join(inert(name) for name in report.not_executed)
+        text.append(f"Not executed on this input: {names}\n", style="yellow")
     return text
 
 
 def channel_table(layer: LayerReport) -> Table:
     """Per-channel batch and running statistics of one layer call."""
     table = Table(
-        title=f"{layer.label} ({layer.type}), per channel", title_justify="left", show_edge=False, pad_edge=False
+        title=_inert(f"{layer.label} ({layer.type}), per channel"),
+        title_justify="left",
+        show_edge=False,
+        pad_edge=False,
     )
     for name in (
         "ch",
@@ -249,7 +260,7 @@ def render_report(report: Report, channel_patterns: Sequence[str] = (), width: i
     if report.distributed is not None:
         from bn_inspect.output.ranks import distributed_lines
 
-        parts += [Text("\n".join(distributed_lines(report.distributed))), Text("")]
+        parts += [Text("\n".join(inert(line) for line in distributed_lines(report.distributed))), Text("")]
     parts.append(
         Text(
             "var = biased batch variance (what BatchNorm normalizes with); running var tracks the unbiased one. "
@@ -270,10 +281,10 @@ def render_check(check: CheckReport) -> RenderableType:
     model = check.model
     head = Text()
     head.append("model ", style="bold")
-    head.append(f"{model.source} ({model.format})")
+    head.append(f"{inert(model.source)} ({model.format})")
     if check.input is not None:
         head.append("\ninput ", style="bold")
-        head.append(f"{check.input.source}: {check.input.num_samples:,} samples · mode {check.mode}")
+        head.append(f"{inert(check.input.source)}: {check.input.num_samples:,} samples · mode {check.mode}")
     parts += [head, Text("")]
     if check.findings:
         table = Table(header_style="bold", show_edge=False, pad_edge=False, box=box.SIMPLE_HEAD)
@@ -285,9 +296,9 @@ def render_check(check: CheckReport) -> RenderableType:
         for finding in ordered:
             table.add_row(
                 Text(finding.severity.value, style=_SEVERITY_STYLE[finding.severity.value]),
-                f"{finding.code}\n{finding.rule}",
-                finding.label,
-                finding.message + ".",
+                Text(f"{finding.code}\n{finding.rule}"),
+                _inert(finding.label),
+                _inert(finding.message + "."),
             )
         parts += [table, Text("")]
     else:
@@ -295,12 +306,12 @@ def render_check(check: CheckReport) -> RenderableType:
     if check.first_divergent:
         parts.append(
             Text(
-                f"First layer whose batch statistics depart from its running statistics: {check.first_divergent}",
+                f"First layer whose batch statistics depart from its running statistics: {inert(check.first_divergent)}",
                 style="bold",
             )
         )
     for note in check.notes:
-        parts.append(Text(f"Note: {note}.", style="dim"))
+        parts.append(_inert(f"Note: {note}.", "dim"))
     counts = {s: sum(f.severity.value == s for f in check.findings) for s in ("error", "warning", "info")}
     nouns = {"error": "error", "warning": "warning", "info": "note"}
     summary = ", ".join(f"{n} {nouns[s]}{'s' if n != 1 else ''}" for s, n in counts.items())
@@ -350,8 +361,8 @@ def render_listing(listing: LayerListing) -> RenderableType:
             if on
         ]
         table.add_row(
-            layer.name,
-            layer.type + (f" ({', '.join(flags)})" if flags else ""),
+            _inert(layer.name),
+            _inert(layer.type + (f" ({', '.join(flags)})" if flags else "")),
             str(layer.num_channels) if layer.num_channels is not None else "—",
             _short(layer.eps),
             momentum,
@@ -364,7 +375,7 @@ def render_listing(listing: LayerListing) -> RenderableType:
         )
     head = Text()
     head.append("model ", style="bold")
-    head.append(f"{listing.model.source} ({listing.model.format})")
+    head.append(f"{inert(listing.model.source)} ({listing.model.format})")
     parts: list[RenderableType] = [head, Text(""), table]
     if listing.types_inferred:
         parts.append(
@@ -402,8 +413,8 @@ def render_mode_comparison(comparison: ModeComparison) -> RenderableType:
     for gap in comparison.layers:
         style = "bold" if gap.label == comparison.gap_opens_at else ""
         table.add_row(
-            Text(gap.label, style=style),
-            gap.type,
+            _inert(gap.label, style),
+            _inert(gap.type),
             _ratio_bar(gap.output_rel_diff) + Text(f" {gap.output_rel_diff:.2%}"),
             f"{gap.input_rel_diff:.2%}",
             f"{gap.own_rel_diff:.2%}",
@@ -424,7 +435,7 @@ def render_mode_comparison(comparison: ModeComparison) -> RenderableType:
         opening = comparison.layer(comparison.gap_opens_at)
         parts.append(
             Text(
-                f"The gap opens at {opening.label}: its output differs by {opening.output_rel_diff:.1%} between "
+                f"The gap opens at {inert(opening.label)}: its output differs by {opening.output_rel_diff:.1%} between "
                 f"modes, its input by {opening.input_rel_diff:.1%}; its own share is {opening.own_rel_diff:.1%}.",
                 style="bold red",
             )
@@ -440,7 +451,7 @@ def render_mode_comparison(comparison: ModeComparison) -> RenderableType:
             line += f"; the predicted class changes for {output.argmax_change_fraction:.1%} of samples"
         parts.append(Text(line + "."))
     if comparison.not_executed:
-        parts.append(Text(f"Not executed: {', '.join(comparison.not_executed)}", style="yellow"))
+        parts.append(_inert(f"Not executed: {', '.join(comparison.not_executed)}", "yellow"))
     return Group(*parts)
 
 
@@ -458,7 +469,7 @@ def render_recalibration(result: RecalibrationResult, output: str) -> Renderable
         table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for layer in result.layers:
         table.add_row(
-            layer.name,
+            _inert(layer.name),
             f"{layer.values_per_channel:,}",
             f"{_short(layer.max_abs_shift_z_before)} → {_short(layer.max_abs_shift_z_after)}",
             f"{_short(layer.worst_var_ratio_before)} → {_short(layer.worst_var_ratio_after)}",
@@ -480,8 +491,8 @@ def render_recalibration(result: RecalibrationResult, output: str) -> Renderable
         table,
     ]
     for skipped in result.skipped:
-        parts.append(Text(f"Skipped {skipped.name} ({skipped.type}): {skipped.reason}", style="yellow"))
+        parts.append(_inert(f"Skipped {skipped.name} ({skipped.type}): {skipped.reason}", "yellow"))
     for note in result.notes:
-        parts.append(Text(f"Note: {note}", style="dim"))
-    parts.append(Text(f"Wrote {output}", style="green"))
+        parts.append(_inert(f"Note: {note}", "dim"))
+    parts.append(_inert(f"Wrote {output}", "green"))
     return Group(*parts)
