@@ -28,7 +28,8 @@ from torch import nn
 
 from bn_inspect.cli.app import run
 from bn_inspect.errors import ModelFileError
-from bn_inspect.model.loading import FileKind, detect_file_kind, validate_state_dict
+from bn_inspect.model.files import FileKind, detect_file_kind
+from bn_inspect.model.state_dict import validate_state_dict
 from tests.helpers import REPO, SAMPLES
 
 BN_ARCH = ["--arch", "torch.nn:BatchNorm1d", "--arch-kwargs", '{"num_features": 3}']

@@ -20,7 +20,9 @@ from torch import nn
 
 from bn_inspect.cli.app import run
 from bn_inspect.errors import ArchError, ModelFileError, StateDictMismatchError, UntrustedPickleError
-from bn_inspect.model.loading import FileKind, detect_file_kind, load_model, parse_arch_kwargs
+from bn_inspect.model.arch import parse_arch_kwargs
+from bn_inspect.model.files import FileKind, detect_file_kind
+from bn_inspect.model.loading import load_model
 from sample_models.architectures import DigitsCNN
 from tests import models
 from tests.malicious import ATTACKS, CARRIERS, Payload, disguise_as_torchscript

@@ -938,7 +938,7 @@ def _replaced(saved: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
     """``saved`` with every tensor taken from the model's state_dict, keys and dtypes kept."""
     from collections import OrderedDict
 
-    from bn_inspect.model.loading import strip_prefixes
+    from bn_inspect.model.state_dict import strip_prefixes
 
     current = model.state_dict()
     # strip_prefixes keeps the order, so zipping pairs each saved key with its stripped form.
@@ -963,7 +963,7 @@ def _state_dict_document(source: Path, file_format: SaveFormat, model: nn.Module
         raise OutputError(f"{source} does not hold a dict any more", "Save the model as a state_dict elsewhere")
     if file_format is SaveFormat.STATE_DICT:
         return _replaced(document, model)
-    from bn_inspect.model.loading import extract_state_dict
+    from bn_inspect.model.state_dict import extract_state_dict
 
     try:
         weights, _ = extract_state_dict(document, source)

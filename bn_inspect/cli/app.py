@@ -228,7 +228,8 @@ def _prepare(
     shard: tuple[int, int] = (0, 1),
 ) -> _Prepared:
     """Validate the shared options, load the model and build this rank's batches (guessing a shape if needed)."""
-    from bn_inspect.model.loading import LoadedModel, load_model, parse_arch_kwargs
+    from bn_inspect.model.arch import parse_arch_kwargs
+    from bn_inspect.model.loading import LoadedModel, load_model
 
     # Rank 0 speaks for the run; the other ranks' notes would repeat its own.
     note = _silent if quiet or shard[0] != 0 else _note
@@ -561,7 +562,9 @@ def layers_command(
 
       bn-inspect layers sample_models/digits_cnn/torchscript.pt --format json
     """
-    from bn_inspect.model.loading import LoadedModel, build_arch, load_state_into, parse_arch_kwargs, read_model_file
+    from bn_inspect.model.arch import build_arch, parse_arch_kwargs
+    from bn_inspect.model.loading import LoadedModel, read_model_file
+    from bn_inspect.model.state_dict import load_state_into
     from bn_inspect.output.export import listing_to_json, listing_to_markdown
     from bn_inspect.report.records import LayerListing, ModelInfo
 
@@ -728,7 +731,8 @@ def recalibrate_command(
     from bn_inspect.data.inputs import DEFAULT_BATCH_SIZE, check_fits_memory, open_input
     from bn_inspect.distributed.context import distributed_context
     from bn_inspect.distributed.sharding import shard_input
-    from bn_inspect.model.loading import load_model, parse_arch_kwargs
+    from bn_inspect.model.arch import parse_arch_kwargs
+    from bn_inspect.model.loading import load_model
     from bn_inspect.output.export import dataclass_to_json
 
     if input_file is None:
