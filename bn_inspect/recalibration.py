@@ -555,8 +555,8 @@ class _Cut:
     same operations on the same values and buffers). Should a layer that changed run before the
     cut, or a wave's layer sit before it, the batches start from their data again. A layer run
     from a stage that does not own it (not a registered submodule) would escape this; the check
-    pass that follows every wave measures every layer from the data, and redoes any that
-    disagrees.
+    pass after the last wave runs every batch from its data, and the layers from the first one
+    that disagrees are done again.
 
     What it costs: memory for one stage input per batch at one cut (the old input of a batch is
     dropped as its new one is saved), at most ``_CUT_BYTES``; batches past that start from their
