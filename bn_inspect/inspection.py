@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,10 +127,15 @@ def _has_lazy_modules(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params() for m in model.modules())
 
 
-def run_model(model: nn.Module, batch: Batch, recorder: StatisticsRecorder) -> None:
-    """One forward pass; turns a failure inside the model into a ForwardError naming where it failed."""
+def run_model(
+    model: nn.Module, batch: Batch, recorder: StatisticsRecorder, forward: Callable[..., object] | None = None
+) -> None:
+    """One forward pass; turns a failure inside the model into a ForwardError naming where it failed.
+
+    ``forward``, if given, runs instead of ``model`` (a part of it); failures are named within ``model``.
+    """
     try:
-        model(*batch.args, **batch.kwargs)
+        (model if forward is None else forward)(*batch.args, **batch.kwargs)
     except BnInspectError:
         raise
     except Exception as error:
