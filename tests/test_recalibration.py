@@ -309,6 +309,66 @@ def test_one_shot_iterator_serves_every_pass() -> None:
     assert state_fingerprint(model) == state_fingerprint(twin)
 
 
+class Wrapped(nn.Module):
+    """Calls a Sequential from its own forward, so recalibrate cannot resume inside it."""
+
+    def __init__(self, inner: nn.Sequential) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)  # type: ignore[no-any-return]
+
+
+def sequential_mix(seed: int = 0) -> nn.Sequential:
+    """In-place ReLUs, a nested Sequential, a BatchNorm run twice and one never run."""
+    torch.manual_seed(seed)
+    shared = nn.BatchNorm1d(6)
+    model = nn.Sequential(
+        nn.Linear(4, 6),
+        nn.BatchNorm1d(6),
+        nn.ReLU(inplace=True),
+        nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.ReLU(inplace=True)),
+        shared,
+        nn.Linear(6, 6),
+        shared,
+        nn.Sequential(nn.BatchNorm1d(6), nn.Dropout(0.5)),
+        nn.Linear(6, 6),
+        nn.BatchNorm1d(6),
+    )
+    model.unused = nn.BatchNorm1d(6)
+    return models.randomize_norm_state(model, seed=seed).eval()  # type: ignore[return-value]
+
+
+def test_sequential_resumed_at_stage_inputs_gives_the_buffers_of_full_passes() -> None:
+    model = sequential_mix()
+    wrapped = Wrapped(copy.deepcopy(model))
+    batches = list(models.make_input((20, 4), mean=2.0).split([6, 9, 5]))
+    result = recalibrate(model, batches, method="sequential")
+    reference = recalibrate(wrapped, batches, method="sequential")
+    assert state_fingerprint(model) == state_fingerprint(wrapped.inner)
+    assert [(e.name, e.wave, e.num_calls) for e in result.layers] == [
+        (e.name.removeprefix("inner."), e.wave, e.num_calls) for e in reference.layers
+    ]
+    assert result.num_passes == reference.num_passes and len(result.notes) == len(reference.notes) == 1
+
+
+@pytest.mark.parametrize("depth", [20, 40])
+def test_sequential_runs_each_layer_of_a_chain_a_bounded_number_of_times_per_batch(depth: int) -> None:
+    torch.manual_seed(0)
+    model = models.randomize_norm_state(nn.Sequential(*[nn.BatchNorm1d(3) for _ in range(depth)])).eval()
+    batches = list(models.make_input((12, 3)).split([4, 5, 3]))
+    runs = [0] * depth
+    for index, layer in enumerate(model):
+        layer.register_forward_hook(lambda *_, index=index: runs.__setitem__(index, runs[index] + 1))
+    result = recalibrate(model, batches, method="sequential")
+    assert result.num_waves == depth
+    # The first pass, the wave pass after the layer's own and the check pass: re-running the
+    # layers upstream of every wave would run the first layer depth + 1 times per batch.
+    assert max(runs) <= 3 * len(batches)
+    assert sum(runs) <= 3 * depth * len(batches)
+
+
 # --- TorchScript, InstanceNorm, skips, errors ---------------------------------------------------
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,10 +45,15 @@ if TYPE_CHECKING:
     from bn_inspect.report.records import RankShare
 
 
-def run_model(model: nn.Module, batch: Batch, recorder: StatisticsRecorder) -> None:
-    """One forward pass; turns a failure inside the model into a ForwardError naming where it failed."""
+def run_model(
+    model: nn.Module, batch: Batch, recorder: StatisticsRecorder, forward: Callable[..., object] | None = None
+) -> None:
+    """One forward pass; turns a failure inside the model into a ForwardError naming where it failed.
+
+    ``forward``, if given, runs instead of ``model`` (a part of it); failures are named within ``model``.
+    """
     try:
-        model(*batch.args, **batch.kwargs)
+        (model if forward is None else forward)(*batch.args, **batch.kwargs)
     except BnInspectError:
         raise
     except Exception as error:
