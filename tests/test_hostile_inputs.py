@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from bn_inspect.cli.app import run
-from bn_inspect.data.inputs import open_input, read_input
+from bn_inspect.data.inputs import open_input
+from bn_inspect.data.readers import read_input
 from bn_inspect.errors import InputError
 from tests.helpers import REPO, SAMPLES
 

@@ -12,15 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from bn_inspect.data.inputs import (
-    CANDIDATE_SIDES,
-    InputData,
-    check_fits_memory,
-    guess_input_shapes,
-    parse_shape,
-    random_batches,
-    read_input,
-)
+from bn_inspect.data.memory import check_fits_memory
+from bn_inspect.data.readers import InputData, read_input
+from bn_inspect.data.shapes import CANDIDATE_SIDES, guess_input_shapes, parse_shape, random_batches
 from bn_inspect.errors import InputError
 from sample_models.architectures import CancerMLP, DigitsCNN, SignalCNN1d, VolumeCNN3d
 from tests.malicious import ATTACKS
@@ -77,7 +71,7 @@ def test_parse_shape_too_large_is_refused_before_allocating() -> None:
 
 
 def test_memory_check_uses_what_the_os_reports(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("bn_inspect.data.inputs.available_memory_bytes", lambda: 2**30)
+    monkeypatch.setattr("bn_inspect.data.memory.available_memory_bytes", lambda: 2**30)
     check_fits_memory((2**27 - 1,), 4)  # just under half of 1 GiB
     with pytest.raises(InputError, match=r"needs 0\.5 GiB, more than half of the 1\.0 GiB of memory available"):
         check_fits_memory((2**27 + 1,), 4)

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     from torch import nn
 
     from bn_inspect.data.batch import Batch
-    from bn_inspect.data.inputs import DirectoryData, InputData
+    from bn_inspect.data.inputs import DirectoryData
+    from bn_inspect.data.readers import InputData
     from bn_inspect.distributed.context import DistributedContext
     from bn_inspect.distributed.sharding import ShardedInput
     from bn_inspect.model.loading import LoadedModel
@@ -728,7 +729,8 @@ def recalibrate_command(
       bn-inspect recalibrate state_dict.pt --arch mypkg.models:net --input train_shards/ --method sequential --output new.pt
     """
     from bn_inspect.analyses.recalibration import recalibrate, save_like
-    from bn_inspect.data.inputs import DEFAULT_BATCH_SIZE, check_fits_memory, open_input
+    from bn_inspect.data.inputs import DEFAULT_BATCH_SIZE, open_input
+    from bn_inspect.data.memory import check_fits_memory
     from bn_inspect.distributed.context import distributed_context
     from bn_inspect.distributed.sharding import shard_input
     from bn_inspect.model.arch import parse_arch_kwargs
@@ -813,7 +815,9 @@ def _make_batches(
     quiet: bool,
     shard: tuple[int, int] = (0, 1),
 ) -> tuple[Iterator[Batch] | None, str]:
-    from bn_inspect.data.inputs import DEFAULT_BATCH_SIZE, check_fits_memory, open_input, parse_shape, random_batches
+    from bn_inspect.data.inputs import DEFAULT_BATCH_SIZE, open_input
+    from bn_inspect.data.memory import check_fits_memory
+    from bn_inspect.data.shapes import parse_shape, random_batches
 
     rank, world_size = shard
     if shape is not None:
@@ -861,7 +865,7 @@ def _guessed_batches(
     shard: tuple[int, int],
 ) -> tuple[Iterator[Batch], str]:
     from bn_inspect.analyses.inspection import find_working_shape
-    from bn_inspect.data.inputs import guess_input_shapes, random_batches
+    from bn_inspect.data.shapes import guess_input_shapes, random_batches
     from bn_inspect.distributed.sharding import shard_batches
 
     guess = guess_input_shapes(module, batch_size)

@@ -12,7 +12,8 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from bn_inspect.data.inputs import DirectoryData, InputData, read_input
+from bn_inspect.data.inputs import DirectoryData
+from bn_inspect.data.readers import InputData, read_input
 from bn_inspect.errors import DistributedError
 
 if TYPE_CHECKING:
