@@ -8,7 +8,7 @@ are merged exactly afterwards; a single process never imports bn_inspect.distrib
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -46,17 +46,21 @@ def _has_process_group() -> bool:
 
 
 @contextmanager
-def guarded_pass(model: nn.Module, run: DistributedContext | None) -> Iterator[None]:
+def guarded_pass(model: nn.Module, run: DistributedContext | None, *, keep_state: bool = True) -> Iterator[None]:
     """What every pass runs under: no autograd, the model's state restored on exit (even on error),
     SyncBatchNorm run locally where a process group exists, and under torchrun every rank failing
-    together, so that none waits on a dead one."""
+    together, so that none waits on a dead one.
+
+    ``keep_state`` False leaves the state and SyncBatchNorm to an enclosing guard (a series of passes).
+    """
     with ExitStack() as stack:
         if run is not None:
             from bn_inspect.distributed.collectives import fail_together
 
             stack.enter_context(fail_together(run.group))
-        stack.enter_context(preserved_state(model))
-        if _has_process_group():
+        if keep_state:
+            stack.enter_context(preserved_state(model))
+        if keep_state and _has_process_group():
             # SyncBatchNorm would gather statistics inside its forward; the merge makes them global.
             from bn_inspect.distributed.syncbn import local_sync_batch_norm
 
@@ -99,14 +103,24 @@ class Tally:
 
 
 def iter_batches(
-    batches: Iterable[Any], device: torch.device, dtype: torch.dtype, tally: Tally, *, skip_empty: bool = False
+    batches: Iterable[Any],
+    device: torch.device,
+    dtype: torch.dtype,
+    tally: Tally,
+    *,
+    skip_empty: bool = False,
+    held: Callable[[int], bool] | None = None,
 ) -> Iterator[Batch]:
     """The one batch loop: each item as a Batch on ``device`` with floats in ``dtype``, counted in ``tally``.
 
     ``skip_empty`` leaves out batches of 0 samples uncounted (where a forward of none is meaningless).
+    ``held`` names the batches (by index) that are counted but not moved: their forward starts from
+    an activation already on the device.
     """
-    for item in batches:
-        batch = as_batch(item).to(device, dtype)
+    for index, item in enumerate(batches):
+        batch = as_batch(item)
+        if held is None or not held(index):
+            batch = batch.to(device, dtype)
         if skip_empty and batch.num_samples == 0:
             continue
         tally.add(batch)

@@ -79,14 +79,14 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from enum import Enum
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from bn_inspect.analyses.passes import joined_run
 from bn_inspect.analyses.runner import Runner, Seen, Target
 from bn_inspect.analyses.waves import run_sequential, unusable_reason, write_statistics
-from bn_inspect.distributed.context import DistributedContext, joined_context
 from bn_inspect.engine.moments import Moments
 from bn_inspect.errors import (
     BnInspectError,
@@ -99,6 +99,9 @@ from bn_inspect.report import shift
 from bn_inspect.report.comparisons import RecalibratedLayer, RecalibrationResult, SkippedLayer
 
 Floats = tuple[float, ...]
+
+if TYPE_CHECKING:
+    from bn_inspect.distributed.context import DistributedContext
 
 
 class RecalibrationMethod(str, Enum):
@@ -162,8 +165,7 @@ def recalibrate(
             "Nothing to do; check that this is the model you meant",
         )
     data = _reiterable(batches)
-    context = joined_context() if distributed is None else distributed
-    runner = Runner(model, data, is_script, context)
+    runner = Runner(model, data, is_script, joined_run(distributed))
     originals = {
         name: (t.running_mean.clone(), t.running_var.clone(), _clone(t.num_batches_tracked))
         for name, t in targets.items()

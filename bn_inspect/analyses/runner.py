@@ -7,7 +7,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,11 +15,8 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bn_inspect.analyses.inspection import run_model
-from bn_inspect.data.batch import RunTotals, as_batch
-from bn_inspect.distributed.collectives import fail_together
-from bn_inspect.distributed.context import DistributedContext
-from bn_inspect.distributed.merge import merge_run_across_ranks
-from bn_inspect.distributed.syncbn import local_sync_batch_norm
+from bn_inspect.analyses.passes import Tally, guarded_pass, iter_batches, merged_over_ranks
+from bn_inspect.data.batch import Batch
 from bn_inspect.engine.capture import (
     CallRecord,
     PlainDispatchMode,
@@ -37,6 +34,9 @@ from bn_inspect.model.layers import NormLayer, iter_norm_layers
 from bn_inspect.model.modules import model_device, model_float_dtype, set_norm_layers_training
 
 Floats = tuple[float, ...]
+
+if TYPE_CHECKING:
+    from bn_inspect.distributed.context import DistributedContext
 
 
 @dataclass
@@ -68,13 +68,18 @@ class StopForward(BaseException):
 
 
 class Runner:
-    """Runs passes over the same batches, capturing chosen layers' inputs."""
+    """Runs passes over the same batches, capturing chosen layers' inputs.
 
-    def __init__(self, model: nn.Module, batches: Iterable[Any], is_script: bool, context: DistributedContext) -> None:
+    ``ranks`` is the run over several ranks whose moments every pass merges, or None for one process.
+    """
+
+    def __init__(
+        self, model: nn.Module, batches: Iterable[Any], is_script: bool, ranks: DistributedContext | None
+    ) -> None:
         self.model = model
         self.batches = batches
         self.is_script = is_script
-        self.context = context
+        self.ranks = ranks
         self.device = model_device(model)
         self.dtype = model_float_dtype(model)
         self.norm_layers = iter_norm_layers(model)
@@ -91,7 +96,7 @@ class Runner:
         runs, not the model's size. On exit every flag and buffer is as it was on entry: the
         running statistics written inside are undone too, so the caller writes them again.
         """
-        with preserved_state(self.model), torch.no_grad(), local_sync_batch_norm(self.model):
+        with guarded_pass(self.model, None):
             set_norm_layers_training(self.model, [])
             self._in_session = True
             try:
@@ -123,59 +128,49 @@ class Runner:
         # Unfused: the sequential method's dependency tracer follows the batch-norm ops themselves.
         capture = dispatch_capture if self.is_script else functools.partial(hooks_capture, fuse=False)
         stopper = _Stopper(targets, stop_after or {}, self.is_script)
-        num_batches = num_samples = 0
-        together = fail_together(self.context.group) if self.context.is_distributed else nullcontext()
-        whole_model = cut is None
-        with (
-            together,
-            preserved_state(self.model) if whole_model else nullcontext(),
-            torch.no_grad(),
-            _maybe(tracer),
-            _maybe(stopper.mode()),
-        ):
-            if whole_model:
+        tally = Tally(self.device)
+        # Inside an eval session the model's state is already kept and its SyncBatchNorm local.
+        with guarded_pass(self.model, self.ranks, keep_state=cut is None), _maybe(tracer), _maybe(stopper.mode()):
+            if cut is None:
                 set_norm_layers_training(self.model, self.norm_layers if training else [])
             resumed = nullcontext() if cut is None else cut.pass_over([t.layer.name for t in targets])
-            with (
-                capture(layers, recorder),
-                stopper.hooks(),
-                local_sync_batch_norm(self.model) if whole_model else nullcontext(),
-                resumed,
-            ):
-                for index, item in enumerate(self.batches):
-                    batch = as_batch(item)
-                    if cut is None or not cut.holds(index):
-                        batch = batch.to(self.device, self.dtype)
-                    num_batches += 1
-                    num_samples += batch.num_samples
+            with capture(layers, recorder), stopper.hooks(), resumed:
+                held = None if cut is None else cut.holds
+                for index, batch in enumerate(iter_batches(self.batches, self.device, self.dtype, tally, held=held)):
                     recorder.start_batch()
                     stopper.start_batch()
                     if tracer is not None:
                         tracer.start_batch()
-                    try:
-                        run_model(self.model, batch, recorder, None if cut is None else cut.forward(index))
-                    except StopForward:
-                        continue
-                    except ForwardError as error:
-                        if stopper.stopped:
-                            continue
-                        if training and "value per channel" in error.what:
-                            raise ForwardError(
-                                error.what, "Use batches of at least 2 samples, or the sequential method (eval mode)"
-                            ) from error
-                        raise
-        records: Mapping[tuple[str, int], CallRecord] = recorder.records
-        if self.context.is_distributed:
-            merged = merge_run_across_ranks(
-                records, RunTotals(num_batches, num_samples), self.context.group, layers=layers
-            )
-            records = merged.records
-            num_batches, num_samples = merged.totals.num_batches, merged.totals.num_samples
-        if num_batches == 0:
+                    forward = None if cut is None else cut.forward(index)
+                    self._forward(batch, recorder, forward, stopper, training)
+        records, totals, _ = merged_over_ranks(recorder.records, tally.totals(), self.ranks, layers)
+        if totals.num_batches == 0:
             raise InputError("no batch ran", "Give at least one batch of input")
         self.num_passes += 1
-        self.num_batches, self.num_samples = num_batches, num_samples
+        self.num_batches, self.num_samples = totals.num_batches, totals.num_samples
         return _merge_calls(records)
+
+    def _forward(
+        self,
+        batch: Batch,
+        recorder: StatisticsRecorder,
+        forward: Callable[..., object] | None,
+        stopper: _Stopper,
+        training: bool,
+    ) -> None:
+        """One forward, which may stop early; a train-mode batch of one sample says what to do instead."""
+        try:
+            run_model(self.model, batch, recorder, forward)
+        except StopForward:
+            return
+        except ForwardError as error:
+            if stopper.stopped:
+                return
+            if training and "value per channel" in error.what:
+                raise ForwardError(
+                    error.what, "Use batches of at least 2 samples, or the sequential method (eval mode)"
+                ) from error
+            raise
 
 
 # The most bytes of stage inputs a Cut holds; batches past it restart from their data.

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from collections import defaultdict
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 
 from bn_inspect.analyses.runner import Cut, DependencyTracer, Runner, Seen, Target
-from bn_inspect.distributed.collectives import gather_json
-from bn_inspect.distributed.context import DistributedContext
 from bn_inspect.engine.moments import Moments
 
 Floats = tuple[float, ...]
+
+if TYPE_CHECKING:
+    from bn_inspect.distributed.context import DistributedContext
 
 
 def run_sequential(
@@ -27,8 +29,8 @@ def run_sequential(
     first = runner.run(list(targets.values()), training=False, tracer=tracer)
     order = list(first)  # execution order of first calls
     notes = []
-    if tracer is not None and runner.context.is_distributed:
-        _share_dependencies(tracer, runner.context)
+    if tracer is not None and runner.ranks is not None:
+        _share_dependencies(tracer, runner.ranks)
     is_chain = tracer is None or tracer.has_data_dependent_control_flow
     stoppable = tracer is None or not tracer.has_data_dependent_control_flow
     waves: dict[str, int] = {}
@@ -74,6 +76,8 @@ def _share_dependencies(tracer: DependencyTracer, context: DistributedContext) -
         "depends": {name: sorted(upstream) for name, upstream in tracer.depends.items()},
         "control_flow": tracer.has_data_dependent_control_flow,
     }
+    from bn_inspect.distributed.collectives import gather_json
+
     for seen in gather_json(local, context.group, "sharing the traced dependencies"):
         for name, upstream in seen["depends"].items():
             tracer.depends[name] |= set(upstream)
