@@ -85,3 +85,18 @@ class LazyModelError(BnInspectError):
 
 class OutputError(BnInspectError):
     """The --output file cannot be written."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: raised by the CLI's signal handler so every ``finally`` runs.
+
+    A BaseException like KeyboardInterrupt, but not one: click answers a KeyboardInterrupt with a
+    blank line on stderr, and the interrupted run must end in exactly one line.
+
+    Args:
+        signal_number: the signal that arrived; the exit code is 128 + it (130, 143).
+    """
+
+    def __init__(self, signal_number: int) -> None:
+        self.signal_number = signal_number
+        super().__init__(signal_number)
