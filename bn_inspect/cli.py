@@ -81,15 +81,20 @@ def _resolve_device(choice: DeviceChoice) -> str:
     return str(choice.value)
 
 
-def _is_stdout(output: Path | None) -> bool:
-    return output is None or str(output) == "-"
+def _is_stdout(output: Path) -> bool:
+    """``--output -``: the report goes to stdout, as without --output."""
+    return str(output) == "-"
 
 
 def _protected_inputs(model: Path | None, input_file: Path | None, arch: str | None) -> list[ProtectedFile]:
     """Every file the run reads: --output may name none of them."""
     protected = [ProtectedFile("the model file", model)] if model is not None else []
     if input_file is not None and input_file.is_dir():
-        protected.extend(ProtectedFile("a shard of the --input folder", shard) for shard in input_file.iterdir())
+        try:
+            shards = list(input_file.iterdir())
+        except OSError:
+            shards = []  # an unreadable folder is reported when the data is opened
+        protected.extend(ProtectedFile("a shard of the --input folder", shard) for shard in shards)
     elif input_file is not None:
         protected.append(ProtectedFile("the --input file", input_file))
     # The path/to/file.py:callable form, told apart as the loader does.
@@ -164,7 +169,8 @@ ModeOpt = Annotated[
 ]
 DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="Where the model runs.")]
 OutputOpt = Annotated[
-    Path | None, typer.Option("--output", help="Write the report to this file (atomically) instead of stdout.")
+    Path | None,
+    typer.Option("--output", help="Write the report to this file (atomically) instead of stdout; - is stdout."),
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of any error.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no notes on stderr.")]
@@ -766,7 +772,7 @@ def _print_table(report: Report, patterns: tuple[str, ...], output: Path | None)
 
     from bn_inspect.render import render_report
 
-    width = Console().width if _is_stdout(output) else 160
+    width = Console().width if output is None or _is_stdout(output) else 160
     _print_renderable(render_report(report, patterns, width), output)
 
 
