@@ -78,7 +78,7 @@ def atomic_file(target: Path, *, overwrite: bool = True, option: str = "--output
     renamed over the target, so a reader sees the old file or the whole new one. A new file gets
     the mode an ordinary write would give it (0666 less the umask); a replaced one keeps its mode.
     The temporary file is removed on every way out: an error, KeyboardInterrupt, or the
-    ``Interrupted`` that the CLI raises on SIGTERM.
+    ``Interrupted`` that the CLI raises on SIGINT and SIGTERM.
 
     Args:
         target: the file to write.

@@ -919,9 +919,9 @@ def _raise_interrupted(signal_number: int, _frame: object) -> None:
 def _interrupted_exit_code(error: BaseException) -> int | None:
     """128 + the signal number when ``error`` ends a run that a signal interrupted, else None.
 
-    A signal can surface as something else: click turns KeyboardInterrupt into Abort, torch's zip
-    writer into a RuntimeError, a forward through TorchScript into a ForwardError; the signal
-    handler's record and the exception chain both tell.
+    A signal can surface as something else: torch's zip writer turns it into a RuntimeError, a
+    forward through TorchScript into a ForwardError; the signal handler's record and the
+    exception chain both tell.
     """
     interrupt = interruption(error)
     if isinstance(interrupt, Interrupted):

@@ -90,8 +90,8 @@ class OutputError(BnInspectError):
 class Interrupted(BaseException):
     """SIGINT or SIGTERM arrived: raised by the CLI's signal handler so every ``finally`` runs.
 
-    A BaseException like KeyboardInterrupt, but not one: click answers a KeyboardInterrupt with a
-    blank line on stderr, and the interrupted run must end in exactly one line.
+    A BaseException like KeyboardInterrupt, but not one: typer turns a KeyboardInterrupt into a
+    silent exit 130, which would hide SIGTERM's 143 and the signal from the exception chain.
 
     Args:
         signal_number: the signal that arrived; the exit code is 128 + it (130, 143).
