@@ -75,8 +75,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -90,6 +88,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bn_inspect.atomic import ProtectedFile, atomic_file, check_target
 from bn_inspect.capture import (
     CallRecord,
     PlainDispatchMode,
@@ -1102,9 +1101,11 @@ def save_like(
       dict with the model in place.
 
     The input file is never written: an output that is the input (by any spelling, symlink or
-    hard link) is refused. The file is written to a temporary file in the output's folder,
-    flushed to disk and renamed over the output, so a reader never sees a partial file; an
-    existing output is refused unless ``force``.
+    hard link) is refused, and so is an output that is not a regular file (a pipe, a device).
+    The file is written through ``bn_inspect.atomic.atomic_file``: a temporary file in the
+    output's folder, flushed to disk and renamed over the output, so a reader never sees a partial
+    file, removed on any interruption; a new file's mode follows the umask. An existing output is
+    refused unless ``force``.
 
     Args:
         original_path: the model file the model was loaded from.
@@ -1120,12 +1121,14 @@ def save_like(
         The output path.
 
     Raises:
-        OutputError: the output is the input, exists without ``force``, is a directory, its folder
-            is missing, or the format cannot hold this model.
+        OutputError: the output is the input, exists without ``force``, is a directory, pipe or
+            device, its folder is missing, or the format cannot hold this model.
     """
     source, output = Path(original_path), Path(output_path)
     file_format = _save_format(loaded_format)
-    _check_output_path(source, output, force)
+    check_target(output, [ProtectedFile("the input model file", source)], option="output")
+    if output.exists() and not force:
+        raise OutputError(f"output {output} already exists", "Pass --force to replace it, or choose another path")
     if file_format is SaveFormat.TORCHSCRIPT:
         if not isinstance(model, torch.jit.ScriptModule):
             raise OutputError(
@@ -1156,7 +1159,8 @@ def save_like(
         def write(stream: IO[bytes]) -> None:
             torch.save(state_document, stream)
 
-    _write_atomically(output, write, force)
+    with atomic_file(output, overwrite=force, option="output") as stream:
+        write(stream)
     return output
 
 
@@ -1168,76 +1172,6 @@ def _save_format(loaded_format: SaveFormat | str) -> SaveFormat:
             f"cannot save a model loaded as {loaded_format!r} in the same format",
             f"Formats that can be written: {', '.join(f.value for f in SaveFormat)}",
         ) from None
-
-
-def _check_output_path(source: Path, output: Path, force: bool) -> None:
-    if output.is_dir():
-        raise OutputError(f"output {output} is a directory", "Give a file path")
-    if not output.parent.resolve().is_dir():
-        raise OutputError(f"output {output}: folder {output.parent} does not exist", "Create it or choose another path")
-    # realpath sees through symlinks and other spellings; samefile also catches hard links.
-    is_input = os.path.realpath(output) == os.path.realpath(source)
-    if not is_input and output.exists() and source.exists():
-        is_input = os.path.samefile(output, source)
-    if is_input:
-        raise OutputError(f"output {output} is the input model file {source}", "Write the model to another path")
-    if output.exists() and not force:
-        raise OutputError(f"output {output} already exists", "Pass --force to replace it, or choose another path")
-
-
-def _write_atomically(output: Path, write: Callable[[IO[bytes]], None], force: bool) -> None:
-    folder = output.parent.resolve()
-    try:
-        descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f".{output.name}.", suffix=".tmp")
-    except OSError as error:
-        raise OutputError(f"cannot write to folder {folder}: {error.strerror}", "Choose a writable folder") from error
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        if force:
-            os.replace(temporary, output)
-        else:
-            _link_new(temporary, output)
-        _fsync_folder(folder)
-    except OSError as error:
-        raise OutputError(
-            f"cannot write {output}: {error.strerror or error}", "Check the path and free space"
-        ) from error
-    finally:
-        Path(temporary).unlink(missing_ok=True)
-
-
-def _link_new(temporary: str, output: Path) -> None:
-    # A hard link never replaces an existing file, so an output created after the check is not
-    # overwritten either; filesystems without hard links fall back to check-then-rename.
-    try:
-        os.link(temporary, output)
-    except FileExistsError:
-        raise OutputError(
-            f"output {output} already exists", "Pass --force to replace it, or choose another path"
-        ) from None
-    except OSError:
-        if output.exists():
-            raise OutputError(
-                f"output {output} already exists", "Pass --force to replace it, or choose another path"
-            ) from None
-        os.replace(temporary, output)
-
-
-def _fsync_folder(folder: Path) -> None:
-    # The rename itself is durable only once the folder is synced (POSIX; Windows has no folder fds).
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def _load_weights_only(source: Path) -> object:
