@@ -15,10 +15,11 @@ if TYPE_CHECKING:
     from bn_inspect.analyses.checking import check_model
     from bn_inspect.analyses.inspection import inspect_model
     from bn_inspect.analyses.modes import compare_modes
-    from bn_inspect.analyses.recalibration import recalibrate, save_like
+    from bn_inspect.analyses.recalibration import recalibrate
     from bn_inspect.data.batch import Batch
     from bn_inspect.distributed.context import DistributedContext
     from bn_inspect.model.loading import load_model
+    from bn_inspect.model.saving import save_like
 
 __version__ = "0.1.0"
 
@@ -45,7 +46,7 @@ _LAZY = {
     "check_model": "bn_inspect.analyses.checking",
     "compare_modes": "bn_inspect.analyses.modes",
     "recalibrate": "bn_inspect.analyses.recalibration",
-    "save_like": "bn_inspect.analyses.recalibration",
+    "save_like": "bn_inspect.model.saving",
     "inspect_model": "bn_inspect.analyses.inspection",
     "Batch": "bn_inspect.data.batch",
     "load_model": "bn_inspect.model.loading",

@@ -139,3 +139,18 @@ class UntrustedArchiveError(BnInspectError):
             "If you trust the file, pass --trust-pickle; otherwise ask for a state_dict or safetensors file "
             "(load it with --arch)",
         )
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: raised by the CLI's signal handler so every ``finally`` runs.
+
+    A BaseException like KeyboardInterrupt, but not one: typer turns a KeyboardInterrupt into a
+    silent exit 130, which would hide SIGTERM's 143 and the signal from the exception chain.
+
+    Args:
+        signal_number: the signal that arrived; the exit code is 128 + it (130, 143).
+    """
+
+    def __init__(self, signal_number: int) -> None:
+        self.signal_number = signal_number
+        super().__init__(signal_number)

@@ -403,11 +403,11 @@ CASES = {
     ),
     "output-is-the-model": Case(
         f"{ON_DIGITS} {S} --output $digits",
-        "Error: --output $digits is the file being inspected. Write the report somewhere else",
+        "Error: --output $digits is the model file $digits, which this run reads. Choose another path for the output",
     ),
     "output-is-the-input": Case(
         f"{ON_DIGITS} --input $dir/nan.npy --output $dir/nan.npy",
-        "Error: --output $dir/nan.npy is the file being inspected",
+        "Error: --output $dir/nan.npy is the --input file $dir/nan.npy, which this run reads",
     ),
     "output-is-a-directory": Case(
         f"{ON_DIGITS} {S} --output $dir", "Error: --output $dir is a directory. Give a file path"

@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 from bn_inspect.analyses.inspection import inspect_model
-from bn_inspect.analyses.recalibration import recalibrate, save_like
+from bn_inspect.analyses.recalibration import recalibrate
 from bn_inspect.errors import ForwardError, NoNormLayersError, OutputError
 from bn_inspect.model.layers import iter_norm_layers
 from bn_inspect.model.loading import load_model
 from bn_inspect.model.modules import set_norm_layers_training
+from bn_inspect.model.saving import save_like
 from bn_inspect.report.comparisons import RecalibrationResult
 from tests import models
 from tests.conftest import state_fingerprint

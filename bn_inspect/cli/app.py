@@ -1,13 +1,16 @@
 """Typer app: parse, call the library, render or export, and map errors to exit codes.
 
 Exit codes: 0 ran and nothing failed; 1 ran and a check failed; 2 could not run (bad usage,
-unreadable or untrusted model, input that does not fit); 3 internal error (a bug: please report).
+unreadable or untrusted model, input that does not fit); 3 internal error (a bug: please report);
+130 and 143 stopped by SIGINT or SIGTERM, leaving no partial file.
 torch and pandas are imported inside the commands so that ``bn-inspect --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import gc
+import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -18,7 +21,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from bn_inspect.errors import BnInspectError, DeviceError, InputError, OutputError
+from bn_inspect.atomic import ProtectedFile, check_target, interruption, write_text
+from bn_inspect.errors import BnInspectError, DeviceError, InputError, Interrupted, OutputError
 from bn_inspect.options import (
     CheckFormat,
     DeviceChoice,
@@ -44,9 +48,13 @@ if TYPE_CHECKING:
     from bn_inspect.report.records import Report
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_CANNOT_RUN, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+INTERRUPTED_LINE = "Error: interrupted; nothing written."
 
 # Only main() sets this: a CLI process owns its garbage collector, a program that calls run() does not.
 _is_collector_paused = False
+# The signal main()'s handler caught during this run(), if any.
+_signal_received: int | None = None
 
 app = typer.Typer(
     name="bn-inspect",
@@ -76,53 +84,32 @@ def _resolve_device(choice: DeviceChoice) -> str:
     return str(choice.value)
 
 
-def _check_output(output: Path | None, protected: Sequence[Path | None]) -> None:
-    if output is None:
-        return
-    if output.is_dir():
-        raise OutputError(f"--output {output} is a directory", "Give a file path")
-    parent = output.resolve().parent
-    if not parent.is_dir():
-        raise OutputError(f"--output {output}: folder {parent} does not exist", "Create it or choose another path")
-    import os
-
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"--output {output}: folder {parent} is not writable", "Choose a writable folder")
-    for path in protected:
-        if path is not None and path.exists() and output.exists() and output.resolve() == path.resolve():
-            raise OutputError(f"--output {output} is the file being inspected", "Write the report somewhere else")
+def _is_stdout(output: Path) -> bool:
+    """``--output -``: the report goes to stdout, as without --output."""
+    return str(output) == "-"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over: never a torn file."""
-    import os
-    import stat
-    import tempfile
+def _protected_inputs(model: Path | None, input_file: Path | None, arch: str | None) -> list[ProtectedFile]:
+    """Every file the run reads: --output may name none of them."""
+    protected = [ProtectedFile("the model file", model)] if model is not None else []
+    if input_file is not None and input_file.is_dir():
+        try:
+            shards = list(input_file.iterdir())
+        except OSError:
+            shards = []  # an unreadable folder is reported when the data is opened
+        protected.extend(ProtectedFile("a shard of the --input folder", shard) for shard in shards)
+    elif input_file is not None:
+        protected.append(ProtectedFile("the --input file", input_file))
+    # The path/to/file.py:callable form, told apart as the loader does.
+    arch_target = (arch or "").rpartition(":")[0]
+    if arch_target.endswith(".py") or "/" in arch_target or os.sep in arch_target:
+        protected.append(ProtectedFile("the --arch file", Path(arch_target)))
+    return protected
 
-    try:
-        descriptor, temporary = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as error:
-        raise OutputError(
-            f"cannot write --output {path}: {error.strerror}", "Check the folder and free space"
-        ) from error
-    try:
-        # mkstemp makes the file private (0600); give it what an ordinary write would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(descriptor, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~umask)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except OSError as error:
-        Path(temporary).unlink(missing_ok=True)
-        raise OutputError(
-            f"cannot write --output {path}: {error.strerror}", "Check the folder and free space"
-        ) from error
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+
+def _check_output(output: Path | None, protected: Sequence[ProtectedFile]) -> None:
+    if output is not None and not _is_stdout(output):
+        check_target(output, protected)
 
 
 def _silent(_message: str) -> None:
@@ -192,7 +179,8 @@ ModeOpt = Annotated[
 ]
 DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="Where the model runs.")]
 OutputOpt = Annotated[
-    Path | None, typer.Option("--output", help="Write the report to this file (atomically) instead of stdout.")
+    Path | None,
+    typer.Option("--output", help="Write the report to this file (atomically) instead of stdout; - is stdout."),
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of any error.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no notes on stderr.")]
@@ -239,7 +227,7 @@ def _prepare(
         raise InputError("--shape and --input were both given", "Use one of them")
     if shape is not None and batch_size is not None:
         raise InputError("--batch-size does not apply to --shape", "Set the batch size as the first dim of --shape")
-    _check_output(output, [model, input_file])
+    _check_output(output, _protected_inputs(model, input_file, arch))
     kwargs = parse_arch_kwargs(arch_kwargs)
     target_device = _resolve_device(device)
     batch_iter: Iterator[Batch] | None = None
@@ -293,10 +281,10 @@ def _all_or_none(context: DistributedContext) -> Iterator[None]:
 
 
 def _emit(text: str, output: Path | None) -> None:
-    if output is None:
+    if output is None or _is_stdout(output):
         sys.stdout.write(text)
     else:
-        write_atomically(output, text)
+        write_text(output, text)
 
 
 @app.command("inspect")
@@ -569,7 +557,7 @@ def layers_command(
     from bn_inspect.output.export import listing_to_json, listing_to_markdown
     from bn_inspect.report.records import LayerListing, ModelInfo
 
-    _check_output(output, [model])
+    _check_output(output, _protected_inputs(model, None, arch))
     kwargs = parse_arch_kwargs(arch_kwargs)
     content = read_model_file(model, trust_pickle=trust_pickle)
     _end_startup()
@@ -728,13 +716,14 @@ def recalibrate_command(
 
       bn-inspect recalibrate state_dict.pt --arch mypkg.models:net --input train_shards/ --method sequential --output new.pt
     """
-    from bn_inspect.analyses.recalibration import recalibrate, save_like
+    from bn_inspect.analyses.recalibration import recalibrate
     from bn_inspect.data.inputs import DEFAULT_BATCH_SIZE, open_input
     from bn_inspect.data.memory import check_fits_memory
     from bn_inspect.distributed.context import distributed_context
     from bn_inspect.distributed.sharding import shard_input
     from bn_inspect.model.arch import parse_arch_kwargs
     from bn_inspect.model.loading import load_model
+    from bn_inspect.model.saving import save_like
     from bn_inspect.output.export import dataclass_to_json
 
     if input_file is None:
@@ -742,11 +731,13 @@ def recalibrate_command(
             "recalibrate needs real data: random input would replace the running statistics with noise",
             "Pass --input FILE or --input DIR with representative data",
         )
-    if output.exists() and output.resolve() == model.resolve():
-        raise OutputError(f"--output {output} is the model file itself", "Write the recalibrated model elsewhere")
+    if _is_stdout(output):
+        raise OutputError(
+            "--output - would write the model's bytes to stdout, where the report goes", "Give a file path"
+        )
+    _check_output(output, _protected_inputs(model, input_file, arch))
     if output.exists() and not force:
         raise OutputError(f"--output {output} already exists", "Pass --force to replace it, or choose another path")
-    _check_output(output, [model, input_file])
     kwargs = parse_arch_kwargs(arch_kwargs)
     target_device = _resolve_device(device)
     with distributed_context(device=target_device) as context:
@@ -787,12 +778,12 @@ def _print_renderable(renderable: RenderableType, output: Path | None) -> None:
 
     from rich.console import Console
 
-    if output is None:
+    if output is None or _is_stdout(output):
         Console(highlight=False).print(renderable)
         return
     console = Console(record=True, width=160, no_color=True, highlight=False, file=io.StringIO())
     console.print(renderable)
-    write_atomically(output, console.export_text())
+    write_text(output, console.export_text())
 
 
 def _print_table(report: Report, patterns: tuple[str, ...], output: Path | None) -> None:
@@ -800,7 +791,7 @@ def _print_table(report: Report, patterns: tuple[str, ...], output: Path | None)
 
     from bn_inspect.output.render import render_report
 
-    width = Console().width if output is None else 160
+    width = Console().width if output is None or _is_stdout(output) else 160
     _print_renderable(render_report(report, patterns, width), output)
 
 
@@ -886,9 +877,20 @@ def _guessed_batches(
 
 def run(argv: Sequence[str]) -> int:
     """Run the CLI on ``argv`` and return the exit code; errors become one line on stderr."""
+    global _signal_received
     debug = "--debug" in argv
+    _signal_received = None
     try:
-        result = app(args=list(argv), prog_name="bn-inspect", standalone_mode=False)
+        try:
+            result = app(args=list(argv), prog_name="bn-inspect", standalone_mode=False)
+        except BaseException as error:
+            code = _interrupted_exit_code(error)
+            if code is None:
+                raise
+            if debug:
+                traceback.print_exc()
+            print(INTERRUPTED_LINE, file=sys.stderr)
+            return code
     except BnInspectError as error:
         if debug:
             traceback.print_exc()
@@ -902,9 +904,6 @@ def run(argv: Sequence[str]) -> int:
         text = one_line(str(message)).replace("Value error, ", "").rstrip(".")
         print(f"Error: {text}. See bn-inspect --help.", file=sys.stderr)
         return int(getattr(error, "exit_code", EXIT_CANNOT_RUN))
-    except KeyboardInterrupt:
-        print("Error: interrupted.", file=sys.stderr)
-        return 130
     except SystemExit as error:
         # Only code bn-inspect was told to run raises this (an --arch module or factory, a trusted
         # pickle): it did not finish, and exit 0 would say that everything was checked.
@@ -923,6 +922,10 @@ def run(argv: Sequence[str]) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERNAL
+    if result == EXIT_INTERRUPTED:
+        # typer answers a KeyboardInterrupt (SIGINT where main() did not install its handler) with
+        # a silent exit 130; no command returns 130 itself.
+        print(INTERRUPTED_LINE, file=sys.stderr)
     return int(result) if isinstance(result, int) else EXIT_OK
 
 
@@ -931,7 +934,35 @@ def main() -> None:
     global _is_collector_paused
     gc.disable()
     _is_collector_paused = True
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        # A SIGINT ignored by the parent (a background job of a script) stays ignored.
+        if signal.getsignal(signal_number) is not signal.SIG_IGN:
+            signal.signal(signal_number, _raise_interrupted)
     sys.exit(run(sys.argv[1:]))
+
+
+def _raise_interrupted(signal_number: int, _frame: object) -> None:
+    """Turn SIGINT and SIGTERM into an exception, so that every ``finally`` (temporary files) runs."""
+    global _signal_received
+    _signal_received = signal_number
+    raise Interrupted(signal_number)
+
+
+def _interrupted_exit_code(error: BaseException) -> int | None:
+    """128 + the signal number when ``error`` ends a run that a signal interrupted, else None.
+
+    A signal can surface as something else: torch's zip writer turns it into a RuntimeError, a
+    forward through TorchScript into a ForwardError; the signal handler's record and the
+    exception chain both tell.
+    """
+    interrupt = interruption(error)
+    if isinstance(interrupt, Interrupted):
+        return 128 + interrupt.signal_number
+    if _signal_received is not None:
+        return 128 + _signal_received
+    if interrupt is not None:
+        return EXIT_INTERRUPTED
+    return None
 
 
 def _end_startup() -> None:
