@@ -15,7 +15,7 @@ Measures (model: a small ResNet-style CNN built below, batch 32x3x64x64, eval mo
 * throughput: ``inspect_model`` over 10 batches (``--batches``) versus a plain loop over the same batches;
 * peak memory: peak RSS (VmHWM) of a child process running ``inspect_model`` over 5 batches versus
   one running the plain loop over the same batches (a peak cannot be reset, hence one process per figure);
-* startup: wall time of ``bn-inspect --help`` and whether ``import bn_inspect.cli.app`` imports torch.
+* startup: wall time of ``bn-inspect --help`` and whether ``import bn_inspect.cli.main`` imports torch.
 
 Run from the repository root:
     python benchmarks/bench_capture.py [--pairs N] [--threads T] [--batches B] [--json PATH]
@@ -288,7 +288,7 @@ def measure_startup() -> dict[str, Any]:
         subprocess.run(command, check=True, capture_output=True)
         times.append(time.perf_counter() - start)
     trace = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import bn_inspect.cli.app"],
+        [sys.executable, "-X", "importtime", "-c", "import bn_inspect.cli.main"],
         check=True,
         capture_output=True,
         text=True,
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             startup["median_s"] <= TARGET_HELP_SECONDS,
         ),
         (
-            "import bn_inspect.cli.app imports torch",
+            "import bn_inspect.cli.main imports torch",
             str(startup["imports_torch"]),
             "False",
             not startup["imports_torch"],

@@ -251,7 +251,7 @@ def cli_cuda_matches_cpu() -> dict[str, Any]:
     import contextlib
     import io
 
-    from bn_inspect.cli.app import run
+    from bn_inspect.cli.main import run
 
     documents = {}
     for device in ("cpu", "cuda"):

@@ -131,7 +131,7 @@ def _peak_rss_of(argv: list[str]) -> int:
         "import sys\n"
         f"sys.path.insert(0, {str(BENCHMARKS)!r})\n"
         "import bench_capture\n"
-        "from bn_inspect.cli.app import run\n"
+        "from bn_inspect.cli.main import run\n"
         f"code = run({argv!r})\n"
         "print(bench_capture._peak_rss_bytes(), file=sys.stderr)\n"
         "sys.exit(code)\n"

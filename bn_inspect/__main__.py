@@ -1,5 +1,5 @@
 """python -m bn_inspect."""
 
-from bn_inspect.cli.app import main
+from bn_inspect.cli.main import main
 
 main()

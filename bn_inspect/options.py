@@ -1,8 +1,12 @@
-"""User choices as string enums whose values are the CLI spellings (no torch import here)."""
+"""User choices: string enums whose values are the CLI spellings, and the options the commands share (no torch)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from enum import Enum
+from pathlib import Path
+from typing import Any
 
 
 class Mode(str, Enum):
@@ -58,3 +62,34 @@ class DeviceChoice(str, Enum):
     CPU = "cpu"
     CUDA = "cuda"
     AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What the commands that run data share: the model, the data, and how to run them.
+
+    Field names are the CLI's parameter names, so a command builds it with ``RunOptions.of(locals())``.
+    """
+
+    model: Path | None = None
+    arch: str | None = None
+    arch_kwargs: str | None = None
+    trust_pickle: bool = False
+    shape: str | None = None
+    input_file: Path | None = None
+    input_key: str | None = None
+    drop_column: tuple[str, ...] = ()
+    batch_size: int | None = None
+    batches: int | None = None
+    seed: int = 0
+    mode: Mode = Mode.EVAL
+    device: DeviceChoice = DeviceChoice.CPU
+    output: Path | None = None
+    quiet: bool = False
+
+    @classmethod
+    def of(cls, values: Mapping[str, Any]) -> RunOptions:
+        """The options among ``values`` (a command's parameters); the others are left at their defaults."""
+        chosen = {f.name: values[f.name] for f in fields(cls) if f.name in values}
+        chosen["drop_column"] = tuple(chosen.get("drop_column") or ())
+        return cls(**chosen)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from bn_inspect.analyses.checking import check_model
-from bn_inspect.cli.app import run
+from bn_inspect.cli.main import run
 from bn_inspect.report.findings import RULES, Severity, Thresholds
 from tests import models
 from tests.conftest import state_fingerprint

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bn_inspect.cli.app import run
+from bn_inspect.cli.main import run
 
 SAMPLES = Path(__file__).parent.parent / "sample_models"
 DIGITS = SAMPLES / "digits_cnn"
@@ -226,14 +226,14 @@ def test_help_lists_every_option_and_examples(capsys: pytest.CaptureFixture[str]
 
 
 def test_help_does_not_import_torch_or_pandas() -> None:
-    code = "import sys; from bn_inspect.cli.app import run; run(['--help']); print(sorted(m for m in ('torch', 'pandas') if m in sys.modules))"
+    code = "import sys; from bn_inspect.cli.main import run; run(['--help']); print(sorted(m for m in ('torch', 'pandas') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().endswith("[]")
 
 
 _COLLECTOR_PROBE = """
 import gc, sys
-from bn_inspect.cli import app as cli
+from bn_inspect.cli import main as cli
 from bn_inspect.analyses.inspection import Batch
 
 moved = Batch.to
@@ -284,7 +284,7 @@ def test_run_leaves_the_collector_alone(tmp_path: Path) -> None:
 
 def test_json_output_does_not_import_rich() -> None:
     code = (
-        "import sys, io, json, contextlib; from bn_inspect.cli.app import run\n"
+        "import sys, io, json, contextlib; from bn_inspect.cli.main import run\n"
         "out = io.StringIO()\n"
         "with contextlib.redirect_stdout(out):\n"
         f"    code = run(['inspect', {str(DIGITS / 'torchscript.pt')!r}, '--shape', '2,1,8,8', '--format', 'json', '--quiet'])\n"

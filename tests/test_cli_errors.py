@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bn_inspect.cli.app import run
+from bn_inspect.cli.main import run
 from sample_models.architectures import DigitsCNN
 
 REPO = Path(__file__).resolve().parent.parent

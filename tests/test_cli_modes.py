@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bn_inspect.cli.app import run
+from bn_inspect.cli.main import run
 
 SAMPLES = Path(__file__).parent.parent / "sample_models"
 DIGITS = SAMPLES / "digits_cnn"

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bn_inspect.analyses.inspection import inspect_model
-from bn_inspect.cli.app import run
+from bn_inspect.cli.main import run
 from tests import models
 from tests.test_inspection import assert_matches, layer
 

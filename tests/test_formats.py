@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bn_inspect.analyses.inspection import inspect_model
-from bn_inspect.cli.app import run
+from bn_inspect.cli.main import run
 from bn_inspect.errors import ExportModeError
 from bn_inspect.model.loading import load_model
 from tests import models

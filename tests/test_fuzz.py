@@ -405,7 +405,7 @@ def _cached_cli() -> None:
 
 def drive(suite: str, seed: int, start: int, stop: int, folder: str, report_fd: int, limit: float) -> None:
     """Entry point of the driver process: run cases start..stop-1, one JSON line per event on report_fd."""
-    from bn_inspect.cli.app import run
+    from bn_inspect.cli.main import run
 
     runner = _selftest_run if suite == "selftest" else run
     _cached_cli()
@@ -593,7 +593,7 @@ def test_mutations_are_reproducible() -> None:
 
 def run_case(capsys: pytest.CaptureFixture[str], argv: list[str]) -> Outcome:
     """One run in this process (for the pinned reproductions below, which are known not to crash it)."""
-    from bn_inspect.cli.app import run
+    from bn_inspect.cli.main import run
 
     start = time.perf_counter()
     code = run(argv)
@@ -771,7 +771,7 @@ def _empty_record(data: bytes, suffix: str) -> bytes:
 # Run in a child process: this file crashes the interpreter (SIGSEGV) while bn-inspect reads a buffer.
 EMPTY_RECORD_DRIVER = """
 import json, os, sys
-from bn_inspect.cli.app import run
+from bn_inspect.cli.main import run
 results = {}
 for path in sys.argv[1:]:
     pid = os.fork()

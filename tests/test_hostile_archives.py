@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from bn_inspect.cli.app import run
+from bn_inspect.cli.main import run
 from bn_inspect.errors import ModelFileError, UntrustedArchiveError, UntrustedPickleError
 from bn_inspect.model.loading import load_model
 from tests.helpers import SAMPLES

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from bn_inspect.cli.app import run
+from bn_inspect.cli.main import run
 from bn_inspect.data.inputs import open_input
 from bn_inspect.data.readers import read_input
 from bn_inspect.errors import InputError

@@ -26,7 +26,7 @@ import pytest
 import torch
 from torch import nn
 
-from bn_inspect.cli.app import run
+from bn_inspect.cli.main import run
 from bn_inspect.errors import ModelFileError
 from bn_inspect.model.files import FileKind, detect_file_kind
 from bn_inspect.model.state_dict import validate_state_dict

@@ -25,7 +25,7 @@ import pytest
 import torch
 from torch import nn
 
-from bn_inspect.cli.app import run
+from bn_inspect.cli.main import run
 from bn_inspect.text import inert
 
 # ESC sequences (clear screen, window title), BEL, DEL, a C1 CSI, a bidi override, rich markup

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from bn_inspect.atomic import atomic_file
-from bn_inspect.cli.app import run
+from bn_inspect.cli.main import run
 from bn_inspect.errors import OutputError
 from bn_inspect.model.loading import load_model
 from bn_inspect.model.saving import save_like
@@ -270,7 +270,7 @@ def test_atomic_file_turns_an_interrupt_inside_torch_save_back_into_one(tmp_path
 UMASK_SCRIPT = """
 import os, sys
 os.umask(0o027)
-from bn_inspect.cli.app import run
+from bn_inspect.cli.main import run
 model, data, folder = sys.argv[1:]
 assert run(["recalibrate", model, "--input", data, "--batches", "2", "--output", folder + "/new.pt"]) == 0
 assert run(["layers", model, "--output", folder + "/layers.txt"]) == 0

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from bn_inspect.cli.app import run
+from bn_inspect.cli.main import run
 from bn_inspect.errors import ArchError, ModelFileError, StateDictMismatchError, UntrustedPickleError
 from bn_inspect.model.arch import parse_arch_kwargs
 from bn_inspect.model.files import FileKind, detect_file_kind

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from bn_inspect.analyses.inspection import inspect_model
-from bn_inspect.cli.app import run
+from bn_inspect.cli.main import run
 
 torchvision = pytest.importorskip("torchvision")
 

@@ -41,7 +41,7 @@ from torch import nn
 
 from bn_inspect.analyses.checking import check_model
 from bn_inspect.analyses.inspection import find_working_shape, inspect_model
-from bn_inspect.cli.app import run
+from bn_inspect.cli.main import run
 from bn_inspect.errors import BnInspectError, ForwardError
 from bn_inspect.model.loading import load_model
 from bn_inspect.report.records import LayerReport, Report
@@ -630,7 +630,7 @@ import torch
 
 torch.set_num_threads(1)  # no OpenMP pool in the parent: forked children stay safe
 
-from bn_inspect.cli.app import run
+from bn_inspect.cli.main import run
 
 started = {}
 

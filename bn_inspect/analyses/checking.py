@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from bn_inspect.analyses.inspection import run_inspection
 from bn_inspect.analyses.passes import joined_run
-from bn_inspect.errors import NoNormLayersError
+from bn_inspect.config import CheckConfig
+from bn_inspect.errors import InputError, NoNormLayersError
 from bn_inspect.model.layers import functional_candidates
 from bn_inspect.model.modules import find_layers, unwrap_compiled
 from bn_inspect.options import FailOn, Mode
 from bn_inspect.report.findings import CheckReport, Finding, Thresholds
 from bn_inspect.report.records import ModelInfo, Report
-from bn_inspect.report.rules import filter_ignored, report_findings, state_findings
+from bn_inspect.report.rules import filter_ignored, report_findings, state_findings, unknown_codes
 
 if TYPE_CHECKING:
     from bn_inspect.distributed.context import DistributedContext
@@ -128,3 +130,51 @@ def _rank_findings(model: nn.Module, report: Report | None, run: DistributedCont
         )
     )
     return divergence_findings(divergence)
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """The gate of one check: thresholds, the failing severity and the rules left out."""
+
+    thresholds: Thresholds
+    fail_on: FailOn
+    ignore: list[str]
+
+
+def check_settings(
+    config: CheckConfig,
+    max_shift: float | None = None,
+    max_var_ratio: float | None = None,
+    max_share: float | None = None,
+    min_values: int | None = None,
+    *,
+    strict: bool | None = None,
+    fail_on: FailOn | None = None,
+    ignore: Sequence[str] = (),
+) -> CheckSettings:
+    """Flags over [tool.bn-inspect] over the defaults; ignored rules add up.
+
+    Raises:
+        InputError: an ignored rule that does not exist, or a fail-on in the config that is not one.
+    """
+    ignored = [*config.ignore, *ignore]
+    unknown = unknown_codes(ignored)
+    if unknown:
+        raise InputError(f"--ignore {', '.join(unknown)}: no such rule", "See the rule codes in bn-inspect's README")
+    defaults = Thresholds()
+    thresholds = Thresholds(
+        max_shift=_first(max_shift, config.max_shift, defaults.max_shift),
+        max_var_ratio=_first(max_var_ratio, config.max_var_ratio, defaults.max_var_ratio),
+        max_share=_first(max_share, config.max_share, defaults.max_share),
+        min_values=int(_first(min_values, config.min_values, defaults.min_values)),
+        strict=bool(_first(strict, config.strict, defaults.strict)),
+    )
+    try:
+        gate = FailOn(fail_on or config.fail_on or FailOn.ERROR)
+    except ValueError:
+        raise InputError(f"fail-on {config.fail_on!r} in {config.source}", "Use error or warning") from None
+    return CheckSettings(thresholds, gate, ignored)
+
+
+def _first(*values: float | bool | None) -> float:
+    return float(next(v for v in values if v is not None))

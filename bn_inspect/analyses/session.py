@@ -1,0 +1,289 @@
+"""From the commands' options to a loaded model and this rank's batches: the steps every command shares.
+
+What the user should hear on the way (notes, a progress bar) goes through a RunObserver, so this
+module never imports the terminal library; under torchrun only rank 0's observer speaks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from bn_inspect.atomic import ProtectedFile, check_target
+from bn_inspect.errors import DeviceError, InputError
+from bn_inspect.options import DeviceChoice, Mode, RunOptions
+from bn_inspect.report.records import ModelInfo
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from bn_inspect.data.batch import Batch
+    from bn_inspect.data.inputs import DirectoryData
+    from bn_inspect.data.readers import InputData
+    from bn_inspect.distributed.context import DistributedContext
+    from bn_inspect.distributed.sharding import ShardedInput
+    from bn_inspect.model.loading import LoadedModel
+
+
+class RunObserver(Protocol):
+    """Who hears about a run: notes (left out with --quiet), warnings, progress, the end of startup."""
+
+    def note(self, message: str) -> None:
+        """A remark on how the run was set up."""
+
+    def warn(self, message: str) -> None:
+        """Something about the data the user must know, even with --quiet."""
+
+    def progress(self, batches: Iterator[Batch], total: int | None) -> Iterator[Batch]:
+        """The batches, unchanged, while showing how many have run."""
+        ...
+
+    def loaded(self) -> None:
+        """Startup (imports, loading the model) is over; the batches come next."""
+
+
+class SilentObserver:
+    """An observer that shows nothing: the other ranks' view, and the Python API's."""
+
+    def note(self, message: str) -> None:
+        """Nothing."""
+
+    def warn(self, message: str) -> None:
+        """Nothing."""
+
+    def progress(self, batches: Iterator[Batch], total: int | None) -> Iterator[Batch]:
+        """The batches, unchanged."""
+        return batches
+
+    def loaded(self) -> None:
+        """Nothing."""
+
+
+def resolve_device(choice: DeviceChoice) -> str:
+    """The torch device for --device: ``auto`` is CUDA where there is one.
+
+    Raises:
+        DeviceError: CUDA was asked for and this torch build sees none.
+    """
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    if choice is DeviceChoice.CUDA and not has_cuda:
+        raise DeviceError(
+            "--device cuda was asked for, but this torch build sees no CUDA device", "Use --device cpu or auto"
+        )
+    if choice is DeviceChoice.AUTO:
+        return "cuda" if has_cuda else "cpu"
+    return str(choice.value)
+
+
+def is_stdout(output: Path | None) -> bool:
+    """No --output, or ``--output -``: the report goes to stdout."""
+    return output is None or str(output) == "-"
+
+
+def protected_inputs(model: Path | None, input_file: Path | None, arch: str | None) -> list[ProtectedFile]:
+    """Every file the run reads: --output may name none of them."""
+    protected = [ProtectedFile("the model file", model)] if model is not None else []
+    if input_file is not None and input_file.is_dir():
+        try:
+            shards = list(input_file.iterdir())
+        except OSError:
+            shards = []  # an unreadable folder is reported when the data is opened
+        protected.extend(ProtectedFile("a shard of the --input folder", shard) for shard in shards)
+    elif input_file is not None:
+        protected.append(ProtectedFile("the --input file", input_file))
+    # The path/to/file.py:callable form, told apart as the loader does.
+    arch_target = (arch or "").rpartition(":")[0]
+    if arch_target.endswith(".py") or "/" in arch_target or os.sep in arch_target:
+        protected.append(ProtectedFile("the --arch file", Path(arch_target)))
+    return protected
+
+
+def check_output(output: Path | None, protected: list[ProtectedFile]) -> None:
+    """Refuse an --output that could not be written whole or would replace a file the run reads."""
+    if output is not None and not is_stdout(output):
+        check_target(output, protected)
+
+
+@contextmanager
+def torchrun(device: str) -> Iterator[DistributedContext | None]:
+    """The run over several ranks this process joins under torchrun (WORLD_SIZE > 1), else None.
+
+    A single process never imports bn_inspect.distributed.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1") or "1") <= 1:
+        yield None
+        return
+    from bn_inspect.distributed.context import distributed_context
+
+    with distributed_context(device=device) as context:
+        yield context if context.is_distributed else None
+
+
+def all_ranks(ranks: DistributedContext | None) -> AbstractContextManager[None]:
+    """Under torchrun: if the block fails on any rank, it fails on every rank, so none waits on the others."""
+    if ranks is None:
+        return nullcontext()
+    from bn_inspect.distributed.collectives import fail_together
+
+    return fail_together(ranks.group)
+
+
+def speaks(ranks: DistributedContext | None) -> bool:
+    """Whether this process prints the run's report and notes: a single process, or rank 0."""
+    return ranks is None or ranks.is_main
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """A loaded model and this rank's batches to run through it."""
+
+    loaded: LoadedModel
+    batches: Iterator[Batch] | None
+    input_source: str
+    is_real_data: bool
+
+    @property
+    def model_info(self) -> ModelInfo:
+        """Where the model came from, for the report."""
+        return ModelInfo(self.loaded.source, self.loaded.format, self.loaded.arch)
+
+
+def prepare_run(
+    options: RunOptions, observer: RunObserver, *, needs_data: bool = True, ranks: DistributedContext | None = None
+) -> PreparedRun:
+    """Check the options, load the model and build this rank's batches (guessing a shape if needed).
+
+    Raises:
+        InputError, OutputError, DeviceError, and what loading the model raises.
+    """
+    from bn_inspect.model.arch import parse_arch_kwargs
+    from bn_inspect.model.loading import LoadedModel, load_model
+
+    if options.shape is not None and options.input_file is not None:
+        raise InputError("--shape and --input were both given", "Use one of them")
+    if options.shape is not None and options.batch_size is not None:
+        raise InputError("--batch-size does not apply to --shape", "Set the batch size as the first dim of --shape")
+    check_output(options.output, protected_inputs(options.model, options.input_file, options.arch))
+    kwargs = parse_arch_kwargs(options.arch_kwargs)
+    device = resolve_device(options.device)
+    shard = (0, 1) if ranks is None else (ranks.rank, ranks.world_size)
+    batches, source = _batches_from_options(options, observer, shard) if needs_data else (None, "")
+    import torch
+
+    torch.manual_seed(options.seed)
+    loaded = load_model(
+        options.model, arch=options.arch, arch_kwargs=kwargs, trust_pickle=options.trust_pickle, map_location=device
+    )
+    if options.model is None:
+        loaded = LoadedModel(loaded.module.to(device), loaded.source, loaded.format, loaded.arch)
+    elif options.arch is not None and loaded.arch is None:
+        observer.note(
+            f"note: --arch is not used: {options.model} holds a whole {loaded.format} model, architecture included."
+        )
+    if loaded.format == "torch.export":
+        _note_exported(loaded.module, options.mode, observer)
+    if needs_data and batches is None:
+        batches, source = _guessed_batches(loaded.module, options, observer, shard)
+    observer.loaded()
+    return PreparedRun(loaded, batches, source, is_real_data=options.input_file is not None)
+
+
+def _note_exported(module: nn.Module, mode: Mode, observer: RunObserver) -> None:
+    """What a user should know about a torch.export archive before its layers are read off the graph."""
+    from bn_inspect.model.graph import exported_training_mode, iter_graph_norm_layers, lowered_graph_norm_modules
+
+    graph_layers = iter_graph_norm_layers(module)
+    lowered = lowered_graph_norm_modules(module, (layer.name for layer in graph_layers))
+    if graph_layers and lowered:
+        observer.note(
+            f"note: {len(lowered)} normalization module(s) of this archive, e.g. {lowered[0][0]} "
+            f"({lowered[0][1]}), are plain arithmetic in its graph and are not inspected; "
+            "inspect the state_dict with --arch to see them."
+        )
+    training = exported_training_mode(graph_layers)
+    # On a mismatch the error says it all; a note on top would make it two lines.
+    if training is not None and training == (mode is Mode.TRAIN):
+        observer.note(
+            f"note: this torch.export archive was exported in {'train' if training else 'eval'} mode, "
+            "which its graph fixes."
+        )
+
+
+def _batches_from_options(
+    options: RunOptions, observer: RunObserver, shard: tuple[int, int]
+) -> tuple[Iterator[Batch] | None, str]:
+    """This rank's batches for --shape or --input, with the observer's progress; None for neither."""
+    from bn_inspect.data.inputs import DEFAULT_BATCH_SIZE, open_input
+    from bn_inspect.data.memory import check_fits_memory
+    from bn_inspect.data.shapes import parse_shape, random_batches
+
+    rank, world_size = shard
+    if options.shape is not None:
+        count = options.batches or 1
+        mine = _my_share(random_batches(parse_shape(options.shape), count, options.seed), shard)
+        return observer.progress(mine, len(range(rank, count, world_size))), f"random normal, seed {options.seed}"
+    if options.input_file is not None:
+        data = open_input(options.input_file, key=options.input_key, drop_columns=options.drop_column)
+        size = options.batch_size or DEFAULT_BATCH_SIZE
+        check_fits_memory((size, *data.sample_shape()), 4)
+        source = data if world_size == 1 else _shard(data, rank, world_size)
+        total = source.num_batches(size, options.batches)
+        return observer.progress(source.batches(size, options.batches), total), str(options.input_file)
+    return None, ""
+
+
+def _shard(data: InputData | DirectoryData, rank: int, world_size: int) -> ShardedInput:
+    from bn_inspect.distributed.sharding import shard_input
+
+    return shard_input(data, rank, world_size)
+
+
+def _my_share(batches: Iterator[Batch], shard: tuple[int, int]) -> Iterator[Batch]:
+    """This rank's share of seeded random batches: every rank draws the same sequence and keeps its
+    own, so the run equals one process's."""
+    if shard[1] == 1:
+        return batches
+    from bn_inspect.distributed.sharding import shard_batches
+
+    return shard_batches(batches, *shard)
+
+
+def _guessed_batches(
+    module: nn.Module, options: RunOptions, observer: RunObserver, shard: tuple[int, int]
+) -> tuple[Iterator[Batch], str]:
+    """Random batches of the shape read off the model's first layer, when one of the tried sizes runs."""
+    from bn_inspect.analyses.inspection import find_working_shape
+    from bn_inspect.data.shapes import guess_input_shapes, random_batches
+
+    guess = guess_input_shapes(module, options.batch_size or 8)
+    chosen = find_working_shape(module, guess.shapes) if guess else None
+    if guess is None or chosen is None:
+        raise InputError(
+            "cannot tell which input shape the model takes"
+            + (f" ({guess.reason}, but no tried size ran)" if guess else ""),
+            "Pass --shape N,C,... or --input FILE",
+        )
+    observer.note(
+        f"No --shape or --input: using random normal input of shape {tuple(chosen)}, because {guess.reason}. "
+        "Pass --shape to choose."
+    )
+    mine = _my_share(random_batches(chosen, options.batches or 1, options.seed), shard)
+    return mine, f"random normal, seed {options.seed} (shape inferred)"
+
+
+class Rereadable:
+    """Batches that can be read again: recalibration makes several passes over the same data."""
+
+    def __init__(
+        self, data: InputData | DirectoryData | ShardedInput, batch_size: int, max_batches: int | None
+    ) -> None:
+        self._data, self._batch_size, self._max_batches = data, batch_size, max_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self._data.batches(self._batch_size, self._max_batches)

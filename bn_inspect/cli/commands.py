@@ -1,0 +1,267 @@
+"""The commands: each parses its options, calls one library function, and writes the result.
+
+Their docstrings are the --help texts. torch, pandas and rich are imported inside the commands, so
+that ``bn-inspect --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from bn_inspect.cli.app import EXIT_CHECK_FAILED, app
+from bn_inspect.cli.console import observer_for
+from bn_inspect.cli.options import (
+    ArchKwargsOpt,
+    ArchOpt,
+    BatchesOpt,
+    BatchSizeOpt,
+    CheckFormatOpt,
+    CompareFormatOpt,
+    DataInputOpt,
+    DebugOpt,
+    DeviceOpt,
+    DropColumnOpt,
+    FailOnOpt,
+    ForceOpt,
+    IgnoreOpt,
+    InputKeyOpt,
+    InputOpt,
+    LayerOpt,
+    ListedModelArg,
+    ListingFormatOpt,
+    MaxShareOpt,
+    MaxShiftOpt,
+    MaxVarRatioOpt,
+    MethodOpt,
+    MinValuesOpt,
+    ModelArg,
+    ModeOpt,
+    NewModelOpt,
+    NoDataOpt,
+    OutputOpt,
+    QuietOpt,
+    RecalibratedModelArg,
+    RecalibrationFormatOpt,
+    ReportFormatOpt,
+    SeedOpt,
+    ShapeOpt,
+    StrictOpt,
+    ThresholdOpt,
+    TrustPickleOpt,
+)
+from bn_inspect.options import (
+    CheckFormat,
+    DeviceChoice,
+    ListingFormat,
+    Mode,
+    OutputFormat,
+    RecalibrationChoice,
+    RunOptions,
+)
+
+
+@app.command("inspect")
+def inspect_command(
+    model: ModelArg = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    shape: ShapeOpt = None,
+    input_file: InputOpt = None,
+    input_key: InputKeyOpt = None,
+    drop_column: DropColumnOpt = None,
+    batch_size: BatchSizeOpt = None,
+    batches: BatchesOpt = None,
+    seed: SeedOpt = 0,
+    mode: ModeOpt = Mode.EVAL,
+    device: DeviceOpt = DeviceChoice.CPU,
+    layer: LayerOpt = None,
+    output_format: ReportFormatOpt = OutputFormat.TABLE,
+    output: OutputOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run data through a model and show, per normalization layer, batch vs running statistics.
+
+    Examples:
+
+      bn-inspect inspect sample_models/digits_cnn/torchscript.pt --input sample_models/digits_cnn/test_images.npy
+
+      bn-inspect inspect state_dict.pt --arch mypkg.models:resnet18 --arch-kwargs '{"num_classes": 10}' --shape 8,3,224,224
+
+      bn-inspect inspect model.pt --input val.npy --batch-size 32 --mode train --layer 'layer1.*'
+
+      bn-inspect inspect model.ts --shape 16,3,32,32 --format json --output report.json
+    """
+    from bn_inspect.analyses.runs import run_inspect
+    from bn_inspect.output.formats import Rendering, write_result
+
+    options = RunOptions.of(locals())
+    report = run_inspect(options, observer_for(options))
+    if report is not None:
+        write_result(report, output_format.value, output, Rendering(channel_patterns=tuple(layer or ())))
+
+
+@app.command("check")
+def check_command(
+    model: ModelArg = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    shape: ShapeOpt = None,
+    input_file: InputOpt = None,
+    input_key: InputKeyOpt = None,
+    drop_column: DropColumnOpt = None,
+    batch_size: BatchSizeOpt = None,
+    batches: BatchesOpt = None,
+    seed: SeedOpt = 0,
+    mode: ModeOpt = Mode.EVAL,
+    device: DeviceOpt = DeviceChoice.CPU,
+    no_data: NoDataOpt = False,
+    fail_on: FailOnOpt = None,
+    max_shift: MaxShiftOpt = None,
+    max_var_ratio: MaxVarRatioOpt = None,
+    max_share: MaxShareOpt = None,
+    min_values: MinValuesOpt = None,
+    ignore: IgnoreOpt = None,
+    strict: StrictOpt = None,
+    output_format: CheckFormatOpt = CheckFormat.TABLE,
+    output: OutputOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Check a model's normalization layers for broken state; exit 1 when a finding reaches --fail-on.
+
+    Thresholds can be pinned in pyproject.toml under [tool.bn-inspect] (max-shift, max-var-ratio,
+    max-share, min-values, fail-on, strict, ignore); flags override them.
+
+    Examples:
+
+      bn-inspect check model.ts --no-data
+
+      bn-inspect check state_dict.pt --arch mypkg.models:resnet18 --input val.npy --format junit --output bn.xml
+
+      bn-inspect check model.pt --input val.npy --fail-on warning --max-shift 2 --ignore BN106
+    """
+    from bn_inspect.analyses.checking import check_settings
+    from bn_inspect.analyses.runs import run_check
+    from bn_inspect.config import load_check_config
+    from bn_inspect.output.formats import write_result
+
+    limits = (max_shift, max_var_ratio, max_share, min_values)
+    gate = check_settings(load_check_config(Path.cwd()), *limits, strict=strict, fail_on=fail_on, ignore=ignore or [])
+    options = RunOptions.of(locals())
+    checked = run_check(options, gate.thresholds, gate.fail_on, gate.ignore, observer_for(options), no_data=no_data)
+    if checked.report is not None:
+        write_result(checked.report, output_format.value, output)
+    if not checked.passed:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@app.command("layers")
+def layers_command(
+    model: ListedModelArg,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    output_format: ListingFormatOpt = ListingFormat.TABLE,
+    output: OutputOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """List every normalization layer and what it stores, without running any data.
+
+    A bare state_dict needs no --arch: layers are found by their running_mean/running_var keys
+    (their exact classes are then inferred, and eps and momentum unknown).
+
+    Examples:
+
+      bn-inspect layers sample_models/digits_cnn/state_dict.pt
+
+      bn-inspect layers sample_models/digits_cnn/torchscript.pt --format json
+    """
+    from bn_inspect.analyses.runs import list_layers
+    from bn_inspect.output.formats import write_result
+
+    options = RunOptions.of(locals())
+    write_result(list_layers(options, observer_for(options)), output_format.value, output)
+
+
+@app.command("compare-modes")
+def compare_modes_command(
+    model: ModelArg = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    shape: ShapeOpt = None,
+    input_file: InputOpt = None,
+    input_key: InputKeyOpt = None,
+    drop_column: DropColumnOpt = None,
+    batch_size: BatchSizeOpt = None,
+    batches: BatchesOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = DeviceChoice.CPU,
+    threshold: ThresholdOpt = 0.1,
+    output_format: CompareFormatOpt = ListingFormat.TABLE,
+    output: OutputOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run the same batches in eval and in train mode and show, per layer, where the outputs part.
+
+    "Fine in train mode, bad in eval": each normalization layer's output is compared between the
+    modes (relative difference), with its input's difference and its own share, and the first
+    layer where the gap opens is named. Dropout is off in both modes. The model is restored.
+
+    Examples:
+
+      bn-inspect compare-modes sample_models/digits_cnn/torchscript.pt --input sample_models/digits_cnn/test_images.npy
+
+      bn-inspect compare-modes model.pt --arch mypkg.models:net --input val.npy --threshold 0.02 --format json
+    """
+    from bn_inspect.analyses.runs import run_compare_modes
+    from bn_inspect.output.formats import write_result
+
+    options = RunOptions.of(locals())
+    write_result(run_compare_modes(options, threshold, observer_for(options)), output_format.value, output)
+
+
+@app.command("recalibrate")
+def recalibrate_command(
+    model: RecalibratedModelArg,
+    output: NewModelOpt,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    input_file: DataInputOpt = None,
+    input_key: InputKeyOpt = None,
+    drop_column: DropColumnOpt = None,
+    batch_size: BatchSizeOpt = None,
+    batches: BatchesOpt = None,
+    device: DeviceOpt = DeviceChoice.CPU,
+    method: MethodOpt = RecalibrationChoice.PRECISE,
+    force: ForceOpt = False,
+    output_format: RecalibrationFormatOpt = ListingFormat.TABLE,
+    debug: DebugOpt = False,
+) -> None:
+    """Recompute every layer's running mean and (unbiased) variance from your data; write a new file.
+
+    The new statistics are the exact population statistics of every value each layer sees over
+    the data. The input file is never overwritten; the output is written atomically, in the input's
+    format (state_dict, checkpoint, safetensors, TorchScript or pickle).
+
+    Examples:
+
+      bn-inspect recalibrate sample_models/digits_cnn/torchscript.pt --input sample_models/digits_cnn/train_images.npy --output digits_recalibrated.pt
+
+      bn-inspect recalibrate state_dict.pt --arch mypkg.models:net --input train_shards/ --method sequential --output new.pt
+    """
+    from bn_inspect.analyses.runs import run_recalibrate
+    from bn_inspect.output.formats import Rendering, write_result
+
+    options = RunOptions.of(locals())
+    result = run_recalibrate(options, method, force, observer_for(options))
+    if result is not None:
+        # --output is the new model: the before/after report goes to stdout.
+        write_result(result, output_format.value, None, Rendering(model_output=str(output)))

@@ -1,0 +1,110 @@
+"""Entry points: run() for programs and tests, main() for the console script; errors become exit codes."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import traceback
+from collections.abc import Sequence
+
+import typer
+
+from bn_inspect.atomic import interruption
+from bn_inspect.cli import commands as _commands  # noqa: F401 (registers the commands with the app)
+from bn_inspect.cli.app import EXIT_CANNOT_RUN, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, app
+from bn_inspect.cli.console import pause_collector
+from bn_inspect.errors import BnInspectError, Interrupted
+from bn_inspect.text import one_line
+
+INTERRUPTED_LINE = "Error: interrupted; nothing written."
+
+# The signal main()'s handler caught during this run(), if any.
+_signal_received: int | None = None
+
+
+def run(argv: Sequence[str]) -> int:
+    """Run the CLI on ``argv`` and return the exit code; errors become one line on stderr."""
+    global _signal_received
+    debug = "--debug" in argv
+    _signal_received = None
+    try:
+        try:
+            result = app(args=list(argv), prog_name="bn-inspect", standalone_mode=False)
+        except BaseException as error:
+            code = _interrupted_exit_code(error)
+            if code is None:
+                raise
+            if debug:
+                traceback.print_exc()
+            print(INTERRUPTED_LINE, file=sys.stderr)
+            return code
+    except BnInspectError as error:
+        if debug:
+            traceback.print_exc()
+        print(f"Error: {error.line()}", file=sys.stderr)
+        return error.exit_code
+    except typer.TyperException as error:
+        if debug:
+            traceback.print_exc()
+        format_message = getattr(error, "format_message", None)
+        message = format_message() if callable(format_message) else str(error)
+        text = one_line(str(message)).replace("Value error, ", "").rstrip(".")
+        print(f"Error: {text}. See bn-inspect --help.", file=sys.stderr)
+        return int(getattr(error, "exit_code", EXIT_CANNOT_RUN))
+    except SystemExit as error:
+        # Only code bn-inspect was told to run raises this (an --arch module or factory, a trusted
+        # pickle): it did not finish, and exit 0 would say that everything was checked.
+        if debug:
+            traceback.print_exc()
+        print(
+            f"Error: code run for the model (--arch, or a pickle under --trust-pickle) called exit({one_line(repr(error.code))}) "
+            "before bn-inspect finished. Check what that code runs when imported and called.",
+            file=sys.stderr,
+        )
+        return EXIT_CANNOT_RUN
+    except Exception:
+        traceback.print_exc()
+        print(
+            "Error: bn-inspect hit an internal error (a bug); please report it with the traceback above.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+    if result == EXIT_INTERRUPTED:
+        # typer answers a KeyboardInterrupt (SIGINT where main() did not install its handler) with
+        # a silent exit 130; no command returns 130 itself.
+        print(INTERRUPTED_LINE, file=sys.stderr)
+    return int(result) if isinstance(result, int) else EXIT_OK
+
+
+def main() -> None:
+    """Console-script entry point."""
+    pause_collector()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        # A SIGINT ignored by the parent (a background job of a script) stays ignored.
+        if signal.getsignal(signal_number) is not signal.SIG_IGN:
+            signal.signal(signal_number, _raise_interrupted)
+    sys.exit(run(sys.argv[1:]))
+
+
+def _raise_interrupted(signal_number: int, _frame: object) -> None:
+    """Turn SIGINT and SIGTERM into an exception, so that every ``finally`` (temporary files) runs."""
+    global _signal_received
+    _signal_received = signal_number
+    raise Interrupted(signal_number)
+
+
+def _interrupted_exit_code(error: BaseException) -> int | None:
+    """128 + the signal number when ``error`` ends a run that a signal interrupted, else None.
+
+    A signal can surface as something else: torch's zip writer turns it into a RuntimeError, a
+    forward through TorchScript into a ForwardError; the signal handler's record and the
+    exception chain both tell.
+    """
+    interrupt = interruption(error)
+    if isinstance(interrupt, Interrupted):
+        return 128 + interrupt.signal_number
+    if _signal_received is not None:
+        return 128 + _signal_received
+    if interrupt is not None:
+        return EXIT_INTERRUPTED
+    return None

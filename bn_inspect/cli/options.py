@@ -1,0 +1,141 @@
+"""The command-line options, declared once: every command that takes one uses the same declaration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bn_inspect.options import CheckFormat, DeviceChoice, FailOn, ListingFormat, Mode, OutputFormat, RecalibrationChoice
+
+ModelArg = Annotated[
+    Path | None,
+    typer.Argument(
+        help="Model file: state_dict or checkpoint (.pt/.pth), safetensors, TorchScript or pickled model. "
+        "Omit it with --arch to inspect a fresh architecture.",
+        show_default=False,
+    ),
+]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        help="Callable that builds the model: package.module:callable or path/to/file.py:callable "
+        "(imports and runs that code).",
+    ),
+]
+ArchKwargsOpt = Annotated[
+    str | None,
+    typer.Option("--arch-kwargs", help="JSON object of keyword arguments for --arch, e.g. '{\"num_classes\": 10}'."),
+]
+TrustPickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        help="Allow a pickle to import the classes it names, and an archive to unpickle or call file operators. "
+        "This runs code from the file: only for files you trust.",
+    ),
+]
+ShapeOpt = Annotated[str | None, typer.Option("--shape", help="Random normal input of this shape, e.g. 16,3,32,32.")]
+InputOpt = Annotated[
+    Path | None,
+    typer.Option("--input", help="Data: .pt/.pth (tensor, tuple/list or dict of tensors), .npy, .npz, .csv, .parquet."),
+]
+InputKeyOpt = Annotated[str | None, typer.Option("--input-key", help="Array of an .npz (or entry of a dict .pt).")]
+DropColumnOpt = Annotated[
+    list[str] | None, typer.Option("--drop-column", help="Table column to leave out, e.g. a label (repeatable).")
+]
+BatchSizeOpt = Annotated[
+    int | None,
+    typer.Option("--batch-size", min=1, help="Samples per batch for --input (default 64) or an inferred shape (8)."),
+]
+BatchesOpt = Annotated[
+    int | None, typer.Option("--batches", min=1, help="Run at most this many batches (default: all; 1 for --shape).")
+]
+# torch seeds any integer that fits in 64 bits, signed or not.
+SeedOpt = Annotated[
+    int,
+    typer.Option("--seed", min=-(2**63), max=2**64 - 1, help="Seed for random input and for dropout in train mode."),
+]
+ModeOpt = Annotated[
+    Mode,
+    typer.Option("--mode", help="eval: as deployed (running statistics); train: as in training (batch statistics)."),
+]
+DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="Where the model runs.")]
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option("--output", help="Write the report to this file (atomically) instead of stdout; - is stdout."),
+]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of any error.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no notes on stderr.")]
+LayerOpt = Annotated[
+    list[str] | None,
+    typer.Option("--layer", help="Glob on qualified layer names that adds a per-channel table (repeatable)."),
+]
+ReportFormatOpt = Annotated[
+    OutputFormat, typer.Option("--format", help="table for people; json, csv or markdown for machines and CI.")
+]
+CheckFormatOpt = Annotated[
+    CheckFormat, typer.Option("--format", help="table for people; json, markdown or junit for CI.")
+]
+ListingFormatOpt = Annotated[
+    ListingFormat, typer.Option("--format", help="table for people; json or markdown for machines and CI.")
+]
+NoDataOpt = Annotated[
+    bool, typer.Option("--no-data", help="Run only the rules on stored state: no forward pass, no input needed.")
+]
+FailOnOpt = Annotated[
+    FailOn | None, typer.Option("--fail-on", help="Lowest severity that fails the check (default error).")
+]
+MaxShiftOpt = Annotated[
+    float | None, typer.Option("--max-shift", min=0, help="|shift z| above this is shifted (default 3).")
+]
+MaxVarRatioOpt = Annotated[
+    float | None, typer.Option("--max-var-ratio", min=1, help="Var ratio outside [1/R, R] is shifted (default 4).")
+]
+MaxShareOpt = Annotated[
+    float | None,
+    typer.Option("--max-share", min=0, max=1, help="Share of shifted channels a layer may have (default 0.1)."),
+]
+MinValuesOpt = Annotated[
+    int | None, typer.Option("--min-values", min=1, help="Fewer values per channel per batch warn (default 16).")
+]
+IgnoreOpt = Annotated[
+    list[str] | None, typer.Option("--ignore", help="Rule code or name to leave out, e.g. BN106 (repeatable).")
+]
+StrictOpt = Annotated[
+    bool | None, typer.Option("--strict/--no-strict", help="Untrained statistics (BN104) are an error.")
+]
+ThresholdOpt = Annotated[
+    float,
+    typer.Option(
+        "--threshold",
+        min=0,
+        help="Relative output difference at which a layer counts as departing (default 0.1: train-mode "
+        "batch statistics alone differ by a few percent from running ones on a healthy model).",
+    ),
+]
+ListedModelArg = Annotated[Path, typer.Argument(help="Model file (any format bn-inspect reads).", show_default=False)]
+RecalibratedModelArg = Annotated[
+    Path, typer.Argument(help="Model file to recalibrate (it is never written).", show_default=False)
+]
+NewModelOpt = Annotated[Path, typer.Option("--output", help="Where to write the recalibrated model (same format).")]
+DataInputOpt = Annotated[
+    Path | None, typer.Option("--input", help="Representative data: a file or a directory of shards (required).")
+]
+MethodOpt = Annotated[
+    RecalibrationChoice,
+    typer.Option(
+        "--method",
+        help="precise: one pass with norm layers in train mode (PreciseBN, update_bn); "
+        "sequential: layer by layer in eval mode, exact for the deployed model.",
+    ),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing --output file.")]
+RecalibrationFormatOpt = Annotated[
+    ListingFormat, typer.Option("--format", help="How to print the before/after report.")
+]
+CompareFormatOpt = Annotated[
+    ListingFormat, typer.Option("--format", help="table for people; json or markdown for machines.")
+]

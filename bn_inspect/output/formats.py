@@ -1,0 +1,165 @@
+"""Results -> text: one formatter class per format, chosen by name (the --format spelling) from a registry.
+
+A formatter sees only the result records, never the model. Neither rich nor pandas is imported
+until a format that needs it is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from bn_inspect.atomic import write_text
+from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
+from bn_inspect.report.findings import CheckReport
+from bn_inspect.report.records import LayerListing, Report
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+Result = Report | CheckReport | LayerListing | ModeComparison | RecalibrationResult
+
+# Columns of a report written to a file: wide enough that no table is squeezed.
+FILE_WIDTH = 160
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """What a formatter needs besides the result.
+
+    Attributes:
+        channel_patterns: --layer globs: layers that get a per-channel table.
+        width: columns available to a table.
+        model_output: for recalibrate, where the new model was written.
+    """
+
+    channel_patterns: tuple[str, ...] = ()
+    width: int = FILE_WIDTH
+    model_output: str = ""
+
+
+class Formatter:
+    """Turns every kind of result into the text of one format."""
+
+    name: ClassVar[str]
+
+    def text(self, result: Result, rendering: Rendering) -> str:
+        """The whole output as text."""
+        raise NotImplementedError
+
+
+class JsonFormatter(Formatter):
+    """JSON documents with a schema_version, for machines."""
+
+    name = "json"
+
+    def text(self, result: Result, rendering: Rendering) -> str:
+        from bn_inspect.output.export import check_to_json, dataclass_to_json, listing_to_json, to_json
+
+        if isinstance(result, Report):
+            return to_json(result)
+        if isinstance(result, CheckReport):
+            return check_to_json(result)
+        if isinstance(result, LayerListing):
+            return listing_to_json(result)
+        return dataclass_to_json(result, "compare-modes" if isinstance(result, ModeComparison) else "recalibrate")
+
+
+class CsvFormatter(Formatter):
+    """One row per layer call and channel (inspect reports only)."""
+
+    name = "csv"
+
+    def text(self, result: Result, rendering: Rendering) -> str:
+        from bn_inspect.output.export import to_csv
+
+        if not isinstance(result, Report):
+            raise TypeError(f"CSV holds inspection reports, not {type(result).__name__}")
+        return to_csv(result)
+
+
+class MarkdownFormatter(Formatter):
+    """GitHub-flavoured Markdown, for job summaries and pull-request comments."""
+
+    name = "markdown"
+
+    def text(self, result: Result, rendering: Rendering) -> str:
+        from bn_inspect.output import export
+
+        if isinstance(result, Report):
+            return export.to_markdown(result, rendering.channel_patterns)
+        if isinstance(result, CheckReport):
+            return export.check_to_markdown(result)
+        if isinstance(result, LayerListing):
+            return export.listing_to_markdown(result)
+        if isinstance(result, ModeComparison):
+            return export.comparison_to_markdown(result)
+        return export.recalibration_to_markdown(result, rendering.model_output)
+
+
+class JunitFormatter(Formatter):
+    """JUnit XML, one test case per finding (check reports only), for CI test views."""
+
+    name = "junit"
+
+    def text(self, result: Result, rendering: Rendering) -> str:
+        from bn_inspect.output.export import check_to_junit
+
+        if not isinstance(result, CheckReport):
+            raise TypeError(f"JUnit holds check reports, not {type(result).__name__}")
+        return check_to_junit(result)
+
+
+class TableFormatter(Formatter):
+    """rich tables for people: coloured on a terminal, plain text in a file."""
+
+    name = "table"
+
+    def renderable(self, result: Result, rendering: Rendering) -> RenderableType:
+        """The result as a rich renderable."""
+        from bn_inspect.output import render
+
+        if isinstance(result, Report):
+            return render.render_report(result, rendering.channel_patterns, rendering.width)
+        if isinstance(result, CheckReport):
+            return render.render_check(result)
+        if isinstance(result, LayerListing):
+            return render.render_listing(result)
+        if isinstance(result, ModeComparison):
+            return render.render_mode_comparison(result)
+        return render.render_recalibration(result, rendering.model_output)
+
+    def text(self, result: Result, rendering: Rendering) -> str:
+        from rich.console import Console
+
+        console = Console(record=True, width=rendering.width, no_color=True, highlight=False, file=io.StringIO())
+        console.print(self.renderable(result, rendering))
+        return console.export_text()
+
+    def print(self, result: Result, rendering: Rendering) -> None:
+        """Print to stdout as wide as the terminal, in colour where it is one."""
+        from rich.console import Console
+
+        console = Console(highlight=False)
+        console.print(self.renderable(result, dataclasses.replace(rendering, width=console.width)))
+
+
+FORMATTERS: dict[str, Formatter] = {
+    formatter.name: formatter
+    for formatter in (TableFormatter(), JsonFormatter(), CsvFormatter(), MarkdownFormatter(), JunitFormatter())
+}
+
+
+def write_result(result: Result, format_name: str, output: Path | None, rendering: Rendering = Rendering()) -> None:
+    """Write ``result`` in the named format to ``output`` (atomically), or to stdout for None or ``-``."""
+    formatter = FORMATTERS[format_name]
+    if output is not None and str(output) != "-":
+        write_text(output, formatter.text(result, rendering))
+    elif isinstance(formatter, TableFormatter):
+        formatter.print(result, rendering)
+    else:
+        sys.stdout.write(formatter.text(result, rendering))
