@@ -1,8 +1,16 @@
-"""The package's shape holds: no import cycle between any two modules (imports inside functions count)."""
+"""The package's shape holds: no import cycle between any two modules (imports inside functions count),
+no module over 500 lines, no function over 80, no CLI command over 60."""
 
 from __future__ import annotations
 
+import ast
+from collections.abc import Iterator
+
 import grimp
+
+from tests.helpers import REPO
+
+PACKAGE = REPO / "bn_inspect"
 
 
 def _cycles(graph: grimp.ImportGraph) -> list[list[str]]:
@@ -61,3 +69,44 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
     graph.add_import(importer="a.y", imported="a.x")
     graph.add_import(importer="a.y", imported="a.z")
     assert _cycles(graph) == [["a.x", "a.y"]]
+
+
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 80
+MAX_COMMAND_LINES = 60
+
+
+def _functions(tree: ast.Module) -> Iterator[ast.FunctionDef | ast.AsyncFunctionDef]:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node
+
+
+def _length(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines from the first decorator to the end: signature and docstring included."""
+    end = node.end_lineno or node.lineno
+    return end - min([node.lineno, *(d.lineno for d in node.decorator_list)]) + 1
+
+
+def _is_command(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    return any("command" in ast.unparse(decorator) for decorator in node.decorator_list)
+
+
+def test_modules_and_functions_stay_small() -> None:
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        name = path.relative_to(REPO)
+        if len(source.splitlines()) > MAX_MODULE_LINES:
+            too_long.append(f"{name}: {len(source.splitlines())} lines")
+        for node in _functions(ast.parse(source)):
+            limit = MAX_COMMAND_LINES if _is_command(node) else MAX_FUNCTION_LINES
+            if _length(node) > limit:
+                too_long.append(f"{name}:{node.lineno} {node.name}: {_length(node)} lines (limit {limit})")
+    assert too_long == []
+
+
+def test_the_size_check_measures_decorators_signature_and_docstring() -> None:
+    tree = ast.parse('@app.command("x")\ndef f(\n    a: int,\n) -> None:\n    """Doc."""\n    return None\n')
+    node = next(_functions(tree))
+    assert (_length(node), _is_command(node)) == (6, True)

@@ -99,6 +99,10 @@ if TYPE_CHECKING:
     from bn_inspect.distributed.context import DistributedContext
 
 
+# A layer's buffers as they were before recalibration: running mean, running var, num_batches_tracked.
+Original = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
 class RecalibrationMethod(str, Enum):
     """Which activations the new running statistics describe."""
 
@@ -152,31 +156,15 @@ def recalibrate(
     method = RecalibrationMethod(method)
     refuse_lazy_modules(model, ", so they have no running statistics to recalibrate", "Run one forward pass first")
     is_script = isinstance(model, torch.jit.ScriptModule)
-    layers = iter_norm_layers(model)
-    targets, skipped = _select_targets(layers, is_script)
-    if not targets:
-        raise NoNormLayersError(
-            "the model has no normalization layer with running statistics to recalibrate",
-            "Nothing to do; check that this is the model you meant",
-        )
+    targets, skipped = _select_targets(iter_norm_layers(model), is_script)
     data = _reiterable(batches)
     runner = Runner(model, data, is_script, joined_run(distributed))
     originals = {
         name: (t.running_mean.clone(), t.running_var.clone(), _clone(t.num_batches_tracked))
         for name, t in targets.items()
     }
-    notes: list[str] = []
     try:
-        if method is RecalibrationMethod.PRECISE:
-            seen = runner.run(list(targets.values()), training=True)
-            waves = {name: 0 for name in seen}
-            num_waves = 1
-            after = None
-        else:
-            # TorchScript may fuse operations into kernels the dispatcher never sees, which would
-            # hide dependencies from the trace: there, every layer gets its own wave.
-            seen, waves, notes, after = run_sequential(runner, targets, trace=not is_script)
-            num_waves = 1 + max(waves.values(), default=0)
+        seen, waves, notes, after = _measure(runner, targets, method, is_script)
         unusable = {name: reason for name, entry in seen.items() if (reason := unusable_reason(entry)) is not None}
         seen = {name: entry for name, entry in seen.items() if name not in unusable}
         for name in seen:
@@ -184,25 +172,11 @@ def recalibrate(
         if after is None:
             after = runner.run([targets[name] for name in seen], training=False) if verify and seen else {}
     except BaseException:
-        with torch.no_grad():
-            for name, (mean, var, tracked) in originals.items():
-                target = targets[name]
-                target.running_mean.copy_(mean)
-                target.running_var.copy_(var)
-                if target.num_batches_tracked is not None and tracked is not None:
-                    target.num_batches_tracked.copy_(tracked)
+        _restore(targets, originals)
         raise
-    for name, reason in unusable.items():
-        skipped.append(SkippedLayer(name, targets[name].layer.type_name, reason))
-    for name, target in targets.items():
-        if name not in seen and name not in unusable:
-            skipped.append(SkippedLayer(name, target.layer.type_name, "not executed on these batches"))
-    shared = [name for name, entry in seen.items() if entry.calls_per_forward > 1]
-    if shared and method is RecalibrationMethod.SEQUENTIAL:
-        notes.append(
-            f"{', '.join(shared)} ran more than once per forward: later calls depend on the layer's own "
-            "statistics, so its new statistics describe its inputs under the old ones"
-        )
+    skipped += _skipped(targets, seen, unusable)
+    if method is RecalibrationMethod.SEQUENTIAL:
+        notes += _shared_layers_note(seen)
     recalibrated = tuple(
         _describe(targets[name], entry, waves[name], originals[name], after.get(name)) for name, entry in seen.items()
     )
@@ -213,9 +187,51 @@ def recalibrate(
         num_batches=runner.num_batches,
         num_samples=runner.num_samples,
         num_passes=runner.num_passes,
-        num_waves=num_waves,
+        num_waves=1 + max(waves.values(), default=0),
         notes=tuple(notes),
     )
+
+
+def _measure(
+    runner: Runner, targets: dict[str, Target], method: RecalibrationMethod, is_script: bool
+) -> tuple[dict[str, Seen], dict[str, int], list[str], dict[str, Seen] | None]:
+    """Each layer's new statistics, its wave, notes, and the check pass's measurements (sequential only)."""
+    if method is RecalibrationMethod.PRECISE:
+        seen = runner.run(list(targets.values()), training=True)
+        return seen, {name: 0 for name in seen}, [], None
+    # TorchScript may fuse operations into kernels the dispatcher never sees, which would hide
+    # dependencies from the trace: there, every layer gets its own wave.
+    return run_sequential(runner, targets, trace=not is_script)
+
+
+def _shared_layers_note(seen: dict[str, Seen]) -> list[str]:
+    shared = [name for name, entry in seen.items() if entry.calls_per_forward > 1]
+    if not shared:
+        return []
+    return [
+        f"{', '.join(shared)} ran more than once per forward: later calls depend on the layer's own "
+        "statistics, so its new statistics describe its inputs under the old ones"
+    ]
+
+
+def _restore(targets: dict[str, Target], originals: dict[str, Original]) -> None:
+    """Put back every buffer recalibration may have changed (after an error)."""
+    with torch.no_grad():
+        for name, (mean, var, tracked) in originals.items():
+            target = targets[name]
+            target.running_mean.copy_(mean)
+            target.running_var.copy_(var)
+            if target.num_batches_tracked is not None and tracked is not None:
+                target.num_batches_tracked.copy_(tracked)
+
+
+def _skipped(targets: dict[str, Target], seen: dict[str, Seen], unusable: dict[str, str]) -> list[SkippedLayer]:
+    """The layers left as they were, and why."""
+    skipped = [SkippedLayer(name, targets[name].layer.type_name, reason) for name, reason in unusable.items()]
+    for name, target in targets.items():
+        if name not in seen and name not in unusable:
+            skipped.append(SkippedLayer(name, target.layer.type_name, "not executed on these batches"))
+    return skipped
 
 
 def _clone(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -246,6 +262,11 @@ def _select_targets(layers: list[NormLayer], is_script: bool) -> tuple[dict[str,
             targets[layer.name] = Target(layer, running_mean, running_var, tracked)
         else:
             skipped.append(SkippedLayer(layer.name, layer.type_name, reason or "no running statistics"))
+    if not targets:
+        raise NoNormLayersError(
+            "the model has no normalization layer with running statistics to recalibrate",
+            "Nothing to do; check that this is the model you meant",
+        )
     return targets, skipped
 
 
@@ -275,7 +296,7 @@ def _describe(
     target: Target,
     seen: Seen,
     wave: int,
-    original: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    original: Original,
     after: Seen | None,
 ) -> RecalibratedLayer:
     layer = target.layer

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import Enum
 from pathlib import Path
 from typing import IO, Any
@@ -74,6 +74,14 @@ def save_like(
     check_target(output, [ProtectedFile("the input model file", source)], option="output")
     if output.exists() and not force:
         raise OutputError(f"output {output} already exists", "Pass --force to replace it, or choose another path")
+    write = _writer(source, file_format, model, original)
+    with atomic_file(output, overwrite=force, option="output") as stream:
+        write(stream)
+    return output
+
+
+def _writer(source: Path, file_format: SaveFormat, model: nn.Module, original: object) -> Callable[[IO[bytes]], None]:
+    """What writes ``model`` to a stream in ``file_format``; what it needs to read is read before the file is opened."""
     if file_format is SaveFormat.TORCHSCRIPT:
         if not isinstance(model, torch.jit.ScriptModule):
             raise OutputError(
@@ -104,9 +112,7 @@ def save_like(
         def write(stream: IO[bytes]) -> None:
             torch.save(state_document, stream)
 
-    with atomic_file(output, overwrite=force, option="output") as stream:
-        write(stream)
-    return output
+    return write
 
 
 def _save_format(loaded_format: SaveFormat | str) -> SaveFormat:
