@@ -9,6 +9,7 @@ from pathlib import Path
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
 SAMPLES = REPO / "sample_models"
+DIGITS = SAMPLES / "digits_cnn"
 GOLDEN = TESTS / "golden"
 
 # A printed number: digits with optional thousands commas, decimals and exponent.

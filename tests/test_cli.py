@@ -12,9 +12,8 @@ import pandas as pd
 import pytest
 
 from bn_inspect.cli.app import run
+from tests.helpers import DIGITS, SAMPLES
 
-SAMPLES = Path(__file__).parent.parent / "sample_models"
-DIGITS = SAMPLES / "digits_cnn"
 ARCH = "sample_models.architectures:DigitsCNN"
 
 

@@ -20,9 +20,8 @@ import torch
 
 from bn_inspect.cli.app import run
 from sample_models.architectures import DigitsCNN
+from tests.helpers import REPO, SAMPLES
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLES = REPO / "sample_models"
 DIGITS_ARCH = "sample_models.architectures:DigitsCNN"
 CANCER_ARCH = "sample_models.architectures:CancerMLP"
 

@@ -48,9 +48,9 @@ from bn_inspect.errors import BnInspectError, DistributedError, InputError, Rank
 from bn_inspect.model.layers import NormLayer, iter_norm_layers
 from bn_inspect.report.records import BufferDivergence, LayerDivergence, RankDivergence
 from tests.conftest import state_fingerprint
+from tests.helpers import REPO
 from tests.models import ChannelLayerNorm, randomize_norm_state
 
-ROOT = Path(__file__).parent.parent
 LAUNCH_TIMEOUT_S = 60.0
 COLLECTIVE_TIMEOUT_S = 20.0
 BATCH_SIZE = 6
@@ -349,12 +349,12 @@ def launch(scenario: str, world_size: int, directory: Path) -> list[Outcome]:
             "MASTER_PORT": str(port),
             "GLOO_SOCKET_IFNAME": "lo",
             "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": str(REPO),
         }
         processes.append(
             subprocess.Popen(
                 [sys.executable, "-m", "tests.test_distributed", scenario, str(directory)],
-                cwd=ROOT,
+                cwd=REPO,
                 env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,

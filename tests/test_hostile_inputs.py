@@ -24,10 +24,10 @@ import torch
 from bn_inspect.cli.app import run
 from bn_inspect.data.inputs import open_input, read_input
 from bn_inspect.errors import InputError
-from tests.helpers import REPO, SAMPLES
+from tests.helpers import DIGITS, REPO
 
-MODEL = SAMPLES / "digits_cnn" / "torchscript.pt"
-IMAGES = SAMPLES / "digits_cnn" / "test_images.npy"
+MODEL = DIGITS / "torchscript.pt"
+IMAGES = DIGITS / "test_images.npy"
 # Long enough for a cold start that imports torch; a regression that blocks or reads forever is
 # killed here instead of hanging the suite.
 SUBPROCESS_TIMEOUT_S = 180

@@ -46,11 +46,8 @@ from bn_inspect.errors import BnInspectError, ForwardError
 from bn_inspect.model.loading import load_model
 from bn_inspect.report.records import LayerReport, Report
 from tests.conftest import state_fingerprint
+from tests.helpers import REPO, SAMPLES
 from tests.malicious import ATTACKS, CARRIERS, disguise_as_torchscript
-
-REPO = Path(__file__).resolve().parent.parent
-SAMPLES = REPO / "sample_models"
-
 
 # The options of inspect that the tests give; a command that lacks one is run without it, and
 # skips the tests and scenarios that need it.
