@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.helpers import DIGITS, REPO, SAMPLES
+from tests.helpers import DIGITS, REPO, SAMPLES, invoke
 
 FUZZ_CASES = int(os.environ.get("BN_INSPECT_FUZZ_CASES", "2000"))
 INPUT_CASES = max(50, FUZZ_CASES // 20)  # per input format: the input side is fuzzed lightly
@@ -592,12 +592,9 @@ def test_mutations_are_reproducible() -> None:
 
 def run_case(capsys: pytest.CaptureFixture[str], argv: list[str]) -> Outcome:
     """One run in this process (for the pinned reproductions below, which are known not to crash it)."""
-    from bn_inspect.cli.app import run
-
     start = time.perf_counter()
-    code = run(argv)
-    captured = capsys.readouterr()
-    return Outcome(code, captured.out, captured.err, time.perf_counter() - start)
+    result = invoke(capsys, argv)
+    return Outcome(result.code, result.out, result.err, time.perf_counter() - start)
 
 
 # --- the bugs the fuzzer found, reproduced deterministically ---------------------------------

@@ -21,10 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-from bn_inspect.cli.app import run
 from bn_inspect.data.inputs import open_input, read_input
 from bn_inspect.errors import InputError
-from tests.helpers import DIGITS, REPO
+from tests.helpers import DIGITS, REPO, invoke
 
 MODEL = DIGITS / "torchscript.pt"
 IMAGES = DIGITS / "test_images.npy"
@@ -36,8 +35,8 @@ MEMORY_CAP_BYTES = 4 * 2**30
 
 
 def first_error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str]:
-    code = run(argv)
-    return code, capsys.readouterr().err.splitlines()[0]
+    result = invoke(capsys, argv)
+    return result.code, result.err.splitlines()[0]
 
 
 def run_bounded(argv: list[str], cwd: Path) -> tuple[int, str]:

@@ -30,7 +30,7 @@ from bn_inspect.cli.app import run
 from bn_inspect.errors import ModelFileError
 from bn_inspect.model.files import FileKind, detect_file_kind
 from bn_inspect.model.state_dict import validate_state_dict
-from tests.helpers import DIGITS, REPO
+from tests.helpers import DIGITS, REPO, invoke
 
 BN_ARCH = ["--arch", "torch.nn:BatchNorm1d", "--arch-kwargs", '{"num_features": 3}']
 
@@ -58,12 +58,11 @@ def deadline(seconds: int) -> Iterator[None]:
 def first_error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str]:
     """Run the CLI with a deadline; return its exit code and its one stderr line."""
     with deadline(60):
-        code = run(argv)
-    captured = capsys.readouterr()
-    lines = captured.err.splitlines()
-    assert len(lines) == 1, captured.err
-    assert "Traceback" not in captured.err + captured.out
-    return code, lines[0]
+        result = invoke(capsys, argv)
+    lines = result.err.splitlines()
+    assert len(lines) == 1, result.err
+    assert "Traceback" not in result.err + result.out
+    return result.code, lines[0]
 
 
 # --- non-regular files ------------------------------------------------------------------------
