@@ -1,15 +1,49 @@
-"""Paths and comparisons that several test files share."""
+"""Paths, the in-process CLI runner and comparisons that several test files share."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+
+import pytest
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
 SAMPLES = REPO / "sample_models"
+DIGITS = SAMPLES / "digits_cnn"
 GOLDEN = TESTS / "golden"
+
+
+@dataclass(frozen=True)
+class Result:
+    """How one in-process bn-inspect run ended: its exit code and what it wrote to stdout and stderr."""
+
+    code: int
+    out: str
+    err: str
+
+
+def invoke(capsys: pytest.CaptureFixture[str], argv: Sequence[str | Path]) -> Result:
+    """Run the CLI in this process, as ``bn-inspect argv`` would, and capture what it printed."""
+    # Imported here so that files and driver processes that need only the paths stay light.
+    from bn_inspect.cli.main import run
+
+    code = run([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return Result(code, captured.out, captured.err)
+
+
+def assert_one_error_line(result: Result, *fragments: str) -> None:
+    """stderr is one ``Error: ...`` line holding every fragment, and no traceback was printed anywhere."""
+    lines = result.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.err
+    assert "Traceback" not in result.err + result.out
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
 
 # A printed number: digits with optional thousands commas, decimals and exponent.
 _NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?(?:e[+-]?\d+)?")

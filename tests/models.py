@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -247,3 +249,18 @@ def make_input(shape: tuple[int, ...], *, mean: float = 0.0, std: float = 1.0, s
     channel_offsets = torch.randn(shape[1], generator=generator, dtype=torch.float64) * std * 3
     x = x + mean + channel_offsets.view(1, -1, *([1] * (len(shape) - 2)))
     return x.float()
+
+
+def uneven_batches(
+    sizes: tuple[int, ...] = (1, 5, 2, 9, 3), seed: int = 0, *, draw: Callable[[int, int], torch.Tensor] | None = None
+) -> list[torch.Tensor]:
+    """Batches of the given sizes, in order.
+
+    By default one ``make_input`` draw of (3, 6, 5) samples around 2.0 (std 1.5) from ``seed``, split
+    into the batches. With ``draw``, batch i is ``draw(size, seed + i)``: each batch has a seed of its
+    own, so a test can remake any one of them alone.
+    """
+    if draw is not None:
+        return [draw(size, seed + index) for index, size in enumerate(sizes)]
+    data = make_input((sum(sizes), 3, 6, 5), mean=2.0, std=1.5, seed=seed)
+    return list(data.split(list(sizes)))

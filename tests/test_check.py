@@ -17,8 +17,8 @@ from bn_inspect.cli.main import run
 from bn_inspect.report.findings import RULES, Severity, Thresholds
 from tests import models
 from tests.conftest import state_fingerprint
+from tests.helpers import DIGITS, REPO, SAMPLES
 
-SAMPLES = Path(__file__).parent.parent / "sample_models"
 SAMPLE_DATA = {
     "digits_cnn": ["--input", "test_images.npy"],
     "cancer_mlp": ["--input", "test.csv", "--drop-column", "label"],
@@ -155,7 +155,7 @@ def test_ignore_by_code_and_name() -> None:
 
 
 def test_every_rule_is_documented_in_the_readme() -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     for rule in RULES.values():
         assert f"`{rule.code}`" in readme and rule.name in readme
 
@@ -197,7 +197,7 @@ def _class(name: str) -> str:
 
 
 def test_cli_exit_codes(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    digits = SAMPLES / "digits_cnn"
+    digits = DIGITS
     assert run(["check", str(digits / "torchscript.pt"), "--input", str(digits / "test_images.npy")]) == 0
     assert run(["check", str(digits / "torchscript.pt"), "--input", str(digits / "test_images_unscaled.npy")]) == 1
     assert run(["check", str(tmp_path / "missing.pt"), "--no-data"]) == 2

@@ -10,9 +10,7 @@ import pytest
 import torch
 
 from bn_inspect.cli.main import run
-
-SAMPLES = Path(__file__).parent.parent / "sample_models"
-DIGITS = SAMPLES / "digits_cnn"
+from tests.helpers import DIGITS, SAMPLES
 
 
 def digest(path: Path) -> str:

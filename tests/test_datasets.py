@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from bn_inspect.analyses.inspection import inspect_model
 from bn_inspect.cli.main import run
 from tests import models
+from tests.helpers import SAMPLES
 from tests.test_inspection import assert_matches, layer
 
-SAMPLES = Path(__file__).parent.parent / "sample_models"
 TORCHSCRIPT = str(SAMPLES / "signal_cnn1d" / "torchscript.pt")
 
 

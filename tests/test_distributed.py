@@ -48,9 +48,9 @@ from bn_inspect.errors import BnInspectError, DistributedError, InputError, Rank
 from bn_inspect.model.layers import NormLayer, iter_norm_layers
 from bn_inspect.report.records import BufferDivergence, LayerDivergence, RankDivergence
 from tests.conftest import state_fingerprint
-from tests.models import ChannelLayerNorm, randomize_norm_state
+from tests.helpers import REPO
+from tests.models import ChannelLayerNorm, randomize_norm_state, uneven_batches
 
-ROOT = Path(__file__).parent.parent
 LAUNCH_TIMEOUT_S = 60.0
 COLLECTIVE_TIMEOUT_S = 20.0
 BATCH_SIZE = 6
@@ -95,9 +95,8 @@ def make_samples(num_samples: int, seed: int) -> torch.Tensor:
     return noise + torch.tensor(CHANNEL_MEANS, dtype=torch.float64).view(1, 3, 1, 1)
 
 
-def uneven_batches() -> list[torch.Tensor]:
-    """Batches of 6, 1 and 7 samples: with 2 ranks, rank 1 runs a single batch of one sample."""
-    return [make_samples(size, seed) for seed, size in enumerate((6, 1, 7))]
+# With 2 ranks, rank 1 runs a single batch of one sample.
+UNEVEN_SIZES = (6, 1, 7)
 
 
 def write_directory(path: Path) -> Path:
@@ -197,7 +196,9 @@ def _merge_phase(directory: Path, ctx: DistributedContext, batches: Iterator[tor
 def _sync_phase(directory: Path, ctx: DistributedContext) -> None:
     """Train mode through a SyncBatchNorm, which on CPU refuses to run while a process group exists."""
     model = nn.Sequential(nn.SyncBatchNorm(3)).double()
-    batches = shard_batches([*uneven_batches()[::2], make_samples(3, 5)], ctx.rank, ctx.world_size)
+    batches = shard_batches(
+        [*uneven_batches(UNEVEN_SIZES, draw=make_samples)[::2], make_samples(3, 5)], ctx.rank, ctx.world_size
+    )
     with fail_together(ctx.group), local_sync_batch_norm(model):
         run = record_locally(model, batches, training=True)
     merged = merge_run_across_ranks(run.records, run.totals, ctx.group, layers=run.layers)
@@ -209,7 +210,9 @@ def _layer_norm_phase(directory: Path, ctx: DistributedContext) -> None:
     """A LayerNorm over channels: the dims its kernel was seen to reduce travel with its record."""
     model = nn.Sequential(ChannelLayerNorm(3)).double().eval()
     with fail_together(ctx.group):
-        run = record_locally(model, shard_batches(uneven_batches(), ctx.rank, ctx.world_size))
+        run = record_locally(
+            model, shard_batches(uneven_batches(UNEVEN_SIZES, draw=make_samples), ctx.rank, ctx.world_size)
+        )
     merged = merge_run_across_ranks(run.records, run.totals, ctx.group, layers=run.layers)
     reduced = {f"{name}#{call}": record.reduced_dims for (name, call), record in merged.records.items()}
     _write(directory, "layer_norm", ctx.rank, reduced)
@@ -237,7 +240,7 @@ def _api_phase(directory: Path, ctx: DistributedContext) -> None:
             # The last layer's buffers: every layer's input is still as in one process.
             model.bn_out.running_mean[1] += 0.5
     before = state_fingerprint(model)
-    batches = list(shard_batches(uneven_batches(), ctx.rank, ctx.world_size))
+    batches = list(shard_batches(uneven_batches(UNEVEN_SIZES, draw=make_samples), ctx.rank, ctx.world_size))
     check = check_model(model, batches)
     report = inspect_model(model, batches)
     _write(
@@ -263,7 +266,12 @@ def _two_ranks(directory: Path, rank: int) -> None:
     with distributed_context() as ctx:
         if ctx.owns_group or ctx.world_size != 2 or ctx.rank != rank:
             raise AssertionError(f"unexpected context {ctx}")
-        _merge_phase(directory, ctx, shard_batches(uneven_batches(), ctx.rank, ctx.world_size), "merge")
+        _merge_phase(
+            directory,
+            ctx,
+            shard_batches(uneven_batches(UNEVEN_SIZES, draw=make_samples), ctx.rank, ctx.world_size),
+            "merge",
+        )
         _sync_phase(directory, ctx)
         _layer_norm_phase(directory, ctx)
         _divergence_phase(directory, ctx)
@@ -349,12 +357,12 @@ def launch(scenario: str, world_size: int, directory: Path) -> list[Outcome]:
             "MASTER_PORT": str(port),
             "GLOO_SOCKET_IFNAME": "lo",
             "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": str(REPO),
         }
         processes.append(
             subprocess.Popen(
                 [sys.executable, "-m", "tests.test_distributed", scenario, str(directory)],
-                cwd=ROOT,
+                cwd=REPO,
                 env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
@@ -485,7 +493,7 @@ def test_two_ranks_merge_uneven_shards_with_a_single_sample_batch_exactly(
         {"rank": 0, "num_batches": 2, "num_samples": 13},
         {"rank": 1, "num_batches": 1, "num_samples": 1},
     ]
-    assert_matches_references(results[0]["records"], uneven_batches())
+    assert_matches_references(results[0]["records"], uneven_batches(UNEVEN_SIZES, draw=make_samples))
 
 
 def test_three_ranks_merge_file_shards_including_a_rank_without_data(
@@ -505,7 +513,7 @@ def test_sync_batch_norm_trains_locally_and_reports_its_group(two_ranks: tuple[P
     results = read_phase(directory, "sync", 2)
     assert results[0] == results[1]
     assert results[0]["groups"] == [{"name": "0", "ranks": [0, 1], "is_world": True}]
-    batches = [*uneven_batches()[::2], make_samples(3, 5)]
+    batches = [*uneven_batches(UNEVEN_SIZES, draw=make_samples)[::2], make_samples(3, 5)]
     values = np.concatenate([b.numpy() for b in batches])
     per_channel = np.moveaxis(values, 1, 0).reshape(3, -1)
     entry = results[0]["records"]["0#0"]
@@ -540,14 +548,16 @@ def test_the_python_api_joins_the_users_group_and_reports_divergence_as_bn111(
     assert "running_mean by up to 0.5" in divergent[0][2] and "rank 1 of 2" in divergent[0][2]
     assert any("2 ranks" in note and "differ between ranks in 1 layer" in note for note in result["notes"])
     # Rank 0's data rules saw all ranks' data: the same findings as one process over every batch.
-    single = check_model(make_model(), uneven_batches(), distributed=DistributedContext())
+    single = check_model(
+        make_model(), uneven_batches(UNEVEN_SIZES, draw=make_samples), distributed=DistributedContext()
+    )
     assert [[f.code, f.layer] for f in single.findings] == [f[:2] for f in result["findings"] if f[0] != "BN111"]
     section = result["report"]["distributed"]
     assert [s["num_samples"] for s in section["shares"]] == [13, 1]
     assert section["sync_batch_norm"] == [{"name": "shared", "ranks": [0, 1], "is_world": True}]
     spread = {layer["name"]: layer for layer in section["divergence"]["layers"]}
     assert spread["bn_out"]["buffers"][0]["differing_ranks"] == [1]
-    reference = reference_statistics(make_model(), uneven_batches())
+    reference = reference_statistics(make_model(), uneven_batches(UNEVEN_SIZES, draw=make_samples))
     for layer in result["report"]["layers"]:
         mean, var = reference[f"{layer['name']}#{layer['call']}"]
         np.testing.assert_allclose(layer["batch_mean"], mean, rtol=1e-12)
@@ -660,7 +670,7 @@ def test_shard_input_of_a_directory_splits_files_or_capped_batches(tmp_path: Pat
 def test_a_single_process_needs_no_group_and_changes_nothing() -> None:
     with distributed_context(environ={}) as ctx:
         assert (ctx.is_distributed, ctx.is_main, ctx.owns_group) == (False, True, False)
-        run = record_locally(make_model(), uneven_batches())
+        run = record_locally(make_model(), uneven_batches(UNEVEN_SIZES, draw=make_samples))
         merged = merge_run_across_ranks(run.records, run.totals, ctx.group, layers=run.layers)
         assert merged.records == run.records
         assert merged.totals == run.totals

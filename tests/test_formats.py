@@ -19,10 +19,9 @@ from bn_inspect.errors import ExportModeError
 from bn_inspect.model.loading import load_model
 from tests import models
 from tests.conftest import state_fingerprint
+from tests.helpers import DIGITS, SAMPLES
 from tests.test_inspection import assert_matches, inspect_unchanged, layer
 from tests.test_stats import reference
-
-SAMPLES = Path(__file__).parent.parent / "sample_models"
 
 
 class Nested(nn.Module):
@@ -264,7 +263,7 @@ def test_structured_outputs_are_fine() -> None:
 
 
 def test_layers_listing_of_a_bare_state_dict(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(["layers", str(SAMPLES / "digits_cnn" / "state_dict.pt"), "--format", "json"]) == 0
+    assert run(["layers", str(DIGITS / "state_dict.pt"), "--format", "json"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert document["types_inferred"] is True
     assert [(entry["name"], entry["num_channels"]) for entry in document["layers"]] == [
@@ -272,7 +271,7 @@ def test_layers_listing_of_a_bare_state_dict(capsys: pytest.CaptureFixture[str])
         ("features.4", 32),
         ("features.8", 32),
     ]
-    state_dict = torch.load(SAMPLES / "digits_cnn" / "state_dict.pt", weights_only=True)
+    state_dict = torch.load(DIGITS / "state_dict.pt", weights_only=True)
     assert document["layers"][0]["running_var"] == pytest.approx(state_dict["features.1.running_var"].tolist())
     assert document["layers"][0]["num_batches_tracked"] == int(state_dict["features.1.num_batches_tracked"])
 
@@ -297,7 +296,7 @@ def test_layers_listing_knows_the_classes(
 
 def test_layers_table_and_markdown(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "160")
-    assert run(["layers", str(SAMPLES / "digits_cnn" / "state_dict.pt")]) == 0
+    assert run(["layers", str(DIGITS / "state_dict.pt")]) == 0
     out = capsys.readouterr().out
     assert "features.8" in out and "inferred" in out
     assert run(["layers", str(SAMPLES / "volume_cnn3d" / "torchscript.pt"), "--format", "markdown"]) == 0

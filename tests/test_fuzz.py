@@ -43,8 +43,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLES = REPO / "sample_models"
+from tests.helpers import DIGITS, REPO, SAMPLES, invoke
 
 FUZZ_CASES = int(os.environ.get("BN_INSPECT_FUZZ_CASES", "2000"))
 INPUT_CASES = max(50, FUZZ_CASES // 20)  # per input format: the input side is fuzzed lightly
@@ -154,7 +153,7 @@ MUTATIONS: dict[str, Callable[[random.Random, bytes, bytes], tuple[bytes, str]]]
 
 def _npy_seed() -> bytes:
     stream = io.BytesIO()
-    np.save(stream, np.ascontiguousarray(np.load(SAMPLES / "digits_cnn" / "test_images.npy")[:24]))
+    np.save(stream, np.ascontiguousarray(np.load(DIGITS / "test_images.npy")[:24]))
     return stream.getvalue()
 
 
@@ -197,7 +196,7 @@ def mutate_input(rng: random.Random, data: bytes, kind: str) -> tuple[bytes, str
 
 
 INPUT_MODELS = {
-    "npy": ["inspect", str(SAMPLES / "digits_cnn" / "state_dict.pt"), "--arch", ARCHS["digits_cnn"]],
+    "npy": ["inspect", str(DIGITS / "state_dict.pt"), "--arch", ARCHS["digits_cnn"]],
     "csv": [
         "inspect",
         str(SAMPLES / "cancer_mlp" / "state_dict.pt"),
@@ -593,12 +592,9 @@ def test_mutations_are_reproducible() -> None:
 
 def run_case(capsys: pytest.CaptureFixture[str], argv: list[str]) -> Outcome:
     """One run in this process (for the pinned reproductions below, which are known not to crash it)."""
-    from bn_inspect.cli.main import run
-
     start = time.perf_counter()
-    code = run(argv)
-    captured = capsys.readouterr()
-    return Outcome(code, captured.out, captured.err, time.perf_counter() - start)
+    result = invoke(capsys, argv)
+    return Outcome(result.code, result.out, result.err, time.perf_counter() - start)
 
 
 # --- the bugs the fuzzer found, reproduced deterministically ---------------------------------
@@ -651,7 +647,7 @@ def _read_whole_zip(data: bytes) -> None:
 def test_zip_damage_recipes_break_zipfile_as_the_fuzzer_found(damage: str) -> None:
     # Pins the recipes of the test below: each makes zipfile raise something other than
     # a plain BadZipFile from ZipFile (BadZipFile from is_zipfile; NotImplementedError, zlib.error).
-    data = (SAMPLES / "digits_cnn" / "state_dict.pt").read_bytes()
+    data = (DIGITS / "state_dict.pt").read_bytes()
     _read_whole_zip(data)
     damaged, raised = ZIP_DAMAGE[damage][0](data), ZIP_DAMAGE[damage][1]
     with pytest.raises(raised):
@@ -665,7 +661,7 @@ def test_zip_damage_recipes_break_zipfile_as_the_fuzzer_found(damage: str) -> No
 @pytest.mark.parametrize("damage", sorted(ZIP_DAMAGE))
 def test_damaged_zip_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str, kind: str) -> None:
     path = tmp_path / "model.pt"
-    path.write_bytes(ZIP_DAMAGE[damage][0]((SAMPLES / "digits_cnn" / f"{kind}.pt").read_bytes()))
+    path.write_bytes(ZIP_DAMAGE[damage][0]((DIGITS / f"{kind}.pt").read_bytes()))
     argv = ["inspect", str(path), "--shape", "2,1,8,8", "--format", "json"]
     outcome = run_case(capsys, [*argv, "--arch", ARCHS["digits_cnn"]] if kind == "state_dict" else argv)
     assert problems_with(outcome) is None, outcome.err[-400:]
@@ -686,7 +682,7 @@ def _npy_of(array: np.ndarray) -> bytes:
 
 
 def _images() -> np.ndarray:
-    return np.load(SAMPLES / "digits_cnn" / "test_images.npy")[:24]
+    return np.load(DIGITS / "test_images.npy")[:24]
 
 
 NPY_DAMAGE: dict[str, Callable[[], bytes]] = {
@@ -746,7 +742,7 @@ def _rename_entry(data: bytes, old: str, new: str) -> bytes:
 def test_control_characters_from_the_file_stay_out_of_the_error_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    data = (SAMPLES / "digits_cnn" / "state_dict.pt").read_bytes()
+    data = (DIGITS / "state_dict.pt").read_bytes()
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         name = next(n for n in archive.namelist() if n.endswith("/byteorder"))
     evil = name[:-9] + "\n\x1b[2J\x1b[0m"  # 9 characters: a newline, "clear screen", "reset colours"

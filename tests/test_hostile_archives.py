@@ -17,10 +17,9 @@ from typing import Any
 import pytest
 import torch
 
-from bn_inspect.cli.main import run
 from bn_inspect.errors import ModelFileError, UntrustedArchiveError, UntrustedPickleError
 from bn_inspect.model.loading import load_model
-from tests.helpers import SAMPLES
+from tests.helpers import SAMPLES, invoke
 from tests.malicious import (
     ATTACKS,
     exported_archive,
@@ -50,8 +49,8 @@ def _sha256(path: Path) -> str:
 
 
 def _cli(capsys: pytest.CaptureFixture[str], argv: list[str], path: Path) -> tuple[int, list[str]]:
-    code = run([argv[0], str(path), *argv[1:]])
-    return code, capsys.readouterr().err.splitlines()
+    result = invoke(capsys, [argv[0], path, *argv[1:]])
+    return result.code, result.err.splitlines()
 
 
 # name -> (builder of the hostile archive from a payload, the entry that holds the payload)

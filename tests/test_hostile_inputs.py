@@ -21,14 +21,13 @@ import numpy as np
 import pytest
 import torch
 
-from bn_inspect.cli.main import run
 from bn_inspect.data.inputs import open_input
 from bn_inspect.data.readers import read_input
 from bn_inspect.errors import InputError
-from tests.helpers import REPO, SAMPLES
+from tests.helpers import DIGITS, REPO, invoke
 
-MODEL = SAMPLES / "digits_cnn" / "torchscript.pt"
-IMAGES = SAMPLES / "digits_cnn" / "test_images.npy"
+MODEL = DIGITS / "torchscript.pt"
+IMAGES = DIGITS / "test_images.npy"
 # Long enough for a cold start that imports torch; a regression that blocks or reads forever is
 # killed here instead of hanging the suite.
 SUBPROCESS_TIMEOUT_S = 180
@@ -37,8 +36,8 @@ MEMORY_CAP_BYTES = 4 * 2**30
 
 
 def first_error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str]:
-    code = run(argv)
-    return code, capsys.readouterr().err.splitlines()[0]
+    result = invoke(capsys, argv)
+    return result.code, result.err.splitlines()[0]
 
 
 def run_bounded(argv: list[str], cwd: Path) -> tuple[int, str]:

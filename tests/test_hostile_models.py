@@ -30,7 +30,7 @@ from bn_inspect.cli.main import run
 from bn_inspect.errors import ModelFileError
 from bn_inspect.model.files import FileKind, detect_file_kind
 from bn_inspect.model.state_dict import validate_state_dict
-from tests.helpers import REPO, SAMPLES
+from tests.helpers import DIGITS, REPO, invoke
 
 BN_ARCH = ["--arch", "torch.nn:BatchNorm1d", "--arch-kwargs", '{"num_features": 3}']
 
@@ -58,12 +58,11 @@ def deadline(seconds: int) -> Iterator[None]:
 def first_error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str]:
     """Run the CLI with a deadline; return its exit code and its one stderr line."""
     with deadline(60):
-        code = run(argv)
-    captured = capsys.readouterr()
-    lines = captured.err.splitlines()
-    assert len(lines) == 1, captured.err
-    assert "Traceback" not in captured.err + captured.out
-    return code, lines[0]
+        result = invoke(capsys, argv)
+    lines = result.err.splitlines()
+    assert len(lines) == 1, result.err
+    assert "Traceback" not in result.err + result.out
+    return result.code, lines[0]
 
 
 # --- non-regular files ------------------------------------------------------------------------
@@ -98,7 +97,7 @@ def test_character_device_is_refused_without_being_read(tmp_path: Path) -> None:
 
 def test_symlink_to_a_model_file_still_loads(tmp_path: Path) -> None:
     link = tmp_path / "model.pt"
-    link.symlink_to(SAMPLES / "digits_cnn" / "state_dict.pt")
+    link.symlink_to(DIGITS / "state_dict.pt")
     assert detect_file_kind(link) is FileKind.TORCH_SAVE
 
 
@@ -194,7 +193,7 @@ def test_single_entry_inflating_far_past_the_file_size_is_refused(
 
 def test_deflated_checkpoint_passes_the_bounded_crc_check(tmp_path: Path) -> None:
     # A checkpoint re-zipped with compression (a tool's doing, not torch's) is still a checkpoint.
-    source = SAMPLES / "digits_cnn" / "state_dict.pt"
+    source = DIGITS / "state_dict.pt"
     path = tmp_path / "deflated.pt"
     with zipfile.ZipFile(source) as original, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as copy:
         for entry in original.infolist():

@@ -25,8 +25,8 @@ import pytest
 import torch
 from torch import nn
 
-from bn_inspect.cli.main import run
 from bn_inspect.text import inert
+from tests.helpers import invoke
 
 # ESC sequences (clear screen, window title), BEL, DEL, a C1 CSI, a bidi override, rich markup
 # (a valid pair and a closing tag that opens nothing), Markdown and XML syntax, a backtick.
@@ -65,12 +65,6 @@ class TsHostile(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._modules[TS_NAME](x)  # type: ignore[no-any-return]
-
-
-def invoke(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str, str]:
-    code = run(argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def raw_controls(text: str) -> list[str]:
@@ -188,13 +182,13 @@ def test_every_format_shows_hostile_names_as_text(
 ) -> None:
     monkeypatch.setenv("COLUMNS", "400")
     recalibrated = tmp_path / HOSTILE_FILE[1]
-    code, out, err = invoke(capsys, [*command_argv(command, hostile, recalibrated), "--format", fmt])
-    assert code == 0, err
-    assert "Traceback" not in err
-    assert not raw_controls(err), raw_controls(err)
-    assert_shows_name(fmt, out)
+    result = invoke(capsys, [*command_argv(command, hostile, recalibrated), "--format", fmt])
+    assert result.code == 0, result.err
+    assert "Traceback" not in result.err
+    assert not raw_controls(result.err), raw_controls(result.err)
+    assert_shows_name(fmt, result.out)
     if command in SHOW_THE_PATH and fmt in ("table", "markdown"):
-        assert inert(str(hostile["model"])) in out
+        assert inert(str(hostile["model"])) in result.out
 
 
 @pytest.mark.parametrize(("command", "fmt"), [c for c in CASES if c[0] != "recalibrate"])
@@ -202,9 +196,9 @@ def test_output_file_of_a_model_whose_name_is_not_utf8(
     hostile: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, fmt: str
 ) -> None:
     report = tmp_path / os.fsdecode(b"report\xfe[x]\x1b.txt")
-    code, out, err = invoke(capsys, [*command_argv(command, hostile, None), "--format", fmt, "--output", str(report)])
-    assert code == 0, err
-    assert out == "" and "Traceback" not in err
+    result = invoke(capsys, [*command_argv(command, hostile, None), "--format", fmt, "--output", str(report)])
+    assert result.code == 0, result.err
+    assert result.out == "" and "Traceback" not in result.err
     text = report.read_bytes().decode("utf-8")
     if fmt == "table":
         # Laid out for 160 columns, the long name folds over lines: its start shows it unstyled.
@@ -221,19 +215,19 @@ def test_torchscript_names_with_escape_sequences(
 ) -> None:
     monkeypatch.setenv("COLUMNS", "400")
     for command in (["layers"], ["inspect", "--shape", "8,4"]):
-        code, out, err = invoke(capsys, [command[0], str(hostile["torchscript"]), *command[1:], "--format", fmt])
-        assert code == 0, err
-        assert not raw_controls(err)
-        assert_shows_name(fmt, out, TS_NAME)
+        result = invoke(capsys, [command[0], str(hostile["torchscript"]), *command[1:], "--format", fmt])
+        assert result.code == 0, result.err
+        assert not raw_controls(result.err)
+        assert_shows_name(fmt, result.out, TS_NAME)
 
 
 def test_torchscript_names_in_junit_and_csv(hostile: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = invoke(capsys, ["check", str(hostile["torchscript"]), "--shape", "8,4", "--format", "junit"])
-    assert code == 0, err
-    assert_shows_name("junit", out, TS_NAME)
-    code, out, err = invoke(capsys, ["inspect", str(hostile["torchscript"]), "--shape", "8,4", "--format", "csv"])
-    assert code == 0, err
-    assert_shows_name("csv", out, TS_NAME)
+    result = invoke(capsys, ["check", str(hostile["torchscript"]), "--shape", "8,4", "--format", "junit"])
+    assert result.code == 0, result.err
+    assert_shows_name("junit", result.out, TS_NAME)
+    result = invoke(capsys, ["inspect", str(hostile["torchscript"]), "--shape", "8,4", "--format", "csv"])
+    assert result.code == 0, result.err
+    assert_shows_name("csv", result.out, TS_NAME)
 
 
 def test_safetensors_keys_are_listed_as_text(
@@ -245,18 +239,18 @@ def test_safetensors_keys_are_listed_as_text(
     path = tmp_path / "model.safetensors"
     save_file(torch.load(hostile["model"], weights_only=True), str(path))
     for fmt in ("table", "json", "markdown"):
-        code, out, err = invoke(capsys, ["layers", str(path), "--format", fmt])
-        assert code == 0, err
-        assert_shows_name(fmt, out)
+        result = invoke(capsys, ["layers", str(path), "--format", fmt])
+        assert result.code == 0, result.err
+        assert_shows_name(fmt, result.out)
 
 
 def test_rich_markup_in_a_name_is_shown_not_applied(
     hostile: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("COLUMNS", "400")
-    code, out, _ = invoke(capsys, ["layers", str(hostile["model"])])
-    assert code == 0
-    assert "mk[red]R[/red]" in out and "mkR" not in out
+    result = invoke(capsys, ["layers", str(hostile["model"])])
+    assert result.code == 0
+    assert "mk[red]R[/red]" in result.out and "mkR" not in result.out
 
 
 def test_note_quoting_a_hostile_path_is_text(
@@ -267,12 +261,12 @@ def test_note_quoting_a_hostile_path_is_text(
     model = tmp_path / HOSTILE_FILE[0] / "x]\x1b[2J.pt"
     model.parent.mkdir()
     model.write_bytes(hostile["torchscript"].read_bytes())
-    code, _, err = invoke(
+    result = invoke(
         capsys, ["inspect", str(model), "--arch", f"{hostile['arch']}:build", "--shape", "8,4", "--format", "json"]
     )
-    assert code == 0, err
-    assert not raw_controls(err)
-    assert f"note: --arch is not used: {inert(str(model))}" in " ".join(err.split())
+    assert result.code == 0, result.err
+    assert not raw_controls(result.err)
+    assert f"note: --arch is not used: {inert(str(model))}" in " ".join(result.err.split())
 
 
 def test_inert_escapes_controls_and_keeps_the_rest() -> None:
@@ -314,9 +308,9 @@ def test_config_values_out_of_range_are_refused(
 ) -> None:
     (tmp_path / "pyproject.toml").write_text(f"[tool.bn-inspect]\n{setting}\n", encoding="utf-8")
     monkeypatch.chdir(tmp_path)
-    code, _, err = invoke(capsys, ["check", str(hostile["torchscript"]), "--no-data"])
-    assert code == 2
-    assert first_error_line(err).startswith(
+    result = invoke(capsys, ["check", str(hostile["torchscript"]), "--no-data"])
+    assert result.code == 2
+    assert first_error_line(result.err).startswith(
         f"Error: [tool.bn-inspect] {message} in {tmp_path / 'pyproject.toml'} is out of range. Use a finite number"
     )
 
@@ -328,37 +322,37 @@ def test_config_in_range_is_used(
         "[tool.bn-inspect]\nmax-share = 1\nmax-var-ratio = 1\nmax-shift = 0\nmin-values = 1\n", encoding="utf-8"
     )
     monkeypatch.chdir(tmp_path)
-    code, out, err = invoke(capsys, ["check", str(hostile["torchscript"]), "--no-data", "--format", "json"])
-    assert code == 0, err
-    assert json.loads(out)["thresholds"]["max_share"] == 1
+    result = invoke(capsys, ["check", str(hostile["torchscript"]), "--no-data", "--format", "json"])
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["thresholds"]["max_share"] == 1
 
 
 @pytest.mark.parametrize("arch", ["builtins:exit", "sys:exit"])
 def test_exit_called_by_arch_is_an_error(capsys: pytest.CaptureFixture[str], arch: str) -> None:
-    code, out, err = invoke(capsys, ["check", "--arch", arch, "--no-data"])
-    assert code == 2
-    assert first_error_line(err) == (
+    result = invoke(capsys, ["check", "--arch", arch, "--no-data"])
+    assert result.code == 2
+    assert first_error_line(result.err) == (
         "Error: code run for the model (--arch, or a pickle under --trust-pickle) called exit(None) before "
         "bn-inspect finished. Check what that code runs when imported and called."
     )
-    assert out == ""
+    assert result.out == ""
 
 
 def test_exit_at_import_of_an_arch_file_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     arch = tmp_path / "exits.py"
     arch.write_text("import sys\nsys.exit('\\x1b[2Jbye')\n", encoding="utf-8")
-    code, _, err = invoke(capsys, ["check", "--arch", f"{arch}:build", "--no-data"])
-    assert code == 2
-    assert first_error_line(err).startswith(
+    result = invoke(capsys, ["check", "--arch", f"{arch}:build", "--no-data"])
+    assert result.code == 2
+    assert first_error_line(result.err).startswith(
         "Error: code run for the model (--arch, or a pickle under --trust-pickle) called exit('\\x1b[2Jbye')"
     )
 
 
 def test_deeply_nested_arch_kwargs_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     nested = "[" * 50_000 + "]" * 50_000
-    code, _, err = invoke(capsys, ["check", "--arch", "torch.nn:Identity", "--arch-kwargs", nested, "--no-data"])
-    assert code == 2
-    assert first_error_line(err) == (
+    result = invoke(capsys, ["check", "--arch", "torch.nn:Identity", "--arch-kwargs", nested, "--no-data"])
+    assert result.code == 2
+    assert first_error_line(result.err) == (
         "Error: --arch-kwargs is nested too deeply to read. "
         """Give a flat JSON object, e.g. --arch-kwargs '{"num_classes": 10}'"""
     )
@@ -368,17 +362,17 @@ def test_deeply_nested_arch_kwargs_is_one_line(capsys: pytest.CaptureFixture[str
 def test_seed_beyond_64_bits_is_one_line(
     hostile: dict[str, Path], capsys: pytest.CaptureFixture[str], seed: str
 ) -> None:
-    code, _, err = invoke(capsys, ["inspect", str(hostile["torchscript"]), "--shape", "8,4", "--seed", seed])
-    assert code == 2
-    assert first_error_line(err).startswith("Error: Invalid value for '--seed': ")
+    result = invoke(capsys, ["inspect", str(hostile["torchscript"]), "--shape", "8,4", "--seed", seed])
+    assert result.code == 2
+    assert first_error_line(result.err).startswith("Error: Invalid value for '--seed': ")
 
 
 @pytest.mark.parametrize("seed", [str(2**64 - 1), str(-(2**63))])
 def test_seed_at_the_64_bit_limits_runs(
     hostile: dict[str, Path], capsys: pytest.CaptureFixture[str], seed: str
 ) -> None:
-    code, _, err = invoke(capsys, ["inspect", str(hostile["torchscript"]), "--shape", "8,4", "--seed", seed])
-    assert code == 0, err
+    result = invoke(capsys, ["inspect", str(hostile["torchscript"]), "--shape", "8,4", "--seed", seed])
+    assert result.code == 0, result.err
 
 
 @pytest.mark.parametrize("fmt", ["table", "markdown"])
@@ -387,8 +381,8 @@ def test_per_channel_table_titles_show_hostile_names(
 ) -> None:
     monkeypatch.setenv("COLUMNS", "400")
     argv = [*command_argv("inspect", hostile, None), "--layer", "*", "--format", fmt]
-    code, out, err = invoke(capsys, argv)
-    assert code == 0, err
-    assert not raw_controls(out)
+    result = invoke(capsys, argv)
+    assert result.code == 0, result.err
+    assert not raw_controls(result.out)
     title = f"{SHOWN} (BatchNorm1d), per channel" if fmt == "table" else f"### `` {SHOWN} `` per channel"
-    assert title in [line.rstrip() for line in out.splitlines()]
+    assert title in [line.rstrip() for line in result.out.splitlines()]

@@ -17,10 +17,8 @@ from bn_inspect.data.readers import InputData, read_input
 from bn_inspect.data.shapes import CANDIDATE_SIDES, guess_input_shapes, parse_shape, random_batches
 from bn_inspect.errors import InputError
 from sample_models.architectures import CancerMLP, DigitsCNN, SignalCNN1d, VolumeCNN3d
+from tests.helpers import DIGITS, SAMPLES
 from tests.malicious import ATTACKS
-
-REPO = Path(__file__).resolve().parent.parent
-SAMPLES = REPO / "sample_models"
 
 
 def esc(path: Path) -> str:
@@ -197,7 +195,7 @@ def test_npy_float(tmp_path: Path, dtype: type) -> None:
 
 
 def test_shipped_npy() -> None:
-    data = read_input(SAMPLES / "digits_cnn" / "test_images.npy")
+    data = read_input(DIGITS / "test_images.npy")
     assert data.num_samples == 450
     assert tuple(data.args[0].shape) == (450, 1, 8, 8)
 
@@ -448,7 +446,7 @@ def test_guess_linear_first() -> None:
 
 
 def test_guess_torchscript() -> None:
-    scripted = torch.jit.load(str(SAMPLES / "digits_cnn" / "torchscript.pt"))
+    scripted = torch.jit.load(str(DIGITS / "torchscript.pt"))
     guess = guess_input_shapes(scripted, batch_size=8)
     assert guess is not None
     assert guess.shapes[0] == (8, 1, CANDIDATE_SIDES[0], CANDIDATE_SIDES[0])

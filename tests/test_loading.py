@@ -25,10 +25,9 @@ from bn_inspect.model.files import FileKind, detect_file_kind
 from bn_inspect.model.loading import load_model
 from sample_models.architectures import DigitsCNN
 from tests import models
+from tests.helpers import DIGITS, REPO, SAMPLES
 from tests.malicious import ATTACKS, CARRIERS, Payload, disguise_as_torchscript
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLES = REPO / "sample_models"
 ARCH = "sample_models.architectures:DigitsCNN"
 ARCH_FILE = f"{SAMPLES / 'architectures.py'}:DigitsCNN"
 
@@ -155,9 +154,9 @@ def test_torchscript(tmp_path: Path, trained: DigitsCNN) -> None:
 
 
 def test_shipped_torchscript_loads_without_arch() -> None:
-    loaded = load_model(SAMPLES / "digits_cnn" / "torchscript.pt")
+    loaded = load_model(DIGITS / "torchscript.pt")
     assert loaded.format == "torchscript"
-    reference = torch.load(SAMPLES / "digits_cnn" / "state_dict.pt", weights_only=True)
+    reference = torch.load(DIGITS / "state_dict.pt", weights_only=True)
     assert_weights_equal(loaded.module, reference)
 
 
@@ -170,10 +169,10 @@ def test_whole_pickle_with_trust(tmp_path: Path, trained: DigitsCNN) -> None:
 
 
 def test_shipped_pickle_loads_with_trust() -> None:
-    loaded = load_model(SAMPLES / "digits_cnn" / "pickle.pt", trust_pickle=True)
+    loaded = load_model(DIGITS / "pickle.pt", trust_pickle=True)
     assert loaded.format == "pickle"
     assert isinstance(loaded.module, DigitsCNN)
-    reference = torch.load(SAMPLES / "digits_cnn" / "state_dict.pt", weights_only=True)
+    reference = torch.load(DIGITS / "state_dict.pt", weights_only=True)
     assert_weights_equal(loaded.module, reference)
 
 
@@ -253,7 +252,7 @@ def test_safetensors_named_pt(tmp_path: Path, state_dict: dict[str, torch.Tensor
 
 def test_torchscript_named_pth(tmp_path: Path) -> None:
     path = tmp_path / "model.pth"
-    shutil.copy(SAMPLES / "digits_cnn" / "torchscript.pt", path)
+    shutil.copy(DIGITS / "torchscript.pt", path)
     assert detect_file_kind(path) is FileKind.TORCHSCRIPT
     assert load_model(path).format == "torchscript"
 
@@ -279,7 +278,7 @@ SAMPLE_PICKLE_GLOBALS = [
 
 def test_shipped_pickle_is_refused_listing_every_global() -> None:
     with pytest.raises(UntrustedPickleError, match="--trust-pickle") as info:
-        load_model(SAMPLES / "digits_cnn" / "pickle.pt")
+        load_model(DIGITS / "pickle.pt")
     assert info.value.unsafe_globals == SAMPLE_PICKLE_GLOBALS
     for name in SAMPLE_PICKLE_GLOBALS:
         assert name in str(info.value)
@@ -570,7 +569,7 @@ def test_safetensors_without_arch_ask_for_arch(tmp_path: Path, state_dict: dict[
 @pytest.fixture(scope="module")
 def real_state_dict_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("real") / "state_dict.pt"
-    shutil.copy(SAMPLES / "digits_cnn" / "state_dict.pt", path)
+    shutil.copy(DIGITS / "state_dict.pt", path)
     return path
 
 

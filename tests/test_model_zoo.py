@@ -37,6 +37,7 @@ from torch import nn
 
 from bn_inspect.analyses.inspection import inspect_model
 from bn_inspect.cli.main import run
+from tests.helpers import invoke
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -313,9 +314,8 @@ def _release_prepared() -> Iterator[None]:
 
 
 def inspect_json(argv: list[str], output: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
-    code = run(["inspect", *argv, "--format", "json", "--output", str(output), "--quiet"])
-    err = capsys.readouterr().err
-    assert code == 0, err
+    result = invoke(capsys, ["inspect", *argv, "--format", "json", "--output", output, "--quiet"])
+    assert result.code == 0, result.err
     document: dict[str, Any] = json.loads(output.read_text())
     return document
 

@@ -20,12 +20,12 @@ from bn_inspect.output.export import format_number, to_csv, to_json, to_markdown
 from bn_inspect.output.render import render_report, shift_bar
 from bn_inspect.report.records import ModelInfo, Report
 from tests import models
-from tests.helpers import SAMPLES, check_golden, golden_mismatch
+from tests.helpers import DIGITS, check_golden, golden_mismatch
 
 
 def digits_report() -> Report:
-    loaded = load_model(SAMPLES / "digits_cnn" / "state_dict.pt", arch="sample_models.architectures:DigitsCNN")
-    images = torch.from_numpy(np.load(SAMPLES / "digits_cnn" / "test_images.npy"))
+    loaded = load_model(DIGITS / "state_dict.pt", arch="sample_models.architectures:DigitsCNN")
+    images = torch.from_numpy(np.load(DIGITS / "test_images.npy"))
     return inspect_model(
         loaded.module,
         [images[:200], images[200:]],

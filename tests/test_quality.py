@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parent.parent
+from tests.helpers import REPO
 
 
 @pytest.mark.parametrize(
@@ -26,5 +26,5 @@ def test_tool_passes(command: list[str]) -> None:
     executable = shutil.which(command[0], path=str(Path(sys.executable).parent)) or shutil.which(command[0])
     if executable is None:
         pytest.skip(f"{command[0]} is not installed (pip install -e '.[test]')")
-    result = subprocess.run([executable, *command[1:]], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run([executable, *command[1:]], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

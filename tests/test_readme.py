@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parent.parent
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+from tests.helpers import REPO
+
+README = (REPO / "README.md").read_text(encoding="utf-8")
 
 
 def test_pytest_example_in_readme_passes(monkeypatch: pytest.MonkeyPatch) -> None:
     block = next(b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "def test_" in b)
     namespace: dict[str, object] = {}
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(REPO)
     exec(compile(block, "README.md", "exec"), namespace)
     test = next(v for k, v in namespace.items() if k.startswith("test_"))
     test()  # type: ignore[operator]
@@ -26,7 +26,7 @@ def test_quick_start_is_two_commands_and_ci_runs_the_second() -> None:
     assert len(commands) == 2
     assert "bn-inspect inspect sample_models/" in commands[0]
     assert "pytest" in commands[1]
-    assert commands[1] in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert commands[1] in (REPO / ".ci" / "run").read_text(encoding="utf-8")
 
 
 def test_api_report_converts_to_dataframe() -> None:

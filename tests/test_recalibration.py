@@ -105,11 +105,6 @@ def make_chain(seed: int = 0) -> Chain:
     return models.randomize_norm_state(Chain(), seed=seed).eval()  # type: ignore[return-value]
 
 
-def uneven_batches(sizes: tuple[int, ...] = (1, 5, 2, 9, 3), seed: int = 0) -> list[torch.Tensor]:
-    data = models.make_input((sum(sizes), 3, 6, 5), mean=2.0, std=1.5, seed=seed)
-    return list(data.split(list(sizes)))
-
-
 def scripted(model: nn.Module) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -158,7 +153,7 @@ def buffers(model: nn.Module, name: str) -> tuple[np.ndarray, np.ndarray, int]:
 
 def test_precise_gives_population_statistics_of_train_mode_inputs_over_uneven_batches() -> None:
     model = make_chain()
-    batches = uneven_batches()
+    batches = models.uneven_batches()
     reference = layer_inputs(model, batches, training=True)
     old = {name: buffers(model, name) for name in ("bn1", "bn2", "side", "bn3")}
     result = recalibrate(model, batches, method="precise")
@@ -187,7 +182,7 @@ def test_precise_gives_population_statistics_of_train_mode_inputs_over_uneven_ba
 def test_precise_mean_matches_update_bn_and_var_differs_by_the_variance_of_batch_means() -> None:
     # In float64 throughout, so the between-batch term is not lost in float32 rounding of ~1e3 variances.
     model = make_chain().double()
-    batches = [x.double() for x in uneven_batches((6, 6, 6, 6))]
+    batches = [x.double() for x in models.uneven_batches((6, 6, 6, 6))]
     swa = copy.deepcopy(model)
     reference = layer_inputs(model, batches, training=True)
     recalibrate(model, batches)
@@ -215,7 +210,7 @@ def test_precise_mean_matches_update_bn_and_var_differs_by_the_variance_of_batch
 def test_sequential_makes_eval_inputs_match_the_new_statistics_and_differs_from_precise() -> None:
     model = make_chain()
     precise_model = copy.deepcopy(model)
-    batches = uneven_batches()
+    batches = models.uneven_batches()
     result = recalibrate(model, batches, method="sequential")
     recalibrate(precise_model, batches, method="precise")
     report = inspect_model(model, batches)
@@ -237,7 +232,7 @@ def test_sequential_makes_eval_inputs_match_the_new_statistics_and_differs_from_
 
 def test_sequential_shares_passes_between_independent_layers_and_stops_early() -> None:
     model = make_chain()
-    batches = uneven_batches()
+    batches = models.uneven_batches()
     result = recalibrate(model, batches, method="sequential")
     # bn2 and side both depend on bn1 only; bn3 on all of them.
     assert {e.name: e.wave for e in result.layers} == {"bn1": 0, "bn2": 1, "side": 1, "bn3": 2}
@@ -248,7 +243,7 @@ def test_sequential_shares_passes_between_independent_layers_and_stops_early() -
 
 def test_a_module_called_twice_gets_the_statistics_of_both_calls() -> None:
     model = models.randomize_norm_state(models.SharedBN()).eval()
-    batches = uneven_batches((4, 3))
+    batches = models.uneven_batches((4, 3))
     reference = layer_inputs(model, batches, training=True)["bn"]  # both calls of both batches
     assert len(reference) == 4
     result = recalibrate(model, batches)
@@ -304,7 +299,7 @@ def test_a_dependency_the_trace_cannot_see_is_caught_by_the_check_pass() -> None
 
 def test_one_shot_iterator_serves_every_pass() -> None:
     model, twin = make_chain(), make_chain()
-    batches = uneven_batches()
+    batches = models.uneven_batches()
     recalibrate(model, iter(batches), method="sequential")
     recalibrate(twin, batches, method="sequential")
     assert state_fingerprint(model) == state_fingerprint(twin)
@@ -377,7 +372,7 @@ def test_sequential_runs_each_layer_of_a_chain_a_bounded_number_of_times_per_bat
 def test_torchscript_recalibration_matches_eager(method: str) -> None:
     eager = make_chain()
     script = scripted(copy.deepcopy(eager))
-    batches = uneven_batches()
+    batches = models.uneven_batches()
     eager_result = recalibrate(eager, batches, method=method)
     script_result = recalibrate(script, batches, method=method)
     assert [e.name for e in script_result.layers] == [e.name for e in eager_result.layers]
@@ -394,7 +389,7 @@ def test_torchscript_recalibration_matches_eager(method: str) -> None:
 def test_instance_norm_running_statistics_average_the_instance_statistics(method: str) -> None:
     torch.manual_seed(0)
     model = models.randomize_norm_state(InstanceThenBatch()).eval()
-    batches = uneven_batches((3, 1, 4))
+    batches = models.uneven_batches((3, 1, 4))
     result = recalibrate(model, batches, method=method)
     inputs = layer_inputs(model, batches, training=False)["inorm"]
     values = torch.cat(inputs).flatten(2)  # (N, C, H*W): the instance norm's input is mode-independent
@@ -418,7 +413,7 @@ def test_layers_without_running_statistics_are_skipped_with_reasons() -> None:
 def test_torchscript_instance_norm_is_skipped_with_a_reason() -> None:
     torch.manual_seed(0)
     model = scripted(models.randomize_norm_state(InstanceThenBatch()).eval())
-    result = recalibrate(model, uneven_batches((3, 4)))
+    result = recalibrate(model, models.uneven_batches((3, 4)))
     assert [entry.name for entry in result.layers] == ["bn"]
     assert "TorchScript" in next(s.reason for s in result.skipped if s.name == "inorm")
 
@@ -468,7 +463,7 @@ ARCH = "tests.test_recalibration:Chain"
 
 def _recalibrated(path: Path, **load: object) -> tuple[nn.Module, str, RecalibrationResult]:
     loaded = load_model(path, **load)  # type: ignore[arg-type]
-    result = recalibrate(loaded.module, uneven_batches())
+    result = recalibrate(loaded.module, models.uneven_batches())
     return loaded.module, loaded.format, result
 
 

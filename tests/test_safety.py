@@ -41,16 +41,12 @@ from torch import nn
 
 from bn_inspect.analyses.checking import check_model
 from bn_inspect.analyses.inspection import find_working_shape, inspect_model
-from bn_inspect.cli.main import run
 from bn_inspect.errors import BnInspectError, ForwardError
 from bn_inspect.model.loading import load_model
 from bn_inspect.report.records import LayerReport, Report
 from tests.conftest import state_fingerprint
+from tests.helpers import REPO, SAMPLES, assert_one_error_line, invoke
 from tests.malicious import ATTACKS, CARRIERS, disguise_as_torchscript
-
-REPO = Path(__file__).resolve().parent.parent
-SAMPLES = REPO / "sample_models"
-
 
 # The options of inspect that the tests give; a command that lacks one is run without it, and
 # skips the tests and scenarios that need it.
@@ -157,27 +153,6 @@ def fast_cli(monkeypatch: pytest.MonkeyPatch) -> None:
         return built[id(app)]
 
     monkeypatch.setattr(typer.main, "get_command", cached)
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-def invoke(capsys: pytest.CaptureFixture[str], argv: list[str]) -> Result:
-    code = run(argv)
-    captured = capsys.readouterr()
-    return Result(code, captured.out, captured.err)
-
-
-def assert_one_error_line(result: Result, *fragments: str) -> None:
-    lines = result.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.err
-    assert "Traceback" not in result.err + result.out
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 # --- 1. the model file never changes, whatever the command and however the run ends -----------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,8 +11,7 @@ import torch
 from torch import nn
 
 from sample_models.architectures import CancerMLP, DigitsCNN, SignalCNN1d, VolumeCNN3d
-
-SAMPLE_MODELS = Path(__file__).parent.parent / "sample_models"
+from tests.helpers import SAMPLES
 
 
 @dataclass(frozen=True)
@@ -26,7 +24,7 @@ class SampleModel:
 
 # Thresholds sit a few points below what train.py reaches, so they catch
 # broken weights without tripping on harmless retraining noise.
-SAMPLES = [
+SAMPLE_MODELS = [
     SampleModel("digits_cnn", DigitsCNN, "test_images.npy", 0.96),
     SampleModel("cancer_mlp", CancerMLP, "test.csv", 0.92),
     SampleModel("signal_cnn1d", SignalCNN1d, "test_signals.npy", 0.95),
@@ -35,7 +33,7 @@ SAMPLES = [
 
 
 def load_held_out(sample: SampleModel) -> tuple[torch.Tensor, np.ndarray]:
-    folder = SAMPLE_MODELS / sample.folder
+    folder = SAMPLES / sample.folder
     if sample.inputs_file.endswith(".csv"):
         table = pd.read_csv(folder / sample.inputs_file)
         features = table.drop(columns="label").to_numpy(dtype=np.float32)
@@ -46,7 +44,7 @@ def load_held_out(sample: SampleModel) -> tuple[torch.Tensor, np.ndarray]:
 
 def load_state_dict_model(sample: SampleModel) -> nn.Module:
     model = sample.architecture()
-    state = torch.load(SAMPLE_MODELS / sample.folder / "state_dict.pt", weights_only=True)
+    state = torch.load(SAMPLES / sample.folder / "state_dict.pt", weights_only=True)
     model.load_state_dict(state)
     return model.eval()
 
@@ -56,7 +54,7 @@ def predict(model: nn.Module, inputs: torch.Tensor) -> np.ndarray:
     return model(inputs).argmax(dim=1).numpy()
 
 
-@pytest.fixture(params=SAMPLES, ids=[sample.folder for sample in SAMPLES])
+@pytest.fixture(params=SAMPLE_MODELS, ids=[sample.folder for sample in SAMPLE_MODELS])
 def sample(request: pytest.FixtureRequest) -> SampleModel:
     return request.param
 
@@ -75,7 +73,7 @@ def test_inputs_are_float32(sample: SampleModel) -> None:
 
 def test_torchscript_matches_state_dict(sample: SampleModel) -> None:
     inputs, _ = load_held_out(sample)
-    scripted = torch.jit.load(SAMPLE_MODELS / sample.folder / "torchscript.pt")
+    scripted = torch.jit.load(SAMPLES / sample.folder / "torchscript.pt")
     assert not scripted.training
     expected = predict(load_state_dict_model(sample), inputs)
     np.testing.assert_array_equal(predict(scripted, inputs), expected)
@@ -83,7 +81,7 @@ def test_torchscript_matches_state_dict(sample: SampleModel) -> None:
 
 def test_pickle_matches_state_dict(sample: SampleModel) -> None:
     inputs, _ = load_held_out(sample)
-    pickled = torch.load(SAMPLE_MODELS / sample.folder / "pickle.pt", weights_only=False)
+    pickled = torch.load(SAMPLES / sample.folder / "pickle.pt", weights_only=False)
     assert type(pickled) is sample.architecture
     assert not pickled.training
     expected = predict(load_state_dict_model(sample), inputs)
@@ -104,8 +102,8 @@ def test_batchnorm_statistics_were_trained(sample: SampleModel) -> None:
 
 
 def test_cancer_input_batchnorm_sees_raw_feature_scale() -> None:
-    model = load_state_dict_model(next(s for s in SAMPLES if s.folder == "cancer_mlp"))
-    columns = list(pd.read_csv(SAMPLE_MODELS / "cancer_mlp" / "test.csv", nrows=0).columns)
+    model = load_state_dict_model(next(s for s in SAMPLE_MODELS if s.folder == "cancer_mlp"))
+    columns = list(pd.read_csv(SAMPLES / "cancer_mlp" / "test.csv", nrows=0).columns)
     input_bn = model.net[0]
     assert isinstance(input_bn, nn.BatchNorm1d)
     mean_area = input_bn.running_mean[columns.index("mean_area")].item()

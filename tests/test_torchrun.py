@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).parent.parent
-SAMPLES = ROOT / "sample_models"
-DIGITS = SAMPLES / "digits_cnn"
+from tests.helpers import DIGITS, REPO
+
 MODEL = str(DIGITS / "torchscript.pt")
 STATE_DICT = ["--arch", "sample_models.architectures:DigitsCNN"]
 LAUNCH_TIMEOUT_S = 120
@@ -28,7 +27,7 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def bn_inspect(args: list[str], ranks: int, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+def bn_inspect(args: list[str], ranks: int, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     """Run the CLI in one process, or under torchrun with ``ranks`` CPU processes on the loopback interface."""
     if ranks == 1:
         command = [sys.executable, "-m", "bn_inspect", *args]
@@ -49,7 +48,7 @@ def bn_inspect(args: list[str], ranks: int, cwd: Path = ROOT) -> subprocess.Comp
         "GLOO_SOCKET_IFNAME": "lo",
         "OMP_NUM_THREADS": "1",
         "BN_INSPECT_DIST_TIMEOUT": "60",
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": str(REPO),
     }
     return subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, cwd=cwd, env=env)
 
@@ -83,7 +82,7 @@ def test_two_ranks_equal_one_process(args: list[str], tmp_path: Path) -> None:
     assert sum(s["num_samples"] for s in section["shares"]) == single["input"]["num_samples"]
     assert all(s["num_batches"] > 0 for s in section["shares"])
     assert not any(b["differing_ranks"] for layer in section["divergence"]["layers"] for b in layer["buffers"])
-    schema = json.loads((ROOT / "bn_inspect" / "report" / "report.schema.json").read_text())
+    schema = json.loads((REPO / "bn_inspect" / "report" / "report.schema.json").read_text())
     jsonschema.validate(double, schema)
 
 
