@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import warnings
@@ -13,7 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bn_inspect.analyses.checking import check_model
 from bn_inspect.analyses.inspection import inspect_model
+from bn_inspect.analyses.modes import compare_modes
+from bn_inspect.analyses.recalibration import recalibrate
 from bn_inspect.cli.main import run
 from bn_inspect.errors import ExportModeError
 from bn_inspect.model.loading import load_model
@@ -130,6 +134,34 @@ def test_compiled_model_is_inspected_through_its_eager_module() -> None:
     assert [e.name for e in from_compiled.layers] == ["bn1", "bn2"]
     for a, b in zip(eager.layers, from_compiled.layers, strict=True):
         assert a.batch_mean == b.batch_mean
+
+
+def _compiled_and_eager() -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """A torch.compile'd model that has already run (hooks added now would never fire) and an equal eager copy."""
+    model = models.randomize_norm_state(models.ConvBN2d()).eval()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="eager")
+    x = models.make_input((4, 3, 6, 6), mean=2.0)
+    compiled(x)
+    return compiled, eager, x
+
+
+def test_every_entry_point_sees_through_torch_compile() -> None:
+    compiled, eager, x = _compiled_and_eager()
+    checked, expected = check_model(compiled, [x]), check_model(eager, [x])
+    assert [f.code for f in checked.findings] == [f.code for f in expected.findings] and checked.layers == (
+        "bn1",
+        "bn2",
+    )
+    gaps, expected_gaps = compare_modes(compiled, [x]), compare_modes(eager, [x])
+    assert [g.label for g in gaps.layers] == ["bn1", "bn2"]
+    assert [g.output_rel_diff for g in gaps.layers] == [g.output_rel_diff for g in expected_gaps.layers]
+    recalibrated, expected_recalibration = recalibrate(compiled, [x]), recalibrate(eager, [x])
+    assert [r.name for r in recalibrated.layers] == ["bn1", "bn2"]
+    for name in ("bn1", "bn2"):
+        ours, theirs = getattr(compiled._orig_mod, name), getattr(eager, name)
+        assert torch.equal(ours.running_mean, theirs.running_mean) and torch.equal(ours.running_var, theirs.running_var)
+    assert expected_recalibration.num_passes == recalibrated.num_passes
 
 
 class FrozenBatchNorm2d(nn.Module):

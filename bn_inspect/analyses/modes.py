@@ -42,7 +42,13 @@ from bn_inspect.data.batch import Batch
 from bn_inspect.engine.capture import PlainDispatchMode, StatisticsRecorder, preserved_state
 from bn_inspect.errors import InputError, ModeComparisonError, NoNormLayersError
 from bn_inspect.model.layers import NormFamily, NormLayer, iter_norm_layers
-from bn_inspect.model.modules import model_device, model_float_dtype, refuse_lazy_modules, set_norm_layers_training
+from bn_inspect.model.modules import (
+    model_device,
+    model_float_dtype,
+    refuse_lazy_modules,
+    set_norm_layers_training,
+    unwrap_compiled,
+)
 from bn_inspect.report import shift
 from bn_inspect.report.comparisons import LayerModeGap, ModeComparison, OutputGap
 
@@ -147,6 +153,7 @@ def compare_modes(
         NoNormLayersError, LazyModelError, InputError, ForwardError, ShapeMismatchError,
         ModeComparisonError: the model mixes samples of a batch, so the modes cannot run stacked.
     """
+    model = unwrap_compiled(model)
     refuse_lazy_modules(model, "", "Run one forward pass first, then compare")
     layers = iter_norm_layers(model)
     if not layers:

@@ -64,9 +64,7 @@ partial forward per further wave + 1 full check. In a plain ``nn.Sequential`` (n
 flattened) each partial forward resumes from the stage inputs the previous one saved (``Cut``),
 so for a chain they add up to about one full forward however deep it is, for at most
 ``_CUT_BYTES`` of held stage inputs; any other model reruns every wave's upstream layers, which
-for a chain of L layers adds up to about L / 2 full forwards. Measured on an H100 (10 batches of 64x3x112x112, TF32):
-ResNet-18, 20 layers in 17 waves: precise 4.4x a plain eval pass over the data, sequential 25x;
-ResNet-50, 53 layers in 49 waves: precise 3.6x, sequential 52x.
+for a chain of L layers adds up to about L / 2 full forwards (docs/benchmarks.md has measured costs).
 
 Both methods mutate the model they are given; on an error every buffer they changed is restored.
 """
@@ -89,7 +87,7 @@ from bn_inspect.errors import (
     NoNormLayersError,
 )
 from bn_inspect.model.layers import NormFamily, NormLayer, iter_norm_layers
-from bn_inspect.model.modules import refuse_lazy_modules
+from bn_inspect.model.modules import refuse_lazy_modules, unwrap_compiled
 from bn_inspect.report import shift
 from bn_inspect.report.comparisons import RecalibratedLayer, RecalibrationResult, SkippedLayer
 
@@ -154,6 +152,7 @@ def recalibrate(
         ForwardError, ShapeMismatchError: the data does not run through the model.
     """
     method = RecalibrationMethod(method)
+    model = unwrap_compiled(model)
     refuse_lazy_modules(model, ", so they have no running statistics to recalibrate", "Run one forward pass first")
     is_script = isinstance(model, torch.jit.ScriptModule)
     targets, skipped = _select_targets(iter_norm_layers(model), is_script)
