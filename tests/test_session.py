@@ -1,0 +1,106 @@
+"""What the commands decide, tested as library code: options, check settings, protected files, runs, formats."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bn_inspect.analyses.checking import check_settings
+from bn_inspect.analyses.runs import list_layers, run_inspect
+from bn_inspect.analyses.session import SilentObserver, is_stdout, protected_inputs
+from bn_inspect.config import CheckConfig
+from bn_inspect.errors import InputError
+from bn_inspect.options import CheckFormat, FailOn, ListingFormat, OutputFormat, RunOptions
+from bn_inspect.output.formats import FORMATTERS, write_result
+from tests.helpers import DIGITS, REPO
+
+
+def test_run_options_take_the_command_parameters_they_know() -> None:
+    options = RunOptions.of({"model": Path("m.pt"), "drop_column": ["label"], "threshold": 0.2, "seed": 3})
+    assert (options.model, options.drop_column, options.seed, options.shape) == (Path("m.pt"), ("label",), 3, None)
+
+
+def test_check_settings_take_flags_over_the_config_over_the_defaults() -> None:
+    config = CheckConfig(max_shift=2.0, max_share=0.5, fail_on="warning", ignore=("BN106",))
+    settings = check_settings(config, max_shift=1.5, min_values=4, ignore=["BN105"])
+    assert settings.thresholds.max_shift == 1.5  # the flag
+    assert settings.thresholds.max_share == 0.5  # the config
+    assert settings.thresholds.max_var_ratio == 4.0  # the default
+    assert settings.thresholds.min_values == 4
+    assert settings.fail_on is FailOn.WARNING
+    assert settings.ignore == ["BN106", "BN105"]
+
+
+def test_check_settings_refuse_an_unknown_rule() -> None:
+    with pytest.raises(InputError, match=r"--ignore BN999: no such rule"):
+        check_settings(CheckConfig(), ignore=["BN999"])
+
+
+def test_check_settings_refuse_a_config_fail_on_that_is_not_one() -> None:
+    with pytest.raises(InputError, match=r"fail-on 'never' in pyproject.toml"):
+        check_settings(CheckConfig(source=Path("pyproject.toml"), fail_on="never"))
+
+
+def test_protected_inputs_name_every_file_the_run_reads(tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.npy").touch()
+    (shards / "b.npy").touch()
+    found = protected_inputs(tmp_path / "m.pt", shards, "nets/cnn.py:Net")
+    assert [(p.role, p.path.name) for p in found] == [
+        ("the model file", "m.pt"),
+        ("a shard of the --input folder", "a.npy"),
+        ("a shard of the --input folder", "b.npy"),
+        ("the --arch file", "cnn.py"),
+    ]
+    # A module spec names no file: finding it would mean importing it.
+    assert protected_inputs(None, tmp_path / "x.npy", "torchvision.models:resnet18")[0].role == "the --input file"
+
+
+def test_stdout_is_no_output_or_a_dash() -> None:
+    assert is_stdout(None) and is_stdout(Path("-")) and not is_stdout(Path("report.json"))
+
+
+def test_run_inspect_gives_the_report_the_command_prints() -> None:
+    options = RunOptions(model=DIGITS / "torchscript.pt", input_file=DIGITS / "test_images.npy", batches=2)
+    report = run_inspect(options, SilentObserver())
+    assert report is not None and [layer.name for layer in report.layers] == ["features.1", "features.4", "features.8"]
+    assert report.input.num_batches == 2
+
+
+def test_list_layers_infers_the_layers_of_a_bare_state_dict() -> None:
+    listing = list_layers(RunOptions(model=DIGITS / "state_dict.pt"), SilentObserver())
+    assert listing.types_inferred and [state.name for state in listing.layers] == [
+        "features.1",
+        "features.4",
+        "features.8",
+    ]
+
+
+def test_every_format_spelling_has_a_formatter() -> None:
+    spellings = {f.value for enum in (OutputFormat, CheckFormat, ListingFormat) for f in enum}
+    assert spellings == set(FORMATTERS)
+
+
+def test_a_result_written_to_a_file_is_what_stdout_gets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    listing = list_layers(RunOptions(model=DIGITS / "state_dict.pt"), SilentObserver())
+    write_result(listing, "json", None)
+    write_result(listing, "json", tmp_path / "layers.json")
+    assert capsys.readouterr().out == (tmp_path / "layers.json").read_text(encoding="utf-8")
+    assert json.loads((tmp_path / "layers.json").read_text(encoding="utf-8"))["layers"][0]["name"] == "features.1"
+
+
+def test_a_single_process_never_imports_the_distributed_room() -> None:
+    code = (
+        "import sys, io, contextlib; from bn_inspect.cli.main import run\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    assert run(['inspect', {str(DIGITS / 'torchscript.pt')!r}, '--input', {str(DIGITS / 'test_images.npy')!r},"
+        " '--batches', '2', '--format', 'json', '--quiet']) == 0\n"
+        "print(sorted(m for m in sys.modules if m.startswith('bn_inspect.distributed.')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert result.stdout.strip() == "[]"
