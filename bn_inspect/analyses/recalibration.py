@@ -122,10 +122,9 @@ def recalibrate(
     flags are restored). Pass a copy, or a freshly loaded model, if you need the original. If the
     forward pass fails, every buffer is restored before the error is raised.
 
-    See the module docstring for the formulas and the two methods. Non-normalization modules run
-    in eval mode in every pass (dropout and stochastic depth off); in the ``precise`` pass only
-    the normalization layers train, so a model whose forward branches on its own ``training``
-    flag (losses, auxiliary heads) runs its eval branch.
+    See the module docstring for the formulas and the two methods. Other modules run in eval mode
+    in every pass (dropout off); in the ``precise`` pass only the normalization layers train, so a
+    model whose forward branches on its own ``training`` flag runs its eval branch.
 
     Args:
         model: an eager ``nn.Module`` or a TorchScript module.
