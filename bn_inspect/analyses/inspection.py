@@ -38,7 +38,7 @@ from bn_inspect.model.modules import (
     unwrap_compiled,
 )
 from bn_inspect.options import Mode
-from bn_inspect.report.records import DistributedInfo, InputInfo, LayerReport, ModelInfo, Report
+from bn_inspect.report.records import DistributedInfo, InputInfo, LayerReport, ModelInfo, Report, never_updated
 
 if TYPE_CHECKING:
     from bn_inspect.distributed.context import DistributedContext
@@ -361,13 +361,7 @@ def _flags(layer: NormLayer, batch_mean: Sequence[float] | None, batch_var: Sequ
     running = [*(layer.running_mean or ()), *(layer.running_var or ())]
     if any(not math.isfinite(v) for v in running):
         flags.append("nonfinite-running")
-    if (
-        layer.num_batches_tracked == 0
-        and layer.running_mean is not None
-        and layer.running_var is not None
-        and all(v == 0 for v in layer.running_mean)
-        and all(v == 1 for v in layer.running_var)
-    ):
+    if never_updated(layer.num_batches_tracked, layer.running_mean, layer.running_var):
         flags.append("untrained")
     if layer.family is NormFamily.BATCH and not layer.is_frozen and layer.running_mean is None:
         flags.append("no-running-stats")

@@ -315,6 +315,19 @@ class Report:
         return json_ready(document)  # type: ignore[no-any-return]
 
 
+def never_updated(
+    num_batches_tracked: int | None, running_mean: Sequence[float] | None, running_var: Sequence[float] | None
+) -> bool:
+    """Running statistics as a layer is built (mean 0, var 1) and never tracked a batch: untrained."""
+    return (
+        num_batches_tracked == 0
+        and running_mean is not None
+        and running_var is not None
+        and all(v == 0 for v in running_mean)
+        and all(v == 1 for v in running_var)
+    )
+
+
 def json_ready(value: Any) -> Any:
     """``value`` with every non-finite float replaced by "nan", "inf" or "-inf", tuples as lists."""
     # JSON has no NaN or infinity; strings keep them distinguishable from a missing value (null).

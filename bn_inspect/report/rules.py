@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from bn_inspect.report.findings import RULES, Finding, Severity, Thresholds
-from bn_inspect.report.records import LayerReport, LayerState, Report
+from bn_inspect.report.records import LayerReport, LayerState, Report, never_updated
 
 FLOAT16_MAX = 65504.0
 EPS_DOMINANCE = 10.0
@@ -146,13 +146,7 @@ def _running_var_findings(s: LayerState) -> list[Finding]:
 def _update_findings(s: LayerState, thresholds: Thresholds) -> list[Finding]:
     """BN104, BN105, BN106, BN110: how (and whether) the running statistics were updated."""
     out: list[Finding] = []
-    if (
-        s.num_batches_tracked == 0
-        and s.running_mean is not None
-        and s.running_var is not None
-        and all(v == 0 for v in s.running_mean)
-        and all(v == 1 for v in s.running_var)
-    ):
+    if never_updated(s.num_batches_tracked, s.running_mean, s.running_var):
         out.append(
             _finding(
                 "BN104",
