@@ -18,7 +18,7 @@ from bn_inspect.model.layers import iter_norm_layers
 from bn_inspect.report.records import LayerReport, Report
 from tests import models
 from tests.conftest import state_fingerprint
-from tests.test_stats import reference
+from tests.test_stats import float64_input, instance_reference, reference
 
 
 def inspect_unchanged(model: nn.Module, batches: list, **kwargs: object) -> Report:
@@ -378,3 +378,46 @@ def test_a_layer_norm_on_a_nested_tensor_runs_with_its_dims_unknown() -> None:
         model(torch.randn(2, 3, 4))
     assert [(name, record.reduced_dims) for name, record in recorder.records.items()] == [(("ln", 0), None)]
     assert function_mode_depth() == 0
+
+
+class Normalizes(nn.Module):
+    """One normalization layer called ``norm``: a model of one family, for the precision tests."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)  # type: ignore[no-any-return]
+
+
+FLOAT64_CASES = {
+    "BatchNorm2d": (lambda: nn.BatchNorm2d(3), (4, 3, 9, 11)),
+    "BatchNorm1d": (lambda: nn.BatchNorm1d(3), (16, 3)),
+    "InstanceNorm2d-tracked": (lambda: nn.InstanceNorm2d(3, track_running_stats=True), (4, 3, 9, 11)),
+    "InstanceNorm1d-affine": (lambda: nn.InstanceNorm1d(3, affine=True), (4, 3, 700)),
+    "InstanceNorm2d-unbatched": (lambda: nn.InstanceNorm2d(3, affine=True), (3, 9, 11)),
+}
+
+
+# Dispatch capture (TorchScript) is tested on BatchNorm only: a scripted InstanceNorm reaches the
+# dispatcher as batch norm on repeated copies of its buffers, which name no layer.
+FLOAT64_RUNS = [(case, "hooks") for case in FLOAT64_CASES] + [
+    (case, "dispatch") for case in FLOAT64_CASES if case.startswith("BatchNorm")
+]
+
+
+@pytest.mark.parametrize(("case", "capture"), FLOAT64_RUNS)
+def test_float64_model_statistics_match_float64_reference(case: str, capture: str) -> None:
+    make_norm, shape = FLOAT64_CASES[case]
+    model = models.randomize_norm_state(Normalizes(make_norm())).double().eval()
+    if capture == "dispatch":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = torch.jit.script(model)
+    x = float64_input(shape, mean=1e3, std=1e-2)
+    entry = layer(inspect_unchanged(model, [x]), "norm")
+    batched = x.unsqueeze(0) if case.endswith("unbatched") else x
+    ref_mean, ref_var = instance_reference(batched) if "Instance" in case else reference(batched)
+    np.testing.assert_allclose(entry.batch_mean, ref_mean, rtol=1e-12)
+    np.testing.assert_allclose(entry.batch_var, ref_var, rtol=1e-12)

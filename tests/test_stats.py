@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bn_inspect.engine.moments import ChannelMoments, channel_moments, instance_moments
+from bn_inspect.engine.moments import ChannelMoments, channel_moments, instance_moments, two_pass_moments
 from tests.models import make_input
 
 
@@ -157,3 +157,37 @@ def test_cuda_statistics_give_zero_variance_for_constant_channels(monkeypatch: p
     np.testing.assert_allclose(moments.mean.numpy(), ref_mean, rtol=1e-6, atol=1e-30)
     huge = make_input((2, 1, 3, 3)) * 3e19
     assert np.isinf(welford_moments(huge, 18).biased_var().numpy()).all()
+
+
+def float64_input(shape: tuple[int, ...], *, mean: float, std: float, seed: int = 0) -> torch.Tensor:
+    """float64 data that float32 cannot hold: a large mean, a tiny spread, an offset per channel."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=generator, dtype=torch.float64) * std + mean
+    return x + torch.randn(shape[1], generator=generator, dtype=torch.float64).view(1, -1, *[1] * (len(shape) - 2))
+
+
+def instance_reference(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """float64 average over samples of each (sample, channel)'s mean and biased variance, by numpy."""
+    values = x.numpy().reshape(x.shape[0], x.shape[1], -1)
+    return values.mean(axis=2).mean(axis=0), values.var(axis=2).mean(axis=0)
+
+
+FLOAT64_DATA = [(1e3, 1e-2), (1e5, 1e-3), (0.5, 1.0)]
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 700), (4, 5, 9, 11), (2, 3, 4, 5, 6)], ids=str)
+@pytest.mark.parametrize(("mean", "std"), FLOAT64_DATA, ids=str)
+def test_float64_input_is_reduced_in_float64(shape: tuple[int, ...], mean: float, std: float) -> None:
+    x = float64_input(shape, mean=mean, std=std)
+    ref_mean, ref_var = reference(x)
+    moments = channel_moments(x)
+    np.testing.assert_allclose(moments.mean.numpy(), ref_mean, rtol=1e-12)
+    np.testing.assert_allclose(moments.biased_var().numpy(), ref_var, rtol=1e-12)
+    # The exact fallback (taken when shifted sums cancel) is as precise.
+    fallback = two_pass_moments(x, [0, *range(2, x.dim())], moments.count)
+    np.testing.assert_allclose(fallback.mean.numpy(), ref_mean, rtol=1e-12)
+    np.testing.assert_allclose(fallback.biased_var().numpy(), ref_var, rtol=1e-12)
+    ref_instance_mean, ref_instance_var = instance_reference(x)
+    instances = instance_moments(x)
+    np.testing.assert_allclose(instances.mean.numpy(), ref_instance_mean, rtol=1e-12)
+    np.testing.assert_allclose(instances.biased_var().numpy(), ref_instance_var, rtol=1e-12)
