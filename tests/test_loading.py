@@ -25,7 +25,7 @@ from bn_inspect.model.files import FileKind, detect_file_kind
 from bn_inspect.model.loading import load_model
 from sample_models.architectures import DigitsCNN
 from tests import models
-from tests.helpers import DIGITS, REPO, SAMPLES
+from tests.helpers import DIGITS, REPO, SAMPLES, assert_one_error_line, invoke
 from tests.malicious import ATTACKS, CARRIERS, Payload, disguise_as_torchscript
 
 ARCH = "sample_models.architectures:DigitsCNN"
@@ -699,3 +699,94 @@ def test_a_state_dict_keeps_the_module_versions_it_was_saved_with(wrapper: str |
     torch.save(saved, path)
     code = run(["inspect", str(path), "--arch", "tests.models:Versioned", "--shape", "2,3,6,6", "--format", "json"])
     assert code == 0
+
+
+# --- the modules' own load hooks decide what fits, as in PyTorch --------------------------------
+
+FROZEN_ARCH_SOURCE = """
+import torch
+from torch import nn
+
+
+class FrozenBatchNorm2d(nn.Module):
+    # torchvision.ops.FrozenBatchNorm2d's state and loading, verbatim.
+    def __init__(self, num_features, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        num_batches_tracked_key = prefix + "num_batches_tracked"
+        if num_batches_tracked_key in state_dict:
+            del state_dict[num_batches_tracked_key]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+
+
+def build(norm_layer=FrozenBatchNorm2d):
+    return nn.Sequential(nn.Conv2d(3, 4, 3), norm_layer(4), nn.ReLU(), nn.Conv2d(4, 4, 1), norm_layer(4))
+"""
+
+
+@pytest.fixture
+def frozen_arch(tmp_path: Path) -> Path:
+    path = tmp_path / "frozen_arch.py"
+    path.write_text(FROZEN_ARCH_SOURCE)
+    return path
+
+
+def batch_norm_state(frozen_arch: Path) -> dict[str, torch.Tensor]:
+    """The state_dict of the same net built with ordinary BatchNorm2d (num_batches_tracked included)."""
+    namespace: dict[str, object] = {}
+    exec(compile(FROZEN_ARCH_SOURCE, str(frozen_arch), "exec"), namespace)
+    model = models.randomize_norm_state(namespace["build"](nn.BatchNorm2d))  # type: ignore[operator]
+    return model.state_dict()  # type: ignore[no-any-return]
+
+
+def test_a_batch_norm_state_dict_loads_into_frozen_batch_norm(
+    frozen_arch: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state_dict = batch_norm_state(frozen_arch)
+    assert "1.num_batches_tracked" in state_dict
+    path = save(state_dict, tmp_path / "state.pt")
+    result = invoke(capsys, ["inspect", path, "--arch", f"{frozen_arch}:build", "--shape", "2,3,8,8"])
+    assert result.code == 0, result.err
+    loaded = load_model(path, arch=f"{frozen_arch}:build").module.state_dict()
+    assert "1.num_batches_tracked" not in loaded
+    for key, tensor in loaded.items():
+        assert torch.equal(tensor, state_dict[key]), key
+
+
+def test_frozen_batch_norm_still_names_what_does_not_fit(
+    frozen_arch: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state_dict = batch_norm_state(frozen_arch)
+    state_dict["head.weight"] = torch.zeros(3)
+    del state_dict["4.running_var"]
+    state_dict["1.running_mean"] = torch.zeros(8)
+    path = save(state_dict, tmp_path / "state.pt")
+    result = invoke(capsys, ["inspect", path, "--arch", f"{frozen_arch}:build", "--shape", "2,3,8,8"])
+    assert result.code == 2
+    assert_one_error_line(
+        result,
+        f"the state_dict does not fit --arch {frozen_arch}:build: missing keys: 4.running_var; "
+        "unexpected keys: head.weight; wrong shapes (file vs model): 1.running_mean (8,) vs (4,). Check --arch",
+    )
+    assert "num_batches_tracked" not in result.err
+
+
+def test_a_state_dict_materializes_lazy_modules(tmp_path: Path) -> None:
+    trained = models.LazyConvBN()
+    trained(models.make_input((2, 3, 6, 6)))
+    state_dict = models.randomize_norm_state(trained).state_dict()
+    path = save(state_dict, tmp_path / "lazy.pt")
+    loaded = load_model(path, arch="tests.models:LazyConvBN").module.state_dict()
+    assert loaded.keys() == state_dict.keys()
+    assert all(torch.equal(tensor, state_dict[key]) for key, tensor in loaded.items())

@@ -466,3 +466,19 @@ def test_the_zoo_lists_every_torchvision_model_with_batch_norm() -> None:
                 heavy.add(name)
     assert sorted(heavy) == sorted(TORCHVISION_HEAVY)
     assert sorted(with_batch_norm - heavy) == sorted(TORCHVISION_MODELS)
+
+
+def test_resnet18_batch_norm_state_loads_into_frozen_batch_norm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """torchvision's FrozenBatchNorm2d drops num_batches_tracked in its own _load_from_state_dict,
+    so a state_dict saved with BatchNorm2d loads as it does in PyTorch."""
+    state_path = tmp_path / "state.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), state_path)
+    arch = tmp_path / "frozen_arch.py"
+    arch.write_text(
+        "import torchvision\n\n\ndef build():\n"
+        "    return torchvision.models.resnet18(norm_layer=torchvision.ops.FrozenBatchNorm2d)\n"
+    )
+    result = invoke(capsys, ["inspect", state_path, "--arch", f"{arch}:build", "--shape", "2,3,32,32"])
+    assert result.code == 0, result.err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -127,36 +128,67 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def load_state_into(module: nn.Module, state_dict: dict[str, torch.Tensor], spec: str) -> None:
-    """Load strictly, listing missing, unexpected and misshapen keys by name when they do not fit."""
-    from bn_inspect.model.layers import is_uninitialized
+    """Load as ``module.load_state_dict`` does, refusing what PyTorch reports as not fitting.
 
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    misshapen = [
-        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state_dict and not is_uninitialized(v) and tuple(state_dict[k].shape) != tuple(v.shape)
-    ]
+    Every module's own ``_load_from_state_dict`` and load hooks decide what fits, as in PyTorch:
+    torchvision's FrozenBatchNorm2d drops ``num_batches_tracked``, lazy modules take their shapes
+    from the file. The missing and unexpected keys are the ones ``load_state_dict`` reports (after
+    its post-hooks), the wrong shapes its size mismatches; the module is left partly loaded on
+    failure, which is harmless because --arch has just built it.
+
+    Raises:
+        StateDictMismatchError: listing the missing, unexpected and misshapen keys by name.
+    """
+    reported: list[tuple[list[str], list[str]]] = []
+
+    def keep_reported(_module: nn.Module, incompatible: Any) -> None:
+        # The root's post-hooks run last, after every module's hooks have amended the lists.
+        reported.append((list(incompatible.missing_keys), list(incompatible.unexpected_keys)))
+
+    handle = module.register_load_state_dict_post_hook(keep_reported)  # type: ignore[no-untyped-call]
+    load_errors: list[str] = []
+    try:
+        module.load_state_dict(state_dict, strict=False)
+    except RuntimeError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        # load_state_dict's own error is a heading over one line per problem; any other is kept whole.
+        load_errors = lines[1:] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[-1:]
+    finally:
+        handle.remove()
+    missing, unexpected = reported[-1] if reported else ([], [])
     problems = []
     if missing:
         problems.append(f"missing keys: {_listed_names(missing)}")
     if unexpected:
         problems.append(f"unexpected keys: {_listed_names(unexpected)}")
+    misshapen = [shown for message in load_errors if (shown := _size_mismatch(message)) is not None]
     if misshapen:
         problems.append(f"wrong shapes (file vs model): {_listed_names(misshapen)}")
+    problems += [message for message in load_errors if _size_mismatch(message) is None][:1]
     if problems:
         raise StateDictMismatchError(
             f"the state_dict does not fit --arch {spec}: {'; '.join(problems)}",
             "Check --arch and --arch-kwargs against the model that was saved",
         )
-    try:
-        module.load_state_dict(state_dict, strict=True)
-    except RuntimeError as error:
-        raise StateDictMismatchError(
-            f"the state_dict does not fit --arch {spec}: {str(error).splitlines()[-1].strip()}",
-            "Check --arch and --arch-kwargs against the model that was saved",
-        ) from error
+
+
+# How Module._load_from_state_dict words a tensor whose shape differs from the module's.
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (?P<key>.+?): copying a param with shape torch\.Size\(\[(?P<file>[^\]]*)\]\) "
+    r"from checkpoint, the shape in current model is torch\.Size\(\[(?P<model>[^\]]*)\]\)"
+)
+
+
+def _size_mismatch(message: str) -> str | None:
+    """``key (file shape) vs (model shape)`` for one of PyTorch's size-mismatch messages, else None."""
+    match = _SIZE_MISMATCH.match(message)
+    if match is None:
+        return None
+
+    def shape(sizes: str) -> str:
+        return str(tuple(int(size) for size in sizes.split(",") if size.strip()))
+
+    return f"{match['key']} {shape(match['file'])} vs {shape(match['model'])}"
 
 
 def _listed_names(items: list[str], limit: int = 8) -> str:
