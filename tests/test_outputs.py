@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import math
-from importlib import resources
 
 import jsonschema
 import numpy as np
@@ -18,6 +17,7 @@ from bn_inspect.analyses.inspection import inspect_model
 from bn_inspect.model.loading import load_model
 from bn_inspect.output.export import format_number, to_csv, to_json, to_markdown
 from bn_inspect.output.render import render_report, shift_bar
+from bn_inspect.report import schemas
 from bn_inspect.report.records import ModelInfo, Report
 from tests import models
 from tests.helpers import DIGITS, check_golden, golden_mismatch
@@ -68,7 +68,7 @@ def test_markdown_matches_golden(name: str, update_golden: bool) -> None:
 
 
 def schema() -> dict:
-    return json.loads(resources.files("bn_inspect.report").joinpath("report.schema.json").read_text(encoding="utf-8"))
+    return schemas.schema("inspect")
 
 
 @pytest.mark.parametrize("name", sorted(REPORTS))

@@ -7,7 +7,7 @@ from enum import Enum
 from typing import Any
 
 from bn_inspect.options import FailOn
-from bn_inspect.report.records import SCHEMA_VERSION, InputInfo, ModelInfo
+from bn_inspect.report.records import SCHEMA_VERSION, InputInfo, ModelInfo, json_ready
 
 
 class Severity(str, Enum):
@@ -139,8 +139,8 @@ class CheckReport:
         return pd.DataFrame(self.to_dict()["findings"], columns=columns)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready data: findings, thresholds, the verdict."""
-        return {
+        """JSON-ready data: findings, thresholds, the verdict; non-finite floats become "nan", "inf" or "-inf"."""
+        document = {
             "schema_version": self.schema_version,
             "kind": "check",
             "model": asdict(self.model),
@@ -166,3 +166,4 @@ class CheckReport:
                 for f in self.findings
             ],
         }
+        return json_ready(document)  # type: ignore[no-any-return]

@@ -302,6 +302,7 @@ class Report:
             layers.append(entry)
         document = {
             "schema_version": self.schema_version,
+            "kind": "inspect",
             "torch_version": self.torch_version,
             "model": asdict(self.model),
             "input": asdict(self.input),
