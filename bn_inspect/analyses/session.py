@@ -221,6 +221,7 @@ def _batches_from_options(
     """This rank's batches for --shape or --input, with the observer's progress; None for neither."""
     from bn_inspect.data.inputs import DEFAULT_BATCH_SIZE, open_input
     from bn_inspect.data.memory import check_fits_memory
+    from bn_inspect.data.readers import InputData
     from bn_inspect.data.shapes import parse_shape, random_batches
 
     rank, world_size = shard
@@ -230,6 +231,8 @@ def _batches_from_options(
         return observer.progress(mine, len(range(rank, count, world_size))), f"random normal, seed {options.seed}"
     if options.input_file is not None:
         data = open_input(options.input_file, key=options.input_key, drop_columns=options.drop_column)
+        for note in data.notes if isinstance(data, InputData) else ():
+            observer.note(note)
         size = options.batch_size or DEFAULT_BATCH_SIZE
         check_fits_memory((size, *data.sample_shape()), 4)
         source = data if world_size == 1 else _shard(data, rank, world_size)
