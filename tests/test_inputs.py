@@ -143,7 +143,7 @@ def test_pt_images_and_labels_take_the_images_and_say_so(tmp_path: Path) -> None
 
 def test_pt_int_tensor_first_in_a_tuple_refused(tmp_path: Path) -> None:
     torch.save((torch.arange(4), torch.randn(4, 3)), tmp_path / "x.pt")
-    with pytest.raises(InputError, match="holds a tensor of dtype int64.*--input-key"):
+    with pytest.raises(InputError, match=r"holds a tensor of dtype int64.*--input-key"):
         read_input(tmp_path / "x.pt")
 
 

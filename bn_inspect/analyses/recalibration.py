@@ -83,9 +83,8 @@ from bn_inspect.analyses.passes import joined_run
 from bn_inspect.analyses.runner import Runner, Seen, Target
 from bn_inspect.analyses.waves import run_sequential, unusable_reason, write_statistics
 from bn_inspect.engine.moments import Moments
-from bn_inspect.errors import (
-    NoNormLayersError,
-)
+from bn_inspect.errors import ExportModeError, NoNormLayersError
+from bn_inspect.model.graph import exported_training_mode, iter_graph_norm_layers
 from bn_inspect.model.layers import NormFamily, NormLayer, iter_norm_layers
 from bn_inspect.model.modules import refuse_lazy_modules, unwrap_compiled
 from bn_inspect.report import shift
@@ -154,9 +153,14 @@ def recalibrate(
     model = unwrap_compiled(model)
     refuse_lazy_modules(model, ", so they have no running statistics to recalibrate", "Run one forward pass first")
     is_script = isinstance(model, torch.jit.ScriptModule)
-    targets, skipped = _select_targets(iter_norm_layers(model), is_script)
+    graph_layers = iter_graph_norm_layers(model) if isinstance(model, torch.fx.GraphModule) else []
+    if graph_layers:
+        targets, skipped = _exported_targets(model, graph_layers, method)
+    else:
+        targets, skipped = _select_targets(iter_norm_layers(model), is_script)
     data = _reiterable(batches)
-    runner = Runner(model, data, is_script, joined_run(distributed))
+    # An exported graph has no modules to hook: its batch norms are watched at the dispatcher, as TorchScript's.
+    runner = Runner(model, data, is_script or bool(graph_layers), joined_run(distributed))
     originals = {
         name: (t.running_mean.clone(), t.running_var.clone(), _clone(t.num_batches_tracked))
         for name, t in targets.items()
@@ -266,6 +270,46 @@ def _select_targets(layers: list[NormLayer], is_script: bool) -> tuple[dict[str,
             "Nothing to do; check that this is the model you meant",
         )
     return targets, skipped
+
+
+def _exported_targets(
+    model: nn.Module, layers: list[NormLayer], method: RecalibrationMethod
+) -> tuple[dict[str, Target], list[SkippedLayer]]:
+    """The batch norms of a torch.export program, whose running statistics are the program's buffers.
+
+    The mode is fixed in the graph: an eval-mode program normalizes with these buffers, so their
+    eval statistics (``sequential``) can be measured and written; a train-mode one rewrites them itself
+    at every call, and no program can run the other mode.
+    """
+    if exported_training_mode(layers):
+        raise ExportModeError(
+            "this torch.export archive was exported in train mode, so every call updates its running "
+            "statistics with momentum and no eval pass can measure them",
+            "Export the model again after model.eval(), or recalibrate its state_dict with --arch and export after",
+        )
+    if method is RecalibrationMethod.PRECISE:
+        raise ExportModeError(
+            "--method precise runs the normalization layers in train mode, but this torch.export archive "
+            "was exported in eval mode, which its graph fixes",
+            "Use --method sequential, which measures the eval-mode statistics this program normalizes with",
+        )
+    targets = {
+        layer.name: Target(
+            layer,
+            model.get_buffer(f"{layer.name}.running_mean"),
+            model.get_buffer(f"{layer.name}.running_var"),
+            _graph_buffer(model, f"{layer.name}.num_batches_tracked"),
+        )
+        for layer in layers
+    }
+    return targets, []
+
+
+def _graph_buffer(model: nn.Module, name: str) -> torch.Tensor | None:
+    try:
+        return model.get_buffer(name)
+    except AttributeError:
+        return None
 
 
 def _reiterable(batches: Iterable[Any]) -> Iterable[Any]:
