@@ -136,3 +136,12 @@ def test_recalibrate_refuses_a_train_mode_export_and_says_what_to_do(tmp_path: P
     module = load_model(tmp_path / "t.pt2").module
     with pytest.raises(ExportModeError, match=r"exported in train mode.*Export the model again after model\.eval\(\)"):
         recalibrate(module, [torch.rand(2, 1, 8, 8)], method="sequential")
+
+
+def test_export_without_input_runs_the_shape_its_specification_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = invoke(capsys, ["inspect", digits_archive(tmp_path / "d.pt2"), "--format", "json"])
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["input"]["shape"] == [2, 1, 8, 8]
+    assert "input specification says so" in result.err

@@ -66,6 +66,12 @@ so for a chain they add up to about one full forward however deep it is, for at 
 ``_CUT_BYTES`` of held stage inputs; any other model reruns every wave's upstream layers, which
 for a chain of L layers adds up to about L / 2 full forwards (docs/benchmarks.md has measured costs).
 
+A torch.export program (``ep.module()``) has no modules, only batch-norm calls whose running
+statistics are program buffers, and its mode is fixed at export. An eval-mode program normalizes
+with those buffers, so ``sequential`` measures it at the dispatcher and writes them (``save_like``
+then writes the program back); ``precise`` would need train mode, which such a program cannot run,
+and a train-mode program rewrites its buffers with momentum at every call: both are refused.
+
 Both methods mutate the model they are given; on an error every buffer they changed is restored.
 """
 
@@ -126,7 +132,7 @@ def recalibrate(
     model whose forward branches on its own ``training`` flag runs its eval branch.
 
     Args:
-        model: an eager ``nn.Module`` or a TorchScript module.
+        model: an eager ``nn.Module``, a TorchScript module or an eval-mode torch.export program's module.
         batches: tensors, dicts of tensors, (inputs, targets) pairs or ``Batch`` objects. Several
             passes iterate it again, so it must give the same data each time (a list, or a
             DataLoader without shuffling or random augmentation); a one-shot iterator is first
@@ -145,6 +151,7 @@ def recalibrate(
 
     Raises:
         NoNormLayersError: no layer has running statistics to recalibrate.
+        ExportModeError: a torch.export program in train mode, or ``precise`` on one in eval mode.
         LazyModelError: lazy modules have not been materialized.
         InputError: no batch was given.
         ForwardError, ShapeMismatchError: the data does not run through the model.
@@ -153,14 +160,8 @@ def recalibrate(
     model = unwrap_compiled(model)
     refuse_lazy_modules(model, ", so they have no running statistics to recalibrate", "Run one forward pass first")
     is_script = isinstance(model, torch.jit.ScriptModule)
-    graph_layers = iter_graph_norm_layers(model) if isinstance(model, torch.fx.GraphModule) else []
-    if graph_layers:
-        targets, skipped = _exported_targets(model, graph_layers, method)
-    else:
-        targets, skipped = _select_targets(iter_norm_layers(model), is_script)
-    data = _reiterable(batches)
-    # An exported graph has no modules to hook: its batch norms are watched at the dispatcher, as TorchScript's.
-    runner = Runner(model, data, is_script or bool(graph_layers), joined_run(distributed))
+    targets, skipped, is_exported = _targets(model, method, is_script)
+    runner = Runner(model, _reiterable(batches), is_script or is_exported, joined_run(distributed))
     originals = {
         name: (t.running_mean.clone(), t.running_var.clone(), _clone(t.num_batches_tracked))
         for name, t in targets.items()
@@ -270,6 +271,19 @@ def _select_targets(layers: list[NormLayer], is_script: bool) -> tuple[dict[str,
             "Nothing to do; check that this is the model you meant",
         )
     return targets, skipped
+
+
+def _targets(
+    model: nn.Module, method: RecalibrationMethod, is_script: bool
+) -> tuple[dict[str, Target], list[SkippedLayer], bool]:
+    """The layers to recalibrate, those left out and why, and whether they were read off an exported graph.
+
+    An exported graph has no modules to hook: its batch norms are watched at the dispatcher, as TorchScript's.
+    """
+    graph_layers = iter_graph_norm_layers(model) if isinstance(model, torch.fx.GraphModule) else []
+    if graph_layers:
+        return (*_exported_targets(model, graph_layers, method), True)
+    return (*_select_targets(iter_norm_layers(model), is_script), False)
 
 
 def _exported_targets(

@@ -263,10 +263,36 @@ def _guessed_batches(
     module: nn.Module, options: RunOptions, observer: RunObserver, shard: tuple[int, int]
 ) -> tuple[Iterator[Batch], str]:
     """Random batches of the shape read off the model's first layer, when one of the tried sizes runs."""
-    from bn_inspect.analyses.inspection import find_working_shape
-    from bn_inspect.data.shapes import guess_input_shapes, random_batches
+    from bn_inspect.data.shapes import random_batches
 
-    guess = guess_input_shapes(module, options.batch_size or 8)
+    chosen, reason = _input_shape_of(module, options.batch_size or 8)
+    observer.note(
+        f"No --shape or --input: using random normal input of shape {tuple(chosen)}, because {reason}. "
+        "Pass --shape to choose."
+    )
+    mine = _my_share(random_batches(chosen, options.batches or 1, options.seed), shard)
+    return mine, f"random normal, seed {options.seed} (shape inferred)"
+
+
+def _input_shape_of(module: nn.Module, batch_size: int) -> tuple[tuple[int, ...], str]:
+    """An input shape the model runs, and why: a torch.export archive's own specification, else the first layer's.
+
+    Raises:
+        InputError: neither tells, or no tried size runs.
+    """
+    from bn_inspect.analyses.inspection import find_working_shape
+    from bn_inspect.data.shapes import guess_input_shapes
+    from bn_inspect.model.graph import exported_input_shapes
+
+    exported = exported_input_shapes(module)
+    if len(exported) == 1 and len(exported[0]) >= 2 and all(size is not None for size in exported[0][1:]):
+        first = exported[0][0]
+        sample = tuple(size for size in exported[0][1:] if size is not None)
+        return (
+            batch_size if first is None else first,
+            *sample,
+        ), "the torch.export archive's input specification says so"
+    guess = guess_input_shapes(module, batch_size)
     chosen = find_working_shape(module, guess.shapes) if guess else None
     if guess is None or chosen is None:
         raise InputError(
@@ -274,12 +300,7 @@ def _guessed_batches(
             + (f" ({guess.reason}, but no tried size ran)" if guess else ""),
             "Pass --shape N,C,... or --input FILE",
         )
-    observer.note(
-        f"No --shape or --input: using random normal input of shape {tuple(chosen)}, because {guess.reason}. "
-        "Pass --shape to choose."
-    )
-    mine = _my_share(random_batches(chosen, options.batches or 1, options.seed), shard)
-    return mine, f"random normal, seed {options.seed} (shape inferred)"
+    return chosen, guess.reason
 
 
 class Rereadable:
