@@ -164,11 +164,11 @@ def exported_input_shapes(model: nn.Module) -> list[tuple[int | None, ...]]:
     weights and buffers are attributes). A size exported without ``dynamic_shapes`` is a plain int
     there, one the program's guards check on every call; a dynamic one is a SymInt.
     """
-    graph = getattr(model, "graph", None)
-    if graph is None:
+    # A ScriptModule has a graph too, of another kind: only an fx graph has placeholders.
+    if not isinstance(model, torch.fx.GraphModule):
         return []
     shapes: list[tuple[int | None, ...]] = []
-    for node in graph.nodes:
+    for node in model.graph.nodes:
         value = node.meta.get("val") if node.op == "placeholder" else None
         if isinstance(value, torch.Tensor):
             shapes.append(tuple(size if isinstance(size, int) else None for size in value.shape))
