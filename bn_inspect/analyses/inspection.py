@@ -87,6 +87,8 @@ def _shape_error(model: nn.Module, batch: Batch, error: Exception) -> ShapeMisma
         return None
     expected, reason = takes
     shape = tuple(batch.args[0].shape)
+    if isinstance(error, ShapeMismatchError) and len(shape) == len(expected):
+        return None  # the layer's own channel message says more (a table's label column, say)
     if len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape, strict=True)):
         return None  # the first layer fits: the mismatch is further in, which the forward error names
     return ShapeMismatchError(
