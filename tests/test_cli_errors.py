@@ -307,14 +307,13 @@ CASES = {
     # input that does not fit the model
     "channel-mismatch": Case(
         f"{ON_DIGITS} --shape 4,3,8,8",
-        "Error: the model's forward raised RuntimeError in features.0 (Conv2d) before any normalization layer "
-        "ran: Given groups=1, weight of size [16, 1, 3, 3], expected input[4, 3, 8, 8] to have 1 channels, "
-        "but got 3 channels instead",
+        "Error: the data has shape (4, 3, 8, 8), but the first layer features.0 is Conv2d with in_channels=1, "
+        "so the model takes (N, 1, *, *). Give data of shape (N, 1, *, *) (--shape, --input)",
     ),
     "rank-mismatch": Case(
         f"{ON_DIGITS} --shape 4,30",
-        "Error: the model's forward raised RuntimeError in features.0 (Conv2d) before any normalization layer "
-        "ran: Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: [4, 30]",
+        "Error: the data has shape (4, 30), but the first layer features.0 is Conv2d with in_channels=1, "
+        "so the model takes (N, 1, *, *). Give data of shape (N, 1, *, *) (--shape, --input)",
     ),
     "forward-raises-after-norm": Case(
         f"--arch $dir/arch.py:RaisesAfterNorm {S}",

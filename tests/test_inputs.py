@@ -133,9 +133,17 @@ def test_pt_non_float_tensor_refused(tmp_path: Path, dtype: torch.dtype) -> None
         read_input(tmp_path / "x.pt")
 
 
-def test_pt_int_tensor_inside_a_tuple_refused(tmp_path: Path) -> None:
-    torch.save((torch.randn(4, 3), torch.arange(4)), tmp_path / "x.pt")
-    with pytest.raises(InputError, match="holds a tensor of dtype int64"):
+def test_pt_images_and_labels_take_the_images_and_say_so(tmp_path: Path) -> None:
+    images = torch.randn(4, 3)
+    torch.save((images, torch.arange(4)), tmp_path / "x.pt")
+    data = read_input(tmp_path / "x.pt")
+    assert len(data.args) == 1 and torch.equal(data.args[0], images)
+    assert "the first is the input, the rest are taken for labels" in data.notes[0]
+
+
+def test_pt_int_tensor_first_in_a_tuple_refused(tmp_path: Path) -> None:
+    torch.save((torch.arange(4), torch.randn(4, 3)), tmp_path / "x.pt")
+    with pytest.raises(InputError, match=r"holds a tensor of dtype int64.*--input-key"):
         read_input(tmp_path / "x.pt")
 
 

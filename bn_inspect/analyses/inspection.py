@@ -26,6 +26,7 @@ from bn_inspect.errors import (
     ForwardError,
     InputError,
     NoNormLayersError,
+    ShapeMismatchError,
 )
 from bn_inspect.model.graph import exported_training_mode, lowered_graph_norm_modules
 from bn_inspect.model.layers import NormFamily, NormLayer, functional_candidates
@@ -54,12 +55,46 @@ def run_model(
     """
     try:
         (model if forward is None else forward)(*batch.args, **batch.kwargs)
+    except ShapeMismatchError as error:
+        # A layer deep inside names itself; when the data does not fit the first layer, that is the news.
+        clearer = _shape_error(model, batch, error)
+        if clearer is None:
+            raise
+        raise clearer from error
     except BnInspectError:
         raise
     except Exception as error:
-        raise _forward_error(
+        raise _shape_error(model, batch, error) or _forward_error(
             error, recorder.last_layer, _failing_module(model, error), recorder.last_kernel_error
         ) from error
+
+
+# What torch says when the input's shape does not fit a layer (channels, features, rank).
+_SHAPE_MESSAGES = re.compile(
+    r"running_mean should contain \d+ elements|to have \d+ channels, but got|mat1 and mat2 shapes cannot be multiplied|"
+    r"Expected \d+D \(unbatched\) or \d+D \(batched\) input|expected \d+D or \d+D input"
+)
+
+
+def _shape_error(model: nn.Module, batch: Batch, error: Exception) -> ShapeMismatchError | None:
+    """One line saying what the first layer takes and how to fix the data, when ``error`` is a shape mismatch."""
+    from bn_inspect.data.shapes import first_layer_input, shape_fix, spell_shape
+
+    if not batch.args or not (isinstance(error, ShapeMismatchError) or _SHAPE_MESSAGES.search(str(error))):
+        return None
+    takes = first_layer_input(model)
+    if takes is None:
+        return None
+    expected, reason = takes
+    shape = tuple(batch.args[0].shape)
+    if isinstance(error, ShapeMismatchError) and len(shape) == len(expected):
+        return None  # the layer's own channel message says more (a table's label column, say)
+    if len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape, strict=True)):
+        return None  # the first layer fits: the mismatch is further in, which the forward error names
+    return ShapeMismatchError(
+        f"the data has shape {shape}, but {reason}, so the model takes {spell_shape(expected)}",
+        shape_fix(shape, expected),
+    )
 
 
 def _failing_module(model: nn.Module, error: Exception) -> str | None:

@@ -66,6 +66,12 @@ so for a chain they add up to about one full forward however deep it is, for at 
 ``_CUT_BYTES`` of held stage inputs; any other model reruns every wave's upstream layers, which
 for a chain of L layers adds up to about L / 2 full forwards (docs/benchmarks.md has measured costs).
 
+A torch.export program (``ep.module()``) has no modules, only batch-norm calls whose running
+statistics are program buffers, and its mode is fixed at export. An eval-mode program normalizes
+with those buffers, so ``sequential`` measures it at the dispatcher and writes them (``save_like``
+then writes the program back); ``precise`` would need train mode, which such a program cannot run,
+and a train-mode program rewrites its buffers with momentum at every call: both are refused.
+
 Both methods mutate the model they are given; on an error every buffer they changed is restored.
 """
 
@@ -83,9 +89,8 @@ from bn_inspect.analyses.passes import joined_run
 from bn_inspect.analyses.runner import Runner, Seen, Target
 from bn_inspect.analyses.waves import run_sequential, unusable_reason, write_statistics
 from bn_inspect.engine.moments import Moments
-from bn_inspect.errors import (
-    NoNormLayersError,
-)
+from bn_inspect.errors import ExportModeError, NoNormLayersError
+from bn_inspect.model.graph import exported_training_mode, iter_graph_norm_layers
 from bn_inspect.model.layers import NormFamily, NormLayer, iter_norm_layers
 from bn_inspect.model.modules import refuse_lazy_modules, unwrap_compiled
 from bn_inspect.report import shift
@@ -127,7 +132,7 @@ def recalibrate(
     model whose forward branches on its own ``training`` flag runs its eval branch.
 
     Args:
-        model: an eager ``nn.Module`` or a TorchScript module.
+        model: an eager ``nn.Module``, a TorchScript module or an eval-mode torch.export program's module.
         batches: tensors, dicts of tensors, (inputs, targets) pairs or ``Batch`` objects. Several
             passes iterate it again, so it must give the same data each time (a list, or a
             DataLoader without shuffling or random augmentation); a one-shot iterator is first
@@ -146,6 +151,7 @@ def recalibrate(
 
     Raises:
         NoNormLayersError: no layer has running statistics to recalibrate.
+        ExportModeError: a torch.export program in train mode, or ``precise`` on one in eval mode.
         LazyModelError: lazy modules have not been materialized.
         InputError: no batch was given.
         ForwardError, ShapeMismatchError: the data does not run through the model.
@@ -154,9 +160,8 @@ def recalibrate(
     model = unwrap_compiled(model)
     refuse_lazy_modules(model, ", so they have no running statistics to recalibrate", "Run one forward pass first")
     is_script = isinstance(model, torch.jit.ScriptModule)
-    targets, skipped = _select_targets(iter_norm_layers(model), is_script)
-    data = _reiterable(batches)
-    runner = Runner(model, data, is_script, joined_run(distributed))
+    targets, skipped, is_exported = _targets(model, method, is_script)
+    runner = Runner(model, _reiterable(batches), is_script or is_exported, joined_run(distributed))
     originals = {
         name: (t.running_mean.clone(), t.running_var.clone(), _clone(t.num_batches_tracked))
         for name, t in targets.items()
@@ -266,6 +271,59 @@ def _select_targets(layers: list[NormLayer], is_script: bool) -> tuple[dict[str,
             "Nothing to do; check that this is the model you meant",
         )
     return targets, skipped
+
+
+def _targets(
+    model: nn.Module, method: RecalibrationMethod, is_script: bool
+) -> tuple[dict[str, Target], list[SkippedLayer], bool]:
+    """The layers to recalibrate, those left out and why, and whether they were read off an exported graph.
+
+    An exported graph has no modules to hook: its batch norms are watched at the dispatcher, as TorchScript's.
+    """
+    graph_layers = iter_graph_norm_layers(model) if isinstance(model, torch.fx.GraphModule) else []
+    if graph_layers:
+        return (*_exported_targets(model, graph_layers, method), True)
+    return (*_select_targets(iter_norm_layers(model), is_script), False)
+
+
+def _exported_targets(
+    model: nn.Module, layers: list[NormLayer], method: RecalibrationMethod
+) -> tuple[dict[str, Target], list[SkippedLayer]]:
+    """The batch norms of a torch.export program, whose running statistics are the program's buffers.
+
+    The mode is fixed in the graph: an eval-mode program normalizes with these buffers, so their
+    eval statistics (``sequential``) can be measured and written; a train-mode one rewrites them itself
+    at every call, and no program can run the other mode.
+    """
+    if exported_training_mode(layers):
+        raise ExportModeError(
+            "this torch.export archive was exported in train mode, so every call updates its running "
+            "statistics with momentum and no eval pass can measure them",
+            "Export the model again after model.eval(), or recalibrate its state_dict with --arch and export after",
+        )
+    if method is RecalibrationMethod.PRECISE:
+        raise ExportModeError(
+            "--method precise runs the normalization layers in train mode, but this torch.export archive "
+            "was exported in eval mode, which its graph fixes",
+            "Use --method sequential, which measures the eval-mode statistics this program normalizes with",
+        )
+    targets = {
+        layer.name: Target(
+            layer,
+            model.get_buffer(f"{layer.name}.running_mean"),
+            model.get_buffer(f"{layer.name}.running_var"),
+            _graph_buffer(model, f"{layer.name}.num_batches_tracked"),
+        )
+        for layer in layers
+    }
+    return targets, []
+
+
+def _graph_buffer(model: nn.Module, name: str) -> torch.Tensor | None:
+    try:
+        return model.get_buffer(name)
+    except AttributeError:
+        return None
 
 
 def _reiterable(batches: Iterable[Any]) -> Iterable[Any]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bn_inspect.analyses.session import (
+    ExportedBatches,
     Rereadable,
     RunObserver,
     all_ranks,
@@ -25,6 +26,9 @@ from bn_inspect.errors import InputError, OutputError
 from bn_inspect.options import FailOn, RecalibrationChoice, RunOptions
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from bn_inspect.data.batch import Batch
     from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
     from bn_inspect.report.findings import CheckReport, Thresholds
     from bn_inspect.report.records import InputInfo, LayerListing, Report
@@ -167,16 +171,18 @@ def run_recalibrate(
                 model, arch=options.arch, arch_kwargs=kwargs, trust_pickle=options.trust_pickle, map_location=device
             )
         observer.loaded()
-        mine = Rereadable(data, size, options.batches)
+        mine: Iterable[Batch] = Rereadable(data, size, options.batches)
         if ranks is not None:
             from bn_inspect.distributed.sharding import shard_input
 
             mine = Rereadable(shard_input(data, ranks.rank, ranks.world_size), size, options.batches)
+        if loaded.format == "torch.export":
+            mine = ExportedBatches(loaded.module, mine, observer)
         result = recalibrate(loaded.module, mine, method=method.value, distributed=ranks)
         # Every rank now holds the same buffers; rank 0 alone writes the one file.
         with all_ranks(ranks):
             if speaks(ranks):
-                save_like(model, loaded.format, loaded.module, output, force=force)
+                save_like(model, loaded.format, loaded.module, output, force=force, trust_pickle=options.trust_pickle)
     return result if speaks(ranks) else None
 
 

@@ -7,7 +7,7 @@ module never imports the terminal library; under torchrun only rank 0's observer
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,6 +190,8 @@ def prepare_run(
         _note_exported(loaded.module, options.mode, observer)
     if needs_data and batches is None:
         batches, source = _guessed_batches(loaded.module, options, observer, shard)
+    if batches is not None and loaded.format == "torch.export":
+        batches = iter(ExportedBatches(loaded.module, batches, observer))
     observer.loaded()
     return PreparedRun(loaded, batches, source, is_real_data=options.input_file is not None)
 
@@ -221,6 +223,7 @@ def _batches_from_options(
     """This rank's batches for --shape or --input, with the observer's progress; None for neither."""
     from bn_inspect.data.inputs import DEFAULT_BATCH_SIZE, open_input
     from bn_inspect.data.memory import check_fits_memory
+    from bn_inspect.data.readers import InputData
     from bn_inspect.data.shapes import parse_shape, random_batches
 
     rank, world_size = shard
@@ -230,6 +233,8 @@ def _batches_from_options(
         return observer.progress(mine, len(range(rank, count, world_size))), f"random normal, seed {options.seed}"
     if options.input_file is not None:
         data = open_input(options.input_file, key=options.input_key, drop_columns=options.drop_column)
+        for note in data.notes if isinstance(data, InputData) else ():
+            observer.note(note)
         size = options.batch_size or DEFAULT_BATCH_SIZE
         check_fits_memory((size, *data.sample_shape()), 4)
         source = data if world_size == 1 else _shard(data, rank, world_size)
@@ -258,10 +263,36 @@ def _guessed_batches(
     module: nn.Module, options: RunOptions, observer: RunObserver, shard: tuple[int, int]
 ) -> tuple[Iterator[Batch], str]:
     """Random batches of the shape read off the model's first layer, when one of the tried sizes runs."""
-    from bn_inspect.analyses.inspection import find_working_shape
-    from bn_inspect.data.shapes import guess_input_shapes, random_batches
+    from bn_inspect.data.shapes import random_batches
 
-    guess = guess_input_shapes(module, options.batch_size or 8)
+    chosen, reason = _input_shape_of(module, options.batch_size or 8)
+    observer.note(
+        f"No --shape or --input: using random normal input of shape {tuple(chosen)}, because {reason}. "
+        "Pass --shape to choose."
+    )
+    mine = _my_share(random_batches(chosen, options.batches or 1, options.seed), shard)
+    return mine, f"random normal, seed {options.seed} (shape inferred)"
+
+
+def _input_shape_of(module: nn.Module, batch_size: int) -> tuple[tuple[int, ...], str]:
+    """An input shape the model runs, and why: a torch.export archive's own specification, else the first layer's.
+
+    Raises:
+        InputError: neither tells, or no tried size runs.
+    """
+    from bn_inspect.analyses.inspection import find_working_shape
+    from bn_inspect.data.shapes import guess_input_shapes
+    from bn_inspect.model.graph import exported_input_shapes
+
+    exported = exported_input_shapes(module)
+    if len(exported) == 1 and len(exported[0]) >= 2 and all(size is not None for size in exported[0][1:]):
+        first = exported[0][0]
+        sample = tuple(size for size in exported[0][1:] if size is not None)
+        return (
+            batch_size if first is None else first,
+            *sample,
+        ), "the torch.export archive's input specification says so"
+    guess = guess_input_shapes(module, batch_size)
     chosen = find_working_shape(module, guess.shapes) if guess else None
     if guess is None or chosen is None:
         raise InputError(
@@ -269,12 +300,7 @@ def _guessed_batches(
             + (f" ({guess.reason}, but no tried size ran)" if guess else ""),
             "Pass --shape N,C,... or --input FILE",
         )
-    observer.note(
-        f"No --shape or --input: using random normal input of shape {tuple(chosen)}, because {guess.reason}. "
-        "Pass --shape to choose."
-    )
-    mine = _my_share(random_batches(chosen, options.batches or 1, options.seed), shard)
-    return mine, f"random normal, seed {options.seed} (shape inferred)"
+    return chosen, guess.reason
 
 
 class Rereadable:
@@ -287,3 +313,67 @@ class Rereadable:
 
     def __iter__(self) -> Iterator[Batch]:
         return self._data.batches(self._batch_size, self._max_batches)
+
+
+class ExportedBatches:
+    """Batches fitted to a torch.export program's input specification, or refused in one line.
+
+    A program exported without ``dynamic_shapes`` runs only the batch size it was exported with:
+    the samples are regrouped into batches of that size. Per-channel moments merge exactly across
+    batches, so in eval mode this changes nothing a layer reports; samples that do not fill a last
+    batch cannot run, and a note says how many were left out. Iterable again if ``batches`` is.
+    """
+
+    def __init__(self, module: nn.Module, batches: Iterable[Batch], observer: RunObserver) -> None:
+        from bn_inspect.model.graph import exported_input_shapes
+
+        shapes = exported_input_shapes(module)
+        self._expected = shapes[0] if shapes else None
+        self._batches, self._observer = batches, observer
+        self._noted: set[str] = set()
+
+    def __iter__(self) -> Iterator[Batch]:
+        from bn_inspect.data.batch import regroup_batches
+
+        checked = (self._checked(batch) for batch in self._batches)
+        size = self._expected[0] if self._expected else None
+        if size is None:
+            return checked
+        return regroup_batches(checked, size, self._note_left_out)
+
+    def _checked(self, batch: Batch) -> Batch:
+        from bn_inspect.data.shapes import shape_fix, spell_shape
+
+        expected = self._expected
+        if expected is None or not batch.args:
+            return batch
+        shape = tuple(batch.args[0].shape)
+        fits = len(shape) == len(expected) and all(
+            e is None or e == s for e, s in zip(expected[1:], shape[1:], strict=True)
+        )
+        if not fits:
+            raise InputError(
+                f"this torch.export archive takes input of shape {spell_shape(expected)}, and the data's batches "
+                f"have shape {shape}",
+                shape_fix(shape, expected),
+            )
+        if expected[0] is not None and shape[0] != expected[0]:
+            self._note_once(
+                f"note: this torch.export archive was exported for batches of exactly {expected[0]} samples, so "
+                f"the data runs in batches of {expected[0]}; per-channel statistics merge exactly across batches, "
+                "so regrouping loses nothing."
+            )
+        return batch
+
+    def _note_left_out(self, count: int) -> None:
+        if count:
+            self._note_once(
+                f"note: {count} sample(s) at the end did not fill a batch of {self._expected and self._expected[0]} "
+                "and were left out: the archive cannot run another batch size."
+            )
+
+    def _note_once(self, message: str) -> None:
+        # Recalibration reads the batches several times; a note is said once.
+        if message not in self._noted:
+            self._noted.add(message)
+            self._observer.note(message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,43 @@ class Batch:
             return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, non_blocking=non_blocking)
 
         return Batch(tuple(move(t) for t in self.args), {k: move(v) for k, v in self.kwargs.items()})
+
+    def samples(self, start: int, stop: int) -> Batch:
+        """Samples ``start`` to ``stop`` of every tensor (along dim 0)."""
+        return Batch(tuple(t[start:stop] for t in self.args), {k: v[start:stop] for k, v in self.kwargs.items()})
+
+
+def _joined(batches: list[Batch]) -> Batch:
+    """The batches' samples, one after the other, as one batch."""
+    if len(batches) == 1:
+        return batches[0]
+    first = batches[0]
+    return Batch(
+        tuple(torch.cat([b.args[i] for b in batches]) for i in range(len(first.args))),
+        {k: torch.cat([b.kwargs[k] for b in batches]) for k in first.kwargs},
+    )
+
+
+def regroup_batches(batches: Iterable[Batch], size: int, left_out: Callable[[int], None]) -> Iterator[Batch]:
+    """The samples of ``batches``, in order, in batches of exactly ``size``.
+
+    For a program that takes only one batch size (a static torch.export archive). Samples that
+    do not fill a last batch cannot run; their number goes to ``left_out`` at the end (0: none).
+    """
+    pending: list[Batch] = []
+    count = 0
+    for batch in batches:
+        pending.append(batch)
+        count += batch.num_samples
+        if count < size:
+            continue
+        joined = _joined(pending)
+        whole = count - count % size
+        for start in range(0, whole, size):
+            yield joined.samples(start, start + size)
+        pending = [joined.samples(whole, count)] if count > whole else []
+        count -= whole
+    left_out(count)
 
 
 def as_batch(item: Any) -> Batch:

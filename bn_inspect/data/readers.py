@@ -31,6 +31,7 @@ class InputData:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     num_samples: int
+    notes: tuple[str, ...] = ()
 
     def batches(self, batch_size: int, max_batches: int | None) -> Iterator[Batch]:
         """Consecutive slices along dim 0, converted to tensors one batch at a time."""
@@ -105,7 +106,7 @@ def read_input(path: Path, *, key: str | None = None, drop_columns: Sequence[str
     num_samples = lengths.pop()
     if num_samples == 0:
         raise InputError(f"input file {path} holds no samples", "Give a file with at least one sample")
-    return InputData(data.source, data.args, data.kwargs, num_samples)
+    return InputData(data.source, data.args, data.kwargs, num_samples, data.notes)
 
 
 _FILE_KINDS = {
@@ -316,6 +317,12 @@ def _read_torch(path: Path, key: str | None) -> InputData:
     if isinstance(obj, torch.Tensor):
         return InputData(str(path), (_checked_tensor(obj, path),), {}, 0)
     if isinstance(obj, (tuple, list)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
+        if _is_inputs_and_labels(obj):
+            note = (
+                f"note: {path} holds a {type(obj).__name__} of {len(obj)} tensors whose first is floating-point "
+                "and the rest integers: the first is the input, the rest are taken for labels and left out."
+            )
+            return InputData(str(path), (_checked_tensor(obj[0], path),), {}, 0, (note,))
         return InputData(str(path), tuple(_checked_tensor(t, path) for t in obj), {}, 0)
     if (
         isinstance(obj, dict)
@@ -326,6 +333,16 @@ def _read_torch(path: Path, key: str | None) -> InputData:
     raise InputError(
         f"{path} holds an object of type {type(obj).__name__}, not tensors",
         "Save a tensor, a tuple/list of tensors (positional inputs) or a dict of tensors (keyword inputs)",
+    )
+
+
+def _is_inputs_and_labels(tensors: Sequence[torch.Tensor]) -> bool:
+    """``(images, labels)``, the pair people save most: floating-point inputs, then integer targets."""
+    first, rest = tensors[0], tensors[1:]
+    if not rest or not first.is_floating_point() or first.dim() < 1:
+        return False
+    return all(
+        not (t.is_floating_point() or t.is_complex()) and t.dim() >= 1 and t.shape[0] == first.shape[0] for t in rest
     )
 
 
@@ -354,7 +371,8 @@ def _checked_tensor(tensor: torch.Tensor, path: Path) -> torch.Tensor:
         return tensor
     raise InputError(
         f"{path} holds a tensor of dtype {str(tensor.dtype).removeprefix('torch.')}; normalization layers need floating-point input",
-        "Convert it to float first (e.g. x.float() / 255 for images)",
+        "Convert it to float first (e.g. x.float() / 255 for images); for a dict of inputs and labels, "
+        "pick the inputs with --input-key NAME",
     )
 
 

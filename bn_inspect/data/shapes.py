@@ -79,6 +79,32 @@ def guess_input_shapes(model: nn.Module, batch_size: int) -> ShapeGuess | None:
     return None
 
 
+def spell_shape(shape: tuple[int | None, ...]) -> str:
+    """(2, 1, 8, 8), with N for a free batch size and * for any other free size."""
+    sizes = [("N" if i == 0 else "*") if s is None else str(s) for i, s in enumerate(shape)]
+    return f"({', '.join(sizes)})"
+
+
+def first_layer_input(model: nn.Module) -> tuple[tuple[int | None, ...], str] | None:
+    """The input shape the first Conv or Linear layer takes (None: any size), and why; None if unknown."""
+    guess = guess_input_shapes(model, 1)
+    if guess is None:
+        return None
+    shape = guess.shapes[0]
+    return (None, shape[1], *([None] * (len(shape) - 2))), guess.reason
+
+
+def shape_fix(shape: tuple[int, ...], expected: tuple[int | None, ...]) -> str:
+    """How to turn data of ``shape`` into ``expected`` (None: any size): the fix of a shape error."""
+    channels = expected[1] if len(expected) > 1 else None
+    if len(shape) == len(expected) >= 3 and channels is not None and shape[-1] == channels != shape[1]:
+        order = ", ".join(map(str, (0, len(shape) - 1, *range(1, len(shape) - 1))))
+        return f"The data looks channels-last: transpose it to (N, C, ...), e.g. x.permute({order})"
+    if len(shape) + 1 == len(expected) and channels == 1:
+        return "Add the channel dim of size 1, e.g. x.unsqueeze(1) (or --shape N,1,...)"
+    return f"Give data of shape {spell_shape(expected)} (--shape, --input)"
+
+
 def random_batches(shape: tuple[int, ...], num_batches: int, seed: int) -> Iterator[Batch]:
     """``num_batches`` seeded standard-normal batches of ``shape`` (same numbers on every device)."""
     import torch

@@ -60,16 +60,9 @@ def load_exported(path: Path, map_location: str, trust_pickle: bool) -> nn.Modul
 
     torch loads a checked copy of the archive (see ``_checked_export_archive``), never the file itself.
     """
-    import warnings
-
-    import torch
-
-    archive = _checked_export_archive(path, trust_pickle)
+    program = load_exported_program(path, trust_pickle)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.export.load(archive)
-            module = program.module()
+        module = program.module()
     except Exception as error:
         raise corrupt_file_error(path, error) from error
     if map_location != "cpu":
@@ -81,6 +74,25 @@ def load_exported(path: Path, map_location: str, trust_pickle: bool) -> nn.Modul
                 "Export it on that device, or use --device cpu",
             ) from error
     return module
+
+
+def load_exported_program(path: Path, trust_pickle: bool) -> torch.export.ExportedProgram:
+    """``torch.export.load`` of a checked copy of the archive at ``path`` (see ``_checked_export_archive``).
+
+    Raises:
+        UntrustedPickleError, UntrustedArchiveError, ModelFileError.
+    """
+    import warnings
+
+    import torch
+
+    archive = _checked_export_archive(path, trust_pickle)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.load(archive)
+    except Exception as error:
+        raise corrupt_file_error(path, error) from error
 
 
 def load_safetensors(path: Path, map_location: str) -> dict[str, torch.Tensor]:

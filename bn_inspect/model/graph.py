@@ -155,3 +155,21 @@ def exported_training_mode(layers: list[NormLayer]) -> bool | None:
     """The mode a torch.export program's batch norms were frozen in, or None if it has none."""
     flags = {layer.observed_training for layer in layers if layer.observed_training is not None}
     return flags.pop() if len(flags) == 1 else (True if flags else None)
+
+
+def exported_input_shapes(model: nn.Module) -> list[tuple[int | None, ...]]:
+    """The shape of each tensor input of a torch.export program's module, None for a dynamic size.
+
+    Read off the graph's placeholders (``ep.module()`` keeps only the user's inputs as placeholders;
+    weights and buffers are attributes). A size exported without ``dynamic_shapes`` is a plain int
+    there, one the program's guards check on every call; a dynamic one is a SymInt.
+    """
+    # A ScriptModule has a graph too, of another kind: only an fx graph has placeholders.
+    if not isinstance(model, torch.fx.GraphModule):
+        return []
+    shapes: list[tuple[int | None, ...]] = []
+    for node in model.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(value, torch.Tensor):
+            shapes.append(tuple(size if isinstance(size, int) else None for size in value.shape))
+    return shapes

@@ -68,6 +68,6 @@ def set_norm_layers_training(model: nn.Module, layers: Iterable[NormLayer]) -> N
     Non-recursive for the layers, so a layer's own submodules (the dropout inside timm's
     BatchNormAct2d) stay in eval.
     """
-    model.eval()
+    set_training(model, False)
     for layer in layers:
         layer.module.training = True

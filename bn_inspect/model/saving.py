@@ -12,6 +12,7 @@ from torch import nn
 
 from bn_inspect.atomic import ProtectedFile, atomic_file, check_target
 from bn_inspect.errors import BnInspectError, OutputError
+from bn_inspect.model.archives import load_exported_program
 from bn_inspect.model.state_dict import extract_state_dict, strip_prefixes
 
 
@@ -23,6 +24,7 @@ class SaveFormat(str, Enum):
     SAFETENSORS = "safetensors"
     TORCHSCRIPT = "torchscript"
     PICKLE = "pickle"
+    TORCH_EXPORT = "torch.export"
 
 
 def save_like(
@@ -33,6 +35,7 @@ def save_like(
     *,
     force: bool = False,
     original: object = None,
+    trust_pickle: bool = False,
 ) -> Path:
     """Write ``model`` to ``output_path`` in the format its input file had.
 
@@ -44,6 +47,9 @@ def save_like(
     * torchscript: ``torch.jit.save`` of ``model`` (a ScriptModule).
     * pickle: ``torch.save(model)``, or, when ``original`` is a dict holding the model, that
       dict with the model in place.
+    * torch.export: the input's program, read again through the same checks as when loading
+      (``trust_pickle`` as then; its sample inputs are left out), with every buffer and parameter
+      taken from ``model`` (its ``ep.module()``), saved with ``torch.export.save``.
 
     The input file is never written: an output that is the input (by any spelling, symlink or
     hard link) is refused, and so is an output that is not a regular file (a pipe, a device).
@@ -74,15 +80,23 @@ def save_like(
     check_target(output, [ProtectedFile("the input model file", source)], option="output")
     if output.exists() and not force:
         raise OutputError(f"output {output} already exists", "Pass --force to replace it, or choose another path")
-    write = _writer(source, file_format, model, original)
+    write = _writer(source, file_format, model, original, trust_pickle)
     with atomic_file(output, overwrite=force, option="output") as stream:
         write(stream)
     return output
 
 
-def _writer(source: Path, file_format: SaveFormat, model: nn.Module, original: object) -> Callable[[IO[bytes]], None]:
+def _writer(
+    source: Path, file_format: SaveFormat, model: nn.Module, original: object, trust_pickle: bool
+) -> Callable[[IO[bytes]], None]:
     """What writes ``model`` to a stream in ``file_format``; what it needs to read is read before the file is opened."""
-    if file_format is SaveFormat.TORCHSCRIPT:
+    if file_format is SaveFormat.TORCH_EXPORT:
+        program = _exported_with_state(source, model, trust_pickle)
+
+        def write(stream: IO[bytes]) -> None:
+            torch.export.save(program, stream)
+
+    elif file_format is SaveFormat.TORCHSCRIPT:
         if not isinstance(model, torch.jit.ScriptModule):
             raise OutputError(
                 f"{source} is TorchScript but the model to save is an eager {type(model).__name__}",
@@ -113,6 +127,19 @@ def _writer(source: Path, file_format: SaveFormat, model: nn.Module, original: o
             torch.save(state_document, stream)
 
     return write
+
+
+def _exported_with_state(source: Path, model: nn.Module, trust_pickle: bool) -> torch.export.ExportedProgram:
+    """The program in ``source`` holding ``model``'s current tensors (its buffers: the new running statistics)."""
+    program = load_exported_program(source, trust_pickle)
+    current = model.state_dict()
+    with torch.no_grad():
+        for key, value in program.state_dict.items():
+            new = current.get(key)
+            if isinstance(new, torch.Tensor) and new.shape == value.shape:
+                # In place: the program's graph reads these very tensors.
+                value.copy_(new.detach().to(device=value.device, dtype=value.dtype))
+    return program
 
 
 def _save_format(loaded_format: SaveFormat | str) -> SaveFormat:
