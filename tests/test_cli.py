@@ -26,7 +26,8 @@ def test_inspect_torchscript_sample_prints_table_and_explanations(
     assert "features.1" in result.out and "BatchNorm2d" in result.out
     words = " ".join(result.out.split())
     assert "16 means and 16 variances, each over N×H×W = 64×8×8 = 4,096 values" in words
-    assert "Over 8 batches: 28,800 values per channel in all." in words
+    # 450 samples: 8 × 4,096 would be 32,768, so the short last batch is named.
+    assert "Over 8 batches (7 of 64 samples and 1 of 2): 28,800 values per channel in all." in words
     assert result.err == ""
 
 
