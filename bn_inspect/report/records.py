@@ -15,6 +15,7 @@ For InstanceNorm the figures are averages over samples of per-instance statistic
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import math
 from collections.abc import Sequence
@@ -344,3 +345,14 @@ def matching_layers(report: Report, patterns: Sequence[str]) -> list[LayerReport
         for layer in report.layers
         if any(fnmatch.fnmatchcase(layer.name, p) or fnmatch.fnmatchcase(layer.label, p) for p in patterns)
     ]
+
+
+def unmatched_patterns(report: Report, patterns: Sequence[str]) -> list[str]:
+    """The glob patterns that match no layer call's qualified name (or name#call)."""
+    return [p for p in patterns if not matching_layers(report, [p])]
+
+
+def closest_names(report: Report, pattern: str, limit: int = 3) -> list[str]:
+    """The layer names most like ``pattern`` (difflib), else the first few, to suggest in an error."""
+    labels = list(dict.fromkeys(name for layer in report.layers for name in (layer.name, layer.label)))
+    return difflib.get_close_matches(pattern, labels, n=limit, cutoff=0.4) or labels[:limit]
