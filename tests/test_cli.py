@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.helpers import DIGITS, SAMPLES, invoke
+from tests.helpers import DIGITS, SAMPLES, assert_one_error_line, invoke
 
 ARCH = "sample_models.architectures:DigitsCNN"
 
@@ -26,7 +26,8 @@ def test_inspect_torchscript_sample_prints_table_and_explanations(
     assert "features.1" in result.out and "BatchNorm2d" in result.out
     words = " ".join(result.out.split())
     assert "16 means and 16 variances, each over N×H×W = 64×8×8 = 4,096 values" in words
-    assert "Over 8 batches: 28,800 values per channel in all." in words
+    # 450 samples: 8 × 4,096 would be 32,768, so the short last batch is named.
+    assert "Over 8 batches (7 of 64 samples and 1 of 2): 28,800 values per channel in all." in words
     assert result.err == ""
 
 
@@ -309,3 +310,13 @@ def test_python_dash_m_and_console_script_agree() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["layers"][0]["name"] == "features.1"
+
+
+@pytest.mark.parametrize("output_format", ["table", "json", "csv"])
+def test_layer_glob_that_matches_nothing_names_the_closest_layers(
+    capsys: pytest.CaptureFixture[str], output_format: str
+) -> None:
+    argv = ["inspect", DIGITS / "torchscript.pt", "--input", DIGITS / "test_images.npy", "--format", output_format]
+    result = invoke(capsys, [*argv, "--layer", "features.1", "--layer", "feature.4"])
+    assert result.code == 2 and result.out == ""
+    assert_one_error_line(result, "--layer 'feature.4' matches no normalization layer", "features.4")

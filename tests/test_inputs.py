@@ -435,7 +435,7 @@ def test_guess_conv2d_first() -> None:
     guess = guess_input_shapes(DigitsCNN(), batch_size=8)
     assert guess is not None
     assert guess.shapes == tuple((8, 1, side, side) for side in CANDIDATE_SIDES)
-    assert "features.0 is Conv2d with in_channels=1" in guess.reason
+    assert guess.reason == "the first Conv or Linear layer, features.0, is Conv2d with in_channels=1"
 
 
 @pytest.mark.parametrize(("model", "rank"), [(SignalCNN1d(), 1), (VolumeCNN3d(), 3)], ids=["conv1d", "conv3d"])
@@ -450,7 +450,8 @@ def test_guess_linear_first() -> None:
     guess = guess_input_shapes(CancerMLP(), batch_size=4)
     assert guess is not None
     assert guess.shapes == ((4, 30),)
-    assert "net.1 is Linear with in_features=30" in guess.reason
+    # net.0 (the BatchNorm1d) is the model's first layer: the reason must not call net.1 that.
+    assert guess.reason == "the first Conv or Linear layer, net.1, is Linear with in_features=30"
 
 
 def test_guess_torchscript() -> None:

@@ -83,7 +83,25 @@ def test_uneven_batches_merge_to_population_statistics() -> None:
     entry = layer(report, "bn")
     assert_matches(entry, torch.cat(batches))
     assert report.input.num_batches == 4 and report.input.num_samples == 17
-    assert "Over 4 batches: 119 values per channel in all." in entry.explanation
+    # 4 × (1×7) would be 28: the sentence must say the batches differ, and how (17 × 7 = 119).
+    assert "Over 4 batches (1 of 1 sample, 1 of 5, 1 of 2 and 1 of 9): 119 values per channel in all." in (
+        entry.explanation
+    )
+
+
+@pytest.mark.parametrize(
+    ("sizes", "phrase"),
+    [
+        ((4, 4, 4), "Over 3 batches: 84 values per channel in all."),
+        ((4, 4, 4, 1), "Over 4 batches (3 of 4 samples and 1 of 1): 91 values per channel in all."),
+        ((1, 2, 3, 4, 5), "Over 5 batches of 1 to 5 samples: 105 values per channel in all."),
+    ],
+    ids=["equal", "short-last", "many-sizes"],
+)
+def test_explanation_gives_the_batch_sizes_when_they_differ(sizes: tuple[int, ...], phrase: str) -> None:
+    model = models.randomize_norm_state(models.BN1dSequence()).eval()
+    batches = [models.make_input((n, 6, 7), seed=i) for i, n in enumerate(sizes)]
+    assert phrase in layer(inspect_unchanged(model, batches), "bn").explanation
 
 
 def test_shift_z_and_var_ratio_follow_their_formulas() -> None:

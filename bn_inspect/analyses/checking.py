@@ -89,7 +89,7 @@ def check_model(
         findings += _data_findings(report, thresholds, data_is_real, notes)
     if run is not None:
         findings += _rank_findings(model, report, run, notes)
-    first = report.first_divergent(thresholds.max_shift) if report is not None and data_is_real else None
+    first = report.first_divergent(thresholds) if report is not None and data_is_real else None
     kept = filter_ignored(findings, ignore)
     return CheckReport(
         model=model_info or ModelInfo("<module>", "module"),

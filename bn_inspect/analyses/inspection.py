@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -331,6 +332,19 @@ def _floats(tensor: torch.Tensor) -> tuple[float, ...]:
     return tuple(float(v) for v in tensor.cpu().tolist())
 
 
+def _batch_sizes(counts: Counter[int]) -> str:
+    """ " (7 of 64 samples and 1 of 2)" when batches differ in size (the per-batch figure above is the first's)."""
+    if len(counts) < 2:
+        return ""
+    if len(counts) > 4:
+        return f" of {min(counts):,} to {max(counts):,} samples"
+    # Most frequent first; ties keep the order the batches came in.
+    ordered = sorted(counts.items(), key=lambda item: -item[1])
+    parts = [f"{n} of {size:,}" for size, n in ordered]
+    noun = "sample" if ordered[0][0] == 1 else "samples"
+    return f" ({parts[0]} {noun}{''.join(f', {p}' for p in parts[1:-1])} and {parts[-1]})"
+
+
 def _layer_report(record: CallRecord, mode: Mode) -> LayerReport:
     layer = record.layer
     normalized_ndim = len(layer.normalized_shape) if layer.normalized_shape else 1
@@ -352,7 +366,10 @@ def _layer_report(record: CallRecord, mode: Mode) -> LayerReport:
         values_per_channel = moments.values_per_channel
     explanation = axes.sentence
     if record.num_batches > 1 and values_per_channel is not None:
-        explanation += f" Over {record.num_batches} batches: {values_per_channel:,} values per channel in all."
+        explanation += (
+            f" Over {record.num_batches} batches{_batch_sizes(record.batch_sizes)}: "
+            f"{values_per_channel:,} values per channel in all."
+        )
     num_channels = layer.num_channels
     if num_channels is None and layer.family in (NormFamily.BATCH, NormFamily.INSTANCE, NormFamily.GROUP):
         num_channels = record.input_shape[0 if record.is_unbatched else 1]

@@ -5,6 +5,7 @@ Each returns the result to render, or None on the ranks of a torchrun run that d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,8 +35,13 @@ if TYPE_CHECKING:
     from bn_inspect.report.records import InputInfo, LayerListing, Report
 
 
-def run_inspect(options: RunOptions, observer: RunObserver) -> Report | None:
-    """`bn-inspect inspect`: the report of every normalization layer on the options' data."""
+def run_inspect(options: RunOptions, observer: RunObserver, layer_patterns: Sequence[str] = ()) -> Report | None:
+    """`bn-inspect inspect`: the report of every normalization layer on the options' data.
+
+    Raises:
+        InputError: a ``layer_patterns`` glob (--layer) matches no layer call; the error names
+            the closest names, in every output format.
+    """
     from bn_inspect.analyses.inspection import inspect_model
 
     with torchrun(resolve_device(options.device)) as ranks:
@@ -52,8 +58,20 @@ def run_inspect(options: RunOptions, observer: RunObserver) -> Report | None:
         )
     if not speaks(ranks):
         return None
+    _require_layer_matches(report, layer_patterns)
     _warn_nonfinite(report.input, observer)
     return report
+
+
+def _require_layer_matches(report: Report, patterns: Sequence[str]) -> None:
+    from bn_inspect.report.records import closest_names, unmatched_patterns
+
+    for pattern in unmatched_patterns(report, patterns):
+        raise InputError(
+            f"--layer {pattern!r} matches no normalization layer",
+            f"Closest layer names: {', '.join(closest_names(report, pattern))}; a glob must match a whole "
+            "qualified name, and `bn-inspect layers` lists them all",
+        )
 
 
 @dataclass(frozen=True)

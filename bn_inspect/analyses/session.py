@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 from bn_inspect.atomic import ProtectedFile, check_target
 from bn_inspect.errors import DeviceError, InputError
 from bn_inspect.options import DeviceChoice, Mode, RunOptions
-from bn_inspect.report.records import ModelInfo
+from bn_inspect.report.records import RANDOM_INPUT, ModelInfo
 
 if TYPE_CHECKING:
     from torch import nn
@@ -230,7 +230,7 @@ def _batches_from_options(
     if options.shape is not None:
         count = options.batches or 1
         mine = _my_share(random_batches(parse_shape(options.shape), count, options.seed), shard)
-        return observer.progress(mine, len(range(rank, count, world_size))), f"random normal, seed {options.seed}"
+        return observer.progress(mine, len(range(rank, count, world_size))), f"{RANDOM_INPUT}, seed {options.seed}"
     if options.input_file is not None:
         data = open_input(options.input_file, key=options.input_key, drop_columns=options.drop_column)
         for note in data.notes if isinstance(data, InputData) else ():
@@ -271,7 +271,7 @@ def _guessed_batches(
         "Pass --shape to choose."
     )
     mine = _my_share(random_batches(chosen, options.batches or 1, options.seed), shard)
-    return mine, f"random normal, seed {options.seed} (shape inferred)"
+    return mine, f"{RANDOM_INPUT}, seed {options.seed} (shape inferred)"
 
 
 def _input_shape_of(module: nn.Module, batch_size: int) -> tuple[tuple[int, ...], str]:

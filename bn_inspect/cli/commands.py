@@ -99,9 +99,10 @@ def inspect_command(
     from bn_inspect.output.formats import Rendering, write_result
 
     options = RunOptions.of(locals())
-    report = run_inspect(options, observer_for(options))
+    patterns = tuple(layer or ())
+    report = run_inspect(options, observer_for(options), patterns)
     if report is not None:
-        write_result(report, output_format.value, output, Rendering(channel_patterns=tuple(layer or ())))
+        write_result(report, output_format.value, output, Rendering(channel_patterns=patterns))
 
 
 @app.command("check")

@@ -66,13 +66,14 @@ def guess_input_shapes(model: nn.Module, batch_size: int) -> ShapeGuess | None:
                 return None
             rank = int(kind[4])
             shapes = tuple((batch_size, channels, *([side] * rank)) for side in CANDIDATE_SIDES)
-            return ShapeGuess(shapes, f"the first layer {name} is {kind} with in_channels={channels}")
+            return ShapeGuess(shapes, f"the first Conv or Linear layer, {name}, is {kind} with in_channels={channels}")
         if kind == "Linear" or isinstance(module, nn.Linear):
             features = getattr(module, "in_features", None)
             if not isinstance(features, int) or features <= 0:
                 return None
             return ShapeGuess(
-                ((batch_size, features),), f"the first layer {name} is Linear with in_features={features}"
+                ((batch_size, features),),
+                f"the first Conv or Linear layer, {name}, is Linear with in_features={features}",
             )
         if kind in ("Embedding", "LSTM", "GRU", "RNN", "MultiheadAttention") or isinstance(module, nn.Embedding):
             return None

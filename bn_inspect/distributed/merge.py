@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -86,6 +87,8 @@ def _encode_records(
             "name": name,
             "call": call,
             "num_batches": record.num_batches,
+            # Pairs, not a dict: JSON would turn the sizes into strings.
+            "batch_sizes": sorted(record.batch_sizes.items()),
             "input_shape": list(record.input_shape),
             "is_unbatched": record.is_unbatched,
             "reduced_dims": None if record.reduced_dims is None else list(record.reduced_dims),
@@ -236,6 +239,9 @@ def _merge_record(
                 "Pass this rank's layers (find_layers) to the merge",
             )
         layer = _layer_from_fields(described)
+    batch_sizes: Counter[int] = Counter()
+    for _, (entry, _) in present:
+        batch_sizes.update({int(size): int(count) for size, count in entry["batch_sizes"]})
     return CallRecord(
         layer=layer,
         call=key[1],
@@ -243,6 +249,7 @@ def _merge_record(
         is_unbatched=bool(first_entry["is_unbatched"]),
         moments=merged_moments,
         num_batches=sum(int(entry["num_batches"]) for _, (entry, _) in present),
+        batch_sizes=batch_sizes,
         reduced_dims=None if first_entry["reduced_dims"] is None else tuple(first_entry["reduced_dims"]),
     )
 

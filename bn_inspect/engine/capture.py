@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +42,8 @@ class CallRecord:
     is_unbatched: bool
     moments: Moments | None
     num_batches: int = 1
+    # Samples per batch -> how many batches had that many (a DataLoader's last batch is often short).
+    batch_sizes: Counter[int] = field(default_factory=Counter)
     # LayerNorm / RMSNorm: the input dims its kernel was seen to reduce; None keeps the trailing dims.
     reduced_dims: tuple[int, ...] | None = None
 
@@ -72,8 +74,10 @@ class StatisticsRecorder:
         record = self.records.get(key)
         if record is None:
             record = self.records[key] = CallRecord(layer, key[1], tuple(x.shape), is_unbatched, moments)
+            record.batch_sizes[_samples(x, is_unbatched)] += 1
             return record
         record.num_batches += 1
+        record.batch_sizes[_samples(x, is_unbatched)] += 1
         if record.moments is not None and moments is not None:
             record.moments = record.moments.merge(moments)  # type: ignore[arg-type]
         return None
@@ -93,10 +97,11 @@ class StatisticsRecorder:
         record = self.records.get(key)
         output, moments = normalize(None if record is None else record.moments)  # type: ignore[arg-type]
         if record is None:
-            self.records[key] = CallRecord(layer, key[1], tuple(x.shape), is_unbatched, moments)
+            record = self.records[key] = CallRecord(layer, key[1], tuple(x.shape), is_unbatched, moments)
         else:
             record.num_batches += 1
             record.moments = moments
+        record.batch_sizes[_samples(x, is_unbatched)] += 1
         return output
 
     def _enter(self, layer: NormLayer, x: torch.Tensor) -> tuple[tuple[str, int], bool]:
@@ -105,6 +110,10 @@ class StatisticsRecorder:
         self._calls_in_batch[layer.name] += 1
         self.last_layer = layer.name if call == 0 else f"{layer.name}#{call}"
         return (layer.name, call), is_unbatched
+
+
+def _samples(x: torch.Tensor, is_unbatched: bool) -> int:
+    return 1 if is_unbatched or x.dim() == 0 else int(x.shape[0])
 
 
 def _moments(family: NormFamily, x: torch.Tensor) -> Moments | None:

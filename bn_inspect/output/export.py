@@ -7,6 +7,7 @@ import math
 import re
 from typing import TYPE_CHECKING
 
+from bn_inspect.output.verdict import inspection_verdict
 from bn_inspect.report.findings import CheckReport, Finding
 from bn_inspect.report.frame import report_frame
 from bn_inspect.report.records import LayerListing, Report, matching_layers
@@ -112,14 +113,8 @@ def to_markdown(report: Report, channel_patterns: tuple[str, ...] = ()) -> str:
             " ".join(layer.flags),
         ]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    first = report.first_divergent()
-    lines.append("")
-    if first is not None:
-        lines.append(
-            f"**First departure from the running statistics:** {_code(first.label)} (max |z| = {format_number(first.max_abs_shift_z)})."
-        )
-    else:
-        lines.append("No layer's batch mean lies more than 3 running standard deviations from its running mean.")
+    said = inspection_verdict(report, _code)
+    lines += ["", f"**{said.sentence}**" if said.outcome == "departs" else said.sentence]
     if report.not_executed:
         lines.append(f"Not executed: {', '.join(_code(n) for n in report.not_executed)}.")
     lines += ["", "<details><summary>How each layer's statistics were computed</summary>", ""]

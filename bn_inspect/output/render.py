@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bn_inspect.output.export import format_number
+from bn_inspect.output.verdict import inspection_verdict
 from bn_inspect.report.findings import CheckReport
 from bn_inspect.report.records import LayerListing, LayerReport, Report, matching_layers
 from bn_inspect.text import inert
@@ -25,6 +26,7 @@ SHIFT_ALARM = 3.0
 _BAR_CELLS = 6
 _BAR_TOP = 100.0
 _EIGHTHS = " ▏▎▍▌▋▊▉█"
+_VERDICT_STYLE = {"departs": "bold red", "within": "green", "random": "yellow", "nothing to compare": "dim"}
 
 
 def _inert(text: str, style: str = "") -> Text:
@@ -169,28 +171,9 @@ def header(report: Report) -> Text:
 
 
 def verdict(report: Report) -> Text:
-    """Which layer's batch statistics depart first from its running statistics."""
-    first = report.first_divergent(SHIFT_ALARM)
-    compared = [layer for layer in report.layers if layer.max_abs_shift_z is not None]
-    if not compared:
-        return Text("No layer keeps running statistics to compare the batch with.", style="dim")
-    if first is None:
-        worst = max(compared, key=lambda layer: layer.max_abs_shift_z or 0.0)
-        return Text(
-            f"Every layer's batch means lie within {SHIFT_ALARM:g} running standard deviations "
-            f"(largest: {inert(worst.label)}, max |z| = {format_number(worst.max_abs_shift_z)}).",
-            style="green",
-        )
-    first_shift = first.max_abs_shift_z
-    detail = (
-        "NaN in its statistics"
-        if first_shift is None or math.isnan(first_shift)
-        else f"max |z| = {format_number(first_shift)}, worst var ratio {format_number(first.worst_var_ratio)}"
-    )
-    return Text(
-        f"First departure from the running statistics, in execution order: {inert(first.label)} ({detail}).",
-        style="bold red",
-    )
+    """Which layer's batch statistics depart first from its running statistics, as check judges it."""
+    said = inspection_verdict(report, inert)
+    return Text(said.sentence, style=_VERDICT_STYLE[said.outcome])
 
 
 def explanations(report: Report) -> Text:

@@ -1,4 +1,4 @@
-"""What a check produces: the rule table, thresholds, findings and the CheckReport (plain values)."""
+"""What a check produces: the rule table, findings and the CheckReport (plain values); Thresholds live in report/departure.py."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from enum import Enum
 from typing import Any
 
 from bn_inspect.options import FailOn
+from bn_inspect.report.departure import Thresholds as Thresholds  # its old home: callers import it from here
 from bn_inspect.report.records import SCHEMA_VERSION, InputInfo, ModelInfo, json_ready
 
 
@@ -63,25 +64,6 @@ RULES = {
         Rule("BN204", "nonfinite-batch", Severity.ERROR, "the layer's input holds NaN or Inf on the data"),
     )
 }
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Limits the data rules use; pyproject.toml's [tool.bn-inspect] and flags override them.
-
-    Attributes:
-        max_shift: |mean_shift_z| above this counts as shifted.
-        max_var_ratio: var_ratio outside [1/R, R] counts as shifted.
-        max_share: BN201 fires when more than this share of a layer's channels is shifted.
-        min_values: fewer values per channel per batch than this is too noisy (BN203).
-        strict: untrained statistics (BN104) are an error, not a warning.
-    """
-
-    max_shift: float = 3.0
-    max_var_ratio: float = 4.0
-    max_share: float = 0.1
-    min_values: int = 16
-    strict: bool = False
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ For InstanceNorm the figures are averages over samples of per-instance statistic
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import math
 from collections.abc import Sequence
@@ -22,8 +23,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bn_inspect.report import shift
+from bn_inspect.report.departure import Thresholds, departure
 
 SCHEMA_VERSION = 1
+# How InputInfo.source starts for seeded random input (--shape, or a shape guessed from the model).
+RANDOM_INPUT = "random normal"
 
 Floats = tuple[float, ...]
 
@@ -47,6 +51,11 @@ class InputInfo:
     num_batches: int
     num_samples: int
     num_nonfinite_values: int = 0
+
+    @property
+    def is_random(self) -> bool:
+        """True for seeded random input, which says nothing about a model's running statistics."""
+        return self.source.startswith(RANDOM_INPUT)
 
 
 @dataclass(frozen=True)
@@ -278,13 +287,15 @@ class Report:
     distributed: DistributedInfo | None = None
     schema_version: int = field(default=SCHEMA_VERSION)
 
-    def first_divergent(self, max_shift: float = 3.0) -> LayerReport | None:
-        """The first layer call in execution order whose max |shift z| exceeds ``max_shift``."""
-        for layer in self.layers:
-            worst = layer.max_abs_shift_z
-            if worst is not None and (math.isnan(worst) or worst > max_shift):
-                return layer
-        return None
+    def first_divergent(self, thresholds: Thresholds | None = None) -> LayerReport | None:
+        """The first layer call in execution order whose data departs from its running statistics.
+
+        "Departs" is check's BN201 (report/departure.py): more than ``max_share`` of its channels
+        past ``max_shift`` or ``max_var_ratio``, or a NaN or infinite shift z or var ratio; the
+        thresholds default to check's.
+        """
+        limits = thresholds or Thresholds()
+        return next((layer for layer in self.layers if departure(layer, limits) is not None), None)
 
     def to_dataframe(self) -> Any:
         """A pandas DataFrame with one row per layer call and channel (the CSV export's rows)."""
@@ -348,3 +359,14 @@ def matching_layers(report: Report, patterns: Sequence[str]) -> list[LayerReport
         for layer in report.layers
         if any(fnmatch.fnmatchcase(layer.name, p) or fnmatch.fnmatchcase(layer.label, p) for p in patterns)
     ]
+
+
+def unmatched_patterns(report: Report, patterns: Sequence[str]) -> list[str]:
+    """The glob patterns that match no layer call's qualified name (or name#call)."""
+    return [p for p in patterns if not matching_layers(report, [p])]
+
+
+def closest_names(report: Report, pattern: str, limit: int = 3) -> list[str]:
+    """The layer names most like ``pattern`` (difflib), else the first few, to suggest in an error."""
+    labels = list(dict.fromkeys(name for layer in report.layers for name in (layer.name, layer.label)))
+    return difflib.get_close_matches(pattern, labels, n=limit, cutoff=0.4) or labels[:limit]

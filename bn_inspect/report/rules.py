@@ -11,7 +11,8 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from bn_inspect.report.findings import RULES, Finding, Severity, Thresholds
+from bn_inspect.report.departure import Thresholds, departure
+from bn_inspect.report.findings import RULES, Finding, Severity
 from bn_inspect.report.records import LayerReport, LayerState, Report, never_updated
 
 FLOAT16_MAX = 65504.0
@@ -267,30 +268,20 @@ def _data_findings(layer: LayerReport, thresholds: Thresholds) -> list[Finding]:
                 channels=nonfinite,
             )
         )
-    shifts, ratios = layer.mean_shift_z, layer.var_ratio
-    if shifts is not None and ratios is not None:
-        low, high = 1 / thresholds.max_var_ratio, thresholds.max_var_ratio
-        shifted = [
-            c
-            for c, (z, r) in enumerate(zip(shifts, ratios, strict=True))
-            if math.isfinite(z) and math.isfinite(r) and (abs(z) > thresholds.max_shift or not low <= r <= high)
-        ]
-        share = len(shifted) / len(shifts) if shifts else 0.0
-        if shifted and share > thresholds.max_share:
-            worst = max(abs(z) for z in shifts if math.isfinite(z))
-            out.append(
-                _finding(
-                    "BN201",
-                    layer.name,
-                    f"{len(shifted)} of {len(shifts)} channels ({share:.0%}) have "
-                    f"|shift z| > {thresholds.max_shift:g} or var ratio outside [{low:.3g}, "
-                    f"{high:.3g}] (max |z| = {worst:.3g}). The data does not match the running statistics "
-                    "this layer normalizes with in eval: check preprocessing against training, or "
-                    "recalibrate the statistics on representative data",
-                    call=layer.call,
-                    channels=shifted,
-                )
+    departed = departure(layer, thresholds)
+    # NaN or Inf figures are BN204's (input) or BN101/BN102's (buffers), not a shift.
+    if departed is not None and not departed.is_nonfinite:
+        out.append(
+            _finding(
+                "BN201",
+                layer.name,
+                f"{departed.describe()}. The data does not match the running statistics this layer "
+                "normalizes with in eval: check preprocessing against training, or recalibrate the "
+                "statistics on representative data",
+                call=layer.call,
+                channels=departed.channels,
             )
+        )
     variances = layer.batch_var or ()
     dead = [
         c

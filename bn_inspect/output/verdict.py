@@ -1,0 +1,50 @@
+"""inspect's verdict: which layer's data departs first from its running statistics, judged as check judges it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bn_inspect.report.departure import Thresholds, departure
+from bn_inspect.report.records import Report
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One sentence and what it says: "departs", "within", "random" or "nothing to compare"."""
+
+    outcome: str
+    sentence: str
+
+
+def inspection_verdict(report: Report, name: Callable[[str], str], thresholds: Thresholds | None = None) -> Verdict:
+    """The verdict on ``report`` by check's thresholds (its defaults unless given).
+
+    Args:
+        report: the inspection.
+        name: how a layer's label is written (escaped for a terminal, code-quoted for Markdown).
+        thresholds: the limits of "departs" (report/departure.py).
+    """
+    limits = thresholds or Thresholds()
+    compared = [layer for layer in report.layers if layer.max_abs_shift_z is not None]
+    if not compared:
+        return Verdict("nothing to compare", "No layer keeps running statistics to compare the batch with.")
+    if report.input.is_random:
+        return Verdict(
+            "random",
+            "Random input says nothing about the running statistics (on it every layer may look shifted): "
+            "pass real data with --input to see which layer departs from them first.",
+        )
+    first = report.first_divergent(limits)
+    found = departure(first, limits) if first is not None else None
+    if first is None or found is None:
+        largest = max(compared, key=lambda layer: layer.max_abs_shift_z or 0.0)
+        return Verdict(
+            "within",
+            f"No layer departs from its running statistics ({limits.departure_limits()}); largest |shift z|: "
+            f"{name(largest.label)}, {largest.max_abs_shift_z:.4g}.",
+        )
+    return Verdict(
+        "departs",
+        f"First departure from the running statistics, in execution order: {name(first.label)}: {found.describe()}.",
+    )
