@@ -324,3 +324,21 @@ def test_a_torch_export_archive_run_writes_nothing_but_the_tools_lines_to_stderr
         result = subprocess.run([sys.executable, "-m", "bn_inspect", *command], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         assert result.stderr == "", command
+
+
+@pytest.mark.parametrize("arch", [["--arch", ARCH], []], ids=["arch", "bare-state-dict"])
+def test_layers_says_nothing_about_mode_a_state_dict_does_not_store(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, arch: list[str]
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    table = invoke(capsys, ["layers", DIGITS / "state_dict.pt", *arch])
+    assert table.code == 0, table.err
+    # A freshly built architecture is in train mode; that is no fact about the file.
+    assert "train mode" not in table.out
+    document = json.loads(invoke(capsys, ["layers", DIGITS / "state_dict.pt", *arch, "--format", "json"]).out)
+    assert {(layer["is_training"], layer["affine_requires_grad"]) for layer in document["layers"]} == {(None, None)}
+
+
+def test_layers_reports_the_mode_a_pickled_model_stores(capsys: pytest.CaptureFixture[str]) -> None:
+    document = json.loads(invoke(capsys, ["layers", DIGITS / "torchscript.pt", "--format", "json"]).out)
+    assert {layer["is_training"] for layer in document["layers"]} == {False}

@@ -5,7 +5,7 @@ Each returns the result to render, or None on the ranks of a torchrun run that d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -133,7 +133,10 @@ def list_layers(options: RunOptions, observer: RunObserver) -> LayerListing:
     if options.arch is not None:
         module = build_arch(options.arch, kwargs)
         load_state_into(module, content.state_dict, options.arch)
-        states = tuple(layer.state() for layer in iter_norm_layers(module))
+        # A state_dict stores no training flags: the fresh architecture's would pass for the file's.
+        states = tuple(
+            replace(layer.state(), is_training=None, affine_requires_grad=None) for layer in iter_norm_layers(module)
+        )
         return LayerListing(ModelInfo(content.source, content.format, options.arch), states)
     states = tuple(states_from_state_dict(content.state_dict))
     return LayerListing(ModelInfo(content.source, content.format), states, types_inferred=True)
