@@ -81,7 +81,7 @@ from torch import nn
 
 from bn_inspect.analyses.passes import joined_run
 from bn_inspect.analyses.runner import Runner, Seen, Target
-from bn_inspect.analyses.waves import run_sequential, unusable_reason, write_statistics
+from bn_inspect.analyses.waves import Measurement, run_sequential, unusable_reason, write_statistics
 from bn_inspect.engine.moments import Moments
 from bn_inspect.errors import (
     NoNormLayersError,
@@ -162,7 +162,8 @@ def recalibrate(
         for name, t in targets.items()
     }
     try:
-        seen, waves, notes, after = _measure(runner, targets, method, is_script)
+        measured = _measure(runner, targets, method, is_script)
+        seen, waves, notes, after = measured.seen, measured.waves, measured.notes, measured.check
         unusable = {name: reason for name, entry in seen.items() if (reason := unusable_reason(entry)) is not None}
         seen = {name: entry for name, entry in seen.items() if name not in unusable}
         for name in seen:
@@ -176,7 +177,8 @@ def recalibrate(
     if method is RecalibrationMethod.SEQUENTIAL:
         notes += _shared_layers_note(seen)
     recalibrated = tuple(
-        _describe(targets[name], entry, waves[name], originals[name], after.get(name)) for name, entry in seen.items()
+        _describe(targets[name], entry, measured.given[name], waves[name], originals[name], after.get(name))
+        for name, entry in seen.items()
     )
     return RecalibrationResult(
         method=method.value,
@@ -190,13 +192,11 @@ def recalibrate(
     )
 
 
-def _measure(
-    runner: Runner, targets: dict[str, Target], method: RecalibrationMethod, is_script: bool
-) -> tuple[dict[str, Seen], dict[str, int], list[str], dict[str, Seen] | None]:
-    """Each layer's new statistics, its wave, notes, and the check pass's measurements (sequential only)."""
+def _measure(runner: Runner, targets: dict[str, Target], method: RecalibrationMethod, is_script: bool) -> Measurement:
+    """Each layer's new statistics, its inputs in the model as given, its wave, notes, and the check pass."""
     if method is RecalibrationMethod.PRECISE:
         seen = runner.run(list(targets.values()), training=True)
-        return seen, {name: 0 for name in seen}, [], None
+        return Measurement(seen, seen, {name: 0 for name in seen}, [], None)
     # TorchScript may fuse operations into kernels the dispatcher never sees, which would hide
     # dependencies from the trace: there, every layer gets its own wave.
     return run_sequential(runner, targets, trace=not is_script)
@@ -293,6 +293,7 @@ def _floats(tensor: torch.Tensor) -> Floats:
 def _describe(
     target: Target,
     seen: Seen,
+    given: Seen,
     wave: int,
     original: Original,
     after: Seen | None,
@@ -300,7 +301,9 @@ def _describe(
     layer = target.layer
     eps = layer.eps or 0.0
     old_mean, old_var, old_tracked = original
-    z_before, ratio_before = _summary(seen.moments, old_mean, old_var, eps)
+    # "Before" is the model as given: for sequential, ``seen`` was measured after the layers
+    # upstream had already been rewritten, which tells nothing about the given model.
+    z_before, ratio_before = _summary(given.moments, old_mean, old_var, eps)
     z_after = ratio_after = None
     if after is not None:
         z_after, ratio_after = _summary(after.moments, target.running_mean, target.running_var, eps)
