@@ -163,7 +163,7 @@ def recalibrate(
     }
     try:
         measured = _measure(runner, targets, method, is_script)
-        seen, waves, notes, after = measured.seen, measured.waves, measured.notes, measured.check
+        seen, after = measured.seen, measured.check
         unusable = {name: reason for name, entry in seen.items() if (reason := unusable_reason(entry)) is not None}
         seen = {name: entry for name, entry in seen.items() if name not in unusable}
         for name in seen:
@@ -174,20 +174,15 @@ def recalibrate(
         _restore(targets, originals)
         raise
     skipped += _skipped(targets, seen, unusable)
-    if method is RecalibrationMethod.SEQUENTIAL:
-        notes += _shared_layers_note(seen)
-    recalibrated = tuple(
-        _describe(targets[name], entry, measured.given[name], waves[name], originals[name], after.get(name))
-        for name, entry in seen.items()
-    )
+    notes = measured.notes + (_shared_layers_note(seen) if method is RecalibrationMethod.SEQUENTIAL else [])
     return RecalibrationResult(
         method=method.value,
-        layers=recalibrated,
+        layers=tuple(_describe(targets[name], measured, originals[name], after.get(name)) for name in seen),
         skipped=tuple(skipped),
         num_batches=runner.num_batches,
         num_samples=runner.num_samples,
         num_passes=runner.num_passes,
-        num_waves=1 + max(waves.values(), default=0),
+        num_waves=1 + max(measured.waves.values(), default=0),
         notes=tuple(notes),
     )
 
@@ -290,20 +285,14 @@ def _floats(tensor: torch.Tensor) -> Floats:
     return tuple(float(v) for v in tensor.detach().to("cpu", torch.float64).tolist())
 
 
-def _describe(
-    target: Target,
-    seen: Seen,
-    given: Seen,
-    wave: int,
-    original: Original,
-    after: Seen | None,
-) -> RecalibratedLayer:
+def _describe(target: Target, measured: Measurement, original: Original, after: Seen | None) -> RecalibratedLayer:
     layer = target.layer
+    seen = measured.seen[layer.name]
     eps = layer.eps or 0.0
     old_mean, old_var, old_tracked = original
     # "Before" is the model as given: for sequential, ``seen`` was measured after the layers
     # upstream had already been rewritten, which tells nothing about the given model.
-    z_before, ratio_before = _summary(given.moments, old_mean, old_var, eps)
+    z_before, ratio_before = _summary(measured.given[layer.name].moments, old_mean, old_var, eps)
     z_after = ratio_after = None
     if after is not None:
         z_after, ratio_after = _summary(after.moments, target.running_mean, target.running_var, eps)
@@ -316,7 +305,7 @@ def _describe(
         num_calls=seen.num_calls,
         calls_per_forward=seen.calls_per_forward,
         values_per_channel=seen.moments.values_per_channel,
-        wave=wave,
+        wave=measured.waves[layer.name],
         old_running_mean=_floats(old_mean),
         old_running_var=_floats(old_var),
         new_running_mean=_floats(target.running_mean),
