@@ -320,7 +320,10 @@ def test_a_torch_export_archive_run_writes_nothing_but_the_tools_lines_to_stderr
     torch.export.save(torch.export.export(DigitsCNN().eval(), (torch.randn(2, 1, 8, 8),)), str(archive))
     # Loading an archive imports triton where it is installed; the collector pause of main() froze
     # its objects, and nanobind printed "leaked 4 instances!" and ~30 more lines at exit.
-    for command in (["layers", str(archive)], ["inspect", str(archive), "--shape", "2,1,8,8", "--format", "json", "-q"]):
+    for command in (
+        ["layers", str(archive)],
+        ["inspect", str(archive), "--shape", "2,1,8,8", "--format", "json", "-q"],
+    ):
         result = subprocess.run([sys.executable, "-m", "bn_inspect", *command], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         assert result.stderr == "", command
@@ -342,3 +345,22 @@ def test_layers_says_nothing_about_mode_a_state_dict_does_not_store(
 def test_layers_reports_the_mode_a_pickled_model_stores(capsys: pytest.CaptureFixture[str]) -> None:
     document = json.loads(invoke(capsys, ["layers", DIGITS / "torchscript.pt", "--format", "json"]).out)
     assert {layer["is_training"] for layer in document["layers"]} == {False}
+
+
+def test_recalibrate_takes_quiet_and_its_help_offers_no_shape(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    help_text = invoke(capsys, ["recalibrate", "--help"]).out
+    assert "-q, --quiet" in help_text and "shape" not in help_text
+    argv = ["recalibrate", DIGITS / "torchscript.pt", "--input", DIGITS / "train_images.npy", "--batches", "2"]
+    result = invoke(capsys, [*argv, "--output", tmp_path / "new.pt", "-q"])
+    assert result.code == 0 and result.err == ""
+
+
+@pytest.mark.parametrize(("flag", "words"), [("--strict", "an error"), ("--no-strict", "a warning")])
+def test_check_markdown_footer_says_what_strict_means(
+    capsys: pytest.CaptureFixture[str], flag: str, words: str
+) -> None:
+    result = invoke(capsys, ["check", DIGITS / "torchscript.pt", "--no-data", flag, "--format", "markdown"])
+    footer = result.out.strip().splitlines()[-1]
+    assert f"untrained statistics (BN104) {words}</sub>" in footer and "strict" not in footer
