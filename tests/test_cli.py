@@ -320,3 +320,58 @@ def test_layer_glob_that_matches_nothing_names_the_closest_layers(
     result = invoke(capsys, [*argv, "--layer", "features.1", "--layer", "feature.4"])
     assert result.code == 2 and result.out == ""
     assert_one_error_line(result, "--layer 'feature.4' matches no normalization layer", "features.4")
+
+
+def test_a_torch_export_archive_run_writes_nothing_but_the_tools_lines_to_stderr(tmp_path: Path) -> None:
+    import torch
+
+    from sample_models.architectures import DigitsCNN
+
+    archive = tmp_path / "digits.pt2"
+    torch.export.save(torch.export.export(DigitsCNN().eval(), (torch.randn(2, 1, 8, 8),)), str(archive))
+    # Loading an archive imports triton where it is installed; the collector pause of main() froze
+    # its objects, and nanobind printed "leaked 4 instances!" and ~30 more lines at exit.
+    for command in (
+        ["layers", str(archive)],
+        ["inspect", str(archive), "--shape", "2,1,8,8", "--format", "json", "-q"],
+    ):
+        result = subprocess.run([sys.executable, "-m", "bn_inspect", *command], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == "", command
+
+
+@pytest.mark.parametrize("arch", [["--arch", ARCH], []], ids=["arch", "bare-state-dict"])
+def test_layers_says_nothing_about_mode_a_state_dict_does_not_store(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, arch: list[str]
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    table = invoke(capsys, ["layers", DIGITS / "state_dict.pt", *arch])
+    assert table.code == 0, table.err
+    # A freshly built architecture is in train mode; that is no fact about the file.
+    assert "train mode" not in table.out
+    document = json.loads(invoke(capsys, ["layers", DIGITS / "state_dict.pt", *arch, "--format", "json"]).out)
+    assert {(layer["is_training"], layer["affine_requires_grad"]) for layer in document["layers"]} == {(None, None)}
+
+
+def test_layers_reports_the_mode_a_pickled_model_stores(capsys: pytest.CaptureFixture[str]) -> None:
+    document = json.loads(invoke(capsys, ["layers", DIGITS / "torchscript.pt", "--format", "json"]).out)
+    assert {layer["is_training"] for layer in document["layers"]} == {False}
+
+
+def test_recalibrate_takes_quiet_and_its_help_offers_no_shape(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    help_text = invoke(capsys, ["recalibrate", "--help"]).out
+    assert "-q, --quiet" in help_text and "shape" not in help_text
+    argv = ["recalibrate", DIGITS / "torchscript.pt", "--input", DIGITS / "train_images.npy", "--batches", "2"]
+    result = invoke(capsys, [*argv, "--output", tmp_path / "new.pt", "-q"])
+    assert result.code == 0 and result.err == ""
+
+
+@pytest.mark.parametrize(("flag", "words"), [("--strict", "an error"), ("--no-strict", "a warning")])
+def test_check_markdown_footer_says_what_strict_means(
+    capsys: pytest.CaptureFixture[str], flag: str, words: str
+) -> None:
+    result = invoke(capsys, ["check", DIGITS / "torchscript.pt", "--no-data", flag, "--format", "markdown"])
+    footer = result.out.strip().splitlines()[-1]
+    assert f"untrained statistics (BN104) {words}</sub>" in footer and "strict" not in footer

@@ -20,7 +20,7 @@ import torch
 
 from bn_inspect.cli.main import run
 from sample_models.architectures import DigitsCNN
-from tests.helpers import REPO, SAMPLES, invoke
+from tests.helpers import REPO, SAMPLES, assert_one_error_line, invoke
 
 DIGITS_ARCH = "sample_models.architectures:DigitsCNN"
 CANCER_ARCH = "sample_models.architectures:CancerMLP"
@@ -532,3 +532,55 @@ def test_legacy_pickle_of_a_model_is_refused(tmp_path: Path, capsys: pytest.Capt
     assert code == 2
     assert captured.err.startswith(f"Error: {path} is a pickle that imports sample_models.architectures.DigitsCNN")
     assert captured.err.count("\n") == 1
+
+
+# --- the command line itself --------------------------------------------------------------------
+
+
+def test_bare_bn_inspect_prints_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    result = invoke(capsys, [])
+    assert result.code == 0 and result.err == ""
+    assert result.out.startswith("Usage: bn-inspect") and "\nCommands:\n" in result.out
+
+
+def test_version_names_bn_inspect_and_torch(capsys: pytest.CaptureFixture[str]) -> None:
+    import bn_inspect
+
+    result = invoke(capsys, ["--version"])
+    assert result.code == 0 and result.err == ""
+    assert result.out.splitlines() == [f"bn-inspect {bn_inspect.__version__}", f"torch {torch.__version__}"]
+
+
+def test_a_misspelt_command_ends_each_sentence_once(capsys: pytest.CaptureFixture[str]) -> None:
+    result = invoke(capsys, ["inspec"])
+    assert result.code == 2
+    assert result.err == "Error: No such command 'inspec'. Did you mean 'inspect'? See bn-inspect --help.\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [(["--input", "test_images.npy"], "--input"), (["--shape", "2,1,8,8", "--batches", "2"], "--shape, --batches")],
+)
+def test_check_no_data_refuses_data_options_it_would_ignore(
+    capsys: pytest.CaptureFixture[str], data: list[str], named: str
+) -> None:
+    digits = SAMPLES / "digits_cnn"
+    argv = [
+        "check",
+        digits / "torchscript.pt",
+        "--no-data",
+        *(str(digits / a) if a.endswith(".npy") else a for a in data),
+    ]
+    result = invoke(capsys, argv)
+    assert result.code == 2 and result.out == ""
+    assert_one_error_line(result, f"--no-data runs no data, so {named} would be ignored", "Drop --no-data")
+
+
+def test_arch_path_without_py_suggests_the_python_file(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(REPO)
+    argv = ["layers", "sample_models/digits_cnn/state_dict.pt", "--arch", "sample_models/architectures:DigitsCNN"]
+    result = invoke(capsys, argv)
+    assert result.code == 2
+    assert_one_error_line(result, "Did you mean --arch sample_models/architectures.py:DigitsCNN?")

@@ -40,3 +40,16 @@ def test_api_report_converts_to_dataframe() -> None:
     assert list(frame["channel"]) == [0, 1, 2, 3, 4]
     findings = check_model(model, [torch.randn(4, 5)]).to_dataframe()
     assert "BN203" in set(findings["code"])
+
+
+def test_the_cpu_install_pins_the_quick_starts_torch_with_its_torchvision() -> None:
+    quick_start = README.split("## Quick start", 1)[1].split("```", 2)[1]
+    pinned = re.findall(r"torch==(\d+)\.(\d+)\.\d+", quick_start)
+    cpu_line = next(line for line in README.splitlines() if "download.pytorch.org/whl/cpu" in line)
+    torch_pin = re.search(r"torch==(\d+)\.(\d+)\.\d+", cpu_line)
+    vision_pin = re.search(r"torchvision==0\.(\d+)\.\d+", cpu_line)
+    assert torch_pin is not None and vision_pin is not None
+    assert set(pinned) == {torch_pin.groups()}
+    # torchvision 0.N is made for torch 2.(N - 15): 0.19 for 2.4, 0.28 for 2.13.
+    assert int(vision_pin.group(1)) - 15 == int(torch_pin.group(2)) and torch_pin.group(1) == "2"
+    assert "the pin only keeps the install to the CPU build" not in README

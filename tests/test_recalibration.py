@@ -230,6 +230,20 @@ def test_sequential_makes_eval_inputs_match_the_new_statistics_and_differs_from_
     np.testing.assert_allclose(buffers(model, "bn1")[1], buffers(precise_model, "bn1")[1], rtol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["precise", "sequential"])
+def test_before_is_measured_on_the_model_as_given(method: str) -> None:
+    model = make_chain()
+    batches = models.uneven_batches()
+    given = inspect_model(model, batches, mode="train" if method == "precise" else "eval")
+    result = recalibrate(model, batches, method=method)
+    for entry in given.layers:
+        # sequential measures bn2, side and bn3 after bn1 was rewritten; "before" is the model as given.
+        before = result.layer(entry.name)
+        assert entry.max_abs_shift_z is not None and entry.worst_var_ratio is not None
+        assert before.max_abs_shift_z_before == pytest.approx(entry.max_abs_shift_z, rel=1e-5)
+        assert before.worst_var_ratio_before == pytest.approx(entry.worst_var_ratio, rel=1e-5)
+
+
 def test_sequential_shares_passes_between_independent_layers_and_stops_early() -> None:
     model = make_chain()
     batches = models.uneven_batches()

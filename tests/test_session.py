@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bn_inspect.analyses.checking import check_settings
-from bn_inspect.analyses.runs import list_layers, run_inspect
+from bn_inspect.analyses.runs import list_layers, run_inspect, run_recalibrate
 from bn_inspect.analyses.session import SilentObserver, is_stdout, protected_inputs
 from bn_inspect.config import CheckConfig
 from bn_inspect.errors import InputError
-from bn_inspect.options import CheckFormat, FailOn, ListingFormat, OutputFormat, RunOptions
+from bn_inspect.options import CheckFormat, FailOn, ListingFormat, OutputFormat, RecalibrationChoice, RunOptions
 from bn_inspect.output.formats import FORMATTERS, write_result
 from tests.helpers import DIGITS, REPO
 
@@ -70,6 +72,30 @@ def test_run_inspect_gives_the_report_the_command_prints() -> None:
     report = run_inspect(options, SilentObserver())
     assert report is not None and [layer.name for layer in report.layers] == ["features.1", "features.4", "features.8"]
     assert report.input.num_batches == 2
+
+
+class CountingObserver(SilentObserver):
+    """Records each progress bar the run asks for: its total and how many batches went through it."""
+
+    def __init__(self) -> None:
+        self.bars: list[tuple[int | None, int]] = []
+
+    def progress(self, batches: Iterator[Any], total: int | None) -> Iterator[Any]:
+        self.bars.append((total, 0))
+        for batch in batches:
+            self.bars[-1] = (total, self.bars[-1][1] + 1)
+            yield batch
+
+
+@pytest.mark.parametrize("method", list(RecalibrationChoice))
+def test_run_recalibrate_shows_progress_over_every_pass(tmp_path: Path, method: RecalibrationChoice) -> None:
+    options = RunOptions(
+        model=DIGITS / "torchscript.pt", input_file=DIGITS / "train_images.npy", batches=3, output=tmp_path / "new.pt"
+    )
+    observer = CountingObserver()
+    result = run_recalibrate(options, method, False, observer)
+    assert result is not None and len(observer.bars) == result.num_passes
+    assert all(total == 3 for total, _ in observer.bars) and observer.bars[0] == (3, 3)
 
 
 def test_list_layers_infers_the_layers_of_a_bare_state_dict() -> None:

@@ -87,7 +87,7 @@ from torch import nn
 
 from bn_inspect.analyses.passes import joined_run
 from bn_inspect.analyses.runner import Runner, Seen, Target
-from bn_inspect.analyses.waves import run_sequential, unusable_reason, write_statistics
+from bn_inspect.analyses.waves import Measurement, run_sequential, unusable_reason, write_statistics
 from bn_inspect.engine.moments import Moments
 from bn_inspect.errors import ExportModeError, NoNormLayersError
 from bn_inspect.model.graph import exported_training_mode, iter_graph_norm_layers
@@ -167,7 +167,8 @@ def recalibrate(
         for name, t in targets.items()
     }
     try:
-        seen, waves, notes, after = _measure(runner, targets, method, is_script)
+        measured = _measure(runner, targets, method, is_script)
+        seen, after = measured.seen, measured.check
         unusable = {name: reason for name, entry in seen.items() if (reason := unusable_reason(entry)) is not None}
         seen = {name: entry for name, entry in seen.items() if name not in unusable}
         for name in seen:
@@ -178,30 +179,24 @@ def recalibrate(
         _restore(targets, originals)
         raise
     skipped += _skipped(targets, seen, unusable)
-    if method is RecalibrationMethod.SEQUENTIAL:
-        notes += _shared_layers_note(seen)
-    recalibrated = tuple(
-        _describe(targets[name], entry, waves[name], originals[name], after.get(name)) for name, entry in seen.items()
-    )
+    notes = measured.notes + (_shared_layers_note(seen) if method is RecalibrationMethod.SEQUENTIAL else [])
     return RecalibrationResult(
         method=method.value,
-        layers=recalibrated,
+        layers=tuple(_describe(targets[name], measured, originals[name], after.get(name)) for name in seen),
         skipped=tuple(skipped),
         num_batches=runner.num_batches,
         num_samples=runner.num_samples,
         num_passes=runner.num_passes,
-        num_waves=1 + max(waves.values(), default=0),
+        num_waves=1 + max(measured.waves.values(), default=0),
         notes=tuple(notes),
     )
 
 
-def _measure(
-    runner: Runner, targets: dict[str, Target], method: RecalibrationMethod, is_script: bool
-) -> tuple[dict[str, Seen], dict[str, int], list[str], dict[str, Seen] | None]:
-    """Each layer's new statistics, its wave, notes, and the check pass's measurements (sequential only)."""
+def _measure(runner: Runner, targets: dict[str, Target], method: RecalibrationMethod, is_script: bool) -> Measurement:
+    """Each layer's new statistics, its inputs in the model as given, its wave, notes, and the check pass."""
     if method is RecalibrationMethod.PRECISE:
         seen = runner.run(list(targets.values()), training=True)
-        return seen, {name: 0 for name in seen}, [], None
+        return Measurement(seen, seen, {name: 0 for name in seen}, [], None)
     # TorchScript may fuse operations into kernels the dispatcher never sees, which would hide
     # dependencies from the trace: there, every layer gets its own wave.
     return run_sequential(runner, targets, trace=not is_script)
@@ -348,17 +343,14 @@ def _floats(tensor: torch.Tensor) -> Floats:
     return tuple(float(v) for v in tensor.detach().to("cpu", torch.float64).tolist())
 
 
-def _describe(
-    target: Target,
-    seen: Seen,
-    wave: int,
-    original: Original,
-    after: Seen | None,
-) -> RecalibratedLayer:
+def _describe(target: Target, measured: Measurement, original: Original, after: Seen | None) -> RecalibratedLayer:
     layer = target.layer
+    seen = measured.seen[layer.name]
     eps = layer.eps or 0.0
     old_mean, old_var, old_tracked = original
-    z_before, ratio_before = _summary(seen.moments, old_mean, old_var, eps)
+    # "Before" is the model as given: for sequential, ``seen`` was measured after the layers
+    # upstream had already been rewritten, which tells nothing about the given model.
+    z_before, ratio_before = _summary(measured.given[layer.name].moments, old_mean, old_var, eps)
     z_after = ratio_after = None
     if after is not None:
         z_after, ratio_after = _summary(after.moments, target.running_mean, target.running_var, eps)
@@ -371,7 +363,7 @@ def _describe(
         num_calls=seen.num_calls,
         calls_per_forward=seen.calls_per_forward,
         values_per_channel=seen.moments.values_per_channel,
-        wave=wave,
+        wave=measured.waves[layer.name],
         old_running_mean=_floats(old_mean),
         old_running_var=_floats(old_var),
         new_running_mean=_floats(target.running_mean),

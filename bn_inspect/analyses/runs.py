@@ -6,7 +6,7 @@ Each returns the result to render, or None on the ranks of a torchrun run that d
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -94,6 +94,8 @@ def run_check(
     """`bn-inspect check`: the health rules on stored state and, unless ``no_data``, on the options' data."""
     from bn_inspect.analyses.checking import check_model
 
+    if no_data:
+        _refuse_data_options(options)
     with torchrun(resolve_device(options.device)) as ranks:
         with all_ranks(ranks):
             prepared = prepare_run(options, observer, needs_data=not no_data, ranks=ranks)
@@ -121,6 +123,28 @@ def run_check(
         return CheckRun(None, passed)
     _warn_nonfinite(result.input, observer)
     return CheckRun(result, passed)
+
+
+def _refuse_data_options(options: RunOptions) -> None:
+    """Refuse data options next to --no-data: a CI job that passes --input expects its data checked.
+
+    Raises:
+        InputError: naming the data options that --no-data would ignore.
+    """
+    given = {
+        "--input": options.input_file,
+        "--shape": options.shape,
+        "--input-key": options.input_key,
+        "--drop-column": options.drop_column or None,
+        "--batch-size": options.batch_size,
+        "--batches": options.batches,
+    }
+    ignored = [flag for flag, value in given.items() if value is not None]
+    if ignored:
+        raise InputError(
+            f"--no-data runs no data, so {', '.join(ignored)} would be ignored",
+            "Drop --no-data to check the model on the data, or drop the data options",
+        )
 
 
 def run_compare_modes(options: RunOptions, threshold: float, observer: RunObserver) -> ModeComparison:
@@ -155,7 +179,10 @@ def list_layers(options: RunOptions, observer: RunObserver) -> LayerListing:
     if options.arch is not None:
         module = build_arch(options.arch, kwargs)
         load_state_into(module, content.state_dict, options.arch)
-        states = tuple(layer.state() for layer in iter_norm_layers(module))
+        # A state_dict stores no training flags: the fresh architecture's would pass for the file's.
+        states = tuple(
+            replace(layer.state(), is_training=None, affine_requires_grad=None) for layer in iter_norm_layers(module)
+        )
         return LayerListing(ModelInfo(content.source, content.format, options.arch), states)
     states = tuple(states_from_state_dict(content.state_dict))
     return LayerListing(ModelInfo(content.source, content.format), states, types_inferred=True)
@@ -189,11 +216,11 @@ def run_recalibrate(
                 model, arch=options.arch, arch_kwargs=kwargs, trust_pickle=options.trust_pickle, map_location=device
             )
         observer.loaded()
-        mine: Iterable[Batch] = Rereadable(data, size, options.batches)
+        mine: Iterable[Batch] = Rereadable(data, size, options.batches, observer)
         if ranks is not None:
             from bn_inspect.distributed.sharding import shard_input
 
-            mine = Rereadable(shard_input(data, ranks.rank, ranks.world_size), size, options.batches)
+            mine = Rereadable(shard_input(data, ranks.rank, ranks.world_size), size, options.batches, observer)
         if loaded.format == "torch.export":
             mine = ExportedBatches(loaded.module, mine, observer)
         result = recalibrate(loaded.module, mine, method=method.value, distributed=ranks)

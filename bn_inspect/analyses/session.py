@@ -304,15 +304,24 @@ def _input_shape_of(module: nn.Module, batch_size: int) -> tuple[tuple[int, ...]
 
 
 class Rereadable:
-    """Batches that can be read again: recalibration makes several passes over the same data."""
+    """Batches that can be read again: recalibration makes several passes over the same data.
+
+    Each pass shows the observer's progress over its batches (a pass that stops early ends its bar).
+    """
 
     def __init__(
-        self, data: InputData | DirectoryData | ShardedInput, batch_size: int, max_batches: int | None
+        self,
+        data: InputData | DirectoryData | ShardedInput,
+        batch_size: int,
+        max_batches: int | None,
+        observer: RunObserver,
     ) -> None:
         self._data, self._batch_size, self._max_batches = data, batch_size, max_batches
+        self._observer = observer
+        self._total = data.num_batches(batch_size, max_batches)
 
     def __iter__(self) -> Iterator[Batch]:
-        return self._data.batches(self._batch_size, self._max_batches)
+        return self._observer.progress(self._data.batches(self._batch_size, self._max_batches), self._total)
 
 
 class ExportedBatches:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,13 +18,31 @@ if TYPE_CHECKING:
     from bn_inspect.distributed.context import DistributedContext
 
 
-def run_sequential(
-    runner: Runner, targets: dict[str, Target], *, trace: bool
-) -> tuple[dict[str, Seen], dict[str, int], list[str], dict[str, Seen]]:
+@dataclass(frozen=True)
+class Measurement:
+    """What the passes of a recalibration measured, per layer name.
+
+    Attributes:
+        seen: each layer's inputs the new statistics come from.
+        given: each layer's inputs in the model as given, before any statistic changed (eval mode
+            for ``sequential``; for ``precise``, its one train-mode pass: ``seen`` itself).
+        waves: the pass whose data gave each layer's statistics (0 for ``precise``).
+        notes: what the user should know about how the passes ran.
+        check: an eval pass of the recalibrated model (``sequential`` only, else None).
+    """
+
+    seen: dict[str, Seen]
+    given: dict[str, Seen]
+    waves: dict[str, int]
+    notes: list[str]
+    check: dict[str, Seen] | None
+
+
+def run_sequential(runner: Runner, targets: dict[str, Target], *, trace: bool) -> Measurement:
     """Measure every layer in eval mode once all layers it depends on hold their new statistics.
 
-    Returns the statistics per layer, each layer's wave, notes, and what a final eval pass of the
-    recalibrated model measured (the check that no dependency was missed).
+    The first pass measures the model as given; a final eval pass of the recalibrated model
+    checks that no dependency was missed.
     """
     tracer = DependencyTracer(targets) if trace else None
     first = runner.run(list(targets.values()), training=False, tracer=tracer)
@@ -63,7 +82,7 @@ def run_sequential(
         )
         _measure_waves(runner, targets, first, order, waves, seen, stoppable=stoppable, start=last + 1)
         check = _check_pass(runner, targets, order, seen)
-    return {name: seen[name] for name in order if name in seen}, waves, notes, check
+    return Measurement({name: seen[name] for name in order if name in seen}, first, waves, notes, check)
 
 
 def _share_dependencies(tracer: DependencyTracer, context: DistributedContext) -> None:

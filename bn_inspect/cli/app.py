@@ -11,6 +11,8 @@ import signal
 
 import typer
 
+from bn_inspect.cli.options import VersionOpt
+
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_CANNOT_RUN, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 
@@ -25,5 +27,5 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root() -> None:
+def _root(version: VersionOpt = False) -> None:
     """See what every BatchNorm layer of a saved PyTorch model computes on your data."""

@@ -5,6 +5,7 @@ Also the garbage-collector pause that main() starts and the end of startup lifts
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import sys
@@ -85,9 +86,15 @@ def end_startup() -> None:
 
     No collection runs before the freeze, as it would cost what the pause saves; the few cycles
     startup leaves (a failed trial forward's traceback) are kept until exit.
+
+    At exit the frozen objects are handed back to the collector: the interpreter's last
+    collection skips frozen ones, and extensions that count their live objects at shutdown
+    (triton's nanobind, imported by torch.export archives) would print ~30 lines of "leaked
+    instances" on stderr.
     """
     global _is_collector_paused
     if _is_collector_paused:
         _is_collector_paused = False
         gc.freeze()
+        atexit.register(gc.unfreeze)
         gc.enable()

@@ -25,6 +25,8 @@ _signal_received: int | None = None
 def run(argv: Sequence[str]) -> int:
     """Run the CLI on ``argv`` and return the exit code; errors become one line on stderr."""
     global _signal_received
+    # Bare ``bn-inspect`` asks what the tool does: the help, not a usage error.
+    argv = argv or ["--help"]
     debug = "--debug" in argv
     _signal_received = None
     try:
@@ -49,7 +51,9 @@ def run(argv: Sequence[str]) -> int:
         format_message = getattr(error, "format_message", None)
         message = format_message() if callable(format_message) else str(error)
         text = one_line(str(message)).replace("Value error, ", "").rstrip(".")
-        print(f"Error: {text}. See bn-inspect --help.", file=sys.stderr)
+        # "Did you mean 'inspect'?" ends its own sentence.
+        end = "" if text.endswith(("?", "!")) else "."
+        print(f"Error: {text}{end} See bn-inspect --help.", file=sys.stderr)
         return int(getattr(error, "exit_code", EXIT_CANNOT_RUN))
     except SystemExit as error:
         # Only code bn-inspect was told to run raises this (an --arch module or factory, a trusted

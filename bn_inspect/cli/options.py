@@ -9,6 +9,27 @@ import typer
 
 from bn_inspect.options import CheckFormat, DeviceChoice, FailOn, ListingFormat, Mode, OutputFormat, RecalibrationChoice
 
+
+def _print_version(wanted: bool) -> None:
+    """``bn-inspect --version``: this package's version and the installed torch's, read without importing torch."""
+    if not wanted:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from bn_inspect import __version__
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    print(f"bn-inspect {__version__}\ntorch {torch_version}")
+    raise typer.Exit()
+
+
+VersionOpt = Annotated[
+    bool,
+    typer.Option("--version", callback=_print_version, is_eager=True, help="Show the version of bn-inspect and torch."),
+]
 ModelArg = Annotated[
     Path | None,
     typer.Argument(
@@ -123,6 +144,12 @@ RecalibratedModelArg = Annotated[
 NewModelOpt = Annotated[Path, typer.Option("--output", help="Where to write the recalibrated model (same format).")]
 DataInputOpt = Annotated[
     Path | None, typer.Option("--input", help="Representative data: a file or a directory of shards (required).")
+]
+DataBatchSizeOpt = Annotated[
+    int | None, typer.Option("--batch-size", min=1, help="Samples per batch of --input (default 64).")
+]
+DataBatchesOpt = Annotated[
+    int | None, typer.Option("--batches", min=1, help="Use at most this many batches of --input (default: all).")
 ]
 MethodOpt = Annotated[
     RecalibrationChoice,

@@ -92,6 +92,13 @@ def _import_arch_module(target: str, spec: str) -> Any:
     if target.endswith(".py") or "/" in target or os.sep in target:
         path = Path(target)
         if not path.is_file():
+            with_suffix = path.with_name(path.name + ".py")
+            if not target.endswith(".py") and with_suffix.is_file():
+                callable_name = spec.rpartition(":")[2]
+                raise ArchError(
+                    f"--arch {spec!r}: file {target} does not exist",
+                    f"Did you mean --arch {with_suffix}:{callable_name}?",
+                )
             raise ArchError(f"--arch {spec!r}: file {target} does not exist", "Check the path")
         name = f"bn_inspect_arch_{path.stem}"
         module_spec = importlib.util.spec_from_file_location(name, path)

@@ -341,7 +341,7 @@ def states_from_state_dict(state_dict: dict[str, torch.Tensor]) -> list[LayerSta
                 affine=weight is not None,
                 track_running_stats=True,
                 num_batches_tracked=int(tracked.item()) if tracked is not None and tracked.numel() == 1 else None,
-                is_training=False,
+                is_training=None,
                 affine_requires_grad=None,
                 buffer_dtype=dtype_name(running_mean),
                 running_mean=host_values(running_mean),

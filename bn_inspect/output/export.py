@@ -181,7 +181,7 @@ def check_to_markdown(check: CheckReport) -> str:
     lines += [
         "",
         f"<sub>max shift {t.max_shift:g} · max var ratio {t.max_var_ratio:g} · max share {t.max_share:g} · "
-        f"min values {t.min_values} · strict {t.strict}</sub>",
+        f"min values {t.min_values} · untrained statistics (BN104) {'an error' if t.strict else 'a warning'}</sub>",
         "",
     ]
     return "\n".join(lines)

@@ -115,8 +115,9 @@ class RecalibratedLayer:
         new_running_mean, new_running_var: the buffers after, as stored (rounded to their dtype).
         old_num_batches_tracked, new_num_batches_tracked: that buffer before and after.
         max_abs_shift_z_before: max over channels of |mean - old_running_mean| /
-            sqrt(old_running_var + eps) for the data the new statistics come from.
-        worst_var_ratio_before: biased variance of that data / old_running_var, the channel
+            sqrt(old_running_var + eps) for the layer's inputs in the model as given (an eval
+            forward for ``sequential``, as ``inspect`` shows; the train-mode pass for ``precise``).
+        worst_var_ratio_before: biased variance of those inputs / old_running_var, the channel
             farthest from 1 on a log scale.
         max_abs_shift_z_after, worst_var_ratio_after: the same for the layer's inputs in an eval
             forward of the recalibrated model, against the new statistics (None without the

@@ -63,7 +63,8 @@ class LayerState:
     """What a normalization layer holds before any data runs (read from the model, not computed).
 
     ``eval_uses`` says which statistics the layer would normalize with in eval mode: "running",
-    or "batch" when it keeps none (its eval output then depends on the batch).
+    or "batch" when it keeps none (its eval output then depends on the batch). ``is_training`` and
+    ``affine_requires_grad`` are None where the file does not store them (a state_dict).
     """
 
     name: str
@@ -76,7 +77,7 @@ class LayerState:
     affine: bool
     track_running_stats: bool
     num_batches_tracked: int | None
-    is_training: bool
+    is_training: bool | None
     affine_requires_grad: bool | None
     buffer_dtype: str | None
     running_mean: Floats | None
