@@ -8,6 +8,7 @@ fit, every row becomes a block of ``header: value`` lines under its name.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ def as_table(layout: Layout) -> Table:
     table = Table(header_style="bold", show_edge=False, pad_edge=False, box=box.SIMPLE_HEAD)
     for index, column in enumerate(layout.columns):
         table.add_column(
-            column.header,
+            Text(column.header),  # a Text, so that ``[min, max]`` is not read as markup
             justify=column.justify,
             no_wrap=not column.wraps,
             min_width=_narrowest(column, [row[index] for row in layout.rows]),
@@ -73,10 +74,32 @@ def as_table(layout: Layout) -> Table:
     return table
 
 
+def _measure(table: Table) -> Measurement:
+    """The fewest and the most console columns ``table`` takes."""
+    console = Console(width=_UNBOUNDED, file=io.StringIO())
+    return Measurement.get(console, console.options, table)
+
+
 def minimum_width(table: Table) -> int:
     """The fewest console columns ``table`` needs."""
-    console = Console(width=_UNBOUNDED, file=io.StringIO())
-    return Measurement.get(console, console.options, table).minimum
+    return _measure(table).minimum
+
+
+def _share_spare_width(table: Table, layout: Layout, spare: int) -> None:
+    """Give the columns that wrap fixed widths, each its narrowest plus what spare width is left.
+
+    rich narrows a table that is too wide by shrinking its wrapping columns evenly, below their
+    minimum if need be, and then grows them back past the console's width or cuts a cell.
+    """
+    for index, column in enumerate(layout.columns):
+        if not column.wraps:
+            continue
+        cells = [row[index] for row in layout.rows]
+        narrowest = _narrowest(column, cells)
+        widest = _narrowest(dataclasses.replace(column, wraps=False), cells)
+        extra = min(spare, widest - narrowest)
+        table.columns[index].width = narrowest + extra
+        spare -= extra
 
 
 def as_blocks(layout: Layout) -> Group:
@@ -100,6 +123,9 @@ def fitted(layouts: Sequence[Layout], width: int) -> RenderableType:
     """The first of ``layouts`` (widest first) whose table fits in ``width`` columns, else the last as blocks."""
     for layout in layouts:
         table = as_table(layout)
-        if minimum_width(table) <= width:
+        measured = _measure(table)
+        if measured.minimum <= width:
+            if measured.maximum > width:
+                _share_spare_width(table, layout, width - measured.minimum)
             return table
     return as_blocks(layouts[-1])

@@ -15,7 +15,7 @@ from bn_inspect.report.records import LayerListing, LayerState
 from bn_inspect.text import inert
 
 if TYPE_CHECKING:
-    from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
+    from bn_inspect.report.comparisons import ModeComparison, RecalibratedLayer, RecalibrationResult
 
 
 def _spread(values: Sequence[float] | None) -> str:
@@ -181,29 +181,41 @@ def render_mode_comparison(comparison: ModeComparison, width: int = 160) -> Rend
     return Group(*parts)
 
 
+def _before_after(layer: RecalibratedLayer) -> dict[str, tuple[float | None, float | None]]:
+    """Each before/after pair of a recalibrated layer, by its stacked column header."""
+    return {
+        "max |z|\nbefore/after": (layer.max_abs_shift_z_before, layer.max_abs_shift_z_after),
+        "worst var ratio\nbefore/after": (layer.worst_var_ratio_before, layer.worst_var_ratio_after),
+        "mean\nold/new": (_mean(layer.old_running_mean), _mean(layer.new_running_mean)),
+        "var\nold/new": (_mean(layer.old_running_var), _mean(layer.new_running_var)),
+    }
+
+
 def render_recalibration(result: RecalibrationResult, output: str, width: int = 160) -> RenderableType:
     """Before/after per layer: how far the data sat from the old statistics, and from the new."""
-    columns = (
-        Column("layer"),
-        Column("values/ch", "right"),
-        *(
-            Column(header, "right", wraps=True)
-            for header in ("max |z| before → after", "worst var ratio before → after", "mean old → new")
+    firsts = (Column("layer"), Column("values/ch", "right"))
+    pairs = [
+        (_inert(layer.name), Text(f"{layer.values_per_channel:,}"), _before_after(layer)) for layer in result.layers
+    ]
+    headers = list(pairs[0][2]) if pairs else []
+    # Side by side with an arrow while that fits; narrower, the value after goes under the one before.
+    layouts = [
+        Layout(
+            (*firsts, *(Column(header.replace("/", " → ").replace("\n", " "), "right") for header in headers)),
+            tuple(
+                (name, count, *(Text(" → ".join(map(_short, pair))) for pair in cells.values()))
+                for name, count, cells in pairs
+            ),
         ),
-        Column("var old → new", "right", wraps=True),
-    )
-    rows = tuple(
-        (
-            _inert(layer.name),
-            Text(f"{layer.values_per_channel:,}"),
-            Text(f"{_short(layer.max_abs_shift_z_before)} → {_short(layer.max_abs_shift_z_after)}"),
-            Text(f"{_short(layer.worst_var_ratio_before)} → {_short(layer.worst_var_ratio_after)}"),
-            Text(f"{_short(_mean(layer.old_running_mean))} → {_short(_mean(layer.new_running_mean))}"),
-            Text(f"{_short(_mean(layer.old_running_var))} → {_short(_mean(layer.new_running_var))}"),
-        )
-        for layer in result.layers
-    )
-    table = fitted([Layout(columns, rows)], width)
+        Layout(
+            (*firsts, *(Column(header, "right") for header in headers)),
+            tuple(
+                (name, count, *(Text("\n".join(map(_short, pair))) for pair in cells.values()))
+                for name, count, cells in pairs
+            ),
+        ),
+    ]
+    table = fitted(layouts, width)
     method = (
         "precise: one pass with normalization layers in train mode (as PreciseBN / update_bn)"
         if result.method == "precise"
