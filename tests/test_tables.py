@@ -12,9 +12,11 @@ import pytest
 from rich.console import Console
 from torch import nn
 
+from bn_inspect.analyses.checking import check_model
 from bn_inspect.analyses.inspection import inspect_model
 from bn_inspect.output.formats import FILE_WIDTH, Rendering, TableFormatter
 from bn_inspect.output.render import header
+from bn_inspect.report.findings import Thresholds
 from bn_inspect.report.records import InputInfo, ModelInfo
 from tests import models
 from tests.helpers import DIGITS, check_golden, invoke
@@ -132,8 +134,8 @@ def test_a_name_wider_than_the_console_stays_whole(width: int) -> None:
     models.randomize_norm_state(model).eval()
     report = inspect_model(model, [models.make_input((4, 3, 5, 5))], model_info=ModelInfo("long", "module"))
     text = TableFormatter().text(report, Rendering(width=width, channel_patterns=("*",)))
-    # Once in the layer table, once over the per-channel table (its explanation sentence may wrap it).
-    assert sum(long_name in line.split() for line in text.splitlines()) >= 2
+    # On a line of its own, whole, where the layer table becomes one block per layer.
+    assert long_name in [line.strip() for line in text.splitlines()]
 
 
 def test_printing_to_a_pipe_ignores_rich_80_column_default(
@@ -159,3 +161,10 @@ def test_header_counts_are_separated_and_singular_for_one(num_nonfinite: int, li
     text = console.export_text()
     assert line in text and "1 sample in 1 batch of" in text
     assert re.search(r"\b1 (samples|batches)\b", text) is None
+
+
+def test_counts_in_findings_are_thousands_separated() -> None:
+    model = models.randomize_norm_state(models.ConvBN2d()).eval()
+    checked = check_model(model, [models.make_input((64, 3, 8, 8))], thresholds=Thresholds(min_values=10_000))
+    messages = [finding.message for finding in checked.findings if finding.code == "BN203"]
+    assert messages and "only 4,096 values per channel per batch (fewer than 10,000)" in messages[0]

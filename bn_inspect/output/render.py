@@ -11,6 +11,7 @@ from rich.text import Text
 
 from bn_inspect.output.export import format_number
 from bn_inspect.output.layout import Column, Layout, fitted
+from bn_inspect.output.words import counted
 from bn_inspect.report.findings import CheckReport
 from bn_inspect.report.records import LayerReport, ModelInfo, Report, matching_layers
 from bn_inspect.text import inert
@@ -86,12 +87,6 @@ def _pair(batch: float | None, running: float | None) -> str:
 
 def _short(value: float | None) -> str:
     return format_number(value, 3)
-
-
-def _count(number: int, noun: str) -> str:
-    """``1 batch``, ``4,096 batches``: thousands separated, the noun singular only for one."""
-    plural = noun + ("es" if noun.endswith(("s", "ch")) else "s")
-    return f"{number:,} {noun if number == 1 else plural}"
 
 
 def _model_line(model: ModelInfo) -> Text:
@@ -186,13 +181,13 @@ def header(report: Report) -> Text:
     text = _model_line(report.model)
     text.append("\ninput ", style="bold")
     text.append(
-        f"{inert(data.source)}: {_count(data.num_samples, 'sample')} in {_count(data.num_batches, 'batch')} of "
+        f"{inert(data.source)}: {counted(data.num_samples, 'sample')} in {counted(data.num_batches, 'batch')} of "
         f"{_shape(data.shape)} {data.dtype} · mode {report.mode} · device {report.device}"
     )
     if data.num_nonfinite_values:
         count = data.num_nonfinite_values
         text.append(
-            f"\n{_count(count, 'input value')} {'is' if count == 1 else 'are'} NaN or infinite", style="bold red"
+            f"\n{counted(count, 'input value')} {'is' if count == 1 else 'are'} NaN or infinite", style="bold red"
         )
     return text
 
@@ -316,7 +311,7 @@ def render_check(check: CheckReport, width: int = 160) -> RenderableType:
     head = _model_line(model)
     if check.input is not None:
         head.append("\ninput ", style="bold")
-        head.append(f"{inert(check.input.source)}: {_count(check.input.num_samples, 'sample')} · mode {check.mode}")
+        head.append(f"{inert(check.input.source)}: {counted(check.input.num_samples, 'sample')} · mode {check.mode}")
     parts += [head, Text("")]
     if check.findings:
         ordered = sorted(check.findings, key=lambda f: -f.severity.rank)

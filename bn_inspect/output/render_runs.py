@@ -10,7 +10,8 @@ from rich.console import Group, RenderableType
 from rich.text import Text
 
 from bn_inspect.output.layout import Column, Layout, fitted
-from bn_inspect.output.render import _count, _inert, _mean, _model_line, _short, _two_lines
+from bn_inspect.output.render import _inert, _mean, _model_line, _short, _two_lines
+from bn_inspect.output.words import counted
 from bn_inspect.report.records import LayerListing, LayerState
 from bn_inspect.text import inert
 
@@ -149,7 +150,7 @@ def render_mode_comparison(comparison: ModeComparison, width: int = 160) -> Rend
     parts: list[RenderableType] = [
         *([_model_line(comparison.model)] if comparison.model is not None else []),
         Text(
-            f"{_count(comparison.num_samples, 'sample')} in {_count(comparison.num_batches, 'batch')}, each run in eval and in "
+            f"{counted(comparison.num_samples, 'sample')} in {counted(comparison.num_batches, 'batch')}, each run in eval and in "
             "train mode (dropout off in both); Δ = ‖train − eval‖ / ‖eval‖.",
             style="dim",
         ),
@@ -223,8 +224,8 @@ def render_recalibration(result: RecalibrationResult, output: str, width: int = 
     )
     parts: list[RenderableType] = [
         Text(
-            f"Recalibrated {_count(len(result.layers), 'layer')} over {_count(result.num_samples, 'sample')} in "
-            f"{_count(result.num_batches, 'batch')} ({_count(result.num_passes, 'pass')}), method {method}.",
+            f"Recalibrated {counted(len(result.layers), 'layer')} over {counted(result.num_samples, 'sample')} in "
+            f"{counted(result.num_batches, 'batch')} ({counted(result.num_passes, 'pass')}), method {method}.",
             style="bold",
         ),
         Text(""),

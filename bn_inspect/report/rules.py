@@ -189,7 +189,7 @@ def _update_findings(s: LayerState, thresholds: Thresholds) -> list[Finding]:
                 "BN106",
                 s.name,
                 f"momentum is None: running statistics are the plain average of all "
-                f"{s.num_batches_tracked or 0} batches tracked so far (num_batches_tracked sets each new "
+                f"{s.num_batches_tracked or 0:,} batches tracked so far (num_batches_tracked sets each new "
                 "batch's weight, 1/num_batches_tracked), so early batches count as much as late ones",
             )
         )
@@ -225,7 +225,7 @@ def _mode_findings(states: Sequence[LayerState], model_is_training: bool) -> lis
             _finding(
                 "BN107",
                 None,
-                f"the model is in eval mode but {len(training)} normalization layers are "
+                f"the model is in eval mode but {len(training):,} normalization layers are "
                 f"in train mode ({_listed(training)}); they normalize with batch statistics. Call "
                 "model.eval() after any .train() on submodules",
                 call=None,
@@ -288,7 +288,7 @@ def _data_findings(layer: LayerReport, thresholds: Thresholds) -> list[Finding]:
                 _finding(
                     "BN201",
                     layer.name,
-                    f"{len(shifted)} of {len(shifts)} channels ({share:.0%}) have "
+                    f"{len(shifted):,} of {len(shifts):,} channels ({share:.0%}) have "
                     f"|shift z| > {thresholds.max_shift:g} or var ratio outside [{low:.3g}, "
                     f"{high:.3g}] (max |z| = {worst:.3g}). The data does not match the running statistics "
                     "this layer normalizes with in eval: check preprocessing against training, or "
@@ -332,8 +332,8 @@ def _data_findings(layer: LayerReport, thresholds: Thresholds) -> list[Finding]:
             _finding(
                 "BN203",
                 layer.name,
-                f"only {per_batch} values per channel per batch (fewer than "
-                f"{thresholds.min_values}): batch statistics this noisy make training unstable and the "
+                f"only {per_batch:,} values per channel per batch (fewer than "
+                f"{thresholds.min_values:,}): batch statistics this noisy make training unstable and the "
                 "comparison here unreliable. Use larger batches or --min-values",
                 call=layer.call,
             )
