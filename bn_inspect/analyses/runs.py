@@ -5,6 +5,7 @@ Each returns the result to render, or None on the ranks of a torchrun run that d
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -152,7 +153,8 @@ def run_compare_modes(options: RunOptions, threshold: float, observer: RunObserv
     from bn_inspect.analyses.modes import compare_modes
 
     prepared = prepare_run(options, observer)
-    return compare_modes(prepared.loaded.module, prepared.batches or (), threshold=threshold)
+    comparison = compare_modes(prepared.loaded.module, prepared.batches or (), threshold=threshold)
+    return dataclasses.replace(comparison, model=prepared.model_info)
 
 
 def list_layers(options: RunOptions, observer: RunObserver) -> LayerListing:

@@ -8,6 +8,7 @@ import re
 from typing import TYPE_CHECKING
 
 from bn_inspect.output.verdict import inspection_verdict
+from bn_inspect.output.words import counted
 from bn_inspect.report.findings import CheckReport, Finding
 from bn_inspect.report.frame import report_frame
 from bn_inspect.report.records import LayerListing, Report, matching_layers
@@ -88,7 +89,7 @@ def to_markdown(report: Report, channel_patterns: tuple[str, ...] = ()) -> str:
         "## bn-inspect",
         "",
         f"**Model** {_code(report.model.source)} ({report.model.format}) · **input** {_code(data.source)}: "
-        f"{data.num_samples:,} samples, {data.num_batches} batch(es) of {tuple(data.shape)} · "
+        f"{counted(data.num_samples, 'sample')}, {counted(data.num_batches, 'batch')} of {tuple(data.shape)} · "
         f"**mode** {report.mode} · **device** {report.device}",
         "",
         "| # | layer | type | input | C | values/ch | batch mean | running mean | batch var | running var "
@@ -160,8 +161,8 @@ def check_to_markdown(check: CheckReport) -> str:
         "",
         f"**Model** {_code(check.model.source)} ({check.model.format}) · "
         + (f"**input** {_code(check.input.source)} · " if check.input else "**no data** · ")
-        + f"{_count(counts['error'], 'error')}, {_count(counts['warning'], 'warning')}, "
-        f"{_count(counts['info'], 'note')} · "
+        + f"{counted(counts['error'], 'error')}, {counted(counts['warning'], 'warning')}, "
+        f"{counted(counts['info'], 'note')} · "
         f"fails on {check.fail_on.value}",
         "",
     ]
@@ -185,10 +186,6 @@ def check_to_markdown(check: CheckReport) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def check_to_junit(check: CheckReport) -> str:
@@ -253,7 +250,7 @@ def listing_to_markdown(listing: LayerListing) -> str:
         lines.append(
             f"| {_cell(_code(layer.name))} | {_text(layer.type)} | {layer.num_channels if layer.num_channels is not None else '—'} | "
             f"{format_number(layer.eps)} | {momentum} | {'yes' if layer.affine else 'no'} | "
-            f"{layer.num_batches_tracked if layer.num_batches_tracked is not None else '—'} | "
+            f"{f'{layer.num_batches_tracked:,}' if layer.num_batches_tracked is not None else '—'} | "
             f"{format_number(_avg(layer.running_mean))} | {format_number(_avg(layer.running_var))} | {layer.eval_uses} |"
         )
     return "\n".join(lines) + "\n"
@@ -276,7 +273,7 @@ def comparison_to_markdown(comparison: ModeComparison) -> str:
     lines = [
         "## bn-inspect compare-modes",
         "",
-        f"{comparison.num_samples:,} samples in {comparison.num_batches} batches; Δ = ‖train − eval‖ / ‖eval‖.",
+        f"{counted(comparison.num_samples, 'sample')} in {counted(comparison.num_batches, 'batch')}; Δ = ‖train − eval‖ / ‖eval‖.",
         "",
         "| layer | type | output Δ | input Δ | own Δ | max \\|z\\| | worst var ratio |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -306,7 +303,7 @@ def recalibration_to_markdown(result: RecalibrationResult, output: str) -> str:
     lines = [
         f"## bn-inspect recalibrate ({result.method})",
         "",
-        f"{result.num_samples:,} samples in {result.num_batches} batches; wrote {_code(output)}.",
+        f"{counted(result.num_samples, 'sample')} in {counted(result.num_batches, 'batch')}; wrote {_code(output)}.",
         "",
         "| layer | values/ch | max \\|z\\| before | max \\|z\\| after |",
         "|---|---:|---:|---:|",

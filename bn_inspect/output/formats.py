@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,31 +122,43 @@ class TableFormatter(Formatter):
 
     def renderable(self, result: Result, rendering: Rendering) -> RenderableType:
         """The result as a rich renderable."""
-        from bn_inspect.output import render
+        from bn_inspect.output import render, render_runs
 
+        width = rendering.width
         if isinstance(result, Report):
-            return render.render_report(result, rendering.channel_patterns, rendering.width)
+            return render.render_report(result, rendering.channel_patterns, width)
         if isinstance(result, CheckReport):
-            return render.render_check(result)
+            return render.render_check(result, width)
         if isinstance(result, LayerListing):
-            return render.render_listing(result)
+            return render_runs.render_listing(result, width)
         if isinstance(result, ModeComparison):
-            return render.render_mode_comparison(result)
-        return render.render_recalibration(result, rendering.model_output)
+            return render_runs.render_mode_comparison(result, width)
+        return render_runs.render_recalibration(result, rendering.model_output, width)
 
     def text(self, result: Result, rendering: Rendering) -> str:
+        """Plain text laid out for ``rendering.width`` columns, without trailing spaces."""
         from rich.console import Console
 
         console = Console(record=True, width=rendering.width, no_color=True, highlight=False, file=io.StringIO())
-        console.print(self.renderable(result, rendering))
-        return console.export_text()
+        # crop=False: a name wider than the whole width stays whole on its own line.
+        console.print(self.renderable(result, rendering), crop=False)
+        return "".join(line.rstrip() + "\n" for line in console.export_text().splitlines())
 
     def print(self, result: Result, rendering: Rendering) -> None:
-        """Print to stdout as wide as the terminal, in colour where it is one."""
+        """Print to stdout: on a terminal as wide as it is and in colour, else as text for a file.
+
+        A pipe or a CI log has no width, and rich then assumes 80 columns, which squeezes every
+        table; the file layout (FILE_WIDTH) keeps one line per row instead. A COLUMNS variable
+        is a width someone chose, so it is kept, pipe or not.
+        """
         from rich.console import Console
 
         console = Console(highlight=False)
-        console.print(self.renderable(result, dataclasses.replace(rendering, width=console.width)))
+        if not console.is_terminal:
+            width = console.width if "COLUMNS" in os.environ else FILE_WIDTH
+            sys.stdout.write(self.text(result, dataclasses.replace(rendering, width=width)))
+            return
+        console.print(self.renderable(result, dataclasses.replace(rendering, width=console.width)), crop=False)
 
 
 FORMATTERS: dict[str, Formatter] = {

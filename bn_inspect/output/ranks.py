@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from bn_inspect.output.words import counted
 from bn_inspect.report.records import DistributedInfo, RankDivergence
 
 
 def distributed_lines(info: DistributedInfo) -> list[str]:
     """Plain sentences for the report's section on a run over several ranks."""
-    shares = "; ".join(f"rank {s.rank}: {s.num_samples:,} samples in {s.num_batches} batch(es)" for s in info.shares)
+    shares = "; ".join(
+        f"rank {s.rank}: {counted(s.num_samples, 'sample')} in {counted(s.num_batches, 'batch')}" for s in info.shares
+    )
     lines = [
         f"{info.world_size} ranks ({info.backend}): every statistic above is over all ranks' data, "
         f"merged exactly in float64 ({shares})."

@@ -6,19 +6,19 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from rich import box
 from rich.console import Group, RenderableType
-from rich.table import Table
 from rich.text import Text
 
 from bn_inspect.output.export import format_number
+from bn_inspect.output.layout import Column, Layout, fitted
 from bn_inspect.output.verdict import inspection_verdict
+from bn_inspect.output.words import counted
 from bn_inspect.report.findings import CheckReport
-from bn_inspect.report.records import LayerListing, LayerReport, Report, matching_layers
+from bn_inspect.report.records import LayerReport, ModelInfo, Report, matching_layers
 from bn_inspect.text import inert
 
 if TYPE_CHECKING:
-    from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
+    pass
 
 # |z| beyond which the batch mean sits far outside the running distribution.
 SHIFT_WARN = 1.0
@@ -91,6 +91,14 @@ def _short(value: float | None) -> str:
     return format_number(value, 3)
 
 
+def _model_line(model: ModelInfo) -> Text:
+    """``model <source> (<format>[, --arch <spec>])``, the first line of every command's output."""
+    text = Text()
+    text.append("model ", style="bold")
+    text.append(f"{inert(model.source)} ({model.format}" + (f", --arch {inert(model.arch)})" if model.arch else ")"))
+    return text
+
+
 def _two_lines(top: str | Text, bottom: str | Text, bottom_style: str = "dim") -> Text:
     text = top.copy() if isinstance(top, Text) else Text(top)
     text.append("\n")
@@ -98,75 +106,91 @@ def _two_lines(top: str | Text, bottom: str | Text, bottom_style: str = "dim") -
     return text
 
 
-def layer_table(report: Report, compact: bool = False) -> Table:
-    """One two-line row per layer call: shapes and axes, batch over running statistics, shift.
+def _layer_cells(layer: LayerReport) -> dict[str, Text]:
+    """Each cell of a layer call's row, by the column it belongs to."""
+    shifts, worst, ratio = layer.mean_shift_z, layer.max_abs_shift_z, layer.var_ratio
+    shift_cell = Text("—", style="dim")
+    if shifts is not None and worst is not None:
+        shift_cell = _two_lines(
+            shift_bar(worst) + Text(f" {_short(worst)}"), f"avg {_short(_mean([abs(z) for z in shifts]))}"
+        )
+    ratio_cell = Text("—", style="dim")
+    if ratio is not None:
+        ratio_cell = _two_lines(_short(_geometric_mean(ratio)), f"({_short(layer.worst_var_ratio)})")
+    values = layer.values_per_channel
+    channels = f"{layer.num_channels:,}" if layer.num_channels is not None else "—"
+    flags = Text(" ".join(layer.flags), style="magenta")
+    name = _two_lines(_inert(layer.label, "bold"), _inert(layer.type, "dim"))
+    return {
+        "name": name,
+        "named": _two_lines(name, flags) if layer.flags else name,
+        "input": _two_lines(
+            _shape(layer.input_shape), _reduced(layer) + (f": {values:,}" if values is not None else "")
+        ),
+        "input (C)": _two_lines(
+            f"{_shape(layer.input_shape)} ({channels})",
+            _reduced(layer) + (f": {values:,}" if values is not None else ""),
+        ),
+        "C": Text(channels),
+        "mean": _two_lines(_short(_mean(layer.batch_mean)), _short(_mean(layer.running_mean))),
+        "var": _two_lines(_short(_mean(layer.batch_var)), _short(_mean(layer.running_var))),
+        "shift": shift_cell,
+        "ratio": ratio_cell,
+        "uses": _two_lines(layer.normalizes_with, flags, "magenta"),
+    }
 
-    ``compact`` (for terminals under about 110 columns) moves the channel count into the input
-    column and leaves out the statistics used and the flags (the JSON report has them).
+
+_LAYER_COLUMNS = {
+    "name": Column("layer\ntype"),
+    "named": Column("layer\ntype\nflags"),
+    "input": Column("input\nreduced: n/ch", "right"),
+    "input (C)": Column("input (C)\nreduced: n/ch", "right"),
+    "C": Column("C", "right"),
+    "mean": Column("mean\nbatch/run", "right"),
+    "var": Column("var\nbatch/run", "right"),
+    "shift": Column("shift |z|\nmax", wraps=True),
+    "ratio": Column("var ratio\n(worst)", "right"),
+    "uses": Column("uses\nflags", wraps=True),
+}
+
+
+def layer_table(report: Report, width: int = 160) -> RenderableType:
+    """One row per layer call: shapes and axes, batch over running statistics, shift.
+
+    Below the full width the channel count joins the input column and the flags go under the
+    layer's type; below that each layer call is a block of lines.
     """
-    table = Table(header_style="bold", show_edge=False, pad_edge=False, box=box.SIMPLE_HEAD, collapse_padding=True)
-    longest = max((max(len(inert(layer.label)), len(inert(layer.type))) for layer in report.layers), default=5)
-    table.add_column("layer\ntype", overflow="fold", min_width=min(longest, 24))
-    table.add_column("input" + (" (C)" if compact else "") + "\nreduced: n/ch", justify="right", no_wrap=True)
-    if not compact:
-        table.add_column("C", justify="right")
-    table.add_column("mean\nbatch/run", justify="right", no_wrap=True)
-    table.add_column("var\nbatch/run", justify="right", no_wrap=True)
-    table.add_column("shift |z|\nmax", no_wrap=True)
-    table.add_column("var ratio\n(worst)", justify="right", no_wrap=True)
-    if not compact:
-        table.add_column("uses\nflags")
-    for layer in report.layers:
-        shifts = layer.mean_shift_z
-        worst = layer.max_abs_shift_z
-        shift_cell = Text("—", style="dim")
-        if shifts is not None and worst is not None:
-            shift_cell = _two_lines(
-                shift_bar(worst) + Text(f" {_short(worst)}"), f"avg {_short(_mean([abs(z) for z in shifts]))}"
-            )
-        ratio = layer.var_ratio
-        ratio_cell = Text("—", style="dim")
-        if ratio is not None:
-            ratio_cell = _two_lines(_short(_geometric_mean(ratio)), f"({_short(layer.worst_var_ratio)})")
-        values = layer.values_per_channel
-        reduced = _reduced(layer) + (f": {values:,}" if values is not None else "")
-        channels = str(layer.num_channels) if layer.num_channels is not None else "—"
-        flags = " ".join(layer.flags)
-        name_cell = _two_lines(_inert(layer.label, "bold"), _inert(layer.type, "dim"))
-        cells: list[RenderableType] = [
-            name_cell,
-            _two_lines(_shape(layer.input_shape) + (f" ({channels})" if compact else ""), reduced),
-        ]
-        if not compact:
-            cells.append(channels)
-        cells += [
-            _two_lines(_short(_mean(layer.batch_mean)), _short(_mean(layer.running_mean))),
-            _two_lines(_short(_mean(layer.batch_var)), _short(_mean(layer.running_var))),
-            shift_cell,
-            ratio_cell,
-        ]
-        if not compact:
-            cells.append(_two_lines(layer.normalizes_with, flags, "magenta"))
-        table.add_row(*cells)
-    return table
+    cells = [_layer_cells(layer) for layer in report.layers]
+    columns = dict(_LAYER_COLUMNS)
+    if not any(layer.flags for layer in report.layers):
+        columns["named"] = columns["name"]
+    layouts = [
+        Layout(
+            tuple(columns[key] for key in keys),
+            tuple(tuple(row[key] for key in keys) for row in cells),
+        )
+        for keys in (
+            ("name", "input", "C", "mean", "var", "shift", "ratio", "uses"),
+            ("named", "input (C)", "mean", "var", "shift", "ratio"),
+        )
+    ]
+    return fitted(layouts, width)
 
 
 def header(report: Report) -> Text:
     """Model, input, mode and device in two lines."""
-    model = report.model
-    source = f"{inert(model.source)} ({model.format}" + (f", --arch {inert(model.arch)})" if model.arch else ")")
     data = report.input
-    batches = "batch" if data.num_batches == 1 else "batches"
-    text = Text()
-    text.append("model ", style="bold")
-    text.append(source + "\n")
-    text.append("input ", style="bold")
+    text = _model_line(report.model)
+    text.append("\ninput ", style="bold")
     text.append(
-        f"{inert(data.source)}: {data.num_samples:,} samples in {data.num_batches} {batches} of "
+        f"{inert(data.source)}: {counted(data.num_samples, 'sample')} in {counted(data.num_batches, 'batch')} of "
         f"{_shape(data.shape)} {data.dtype} · mode {report.mode} · device {report.device}"
     )
     if data.num_nonfinite_values:
-        text.append(f"\n{data.num_nonfinite_values:,} input values are NaN or infinite", style="bold red")
+        count = data.num_nonfinite_values
+        text.append(
+            f"\n{counted(count, 'input value')} {'is' if count == 1 else 'are'} NaN or infinite", style="bold red"
+        )
     return text
 
 
@@ -188,46 +212,51 @@ def explanations(report: Report) -> Text:
     return text
 
 
-def channel_table(layer: LayerReport) -> Table:
-    """Per-channel batch and running statistics of one layer call."""
-    table = Table(
-        title=_inert(f"{layer.label} ({layer.type}), per channel"),
-        title_justify="left",
-        show_edge=False,
-        pad_edge=False,
-    )
-    for name in (
-        "ch",
-        "batch mean",
-        "running mean",
-        "batch var",
-        "running var",
-        "shift z",
-        "var ratio",
-        "weight",
-        "bias",
-    ):
-        table.add_column(name, justify="right")
-    num_channels = len(layer.batch_mean or layer.running_mean or ())
+def channel_table(layer: LayerReport, width: int = 160) -> RenderableType:
+    """Per-channel batch and running statistics of one layer call.
+
+    Narrower, batch and running values share a column (one above the other); narrower still,
+    weight and bias are left out (the JSON and CSV reports have them); then one block per channel.
+    """
     shifts, ratios = layer.mean_shift_z, layer.var_ratio
 
-    def at(values: Sequence[float] | None, index: int) -> float | None:
-        return values[index] if values is not None else None
+    def at(values: Sequence[float] | None, index: int) -> Text:
+        return Text(format_number(values[index] if values is not None else None))
 
-    for c in range(num_channels):
-        z = at(shifts, c)
-        table.add_row(
-            str(c),
-            format_number(at(layer.batch_mean, c)),
-            format_number(at(layer.running_mean, c)),
-            format_number(at(layer.batch_var, c)),
-            format_number(at(layer.running_var, c)),
-            Text(format_number(z), style=shift_style(abs(z) if z is not None else None)),
-            format_number(at(ratios, c)),
-            format_number(at(layer.weight, c)),
-            format_number(at(layer.bias, c)),
+    rows = []
+    for c in range(len(layer.batch_mean or layer.running_mean or ())):
+        z = shifts[c] if shifts is not None else None
+        rows.append(
+            {
+                "ch": Text(f"{c:,}"),
+                "batch mean": at(layer.batch_mean, c),
+                "running mean": at(layer.running_mean, c),
+                "batch var": at(layer.batch_var, c),
+                "running var": at(layer.running_var, c),
+                "shift z": Text(format_number(z), style=shift_style(abs(z) if z is not None else None)),
+                "var ratio": at(ratios, c),
+                "weight": at(layer.weight, c),
+                "bias": at(layer.bias, c),
+            }
         )
-    return table
+    for row in rows:
+        row["mean\nbatch/run"] = _two_lines(row["batch mean"], row["running mean"], "")
+        row["var\nbatch/run"] = _two_lines(row["batch var"], row["running var"], "")
+        row["weight\nbias"] = _two_lines(row["weight"], row["bias"], "")
+    layouts = [
+        Layout(
+            tuple(Column(key, "right") for key in keys),
+            tuple(tuple(row[key] for key in keys) for row in rows),
+        )
+        for keys in (
+            ("ch", "batch mean", "running mean", "batch var", "running var", "shift z", "var ratio", "weight", "bias"),
+            ("ch", "mean\nbatch/run", "var\nbatch/run", "shift z", "var ratio", "weight\nbias"),
+            ("ch", "mean\nbatch/run", "var\nbatch/run", "shift z", "var ratio"),
+        )
+    ]
+    title = _inert(f"{layer.label} ({layer.type}), per channel", "bold")
+    title.no_wrap, title.overflow = True, "ignore"
+    return Group(title, fitted(layouts, width))
 
 
 def render_report(report: Report, channel_patterns: Sequence[str] = (), width: int = 120) -> RenderableType:
@@ -235,11 +264,11 @@ def render_report(report: Report, channel_patterns: Sequence[str] = (), width: i
 
     ``width`` is the console width the table is laid out for.
     """
-    table = layer_table(report, compact=width < 110)
+    table = layer_table(report, width)
     parts: list[RenderableType] = [header(report), Text(""), table, Text(""), verdict(report)]
     parts += [Text(""), explanations(report)]
     for layer in matching_layers(report, channel_patterns):
-        parts += [channel_table(layer), Text("")]
+        parts += [channel_table(layer, width), Text("")]
     if report.distributed is not None:
         from bn_inspect.output.ranks import distributed_lines
 
@@ -258,32 +287,28 @@ def render_report(report: Report, channel_patterns: Sequence[str] = (), width: i
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
 
-def render_check(check: CheckReport) -> RenderableType:
+def render_check(check: CheckReport, width: int = 160) -> RenderableType:
     """Findings sorted by severity, then the verdict and what the gate was measured against."""
     parts: list[RenderableType] = []
     model = check.model
-    head = Text()
-    head.append("model ", style="bold")
-    head.append(f"{inert(model.source)} ({model.format})")
+    head = _model_line(model)
     if check.input is not None:
         head.append("\ninput ", style="bold")
-        head.append(f"{inert(check.input.source)}: {check.input.num_samples:,} samples · mode {check.mode}")
+        head.append(f"{inert(check.input.source)}: {counted(check.input.num_samples, 'sample')} · mode {check.mode}")
     parts += [head, Text("")]
     if check.findings:
-        table = Table(header_style="bold", show_edge=False, pad_edge=False, box=box.SIMPLE_HEAD)
-        table.add_column("severity")
-        table.add_column("code")
-        table.add_column("layer", overflow="fold")
-        table.add_column("finding", ratio=1)
         ordered = sorted(check.findings, key=lambda f: -f.severity.rank)
-        for finding in ordered:
-            table.add_row(
+        rows = tuple(
+            (
+                _inert(finding.label),
                 Text(finding.severity.value, style=_SEVERITY_STYLE[finding.severity.value]),
                 Text(f"{finding.code}\n{finding.rule}"),
-                _inert(finding.label),
                 _inert(finding.message + "."),
             )
-        parts += [table, Text("")]
+            for finding in ordered
+        )
+        columns = (Column("layer"), Column("severity"), Column("code"), Column("finding", wraps=True, ratio=1))
+        parts += [fitted([Layout(columns, rows)], width), Text("")]
     else:
         parts += [Text("No findings.", style="green"), Text("")]
     if check.first_divergent:
@@ -305,177 +330,4 @@ def render_check(check: CheckReport) -> RenderableType:
             style="bold green" if check.passed else "bold red",
         )
     )
-    return Group(*parts)
-
-
-def _spread(values: Sequence[float] | None) -> str:
-    if not values:
-        return "—"
-    finite = [v for v in values if math.isfinite(v)]
-    bad = len(values) - len(finite)
-    if not finite:
-        return "all non-finite"
-    text = f"{_short(_mean(finite))} [{_short(min(finite))}, {_short(max(finite))}]"
-    return text + (f" +{bad} non-finite" if bad else "")
-
-
-def render_listing(listing: LayerListing) -> RenderableType:
-    """The static listing: one row per normalization layer, its settings and its running statistics."""
-    table = Table(header_style="bold", show_edge=False, pad_edge=False, box=box.SIMPLE_HEAD)
-    for name, justify in (
-        ("layer", "left"),
-        ("type", "left"),
-        ("C", "right"),
-        ("eps", "right"),
-        ("momentum", "right"),
-        ("affine", "left"),
-        ("tracks", "left"),
-        ("batches", "right"),
-        ("running mean avg [min, max]", "right"),
-        ("running var avg [min, max]", "right"),
-        ("eval uses", "left"),
-    ):
-        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
-    for layer in listing.layers:
-        momentum = "None (cumulative)" if layer.is_cumulative_average else _short(layer.momentum)
-        flags = [
-            f
-            for f, on in (("train mode", layer.is_training), ("lazy", layer.is_lazy), ("frozen", layer.is_frozen))
-            if on
-        ]
-        table.add_row(
-            _inert(layer.name),
-            _inert(layer.type + (f" ({', '.join(flags)})" if flags else "")),
-            str(layer.num_channels) if layer.num_channels is not None else "—",
-            _short(layer.eps),
-            momentum,
-            "yes" if layer.affine else "no",
-            "yes" if layer.track_running_stats else "no",
-            str(layer.num_batches_tracked) if layer.num_batches_tracked is not None else "—",
-            _spread(layer.running_mean),
-            _spread(layer.running_var),
-            Text(layer.eval_uses, style="yellow" if layer.eval_uses == "batch" else ""),
-        )
-    head = Text()
-    head.append("model ", style="bold")
-    head.append(f"{inert(listing.model.source)} ({listing.model.format})")
-    parts: list[RenderableType] = [head, Text(""), table]
-    if listing.types_inferred:
-        parts.append(
-            Text(
-                "Layer types are inferred from the state_dict's *.running_mean / *.running_var keys "
-                "(eps and momentum are not saved); pass --arch for the real classes.",
-                style="dim",
-            )
-        )
-    if not listing.layers:
-        parts.append(Text("No normalization layer found.", style="yellow"))
-    return Group(*parts)
-
-
-def _ratio_bar(value: float, top: float = 1.0) -> Text:
-    """A 10-cell bar of a relative difference on a log scale from 1e-4 to ``top``."""
-    if math.isnan(value):
-        return Text("?" * 10, style="bold red")
-    fill = 0.0 if value <= 1e-4 else min(1.0, (math.log10(value) + 4) / (math.log10(top) + 4))
-    cells = round(fill * 10)
-    style = "green" if value < 0.01 else "yellow" if value < 0.05 else "bold red"
-    return Text("█" * cells + "·" * (10 - cells), style=style)
-
-
-def render_mode_comparison(comparison: ModeComparison) -> RenderableType:
-    """The train/eval gap as a profile over depth: one row per layer call, bars for the output difference."""
-    table = Table(header_style="bold", show_edge=False, pad_edge=False, box=box.SIMPLE_HEAD)
-    table.add_column("layer", overflow="fold")
-    table.add_column("type")
-    table.add_column("output Δ train vs eval", no_wrap=True)
-    table.add_column("input Δ", justify="right")
-    table.add_column("own Δ", justify="right")
-    table.add_column("max |z|", justify="right")
-    table.add_column("worst var ratio", justify="right")
-    for gap in comparison.layers:
-        style = "bold" if gap.label == comparison.gap_opens_at else ""
-        table.add_row(
-            _inert(gap.label, style),
-            _inert(gap.type),
-            _ratio_bar(gap.output_rel_diff) + Text(f" {gap.output_rel_diff:.2%}"),
-            f"{gap.input_rel_diff:.2%}",
-            f"{gap.own_rel_diff:.2%}",
-            _short(gap.max_abs_shift_z),
-            _short(gap.worst_var_ratio),
-        )
-    parts: list[RenderableType] = [
-        Text(
-            f"{comparison.num_samples:,} samples in {comparison.num_batches} batches, each run in eval and in "
-            "train mode (dropout off in both); Δ = ‖train − eval‖ / ‖eval‖.",
-            style="dim",
-        ),
-        Text(""),
-        table,
-        Text(""),
-    ]
-    if comparison.gap_opens_at is not None:
-        opening = comparison.layer(comparison.gap_opens_at)
-        parts.append(
-            Text(
-                f"The gap opens at {inert(opening.label)}: its output differs by {opening.output_rel_diff:.1%} between "
-                f"modes, its input by {opening.input_rel_diff:.1%}; its own share is {opening.own_rel_diff:.1%}.",
-                style="bold red",
-            )
-        )
-    else:
-        parts.append(
-            Text(f"No layer's output differs by more than {comparison.threshold:.0%} between modes.", style="green")
-        )
-    if comparison.output is not None:
-        output = comparison.output
-        line = f"Model output: differs by {output.rel_diff:.2%}"
-        if output.argmax_change_fraction is not None:
-            line += f"; the predicted class changes for {output.argmax_change_fraction:.1%} of samples"
-        parts.append(Text(line + "."))
-    if comparison.not_executed:
-        parts.append(_inert(f"Not executed: {', '.join(comparison.not_executed)}", "yellow"))
-    return Group(*parts)
-
-
-def render_recalibration(result: RecalibrationResult, output: str) -> RenderableType:
-    """Before/after per layer: how far the data sat from the old statistics, and from the new."""
-    table = Table(header_style="bold", show_edge=False, pad_edge=False, box=box.SIMPLE_HEAD)
-    for name, justify in (
-        ("layer", "left"),
-        ("values/ch", "right"),
-        ("max |z| before → after", "right"),
-        ("worst var ratio before → after", "right"),
-        ("mean old → new", "right"),
-        ("var old → new", "right"),
-    ):
-        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
-    for layer in result.layers:
-        table.add_row(
-            _inert(layer.name),
-            f"{layer.values_per_channel:,}",
-            f"{_short(layer.max_abs_shift_z_before)} → {_short(layer.max_abs_shift_z_after)}",
-            f"{_short(layer.worst_var_ratio_before)} → {_short(layer.worst_var_ratio_after)}",
-            f"{_short(_mean(layer.old_running_mean))} → {_short(_mean(layer.new_running_mean))}",
-            f"{_short(_mean(layer.old_running_var))} → {_short(_mean(layer.new_running_var))}",
-        )
-    method = (
-        "precise: one pass with normalization layers in train mode (as PreciseBN / update_bn)"
-        if result.method == "precise"
-        else "sequential: layer by layer in eval mode, each after the layers before it (exact for the deployed model)"
-    )
-    parts: list[RenderableType] = [
-        Text(
-            f"Recalibrated {len(result.layers)} layers over {result.num_samples:,} samples in "
-            f"{result.num_batches} batches ({result.num_passes} passes), method {method}.",
-            style="bold",
-        ),
-        Text(""),
-        table,
-    ]
-    for skipped in result.skipped:
-        parts.append(_inert(f"Skipped {skipped.name} ({skipped.type}): {skipped.reason}", "yellow"))
-    for note in result.notes:
-        parts.append(_inert(f"Note: {note}", "dim"))
-    parts.append(_inert(f"Wrote {output}", "green"))
     return Group(*parts)

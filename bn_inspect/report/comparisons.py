@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bn_inspect.report.records import ModelInfo
+
 Floats = tuple[float, ...]
 
 
@@ -76,6 +78,7 @@ class ModeComparison:
             how much it adds itself. None when every layer stays within the threshold.
         not_executed: normalization layers that never ran.
         num_batches, num_samples: the data.
+        model: where the model came from, when it came from a file.
     """
 
     layers: tuple[LayerModeGap, ...]
@@ -85,6 +88,7 @@ class ModeComparison:
     not_executed: tuple[str, ...]
     num_batches: int
     num_samples: int
+    model: ModelInfo | None = None
 
     def layer(self, label: str) -> LayerModeGap:
         """The entry of that label (``name`` or ``name#call``); KeyError if none."""

@@ -184,7 +184,7 @@ def _update_findings(s: LayerState, thresholds: Thresholds) -> list[Finding]:
                 "BN106",
                 s.name,
                 f"momentum is None: running statistics are the plain average of all "
-                f"{s.num_batches_tracked or 0} batches tracked so far (num_batches_tracked sets each new "
+                f"{s.num_batches_tracked or 0:,} batches tracked so far (num_batches_tracked sets each new "
                 "batch's weight, 1/num_batches_tracked), so early batches count as much as late ones",
             )
         )
@@ -220,7 +220,7 @@ def _mode_findings(states: Sequence[LayerState], model_is_training: bool) -> lis
             _finding(
                 "BN107",
                 None,
-                f"the model is in eval mode but {len(training)} normalization layers are "
+                f"the model is in eval mode but {len(training):,} normalization layers are "
                 f"in train mode ({_listed(training)}); they normalize with batch statistics. Call "
                 "model.eval() after any .train() on submodules",
                 call=None,
@@ -317,8 +317,8 @@ def _data_findings(layer: LayerReport, thresholds: Thresholds) -> list[Finding]:
             _finding(
                 "BN203",
                 layer.name,
-                f"only {per_batch} values per channel per batch (fewer than "
-                f"{thresholds.min_values}): batch statistics this noisy make training unstable and the "
+                f"only {per_batch:,} values per channel per batch (fewer than "
+                f"{thresholds.min_values:,}): batch statistics this noisy make training unstable and the "
                 "comparison here unreliable. Use larger batches or --min-values",
                 call=layer.call,
             )
