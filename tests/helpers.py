@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import signal
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -88,3 +90,19 @@ def check_golden(name: str, text: str, update: bool) -> None:
     assert path.exists(), f"{path} is missing; run pytest --update-golden"
     mismatch = golden_mismatch(path.read_text(encoding="utf-8"), text)
     assert mismatch is None, mismatch
+
+
+@contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Fail instead of hanging: a call blocked past ``seconds`` (open() on a pipe) raises TimeoutError."""
+
+    def expire(_signal: int, _frame: object) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

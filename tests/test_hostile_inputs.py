@@ -8,14 +8,10 @@ import math
 import os
 import re
 import resource
-import signal
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
 
 import numpy as np
 import pytest
@@ -24,7 +20,7 @@ import torch
 from bn_inspect.data.inputs import open_input
 from bn_inspect.data.readers import read_input
 from bn_inspect.errors import InputError
-from tests.helpers import DIGITS, REPO, invoke
+from tests.helpers import DIGITS, REPO, deadline, invoke
 
 MODEL = DIGITS / "torchscript.pt"
 IMAGES = DIGITS / "test_images.npy"
@@ -59,22 +55,6 @@ def run_bounded(argv: list[str], cwd: Path) -> tuple[int, str]:
     return result.returncode, (result.stderr.splitlines() or [""])[0]
 
 
-@contextmanager
-def bounded(seconds: int) -> Iterator[None]:
-    """Turn a call blocked in a system call (open() on a FIFO) into a TimeoutError."""
-
-    def expire(signum: int, frame: FrameType | None) -> None:
-        raise TimeoutError(f"still blocked after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def npy_bytes(array: np.ndarray) -> bytes:
     stream = io.BytesIO()
     np.save(stream, array)
@@ -107,7 +87,7 @@ def test_fifo_input_is_refused_without_opening_it(tmp_path: Path) -> None:
 def test_fifo_input_is_refused_by_the_library(tmp_path: Path) -> None:
     fifo = tmp_path / "images.npy"
     os.mkfifo(fifo)
-    with bounded(30), pytest.raises(InputError, match=r"images\.npy is a named pipe \(FIFO\), not a regular file"):
+    with deadline(30), pytest.raises(InputError, match=r"images\.npy is a named pipe \(FIFO\), not a regular file"):
         read_input(fifo)
 
 

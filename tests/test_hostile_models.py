@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import os
 import resource
-import signal
 import struct
 import subprocess
 import sys
@@ -17,10 +16,8 @@ import uuid
 import zipfile
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 
 import pytest
 import torch
@@ -30,29 +27,9 @@ from bn_inspect.cli.main import run
 from bn_inspect.errors import ModelFileError
 from bn_inspect.model.files import FileKind, detect_file_kind
 from bn_inspect.model.state_dict import validate_state_dict
-from tests.helpers import DIGITS, REPO, invoke
+from tests.helpers import DIGITS, REPO, deadline, invoke
 
 BN_ARCH = ["--arch", "torch.nn:BatchNorm1d", "--arch-kwargs", '{"num_features": 3}']
-
-
-class DeadlineError(Exception):
-    pass
-
-
-@contextmanager
-def deadline(seconds: int) -> Iterator[None]:
-    """Raise DeadlineError in the main thread if the block runs longer than ``seconds``."""
-
-    def expire(signum: int, frame: FrameType | None) -> None:
-        raise DeadlineError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def first_error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str]:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -22,7 +21,6 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +32,7 @@ from bn_inspect.cli.main import run
 from bn_inspect.errors import OutputError
 from bn_inspect.model.loading import load_model
 from bn_inspect.model.saving import save_like
-from tests.helpers import REPO, SAMPLES
+from tests.helpers import REPO, SAMPLES, deadline
 
 DIGITS = SAMPLES / "digits_cnn"
 DIGITS_TS = DIGITS / "torchscript.pt"
@@ -52,22 +50,6 @@ REPORT_COMMANDS = {
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@contextlib.contextmanager
-def deadline(seconds: int) -> Iterator[None]:
-    """Fail instead of hanging: an open() of a pipe without a reader blocks forever."""
-
-    def expire(_signal: int, _frame: object) -> None:
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def cli(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str, str]:
