@@ -307,12 +307,12 @@ CASES = {
     # input that does not fit the model
     "channel-mismatch": Case(
         f"{ON_DIGITS} --shape 4,3,8,8",
-        "Error: the data has shape (4, 3, 8, 8), but the first layer features.0 is Conv2d with in_channels=1, "
+        "Error: the data has shape (4, 3, 8, 8), but the first Conv or Linear layer, features.0, is Conv2d with in_channels=1, "
         "so the model takes (N, 1, *, *). Give data of shape (N, 1, *, *) (--shape, --input)",
     ),
     "rank-mismatch": Case(
         f"{ON_DIGITS} --shape 4,30",
-        "Error: the data has shape (4, 30), but the first layer features.0 is Conv2d with in_channels=1, "
+        "Error: the data has shape (4, 30), but the first Conv or Linear layer, features.0, is Conv2d with in_channels=1, "
         "so the model takes (N, 1, *, *). Give data of shape (N, 1, *, *) (--shape, --input)",
     ),
     "forward-raises-after-norm": Case(
