@@ -87,14 +87,20 @@ def end_startup() -> None:
     No collection runs before the freeze, as it would cost what the pause saves; the few cycles
     startup leaves (a failed trial forward's traceback) are kept until exit.
 
-    At exit the frozen objects are handed back to the collector: the interpreter's last
-    collection skips frozen ones, and extensions that count their live objects at shutdown
-    (triton's nanobind, imported by torch.export archives) would print ~30 lines of "leaked
-    instances" on stderr.
+    Where triton was imported (torch.export archives import it), the frozen objects are handed
+    back to the collector at exit: the interpreter's last collection skips frozen ones, and
+    triton's nanobind, which counts its live objects at shutdown, would print ~30 lines of "leaked
+    instances" on stderr. Elsewhere that last collection over everything startup built is skipped,
+    as it costs more than the pause saves (docs/benchmarks.md).
     """
     global _is_collector_paused
     if _is_collector_paused:
         _is_collector_paused = False
         gc.freeze()
-        atexit.register(gc.unfreeze)
+        atexit.register(_unfreeze_where_counted)
         gc.enable()
+
+
+def _unfreeze_where_counted() -> None:
+    if "triton" in sys.modules:
+        gc.unfreeze()
