@@ -439,3 +439,24 @@ def test_float64_model_statistics_match_float64_reference(case: str, capture: st
     ref_mean, ref_var = instance_reference(batched) if "Instance" in case else reference(batched)
     np.testing.assert_allclose(entry.batch_mean, ref_mean, rtol=1e-12)
     np.testing.assert_allclose(entry.batch_var, ref_var, rtol=1e-12)
+
+
+def test_a_model_without_float_tensors_keeps_float64_input() -> None:
+    # No parameter or buffer to take a dtype from: the input's own precision is kept, so the
+    # statistics of float64 data are float64 statistics, not float32 ones.
+    model = nn.Sequential(nn.InstanceNorm2d(3)).eval()
+    x = models.make_input((4, 3, 5, 7), mean=1e3).double() + torch.randn(4, 3, 5, 7, dtype=torch.float64) * 1e-2
+    report = inspect_model(model, [x])
+    flat = x.numpy().reshape(4, 3, -1)
+    expected_mean = flat.mean(axis=2).mean(axis=0)
+    expected_var = flat.var(axis=2).mean(axis=0)
+    np.testing.assert_allclose(report.layers[0].batch_mean, expected_mean, rtol=1e-12)
+    np.testing.assert_allclose(report.layers[0].batch_var, expected_var, rtol=1e-10)
+    assert report.input.dtype == "float64"
+
+
+def test_a_model_without_float_tensors_upcasts_half_input() -> None:
+    model = nn.Sequential(nn.InstanceNorm2d(3)).eval()
+    report = inspect_model(model, [models.make_input((2, 3, 4, 4)).half()])
+    # What the layer saw: float16 upcast to float32, as a float32 parameter would have it.
+    assert report.layers[0].batch_mean is not None and report.input.dtype == "float32"

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from bn_inspect.analyses.inspection import inspect_model
 from bn_inspect.cli.main import run
 from bn_inspect.errors import ArchError, ModelFileError, StateDictMismatchError, UntrustedPickleError
 from bn_inspect.model.arch import parse_arch_kwargs
@@ -790,3 +791,14 @@ def test_a_state_dict_materializes_lazy_modules(tmp_path: Path) -> None:
     loaded = load_model(path, arch="tests.models:LazyConvBN").module.state_dict()
     assert loaded.keys() == state_dict.keys()
     assert all(torch.equal(tensor, state_dict[key]) for key, tensor in loaded.items())
+
+
+def test_lazy_modules_materialized_by_a_state_dict_are_inspected(tmp_path: Path) -> None:
+    # PyTorch leaves a LazyBatchNorm's num_features at 0 when load_state_dict materializes it.
+    trained = models.LazyConvBN()
+    trained(models.make_input((2, 3, 6, 6)))
+    path = save(models.randomize_norm_state(trained).state_dict(), tmp_path / "lazy.pt")
+    module = load_model(path, arch="tests.models:LazyConvBN").module.eval()
+    report = inspect_model(module, [models.make_input((4, 3, 6, 6), mean=2.0)])
+    assert [layer.num_channels for layer in report.layers] == [len(layer.batch_mean or ()) for layer in report.layers]
+    assert all(layer.num_channels for layer in report.layers)

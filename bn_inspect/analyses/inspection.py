@@ -179,7 +179,7 @@ def find_working_shape(model: nn.Module, shapes: Sequence[tuple[int, ...]]) -> t
     Each trial runs under the same state protection as an inspection, so it changes nothing
     except that lazy modules materialize, as they do on any first forward.
     """
-    device, dtype = model_device(model), model_float_dtype(model)
+    device, dtype = model_device(model), model_float_dtype(model) or torch.float32
     for shape in shapes:
         trial = torch.zeros((min(shape[0], 2), *shape[1:]), device=device, dtype=dtype)
         try:

@@ -105,13 +105,13 @@ class Tally:
 def iter_batches(
     batches: Iterable[Any],
     device: torch.device,
-    dtype: torch.dtype,
+    dtype: torch.dtype | None,
     tally: Tally,
     *,
     skip_empty: bool = False,
     held: Callable[[int], bool] | None = None,
 ) -> Iterator[Batch]:
-    """The one batch loop: each item as a Batch on ``device`` with floats in ``dtype``, counted in ``tally``.
+    """The one batch loop: each item as a Batch on ``device`` with floats in ``dtype`` (see Batch.to), counted in ``tally``.
 
     ``skip_empty`` leaves out batches of 0 samples uncounted (where a forward of none is meaningless).
     ``held`` names the batches (by index) that are counted but not moved: their forward starts from

@@ -28,8 +28,12 @@ class Batch:
         """All tensors of the batch, positional first."""
         return [*self.args, *self.kwargs.values()]
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> Batch:
-        """The batch on ``device``, its floating-point tensors cast to ``dtype`` (the model's)."""
+    def to(self, device: torch.device, dtype: torch.dtype | None) -> Batch:
+        """The batch on ``device``, its floating-point tensors cast to ``dtype`` (the model's).
+
+        ``dtype`` None (a model without float tensors) keeps float32 and float64 tensors as they
+        are and upcasts narrower floats to float32, as a model's float32 parameters would.
+        """
         # A copy to the GPU may overlap the work queued before it; one to the host must be
         # complete before the CPU reads it, which only a blocking copy guarantees. From pinned
         # memory the GPU copy is asynchronous, so a caller who refills one pinned buffer in place
@@ -37,7 +41,7 @@ class Batch:
         non_blocking = device.type != "cpu"
 
         def move(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, non_blocking=non_blocking)
+            return t.to(device=device, dtype=_float_dtype(t, dtype), non_blocking=non_blocking)
 
         return Batch(tuple(move(t) for t in self.args), {k: move(v) for k, v in self.kwargs.items()})
 
@@ -112,3 +116,11 @@ class RunTotals:
     num_nonfinite_values: int = 0
     first_shape: tuple[int, ...] | None = None
     first_dtype: str | None = None
+
+
+def _float_dtype(tensor: torch.Tensor, model_dtype: torch.dtype | None) -> torch.dtype:
+    if not tensor.is_floating_point():
+        return tensor.dtype
+    if model_dtype is not None:
+        return model_dtype
+    return tensor.dtype if tensor.dtype in (torch.float32, torch.float64) else torch.float32

@@ -214,7 +214,9 @@ def describe_layer(name: str, module: nn.Module, family: NormFamily) -> NormLaye
     num_channels: int | None = getattr(module, "num_features", None)
     if num_channels is None and family is NormFamily.GROUP:
         num_channels = getattr(module, "num_channels", None)
-    if num_channels is None and running_mean is not None:
+    # A lazy module that load_state_dict materialized keeps num_features == 0 (PyTorch sets it on
+    # the first forward); its buffers know the count.
+    if not num_channels and running_mean is not None:
         num_channels = len(running_mean)
     if is_lazy:
         num_channels = None

@@ -19,12 +19,16 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def model_float_dtype(model: nn.Module) -> torch.dtype:
-    """What floating-point inputs are cast to: the dtype of the model's first initialized float tensor, else float32."""
+def model_float_dtype(model: nn.Module) -> torch.dtype | None:
+    """What floating-point inputs are cast to: the dtype of the model's first initialized float tensor.
+
+    None for a model without one (an InstanceNorm without affine or tracking): its inputs keep
+    their own precision (see ``Batch.to``), so a float64 input is reduced in float64.
+    """
     for tensor in (*model.parameters(), *model.buffers()):
         if tensor.is_floating_point() and not is_uninitialized(tensor):
             return tensor.dtype
-    return torch.float32
+    return None
 
 
 def refuse_lazy_modules(model: nn.Module, why: str, fix: str) -> None:
