@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,9 @@ from bn_inspect.data.batch import Batch
 from bn_inspect.engine.capture import StatisticsRecorder, hooks_capture
 from bn_inspect.errors import ForwardError, LazyModelError, NoNormLayersError, ShapeMismatchError
 from bn_inspect.model.layers import iter_norm_layers
+from bn_inspect.output.export import to_json
 from bn_inspect.report.records import LayerReport, Report
+from bn_inspect.report.schemas import schema
 from tests import models
 from tests.conftest import state_fingerprint
 from tests.test_stats import float64_input, instance_reference, reference
@@ -460,3 +464,34 @@ def test_a_model_without_float_tensors_upcasts_half_input() -> None:
     report = inspect_model(model, [models.make_input((2, 3, 4, 4)).half()])
     # What the layer saw: float16 upcast to float32, as a float32 parameter would have it.
     assert report.layers[0].batch_mean is not None and report.input.dtype == "float32"
+
+
+EMPTY_BATCH_CASES = {
+    "BatchNorm1d": (nn.BatchNorm1d(5), (0, 5, 9)),
+    "InstanceNorm1d-tracking": (nn.InstanceNorm1d(5, track_running_stats=True), (0, 5, 9)),
+    "LayerNorm": (nn.LayerNorm(5), (0, 5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EMPTY_BATCH_CASES))
+def test_an_empty_batch_has_no_statistics_and_a_valid_report(name: str) -> None:
+    layer, shape = EMPTY_BATCH_CASES[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's var_mean warns on zero degrees of freedom
+        report = inspect_model(nn.Sequential(layer).eval(), [torch.zeros(shape)])
+    reported = report.layers[0]
+    assert (reported.batch_mean, reported.batch_var, reported.batch_var_unbiased) == (None, None, None)
+    assert reported.values_per_channel in (0, None) and "nonfinite-input" not in reported.flags
+    assert report.input.num_samples == 0
+    jsonschema.validate(json.loads(to_json(report)), schema("inspect"))
+
+
+@pytest.mark.parametrize("name", ["BatchNorm1d", "InstanceNorm1d-tracking"])
+def test_an_empty_batch_among_others_adds_nothing(name: str) -> None:
+    layer, shape = EMPTY_BATCH_CASES[name]
+    model = nn.Sequential(layer).eval()
+    x = models.make_input((3, *shape[1:]), mean=5.0)
+    with_empty, without = inspect_model(model, [torch.zeros(shape), x]), inspect_model(model, [x])
+    assert with_empty.layers[0].batch_mean == without.layers[0].batch_mean
+    assert with_empty.layers[0].batch_var == without.layers[0].batch_var
+    assert with_empty.layers[0].values_per_channel == without.layers[0].values_per_channel

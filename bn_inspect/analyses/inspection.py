@@ -361,10 +361,14 @@ def _layer_report(record: CallRecord, mode: Mode) -> LayerReport:
     values_per_channel: int | None = None
     moments = record.moments
     if moments is not None:
+        values_per_channel = moments.values_per_channel
+    # Empty batches (N = 0) hold no values: their statistics are undefined, so none are reported.
+    if moments is not None and values_per_channel:
         batch_mean, batch_var = _floats(moments.mean), _floats(moments.biased_var())
         batch_var_unbiased = _floats(moments.unbiased_var())
-        values_per_channel = moments.values_per_channel
     explanation = axes.sentence
+    if values_per_channel == 0:
+        explanation += " No value reached it (empty batches), so its batch statistics are undefined and not reported."
     if record.num_batches > 1 and values_per_channel is not None:
         explanation += (
             f" Over {record.num_batches} batches{_batch_sizes(record.batch_sizes)}: "

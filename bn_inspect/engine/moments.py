@@ -253,6 +253,10 @@ def instance_moments(x: torch.Tensor) -> InstanceMoments:
     """Per-channel sums of per-instance moments of ``x`` of shape (N, C, *S) over the dims S."""
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
     flat = work.flatten(2)
+    if x.shape[0] == 0:
+        # No instance: nothing to add (var_mean would warn about zero degrees of freedom).
+        empty = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+        return InstanceMoments(0, flat.shape[2], empty, empty.clone())
     instance_var, instance_mean = _var_mean(flat, [2])
     return InstanceMoments(
         x.shape[0],

@@ -27,6 +27,10 @@ def inspection_verdict(report: Report, name: Callable[[str], str], thresholds: T
     """
     limits = thresholds or Thresholds()
     compared = [layer for layer in report.layers if layer.max_abs_shift_z is not None]
+    if not compared and report.input.num_samples == 0:
+        return Verdict(
+            "nothing to compare", "Every batch was empty (0 samples): there are no batch statistics to compare."
+        )
     if not compared:
         return Verdict("nothing to compare", "No layer keeps running statistics to compare the batch with.")
     if report.input.is_random:
