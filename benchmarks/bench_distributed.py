@@ -72,7 +72,8 @@ def worker(num_batches: int, batch_size: int) -> None:
     from bn_inspect.distributed.context import distributed_context
     from bn_inspect.distributed.merge import merge_run_across_ranks
     from bn_inspect.distributed.sharding import shard_batches
-    from bn_inspect.engine.capture import StatisticsRecorder, hooks_capture, preserved_state
+    from bn_inspect.engine.capture import StatisticsRecorder, hooks_capture
+    from bn_inspect.engine.preserve import preserved_state
     from bn_inspect.model.layers import iter_norm_layers
 
     model = build_model()

@@ -42,8 +42,9 @@ from bn_inspect.distributed.divergence import divergence_findings, rank_divergen
 from bn_inspect.distributed.merge import merge_run_across_ranks
 from bn_inspect.distributed.sharding import shard_batches, shard_files, shard_input
 from bn_inspect.distributed.syncbn import local_sync_batch_norm, sync_batch_norm_groups
-from bn_inspect.engine.capture import CallRecord, StatisticsRecorder, hooks_capture, preserved_state
+from bn_inspect.engine.capture import CallRecord, StatisticsRecorder, hooks_capture
 from bn_inspect.engine.moments import ChannelMoments, InstanceMoments
+from bn_inspect.engine.preserve import preserved_state
 from bn_inspect.errors import BnInspectError, DistributedError, InputError, RankFailure
 from bn_inspect.model.layers import NormLayer, iter_norm_layers
 from bn_inspect.report.records import BufferDivergence, LayerDivergence, RankDivergence

@@ -213,7 +213,9 @@ def test_lazy_model_is_refused_unless_materializing_is_allowed() -> None:
     report = inspect_model(model, [models.make_input((2, 3, 6, 6))], materialize_lazy=True)
     entry = layer(report, "bn")
     assert entry.num_channels == 4 and "lazy" in entry.flags
-    assert entry.running_mean is None and entry.batch_mean is not None
+    # The first forward materializes the layer before normalizing, with fresh running statistics.
+    assert entry.running_mean == (0.0,) * 4 and entry.batch_mean is not None
+    assert entry.normalizes_with == "running" and "no-running-stats" not in entry.flags
 
 
 def test_untrained_statistics_are_flagged() -> None:

@@ -19,8 +19,8 @@ from bn_inspect.engine.capture import (
     StatisticsRecorder,
     dispatch_capture,
     hooks_and_functional_capture,
-    preserved_state,
 )
+from bn_inspect.engine.preserve import preserved_state
 from bn_inspect.errors import (
     BnInspectError,
     ExportModeError,
@@ -208,7 +208,8 @@ def inspect_model(
     The model is left exactly as it was: its training flags and all buffers are restored and
     every hook removed, even when the forward pass raises. The one change inspection cannot undo
     is materializing lazy modules (their first forward turns them into ordinary ones, and they
-    cannot be copied before it), so a model with unmaterialized lazy modules is refused unless
+    cannot be copied before it; their buffers come out as materialized, without the run's
+    updates), so a model with unmaterialized lazy modules is refused unless
     ``materialize_lazy`` allows it.
 
     Args:

@@ -39,7 +39,8 @@ from torch.utils import _pytree as pytree
 from bn_inspect.analyses.inspection import run_model
 from bn_inspect.analyses.passes import Tally, guarded_pass, iter_batches
 from bn_inspect.data.batch import Batch
-from bn_inspect.engine.capture import PlainDispatchMode, StatisticsRecorder, preserved_state
+from bn_inspect.engine.capture import PlainDispatchMode, StatisticsRecorder
+from bn_inspect.engine.preserve import preserved_state
 from bn_inspect.errors import InputError, ModeComparisonError, NoNormLayersError
 from bn_inspect.model.layers import NormFamily, NormLayer, iter_norm_layers
 from bn_inspect.model.modules import (

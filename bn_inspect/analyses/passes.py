@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from bn_inspect.data.batch import Batch, RunTotals, as_batch
-from bn_inspect.engine.capture import CallRecord, preserved_state
+from bn_inspect.engine.capture import CallRecord
+from bn_inspect.engine.preserve import preserved_state
 
 if TYPE_CHECKING:
     from bn_inspect.distributed.context import DistributedContext

@@ -23,9 +23,9 @@ from bn_inspect.engine.capture import (
     StatisticsRecorder,
     dispatch_capture,
     hooks_capture,
-    preserved_state,
 )
 from bn_inspect.engine.moments import Moments
+from bn_inspect.engine.preserve import preserved_state
 from bn_inspect.errors import (
     ForwardError,
     InputError,

@@ -29,7 +29,13 @@ from bn_inspect.engine.fused.dispatch import STOCK_FORWARD, batch_norm_eval_with
 from bn_inspect.engine.moments import ChannelMoments, Moments, channel_moments, instance_moments
 from bn_inspect.errors import ShapeMismatchError
 from bn_inspect.model.graph import BATCH_NORM_OPS
-from bn_inspect.model.layers import NormFamily, NormLayer, describe_functional, functional_candidates, is_uninitialized
+from bn_inspect.model.layers import (
+    NormFamily,
+    NormLayer,
+    as_materialized,
+    describe_functional,
+    functional_candidates,
+)
 
 
 @dataclass
@@ -153,6 +159,12 @@ def _check_input(layer: NormLayer, x: torch.Tensor) -> bool:
             "Give input of shape (N, C, ...)",
         )
     expected = layer.num_channels
+    if layer.is_lazy and is_unbatched and expected is not None and x.shape[0] != expected:
+        raise ShapeMismatchError(
+            f"{label} materialized from unbatched input {_describe(x.shape)}: PyTorch takes a lazy layer's "
+            f"channel count from dim 1 ({expected}), not from dim 0 ({x.shape[0]}), and its forward refuses the mismatch",
+            "Give batched input (N, C, ...), or run one batched forward before inspecting",
+        )
     if expected is not None and x.shape[channel_dim] != expected:
         raise ShapeMismatchError(
             f"{label} expects {expected} channels in dim {channel_dim} but received "
@@ -275,12 +287,15 @@ def hooks_capture(layers: list[NormLayer], recorder: StatisticsRecorder, *, fuse
 
     def make_hook(layer: NormLayer) -> Callable[..., None]:
         is_watched = layer.family in (NormFamily.LAYER, NormFamily.RMS)
+        described = layer
 
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            nonlocal described
             x = _first_tensor(args, kwargs)
             if x is None:
                 return
-            opened = recorder.observe(layer, x)
+            described = as_materialized(described)
+            opened = recorder.observe(described, x)
             if opened is not None and is_watched:
                 watch.open(module, x, opened)
 
@@ -431,40 +446,3 @@ def hooks_and_functional_capture(
             return
         with _NormOpObserver({}, recorder, functional):
             yield
-
-
-@contextmanager
-def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Restore every module's training flag and every buffer on exit, even when the block raises."""
-    flags = [(module, module.training) for module in model.modules()]
-    # Kept by (module, name): a forward may assign a new tensor to a buffer (self.moving_mean = ...),
-    # and the original object, with its original values, must be back in place afterwards.
-    saved = [
-        (module, name, buffer, buffer.detach().clone())
-        for module in model.modules()
-        if not isinstance(module, torch.jit.ScriptModule)
-        for name, buffer in module._buffers.items()
-        if buffer is not None and not is_uninitialized(buffer)
-    ]
-    script_saved = [
-        (buffer, buffer.detach().clone())
-        for module in model.modules()
-        if isinstance(module, torch.jit.ScriptModule)
-        for buffer in module.buffers(recurse=False)
-        if not is_uninitialized(buffer)
-    ]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for module, name, buffer, copy in saved:
-                module._buffers[name] = buffer
-                if buffer.shape == copy.shape:
-                    buffer.copy_(copy)
-            for buffer, copy in script_saved:
-                if buffer.shape == copy.shape:
-                    buffer.copy_(copy)
-        # Set the flags directly: train() may be overridden (frozen-BN backbones), and exported
-        # programs refuse it; the saved per-module flags are the truth to restore.
-        for module, flag in flags:
-            module.training = flag

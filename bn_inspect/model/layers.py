@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import torch
@@ -249,6 +249,20 @@ def describe_layer(name: str, module: nn.Module, family: NormFamily) -> NormLaye
         affine_requires_grad=_requires_grad(weight, bias),
         buffer_dtype=dtype_name(buffers.get("running_var", buffers.get("running_mean"))),
     )
+
+
+def as_materialized(layer: NormLayer) -> NormLayer:
+    """``layer`` described again once its first forward has materialized it, else ``layer`` itself.
+
+    A lazy layer's tensors exist only after the lazy pre-hook of its first forward (which runs
+    before bn-inspect's own), and that forward already normalizes with them: fresh running
+    statistics (zeros and ones) in eval mode. The report keeps the class name and the lazy flag
+    the layer had when the run began.
+    """
+    module = layer.module
+    if not layer.is_lazy or (isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()):
+        return layer
+    return replace(describe_layer(layer.name, module, layer.family), type_name=layer.type_name, is_lazy=True)
 
 
 def _requires_grad(weight: object, bias: object) -> bool | None:
