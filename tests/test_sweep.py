@@ -154,49 +154,8 @@ def _cases() -> Iterator[Case]:
                                 yield Case(spec, affine, track, momentum, kind, mode, dtype)
 
 
-_LAZY_RUNNING_GAP = (
-    "issue #18 item 3: a lazy layer materialized by the run is reported as it was before it, with "
-    "flags lazy/no-running-stats, running stats and weight/bias None and normalizes_with 'batch' in eval "
-    "(PyTorch normalizes with the fresh running buffers), and in train the run's update stays in the buffers"
-)
-_LAZY_WEIGHT_GAP = (
-    "lazy affine layer without running stats: bn-inspect reports weight and bias None and flags it lazy, "
-    "though the forward pass materialized them (ones and zeros) and normalized with them"
-)
-_LAZY_NOTHING_TO_MATERIALIZE_GAP = (
-    "lazy layer with affine=False and track_running_stats=False has nothing to materialize, so it keeps "
-    "num_features 0 and PyTorch runs it on any channel count; bn-inspect refuses it with ShapeMismatchError "
-    "'expects 0 channels'"
-)
-
-_CHANNEL_COUNT_GAP = (
-    "BatchNorm1d/SyncBatchNorm(3) with affine=False and track_running_stats=False reads an input without N "
-    "as (N, C) and PyTorch normalizes it whatever C is (no tensor has 3 entries); bn-inspect refuses it with "
-    "ShapeMismatchError 'expects 3 channels in dim 1'"
-)
-
-
-def _known_gap(case: Case) -> str | None:
-    """Why main disagrees with PyTorch on this case; None where it agrees."""
-    if _torch_refuses(case):
-        return None
-    if not case.spec.lazy:
-        unused_channels = case.spec.family == "batch" and not case.affine and not case.track
-        return _CHANNEL_COUNT_GAP if unused_channels and case.kind == "unbatched" else None
-    if not case.affine and not case.track:
-        return _LAZY_NOTHING_TO_MATERIALIZE_GAP
-    if case.track:
-        return _LAZY_RUNNING_GAP
-    return _LAZY_WEIGHT_GAP
-
-
 def _params() -> list[Any]:
-    params = []
-    for case in _cases():
-        reason = _known_gap(case)
-        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-        params.append(pytest.param(case, id=case.id, marks=marks))
-    return params
+    return [pytest.param(case, id=case.id) for case in _cases()]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -165,7 +165,10 @@ def _check_input(layer: NormLayer, x: torch.Tensor) -> bool:
             f"channel count from dim 1 ({expected}), not from dim 0 ({x.shape[0]}), and its forward refuses the mismatch",
             "Give batched input (N, C, ...), or run one batched forward before inspecting",
         )
-    if expected is not None and x.shape[channel_dim] != expected:
+    # PyTorch checks the channel count only against the tensors a layer has (running statistics,
+    # weight, bias): without any, it normalizes whatever channel count it is given.
+    has_channel_tensors = layer.affine or layer.running_mean is not None
+    if expected is not None and has_channel_tensors and x.shape[channel_dim] != expected:
         raise ShapeMismatchError(
             f"{label} expects {expected} channels in dim {channel_dim} but received "
             f"{x.shape[channel_dim]} in an input of shape {_describe(x.shape)}",

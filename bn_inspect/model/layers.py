@@ -218,6 +218,9 @@ def describe_layer(name: str, module: nn.Module, family: NormFamily) -> NormLaye
     # the first forward); its buffers know the count.
     if not num_channels and running_mean is not None:
         num_channels = len(running_mean)
+    # A lazy layer with nothing to materialize (no affine, no running statistics) keeps 0 for good.
+    if num_channels == 0:
+        num_channels = None
     if is_lazy:
         num_channels = None
     normalized_shape = getattr(module, "normalized_shape", None)
