@@ -7,6 +7,7 @@ loads it in Chromium.
 from __future__ import annotations
 
 import base64
+import html
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from bn_inspect.output.html.pages import html_page
 from bn_inspect.output.html.reduction import Reduction, family_reductions, reduction_svg
 from bn_inspect.report.records import Report
 from bn_inspect.text import inert
-from tests.helpers import DIGITS, assert_one_error_line, invoke
+from tests.helpers import DIGITS, REPO, assert_one_error_line, invoke
 from tests.pages import HOSTILE_NAMES, HostileResults, hostile_results, resnet50_report
 
 MODEL = DIGITS / "torchscript.pt"
@@ -327,3 +328,33 @@ def test_page_is_built_from_the_report_alone(hostile: HostileResults) -> None:
     report = hostile.report
     copy = Report(**{name: getattr(report, name) for name in report.__dataclass_fields__})
     assert html_page(copy) == html_page(report)
+
+
+@pytest.mark.parametrize("kind", ["report", "check", "comparison", "recalibration"])
+def test_results_draw_their_page_in_a_notebook(hostile: HostileResults, kind: str) -> None:
+    result = getattr(hostile, kind)
+    shown = result._repr_html_()
+    frame = Document(shown)
+    assert [tag for tag, _ in frame.tags] == ["iframe"]
+    attrs = frame.tags[0][1]
+    assert attrs["sandbox"] == "allow-scripts"  # its scripts run, apart from the notebook's document
+    page = str(attrs["srcdoc"])
+    assert page == html_page(result)
+    assert "<script>alert" not in shown and "<img" not in shown
+    for name in HOSTILE_NAMES:
+        assert html.escape(inert(name)) in page
+
+
+def test_without_a_renderer_a_result_shows_its_repr() -> None:
+    # report/ alone, without bn_inspect/__init__.py (which registers the renderer): the package is
+    # stood in for by a bare module, so nothing is registered and the notebook falls back to repr.
+    code = (
+        "import sys, types\n"
+        "package = types.ModuleType('bn_inspect')\n"
+        f"package.__path__ = [{str(REPO / 'bn_inspect')!r}]\n"
+        "sys.modules['bn_inspect'] = package\n"
+        "from bn_inspect.report.display import NotebookDisplay\n"
+        "print(NotebookDisplay()._repr_html_(), 'bn_inspect.output' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "None False"

@@ -187,3 +187,17 @@ def test_clicking_the_profile_opens_the_layer(browser: Any, pages: dict[str, Pat
     page.wait_for_function("document.getElementById('layer-1').open")
     page.wait_for_selector("#fig-1-var .main-svg")
     seen.assert_clean()
+
+
+def test_a_result_draws_itself_in_a_notebook_output(browser: Any, tmp_path: Path) -> None:
+    # A notebook puts _repr_html_ into its own document; the page runs inside the iframe.
+    report = hostile_results().report
+    host = tmp_path / "notebook.html"
+    host.write_text(f"<!DOCTYPE html><html><body><div class='output'>{report._repr_html_()}</div></body></html>")
+    seen = visit(browser, host)
+    frame = seen.page.frame_locator("iframe.bn-inspect")
+    frame.locator("#fig-profile .main-svg").first.wait_for()
+    text = frame.locator("body").text_content() or ""
+    for name in HOSTILE_NAMES:
+        assert inert(name) in text
+    seen.assert_clean()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import html
+import importlib.metadata
 import math
 from collections.abc import Sequence
 
-from bn_inspect import __version__
 from bn_inspect.output.html.blocks import Cell, Column, Row, escaped, facts, layer_table, number, section, shape_text
 from bn_inspect.output.html.document import Page
 from bn_inspect.output.html.figures import (
@@ -91,7 +91,7 @@ def header(report: Report) -> str:
         ("input", f"{escaped(data.source)}: {escaped(batches)}"),
         ("mode", escaped(report.mode)),
         ("device", escaped(report.device)),
-        ("versions", escaped(f"bn-inspect {__version__} · torch {report.torch_version or 'unknown'}")),
+        ("versions", escaped(f"bn-inspect {_version()} · torch {report.torch_version or 'unknown'}")),
     ]
     if report.not_executed:
         rows.append(("never ran", escaped(", ".join(report.not_executed))))
@@ -101,6 +101,14 @@ def header(report: Report) -> str:
         '<header><h1>bn-inspect <span class="kind">inspect</span></h1>'
         f'{facts(rows)}<p class="verdict verdict-{outcome}">{escaped(verdict.sentence)}</p></header>'
     )
+
+
+def _version() -> str:
+    # The package's own __version__ would import bn_inspect/__init__.py, which imports this room.
+    try:
+        return importlib.metadata.version("bn-inspect")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
 
 
 def hover_text(layer: LayerReport) -> str:
