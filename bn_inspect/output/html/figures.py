@@ -175,19 +175,19 @@ class ChannelPanel:
 
 
 def channel_layouts() -> dict[str, dict[str, Any]]:
-    """The layouts every layer's channel plots share, by name: sent once per page, not once per plot."""
+    """The layouts every layer's channel plots share, by name: sent once per page, not once per plot.
+
+    Shared layouts cannot fit their ticks to one layer's values: log axes label the decades and
+    draw a light grid at 2 and 5 between them.
+    """
+    decades: dict[str, Any] = {"dtick": 1, "minor": {"dtick": "D2", "showgrid": True, "gridcolor": "#eef0f4"}}
     return {
-        f"channel-{statistic}": _layout(
-            340,
-            xaxis=_axis(f"running {statistic}", is_log=statistic == "var"),
-            yaxis=_axis(f"batch {statistic}", is_log=statistic == "var"),
-        )
-        for statistic in ("mean", "var")
-    } | {
-        f"values-{statistic}": _layout(
-            300, xaxis=_axis("channel"), yaxis=_axis(f"batch {statistic}", is_log=statistic == "var")
-        )
-        for statistic in ("mean", "var")
+        "channel-mean": _layout(340, xaxis=_axis("running mean"), yaxis=_axis("batch mean")),
+        "channel-var": _layout(
+            340, xaxis=_axis("running var", is_log=True, **decades), yaxis=_axis("batch var", is_log=True, **decades)
+        ),
+        "values-mean": _layout(300, xaxis=_axis("channel"), yaxis=_axis("batch mean")),
+        "values-var": _layout(300, xaxis=_axis("channel"), yaxis=_axis("batch var", is_log=True, **decades)),
     }
 
 

@@ -24,7 +24,8 @@ def _heading(kind: str, rows: list[tuple[str, str]], verdict: str, outcome: str)
 
 
 def _check_verdict(check: CheckReport) -> str:
-    counts = ", ".join(counted(sum(f.severity is s for f in check.findings), s.value) for s in reversed(Severity))
+    nouns = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "note"}
+    counts = ", ".join(counted(sum(f.severity is s for f in check.findings), nouns[s]) for s in reversed(Severity))
     failing = counted(len(check.failed), "finding")
     if check.passed:
         return f"Passed: no finding at or above {check.fail_on.value} ({counts})."
