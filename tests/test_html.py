@@ -18,7 +18,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import torch
 
+import bn_inspect
 from bn_inspect.output.html.document import CONTENT_SECURITY_POLICY, script_json
 from bn_inspect.output.html.pages import html_page
 from bn_inspect.output.html.reduction import Reduction, family_reductions, reduction_svg
@@ -359,3 +361,49 @@ def test_without_a_renderer_a_result_shows_its_repr() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "None False"
+
+
+def _every_layer_kind() -> list[tuple[str, Report]]:
+    from tests import models
+
+    nan_input = models.make_input((8, 5), mean=1.0)
+    nan_input[0, 2] = float("nan")
+    cases = [
+        ("family", models.Family(), [models.make_input((4, 4, 6, 6), mean=2.0)]),
+        ("channel-norms", models.ChannelNorms(), [models.make_input((2, 3, 8, 8))]),
+        ("bn3d", models.BN3dVolume(), [models.make_input((2, 3, 4, 4, 4), mean=1.0)]),
+        ("shared", models.SharedBN(), [models.make_input((4, 3, 5, 5), mean=3.0)]),
+        ("nan", models.BN1dFeatures(), [nan_input]),
+        ("empty", models.BN1dFeatures(), [torch.zeros(0, 5), torch.zeros(0, 5)]),
+        ("untracked", models.Untracked(), [models.make_input((4, 3, 5, 5), mean=1.0)]),
+    ]
+    return [(name, bn_inspect.inspect_model(model.eval(), batches)) for name, model, batches in cases]
+
+
+def test_every_layer_family_and_odd_statistic_gets_a_page() -> None:
+    for name, report in _every_layer_kind():
+        text = html_page(report)
+        page = Document(text)
+        figures = page.data["figures"]  # strict JSON: no NaN or Infinity reached it
+        assert isinstance(figures, dict)
+        for index, layer in enumerate(report.layers):
+            assert layer.label in page.visible_text, name
+            assert escaped_sentence(layer.explanation) in text, name
+            has_plots = layer.batch_mean is not None
+            assert (f"fig-{index}-mean" in figures) is has_plots, (name, layer.label)
+        svgs = sum(1 for tag, attrs in page.tags if tag == "svg" and attrs.get("class") == "reduction")
+        shapes = sum(1 for layer in report.layers if layer.input_shape)
+        assert svgs >= shapes, name
+
+
+def escaped_sentence(sentence: str) -> str:
+    return html.escape(inert(sentence), quote=True)
+
+
+def test_check_without_data_gets_a_page(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "check.html"
+    result = invoke(capsys, ["check", MODEL, "--no-data", "--format", "html", "--output", output])
+    assert result.code == 0
+    page = Document(output.read_text(encoding="utf-8"))
+    assert "none (--no-data)" in page.visible_text and "Passed" in page.visible_text
+    assert "features.4" in page.visible_text

@@ -204,7 +204,7 @@ def layer_detail(
         picture = reduction_svg(reduction, f"reduction-{index}")
     rows = [
         ("eps", number(layer.eps)),
-        ("momentum", "None (cumulative average)" if layer.momentum is None else number(layer.momentum)),
+        ("momentum", _momentum(layer)),
         ("affine", "yes" if layer.affine else "no"),
         ("running statistics", "tracked" if layer.track_running_stats else "not tracked"),
         ("batches tracked", number(layer.num_batches_tracked)),
@@ -223,6 +223,13 @@ def layer_detail(
         f'<div class="reduction-row">{picture}<div><p class="sentence">{escaped(layer.explanation)}</p>{facts(rows)}</div></div>'
         f'<div class="plots">{charts}</div></details>'
     )
+
+
+def _momentum(layer: LayerReport) -> str:
+    # momentum None means a cumulative average only for a layer that tracks running statistics.
+    if not layer.track_running_stats:
+        return "—"
+    return "None (cumulative average)" if layer.momentum is None else number(layer.momentum)
 
 
 def families(layers: Sequence[LayerReport]) -> str:
