@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from bn_inspect.errors import BnInspectError
 from bn_inspect.options import Mode
+from bn_inspect.output.html import notebook as _notebook
 from bn_inspect.report.records import SCHEMA_VERSION, InputInfo, LayerReport, ModelInfo, Report
 
 if TYPE_CHECKING:
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
     from bn_inspect.model.saving import save_like
 
 __version__ = "0.1.0"
+
+# Results draw themselves in Jupyter (_repr_html_); report/ holds the hook, output/ the page.
+_notebook.register()
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -23,6 +23,7 @@ class OutputFormat(str, Enum):
     JSON = "json"
     CSV = "csv"
     MARKDOWN = "markdown"
+    HTML = "html"
 
 
 class CheckFormat(str, Enum):
@@ -32,6 +33,7 @@ class CheckFormat(str, Enum):
     JSON = "json"
     MARKDOWN = "markdown"
     JUNIT = "junit"
+    HTML = "html"
 
 
 class ListingFormat(str, Enum):
@@ -40,6 +42,15 @@ class ListingFormat(str, Enum):
     TABLE = "table"
     JSON = "json"
     MARKDOWN = "markdown"
+
+
+class RunFormat(str, Enum):
+    """How `bn-inspect compare-modes` and `recalibrate` write their results."""
+
+    TABLE = "table"
+    JSON = "json"
+    MARKDOWN = "markdown"
+    HTML = "html"
 
 
 class RecalibrationChoice(str, Enum):
@@ -86,6 +97,7 @@ class RunOptions:
     device: DeviceChoice = DeviceChoice.CPU
     output: Path | None = None
     quiet: bool = False
+    report: Path | None = None
 
     @classmethod
     def of(cls, values: Mapping[str, Any]) -> RunOptions:

@@ -24,6 +24,7 @@ from bn_inspect.analyses.session import (
     speaks,
     torchrun,
 )
+from bn_inspect.atomic import ProtectedFile, check_target
 from bn_inspect.errors import InputError, OutputError
 from bn_inspect.options import FailOn, RecalibrationChoice, RunOptions
 
@@ -247,10 +248,22 @@ def _recalibration_paths(options: RunOptions, force: bool) -> tuple[Path, Path, 
         raise OutputError(
             "--output - would write the model's bytes to stdout, where the report goes", "Give a file path"
         )
-    check_output(output, protected_inputs(model, input_file, options.arch))
+    protected = protected_inputs(model, input_file, options.arch)
+    check_output(output, protected)
+    if options.report is not None:
+        _check_report_path(options.report, output, protected)
     if output.exists() and not force:
         raise OutputError(f"--output {output} already exists", "Pass --force to replace it, or choose another path")
     return model, output, input_file
+
+
+def _check_report_path(report: Path, output: Path, protected: list[ProtectedFile]) -> None:
+    """Refuse a --report that is stdout, the new model, or a file the run reads."""
+    if is_stdout(report) or report.resolve() == output.resolve():
+        raise OutputError(
+            f"--report {report} would take the place of the new model or of stdout", "Give the report its own file path"
+        )
+    check_target(report, [*protected, ProtectedFile("the --output model", output)], option="--report")
 
 
 def _warn_nonfinite(data: InputInfo | None, observer: RunObserver) -> None:

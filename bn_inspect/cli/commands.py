@@ -46,6 +46,7 @@ from bn_inspect.cli.options import (
     QuietOpt,
     RecalibratedModelArg,
     RecalibrationFormatOpt,
+    RecalibrationReportOpt,
     ReportFormatOpt,
     SeedOpt,
     ShapeOpt,
@@ -60,6 +61,7 @@ from bn_inspect.options import (
     Mode,
     OutputFormat,
     RecalibrationChoice,
+    RunFormat,
     RunOptions,
 )
 
@@ -98,8 +100,9 @@ def inspect_command(
       bn-inspect inspect model.ts --shape 16,3,32,32 --format json --output report.json
     """
     from bn_inspect.analyses.runs import run_inspect
-    from bn_inspect.output.formats import Rendering, write_result
+    from bn_inspect.output.formats import Rendering, check_destination, write_result
 
+    check_destination(output_format.value, output)
     options = RunOptions.of(locals())
     patterns = tuple(layer or ())
     report = run_inspect(options, observer_for(options), patterns)
@@ -151,8 +154,9 @@ def check_command(
     from bn_inspect.analyses.checking import check_settings
     from bn_inspect.analyses.runs import run_check
     from bn_inspect.config import load_check_config
-    from bn_inspect.output.formats import write_result
+    from bn_inspect.output.formats import check_destination, write_result
 
+    check_destination(output_format.value, output)
     limits = (max_shift, max_var_ratio, max_share, min_values)
     gate = check_settings(load_check_config(Path.cwd()), *limits, strict=strict, fail_on=fail_on, ignore=ignore or [])
     options = RunOptions.of(locals())
@@ -206,7 +210,7 @@ def compare_modes_command(
     seed: SeedOpt = 0,
     device: DeviceOpt = DeviceChoice.CPU,
     threshold: ThresholdOpt = 0.1,
-    output_format: CompareFormatOpt = ListingFormat.TABLE,
+    output_format: CompareFormatOpt = RunFormat.TABLE,
     output: OutputOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -224,8 +228,9 @@ def compare_modes_command(
       bn-inspect compare-modes model.pt --arch mypkg.models:net --input val.npy --threshold 0.02 --format json
     """
     from bn_inspect.analyses.runs import run_compare_modes
-    from bn_inspect.output.formats import write_result
+    from bn_inspect.output.formats import check_destination, write_result
 
+    check_destination(output_format.value, output)
     options = RunOptions.of(locals())
     write_result(run_compare_modes(options, threshold, observer_for(options)), output_format.value, output)
 
@@ -245,7 +250,8 @@ def recalibrate_command(
     device: DeviceOpt = DeviceChoice.CPU,
     method: MethodOpt = RecalibrationChoice.PRECISE,
     force: ForceOpt = False,
-    output_format: RecalibrationFormatOpt = ListingFormat.TABLE,
+    output_format: RecalibrationFormatOpt = RunFormat.TABLE,
+    report: RecalibrationReportOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -259,13 +265,16 @@ def recalibrate_command(
 
       bn-inspect recalibrate sample_models/digits_cnn/torchscript.pt --input sample_models/digits_cnn/train_images.npy --output digits_recalibrated.pt
 
-      bn-inspect recalibrate state_dict.pt --arch mypkg.models:net --input train_shards/ --method sequential --output new.pt
+      bn-inspect recalibrate state_dict.pt --arch mypkg.models:net --input train_shards/ --method sequential --output new.pt --report before-after.html
     """
     from bn_inspect.analyses.runs import run_recalibrate
-    from bn_inspect.output.formats import Rendering, write_result
+    from bn_inspect.output.formats import Rendering, check_destination, write_result
 
+    check_destination(output_format.value, None)
     options = RunOptions.of(locals())
     result = run_recalibrate(options, method, force, observer_for(options))
     if result is not None:
-        # --output is the new model: the before/after report goes to stdout.
+        # --output is the new model: the before/after report goes to stdout, and as a page to --report.
         write_result(result, output_format.value, None, Rendering(model_output=str(output)))
+        if report is not None:
+            write_result(result, "html", report, Rendering(model_output=str(output)), option="--report")

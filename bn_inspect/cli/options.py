@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from bn_inspect.options import CheckFormat, DeviceChoice, FailOn, ListingFormat, Mode, OutputFormat, RecalibrationChoice
+from bn_inspect.options import (
+    CheckFormat,
+    DeviceChoice,
+    FailOn,
+    ListingFormat,
+    Mode,
+    OutputFormat,
+    RecalibrationChoice,
+    RunFormat,
+)
 
 
 def _print_version(wanted: bool) -> None:
@@ -95,10 +104,14 @@ LayerOpt = Annotated[
     typer.Option("--layer", help="Glob on qualified layer names that adds a per-channel table (repeatable)."),
 ]
 ReportFormatOpt = Annotated[
-    OutputFormat, typer.Option("--format", help="table for people; json, csv or markdown for machines and CI.")
+    OutputFormat,
+    typer.Option(
+        "--format", help="table for people; json, csv or markdown for machines and CI; html: one page (with --output)."
+    ),
 ]
 CheckFormatOpt = Annotated[
-    CheckFormat, typer.Option("--format", help="table for people; json, markdown or junit for CI.")
+    CheckFormat,
+    typer.Option("--format", help="table for people; json, markdown or junit for CI; html: one page (with --output)."),
 ]
 ListingFormatOpt = Annotated[
     ListingFormat, typer.Option("--format", help="table for people; json or markdown for machines and CI.")
@@ -161,8 +174,13 @@ MethodOpt = Annotated[
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing --output file.")]
 RecalibrationFormatOpt = Annotated[
-    ListingFormat, typer.Option("--format", help="How to print the before/after report.")
+    RunFormat, typer.Option("--format", help="How to print the before/after report (html only into a file or pipe).")
 ]
 CompareFormatOpt = Annotated[
-    ListingFormat, typer.Option("--format", help="table for people; json or markdown for machines.")
+    RunFormat,
+    typer.Option("--format", help="table for people; json or markdown for machines; html: one page (with --output)."),
+]
+RecalibrationReportOpt = Annotated[
+    Path | None,
+    typer.Option("--report", help="Also write the before/after report as one HTML page to this file (atomically)."),
 ]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from bn_inspect.atomic import write_text
+from bn_inspect.errors import OutputError
 from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
 from bn_inspect.report.findings import CheckReport
 from bn_inspect.report.records import LayerListing, Report
@@ -161,17 +162,54 @@ class TableFormatter(Formatter):
         console.print(self.renderable(result, dataclasses.replace(rendering, width=console.width)), crop=False)
 
 
+class HtmlFormatter(Formatter):
+    """One self-contained HTML page (inspect, check, compare-modes, recalibrate), Plotly.js inline."""
+
+    name = "html"
+
+    def text(self, result: Result, rendering: Rendering) -> str:
+        from bn_inspect.output.html.pages import html_page
+
+        return html_page(result, rendering.model_output)
+
+
 FORMATTERS: dict[str, Formatter] = {
     formatter.name: formatter
-    for formatter in (TableFormatter(), JsonFormatter(), CsvFormatter(), MarkdownFormatter(), JunitFormatter())
+    for formatter in (
+        TableFormatter(),
+        JsonFormatter(),
+        CsvFormatter(),
+        MarkdownFormatter(),
+        JunitFormatter(),
+        HtmlFormatter(),
+    )
 }
 
 
-def write_result(result: Result, format_name: str, output: Path | None, rendering: Rendering = Rendering()) -> None:
-    """Write ``result`` in the named format to ``output`` (atomically), or to stdout for None or ``-``."""
+def check_destination(format_name: str, output: Path | None) -> None:
+    """Refuse, before the run, to write a whole HTML page onto a terminal; a file or a pipe takes it.
+
+    Raises:
+        OutputError: ``--format html`` with stdout a terminal and no ``--output`` file.
+    """
+    if format_name == HtmlFormatter.name and (output is None or str(output) == "-") and sys.stdout.isatty():
+        raise OutputError(
+            "--format html writes a whole web page (megabytes of script), not text for a terminal",
+            "Give --output report.html, or redirect stdout to a file",
+        )
+
+
+def write_result(
+    result: Result, format_name: str, output: Path | None, rendering: Rendering = Rendering(), option: str = "--output"
+) -> None:
+    """Write ``result`` in the named format to ``output`` (atomically), or to stdout for None or ``-``.
+
+    ``option`` is how an error names the file (``--output``, or recalibrate's ``--report``).
+    """
     formatter = FORMATTERS[format_name]
+    check_destination(format_name, output)
     if output is not None and str(output) != "-":
-        write_text(output, formatter.text(result, rendering))
+        write_text(output, formatter.text(result, rendering), option=option)
     elif isinstance(formatter, TableFormatter):
         formatter.print(result, rendering)
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bn_inspect.report.display import NotebookDisplay
 from bn_inspect.report.records import ModelInfo
 
 Floats = tuple[float, ...]
@@ -66,7 +67,7 @@ class OutputGap:
 
 
 @dataclass(frozen=True)
-class ModeComparison:
+class ModeComparison(NotebookDisplay):
     """Eval against train mode, per normalization layer call in execution order.
 
     Attributes:
@@ -158,7 +159,7 @@ class SkippedLayer:
 
 
 @dataclass(frozen=True)
-class RecalibrationResult:
+class RecalibrationResult(NotebookDisplay):
     """What ``recalibrate`` changed.
 
     Attributes:

@@ -8,6 +8,7 @@ from typing import Any
 
 from bn_inspect.options import FailOn
 from bn_inspect.report.departure import Thresholds as Thresholds  # its old home: callers import it from here
+from bn_inspect.report.display import NotebookDisplay
 from bn_inspect.report.records import SCHEMA_VERSION, InputInfo, ModelInfo, json_ready
 
 
@@ -87,7 +88,7 @@ class Finding:
 
 
 @dataclass(frozen=True)
-class CheckReport:
+class CheckReport(NotebookDisplay):
     """Findings of one `check` run and what they were measured against."""
 
     model: ModelInfo

@@ -24,6 +24,7 @@ from typing import Any
 
 from bn_inspect.report import shift
 from bn_inspect.report.departure import Thresholds, departure
+from bn_inspect.report.display import NotebookDisplay
 
 SCHEMA_VERSION = 1
 # How InputInfo.source starts for seeded random input (--shape, or a shape guessed from the model).
@@ -275,7 +276,7 @@ class DistributedInfo:
 
 
 @dataclass(frozen=True)
-class Report:
+class Report(NotebookDisplay):
     """The result of one inspection; ``to_dict`` gives the JSON document of schema version 1."""
 
     model: ModelInfo
