@@ -52,7 +52,7 @@ def test_json_output_is_the_documented_report(capsys: pytest.CaptureFixture[str]
     )
     assert result.code == 0
     document = json.loads(result.out)
-    assert document["schema_version"] == 1
+    assert document["schema_version"] == 2
     assert document["model"]["format"] == ("state_dict" if arch else "torchscript")
     assert document["input"] == {
         "source": str(DIGITS / "test_images.npy"),
@@ -61,6 +61,7 @@ def test_json_output_is_the_documented_report(capsys: pytest.CaptureFixture[str]
         "num_batches": 3,
         "num_samples": 300,
         "num_nonfinite_values": 0,
+        "first_batch_sha256": document["input"]["first_batch_sha256"],
     }
     assert [layer["name"] for layer in document["layers"]] == ["features.1", "features.4", "features.8"]
     assert document["layers"][0]["values_per_channel"] == 300 * 64
@@ -145,7 +146,7 @@ def test_output_file_is_written_atomically(capsys: pytest.CaptureFixture[str], t
         capsys, ["inspect", DIGITS / "torchscript.pt", "--shape", "4,1,8,8", "--format", "json", "--output", target]
     )
     assert result.code == 0 and result.out == ""
-    assert json.loads(target.read_text())["schema_version"] == 1
+    assert json.loads(target.read_text())["schema_version"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
     table = tmp_path / "report.txt"
     assert invoke(capsys, ["inspect", DIGITS / "torchscript.pt", "--shape", "4,1,8,8", "--output", table]).code == 0
@@ -170,6 +171,7 @@ def test_fresh_architecture_without_a_file(capsys: pytest.CaptureFixture[str]) -
         "source": "<arch>",
         "format": "arch",
         "arch": "sample_models/architectures.py:SignalCNN1d",
+        "sha256": None,
     }
     assert all("untrained" in layer["flags"] for layer in document["layers"])
 
