@@ -42,6 +42,14 @@ class ListingFormat(str, Enum):
     MARKDOWN = "markdown"
 
 
+class DiffFormat(str, Enum):
+    """How `bn-inspect diff` writes its comparison."""
+
+    TABLE = "table"
+    JSON = "json"
+    MARKDOWN = "markdown"
+
+
 class RecalibrationChoice(str, Enum):
     """How `bn-inspect recalibrate` recomputes running statistics."""
 

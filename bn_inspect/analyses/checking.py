@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -15,6 +15,7 @@ from bn_inspect.errors import InputError, NoNormLayersError
 from bn_inspect.model.layers import functional_candidates
 from bn_inspect.model.modules import find_layers, unwrap_compiled
 from bn_inspect.options import FailOn, Mode
+from bn_inspect.report.diff import Tolerance
 from bn_inspect.report.findings import CheckReport, Finding, Thresholds
 from bn_inspect.report.records import ModelInfo, Report
 from bn_inspect.report.rules import filter_ignored, report_findings, state_findings, unknown_codes
@@ -139,6 +140,7 @@ class CheckSettings:
     thresholds: Thresholds
     fail_on: FailOn
     ignore: list[str]
+    tolerance: Tolerance = field(default_factory=Tolerance)
 
 
 def check_settings(
@@ -151,8 +153,12 @@ def check_settings(
     strict: bool | None = None,
     fail_on: FailOn | None = None,
     ignore: Sequence[str] = (),
+    max_drift: float | None = None,
+    max_drift_var_ratio: float | None = None,
 ) -> CheckSettings:
     """Flags over [tool.bn-inspect] over the defaults; ignored rules add up.
+
+    ``max_drift`` and ``max_drift_var_ratio`` are the tolerance of diff and of check --baseline.
 
     Raises:
         InputError: an ignored rule that does not exist, or a fail-on in the config that is not one.
@@ -173,7 +179,11 @@ def check_settings(
         gate = FailOn(fail_on or config.fail_on or FailOn.ERROR)
     except ValueError:
         raise InputError(f"fail-on {config.fail_on!r} in {config.source}", "Use error or warning") from None
-    return CheckSettings(thresholds, gate, ignored)
+    tolerance = Tolerance(
+        max_mean_change=_first(max_drift, config.max_drift, Tolerance.max_mean_change),
+        max_var_ratio=_first(max_drift_var_ratio, config.max_drift_var_ratio, Tolerance.max_var_ratio),
+    )
+    return CheckSettings(thresholds, gate, ignored, tolerance)
 
 
 def _first(*values: float | bool | None) -> float:

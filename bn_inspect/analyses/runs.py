@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
     from bn_inspect.data.batch import Batch
     from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
+    from bn_inspect.report.diff import DiffReport, Tolerance
     from bn_inspect.report.findings import CheckReport, Thresholds
     from bn_inspect.report.records import InputInfo, LayerListing, Report
 
@@ -126,11 +127,16 @@ def run_check(
     return CheckRun(result, passed)
 
 
-def _refuse_data_options(options: RunOptions) -> None:
-    """Refuse data options next to --no-data: a CI job that passes --input expects its data checked.
+def _refuse_data_options(
+    options: RunOptions,
+    why: str = "--no-data runs no data",
+    fix: str = "Drop --no-data to check the model on the data, or drop the data options",
+) -> None:
+    """Refuse data options that would be ignored (next to --no-data: a CI job that passes --input
+    expects its data checked).
 
     Raises:
-        InputError: naming the data options that --no-data would ignore.
+        InputError: naming the data options that would be ignored.
     """
     given = {
         "--input": options.input_file,
@@ -142,10 +148,7 @@ def _refuse_data_options(options: RunOptions) -> None:
     }
     ignored = [flag for flag, value in given.items() if value is not None]
     if ignored:
-        raise InputError(
-            f"--no-data runs no data, so {', '.join(ignored)} would be ignored",
-            "Drop --no-data to check the model on the data, or drop the data options",
-        )
+        raise InputError(f"{why}, so {', '.join(ignored)} would be ignored", fix)
 
 
 def run_compare_modes(options: RunOptions, threshold: float, observer: RunObserver) -> ModeComparison:
@@ -260,3 +263,34 @@ def _warn_nonfinite(data: InputInfo | None, observer: RunObserver) -> None:
             f"warning: {data.num_nonfinite_values:,} input values are NaN or infinite; "
             "the statistics of the layers they reach are NaN"
         )
+
+
+def run_diff(
+    old: Path, new: Path, options: RunOptions, tolerance: Tolerance, thresholds: Thresholds, observer: RunObserver
+) -> DiffReport | None:
+    """`bn-inspect diff`: two JSON reports or model files (a model file runs the options' data, as inspect).
+
+    Under torchrun each model file's report holds the statistics merged over all ranks.
+
+    Raises:
+        InputError: data options given where both sides are JSON reports.
+        ReportFileError: a side that looks like a JSON report cannot be read.
+    """
+    from bn_inspect.atomic import ProtectedFile
+    from bn_inspect.report.diff import diff_reports
+    from bn_inspect.report.reading import is_report_file, load_report
+
+    check_output(options.output, [ProtectedFile("the OLD side", old), ProtectedFile("the NEW side", new)])
+    is_report = [is_report_file(old), is_report_file(new)]
+    if all(is_report):
+        _refuse_data_options(
+            options, "two JSON reports run no data", "Drop the data options, or give a model file to run them through"
+        )
+    reports = [
+        load_report(path) if report_file else run_inspect(replace(options, model=path), observer)
+        for path, report_file in zip((old, new), is_report, strict=True)
+    ]
+    # On the ranks of a torchrun run that do not print, run_inspect returns None.
+    if reports[0] is None or reports[1] is None:
+        return None
+    return diff_reports(reports[0], reports[1], tolerance, thresholds)

@@ -24,6 +24,7 @@ from bn_inspect.cli.options import (
     DataInputOpt,
     DebugOpt,
     DeviceOpt,
+    DiffFormatOpt,
     DropColumnOpt,
     FailOnOpt,
     ForceOpt,
@@ -41,7 +42,9 @@ from bn_inspect.cli.options import (
     ModelArg,
     ModeOpt,
     NewModelOpt,
+    NewSideArg,
     NoDataOpt,
+    OldSideArg,
     OutputOpt,
     QuietOpt,
     RecalibratedModelArg,
@@ -51,11 +54,14 @@ from bn_inspect.cli.options import (
     ShapeOpt,
     StrictOpt,
     ThresholdOpt,
+    ToleranceOpt,
     TrustPickleOpt,
+    VarToleranceOpt,
 )
 from bn_inspect.options import (
     CheckFormat,
     DeviceChoice,
+    DiffFormat,
     ListingFormat,
     Mode,
     OutputFormat,
@@ -269,3 +275,54 @@ def recalibrate_command(
     if result is not None:
         # --output is the new model: the before/after report goes to stdout.
         write_result(result, output_format.value, None, Rendering(model_output=str(output)))
+
+
+@app.command("diff")
+def diff_command(
+    old: OldSideArg,
+    new: NewSideArg,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    shape: ShapeOpt = None,
+    input_file: InputOpt = None,
+    input_key: InputKeyOpt = None,
+    drop_column: DropColumnOpt = None,
+    batch_size: BatchSizeOpt = None,
+    batches: BatchesOpt = None,
+    seed: SeedOpt = 0,
+    mode: ModeOpt = Mode.EVAL,
+    device: DeviceOpt = DeviceChoice.CPU,
+    tolerance: ToleranceOpt = None,
+    var_tolerance: VarToleranceOpt = None,
+    output_format: DiffFormatOpt = DiffFormat.TABLE,
+    output: OutputOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Compare two reports or model files layer by layer; exit 1 when a change is beyond the tolerance.
+
+    OLD and NEW are JSON reports (inspect --format json) or model files; model files run the same
+    data (--input, --shape). Mean changes are in OLD standard deviations, var changes are ratios
+    new/old; added, removed, renamed layers and channel counts always count as beyond.
+
+    Examples:
+
+      bn-inspect diff golden.json new.json
+
+      bn-inspect diff golden.json candidate.pt --input val.npy --format markdown
+
+      bn-inspect diff old.pt new.pt --arch mypkg.models:net --input val.npy --tolerance 0.2 --var-tolerance 1.2
+    """
+    from bn_inspect.analyses.checking import check_settings
+    from bn_inspect.analyses.runs import run_diff
+    from bn_inspect.config import load_check_config
+    from bn_inspect.output.formats import write_result
+
+    gate = check_settings(load_check_config(Path.cwd()), max_drift=tolerance, max_drift_var_ratio=var_tolerance)
+    options = RunOptions.of(locals())
+    diff = run_diff(old, new, options, gate.tolerance, gate.thresholds, observer_for(options))
+    if diff is not None:
+        write_result(diff, output_format.value, output)
+        if not diff.passed:
+            raise typer.Exit(EXIT_CHECK_FAILED)

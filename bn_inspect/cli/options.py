@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from bn_inspect.options import CheckFormat, DeviceChoice, FailOn, ListingFormat, Mode, OutputFormat, RecalibrationChoice
+from bn_inspect.options import (
+    CheckFormat,
+    DeviceChoice,
+    DiffFormat,
+    FailOn,
+    ListingFormat,
+    Mode,
+    OutputFormat,
+    RecalibrationChoice,
+)
 
 
 def _print_version(wanted: bool) -> None:
@@ -165,4 +174,33 @@ RecalibrationFormatOpt = Annotated[
 ]
 CompareFormatOpt = Annotated[
     ListingFormat, typer.Option("--format", help="table for people; json or markdown for machines.")
+]
+OldSideArg = Annotated[
+    Path,
+    typer.Argument(
+        help="The known-good side: a JSON report (inspect --format json, check --write-baseline) or a model file.",
+        show_default=False,
+    ),
+]
+NewSideArg = Annotated[
+    Path, typer.Argument(help="The side to judge: a JSON report or a model file.", show_default=False)
+]
+ToleranceOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--tolerance",
+        min=0,
+        help="|Mean change| allowed, in OLD standard deviations (default 0.5; max-drift in [tool.bn-inspect]).",
+    ),
+]
+VarToleranceOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--var-tolerance",
+        min=1,
+        help="Var ratio new/old allowed within [1/R, R] (default 1.5; max-drift-var-ratio in [tool.bn-inspect]).",
+    ),
+]
+DiffFormatOpt = Annotated[
+    DiffFormat, typer.Option("--format", help="table for people; json or markdown for machines and CI.")
 ]
