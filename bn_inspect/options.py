@@ -94,6 +94,9 @@ class RunOptions:
     device: DeviceChoice = DeviceChoice.CPU
     output: Path | None = None
     quiet: bool = False
+    baseline: Path | None = None
+    write_baseline: Path | None = None
+    force: bool = False
 
     @classmethod
     def of(cls, values: Mapping[str, Any]) -> RunOptions:

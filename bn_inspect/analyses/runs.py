@@ -25,11 +25,12 @@ from bn_inspect.analyses.session import (
     torchrun,
 )
 from bn_inspect.errors import InputError, OutputError
-from bn_inspect.options import FailOn, RecalibrationChoice, RunOptions
+from bn_inspect.options import RecalibrationChoice, RunOptions
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+    from bn_inspect.analyses.checking import CheckSettings
     from bn_inspect.data.batch import Batch
     from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
     from bn_inspect.report.diff import DiffReport, Tolerance
@@ -84,20 +85,18 @@ class CheckRun:
     passed: bool
 
 
-def run_check(
-    options: RunOptions,
-    thresholds: Thresholds,
-    fail_on: FailOn,
-    ignore: list[str],
-    observer: RunObserver,
-    *,
-    no_data: bool,
-) -> CheckRun:
-    """`bn-inspect check`: the health rules on stored state and, unless ``no_data``, on the options' data."""
+def run_check(options: RunOptions, gate: CheckSettings, observer: RunObserver, *, no_data: bool) -> CheckRun:
+    """`bn-inspect check`: the health rules on stored state and, unless ``no_data``, on the options' data.
+
+    With options.baseline, the BN3xx rules compare the run with that report (``gate.tolerance``); with
+    options.write_baseline, rank 0 writes this run's inspection report there.
+    """
     from bn_inspect.analyses.checking import check_model
+    from bn_inspect.report.baseline import Baseline
 
     if no_data:
         _refuse_data_options(options)
+    baseline = _read_baseline(options, no_data)
     with torchrun(resolve_device(options.device)) as ranks:
         with all_ranks(ranks):
             prepared = prepare_run(options, observer, needs_data=not no_data, ranks=ranks)
@@ -105,15 +104,16 @@ def run_check(
             prepared.loaded.module,
             prepared.batches,
             mode=options.mode,
-            thresholds=thresholds,
-            fail_on=fail_on,
-            ignore=ignore,
+            thresholds=gate.thresholds,
+            fail_on=gate.fail_on,
+            ignore=gate.ignore,
             model_info=prepared.model_info,
             input_source=prepared.input_source,
             flags_from_file=prepared.loaded.format in ("pickle", "torchscript"),
             data_is_real=prepared.is_real_data,
             materialize_lazy=True,
             distributed=ranks,
+            baseline=None if baseline is None else Baseline(baseline, gate.tolerance),
         )
         passed = result.passed
         if ranks is not None:
@@ -124,7 +124,51 @@ def run_check(
     if not speaks(ranks):
         return CheckRun(None, passed)
     _warn_nonfinite(result.input, observer)
+    if options.write_baseline is not None and result.inspection is not None:
+        from bn_inspect.report.reading import write_report
+
+        write_report(options.write_baseline, result.inspection)
+        observer.note(f"note: wrote the baseline {options.write_baseline}.")
     return CheckRun(result, passed)
+
+
+def _read_baseline(options: RunOptions, no_data: bool) -> Report | None:
+    """check's --baseline, read, and its --write-baseline target, checked before the model loads.
+
+    Raises:
+        ReportFileError: the baseline cannot be read.
+        OutputError: --write-baseline with --no-data, to stdout, onto a file the run reads, or onto an
+            existing file without --force.
+    """
+    from bn_inspect.atomic import ProtectedFile, check_target
+    from bn_inspect.report.reading import load_report
+
+    target = options.write_baseline
+    if options.baseline is not None:
+        check_output(options.output, [ProtectedFile("the --baseline file", options.baseline)])
+    if target is not None:
+        if no_data:
+            raise OutputError(
+                "--write-baseline records the statistics on the data, and --no-data runs none",
+                "Drop --no-data and give the data the baseline should hold (--input)",
+            )
+        if is_stdout(target):
+            raise OutputError("--write-baseline - would mix the baseline with the check's output", "Give a file path")
+        protected = protected_inputs(options.model, options.input_file, options.arch)
+        if options.baseline is not None and target.resolve() != options.baseline.resolve():
+            protected.append(ProtectedFile("the --baseline file", options.baseline))
+        check_target(target, protected, option="--write-baseline")
+        if (
+            options.output is not None
+            and not is_stdout(options.output)
+            and options.output.resolve() == target.resolve()
+        ):
+            raise OutputError("--output and --write-baseline name the same file", "Give them different paths")
+        if target.exists() and not options.force:
+            raise OutputError(
+                f"--write-baseline {target} already exists", "Pass --force to replace it, or choose another path"
+            )
+    return None if options.baseline is None else load_report(options.baseline)
 
 
 def _refuse_data_options(

@@ -204,3 +204,25 @@ VarToleranceOpt = Annotated[
 DiffFormatOpt = Annotated[
     DiffFormat, typer.Option("--format", help="table for people; json or markdown for machines and CI.")
 ]
+BaselineOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--baseline",
+        help="Known-good JSON report (inspect --format json or --write-baseline): adds the BN3xx drift rules.",
+    ),
+]
+WriteBaselineOpt = Annotated[
+    Path | None,
+    typer.Option("--write-baseline", help="Record this run's report as a baseline file (atomically; needs data)."),
+]
+ForceBaselineOpt = Annotated[bool, typer.Option("--force", help="Replace an existing --write-baseline file.")]
+MaxDriftOpt = Annotated[
+    float | None,
+    typer.Option("--max-drift", min=0, help="|Mean change| since --baseline allowed, in old std (default 0.5)."),
+]
+MaxDriftVarRatioOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--max-drift-var-ratio", min=1, help="Var ratio new/old since --baseline allowed in [1/R, R] (default 1.5)."
+    ),
+]

@@ -290,14 +290,14 @@ def _shape_key(layer: LayerReport) -> tuple[str, int | None, tuple[int, ...] | N
     return layer.type, layer.num_channels, layer.input_shape
 
 
-def _renames(old: Report, new: Report, matched: set[str]) -> dict[str, str]:
+def _renames(old: Sequence[LayerReport], new: Sequence[LayerReport], matched: set[str]) -> dict[str, str]:
     """OLD label -> NEW label for layer calls that sit at the same place, with the same type,
     channel count and input shape, in execution order."""
-    old_slots, new_slots = _slots(old.layers, matched), _slots(new.layers, matched)
-    by_label = {layer.label: layer for layer in new.layers}
+    old_slots, new_slots = _slots(old, matched), _slots(new, matched)
+    by_label = {layer.label: layer for layer in new}
     taken: set[str] = set()
     renames = {}
-    for layer in old.layers:
+    for layer in old:
         if layer.label not in old_slots:
             continue
         candidate = next(
@@ -316,6 +316,35 @@ def _renames(old: Report, new: Report, matched: set[str]) -> dict[str, str]:
     return renames
 
 
+def diff_layers(
+    old: Sequence[LayerReport], new: Sequence[LayerReport], tolerance: Tolerance, thresholds: Thresholds
+) -> list[LayerChange]:
+    """Every layer call of ``old`` and ``new`` compared, in execution order (NEW's, then OLD's removed calls)."""
+    old_by_label = {layer.label: layer for layer in old}
+    matched = {layer.label for layer in new} & set(old_by_label)
+    renames = _renames(old, new, matched)
+    renamed_to = {b: a for a, b in renames.items()}
+    changes = []
+    for position, layer in enumerate(new):
+        if layer.label in matched:
+            changes.append(_compared(old_by_label[layer.label], layer, position, tolerance, thresholds, renamed=False))
+        elif layer.label in renamed_to:
+            before = old_by_label[renamed_to[layer.label]]
+            changes.append(_compared(before, layer, position, tolerance, thresholds, renamed=True))
+        else:
+            changes.append(_alone(layer, position, ADDED))
+    for position, layer in enumerate(old):
+        if layer.label not in matched and layer.label not in renames:
+            changes.append(_alone(layer, position, REMOVED))
+    return changes
+
+
+def first_changed(changes: Sequence[LayerChange]) -> LayerChange | None:
+    """The first change beyond the tolerance in execution order (a removed call after a NEW one at its index)."""
+    beyond = sorted((c for c in changes if c.is_beyond), key=lambda c: (c.position, c.status == REMOVED))
+    return beyond[0] if beyond else None
+
+
 def diff_reports(
     old: Report, new: Report, tolerance: Tolerance | None = None, thresholds: Thresholds | None = None
 ) -> DiffReport:
@@ -330,26 +359,8 @@ def diff_reports(
     Returns:
         The DiffReport, layers sorted by size of change (largest first, then execution order).
     """
-    tolerance, thresholds = tolerance or Tolerance(), thresholds or Thresholds()
-    old_by_label = {layer.label: layer for layer in old.layers}
-    new_labels = {layer.label for layer in new.layers}
-    matched = new_labels & set(old_by_label)
-    renames = _renames(old, new, matched)
-    renamed_to = {b: a for a, b in renames.items()}
-    changes = []
-    for position, layer in enumerate(new.layers):
-        if layer.label in matched:
-            changes.append(_compared(old_by_label[layer.label], layer, position, tolerance, thresholds, renamed=False))
-        elif layer.label in renamed_to:
-            before = old_by_label[renamed_to[layer.label]]
-            changes.append(_compared(before, layer, position, tolerance, thresholds, renamed=True))
-        else:
-            changes.append(_alone(layer, position, ADDED))
-    for position, layer in enumerate(old.layers):
-        if layer.label not in matched and layer.label not in renames:
-            changes.append(_alone(layer, position, REMOVED))
-    in_order = sorted((c for c in changes if c.is_beyond), key=lambda c: (c.position, c.status == REMOVED))
-    ranked = sorted(changes, key=lambda c: (-_nan_as_inf(c.size), c.position))
+    changes = diff_layers(old.layers, new.layers, tolerance or Tolerance(), thresholds or Thresholds())
+    first = first_changed(changes)
     return DiffReport(
         old_model=old.model,
         new_model=new.model,
@@ -357,21 +368,25 @@ def diff_reports(
         new_input=new.input,
         old_mode=old.mode,
         new_mode=new.mode,
-        tolerance=tolerance,
-        layers=tuple(ranked),
-        first_changed=in_order[0].label if in_order else None,
+        tolerance=tolerance or Tolerance(),
+        layers=tuple(sorted(changes, key=lambda c: (-_nan_as_inf(c.size), c.position))),
+        first_changed=first.label if first else None,
         notes=tuple(comparability_notes(old, new)),
     )
 
 
-def comparability_notes(old: Report, new: Report) -> list[str]:
-    """Why the batch statistics of ``old`` and ``new`` may differ for reasons other than the model."""
+def comparability_notes(old: Report, new: Report, names: tuple[str, str] = ("OLD", "NEW")) -> list[str]:
+    """Why the batch statistics of ``old`` and ``new`` may differ for reasons other than the model.
+
+    ``names`` call the two reports in the notes ("OLD" and "NEW"; check says "the baseline" and "this run").
+    """
+    was, now = names
     notes = []
     if old.mode != new.mode:
-        notes.append(f"OLD ran in {old.mode} mode and NEW in {new.mode} mode: the reports are not comparable")
+        notes.append(f"{was} ran in {old.mode} mode and {now} in {new.mode} mode: the reports are not comparable")
     if old.input.dtype != new.input.dtype:
-        notes.append(f"OLD ran in {old.input.dtype} and NEW in {new.input.dtype}: expect rounding differences")
-    notes += _data_notes(old.input, new.input)
+        notes.append(f"{was} ran in {old.input.dtype} and {now} in {new.input.dtype}: expect rounding differences")
+    notes += _data_notes(old.input, new.input, names)
     versions = [
         f"{name} {a} → {b}"
         for name, a, b in (
@@ -383,11 +398,11 @@ def comparability_notes(old: Report, new: Report) -> list[str]:
     if versions:
         notes.append(f"the reports were written by other versions ({', '.join(versions)})")
     if old.model.sha256 and old.model.sha256 == new.model.sha256:
-        notes.append("OLD and NEW are the same model file (equal SHA-256): running statistics cannot have changed")
+        notes.append(f"{was} and {now} are the same model file (equal SHA-256): running statistics cannot have changed")
     return notes
 
 
-def _data_notes(old: InputInfo, new: InputInfo) -> list[str]:
+def _data_notes(old: InputInfo, new: InputInfo, names: tuple[str, str]) -> list[str]:
     """Notes on whether both reports ran the same data, by its fingerprint."""
     if old.is_random != new.is_random:
         return ["one report ran on random input and the other on data: batch statistics are not comparable"]
@@ -408,7 +423,7 @@ def _data_notes(old: InputInfo, new: InputInfo) -> list[str]:
     ]
     if differences:
         return [
-            f"OLD and NEW ran other data ({', '.join(differences)}): batch statistic changes may be data drift, "
-            "not a change of the model"
+            f"{names[0]} and {names[1]} ran other data ({', '.join(differences)}): batch statistic changes may be "
+            "data drift, not a change of the model"
         ]
     return []

@@ -1,4 +1,5 @@
-"""JSON inspect report -> Report: the inverse of ``Report.to_dict``, for diff and check --baseline.
+"""JSON inspect report files: read back into a Report (the inverse of ``Report.to_dict``) for diff and
+check --baseline, and written, atomically, by check --write-baseline.
 
 Reads documents of schema version 1 (no fingerprints: they read as None or "") and 2. A report
 comes from a file someone handed over, so every field is checked against the record's type and
@@ -15,6 +16,7 @@ import types
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from bn_inspect.atomic import write_text
 from bn_inspect.errors import ReportFileError
 from bn_inspect.report.records import SCHEMA_VERSION, Report
 
@@ -145,3 +147,8 @@ def _record(value: Any, record: type, where: str) -> Any:
                 "Give a report written by `bn-inspect inspect --format json`, unchanged",
             )
     return record(**chosen)
+
+
+def write_report(path: Path, report: Report, *, option: str = "--write-baseline") -> None:
+    """Write ``report`` as the JSON document ``inspect --format json`` writes, atomically."""
+    write_text(path, json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n", option=option)
