@@ -206,14 +206,17 @@ def check_settings(
     return CheckSettings(thresholds, gate, ignored, tolerance)
 
 
-def check_gate(flags: Mapping[str, Any], folder: Path) -> CheckSettings:
-    """check_settings from a command's flags (by parameter name) over the [tool.bn-inspect] of ``folder``'s project.
+def check_gate(
+    flags: Mapping[str, Any], folder: Path | None = None, *, config: CheckConfig | None = None
+) -> CheckSettings:
+    """check_settings from a command's flags (by parameter name) over ``config``, or else the
+    [tool.bn-inspect] of ``folder``'s project (the current directory's by default).
 
     Raises:
         ConfigError, InputError: as load_check_config and check_settings.
     """
     return check_settings(
-        load_check_config(folder),
+        config if config is not None else load_check_config(folder or Path.cwd()),
         flags.get("max_shift"),
         flags.get("max_var_ratio"),
         flags.get("max_share"),
