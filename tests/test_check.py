@@ -244,7 +244,7 @@ def test_json_and_junit_outputs(capsys: pytest.CaptureFixture[str], tmp_path: Pa
     write_broken_torchscript(path)
     assert run(["check", str(path), "--shape", "4,3,6,6", "--format", "json"]) == 1
     document = json.loads(capsys.readouterr().out)
-    assert document["passed"] is False and document["schema_version"] == 2
+    assert document["passed"] is False and document["schema_version"] == 1
     assert document["thresholds"]["max_shift"] == 3.0
     found = {(f["code"], f["layer"]) for f in document["findings"]}
     assert ("BN101", "bn1") in found and ("BN105", "bn2") in found

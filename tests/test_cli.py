@@ -52,7 +52,7 @@ def test_json_output_is_the_documented_report(capsys: pytest.CaptureFixture[str]
     )
     assert result.code == 0
     document = json.loads(result.out)
-    assert document["schema_version"] == 2
+    assert document["schema_version"] == 1
     assert document["model"]["format"] == ("state_dict" if arch else "torchscript")
     assert document["input"] == {
         "source": str(DIGITS / "test_images.npy"),
@@ -146,7 +146,7 @@ def test_output_file_is_written_atomically(capsys: pytest.CaptureFixture[str], t
         capsys, ["inspect", DIGITS / "torchscript.pt", "--shape", "4,1,8,8", "--format", "json", "--output", target]
     )
     assert result.code == 0 and result.out == ""
-    assert json.loads(target.read_text())["schema_version"] == 2
+    assert json.loads(target.read_text())["schema_version"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
     table = tmp_path / "report.txt"
     assert invoke(capsys, ["inspect", DIGITS / "torchscript.pt", "--shape", "4,1,8,8", "--output", table]).code == 0

@@ -30,7 +30,7 @@ def test_compare_modes_names_where_the_gap_opens(capsys: pytest.CaptureFixture[s
     )
     document = json.loads(capsys.readouterr().out)
     assert code == 0
-    assert document["kind"] == "compare-modes" and document["schema_version"] == 2
+    assert document["kind"] == "compare-modes" and document["schema_version"] == 1
     assert document["gap_opens_at"] == "features.1"
     assert [layer["name"] for layer in document["layers"]] == ["features.1", "features.4", "features.8"]
     assert document["output"]["argmax_change_fraction"] > 0.05

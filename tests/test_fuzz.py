@@ -254,7 +254,7 @@ def _selftest_case(seed: int, case: int) -> Case:
 def _selftest_run(argv: list[str]) -> int:
     behaviour = argv[1]
     if behaviour == "ok":
-        print('{"schema_version": 2}')
+        print('{"schema_version": 1}')
         return 0
     if behaviour == "exit-2":
         print("Error: what went wrong. How to fix it.", file=sys.stderr)
@@ -312,7 +312,7 @@ def problems_with(outcome: Outcome, *, limit: float = CASE_TIME_LIMIT_S) -> str 
         document = json.loads(outcome.out)
     except json.JSONDecodeError as error:
         return f"exit 0 but stdout is not JSON ({error}): {outcome.out[:200]!r}"
-    if document.get("schema_version") != 2:
+    if document.get("schema_version") != 1:
         return f"exit 0 but the report has schema_version {document.get('schema_version')!r}"
     return None
 

@@ -118,7 +118,7 @@ def test_output_dash_is_stdout(
     monkeypatch.chdir(tmp_path)
     code, out, err = cli(capsys, command_argv(command, "-"))
     assert code in (0, 1), err
-    assert json.loads(out)["schema_version"] == 2
+    assert json.loads(out)["schema_version"] == 1
     assert os.listdir(tmp_path) == []
 
 

@@ -76,7 +76,7 @@ def test_json_validates_against_schema_and_round_trips(name: str) -> None:
     report = REPORTS[name]()
     document = json.loads(to_json(report))
     jsonschema.validate(document, schema())
-    assert document["schema_version"] == 2
+    assert document["schema_version"] == 1
     for entry, layer in zip(document["layers"], report.layers, strict=True):
         assert entry["name"] == layer.name
         if layer.batch_mean is not None:

@@ -503,7 +503,7 @@ def _validate(fmt: str, text: str) -> None:
     """The report is whole: it parses, or ends as the renderer ends it."""
     assert "GARBAGE" not in text
     if fmt == "json":
-        assert json.loads(text)["schema_version"] == 2
+        assert json.loads(text)["schema_version"] == 1
     elif fmt == "junit":
         ElementTree.fromstring(text)
     elif fmt == "csv":
@@ -724,7 +724,7 @@ def _after_kill(out_dir: Path, target: Path, original: str, temporary: re.Patter
     text = target.read_text()
     if text != original:
         try:
-            assert json.loads(text)["schema_version"] == 2
+            assert json.loads(text)["schema_version"] == 1
         except (json.JSONDecodeError, KeyError, AssertionError) as error:
             pytest.fail(f"{label}: torn report ({error}): {text[:80]!r}...{text[-80:]!r}")
     for name in leftovers:
@@ -789,7 +789,7 @@ def test_sigkill_leaves_the_old_report_or_the_new_one_never_a_torn_one(tmp_path:
             pid = server.ask(op="spawn", argv=[*argv, "--output", str(target)])["pid"]
             done = server.ask(op="wait", pid=pid)
             assert done["code"] == 0, done
-            assert json.loads(target.read_text())["schema_version"] == 2
+            assert json.loads(target.read_text())["schema_version"] == 1
             run_seconds = done["seconds"]
             for attempt in range(30):
                 target.write_text(original)

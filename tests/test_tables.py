@@ -50,8 +50,8 @@ def digits_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "digits").mkdir()
     for name in ("state_dict.pt", "test_images.npy", "test_images_unscaled.npy"):
         shutil.copy(DIGITS / name, tmp_path / "digits" / name)
-    # diff's OLD side: a report of the digits model on its test images, written by schema version 1.
-    shutil.copy(GOLDEN / "reports" / "digits_v1.json", tmp_path / "old.json")
+    # diff's OLD side: a report of the digits model on its test images, written before the fingerprints.
+    shutil.copy(GOLDEN / "reports" / "digits_older.json", tmp_path / "old.json")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -408,7 +408,7 @@ def _data_notes(old: InputInfo, new: InputInfo, names: tuple[str, str]) -> list[
         return ["one report ran on random input and the other on data: batch statistics are not comparable"]
     if old.first_batch_sha256 is None or new.first_batch_sha256 is None:
         return [
-            "a report has no data fingerprint (written before schema version 2): whether both ran the same data "
+            "a report has no data fingerprint (written by an older bn-inspect): whether both ran the same data "
             "cannot be told"
         ]
     # Other dtypes give other bytes for the same data: the dtype note says it already.

@@ -1,8 +1,8 @@
 """JSON inspect report files: read back into a Report (the inverse of ``Report.to_dict``) for diff and
 check --baseline, and written, atomically, by check --write-baseline.
 
-Reads documents of schema version 1 (no fingerprints: they read as None or "") and 2. A report
-comes from a file someone handed over, so every field is checked against the record's type and
+Reads documents of schema version 1, including those written before a field was added ("kind",
+the fingerprints: they read as None or ""). A report comes from a file someone handed over, so every field is checked against the record's type and
 anything wrong ends in one ReportFileError naming the field.
 """
 
@@ -20,7 +20,7 @@ from bn_inspect.atomic import write_text
 from bn_inspect.errors import ReportFileError
 from bn_inspect.report.records import SCHEMA_VERSION, Report
 
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1,)
 # What json_ready writes for non-finite floats.
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 # A JSON object with a key first; a safetensors file has its header's "{" at byte 8 instead.
@@ -61,7 +61,7 @@ def load_report(path: Path) -> Report:
 
 
 def report_from_dict(document: Any, where: str = "the report") -> Report:
-    """A Report from the JSON-ready data ``Report.to_dict`` gives (or a version-1 document).
+    """A Report from the JSON-ready data ``Report.to_dict`` gives (or an older document of the same version).
 
     Raises:
         ReportFileError: as load_report.
@@ -80,12 +80,11 @@ def report_from_dict(document: Any, where: str = "the report") -> Report:
     version = document["schema_version"]
     if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise ReportFileError(
-            f"{where} has schema_version {_shown(version)}, which this bn-inspect reads only in versions "
+            f"{where} has schema_version {_shown(version)}, and this bn-inspect reads only version "
             f"{', '.join(map(str, READABLE_VERSIONS))}",
             "Write the report again with this bn-inspect, or read it with the bn-inspect that wrote it",
         )
     report: Report = _convert(document, Report, "")
-    # Read, it is a report of this version whose fingerprints are unknown.
     return dataclasses.replace(report, schema_version=SCHEMA_VERSION)
 
 

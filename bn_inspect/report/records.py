@@ -25,9 +25,9 @@ from typing import Any
 from bn_inspect.report import shift
 from bn_inspect.report.departure import Thresholds, departure
 
-# 2 added what a comparison of two reports needs (model and first-batch SHA-256, bn-inspect and
-# Python versions); a version-1 document reads as one without them (report/loading.py).
-SCHEMA_VERSION = 2
+# Adding a field keeps the version (README, "JSON report"): reports written before the fingerprints
+# (model and first-batch SHA-256, bn-inspect and Python versions) read as reports without them.
+SCHEMA_VERSION = 1
 # How InputInfo.source starts for seeded random input (--shape, or a shape guessed from the model).
 RANDOM_INPUT = "random normal"
 
@@ -285,7 +285,7 @@ class DistributedInfo:
 
 @dataclass(frozen=True)
 class Report:
-    """The result of one inspection; ``to_dict`` gives the JSON document of schema version 2.
+    """The result of one inspection; ``to_dict`` gives the JSON document of schema version 1.
 
     ``torch_version``, ``bn_inspect_version`` and ``python_version`` say what produced it ("" in
     reports that predate them), so that two reports can be told comparable or not.
