@@ -143,6 +143,8 @@ def test_notes_say_when_the_reports_are_not_comparable() -> None:
     notes = diff_reports(old, single).notes
     assert any("OLD ran in float64 and NEW in float32" in n for n in notes)
     assert not any("another first batch" in n for n in notes)  # the dtype note says it
+    on_gpu = dataclasses.replace(old, device="cuda:0")
+    assert diff_reports(old, on_gpu).notes == ("OLD ran on cpu and NEW on cuda:0: expect rounding differences",)
     older = dataclasses.replace(old, input=dataclasses.replace(old.input, first_batch_sha256=None))
     assert any("no data fingerprint" in n for n in diff_reports(older, old).notes)
 

@@ -386,6 +386,8 @@ def comparability_notes(old: Report, new: Report, names: tuple[str, str] = ("OLD
         notes.append(f"{was} ran in {old.mode} mode and {now} in {new.mode} mode: the reports are not comparable")
     if old.input.dtype != new.input.dtype:
         notes.append(f"{was} ran in {old.input.dtype} and {now} in {new.input.dtype}: expect rounding differences")
+    if old.device.split(":")[0] != new.device.split(":")[0]:
+        notes.append(f"{was} ran on {old.device} and {now} on {new.device}: expect rounding differences")
     notes += _data_notes(old.input, new.input, names)
     versions = [
         f"{name} {a} → {b}"
