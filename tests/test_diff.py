@@ -121,6 +121,14 @@ def test_added_removed_and_channel_count_changes_are_structural() -> None:
     assert {c.status for c in diff_reports(base, different).layers} == {"unchanged", "added", "removed"}
 
 
+def test_a_tolerance_of_zero_allows_exactly_no_change() -> None:
+    exact = Tolerance(0.0, 1.0)
+    assert exact.size([0.0, -0.0], [1.0, 1.0]) == 0 and math.isinf(exact.size([1e-300], [1.0]))
+    assert math.isinf(exact.size([0.0], [1.0 + 1e-15]))
+    data = _data(mean=0.0, std=1.0)
+    assert diff_reports(_report(_net(), data), _report(_net(), data), exact).passed
+
+
 def test_a_nan_running_statistic_is_beyond_any_tolerance() -> None:
     data = _data(mean=0.0, std=1.0)
     broken = _net()

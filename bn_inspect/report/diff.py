@@ -66,13 +66,19 @@ class Tolerance:
         worst = 0.0
         largest = shift.max_abs(mean_changes)
         if largest is not None:
-            worst = max(worst, _nan_as_inf(largest) / self.max_mean_change if self.max_mean_change else math.inf)
+            worst = max(worst, _past(_nan_as_inf(largest), self.max_mean_change))
         ratio = shift.worst_ratio(var_ratios)
         if ratio is not None:
             log_ratio = abs(math.log(ratio)) if 0 < ratio < math.inf else math.inf
-            bound = math.log(self.max_var_ratio)
-            worst = max(worst, log_ratio / bound if bound else (math.inf if log_ratio else 0.0))
+            worst = max(worst, _past(log_ratio, math.log(self.max_var_ratio)))
         return worst
+
+
+def _past(value: float, bound: float) -> float:
+    """value / bound; a zero bound (a tolerance of 0, a ratio of exactly 1) allows exactly no change."""
+    if bound:
+        return value / bound
+    return math.inf if value else 0.0
 
 
 def _nan_as_inf(value: float) -> float:
