@@ -11,6 +11,7 @@ from bn_inspect.errors import BnInspectError
 from bn_inspect.options import Mode
 from bn_inspect.output.html import notebook as _notebook
 from bn_inspect.report.records import SCHEMA_VERSION, InputInfo, LayerReport, ModelInfo, Report
+from bn_inspect.version import __version__
 
 if TYPE_CHECKING:
     from bn_inspect.analyses.checking import check_model
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
     from bn_inspect.model.loading import load_model
     from bn_inspect.model.saving import save_like
 
-__version__ = "0.1.0"
 
 # Results draw themselves in Jupyter (_repr_html_); report/ holds the hook, output/ the page.
 _notebook.register()

@@ -28,6 +28,8 @@ class CheckConfig:
     fail_on: str | None = None
     strict: bool | None = None
     ignore: tuple[str, ...] = field(default_factory=tuple)
+    max_drift: float | None = None
+    max_drift_var_ratio: float | None = None
 
 
 _KEYS: dict[str, tuple[type, ...]] = {
@@ -38,6 +40,8 @@ _KEYS: dict[str, tuple[type, ...]] = {
     "fail-on": (str,),
     "strict": (bool,),
     "ignore": (list,),
+    "max-drift": (int, float),
+    "max-drift-var-ratio": (int, float),
 }
 
 # The least and the most each number may be, as the flags of the same names allow: a NaN or an
@@ -47,6 +51,8 @@ _BOUNDS: dict[str, tuple[float, float | None]] = {
     "max-var-ratio": (1, None),
     "max-share": (0, 1),
     "min-values": (1, None),
+    "max-drift": (0, None),
+    "max-drift-var-ratio": (1, None),
 }
 
 

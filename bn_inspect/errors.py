@@ -141,6 +141,11 @@ class UntrustedArchiveError(BnInspectError):
         )
 
 
+class ReportFileError(BnInspectError):
+    """A JSON report (an input of diff, a --baseline) cannot be read: missing, not JSON, another
+    kind of document, a schema version this bn-inspect does not know, or a field of the wrong type."""
+
+
 class Interrupted(BaseException):
     """SIGINT or SIGTERM arrived: raised by the CLI's signal handler so every ``finally`` runs.
 

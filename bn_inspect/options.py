@@ -53,6 +53,14 @@ class RunFormat(str, Enum):
     HTML = "html"
 
 
+class DiffFormat(str, Enum):
+    """How `bn-inspect diff` writes its comparison."""
+
+    TABLE = "table"
+    JSON = "json"
+    MARKDOWN = "markdown"
+
+
 class RecalibrationChoice(str, Enum):
     """How `bn-inspect recalibrate` recomputes running statistics."""
 
@@ -98,6 +106,9 @@ class RunOptions:
     output: Path | None = None
     quiet: bool = False
     report: Path | None = None
+    baseline: Path | None = None
+    write_baseline: Path | None = None
+    force: bool = False
 
     @classmethod
     def of(cls, values: Mapping[str, Any]) -> RunOptions:

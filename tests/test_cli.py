@@ -61,6 +61,7 @@ def test_json_output_is_the_documented_report(capsys: pytest.CaptureFixture[str]
         "num_batches": 3,
         "num_samples": 300,
         "num_nonfinite_values": 0,
+        "first_batch_sha256": document["input"]["first_batch_sha256"],
     }
     assert [layer["name"] for layer in document["layers"]] == ["features.1", "features.4", "features.8"]
     assert document["layers"][0]["values_per_channel"] == 300 * 64
@@ -170,6 +171,7 @@ def test_fresh_architecture_without_a_file(capsys: pytest.CaptureFixture[str]) -
         "source": "<arch>",
         "format": "arch",
         "arch": "sample_models/architectures.py:SignalCNN1d",
+        "sha256": None,
     }
     assert all("untrained" in layer["flags"] for layer in document["layers"])
 

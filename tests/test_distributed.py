@@ -34,7 +34,7 @@ from torch import nn
 
 from bn_inspect.analyses.checking import check_model
 from bn_inspect.analyses.inspection import inspect_model
-from bn_inspect.data.batch import RunTotals
+from bn_inspect.data.batch import Batch, RunTotals
 from bn_inspect.data.inputs import DirectoryData, open_input
 from bn_inspect.distributed.collectives import describe_failures, exchange_status, fail_together
 from bn_inspect.distributed.context import DistributedContext, collective_timeout_s, distributed_context
@@ -146,6 +146,7 @@ def record_locally(model: nn.Module, batches: Iterable[torch.Tensor], *, trainin
         0,
         None if first is None else tuple(first.shape),
         None if first is None else str(first.dtype).removeprefix("torch."),
+        None if first is None else Batch((first,)).sha256(),
     )
     return LocalRun(layers, recorder.records, totals)
 
@@ -190,6 +191,7 @@ def _merge_phase(directory: Path, ctx: DistributedContext, batches: Iterator[tor
             "totals": dataclasses.asdict(merged.totals),
             "shares": [dataclasses.asdict(share) for share in merged.shares],
             "local_batches": run.totals.num_batches,
+            "local_first_sha256": run.totals.first_sha256,
         },
     )
 
@@ -482,13 +484,17 @@ def test_two_ranks_merge_uneven_shards_with_a_single_sample_batch_exactly(
     directory, _ = two_ranks
     results = read_phase(directory, "merge", 2)
     assert [r.pop("local_batches") for r in results] == [2, 1]  # rank 1: one batch of one sample
+    rank_zero_first, rank_one_first = (r.pop("local_first_sha256") for r in results)
     assert results[0] == results[1], "ranks hold different merged statistics"
+    # The merged run's data fingerprint is that of the first batch of the lowest rank that ran one.
+    assert rank_zero_first != rank_one_first
     assert results[0]["totals"] == {
         "num_batches": 3,
         "num_samples": 14,
         "num_nonfinite_values": 0,
         "first_shape": [6, 3, 5, 5],
         "first_dtype": "float64",
+        "first_sha256": rank_zero_first,
     }
     assert results[0]["shares"] == [
         {"rank": 0, "num_batches": 2, "num_samples": 13},
@@ -503,9 +509,12 @@ def test_three_ranks_merge_file_shards_including_a_rank_without_data(
     directory, _ = three_ranks
     results = read_phase(directory, "merge", 3)
     assert [r.pop("local_batches") for r in results] == [2, 1, 0]
+    local_first = [r.pop("local_first_sha256") for r in results]
     assert results[0] == results[1] == results[2]
     assert [s["num_samples"] for s in results[0]["shares"]] == [11, 1, 0]
     batches = [b.args[0] for b in open_input(directory / "shards").batches(BATCH_SIZE, None)]
+    assert local_first[2] is None and results[0]["totals"]["first_sha256"] == local_first[0]
+    assert local_first[0] == Batch((batches[0],)).sha256()
     assert_matches_references(results[0]["records"], batches)
 
 

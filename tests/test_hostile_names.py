@@ -123,6 +123,9 @@ def command_argv(command: str, paths: dict[str, Path], output: Path | None) -> l
     if command == "recalibrate":
         assert output is not None
         return ["recalibrate", str(paths["model"]), *arch, "--input", str(paths["data"]), "--output", str(output)]
+    if command == "diff":
+        # The model against itself: every layer compared, none changed.
+        return ["diff", str(paths["model"]), str(paths["model"]), *arch, "--shape", "8,4"]
     return [command, str(paths["model"]), *arch, "--shape", "8,4"]
 
 
@@ -144,9 +147,12 @@ CASES = [
     ("recalibrate", "table"),
     ("recalibrate", "json"),
     ("recalibrate", "markdown"),
+    ("diff", "table"),
+    ("diff", "json"),
+    ("diff", "markdown"),
 ]
 # The commands whose table and Markdown name the model file.
-SHOW_THE_PATH = ("layers", "inspect", "check")
+SHOW_THE_PATH = ("layers", "inspect", "check", "diff")
 
 
 def assert_shows_name(fmt: str, text: str, name: str = NAME) -> None:

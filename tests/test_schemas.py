@@ -18,7 +18,7 @@ import jsonschema
 import pytest
 
 from bn_inspect.report.schemas import SCHEMA_FILES, schema
-from tests.helpers import DIGITS, REPO, SAMPLES
+from tests.helpers import DIGITS, GOLDEN, REPO, SAMPLES
 
 MODEL = DIGITS / "torchscript.pt"
 SHIFTED = DIGITS / "test_images_unscaled.npy"
@@ -47,6 +47,7 @@ RUNS: dict[str, tuple[str, list[str | Path], int]] = {
     "layers-state-dict": ("layers", ["layers", DIGITS / "state_dict.pt"], 0),
     "layers-torchscript": ("layers", ["layers", MODEL], 0),
     "compare-modes": ("compare-modes", ["compare-modes", MODEL, "--input", SHIFTED], 0),
+    "diff": ("diff", ["diff", GOLDEN / "reports" / "digits_older.json", MODEL, "--input", SHIFTED], 1),
     "recalibrate-precise": ("recalibrate", ["recalibrate", MODEL, "--input", TRAIN, "--output", "{out}"], 0),
     "recalibrate-sequential": (
         "recalibrate",
@@ -139,6 +140,9 @@ BROKEN = {
         _set(("layers", 0, "batch_mean", 0), "NaN"),
         _set(("kind",), "check"),
         _set(("mode",), "training"),
+        _set(("model", "sha256"), "95DB7D92"),
+        _drop(("input", "first_batch_sha256")),
+        _drop(("bn_inspect_version",)),
     ],
     "check-findings": [
         _drop(("passed",)),
@@ -165,6 +169,13 @@ BROKEN = {
         _set(("layers", 0, "output_rel_diff"), None),
         _set(("output", "argmax_change_fraction"), 1.5),
         _set(("num_samples",), "450"),
+    ],
+    "diff": [
+        _drop(("first_changed",)),
+        _set(("layers", 0, "status"), "moved"),
+        _set(("layers", 0, "running", "mean_change", 0), "NaN"),
+        _set(("old", "input", "first_batch_sha256"), "abc"),
+        _set(("tolerance", "max_var_ratio"), None),
     ],
     "recalibrate-sequential": [
         _drop(("num_waves",)),

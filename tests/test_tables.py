@@ -19,7 +19,7 @@ from bn_inspect.output.render import header
 from bn_inspect.report.findings import Thresholds
 from bn_inspect.report.records import InputInfo, ModelInfo
 from tests import models
-from tests.helpers import DIGITS, check_golden, invoke
+from tests.helpers import DIGITS, GOLDEN, check_golden, invoke
 
 ARCH = ("--arch", "sample_models.architectures:DigitsCNN")
 COMMANDS = {
@@ -27,6 +27,7 @@ COMMANDS = {
     "check": ["check", "digits/state_dict.pt", *ARCH, "--input", "digits/test_images_unscaled.npy"],
     "layers": ["layers", "digits/state_dict.pt", *ARCH],
     "compare-modes": ["compare-modes", "digits/state_dict.pt", *ARCH, "--input", "digits/test_images.npy"],
+    "diff": ["diff", "old.json", "digits/state_dict.pt", *ARCH, "--input", "digits/test_images_unscaled.npy"],
     "recalibrate": [
         "recalibrate",
         "digits/state_dict.pt",
@@ -49,6 +50,8 @@ def digits_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "digits").mkdir()
     for name in ("state_dict.pt", "test_images.npy", "test_images_unscaled.npy"):
         shutil.copy(DIGITS / name, tmp_path / "digits" / name)
+    # diff's OLD side: a report of the digits model on its test images, written before the fingerprints.
+    shutil.copy(GOLDEN / "reports" / "digits_older.json", tmp_path / "old.json")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -152,3 +152,24 @@ def test_recalibrate_under_torchrun_writes_one_file_equal_to_one_process(
     for key in one:
         # Both are float64 merges of the same values rounded once to float32: equal or one ulp apart.
         torch.testing.assert_close(two[key], one[key], rtol=2.5e-7, atol=0)
+
+
+def test_diff_and_check_baseline_under_torchrun_compare_the_merged_statistics(tmp_path: Path) -> None:
+    images, shifted = str(DIGITS / "test_images.npy"), str(DIGITS / "test_images_unscaled.npy")
+    golden = tmp_path / "golden.json"
+    written = bn_inspect(["check", MODEL, "--input", images, "--batch-size", "70", "--write-baseline", str(golden)], 1)
+    assert written.returncode == 0, written.stderr[-2000:]
+    # The two ranks' merged statistics equal the one process's baseline, to float rounding.
+    strict = ["--tolerance", "1e-6", "--var-tolerance", "1.000001", "--format", "json", "--quiet"]
+    diff = bn_inspect(["diff", str(golden), MODEL, "--input", images, "--batch-size", "70", *strict], 2)
+    assert diff.returncode == 0, diff.stderr[-2000:] + diff.stdout[-2000:]
+    document = json.loads(diff.stdout)  # rank 0 alone prints
+    assert {layer["status"] for layer in document["layers"]} == {"unchanged"}
+    assert document["notes"] == [
+        "OLD and NEW are the same model file (equal SHA-256): running statistics cannot have changed"
+    ]
+    drift = ["check", MODEL, "--input", shifted, "--baseline", str(golden), "--format", "json", "--quiet"]
+    single, double = bn_inspect(drift, 1), bn_inspect(drift, 2)
+    assert single.returncode == double.returncode == 1
+    codes = [[(f["code"], f["layer"]) for f in json.loads(r.stdout)["findings"]] for r in (single, double)]
+    assert codes[0] == codes[1] and ("BN302", "features.1") in codes[0]

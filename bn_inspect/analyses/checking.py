@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from bn_inspect.analyses.inspection import run_inspection
 from bn_inspect.analyses.passes import joined_run
-from bn_inspect.config import CheckConfig
+from bn_inspect.config import CheckConfig, load_check_config
 from bn_inspect.errors import InputError, NoNormLayersError
 from bn_inspect.model.layers import functional_candidates
 from bn_inspect.model.modules import find_layers, unwrap_compiled
 from bn_inspect.options import FailOn, Mode
+from bn_inspect.report.baseline import Baseline, baseline_findings
+from bn_inspect.report.diff import Tolerance
 from bn_inspect.report.findings import CheckReport, Finding, Thresholds
-from bn_inspect.report.records import ModelInfo, Report
+from bn_inspect.report.records import LayerState, ModelInfo, Report
 from bn_inspect.report.rules import filter_ignored, report_findings, state_findings, unknown_codes
 
 if TYPE_CHECKING:
@@ -37,6 +40,7 @@ def check_model(
     data_is_real: bool = True,
     materialize_lazy: bool = False,
     distributed: DistributedContext | None = None,
+    baseline: Baseline | None = None,
 ) -> CheckReport:
     """Run the BatchNorm health rules on ``model`` (and on ``batches``, when given).
 
@@ -59,12 +63,12 @@ def check_model(
             statistics of all ranks' data, and the running buffers are compared across ranks
             (BN111). Every rank judges the global statistics against its own running ones, so
             ranks agree unless their buffers diverge; report rank 0's verdict.
+        baseline: a known-good report and tolerance: the BN3xx rules (report/baseline.py), over all ranks.
 
     Returns:
         The CheckReport; ``passed`` is False when a finding reaches ``fail_on``.
     """
-    thresholds = thresholds or Thresholds()
-    run = joined_run(distributed)
+    thresholds, run = thresholds or Thresholds(), joined_run(distributed)
     model = unwrap_compiled(model)
     layers, _ = find_layers(model)
     if not layers and not functional_candidates(model, []):
@@ -87,21 +91,20 @@ def check_model(
             run=run,
         )
         findings += _data_findings(report, thresholds, data_is_real, notes)
-    if run is not None:
-        findings += _rank_findings(model, report, run, notes)
+    findings += _comparisons(model, report, states, run, baseline, thresholds, notes)
     first = report.first_divergent(thresholds) if report is not None and data_is_real else None
-    kept = filter_ignored(findings, ignore)
     return CheckReport(
         model=model_info or ModelInfo("<module>", "module"),
         input=report.input if report else None,
         mode=Mode(mode).value,
         thresholds=thresholds,
         fail_on=FailOn(fail_on),
-        findings=tuple(kept),
+        findings=tuple(filter_ignored(findings, ignore)),
         layers=tuple(layer.label for layer in report.layers) if report else tuple(layer.name for layer in layers),
         notes=tuple(notes),
         ignored=tuple(ignore),
         first_divergent=first.label if first else None,
+        inspection=report,
     )
 
 
@@ -113,6 +116,24 @@ def _data_findings(report: Report, thresholds: Thresholds, data_is_real: bool, n
         "random input: the shift (BN201) and dead-channel (BN202) rules need real data (--input) and did not run"
     )
     return [f for f in findings if f.code not in ("BN201", "BN202")]
+
+
+def _comparisons(
+    model: nn.Module,
+    report: Report | None,
+    states: list[LayerState],
+    run: DistributedContext | None,
+    baseline: Baseline | None,
+    thresholds: Thresholds,
+    notes: list[str],
+) -> list[Finding]:
+    """The rules that compare: BN111 across ranks, BN3xx against a baseline; their notes go to ``notes``."""
+    findings = [] if run is None else _rank_findings(model, report, run, notes)
+    if baseline is not None:
+        found, said = baseline_findings(baseline, report, states, thresholds)
+        findings += found
+        notes += said
+    return findings
 
 
 def _rank_findings(model: nn.Module, report: Report | None, run: DistributedContext, notes: list[str]) -> list[Finding]:
@@ -139,6 +160,7 @@ class CheckSettings:
     thresholds: Thresholds
     fail_on: FailOn
     ignore: list[str]
+    tolerance: Tolerance = field(default_factory=Tolerance)
 
 
 def check_settings(
@@ -151,8 +173,12 @@ def check_settings(
     strict: bool | None = None,
     fail_on: FailOn | None = None,
     ignore: Sequence[str] = (),
+    max_drift: float | None = None,
+    max_drift_var_ratio: float | None = None,
 ) -> CheckSettings:
     """Flags over [tool.bn-inspect] over the defaults; ignored rules add up.
+
+    ``max_drift`` and ``max_drift_var_ratio`` are the tolerance of diff and of check --baseline.
 
     Raises:
         InputError: an ignored rule that does not exist, or a fail-on in the config that is not one.
@@ -173,7 +199,34 @@ def check_settings(
         gate = FailOn(fail_on or config.fail_on or FailOn.ERROR)
     except ValueError:
         raise InputError(f"fail-on {config.fail_on!r} in {config.source}", "Use error or warning") from None
-    return CheckSettings(thresholds, gate, ignored)
+    tolerance = Tolerance(
+        max_mean_change=_first(max_drift, config.max_drift, Tolerance.max_mean_change),
+        max_var_ratio=_first(max_drift_var_ratio, config.max_drift_var_ratio, Tolerance.max_var_ratio),
+    )
+    return CheckSettings(thresholds, gate, ignored, tolerance)
+
+
+def check_gate(
+    flags: Mapping[str, Any], folder: Path | None = None, *, config: CheckConfig | None = None
+) -> CheckSettings:
+    """check_settings from a command's flags (by parameter name) over ``config``, or else the
+    [tool.bn-inspect] of ``folder``'s project (the current directory's by default).
+
+    Raises:
+        ConfigError, InputError: as load_check_config and check_settings.
+    """
+    return check_settings(
+        config if config is not None else load_check_config(folder or Path.cwd()),
+        flags.get("max_shift"),
+        flags.get("max_var_ratio"),
+        flags.get("max_share"),
+        flags.get("min_values"),
+        strict=flags.get("strict"),
+        fail_on=flags.get("fail_on"),
+        ignore=flags.get("ignore") or [],
+        max_drift=flags.get("max_drift"),
+        max_drift_var_ratio=flags.get("max_drift_var_ratio"),
+    )
 
 
 def _first(*values: float | bool | None) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import platform
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -41,6 +42,7 @@ from bn_inspect.model.modules import (
 )
 from bn_inspect.options import Mode
 from bn_inspect.report.records import DistributedInfo, InputInfo, LayerReport, ModelInfo, Report, never_updated
+from bn_inspect.version import __version__
 
 if TYPE_CHECKING:
     from bn_inspect.distributed.context import DistributedContext
@@ -273,7 +275,7 @@ def run_inspection(
         capture = dispatch_capture(layers, recorder)
     else:
         capture = hooks_and_functional_capture(model, layers, recorder)
-    tally = Tally(device, count_nonfinite=True)
+    tally = Tally(device, count_nonfinite=True, fingerprint=True)
     with guarded_pass(model, run), capture:
         set_training(model, mode is Mode.TRAIN)
         for batch in iter_batches(batches, device, model_float_dtype(model), tally):
@@ -290,6 +292,7 @@ def run_inspection(
         num_batches=totals.num_batches,
         num_samples=totals.num_samples,
         num_nonfinite_values=totals.num_nonfinite_values,
+        first_batch_sha256=totals.first_sha256,
     )
     seen = {record.layer.name for record in records.values()}
     return Report(
@@ -301,6 +304,8 @@ def run_inspection(
         not_executed=tuple(layer.name for layer in layers if layer.name not in seen),
         torch_version=torch.__version__,
         distributed=distributed_info,
+        bn_inspect_version=__version__,
+        python_version=platform.python_version(),
     )
 
 

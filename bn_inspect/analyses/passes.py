@@ -73,7 +73,8 @@ def guarded_pass(model: nn.Module, run: DistributedContext | None, *, keep_state
 class Tally:
     """What a pass saw besides the layer moments: batches, samples, non-finite values, first input."""
 
-    def __init__(self, device: torch.device, *, count_nonfinite: bool = False) -> None:
+    def __init__(self, device: torch.device, *, count_nonfinite: bool = False, fingerprint: bool = False) -> None:
+        self._fingerprint = fingerprint
         self.num_batches = 0
         self.num_samples = 0
         self.first: Batch | None = None
@@ -100,6 +101,7 @@ class Tally:
             num_nonfinite_values=0 if self._nonfinite is None else int(self._nonfinite.item()),
             first_shape=None if source is None else tuple(source.shape),
             first_dtype=None if source is None else str(source.dtype).removeprefix("torch."),
+            first_sha256=first.sha256() if first is not None and self._fingerprint else None,
         )
 
 

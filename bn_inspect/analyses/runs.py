@@ -26,13 +26,15 @@ from bn_inspect.analyses.session import (
 )
 from bn_inspect.atomic import ProtectedFile, check_target
 from bn_inspect.errors import InputError, OutputError
-from bn_inspect.options import FailOn, RecalibrationChoice, RunOptions
+from bn_inspect.options import RecalibrationChoice, RunOptions
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+    from bn_inspect.analyses.checking import CheckSettings
     from bn_inspect.data.batch import Batch
     from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
+    from bn_inspect.report.diff import DiffReport, Tolerance
     from bn_inspect.report.findings import CheckReport, Thresholds
     from bn_inspect.report.records import InputInfo, LayerListing, Report
 
@@ -84,20 +86,18 @@ class CheckRun:
     passed: bool
 
 
-def run_check(
-    options: RunOptions,
-    thresholds: Thresholds,
-    fail_on: FailOn,
-    ignore: list[str],
-    observer: RunObserver,
-    *,
-    no_data: bool,
-) -> CheckRun:
-    """`bn-inspect check`: the health rules on stored state and, unless ``no_data``, on the options' data."""
+def run_check(options: RunOptions, gate: CheckSettings, observer: RunObserver, *, no_data: bool) -> CheckRun:
+    """`bn-inspect check`: the health rules on stored state and, unless ``no_data``, on the options' data.
+
+    With options.baseline, the BN3xx rules compare the run with that report (``gate.tolerance``); with
+    options.write_baseline, rank 0 writes this run's inspection report there.
+    """
     from bn_inspect.analyses.checking import check_model
+    from bn_inspect.report.baseline import Baseline
 
     if no_data:
         _refuse_data_options(options)
+    baseline = _read_baseline(options, no_data)
     with torchrun(resolve_device(options.device)) as ranks:
         with all_ranks(ranks):
             prepared = prepare_run(options, observer, needs_data=not no_data, ranks=ranks)
@@ -105,15 +105,16 @@ def run_check(
             prepared.loaded.module,
             prepared.batches,
             mode=options.mode,
-            thresholds=thresholds,
-            fail_on=fail_on,
-            ignore=ignore,
+            thresholds=gate.thresholds,
+            fail_on=gate.fail_on,
+            ignore=gate.ignore,
             model_info=prepared.model_info,
             input_source=prepared.input_source,
             flags_from_file=prepared.loaded.format in ("pickle", "torchscript"),
             data_is_real=prepared.is_real_data,
             materialize_lazy=True,
             distributed=ranks,
+            baseline=None if baseline is None else Baseline(baseline, gate.tolerance),
         )
         passed = result.passed
         if ranks is not None:
@@ -124,14 +125,63 @@ def run_check(
     if not speaks(ranks):
         return CheckRun(None, passed)
     _warn_nonfinite(result.input, observer)
+    if options.write_baseline is not None and result.inspection is not None:
+        from bn_inspect.report.reading import write_report
+
+        write_report(options.write_baseline, result.inspection)
+        observer.note(f"note: wrote the baseline {options.write_baseline}.")
     return CheckRun(result, passed)
 
 
-def _refuse_data_options(options: RunOptions) -> None:
-    """Refuse data options next to --no-data: a CI job that passes --input expects its data checked.
+def _read_baseline(options: RunOptions, no_data: bool) -> Report | None:
+    """check's --baseline, read, and its --write-baseline target, checked before the model loads.
 
     Raises:
-        InputError: naming the data options that --no-data would ignore.
+        ReportFileError: the baseline cannot be read.
+        OutputError: --write-baseline with --no-data, to stdout, onto a file the run reads, or onto an
+            existing file without --force.
+    """
+    from bn_inspect.atomic import ProtectedFile, check_target
+    from bn_inspect.report.reading import load_report
+
+    target = options.write_baseline
+    if options.baseline is not None:
+        check_output(options.output, [ProtectedFile("the --baseline file", options.baseline)])
+    if target is not None:
+        if no_data:
+            raise OutputError(
+                "--write-baseline records the statistics on the data, and --no-data runs none",
+                "Drop --no-data and give the data the baseline should hold (--input)",
+            )
+        if is_stdout(target):
+            raise OutputError("--write-baseline - would mix the baseline with the check's output", "Give a file path")
+        protected = protected_inputs(options.model, options.input_file, options.arch)
+        if options.baseline is not None and target.resolve() != options.baseline.resolve():
+            protected.append(ProtectedFile("the --baseline file", options.baseline))
+        check_target(target, protected, option="--write-baseline")
+        if (
+            options.output is not None
+            and not is_stdout(options.output)
+            and options.output.resolve() == target.resolve()
+        ):
+            raise OutputError("--output and --write-baseline name the same file", "Give them different paths")
+        if target.exists() and not options.force:
+            raise OutputError(
+                f"--write-baseline {target} already exists", "Pass --force to replace it, or choose another path"
+            )
+    return None if options.baseline is None else load_report(options.baseline)
+
+
+def _refuse_data_options(
+    options: RunOptions,
+    why: str = "--no-data runs no data",
+    fix: str = "Drop --no-data to check the model on the data, or drop the data options",
+) -> None:
+    """Refuse data options that would be ignored (next to --no-data: a CI job that passes --input
+    expects its data checked).
+
+    Raises:
+        InputError: naming the data options that would be ignored.
     """
     given = {
         "--input": options.input_file,
@@ -143,10 +193,7 @@ def _refuse_data_options(options: RunOptions) -> None:
     }
     ignored = [flag for flag, value in given.items() if value is not None]
     if ignored:
-        raise InputError(
-            f"--no-data runs no data, so {', '.join(ignored)} would be ignored",
-            "Drop --no-data to check the model on the data, or drop the data options",
-        )
+        raise InputError(f"{why}, so {', '.join(ignored)} would be ignored", fix)
 
 
 def run_compare_modes(options: RunOptions, threshold: float, observer: RunObserver) -> ModeComparison:
@@ -178,7 +225,8 @@ def list_layers(options: RunOptions, observer: RunObserver) -> LayerListing:
     observer.loaded()
     if isinstance(content, LoadedModel):
         layers, _ = find_layers(unwrap_compiled(content.module))
-        return LayerListing(ModelInfo(content.source, content.format), tuple(layer.state() for layer in layers))
+        info = ModelInfo(content.source, content.format, sha256=content.sha256)
+        return LayerListing(info, tuple(layer.state() for layer in layers))
     if options.arch is not None:
         module = build_arch(options.arch, kwargs)
         load_state_into(module, content.state_dict, options.arch)
@@ -186,9 +234,9 @@ def list_layers(options: RunOptions, observer: RunObserver) -> LayerListing:
         states = tuple(
             replace(layer.state(), is_training=None, affine_requires_grad=None) for layer in iter_norm_layers(module)
         )
-        return LayerListing(ModelInfo(content.source, content.format, options.arch), states)
+        return LayerListing(ModelInfo(content.source, content.format, options.arch, content.sha256), states)
     states = tuple(states_from_state_dict(content.state_dict))
-    return LayerListing(ModelInfo(content.source, content.format), states, types_inferred=True)
+    return LayerListing(ModelInfo(content.source, content.format, sha256=content.sha256), states, types_inferred=True)
 
 
 def run_recalibrate(
@@ -272,3 +320,34 @@ def _warn_nonfinite(data: InputInfo | None, observer: RunObserver) -> None:
             f"warning: {data.num_nonfinite_values:,} input values are NaN or infinite; "
             "the statistics of the layers they reach are NaN"
         )
+
+
+def run_diff(
+    old: Path, new: Path, options: RunOptions, tolerance: Tolerance, thresholds: Thresholds, observer: RunObserver
+) -> DiffReport | None:
+    """`bn-inspect diff`: two JSON reports or model files (a model file runs the options' data, as inspect).
+
+    Under torchrun each model file's report holds the statistics merged over all ranks.
+
+    Raises:
+        InputError: data options given where both sides are JSON reports.
+        ReportFileError: a side that looks like a JSON report cannot be read.
+    """
+    from bn_inspect.atomic import ProtectedFile
+    from bn_inspect.report.diff import diff_reports
+    from bn_inspect.report.reading import is_report_file, load_report
+
+    check_output(options.output, [ProtectedFile("the OLD side", old), ProtectedFile("the NEW side", new)])
+    is_report = [is_report_file(old), is_report_file(new)]
+    if all(is_report):
+        _refuse_data_options(
+            options, "two JSON reports run no data", "Drop the data options, or give a model file to run them through"
+        )
+    reports = [
+        load_report(path) if report_file else run_inspect(replace(options, model=path), observer)
+        for path, report_file in zip((old, new), is_report, strict=True)
+    ]
+    # On the ranks of a torchrun run that do not print, run_inspect returns None.
+    if reports[0] is None or reports[1] is None:
+        return None
+    return diff_reports(reports[0], reports[1], tolerance, thresholds)

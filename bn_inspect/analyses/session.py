@@ -151,7 +151,7 @@ class PreparedRun:
     @property
     def model_info(self) -> ModelInfo:
         """Where the model came from, for the report."""
-        return ModelInfo(self.loaded.source, self.loaded.format, self.loaded.arch)
+        return ModelInfo(self.loaded.source, self.loaded.format, self.loaded.arch, self.loaded.sha256)
 
 
 def prepare_run(
@@ -181,7 +181,7 @@ def prepare_run(
         options.model, arch=options.arch, arch_kwargs=kwargs, trust_pickle=options.trust_pickle, map_location=device
     )
     if options.model is None:
-        loaded = LoadedModel(loaded.module.to(device), loaded.source, loaded.format, loaded.arch)
+        loaded = LoadedModel(loaded.module.to(device), loaded.source, loaded.format, loaded.arch, loaded.sha256)
     elif options.arch is not None and loaded.arch is None:
         observer.note(
             f"note: --arch is not used: {options.model} holds a whole {loaded.format} model, architecture included."

@@ -15,6 +15,7 @@ from bn_inspect.cli.console import observer_for
 from bn_inspect.cli.options import (
     ArchKwargsOpt,
     ArchOpt,
+    BaselineOpt,
     BatchesOpt,
     BatchSizeOpt,
     CheckFormatOpt,
@@ -24,8 +25,10 @@ from bn_inspect.cli.options import (
     DataInputOpt,
     DebugOpt,
     DeviceOpt,
+    DiffFormatOpt,
     DropColumnOpt,
     FailOnOpt,
+    ForceBaselineOpt,
     ForceOpt,
     IgnoreOpt,
     InputKeyOpt,
@@ -33,6 +36,8 @@ from bn_inspect.cli.options import (
     LayerOpt,
     ListedModelArg,
     ListingFormatOpt,
+    MaxDriftOpt,
+    MaxDriftVarRatioOpt,
     MaxShareOpt,
     MaxShiftOpt,
     MaxVarRatioOpt,
@@ -41,7 +46,9 @@ from bn_inspect.cli.options import (
     ModelArg,
     ModeOpt,
     NewModelOpt,
+    NewSideArg,
     NoDataOpt,
+    OldSideArg,
     OutputOpt,
     QuietOpt,
     RecalibratedModelArg,
@@ -52,11 +59,15 @@ from bn_inspect.cli.options import (
     ShapeOpt,
     StrictOpt,
     ThresholdOpt,
+    ToleranceOpt,
     TrustPickleOpt,
+    VarToleranceOpt,
+    WriteBaselineOpt,
 )
 from bn_inspect.options import (
     CheckFormat,
     DeviceChoice,
+    DiffFormat,
     ListingFormat,
     Mode,
     OutputFormat,
@@ -133,6 +144,11 @@ def check_command(
     min_values: MinValuesOpt = None,
     ignore: IgnoreOpt = None,
     strict: StrictOpt = None,
+    baseline: BaselineOpt = None,
+    write_baseline: WriteBaselineOpt = None,
+    force: ForceBaselineOpt = False,
+    max_drift: MaxDriftOpt = None,
+    max_drift_var_ratio: MaxDriftVarRatioOpt = None,
     output_format: CheckFormatOpt = CheckFormat.TABLE,
     output: OutputOpt = None,
     quiet: QuietOpt = False,
@@ -140,8 +156,9 @@ def check_command(
 ) -> None:
     """Check a model's normalization layers for broken state; exit 1 when a finding reaches --fail-on.
 
-    Thresholds can be pinned in pyproject.toml under [tool.bn-inspect] (max-shift, max-var-ratio,
-    max-share, min-values, fail-on, strict, ignore); flags override them.
+    Thresholds can be pinned in pyproject.toml under [tool.bn-inspect] (max-shift, max-var-ratio, max-share,
+    min-values, fail-on, strict, ignore, max-drift, max-drift-var-ratio); flags override them. --baseline
+    adds the drift rules BN301-BN303 against a known-good report (--write-baseline records one).
 
     Examples:
 
@@ -149,18 +166,15 @@ def check_command(
 
       bn-inspect check state_dict.pt --arch mypkg.models:resnet18 --input val.npy --format junit --output bn.xml
 
-      bn-inspect check model.pt --input val.npy --fail-on warning --max-shift 2 --ignore BN106
+      bn-inspect check model.pt --input val.npy --baseline golden.json --max-drift 0.2
     """
-    from bn_inspect.analyses.checking import check_settings
+    from bn_inspect.analyses.checking import check_gate
     from bn_inspect.analyses.runs import run_check
-    from bn_inspect.config import load_check_config
     from bn_inspect.output.formats import check_destination, write_result
 
     check_destination(output_format.value, output)
-    limits = (max_shift, max_var_ratio, max_share, min_values)
-    gate = check_settings(load_check_config(Path.cwd()), *limits, strict=strict, fail_on=fail_on, ignore=ignore or [])
     options = RunOptions.of(locals())
-    checked = run_check(options, gate.thresholds, gate.fail_on, gate.ignore, observer_for(options), no_data=no_data)
+    checked = run_check(options, check_gate(locals(), Path.cwd()), observer_for(options), no_data=no_data)
     if checked.report is not None:
         write_result(checked.report, output_format.value, output)
     if not checked.passed:
@@ -278,3 +292,53 @@ def recalibrate_command(
         write_result(result, output_format.value, None, Rendering(model_output=str(output)))
         if report is not None:
             write_result(result, "html", report, Rendering(model_output=str(output)), option="--report")
+
+
+@app.command("diff")
+def diff_command(
+    old: OldSideArg,
+    new: NewSideArg,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    shape: ShapeOpt = None,
+    input_file: InputOpt = None,
+    input_key: InputKeyOpt = None,
+    drop_column: DropColumnOpt = None,
+    batch_size: BatchSizeOpt = None,
+    batches: BatchesOpt = None,
+    seed: SeedOpt = 0,
+    mode: ModeOpt = Mode.EVAL,
+    device: DeviceOpt = DeviceChoice.CPU,
+    tolerance: ToleranceOpt = None,
+    var_tolerance: VarToleranceOpt = None,
+    output_format: DiffFormatOpt = DiffFormat.TABLE,
+    output: OutputOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Compare two reports or model files layer by layer; exit 1 when a change is beyond the tolerance.
+
+    OLD and NEW are JSON reports (inspect --format json) or model files; model files run the same
+    data (--input, --shape). Mean changes are in OLD standard deviations, var changes are ratios
+    new/old; added, removed, renamed layers and channel counts always count as beyond.
+
+    Examples:
+
+      bn-inspect diff golden.json new.json
+
+      bn-inspect diff golden.json candidate.pt --input val.npy --format markdown
+
+      bn-inspect diff old.pt new.pt --arch mypkg.models:net --input val.npy --tolerance 0.2 --var-tolerance 1.2
+    """
+    from bn_inspect.analyses.checking import check_gate
+    from bn_inspect.analyses.runs import run_diff
+    from bn_inspect.output.formats import write_result
+
+    gate = check_gate({"max_drift": tolerance, "max_drift_var_ratio": var_tolerance}, Path.cwd())
+    options = RunOptions.of(locals())
+    diff = run_diff(old, new, options, gate.tolerance, gate.thresholds, observer_for(options))
+    if diff is not None:
+        write_result(diff, output_format.value, output)
+        if not diff.passed:
+            raise typer.Exit(EXIT_CHECK_FAILED)

@@ -82,12 +82,17 @@ def run(argv: Sequence[str]) -> int:
 
 def main() -> None:
     """Console-script entry point."""
+    prepare_process()
+    sys.exit(run(sys.argv[1:]))
+
+
+def prepare_process() -> None:
+    """What a bn-inspect process sets up before its first run: the collector pause and the signal handlers."""
     pause_collector()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         # A SIGINT ignored by the parent (a background job of a script) stays ignored.
         if signal.getsignal(signal_number) is not signal.SIG_IGN:
             signal.signal(signal_number, _raise_interrupted)
-    sys.exit(run(sys.argv[1:]))
 
 
 def _raise_interrupted(signal_number: int, _frame: object) -> None:

@@ -10,6 +10,7 @@ import typer
 from bn_inspect.options import (
     CheckFormat,
     DeviceChoice,
+    DiffFormat,
     FailOn,
     ListingFormat,
     Mode,
@@ -25,7 +26,7 @@ def _print_version(wanted: bool) -> None:
         return
     from importlib.metadata import PackageNotFoundError, version
 
-    from bn_inspect import __version__
+    from bn_inspect.version import __version__
 
     try:
         torch_version = version("torch")
@@ -183,4 +184,55 @@ CompareFormatOpt = Annotated[
 RecalibrationReportOpt = Annotated[
     Path | None,
     typer.Option("--report", help="Also write the before/after report as one HTML page to this file (atomically)."),
+]
+OldSideArg = Annotated[
+    Path,
+    typer.Argument(
+        help="The known-good side: a JSON report (inspect --format json, check --write-baseline) or a model file.",
+        show_default=False,
+    ),
+]
+NewSideArg = Annotated[
+    Path, typer.Argument(help="The side to judge: a JSON report or a model file.", show_default=False)
+]
+ToleranceOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--tolerance",
+        min=0,
+        help="|Mean change| allowed, in OLD standard deviations (default 0.5; max-drift in [tool.bn-inspect]).",
+    ),
+]
+VarToleranceOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--var-tolerance",
+        min=1,
+        help="Var ratio new/old allowed within [1/R, R] (default 1.5; max-drift-var-ratio in [tool.bn-inspect]).",
+    ),
+]
+DiffFormatOpt = Annotated[
+    DiffFormat, typer.Option("--format", help="table for people; json or markdown for machines and CI.")
+]
+BaselineOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--baseline",
+        help="Known-good JSON report (inspect --format json or --write-baseline): adds the BN3xx drift rules.",
+    ),
+]
+WriteBaselineOpt = Annotated[
+    Path | None,
+    typer.Option("--write-baseline", help="Record this run's report as a baseline file (atomically; needs data)."),
+]
+ForceBaselineOpt = Annotated[bool, typer.Option("--force", help="Replace an existing --write-baseline file.")]
+MaxDriftOpt = Annotated[
+    float | None,
+    typer.Option("--max-drift", min=0, help="|Mean change| since --baseline allowed, in old std (default 0.5)."),
+]
+MaxDriftVarRatioOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--max-drift-var-ratio", min=1, help="Var ratio new/old since --baseline allowed in [1/R, R] (default 1.5)."
+    ),
 ]

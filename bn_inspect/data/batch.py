@@ -45,6 +45,19 @@ class Batch:
 
         return Batch(tuple(move(t) for t in self.args), {k: move(v) for k, v in self.kwargs.items()})
 
+    def sha256(self) -> str:
+        """The hex SHA-256 of the batch's tensors (positional, then keyword by name): each one's
+        name, dtype, shape and bytes, read on the host."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        named = [*((str(i), t) for i, t in enumerate(self.args)), *sorted(self.kwargs.items())]
+        for name, tensor in named:
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            # uint8 view: bytes of any dtype (bfloat16 has no numpy type).
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     def samples(self, start: int, stop: int) -> Batch:
         """Samples ``start`` to ``stop`` of every tensor (along dim 0)."""
         return Batch(tuple(t[start:stop] for t in self.args), {k: v[start:stop] for k, v in self.kwargs.items()})
@@ -109,6 +122,7 @@ class RunTotals:
         num_nonfinite_values: NaN or infinite input values.
         first_shape: shape of the first input tensor of the first batch (None: no batch ran).
         first_dtype: its dtype, e.g. "float32".
+        first_sha256: Batch.sha256 of the first batch (None: no batch ran, or not asked for).
     """
 
     num_batches: int = 0
@@ -116,6 +130,7 @@ class RunTotals:
     num_nonfinite_values: int = 0
     first_shape: tuple[int, ...] | None = None
     first_dtype: str | None = None
+    first_sha256: str | None = None
 
 
 def _float_dtype(tensor: torch.Tensor, model_dtype: torch.dtype | None) -> torch.dtype:

@@ -198,6 +198,7 @@ def merge_run_across_ranks(
         num_nonfinite_values=sum(t.num_nonfinite_values for t in rank_totals),
         first_shape=first.first_shape,
         first_dtype=first.first_dtype,
+        first_sha256=first.first_sha256,
     )
     shares = tuple(RankShare(r, t.num_batches, t.num_samples) for r, t in enumerate(rank_totals))
     return MergedRun(merged, merged_totals, shares)

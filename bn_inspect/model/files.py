@@ -199,6 +199,24 @@ def _first_failing_crc(archive: zipfile.ZipFile, path: Path, file_size: int) -> 
     return None
 
 
+def file_sha256(path: Path) -> str:
+    """The hex SHA-256 of the file's bytes, read in chunks.
+
+    Raises:
+        ModelFileError: the file cannot be read.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as stream:
+            while chunk := stream.read(_CHUNK_SIZE):
+                digest.update(chunk)
+    except OSError as error:
+        raise ModelFileError(f"cannot read model file {path}: {error.strerror}", "Check its permissions") from error
+    return digest.hexdigest()
+
+
 def weights_only_reason(error: BaseException) -> str:
     """torch's own reason, without its advice to retry with weights_only=False."""
     text = str(error).strip()

@@ -12,7 +12,7 @@ from bn_inspect.errors import (
 )
 from bn_inspect.model.arch import build_arch
 from bn_inspect.model.archives import load_exported, load_safetensors, load_torchscript
-from bn_inspect.model.files import FileKind, detect_file_kind
+from bn_inspect.model.files import FileKind, detect_file_kind, file_sha256
 from bn_inspect.model.pickles import torch_load
 from bn_inspect.model.state_dict import STATE_DICT_KEYS, extract_state_dict, load_state_into, validate_state_dict
 
@@ -26,12 +26,14 @@ class LoadedModel:
     """A model ready to inspect and a description of where it came from.
 
     ``format`` is one of: state_dict, checkpoint, safetensors, torchscript, pickle, arch.
+    ``sha256`` is the hex SHA-256 of the model file's bytes (None for a fresh --arch).
     """
 
     module: nn.Module
     source: str
     format: str
     arch: str | None
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class Weights:
     state_dict: dict[str, torch.Tensor]
     source: str
     format: str
+    sha256: str | None = None
 
 
 def read_model_file(path: Path, *, trust_pickle: bool = False, map_location: str = "cpu") -> LoadedModel | Weights:
@@ -50,25 +53,27 @@ def read_model_file(path: Path, *, trust_pickle: bool = False, map_location: str
         ModelFileError, UntrustedPickleError.
     """
     kind = detect_file_kind(path)
+    # Hashed before loading: a report names the bytes it judged, for comparing reports later.
+    digest = file_sha256(path)
     if kind is FileKind.TORCHSCRIPT:
-        return LoadedModel(load_torchscript(path, map_location, trust_pickle), str(path), "torchscript", None)
+        return LoadedModel(load_torchscript(path, map_location, trust_pickle), str(path), "torchscript", None, digest)
     if kind is FileKind.TORCH_EXPORT:
-        return LoadedModel(load_exported(path, map_location, trust_pickle), str(path), "torch.export", None)
+        return LoadedModel(load_exported(path, map_location, trust_pickle), str(path), "torch.export", None, digest)
     if kind is FileKind.SAFETENSORS:
         tensors = load_safetensors(path, map_location)
         validate_state_dict(tensors, path)
-        return Weights(tensors, str(path), "safetensors")
+        return Weights(tensors, str(path), "safetensors", digest)
     obj = torch_load(path, map_location, trust_pickle, kind)
     from torch import nn
 
     if isinstance(obj, nn.Module):
-        return LoadedModel(obj, str(path), "pickle", None)
+        return LoadedModel(obj, str(path), "pickle", None, digest)
     if isinstance(obj, Mapping):
         for key in STATE_DICT_KEYS:
             if isinstance(obj.get(key), nn.Module):
-                return LoadedModel(obj[key], str(path), "pickle", None)
+                return LoadedModel(obj[key], str(path), "pickle", None, digest)
     state_dict, nested = extract_state_dict(obj, path)
-    return Weights(state_dict, str(path), "checkpoint" if nested else "state_dict")
+    return Weights(state_dict, str(path), "checkpoint" if nested else "state_dict", digest)
 
 
 def load_model(
@@ -106,4 +111,4 @@ def load_model(
         )
     module = build_arch(arch, kwargs)
     load_state_into(module, content.state_dict, arch)
-    return LoadedModel(module, str(path), content.format, arch)
+    return LoadedModel(module, str(path), content.format, arch, content.sha256)

@@ -16,6 +16,7 @@ from bn_inspect.text import inert
 
 if TYPE_CHECKING:
     from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
+    from bn_inspect.report.diff import DiffReport, StatChange
 
 
 def format_number(value: float | None, digits: int = 4) -> str:
@@ -315,3 +316,54 @@ def recalibration_to_markdown(result: RecalibrationResult, output: str) -> str:
         )
     lines += [f"- skipped {_code(s.name)}: {_text(s.reason)}" for s in result.skipped]
     return "\n".join(lines) + "\n"
+
+
+def diff_to_json(diff: DiffReport) -> str:
+    """The comparison as a JSON document of kind "diff" (see diff.schema.json)."""
+    return json.dumps(diff.to_dict(), indent=2, allow_nan=False) + "\n"
+
+
+def diff_to_markdown(diff: DiffReport) -> str:
+    """A job-summary / pull-request comment: the verdict, then one row per layer call, largest change first."""
+
+    def change(value: StatChange | None) -> tuple[str, str]:
+        if value is None:
+            return "—", "—"
+        return format_number(value.max_abs_mean_change), format_number(value.worst_var_ratio)
+
+    verdict = "✅ within tolerance" if diff.passed else "❌ beyond tolerance"
+    lines = [f"## bn-inspect diff: {verdict}", ""]
+    for name, model, data, mode in (
+        ("OLD", diff.old_model, diff.old_input, diff.old_mode),
+        ("NEW", diff.new_model, diff.new_input, diff.new_mode),
+    ):
+        lines.append(
+            f"**{name}** {_code(model.source)} ({model.format}) · {_code(data.source)}: "
+            f"{counted(data.num_samples, 'sample')} · mode {mode}  "
+        )
+    lines += [
+        "",
+        "| # | layer | type | change | C | running mean max \\|Δ\\| | running var worst ratio "
+        "| batch mean max \\|Δ\\| | batch var worst ratio | verdict |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for layer in diff.layers:
+        label = " → ".join(_code(n) for n in (layer.old, layer.new) if n) if layer.status == "renamed" else None
+        channels = [layer.old_channels, layer.new_channels]
+        cells = [
+            str(layer.position),
+            label or _code(layer.label),
+            _text(layer.type),
+            f"**{layer.status}**" if layer.is_beyond else layer.status,
+            " → ".join(dict.fromkeys(f"{c:,}" for c in channels if c is not None)) or "—",
+            *change(layer.running),
+            *change(layer.batch),
+            " → ".join(dict.fromkeys(v or "—" for v in (layer.old_verdict, layer.new_verdict))),
+        ]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    lines += ["", "Mean changes are in units of the OLD standard deviation; var ratios are new / old."]
+    if diff.first_changed is not None:
+        lines.append(f"First changed layer in execution order: {_code(diff.first_changed)}.")
+    lines += [f"- {_text(note)}." for note in diff.notes]
+    lines += ["", f"<sub>tolerance: {_text(diff.tolerance.describe())}</sub>", ""]
+    return "\n".join(lines)

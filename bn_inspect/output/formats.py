@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, ClassVar
 from bn_inspect.atomic import write_text
 from bn_inspect.errors import OutputError
 from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
+from bn_inspect.report.diff import DiffReport
 from bn_inspect.report.findings import CheckReport
 from bn_inspect.report.records import LayerListing, Report
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
-Result = Report | CheckReport | LayerListing | ModeComparison | RecalibrationResult
+Result = Report | CheckReport | LayerListing | ModeComparison | RecalibrationResult | DiffReport
 
 # Columns of a report written to a file: wide enough that no table is squeezed.
 FILE_WIDTH = 160
@@ -60,8 +61,10 @@ class JsonFormatter(Formatter):
     name = "json"
 
     def text(self, result: Result, rendering: Rendering) -> str:
-        from bn_inspect.output.export import check_to_json, dataclass_to_json, listing_to_json, to_json
+        from bn_inspect.output.export import check_to_json, dataclass_to_json, diff_to_json, listing_to_json, to_json
 
+        if isinstance(result, DiffReport):
+            return diff_to_json(result)
         if isinstance(result, Report):
             return to_json(result)
         if isinstance(result, CheckReport):
@@ -100,6 +103,8 @@ class MarkdownFormatter(Formatter):
             return export.listing_to_markdown(result)
         if isinstance(result, ModeComparison):
             return export.comparison_to_markdown(result)
+        if isinstance(result, DiffReport):
+            return export.diff_to_markdown(result)
         return export.recalibration_to_markdown(result, rendering.model_output)
 
 
@@ -126,6 +131,10 @@ class TableFormatter(Formatter):
         from bn_inspect.output import render, render_runs
 
         width = rendering.width
+        if isinstance(result, DiffReport):
+            from bn_inspect.output.render_diff import render_diff
+
+            return render_diff(result, width)
         if isinstance(result, Report):
             return render.render_report(result, rendering.channel_patterns, width)
         if isinstance(result, CheckReport):

@@ -9,7 +9,7 @@ from typing import Any
 from bn_inspect.options import FailOn
 from bn_inspect.report.departure import Thresholds as Thresholds  # its old home: callers import it from here
 from bn_inspect.report.display import NotebookDisplay
-from bn_inspect.report.records import SCHEMA_VERSION, InputInfo, ModelInfo, json_ready
+from bn_inspect.report.records import SCHEMA_VERSION, InputInfo, ModelInfo, Report, json_ready
 
 
 class Severity(str, Enum):
@@ -63,6 +63,14 @@ RULES = {
         Rule("BN202", "dead-channels", Severity.WARNING, "channels with zero batch variance on the data"),
         Rule("BN203", "few-values", Severity.WARNING, "too few values per channel for trustworthy statistics"),
         Rule("BN204", "nonfinite-batch", Severity.ERROR, "the layer's input holds NaN or Inf on the data"),
+        Rule("BN301", "running-drift", Severity.ERROR, "running statistics moved beyond tolerance since --baseline"),
+        Rule(
+            "BN302",
+            "data-drift",
+            Severity.ERROR,
+            "batch statistics on the data drifted since --baseline, model unchanged",
+        ),
+        Rule("BN303", "layers-changed", Severity.ERROR, "layers added, removed, renamed or resized since --baseline"),
     )
 }
 
@@ -102,6 +110,8 @@ class CheckReport(NotebookDisplay):
     ignored: tuple[str, ...] = ()
     first_divergent: str | None = None
     schema_version: int = field(default=SCHEMA_VERSION)
+    # The inspection the data rules judged (None without data): what --write-baseline records.
+    inspection: Report | None = field(default=None, compare=False, repr=False)
 
     @property
     def failed(self) -> tuple[Finding, ...]:

@@ -26,6 +26,8 @@ from bn_inspect.report import shift
 from bn_inspect.report.departure import Thresholds, departure
 from bn_inspect.report.display import NotebookDisplay
 
+# Adding a field keeps the version (README, "JSON report"): reports written before the fingerprints
+# (model and first-batch SHA-256, bn-inspect and Python versions) read as reports without them.
 SCHEMA_VERSION = 1
 # How InputInfo.source starts for seeded random input (--shape, or a shape guessed from the model).
 RANDOM_INPUT = "random normal"
@@ -35,16 +37,22 @@ Floats = tuple[float, ...]
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Where the model came from: file path (or "<module>"), detected format, --arch spec."""
+    """Where the model came from: file path (or "<module>"), detected format, --arch spec, and the
+    hex SHA-256 of the file's bytes (None without a file: a fresh --arch, the Python API)."""
 
     source: str
     format: str
     arch: str | None = None
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
 class InputInfo:
-    """What data ran: its source, the shape and dtype of one batch, how many batches and samples."""
+    """What data ran: its source, the shape and dtype of one batch, how many batches and samples.
+
+    ``first_batch_sha256`` fingerprints the data: the hex SHA-256 of the first batch's tensors as
+    they ran (dtype, shape and bytes of each, data/batch.py), None in reports that predate it.
+    """
 
     source: str
     shape: tuple[int, ...]
@@ -52,6 +60,7 @@ class InputInfo:
     num_batches: int
     num_samples: int
     num_nonfinite_values: int = 0
+    first_batch_sha256: str | None = None
 
     @property
     def is_random(self) -> bool:
@@ -277,7 +286,11 @@ class DistributedInfo:
 
 @dataclass(frozen=True)
 class Report(NotebookDisplay):
-    """The result of one inspection; ``to_dict`` gives the JSON document of schema version 1."""
+    """The result of one inspection; ``to_dict`` gives the JSON document of schema version 1.
+
+    ``torch_version``, ``bn_inspect_version`` and ``python_version`` say what produced it ("" in
+    reports that predate them), so that two reports can be told comparable or not.
+    """
 
     model: ModelInfo
     input: InputInfo
@@ -288,6 +301,8 @@ class Report(NotebookDisplay):
     torch_version: str = ""
     distributed: DistributedInfo | None = None
     schema_version: int = field(default=SCHEMA_VERSION)
+    bn_inspect_version: str = ""
+    python_version: str = ""
 
     def first_divergent(self, thresholds: Thresholds | None = None) -> LayerReport | None:
         """The first layer call in execution order whose data departs from its running statistics.
@@ -317,6 +332,8 @@ class Report(NotebookDisplay):
             "schema_version": self.schema_version,
             "kind": "inspect",
             "torch_version": self.torch_version,
+            "bn_inspect_version": self.bn_inspect_version,
+            "python_version": self.python_version,
             "model": asdict(self.model),
             "input": asdict(self.input),
             "mode": self.mode,

@@ -13,6 +13,7 @@ SCHEMA_FILES = {
     "layers": "layers.schema.json",
     "compare-modes": "compare-modes.schema.json",
     "recalibrate": "recalibrate.schema.json",
+    "diff": "diff.schema.json",
 }
 
 

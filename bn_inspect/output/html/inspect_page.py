@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import importlib.metadata
 import math
 from collections.abc import Sequence
 
@@ -27,6 +26,7 @@ from bn_inspect.output.words import counted
 from bn_inspect.report import shift
 from bn_inspect.report.departure import Thresholds
 from bn_inspect.report.records import LayerReport, ModelInfo, Report
+from bn_inspect.version import __version__
 
 COLUMNS = (
     Column("#", is_numeric=True, hint="execution order"),
@@ -91,7 +91,12 @@ def header(report: Report) -> str:
         ("input", f"{escaped(data.source)}: {escaped(batches)}"),
         ("mode", escaped(report.mode)),
         ("device", escaped(report.device)),
-        ("versions", escaped(f"bn-inspect {_version()} · torch {report.torch_version or 'unknown'}")),
+        (
+            "versions",
+            escaped(
+                f"bn-inspect {report.bn_inspect_version or __version__} · torch {report.torch_version or 'unknown'}"
+            ),
+        ),
     ]
     if report.not_executed:
         rows.append(("never ran", escaped(", ".join(report.not_executed))))
@@ -101,14 +106,6 @@ def header(report: Report) -> str:
         '<header><h1>bn-inspect <span class="kind">inspect</span></h1>'
         f'{facts(rows)}<p class="verdict verdict-{outcome}">{escaped(verdict.sentence)}</p></header>'
     )
-
-
-def _version() -> str:
-    # The package's own __version__ would import bn_inspect/__init__.py, which imports this room.
-    try:
-        return importlib.metadata.version("bn-inspect")
-    except importlib.metadata.PackageNotFoundError:
-        return "(not installed)"
 
 
 def hover_text(layer: LayerReport) -> str:

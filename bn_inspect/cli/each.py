@@ -1,0 +1,50 @@
+"""`python -m bn_inspect.cli.each COMMAND [OPTIONS] -- FILE...`: one bn-inspect run per file, in one process.
+
+pre-commit calls a hook once with every changed file, after the hook's args, and a bn-inspect
+command takes one model. The files after ``--`` run one by one with the command and options before
+it, in this process (torch is imported once). The exit code is the worst of the runs: 2 (could not
+run) over 1 (a check failed) over 0; a run stopped by a signal stops them all.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from bn_inspect.cli.app import EXIT_CANNOT_RUN
+from bn_inspect.cli.main import prepare_process, run
+
+USAGE = "python -m bn_inspect.cli.each COMMAND [OPTIONS] -- FILE..."
+
+
+def run_each(argv: Sequence[str]) -> int:
+    """Run ``COMMAND [OPTIONS] FILE`` for each FILE after ``--``; the worst exit code.
+
+    Without ``--``, every argument after the command is a file.
+    """
+    arguments = list(argv)
+    if not arguments or arguments[0].startswith("-"):
+        print(f"Error: no bn-inspect command given. Usage: {USAGE}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    if "--" in arguments:
+        split = arguments.index("--")
+        command, files = arguments[:split], arguments[split + 1 :]
+    else:
+        command, files = arguments[:1], arguments[1:]
+    worst = 0
+    for path in files:
+        code = run([*command, path])
+        if code > 128:  # 128 + a signal number: the user stopped it
+            return code
+        worst = max(worst, code)
+    return worst
+
+
+def main() -> None:
+    """``python -m bn_inspect.cli.each``."""
+    prepare_process()
+    sys.exit(run_each(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,437 @@
+"""Two inspection reports compared layer by layer: what `bn-inspect diff` and check's BN3xx rules measure.
+
+Per layer call present in both (matched by qualified name and call index), per channel c:
+
+* ``running_mean_change[c] = (new running_mean - old running_mean) / sqrt(old running_var + eps)``:
+  how many OLD running standard deviations the stored mean moved;
+* ``running_var_ratio[c] = new running_var / old running_var`` (both unbiased, as PyTorch keeps them);
+* ``batch_mean_change[c] = (new batch_mean - old batch_mean) / sqrt(old batch_var + eps)``: the
+  same for what the data did at the layer, in OLD batch standard deviations;
+* ``batch_var_ratio[c] = new batch_var / old batch_var``, with the biased batch variance (what
+  BatchNorm normalizes with).
+
+Both are report/shift.py's shift z and var ratio with OLD in the place of the running statistics,
+so its NaN policy holds: a channel whose change is undefined is NaN and makes its layer beyond
+any tolerance. A layer call in one report only is added or removed, unless a layer of the same
+type, channel count and input shape sits at the same place in the other (between the same matched
+layers): then it was renamed. Structural changes (added, removed, renamed, channel count) are
+always beyond the tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from bn_inspect.report import shift
+from bn_inspect.report.departure import Thresholds, departure
+from bn_inspect.report.records import SCHEMA_VERSION, InputInfo, LayerReport, ModelInfo, Report, json_ready
+
+Floats = tuple[float, ...]
+
+UNCHANGED, CHANGED, ADDED, REMOVED, RENAMED, CHANNELS = (
+    "unchanged",
+    "changed",
+    "added",
+    "removed",
+    "renamed",
+    "channels",
+)
+STRUCTURAL = (ADDED, REMOVED, RENAMED, CHANNELS)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far statistics may move before a comparison fails.
+
+    Attributes:
+        max_mean_change: |mean change| (in OLD standard deviations) above this is beyond.
+        max_var_ratio: a var ratio (new / old) outside [1 / R, R] is beyond.
+    """
+
+    max_mean_change: float = 0.5
+    max_var_ratio: float = 1.5
+
+    def describe(self) -> str:
+        """The tolerance as one phrase."""
+        return (
+            f"|mean change| ≤ {self.max_mean_change:g} old std and var ratio within "
+            f"[{1 / self.max_var_ratio:.3g}, {self.max_var_ratio:.3g}]"
+        )
+
+    def size(self, mean_changes: Sequence[float] | None, var_ratios: Sequence[float] | None) -> float:
+        """How far past the tolerance the worst channel is: 1.0 at the tolerance, NaN counted as infinite."""
+        worst = 0.0
+        largest = shift.max_abs(mean_changes)
+        if largest is not None:
+            worst = max(worst, _past(_nan_as_inf(largest), self.max_mean_change))
+        ratio = shift.worst_ratio(var_ratios)
+        if ratio is not None:
+            log_ratio = abs(math.log(ratio)) if 0 < ratio < math.inf else math.inf
+            worst = max(worst, _past(log_ratio, math.log(self.max_var_ratio)))
+        return worst
+
+
+def _past(value: float, bound: float) -> float:
+    """value / bound; a zero bound (a tolerance of 0, a ratio of exactly 1) allows exactly no change."""
+    if bound:
+        return value / bound
+    return math.inf if value else 0.0
+
+
+def _nan_as_inf(value: float) -> float:
+    return math.inf if math.isnan(value) else value
+
+
+@dataclass(frozen=True)
+class StatChange:
+    """How one kind of statistics (running, or batch on the data) moved, per channel."""
+
+    mean_change: Floats
+    var_ratio: Floats
+
+    @property
+    def max_abs_mean_change(self) -> float | None:
+        """The largest |mean change| over channels (NaN if any is NaN)."""
+        return shift.max_abs(self.mean_change)
+
+    @property
+    def worst_var_ratio(self) -> float | None:
+        """The var ratio farthest from 1 on a log scale (NaN if any is NaN)."""
+        return shift.worst_ratio(self.var_ratio)
+
+
+@dataclass(frozen=True)
+class LayerChange:
+    """One layer call compared: matched, renamed, added, removed, or of another channel count.
+
+    Attributes:
+        old: its label (name#call past the first call) in OLD; None when added.
+        new: its label in NEW; None when removed.
+        status: unchanged, changed (beyond the tolerance), added, removed, renamed or channels.
+        position: its index in execution order, in NEW (in OLD when removed).
+        type: the layer's class name (NEW's, OLD's when removed).
+        old_channels, new_channels: channel counts.
+        running: how the running statistics moved (None without them in either report).
+        batch: how the batch statistics on the data moved (None without them in either).
+        old_verdict, new_verdict: "departs" or "matches" its running statistics on the data
+            (report/departure.py), None where it cannot be judged.
+        size: Tolerance.size of the larger of both changes; infinite for structural changes.
+    """
+
+    old: str | None
+    new: str | None
+    status: str
+    position: int
+    type: str
+    old_channels: int | None
+    new_channels: int | None
+    running: StatChange | None
+    batch: StatChange | None
+    old_verdict: str | None
+    new_verdict: str | None
+    size: float
+
+    @property
+    def label(self) -> str:
+        """How the layer is named to people: NEW's label, "A → B" when renamed, OLD's when removed."""
+        if self.status == RENAMED:
+            return f"{self.old} → {self.new}"
+        return self.new or self.old or ""
+
+    @property
+    def is_beyond(self) -> bool:
+        """True when this layer's change exceeds the tolerance (every structural change does)."""
+        return self.status in STRUCTURAL or self.status == CHANGED
+
+
+@dataclass(frozen=True)
+class DiffReport:
+    """OLD and NEW compared: every layer call, largest change first, and whether NEW is within tolerance.
+
+    Attributes:
+        old_model, new_model, old_input, new_input: what each report ran.
+        old_mode, new_mode: eval or train.
+        tolerance: what counts as beyond.
+        layers: every layer call, sorted by size of change (largest first), then execution order.
+        first_changed: label of the first layer in execution order whose change is beyond.
+        notes: why the two reports may not be comparable (other data, mode, dtype, versions).
+    """
+
+    old_model: ModelInfo
+    new_model: ModelInfo
+    old_input: InputInfo
+    new_input: InputInfo
+    old_mode: str
+    new_mode: str
+    tolerance: Tolerance
+    layers: tuple[LayerChange, ...]
+    first_changed: str | None
+    notes: tuple[str, ...] = ()
+    schema_version: int = field(default=SCHEMA_VERSION)
+
+    @property
+    def beyond(self) -> tuple[LayerChange, ...]:
+        """The layer calls whose change exceeds the tolerance."""
+        return tuple(layer for layer in self.layers if layer.is_beyond)
+
+    @property
+    def passed(self) -> bool:
+        """True when no layer changed beyond the tolerance."""
+        return not self.beyond
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready document of kind "diff"; non-finite floats become "nan", "inf" or "-inf"."""
+        layers = []
+        for layer in self.layers:
+            entry = asdict(layer)
+            entry["is_beyond"] = layer.is_beyond
+            for kind in ("running", "batch"):
+                change = getattr(layer, kind)
+                if change is not None:
+                    entry[kind]["max_abs_mean_change"] = change.max_abs_mean_change
+                    entry[kind]["worst_var_ratio"] = change.worst_var_ratio
+            layers.append(entry)
+        document = {
+            "schema_version": self.schema_version,
+            "kind": "diff",
+            "old": {"model": asdict(self.old_model), "input": asdict(self.old_input), "mode": self.old_mode},
+            "new": {"model": asdict(self.new_model), "input": asdict(self.new_input), "mode": self.new_mode},
+            "tolerance": asdict(self.tolerance),
+            "passed": self.passed,
+            "first_changed": self.first_changed,
+            "notes": list(self.notes),
+            "layers": layers,
+        }
+        return json_ready(document)  # type: ignore[no-any-return]
+
+
+def running_change(old: LayerReport, new: LayerReport) -> StatChange | None:
+    """How the running statistics moved from ``old`` to ``new`` (None when either lacks them)."""
+    if old.running_mean is None or old.running_var is None or new.running_mean is None or new.running_var is None:
+        return None
+    eps = old.eps or 0.0
+    return StatChange(
+        shift.mean_shift_z(new.running_mean, old.running_mean, old.running_var, eps),
+        shift.var_ratio(new.running_var, old.running_var),
+    )
+
+
+def batch_change(old: LayerReport, new: LayerReport) -> StatChange | None:
+    """How the batch statistics on the data moved (None when either run has none)."""
+    if old.batch_mean is None or old.batch_var is None or new.batch_mean is None or new.batch_var is None:
+        return None
+    eps = old.eps or 0.0
+    return StatChange(
+        shift.mean_shift_z(new.batch_mean, old.batch_mean, old.batch_var, eps),
+        shift.var_ratio(new.batch_var, old.batch_var),
+    )
+
+
+def _verdict(layer: LayerReport, thresholds: Thresholds) -> str | None:
+    if layer.mean_shift_z is None or layer.var_ratio is None or not layer.mean_shift_z:
+        return None
+    return "departs" if departure(layer, thresholds) is not None else "matches"
+
+
+def _compared(
+    old: LayerReport, new: LayerReport, position: int, tolerance: Tolerance, thresholds: Thresholds, *, renamed: bool
+) -> LayerChange:
+    """A layer call present in both reports (or renamed), its changes measured."""
+    same_channels = old.num_channels == new.num_channels
+    running = running_change(old, new) if same_channels else None
+    batch = batch_change(old, new) if same_channels else None
+    size = max(tolerance.size(c.mean_change, c.var_ratio) if c else 0.0 for c in (running, batch))
+    status = CHANNELS if not same_channels else RENAMED if renamed else CHANGED if size > 1 else UNCHANGED
+    return LayerChange(
+        old=old.label,
+        new=new.label,
+        status=status,
+        position=position,
+        type=new.type,
+        old_channels=old.num_channels,
+        new_channels=new.num_channels,
+        running=running,
+        batch=batch,
+        old_verdict=_verdict(old, thresholds),
+        new_verdict=_verdict(new, thresholds),
+        size=math.inf if status in STRUCTURAL else size,
+    )
+
+
+def _alone(layer: LayerReport, position: int, status: str) -> LayerChange:
+    """A layer call in one report only."""
+    is_new = status == ADDED
+    return LayerChange(
+        old=None if is_new else layer.label,
+        new=layer.label if is_new else None,
+        status=status,
+        position=position,
+        type=layer.type,
+        old_channels=None if is_new else layer.num_channels,
+        new_channels=layer.num_channels if is_new else None,
+        running=None,
+        batch=None,
+        old_verdict=None,
+        new_verdict=None,
+        size=math.inf,
+    )
+
+
+def _slots(layers: Sequence[LayerReport], matched: set[str]) -> dict[str, str | None]:
+    """For each unmatched layer call, the label of the last matched call before it: its place."""
+    place: str | None = None
+    slots = {}
+    for layer in layers:
+        if layer.label in matched:
+            place = layer.label
+        else:
+            slots[layer.label] = place
+    return slots
+
+
+def _shape_key(layer: LayerReport) -> tuple[str, int | None, tuple[int, ...] | None]:
+    return layer.type, layer.num_channels, layer.input_shape
+
+
+def _renames(old: Sequence[LayerReport], new: Sequence[LayerReport], matched: set[str]) -> dict[str, str]:
+    """OLD label -> NEW label for layer calls that sit at the same place, with the same type,
+    channel count and input shape, in execution order."""
+    old_slots, new_slots = _slots(old, matched), _slots(new, matched)
+    by_label = {layer.label: layer for layer in new}
+    taken: set[str] = set()
+    renames = {}
+    for layer in old:
+        if layer.label not in old_slots:
+            continue
+        candidate = next(
+            (
+                label
+                for label, slot in new_slots.items()
+                if slot == old_slots[layer.label]
+                and label not in taken
+                and _shape_key(by_label[label]) == _shape_key(layer)
+            ),
+            None,
+        )
+        if candidate is not None:
+            taken.add(candidate)
+            renames[layer.label] = candidate
+    return renames
+
+
+def diff_layers(
+    old: Sequence[LayerReport], new: Sequence[LayerReport], tolerance: Tolerance, thresholds: Thresholds
+) -> list[LayerChange]:
+    """Every layer call of ``old`` and ``new`` compared, in execution order (NEW's, then OLD's removed calls)."""
+    old_by_label = {layer.label: layer for layer in old}
+    matched = {layer.label for layer in new} & set(old_by_label)
+    renames = _renames(old, new, matched)
+    renamed_to = {b: a for a, b in renames.items()}
+    changes = []
+    for position, layer in enumerate(new):
+        if layer.label in matched:
+            changes.append(_compared(old_by_label[layer.label], layer, position, tolerance, thresholds, renamed=False))
+        elif layer.label in renamed_to:
+            before = old_by_label[renamed_to[layer.label]]
+            changes.append(_compared(before, layer, position, tolerance, thresholds, renamed=True))
+        else:
+            changes.append(_alone(layer, position, ADDED))
+    for position, layer in enumerate(old):
+        if layer.label not in matched and layer.label not in renames:
+            changes.append(_alone(layer, position, REMOVED))
+    return changes
+
+
+def first_changed(changes: Sequence[LayerChange]) -> LayerChange | None:
+    """The first change beyond the tolerance in execution order (a removed call after a NEW one at its index)."""
+    beyond = sorted((c for c in changes if c.is_beyond), key=lambda c: (c.position, c.status == REMOVED))
+    return beyond[0] if beyond else None
+
+
+def diff_reports(
+    old: Report, new: Report, tolerance: Tolerance | None = None, thresholds: Thresholds | None = None
+) -> DiffReport:
+    """Compare ``new`` with ``old`` layer by layer.
+
+    Args:
+        old: the known-good report.
+        new: the report to judge.
+        tolerance: how far statistics may move (defaults: Tolerance()).
+        thresholds: what makes a layer depart from its running statistics, for the verdicts.
+
+    Returns:
+        The DiffReport, layers sorted by size of change (largest first, then execution order).
+    """
+    changes = diff_layers(old.layers, new.layers, tolerance or Tolerance(), thresholds or Thresholds())
+    first = first_changed(changes)
+    return DiffReport(
+        old_model=old.model,
+        new_model=new.model,
+        old_input=old.input,
+        new_input=new.input,
+        old_mode=old.mode,
+        new_mode=new.mode,
+        tolerance=tolerance or Tolerance(),
+        layers=tuple(sorted(changes, key=lambda c: (-_nan_as_inf(c.size), c.position))),
+        first_changed=first.label if first else None,
+        notes=tuple(comparability_notes(old, new)),
+    )
+
+
+def comparability_notes(old: Report, new: Report, names: tuple[str, str] = ("OLD", "NEW")) -> list[str]:
+    """Why the batch statistics of ``old`` and ``new`` may differ for reasons other than the model.
+
+    ``names`` call the two reports in the notes ("OLD" and "NEW"; check says "the baseline" and "this run").
+    """
+    was, now = names
+    notes = []
+    if old.mode != new.mode:
+        notes.append(f"{was} ran in {old.mode} mode and {now} in {new.mode} mode: the reports are not comparable")
+    if old.input.dtype != new.input.dtype:
+        notes.append(f"{was} ran in {old.input.dtype} and {now} in {new.input.dtype}: expect rounding differences")
+    if old.device.split(":")[0] != new.device.split(":")[0]:
+        notes.append(f"{was} ran on {old.device} and {now} on {new.device}: expect rounding differences")
+    notes += _data_notes(old.input, new.input, names)
+    versions = [
+        f"{name} {a} → {b}"
+        for name, a, b in (
+            ("torch", old.torch_version, new.torch_version),
+            ("bn-inspect", old.bn_inspect_version, new.bn_inspect_version),
+        )
+        if a and b and a != b
+    ]
+    if versions:
+        notes.append(f"the reports were written by other versions ({', '.join(versions)})")
+    if old.model.sha256 and old.model.sha256 == new.model.sha256:
+        notes.append(f"{was} and {now} are the same model file (equal SHA-256): running statistics cannot have changed")
+    return notes
+
+
+def _data_notes(old: InputInfo, new: InputInfo, names: tuple[str, str]) -> list[str]:
+    """Notes on whether both reports ran the same data, by its fingerprint."""
+    if old.is_random != new.is_random:
+        return ["one report ran on random input and the other on data: batch statistics are not comparable"]
+    if old.first_batch_sha256 is None or new.first_batch_sha256 is None:
+        return [
+            "a report has no data fingerprint (written by an older bn-inspect): whether both ran the same data "
+            "cannot be told"
+        ]
+    # Other dtypes give other bytes for the same data: the dtype note says it already.
+    other_first = old.dtype == new.dtype and old.first_batch_sha256 != new.first_batch_sha256
+    differences = [
+        what
+        for what, differs in (
+            (f"{old.num_samples:,} vs {new.num_samples:,} samples", old.num_samples != new.num_samples),
+            ("another first batch", other_first),
+        )
+        if differs
+    ]
+    if differences:
+        return [
+            f"{names[0]} and {names[1]} ran other data ({', '.join(differences)}): batch statistic changes may be "
+            "data drift, not a change of the model"
+        ]
+    return []

@@ -1,0 +1,87 @@
+"""A pytest helper: assert that a model's BatchNorm layers are healthy on your data, check's rules and all.
+
+    from bn_inspect.testing import assert_bn_healthy
+
+    def test_batchnorm_state(model, val_batches):
+        assert_bn_healthy(model, val_batches, baseline="tests/golden_bn.json", max_shift=2.5)
+
+On failure the AssertionError's message is check's table (120 columns), so the test log says which
+rule fired on which layer and why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bn_inspect.config import CheckConfig
+from bn_inspect.report.records import Report
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from bn_inspect.report.findings import CheckReport
+
+# The keywords are [tool.bn-inspect]'s keys, with underscores: what a repository pins, a test can set.
+THRESHOLD_KEYWORDS = (
+    "max_shift",
+    "max_var_ratio",
+    "max_share",
+    "min_values",
+    "strict",
+    "fail_on",
+    "ignore",
+    "max_drift",
+    "max_drift_var_ratio",
+)
+
+_TABLE_WIDTH = 120
+
+
+def assert_bn_healthy(
+    model: nn.Module, batches: Iterable[Any], baseline: Report | str | Path | None = None, **thresholds: Any
+) -> CheckReport:
+    """Run `bn-inspect check` on ``model`` and ``batches``; raise AssertionError with its table if it fails.
+
+    Args:
+        model: the model (left unchanged, as by check_model).
+        batches: real data: tensors, dicts of tensors, (inputs, targets) pairs or a DataLoader.
+        baseline: a known-good Report, or the path of a JSON report (``inspect --format json``,
+            ``check --write-baseline``): adds the BN3xx drift rules.
+        **thresholds: check's settings by their [tool.bn-inspect] names with underscores
+            (max_shift=2.5, ignore=["BN106"], fail_on="warning", max_drift=0.2, ...); the
+            project's pyproject.toml is not read, so a test says what it checks.
+
+    Returns:
+        The CheckReport, when it passed.
+
+    Raises:
+        AssertionError: a finding reached fail_on; the message is check's table.
+        TypeError: a keyword that is no threshold (the message lists the valid ones).
+        BnInspectError: the check could not run (no normalization layers, data that does not fit, ...).
+    """
+    from bn_inspect.analyses.checking import check_gate, check_model
+    from bn_inspect.output.formats import Rendering, TableFormatter
+    from bn_inspect.report.baseline import Baseline
+    from bn_inspect.report.reading import load_report
+
+    unknown = sorted(set(thresholds) - set(THRESHOLD_KEYWORDS))
+    if unknown:
+        raise TypeError(
+            f"assert_bn_healthy() got unexpected keyword(s) {', '.join(unknown)}; "
+            f"the thresholds are {', '.join(THRESHOLD_KEYWORDS)}"
+        )
+    gate = check_gate(thresholds, config=CheckConfig())
+    known_good = load_report(Path(baseline)) if isinstance(baseline, (str, Path)) else baseline
+    result = check_model(
+        model,
+        batches,
+        thresholds=gate.thresholds,
+        fail_on=gate.fail_on,
+        ignore=gate.ignore,
+        baseline=None if known_good is None else Baseline(known_good, gate.tolerance),
+    )
+    if not result.passed:
+        raise AssertionError("\n" + TableFormatter().text(result, Rendering(width=_TABLE_WIDTH)))
+    return result

@@ -1,0 +1,204 @@
+"""The CI integrations, run as their hosts would run them: the pre-commit hook and the GitHub Action (#21)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from bn_inspect.cli.each import run_each
+from tests.helpers import DIGITS, REPO
+
+MODEL = DIGITS / "torchscript.pt"
+MATCHING = DIGITS / "test_images.npy"
+SHIFTED = DIGITS / "test_images_unscaled.npy"
+
+
+def _environment() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "160"}
+
+
+@pytest.fixture(scope="module")
+def broken_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits TorchScript model with a negative running variance (BN102)."""
+    module = torch.jit.load(str(MODEL))
+    with torch.no_grad():
+        next(b for name, b in module.named_buffers() if name.endswith("running_var"))[0] = -1.0
+    path = tmp_path_factory.mktemp("broken") / "broken.pt"
+    torch.jit.save(module, str(path))
+    return path
+
+
+# pre-commit --------------------------------------------------------------------------------------
+
+
+def _hook() -> dict[str, Any]:
+    from pre_commit.clientlib import load_manifest
+
+    hooks = load_manifest(str(REPO / ".pre-commit-hooks.yaml"))
+    assert [hook["id"] for hook in hooks] == ["bn-inspect-check"]
+    hook: dict[str, Any] = hooks[0]
+    return hook
+
+
+def _run_hook(files: list[Path], args: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """What pre-commit runs for a python hook: the entry's words, the hook's args, then the files."""
+    hook = _hook()
+    command = shlex.split(hook["entry"]) + (hook["args"] if args is None else args) + [str(f) for f in files]
+    assert command[0] == "python"  # the interpreter of the hook's own environment
+    return subprocess.run(
+        [sys.executable, *command[1:]], capture_output=True, text=True, env=_environment(), timeout=600
+    )
+
+
+def test_the_hook_manifest_is_valid_and_matches_model_files_only() -> None:
+    hook = _hook()
+    assert hook["language"] == "python" and hook["pass_filenames"] and hook["require_serial"]
+    pattern = re.compile(hook["files"])
+    for name in ("model.pt", "w.pth", "prog.pt2", "net.ts", "x.safetensors", "last.ckpt", "pytorch_model.bin"):
+        assert pattern.search(name), name
+    for name in ("val.npy", "golden.json", "model.py", "notes.txt"):
+        assert not pattern.search(name), name
+
+
+def test_the_hook_checks_every_changed_file_and_fails_when_one_is_broken(broken_model: Path) -> None:
+    healthy = _run_hook([MODEL, DIGITS.parent / "cancer_mlp" / "torchscript.pt"])
+    assert healthy.returncode == 0, healthy.stderr
+    assert healthy.stdout.count("PASSED") == 2 and healthy.stderr == ""
+    mixed = _run_hook([MODEL, broken_model])
+    assert mixed.returncode == 1
+    assert "BN102" in mixed.stdout and mixed.stdout.count("model ") >= 2
+
+
+def test_hook_args_before_the_separator_reach_every_file() -> None:
+    result = _run_hook([DIGITS / "state_dict.pt"], ["--arch", "sample_models.architectures:DigitsCNN", "--"])
+    assert result.returncode == 0, result.stderr
+    without = _run_hook([DIGITS / "state_dict.pt"])
+    assert without.returncode == 2 and "holds only weights" in without.stderr
+
+
+def test_run_each_returns_the_worst_exit_code(
+    capsys: pytest.CaptureFixture[str], broken_model: Path, tmp_path: Path
+) -> None:
+    assert run_each(["check", "--no-data", "--", str(MODEL), str(broken_model)]) == 1
+    assert run_each(["check", "--no-data", "--", str(tmp_path / "missing.pt"), str(broken_model)]) == 2
+    assert run_each(["check", "--no-data", "--"]) == 0
+    assert run_each(["--no-data"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("Error: no bn-inspect command given.")
+
+
+# GitHub Action -----------------------------------------------------------------------------------
+
+_EXPRESSION = re.compile(r"\$\{\{\s*(.*?)\s*\}\}")
+
+
+def _value(expression: str, inputs: dict[str, str], outputs: dict[str, dict[str, str]]) -> str:
+    """An `inputs.x`, `steps.id.outputs.x` or `github.action_path` reference, as the runner fills it in."""
+    parts = expression.split(".")
+    if parts[0] == "inputs":
+        return inputs[parts[1]]
+    if parts[0] == "steps":
+        return outputs.get(parts[1], {}).get(parts[3], "")
+    assert expression == "github.action_path", expression
+    return str(REPO)
+
+
+def _condition(text: str, inputs: dict[str, str], outputs: dict[str, dict[str, str]]) -> bool:
+    """The `if:` expressions the action uses: comparisons of references with quoted strings, joined by &&."""
+    clauses = []
+    for clause in text.split("&&"):
+        left, operator, right = re.fullmatch(r"\s*(\S+)\s*(==|!=)\s*'(.*)'\s*", clause).groups()  # type: ignore[union-attr]
+        equal = _value(left, inputs, outputs) == right
+        clauses.append(equal if operator == "==" else not equal)
+    return all(clauses)
+
+
+def _run_action(tmp_path: Path, **given: str) -> tuple[int, str, list[str]]:
+    """Run action.yml's steps as a runner would; the job's exit code, its summary, the `uses:` steps run."""
+    action = yaml.safe_load((REPO / "action.yml").read_text())
+    inputs = {name: str(spec.get("default", "")) for name, spec in action["inputs"].items()}
+    inputs.update(install="false", **given)
+    shims = tmp_path / "bin"
+    shims.mkdir(parents=True, exist_ok=True)
+    shim = shims / "bn-inspect"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m bn_inspect "$@"\n')
+    shim.chmod(shim.stat().st_mode | stat.S_IXUSR)
+    summary = tmp_path / "summary.md"
+    (tmp_path / "runner").mkdir(exist_ok=True)
+    outputs: dict[str, dict[str, str]] = {}
+    used = []
+    for index, step in enumerate(action["runs"]["steps"]):
+        if "if" in step and not _condition(step["if"], inputs, outputs):
+            continue
+        if "uses" in step:
+            used.append(step["uses"])
+            continue
+        output_file = tmp_path / f"output-{index}"
+        output_file.write_text("")
+        environment = {
+            **_environment(),
+            "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}",
+            "RUNNER_TEMP": str(tmp_path / "runner"),
+            "GITHUB_STEP_SUMMARY": str(summary),
+            "GITHUB_OUTPUT": str(output_file),
+        }
+        environment |= {
+            k: _EXPRESSION.sub(lambda m: _value(m[1], inputs, outputs), str(v)) for k, v in step.get("env", {}).items()
+        }
+        assert "${{" not in step["run"], "inputs reach scripts through env, never spliced into them"
+        # How a runner runs a bash step: bash --noprofile --norc -eo pipefail {0}.
+        done = subprocess.run(
+            ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]],
+            capture_output=True,
+            text=True,
+            env=environment,
+            cwd=tmp_path,
+            timeout=600,
+        )
+        if "id" in step:
+            outputs[step["id"]] = dict(line.split("=", 1) for line in output_file.read_text().splitlines())
+        if done.returncode != 0:
+            return done.returncode, summary.read_text() if summary.exists() else "", used
+    return 0, summary.read_text() if summary.exists() else "", used
+
+
+def test_the_action_writes_the_markdown_to_the_summary_and_fails_as_the_check_did(tmp_path: Path) -> None:
+    code, summary, _ = _run_action(tmp_path, model=str(MODEL), args=f"--input {SHIFTED}")
+    assert code == 1
+    assert "## bn-inspect check: ❌ failed" in summary and "| error | BN201 shifted |" in summary
+    code, summary, _ = _run_action(tmp_path / "ok", model=str(MODEL), args=f"--input {MATCHING}")
+    assert code == 0 and "## bn-inspect check: ✅ passed" in summary
+
+
+def test_the_action_passes_a_baseline_and_propagates_exit_2(tmp_path: Path) -> None:
+    golden = tmp_path / "golden.json"
+    from bn_inspect.cli.main import run
+
+    assert run(["check", str(MODEL), "--input", str(MATCHING), "--write-baseline", str(golden), "-q"]) == 0
+    code, summary, _ = _run_action(
+        tmp_path, model=str(MODEL), args=f"--input {SHIFTED} --ignore BN201", baseline=str(golden)
+    )
+    assert code == 1 and "BN302 data-drift" in summary
+    code, summary, _ = _run_action(tmp_path / "missing", model=str(tmp_path / "nothing.pt"))
+    assert code == 2 and summary == ""
+
+
+def test_the_html_report_is_uploaded_only_where_bn_inspect_writes_html(tmp_path: Path) -> None:
+    code, _, used = _run_action(tmp_path, model=str(MODEL), args=f"--input {MATCHING}", **{"html-report": "true"})
+    assert code == 0
+    help_text = subprocess.run(
+        [sys.executable, "-m", "bn_inspect", "check", "--help"], capture_output=True, text=True, env=_environment()
+    ).stdout
+    if "html" in help_text:
+        assert used == ["actions/upload-artifact@v4"] and (tmp_path / "runner" / "bn-inspect-report.html").is_file()
+    else:
+        assert used == []

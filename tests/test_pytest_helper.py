@@ -1,0 +1,89 @@
+"""bn_inspect.testing.assert_bn_healthy: check as a pytest assertion whose message is check's table (#21)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bn_inspect.analyses.checking import check_model
+from bn_inspect.analyses.inspection import inspect_model
+from bn_inspect.errors import InputError
+from bn_inspect.output.export import to_json
+from bn_inspect.output.formats import Rendering, TableFormatter
+from bn_inspect.testing import THRESHOLD_KEYWORDS, assert_bn_healthy
+from tests import models
+from tests.helpers import REPO
+from tests.test_diff import _data, _net, _renamed_net
+
+
+def _shifted_model() -> torch.nn.Module:
+    return models.randomize_norm_state(models.ConvBN2d()).eval()
+
+
+def test_a_healthy_model_passes_and_returns_the_check() -> None:
+    model = _net()
+    data = _data(mean=0.0, std=1.0)
+    with torch.no_grad():
+        model.bn1.running_mean.copy_(data.mean(dim=(0, 2, 3)))
+        model.bn1.running_var.copy_(data.var(dim=(0, 2, 3)))
+    result = assert_bn_healthy(model, [data], ignore=["BN201"], min_values=1)
+    assert result.passed
+
+
+def test_a_failure_raises_assertion_error_whose_message_is_the_check_table() -> None:
+    model = _shifted_model()
+    batches = [models.make_input((8, 3, 6, 6), mean=5.0)]
+    with pytest.raises(AssertionError) as caught:
+        assert_bn_healthy(model, batches)
+    expected = TableFormatter().text(check_model(model, batches), Rendering(width=120))
+    assert str(caught.value) == "\n" + expected
+    assert "BN201" in str(caught.value) and "FAILED" in str(caught.value)
+    # Thresholds loosen the gate by the config keys' names.
+    assert_bn_healthy(model, batches, max_shift=1e9, max_var_ratio=1e12)
+    assert_bn_healthy(model, batches, ignore=["shifted"])
+
+
+def test_a_baseline_adds_the_drift_rules(tmp_path: Path) -> None:
+    data = _data(mean=0.0, std=1.0)
+    golden = tmp_path / "golden.json"
+    golden.write_text(to_json(inspect_model(_net(), [data])))
+    assert_bn_healthy(_net(), [data], baseline=golden, ignore=["BN201"])
+    with pytest.raises(AssertionError, match="BN303"):
+        assert_bn_healthy(_renamed_net(), [data], baseline=str(golden), ignore=["BN201"])
+    assert_bn_healthy(_renamed_net(), [data], baseline=inspect_model(_net(), [data]), ignore=["BN201", "BN303"])
+
+
+def test_an_unknown_keyword_is_a_type_error_naming_the_valid_ones() -> None:
+    with pytest.raises(TypeError, match=r"unexpected keyword.*max_shfit.*the thresholds are max_shift, "):
+        assert_bn_healthy(_net(), [_data()], max_shfit=2)
+    assert set(THRESHOLD_KEYWORDS) >= {"max_shift", "max_drift", "ignore", "fail_on"}
+    with pytest.raises(InputError, match="BN999"):
+        assert_bn_healthy(_net(), [_data()], ignore=["BN999"])
+
+
+def test_pytest_shows_the_table_when_the_assertion_fails(tmp_path: Path) -> None:
+    test_file = tmp_path / "test_model.py"
+    test_file.write_text(
+        "from bn_inspect.testing import assert_bn_healthy\n"
+        "from tests import models\n\n"
+        "def test_bn():\n"
+        "    model = models.randomize_norm_state(models.ConvBN2d()).eval()\n"
+        "    assert_bn_healthy(model, [models.make_input((8, 3, 6, 6), mean=5.0)])\n"
+    )
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=environment,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert "AssertionError" in result.stdout and "BN201" in result.stdout and "shifted" in result.stdout
+    assert "FAILED (fails on error or worse)" in result.stdout
