@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 
 import typer
@@ -31,7 +32,10 @@ def run(argv: Sequence[str]) -> int:
     _signal_received = None
     try:
         try:
-            result = app(args=list(argv), prog_name="bn-inspect", standalone_mode=False)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = app(args=list(argv), prog_name="bn-inspect", standalone_mode=False)
+            _print_warnings(caught)
         except BaseException as error:
             code = _interrupted_exit_code(error)
             if code is None:
@@ -78,6 +82,29 @@ def run(argv: Sequence[str]) -> int:
         # a silent exit 130; no command returns 130 itself.
         print(INTERRUPTED_LINE, file=sys.stderr)
     return int(result) if isinstance(result, int) else EXIT_OK
+
+
+_QUIET_BY_DEFAULT = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """The warnings of a finished run, one line each, said once with how often.
+
+    Code bn-inspect runs for the user (the model's forward, torch itself, an --arch module) may
+    warn; Python would print each as two lines with a source path, which is not the tool's own
+    output. A run that failed prints only its error line: that is what needs fixing first. The
+    categories Python itself keeps quiet by default (deprecations, imports, resources) stay quiet:
+    they speak to the authors of the code that warned, e.g. torch about bn-inspect's torch.jit.save.
+    """
+    counts: dict[tuple[str, str], int] = {}
+    for warning in caught:
+        if issubclass(warning.category, _QUIET_BY_DEFAULT):
+            continue
+        key = (warning.category.__name__, one_line(str(warning.message)))
+        counts[key] = counts.get(key, 0) + 1
+    for (category, message), count in counts.items():
+        times = "" if count == 1 else f", {count:,} times"
+        print(f"warning from torch or the model's code ({category}{times}): {message}", file=sys.stderr)
 
 
 def main() -> None:
