@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bn_inspect.errors import OutputError
+from bn_inspect.output.html.blocks import escaped
 from bn_inspect.output.html.figures import CONFIG
 
 # No request of any kind: scripts and styles come inline, images only as data: URLs.
@@ -38,7 +39,8 @@ class Page:
 
     Attributes:
         kind: the result kind ("inspect", "check", "compare-modes", "recalibrate").
-        title: the document title (plain text; escaped when written).
+        title: the document title (plain text from the result, model paths included; made inert and
+            escaped when written).
         body: the page's HTML, every value from the result already escaped.
         figures: Plotly figures by element id: ``{"data": [...], "layout": {...}}``; a layout may be
             the name of one in ``layouts``, which many figures share.
@@ -73,7 +75,7 @@ def html_document(page: Page) -> str:
         f'<meta http-equiv="Content-Security-Policy" content="{CONTENT_SECURITY_POLICY}">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         '<meta name="generator" content="bn-inspect">\n'
-        f"<title>{html.escape(page.title)}</title>\n"
+        f"<title>{escaped(page.title)}</title>\n"
         f"<style>\n{_asset('page.css')}</style>\n</head>\n"
         f'<body data-kind="{html.escape(page.kind)}">\n{page.body}\n'
         f'<script type="application/json" id="bn-data">{script_json({"figures": page.figures, "layouts": page.layouts, "config": CONFIG})}</script>\n'
