@@ -120,10 +120,26 @@ def pages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "-q",
         ]
     )
+    old = str(folder / "old.json")
+    run(["inspect", str(MODEL), "--input", str(DIGITS / "test_images.npy"), "--format", "json", "--output", old, "-q"])
+    run(
+        [
+            "diff",
+            old,
+            str(MODEL),
+            "--input",
+            str(IMAGES),
+            "--format",
+            "html",
+            "--output",
+            str(folder / "diff.html"),
+            "-q",
+        ]
+    )
     return {path.stem: path for path in folder.glob("*.html")}
 
 
-@pytest.mark.parametrize("kind", ["inspect", "check", "compare-modes", "recalibrate"])
+@pytest.mark.parametrize("kind", ["inspect", "check", "compare-modes", "recalibrate", "diff"])
 def test_each_page_loads_clean_and_shows_every_layer(browser: Any, pages: dict[str, Path], kind: str) -> None:
     seen = visit(browser, pages[kind])
     text = seen.page.inner_text("body")
@@ -133,7 +149,7 @@ def test_each_page_loads_clean_and_shows_every_layer(browser: Any, pages: dict[s
     seen.assert_clean()
 
 
-@pytest.mark.parametrize("kind", ["report", "check", "comparison", "recalibration"])
+@pytest.mark.parametrize("kind", ["report", "check", "comparison", "recalibration", "diff"])
 def test_hostile_names_render_as_text(browser: Any, tmp_path: Path, kind: str) -> None:
     path = tmp_path / f"{kind}.html"
     path.write_text(html_page(getattr(hostile_results(), kind)), encoding="utf-8")
@@ -170,6 +186,39 @@ def test_inspect_table_links_filter_and_sort(browser: Any, pages: dict[str, Path
     assert visible() == ["features.4", "features.8", "features.1"]
     page.click("#layers-table th:nth-child(7) button")
     assert visible() == ["features.1", "features.8", "features.4"]
+    seen.assert_clean()
+
+
+def test_diff_table_links_filter_sort_and_profile_click(browser: Any, pages: dict[str, Path]) -> None:
+    seen = visit(browser, pages["diff"])
+    page = seen.page
+    assert page.evaluate("document.getElementById('layer-0').open") is True  # features.1 changed first
+    page.wait_for_selector("#fig-0-mean .main-svg")
+    page.click("#layers-table a.jump >> text=features.8")
+    page.wait_for_selector("#fig-2-var .main-svg")
+    assert page.locator("#fig-2-mean .scatterlayer .point").count() == 2 * 32  # running and batch, per channel
+
+    def visible() -> list[str]:
+        return page.eval_on_selector_all(
+            "#layers-table tbody tr:not([hidden])", "rows => rows.map(r => r.getAttribute('data-name'))"
+        )
+
+    assert visible() == ["features.4", "features.8", "features.1"]  # largest change first
+    page.fill("input.layer-filter", "features.[18]")
+    assert sorted(visible()) == ["features.1", "features.8"]
+    page.fill("input.layer-filter", "")
+    page.click("#layers-table th:nth-child(1) button")  # execution order
+    page.click("#layers-table th:nth-child(1) button")
+    assert visible() == ["features.1", "features.4", "features.8"]
+    page.locator("#fig-profile").scroll_into_view_if_needed()  # opening features.8 scrolled to it
+    point = page.locator("#fig-profile .scatterlayer .trace").nth(1).locator(".point").nth(1)
+    box = point.bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.wait_for_selector("#fig-profile .hoverlayer .hovertext")
+    assert "features.4" in (page.locator("#fig-profile .hoverlayer").text_content() or "")
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.wait_for_selector("#layer-1[open] #fig-1-mean .main-svg")
     seen.assert_clean()
 
 

@@ -333,8 +333,9 @@ def diff_command(
     """
     from bn_inspect.analyses.checking import check_gate
     from bn_inspect.analyses.runs import run_diff
-    from bn_inspect.output.formats import write_result
+    from bn_inspect.output.formats import check_destination, write_result
 
+    check_destination(output_format.value, output)
     gate = check_gate({"max_drift": tolerance, "max_drift_var_ratio": var_tolerance}, Path.cwd())
     options = RunOptions.of(locals())
     diff = run_diff(old, new, options, gate.tolerance, gate.thresholds, observer_for(options))

@@ -212,7 +212,10 @@ VarToleranceOpt = Annotated[
     ),
 ]
 DiffFormatOpt = Annotated[
-    DiffFormat, typer.Option("--format", help="table for people; json or markdown for machines and CI.")
+    DiffFormat,
+    typer.Option(
+        "--format", help="table for people; json or markdown for machines and CI; html: one page (with --output)."
+    ),
 ]
 BaselineOpt = Annotated[
     Path | None,
