@@ -239,3 +239,10 @@ MaxDriftVarRatioOpt = Annotated[
         "--max-drift-var-ratio", min=1, help="Var ratio new/old since --baseline allowed in [1/R, R] (default 1.5)."
     ),
 ]
+ReportPageOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--report",
+        help="Also write the result as one HTML page to this file (atomically), from the same run as --output.",
+    ),
+]
