@@ -8,6 +8,8 @@ and the page script.
 
 from __future__ import annotations
 
+import base64
+import gzip
 import html
 import importlib.util
 import json
@@ -28,6 +30,8 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
     "font-src 'none'; connect-src 'none'; form-action 'none'; base-uri 'none'"
 )
+# The type of the script element that holds Plotly.js packed: data to the browser, never run as such.
+PACKED_TYPE = "application/gzip-base64"
 # Characters that could end a <script> block or a JSON string read as JavaScript.
 _JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 _SCRIPT_END = re.compile(r"</(script)", re.IGNORECASE)
@@ -67,7 +71,10 @@ def script_json(value: Any) -> str:
 
 def html_document(page: Page) -> str:
     """The whole page as one HTML document."""
-    scripts = [_inline_script(_plotly_js())] if page.needs_plotly else []
+    # Plotly.js travels gzip-compressed (a third of its size); page.js unpacks and runs it.
+    scripts = (
+        [f'<script type="{PACKED_TYPE}" id="bn-plotly">{_packed_plotly_js()}</script>'] if page.needs_plotly else []
+    )
     scripts.append(_inline_script(_asset("page.js")))
     return (
         "<!DOCTYPE html>\n"
@@ -91,6 +98,18 @@ def _inline_script(source: str) -> str:
 
 def _asset(name: str) -> str:
     return resources.files("bn_inspect.output.html").joinpath(name).read_text(encoding="utf-8")
+
+
+@cache
+def _packed_plotly_js() -> str:
+    """Plotly.js gzip-compressed and base64-encoded: 1.96 MB instead of 4.8 MB in every page.
+
+    The page's script unpacks it with the browser's DecompressionStream and runs it as an inline
+    script element, which the policy's script-src 'unsafe-inline' already allows: no eval, no blob:
+    URL, no request. mtime=0 keeps the bytes, and so the page, the same from run to run.
+    """
+    packed = gzip.compress(_plotly_js().encode("utf-8"), compresslevel=9, mtime=0)
+    return base64.b64encode(packed).decode("ascii")
 
 
 @cache
