@@ -59,6 +59,7 @@ class DiffFormat(str, Enum):
     TABLE = "table"
     JSON = "json"
     MARKDOWN = "markdown"
+    HTML = "html"
 
 
 class RecalibrationChoice(str, Enum):

@@ -6,6 +6,7 @@ Shared by tests/test_html.py, tests/test_html_browser.py and the HTML benchmark.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from torch import nn
 
 import bn_inspect
 from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
+from bn_inspect.report.diff import DiffReport, diff_reports
 from bn_inspect.report.findings import CheckReport
 from bn_inspect.report.records import InputInfo, LayerReport, ModelInfo, Report
 
@@ -48,6 +50,7 @@ class HostileResults:
     check: CheckReport
     comparison: ModeComparison
     recalibration: RecalibrationResult
+    diff: DiffReport
 
 
 def hostile_results() -> HostileResults:
@@ -60,7 +63,10 @@ def hostile_results() -> HostileResults:
     check = bn_inspect.check_model(model, batches, model_info=info)
     comparison = bn_inspect.compare_modes(model, batches)
     recalibration = bn_inspect.recalibrate(copy.deepcopy(model), batches)
-    return HostileResults(report, check, comparison, recalibration)
+    # Against the model on other data and without its last layer: changed layers and a removed one.
+    other = bn_inspect.inspect_model(model, [b * 2 for b in batches], model_info=info, input_source="<i>other</i>.npy")
+    diff = diff_reports(report, dataclasses.replace(other, layers=other.layers[:-1]))
+    return HostileResults(report, check, comparison, recalibration, diff)
 
 
 def resnet50_channels() -> list[tuple[int, int, int]]:

@@ -122,15 +122,17 @@ def _condition(text: str, inputs: dict[str, str], outputs: dict[str, dict[str, s
     return all(clauses)
 
 
-def _run_action(tmp_path: Path, **given: str) -> tuple[int, str, list[str]]:
-    """Run action.yml's steps as a runner would; the job's exit code, its summary, the `uses:` steps run."""
+def _run_action(tmp_path: Path, **given: str) -> tuple[int, str, list[tuple[str, dict[str, str]]]]:
+    """Run action.yml's steps as a runner would; the job's exit code, its summary, the `uses:` steps run
+    (each with its `with:` as the runner fills it in). Each bn-inspect call is logged to tmp_path/calls."""
     action = yaml.safe_load((REPO / "action.yml").read_text())
     inputs = {name: str(spec.get("default", "")) for name, spec in action["inputs"].items()}
     inputs.update(install="false", **given)
     shims = tmp_path / "bin"
     shims.mkdir(parents=True, exist_ok=True)
     shim = shims / "bn-inspect"
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m bn_inspect "$@"\n')
+    calls = tmp_path / "calls"
+    shim.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\nexec "{sys.executable}" -m bn_inspect "$@"\n')
     shim.chmod(shim.stat().st_mode | stat.S_IXUSR)
     summary = tmp_path / "summary.md"
     (tmp_path / "runner").mkdir(exist_ok=True)
@@ -140,7 +142,10 @@ def _run_action(tmp_path: Path, **given: str) -> tuple[int, str, list[str]]:
         if "if" in step and not _condition(step["if"], inputs, outputs):
             continue
         if "uses" in step:
-            used.append(step["uses"])
+            filled = {
+                k: _EXPRESSION.sub(lambda m: _value(m[1], inputs, outputs), str(v)) for k, v in step["with"].items()
+            }
+            used.append((step["uses"], filled))
             continue
         output_file = tmp_path / f"output-{index}"
         output_file.write_text("")
@@ -192,13 +197,42 @@ def test_the_action_passes_a_baseline_and_propagates_exit_2(tmp_path: Path) -> N
     assert code == 2 and summary == ""
 
 
-def test_the_html_report_is_uploaded_only_where_bn_inspect_writes_html(tmp_path: Path) -> None:
-    code, _, used = _run_action(tmp_path, model=str(MODEL), args=f"--input {MATCHING}", **{"html-report": "true"})
-    assert code == 0
-    help_text = subprocess.run(
-        [sys.executable, "-m", "bn_inspect", "check", "--help"], capture_output=True, text=True, env=_environment()
-    ).stdout
-    if "html" in help_text:
-        assert used == ["actions/upload-artifact@v4"] and (tmp_path / "runner" / "bn-inspect-report.html").is_file()
-    else:
-        assert used == []
+def test_the_html_report_comes_from_the_same_run_and_is_uploaded(tmp_path: Path) -> None:
+    code, summary, used = _run_action(tmp_path, model=str(MODEL), args=f"--input {SHIFTED}", **{"html-report": "true"})
+    assert code == 1  # the check's exit code still fails the job
+    assert "## bn-inspect check: ❌ failed" in summary
+    page = tmp_path / "runner" / "bn-inspect-report.html"
+    assert used == [("actions/upload-artifact@v4", {"name": "bn-inspect-report", "path": str(page)})]
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and 'data-kind="check"' in text
+    for name in ("features.1", "features.4", "features.8"):
+        assert name in text and name in summary
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 1 and "--format markdown" in calls[0] and f"--report {page}" in calls[0]
+
+
+def test_without_html_report_nothing_is_uploaded(tmp_path: Path) -> None:
+    code, _, used = _run_action(tmp_path, model=str(MODEL), args=f"--input {MATCHING}")
+    assert code == 0 and used == [] and not (tmp_path / "runner" / "bn-inspect-report.html").exists()
+    code, summary, used = _run_action(
+        tmp_path / "missing", model=str(tmp_path / "nothing.pt"), **{"html-report": "true"}
+    )
+    assert code == 2 and summary == "" and used == []  # no page from a run that could not run
+
+
+def test_the_docs_local_hook_is_the_shipped_hook() -> None:
+    # docs/ci.md's `repo: local` hook (for a repository that has bn-inspect installed) runs the same entry.
+    text = (REPO / "docs" / "ci.md").read_text(encoding="utf-8")
+    block = re.search(r"```yaml\n(repos:\n  - repo: local\n.*?)```", text, re.DOTALL)
+    assert block is not None
+    local = yaml.safe_load(block[1])["repos"][0]["hooks"][0]
+    shipped = _hook()
+    for key in ("id", "entry", "args", "files", "require_serial"):
+        assert local[key] == shipped[key], key
+
+
+def test_the_docs_say_what_owner_stands_for() -> None:
+    for path in (REPO / "docs" / "ci.md", REPO / "action.yml", REPO / ".pre-commit-hooks.yaml"):
+        text = path.read_text(encoding="utf-8")
+        assert "OWNER" in text and re.search(r"replace\s+(`?OWNER`?|it)\s+with\s+the\s+GitHub\s+account", text), path
+    assert "- uses: ./" in (REPO / "docs" / "ci.md").read_text(encoding="utf-8")

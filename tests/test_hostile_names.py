@@ -11,6 +11,7 @@ other ways a bad value used to end in a traceback or a false pass (config ranges
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import os
@@ -150,6 +151,11 @@ CASES = [
     ("diff", "table"),
     ("diff", "json"),
     ("diff", "markdown"),
+    ("inspect", "html"),
+    ("check", "html"),
+    ("compare-modes", "html"),
+    ("recalibrate", "html"),
+    ("diff", "html"),
 ]
 # The commands whose table and Markdown name the model file.
 SHOW_THE_PATH = ("layers", "inspect", "check", "diff")
@@ -157,6 +163,9 @@ SHOW_THE_PATH = ("layers", "inspect", "check", "diff")
 
 def assert_shows_name(fmt: str, text: str, name: str = NAME) -> None:
     """``name`` appears in ``text`` exactly as the format shows it, and the format is intact."""
+    if fmt == "html":
+        # Plotly.js and the page script are the page's own code (Plotly.js holds control characters).
+        text = re.sub(r"<script>.*?</script>", "", text, flags=re.DOTALL)
     assert not raw_controls(text), raw_controls(text)
     text.encode("utf-8")
     shown = inert(name)
@@ -169,6 +178,10 @@ def assert_shows_name(fmt: str, text: str, name: str = NAME) -> None:
     elif fmt == "junit":
         names = {case.get("name") for case in ElementTree.fromstring(text).iter("testcase")}
         assert shown in names
+    elif fmt == "html":
+        # Shown as text: HTML-escaped wherever it is, never as markup.
+        assert html.escape(shown, quote=True) in text
+        assert shown not in text
     elif fmt == "markdown":
         # In a code span only '|' is escaped, for the table.
         assert shown.replace("|", "\\|") in text
@@ -195,6 +208,8 @@ def test_every_format_shows_hostile_names_as_text(
     assert_shows_name(fmt, result.out)
     if command in SHOW_THE_PATH and fmt in ("table", "markdown"):
         assert inert(str(hostile["model"])) in result.out
+    if command in SHOW_THE_PATH and fmt == "html":
+        assert html.escape(inert(str(hostile["model"])), quote=True) in result.out
 
 
 @pytest.mark.parametrize(("command", "fmt"), [c for c in CASES if c[0] != "recalibrate"])

@@ -69,7 +69,8 @@ class Visit:
         assert self.requests == [] and self.dialogs == []
 
 
-def visit(browser: Any, path: Path) -> Visit:
+def visit(browser: Any, path: Path, is_page: bool = True) -> Visit:
+    """Open ``path`` with every request recorded and refused; a page of ours is waited for until its plots are drawn."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     seen = Visit(page)
@@ -91,7 +92,9 @@ def visit(browser: Any, path: Path) -> Visit:
 
     context.route("**/*", route)
     page.goto(path.as_uri())
-    page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length > 0 || !window.Plotly")
+    if is_page:
+        # page.js marks the body once Plotly.js is unpacked and the first plots are drawn.
+        page.wait_for_selector("body[data-ready]", state="attached")
     return seen
 
 
@@ -120,20 +123,56 @@ def pages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "-q",
         ]
     )
+    old = str(folder / "old.json")
+    run(["inspect", str(MODEL), "--input", str(DIGITS / "test_images.npy"), "--format", "json", "--output", old, "-q"])
+    run(
+        [
+            "diff",
+            old,
+            str(MODEL),
+            "--input",
+            str(IMAGES),
+            "--format",
+            "html",
+            "--output",
+            str(folder / "diff.html"),
+            "-q",
+        ]
+    )
     return {path.stem: path for path in folder.glob("*.html")}
 
 
-@pytest.mark.parametrize("kind", ["inspect", "check", "compare-modes", "recalibrate"])
+@pytest.mark.parametrize("kind", ["inspect", "check", "compare-modes", "recalibrate", "diff"])
 def test_each_page_loads_clean_and_shows_every_layer(browser: Any, pages: dict[str, Path], kind: str) -> None:
     seen = visit(browser, pages[kind])
     text = seen.page.inner_text("body")
     for name in DIGITS_LAYERS:
         assert name in text
     assert seen.page.locator(".js-plotly-plot").count() >= 1
+    assert seen.page.get_attribute("body", "data-ready") == "plots"
     seen.assert_clean()
 
 
-@pytest.mark.parametrize("kind", ["report", "check", "comparison", "recalibration"])
+def test_without_decompression_stream_the_page_says_so_and_keeps_its_tables(
+    browser: Any, pages: dict[str, Path]
+) -> None:
+    # A browser older than Chrome 80, Firefox 113 or Safari 16.4 cannot unpack Plotly.js.
+    context = browser.new_context()
+    context.add_init_script("delete window.DecompressionStream")
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.goto(pages["inspect"].as_uri())
+    page.wait_for_selector("body[data-ready=no-plots]", state="attached")
+    assert "cannot unpack the plots" in page.inner_text("body") and page.locator(".js-plotly-plot").count() == 0
+    page.fill("input.layer-filter", "features.4")
+    assert page.inner_text(".filter-count") == "1 of 3 rows"
+    assert errors == []
+    context.close()
+
+
+@pytest.mark.parametrize("kind", ["report", "check", "comparison", "recalibration", "diff"])
 def test_hostile_names_render_as_text(browser: Any, tmp_path: Path, kind: str) -> None:
     path = tmp_path / f"{kind}.html"
     path.write_text(html_page(getattr(hostile_results(), kind)), encoding="utf-8")
@@ -142,7 +181,10 @@ def test_hostile_names_render_as_text(browser: Any, tmp_path: Path, kind: str) -
     for name in HOSTILE_NAMES:
         assert inert(name) in text
     assert seen.page.locator("img").count() == 0
-    assert seen.page.evaluate("document.scripts.length") == 3
+    # data, Plotly.js packed, the page script, and Plotly.js unpacked by it; none loads anything.
+    assert seen.page.evaluate("document.scripts.length") == 4
+    assert seen.page.evaluate("[...document.scripts].filter(s => s.src).length") == 0
+    assert seen.page.get_attribute("body", "data-ready") == "plots"
     seen.assert_clean()
 
 
@@ -173,6 +215,39 @@ def test_inspect_table_links_filter_and_sort(browser: Any, pages: dict[str, Path
     seen.assert_clean()
 
 
+def test_diff_table_links_filter_sort_and_profile_click(browser: Any, pages: dict[str, Path]) -> None:
+    seen = visit(browser, pages["diff"])
+    page = seen.page
+    assert page.evaluate("document.getElementById('layer-0').open") is True  # features.1 changed first
+    page.wait_for_selector("#fig-0-mean .main-svg")
+    page.click("#layers-table a.jump >> text=features.8")
+    page.wait_for_selector("#fig-2-var .main-svg")
+    assert page.locator("#fig-2-mean .scatterlayer .point").count() == 2 * 32  # running and batch, per channel
+
+    def visible() -> list[str]:
+        return page.eval_on_selector_all(
+            "#layers-table tbody tr:not([hidden])", "rows => rows.map(r => r.getAttribute('data-name'))"
+        )
+
+    assert visible() == ["features.4", "features.8", "features.1"]  # largest change first
+    page.fill("input.layer-filter", "features.[18]")
+    assert sorted(visible()) == ["features.1", "features.8"]
+    page.fill("input.layer-filter", "")
+    page.click("#layers-table th:nth-child(1) button")  # execution order
+    page.click("#layers-table th:nth-child(1) button")
+    assert visible() == ["features.1", "features.4", "features.8"]
+    page.locator("#fig-profile").scroll_into_view_if_needed()  # opening features.8 scrolled to it
+    point = page.locator("#fig-profile .scatterlayer .trace").nth(1).locator(".point").nth(1)
+    box = point.bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.wait_for_selector("#fig-profile .hoverlayer .hovertext")
+    assert "features.4" in (page.locator("#fig-profile .hoverlayer").text_content() or "")
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.wait_for_selector("#layer-1[open] #fig-1-mean .main-svg")
+    seen.assert_clean()
+
+
 def test_clicking_the_profile_opens_the_layer(browser: Any, pages: dict[str, Path]) -> None:
     seen = visit(browser, pages["inspect"])
     page = seen.page
@@ -194,7 +269,7 @@ def test_a_result_draws_itself_in_a_notebook_output(browser: Any, tmp_path: Path
     report = hostile_results().report
     host = tmp_path / "notebook.html"
     host.write_text(f"<!DOCTYPE html><html><body><div class='output'>{report._repr_html_()}</div></body></html>")
-    seen = visit(browser, host)
+    seen = visit(browser, host, is_page=False)
     frame = seen.page.frame_locator("iframe.bn-inspect")
     frame.locator("#fig-profile .main-svg").first.wait_for()
     text = frame.locator("body").text_content() or ""

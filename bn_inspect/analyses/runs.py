@@ -48,6 +48,7 @@ def run_inspect(options: RunOptions, observer: RunObserver, layer_patterns: Sequ
     """
     from bn_inspect.analyses.inspection import inspect_model
 
+    check_report_page(options)
     with torchrun(resolve_device(options.device)) as ranks:
         with all_ranks(ranks):
             prepared = prepare_run(options, observer, ranks=ranks)
@@ -97,6 +98,7 @@ def run_check(options: RunOptions, gate: CheckSettings, observer: RunObserver, *
 
     if no_data:
         _refuse_data_options(options)
+    check_report_page(options)
     baseline = _read_baseline(options, no_data)
     with torchrun(resolve_device(options.device)) as ranks:
         with all_ranks(ranks):
@@ -200,6 +202,7 @@ def run_compare_modes(options: RunOptions, threshold: float, observer: RunObserv
     """`bn-inspect compare-modes`: eval against train mode, layer by layer, on the options' data."""
     from bn_inspect.analyses.modes import compare_modes
 
+    check_report_page(options)
     prepared = prepare_run(options, observer)
     comparison = compare_modes(prepared.loaded.module, prepared.batches or (), threshold=threshold)
     return dataclasses.replace(comparison, model=prepared.model_info)
@@ -314,6 +317,30 @@ def _check_report_path(report: Path, output: Path, protected: list[ProtectedFile
     check_target(report, [*protected, ProtectedFile("the --output model", output)], option="--report")
 
 
+def check_report_page(options: RunOptions, protected: Sequence[ProtectedFile] = ()) -> None:
+    """Refuse, before the run, a --report page that is stdout, another file the run writes, or one it reads.
+
+    Raises:
+        OutputError: --report is ``-``, names the --output or --write-baseline file, a file the run
+            reads (the model, the input, --arch's file, the --baseline, ``protected``), or cannot be
+            written whole.
+    """
+    page = options.report
+    if page is None:
+        return
+    if is_stdout(page):
+        raise OutputError(
+            "--report - would mix the HTML page with the output on stdout", "Give the page a file path (report.html)"
+        )
+    for flag, other in (("--output", options.output), ("--write-baseline", options.write_baseline)):
+        if other is not None and not is_stdout(other) and other.resolve() == page.resolve():
+            raise OutputError(f"--report and {flag} name the same file {page}", "Give them different paths")
+    files = [*protected_inputs(options.model, options.input_file, options.arch), *protected]
+    if options.baseline is not None:
+        files.append(ProtectedFile("the --baseline file", options.baseline))
+    check_target(page, files, option="--report")
+
+
 def _warn_nonfinite(data: InputInfo | None, observer: RunObserver) -> None:
     if data is not None and data.num_nonfinite_values:
         observer.warn(
@@ -337,7 +364,9 @@ def run_diff(
     from bn_inspect.report.diff import diff_reports
     from bn_inspect.report.reading import is_report_file, load_report
 
-    check_output(options.output, [ProtectedFile("the OLD side", old), ProtectedFile("the NEW side", new)])
+    sides = [ProtectedFile("the OLD side", old), ProtectedFile("the NEW side", new)]
+    check_output(options.output, sides)
+    check_report_page(options, sides)
     is_report = [is_report_file(old), is_report_file(new)]
     if all(is_report):
         _refuse_data_options(

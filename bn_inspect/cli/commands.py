@@ -55,6 +55,7 @@ from bn_inspect.cli.options import (
     RecalibrationFormatOpt,
     RecalibrationReportOpt,
     ReportFormatOpt,
+    ReportPageOpt,
     SeedOpt,
     ShapeOpt,
     StrictOpt,
@@ -95,6 +96,7 @@ def inspect_command(
     layer: LayerOpt = None,
     output_format: ReportFormatOpt = OutputFormat.TABLE,
     output: OutputOpt = None,
+    report: ReportPageOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -109,6 +111,8 @@ def inspect_command(
       bn-inspect inspect model.pt --input val.npy --batch-size 32 --mode train --layer 'layer1.*'
 
       bn-inspect inspect model.ts --shape 16,3,32,32 --format json --output report.json
+
+      bn-inspect inspect model.pt --input val.npy --format markdown --output bn.md --report bn.html
     """
     from bn_inspect.analyses.runs import run_inspect
     from bn_inspect.output.formats import Rendering, check_destination, write_result
@@ -116,9 +120,9 @@ def inspect_command(
     check_destination(output_format.value, output)
     options = RunOptions.of(locals())
     patterns = tuple(layer or ())
-    report = run_inspect(options, observer_for(options), patterns)
-    if report is not None:
-        write_result(report, output_format.value, output, Rendering(channel_patterns=patterns))
+    inspection = run_inspect(options, observer_for(options), patterns)
+    if inspection is not None:
+        write_result(inspection, output_format.value, output, Rendering(channel_patterns=patterns), page=report)
 
 
 @app.command("check")
@@ -151,6 +155,7 @@ def check_command(
     max_drift_var_ratio: MaxDriftVarRatioOpt = None,
     output_format: CheckFormatOpt = CheckFormat.TABLE,
     output: OutputOpt = None,
+    report: ReportPageOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -176,7 +181,7 @@ def check_command(
     options = RunOptions.of(locals())
     checked = run_check(options, check_gate(locals(), Path.cwd()), observer_for(options), no_data=no_data)
     if checked.report is not None:
-        write_result(checked.report, output_format.value, output)
+        write_result(checked.report, output_format.value, output, page=report)
     if not checked.passed:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
@@ -226,6 +231,7 @@ def compare_modes_command(
     threshold: ThresholdOpt = 0.1,
     output_format: CompareFormatOpt = RunFormat.TABLE,
     output: OutputOpt = None,
+    report: ReportPageOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -246,7 +252,8 @@ def compare_modes_command(
 
     check_destination(output_format.value, output)
     options = RunOptions.of(locals())
-    write_result(run_compare_modes(options, threshold, observer_for(options)), output_format.value, output)
+    comparison = run_compare_modes(options, threshold, observer_for(options))
+    write_result(comparison, output_format.value, output, page=report)
 
 
 @app.command("recalibrate")
@@ -314,6 +321,7 @@ def diff_command(
     var_tolerance: VarToleranceOpt = None,
     output_format: DiffFormatOpt = DiffFormat.TABLE,
     output: OutputOpt = None,
+    report: ReportPageOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -333,12 +341,13 @@ def diff_command(
     """
     from bn_inspect.analyses.checking import check_gate
     from bn_inspect.analyses.runs import run_diff
-    from bn_inspect.output.formats import write_result
+    from bn_inspect.output.formats import check_destination, write_result
 
+    check_destination(output_format.value, output)
     gate = check_gate({"max_drift": tolerance, "max_drift_var_ratio": var_tolerance}, Path.cwd())
     options = RunOptions.of(locals())
     diff = run_diff(old, new, options, gate.tolerance, gate.thresholds, observer_for(options))
     if diff is not None:
-        write_result(diff, output_format.value, output)
+        write_result(diff, output_format.value, output, page=report)
         if not diff.passed:
             raise typer.Exit(EXIT_CHECK_FAILED)

@@ -212,7 +212,10 @@ VarToleranceOpt = Annotated[
     ),
 ]
 DiffFormatOpt = Annotated[
-    DiffFormat, typer.Option("--format", help="table for people; json or markdown for machines and CI.")
+    DiffFormat,
+    typer.Option(
+        "--format", help="table for people; json or markdown for machines and CI; html: one page (with --output)."
+    ),
 ]
 BaselineOpt = Annotated[
     Path | None,
@@ -234,5 +237,12 @@ MaxDriftVarRatioOpt = Annotated[
     float | None,
     typer.Option(
         "--max-drift-var-ratio", min=1, help="Var ratio new/old since --baseline allowed in [1/R, R] (default 1.5)."
+    ),
+]
+ReportPageOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--report",
+        help="Also write the result as one HTML page to this file (atomically), from the same run as --output.",
     ),
 ]

@@ -209,12 +209,26 @@ def check_destination(format_name: str, output: Path | None) -> None:
 
 
 def write_result(
-    result: Result, format_name: str, output: Path | None, rendering: Rendering = Rendering(), option: str = "--output"
+    result: Result,
+    format_name: str,
+    output: Path | None,
+    rendering: Rendering = Rendering(),
+    option: str = "--output",
+    page: Path | None = None,
 ) -> None:
     """Write ``result`` in the named format to ``output`` (atomically), or to stdout for None or ``-``.
 
-    ``option`` is how an error names the file (``--output``, or recalibrate's ``--report``).
+    ``option`` is how an error names the file (``--output``, or recalibrate's ``--report``). With
+    ``page`` (--report), the result is also written there as one HTML page, from the same run: CI gets
+    Markdown for its job summary and the page as an artifact at once.
     """
+    write_one(result, format_name, output, rendering, option)
+    if page is not None:
+        write_one(result, HtmlFormatter.name, page, rendering, "--report")
+
+
+def write_one(result: Result, format_name: str, output: Path | None, rendering: Rendering, option: str) -> None:
+    """Write ``result`` in the named format to ``output`` (atomically), or to stdout for None or ``-``."""
     formatter = FORMATTERS[format_name]
     check_destination(format_name, output)
     if output is not None and str(output) != "-":

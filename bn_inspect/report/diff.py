@@ -27,6 +27,7 @@ from typing import Any
 
 from bn_inspect.report import shift
 from bn_inspect.report.departure import Thresholds, departure
+from bn_inspect.report.display import NotebookDisplay
 from bn_inspect.report.records import SCHEMA_VERSION, InputInfo, LayerReport, ModelInfo, Report, json_ready
 
 Floats = tuple[float, ...]
@@ -148,7 +149,7 @@ class LayerChange:
 
 
 @dataclass(frozen=True)
-class DiffReport:
+class DiffReport(NotebookDisplay):
     """OLD and NEW compared: every layer call, largest change first, and whether NEW is within tolerance.
 
     Attributes:

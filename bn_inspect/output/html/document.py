@@ -8,6 +8,8 @@ and the page script.
 
 from __future__ import annotations
 
+import base64
+import gzip
 import html
 import importlib.util
 import json
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bn_inspect.errors import OutputError
+from bn_inspect.output.html.blocks import escaped
 from bn_inspect.output.html.figures import CONFIG
 
 # No request of any kind: scripts and styles come inline, images only as data: URLs.
@@ -27,6 +30,8 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
     "font-src 'none'; connect-src 'none'; form-action 'none'; base-uri 'none'"
 )
+# The type of the script element that holds Plotly.js packed: data to the browser, never run as such.
+PACKED_TYPE = "application/gzip-base64"
 # Characters that could end a <script> block or a JSON string read as JavaScript.
 _JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 _SCRIPT_END = re.compile(r"</(script)", re.IGNORECASE)
@@ -38,7 +43,8 @@ class Page:
 
     Attributes:
         kind: the result kind ("inspect", "check", "compare-modes", "recalibrate").
-        title: the document title (plain text; escaped when written).
+        title: the document title (plain text from the result, model paths included; made inert and
+            escaped when written).
         body: the page's HTML, every value from the result already escaped.
         figures: Plotly figures by element id: ``{"data": [...], "layout": {...}}``; a layout may be
             the name of one in ``layouts``, which many figures share.
@@ -65,7 +71,10 @@ def script_json(value: Any) -> str:
 
 def html_document(page: Page) -> str:
     """The whole page as one HTML document."""
-    scripts = [_inline_script(_plotly_js())] if page.needs_plotly else []
+    # Plotly.js travels gzip-compressed (a third of its size); page.js unpacks and runs it.
+    scripts = (
+        [f'<script type="{PACKED_TYPE}" id="bn-plotly">{_packed_plotly_js()}</script>'] if page.needs_plotly else []
+    )
     scripts.append(_inline_script(_asset("page.js")))
     return (
         "<!DOCTYPE html>\n"
@@ -73,7 +82,7 @@ def html_document(page: Page) -> str:
         f'<meta http-equiv="Content-Security-Policy" content="{CONTENT_SECURITY_POLICY}">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         '<meta name="generator" content="bn-inspect">\n'
-        f"<title>{html.escape(page.title)}</title>\n"
+        f"<title>{escaped(page.title)}</title>\n"
         f"<style>\n{_asset('page.css')}</style>\n</head>\n"
         f'<body data-kind="{html.escape(page.kind)}">\n{page.body}\n'
         f'<script type="application/json" id="bn-data">{script_json({"figures": page.figures, "layouts": page.layouts, "config": CONFIG})}</script>\n'
@@ -89,6 +98,18 @@ def _inline_script(source: str) -> str:
 
 def _asset(name: str) -> str:
     return resources.files("bn_inspect.output.html").joinpath(name).read_text(encoding="utf-8")
+
+
+@cache
+def _packed_plotly_js() -> str:
+    """Plotly.js gzip-compressed and base64-encoded: 1.96 MB instead of 4.8 MB in every page.
+
+    The page's script unpacks it with the browser's DecompressionStream and runs it as an inline
+    script element, which the policy's script-src 'unsafe-inline' already allows: no eval, no blob:
+    URL, no request. mtime=0 keeps the bytes, and so the page, the same from run to run.
+    """
+    packed = gzip.compress(_plotly_js().encode("utf-8"), compresslevel=9, mtime=0)
+    return base64.b64encode(packed).decode("ascii")
 
 
 @cache

@@ -109,6 +109,7 @@ def profile(
     axis_titles: tuple[str, str | None],
     limits: tuple[Sequence[float], Sequence[float]] = ((), ()),
     marked: tuple[int, str] | None = None,
+    upper_is_log: bool = True,
 ) -> Figure:
     """A depth profile: layer calls in execution order on x, one or two log-scale panels of values.
 
@@ -118,6 +119,7 @@ def profile(
         axis_titles: the titles of the upper and (None for one panel) lower panel.
         limits: thresholds drawn as dotted lines in the upper and lower panel.
         marked: (index, escaped text) of a layer call to mark with a vertical line.
+        upper_is_log: False for a linear upper panel (a diff's mean changes, where 0 is the usual value).
     """
     traces = [
         {
@@ -139,7 +141,7 @@ def profile(
     step = max(1, math.ceil(len(hover) / 20))
     axes: dict[str, Any] = {"xaxis": _axis("layer call, in execution order", anchor="y2" if lower else "y", dtick=step)}
     upper_values = [v for line in series if line.axis == "y" for v in line.values] + list(limits[0])
-    axes["yaxis"] = _axis(upper, is_log=True, values=upper_values, domain=[0.55, 1] if lower else [0, 1])
+    axes["yaxis"] = _axis(upper, is_log=upper_is_log, values=upper_values, domain=[0.55, 1] if lower else [0, 1])
     if lower:
         lower_values = [v for line in series if line.axis == "y2" for v in line.values] + list(limits[1])
         axes["yaxis2"] = _axis(lower, is_log=True, values=lower_values, domain=[0, 0.45])
@@ -277,3 +279,47 @@ def stacked_bars(hover: Sequence[str], counts: Sequence[tuple[str, Sequence[int]
     layout = _layout(260, **axes, barmode="stack", showlegend=True)
     layout["legend"] = {"orientation": "h", "x": 1, "xanchor": "right", "y": 1.02, "yanchor": "bottom"}
     return {"data": traces, "layout": layout}
+
+
+def channel_changes(statistic: str, running: Sequence[float] | None, batch: Sequence[float] | None) -> Figure:
+    """A diff's change per channel index: the running and the batch statistic's, as two series of dots.
+
+    ``statistic`` is "mean" (change in OLD std) or "var" (ratio new / old, log axis); the layout is
+    named (``diff_layouts``), and the tolerance is drawn by it.
+    """
+    traces = [
+        {
+            "type": "scatter",
+            "mode": "markers",
+            "name": f"{kind} {statistic}",
+            "y": typed_floats(values),
+            "marker": {"size": 6, "color": color, "symbol": symbol, "opacity": 0.85},
+            "hovertemplate": f"channel %{{x}}<br>{kind} {statistic} {'change' if statistic == 'mean' else 'ratio'} %{{y:.4g}}<extra></extra>",
+        }
+        for kind, values, color, symbol in (("running", running, RED, "circle"), ("batch", batch, BLUE, "diamond"))
+        if values is not None
+    ]
+    return {"data": traces, "layout": f"diff-{statistic}"}
+
+
+def diff_layouts(max_mean_change: float, max_var_ratio: float) -> dict[str, dict[str, Any]]:
+    """The layouts every layer's change plots share, with the tolerance as dotted lines."""
+    decades: dict[str, Any] = {"minor": {"dtick": "D2", "showgrid": True, "gridcolor": "#eef0f4"}}
+    legend = {"orientation": "h", "x": 1, "xanchor": "right", "y": 1.02, "yanchor": "bottom"}
+    mean = _layout(
+        300,
+        xaxis=_axis("channel"),
+        yaxis=_axis("mean change (old std)"),
+        shapes=[_hline(max_mean_change, "y"), _hline(-max_mean_change, "y")],
+        showlegend=True,
+        legend=legend,
+    )
+    var = _layout(
+        300,
+        xaxis=_axis("channel"),
+        yaxis=_axis("var ratio new / old", is_log=True, dtick=1, **decades),
+        shapes=[_hline(max_var_ratio, "y"), _hline(1 / max_var_ratio, "y")],
+        showlegend=True,
+        legend=legend,
+    )
+    return {"diff-mean": mean, "diff-var": var}

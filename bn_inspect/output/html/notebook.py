@@ -2,7 +2,7 @@
 
 The page goes into the iframe's ``srcdoc`` rather than into the notebook's own document: its ids,
 styles and scripts then cannot clash with the notebook's or with another output's, and its
-Content-Security-Policy applies. Each output carries its own copy of Plotly.js (about 4.8 MB).
+Content-Security-Policy applies. Each output carries its own copy of Plotly.js (packed, about 2 MB).
 """
 
 from __future__ import annotations

@@ -1,16 +1,18 @@
 """Which page each kind of result gets: one builder per result type, and the document of a result.
 
-A new kind of result (a diff, say) adds its builder to ``PAGE_BUILDERS``; nothing else changes.
+A new kind of result adds its builder to ``PAGE_BUILDERS``; nothing else changes.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from bn_inspect.output.html.diff_page import diff_page
 from bn_inspect.output.html.document import Page, PageBuilder, html_document
 from bn_inspect.output.html.inspect_page import inspect_page
 from bn_inspect.output.html.run_pages import check_page, comparison_page, recalibration_page
 from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
+from bn_inspect.report.diff import DiffReport
 from bn_inspect.report.findings import CheckReport
 from bn_inspect.report.records import Report
 
@@ -19,6 +21,7 @@ PAGE_BUILDERS: dict[type, PageBuilder] = {
     CheckReport: check_page,
     ModeComparison: comparison_page,
     RecalibrationResult: recalibration_page,
+    DiffReport: diff_page,
 }
 
 
@@ -31,7 +34,7 @@ def result_page(result: Any, model_output: str = "") -> Page:
     builder = PAGE_BUILDERS.get(type(result))
     if builder is None:
         raise TypeError(
-            f"HTML holds inspect, check, compare-modes and recalibrate results, not {type(result).__name__}"
+            f"HTML holds inspect, check, compare-modes, recalibrate and diff results, not {type(result).__name__}"
         )
     return builder(result, model_output)
 
