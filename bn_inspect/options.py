@@ -86,6 +86,13 @@ class RunOptions:
     device: DeviceChoice = DeviceChoice.CPU
     output: Path | None = None
     quiet: bool = False
+    resize: int | None = None
+    crop: int | None = None
+    normalize: str | None = None
+    grayscale: bool = False
+    channels_last: bool = False
+    workers: int | None = None
+    strict_data: bool = False
 
     @classmethod
     def of(cls, values: Mapping[str, Any]) -> RunOptions:

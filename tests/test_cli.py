@@ -61,6 +61,9 @@ def test_json_output_is_the_documented_report(capsys: pytest.CaptureFixture[str]
         "num_batches": 3,
         "num_samples": 300,
         "num_nonfinite_values": 0,
+        "preprocessing": None,
+        "num_skipped_files": 0,
+        "skipped_files": [],
     }
     assert [layer["name"] for layer in document["layers"]] == ["features.1", "features.4", "features.8"]
     assert document["layers"][0]["values_per_channel"] == 300 * 64

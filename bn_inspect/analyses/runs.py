@@ -57,6 +57,7 @@ def run_inspect(options: RunOptions, observer: RunObserver, layer_patterns: Sequ
             materialize_lazy=True,
             distributed=ranks,
         )
+        report = replace(report, input=prepared.input_details(report.input, ranks))
     if not speaks(ranks):
         return None
     _require_layer_matches(report, layer_patterns)
@@ -114,6 +115,8 @@ def run_check(
             materialize_lazy=True,
             distributed=ranks,
         )
+        if result.input is not None:
+            result = replace(result, input=prepared.input_details(result.input, ranks))
         passed = result.passed
         if ranks is not None:
             from bn_inspect.distributed.collectives import gather_json
@@ -200,7 +203,8 @@ def run_recalibrate(
         OutputError: the output is stdout, exists without ``force``, or is a file the run reads.
     """
     from bn_inspect.analyses.recalibration import recalibrate
-    from bn_inspect.data.inputs import DEFAULT_BATCH_SIZE, open_input
+    from bn_inspect.analyses.sources import open_data
+    from bn_inspect.data.inputs import DEFAULT_BATCH_SIZE
     from bn_inspect.data.memory import check_fits_memory
     from bn_inspect.model.arch import parse_arch_kwargs
     from bn_inspect.model.loading import load_model
@@ -211,7 +215,7 @@ def run_recalibrate(
     device = resolve_device(options.device)
     with torchrun(device) as ranks:
         with all_ranks(ranks):
-            data = open_input(input_file, key=options.input_key, drop_columns=options.drop_column)
+            data = open_data(options, input_file)
             size = options.batch_size or DEFAULT_BATCH_SIZE
             check_fits_memory((size, *data.sample_shape()), 4)
             loaded = load_model(

@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Protocol
 from bn_inspect.atomic import ProtectedFile, check_target
 from bn_inspect.errors import DeviceError, InputError
 from bn_inspect.options import DeviceChoice, Mode, RunOptions
-from bn_inspect.report.records import RANDOM_INPUT, ModelInfo
+from bn_inspect.report.records import RANDOM_INPUT, InputInfo, ModelInfo
 
 if TYPE_CHECKING:
     from torch import nn
 
     from bn_inspect.data.batch import Batch
+    from bn_inspect.data.images import ImageFiles
     from bn_inspect.data.inputs import DirectoryData
     from bn_inspect.data.readers import InputData
     from bn_inspect.distributed.context import DistributedContext
@@ -147,11 +148,20 @@ class PreparedRun:
     batches: Iterator[Batch] | None
     input_source: str
     is_real_data: bool
+    images: ImageFiles | None = None
 
     @property
     def model_info(self) -> ModelInfo:
         """Where the model came from, for the report."""
         return ModelInfo(self.loaded.source, self.loaded.format, self.loaded.arch)
+
+    def input_details(self, info: InputInfo, ranks: DistributedContext | None) -> InputInfo:
+        """The report's input section, with what was done to images (call it on every rank)."""
+        if self.images is None:
+            return info
+        from bn_inspect.analyses.sources import describe_images
+
+        return describe_images(info, self.images, ranks)
 
 
 def prepare_run(
@@ -173,7 +183,8 @@ def prepare_run(
     kwargs = parse_arch_kwargs(options.arch_kwargs)
     device = resolve_device(options.device)
     shard = (0, 1) if ranks is None else (ranks.rank, ranks.world_size)
-    batches, source = _batches_from_options(options, observer, shard) if needs_data else (None, "")
+    images = _images_of(options) if needs_data else None
+    batches, source = _batches_from_options(options, observer, shard) if needs_data and images is None else (None, "")
     import torch
 
     torch.manual_seed(options.seed)
@@ -188,12 +199,26 @@ def prepare_run(
         )
     if loaded.format == "torch.export":
         _note_exported(loaded.module, options.mode, observer)
+    if images is not None:
+        from bn_inspect.analyses.sources import image_batches
+
+        batches, source = image_batches(images, options, observer, shard)
     if needs_data and batches is None:
         batches, source = _guessed_batches(loaded.module, options, observer, shard)
     if batches is not None and loaded.format == "torch.export":
         batches = iter(ExportedBatches(loaded.module, batches, observer))
     observer.loaded()
-    return PreparedRun(loaded, batches, source, is_real_data=options.input_file is not None)
+    return PreparedRun(loaded, batches, source, is_real_data=options.input_file is not None, images=images)
+
+
+def _images_of(options: RunOptions) -> ImageFiles | None:
+    """The image files of --input; None for other input, next to which image options are refused."""
+    from bn_inspect.analyses.sources import is_image_input, open_images, refuse_image_options
+
+    if options.input_file is not None and is_image_input(options.input_file):
+        return open_images(options, options.input_file)
+    refuse_image_options(options, f"--input {options.input_file}" if options.input_file else "the input")
+    return None
 
 
 def _note_exported(module: nn.Module, mode: Mode, observer: RunObserver) -> None:
@@ -243,7 +268,7 @@ def _batches_from_options(
     return None, ""
 
 
-def _shard(data: InputData | DirectoryData, rank: int, world_size: int) -> ShardedInput:
+def _shard(data: InputData | DirectoryData | ImageFiles, rank: int, world_size: int) -> ShardedInput | ImageFiles:
     from bn_inspect.distributed.sharding import shard_input
 
     return shard_input(data, rank, world_size)
@@ -311,7 +336,7 @@ class Rereadable:
 
     def __init__(
         self,
-        data: InputData | DirectoryData | ShardedInput,
+        data: InputData | DirectoryData | ShardedInput | ImageFiles,
         batch_size: int,
         max_batches: int | None,
         observer: RunObserver,

@@ -166,3 +166,20 @@ RecalibrationFormatOpt = Annotated[
 CompareFormatOpt = Annotated[
     ListingFormat, typer.Option("--format", help="table for people; json or markdown for machines.")
 ]
+ResizeOpt = Annotated[
+    int | None, typer.Option("--resize", min=1, help="Images: resize the shorter side to N pixels (bilinear).")
+]
+CropOpt = Annotated[int | None, typer.Option("--crop", min=1, help="Images: crop the centre N×N pixels.")]
+NormalizeOpt = Annotated[
+    str | None,
+    typer.Option("--normalize", help="Images: imagenet, none, MEAN,STD, or C means then C stds (default none)."),
+]
+GrayscaleOpt = Annotated[bool, typer.Option("--grayscale", help="Images: one channel (L) instead of RGB.")]
+ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="Images: batches in channels-last memory.")]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option("--workers", min=0, help="Processes that decode images (default: CPUs - 1, at most 8; 0: none)."),
+]
+StrictDataOpt = Annotated[
+    bool, typer.Option("--strict-data", help="Stop at an image that cannot be decoded instead of skipping it.")
+]

@@ -43,7 +43,11 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class InputInfo:
-    """What data ran: its source, the shape and dtype of one batch, how many batches and samples."""
+    """What data ran: its source, the shape and dtype of one batch, how many batches and samples.
+
+    For images: ``preprocessing`` says in words how they became tensors, and the files that could
+    not be decoded were skipped (``num_skipped_files``; the first few in ``skipped_files``).
+    """
 
     source: str
     shape: tuple[int, ...]
@@ -51,6 +55,9 @@ class InputInfo:
     num_batches: int
     num_samples: int
     num_nonfinite_values: int = 0
+    preprocessing: str | None = None
+    num_skipped_files: int = 0
+    skipped_files: tuple[str, ...] = ()
 
     @property
     def is_random(self) -> bool:
