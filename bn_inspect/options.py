@@ -93,6 +93,7 @@ class RunOptions:
     channels_last: bool = False
     workers: int | None = None
     strict_data: bool = False
+    data: str | None = None
 
     @classmethod
     def of(cls, values: Mapping[str, Any]) -> RunOptions:

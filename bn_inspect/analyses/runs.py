@@ -137,6 +137,7 @@ def _refuse_data_options(options: RunOptions) -> None:
     """
     given = {
         "--input": options.input_file,
+        "--data": options.data,
         "--shape": options.shape,
         "--input-key": options.input_key,
         "--drop-column": options.drop_column or None,

@@ -87,7 +87,9 @@ def is_stdout(output: Path | None) -> bool:
     return output is None or str(output) == "-"
 
 
-def protected_inputs(model: Path | None, input_file: Path | None, arch: str | None) -> list[ProtectedFile]:
+def protected_inputs(
+    model: Path | None, input_file: Path | None, arch: str | None, code_name: str = "the --arch file"
+) -> list[ProtectedFile]:
     """Every file the run reads: --output may name none of them."""
     protected = [ProtectedFile("the model file", model)] if model is not None else []
     if input_file is not None and input_file.is_dir():
@@ -101,7 +103,7 @@ def protected_inputs(model: Path | None, input_file: Path | None, arch: str | No
     # The path/to/file.py:callable form, told apart as the loader does.
     arch_target = (arch or "").rpartition(":")[0]
     if arch_target.endswith(".py") or "/" in arch_target or os.sep in arch_target:
-        protected.append(ProtectedFile("the --arch file", Path(arch_target)))
+        protected.append(ProtectedFile(code_name, Path(arch_target)))
     return protected
 
 
@@ -179,12 +181,17 @@ def prepare_run(
         raise InputError("--shape and --input were both given", "Use one of them")
     if options.shape is not None and options.batch_size is not None:
         raise InputError("--batch-size does not apply to --shape", "Set the batch size as the first dim of --shape")
-    check_output(options.output, protected_inputs(options.model, options.input_file, options.arch))
+    protected = protected_inputs(options.model, options.input_file, options.arch)
+    check_output(options.output, protected + protected_inputs(None, None, options.data, "the --data file"))
     kwargs = parse_arch_kwargs(options.arch_kwargs)
     device = resolve_device(options.device)
     shard = (0, 1) if ranks is None else (ranks.rank, ranks.world_size)
     images = _images_of(options) if needs_data else None
     batches, source = _batches_from_options(options, observer, shard) if needs_data and images is None else (None, "")
+    if needs_data and options.data is not None:
+        from bn_inspect.analyses.user_data import data_batches
+
+        batches, source = data_batches(options, observer, shard)
     import torch
 
     torch.manual_seed(options.seed)
@@ -208,16 +215,25 @@ def prepare_run(
     if batches is not None and loaded.format == "torch.export":
         batches = iter(ExportedBatches(loaded.module, batches, observer))
     observer.loaded()
-    return PreparedRun(loaded, batches, source, is_real_data=options.input_file is not None, images=images)
+    is_real_data = options.input_file is not None or options.data is not None
+    return PreparedRun(loaded, batches, source, is_real_data=is_real_data, images=images)
 
 
 def _images_of(options: RunOptions) -> ImageFiles | None:
     """The image files of --input; None for other input, next to which image options are refused."""
     from bn_inspect.analyses.sources import is_image_input, open_images, refuse_image_options
 
+    if options.data is not None and (options.input_file is not None or options.shape is not None):
+        raise InputError(
+            f"--data and {'--input' if options.input_file else '--shape'} were both given", "Use one of them"
+        )
     if options.input_file is not None and is_image_input(options.input_file):
         return open_images(options, options.input_file)
-    refuse_image_options(options, f"--input {options.input_file}" if options.input_file else "the input")
+    if options.data is not None:
+        # The workers that decode images also load a Dataset that --data returns.
+        refuse_image_options(options, f"--data {options.data}", allowed=("--workers",))
+    else:
+        refuse_image_options(options, f"--input {options.input_file}" if options.input_file else "the input")
     return None
 
 

@@ -44,15 +44,15 @@ def is_image_input(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def refuse_image_options(options: RunOptions, what: str) -> None:
-    """Refuse image options for input that is not images: they would be silently ignored.
+def refuse_image_options(options: RunOptions, what: str, allowed: tuple[str, ...] = ()) -> None:
+    """Refuse image options (but the ``allowed`` flags) for input that is not images: they would be silently ignored.
 
     Raises:
         InputError: naming the first such option.
     """
     defaults = RunOptions()
     for flag, name in _IMAGE_FLAGS.items():
-        if getattr(options, name) != getattr(defaults, name):
+        if flag not in allowed and getattr(options, name) != getattr(defaults, name):
             raise InputError(f"{flag} applies to images, and {what} is not a folder of images", f"Drop {flag}")
 
 

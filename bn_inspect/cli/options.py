@@ -183,3 +183,11 @@ WorkersOpt = Annotated[
 StrictDataOpt = Annotated[
     bool, typer.Option("--strict-data", help="Stop at an image that cannot be decoded instead of skipping it.")
 ]
+DataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        help="Your data: package.module:function or path/to/file.py:function returning a Dataset, a DataLoader "
+        "or an iterable of batches (imports and runs that code).",
+    ),
+]
