@@ -204,7 +204,7 @@ def run_recalibrate(
         OutputError: the output is stdout, exists without ``force``, or is a file the run reads.
     """
     from bn_inspect.analyses.recalibration import recalibrate
-    from bn_inspect.analyses.sources import open_data
+    from bn_inspect.analyses.sources import fit_images_to_model, open_data
     from bn_inspect.data.inputs import DEFAULT_BATCH_SIZE
     from bn_inspect.data.memory import check_fits_memory
     from bn_inspect.model.arch import parse_arch_kwargs
@@ -223,6 +223,7 @@ def run_recalibrate(
                 model, arch=options.arch, arch_kwargs=kwargs, trust_pickle=options.trust_pickle, map_location=device
             )
         observer.loaded()
+        data = fit_images_to_model(data, loaded.module, options, kwargs)
         mine: Iterable[Batch] = Rereadable(data, size, options.batches, observer)
         if ranks is not None:
             from bn_inspect.distributed.sharding import shard_input

@@ -207,8 +207,9 @@ def prepare_run(
     if loaded.format == "torch.export":
         _note_exported(loaded.module, options.mode, observer)
     if images is not None:
-        from bn_inspect.analyses.sources import image_batches
+        from bn_inspect.analyses.sources import fit_to_model, image_batches
 
+        images = fit_to_model(images, loaded.module, options, kwargs)
         batches, source = image_batches(images, options, observer, shard)
     if needs_data and batches is None:
         batches, source = _guessed_batches(loaded.module, options, observer, shard)

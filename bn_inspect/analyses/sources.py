@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bn_inspect.errors import InputError
 from bn_inspect.options import RunOptions
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from bn_inspect.analyses.session import RunObserver
     from bn_inspect.data.batch import Batch
     from bn_inspect.data.decode import Preprocessing
@@ -115,6 +117,33 @@ def open_data(options: RunOptions, path: Path) -> InputData | DirectoryData | Im
         return open_images(options, path)
     refuse_image_options(options, f"--input {path}")
     return open_input(path, key=options.input_key, drop_columns=options.drop_column)
+
+
+def fit_to_model(
+    images: ImageFiles, module: nn.Module, options: RunOptions, arch_kwargs: Mapping[str, Any]
+) -> ImageFiles:
+    """``images`` with what the user left unset taken from the model's own preprocessing, if it has one.
+
+    Raises:
+        InputError: the merged preprocessing does not hold together (crop > resize, channel counts).
+    """
+    from bn_inspect.analyses.recipes import fitted_preprocessing, model_recipe
+
+    recipe, origin = model_recipe(module, options.arch, arch_kwargs)
+    if not recipe:
+        return images
+    prep = fitted_preprocessing(images.prep, options, recipe, origin)
+    check_channels(prep, f"the {origin}")
+    return images.with_preprocessing(prep)
+
+
+def fit_images_to_model(
+    data: InputData | DirectoryData | ImageFiles, module: nn.Module, options: RunOptions, arch_kwargs: Mapping[str, Any]
+) -> InputData | DirectoryData | ImageFiles:
+    """fit_to_model for images; other data as it is."""
+    from bn_inspect.data.images import ImageFiles
+
+    return fit_to_model(data, module, options, arch_kwargs) if isinstance(data, ImageFiles) else data
 
 
 def image_batches(

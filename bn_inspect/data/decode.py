@@ -18,6 +18,8 @@ from PIL import Image, ImageOps
 from bn_inspect.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# Pillow's resampling filters, by the names timm and torchvision give them.
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -35,8 +37,9 @@ class Preprocessing:
        and the colour under it kept, as torchvision's and timm's loaders do (``convert("RGB")``);
        16-bit images keep their depth, scaled so that 65535 is 1.0;
     3. ``resize``: the shorter side to that many pixels, the other in proportion, with Pillow's
-       bilinear filter (which averages over the whole footprint when shrinking: torchvision's
-       ``Resize`` calls exactly this on a PIL image);
+       ``interpolation`` filter (bilinear unless a model's configuration says otherwise; Pillow's
+       filters average over the whole footprint when shrinking: torchvision's ``Resize`` calls
+       exactly this on a PIL image);
     4. ``crop``: the centre square of that size;
     5. to float32 in [0, 1] (values / 255), channels first;
     6. ``mean`` / ``std``: (x - mean) / std per channel (one value: every channel).
@@ -51,6 +54,7 @@ class Preprocessing:
     std: tuple[float, ...] | None = None
     grayscale: bool = False
     channels_last: bool = False
+    interpolation: str = "bilinear"
     origins: tuple[tuple[str, str], ...] = ()
 
     @property
@@ -61,7 +65,8 @@ class Preprocessing:
     def describe(self) -> str:
         """The steps in words for the report header, e.g. ``resize 256, crop 224, normalize imagenet``."""
         origin = dict(self.origins)
-        parts = [("resize", f"resize {self.resize}" if self.resize else None)]
+        filter_name = "" if self.interpolation == "bilinear" else f" {self.interpolation}"
+        parts = [("resize", f"resize {self.resize}{filter_name}" if self.resize else None)]
         parts.append(("crop", f"crop {self.crop}" if self.crop else None))
         parts.append(("normalize", f"normalize {_spell_normalize(self.mean, self.std)}"))
         words = []
@@ -137,7 +142,7 @@ def decode_image(path: Path | str, prep: Preprocessing) -> torch.Tensor:
     except Exception as error:
         # Pillow raises many kinds of exception for damaged files; all of them mean "not decodable".
         raise UndecodableImage(f"cannot be decoded ({type(error).__name__}: {error})") from None
-    planes = [_resized(plane, prep.resize) for plane in planes]
+    planes = [_resized(plane, prep.resize, prep.interpolation) for plane in planes]
     width, height = planes[0].size
     if prep.crop is not None:
         if width < prep.crop or height < prep.crop:
@@ -164,7 +169,7 @@ def _planes(image: Image.Image, grayscale: bool) -> list[Image.Image]:
     return [image if image.mode == "RGB" else image.convert("RGB")]
 
 
-def _resized(image: Image.Image, size: int | None) -> Image.Image:
+def _resized(image: Image.Image, size: int | None, interpolation: str) -> Image.Image:
     """Shorter side to ``size``, as torchvision's ``Resize(size)`` computes the other side."""
     if size is None:
         return image
@@ -174,7 +179,7 @@ def _resized(image: Image.Image, size: int | None) -> Image.Image:
     new_size = (new_short, new_long) if width <= height else (new_long, new_short)
     if new_size == (width, height):
         return image
-    return image.resize(new_size, Image.Resampling.BILINEAR)
+    return image.resize(new_size, Image.Resampling[interpolation.upper()])
 
 
 def _to_tensor(planes: list[Image.Image]) -> torch.Tensor:
