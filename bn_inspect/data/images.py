@@ -155,8 +155,8 @@ class ImageFiles:
     skipped: SkippedImages = field(default_factory=SkippedImages, compare=False)
 
     def share(self, rank: int, world_size: int) -> ImageFiles:
-        """This rank's share (see the class docstring)."""
-        return replace(self, rank=rank, world_size=world_size, skipped=SkippedImages())
+        """This rank's share (see the class docstring); it counts its skipped files where this one does."""
+        return replace(self, rank=rank, world_size=world_size)
 
     def with_preprocessing(self, prep: Preprocessing) -> ImageFiles:
         """The same files, preprocessed by ``prep``."""
