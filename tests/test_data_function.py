@@ -177,6 +177,8 @@ def test_data_next_to_input_or_shape_is_refused(data_file: Path, capsys: pytest.
     assert_one_error_line(both, "--data and --input were both given")
     result = invoke(capsys, ["check", MODEL, "--no-data", "--data", f"{data_file}:pairs"])
     assert_one_error_line(result, "--no-data runs no data, so --data would be ignored")
+    images = invoke(capsys, ["check", MODEL, "--no-data", "--resize", "8", "--grayscale"])
+    assert_one_error_line(images, "--no-data runs no data, so --resize, --grayscale would be ignored")
 
 
 def test_output_may_not_replace_the_data_file(data_file: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -72,9 +72,11 @@ def test_every_format_in_an_imagefolder_layout_gives_exact_statistics(
 ) -> None:
     paths = write_class_folder(tmp_path / "images")
     (tmp_path / "images" / "labels.txt").write_text("not an image: ignored")
+    (tmp_path / "images" / "class_0" / "._img_00.jpg").write_bytes(b"macOS resource fork: hidden, ignored")
     document = inspect_json(capsys, bn_model, "--input", tmp_path / "images", "--batch-size", "5", "--workers", "2")
     assert document["input"]["num_samples"] == 12 and document["input"]["num_batches"] == 3
     assert document["input"]["preprocessing"] == "normalize none"
+    assert document["input"]["num_skipped_files"] == 0
     # The reference decodes each file independently with Pillow: RGB bytes / 255.
     tensors = [torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) / 255 for p in paths]
     mean, var = reference_moments(tensors)
@@ -312,6 +314,24 @@ def test_unreadable_file(tmp_path: Path, bn_model: Path, capsys: pytest.CaptureF
         locked.chmod(0o644)
     assert result.code == 2
     assert_one_error_line(result, f"image {locked} cannot be read (Permission denied)")
+
+
+def test_a_named_pipe_among_the_images_is_refused_before_it_blocks(
+    tmp_path: Path, bn_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_class_folder(tmp_path / "images", count=2)
+    os.mkfifo(tmp_path / "images" / "class_1" / "pipe.png")
+    result = invoke(capsys, ["inspect", bn_model, "--input", tmp_path / "images"])
+    assert result.code == 2
+    assert_one_error_line(
+        result, f"{tmp_path / 'images' / 'class_1' / 'pipe.png'} in input directory", "not a regular file"
+    )
+
+
+def test_a_missing_image_file(tmp_path: Path, bn_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = invoke(capsys, ["inspect", bn_model, "--input", tmp_path / "missing.jpg"])
+    assert result.code == 2
+    assert_one_error_line(result, f"cannot read input path {tmp_path / 'missing.jpg'} (No such file or directory)")
 
 
 def test_a_file_that_vanishes_is_unreadable_not_corrupt(tmp_path: Path) -> None:

@@ -138,6 +138,12 @@ def _refuse_data_options(options: RunOptions) -> None:
     given = {
         "--input": options.input_file,
         "--data": options.data,
+        "--resize": options.resize,
+        "--crop": options.crop,
+        "--normalize": options.normalize,
+        "--grayscale": options.grayscale or None,
+        "--workers": options.workers,
+        "--strict-data": options.strict_data or None,
         "--shape": options.shape,
         "--input-key": options.input_key,
         "--drop-column": options.drop_column or None,
