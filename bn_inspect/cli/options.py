@@ -61,7 +61,11 @@ TrustPickleOpt = Annotated[
 ShapeOpt = Annotated[str | None, typer.Option("--shape", help="Random normal input of this shape, e.g. 16,3,32,32.")]
 InputOpt = Annotated[
     Path | None,
-    typer.Option("--input", help="Data: .pt/.pth (tensor, tuple/list or dict of tensors), .npy, .npz, .csv, .parquet."),
+    typer.Option(
+        "--input",
+        help="Data: .pt/.pth (tensor, tuple/list or dict of tensors), .npy, .npz, .csv, .parquet, a folder of "
+        "such shards, or images (a folder of JPEG/PNG/BMP/WebP/TIFF, searched recursively, or one image).",
+    ),
 ]
 InputKeyOpt = Annotated[str | None, typer.Option("--input-key", help="Array of an .npz (or entry of a dict .pt).")]
 DropColumnOpt = Annotated[
@@ -143,7 +147,8 @@ RecalibratedModelArg = Annotated[
 ]
 NewModelOpt = Annotated[Path, typer.Option("--output", help="Where to write the recalibrated model (same format).")]
 DataInputOpt = Annotated[
-    Path | None, typer.Option("--input", help="Representative data: a file or a directory of shards (required).")
+    Path | None,
+    typer.Option("--input", help="Representative data: a file, a directory of shards or of images (required)."),
 ]
 DataBatchSizeOpt = Annotated[
     int | None, typer.Option("--batch-size", min=1, help="Samples per batch of --input (default 64).")
