@@ -110,6 +110,14 @@ class RunOptions:
     baseline: Path | None = None
     write_baseline: Path | None = None
     force: bool = False
+    resize: int | None = None
+    crop: int | None = None
+    normalize: str | None = None
+    grayscale: bool = False
+    channels_last: bool = False
+    workers: int | None = None
+    strict_data: bool = False
+    data: str | None = None
 
     @classmethod
     def of(cls, values: Mapping[str, Any]) -> RunOptions:

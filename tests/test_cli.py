@@ -62,6 +62,9 @@ def test_json_output_is_the_documented_report(capsys: pytest.CaptureFixture[str]
         "num_samples": 300,
         "num_nonfinite_values": 0,
         "first_batch_sha256": document["input"]["first_batch_sha256"],
+        "preprocessing": None,
+        "num_skipped_files": 0,
+        "skipped_files": [],
     }
     assert [layer["name"] for layer in document["layers"]] == ["features.1", "features.4", "features.8"]
     assert document["layers"][0]["values_per_channel"] == 300 * 64

@@ -40,6 +40,12 @@ RUNS: dict[str, tuple[str, list[str | Path], int]] = {
         ],
         0,
     ),
+    "inspect-images": (
+        "inspect",
+        ["inspect", MODEL, "--input", DIGITS / "test_png", "--grayscale", "--resize", "8"],
+        0,
+    ),
+    "check-images": ("check", ["check", MODEL, "--input", DIGITS / "test_png", "--grayscale"], 0),
     "check-findings": ("check", ["check", MODEL, "--input", SHIFTED], 1),
     "check-passing": ("check", ["check", MODEL, "--input", MATCHING], 0),
     "check-no-data": ("check", ["check", MODEL, "--no-data"], 0),
@@ -93,6 +99,9 @@ def test_the_runs_reach_the_branches_a_schema_must_allow(documents: dict[str, di
     assert documents["layers-state-dict"]["layers"][0]["eps"] is None
     assert documents["layers-torchscript"]["layers"][0]["eps"] is not None
     assert documents["compare-modes"]["output"] is not None
+    assert documents["inspect-images"]["input"]["preprocessing"] == "resize 8, normalize none, grayscale"
+    assert documents["check-images"]["input"]["preprocessing"] == "normalize none, grayscale"
+    assert documents["inspect"]["input"]["preprocessing"] is None
     assert {documents[f"recalibrate-{m}"]["method"] for m in ("precise", "sequential")} == {"precise", "sequential"}
 
 
@@ -230,3 +239,25 @@ def test_the_schemas_ship_in_a_built_wheel(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"bn_inspect/report/{file}" for file in SCHEMA_FILES.values()} <= names
     assert "bn_inspect/report/schemas.py" in names
+
+
+def test_a_report_with_skipped_images_validates_and_a_negative_count_does_not(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from bn_inspect.cli.main import run
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(3):
+        Image.new("L", (8, 8), color=index * 40).save(folder / f"{index}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        assert run(["inspect", str(MODEL), "--input", str(folder), "--grayscale", "--format", "json"]) == 0
+    document = json.loads(stdout.getvalue())
+    assert document["input"]["num_skipped_files"] == 1
+    assert document["input"]["skipped_files"] == [str(folder / "broken.png")]
+    validator = jsonschema.Draft202012Validator(schema("inspect"))
+    validator.validate(document)
+    document["input"]["num_skipped_files"] = -1
+    assert not validator.is_valid(document)

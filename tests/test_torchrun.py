@@ -173,3 +173,44 @@ def test_diff_and_check_baseline_under_torchrun_compare_the_merged_statistics(tm
     assert single.returncode == double.returncode == 1
     codes = [[(f["code"], f["layer"]) for f in json.loads(r.stdout)["findings"]] for r in (single, double)]
     assert codes[0] == codes[1] and ("BN302", "features.1") in codes[0]
+
+
+def write_user_data(folder: Path) -> Path:
+    path = folder / "user_data.py"
+    path.write_text(
+        "import numpy, torch\n"
+        "from torch.utils.data import TensorDataset\n\n"
+        "def pairs():\n"
+        f"    images = torch.from_numpy(numpy.load({str(DIGITS / 'test_images.npy')!r}))\n"
+        "    return TensorDataset(images, torch.zeros(len(images)))\n\n"
+        "def batches():\n"
+        "    return list(pairs().tensors[0].split(60))\n"
+    )
+    return path
+
+
+@pytest.mark.parametrize("source", ["images", "dataset", "iterable"])
+def test_images_and_user_data_on_two_ranks_equal_one_process(source: str, tmp_path: Path) -> None:
+    import shutil
+
+    if source == "images":
+        folder = tmp_path / "png"
+        shutil.copytree(DIGITS / "test_png", folder)
+        (folder / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+        args = ["--input", str(folder), "--grayscale", "--normalize", "0,0.9411764705882353", "--workers", "1"]
+    else:
+        function = "pairs" if source == "dataset" else "batches"
+        args = ["--data", f"{write_user_data(tmp_path)}:{function}", "--workers", "0"]
+    # Train mode: a batch's statistics depend on which samples share it, so equal numbers mean equal batches.
+    args += ["--batch-size", "50", "--mode", "train"]
+    single = inspect(args, tmp_path / "single.json", 1)
+    double = inspect(args, tmp_path / "double.json", 2)
+    assert single["input"] == double["input"]
+    assert single["input"]["num_samples"] == 450
+    if source == "images":
+        assert double["input"]["num_skipped_files"] == 1
+    for a, b in zip(single["layers"], double["layers"], strict=True):
+        assert a["values_per_channel"] == b["values_per_channel"]
+        np.testing.assert_allclose(a["batch_mean"], b["batch_mean"], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(a["batch_var"], b["batch_var"], rtol=1e-10)
+    assert [share["num_batches"] for share in double["distributed"]["shares"]] in ([5, 4], [5, 5], [4, 4])

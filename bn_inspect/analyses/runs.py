@@ -61,6 +61,7 @@ def run_inspect(options: RunOptions, observer: RunObserver, layer_patterns: Sequ
             materialize_lazy=True,
             distributed=ranks,
         )
+        report = replace(report, input=prepared.input_details(report.input, ranks))
     if not speaks(ranks):
         return None
     _require_layer_matches(report, layer_patterns)
@@ -118,6 +119,8 @@ def run_check(options: RunOptions, gate: CheckSettings, observer: RunObserver, *
             distributed=ranks,
             baseline=None if baseline is None else Baseline(baseline, gate.tolerance),
         )
+        if result.input is not None:
+            result = replace(result, input=prepared.input_details(result.input, ranks))
         passed = result.passed
         if ranks is not None:
             from bn_inspect.distributed.collectives import gather_json
@@ -187,6 +190,13 @@ def _refuse_data_options(
     """
     given = {
         "--input": options.input_file,
+        "--data": options.data,
+        "--resize": options.resize,
+        "--crop": options.crop,
+        "--normalize": options.normalize,
+        "--grayscale": options.grayscale or None,
+        "--workers": options.workers,
+        "--strict-data": options.strict_data or None,
         "--shape": options.shape,
         "--input-key": options.input_key,
         "--drop-column": options.drop_column or None,
@@ -252,7 +262,8 @@ def run_recalibrate(
         OutputError: the output is stdout, exists without ``force``, or is a file the run reads.
     """
     from bn_inspect.analyses.recalibration import recalibrate
-    from bn_inspect.data.inputs import DEFAULT_BATCH_SIZE, open_input
+    from bn_inspect.analyses.sources import fit_images_to_model, open_data
+    from bn_inspect.data.inputs import DEFAULT_BATCH_SIZE
     from bn_inspect.data.memory import check_fits_memory
     from bn_inspect.model.arch import parse_arch_kwargs
     from bn_inspect.model.loading import load_model
@@ -263,13 +274,14 @@ def run_recalibrate(
     device = resolve_device(options.device)
     with torchrun(device) as ranks:
         with all_ranks(ranks):
-            data = open_input(input_file, key=options.input_key, drop_columns=options.drop_column)
+            data = open_data(options, input_file)
             size = options.batch_size or DEFAULT_BATCH_SIZE
             check_fits_memory((size, *data.sample_shape()), 4)
             loaded = load_model(
                 model, arch=options.arch, arch_kwargs=kwargs, trust_pickle=options.trust_pickle, map_location=device
             )
         observer.loaded()
+        data = fit_images_to_model(data, loaded.module, options, kwargs)
         mine: Iterable[Batch] = Rereadable(data, size, options.batches, observer)
         if ranks is not None:
             from bn_inspect.distributed.sharding import shard_input

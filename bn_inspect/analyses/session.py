@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Protocol
 from bn_inspect.atomic import ProtectedFile, check_target
 from bn_inspect.errors import DeviceError, InputError
 from bn_inspect.options import DeviceChoice, Mode, RunOptions
-from bn_inspect.report.records import RANDOM_INPUT, ModelInfo
+from bn_inspect.report.records import RANDOM_INPUT, InputInfo, ModelInfo
 
 if TYPE_CHECKING:
     from torch import nn
 
     from bn_inspect.data.batch import Batch
+    from bn_inspect.data.images import ImageFiles
     from bn_inspect.data.inputs import DirectoryData
     from bn_inspect.data.readers import InputData
     from bn_inspect.distributed.context import DistributedContext
@@ -86,7 +87,9 @@ def is_stdout(output: Path | None) -> bool:
     return output is None or str(output) == "-"
 
 
-def protected_inputs(model: Path | None, input_file: Path | None, arch: str | None) -> list[ProtectedFile]:
+def protected_inputs(
+    model: Path | None, input_file: Path | None, arch: str | None, code_name: str = "the --arch file"
+) -> list[ProtectedFile]:
     """Every file the run reads: --output may name none of them."""
     protected = [ProtectedFile("the model file", model)] if model is not None else []
     if input_file is not None and input_file.is_dir():
@@ -100,7 +103,7 @@ def protected_inputs(model: Path | None, input_file: Path | None, arch: str | No
     # The path/to/file.py:callable form, told apart as the loader does.
     arch_target = (arch or "").rpartition(":")[0]
     if arch_target.endswith(".py") or "/" in arch_target or os.sep in arch_target:
-        protected.append(ProtectedFile("the --arch file", Path(arch_target)))
+        protected.append(ProtectedFile(code_name, Path(arch_target)))
     return protected
 
 
@@ -147,11 +150,20 @@ class PreparedRun:
     batches: Iterator[Batch] | None
     input_source: str
     is_real_data: bool
+    images: ImageFiles | None = None
 
     @property
     def model_info(self) -> ModelInfo:
         """Where the model came from, for the report."""
         return ModelInfo(self.loaded.source, self.loaded.format, self.loaded.arch, self.loaded.sha256)
+
+    def input_details(self, info: InputInfo, ranks: DistributedContext | None) -> InputInfo:
+        """The report's input section, with what was done to images (call it on every rank)."""
+        if self.images is None:
+            return info
+        from bn_inspect.analyses.sources import describe_images
+
+        return describe_images(info, self.images, ranks)
 
 
 def prepare_run(
@@ -169,11 +181,17 @@ def prepare_run(
         raise InputError("--shape and --input were both given", "Use one of them")
     if options.shape is not None and options.batch_size is not None:
         raise InputError("--batch-size does not apply to --shape", "Set the batch size as the first dim of --shape")
-    check_output(options.output, protected_inputs(options.model, options.input_file, options.arch))
+    protected = protected_inputs(options.model, options.input_file, options.arch)
+    check_output(options.output, protected + protected_inputs(None, None, options.data, "the --data file"))
     kwargs = parse_arch_kwargs(options.arch_kwargs)
     device = resolve_device(options.device)
     shard = (0, 1) if ranks is None else (ranks.rank, ranks.world_size)
-    batches, source = _batches_from_options(options, observer, shard) if needs_data else (None, "")
+    images = _images_of(options) if needs_data else None
+    batches, source = _batches_from_options(options, observer, shard) if needs_data and images is None else (None, "")
+    if needs_data and options.data is not None:
+        from bn_inspect.analyses.user_data import data_batches
+
+        batches, source = data_batches(options, observer, shard)
     import torch
 
     torch.manual_seed(options.seed)
@@ -188,12 +206,36 @@ def prepare_run(
         )
     if loaded.format == "torch.export":
         _note_exported(loaded.module, options.mode, observer)
+    if images is not None:
+        from bn_inspect.analyses.sources import fit_to_model, image_batches
+
+        images = fit_to_model(images, loaded.module, options, kwargs)
+        batches, source = image_batches(images, options, observer, shard)
     if needs_data and batches is None:
         batches, source = _guessed_batches(loaded.module, options, observer, shard)
     if batches is not None and loaded.format == "torch.export":
         batches = iter(ExportedBatches(loaded.module, batches, observer))
     observer.loaded()
-    return PreparedRun(loaded, batches, source, is_real_data=options.input_file is not None)
+    is_real_data = options.input_file is not None or options.data is not None
+    return PreparedRun(loaded, batches, source, is_real_data=is_real_data, images=images)
+
+
+def _images_of(options: RunOptions) -> ImageFiles | None:
+    """The image files of --input; None for other input, next to which image options are refused."""
+    from bn_inspect.analyses.sources import is_image_input, open_images, refuse_image_options
+
+    if options.data is not None and (options.input_file is not None or options.shape is not None):
+        raise InputError(
+            f"--data and {'--input' if options.input_file else '--shape'} were both given", "Use one of them"
+        )
+    if options.input_file is not None and is_image_input(options.input_file):
+        return open_images(options, options.input_file)
+    if options.data is not None:
+        # The workers that decode images also load a Dataset that --data returns.
+        refuse_image_options(options, f"--data {options.data}", allowed=("--workers",))
+    else:
+        refuse_image_options(options, f"--input {options.input_file}" if options.input_file else "the input")
+    return None
 
 
 def _note_exported(module: nn.Module, mode: Mode, observer: RunObserver) -> None:
@@ -243,7 +285,7 @@ def _batches_from_options(
     return None, ""
 
 
-def _shard(data: InputData | DirectoryData, rank: int, world_size: int) -> ShardedInput:
+def _shard(data: InputData | DirectoryData | ImageFiles, rank: int, world_size: int) -> ShardedInput | ImageFiles:
     from bn_inspect.distributed.sharding import shard_input
 
     return shard_input(data, rank, world_size)
@@ -311,7 +353,7 @@ class Rereadable:
 
     def __init__(
         self,
-        data: InputData | DirectoryData | ShardedInput,
+        data: InputData | DirectoryData | ShardedInput | ImageFiles,
         batch_size: int,
         max_batches: int | None,
         observer: RunObserver,

@@ -18,11 +18,14 @@ from bn_inspect.cli.options import (
     BaselineOpt,
     BatchesOpt,
     BatchSizeOpt,
+    ChannelsLastOpt,
     CheckFormatOpt,
     CompareFormatOpt,
+    CropOpt,
     DataBatchesOpt,
     DataBatchSizeOpt,
     DataInputOpt,
+    DataOpt,
     DebugOpt,
     DeviceOpt,
     DiffFormatOpt,
@@ -30,6 +33,7 @@ from bn_inspect.cli.options import (
     FailOnOpt,
     ForceBaselineOpt,
     ForceOpt,
+    GrayscaleOpt,
     IgnoreOpt,
     InputKeyOpt,
     InputOpt,
@@ -48,6 +52,7 @@ from bn_inspect.cli.options import (
     NewModelOpt,
     NewSideArg,
     NoDataOpt,
+    NormalizeOpt,
     OldSideArg,
     OutputOpt,
     QuietOpt,
@@ -56,13 +61,16 @@ from bn_inspect.cli.options import (
     RecalibrationReportOpt,
     ReportFormatOpt,
     ReportPageOpt,
+    ResizeOpt,
     SeedOpt,
     ShapeOpt,
+    StrictDataOpt,
     StrictOpt,
     ThresholdOpt,
     ToleranceOpt,
     TrustPickleOpt,
     VarToleranceOpt,
+    WorkersOpt,
     WriteBaselineOpt,
 )
 from bn_inspect.options import (
@@ -93,6 +101,14 @@ def inspect_command(
     seed: SeedOpt = 0,
     mode: ModeOpt = Mode.EVAL,
     device: DeviceOpt = DeviceChoice.CPU,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    normalize: NormalizeOpt = None,
+    grayscale: GrayscaleOpt = False,
+    channels_last: ChannelsLastOpt = False,
+    workers: WorkersOpt = None,
+    strict_data: StrictDataOpt = False,
+    data: DataOpt = None,
     layer: LayerOpt = None,
     output_format: ReportFormatOpt = OutputFormat.TABLE,
     output: OutputOpt = None,
@@ -140,6 +156,13 @@ def check_command(
     seed: SeedOpt = 0,
     mode: ModeOpt = Mode.EVAL,
     device: DeviceOpt = DeviceChoice.CPU,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    normalize: NormalizeOpt = None,
+    grayscale: GrayscaleOpt = False,
+    workers: WorkersOpt = None,
+    strict_data: StrictDataOpt = False,
+    data: DataOpt = None,
     no_data: NoDataOpt = False,
     fail_on: FailOnOpt = None,
     max_shift: MaxShiftOpt = None,
@@ -161,17 +184,9 @@ def check_command(
 ) -> None:
     """Check a model's normalization layers for broken state; exit 1 when a finding reaches --fail-on.
 
-    Thresholds can be pinned in pyproject.toml under [tool.bn-inspect] (max-shift, max-var-ratio, max-share,
-    min-values, fail-on, strict, ignore, max-drift, max-drift-var-ratio); flags override them. --baseline
-    adds the drift rules BN301-BN303 against a known-good report (--write-baseline records one).
-
-    Examples:
-
-      bn-inspect check model.ts --no-data
-
-      bn-inspect check state_dict.pt --arch mypkg.models:resnet18 --input val.npy --format junit --output bn.xml
-
-      bn-inspect check model.pt --input val.npy --baseline golden.json --max-drift 0.2
+    Thresholds can be pinned under [tool.bn-inspect] in pyproject.toml; flags override them. --baseline adds
+    the drift rules BN301-BN303 against a known-good report (--write-baseline records one); --no-data checks
+    the stored state alone. Example: bn-inspect check model.pt --input val.npy --baseline golden.json
     """
     from bn_inspect.analyses.checking import check_gate
     from bn_inspect.analyses.runs import run_check
@@ -228,6 +243,13 @@ def compare_modes_command(
     batches: BatchesOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = DeviceChoice.CPU,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    normalize: NormalizeOpt = None,
+    grayscale: GrayscaleOpt = False,
+    workers: WorkersOpt = None,
+    strict_data: StrictDataOpt = False,
+    data: DataOpt = None,
     threshold: ThresholdOpt = 0.1,
     output_format: CompareFormatOpt = RunFormat.TABLE,
     output: OutputOpt = None,
@@ -269,6 +291,12 @@ def recalibrate_command(
     batch_size: DataBatchSizeOpt = None,
     batches: DataBatchesOpt = None,
     device: DeviceOpt = DeviceChoice.CPU,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    normalize: NormalizeOpt = None,
+    grayscale: GrayscaleOpt = False,
+    workers: WorkersOpt = None,
+    strict_data: StrictDataOpt = False,
     method: MethodOpt = RecalibrationChoice.PRECISE,
     force: ForceOpt = False,
     output_format: RecalibrationFormatOpt = RunFormat.TABLE,
@@ -317,6 +345,14 @@ def diff_command(
     seed: SeedOpt = 0,
     mode: ModeOpt = Mode.EVAL,
     device: DeviceOpt = DeviceChoice.CPU,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    normalize: NormalizeOpt = None,
+    grayscale: GrayscaleOpt = False,
+    channels_last: ChannelsLastOpt = False,
+    workers: WorkersOpt = None,
+    strict_data: StrictDataOpt = False,
+    data: DataOpt = None,
     tolerance: ToleranceOpt = None,
     var_tolerance: VarToleranceOpt = None,
     output_format: DiffFormatOpt = DiffFormat.TABLE,

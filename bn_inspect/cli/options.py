@@ -71,7 +71,11 @@ TrustPickleOpt = Annotated[
 ShapeOpt = Annotated[str | None, typer.Option("--shape", help="Random normal input of this shape, e.g. 16,3,32,32.")]
 InputOpt = Annotated[
     Path | None,
-    typer.Option("--input", help="Data: .pt/.pth (tensor, tuple/list or dict of tensors), .npy, .npz, .csv, .parquet."),
+    typer.Option(
+        "--input",
+        help="Data: .pt/.pth (tensor, tuple/list or dict of tensors), .npy, .npz, .csv, .parquet, a folder of "
+        "such shards, or images (a folder of JPEG/PNG/BMP/WebP/TIFF, searched recursively, or one image).",
+    ),
 ]
 InputKeyOpt = Annotated[str | None, typer.Option("--input-key", help="Array of an .npz (or entry of a dict .pt).")]
 DropColumnOpt = Annotated[
@@ -157,7 +161,8 @@ RecalibratedModelArg = Annotated[
 ]
 NewModelOpt = Annotated[Path, typer.Option("--output", help="Where to write the recalibrated model (same format).")]
 DataInputOpt = Annotated[
-    Path | None, typer.Option("--input", help="Representative data: a file or a directory of shards (required).")
+    Path | None,
+    typer.Option("--input", help="Representative data: a file, a directory of shards or of images (required)."),
 ]
 DataBatchSizeOpt = Annotated[
     int | None, typer.Option("--batch-size", min=1, help="Samples per batch of --input (default 64).")
@@ -244,5 +249,30 @@ ReportPageOpt = Annotated[
     typer.Option(
         "--report",
         help="Also write the result as one HTML page to this file (atomically), from the same run as --output.",
+    ),
+]
+ResizeOpt = Annotated[
+    int | None, typer.Option("--resize", min=1, help="Images: resize the shorter side to N pixels (bilinear).")
+]
+CropOpt = Annotated[int | None, typer.Option("--crop", min=1, help="Images: crop the centre N×N pixels.")]
+NormalizeOpt = Annotated[
+    str | None,
+    typer.Option("--normalize", help="Images: imagenet, none, MEAN,STD, or C means then C stds (default none)."),
+]
+GrayscaleOpt = Annotated[bool, typer.Option("--grayscale", help="Images: one channel (L) instead of RGB.")]
+ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="Images: batches in channels-last memory.")]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option("--workers", min=0, help="Processes that decode images (default: CPUs - 1, at most 8; 0: none)."),
+]
+StrictDataOpt = Annotated[
+    bool, typer.Option("--strict-data", help="Stop at an image that cannot be decoded instead of skipping it.")
+]
+DataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        help="Your data: package.module:function or path/to/file.py:function returning a Dataset, a DataLoader "
+        "or an iterable of batches (imports and runs that code).",
     ),
 ]

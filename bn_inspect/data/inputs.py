@@ -13,6 +13,8 @@ from bn_inspect.errors import InputError
 
 if TYPE_CHECKING:
     from bn_inspect.data.batch import Batch
+    from bn_inspect.data.decode import Preprocessing
+    from bn_inspect.data.images import ImageFiles
 
 INPUT_SUFFIXES = (".pt", ".pth", ".npy", ".npz", ".csv", ".parquet")
 DEFAULT_BATCH_SIZE = 64
@@ -65,21 +67,47 @@ class DirectoryData:
         return read_input(self.files[0], key=self.key).sample_shape()
 
 
-def open_input(path: Path, *, key: str | None = None, drop_columns: Sequence[str] = ()) -> InputData | DirectoryData:
-    """An input file, or a directory of input files to stream.
+def open_input(
+    path: Path,
+    *,
+    key: str | None = None,
+    drop_columns: Sequence[str] = (),
+    prep: Preprocessing | None = None,
+    workers: int | None = None,
+    strict: bool = False,
+) -> InputData | DirectoryData | ImageFiles:
+    """An input file, a directory of input files to stream, or images (a folder of them, or one).
+
+    A directory is a folder of tensor shards when it holds .pt/.pth/.npy/.npz files (shards are
+    not searched for in subfolders), else a folder of images, searched recursively. ``prep``,
+    ``workers`` and ``strict`` apply to images only.
 
     Raises:
-        InputError: as read_input; a directory without readable files.
+        InputError: as read_input; a directory without readable files, or with both shards and images.
     """
+    from bn_inspect.data.decode import IMAGE_SUFFIXES, Preprocessing
+
     if path.is_dir():
         files = tuple(sorted(p for p in path.iterdir() if p.suffix.lower() in DIRECTORY_SUFFIXES))
+        if not files:
+            return _open_images(path, prep or Preprocessing(), workers, strict)
+        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if images:
+            raise InputError(
+                f"input directory {path} holds both tensor files ({files[0].name}) and images ({images[0].name})",
+                "Put the images in a folder of their own and give that folder",
+            )
         for file in files:
             # A shard that is a pipe or device would block or never end; skipping it would drop data.
             require_regular_file(file, f"{file.name} in input directory {path}")
-        if not files:
-            raise InputError(
-                f"input directory {path} holds no {', '.join(DIRECTORY_SUFFIXES)} files",
-                "Give a directory of tensor files, or one input file",
-            )
         return DirectoryData(str(path), files, key)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        require_regular_file(path, f"input path {path}")
+        return _open_images(path, prep or Preprocessing(), workers, strict)
     return read_input(path, key=key, drop_columns=drop_columns)
+
+
+def _open_images(path: Path, prep: Preprocessing, workers: int | None, strict: bool) -> ImageFiles:
+    from bn_inspect.data.images import open_images
+
+    return open_images(path, prep, workers=workers, strict=strict)

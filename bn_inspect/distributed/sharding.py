@@ -12,6 +12,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from bn_inspect.data.images import ImageFiles
 from bn_inspect.data.inputs import DirectoryData
 from bn_inspect.data.readers import InputData, read_input
 from bn_inspect.errors import DistributedError
@@ -125,7 +126,9 @@ def _slices(
         yield from piece.batches(batch_size, 1)
 
 
-def shard_input(data: InputData | DirectoryData, rank: int, world_size: int) -> ShardedInput:
-    """This rank's share of ``data`` (see ShardedInput); use it wherever InputData is used."""
+def shard_input(data: InputData | DirectoryData | ImageFiles, rank: int, world_size: int) -> ShardedInput | ImageFiles:
+    """This rank's share of ``data`` (see ShardedInput and ImageFiles); use it wherever InputData is used."""
     _check_rank(rank, world_size)
+    if isinstance(data, ImageFiles):
+        return data.share(rank, world_size)
     return ShardedInput(data, rank, world_size)

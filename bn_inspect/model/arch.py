@@ -65,30 +65,40 @@ def resolve_arch(spec: str) -> Callable[..., Any]:
 
     This imports code the user named, which runs it: that is what --arch is for.
     """
+    return resolve_callable(spec, "--arch")
+
+
+def resolve_callable(spec: str, flag: str) -> Callable[..., Any]:
+    """The callable named by ``spec`` for option ``flag`` (--arch, --data), imported as resolve_arch does.
+
+    Raises:
+        ArchError: naming ``flag``: no ':' in the spec, a module or file that cannot be imported,
+            no such attribute, or an attribute that is not callable.
+    """
     target, sep, attribute = spec.rpartition(":")
     if not sep or not target or not attribute:
         raise ArchError(
-            f"--arch {spec!r} has no ':' between module and callable",
-            "Write --arch package.module:callable or --arch path/to/file.py:callable",
+            f"{flag} {spec!r} has no ':' between module and callable",
+            f"Write {flag} package.module:callable or {flag} path/to/file.py:callable",
         )
-    module = _import_arch_module(target, spec)
+    module = _import_arch_module(target, spec, flag)
     obj: Any = module
     for part in attribute.split("."):
         if not hasattr(obj, part):
             public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
             raise ArchError(
-                f"--arch {spec!r}: {target} has no attribute {attribute!r}",
+                f"{flag} {spec!r}: {target} has no attribute {attribute!r}",
                 f"Callables there: {', '.join(public[:12]) or 'none'}",
             )
         obj = getattr(obj, part)
     if not callable(obj):
         raise ArchError(
-            f"--arch {spec!r} names an object of type {type(obj).__name__}, not a callable", "Name a class or function"
+            f"{flag} {spec!r} names an object of type {type(obj).__name__}, not a callable", "Name a class or function"
         )
     return obj  # type: ignore[no-any-return]
 
 
-def _import_arch_module(target: str, spec: str) -> Any:
+def _import_arch_module(target: str, spec: str, flag: str) -> Any:
     if target.endswith(".py") or "/" in target or os.sep in target:
         path = Path(target)
         if not path.is_file():
@@ -96,14 +106,14 @@ def _import_arch_module(target: str, spec: str) -> Any:
             if not target.endswith(".py") and with_suffix.is_file():
                 callable_name = spec.rpartition(":")[2]
                 raise ArchError(
-                    f"--arch {spec!r}: file {target} does not exist",
-                    f"Did you mean --arch {with_suffix}:{callable_name}?",
+                    f"{flag} {spec!r}: file {target} does not exist",
+                    f"Did you mean {flag} {with_suffix}:{callable_name}?",
                 )
-            raise ArchError(f"--arch {spec!r}: file {target} does not exist", "Check the path")
-        name = f"bn_inspect_arch_{path.stem}"
+            raise ArchError(f"{flag} {spec!r}: file {target} does not exist", "Check the path")
+        name = f"bn_inspect_{flag.strip('-')}_{path.stem}"
         module_spec = importlib.util.spec_from_file_location(name, path)
         if module_spec is None or module_spec.loader is None:
-            raise ArchError(f"--arch {spec!r}: cannot import {target}", "Name a Python file")
+            raise ArchError(f"{flag} {spec!r}: cannot import {target}", "Name a Python file")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module
         try:
@@ -112,7 +122,7 @@ def _import_arch_module(target: str, spec: str) -> Any:
         except Exception as error:
             sys.modules.pop(name, None)
             raise ArchError(
-                f"--arch {spec!r}: importing {target} raised {type(error).__name__}: {error}",
+                f"{flag} {spec!r}: importing {target} raised {type(error).__name__}: {error}",
                 "Fix the file or name another",
             ) from error
         return module
@@ -121,12 +131,12 @@ def _import_arch_module(target: str, spec: str) -> Any:
             return importlib.import_module(target)
     except ModuleNotFoundError as error:
         raise ArchError(
-            f"--arch {spec!r}: module {error.name or target!r} cannot be imported",
+            f"{flag} {spec!r}: module {error.name or target!r} cannot be imported",
             "Install it, run from its project folder, or give a file path (path/to/file.py:callable)",
         ) from error
     except Exception as error:
         raise ArchError(
-            f"--arch {spec!r}: importing {target} raised {type(error).__name__}: {error}",
+            f"{flag} {spec!r}: importing {target} raised {type(error).__name__}: {error}",
             "Fix the module or name another",
         ) from error
 

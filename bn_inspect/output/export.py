@@ -8,7 +8,7 @@ import re
 from typing import TYPE_CHECKING
 
 from bn_inspect.output.verdict import inspection_verdict
-from bn_inspect.output.words import counted
+from bn_inspect.output.words import counted, image_details
 from bn_inspect.report.findings import CheckReport, Finding
 from bn_inspect.report.frame import report_frame
 from bn_inspect.report.records import LayerListing, Report, matching_layers
@@ -91,7 +91,11 @@ def to_markdown(report: Report, channel_patterns: tuple[str, ...] = ()) -> str:
         "",
         f"**Model** {_code(report.model.source)} ({report.model.format}) · **input** {_code(data.source)}: "
         f"{counted(data.num_samples, 'sample')}, {counted(data.num_batches, 'batch')} of {tuple(data.shape)} · "
-        f"**mode** {report.mode} · **device** {report.device}",
+        f"**mode** {report.mode} · **device** {report.device}"
+        + "".join(
+            f" · {_code(said)}"
+            for said in image_details(data.preprocessing, data.num_skipped_files, data.skipped_files)
+        ),
         "",
         "| # | layer | type | input | C | values/ch | batch mean | running mean | batch var | running var "
         "| max \\|z\\| | worst var ratio | uses | flags |",

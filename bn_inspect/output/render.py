@@ -12,7 +12,7 @@ from rich.text import Text
 from bn_inspect.output.export import format_number
 from bn_inspect.output.layout import Column, Layout, fitted
 from bn_inspect.output.verdict import inspection_verdict
-from bn_inspect.output.words import counted
+from bn_inspect.output.words import counted, image_details
 from bn_inspect.report.findings import CheckReport
 from bn_inspect.report.records import LayerReport, ModelInfo, Report, matching_layers
 from bn_inspect.text import inert
@@ -186,6 +186,8 @@ def header(report: Report) -> Text:
         f"{inert(data.source)}: {counted(data.num_samples, 'sample')} in {counted(data.num_batches, 'batch')} of "
         f"{_shape(data.shape)} {data.dtype} · mode {report.mode} · device {report.device}"
     )
+    for detail in image_details(data.preprocessing, data.num_skipped_files, data.skipped_files):
+        text.append(f"\n{inert(detail)}")
     if data.num_nonfinite_values:
         count = data.num_nonfinite_values
         text.append(
@@ -295,6 +297,9 @@ def render_check(check: CheckReport, width: int = 160) -> RenderableType:
     if check.input is not None:
         head.append("\ninput ", style="bold")
         head.append(f"{inert(check.input.source)}: {counted(check.input.num_samples, 'sample')} · mode {check.mode}")
+        data = check.input
+        for detail in image_details(data.preprocessing, data.num_skipped_files, data.skipped_files):
+            head.append(f"\n{inert(detail)}")
     parts += [head, Text("")]
     if check.findings:
         ordered = sorted(check.findings, key=lambda f: -f.severity.rank)

@@ -7,3 +7,11 @@ def counted(number: int, noun: str) -> str:
     """``1 batch``, ``4,096 batches``, ``2 passes``."""
     plural = noun + ("es" if noun.endswith(("s", "ch")) else "s")
     return f"{number:,} {noun if number == 1 else plural}"
+
+
+def image_details(preprocessing: str | None, num_skipped: int, skipped: tuple[str, ...]) -> list[str]:
+    """What the input header adds for images: the preprocessing, and the files skipped as not decodable."""
+    said = [preprocessing] if preprocessing else []
+    if num_skipped:
+        said.append(f"{counted(num_skipped, 'file')} skipped (not decodable), e.g. {skipped[0] if skipped else '?'}")
+    return said

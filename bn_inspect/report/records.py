@@ -52,6 +52,9 @@ class InputInfo:
 
     ``first_batch_sha256`` fingerprints the data: the hex SHA-256 of the first batch's tensors as
     they ran (dtype, shape and bytes of each, data/batch.py), None in reports that predate it.
+
+    For images: ``preprocessing`` says in words how they became tensors, and the files that could
+    not be decoded were skipped (``num_skipped_files``; the first few in ``skipped_files``).
     """
 
     source: str
@@ -61,6 +64,9 @@ class InputInfo:
     num_samples: int
     num_nonfinite_values: int = 0
     first_batch_sha256: str | None = None
+    preprocessing: str | None = None
+    num_skipped_files: int = 0
+    skipped_files: tuple[str, ...] = ()
 
     @property
     def is_random(self) -> bool:
