@@ -378,3 +378,29 @@ def test_a_folder_with_shards_and_images_says_which(
     result = invoke(capsys, ["inspect", bn_model, "--input", tmp_path])
     assert result.code == 2
     assert_one_error_line(result, "holds both tensor files (a.npy) and images (b.png)")
+
+
+def test_the_header_labels_the_preprocessing(capsys: pytest.CaptureFixture[str]) -> None:
+    folder = DIGITS / "test_png"
+    result = invoke(
+        capsys,
+        ["inspect", DIGITS / "torchscript.pt", "--input", folder, "--grayscale", "--normalize", "0,0.9411764705882353"],
+    )
+    assert result.code == 0, result.err
+    assert "preprocessing: normalize mean 0 std 0.941176, grayscale" in result.out
+
+
+def test_the_html_page_says_how_images_were_read(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "png"
+    shutil.copytree(DIGITS / "test_png", folder)
+    (folder / "3" / "<i>broken.png").write_bytes(b"not a png")
+    page = tmp_path / "page.html"
+    args = ["--grayscale", "--normalize", "0,0.9411764705882353", "--format", "html", "--output", page]
+    result = invoke(capsys, ["inspect", DIGITS / "torchscript.pt", "--input", folder, *args])
+    assert result.code == 0, result.err
+    text = page.read_text()
+    assert "preprocessing: normalize mean 0 std 0.941176, grayscale" in text
+    assert "1 file skipped (not decodable)" in text and "&lt;i&gt;broken.png" in text
+    assert "<i>broken" not in text

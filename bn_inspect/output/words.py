@@ -11,7 +11,8 @@ def counted(number: int, noun: str) -> str:
 
 def image_details(preprocessing: str | None, num_skipped: int, skipped: tuple[str, ...]) -> list[str]:
     """What the input header adds for images: the preprocessing, and the files skipped as not decodable."""
-    said = [preprocessing] if preprocessing else []
+    # Labelled: on its own, "normalize mean 0 std 0.94, grayscale" does not say it describes the input.
+    said = [f"preprocessing: {preprocessing}"] if preprocessing else []
     if num_skipped:
         said.append(f"{counted(num_skipped, 'file')} skipped (not decodable), e.g. {skipped[0] if skipped else '?'}")
     return said

@@ -22,7 +22,7 @@ from bn_inspect.output.html.figures import (
 from bn_inspect.output.html.figures import profile as profile_figure
 from bn_inspect.output.html.reduction import Reduction, family_reductions, reduction_svg
 from bn_inspect.output.verdict import inspection_verdict
-from bn_inspect.output.words import counted
+from bn_inspect.output.words import counted, image_details
 from bn_inspect.report import shift
 from bn_inspect.report.departure import Thresholds
 from bn_inspect.report.records import LayerReport, ModelInfo, Report
@@ -89,6 +89,10 @@ def header(report: Report) -> str:
     rows = [
         *model_facts(report.model),
         ("input", f"{escaped(data.source)}: {escaped(batches)}"),
+        *(
+            ("images", escaped(said))
+            for said in image_details(data.preprocessing, data.num_skipped_files, data.skipped_files)
+        ),
         ("mode", escaped(report.mode)),
         ("device", escaped(report.device)),
         (
