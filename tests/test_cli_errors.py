@@ -308,7 +308,8 @@ CASES = {
     "channel-mismatch": Case(
         f"{ON_DIGITS} --shape 4,3,8,8",
         "Error: the data has shape (4, 3, 8, 8), but the first Conv or Linear layer, features.0, is Conv2d with in_channels=1, "
-        "so the model takes (N, 1, *, *). Give data of shape (N, 1, *, *) (--shape, --input)",
+        "so the model takes (N, 1, *, *). Give one-channel data: --grayscale for an image folder, x.mean(1, keepdim=True) "
+        "for tensors, or --shape N,1,...",
     ),
     "rank-mismatch": Case(
         f"{ON_DIGITS} --shape 4,30",

@@ -404,3 +404,14 @@ def test_the_html_page_says_how_images_were_read(capsys: pytest.CaptureFixture[s
     assert "preprocessing: normalize mean 0 std 0.941176, grayscale" in text
     assert "1 file skipped (not decodable)" in text and "&lt;i&gt;broken.png" in text
     assert "<i>broken" not in text
+
+
+@pytest.mark.parametrize("model_file", ["torchscript.pt", "pickle.pt"])
+def test_rgb_images_into_a_one_channel_model_suggest_grayscale(
+    capsys: pytest.CaptureFixture[str], model_file: str
+) -> None:
+    trust = ["--trust-pickle"] if model_file == "pickle.pt" else []
+    result = invoke(capsys, ["inspect", DIGITS / model_file, *trust, "--input", DIGITS / "test_png"])
+    assert result.code == 2
+    # TorchScript keeps the kernel's words out of its own message; the hint must not depend on them.
+    assert_one_error_line(result, "so the model takes (N, 1, *, *)", "--grayscale for an image folder")

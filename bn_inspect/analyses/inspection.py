@@ -67,7 +67,7 @@ def run_model(
     except BnInspectError:
         raise
     except Exception as error:
-        raise _shape_error(model, batch, error) or _forward_error(
+        raise _shape_error(model, batch, error, recorder.last_kernel_error or "") or _forward_error(
             error, recorder.last_layer, _failing_module(model, error), recorder.last_kernel_error
         ) from error
 
@@ -79,11 +79,16 @@ _SHAPE_MESSAGES = re.compile(
 )
 
 
-def _shape_error(model: nn.Module, batch: Batch, error: Exception) -> ShapeMismatchError | None:
-    """One line saying what the first layer takes and how to fix the data, when ``error`` is a shape mismatch."""
+def _shape_error(model: nn.Module, batch: Batch, error: Exception, detail: str = "") -> ShapeMismatchError | None:
+    """One line saying what the first layer takes and how to fix the data, when ``error`` is a shape mismatch.
+
+    ``detail``: what the failing kernel said, where ``error`` does not (TorchScript's message ends
+    in a bare "RuntimeError:", the kernel's words reach only the recorder).
+    """
     from bn_inspect.data.shapes import first_layer_input, shape_fix, spell_shape
 
-    if not batch.args or not (isinstance(error, ShapeMismatchError) or _SHAPE_MESSAGES.search(str(error))):
+    said = f"{error}\n{detail}"
+    if not batch.args or not (isinstance(error, ShapeMismatchError) or _SHAPE_MESSAGES.search(said)):
         return None
     takes = first_layer_input(model)
     if takes is None:

@@ -101,6 +101,11 @@ def shape_fix(shape: tuple[int, ...], expected: tuple[int | None, ...]) -> str:
     if len(shape) == len(expected) >= 3 and channels is not None and shape[-1] == channels != shape[1]:
         order = ", ".join(map(str, (0, len(shape) - 1, *range(1, len(shape) - 1))))
         return f"The data looks channels-last: transpose it to (N, C, ...), e.g. x.permute({order})"
+    if len(shape) == len(expected) >= 3 and (shape[1], channels) in ((3, 1), (1, 3)):
+        # Most often images: an image folder decodes RGB unless told otherwise.
+        if channels == 1:
+            return "Give one-channel data: --grayscale for an image folder, x.mean(1, keepdim=True) for tensors, or --shape N,1,..."
+        return "Give three-channel data: no --grayscale for an image folder, x.expand(-1, 3, ...) for tensors, or --shape N,3,..."
     if len(shape) + 1 == len(expected) and channels == 1:
         return "Add the channel dim of size 1, e.g. x.unsqueeze(1) (or --shape N,1,...)"
     return f"Give data of shape {spell_shape(expected)} (--shape, --input)"
