@@ -45,16 +45,7 @@ class ListingFormat(str, Enum):
 
 
 class RunFormat(str, Enum):
-    """How `bn-inspect compare-modes` and `recalibrate` write their results."""
-
-    TABLE = "table"
-    JSON = "json"
-    MARKDOWN = "markdown"
-    HTML = "html"
-
-
-class DiffFormat(str, Enum):
-    """How `bn-inspect diff` writes its comparison."""
+    """How `bn-inspect compare-modes`, `recalibrate` and `diff` write their results."""
 
     TABLE = "table"
     JSON = "json"

@@ -76,7 +76,6 @@ from bn_inspect.cli.options import (
 from bn_inspect.options import (
     CheckFormat,
     DeviceChoice,
-    DiffFormat,
     ListingFormat,
     Mode,
     OutputFormat,
@@ -355,7 +354,7 @@ def diff_command(
     data: DataOpt = None,
     tolerance: ToleranceOpt = None,
     var_tolerance: VarToleranceOpt = None,
-    output_format: DiffFormatOpt = DiffFormat.TABLE,
+    output_format: DiffFormatOpt = RunFormat.TABLE,
     output: OutputOpt = None,
     report: ReportPageOpt = None,
     quiet: QuietOpt = False,

@@ -10,7 +10,6 @@ import typer
 from bn_inspect.options import (
     CheckFormat,
     DeviceChoice,
-    DiffFormat,
     FailOn,
     ListingFormat,
     Mode,
@@ -217,7 +216,7 @@ VarToleranceOpt = Annotated[
     ),
 ]
 DiffFormatOpt = Annotated[
-    DiffFormat,
+    RunFormat,
     typer.Option(
         "--format", help="table for people; json or markdown for machines and CI; html: one page (with --output)."
     ),
