@@ -181,9 +181,12 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing --o
 RecalibrationFormatOpt = Annotated[
     RunFormat, typer.Option("--format", help="How to print the before/after report (html only into a file or pipe).")
 ]
-CompareFormatOpt = Annotated[
+# compare-modes and diff.
+RunFormatOpt = Annotated[
     RunFormat,
-    typer.Option("--format", help="table for people; json or markdown for machines; html: one page (with --output)."),
+    typer.Option(
+        "--format", help="table for people; json or markdown for machines and CI; html: one page (with --output)."
+    ),
 ]
 RecalibrationReportOpt = Annotated[
     Path | None,
@@ -213,12 +216,6 @@ VarToleranceOpt = Annotated[
         "--var-tolerance",
         min=1,
         help="Var ratio new/old allowed within [1/R, R] (default 1.5; max-drift-var-ratio in [tool.bn-inspect]).",
-    ),
-]
-DiffFormatOpt = Annotated[
-    RunFormat,
-    typer.Option(
-        "--format", help="table for people; json or markdown for machines and CI; html: one page (with --output)."
     ),
 ]
 BaselineOpt = Annotated[
