@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from bn_inspect.atomic import atomic_file
+from bn_inspect.boundary.writing import atomic_file
 from bn_inspect.cli.main import run
 from bn_inspect.errors import OutputError
 from bn_inspect.model.loading import load_model

@@ -24,7 +24,7 @@ from bn_inspect.analyses.session import (
     speaks,
     torchrun,
 )
-from bn_inspect.atomic import ProtectedFile, check_target
+from bn_inspect.boundary.writing import ProtectedFile, check_target
 from bn_inspect.errors import InputError, OutputError
 from bn_inspect.options import RecalibrationChoice, RunOptions
 
@@ -146,7 +146,7 @@ def _read_baseline(options: RunOptions, no_data: bool) -> Report | None:
         OutputError: --write-baseline with --no-data, to stdout, onto a file the run reads, or onto an
             existing file without --force.
     """
-    from bn_inspect.atomic import ProtectedFile, check_target
+    from bn_inspect.boundary.writing import ProtectedFile, check_target
     from bn_inspect.report.reading import load_report
 
     target = options.write_baseline
@@ -372,7 +372,7 @@ def run_diff(
         InputError: data options given where both sides are JSON reports.
         ReportFileError: a side that looks like a JSON report cannot be read.
     """
-    from bn_inspect.atomic import ProtectedFile
+    from bn_inspect.boundary.writing import ProtectedFile
     from bn_inspect.report.diff import diff_reports
     from bn_inspect.report.reading import is_report_file, load_report
 

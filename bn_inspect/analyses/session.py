@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from bn_inspect.atomic import ProtectedFile, check_target
+from bn_inspect.boundary.writing import ProtectedFile, check_target
 from bn_inspect.errors import DeviceError, InputError
 from bn_inspect.options import DeviceChoice, Mode, RunOptions
 from bn_inspect.report.records import RANDOM_INPUT, InputInfo, ModelInfo

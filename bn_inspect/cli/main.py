@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import typer
 
-from bn_inspect.atomic import interruption
+from bn_inspect.boundary.writing import interruption
 from bn_inspect.cli import commands as _commands  # noqa: F401 (registers the commands with the app)
 from bn_inspect.cli.app import EXIT_CANNOT_RUN, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, app
 from bn_inspect.cli.console import pause_collector

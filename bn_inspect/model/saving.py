@@ -10,7 +10,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from bn_inspect.atomic import ProtectedFile, atomic_file, check_target
+from bn_inspect.boundary.writing import ProtectedFile, atomic_file, check_target
 from bn_inspect.errors import BnInspectError, OutputError
 from bn_inspect.model.archives import load_exported_program
 from bn_inspect.model.state_dict import extract_state_dict, strip_prefixes
@@ -53,7 +53,7 @@ def save_like(
 
     The input file is never written: an output that is the input (by any spelling, symlink or
     hard link) is refused, and so is an output that is not a regular file (a pipe, a device).
-    The file is written through ``bn_inspect.atomic.atomic_file``: a temporary file in the
+    The file is written through ``bn_inspect.boundary.writing.atomic_file``: a temporary file in the
     output's folder, flushed to disk and renamed over the output, so a reader never sees a partial
     file, removed on any interruption; a new file's mode follows the umask. An existing output is
     refused unless ``force``.

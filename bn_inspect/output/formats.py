@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from bn_inspect.atomic import write_text
+from bn_inspect.boundary.writing import write_text
 from bn_inspect.errors import OutputError
 from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
 from bn_inspect.report.diff import DiffReport

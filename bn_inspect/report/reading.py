@@ -16,7 +16,7 @@ import types
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from bn_inspect.atomic import write_text
+from bn_inspect.boundary.writing import write_text
 from bn_inspect.errors import ReportFileError
 from bn_inspect.report.records import SCHEMA_VERSION, Report
 
