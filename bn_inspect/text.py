@@ -1,4 +1,4 @@
-"""Text from a model file or a path made safe to print: every invisible or controlling character shown as an escape."""
+"""Text from a model file or a path made safe to print: every invisible or controlling character shown as an escape; Untrusted, the type such text travels as."""
 
 from __future__ import annotations
 
@@ -25,3 +25,55 @@ def one_line(text: str) -> str:
     must neither break the line nor reach the terminal.
     """
     return " ".join(inert(word) for word in text.split())
+
+
+# Characters that start emphasis, code, links, HTML, table cells, strikethrough or math in GitHub's Markdown.
+_MARKDOWN_SPECIAL = frozenset("\\`*_[]<>|&~$")
+
+
+class Untrusted:
+    """A string that came from a file or a report (a layer name, a path, a format, a message): never shown raw.
+
+    It is not a ``str``, so handing one to anything that expects text (a rich ``Text``, a Markdown
+    cell, an HTML template, ``+``) fails the type check rather than reaching a user. Each renderer
+    asks for the form its format needs: ``inert()`` for a terminal, plain text and CSV, ``markdown()``,
+    ``html()``; ``raw`` only where the format escapes by construction (JSON). Formatting one in an
+    f-string gives the inert form.
+    """
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: str) -> None:
+        self.raw = raw
+
+    def inert(self) -> str:
+        """For a terminal, plain text or CSV: every invisible or controlling character escaped."""
+        return inert(self.raw)
+
+    def markdown(self) -> str:
+        """For Markdown (a table cell included): inert, and every character Markdown or HTML reads backslash-escaped."""
+        return "".join("\\" + c if c in _MARKDOWN_SPECIAL else c for c in inert(self.raw))
+
+    def html(self) -> str:
+        """For HTML text and attribute values: inert, with ``& < > " '`` as entities."""
+        from html import escape
+
+        return escape(inert(self.raw), quote=True)
+
+    def __str__(self) -> str:
+        return self.inert()
+
+    def __format__(self, spec: str) -> str:
+        return format(self.inert(), spec)
+
+    def __repr__(self) -> str:
+        return f"Untrusted({self.raw!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Untrusted) and other.raw == self.raw
+
+    def __lt__(self, other: Untrusted) -> bool:
+        return self.raw < other.raw
+
+    def __hash__(self) -> int:
+        return hash(("Untrusted", self.raw))

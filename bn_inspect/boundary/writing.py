@@ -1,8 +1,13 @@
-"""Files written whole or not at all: a temporary file beside the target, synced, renamed over it.
+"""The one writer policy: every output is staged whole, checked against the run's manifest, committed together.
 
-The one writer of every file bn-inspect produces (reports and recalibrated models). A target
-that is not a regular file (a named pipe, a device node, a socket) is refused rather than
-replaced, and so is any file the run reads, by inode, whatever path names it.
+Every file bn-inspect produces (``--output``, ``--report``, ``--write-baseline``, recalibrate's
+model) is written to a temporary file beside its target, synced, and renamed into place only when
+the command has finished: all temporaries first, the renames last, so that a failed or interrupted
+run leaves either every output or, as exactly as it can say, the ones it names. A target is
+refused when it is not a regular file (a named pipe, a device node, a socket), when it is any file
+the run reads (by inode, whatever path names it: the run manifest), when another output of the run
+already goes there, and, without ``--force``, when it exists: a new file is linked into place, which
+never replaces a file created meanwhile.
 """
 
 from __future__ import annotations
@@ -12,10 +17,13 @@ import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import BinaryIO
 
+from bn_inspect.boundary.reading import current_manifest, identity_of
 from bn_inspect.errors import Interrupted, OutputError
 
 _KINDS = {
@@ -198,3 +206,219 @@ def _fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+class Destination(str, Enum):
+    """What an output is: the writers of the surface registry. A new writer adds its member here."""
+
+    RESULT = "result"
+    PAGE = "page"
+    BASELINE = "baseline"
+    MODEL = "model"
+
+    @property
+    def option(self) -> str:
+        """How the CLI spells the option that names this output."""
+        return _OPTIONS[self]
+
+
+_OPTIONS = {
+    Destination.RESULT: "--output",
+    Destination.PAGE: "--report",
+    Destination.BASELINE: "--write-baseline",
+    Destination.MODEL: "--output",
+}
+
+
+@dataclass(frozen=True)
+class _Staged:
+    target: Path
+    temporary: str
+    force: bool
+    option: str
+
+
+@dataclass
+class OutputSet:
+    """The outputs of one run: staged as they are produced, renamed into place together by ``commit``.
+
+    Attributes:
+        written: the targets renamed into place so far, in order; what an interrupt reports.
+    """
+
+    staged: list[_Staged] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+
+    @contextmanager
+    def stage(
+        self, target: Path, destination: Destination, *, force: bool, option: str | None = None
+    ) -> Iterator[BinaryIO]:
+        """A binary stream whose bytes become ``target`` at ``commit`` (when the block ends without an exception).
+
+        Raises:
+            OutputError: ``target`` is refused (see ``check_output_target``) or cannot be written.
+        """
+        option = option or destination.option
+        self._check_new(target, option)
+        check_output_target(target, destination, force=force, option=option)
+        folder = target.parent.resolve()
+        try:
+            descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
+        except OSError as error:
+            raise OutputError(
+                f"cannot write {option} {target}: {error.strerror}", "Check the folder and free space"
+            ) from error
+        try:
+            with os.fdopen(descriptor, "wb") as stream:
+                # mkstemp makes the file private (0600); give it what an ordinary write would.
+                os.fchmod(stream.fileno(), _mode_for(target))
+                yield stream
+                stream.flush()
+                os.fsync(stream.fileno())
+        except OSError as error:
+            _remove(temporary)
+            raise OutputError(
+                f"cannot write {option} {target}: {error.strerror or error}", "Check the folder and free space"
+            ) from error
+        except BaseException as error:
+            _remove(temporary)
+            # torch's zip writer reports an interrupt inside its write callback as a RuntimeError.
+            interrupt = interruption(error)
+            if interrupt is not None and interrupt is not error:
+                raise interrupt from None
+            raise
+        self.staged.append(_Staged(target, temporary, force, option))
+
+    def commit(self) -> None:
+        """Rename every staged output into place, after checking them all again.
+
+        Raises:
+            OutputError: a target became unwritable, an input of the run, or (without ``--force``)
+                appeared meanwhile; the message names the outputs already in place.
+        """
+        staged, self.staged = self.staged, []
+        try:
+            for entry in staged:
+                _refuse_target(entry.target, entry.option, force=entry.force)
+            for entry in staged:
+                _refuse_special(entry.target, entry.option)
+                _refuse_input(entry.target, entry.option)
+                try:
+                    if entry.force:
+                        os.replace(entry.temporary, entry.target)
+                    else:
+                        _link_new(entry.temporary, entry.target, entry.option)
+                except OSError as error:
+                    raise OutputError(
+                        f"cannot write {entry.option} {entry.target}: {error.strerror or error}",
+                        "Check the folder and free space",
+                    ) from error
+                self.written.append(entry.target)
+                _fsync_folder(entry.target.parent.resolve())
+        except OutputError as error:
+            if self.written:
+                raise OutputError(f"{error.what}; written before that: {_listed(self.written)}", error.fix) from error
+            raise
+        finally:
+            for entry in staged:
+                _remove(entry.temporary)
+
+    def discard(self) -> None:
+        """Remove every staged temporary file: the run failed, so none of its outputs appears."""
+        staged, self.staged = self.staged, []
+        for entry in staged:
+            _remove(entry.temporary)
+
+    def interrupted_line(self) -> str:
+        """What an interrupt leaves, said exactly: nothing, or the outputs already in place."""
+        if not self.written:
+            return "interrupted; nothing written."
+        return f"interrupted; written before the interrupt: {_listed(self.written)}; nothing else."
+
+    def _check_new(self, target: Path, option: str) -> None:
+        identity = identity_of(target)
+        for entry in self.staged:
+            if entry.target == target or (identity is not None and identity_of(entry.target) == identity):
+                raise OutputError(
+                    f"{option} {target} is also {entry.option} of this run", "Give each output its own path"
+                )
+
+
+_CURRENT_OUTPUTS: ContextVar[OutputSet | None] = ContextVar("bn_inspect_outputs", default=None)
+
+
+@contextmanager
+def run_outputs() -> Iterator[OutputSet]:
+    """Collect the outputs of the run in this block; the caller commits them, anything left is discarded."""
+    outputs = OutputSet()
+    token = _CURRENT_OUTPUTS.set(outputs)
+    try:
+        yield outputs
+    finally:
+        _CURRENT_OUTPUTS.reset(token)
+        outputs.discard()
+
+
+@contextmanager
+def output_file(
+    target: Path, destination: Destination, *, force: bool, option: str | None = None
+) -> Iterator[BinaryIO]:
+    """A binary stream that becomes ``target``: at the run's commit, or at the block's end outside a run."""
+    outputs = _CURRENT_OUTPUTS.get()
+    if outputs is not None:
+        with outputs.stage(target, destination, force=force, option=option) as stream:
+            yield stream
+        return
+    with run_outputs() as alone:
+        with alone.stage(target, destination, force=force, option=option) as stream:
+            yield stream
+        alone.commit()
+
+
+def write_output(target: Path, text: str, destination: Destination, *, force: bool, option: str | None = None) -> None:
+    """Write ``text`` (UTF-8) to ``target`` through ``output_file``."""
+    with output_file(target, destination, force=force, option=option) as stream:
+        stream.write(text.encode("utf-8"))
+
+
+def check_output_target(target: Path, destination: Destination, *, force: bool, option: str | None = None) -> None:
+    """Refuse, before anything is written, a target that the policy would refuse at commit.
+
+    Raises:
+        OutputError: the target is a directory, a pipe, a device or a socket; a file this run reads
+            (the manifest so far); it exists and ``force`` is False; or its folder is missing or
+            not writable.
+    """
+    option = option or destination.option
+    _refuse_special(target, option)
+    folder = target.parent.resolve()
+    if not folder.is_dir():
+        raise OutputError(f"{option} {target}: folder {folder} does not exist", "Create it or choose another path")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"{option} {target}: folder {folder} is not writable", "Choose a writable folder")
+    _refuse_input(target, option)
+    _refuse_target(target, option, force=force)
+
+
+def _refuse_input(target: Path, option: str) -> None:
+    identity = identity_of(target)
+    entry = current_manifest().entry_for(identity) if identity is not None else None
+    if entry is not None:
+        raise OutputError(
+            f"{option} {target} is {entry.source.value} {entry.path}, which this run reads",
+            "Choose another path for the output",
+        )
+
+
+def _refuse_target(target: Path, option: str, *, force: bool) -> None:
+    if not force and os.path.lexists(target):
+        raise OutputError(f"{option} {target} already exists", "Pass --force to replace it, or choose another path")
+
+
+def _listed(paths: Sequence[Path]) -> str:
+    return ", ".join(str(path) for path in paths)
+
+
+def _remove(temporary: str) -> None:
+    with suppress(OSError):
+        os.unlink(temporary)
