@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bn_inspect.boundary.reading import Source, current_manifest, identity_of, open_input, run_manifest
+from bn_inspect.boundary.reading import Source, current_manifest, identity_of, open_checked, run_manifest
 from bn_inspect.boundary.writing import Destination, OutputSet, output_file, run_outputs, write_output
 from bn_inspect.errors import InputError, OutputError
 from bn_inspect.text import Untrusted
@@ -15,7 +15,7 @@ from tests.helpers import deadline
 
 
 def _open(path: Path, max_bytes: int | None = None):  # type: ignore[no-untyped-def]
-    return open_input(path, Source.INPUT_FILE, noun="input file", error=InputError, max_bytes=max_bytes)
+    return open_checked(path, Source.INPUT_FILE, noun="input file", error=InputError, max_bytes=max_bytes)
 
 
 def test_a_named_pipe_is_refused_without_blocking(tmp_path: Path) -> None:

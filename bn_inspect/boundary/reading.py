@@ -119,7 +119,7 @@ class OpenedInput:
 
     Attributes:
         path: the path the user gave; for messages only, never reopened.
-        descriptor: the open descriptor; closed when ``open_input``'s block ends.
+        descriptor: the open descriptor; closed when ``open_checked``'s block ends.
         size: its size in bytes when it was opened.
         source: what the file is to the run.
     """
@@ -156,7 +156,7 @@ class OpenedInput:
 
 
 @contextmanager
-def open_input(
+def open_checked(
     path: Path,
     source: Source,
     *,
