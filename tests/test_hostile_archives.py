@@ -71,6 +71,7 @@ def test_pt2_pickle_payload_is_refused_by_load_model(tmp_path: Path, route: str)
     assert not attack.ran()
 
 
+@pytest.mark.surface("read:model", "execution")
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 @pytest.mark.parametrize("route", sorted(PT2_ROUTES))
 def test_pt2_pickle_payload_is_refused_by_every_command(
@@ -90,6 +91,7 @@ def test_pt2_pickle_payload_is_refused_by_every_command(
     assert _sha256(path) == before
 
 
+@pytest.mark.surface("read:model", "execution")
 def test_pt2_sample_inputs_are_never_unpickled_even_when_trusted(tmp_path: Path) -> None:
     attack = ATTACKS["os.system"](tmp_path)
     loaded = load_model(pt2_with_sample_inputs(attack.payload, tmp_path), trust_pickle=True)
@@ -112,6 +114,7 @@ def test_pt2_pickled_weight_loads_with_trust_pickle(tmp_path: Path, capsys: pyte
     assert (code, err) == (0, [])
 
 
+@pytest.mark.surface("read:model", "execution")
 def test_pt2_opaque_constant_is_refused_without_trust(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = pt2_with_opaque_constant(3, tmp_path)
     code, err = _cli(capsys, ["layers"], path)
@@ -122,6 +125,7 @@ def test_pt2_opaque_constant_is_refused_without_trust(tmp_path: Path, capsys: py
     ]
 
 
+@pytest.mark.surface("read:model", "traceback")
 @pytest.mark.parametrize("trust_pickle", [False, True], ids=["untrusted", "trusted"])
 def test_pt2_entries_outside_its_folder_are_refused(tmp_path: Path, trust_pickle: bool) -> None:
     # Such an entry sends torch.export.load to its pre-2.7 loader, which retries pickles unsafely.
@@ -170,6 +174,7 @@ def test_torchscript_from_file_is_refused_by_every_command(
     assert _sha256(victim) == before
 
 
+@pytest.mark.surface("read:model", "execution")
 def test_torchscript_canary_file_is_never_created(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     canary = tmp_path / "canary"
     path = torchscript_from_file(canary, tmp_path, on_load=True)

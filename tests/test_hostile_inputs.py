@@ -76,6 +76,7 @@ def images(count: int) -> np.ndarray:
 NOT_REGULAR_FIX = "Save the data to a regular file and give its path"
 
 
+@pytest.mark.surface("read:input-file", "hang")
 def test_fifo_input_is_refused_without_opening_it(tmp_path: Path) -> None:
     fifo = tmp_path / "images.npy"
     os.mkfifo(fifo)
@@ -91,6 +92,7 @@ def test_fifo_input_is_refused_by_the_library(tmp_path: Path) -> None:
         read_input(fifo)
 
 
+@pytest.mark.surface("read:input-file", "hang")
 def test_dev_zero_as_csv_is_refused(tmp_path: Path) -> None:
     table = tmp_path / "zero.csv"
     table.symlink_to("/dev/zero")
@@ -99,6 +101,7 @@ def test_dev_zero_as_csv_is_refused(tmp_path: Path) -> None:
     assert line == f"Error: input path {table} is a character device, not a regular file. {NOT_REGULAR_FIX}"
 
 
+@pytest.mark.surface("read:input-shard", "hang")
 def test_fifo_shard_in_a_directory_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -111,6 +114,7 @@ def test_fifo_shard_in_a_directory_is_refused(tmp_path: Path, capsys: pytest.Cap
     )
 
 
+@pytest.mark.surface("read:input-shard", "hang")
 def test_device_shard_in_a_directory_is_refused_by_the_library(tmp_path: Path) -> None:
     np.save(tmp_path / "a.npy", images(4))
     (tmp_path / "b.npy").symlink_to("/dev/zero")
@@ -121,6 +125,7 @@ def test_device_shard_in_a_directory_is_refused_by_the_library(tmp_path: Path) -
 # --- .npz members: raw bytes, forged headers, truncation, damage --------------------------------
 
 
+@pytest.mark.surface("read:input-file", "traceback")
 def test_npz_member_of_raw_bytes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     archive = write_npz(tmp_path / "raw.npz", b"these are not the bytes of a .npy array")
     code, line = first_error_line(capsys, ["inspect", str(MODEL), "--input", str(archive)])
@@ -138,6 +143,7 @@ def forged_header(shape: tuple[int, ...]) -> bytes:
     return stream.getvalue()
 
 
+@pytest.mark.surface("read:input-file", "memory")
 def test_npz_header_claiming_10_to_the_12_samples(tmp_path: Path) -> None:
     archive = write_npz(tmp_path / "huge.npz", forged_header((10**12, 1, 8, 8)) + bytes(64))
     code, line = run_bounded(["inspect", str(MODEL), "--input", str(archive)], tmp_path)
@@ -151,6 +157,7 @@ def test_npz_header_claiming_10_to_the_12_samples(tmp_path: Path) -> None:
         read_input(archive)
 
 
+@pytest.mark.surface("read:input-file", "memory")
 def test_npz_member_claiming_more_than_memory_is_refused_before_reading(tmp_path: Path) -> None:
     # A zip may declare any uncompressed size (a zip bomb's claim); a header that agrees with the
     # claim passes the size check, so the memory check must stop the read.
@@ -166,6 +173,7 @@ def test_npz_member_claiming_more_than_memory_is_refused_before_reading(tmp_path
         read_input(path)
 
 
+@pytest.mark.surface("read:input-file", "traceback")
 def test_npz_truncated_member_says_what_failed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     whole = npy_bytes(images(200))
     archive = write_npz(tmp_path / "short.npz", whole[: len(whole) // 2])
@@ -181,6 +189,7 @@ def test_npz_truncated_member_says_what_failed(tmp_path: Path, capsys: pytest.Ca
     assert "Python objects" not in str(caught.value)
 
 
+@pytest.mark.surface("read:input-file", "traceback")
 def test_npz_member_with_a_bad_crc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     archive = write_npz(tmp_path / "crc.npz", npy_bytes(images(50)))
     damaged = bytearray(archive.read_bytes())
@@ -230,6 +239,7 @@ def test_sparse_tensor_input(
         read_input(path)
 
 
+@pytest.mark.surface("read:input-file", "traceback")
 def test_meta_tensor_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "meta.pt"
     torch.save({"x": torch.zeros(4, 1, 8, 8, device="meta")}, path)

@@ -45,6 +45,7 @@ def first_error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tup
 # --- non-regular files ------------------------------------------------------------------------
 
 
+@pytest.mark.surface("read:model", "hang")
 def test_named_pipe_is_refused_without_being_opened(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fifo = tmp_path / "model.pt"
     os.mkfifo(fifo)
@@ -57,6 +58,7 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (2**31, 2**31))
 
 
+@pytest.mark.surface("read:model", "hang")
 @pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
 def test_character_device_is_refused_without_being_read(tmp_path: Path) -> None:
     # In a child with bounded memory: reading /dev/zero as a zip grows without end, faster than a
@@ -140,6 +142,7 @@ def bomb_payload() -> bytes:
     return zip_bomb(500)
 
 
+@pytest.mark.surface("read:model", "memory")
 def test_zip_bomb_of_overlapping_records_is_refused_before_inflating(
     tmp_path: Path, bomb_payload: bytes, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -153,6 +156,7 @@ def test_zip_bomb_of_overlapping_records_is_refused_before_inflating(
     assert line.startswith(f"Error: model file {path} is a malformed zip archive: entries bomb/")
 
 
+@pytest.mark.surface("read:model", "memory")
 def test_single_entry_inflating_far_past_the_file_size_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -222,6 +226,7 @@ STATE_DICT_CASES: dict[str, tuple[Callable[[], object], str]] = {
 }
 
 
+@pytest.mark.surface("read:model", "traceback")
 @pytest.mark.parametrize("case", sorted(STATE_DICT_CASES))
 @pytest.mark.parametrize("command", ["layers", "inspect"])
 def test_unusable_state_dict_is_one_error_line(
@@ -252,6 +257,7 @@ def test_valid_metadata_still_loads(tmp_path: Path, capsys: pytest.CaptureFixtur
 # --- --arch imports ----------------------------------------------------------------------------------
 
 
+@pytest.mark.surface("read:arch-code", "execution")
 def test_arch_prefers_the_installed_package_to_a_folder_of_that_name(tmp_path: Path) -> None:
     # A cloned or checked-out jsonschema/ in the working directory must not be what --arch imports.
     canary = tmp_path / "canary"

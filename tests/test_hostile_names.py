@@ -190,6 +190,12 @@ def assert_shows_name(fmt: str, text: str, name: str = NAME) -> None:
         assert shown in text
 
 
+@pytest.mark.surface("render:table", "inert")
+@pytest.mark.surface("render:json", "inert")
+@pytest.mark.surface("render:csv", "inert")
+@pytest.mark.surface("render:markdown", "inert")
+@pytest.mark.surface("render:junit", "inert")
+@pytest.mark.surface("render:html", "inert")
 @pytest.mark.parametrize(("command", "fmt"), CASES, ids=[f"{c}-{f}" for c, f in CASES])
 def test_every_format_shows_hostile_names_as_text(
     hostile: dict[str, Path],
@@ -274,6 +280,7 @@ def test_rich_markup_in_a_name_is_shown_not_applied(
     assert "mk[red]R[/red]" in result.out and "mkR" not in result.out
 
 
+@pytest.mark.surface("render:stderr", "inert")
 def test_note_quoting_a_hostile_path_is_text(
     hostile: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -319,6 +326,7 @@ def first_error_line(err: str) -> str:
         ("min-values = 0", "min-values = 0"),
     ],
 )
+@pytest.mark.surface("read:config", "traceback")
 def test_config_values_out_of_range_are_refused(
     hostile: dict[str, Path],
     tmp_path: Path,
@@ -359,6 +367,7 @@ def test_exit_called_by_arch_is_an_error(capsys: pytest.CaptureFixture[str], arc
     assert result.out == ""
 
 
+@pytest.mark.surface("read:arch-code", "traceback")
 def test_exit_at_import_of_an_arch_file_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     arch = tmp_path / "exits.py"
     arch.write_text("import sys\nsys.exit('\\x1b[2Jbye')\n", encoding="utf-8")
@@ -369,6 +378,7 @@ def test_exit_at_import_of_an_arch_file_is_an_error(tmp_path: Path, capsys: pyte
     )
 
 
+@pytest.mark.surface("entry:bn-inspect", "traceback")
 def test_deeply_nested_arch_kwargs_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     nested = "[" * 50_000 + "]" * 50_000
     result = invoke(capsys, ["check", "--arch", "torch.nn:Identity", "--arch-kwargs", nested, "--no-data"])

@@ -72,6 +72,8 @@ def command_argv(command: str, output: Path | str) -> list[str]:
 # --- non-regular targets ----------------------------------------------------------------------
 
 
+@pytest.mark.surface("write:result", "hang")
+@pytest.mark.surface("write:model", "hang")
 @pytest.mark.parametrize("command", [*REPORT_COMMANDS, "recalibrate"])
 def test_named_pipe_output_is_refused_without_blocking(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
@@ -87,6 +89,8 @@ def test_named_pipe_output_is_refused_without_blocking(
     assert sorted(os.listdir(tmp_path)) == ["report.fifo"]
 
 
+@pytest.mark.surface("write:result", "traceback")
+@pytest.mark.surface("write:model", "traceback")
 @pytest.mark.parametrize("command", [*REPORT_COMMANDS, "recalibrate"])
 def test_device_node_output_is_refused(capsys: pytest.CaptureFixture[str], command: str) -> None:
     before = os.stat(os.devnull)
@@ -178,6 +182,8 @@ def _spelling(target: Path, how: str, folder: Path) -> Path:
     return alias
 
 
+@pytest.mark.surface("write:result", "clobber")
+@pytest.mark.surface("write:model", "clobber")
 @pytest.mark.parametrize("command", ["inspect", "check", "compare-modes", "recalibrate"])
 @pytest.mark.parametrize("case", list(PROTECTED_CASES))
 def test_output_never_replaces_a_file_the_run_reads(
@@ -341,6 +347,7 @@ def _wait_for(path: Path, process: subprocess.Popen[bytes], seconds: float) -> N
         time.sleep(0.02)
 
 
+@pytest.mark.surface("entry:bn-inspect", "traceback")
 @pytest.mark.parametrize("case", list(SIGNAL_CASES))
 def test_signal_leaves_no_temporary_file_and_one_line(tmp_path: Path, case: str) -> None:
     patch, signal_number, model_kind = SIGNAL_CASES[case]

@@ -309,6 +309,7 @@ def test_output_folder_vanishing_mid_run_leaves_the_model_alone(
     assert sorted(p.name for p in model.parent.iterdir()) == ["doomed_arch.py", "weights.pt"]
 
 
+@pytest.mark.surface("write:result", "traceback")
 @pytest.mark.parametrize("command", commands_taking("--shape", "--output"))
 def test_output_folder_vanishing_mid_run_is_one_error_line(
     capsys: pytest.CaptureFixture[str], late_output_failure: tuple[Path, Path, Path], command: str
@@ -1056,6 +1057,7 @@ MALICIOUS_CASES = sorted(
 )
 
 
+@pytest.mark.surface("read:model", "execution")
 @pytest.mark.parametrize(("attack_name", "carrier"), MALICIOUS_CASES, ids=[f"{a}-{c}" for a, c in MALICIOUS_CASES])
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_malicious_pickle_runs_nothing_under_any_command(
