@@ -91,6 +91,7 @@ def _batched(dataset: Any, options: RunOptions, shard: tuple[int, int]) -> tuple
 
     from bn_inspect.data.images import default_workers
     from bn_inspect.data.inputs import DEFAULT_BATCH_SIZE
+    from bn_inspect.data.workers import quiet_worker, worker_batches
 
     size = options.batch_size or DEFAULT_BATCH_SIZE
     count = len(dataset)
@@ -98,8 +99,8 @@ def _batched(dataset: Any, options: RunOptions, shard: tuple[int, int]) -> tuple
     rank, world_size = shard
     mine = [list(range(b * size, min((b + 1) * size, count))) for b in range(rank, num_batches, world_size)]
     workers = default_workers() if options.workers is None else options.workers
-    loader = DataLoader(dataset, batch_sampler=mine, num_workers=min(workers, len(mine)))
-    return loader, len(mine)
+    loader = DataLoader(dataset, batch_sampler=mine, num_workers=min(workers, len(mine)), worker_init_fn=quiet_worker)
+    return worker_batches(loader, "loading the --data Dataset"), len(mine)
 
 
 def _picked(
