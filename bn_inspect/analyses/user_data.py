@@ -143,7 +143,7 @@ def as_input_batch(item: Any, key: str | None) -> Batch:
     if isinstance(item, Mapping):
         chosen = key if key is not None else next((k for k in INPUT_KEYS if k in item), None)
         if chosen is None and all(isinstance(v, torch.Tensor) for v in item.values()) and item:
-            return Batch((), dict(item))
+            return as_batch(Batch((), dict(item)), "a --data batch")
         if chosen is None or chosen not in item:
             raise InputError(
                 f"the --data batches are dicts with keys {', '.join(map(str, item)) or '(none)'}"
@@ -155,7 +155,7 @@ def as_input_batch(item: Any, key: str | None) -> Batch:
         item = item[0]
     if isinstance(item, np.ndarray):
         item = torch.from_numpy(item)
-    return as_batch(item)
+    return as_batch(item, "a --data batch")
 
 
 def _first_line(error: BaseException) -> str:
