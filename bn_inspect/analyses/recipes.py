@@ -64,7 +64,7 @@ def timm_recipe(config: Mapping[str, Any], where: str = "the model") -> dict[str
         fields.taken["grayscale"] = True
     if height == width and config.get("crop_mode", "center") == "center":
         crop_pct = fields.fraction("crop_pct", config.get("crop_pct"), default=0.875)
-        fields.sizes(math.floor(height / crop_pct), height, "crop_pct")
+        fields.sizes(height / crop_pct, height, "crop_pct", config.get("crop_pct"))
         interpolation = str(config.get("interpolation") or "bilinear")
         if interpolation in INTERPOLATIONS:
             fields.taken["interpolation"] = interpolation
@@ -82,7 +82,8 @@ def torchvision_recipe(transform: Any, where: str = "the weights") -> dict[str, 
     fields = _Fields(f"the transforms of {where}")
     resize, crop = getattr(transform, "resize_size", None), getattr(transform, "crop_size", None)
     if isinstance(resize, (list, tuple)) and len(resize) == 1 and isinstance(crop, (list, tuple)) and len(crop) == 1:
-        fields.sizes(fields.side("resize_size", resize[0]), fields.side("crop_size", crop[0]), "resize_size")
+        pixels = fields.side("resize_size", resize[0])
+        fields.sizes(pixels, fields.side("crop_size", crop[0]), "resize_size", pixels)
         interpolation = getattr(getattr(transform, "interpolation", None), "value", "bilinear")
         if interpolation in INTERPOLATIONS:
             fields.taken["interpolation"] = interpolation
@@ -98,26 +99,28 @@ class _Fields:
         self.taken: dict[str, Any] = {}
 
     def refuse(self, name: str, value: Any, why: str) -> NoReturn:
-        shown = repr(value)
+        try:
+            shown = repr(value)
+        except ValueError:
+            shown = f"(a {type(value).__name__} too long to show)"  # an int of over 4,300 digits
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        raise InputError(
-            f"{self.where} gives {name} {shown}, {why}",
-            "Correct that field of the model's configuration",
-        )
+        raise InputError(f"{self.where} gives {name} {shown}, {why}", "Correct that field of the model's configuration")
 
-    def number(self, name: str, value: Any) -> float:
-        """A finite real number (a bool, a string or a list is not one)."""
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            self.refuse(name, value, "which is not a finite number")
-        return float(value)
+    def number(self, name: str, value: Any, shown: Any = None) -> float:
+        """A finite real number (a bool, a string or a list is not one); ``shown``: the field's whole value."""
+        number = _finite(value)
+        if number is None:
+            if shown is None:
+                self.refuse(name, value, "which is not a finite number")
+            self.refuse(name, shown, "which has a value that is not a finite number")
+        return number
 
     def side(self, name: str, value: Any, shown: Any = None) -> int:
         """A whole number of pixels from 1 to MAX_SIDE (``shown``: the field's whole value, for the message)."""
         from bn_inspect.data.decode import MAX_SIDE
 
-        is_real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-        pixels = float(value) if is_real else math.nan
-        if not (1 <= pixels <= MAX_SIDE and pixels.is_integer()):
+        pixels = _finite(value)
+        if pixels is None or not (1 <= pixels <= MAX_SIDE and pixels.is_integer()):
             if shown is None:
                 self.refuse(name, value, f"which is not a whole number of pixels from 1 to {MAX_SIDE:,}")
             self.refuse(name, shown, f"whose sizes are not all whole numbers from 1 to {MAX_SIDE:,}")
@@ -139,13 +142,13 @@ class _Fields:
         channels, height, width = (self.side("input_size", size, shown=value) for size in value)
         return channels, height, width
 
-    def sizes(self, resize: int, crop: int, name: str) -> None:
-        """Take ``resize`` and ``crop`` (``name``: the field that sets the resize), both at most MAX_SIDE."""
+    def sizes(self, resize: float, crop: int, name: str, value: Any) -> None:
+        """Take ``resize`` (rounded down) and ``crop``, both at most MAX_SIDE; ``name`` and ``value``: the field that sets the resize."""
         from bn_inspect.data.decode import MAX_SIDE
 
-        if resize > MAX_SIDE:
-            self.refuse(name, resize, f"which makes a resize of {resize:,} pixels, over {MAX_SIDE:,}")
-        self.taken["resize"], self.taken["crop"] = resize, crop
+        if not resize <= MAX_SIDE:
+            self.refuse(name, value, f"which makes a resize of {resize:,.0f} pixels, over {MAX_SIDE:,}")
+        self.taken["resize"], self.taken["crop"] = math.floor(resize), crop
 
     def normalization(self, mean: Any, std: Any, channels: int) -> None:
         """Take ``mean`` and ``std`` when both are given: equal counts of 1 or ``channels`` finite numbers, std > 0."""
@@ -156,8 +159,8 @@ class _Fields:
                 self.refuse(name, values, f"which is not a list of {channels} numbers (one per channel) or of one")
         if len(std) != len(mean):
             self.refuse("std", std, f"which has {len(std)} values and the mean {len(mean)}")
-        means = tuple(self.number("mean", value) for value in mean)
-        stds = tuple(self.number("std", value) for value in std)
+        means = tuple(self.number("mean", value, shown=mean) for value in mean)
+        stds = tuple(self.number("std", value, shown=std) for value in std)
         if any(value <= 0 for value in stds):
             self.refuse("std", std, "which has a value that is not positive")
         self.taken["mean"], self.taken["std"] = means, stds
@@ -212,3 +215,14 @@ def fitted_preprocessing(
             "Pass both --resize and --crop",
         )
     return prep
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a float when it is a finite real number (not a bool, a string, a list, or an int past float's range)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
