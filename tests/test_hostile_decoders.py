@@ -194,6 +194,23 @@ def test_a_bomb_in_a_folder_is_skipped_under_pillows_own_limit_too(
     assert skipping.err.startswith(f"warning: 1 file skipped as not decodable, e.g. {bomb} (declares 9000×9000")
 
 
+@pytest.mark.surface("read:image", "memory")
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--resize", "9000"], "--resize 9000 is over 8,192, the longest side bn-inspect decodes images to"),
+        (["--crop", "100000"], "--crop 100000 is over 8,192"),
+    ],
+)
+def test_resize_and_crop_past_the_budget_are_refused_before_any_image(
+    tmp_path: Path, bn_model: Path, capsys: pytest.CaptureFixture[str], flags: list[str], fragment: str
+) -> None:
+    photo(tmp_path / "images" / "a.png")
+    result = invoke(capsys, ["inspect", bn_model, "--input", tmp_path / "images", "--workers", "0", *flags])
+    assert result.code == 2
+    assert_one_error_line(result, fragment, "or less")
+
+
 @pytest.mark.surface("read:image", "traceback")
 @pytest.mark.parametrize(
     ("content", "fragment"),

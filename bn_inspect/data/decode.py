@@ -71,6 +71,15 @@ class Preprocessing:
     interpolation: str = "bilinear"
     origins: tuple[tuple[str, str], ...] = ()
 
+    def __post_init__(self) -> None:
+        for name, side in (("--resize", self.resize), ("--crop", self.crop)):
+            if side is not None and side > MAX_SIDE:
+                raise InputError(
+                    f"{name} {side} is over {MAX_SIDE:,}, the longest side bn-inspect decodes images to "
+                    f"({MAX_PIXELS:,} pixels per image)",
+                    f"Pass {name} {MAX_SIDE} or less",
+                )
+
     @property
     def num_channels(self) -> int:
         """Channels of every decoded image: 1 with grayscale, else 3."""
