@@ -451,6 +451,30 @@ def huge_sparse():
 
 def endless():
     return (torch.randn(2, 3, 4, 4) for _ in itertools.count())
+
+
+class _SignalsOfWorkers(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        import os
+        import signal
+
+        if os.getpid() == PARENT:
+            raise RuntimeError("not loaded in a worker process")
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            raise RuntimeError("a worker would answer Ctrl-C itself")
+        return torch.randn(3, 4, 4)
+
+
+def dataset():
+    return _SignalsOfWorkers()
+
+
+import os
+
+PARENT = os.getpid()
 """
 
 
@@ -484,6 +508,17 @@ def test_a_huge_sparse_tensor_from_data_is_one_line(data_code: Path, bn_model: P
         "a --data batch holds a sparse_coo tensor of shape (64, 3, 50000, 50000); bn-inspect reads dense tensors",
         "Give dense tensors",
     )
+
+
+@pytest.mark.surface("read:data-code", "traceback")
+def test_workers_loading_a_data_dataset_leave_ctrl_c_to_the_parent(
+    data_code: Path, bn_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = invoke(
+        capsys, ["inspect", bn_model, "--data", f"{data_code}:dataset", "--workers", "1", "--batch-size", "4"]
+    )
+    assert result.code == 0, result.err
+    assert result.err == ""
 
 
 @pytest.mark.surface("read:data-code", "hang")
