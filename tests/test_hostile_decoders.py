@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn
 
 from bn_inspect.analyses.recipes import timm_recipe
-from bn_inspect.data.decode import MAX_PIXELS, Preprocessing
+from bn_inspect.data.decode import MAX_PIXELS, Preprocessing, planned_shape
 from bn_inspect.data.images import open_images
 from bn_inspect.errors import InputError
 from tests.helpers import REPO, Result, assert_one_error_line, deadline, invoke
@@ -209,6 +209,17 @@ def test_resize_and_crop_past_the_budget_are_refused_before_any_image(
     result = invoke(capsys, ["inspect", bn_model, "--input", tmp_path / "images", "--workers", "0", *flags])
     assert result.code == 2
     assert_one_error_line(result, fragment, "or less")
+
+
+@pytest.mark.surface("read:image", "memory", "hang")
+def test_a_batch_is_sized_from_the_headers_before_anything_is_decoded(tmp_path: Path) -> None:
+    bomb = png_declaring(tmp_path / "bomb.png", 12000, 9000)
+    os.mkfifo(tmp_path / "pipe.png")
+    with deadline(30):
+        assert planned_shape(bomb, Preprocessing()) == (3, 9000, 12000)
+        assert planned_shape(bomb, Preprocessing(resize=224, grayscale=True)) == (1, 224, 298)
+        assert planned_shape(tmp_path / "pipe.png", Preprocessing()) is None
+        assert planned_shape(tmp_path / "pipe.png", Preprocessing(crop=8)) == (3, 8, 8)
 
 
 @pytest.mark.surface("read:image", "traceback")

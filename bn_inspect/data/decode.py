@@ -30,7 +30,7 @@ IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF")
 # Pixels one image may have, declared and after --resize: 8192×8192, a 768 MiB float32 RGB tensor;
 # a photo of 50 megapixels fits, a header that asks for gigabytes does not.
 MAX_PIXELS = 8192 * 8192
-# The longest side --resize or --crop (or a model's configuration) may ask for: MAX_PIXELS's square.
+# The longest side --resize or --crop (or a model's configuration) may ask for: the side of MAX_PIXELS's square.
 MAX_SIDE = 8192
 # Pillow's resampling filters, by the names timm and torchvision give them.
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
@@ -205,6 +205,28 @@ def _decoded_planes(opened: OpenedInput, prep: Preprocessing) -> list[Image.Imag
     except Exception as error:
         # Pillow raises many kinds of exception for damaged files; all of them mean "not decodable".
         raise UndecodableImage(f"cannot be decoded ({type(error).__name__}: {error})") from None
+
+
+def planned_shape(path: Path | str, prep: Preprocessing) -> tuple[int, int, int] | None:
+    """The shape (C, H, W) ``decode_image`` would give, from the header alone; None when it would fail.
+
+    For sizing a batch before any image is decoded (EXIF may swap H and W; their product holds).
+    """
+    if prep.crop is not None:
+        return (prep.num_channels, prep.crop, prep.crop)
+    try:
+        with (
+            open_checked(Path(path), Source.IMAGE, noun="image", error=InputError) as opened,
+            warnings.catch_warnings(),
+            opened.stream() as stream,
+        ):
+            warnings.simplefilter("ignore")
+            with Image.open(stream, formats=IMAGE_FORMATS) as image:
+                declared_width, declared_height = image.size
+    except Exception:
+        return None  # decoding the file will say what is wrong with it, or skip it
+    width, height = resized_size(declared_width, declared_height, prep.resize)
+    return (prep.num_channels, height, width)
 
 
 def _check_budget(size: tuple[int, int], resize: int | None) -> None:

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bn_inspect.data.batch import Batch
-from bn_inspect.data.decode import IMAGE_SUFFIXES, Preprocessing, UndecodableImage, decode_image
+from bn_inspect.data.decode import IMAGE_SUFFIXES, Preprocessing, UndecodableImage, decode_image, planned_shape
 from bn_inspect.data.memory import check_fits_memory
 from bn_inspect.data.workers import quiet_worker, worker_batches
 from bn_inspect.errors import InputError
@@ -210,7 +210,9 @@ class ImageFiles:
         files = self._my_files(batch_size, max_batches)
         if not files:
             return
-        check_fits_memory((min(batch_size, len(files)), *self.sample_shape()), 4)
+        planned = next(filter(None, (planned_shape(path, self.prep) for path in files[:16])), None)
+        if planned is not None:
+            check_fits_memory((min(batch_size, len(files)), *planned), 4)
         loader = DataLoader(
             _ImageFileDataset(files, self.prep),
             batch_size=batch_size,
