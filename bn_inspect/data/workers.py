@@ -34,7 +34,7 @@ def quiet_worker(_worker_id: int) -> None:
 
 
 def worker_batches(loader: DataLoader[Any], doing: str) -> Iterator[Any]:
-    """What ``loader`` yields (its collate function's batches), its workers started with the signals held; a dead worker as one line.
+    """What ``loader`` yields, its workers started with the signals held; a dead worker as one line.
 
     Args:
         loader: a DataLoader made with ``worker_init_fn=quiet_worker``.
@@ -52,14 +52,18 @@ def worker_batches(loader: DataLoader[Any], doing: str) -> Iterator[Any]:
             except StopIteration:
                 return
             except RuntimeError as error:
+                if not _is_death(error):
+                    raise
                 raise _death_error(error, doing) from None
             yield item
 
 
-def _death_error(error: RuntimeError, doing: str) -> BaseException:
-    """The one-line error for torch's word that a worker died; any other RuntimeError as it is."""
-    if not str(error).startswith(_WORKER_DEATH_PREFIX):
-        return error
+def _is_death(error: RuntimeError) -> bool:
+    """Whether ``error`` is torch's word that a worker process died."""
+    return str(error).startswith(_WORKER_DEATH_PREFIX)
+
+
+def _death_error(error: RuntimeError, doing: str) -> InputError:
     return InputError(
         f"a worker process {doing} ended unexpectedly: {str(error).strip().rstrip('.')}",
         "Run again; if it happens again, pass --workers 0 to do the work in this process "
@@ -85,7 +89,7 @@ def _worker_deaths_deferred() -> Iterator[None]:
         try:
             torch_handler(signal_number, frame)
         except RuntimeError as error:
-            if not str(error).startswith(_WORKER_DEATH_PREFIX):
+            if not _is_death(error):
                 raise
 
     signal.signal(signal.SIGCHLD, handler)
