@@ -211,6 +211,23 @@ def test_resize_and_crop_past_the_budget_are_refused_before_any_image(
     assert_one_error_line(result, fragment, "or less")
 
 
+@pytest.mark.surface("read:image", "traceback")
+def test_a_folder_of_nothing_decodable_is_one_line(
+    tmp_path: Path, bn_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, content in NOT_DECODED.items():
+        (folder / f"{name}.png").write_bytes(content)
+    result = invoke(capsys, ["inspect", bn_model, "--input", folder, "--crop", "8"])
+    assert result.code == 2
+    assert_one_error_line(
+        result,
+        f"none of the 4 images read from {folder} could be decoded, e.g. {folder / 'eps.png'} "
+        "(is not a JPEG, PNG, BMP, WebP or TIFF image)",
+    )
+
+
 @pytest.mark.surface("read:image", "memory", "hang")
 def test_a_batch_is_sized_from_the_headers_before_anything_is_decoded(tmp_path: Path) -> None:
     bomb = png_declaring(tmp_path / "bomb.png", 12000, 9000)

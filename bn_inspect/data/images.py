@@ -237,6 +237,20 @@ class ImageFiles:
             if self.prep.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield Batch((images,))
+        if first is None and self.skipped.count and self.world_size == 1:
+            # Nothing ran: the skipped files are the whole story, said once rather than as a
+            # warning followed by "no batch ran".
+            path, reason = self.skipped.examples[0]
+            count = self.skipped.count
+            what = (
+                f"none of the {count:,} images read from {self.source} could be decoded, e.g. {path} ({reason})"
+                if count > 1
+                else f"image {path} {reason}, and no other image was read"
+            )
+            raise InputError(
+                what,
+                "Check that the folder holds JPEG, PNG, BMP, WebP or TIFF images within the pixel budget",
+            )
 
     def _note_problems(self, problems: tuple[_Problem, ...]) -> None:
         for problem in problems:
