@@ -129,7 +129,7 @@ def fit_to_model(
     """
     from bn_inspect.analyses.recipes import fitted_preprocessing, model_recipe
 
-    recipe, origin = model_recipe(module, options.arch, arch_kwargs)
+    recipe, origin = model_recipe(module, options, arch_kwargs)
     if not recipe:
         return images
     prep = fitted_preprocessing(images.prep, options, recipe, origin)

@@ -91,6 +91,7 @@ def _batched(dataset: Any, options: RunOptions, shard: tuple[int, int]) -> tuple
 
     from bn_inspect.data.images import default_workers
     from bn_inspect.data.inputs import DEFAULT_BATCH_SIZE
+    from bn_inspect.data.workers import quiet_worker, worker_batches
 
     size = options.batch_size or DEFAULT_BATCH_SIZE
     count = len(dataset)
@@ -98,8 +99,8 @@ def _batched(dataset: Any, options: RunOptions, shard: tuple[int, int]) -> tuple
     rank, world_size = shard
     mine = [list(range(b * size, min((b + 1) * size, count))) for b in range(rank, num_batches, world_size)]
     workers = default_workers() if options.workers is None else options.workers
-    loader = DataLoader(dataset, batch_sampler=mine, num_workers=min(workers, len(mine)))
-    return loader, len(mine)
+    loader = DataLoader(dataset, batch_sampler=mine, num_workers=min(workers, len(mine)), worker_init_fn=quiet_worker)
+    return worker_batches(loader, "loading the --data Dataset"), len(mine)
 
 
 def _picked(
@@ -142,7 +143,7 @@ def as_input_batch(item: Any, key: str | None) -> Batch:
     if isinstance(item, Mapping):
         chosen = key if key is not None else next((k for k in INPUT_KEYS if k in item), None)
         if chosen is None and all(isinstance(v, torch.Tensor) for v in item.values()) and item:
-            return Batch((), dict(item))
+            return as_batch(Batch((), dict(item)), "a --data batch")
         if chosen is None or chosen not in item:
             raise InputError(
                 f"the --data batches are dicts with keys {', '.join(map(str, item)) or '(none)'}"
@@ -154,7 +155,7 @@ def as_input_batch(item: Any, key: str | None) -> Batch:
         item = item[0]
     if isinstance(item, np.ndarray):
         item = torch.from_numpy(item)
-    return as_batch(item)
+    return as_batch(item, "a --data batch")
 
 
 def _first_line(error: BaseException) -> str:

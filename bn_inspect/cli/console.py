@@ -9,6 +9,7 @@ import atexit
 import gc
 import os
 import sys
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,12 @@ from bn_inspect.text import inert
 if TYPE_CHECKING:
     from bn_inspect.analyses.session import RunObserver
     from bn_inspect.data.batch import Batch
+
+# Off a terminal, a run of no known length says it is alive after its first batches, then once
+# every so many seconds: a CI log shows an endless --data iterable working, not hanging, and a
+# run of fast batches does not fill the log.
+PROGRESS_FIRST_BATCHES = 100
+PROGRESS_EVERY_SECONDS = 60.0
 
 # Only main() sets this: a CLI process owns its garbage collector, a program that calls run() does not.
 _is_collector_paused = False
@@ -43,9 +50,12 @@ class ConsoleObserver:
         Console(stderr=True, highlight=False, soft_wrap=True).print(Text(inert(message), style="dim"))
 
     def progress(self, batches: Iterator[Batch], total: int | None) -> Iterator[Batch]:
-        """A rich progress bar on stderr while batches run; none when quiet, for one batch, or off a terminal."""
+        """A rich progress bar on stderr while batches run; none when quiet or for one batch.
+
+        Off a terminal, a line now and then when the number of batches is not known, else nothing.
+        """
         if self.quiet or total == 1 or not sys.stderr.isatty():
-            yield from batches
+            yield from batches if self.quiet or total is not None else self._progress_lines(batches)
             return
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -56,6 +66,19 @@ class ConsoleObserver:
             for batch in batches:
                 yield batch
                 progress.advance(task)
+
+    def _progress_lines(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        started = said_at = time.monotonic()
+        has_said = False
+        for count, batch in enumerate(batches, start=1):
+            yield batch
+            now = time.monotonic()
+            if (not has_said and count >= PROGRESS_FIRST_BATCHES) or now - said_at >= PROGRESS_EVERY_SECONDS:
+                has_said, said_at = True, now
+                self.warn(
+                    f"progress: {count:,} batches so far ({now - started:,.0f} s); the data has no length, "
+                    "so the run goes on until it ends, --batches N is reached, or Ctrl-C"
+                )
 
     def loaded(self) -> None:
         """Startup is over: end the collector pause."""

@@ -96,20 +96,60 @@ def regroup_batches(batches: Iterable[Batch], size: int, left_out: Callable[[int
     left_out(count)
 
 
-def as_batch(item: Any) -> Batch:
-    """A Batch from a tensor, a dict of tensors, or an (inputs, targets) pair from a DataLoader."""
+def as_batch(item: Any, source: str = "a batch") -> Batch:
+    """A Batch from a tensor, a dict of tensors, or an (inputs, targets) pair from a DataLoader.
+
+    Raises:
+        InputError: anything else, or a tensor without values (see ``without_values``), naming ``source``.
+    """
     if isinstance(item, Batch):
-        return item
-    if isinstance(item, torch.Tensor):
-        return Batch((item,))
-    if isinstance(item, dict) and all(isinstance(v, torch.Tensor) for v in item.values()):
-        return Batch((), dict(item))
-    if isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
-        return Batch((item[0],))
-    raise InputError(
-        f"cannot use a batch of type {type(item).__name__}",
-        "Pass tensors, dicts of tensors, (inputs, targets) pairs or bn_inspect.Batch objects",
-    )
+        batch = item
+    elif isinstance(item, torch.Tensor):
+        batch = Batch((item,))
+    elif isinstance(item, dict) and all(isinstance(v, torch.Tensor) for v in item.values()):
+        batch = Batch((), dict(item))
+    elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+        batch = Batch((item[0],))
+    else:
+        raise InputError(
+            f"cannot use a batch of type {type(item).__name__}",
+            "Pass tensors, dicts of tensors, (inputs, targets) pairs or bn_inspect.Batch objects",
+        )
+    for tensor in batch.tensors():
+        lacking = without_values(tensor)
+        if lacking is not None:
+            fix = "Give dense tensors (t.to_dense())" if lacking.is_layout else "Give tensors that hold their values"
+            raise InputError(f"{source} holds {lacking.what}", fix)
+    return batch
+
+
+@dataclass(frozen=True)
+class NoValues:
+    """Why a tensor cannot be a model's input: ``what`` in words; ``is_layout``: sparse or nested, not meta."""
+
+    what: str
+    is_layout: bool
+
+
+def without_values(tensor: torch.Tensor) -> NoValues | None:
+    """Why ``tensor`` has no dense values a model could take (sparse, nested, on the meta device), or None.
+
+    The one check of every source of tensors (input files, --data, the Python API): such a tensor
+    fails deep inside torch with a traceback, or (meta) runs the model on nothing.
+    """
+    if tensor.layout != torch.strided or tensor.is_nested:
+        layout = "nested" if tensor.is_nested else str(tensor.layout).removeprefix("torch.")
+        return NoValues(f"a {layout} tensor of shape {_shape_of(tensor)}; bn-inspect reads dense tensors", True)
+    if tensor.is_meta:
+        return NoValues(f"a tensor of shape {tuple(tensor.shape)} on device meta, which has no values", False)
+    return None
+
+
+def _shape_of(tensor: torch.Tensor) -> tuple[int, ...] | str:
+    try:
+        return tuple(tensor.shape)
+    except RuntimeError:
+        return "(ragged)"  # a nested tensor of differently sized parts has no one shape
 
 
 @dataclass(frozen=True)

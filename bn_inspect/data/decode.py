@@ -3,21 +3,35 @@
 The steps and their arithmetic are those of torchvision's ``ImageFolder`` loader followed by
 ``Resize(N)``, ``CenterCrop(N)``, ``ToTensor()`` and ``Normalize(mean, std)`` on a PIL image, so
 the tensors equal what a torchvision training recipe made of the same files.
+
+The decoder has budgets: only the five documented formats (whatever the file's name says; Pillow
+would otherwise hand a PostScript file to Ghostscript), and at most ``MAX_PIXELS`` pixels per
+image, both as its header declares them and after ``--resize``, checked before anything is
+decoded or allocated.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from bn_inspect.boundary.reading import OpenedInput, Source, open_checked
 from bn_inspect.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# The only Pillow decoders bn-inspect runs, by Pillow's names: the formats docs/images promise.
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF")
+# Pixels one image may have, declared and after --resize: 8192×8192, a 768 MiB float32 RGB tensor;
+# a photo of 50 megapixels fits, a header that asks for gigabytes does not.
+MAX_PIXELS = 8192 * 8192
+# The longest side --resize or --crop (or a model's configuration) may ask for: the side of MAX_PIXELS's square.
+MAX_SIDE = 8192
 # Pillow's resampling filters, by the names timm and torchvision give them.
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -56,6 +70,15 @@ class Preprocessing:
     channels_last: bool = False
     interpolation: str = "bilinear"
     origins: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, side in (("--resize", self.resize), ("--crop", self.crop)):
+            if side is not None and side > MAX_SIDE:
+                raise InputError(
+                    f"{name} {side} is over {MAX_SIDE:,}, the longest side bn-inspect decodes images to "
+                    f"({MAX_PIXELS:,} pixels per image)",
+                    f"Pass {name} {MAX_SIDE} or less",
+                )
 
     @property
     def num_channels(self) -> int:
@@ -113,35 +136,39 @@ def parse_normalize(text: str) -> tuple[tuple[float, ...], tuple[float, ...]] | 
 
 
 class UndecodableImage(Exception):
-    """An image file Pillow cannot read or decode; ``is_fatal`` when it is unreadable rather than corrupt."""
+    """An image file Pillow cannot or may not decode; ``is_fatal`` when the run must stop rather than skip it.
 
-    def __init__(self, reason: str, *, is_fatal: bool = False) -> None:
+    Attributes:
+        reason: what is wrong, after the words ``image PATH`` (e.g. ``cannot be decoded (...)``).
+        refusal: the whole message (what, fix) of a file the opener refused (missing, unreadable,
+            a named pipe): always fatal.
+    """
+
+    def __init__(self, reason: str, *, is_fatal: bool = False, refusal: tuple[str, str] | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.is_fatal = is_fatal
+        self.is_fatal = is_fatal or refusal is not None
+        self.refusal = refusal
 
 
 def decode_image(path: Path | str, prep: Preprocessing) -> torch.Tensor:
     """The image at ``path`` as a float32 tensor (C, H, W), preprocessed by ``prep``.
 
+    The file is opened once, by the boundary's opener (a named pipe or device put in its place
+    after the folder scan is refused, not waited on), and Pillow reads that opened file.
+
     Raises:
-        UndecodableImage: a corrupt or truncated file, a file that is not an image (skip it), or one
-            that cannot be read or is smaller than the crop (``is_fatal``: the run stops).
+        UndecodableImage: a corrupt or truncated file, a file of another format, or one over the
+            pixel budget (skip it); one that cannot be opened or is smaller than the crop
+            (``is_fatal``: the run stops).
     """
     try:
-        with warnings.catch_warnings():
-            # Pillow warns about palette transparency and large images: said once per file on
-            # stderr from worker processes, they would bury the report.
-            warnings.simplefilter("ignore")
-            with Image.open(path) as opened:
-                opened.load()
-                image = ImageOps.exif_transpose(opened)
-                planes = _planes(image, prep.grayscale)
-    except (PermissionError, FileNotFoundError) as error:
-        raise UndecodableImage(f"cannot be read ({error.strerror})", is_fatal=True) from None
-    except Exception as error:
-        # Pillow raises many kinds of exception for damaged files; all of them mean "not decodable".
-        raise UndecodableImage(f"cannot be decoded ({type(error).__name__}: {error})") from None
+        with open_checked(
+            Path(path), Source.IMAGE, noun="image", error=InputError, fix="Replace it with a regular image file"
+        ) as opened:
+            planes = _decoded_planes(opened, prep)
+    except InputError as refused:
+        raise UndecodableImage(refused.what, refusal=(refused.what, refused.fix)) from None
     planes = [_resized(plane, prep.resize, prep.interpolation) for plane in planes]
     width, height = planes[0].size
     if prep.crop is not None:
@@ -153,6 +180,77 @@ def decode_image(path: Path | str, prep: Preprocessing) -> torch.Tensor:
         top, left = round((height - prep.crop) / 2.0), round((width - prep.crop) / 2.0)
         planes = [plane.crop((left, top, left + prep.crop, top + prep.crop)) for plane in planes]
     return _normalized(_to_tensor(planes), prep)
+
+
+def _decoded_planes(opened: OpenedInput, prep: Preprocessing) -> list[Image.Image]:
+    """The opened file decoded (after its declared size passed the budget), as ``_planes``."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns about palette transparency: said once per file on stderr from worker
+            # processes, it would bury the report. Its decompression-bomb warning is an error.
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with opened.stream() as stream, Image.open(stream, formats=IMAGE_FORMATS) as image:
+                _check_budget(image.size, prep.resize)
+                image.load()
+                return _planes(ImageOps.exif_transpose(image), prep.grayscale)
+    except UndecodableImage:
+        raise
+    except UnidentifiedImageError:
+        raise UndecodableImage("is not a JPEG, PNG, BMP, WebP or TIFF image") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as bomb:
+        declared = re.search(r"\((\d+) pixels\)", str(bomb))
+        count = f"{int(declared.group(1)):,}" if declared else f"more than {Image.MAX_IMAGE_PIXELS:,}"
+        raise UndecodableImage(f"declares {count} pixels, over the budget of {MAX_PIXELS:,} pixels per image") from None
+    except Exception as error:
+        # Pillow raises many kinds of exception for damaged files; all of them mean "not decodable".
+        raise UndecodableImage(f"cannot be decoded ({type(error).__name__}: {error})") from None
+
+
+def planned_shape(path: Path | str, prep: Preprocessing) -> tuple[int, int, int] | None:
+    """The shape (C, H, W) ``decode_image`` would give, from the header alone; None when it would fail.
+
+    For sizing a batch before any image is decoded (EXIF may swap H and W; their product holds).
+    """
+    if prep.crop is not None:
+        return (prep.num_channels, prep.crop, prep.crop)
+    try:
+        with (
+            open_checked(Path(path), Source.IMAGE, noun="image", error=InputError) as opened,
+            warnings.catch_warnings(),
+            opened.stream() as stream,
+        ):
+            warnings.simplefilter("ignore")
+            with Image.open(stream, formats=IMAGE_FORMATS) as image:
+                declared_width, declared_height = image.size
+    except Exception:
+        return None  # decoding the file will say what is wrong with it, or skip it
+    width, height = resized_size(declared_width, declared_height, prep.resize)
+    return (prep.num_channels, height, width)
+
+
+def _check_budget(size: tuple[int, int], resize: int | None) -> None:
+    """Refuse, before decoding, an image whose declared size, or size after ``resize``, is over MAX_PIXELS."""
+    width, height = size
+    if width * height > MAX_PIXELS:
+        raise UndecodableImage(
+            f"declares {width}×{height} = {width * height:,} pixels, over the budget of {MAX_PIXELS:,} pixels per image"
+        )
+    new_width, new_height = resized_size(width, height, resize)
+    if new_width * new_height > MAX_PIXELS:
+        raise UndecodableImage(
+            f"is {width}×{height}: resized to {resize} on its shorter side it would be {new_width:,}×{new_height:,} "
+            f"= {new_width * new_height:,} pixels, over the budget of {MAX_PIXELS:,} pixels per image"
+        )
+
+
+def resized_size(width: int, height: int, size: int | None) -> tuple[int, int]:
+    """(width, height) after the shorter side goes to ``size``, as torchvision's ``Resize(size)`` computes it."""
+    if size is None or not width or not height:
+        return width, height
+    short, long = min(width, height), max(width, height)
+    new_short, new_long = size, int(size * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
 def _planes(image: Image.Image, grayscale: bool) -> list[Image.Image]:
@@ -171,13 +269,8 @@ def _planes(image: Image.Image, grayscale: bool) -> list[Image.Image]:
 
 def _resized(image: Image.Image, size: int | None, interpolation: str) -> Image.Image:
     """Shorter side to ``size``, as torchvision's ``Resize(size)`` computes the other side."""
-    if size is None:
-        return image
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    new_short, new_long = size, int(size * long / short)
-    new_size = (new_short, new_long) if width <= height else (new_long, new_short)
-    if new_size == (width, height):
+    new_size = resized_size(*image.size, size)
+    if size is None or new_size == image.size:
         return image
     return image.resize(new_size, Image.Resampling[interpolation.upper()])
 

@@ -17,7 +17,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bn_inspect.data.batch import Batch
-from bn_inspect.data.decode import IMAGE_SUFFIXES, Preprocessing, UndecodableImage, decode_image
+from bn_inspect.data.decode import IMAGE_SUFFIXES, Preprocessing, UndecodableImage, decode_image, planned_shape
+from bn_inspect.data.memory import check_fits_memory
+from bn_inspect.data.workers import quiet_worker, worker_batches
 from bn_inspect.errors import InputError
 
 # Files kept in the list of skipped ones for the report; the count covers them all.
@@ -89,11 +91,21 @@ class SkippedImages:
 
 
 @dataclass(frozen=True)
+class _Problem:
+    """Why one file gave no image: the reason after ``image PATH``, whether the run stops, and the
+    opener's whole message for a file it refused."""
+
+    path: str
+    reason: str
+    is_fatal: bool = False
+    refusal: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
 class _Decoded:
     path: str
     image: torch.Tensor | None
-    problem: str | None = None
-    is_fatal: bool = False
+    problem: _Problem | None = None
 
 
 @dataclass(frozen=True)
@@ -102,7 +114,7 @@ class _DecodedBatch:
 
     images: torch.Tensor | None
     first_path: str
-    problems: tuple[tuple[str, str, bool], ...]
+    problems: tuple[_Problem, ...]
     differing: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
@@ -119,13 +131,17 @@ class _ImageFileDataset(Dataset[_Decoded]):
             return _Decoded(path, decode_image(path, self.prep))
         except UndecodableImage as problem:
             # Raised in a worker, an exception would reach the user as that worker's traceback.
-            return _Decoded(path, None, problem.reason, problem.is_fatal)
+            return _Decoded(path, None, _problem_of(path, problem))
+
+
+def _problem_of(path: str, problem: UndecodableImage) -> _Problem:
+    return _Problem(path, problem.reason, problem.is_fatal, problem.refusal)
 
 
 def _collate(items: list[_Decoded]) -> _DecodedBatch:
     """Stack the decoded images of one batch in the worker (into shared memory), keeping the problems."""
     decoded = [item for item in items if item.image is not None]
-    problems = tuple((item.path, item.problem or "", item.is_fatal) for item in items if item.image is None)
+    problems = tuple(item.problem for item in items if item.problem is not None)
     first = decoded[0] if decoded else None
     if first is None or first.image is None:
         return _DecodedBatch(None, items[0].path, problems)
@@ -182,7 +198,7 @@ class ImageFiles:
                 return tuple(decode_image(path, self.prep).shape)
             except UndecodableImage as problem:
                 if problem.is_fatal or self.strict:
-                    raise _problem_error(path, problem.reason, self.strict) from None
+                    raise self._problem_error(_problem_of(path, problem)) from None
         raise InputError(
             f"none of the first {min(16, len(self.files))} images in {self.source} can be decoded",
             "Check that the folder holds images",
@@ -194,15 +210,20 @@ class ImageFiles:
         files = self._my_files(batch_size, max_batches)
         if not files:
             return
+        planned = next(filter(None, (planned_shape(path, self.prep) for path in files[:16])), None)
+        if planned is not None:
+            check_fits_memory((min(batch_size, len(files)), *planned), 4)
         loader = DataLoader(
             _ImageFileDataset(files, self.prep),
             batch_size=batch_size,
             num_workers=min(self.workers, math.ceil(len(files) / batch_size)),
             collate_fn=_collate,
             prefetch_factor=2 if self.workers else None,
+            worker_init_fn=quiet_worker,
         )
         first: tuple[str, tuple[int, ...]] | None = None
-        for decoded in loader:
+        decoded: _DecodedBatch
+        for decoded in worker_batches(loader, "decoding images"):
             self._note_problems(decoded.problems)
             if decoded.differing:
                 _refuse_sizes(*decoded.differing)
@@ -216,17 +237,35 @@ class ImageFiles:
             if self.prep.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield Batch((images,))
+        if first is None and self.skipped.count and self.world_size == 1:
+            # Nothing ran: the skipped files are the whole story, said once rather than as a
+            # warning followed by "no batch ran".
+            path, reason = self.skipped.examples[0]
+            count = self.skipped.count
+            what = (
+                f"none of the {count:,} images read from {self.source} could be decoded, e.g. {path} ({reason})"
+                if count > 1
+                else f"image {path} {reason}, and no other image was read"
+            )
+            raise InputError(
+                what,
+                "Check that the folder holds JPEG, PNG, BMP, WebP or TIFF images within the pixel budget",
+            )
 
-    def _note_problems(self, problems: tuple[tuple[str, str, bool], ...]) -> None:
-        for path, reason, is_fatal in problems:
-            if is_fatal or self.strict:
-                raise _problem_error(path, reason, self.strict)
-            self.skipped.add(path, reason)
+    def _note_problems(self, problems: tuple[_Problem, ...]) -> None:
+        for problem in problems:
+            if problem.is_fatal or self.strict:
+                raise self._problem_error(problem)
+            self.skipped.add(problem.path, problem.reason)
 
-
-def _problem_error(path: str, reason: str, strict: bool) -> InputError:
-    fix = "Remove or replace the file, or run without --strict-data to skip it" if strict else "Fix the file"
-    return InputError(f"image {path} {reason}", fix)
+    def _problem_error(self, problem: _Problem) -> InputError:
+        if problem.refusal is not None:
+            return InputError(*problem.refusal)
+        if problem.is_fatal or self.source == problem.path:
+            fix = "Fix or replace the file"
+        else:
+            fix = "Remove or replace the file, or run without --strict-data to skip it"
+        return InputError(f"image {problem.path} {problem.reason}", fix)
 
 
 def _refuse_sizes(*sizes: tuple[str, tuple[int, ...]]) -> None:
@@ -247,11 +286,14 @@ def open_images(
 ) -> ImageFiles:
     """The image files of folder ``path`` (or ``files`` found there already, or ``path`` itself, one image).
 
+    One image given by itself is read strictly: with nothing to skip to, its problem is the run's.
+
     Raises:
         InputError: no image file in the folder (naming a file of another kind seen there).
     """
     if path.is_file():
         found: Sequence[Path] = [path]
+        strict = True
     else:
         found = files
         if not found:

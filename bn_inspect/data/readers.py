@@ -347,20 +347,17 @@ def _is_inputs_and_labels(tensors: Sequence[torch.Tensor]) -> bool:
 
 
 def _checked_tensor(tensor: torch.Tensor, path: Path) -> torch.Tensor:
-    import torch
+    from bn_inspect.data.batch import without_values
 
-    if tensor.layout != torch.strided or tensor.is_nested:
-        layout = "nested" if tensor.is_nested else str(tensor.layout).removeprefix("torch.")
-        raise InputError(
-            f"{path} holds a {layout} tensor of shape {tuple(tensor.shape)}; bn-inspect reads dense tensors",
-            "Save a dense tensor: torch.save(t.to_dense(), ...)",
+    # map_location="cpu" moved every real device's tensors: what stays elsewhere (meta) has no values.
+    lacking = without_values(tensor)
+    if lacking is not None:
+        fix = (
+            "Save a dense tensor: torch.save(t.to_dense(), ...)"
+            if lacking.is_layout
+            else "Save the real tensor with its values: torch.save(t.detach().cpu(), ...)"
         )
-    if tensor.device.type != "cpu":
-        # map_location="cpu" moves every real device's tensors; what stays elsewhere (meta) has no values.
-        raise InputError(
-            f"{path} holds a tensor of shape {tuple(tensor.shape)} on device {tensor.device.type}, which has no values",
-            "Save the real tensor with its values: torch.save(t.detach().cpu(), ...)",
-        )
+        raise InputError(f"{path} holds {lacking.what}", fix)
     if tensor.is_floating_point():
         if tensor.dim() < 2:
             raise InputError(
