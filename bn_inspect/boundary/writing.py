@@ -83,8 +83,9 @@ def _link_new(temporary: str, target: Path, option: str) -> None:
 
 def _fsync_folder(folder: Path) -> None:
     # The rename itself is durable only once the folder is synced (POSIX; Windows has no folder fds).
+    # O_DIRECTORY: a folder swapped for a named pipe meanwhile fails here instead of blocking.
     try:
-        descriptor = os.open(folder, os.O_RDONLY)
+        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
         return
     try:
