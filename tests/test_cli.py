@@ -146,7 +146,8 @@ def test_output_file_is_written_atomically(capsys: pytest.CaptureFixture[str], t
     target = tmp_path / "report.json"
     target.write_text("old")
     result = invoke(
-        capsys, ["inspect", DIGITS / "torchscript.pt", "--shape", "4,1,8,8", "--format", "json", "--output", target]
+        capsys,
+        ["inspect", DIGITS / "torchscript.pt", "--shape", "4,1,8,8", "--format", "json", "--output", target, "--force"],
     )
     assert result.code == 0 and result.out == ""
     assert json.loads(target.read_text())["schema_version"] == 1

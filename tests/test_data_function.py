@@ -184,7 +184,7 @@ def test_data_next_to_input_or_shape_is_refused(data_file: Path, capsys: pytest.
 def test_output_may_not_replace_the_data_file(data_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     result = invoke(capsys, ["inspect", MODEL, "--data", f"{data_file}:pairs", "--output", data_file])
     assert result.code == 2
-    assert_one_error_line(result, "the --data file")
+    assert_one_error_line(result, "is the --data source")
 
 
 def test_a_dict_without_a_known_key_of_tensors_is_keyword_input() -> None:

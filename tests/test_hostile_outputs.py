@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from bn_inspect.boundary.writing import atomic_file
+from bn_inspect.boundary.writing import Destination, output_file
 from bn_inspect.cli.main import run
 from bn_inspect.errors import OutputError
 from bn_inspect.model.loading import load_model
@@ -166,8 +166,8 @@ PROTECTED_CASES = {
     "input-file-hardlink": ("data", "hardlink", "data", "the --input file"),
     "shard-of-input-folder": ("shard", "path", "shards", "a shard of the --input folder"),
     "shard-hardlink": ("shard", "hardlink", "shards", "a shard of the --input folder"),
-    "arch-file": ("arch", "path", "data", "the --arch file"),
-    "arch-file-symlink": ("arch", "symlink", "data", "the --arch file"),
+    "arch-file": ("arch", "path", "data", "the --arch source"),
+    "arch-file-symlink": ("arch", "symlink", "data", "the --arch source"),
 }
 
 
@@ -222,17 +222,17 @@ def test_layers_output_never_replaces_the_model_through_a_hard_link(
 
 
 @pytest.mark.parametrize("raised", [ValueError("boom"), KeyboardInterrupt()])
-def test_atomic_file_leaves_nothing_when_the_block_fails(tmp_path: Path, raised: BaseException) -> None:
+def test_output_file_leaves_nothing_when_the_block_fails(tmp_path: Path, raised: BaseException) -> None:
     target = tmp_path / "out.bin"
     target.write_bytes(b"old")
-    with pytest.raises(type(raised)), atomic_file(target) as stream:
+    with pytest.raises(type(raised)), output_file(target, Destination.RESULT, force=True) as stream:
         stream.write(b"new")
         raise raised
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["out.bin"]
 
 
-def test_atomic_file_turns_an_interrupt_inside_torch_save_back_into_one(tmp_path: Path) -> None:
+def test_output_file_turns_an_interrupt_inside_torch_save_back_into_one(tmp_path: Path) -> None:
     # torch's zip writer reports an exception from its write callback as a RuntimeError.
     class InterruptedStream(io.RawIOBase):
         def __init__(self, stream: io.BufferedWriter) -> None:
@@ -248,7 +248,7 @@ def test_atomic_file_turns_an_interrupt_inside_torch_save_back_into_one(tmp_path
             return self.stream.write(data)  # type: ignore[arg-type]
 
     target = tmp_path / "model.pt"
-    with pytest.raises(KeyboardInterrupt), atomic_file(target) as stream:
+    with pytest.raises(KeyboardInterrupt), output_file(target, Destination.MODEL, force=False) as stream:
         torch.save({"x": torch.ones(3)}, InterruptedStream(stream))  # type: ignore[arg-type]
     assert os.listdir(tmp_path) == []
 

@@ -258,7 +258,7 @@ def test_recalibrate_format_html_goes_to_a_pipe(tmp_path: Path, capsys: pytest.C
     ("report", "fragment"),
     [
         ("INPUT", "is the --input file"),
-        ("OUTPUT", "would take the place of the new model"),
+        ("OUTPUT", "--report and --output name the same file"),
         ("MISSING/r.html", "does not exist"),
     ],
 )
@@ -288,7 +288,8 @@ def test_html_output_is_written_atomically_and_refuses_a_pipe(
     assert_one_error_line(result, "named pipe")
     output = tmp_path / "old.html"
     output.write_text("old")
-    assert invoke(capsys, ["inspect", MODEL, "--input", IMAGES, "--format", "html", "--output", output, "-q"]).code == 0
+    argv = ["inspect", MODEL, "--input", IMAGES, "--format", "html", "--output", output, "--force", "-q"]
+    assert invoke(capsys, argv).code == 0
     assert output.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.html", "page.html"]  # no temporary file left
 

@@ -527,7 +527,7 @@ def test_output_replaces_an_existing_file_whole(
     target.write_text(GARBAGE)
     spec = COMMANDS[command]
     base = [command, str(DIGITS_TS), *spec.keep(["--input", str(DIGITS_DATA), "--batches", "2"]), *spec.options(fmt)]
-    written = invoke(capsys, [*base, "--output", str(target)])
+    written = invoke(capsys, [*base, "--output", str(target), "--force"])
     assert written.code in spec.ok_codes, written.err
     assert written.out == ""
     assert listing(out_dir) == [target.name], "a temporary file was left behind"
@@ -537,7 +537,7 @@ def test_output_replaces_an_existing_file_whole(
         printed = invoke(capsys, base)
         assert text == printed.out
     # Again over the report just written: same result, still one file.
-    again = invoke(capsys, [*base, "--output", str(target)])
+    again = invoke(capsys, [*base, "--output", str(target), "--force"])
     assert again.code == written.code
     assert target.read_text() == text
     assert listing(out_dir) == [target.name]
@@ -586,7 +586,7 @@ def test_output_gets_the_permissions_of_an_ordinary_write(tmp_path: Path, capsys
     existing = tmp_path / "existing.json"
     existing.write_text("old")
     existing.chmod(0o640)
-    assert invoke(capsys, [*argv, str(existing)]).code == 0
+    assert invoke(capsys, [*argv, str(existing), "--force"]).code == 0
     assert stat.S_IMODE(new.stat().st_mode) == 0o666 & ~_umask()
     assert stat.S_IMODE(existing.stat().st_mode) == 0o640
 
@@ -753,7 +753,16 @@ def test_sigkill_leaves_the_old_report_or_the_new_one_never_a_torn_one(tmp_path:
     rng = random.Random(1234)
     (tmp_path / "wide_arch.py").write_text(WIDE_ARCH)
     original = '{"an": "earlier report"}\n'
-    argv = ["inspect", "--arch", f"{tmp_path / 'wide_arch.py'}:Wide", "--shape", "4,1024", "--format", "json"]
+    argv = [
+        "inspect",
+        "--arch",
+        f"{tmp_path / 'wide_arch.py'}:Wide",
+        "--shape",
+        "4,1024",
+        "--format",
+        "json",
+        "--force",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     start = time.monotonic()
 

@@ -1,4 +1,4 @@
-"""What the commands decide, tested as library code: options, check settings, protected files, runs, formats."""
+"""What the commands decide, tested as library code: options, check settings, refused outputs, runs, formats."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,10 @@ import pytest
 
 from bn_inspect.analyses.checking import check_settings
 from bn_inspect.analyses.runs import list_layers, run_inspect, run_recalibrate
-from bn_inspect.analyses.session import SilentObserver, is_stdout, protected_inputs
+from bn_inspect.analyses.session import SilentObserver, check_outputs, is_stdout
+from bn_inspect.boundary.reading import run_manifest
 from bn_inspect.config import CheckConfig
-from bn_inspect.errors import InputError
+from bn_inspect.errors import InputError, OutputError
 from bn_inspect.options import CheckFormat, FailOn, ListingFormat, OutputFormat, RecalibrationChoice, RunOptions
 from bn_inspect.output.formats import FORMATTERS, write_result
 from tests.helpers import DIGITS, REPO
@@ -47,20 +49,24 @@ def test_check_settings_refuse_a_config_fail_on_that_is_not_one() -> None:
         check_settings(CheckConfig(source=Path("pyproject.toml"), fail_on="never"))
 
 
-def test_protected_inputs_name_every_file_the_run_reads(tmp_path: Path) -> None:
-    shards = tmp_path / "shards"
+def test_check_outputs_refuses_every_file_the_options_name_for_reading(tmp_path: Path) -> None:
+    shards, nets = tmp_path / "shards", tmp_path / "nets"
     shards.mkdir()
-    (shards / "a.npy").touch()
-    (shards / "b.npy").touch()
-    found = protected_inputs(tmp_path / "m.pt", shards, "nets/cnn.py:Net")
-    assert [(p.role, p.path.name) for p in found] == [
-        ("the model file", "m.pt"),
-        ("a shard of the --input folder", "a.npy"),
-        ("a shard of the --input folder", "b.npy"),
-        ("the --arch file", "cnn.py"),
-    ]
+    nets.mkdir()
+    for path in (tmp_path / "m.pt", shards / "a.npy", shards / "b.npy", nets / "cnn.py"):
+        path.touch()
+    options = RunOptions(model=tmp_path / "m.pt", input_file=shards, arch=f"{nets / 'cnn.py'}:Net", force=True)
+    refused = {
+        tmp_path / "m.pt": "the model file",
+        shards / "b.npy": "a shard of the --input folder",
+        nets / "cnn.py": "the --arch source",
+    }
+    for target, role in refused.items():
+        with run_manifest(), pytest.raises(OutputError, match=rf"^--output {target} is {role} {target}, which"):
+            check_outputs(replace(options, output=target))
     # A module spec names no file: finding it would mean importing it.
-    assert protected_inputs(None, tmp_path / "x.npy", "torchvision.models:resnet18")[0].role == "the --input file"
+    with run_manifest():
+        check_outputs(RunOptions(arch="torchvision.models:resnet18", output=tmp_path / "x.json"))
 
 
 def test_stdout_is_no_output_or_a_dash() -> None:

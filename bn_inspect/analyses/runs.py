@@ -16,15 +16,14 @@ from bn_inspect.analyses.session import (
     Rereadable,
     RunObserver,
     all_ranks,
-    check_output,
+    check_outputs,
     is_stdout,
     prepare_run,
-    protected_inputs,
     resolve_device,
     speaks,
     torchrun,
 )
-from bn_inspect.boundary.writing import ProtectedFile, check_target
+from bn_inspect.boundary.writing import Destination
 from bn_inspect.errors import InputError, OutputError
 from bn_inspect.options import RecalibrationChoice, RunOptions
 
@@ -48,7 +47,7 @@ def run_inspect(options: RunOptions, observer: RunObserver, layer_patterns: Sequ
     """
     from bn_inspect.analyses.inspection import inspect_model
 
-    check_report_page(options)
+    check_outputs(options)
     with torchrun(resolve_device(options.device)) as ranks:
         with all_ranks(ranks):
             prepared = prepare_run(options, observer, ranks=ranks)
@@ -99,7 +98,7 @@ def run_check(options: RunOptions, gate: CheckSettings, observer: RunObserver, *
 
     if no_data:
         _refuse_data_options(options)
-    check_report_page(options)
+    check_outputs(options)
     baseline = _read_baseline(options, no_data)
     with torchrun(resolve_device(options.device)) as ranks:
         with all_ranks(ranks):
@@ -133,8 +132,8 @@ def run_check(options: RunOptions, gate: CheckSettings, observer: RunObserver, *
     if options.write_baseline is not None and result.inspection is not None:
         from bn_inspect.report.reading import write_report
 
-        write_report(options.write_baseline, result.inspection)
-        observer.note(f"note: wrote the baseline {options.write_baseline}.")
+        write_report(options.write_baseline, result.inspection, force=options.force)
+        observer.note(f"note: the baseline goes to {options.write_baseline} when the check ends.")
     return CheckRun(result, passed)
 
 
@@ -143,15 +142,11 @@ def _read_baseline(options: RunOptions, no_data: bool) -> Report | None:
 
     Raises:
         ReportFileError: the baseline cannot be read.
-        OutputError: --write-baseline with --no-data, to stdout, onto a file the run reads, or onto an
-            existing file without --force.
+        OutputError: --write-baseline with --no-data, or to stdout.
     """
-    from bn_inspect.boundary.writing import ProtectedFile, check_target
     from bn_inspect.report.reading import load_report
 
     target = options.write_baseline
-    if options.baseline is not None:
-        check_output(options.output, [ProtectedFile("the --baseline file", options.baseline)])
     if target is not None:
         if no_data:
             raise OutputError(
@@ -160,20 +155,6 @@ def _read_baseline(options: RunOptions, no_data: bool) -> Report | None:
             )
         if is_stdout(target):
             raise OutputError("--write-baseline - would mix the baseline with the check's output", "Give a file path")
-        protected = protected_inputs(options.model, options.input_file, options.arch)
-        if options.baseline is not None and target.resolve() != options.baseline.resolve():
-            protected.append(ProtectedFile("the --baseline file", options.baseline))
-        check_target(target, protected, option="--write-baseline")
-        if (
-            options.output is not None
-            and not is_stdout(options.output)
-            and options.output.resolve() == target.resolve()
-        ):
-            raise OutputError("--output and --write-baseline name the same file", "Give them different paths")
-        if target.exists() and not options.force:
-            raise OutputError(
-                f"--write-baseline {target} already exists", "Pass --force to replace it, or choose another path"
-            )
     return None if options.baseline is None else load_report(options.baseline)
 
 
@@ -212,7 +193,7 @@ def run_compare_modes(options: RunOptions, threshold: float, observer: RunObserv
     """`bn-inspect compare-modes`: eval against train mode, layer by layer, on the options' data."""
     from bn_inspect.analyses.modes import compare_modes
 
-    check_report_page(options)
+    check_outputs(options)
     prepared = prepare_run(options, observer)
     comparison = compare_modes(prepared.loaded.module, prepared.batches or (), threshold=threshold)
     return dataclasses.replace(comparison, model=prepared.model_info)
@@ -232,7 +213,7 @@ def list_layers(options: RunOptions, observer: RunObserver) -> LayerListing:
 
     if options.model is None:
         raise InputError("layers needs a model file", "Give the path of a model file")
-    check_output(options.output, protected_inputs(options.model, None, options.arch))
+    check_outputs(options)
     kwargs = parse_arch_kwargs(options.arch_kwargs)
     content = read_model_file(options.model, trust_pickle=options.trust_pickle)
     observer.loaded()
@@ -311,46 +292,8 @@ def _recalibration_paths(options: RunOptions, force: bool) -> tuple[Path, Path, 
         raise OutputError(
             "--output - would write the model's bytes to stdout, where the report goes", "Give a file path"
         )
-    protected = protected_inputs(model, input_file, options.arch)
-    check_output(output, protected)
-    if options.report is not None:
-        _check_report_path(options.report, output, protected)
-    if output.exists() and not force:
-        raise OutputError(f"--output {output} already exists", "Pass --force to replace it, or choose another path")
+    check_outputs(replace(options, force=force), result=Destination.MODEL)
     return model, output, input_file
-
-
-def _check_report_path(report: Path, output: Path, protected: list[ProtectedFile]) -> None:
-    """Refuse a --report that is stdout, the new model, or a file the run reads."""
-    if is_stdout(report) or report.resolve() == output.resolve():
-        raise OutputError(
-            f"--report {report} would take the place of the new model or of stdout", "Give the report its own file path"
-        )
-    check_target(report, [*protected, ProtectedFile("the --output model", output)], option="--report")
-
-
-def check_report_page(options: RunOptions, protected: Sequence[ProtectedFile] = ()) -> None:
-    """Refuse, before the run, a --report page that is stdout, another file the run writes, or one it reads.
-
-    Raises:
-        OutputError: --report is ``-``, names the --output or --write-baseline file, a file the run
-            reads (the model, the input, --arch's file, the --baseline, ``protected``), or cannot be
-            written whole.
-    """
-    page = options.report
-    if page is None:
-        return
-    if is_stdout(page):
-        raise OutputError(
-            "--report - would mix the HTML page with the output on stdout", "Give the page a file path (report.html)"
-        )
-    for flag, other in (("--output", options.output), ("--write-baseline", options.write_baseline)):
-        if other is not None and not is_stdout(other) and other.resolve() == page.resolve():
-            raise OutputError(f"--report and {flag} name the same file {page}", "Give them different paths")
-    files = [*protected_inputs(options.model, options.input_file, options.arch), *protected]
-    if options.baseline is not None:
-        files.append(ProtectedFile("the --baseline file", options.baseline))
-    check_target(page, files, option="--report")
 
 
 def _warn_nonfinite(data: InputInfo | None, observer: RunObserver) -> None:
@@ -372,13 +315,10 @@ def run_diff(
         InputError: data options given where both sides are JSON reports.
         ReportFileError: a side that looks like a JSON report cannot be read.
     """
-    from bn_inspect.boundary.writing import ProtectedFile
     from bn_inspect.report.diff import diff_reports
     from bn_inspect.report.reading import is_report_file, load_report
 
-    sides = [ProtectedFile("the OLD side", old), ProtectedFile("the NEW side", new)]
-    check_output(options.output, sides)
-    check_report_page(options, sides)
+    check_outputs(options, old, new)
     is_report = [is_report_file(old), is_report_file(new)]
     if all(is_report):
         _refuse_data_options(

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from bn_inspect.boundary.writing import ProtectedFile, check_target
-from bn_inspect.errors import DeviceError, InputError
+from bn_inspect.boundary.reading import Source, current_manifest
+from bn_inspect.boundary.writing import Destination, check_output_target
+from bn_inspect.errors import DeviceError, InputError, OutputError
 from bn_inspect.options import DeviceChoice, Mode, RunOptions
 from bn_inspect.report.records import RANDOM_INPUT, InputInfo, ModelInfo
 
@@ -87,30 +88,66 @@ def is_stdout(output: Path | None) -> bool:
     return output is None or str(output) == "-"
 
 
-def protected_inputs(
-    model: Path | None, input_file: Path | None, arch: str | None, code_name: str = "the --arch file"
-) -> list[ProtectedFile]:
-    """Every file the run reads: --output may name none of them."""
-    protected = [ProtectedFile("the model file", model)] if model is not None else []
-    if input_file is not None and input_file.is_dir():
-        try:
-            shards = list(input_file.iterdir())
-        except OSError:
-            shards = []  # an unreadable folder is reported when the data is opened
-        protected.extend(ProtectedFile("a shard of the --input folder", shard) for shard in shards)
-    elif input_file is not None:
-        protected.append(ProtectedFile("the --input file", input_file))
-    # The path/to/file.py:callable form, told apart as the loader does.
-    arch_target = (arch or "").rpartition(":")[0]
-    if arch_target.endswith(".py") or "/" in arch_target or os.sep in arch_target:
-        protected.append(ProtectedFile(code_name, Path(arch_target)))
-    return protected
+def check_outputs(options: RunOptions, *sides: Path, result: Destination = Destination.RESULT) -> None:
+    """Refuse, before the run, every output that the writer policy would refuse at its end.
+
+    --output (as ``result``: recalibrate's is the model), --report and --write-baseline: each must
+    have its own path and pass ``check_output_target``, against a manifest that already holds every
+    file the options name for reading (``sides`` are diff's OLD and NEW).
+
+    Raises:
+        OutputError: naming the first output refused.
+    """
+    if options.report is not None and is_stdout(options.report):
+        raise OutputError(
+            "--report - would mix the HTML page with the output on stdout", "Give the page a file path (report.html)"
+        )
+    _declare_inputs(options, sides)
+    targets = [(options.output, result), (options.write_baseline, Destination.BASELINE)]
+    targets.append((options.report, Destination.PAGE))
+    files = [(target, destination) for target, destination in targets if target is not None and not is_stdout(target)]
+    for index, (target, destination) in enumerate(files):
+        for other, other_destination in files[:index]:
+            if other.resolve() == target.resolve():
+                raise OutputError(
+                    f"{destination.option} and {other_destination.option} name the same file {target}",
+                    "Give them different paths",
+                )
+        check_output_target(target, destination, force=options.force)
 
 
-def check_output(output: Path | None, protected: list[ProtectedFile]) -> None:
-    """Refuse an --output that could not be written whole or would replace a file the run reads."""
-    if output is not None and not is_stdout(output):
-        check_target(output, protected)
+def _declare_inputs(options: RunOptions, sides: tuple[Path, ...]) -> None:
+    """Record in the run's manifest every file the options name for reading, before any is opened.
+
+    The model file, the --input file or the files at the top of an --input folder of shards,
+    the --baseline, the files of --arch and --data in their path/to/file.py:callable form, and
+    ``sides`` (diff's OLD and NEW). Sources in module form and the images of a folder are recorded
+    when they are found.
+    """
+    from bn_inspect.analyses.sources import is_image_input
+
+    manifest = current_manifest()
+    named = [(options.model, Source.MODEL), (options.baseline, Source.BASELINE)]
+    named += [(side, Source.DIFF_SIDE) for side in sides]
+    named += [(_code_file(options.arch), Source.ARCH_CODE), (_code_file(options.data), Source.DATA_CODE)]
+    source = options.input_file
+    if source is not None and source.is_dir() and not is_image_input(source):
+        # An unreadable folder is reported when the data is opened.
+        with suppress(OSError):
+            named += [(shard, Source.INPUT_SHARD) for shard in source.iterdir()]
+    elif source is not None and not source.is_dir():
+        named.append((source, Source.INPUT_FILE))
+    for path, role in named:
+        if path is not None:
+            manifest.declare(path, role)
+
+
+def _code_file(spec: str | None) -> Path | None:
+    """The file of a path/to/file.py:callable spec (told apart as the loader does); None for module form."""
+    target = (spec or "").rpartition(":")[0]
+    if target.endswith(".py") or "/" in target or os.sep in target:
+        return Path(target)
+    return None
 
 
 @contextmanager
@@ -181,12 +218,12 @@ def prepare_run(
         raise InputError("--shape and --input were both given", "Use one of them")
     if options.shape is not None and options.batch_size is not None:
         raise InputError("--batch-size does not apply to --shape", "Set the batch size as the first dim of --shape")
-    protected = protected_inputs(options.model, options.input_file, options.arch)
-    check_output(options.output, protected + protected_inputs(None, None, options.data, "the --data file"))
     kwargs = parse_arch_kwargs(options.arch_kwargs)
     device = resolve_device(options.device)
     shard = (0, 1) if ranks is None else (ranks.rank, ranks.world_size)
     images = _images_of(options) if needs_data else None
+    for image in images.files if images is not None else ():
+        current_manifest().declare(Path(image), Source.IMAGE)
     batches, source = _batches_from_options(options, observer, shard) if needs_data and images is None else (None, "")
     if needs_data and options.data is not None:
         from bn_inspect.analyses.user_data import data_batches

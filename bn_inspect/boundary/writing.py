@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -23,7 +23,7 @@ from enum import Enum
 from pathlib import Path
 from typing import BinaryIO
 
-from bn_inspect.boundary.reading import current_manifest, identity_of
+from bn_inspect.boundary.reading import Identity, current_manifest, identity_of
 from bn_inspect.errors import Interrupted, OutputError
 
 _KINDS = {
@@ -33,111 +33,6 @@ _KINDS = {
     stat.S_IFSOCK: "a socket",
     stat.S_IFDIR: "a directory",
 }
-
-
-@dataclass(frozen=True)
-class ProtectedFile:
-    """A file the run reads, which an output must never replace.
-
-    Attributes:
-        role: how the error names it, e.g. ``the --input file``.
-        path: the file.
-    """
-
-    role: str
-    path: Path
-
-
-def check_target(target: Path, protected: Sequence[ProtectedFile] = (), *, option: str = "--output") -> None:
-    """Refuse a target that cannot be written whole or would replace something it must not.
-
-    Args:
-        target: the file to be written.
-        protected: files the run reads; a target that is one of them (the same inode, through
-            any spelling, symlink or hard link) is refused.
-        option: how the errors name the target (``--output``, or ``output`` through the API).
-
-    Raises:
-        OutputError: the target is a directory, a pipe, a device or a socket, one of
-            ``protected``, or its folder is missing or not writable.
-    """
-    _refuse_special(target, option)
-    folder = target.parent.resolve()
-    if not folder.is_dir():
-        raise OutputError(f"{option} {target}: folder {folder} does not exist", "Create it or choose another path")
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"{option} {target}: folder {folder} is not writable", "Choose a writable folder")
-    identity = _identity(target)
-    if identity is None:
-        return
-    for entry in protected:
-        if _identity(entry.path) == identity:
-            raise OutputError(
-                f"{option} {target} is {entry.role} {entry.path}, which this run reads",
-                "Choose another path for the output",
-            )
-
-
-@contextmanager
-def atomic_file(target: Path, *, overwrite: bool = True, option: str = "--output") -> Iterator[BinaryIO]:
-    """A binary stream whose bytes become ``target`` when the block ends without an exception.
-
-    The stream is a temporary file in the target's folder; at the end it is flushed, synced and
-    renamed over the target, so a reader sees the old file or the whole new one. A new file gets
-    the mode an ordinary write would give it (0666 less the umask); a replaced one keeps its mode.
-    The temporary file is removed on every way out: an error, KeyboardInterrupt, or the
-    ``Interrupted`` that the CLI raises on SIGINT and SIGTERM.
-
-    Args:
-        target: the file to write.
-        overwrite: replace an existing target; when False, a target that appears meanwhile is
-            not replaced either (the temporary file is hard-linked into place).
-        option: how the errors name the target.
-
-    Raises:
-        OutputError: the folder cannot take the file, the target became a pipe, device or
-            other non-regular file meanwhile, or it exists and ``overwrite`` is False.
-    """
-    folder = target.parent.resolve()
-    try:
-        descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
-    except OSError as error:
-        raise OutputError(
-            f"cannot write {option} {target}: {error.strerror}", "Check the folder and free space"
-        ) from error
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            # mkstemp makes the file private (0600); give it what an ordinary write would.
-            os.fchmod(stream.fileno(), _mode_for(target))
-            yield stream
-            stream.flush()
-            os.fsync(stream.fileno())
-        # The target was checked before the run; it may have become a pipe or a device since.
-        _refuse_special(target, option)
-        if overwrite:
-            os.replace(temporary, target)
-        else:
-            _link_new(temporary, target, option)
-        _fsync_folder(folder)
-    except OSError as error:
-        raise OutputError(
-            f"cannot write {option} {target}: {error.strerror or error}", "Check the folder and free space"
-        ) from error
-    except Exception as error:
-        # torch's zip writer reports an interrupt inside its write callback as a RuntimeError.
-        interrupt = interruption(error)
-        if interrupt is not None:
-            raise interrupt from None
-        raise
-    finally:
-        with suppress(OSError):
-            os.unlink(temporary)
-
-
-def write_text(target: Path, text: str, *, option: str = "--output") -> None:
-    """Write ``text`` (UTF-8) to ``target`` through ``atomic_file``."""
-    with atomic_file(target, option=option) as stream:
-        stream.write(text.encode("utf-8"))
 
 
 def interruption(error: BaseException) -> BaseException | None:
@@ -150,14 +45,6 @@ def interruption(error: BaseException) -> BaseException | None:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        status = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return status.st_dev, status.st_ino
 
 
 def _refuse_special(target: Path, option: str) -> None:
@@ -196,8 +83,9 @@ def _link_new(temporary: str, target: Path, option: str) -> None:
 
 def _fsync_folder(folder: Path) -> None:
     # The rename itself is durable only once the folder is synced (POSIX; Windows has no folder fds).
+    # O_DIRECTORY: a folder swapped for a named pipe meanwhile fails here instead of blocking.
     try:
-        descriptor = os.open(folder, os.O_RDONLY)
+        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
         return
     try:
@@ -236,6 +124,8 @@ class _Staged:
     temporary: str
     force: bool
     option: str
+    # The temporary file's (device, inode): the target has it once the output is in place.
+    identity: Identity
 
 
 @dataclass
@@ -244,10 +134,12 @@ class OutputSet:
 
     Attributes:
         written: the targets renamed into place so far, in order; what an interrupt reports.
+        on_placed: told each target as soon as it is in place (an observer of the commit).
     """
 
     staged: list[_Staged] = field(default_factory=list)
     written: list[Path] = field(default_factory=list)
+    on_placed: Callable[[Path], None] | None = None
 
     @contextmanager
     def stage(
@@ -272,6 +164,7 @@ class OutputSet:
             with os.fdopen(descriptor, "wb") as stream:
                 # mkstemp makes the file private (0600); give it what an ordinary write would.
                 os.fchmod(stream.fileno(), _mode_for(target))
+                status = os.fstat(stream.fileno())
                 yield stream
                 stream.flush()
                 os.fsync(stream.fileno())
@@ -287,7 +180,7 @@ class OutputSet:
             if interrupt is not None and interrupt is not error:
                 raise interrupt from None
             raise
-        self.staged.append(_Staged(target, temporary, force, option))
+        self.staged.append(_Staged(target, temporary, force, option, (status.st_dev, status.st_ino)))
 
     def commit(self) -> None:
         """Rename every staged output into place, after checking them all again.
@@ -297,31 +190,44 @@ class OutputSet:
                 appeared meanwhile; the message names the outputs already in place.
         """
         staged, self.staged = self.staged, []
+        earlier = list(self.written)
         try:
             for entry in staged:
                 _refuse_target(entry.target, entry.option, force=entry.force)
             for entry in staged:
-                _refuse_special(entry.target, entry.option)
-                _refuse_input(entry.target, entry.option)
-                try:
-                    if entry.force:
-                        os.replace(entry.temporary, entry.target)
-                    else:
-                        _link_new(entry.temporary, entry.target, entry.option)
-                except OSError as error:
-                    raise OutputError(
-                        f"cannot write {entry.option} {entry.target}: {error.strerror or error}",
-                        "Check the folder and free space",
-                    ) from error
-                self.written.append(entry.target)
-                _fsync_folder(entry.target.parent.resolve())
+                self._place(entry)
         except OutputError as error:
             if self.written:
                 raise OutputError(f"{error.what}; written before that: {_listed(self.written)}", error.fix) from error
             raise
+        except BaseException:
+            # An interrupt can land between a rename and its record: what is in place says what was written.
+            self.written = [
+                *earlier,
+                *(entry.target for entry in staged if identity_of(entry.target) == entry.identity),
+            ]
+            raise
         finally:
             for entry in staged:
                 _remove(entry.temporary)
+
+    def _place(self, entry: _Staged) -> None:
+        _refuse_special(entry.target, entry.option)
+        _refuse_input(entry.target, entry.option)
+        try:
+            if entry.force:
+                os.replace(entry.temporary, entry.target)
+            else:
+                _link_new(entry.temporary, entry.target, entry.option)
+        except OSError as error:
+            raise OutputError(
+                f"cannot write {entry.option} {entry.target}: {error.strerror or error}",
+                "Check the folder and free space",
+            ) from error
+        self.written.append(entry.target)
+        _fsync_folder(entry.target.parent.resolve())
+        if self.on_placed is not None:
+            self.on_placed(entry.target)
 
     def discard(self) -> None:
         """Remove every staged temporary file: the run failed, so none of its outputs appears."""
@@ -348,9 +254,10 @@ _CURRENT_OUTPUTS: ContextVar[OutputSet | None] = ContextVar("bn_inspect_outputs"
 
 
 @contextmanager
-def run_outputs() -> Iterator[OutputSet]:
-    """Collect the outputs of the run in this block; the caller commits them, anything left is discarded."""
-    outputs = OutputSet()
+def run_outputs(outputs: OutputSet | None = None) -> Iterator[OutputSet]:
+    """Collect the outputs of the run in this block (in ``outputs``, or a new set); the caller commits
+    them, anything left uncommitted is discarded."""
+    outputs = OutputSet() if outputs is None else outputs
     token = _CURRENT_OUTPUTS.set(outputs)
     try:
         yield outputs

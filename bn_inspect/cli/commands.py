@@ -29,7 +29,6 @@ from bn_inspect.cli.options import (
     DeviceOpt,
     DropColumnOpt,
     FailOnOpt,
-    ForceBaselineOpt,
     ForceOpt,
     GrayscaleOpt,
     IgnoreOpt,
@@ -110,6 +109,7 @@ def inspect_command(
     layer: LayerOpt = None,
     output_format: ReportFormatOpt = OutputFormat.TABLE,
     output: OutputOpt = None,
+    force: ForceOpt = False,
     report: ReportPageOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -136,7 +136,9 @@ def inspect_command(
     patterns = tuple(layer or ())
     inspection = run_inspect(options, observer_for(options), patterns)
     if inspection is not None:
-        write_result(inspection, output_format.value, output, Rendering(channel_patterns=patterns), page=report)
+        write_result(
+            inspection, output_format.value, output, Rendering(channel_patterns=patterns), page=report, force=force
+        )
 
 
 @app.command("check")
@@ -171,7 +173,7 @@ def check_command(
     strict: StrictOpt = None,
     baseline: BaselineOpt = None,
     write_baseline: WriteBaselineOpt = None,
-    force: ForceBaselineOpt = False,
+    force: ForceOpt = False,
     max_drift: MaxDriftOpt = None,
     max_drift_var_ratio: MaxDriftVarRatioOpt = None,
     output_format: CheckFormatOpt = CheckFormat.TABLE,
@@ -194,7 +196,7 @@ def check_command(
     options = RunOptions.of(locals())
     checked = run_check(options, check_gate(locals(), Path.cwd()), observer_for(options), no_data=no_data)
     if checked.report is not None:
-        write_result(checked.report, output_format.value, output, page=report)
+        write_result(checked.report, output_format.value, output, page=report, force=force)
     if not checked.passed:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
@@ -207,6 +209,7 @@ def layers_command(
     trust_pickle: TrustPickleOpt = False,
     output_format: ListingFormatOpt = ListingFormat.TABLE,
     output: OutputOpt = None,
+    force: ForceOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """List every normalization layer and what it stores, without running any data.
@@ -224,7 +227,7 @@ def layers_command(
     from bn_inspect.output.formats import write_result
 
     options = RunOptions.of(locals())
-    write_result(list_layers(options, observer_for(options)), output_format.value, output)
+    write_result(list_layers(options, observer_for(options)), output_format.value, output, force=force)
 
 
 @app.command("compare-modes")
@@ -251,6 +254,7 @@ def compare_modes_command(
     threshold: ThresholdOpt = 0.1,
     output_format: RunFormatOpt = RunFormat.TABLE,
     output: OutputOpt = None,
+    force: ForceOpt = False,
     report: ReportPageOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -273,7 +277,7 @@ def compare_modes_command(
     check_destination(output_format.value, output)
     options = RunOptions.of(locals())
     comparison = run_compare_modes(options, threshold, observer_for(options))
-    write_result(comparison, output_format.value, output, page=report)
+    write_result(comparison, output_format.value, output, page=report, force=force)
 
 
 @app.command("recalibrate")
@@ -305,8 +309,9 @@ def recalibrate_command(
     """Recompute every layer's running mean and (unbiased) variance from your data; write a new file.
 
     The new statistics are the exact population statistics of every value each layer sees over
-    the data. The input file is never overwritten; the output is written atomically, in the input's
-    format (state_dict, checkpoint, safetensors, TorchScript or pickle).
+    the data. The input file is never overwritten; the output is a new file (--force replaces one),
+    written whole with the --report page when the run ends, in the input's format (state_dict,
+    checkpoint, safetensors, TorchScript or pickle).
 
     Examples:
 
@@ -322,9 +327,8 @@ def recalibrate_command(
     result = run_recalibrate(options, method, force, observer_for(options))
     if result is not None:
         # --output is the new model: the before/after report goes to stdout, and as a page to --report.
-        write_result(result, output_format.value, None, Rendering(model_output=str(output)))
-        if report is not None:
-            write_result(result, "html", report, Rendering(model_output=str(output)), option="--report")
+        rendering = Rendering(model_output=str(output))
+        write_result(result, output_format.value, None, rendering, page=report, force=force)
 
 
 @app.command("diff")
@@ -355,6 +359,7 @@ def diff_command(
     var_tolerance: VarToleranceOpt = None,
     output_format: RunFormatOpt = RunFormat.TABLE,
     output: OutputOpt = None,
+    force: ForceOpt = False,
     report: ReportPageOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -382,6 +387,6 @@ def diff_command(
     options = RunOptions.of(locals())
     diff = run_diff(old, new, options, gate.tolerance, gate.thresholds, observer_for(options))
     if diff is not None:
-        write_result(diff, output_format.value, output, page=report)
+        write_result(diff, output_format.value, output, page=report, force=force)
         if not diff.passed:
             raise typer.Exit(EXIT_CHECK_FAILED)

@@ -10,31 +10,39 @@ from collections.abc import Sequence
 
 import typer
 
-from bn_inspect.boundary.writing import interruption
+from bn_inspect.boundary.reading import run_manifest
+from bn_inspect.boundary.writing import OutputSet, interruption, run_outputs
 from bn_inspect.cli import commands as _commands  # noqa: F401 (registers the commands with the app)
 from bn_inspect.cli.app import EXIT_CANNOT_RUN, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, app
 from bn_inspect.cli.console import pause_collector
 from bn_inspect.errors import BnInspectError, Interrupted
 from bn_inspect.text import one_line
 
-INTERRUPTED_LINE = "Error: interrupted; nothing written."
-
 # The signal main()'s handler caught during this run(), if any.
 _signal_received: int | None = None
 
 
-def run(argv: Sequence[str]) -> int:
-    """Run the CLI on ``argv`` and return the exit code; errors become one line on stderr."""
+def run(argv: Sequence[str], *, outputs: OutputSet | None = None) -> int:
+    """Run the CLI on ``argv`` and return the exit code; errors become one line on stderr.
+
+    The run has its own manifest of the files it reads, and its output files are committed together
+    when the command returns, a failed check's too; an error or an interrupt discards those not yet
+    in place, and an interrupt's line names those that are. ``outputs`` collects them (a caller may
+    observe the commit through its ``on_placed``); by default a new set.
+    """
     global _signal_received
     # Bare ``bn-inspect`` asks what the tool does: the help, not a usage error.
     argv = argv or ["--help"]
     debug = "--debug" in argv
     _signal_received = None
+    outputs = OutputSet() if outputs is None else outputs
     try:
         try:
-            with warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings(record=True) as caught, run_manifest(), run_outputs(outputs):
                 warnings.simplefilter("always")
                 result = app(args=list(argv), prog_name="bn-inspect", standalone_mode=False)
+                if result != EXIT_INTERRUPTED:
+                    outputs.commit()
             _print_warnings(caught)
         except BaseException as error:
             code = _interrupted_exit_code(error)
@@ -42,7 +50,7 @@ def run(argv: Sequence[str]) -> int:
                 raise
             if debug:
                 traceback.print_exc()
-            print(INTERRUPTED_LINE, file=sys.stderr)
+            print(f"Error: {outputs.interrupted_line()}", file=sys.stderr)
             return code
     except BnInspectError as error:
         if debug:
@@ -80,7 +88,7 @@ def run(argv: Sequence[str]) -> int:
     if result == EXIT_INTERRUPTED:
         # typer answers a KeyboardInterrupt (SIGINT where main() did not install its handler) with
         # a silent exit 130; no command returns 130 itself.
-        print(INTERRUPTED_LINE, file=sys.stderr)
+        print(f"Error: {outputs.interrupted_line()}", file=sys.stderr)
     return int(result) if isinstance(result, int) else EXIT_OK
 
 

@@ -99,7 +99,9 @@ ModeOpt = Annotated[
 DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="Where the model runs.")]
 OutputOpt = Annotated[
     Path | None,
-    typer.Option("--output", help="Write the report to this file (atomically) instead of stdout; - is stdout."),
+    typer.Option(
+        "--output", help="Write the report to this new file (whole, at the end) instead of stdout; - is stdout."
+    ),
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of any error.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no notes on stderr.")]
@@ -177,7 +179,10 @@ MethodOpt = Annotated[
         "sequential: layer by layer in eval mode, exact for the deployed model.",
     ),
 ]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing --output file.")]
+ForceOpt = Annotated[
+    bool,
+    typer.Option("--force", help="Replace existing output files; without it an existing file is never replaced."),
+]
 RecalibrationFormatOpt = Annotated[
     RunFormat, typer.Option("--format", help="How to print the before/after report (html only into a file or pipe).")
 ]
@@ -190,7 +195,7 @@ RunFormatOpt = Annotated[
 ]
 RecalibrationReportOpt = Annotated[
     Path | None,
-    typer.Option("--report", help="Also write the before/after report as one HTML page to this file (atomically)."),
+    typer.Option("--report", help="Also write the before/after report as one HTML page to this new file."),
 ]
 OldSideArg = Annotated[
     Path,
@@ -227,9 +232,8 @@ BaselineOpt = Annotated[
 ]
 WriteBaselineOpt = Annotated[
     Path | None,
-    typer.Option("--write-baseline", help="Record this run's report as a baseline file (atomically; needs data)."),
+    typer.Option("--write-baseline", help="Record this run's report as a new baseline file (needs data)."),
 ]
-ForceBaselineOpt = Annotated[bool, typer.Option("--force", help="Replace an existing --write-baseline file.")]
 MaxDriftOpt = Annotated[
     float | None,
     typer.Option("--max-drift", min=0, help="|Mean change| since --baseline allowed, in old std (default 0.5)."),
@@ -244,7 +248,7 @@ ReportPageOpt = Annotated[
     Path | None,
     typer.Option(
         "--report",
-        help="Also write the result as one HTML page to this file (atomically), from the same run as --output.",
+        help="Also write the result as one HTML page to this new file, from the same run as --output.",
     ),
 ]
 ResizeOpt = Annotated[

@@ -10,7 +10,8 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from bn_inspect.boundary.writing import ProtectedFile, atomic_file, check_target
+from bn_inspect.boundary.reading import Source, current_manifest
+from bn_inspect.boundary.writing import Destination, check_output_target, output_file
 from bn_inspect.errors import BnInspectError, OutputError
 from bn_inspect.model.archives import load_exported_program
 from bn_inspect.model.state_dict import extract_state_dict, strip_prefixes
@@ -51,12 +52,13 @@ def save_like(
       (``trust_pickle`` as then; its sample inputs are left out), with every buffer and parameter
       taken from ``model`` (its ``ep.module()``), saved with ``torch.export.save``.
 
-    The input file is never written: an output that is the input (by any spelling, symlink or
-    hard link) is refused, and so is an output that is not a regular file (a pipe, a device).
-    The file is written through ``bn_inspect.boundary.writing.atomic_file``: a temporary file in the
-    output's folder, flushed to disk and renamed over the output, so a reader never sees a partial
-    file, removed on any interruption; a new file's mode follows the umask. An existing output is
-    refused unless ``force``.
+    The input file is never written: it goes into the run's manifest, so an output that is the
+    input (by any spelling, symlink or hard link), or any other file the run reads, is refused, and
+    so is an output that is not a regular file (a pipe, a device). The file is written through the
+    writer policy (``bn_inspect.boundary.writing.output_file``): a temporary file in the output's
+    folder, flushed to disk and moved into place at the run's commit (at once outside a CLI run),
+    so a reader never sees a partial file, removed on any interruption; a new file's mode follows
+    the umask. An existing output is refused unless ``force``, even one that appears meanwhile.
 
     Args:
         original_path: the model file the model was loaded from.
@@ -77,11 +79,11 @@ def save_like(
     """
     source, output = Path(original_path), Path(output_path)
     file_format = _save_format(loaded_format)
-    check_target(output, [ProtectedFile("the input model file", source)], option="output")
-    if output.exists() and not force:
-        raise OutputError(f"output {output} already exists", "Pass --force to replace it, or choose another path")
+    current_manifest().declare(source, Source.MODEL)
+    # Refused before the input is read again, which can take long.
+    check_output_target(output, Destination.MODEL, force=force)
     write = _writer(source, file_format, model, original, trust_pickle)
-    with atomic_file(output, overwrite=force, option="output") as stream:
+    with output_file(output, Destination.MODEL, force=force) as stream:
         write(stream)
     return output
 

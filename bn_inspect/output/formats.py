@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from bn_inspect.boundary.writing import write_text
+from bn_inspect.boundary.writing import Destination, write_output
 from bn_inspect.errors import OutputError
 from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
 from bn_inspect.report.diff import DiffReport
@@ -213,26 +213,36 @@ def write_result(
     format_name: str,
     output: Path | None,
     rendering: Rendering = Rendering(),
-    option: str = "--output",
+    *,
     page: Path | None = None,
+    force: bool = False,
 ) -> None:
-    """Write ``result`` in the named format to ``output`` (atomically), or to stdout for None or ``-``.
+    """Write ``result`` in the named format to ``output``, or to stdout for None or ``-``.
 
-    ``option`` is how an error names the file (``--output``, or recalibrate's ``--report``). With
-    ``page`` (--report), the result is also written there as one HTML page, from the same run: CI gets
-    Markdown for its job summary and the page as an artifact at once.
+    A file goes through the writer policy (``bn_inspect.boundary.writing``): written whole at the
+    run's commit, never over a file the run reads, nor over an existing one unless ``force``. With
+    ``page`` (--report), the result is also written there as one HTML page, from the same run: CI
+    gets Markdown for its job summary and the page as an artifact at once.
     """
-    write_one(result, format_name, output, rendering, option)
+    write_one(result, format_name, output, rendering, Destination.RESULT, force=force)
     if page is not None:
-        write_one(result, HtmlFormatter.name, page, rendering, "--report")
+        write_one(result, HtmlFormatter.name, page, rendering, Destination.PAGE, force=force)
 
 
-def write_one(result: Result, format_name: str, output: Path | None, rendering: Rendering, option: str) -> None:
-    """Write ``result`` in the named format to ``output`` (atomically), or to stdout for None or ``-``."""
+def write_one(
+    result: Result,
+    format_name: str,
+    output: Path | None,
+    rendering: Rendering,
+    destination: Destination,
+    *,
+    force: bool = False,
+) -> None:
+    """Write ``result`` in the named format to ``output`` as ``destination``, or to stdout for None or ``-``."""
     formatter = FORMATTERS[format_name]
     check_destination(format_name, output)
     if output is not None and str(output) != "-":
-        write_text(output, formatter.text(result, rendering), option=option)
+        write_output(output, formatter.text(result, rendering), destination, force=force)
     elif isinstance(formatter, TableFormatter):
         formatter.print(result, rendering)
     else:

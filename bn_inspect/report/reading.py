@@ -16,7 +16,7 @@ import types
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from bn_inspect.boundary.writing import write_text
+from bn_inspect.boundary.writing import Destination, write_output
 from bn_inspect.errors import ReportFileError
 from bn_inspect.report.records import SCHEMA_VERSION, Report
 
@@ -148,6 +148,8 @@ def _record(value: Any, record: type, where: str) -> Any:
     return record(**chosen)
 
 
-def write_report(path: Path, report: Report, *, option: str = "--write-baseline") -> None:
-    """Write ``report`` as the JSON document ``inspect --format json`` writes, atomically."""
-    write_text(path, json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n", option=option)
+def write_report(path: Path, report: Report, *, force: bool = False) -> None:
+    """Write ``report`` as the JSON document ``inspect --format json`` writes, as a baseline (the
+    writer policy: at the run's commit, never over an existing file unless ``force``)."""
+    text = json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n"
+    write_output(path, text, Destination.BASELINE, force=force)
