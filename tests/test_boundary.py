@@ -72,7 +72,9 @@ def test_what_is_opened_is_recorded_by_inode_in_the_runs_manifest(tmp_path: Path
         assert identity is not None
         entry = manifest.entry_for(identity)
         assert entry is not None and entry.source is Source.INPUT_FILE
-    assert current_manifest() is not manifest
+        with run_manifest() as joined:
+            assert joined is manifest
+    assert current_manifest() is not manifest and not current_manifest().entries
 
 
 def test_an_output_never_replaces_a_file_the_run_reads_even_with_force(tmp_path: Path) -> None:

@@ -85,17 +85,25 @@ _CURRENT: ContextVar[RunManifest | None] = ContextVar("bn_inspect_run_manifest",
 
 
 def current_manifest() -> RunManifest:
-    """The manifest of the run in progress; outside a run, a fresh one that nothing else sees."""
-    manifest = _CURRENT.get()
-    if manifest is None:
-        manifest = RunManifest()
-        _CURRENT.set(manifest)
-    return manifest
+    """The manifest of the run in progress; outside a run, an empty one that nothing keeps.
+
+    Nothing is kept outside a run so that one Python API call's reads never constrain the next
+    call's writes (a file read earlier in a long-lived process may be a legitimate output later).
+    """
+    return _CURRENT.get() or RunManifest()
 
 
 @contextmanager
 def run_manifest() -> Iterator[RunManifest]:
-    """A new manifest for the run in this block, whatever an earlier run recorded."""
+    """The manifest of the run in this block: the run in progress if there is one, else a new one.
+
+    Joining lets an API entry point that reads and writes (``save_like``) open its own run and still
+    see everything a CLI run around it has read.
+    """
+    active = _CURRENT.get()
+    if active is not None:
+        yield active
+        return
     manifest = RunManifest()
     token = _CURRENT.set(manifest)
     try:

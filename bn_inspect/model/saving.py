@@ -10,7 +10,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from bn_inspect.boundary.reading import Source, current_manifest
+from bn_inspect.boundary.reading import Source, run_manifest
 from bn_inspect.boundary.writing import Destination, check_output_target, output_file
 from bn_inspect.errors import BnInspectError, OutputError
 from bn_inspect.model.archives import load_exported_program
@@ -79,12 +79,13 @@ def save_like(
     """
     source, output = Path(original_path), Path(output_path)
     file_format = _save_format(loaded_format)
-    current_manifest().declare(source, Source.MODEL)
-    # Refused before the input is read again, which can take long.
-    check_output_target(output, Destination.MODEL, force=force)
-    write = _writer(source, file_format, model, original, trust_pickle)
-    with output_file(output, Destination.MODEL, force=force) as stream:
-        write(stream)
+    with run_manifest() as manifest:
+        manifest.declare(source, Source.MODEL)
+        # Refused before the input is read again, which can take long.
+        check_output_target(output, Destination.MODEL, force=force)
+        write = _writer(source, file_format, model, original, trust_pickle)
+        with output_file(output, Destination.MODEL, force=force) as stream:
+            write(stream)
     return output
 
 
