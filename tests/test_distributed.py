@@ -48,6 +48,7 @@ from bn_inspect.engine.preserve import preserved_state
 from bn_inspect.errors import BnInspectError, DistributedError, InputError, RankFailure
 from bn_inspect.model.layers import NormLayer, iter_norm_layers
 from bn_inspect.report.records import BufferDivergence, LayerDivergence, RankDivergence
+from bn_inspect.text import Untrusted
 from tests.conftest import state_fingerprint
 from tests.helpers import REPO
 from tests.models import ChannelLayerNorm, randomize_norm_state, uneven_batches
@@ -720,11 +721,11 @@ def test_failures_of_several_ranks_are_named_in_one_line() -> None:
 def test_divergence_findings_respect_the_tolerance_and_nan() -> None:
     def divergence(difference: float) -> RankDivergence:
         buffer = BufferDivergence("running_var", difference, (1,), (0,))
-        return RankDivergence(2, (LayerDivergence("bn", "BatchNorm2d", (buffer,)),))
+        return RankDivergence(2, (LayerDivergence(Untrusted("bn"), Untrusted("BatchNorm2d"), (buffer,)),))
 
     assert divergence_findings(divergence(1e-9), tolerance=1e-6) == []
     assert [f.code for f in divergence_findings(divergence(1e-3), tolerance=1e-6)] == ["BN111"]
-    assert [f.layer for f in divergence_findings(divergence(math.nan), tolerance=1.0)] == ["bn"]
+    assert [f.layer for f in divergence_findings(divergence(math.nan), tolerance=1.0)] == [Untrusted("bn")]
 
 
 def test_local_sync_batch_norm_is_undone_even_when_the_block_raises() -> None:
