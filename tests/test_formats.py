@@ -55,7 +55,7 @@ def test_export_archive_names_layers_by_module_path_and_matches_eager(tmp_path: 
     exported = inspect_unchanged(loaded.module, [x])
     eager = inspect_unchanged(model, [x])
     assert [entry.name.raw for entry in exported.layers] == ["stem.1", "block.1"]
-    assert [entry.type for entry in exported.layers] == ["BatchNorm2d", "BatchNorm2d"]
+    assert [entry.type.raw for entry in exported.layers] == ["BatchNorm2d", "BatchNorm2d"]
     for a, b in zip(eager.layers, exported.layers, strict=True):
         np.testing.assert_allclose(a.batch_mean, b.batch_mean, rtol=1e-6)
         np.testing.assert_allclose(a.batch_var, b.batch_var, rtol=1e-5)
@@ -113,7 +113,7 @@ def test_functional_and_module_batch_norm_together() -> None:
     model = models.randomize_norm_state(StemWithFunctional()).eval()
     x = models.make_input((4, 3, 5, 5))
     report = inspect_unchanged(model, [x, x])
-    assert [(entry.name, entry.type) for entry in report.layers] == [
+    assert [(entry.name.raw, entry.type.raw) for entry in report.layers] == [
         ("bn", "BatchNorm2d"),
         ("head.rm", "functional batch_norm"),
     ]

@@ -216,12 +216,12 @@ def test_sequential_makes_eval_inputs_match_the_new_statistics_and_differs_from_
     report = inspect_model(model, batches)
     assert [entry.name.raw for entry in report.layers] == ["bn1", "bn2", "side", "bn3"]
     for entry in report.layers:
-        _, var, tracked = buffers(model, entry.name)
+        _, var, tracked = buffers(model, entry.name.raw)
         assert entry.batch_mean is not None and entry.batch_var_unbiased is not None
         assert max(abs(z) for z in entry.mean_shift_z or ()) < 1e-5
         np.testing.assert_allclose(entry.batch_var_unbiased, var, rtol=1e-5)
         assert tracked == 5
-        after = result.layer(entry.name)
+        after = result.layer(entry.name.raw)
         assert after.max_abs_shift_z_after is not None and after.max_abs_shift_z_after < 1e-5
     # Downstream of bn1, eval inputs (population statistics upstream) differ from train inputs.
     for name in ("bn2", "bn3"):
@@ -238,7 +238,7 @@ def test_before_is_measured_on_the_model_as_given(method: str) -> None:
     result = recalibrate(model, batches, method=method)
     for entry in given.layers:
         # sequential measures bn2, side and bn3 after bn1 was rewritten; "before" is the model as given.
-        before = result.layer(entry.name)
+        before = result.layer(entry.name.raw)
         assert entry.max_abs_shift_z is not None and entry.worst_var_ratio is not None
         assert before.max_abs_shift_z_before == pytest.approx(entry.max_abs_shift_z, rel=1e-5)
         assert before.worst_var_ratio_before == pytest.approx(entry.worst_var_ratio, rel=1e-5)
@@ -357,8 +357,8 @@ def test_sequential_resumed_at_stage_inputs_gives_the_buffers_of_full_passes() -
     result = recalibrate(model, batches, method="sequential")
     reference = recalibrate(wrapped, batches, method="sequential")
     assert state_fingerprint(model) == state_fingerprint(wrapped.inner)
-    assert [(e.name, e.wave, e.num_calls) for e in result.layers] == [
-        (e.name.removeprefix("inner."), e.wave, e.num_calls) for e in reference.layers
+    assert [(e.name.raw, e.wave, e.num_calls) for e in result.layers] == [
+        (e.name.raw.removeprefix("inner."), e.wave, e.num_calls) for e in reference.layers
     ]
     assert result.num_passes == reference.num_passes and len(result.notes) == len(reference.notes) == 1
 
@@ -418,7 +418,7 @@ def test_layers_without_running_statistics_are_skipped_with_reasons() -> None:
     model = models.randomize_norm_state(Mixed()).eval()
     result = recalibrate(model, [models.make_input((8, 4))])
     assert [entry.name.raw for entry in result.layers] == ["bn"]
-    reasons = {skip.name: skip.reason for skip in result.skipped}
+    reasons = {skip.name.raw: skip.reason for skip in result.skipped}
     assert "track_running_stats=False" in reasons["untracked"]
     assert "GroupNorm keeps no running statistics" in reasons["gn"]
     assert reasons["unused"] == "not executed on these batches"
