@@ -50,11 +50,11 @@ Hostile = type({HOSTILE_TYPE!r}, (nn.BatchNorm2d,), {{}})
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 1)
+        self.add_module(NAME + "conv", nn.Conv2d(3, 4, 1))
         self.add_module(NAME, Hostile(4))
 
     def forward(self, x):
-        return getattr(self, NAME)(self.conv(x))
+        return getattr(self, NAME)(getattr(self, NAME + "conv")(x))
 """
 
 
@@ -279,3 +279,13 @@ def test_an_error_quoting_a_hostile_path_is_one_inert_line(capsys: pytest.Captur
         assert result.code == 2
         assert_one_error_line(result, "\\x1b[31m\\x07", "::error::pwned")
         _assert_inert(result.err, "stderr")
+
+
+@pytest.mark.surface("render:stderr", "inert")
+def test_a_note_quoting_a_hostile_layer_is_inert(capsys: pytest.CaptureFixture[str], tmp_path: Path, arch: str) -> None:
+    # Without --input the run says which layer its random input's shape was read off: the hostile conv.
+    result = invoke(capsys, ["inspect", tmp_path / "model.pt", "--arch", arch])
+    assert result.code == 0, result.err
+    assert "\\x1b[31m\\x07\\n::error::pwned" in result.err
+    _assert_inert(result.err, "stderr")
+    _assert_inert(result.out, "table")
