@@ -63,6 +63,10 @@ class Untrusted:
     def __str__(self) -> str:
         return self.inert()
 
+    def __bool__(self) -> bool:
+        # As a str: an empty name or version is false (``if old.torch_version and ...``).
+        return bool(self.raw)
+
     def __format__(self, spec: str) -> str:
         return format(self.inert(), spec)
 

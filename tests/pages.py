@@ -18,6 +18,7 @@ from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
 from bn_inspect.report.diff import DiffReport, diff_reports
 from bn_inspect.report.findings import CheckReport
 from bn_inspect.report.records import InputInfo, LayerReport, ModelInfo, Report
+from bn_inspect.text import Untrusted
 
 # Layer names are user data: each tries to become markup, end a script block, or move the terminal.
 HOSTILE_NAMES = (
@@ -58,7 +59,7 @@ def hostile_results() -> HostileResults:
     torch.manual_seed(0)
     model = HostileNet().eval()
     batches = [torch.randn(8, 4, 5, 5) * 3 + 2 for _ in range(3)]
-    info = ModelInfo("<b>hostile</b>.pt", "pickle")
+    info = ModelInfo.of("<b>hostile</b>.pt", "pickle")
     report = bn_inspect.inspect_model(model, batches, model_info=info, input_source="<i>data</i>.npy")
     check = bn_inspect.check_model(model, batches, model_info=info)
     comparison = bn_inspect.compare_modes(model, batches)
@@ -98,9 +99,9 @@ def resnet50_report(batch: int = 8) -> Report:
 
         layers.append(
             LayerReport(
-                name=f"layer{index // 10}.{index % 10}.bn{index % 3 + 1}",
+                name=Untrusted(f"layer{index // 10}.{index % 10}.bn{index % 3 + 1}"),
                 call=0,
-                type="BatchNorm2d",
+                type=Untrusted("BatchNorm2d"),
                 family="batch",
                 num_channels=channels,
                 input_shape=(batch, channels, height, width),
@@ -120,9 +121,18 @@ def resnet50_report(batch: int = 8) -> Report:
                 running_var=floats(0.05, 2),
                 weight=floats(0.5, 1.5),
                 bias=floats(-0.5, 0.5),
-                explanation=f"layer{index} (BatchNorm2d) got ({batch}, {channels}, {height}, {width}) = (N, C, H, W): "
-                f"{channels} means and {channels} variances, each over N×H×W = {values:,} values.",
+                explanation=Untrusted(
+                    f"layer{index} (BatchNorm2d) got ({batch}, {channels}, {height}, {width}) = (N, C, H, W): "
+                    f"{channels} means and {channels} variances, each over N×H×W = {values:,} values."
+                ),
             )
         )
-    data = InputInfo("val.npy", (batch, 3, 224, 224), "float32", 4, 4 * batch)
-    return Report(ModelInfo("resnet50.pt", "pickle"), data, "eval", "cpu", tuple(layers), torch_version="2.13.0")
+    data = InputInfo(Untrusted("val.npy"), (batch, 3, 224, 224), Untrusted("float32"), 4, 4 * batch)
+    return Report(
+        ModelInfo.of("resnet50.pt", "pickle"),
+        data,
+        Untrusted("eval"),
+        Untrusted("cpu"),
+        tuple(layers),
+        torch_version=Untrusted("2.13.0"),
+    )

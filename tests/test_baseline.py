@@ -14,6 +14,7 @@ from bn_inspect.analyses.inspection import inspect_model
 from bn_inspect.report.baseline import Baseline
 from bn_inspect.report.diff import Tolerance
 from bn_inspect.report.schemas import schema
+from bn_inspect.text import Untrusted
 from tests.helpers import DIGITS, assert_one_error_line, invoke
 from tests.test_diff import _data, _net, _renamed_net
 
@@ -145,7 +146,7 @@ def test_a_renamed_layer_is_a_layer_set_change_through_the_python_api() -> None:
     assert not [f for f in same.findings if f.code.startswith("BN3")]
     renamed = check_model(_renamed_net(), [data], baseline=known_good)
     layer_set = [f for f in renamed.findings if f.code == "BN303"]
-    assert len(layer_set) == 1 and layer_set[0].layer == "norm_two"
+    assert len(layer_set) == 1 and layer_set[0].layer == Untrusted("norm_two")
     assert "bn2 of the baseline is now named norm_two" in layer_set[0].message and not renamed.passed
     without_data = check_model(_renamed_net(), None, baseline=known_good)
     assert [f.code for f in without_data.findings if f.code.startswith("BN3")] == ["BN303"]

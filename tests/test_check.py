@@ -15,6 +15,7 @@ from torch import nn
 from bn_inspect.analyses.checking import check_model
 from bn_inspect.cli.main import run
 from bn_inspect.report.findings import RULES, Severity, Thresholds
+from bn_inspect.text import Untrusted
 from tests import models
 from tests.conftest import state_fingerprint
 from tests.helpers import DIGITS, REPO, SAMPLES
@@ -96,8 +97,8 @@ def test_shift_rule_names_the_first_divergent_layer() -> None:
     model = models.randomize_norm_state(models.ConvBN2d()).eval()
     result = check_model(model, [models.make_input((4, 3, 6, 6), mean=3.0)])
     shifted = [f for f in result.findings if f.code == "BN201"]
-    assert [f.layer for f in shifted] == ["bn1", "bn2"]
-    assert result.first_divergent == "bn1"
+    assert [f.layer for f in shifted] == [Untrusted("bn1"), Untrusted("bn2")]
+    assert result.first_divergent == Untrusted("bn1")
     assert not result.passed
 
 

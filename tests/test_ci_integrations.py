@@ -17,6 +17,7 @@ import yaml
 
 from bn_inspect.cli.each import run_each
 from tests.helpers import DIGITS, REPO
+from tests.test_hostile_entries import hook_script
 
 MODEL = DIGITS / "torchscript.pt"
 MATCHING = DIGITS / "test_images.npy"
@@ -54,9 +55,12 @@ def _run_hook(files: list[Path], args: list[str] | None = None) -> subprocess.Co
     """What pre-commit runs for a python hook: the entry's words, the hook's args, then the files."""
     hook = _hook()
     command = shlex.split(hook["entry"]) + (hook["args"] if args is None else args) + [str(f) for f in files]
-    assert command[0] == "python"  # the interpreter of the hook's own environment
     return subprocess.run(
-        [sys.executable, *command[1:]], capture_output=True, text=True, env=_environment(), timeout=600
+        [sys.executable, hook_script(command[0]), *command[1:]],
+        capture_output=True,
+        text=True,
+        env=_environment(),
+        timeout=600,
     )
 
 

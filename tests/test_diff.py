@@ -18,6 +18,7 @@ from bn_inspect.output.export import diff_to_markdown
 from bn_inspect.output.formats import Rendering, TableFormatter
 from bn_inspect.report.diff import Tolerance, diff_reports
 from bn_inspect.report.records import ModelInfo, Report
+from bn_inspect.text import Untrusted
 from tests import models
 from tests.helpers import DIGITS, GOLDEN, assert_one_error_line, check_golden, invoke
 
@@ -39,7 +40,9 @@ def _data(mean: float = 1e4, std: float = 1e-2, seed: int = 0) -> torch.Tensor:
 
 
 def _report(model: nn.Module, data: torch.Tensor, source: str = "data.npy") -> Report:
-    return inspect_model(model, [data[:4], data[4:]], model_info=ModelInfo("model.pt", "module"), input_source=source)
+    return inspect_model(
+        model, [data[:4], data[4:]], model_info=ModelInfo.of("model.pt", "module"), input_source=source
+    )
 
 
 def test_every_change_equals_a_float64_reference_on_large_means_and_tiny_variances() -> None:
@@ -53,7 +56,7 @@ def test_every_change_equals_a_float64_reference_on_large_means_and_tiny_varianc
         new_model.bn1.running_var.copy_(old_model.bn1.running_var * torch.tensor([1.1, 0.5, 1.0]))
     old_data, new_data = _data(), _data(seed=1) * 1.000001 + 0.003
     diff = diff_reports(_report(old_model, old_data), _report(new_model, new_data))
-    layer = next(c for c in diff.layers if c.new == "bn1")
+    layer = next(c for c in diff.layers if c.new == Untrusted("bn1"))
     eps = old_model.bn1.eps
     rm_old, rv_old = (old_model.bn1.running_mean.numpy(), old_model.bn1.running_var.numpy())
     rm_new, rv_new = (new_model.bn1.running_mean.numpy(), new_model.bn1.running_var.numpy())
@@ -67,7 +70,7 @@ def test_every_change_equals_a_float64_reference_on_large_means_and_tiny_varianc
         layer.batch.mean_change, (new_x.mean(axis=1) - old_x.mean(axis=1)) / np.sqrt(old_var + eps), rtol=1e-6
     )
     np.testing.assert_allclose(layer.batch.var_ratio, new_var / old_var, rtol=1e-6)
-    assert layer.status == "changed" and diff.first_changed == "bn1" and not diff.passed
+    assert layer.status == "changed" and diff.first_changed == Untrusted("bn1") and not diff.passed
     assert diff.layers[0].size >= diff.layers[-1].size
 
 
@@ -78,11 +81,11 @@ def test_changes_are_sorted_by_size_and_the_first_changed_layer_is_in_execution_
         new_model.bn3.running_var.mul_(9.0)  # far beyond 1.5
     data = _data(mean=0.0, std=1.0)
     diff = diff_reports(_report(old_model, data), _report(new_model, data), thresholds=None)
-    assert [c.label for c in diff.layers][:2] == ["bn3", "bn2"]
-    assert diff.first_changed == "bn2"
-    assert [c.label for c in diff.beyond] == ["bn3", "bn2"]
+    assert [c.label.raw for c in diff.layers][:2] == ["bn3", "bn2"]
+    assert diff.first_changed == Untrusted("bn2")
+    assert [c.label.raw for c in diff.beyond] == ["bn3", "bn2"]
     # bn2's output moved with its running mean, so bn3's batch statistics moved too; bn1 saw the same data.
-    assert next(c for c in diff.layers if c.label == "bn1").size == 0
+    assert next(c for c in diff.layers if c.label.raw == "bn1").size == 0
     assert diff_reports(_report(old_model, data), _report(new_model, data), Tolerance(1e3, 1e3)).passed
 
 
@@ -97,10 +100,14 @@ def test_a_layer_renamed_in_place_is_reported_as_renamed_not_removed_and_added()
     diff = diff_reports(_report(_net(), data), _report(_renamed_net(), data))
     by_status = {c.status: c for c in diff.layers}
     renamed = by_status["renamed"]
-    assert renamed.label == "bn2 → norm_two" and renamed.old == "bn2" and renamed.new == "norm_two"
+    assert (
+        renamed.label.raw == "bn2 → norm_two"
+        and renamed.old == Untrusted("bn2")
+        and renamed.new == Untrusted("norm_two")
+    )
     assert renamed.running is not None and renamed.running.max_abs_mean_change == 0
     assert {c.status for c in diff.layers} == {"renamed", "unchanged"}
-    assert diff.first_changed == "bn2 → norm_two" and not diff.passed
+    assert diff.first_changed == Untrusted("bn2 → norm_two") and not diff.passed
 
 
 def test_added_removed_and_channel_count_changes_are_structural() -> None:
@@ -109,14 +116,14 @@ def test_added_removed_and_channel_count_changes_are_structural() -> None:
     wider = _report(_net(channels=(3, 6, 5)), data)
     diff = diff_reports(base, wider)
     # bn3 sees other data through a wider conv: changed, not structural.
-    assert {c.label: c.status for c in diff.layers} == {"bn1": "unchanged", "bn2": "channels", "bn3": "changed"}
+    assert {c.label.raw: c.status for c in diff.layers} == {"bn1": "unchanged", "bn2": "channels", "bn3": "changed"}
     assert next(c for c in diff.layers if c.status == "channels").old_channels == 5
     # A layer of another type at the same place is no rename.
     longer = _report(_net(("bn1", "bn2", "bn3", "bn4"), (3, 5, 5, 2)), data)
-    assert {c.label: c.status for c in diff_reports(base, longer).layers}["bn4"] == "added"
+    assert {c.label.raw: c.status for c in diff_reports(base, longer).layers}["bn4"] == "added"
     shorter = diff_reports(longer, base)
     removed = next(c for c in shorter.layers if c.status == "removed")
-    assert removed.old == "bn4" and removed.position == 3 and shorter.first_changed == "bn4"
+    assert removed.old == Untrusted("bn4") and removed.position == 3 and shorter.first_changed == Untrusted("bn4")
     different = _report(_net(("bn1", "bn2", "other"), (3, 5, 4)), data)
     assert {c.status for c in diff_reports(base, different).layers} == {"unchanged", "added", "removed"}
 
@@ -135,7 +142,7 @@ def test_a_nan_running_statistic_is_beyond_any_tolerance() -> None:
     with torch.no_grad():
         broken.bn3.running_var[0] = math.nan
     diff = diff_reports(_report(_net(), data), _report(broken, data), Tolerance(1e9, 1e9))
-    assert [c.label for c in diff.beyond] == ["bn3"] and math.isinf(diff.beyond[0].size)
+    assert [c.label.raw for c in diff.beyond] == ["bn3"] and math.isinf(diff.beyond[0].size)
 
 
 def test_notes_say_when_the_reports_are_not_comparable() -> None:
@@ -151,7 +158,7 @@ def test_notes_say_when_the_reports_are_not_comparable() -> None:
     notes = diff_reports(old, single).notes
     assert any("OLD ran in float64 and NEW in float32" in n for n in notes)
     assert not any("another first batch" in n for n in notes)  # the dtype note says it
-    on_gpu = dataclasses.replace(old, device="cuda:0")
+    on_gpu = dataclasses.replace(old, device=Untrusted("cuda:0"))
     assert diff_reports(old, on_gpu).notes == ("OLD ran on cpu and NEW on cuda:0: expect rounding differences",)
     older = dataclasses.replace(old, input=dataclasses.replace(old.input, first_batch_sha256=None))
     assert any("no data fingerprint" in n for n in diff_reports(older, old).notes)

@@ -47,7 +47,8 @@ from bn_inspect.engine.moments import ChannelMoments, InstanceMoments
 from bn_inspect.engine.preserve import preserved_state
 from bn_inspect.errors import BnInspectError, DistributedError, InputError, RankFailure
 from bn_inspect.model.layers import NormLayer, iter_norm_layers
-from bn_inspect.report.records import BufferDivergence, LayerDivergence, RankDivergence
+from bn_inspect.report.records import BufferDivergence, LayerDivergence, RankDivergence, json_ready
+from bn_inspect.text import Untrusted
 from tests.conftest import state_fingerprint
 from tests.helpers import REPO
 from tests.models import ChannelLayerNorm, randomize_norm_state, uneven_batches
@@ -205,7 +206,7 @@ def _sync_phase(directory: Path, ctx: DistributedContext) -> None:
     with fail_together(ctx.group), local_sync_batch_norm(model):
         run = record_locally(model, batches, training=True)
     merged = merge_run_across_ranks(run.records, run.totals, ctx.group, layers=run.layers)
-    groups = [dataclasses.asdict(group) for group in sync_batch_norm_groups(model)]
+    groups = [json_ready(dataclasses.asdict(group)) for group in sync_batch_norm_groups(model)]
     _write(directory, "sync", ctx.rank, {"records": describe_records(merged.records), "groups": groups})
 
 
@@ -231,8 +232,13 @@ def _divergence_phase(directory: Path, ctx: DistributedContext) -> None:
             model.bn_in.running_mean[1] -= 0.25
             model.shared.running_var[0] *= 2
     divergence = rank_divergence(model, ctx.group)
-    findings = [dataclasses.asdict(f) for f in divergence_findings(divergence)]
-    _write(directory, "divergence", ctx.rank, {"divergence": dataclasses.asdict(divergence), "findings": findings})
+    findings = [json_ready(dataclasses.asdict(f)) for f in divergence_findings(divergence)]
+    _write(
+        directory,
+        "divergence",
+        ctx.rank,
+        {"divergence": json_ready(dataclasses.asdict(divergence)), "findings": findings},
+    )
 
 
 def _api_phase(directory: Path, ctx: DistributedContext) -> None:
@@ -251,7 +257,7 @@ def _api_phase(directory: Path, ctx: DistributedContext) -> None:
         "api",
         ctx.rank,
         {
-            "findings": [[f.code, f.layer, f.message] for f in check.findings],
+            "findings": [[f.code, json_ready(f.layer), f.message] for f in check.findings],
             "notes": list(check.notes),
             "report": report.to_dict(),
             "unchanged": before == state_fingerprint(model),
@@ -561,7 +567,9 @@ def test_the_python_api_joins_the_users_group_and_reports_divergence_as_bn111(
     single = check_model(
         make_model(), uneven_batches(UNEVEN_SIZES, draw=make_samples), distributed=DistributedContext()
     )
-    assert [[f.code, f.layer] for f in single.findings] == [f[:2] for f in result["findings"] if f[0] != "BN111"]
+    assert [[f.code, json_ready(f.layer)] for f in single.findings] == [
+        f[:2] for f in result["findings"] if f[0] != "BN111"
+    ]
     section = result["report"]["distributed"]
     assert [s["num_samples"] for s in section["shares"]] == [13, 1]
     assert section["sync_batch_norm"] == [{"name": "shared", "ranks": [0, 1], "is_world": True}]
@@ -720,11 +728,11 @@ def test_failures_of_several_ranks_are_named_in_one_line() -> None:
 def test_divergence_findings_respect_the_tolerance_and_nan() -> None:
     def divergence(difference: float) -> RankDivergence:
         buffer = BufferDivergence("running_var", difference, (1,), (0,))
-        return RankDivergence(2, (LayerDivergence("bn", "BatchNorm2d", (buffer,)),))
+        return RankDivergence(2, (LayerDivergence(Untrusted("bn"), Untrusted("BatchNorm2d"), (buffer,)),))
 
     assert divergence_findings(divergence(1e-9), tolerance=1e-6) == []
     assert [f.code for f in divergence_findings(divergence(1e-3), tolerance=1e-6)] == ["BN111"]
-    assert [f.layer for f in divergence_findings(divergence(math.nan), tolerance=1.0)] == ["bn"]
+    assert [f.layer for f in divergence_findings(divergence(math.nan), tolerance=1.0)] == [Untrusted("bn")]
 
 
 def test_local_sync_batch_norm_is_undone_even_when_the_block_raises() -> None:

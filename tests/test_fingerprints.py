@@ -55,7 +55,7 @@ def test_the_python_api_has_no_model_file_to_hash_but_fingerprints_its_data() ->
     assert report.model.sha256 is None
     assert report.input.first_batch_sha256 == inspect_model(model, [x]).input.first_batch_sha256
     assert report.input.first_batch_sha256 != inspect_model(model, [x + 1]).input.first_batch_sha256
-    assert report.bn_inspect_version == bn_inspect.__version__
+    assert report.bn_inspect_version.raw == bn_inspect.__version__
 
 
 def test_a_keyword_batch_and_a_bfloat16_batch_are_fingerprinted() -> None:

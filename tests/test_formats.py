@@ -21,6 +21,7 @@ from bn_inspect.analyses.recalibration import recalibrate
 from bn_inspect.cli.main import run
 from bn_inspect.errors import ExportModeError
 from bn_inspect.model.loading import load_model
+from bn_inspect.text import Untrusted
 from tests import models
 from tests.conftest import state_fingerprint
 from tests.helpers import DIGITS, SAMPLES
@@ -53,8 +54,8 @@ def test_export_archive_names_layers_by_module_path_and_matches_eager(tmp_path: 
     loaded = load_model(export(model, x, tmp_path / "nested.pt2"))
     exported = inspect_unchanged(loaded.module, [x])
     eager = inspect_unchanged(model, [x])
-    assert [entry.name for entry in exported.layers] == ["stem.1", "block.1"]
-    assert [entry.type for entry in exported.layers] == ["BatchNorm2d", "BatchNorm2d"]
+    assert [entry.name.raw for entry in exported.layers] == ["stem.1", "block.1"]
+    assert [entry.type.raw for entry in exported.layers] == ["BatchNorm2d", "BatchNorm2d"]
     for a, b in zip(eager.layers, exported.layers, strict=True):
         np.testing.assert_allclose(a.batch_mean, b.batch_mean, rtol=1e-6)
         np.testing.assert_allclose(a.batch_var, b.batch_var, rtol=1e-5)
@@ -88,7 +89,7 @@ def test_functional_batch_norm_is_named_by_its_buffers() -> None:
     x = models.make_input((4, 3, 5, 5), mean=7.0)
     report = inspect_unchanged(model, [x])
     entry = layer(report, "mean")
-    assert entry.type == "functional batch_norm"
+    assert entry.type.raw == "functional batch_norm"
     assert entry.normalizes_with == "running"
     assert_matches(entry, x)
 
@@ -112,7 +113,7 @@ def test_functional_and_module_batch_norm_together() -> None:
     model = models.randomize_norm_state(StemWithFunctional()).eval()
     x = models.make_input((4, 3, 5, 5))
     report = inspect_unchanged(model, [x, x])
-    assert [(entry.name, entry.type) for entry in report.layers] == [
+    assert [(entry.name.raw, entry.type.raw) for entry in report.layers] == [
         ("bn", "BatchNorm2d"),
         ("head.rm", "functional batch_norm"),
     ]
@@ -131,7 +132,7 @@ def test_compiled_model_is_inspected_through_its_eager_module() -> None:
     compiled(x)
     from_compiled = inspect_model(compiled, [x])
     eager = inspect_model(model, [x])
-    assert [e.name for e in from_compiled.layers] == ["bn1", "bn2"]
+    assert [e.name.raw for e in from_compiled.layers] == ["bn1", "bn2"]
     for a, b in zip(eager.layers, from_compiled.layers, strict=True):
         assert a.batch_mean == b.batch_mean
 
@@ -150,14 +151,14 @@ def test_every_entry_point_sees_through_torch_compile() -> None:
     compiled, eager, x = _compiled_and_eager()
     checked, expected = check_model(compiled, [x]), check_model(eager, [x])
     assert [f.code for f in checked.findings] == [f.code for f in expected.findings] and checked.layers == (
-        "bn1",
-        "bn2",
+        Untrusted("bn1"),
+        Untrusted("bn2"),
     )
     gaps, expected_gaps = compare_modes(compiled, [x]), compare_modes(eager, [x])
-    assert [g.label for g in gaps.layers] == ["bn1", "bn2"]
+    assert [g.label.raw for g in gaps.layers] == ["bn1", "bn2"]
     assert [g.output_rel_diff for g in gaps.layers] == [g.output_rel_diff for g in expected_gaps.layers]
     recalibrated, expected_recalibration = recalibrate(compiled, [x]), recalibrate(eager, [x])
-    assert [r.name for r in recalibrated.layers] == ["bn1", "bn2"]
+    assert [r.name.raw for r in recalibrated.layers] == ["bn1", "bn2"]
     for name in ("bn1", "bn2"):
         ours, theirs = getattr(compiled._orig_mod, name), getattr(eager, name)
         assert torch.equal(ours.running_mean, theirs.running_mean) and torch.equal(ours.running_var, theirs.running_var)
@@ -205,9 +206,9 @@ def test_third_party_layers(mode: str) -> None:
     x = models.make_input((4, 3, 5, 5), mean=2.0)
     report = inspect_unchanged(model, [x], mode=mode)
     frozen, act, sync = (layer(report, name) for name in ("frozen", "act", "sync"))
-    assert frozen.type == "FrozenBatchNorm2d" and "frozen" in frozen.flags
+    assert frozen.type.raw == "FrozenBatchNorm2d" and "frozen" in frozen.flags
     assert frozen.normalizes_with == "running"
-    assert act.type == "BatchNormAct2d" and sync.type == "SyncBatchNorm"
+    assert act.type.raw == "BatchNormAct2d" and sync.type.raw == "SyncBatchNorm"
     assert act.normalizes_with == sync.normalizes_with == ("batch" if mode == "train" else "running")
     assert_matches(frozen, x)
     with torch.no_grad():
@@ -228,7 +229,7 @@ def test_instance_norm_on_unbatched_input() -> None:
     mean, var = reference(x.unsqueeze(0))
     np.testing.assert_allclose(entry.batch_mean, mean, rtol=1e-7)
     np.testing.assert_allclose(entry.batch_var, var, rtol=1e-5)
-    assert "one per channel, each over L = 30 values" in entry.explanation
+    assert "one per channel, each over L = 30 values" in entry.explanation.raw
 
 
 @dataclasses.dataclass
@@ -290,7 +291,7 @@ def test_structured_outputs_are_fine() -> None:
     from bn_inspect.data.batch import Batch
 
     report = inspect_model(model, [Batch((torch.randn(4, 3, 2, 2), torch.randn(4, 5)))])
-    assert [entry.name for entry in report.layers] == ["bn_image", "bn_extra"]
+    assert [entry.name.raw for entry in report.layers] == ["bn_image", "bn_extra"]
     assert state_fingerprint(model) == before
 
 
@@ -341,8 +342,8 @@ def test_torchscript_family_coverage_is_as_documented() -> None:
         warnings.simplefilter("ignore")
         scripted = torch.jit.script(model)
     report = inspect_unchanged(scripted, [models.make_input((3, 4, 5, 6))])
-    assert [entry.name for entry in report.layers] == ["gn", "ln"]
-    assert report.not_executed == ("inorm", "inorm_plain", "rms")
+    assert [entry.name.raw for entry in report.layers] == ["gn", "ln"]
+    assert [name.raw for name in report.not_executed] == ["inorm", "inorm_plain", "rms"]
 
 
 def test_export_says_which_layers_it_lowered_to_arithmetic(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

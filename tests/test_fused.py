@@ -57,7 +57,7 @@ for h in hooks:
 assert state_hash(model) == before, "model changed"
 assert len(calls) == 9, calls
 for layer in report.layers:
-    values = torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1) for t in seen[layer.name]], 1)
+    values = torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1) for t in seen[layer.name.raw]], 1)
     mean, var = values.mean(1), values.var(1, unbiased=False)
     assert layer.values_per_channel == values.shape[1]
     mean_err = ((torch.tensor(layer.batch_mean, dtype=torch.float64) - mean).abs() / var.sqrt()).max().item()

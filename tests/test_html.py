@@ -26,7 +26,7 @@ from bn_inspect.output.html.document import CONTENT_SECURITY_POLICY, script_json
 from bn_inspect.output.html.pages import html_page
 from bn_inspect.output.html.reduction import Reduction, family_reductions, reduction_svg
 from bn_inspect.report.records import Report
-from bn_inspect.text import inert
+from bn_inspect.text import Untrusted, inert
 from tests.helpers import DIGITS, REPO, assert_one_error_line, invoke
 from tests.pages import HOSTILE_NAMES, HostileResults, hostile_results, resnet50_report
 
@@ -180,7 +180,7 @@ def test_resnet50_sized_page_stays_under_6_mb() -> None:
     assert len(text.encode("utf-8")) < 3_500_000  # 6 MB is issue #19's cap; packed Plotly.js leaves room
     page = Document(text)
     assert sum(1 for tag, attrs in page.tags if tag == "details") == 53
-    assert all(layer.label in page.visible_text for layer in report.layers)
+    assert all(layer.label.raw in page.visible_text for layer in report.layers)
 
 
 @pytest.mark.parametrize(
@@ -404,7 +404,7 @@ def test_every_layer_family_and_odd_statistic_gets_a_page() -> None:
         figures = page.data["figures"]  # strict JSON: no NaN or Infinity reached it
         assert isinstance(figures, dict)
         for index, layer in enumerate(report.layers):
-            assert layer.label in page.visible_text, name
+            assert layer.label.raw in page.visible_text, name
             assert escaped_sentence(layer.explanation) in text, name
             has_plots = layer.batch_mean is not None
             assert (f"fig-{index}-mean" in figures) is has_plots, (name, layer.label)
@@ -413,8 +413,8 @@ def test_every_layer_family_and_odd_statistic_gets_a_page() -> None:
         assert svgs >= shapes, name
 
 
-def escaped_sentence(sentence: str) -> str:
-    return html.escape(inert(sentence), quote=True)
+def escaped_sentence(sentence: Untrusted) -> str:
+    return sentence.html()
 
 
 def test_check_without_data_gets_a_page(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

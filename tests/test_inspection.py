@@ -20,6 +20,7 @@ from bn_inspect.model.layers import iter_norm_layers
 from bn_inspect.output.export import to_json
 from bn_inspect.report.records import LayerReport, Report
 from bn_inspect.report.schemas import schema
+from bn_inspect.text import Untrusted
 from tests import models
 from tests.conftest import state_fingerprint
 from tests.test_stats import float64_input, instance_reference, reference
@@ -34,7 +35,7 @@ def inspect_unchanged(model: nn.Module, batches: list, **kwargs: object) -> Repo
 
 
 def layer(report: Report, name: str, call: int = 0) -> LayerReport:
-    return next(entry for entry in report.layers if entry.name == name and entry.call == call)
+    return next(entry for entry in report.layers if entry.name.raw == name and entry.call == call)
 
 
 def assert_matches(entry: LayerReport, activation: torch.Tensor) -> None:
@@ -55,7 +56,7 @@ def test_conv_bn_statistics_match_float64_reference(mean: float, std: float) -> 
     with torch.no_grad():
         bn1_input = model.conv1(x)
         bn2_input = model.conv2(torch.relu(model.bn1(bn1_input)))
-    assert [entry.name for entry in report.layers] == ["bn1", "bn2"]
+    assert [entry.name.raw for entry in report.layers] == ["bn1", "bn2"]
     assert_matches(layer(report, "bn1"), bn1_input)
     assert_matches(layer(report, "bn2"), bn2_input)
     bn1 = layer(report, "bn1")
@@ -89,7 +90,7 @@ def test_uneven_batches_merge_to_population_statistics() -> None:
     assert report.input.num_batches == 4 and report.input.num_samples == 17
     # 4 × (1×7) would be 28: the sentence must say the batches differ, and how (17 × 7 = 119).
     assert "Over 4 batches (1 of 1 sample, 1 of 5, 1 of 2 and 1 of 9): 119 values per channel in all." in (
-        entry.explanation
+        entry.explanation.raw
     )
 
 
@@ -105,7 +106,7 @@ def test_uneven_batches_merge_to_population_statistics() -> None:
 def test_explanation_gives_the_batch_sizes_when_they_differ(sizes: tuple[int, ...], phrase: str) -> None:
     model = models.randomize_norm_state(models.BN1dSequence()).eval()
     batches = [models.make_input((n, 6, 7), seed=i) for i, n in enumerate(sizes)]
-    assert phrase in layer(inspect_unchanged(model, batches), "bn").explanation
+    assert phrase in layer(inspect_unchanged(model, batches), "bn").explanation.raw
 
 
 def test_shift_z_and_var_ratio_follow_their_formulas() -> None:
@@ -121,12 +122,12 @@ def test_shared_module_gives_one_row_per_call_and_unused_is_listed() -> None:
     model = models.randomize_norm_state(models.SharedBN()).eval()
     x = models.make_input((3, 3, 4, 4))
     report = inspect_unchanged(model, [x, x])
-    assert [(entry.name, entry.call) for entry in report.layers] == [("bn", 0), ("bn", 1)]
-    assert report.not_executed == ("unused",)
+    assert [(entry.name.raw, entry.call) for entry in report.layers] == [("bn", 0), ("bn", 1)]
+    assert report.not_executed == (Untrusted("unused"),)
     with torch.no_grad():
         second_input = model.bn(x) * 2 + 1
     assert_matches(layer(report, "bn", 1), torch.cat([second_input, second_input]))
-    assert layer(report, "bn", 1).label == "bn#1"
+    assert layer(report, "bn", 1).label.raw == "bn#1"
 
 
 def test_input_passed_as_keyword_is_captured() -> None:
@@ -139,7 +140,7 @@ def test_train_mode_restores_buffers_and_mode_and_reports_stored_statistics() ->
     model = models.randomize_norm_state(models.ConvBN2d()).eval()
     stored_mean = model.bn1.running_mean.double().tolist()
     report = inspect_unchanged(model, [models.make_input((4, 3, 6, 6))] * 3, mode="train")
-    assert report.mode == "train"
+    assert report.mode.raw == "train"
     assert all(entry.normalizes_with == "batch" for entry in report.layers)
     assert layer(report, "bn1").running_mean == pytest.approx(stored_mean)
     assert not model.training
@@ -183,7 +184,7 @@ def test_normalization_family_rows() -> None:
     model = models.randomize_norm_state(models.Family()).eval()
     x = models.make_input((3, 4, 5, 6), mean=10.0)
     report = inspect_unchanged(model, [x])
-    assert [entry.name for entry in report.layers] == ["inorm", "inorm_plain", "gn", "ln", "rms"]
+    assert [entry.name.raw for entry in report.layers] == ["inorm", "inorm_plain", "gn", "ln", "rms"]
     inorm = layer(report, "inorm")
     flat = x.double().numpy().reshape(3, 4, -1)
     np.testing.assert_allclose(inorm.batch_mean, flat.mean(axis=2).mean(axis=0), rtol=1e-7)
@@ -193,7 +194,7 @@ def test_normalization_family_rows() -> None:
     for name in ("gn", "ln", "rms"):
         entry = layer(report, name)
         assert entry.batch_mean is None and entry.running_mean is None
-        assert "keeps no running statistics" in entry.explanation
+        assert "keeps no running statistics" in entry.explanation.raw
     assert layer(report, "gn").family == "group"
 
 
@@ -236,9 +237,9 @@ def test_torchscript_capture_matches_eager() -> None:
     x = models.make_input((3, 3, 7, 7), mean=100.0, std=0.1)
     eager = inspect_unchanged(model, [x])
     script = inspect_unchanged(scripted, [x])
-    assert [entry.name for entry in script.layers] == ["bn1", "bn2"]
+    assert [entry.name.raw for entry in script.layers] == ["bn1", "bn2"]
     for a, b in zip(eager.layers, script.layers, strict=True):
-        assert a.type == b.type == "BatchNorm2d"
+        assert a.type.raw == b.type.raw == "BatchNorm2d"
         np.testing.assert_allclose(a.batch_mean, b.batch_mean, rtol=1e-6)
         np.testing.assert_allclose(a.batch_var, b.batch_var, rtol=1e-5)
         assert a.explanation == b.explanation
@@ -285,16 +286,16 @@ def test_layer_norm_subclasses_report_the_dims_their_kernel_reduces() -> None:
         "ln_tokens": ((2, 35, 6), ("N", "T", "D"), (2,)),
         "rms_view": ((2, 6, 35), ("N", "C", "L"), (1,)),
     }
-    assert {e.name: (e.input_shape, e.axis_names, e.reduced_axes) for e in report.layers} == expected
-    assert layer(report, "ln_view").explanation == (
+    assert {e.name.raw: (e.input_shape, e.axis_names, e.reduced_axes) for e in report.layers} == expected
+    assert layer(report, "ln_view").explanation.raw == (
         "ln_view (ChannelLayerNorm) got (2, 6, 5, 7) = (N, C, H, W): N×H×W = 2×5×7 = 70 means and as many "
         "variances, one per position, each over C = 6 values (dim 1 reduced, which the layer moves last before "
         "normalizing; keeps no running statistics)."
     )
     assert "N×L = 2×35 = 70 root mean squares (no mean is subtracted), one per position, each over C = 6 values" in (
-        layer(report, "rms_view").explanation
+        layer(report, "rms_view").explanation.raw
     )
-    assert layer(report, "ln_tokens").explanation == (
+    assert layer(report, "ln_tokens").explanation.raw == (
         "ln_tokens (LayerNorm) got (2, 35, 6) = (N, T, D): 70 means and as many variances, one per position, "
         "each over D = 6 values (the last dim reduced; keeps no running statistics)."
     )
@@ -360,7 +361,7 @@ def test_the_kernel_is_watched_on_the_first_call_only_and_owned_by_the_innermost
     report = inspect_unchanged(model, [models.make_input((2, 3, 4, 5), seed=seed) for seed in range(3)])
     assert probe.depths == [1, 0, 0]
     assert function_mode_depth() == 0
-    assert [(e.name, e.reduced_axes) for e in report.layers] == [
+    assert [(e.name.raw, e.reduced_axes) for e in report.layers] == [
         ("0", (0, 2, 3)),
         ("1", (1,)),
         ("2", (1,)),
@@ -458,14 +459,14 @@ def test_a_model_without_float_tensors_keeps_float64_input() -> None:
     expected_var = flat.var(axis=2).mean(axis=0)
     np.testing.assert_allclose(report.layers[0].batch_mean, expected_mean, rtol=1e-12)
     np.testing.assert_allclose(report.layers[0].batch_var, expected_var, rtol=1e-10)
-    assert report.input.dtype == "float64"
+    assert report.input.dtype.raw == "float64"
 
 
 def test_a_model_without_float_tensors_upcasts_half_input() -> None:
     model = nn.Sequential(nn.InstanceNorm2d(3)).eval()
     report = inspect_model(model, [models.make_input((2, 3, 4, 4)).half()])
     # What the layer saw: float16 upcast to float32, as a float32 parameter would have it.
-    assert report.layers[0].batch_mean is not None and report.input.dtype == "float32"
+    assert report.layers[0].batch_mean is not None and report.input.dtype.raw == "float32"
 
 
 EMPTY_BATCH_CASES = {

@@ -52,7 +52,7 @@ def test_eval_mode_normalizes_with_the_freshly_materialized_running_statistics(
     entry = report.layers[0]
     assert entry.normalizes_with == "running"
     assert "no-running-stats" not in entry.flags and "lazy" in entry.flags
-    assert entry.type == cls.__name__ and entry.num_channels == 3
+    assert entry.type.raw == cls.__name__ and entry.num_channels == 3
     assert entry.running_mean == (0.0, 0.0, 0.0) and entry.running_var == (1.0, 1.0, 1.0)
     assert entry.num_batches_tracked == 0
     ref_mean, ref_var = (instance_reference if "Instance" in cls.__name__ else reference)(x)

@@ -432,8 +432,8 @@ def test_every_layer_norm_2d_class_reduces_channels(dtype: torch.dtype) -> None:
     classes = _layer_norm_2d_classes()
     model = nn.Sequential(*(cls(6) for cls in classes)).to(dtype).eval()
     report = inspect_model(model, [torch.randn(2, 6, 4, 5)])
-    assert [(entry.type, entry.reduced_axes) for entry in report.layers] == [(c.__name__, (1,)) for c in classes]
-    assert all("N×H×W = 2×4×5 = 40 means" in entry.explanation for entry in report.layers)
+    assert [(entry.type.raw, entry.reduced_axes) for entry in report.layers] == [(c.__name__, (1,)) for c in classes]
+    assert all("N×H×W = 2×4×5 = 40 means" in entry.explanation.raw for entry in report.layers)
 
 
 @contextmanager

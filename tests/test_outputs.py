@@ -29,7 +29,7 @@ def digits_report() -> Report:
     return inspect_model(
         loaded.module,
         [images[:200], images[200:]],
-        model_info=ModelInfo("sample_models/digits_cnn/state_dict.pt", loaded.format, loaded.arch),
+        model_info=ModelInfo.of("sample_models/digits_cnn/state_dict.pt", loaded.format, loaded.arch),
         input_source="sample_models/digits_cnn/test_images.npy",
     )
 
@@ -38,12 +38,14 @@ def family_report() -> Report:
     model = models.randomize_norm_state(models.Family()).eval()
     x = models.make_input((3, 4, 5, 6), mean=10.0)
     x[0, 1, 0, 0] = float("nan")
-    return inspect_model(model, [x], model_info=ModelInfo("tests/models.py:Family", "module"))
+    return inspect_model(model, [x], model_info=ModelInfo.of("tests/models.py:Family", "module"))
 
 
 def shifted_report() -> Report:
     model = models.randomize_norm_state(models.ConvBN2d()).eval()
-    return inspect_model(model, [models.make_input((4, 3, 6, 6), mean=3.0)], model_info=ModelInfo("ConvBN2d", "module"))
+    return inspect_model(
+        model, [models.make_input((4, 3, 6, 6), mean=3.0)], model_info=ModelInfo.of("ConvBN2d", "module")
+    )
 
 
 REPORTS = {"digits": digits_report, "family": family_report, "shifted": shifted_report}
@@ -78,7 +80,7 @@ def test_json_validates_against_schema_and_round_trips(name: str) -> None:
     jsonschema.validate(document, schema())
     assert document["schema_version"] == 1
     for entry, layer in zip(document["layers"], report.layers, strict=True):
-        assert entry["name"] == layer.name
+        assert entry["name"] == layer.name.raw
         if layer.batch_mean is not None:
             values = [float(v) for v in entry["batch_mean"]]
             assert all(
@@ -105,7 +107,7 @@ def test_csv_has_one_row_per_layer_call_and_channel() -> None:
     frame = pd.read_csv(io.StringIO(to_csv(report)))
     assert len(frame) == sum(layer.num_channels or 0 for layer in report.layers)
     first = report.layers[0]
-    rows = frame[frame["layer"] == first.name].sort_values("channel")
+    rows = frame[frame["layer"] == first.name.raw].sort_values("channel")
     np.testing.assert_array_equal(rows["batch_mean"].to_numpy(), np.array(first.batch_mean))
     np.testing.assert_array_equal(rows["mean_shift_z"].to_numpy(), np.array(first.mean_shift_z))
 

@@ -157,7 +157,7 @@ def test_precise_gives_population_statistics_of_train_mode_inputs_over_uneven_ba
     reference = layer_inputs(model, batches, training=True)
     old = {name: buffers(model, name) for name in ("bn1", "bn2", "side", "bn3")}
     result = recalibrate(model, batches, method="precise")
-    assert [entry.name for entry in result.layers] == ["bn1", "bn2", "side", "bn3"]
+    assert [entry.name.raw for entry in result.layers] == ["bn1", "bn2", "side", "bn3"]
     assert result.num_batches == 5 and result.num_samples == 20
     assert result.num_passes == 2  # the pass and the verification
     for name in ("bn1", "bn2", "side", "bn3"):
@@ -214,14 +214,14 @@ def test_sequential_makes_eval_inputs_match_the_new_statistics_and_differs_from_
     result = recalibrate(model, batches, method="sequential")
     recalibrate(precise_model, batches, method="precise")
     report = inspect_model(model, batches)
-    assert [entry.name for entry in report.layers] == ["bn1", "bn2", "side", "bn3"]
+    assert [entry.name.raw for entry in report.layers] == ["bn1", "bn2", "side", "bn3"]
     for entry in report.layers:
-        _, var, tracked = buffers(model, entry.name)
+        _, var, tracked = buffers(model, entry.name.raw)
         assert entry.batch_mean is not None and entry.batch_var_unbiased is not None
         assert max(abs(z) for z in entry.mean_shift_z or ()) < 1e-5
         np.testing.assert_allclose(entry.batch_var_unbiased, var, rtol=1e-5)
         assert tracked == 5
-        after = result.layer(entry.name)
+        after = result.layer(entry.name.raw)
         assert after.max_abs_shift_z_after is not None and after.max_abs_shift_z_after < 1e-5
     # Downstream of bn1, eval inputs (population statistics upstream) differ from train inputs.
     for name in ("bn2", "bn3"):
@@ -238,7 +238,7 @@ def test_before_is_measured_on_the_model_as_given(method: str) -> None:
     result = recalibrate(model, batches, method=method)
     for entry in given.layers:
         # sequential measures bn2, side and bn3 after bn1 was rewritten; "before" is the model as given.
-        before = result.layer(entry.name)
+        before = result.layer(entry.name.raw)
         assert entry.max_abs_shift_z is not None and entry.worst_var_ratio is not None
         assert before.max_abs_shift_z_before == pytest.approx(entry.max_abs_shift_z, rel=1e-5)
         assert before.worst_var_ratio_before == pytest.approx(entry.worst_var_ratio, rel=1e-5)
@@ -249,7 +249,7 @@ def test_sequential_shares_passes_between_independent_layers_and_stops_early() -
     batches = models.uneven_batches()
     result = recalibrate(model, batches, method="sequential")
     # bn2 and side both depend on bn1 only; bn3 on all of them.
-    assert {e.name: e.wave for e in result.layers} == {"bn1": 0, "bn2": 1, "side": 1, "bn3": 2}
+    assert {e.name.raw: e.wave for e in result.layers} == {"bn1": 0, "bn2": 1, "side": 1, "bn3": 2}
     assert result.num_waves == 3 and result.num_passes == 4 and not result.notes
     # Only the first pass and the verification reach the head: the wave passes stop at their layers.
     assert model.head.calls == 2 * len(batches)
@@ -269,7 +269,7 @@ def test_a_module_called_twice_gets_the_statistics_of_both_calls() -> None:
     entry = result.layer("bn")
     assert entry.num_calls == 4 and entry.calls_per_forward == 2
     assert not result.notes  # in train mode every call normalizes with its own batch: exact
-    assert [skip.name for skip in result.skipped] == ["unused"]
+    assert [skip.name.raw for skip in result.skipped] == ["unused"]
     sequential = recalibrate(model, batches, method="sequential")
     assert any("bn ran more than once per forward" in note for note in sequential.notes)
 
@@ -357,8 +357,8 @@ def test_sequential_resumed_at_stage_inputs_gives_the_buffers_of_full_passes() -
     result = recalibrate(model, batches, method="sequential")
     reference = recalibrate(wrapped, batches, method="sequential")
     assert state_fingerprint(model) == state_fingerprint(wrapped.inner)
-    assert [(e.name, e.wave, e.num_calls) for e in result.layers] == [
-        (e.name.removeprefix("inner."), e.wave, e.num_calls) for e in reference.layers
+    assert [(e.name.raw, e.wave, e.num_calls) for e in result.layers] == [
+        (e.name.raw.removeprefix("inner."), e.wave, e.num_calls) for e in reference.layers
     ]
     assert result.num_passes == reference.num_passes and len(result.notes) == len(reference.notes) == 1
 
@@ -417,8 +417,8 @@ def test_instance_norm_running_statistics_average_the_instance_statistics(method
 def test_layers_without_running_statistics_are_skipped_with_reasons() -> None:
     model = models.randomize_norm_state(Mixed()).eval()
     result = recalibrate(model, [models.make_input((8, 4))])
-    assert [entry.name for entry in result.layers] == ["bn"]
-    reasons = {skip.name: skip.reason for skip in result.skipped}
+    assert [entry.name.raw for entry in result.layers] == ["bn"]
+    reasons = {skip.name.raw: skip.reason for skip in result.skipped}
     assert "track_running_stats=False" in reasons["untracked"]
     assert "GroupNorm keeps no running statistics" in reasons["gn"]
     assert reasons["unused"] == "not executed on these batches"
@@ -428,8 +428,8 @@ def test_torchscript_instance_norm_is_skipped_with_a_reason() -> None:
     torch.manual_seed(0)
     model = scripted(models.randomize_norm_state(InstanceThenBatch()).eval())
     result = recalibrate(model, models.uneven_batches((3, 4)))
-    assert [entry.name for entry in result.layers] == ["bn"]
-    assert "TorchScript" in next(s.reason for s in result.skipped if s.name == "inorm")
+    assert [entry.name.raw for entry in result.layers] == ["bn"]
+    assert "TorchScript" in next(s.reason for s in result.skipped if s.name.raw == "inorm")
 
 
 def test_no_running_statistics_at_all_is_an_error() -> None:

@@ -22,6 +22,7 @@ from bn_inspect.report.records import (
     Report,
     SyncGroupInfo,
 )
+from bn_inspect.text import Untrusted
 from tests.helpers import DIGITS, GOLDEN, invoke
 from tests.test_outputs import family_report
 
@@ -45,10 +46,14 @@ def test_a_report_with_nan_and_infinite_statistics_reads_back_equal(tmp_path: Pa
 def test_a_report_of_a_run_over_ranks_reads_back_equal(tmp_path: Path) -> None:
     divergence = RankDivergence(
         2,
-        (LayerDivergence("bn", "BatchNorm2d", (BufferDivergence("running_mean", math.nan, (1,), (0, 2)),)),),
+        (
+            LayerDivergence(
+                Untrusted("bn"), Untrusted("BatchNorm2d"), (BufferDivergence("running_mean", math.nan, (1,), (0, 2)),)
+            ),
+        ),
     )
     distributed = DistributedInfo(
-        2, "gloo", (RankShare(0, 2, 13), RankShare(1, 1, 1)), (SyncGroupInfo("0", (0, 1), True),), divergence
+        2, "gloo", (RankShare(0, 2, 13), RankShare(1, 1, 1)), (SyncGroupInfo(Untrusted("0"), (0, 1), True),), divergence
     )
     report = family_report()
     ranked = Report(**{**report.__dict__, "distributed": distributed})
@@ -88,8 +93,8 @@ def test_a_report_written_before_the_fingerprints_reads_without_them() -> None:
     report = load_report(OLDER)
     assert "sha256" not in json.loads(OLDER.read_text())["model"]
     assert report.model.sha256 is None and report.input.first_batch_sha256 is None
-    assert report.bn_inspect_version == "" and report.torch_version.startswith("2.")
-    assert [layer.name for layer in report.layers] == ["features.1", "features.4", "features.8"]
+    assert report.bn_inspect_version.raw == "" and report.torch_version.raw.startswith("2.")
+    assert [layer.name.raw for layer in report.layers] == ["features.1", "features.4", "features.8"]
     assert report.input.num_samples == 450 and report.layers[0].running_var is not None
     # The earliest version-1 reports had no "kind".
     document = json.loads(OLDER.read_text())

@@ -76,7 +76,11 @@ def test_stdout_is_no_output_or_a_dash() -> None:
 def test_run_inspect_gives_the_report_the_command_prints() -> None:
     options = RunOptions(model=DIGITS / "torchscript.pt", input_file=DIGITS / "test_images.npy", batches=2)
     report = run_inspect(options, SilentObserver())
-    assert report is not None and [layer.name for layer in report.layers] == ["features.1", "features.4", "features.8"]
+    assert report is not None and [layer.name.raw for layer in report.layers] == [
+        "features.1",
+        "features.4",
+        "features.8",
+    ]
     assert report.input.num_batches == 2
 
 
@@ -106,7 +110,7 @@ def test_run_recalibrate_shows_progress_over_every_pass(tmp_path: Path, method: 
 
 def test_list_layers_infers_the_layers_of_a_bare_state_dict() -> None:
     listing = list_layers(RunOptions(model=DIGITS / "state_dict.pt"), SilentObserver())
-    assert listing.types_inferred and [state.name for state in listing.layers] == [
+    assert listing.types_inferred and [state.name.raw for state in listing.layers] == [
         "features.1",
         "features.4",
         "features.8",

@@ -18,6 +18,7 @@ from bn_inspect.output.formats import FILE_WIDTH, Rendering, TableFormatter
 from bn_inspect.output.render import header
 from bn_inspect.report.findings import Thresholds
 from bn_inspect.report.records import InputInfo, ModelInfo
+from bn_inspect.text import Untrusted
 from tests import models
 from tests.helpers import DIGITS, GOLDEN, check_golden, invoke
 
@@ -123,7 +124,7 @@ def test_piped_output_is_laid_out_for_a_file_not_for_80_columns(
 @pytest.mark.parametrize("width", [60, 80, 120, 200])
 def test_an_untrained_model_says_so_at_every_width(width: int) -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
-    report = inspect_model(model, [models.make_input((4, 3, 5, 5))], model_info=ModelInfo("fresh", "module"))
+    report = inspect_model(model, [models.make_input((4, 3, 5, 5))], model_info=ModelInfo.of("fresh", "module"))
     assert "untrained" in report.layers[0].flags
     text = TableFormatter().text(report, Rendering(width=width))
     assert "untrained" in tokens(text)
@@ -135,7 +136,7 @@ def test_a_name_wider_than_the_console_stays_whole(width: int) -> None:
     model = nn.Sequential()
     model.add_module(long_name, nn.BatchNorm2d(3))
     models.randomize_norm_state(model).eval()
-    report = inspect_model(model, [models.make_input((4, 3, 5, 5))], model_info=ModelInfo("long", "module"))
+    report = inspect_model(model, [models.make_input((4, 3, 5, 5))], model_info=ModelInfo.of("long", "module"))
     text = TableFormatter().text(report, Rendering(width=width, channel_patterns=("*",)))
     # On a line of its own, whole, where the layer table becomes one block per layer.
     assert long_name in [line.strip() for line in text.splitlines()]
@@ -146,7 +147,7 @@ def test_printing_to_a_pipe_ignores_rich_80_column_default(
 ) -> None:
     monkeypatch.delenv("COLUMNS", raising=False)
     model = models.randomize_norm_state(models.ConvBN2d()).eval()
-    report = inspect_model(model, [models.make_input((4, 3, 6, 6))], model_info=ModelInfo("ConvBN2d", "module"))
+    report = inspect_model(model, [models.make_input((4, 3, 6, 6))], model_info=ModelInfo.of("ConvBN2d", "module"))
     TableFormatter().print(report, Rendering())
     assert capsys.readouterr().out == TableFormatter().text(report, Rendering(width=FILE_WIDTH))
 
@@ -157,8 +158,8 @@ def test_printing_to_a_pipe_ignores_rich_80_column_default(
 )
 def test_header_counts_are_separated_and_singular_for_one(num_nonfinite: int, line: str) -> None:
     model = models.randomize_norm_state(models.ConvBN2d()).eval()
-    report = inspect_model(model, [models.make_input((4, 3, 6, 6))], model_info=ModelInfo("ConvBN2d", "module"))
-    data = InputInfo("x.npy", (1, 3, 6, 6), "float32", 1, 1, num_nonfinite)
+    report = inspect_model(model, [models.make_input((4, 3, 6, 6))], model_info=ModelInfo.of("ConvBN2d", "module"))
+    data = InputInfo(Untrusted("x.npy"), (1, 3, 6, 6), Untrusted("float32"), 1, 1, num_nonfinite)
     console = Console(file=io.StringIO(), width=200, record=True)
     console.print(header(dataclasses.replace(report, input=data)))
     text = console.export_text()

@@ -14,6 +14,7 @@ from bn_inspect.output.export import to_markdown
 from bn_inspect.output.render import verdict
 from bn_inspect.report.departure import Thresholds, departure
 from bn_inspect.report.records import InputInfo
+from bn_inspect.text import Untrusted
 from tests import models
 from tests.helpers import DIGITS, invoke
 
@@ -58,7 +59,7 @@ def test_report_first_divergent_is_checks() -> None:
     report = inspect_model(model, [x])
     check = check_model(model, [x])
     first = report.first_divergent()
-    assert first is not None and first.label == check.first_divergent == "bn"
+    assert first is not None and first.label == check.first_divergent == Untrusted("bn")
     found = departure(first, Thresholds())
     assert found is not None and found.statistics == ("var ratio",)
     assert report.first_divergent(Thresholds(max_var_ratio=100)) is None
@@ -96,4 +97,4 @@ def test_markdown_verdict_matches_the_terminal() -> None:
     model = models.randomize_norm_state(models.ConvBN2d()).eval()
     report = inspect_model(model, [models.make_input((4, 3, 6, 6), mean=3.0)])
     assert "`bn1`" in to_markdown(report, []) and "bn1" in verdict(report).plain
-    assert InputInfo("random normal, seed 0", (4,), "float32", 1, 4).is_random
+    assert InputInfo(Untrusted("random normal, seed 0"), (4,), Untrusted("float32"), 1, 4).is_random

@@ -21,6 +21,7 @@ from bn_inspect.report.diff import Tolerance
 from bn_inspect.report.findings import CheckReport, Finding, Thresholds
 from bn_inspect.report.records import LayerState, ModelInfo, Report
 from bn_inspect.report.rules import filter_ignored, report_findings, state_findings, unknown_codes
+from bn_inspect.text import Untrusted
 
 if TYPE_CHECKING:
     from bn_inspect.distributed.context import DistributedContext
@@ -94,13 +95,13 @@ def check_model(
     findings += _comparisons(model, report, states, run, baseline, thresholds, notes)
     first = report.first_divergent(thresholds) if report is not None and data_is_real else None
     return CheckReport(
-        model=model_info or ModelInfo("<module>", "module"),
+        model=model_info or ModelInfo.of("<module>", "module"),
         input=report.input if report else None,
-        mode=Mode(mode).value,
+        mode=Untrusted(Mode(mode).value),
         thresholds=thresholds,
         fail_on=FailOn(fail_on),
         findings=tuple(filter_ignored(findings, ignore)),
-        layers=tuple(layer.label for layer in report.layers) if report else tuple(layer.name for layer in layers),
+        layers=tuple(layer.label for layer in report.layers) if report else tuple(state.name for state in states),
         notes=tuple(notes),
         ignored=tuple(ignore),
         first_divergent=first.label if first else None,

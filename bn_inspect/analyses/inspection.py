@@ -42,6 +42,7 @@ from bn_inspect.model.modules import (
 )
 from bn_inspect.options import Mode
 from bn_inspect.report.records import DistributedInfo, InputInfo, LayerReport, ModelInfo, Report, never_updated
+from bn_inspect.text import Untrusted
 from bn_inspect.version import __version__
 
 if TYPE_CHECKING:
@@ -291,26 +292,26 @@ def run_inspection(
     if totals.first_shape is None or totals.first_dtype is None:
         raise InputError("no batch ran", "Give at least one batch of input")
     input_info = InputInfo(
-        source=input_source,
+        source=Untrusted(input_source),
         shape=totals.first_shape,
-        dtype=totals.first_dtype,
+        dtype=Untrusted(totals.first_dtype),
         num_batches=totals.num_batches,
         num_samples=totals.num_samples,
         num_nonfinite_values=totals.num_nonfinite_values,
-        first_batch_sha256=totals.first_sha256,
+        first_batch_sha256=None if totals.first_sha256 is None else Untrusted(totals.first_sha256),
     )
     seen = {record.layer.name for record in records.values()}
     return Report(
-        model=model_info or ModelInfo("<module>", "module"),
+        model=model_info or ModelInfo.of("<module>", "module"),
         input=input_info,
-        mode=mode.value,
-        device=str(device),
+        mode=Untrusted(mode.value),
+        device=Untrusted(str(device)),
         layers=tuple(_layer_report(record, mode) for record in records.values()),
-        not_executed=tuple(layer.name for layer in layers if layer.name not in seen),
-        torch_version=torch.__version__,
+        not_executed=tuple(Untrusted(layer.name) for layer in layers if layer.name not in seen),
+        torch_version=Untrusted(str(torch.__version__)),
         distributed=distributed_info,
-        bn_inspect_version=__version__,
-        python_version=platform.python_version(),
+        bn_inspect_version=Untrusted(__version__),
+        python_version=Untrusted(platform.python_version()),
     )
 
 
@@ -389,9 +390,9 @@ def _layer_report(record: CallRecord, mode: Mode) -> LayerReport:
     if num_channels is None and layer.family in (NormFamily.BATCH, NormFamily.INSTANCE, NormFamily.GROUP):
         num_channels = record.input_shape[0 if record.is_unbatched else 1]
     return LayerReport(
-        name=layer.name,
+        name=Untrusted(layer.name),
         call=record.call,
-        type=layer.type_name,
+        type=Untrusted(layer.type_name),
         family=layer.family.value,
         num_channels=num_channels,
         input_shape=record.input_shape,
@@ -411,7 +412,7 @@ def _layer_report(record: CallRecord, mode: Mode) -> LayerReport:
         running_var=layer.running_var,
         weight=layer.weight,
         bias=layer.bias,
-        explanation=explanation,
+        explanation=Untrusted(explanation),
         flags=_flags(layer, batch_mean, batch_var),
     )
 

@@ -52,6 +52,7 @@ from bn_inspect.model.modules import (
 )
 from bn_inspect.report import shift
 from bn_inspect.report.comparisons import LayerModeGap, ModeComparison, OutputGap
+from bn_inspect.text import Untrusted
 
 DEFAULT_THRESHOLD = 0.05
 # How far each half of the side-by-side output may sit from a plain forward in its mode (relative
@@ -194,7 +195,7 @@ def compare_modes(
         output=outputs.gap(num_samples),
         threshold=threshold,
         gap_opens_at=opens,
-        not_executed=tuple(layer.name for layer in layers if layer.name not in seen),
+        not_executed=tuple(Untrusted(layer.name) for layer in layers if layer.name not in seen),
         num_batches=num_batches,
         num_samples=num_samples,
     )
@@ -455,9 +456,9 @@ def _entry(layer: NormLayer, call: int, sums: _Sums, recorder: StatisticsRecorde
             max_z, mean_z = shift.max_abs(z), shift.mean_abs(z)
             worst_ratio = shift.worst_ratio(shift.var_ratio(_floats(moments.biased_var()), layer.running_var))
     return LayerModeGap(
-        name=layer.name,
+        name=Untrusted(layer.name),
         call=call,
-        type=layer.type_name,
+        type=Untrusted(layer.type_name),
         family=layer.family.value,
         eval_uses=layer.normalizes_with(is_training=False),
         input_rel_diff=sums.ratio("input_diff", "input"),

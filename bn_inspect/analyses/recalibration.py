@@ -95,6 +95,7 @@ from bn_inspect.model.layers import NormFamily, NormLayer, iter_norm_layers
 from bn_inspect.model.modules import refuse_lazy_modules, unwrap_compiled
 from bn_inspect.report import shift
 from bn_inspect.report.comparisons import RecalibratedLayer, RecalibrationResult, SkippedLayer
+from bn_inspect.text import Untrusted
 
 Floats = tuple[float, ...]
 
@@ -225,11 +226,15 @@ def _restore(targets: dict[str, Target], originals: dict[str, Original]) -> None
 
 def _skipped(targets: dict[str, Target], seen: dict[str, Seen], unusable: dict[str, str]) -> list[SkippedLayer]:
     """The layers left as they were, and why."""
-    skipped = [SkippedLayer(name, targets[name].layer.type_name, reason) for name, reason in unusable.items()]
+    skipped = [_skipped_layer(targets[name].layer, reason) for name, reason in unusable.items()]
     for name, target in targets.items():
         if name not in seen and name not in unusable:
-            skipped.append(SkippedLayer(name, target.layer.type_name, "not executed on these batches"))
+            skipped.append(_skipped_layer(target.layer, "not executed on these batches"))
     return skipped
+
+
+def _skipped_layer(layer: NormLayer, reason: str) -> SkippedLayer:
+    return SkippedLayer(Untrusted(layer.name), Untrusted(layer.type_name), reason)
 
 
 def _clone(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -259,7 +264,7 @@ def _select_targets(layers: list[NormLayer], is_script: bool) -> tuple[dict[str,
             tracked = buffers.get("num_batches_tracked") if layer.family is NormFamily.BATCH else None
             targets[layer.name] = Target(layer, running_mean, running_var, tracked)
         else:
-            skipped.append(SkippedLayer(layer.name, layer.type_name, reason or "no running statistics"))
+            skipped.append(_skipped_layer(layer, reason or "no running statistics"))
     if not targets:
         raise NoNormLayersError(
             "the model has no normalization layer with running statistics to recalibrate",
@@ -356,8 +361,8 @@ def _describe(target: Target, measured: Measurement, original: Original, after: 
         z_after, ratio_after = _summary(after.moments, target.running_mean, target.running_var, eps)
     tracked = target.num_batches_tracked
     return RecalibratedLayer(
-        name=layer.name,
-        type=layer.type_name,
+        name=Untrusted(layer.name),
+        type=Untrusted(layer.type_name),
         family=layer.family.value,
         num_channels=int(target.running_mean.numel()),
         num_calls=seen.num_calls,

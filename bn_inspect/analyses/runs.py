@@ -219,7 +219,7 @@ def list_layers(options: RunOptions, observer: RunObserver) -> LayerListing:
     observer.loaded()
     if isinstance(content, LoadedModel):
         layers, _ = find_layers(unwrap_compiled(content.module))
-        info = ModelInfo(content.source, content.format, sha256=content.sha256)
+        info = ModelInfo.of(content.source, content.format, sha256=content.sha256)
         return LayerListing(info, tuple(layer.state() for layer in layers))
     if options.arch is not None:
         module = build_arch(options.arch, kwargs)
@@ -228,9 +228,11 @@ def list_layers(options: RunOptions, observer: RunObserver) -> LayerListing:
         states = tuple(
             replace(layer.state(), is_training=None, affine_requires_grad=None) for layer in iter_norm_layers(module)
         )
-        return LayerListing(ModelInfo(content.source, content.format, options.arch, content.sha256), states)
+        return LayerListing(ModelInfo.of(content.source, content.format, options.arch, content.sha256), states)
     states = tuple(states_from_state_dict(content.state_dict))
-    return LayerListing(ModelInfo(content.source, content.format, sha256=content.sha256), states, types_inferred=True)
+    return LayerListing(
+        ModelInfo.of(content.source, content.format, sha256=content.sha256), states, types_inferred=True
+    )
 
 
 def run_recalibrate(

@@ -192,7 +192,7 @@ class PreparedRun:
     @property
     def model_info(self) -> ModelInfo:
         """Where the model came from, for the report."""
-        return ModelInfo(self.loaded.source, self.loaded.format, self.loaded.arch, self.loaded.sha256)
+        return ModelInfo.of(self.loaded.source, self.loaded.format, self.loaded.arch, self.loaded.sha256)
 
     def input_details(self, info: InputInfo, ranks: DistributedContext | None) -> InputInfo:
         """The report's input section, with what was done to images (call it on every rank)."""

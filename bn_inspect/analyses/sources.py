@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from bn_inspect.errors import InputError
 from bn_inspect.options import RunOptions
+from bn_inspect.text import Untrusted
 
 if TYPE_CHECKING:
     from torch import nn
@@ -180,7 +181,7 @@ def describe_images(info: InputInfo, images: ImageFiles, ranks: DistributedConte
 
     return replace(
         info,
-        preprocessing=images.prep.describe(),
+        preprocessing=Untrusted(images.prep.describe()),
         num_skipped_files=count,
-        skipped_files=tuple(sorted(examples)[:SKIPPED_NAMES_KEPT]),
+        skipped_files=tuple(Untrusted(path) for path in sorted(examples)[:SKIPPED_NAMES_KEPT]),
     )

@@ -1,9 +1,14 @@
-"""`python -m bn_inspect.cli.each COMMAND [OPTIONS] -- FILE...`: one bn-inspect run per file, in one process.
+"""`bn-inspect-each COMMAND [OPTIONS] -- FILE...`: one bn-inspect run per file, in one process.
 
 pre-commit calls a hook once with every changed file, after the hook's args, and a bn-inspect
 command takes one model. The files after ``--`` run one by one with the command and options before
 it, in this process (torch is imported once). The exit code is the worst of the runs: 2 (could not
 run) over 1 (a check failed) over 0; a run stopped by a signal stops them all.
+
+Each file reaches the command after its own ``--``: a file named ``--arch=evil.py:net.pt`` is a
+model path, never an option. The hook runs this as a console script, like ``bn-inspect``, so the
+repository being checked (the working folder) is not on ``sys.path``: ``python -m`` would put it
+first, and a ``typer.py`` there would run.
 """
 
 from __future__ import annotations
@@ -14,11 +19,11 @@ from collections.abc import Sequence
 from bn_inspect.cli.app import EXIT_CANNOT_RUN
 from bn_inspect.cli.main import prepare_process, run
 
-USAGE = "python -m bn_inspect.cli.each COMMAND [OPTIONS] -- FILE..."
+USAGE = "bn-inspect-each COMMAND [OPTIONS] -- FILE..."
 
 
 def run_each(argv: Sequence[str]) -> int:
-    """Run ``COMMAND [OPTIONS] FILE`` for each FILE after ``--``; the worst exit code.
+    """Run ``COMMAND [OPTIONS] -- FILE`` for each FILE after ``--``; the worst exit code.
 
     Without ``--``, every argument after the command is a file.
     """
@@ -33,7 +38,7 @@ def run_each(argv: Sequence[str]) -> int:
         command, files = arguments[:1], arguments[1:]
     worst = 0
     for path in files:
-        code = run([*command, path])
+        code = run([*command, "--", path])
         if code > 128:  # 128 + a signal number: the user stopped it
             return code
         worst = max(worst, code)
@@ -41,7 +46,7 @@ def run_each(argv: Sequence[str]) -> int:
 
 
 def main() -> None:
-    """``python -m bn_inspect.cli.each``."""
+    """The ``bn-inspect-each`` console script (also ``python -m bn_inspect.cli.each``)."""
     prepare_process()
     sys.exit(run_each(sys.argv[1:]))
 

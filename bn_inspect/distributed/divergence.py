@@ -15,6 +15,7 @@ from bn_inspect.distributed.context import group_rank_and_size
 from bn_inspect.errors import DistributedError
 from bn_inspect.report.findings import RULES, Finding
 from bn_inspect.report.records import BufferDivergence, LayerDivergence, RankDivergence
+from bn_inspect.text import Untrusted
 
 if TYPE_CHECKING:
     import torch
@@ -90,7 +91,10 @@ def rank_divergence(model: nn.Module, group: ProcessGroup | None = None) -> Rank
         block = stacked[:, offset : offset + tensor.numel()]
         offset += tensor.numel()
         by_layer.setdefault(name, (type_name, []))[1].append(_buffer_divergence(buffer_name, block))
-    layers = tuple(LayerDivergence(name, type_name, tuple(buffers)) for name, (type_name, buffers) in by_layer.items())
+    layers = tuple(
+        LayerDivergence(Untrusted(name), Untrusted(type_name), tuple(buffers))
+        for name, (type_name, buffers) in by_layer.items()
+    )
     return RankDivergence(world, layers)
 
 

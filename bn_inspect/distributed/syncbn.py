@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from bn_inspect.report.records import SyncGroupInfo
+from bn_inspect.text import Untrusted
 
 if TYPE_CHECKING:
     from torch import nn
@@ -52,9 +53,9 @@ def sync_batch_norm_groups(model: nn.Module) -> tuple[SyncGroupInfo, ...]:
             continue
         group = module.process_group
         if not initialized:
-            found.append(SyncGroupInfo(name, (0,), True))
+            found.append(SyncGroupInfo(Untrusted(name), (0,), True))
         elif group is None:
-            found.append(SyncGroupInfo(name, tuple(range(dist.get_world_size())), True))
+            found.append(SyncGroupInfo(Untrusted(name), tuple(range(dist.get_world_size())), True))
         else:
-            found.append(SyncGroupInfo(name, tuple(dist.get_process_group_ranks(group)), False))
+            found.append(SyncGroupInfo(Untrusted(name), tuple(dist.get_process_group_ranks(group)), False))
     return tuple(found)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from bn_inspect.report.records import LayerState
+from bn_inspect.text import Untrusted
 
 
 class NormFamily(str, Enum):
@@ -84,8 +85,8 @@ class NormLayer:
     def state(self) -> LayerState:
         """The torch-free facts of this layer, for reports and rules."""
         return LayerState(
-            name=self.name,
-            type=self.type_name,
+            name=Untrusted(self.name),
+            type=Untrusted(self.type_name),
             family=self.family.value,
             num_channels=self.num_channels,
             eps=self.eps,
@@ -350,8 +351,8 @@ def states_from_state_dict(state_dict: dict[str, torch.Tensor]) -> list[LayerSta
         tracked = state_dict.get(prefix + "num_batches_tracked")
         states.append(
             LayerState(
-                name=prefix.rstrip(".") or "(root)",
-                type=INFERRED_TYPE,
+                name=Untrusted(prefix.rstrip(".") or "(root)"),
+                type=Untrusted(INFERRED_TYPE),
                 family=NormFamily.BATCH.value,
                 num_channels=int(running_mean.numel()),
                 eps=None,

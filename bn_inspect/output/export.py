@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 from bn_inspect.output.verdict import inspection_verdict
 from bn_inspect.output.words import counted, image_details
-from bn_inspect.report.findings import CheckReport, Finding
+from bn_inspect.report.findings import MODEL_LABEL, CheckReport, Finding
 from bn_inspect.report.frame import report_frame
 from bn_inspect.report.records import LayerListing, Report, matching_layers
-from bn_inspect.text import inert
+from bn_inspect.text import Untrusted, inert
 
 if TYPE_CHECKING:
     from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
@@ -51,23 +51,29 @@ def to_csv(report: Report) -> str:
 
 
 # What Markdown reads as structure in text from a file: a table cell's end, a code span, HTML or an
-# autolink, a link or image, an entity (``&#x202e;`` would become a bidi override), and the
-# backslash that escapes them all.
-_MARKDOWN_SPECIAL = frozenset("\\`|<>[]&")
+# autolink, a link or image, an entity (``&#x202e;`` would become a bidi override), math (``$``),
+# strikethrough, and the backslash that escapes them all.
+_MARKDOWN_SPECIAL = frozenset("\\`|<>[]&$~")
 
 
-def _text(text: str) -> str:
+def _shown(text: str | Untrusted) -> str:
+    """Text as a terminal or plain text may show it: Untrusted made inert, the tool's own text (which
+    quotes names only in their inert form) made inert too."""
+    return text.inert() if isinstance(text, Untrusted) else inert(text)
+
+
+def _text(text: str | Untrusted) -> str:
     """Text from a file as Markdown that shows it as it is: ``inert``, each special character escaped."""
-    return "".join("\\" + c if c in _MARKDOWN_SPECIAL else c for c in inert(text))
+    return "".join("\\" + c if c in _MARKDOWN_SPECIAL else c for c in _shown(text))
 
 
-def _code(text: str) -> str:
+def _code(text: str | Untrusted) -> str:
     """A name or path as a Markdown code span that shows it as it is (``inert``), backticks included.
 
     In a code span only a run of backticks as long as the fence is special, so the fence is one
     longer than the name's longest run; the spaces that then pad it are stripped when rendered.
     """
-    shown = inert(text)
+    shown = _shown(text)
     longest = max((len(run) for run in re.findall("`+", shown)), default=0)
     pad = " " if longest or (shown.startswith(" ") and shown.endswith(" ")) else ""
     fence = "`" * (longest + 1)
@@ -89,9 +95,9 @@ def to_markdown(report: Report, channel_patterns: tuple[str, ...] = ()) -> str:
     lines = [
         "## bn-inspect",
         "",
-        f"**Model** {_code(report.model.source)} ({report.model.format}) · **input** {_code(data.source)}: "
+        f"**Model** {_code(report.model.source)} ({_text(report.model.format)}) · **input** {_code(data.source)}: "
         f"{counted(data.num_samples, 'sample')}, {counted(data.num_batches, 'batch')} of {tuple(data.shape)} · "
-        f"**mode** {report.mode} · **device** {report.device}"
+        f"**mode** {_text(report.mode)} · **device** {_text(report.device)}"
         + "".join(
             f" · {_code(said)}"
             for said in image_details(data.preprocessing, data.num_skipped_files, data.skipped_files)
@@ -164,7 +170,7 @@ def check_to_markdown(check: CheckReport) -> str:
     lines = [
         f"## bn-inspect check: {verdict}",
         "",
-        f"**Model** {_code(check.model.source)} ({check.model.format}) · "
+        f"**Model** {_code(check.model.source)} ({_text(check.model.format)}) · "
         + (f"**input** {_code(check.input.source)} · " if check.input else "**no data** · ")
         + f"{counted(counts['error'], 'error')}, {counted(counts['warning'], 'warning')}, "
         f"{counted(counts['info'], 'note')} · "
@@ -198,10 +204,10 @@ def check_to_junit(check: CheckReport) -> str:
     from xml.etree import ElementTree as ET
 
     failing = set(check.failed)
-    by_layer: dict[str, list[Finding]] = {}
+    by_layer: dict[Untrusted, list[Finding]] = {}
     for finding in check.findings:
         by_layer.setdefault(finding.label, []).append(finding)
-    cases = ["(model)", *check.layers]
+    cases = [MODEL_LABEL, *check.layers]
     suite = ET.Element(
         "testsuite",
         name="bn-inspect check",
@@ -211,7 +217,7 @@ def check_to_junit(check: CheckReport) -> str:
     )
     for case in cases:
         element = ET.SubElement(
-            suite, "testcase", classname=f"bn-inspect.{inert(check.model.source)}", name=inert(case)
+            suite, "testcase", classname=f"bn-inspect.{check.model.source.inert()}", name=case.inert()
         )
         findings = by_layer.get(case, [])
         failed = [f for f in findings if f in failing]
@@ -244,7 +250,7 @@ def listing_to_markdown(listing: LayerListing) -> str:
     lines = [
         "## bn-inspect layers",
         "",
-        f"**Model** {_code(listing.model.source)} ({listing.model.format})"
+        f"**Model** {_code(listing.model.source)} ({_text(listing.model.format)})"
         + (" · layer types inferred from the state_dict keys" if listing.types_inferred else ""),
         "",
         "| layer | type | C | eps | momentum | affine | batches | running mean (avg) | running var (avg) | eval uses |",
@@ -342,8 +348,8 @@ def diff_to_markdown(diff: DiffReport) -> str:
         ("NEW", diff.new_model, diff.new_input, diff.new_mode),
     ):
         lines.append(
-            f"**{name}** {_code(model.source)} ({model.format}) · {_code(data.source)}: "
-            f"{counted(data.num_samples, 'sample')} · mode {mode}  "
+            f"**{name}** {_code(model.source)} ({_text(model.format)}) · {_code(data.source)}: "
+            f"{counted(data.num_samples, 'sample')} · mode {_text(mode)}  "
         )
     lines += [
         "",

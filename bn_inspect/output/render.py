@@ -15,7 +15,7 @@ from bn_inspect.output.verdict import inspection_verdict
 from bn_inspect.output.words import counted, image_details
 from bn_inspect.report.findings import CheckReport
 from bn_inspect.report.records import LayerReport, ModelInfo, Report, matching_layers
-from bn_inspect.text import inert
+from bn_inspect.text import Untrusted, inert
 
 if TYPE_CHECKING:
     pass
@@ -29,10 +29,10 @@ _EIGHTHS = " ▏▎▍▌▋▊▉█"
 _VERDICT_STYLE = {"departs": "bold red", "within": "green", "random": "yellow", "nothing to compare": "dim"}
 
 
-def _inert(text: str, style: str = "") -> Text:
+def _inert(text: str | Untrusted, style: str = "") -> Text:
     """A name or path from the model file, the data or the command line: never read as markup,
     its control characters shown as escapes."""
-    return Text(inert(text), style=style)
+    return Text(text.inert() if isinstance(text, Untrusted) else inert(text), style=style)
 
 
 def _mean(values: Sequence[float] | None) -> float | None:
@@ -95,7 +95,9 @@ def _model_line(model: ModelInfo) -> Text:
     """``model <source> (<format>[, --arch <spec>])``, the first line of every command's output."""
     text = Text()
     text.append("model ", style="bold")
-    text.append(f"{inert(model.source)} ({model.format}" + (f", --arch {inert(model.arch)})" if model.arch else ")"))
+    text.append(
+        f"{model.source.inert()} ({model.format.inert()}" + (f", --arch {model.arch.inert()})" if model.arch else ")")
+    )
     return text
 
 
@@ -183,8 +185,8 @@ def header(report: Report) -> Text:
     text = _model_line(report.model)
     text.append("\ninput ", style="bold")
     text.append(
-        f"{inert(data.source)}: {counted(data.num_samples, 'sample')} in {counted(data.num_batches, 'batch')} of "
-        f"{_shape(data.shape)} {data.dtype} · mode {report.mode} · device {report.device}"
+        f"{data.source.inert()}: {counted(data.num_samples, 'sample')} in {counted(data.num_batches, 'batch')} of "
+        f"{_shape(data.shape)} {data.dtype.inert()} · mode {report.mode.inert()} · device {report.device.inert()}"
     )
     for detail in image_details(data.preprocessing, data.num_skipped_files, data.skipped_files):
         text.append(f"\n{inert(detail)}")
@@ -198,7 +200,7 @@ def header(report: Report) -> Text:
 
 def verdict(report: Report) -> Text:
     """Which layer's batch statistics depart first from its running statistics, as check judges it."""
-    said = inspection_verdict(report, inert)
+    said = inspection_verdict(report, Untrusted.inert)
     return Text(said.sentence, style=_VERDICT_STYLE[said.outcome])
 
 
@@ -207,9 +209,9 @@ def explanations(report: Report) -> Text:
     text = Text()
     text.append("How each layer's statistics were computed\n", style="bold")
     for layer in report.layers:
-        text.append(f"• {inert(layer.explanation)}\n")
+        text.append(f"• {layer.explanation.inert()}\n")
     if report.not_executed:
-        names = ", ".join(inert(name) for name in report.not_executed)
+        names = ", ".join(name.inert() for name in report.not_executed)
         text.append(f"Not executed on this input: {names}\n", style="yellow")
     return text
 
@@ -296,7 +298,9 @@ def render_check(check: CheckReport, width: int = 160) -> RenderableType:
     head = _model_line(model)
     if check.input is not None:
         head.append("\ninput ", style="bold")
-        head.append(f"{inert(check.input.source)}: {counted(check.input.num_samples, 'sample')} · mode {check.mode}")
+        head.append(
+            f"{check.input.source.inert()}: {counted(check.input.num_samples, 'sample')} · mode {check.mode.inert()}"
+        )
         data = check.input
         for detail in image_details(data.preprocessing, data.num_skipped_files, data.skipped_files):
             head.append(f"\n{inert(detail)}")
@@ -319,7 +323,7 @@ def render_check(check: CheckReport, width: int = 160) -> RenderableType:
     if check.first_divergent:
         parts.append(
             Text(
-                f"First layer whose batch statistics depart from its running statistics: {inert(check.first_divergent)}",
+                f"First layer whose batch statistics depart from its running statistics: {check.first_divergent.inert()}",
                 style="bold",
             )
         )

@@ -10,7 +10,7 @@ from bn_inspect.output.render import _inert, _short, _two_lines
 from bn_inspect.output.words import counted
 from bn_inspect.report.diff import UNCHANGED, DiffReport, LayerChange, StatChange
 from bn_inspect.report.records import InputInfo, ModelInfo
-from bn_inspect.text import inert
+from bn_inspect.text import Untrusted
 
 _STATUS_STYLE = {UNCHANGED: "green", "changed": "bold red"}
 
@@ -78,11 +78,11 @@ _NARROW = ("layer\ntype", "#", "change\nC", "running\nmax |Δ| · ratio", "batch
 _LEFT = {"layer", "type", "change", "layer\ntype", "change\nC", "verdict"}
 
 
-def _side(name: str, model: ModelInfo, data: InputInfo, mode: str) -> Text:
+def _side(name: str, model: ModelInfo, data: InputInfo, mode: Untrusted) -> Text:
     text = Text()
     text.append(f"{name} ", style="bold")
-    text.append(f"{inert(model.source)} ({model.format}) · ")
-    text.append(f"{inert(data.source)}: {counted(data.num_samples, 'sample')} · mode {mode}")
+    text.append(f"{model.source.inert()} ({model.format.inert()}) · ")
+    text.append(f"{data.source.inert()}: {counted(data.num_samples, 'sample')} · mode {mode.inert()}")
     return text
 
 
@@ -105,7 +105,7 @@ def render_diff(diff: DiffReport, width: int = 160) -> RenderableType:
         Text("Mean changes are in units of the OLD standard deviation; var ratios are new / old.", style="dim"),
     ]
     if diff.first_changed is not None:
-        parts.append(_inert(f"First changed layer in execution order: {diff.first_changed}", "bold"))
+        parts.append(_inert(f"First changed layer in execution order: {diff.first_changed.inert()}", "bold"))
     parts += [_inert(f"Note: {note}.", "dim") for note in diff.notes]
     beyond = len(diff.beyond)
     parts.append(

@@ -13,7 +13,6 @@ from bn_inspect.output.layout import Column, Layout, fitted
 from bn_inspect.output.render import _inert, _mean, _model_line, _short, _two_lines
 from bn_inspect.output.words import counted
 from bn_inspect.report.records import LayerListing, LayerState
-from bn_inspect.text import inert
 
 if TYPE_CHECKING:
     from bn_inspect.report.comparisons import ModeComparison, RecalibratedLayer, RecalibrationResult
@@ -37,7 +36,7 @@ def _listing_row(layer: LayerState) -> dict[str, Text]:
     ]
     row = {
         "layer": _inert(layer.name),
-        "type": _inert(layer.type + (f" ({', '.join(flags)})" if flags else "")),
+        "type": _inert(layer.type.inert() + (f" ({', '.join(flags)})" if flags else "")),
         # Stacked, the flags get a line of their own so that the type never has to wrap.
         "layer\ntype": _two_lines(_two_lines(_inert(layer.name), _inert(layer.type)), ", ".join(flags), "magenta")
         if flags
@@ -159,10 +158,10 @@ def render_mode_comparison(comparison: ModeComparison, width: int = 160) -> Rend
         Text(""),
     ]
     if comparison.gap_opens_at is not None:
-        opening = comparison.layer(comparison.gap_opens_at)
+        opening = comparison.layer(comparison.gap_opens_at.raw)
         parts.append(
             Text(
-                f"The gap opens at {inert(opening.label)}: its output differs by {opening.output_rel_diff:.1%} between "
+                f"The gap opens at {opening.label.inert()}: its output differs by {opening.output_rel_diff:.1%} between "
                 f"modes, its input by {opening.input_rel_diff:.1%}; its own share is {opening.own_rel_diff:.1%}.",
                 style="bold red",
             )
@@ -178,7 +177,7 @@ def render_mode_comparison(comparison: ModeComparison, width: int = 160) -> Rend
             line += f"; the predicted class changes for {output.argmax_change_fraction:.1%} of samples"
         parts.append(Text(line + "."))
     if comparison.not_executed:
-        parts.append(_inert(f"Not executed: {', '.join(comparison.not_executed)}", "yellow"))
+        parts.append(_inert(f"Not executed: {', '.join(name.inert() for name in comparison.not_executed)}", "yellow"))
     return Group(*parts)
 
 
@@ -232,7 +231,7 @@ def render_recalibration(result: RecalibrationResult, output: str, width: int = 
         table,
     ]
     for skipped in result.skipped:
-        parts.append(_inert(f"Skipped {skipped.name} ({skipped.type}): {skipped.reason}", "yellow"))
+        parts.append(_inert(f"Skipped {skipped.name.inert()} ({skipped.type.inert()}): {skipped.reason}", "yellow"))
     for note in result.notes:
         parts.append(_inert(f"Note: {note}", "dim"))
     parts.append(_inert(f"Wrote {output}", "green"))

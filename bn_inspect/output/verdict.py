@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from bn_inspect.report.departure import Thresholds, departure
 from bn_inspect.report.records import Report
+from bn_inspect.text import Untrusted
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,9 @@ class Verdict:
     sentence: str
 
 
-def inspection_verdict(report: Report, name: Callable[[str], str], thresholds: Thresholds | None = None) -> Verdict:
+def inspection_verdict(
+    report: Report, name: Callable[[Untrusted], str], thresholds: Thresholds | None = None
+) -> Verdict:
     """The verdict on ``report`` by check's thresholds (its defaults unless given).
 
     Args:

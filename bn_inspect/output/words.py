@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from bn_inspect.text import Untrusted
+
 
 def counted(number: int, noun: str) -> str:
     """``1 batch``, ``4,096 batches``, ``2 passes``."""
@@ -9,8 +11,11 @@ def counted(number: int, noun: str) -> str:
     return f"{number:,} {noun if number == 1 else plural}"
 
 
-def image_details(preprocessing: str | None, num_skipped: int, skipped: tuple[str, ...]) -> list[str]:
-    """What the input header adds for images: the preprocessing, and the files skipped as not decodable."""
+def image_details(preprocessing: Untrusted | None, num_skipped: int, skipped: tuple[Untrusted, ...]) -> list[str]:
+    """What the input header adds for images: the preprocessing, and the files skipped as not decodable.
+
+    Plain text with both in their inert form: each format escapes it further as its own text.
+    """
     # Labelled: on its own, "normalize mean 0 std 0.94, grayscale" does not say it describes the input.
     said = [f"preprocessing: {preprocessing}"] if preprocessing else []
     if num_skipped:

@@ -29,6 +29,7 @@ from bn_inspect.report.diff import (
 )
 from bn_inspect.report.findings import RULES, Finding
 from bn_inspect.report.records import LayerReport, LayerState, Report
+from bn_inspect.text import Untrusted
 
 _REWRITE = "If the change is intended, record a new baseline with --write-baseline PATH --force"
 
@@ -107,7 +108,7 @@ def _as_layer(state: LayerState) -> LayerReport:
         running_var=state.running_var,
         weight=state.weight,
         bias=state.bias,
-        explanation="",
+        explanation=Untrusted(""),
     )
 
 
@@ -116,9 +117,9 @@ def _finding(code: str, layer: LayerReport, message: str) -> Finding:
     return Finding(code, rule.name, rule.severity, layer.name, layer.call, (), message)
 
 
-def _structural(change: LayerChange, by_label: dict[str, LayerReport]) -> Finding:
+def _structural(change: LayerChange, by_label: dict[Untrusted, LayerReport]) -> Finding:
     """BN303: what changed in the layer set."""
-    layer = by_label[change.new or change.old or ""]
+    layer = by_label[change.new or change.old or Untrusted("")]
     what = {
         ADDED: f"{change.type} {change.new} was added since the baseline",
         REMOVED: f"{change.type} {change.old} of the baseline is gone",
@@ -136,13 +137,13 @@ def _moved(change: StatChange) -> str:
 
 
 def _running_drift(
-    changes: Sequence[LayerChange], by_label: dict[str, LayerReport], tolerance: Tolerance
+    changes: Sequence[LayerChange], by_label: dict[Untrusted, LayerReport], tolerance: Tolerance
 ) -> list[Finding]:
     """BN301: the running statistics moved beyond the tolerance."""
     return [
         _finding(
             "BN301",
-            by_label[change.new or ""],
+            by_label[change.new or Untrusted("")],
             f"the running statistics moved beyond the tolerance since the baseline: {_moved(change.running)} "
             f"(tolerance: {tolerance.describe()}). The model's stored statistics changed: check the training run "
             f"or the checkpoint. {_REWRITE}",
@@ -154,7 +155,7 @@ def _running_drift(
 
 def _data_drift(
     changes: Sequence[LayerChange],
-    by_label: dict[str, LayerReport],
+    by_label: dict[Untrusted, LayerReport],
     tolerance: Tolerance,
     notes: list[str],
     *,
@@ -177,7 +178,7 @@ def _data_drift(
     return [
         _finding(
             "BN302",
-            by_label[change.new or ""],
+            by_label[change.new or Untrusted("")],
             "the batch statistics on the data moved beyond the tolerance since the baseline while the running "
             f"statistics did not: {_moved(change.batch)} (tolerance: {tolerance.describe()}): the data drifted. "
             "Check the input pipeline (source, preprocessing, normalization) against the baseline's",

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from bn_inspect.report.display import NotebookDisplay
 from bn_inspect.report.records import ModelInfo
+from bn_inspect.text import Untrusted
 
 Floats = tuple[float, ...]
 
@@ -30,9 +31,9 @@ class LayerModeGap:
             variance, as BatchNorm normalizes with).
     """
 
-    name: str
+    name: Untrusted
     call: int
-    type: str
+    type: Untrusted
     family: str
     eval_uses: str
     input_rel_diff: float
@@ -44,9 +45,9 @@ class LayerModeGap:
     worst_var_ratio: float | None
 
     @property
-    def label(self) -> str:
+    def label(self) -> Untrusted:
         """The qualified name, with the call index where the module ran more than once."""
-        return self.name if self.call == 0 else f"{self.name}#{self.call}"
+        return self.name if self.call == 0 else Untrusted(f"{self.name.raw}#{self.call}")
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,8 @@ class ModeComparison(NotebookDisplay):
     layers: tuple[LayerModeGap, ...]
     output: OutputGap | None
     threshold: float
-    gap_opens_at: str | None
-    not_executed: tuple[str, ...]
+    gap_opens_at: Untrusted | None
+    not_executed: tuple[Untrusted, ...]
     num_batches: int
     num_samples: int
     model: ModelInfo | None = None
@@ -94,7 +95,7 @@ class ModeComparison(NotebookDisplay):
     def layer(self, label: str) -> LayerModeGap:
         """The entry of that label (``name`` or ``name#call``); KeyError if none."""
         for entry in self.layers:
-            if entry.label == label:
+            if entry.label.raw == label:
                 return entry
         raise KeyError(label)
 
@@ -129,8 +130,8 @@ class RecalibratedLayer:
             verification pass). About 0 and (n - 1) / n for ``sequential``.
     """
 
-    name: str
-    type: str
+    name: Untrusted
+    type: Untrusted
     family: str
     num_channels: int
     num_calls: int
@@ -153,8 +154,8 @@ class RecalibratedLayer:
 class SkippedLayer:
     """A normalization layer left as it was, and why."""
 
-    name: str
-    type: str
+    name: Untrusted
+    type: Untrusted
     reason: str
 
 
@@ -184,6 +185,6 @@ class RecalibrationResult(NotebookDisplay):
     def layer(self, name: str) -> RecalibratedLayer:
         """The recalibrated layer of that qualified name (KeyError if none)."""
         for entry in self.layers:
-            if entry.name == name:
+            if entry.name.raw == name:
                 return entry
         raise KeyError(name)

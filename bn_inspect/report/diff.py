@@ -29,6 +29,7 @@ from bn_inspect.report import shift
 from bn_inspect.report.departure import Thresholds, departure
 from bn_inspect.report.display import NotebookDisplay
 from bn_inspect.report.records import SCHEMA_VERSION, InputInfo, LayerReport, ModelInfo, Report, json_ready
+from bn_inspect.text import Untrusted
 
 Floats = tuple[float, ...]
 
@@ -122,11 +123,11 @@ class LayerChange:
         size: Tolerance.size of the larger of both changes; infinite for structural changes.
     """
 
-    old: str | None
-    new: str | None
+    old: Untrusted | None
+    new: Untrusted | None
     status: str
     position: int
-    type: str
+    type: Untrusted
     old_channels: int | None
     new_channels: int | None
     running: StatChange | None
@@ -136,11 +137,11 @@ class LayerChange:
     size: float
 
     @property
-    def label(self) -> str:
+    def label(self) -> Untrusted:
         """How the layer is named to people: NEW's label, "A → B" when renamed, OLD's when removed."""
-        if self.status == RENAMED:
-            return f"{self.old} → {self.new}"
-        return self.new or self.old or ""
+        if self.status == RENAMED and self.old is not None and self.new is not None:
+            return Untrusted(f"{self.old.raw} → {self.new.raw}")
+        return self.new or self.old or Untrusted("")
 
     @property
     def is_beyond(self) -> bool:
@@ -165,11 +166,11 @@ class DiffReport(NotebookDisplay):
     new_model: ModelInfo
     old_input: InputInfo
     new_input: InputInfo
-    old_mode: str
-    new_mode: str
+    old_mode: Untrusted
+    new_mode: Untrusted
     tolerance: Tolerance
     layers: tuple[LayerChange, ...]
-    first_changed: str | None
+    first_changed: Untrusted | None
     notes: tuple[str, ...] = ()
     schema_version: int = field(default=SCHEMA_VERSION)
 
@@ -281,9 +282,9 @@ def _alone(layer: LayerReport, position: int, status: str) -> LayerChange:
     )
 
 
-def _slots(layers: Sequence[LayerReport], matched: set[str]) -> dict[str, str | None]:
+def _slots(layers: Sequence[LayerReport], matched: set[Untrusted]) -> dict[Untrusted, Untrusted | None]:
     """For each unmatched layer call, the label of the last matched call before it: its place."""
-    place: str | None = None
+    place: Untrusted | None = None
     slots = {}
     for layer in layers:
         if layer.label in matched:
@@ -293,16 +294,18 @@ def _slots(layers: Sequence[LayerReport], matched: set[str]) -> dict[str, str | 
     return slots
 
 
-def _shape_key(layer: LayerReport) -> tuple[str, int | None, tuple[int, ...] | None]:
+def _shape_key(layer: LayerReport) -> tuple[Untrusted, int | None, tuple[int, ...] | None]:
     return layer.type, layer.num_channels, layer.input_shape
 
 
-def _renames(old: Sequence[LayerReport], new: Sequence[LayerReport], matched: set[str]) -> dict[str, str]:
+def _renames(
+    old: Sequence[LayerReport], new: Sequence[LayerReport], matched: set[Untrusted]
+) -> dict[Untrusted, Untrusted]:
     """OLD label -> NEW label for layer calls that sit at the same place, with the same type,
     channel count and input shape, in execution order."""
     old_slots, new_slots = _slots(old, matched), _slots(new, matched)
     by_label = {layer.label: layer for layer in new}
-    taken: set[str] = set()
+    taken: set[Untrusted] = set()
     renames = {}
     for layer in old:
         if layer.label not in old_slots:
@@ -393,7 +396,7 @@ def comparability_notes(old: Report, new: Report, names: tuple[str, str] = ("OLD
         notes.append(f"{was} ran in {old.mode} mode and {now} in {new.mode} mode: the reports are not comparable")
     if old.input.dtype != new.input.dtype:
         notes.append(f"{was} ran in {old.input.dtype} and {now} in {new.input.dtype}: expect rounding differences")
-    if old.device.split(":")[0] != new.device.split(":")[0]:
+    if old.device.raw.split(":")[0] != new.device.raw.split(":")[0]:
         notes.append(f"{was} ran on {old.device} and {now} on {new.device}: expect rounding differences")
     notes += _data_notes(old.input, new.input, names)
     versions = [

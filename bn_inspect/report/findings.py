@@ -10,6 +10,7 @@ from bn_inspect.options import FailOn
 from bn_inspect.report.departure import Thresholds as Thresholds  # its old home: callers import it from here
 from bn_inspect.report.display import NotebookDisplay
 from bn_inspect.report.records import SCHEMA_VERSION, InputInfo, ModelInfo, Report, json_ready
+from bn_inspect.text import Untrusted
 
 
 class Severity(str, Enum):
@@ -75,6 +76,10 @@ RULES = {
 }
 
 
+# What a finding on the whole model (no layer) is called in a table or a JUnit case.
+MODEL_LABEL = Untrusted("(model)")
+
+
 @dataclass(frozen=True)
 class Finding:
     """One rule firing on one layer (or on the whole model, layer None)."""
@@ -82,17 +87,17 @@ class Finding:
     code: str
     rule: str
     severity: Severity
-    layer: str | None
+    layer: Untrusted | None
     call: int | None
     channels: tuple[int, ...]
     message: str
 
     @property
-    def label(self) -> str:
+    def label(self) -> Untrusted:
         """The layer as shown to people: name, with #call past the first call."""
         if self.layer is None:
-            return "(model)"
-        return self.layer if not self.call else f"{self.layer}#{self.call}"
+            return MODEL_LABEL
+        return self.layer if not self.call else Untrusted(f"{self.layer.raw}#{self.call}")
 
 
 @dataclass(frozen=True)
@@ -101,14 +106,14 @@ class CheckReport(NotebookDisplay):
 
     model: ModelInfo
     input: InputInfo | None
-    mode: str
+    mode: Untrusted
     thresholds: Thresholds
     fail_on: FailOn
     findings: tuple[Finding, ...]
-    layers: tuple[str, ...]
+    layers: tuple[Untrusted, ...]
     notes: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()
-    first_divergent: str | None = None
+    first_divergent: Untrusted | None = None
     schema_version: int = field(default=SCHEMA_VERSION)
     # The inspection the data rules judged (None without data): what --write-baseline records.
     inspection: Report | None = field(default=None, compare=False, repr=False)

@@ -48,9 +48,10 @@ def report_frame(report: Report) -> pd.DataFrame:
             "bias": layer.bias,
         }
         common = {
-            "layer": layer.name,
+            # A DataFrame is data, as JSON is: the exact text; the CSV writer makes it inert.
+            "layer": layer.name.raw,
             "call": layer.call,
-            "type": layer.type,
+            "type": layer.type.raw,
             "values_per_channel": layer.values_per_channel,
             "normalizes_with": layer.normalizes_with,
         }

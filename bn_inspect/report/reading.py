@@ -19,6 +19,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from bn_inspect.boundary.writing import Destination, write_output
 from bn_inspect.errors import ReportFileError
 from bn_inspect.report.records import SCHEMA_VERSION, Report
+from bn_inspect.text import Untrusted
 
 READABLE_VERSIONS = (1,)
 # What json_ready writes for non-finite floats.
@@ -124,9 +125,9 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         raise _fail(where, "an integer", value)
     if hint is bool and not isinstance(value, bool):
         raise _fail(where, "true or false", value)
-    if hint is str and not isinstance(value, str):
+    if hint in (str, Untrusted) and not isinstance(value, str):
         raise _fail(where, "a string", value)
-    return value
+    return Untrusted(value) if hint is Untrusted else value
 
 
 def _record(value: Any, record: type, where: str) -> Any:

@@ -25,6 +25,7 @@ from typing import Any
 from bn_inspect.report import shift
 from bn_inspect.report.departure import Thresholds, departure
 from bn_inspect.report.display import NotebookDisplay
+from bn_inspect.text import Untrusted
 
 # Adding a field keeps the version (README, "JSON report"): reports written before the fingerprints
 # (model and first-batch SHA-256, bn-inspect and Python versions) read as reports without them.
@@ -33,6 +34,8 @@ SCHEMA_VERSION = 1
 RANDOM_INPUT = "random normal"
 
 Floats = tuple[float, ...]
+# The versions of a report that predates them.
+NO_VERSION = Untrusted("")
 
 
 @dataclass(frozen=True)
@@ -40,10 +43,15 @@ class ModelInfo:
     """Where the model came from: file path (or "<module>"), detected format, --arch spec, and the
     hex SHA-256 of the file's bytes (None without a file: a fresh --arch, the Python API)."""
 
-    source: str
-    format: str
-    arch: str | None = None
-    sha256: str | None = None
+    source: Untrusted
+    format: Untrusted
+    arch: Untrusted | None = None
+    sha256: Untrusted | None = None
+
+    @classmethod
+    def of(cls, source: str, format: str, arch: str | None = None, sha256: str | None = None) -> ModelInfo:
+        """The record of a model bn-inspect loaded: every field as Untrusted."""
+        return cls(Untrusted(source), Untrusted(format), _maybe(arch), _maybe(sha256))
 
 
 @dataclass(frozen=True)
@@ -57,21 +65,21 @@ class InputInfo:
     not be decoded were skipped (``num_skipped_files``; the first few in ``skipped_files``).
     """
 
-    source: str
+    source: Untrusted
     shape: tuple[int, ...]
-    dtype: str
+    dtype: Untrusted
     num_batches: int
     num_samples: int
     num_nonfinite_values: int = 0
-    first_batch_sha256: str | None = None
-    preprocessing: str | None = None
+    first_batch_sha256: Untrusted | None = None
+    preprocessing: Untrusted | None = None
     num_skipped_files: int = 0
-    skipped_files: tuple[str, ...] = ()
+    skipped_files: tuple[Untrusted, ...] = ()
 
     @property
     def is_random(self) -> bool:
         """True for seeded random input, which says nothing about a model's running statistics."""
-        return self.source.startswith(RANDOM_INPUT)
+        return self.source.raw.startswith(RANDOM_INPUT)
 
 
 @dataclass(frozen=True)
@@ -83,8 +91,8 @@ class LayerState:
     ``affine_requires_grad`` are None where the file does not store them (a state_dict).
     """
 
-    name: str
-    type: str
+    name: Untrusted
+    type: Untrusted
     family: str
     num_channels: int | None
     eps: float | None
@@ -109,9 +117,9 @@ class LayerState:
 class LayerReport:
     """One call of one normalization layer (a shared module called twice gives two)."""
 
-    name: str
+    name: Untrusted
     call: int
-    type: str
+    type: Untrusted
     family: str
     num_channels: int | None
     input_shape: tuple[int, ...] | None
@@ -131,13 +139,13 @@ class LayerReport:
     running_var: Floats | None
     weight: Floats | None
     bias: Floats | None
-    explanation: str
+    explanation: Untrusted
     flags: tuple[str, ...] = ()
 
     @property
-    def label(self) -> str:
+    def label(self) -> Untrusted:
         """The qualified name, with the call index where the module ran more than once."""
-        return self.name if self.call == 0 else f"{self.name}#{self.call}"
+        return self.name if self.call == 0 else Untrusted(f"{self.name.raw}#{self.call}")
 
     @property
     def mean_shift_z(self) -> Floats | None:
@@ -202,7 +210,7 @@ class RankShare:
 class SyncGroupInfo:
     """The ranks a SyncBatchNorm layer synchronizes its training batch statistics over."""
 
-    name: str
+    name: Untrusted
     ranks: tuple[int, ...]
     is_world: bool
 
@@ -235,8 +243,8 @@ class BufferDivergence:
 class LayerDivergence:
     """How a normalization layer's running buffers differ across ranks."""
 
-    name: str
-    type: str
+    name: Untrusted
+    type: Untrusted
     buffers: tuple[BufferDivergence, ...]
 
     @property
@@ -300,15 +308,15 @@ class Report(NotebookDisplay):
 
     model: ModelInfo
     input: InputInfo
-    mode: str
-    device: str
+    mode: Untrusted
+    device: Untrusted
     layers: tuple[LayerReport, ...]
-    not_executed: tuple[str, ...] = ()
-    torch_version: str = ""
+    not_executed: tuple[Untrusted, ...] = ()
+    torch_version: Untrusted = NO_VERSION
     distributed: DistributedInfo | None = None
     schema_version: int = field(default=SCHEMA_VERSION)
-    bn_inspect_version: str = ""
-    python_version: str = ""
+    bn_inspect_version: Untrusted = NO_VERSION
+    python_version: Untrusted = NO_VERSION
 
     def first_divergent(self, thresholds: Thresholds | None = None) -> LayerReport | None:
         """The first layer call in execution order whose data departs from its running statistics.
@@ -337,19 +345,23 @@ class Report(NotebookDisplay):
         document = {
             "schema_version": self.schema_version,
             "kind": "inspect",
-            "torch_version": self.torch_version,
-            "bn_inspect_version": self.bn_inspect_version,
-            "python_version": self.python_version,
+            "torch_version": self.torch_version.raw,
+            "bn_inspect_version": self.bn_inspect_version.raw,
+            "python_version": self.python_version.raw,
             "model": asdict(self.model),
             "input": asdict(self.input),
-            "mode": self.mode,
-            "device": self.device,
+            "mode": self.mode.raw,
+            "device": self.device.raw,
             "layers": layers,
-            "not_executed": list(self.not_executed),
+            "not_executed": [name.raw for name in self.not_executed],
         }
         if self.distributed is not None:
             document["distributed"] = asdict(self.distributed)
         return json_ready(document)  # type: ignore[no-any-return]
+
+
+def _maybe(text: str | None) -> Untrusted | None:
+    return None if text is None else Untrusted(text)
 
 
 def never_updated(
@@ -366,8 +378,11 @@ def never_updated(
 
 
 def json_ready(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by "nan", "inf" or "-inf", tuples as lists."""
+    """``value`` with every non-finite float replaced by "nan", "inf" or "-inf", tuples as lists, Untrusted as its raw text."""
     # JSON has no NaN or infinity; strings keep them distinguishable from a missing value (null).
+    # JSON escapes every string by construction, so the exact text read from a file goes in.
+    if isinstance(value, Untrusted):
+        return value.raw
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
@@ -382,7 +397,7 @@ def matching_layers(report: Report, patterns: Sequence[str]) -> list[LayerReport
     return [
         layer
         for layer in report.layers
-        if any(fnmatch.fnmatchcase(layer.name, p) or fnmatch.fnmatchcase(layer.label, p) for p in patterns)
+        if any(fnmatch.fnmatchcase(layer.name.raw, p) or fnmatch.fnmatchcase(layer.label.raw, p) for p in patterns)
     ]
 
 
@@ -393,5 +408,5 @@ def unmatched_patterns(report: Report, patterns: Sequence[str]) -> list[str]:
 
 def closest_names(report: Report, pattern: str, limit: int = 3) -> list[str]:
     """The layer names most like ``pattern`` (difflib), else the first few, to suggest in an error."""
-    labels = list(dict.fromkeys(name for layer in report.layers for name in (layer.name, layer.label)))
+    labels = list(dict.fromkeys(name.raw for layer in report.layers for name in (layer.name, layer.label)))
     return difflib.get_close_matches(pattern, labels, n=limit, cutoff=0.4) or labels[:limit]

@@ -14,6 +14,7 @@ from typing import Any
 from bn_inspect.report.departure import Thresholds, departure
 from bn_inspect.report.findings import RULES, Finding, Severity
 from bn_inspect.report.records import LayerReport, LayerState, Report, never_updated
+from bn_inspect.text import Untrusted
 
 FLOAT16_MAX = 65504.0
 EPS_DOMINANCE = 10.0
@@ -23,14 +24,14 @@ def _channels(values: Sequence[float] | None, bad: Any) -> tuple[int, ...]:
     return tuple(i for i, v in enumerate(values or ()) if bad(v))
 
 
-def _listed(channels: Sequence[int | str], limit: int = 8) -> str:
+def _listed(channels: Sequence[int | Untrusted], limit: int = 8) -> str:
     shown = ", ".join(str(c) for c in channels[:limit])
     return shown + (f" and {len(channels) - limit} more" if len(channels) > limit else "")
 
 
 def _finding(
     code: str,
-    layer: str | None,
+    layer: Untrusted | None,
     message: str,
     *,
     call: int | None = 0,

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bn_inspect.text import inert
+from bn_inspect.text import Untrusted, inert
 
 
 def escaped(value: object) -> str:
@@ -63,7 +63,7 @@ class Cell:
     """A table cell: its escaped HTML, the value it sorts by, and a page anchor it links to."""
 
     content: str
-    sort_key: float | str | None = None
+    sort_key: float | str | Untrusted | None = None
     target: str = ""
 
 
@@ -71,15 +71,17 @@ class Cell:
 class Row:
     """A table row of one layer: the name and label a glob filter matches, and its cells."""
 
-    name: str
-    label: str
+    name: Untrusted
+    label: Untrusted
     cells: tuple[Cell, ...]
     css_class: str = ""
     element_id: str = ""
 
 
-def sort_value(value: float | str | None) -> str:
+def sort_value(value: float | str | Untrusted | None) -> str:
     """A cell's sort key as the page script reads it: numbers as text, none and NaN as empty (sorted last)."""
+    if isinstance(value, Untrusted):
+        return value.inert()
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, float) and math.isinf(value):

@@ -21,6 +21,7 @@ from bn_inspect.output.html.figures import (
 from bn_inspect.output.words import counted
 from bn_inspect.report.diff import ADDED, REMOVED, RENAMED, STRUCTURAL, DiffReport, LayerChange, StatChange
 from bn_inspect.report.records import InputInfo, ModelInfo
+from bn_inspect.text import Untrusted
 
 _COLUMNS = (
     Column("#", is_numeric=True, hint="execution order (NEW's; OLD's for a removed layer)"),
@@ -67,7 +68,7 @@ def diff_page(diff: DiffReport, model_output: str = "") -> Page:
     return Page("diff", title, "\n".join(part for part in body if part), figures, layouts=layouts)
 
 
-def _side(model: ModelInfo, data: InputInfo, mode: str) -> str:
+def _side(model: ModelInfo, data: InputInfo, mode: Untrusted) -> str:
     model_print = f" · sha256 <code>{escaped(model.sha256)}</code>" if model.sha256 else " · no file fingerprint"
     data_print = (
         f" · first batch sha256 <code>{escaped(data.first_batch_sha256)}</code>"
@@ -149,7 +150,7 @@ def _verdicts(layer: LayerChange) -> str:
     return old if old == new else f"{old} → {new}"
 
 
-def _row(index: int, layer: LayerChange, first_changed: str | None) -> Row:
+def _row(index: int, layer: LayerChange, first_changed: Untrusted | None) -> Row:
     running, batch = layer.running, layer.batch
     mark = ' <span class="severity severity-error">first changed</span>' if layer.label == first_changed else ""
     status = f'<span class="severity severity-{"error" if layer.is_beyond else "info"}">{escaped(layer.status)}</span>'
@@ -166,7 +167,13 @@ def _row(index: int, layer: LayerChange, first_changed: str | None) -> Row:
         Cell(number(layer.size), layer.size),
         Cell(escaped(_verdicts(layer)), _verdicts(layer)),
     )
-    return Row(layer.new or layer.old or "", layer.label, cells, "departs" if layer.is_beyond else "", f"row-{index}")
+    return Row(
+        layer.new or layer.old or Untrusted(""),
+        layer.label,
+        cells,
+        "departs" if layer.is_beyond else "",
+        f"row-{index}",
+    )
 
 
 def _largest(change: StatChange | None) -> float | None:
@@ -202,7 +209,7 @@ def _structural(ordered: list[LayerChange]) -> str:
     return section("Added, removed and renamed layers", body, "structure")
 
 
-def _layer_detail(i: int, layer: LayerChange, figures: dict[str, Figure], first_changed: str | None) -> str:
+def _layer_detail(i: int, layer: LayerChange, figures: dict[str, Figure], first_changed: Untrusted | None) -> str:
     """One layer call's collapsible detail: its facts and, where both sides have statistics, the change per channel."""
     running, batch = layer.running, layer.batch
     plots: dict[str, Figure] = {}

@@ -103,7 +103,7 @@ def header(report: Report) -> str:
         ),
     ]
     if report.not_executed:
-        rows.append(("never ran", escaped(", ".join(report.not_executed))))
+        rows.append(("never ran", escaped(", ".join(name.inert() for name in report.not_executed))))
     verdict = inspection_verdict(report, str)
     outcome = html.escape(verdict.outcome.replace(" ", "-"))
     return (

@@ -11,7 +11,8 @@ from bn_inspect.output.html.inspect_page import model_facts
 from bn_inspect.output.words import counted
 from bn_inspect.report.comparisons import LayerModeGap, ModeComparison, RecalibratedLayer, RecalibrationResult
 from bn_inspect.report.departure import Thresholds
-from bn_inspect.report.findings import CheckReport, Finding, Severity
+from bn_inspect.report.findings import MODEL_LABEL, CheckReport, Finding, Severity
+from bn_inspect.text import Untrusted
 
 _SEVERITY_COLOURS = {Severity.ERROR: RED, Severity.WARNING: ORANGE, Severity.INFO: GREY}
 
@@ -89,7 +90,7 @@ def check_page(check: CheckReport, model_output: str = "") -> Page:
     )
 
 
-def _finding_row(finding: Finding, index: dict[str, int]) -> Row:
+def _finding_row(finding: Finding, index: dict[Untrusted, int]) -> Row:
     target = index.get(finding.label)
     shown = ", ".join(str(c) for c in finding.channels[:8]) + (" …" if len(finding.channels) > 8 else "")
     cells = (
@@ -103,7 +104,7 @@ def _finding_row(finding: Finding, index: dict[str, int]) -> Row:
         Cell(f"{len(finding.channels):,}" + (f": {shown}" if shown else ""), len(finding.channels)),
         Cell(escaped(finding.message), finding.message),
     )
-    return Row(finding.layer or "(model)", finding.label, cells)
+    return Row(finding.layer or MODEL_LABEL, finding.label, cells)
 
 
 def _checked_layers(check: CheckReport) -> str:
@@ -167,7 +168,7 @@ def _comparison_facts(comparison: ModeComparison) -> list[tuple[str, str]]:
             described += f"; argmax changes for {change:.1%} of samples"
         rows.append(("model output", escaped(described)))
     if comparison.not_executed:
-        rows.append(("never ran", escaped(", ".join(comparison.not_executed))))
+        rows.append(("never ran", escaped(", ".join(name.inert() for name in comparison.not_executed))))
     return rows
 
 
@@ -185,7 +186,7 @@ _GAP_COLUMNS = (
 )
 
 
-def _gap_row(i: int, layer: LayerModeGap, opens: str | None) -> Row:
+def _gap_row(i: int, layer: LayerModeGap, opens: Untrusted | None) -> Row:
     cells = (
         Cell(str(i), i),
         Cell(escaped(layer.label), layer.label),
