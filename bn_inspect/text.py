@@ -74,10 +74,16 @@ class Untrusted:
         return f"Untrusted({self.raw!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Untrusted) and other.raw == self.raw
+        # Equal to the str it holds, so that API code written as ``layer.name == "bn1"`` and dicts
+        # keyed by names keep working; only showing one needs the type's methods.
+        if isinstance(other, Untrusted):
+            return other.raw == self.raw
+        if isinstance(other, str):
+            return other == self.raw
+        return NotImplemented
 
     def __lt__(self, other: Untrusted) -> bool:
         return self.raw < other.raw
 
     def __hash__(self) -> int:
-        return hash(("Untrusted", self.raw))
+        return hash(self.raw)
