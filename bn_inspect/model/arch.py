@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -12,9 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bn_inspect.errors import (
-    ArchError,
-)
+from bn_inspect.boundary.reading import Source, current_manifest, open_checked
+from bn_inspect.errors import ArchError, BnInspectError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -98,47 +98,110 @@ def resolve_callable(spec: str, flag: str) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
+# A model or dataset definition is a few thousand lines; a "source" of many megabytes is not code
+# someone wrote, and is refused before it is read.
+CODE_BUDGET = 16 * 2**20
+_SOURCES = {"--arch": Source.ARCH_CODE, "--data": Source.DATA_CODE}
+
+
+def is_file_spec(target: str) -> bool:
+    """Whether the part before ':' names a file (``path/to/file.py``) rather than a module."""
+    return target.endswith(".py") or "/" in target or os.sep in target
+
+
 def _import_arch_module(target: str, spec: str, flag: str) -> Any:
-    if target.endswith(".py") or "/" in target or os.sep in target:
-        path = Path(target)
-        if not path.is_file():
-            with_suffix = path.with_name(path.name + ".py")
-            if not target.endswith(".py") and with_suffix.is_file():
-                callable_name = spec.rpartition(":")[2]
-                raise ArchError(
-                    f"{flag} {spec!r}: file {target} does not exist",
-                    f"Did you mean {flag} {with_suffix}:{callable_name}?",
-                )
-            raise ArchError(f"{flag} {spec!r}: file {target} does not exist", "Check the path")
-        name = f"bn_inspect_{flag.strip('-')}_{path.stem}"
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        if module_spec is None or module_spec.loader is None:
-            raise ArchError(f"{flag} {spec!r}: cannot import {target}", "Name a Python file")
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module
-        try:
-            with cwd_importable():
-                module_spec.loader.exec_module(module)
-        except Exception as error:
-            sys.modules.pop(name, None)
-            raise ArchError(
-                f"{flag} {spec!r}: importing {target} raised {type(error).__name__}: {error}",
-                "Fix the file or name another",
-            ) from error
-        return module
+    if is_file_spec(target):
+        return _import_file(Path(target), spec, flag)
     try:
         with cwd_importable():
-            return importlib.import_module(target)
+            locate_module(target, flag)
+            module = importlib.import_module(target)
     except ModuleNotFoundError as error:
         raise ArchError(
             f"{flag} {spec!r}: module {error.name or target!r} cannot be imported",
             "Install it, run from its project folder, or give a file path (path/to/file.py:callable)",
         ) from error
+    except BnInspectError:
+        raise
     except Exception as error:
         raise ArchError(
             f"{flag} {spec!r}: importing {target} raised {type(error).__name__}: {error}",
             "Fix the module or name another",
         ) from error
+    origin = getattr(module, "__file__", None)
+    if origin:
+        # Where a package placed its module at import time (a __path__ changed on import).
+        current_manifest().declare(Path(origin), _SOURCES.get(flag, Source.ARCH_CODE))
+    return module
+
+
+def _import_file(path: Path, spec: str, flag: str) -> Any:
+    """The module of ``path/to/file.py``, its source read once through the opener and run from those bytes."""
+    target = str(path)
+    with_suffix = path.with_name(path.name + ".py")
+    if not target.endswith(".py") and not path.exists() and with_suffix.is_file():
+        raise ArchError(
+            f"{flag} {spec!r}: file {target} does not exist",
+            f"Did you mean {flag} {with_suffix}:{spec.rpartition(':')[2]}?",
+        )
+    with open_checked(
+        path,
+        _SOURCES.get(flag, Source.ARCH_CODE),
+        noun=f"{flag} {spec!r}: file",
+        error=ArchError,
+        max_bytes=CODE_BUDGET,
+        fix="Name a Python file",
+    ) as opened:
+        source = opened.read_bytes()
+    name = f"bn_inspect_{flag.strip('-')}_{path.stem}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None:
+        raise ArchError(f"{flag} {spec!r}: cannot import {target}", "Name a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    try:
+        # Compiled from the bytes that were checked: the import system would open the path again.
+        code = compile(source, target, "exec", dont_inherit=True)
+        with cwd_importable():
+            exec(code, module.__dict__)
+    except Exception as error:
+        sys.modules.pop(name, None)
+        raise ArchError(
+            f"{flag} {spec!r}: importing {target} raised {type(error).__name__}: {error}",
+            "Fix the file or name another",
+        ) from error
+    return module
+
+
+def locate_module(target: str, flag: str) -> Path | None:
+    """The file module ``target`` would be imported from, found without importing anything, opened
+    through the opener (so a named pipe or a device is refused before the import blocks on it) and
+    recorded in the run's manifest; None when it has no file or cannot be found.
+
+    ``importlib.util.find_spec("a.b")`` imports package ``a`` to read its ``__path__``, which runs
+    its code; so only the top-level name goes to ``find_spec``, and each further part is looked
+    up in its parent's search locations by the path finder, which imports nothing.
+
+    Raises:
+        ArchError: the module's file is not a regular file.
+    """
+    parts = target.split(".")
+    try:
+        found = importlib.util.find_spec(parts[0])
+        for index in range(1, len(parts)):
+            locations = None if found is None else found.submodule_search_locations
+            if locations is None:
+                return None
+            found = importlib.machinery.PathFinder.find_spec(".".join(parts[: index + 1]), list(locations))
+    except (ImportError, ValueError):
+        return None
+    if found is None or not found.has_location or not found.origin:
+        return None
+    origin = Path(found.origin)
+    with open_checked(
+        origin, _SOURCES.get(flag, Source.ARCH_CODE), noun=f"{flag} module {target}: file", error=ArchError
+    ):
+        return origin
 
 
 def build_arch(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
