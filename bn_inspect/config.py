@@ -94,7 +94,9 @@ def load_check_config(start: Path) -> CheckConfig:
         content = opened.read_bytes()
     try:
         document = tomllib.loads(content.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as error:
+    except RecursionError:
+        raise ConfigError(f"cannot read {path}: it is nested too deeply", "Flatten its arrays and tables") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"cannot read {path} ({error})", "Fix the TOML syntax") from error
     table: Any = document.get("tool", {}).get("bn-inspect", {})
     if not isinstance(table, dict):

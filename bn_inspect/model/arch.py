@@ -113,8 +113,8 @@ def _import_arch_module(target: str, spec: str, flag: str) -> Any:
     if is_file_spec(target):
         return _import_file(Path(target), spec, flag)
     try:
+        locate_module(target, flag)
         with cwd_importable():
-            locate_module(target, flag)
             module = importlib.import_module(target)
     except ModuleNotFoundError as error:
         raise ArchError(
@@ -187,7 +187,8 @@ def locate_module(target: str, flag: str) -> Path | None:
     """
     parts = target.split(".")
     try:
-        found = importlib.util.find_spec(parts[0])
+        with cwd_importable():
+            found = importlib.util.find_spec(parts[0])
         for index in range(1, len(parts)):
             locations = None if found is None else found.submodule_search_locations
             if locations is None:

@@ -9,6 +9,7 @@ anything wrong ends in one ReportFileError naming the field.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
@@ -90,7 +91,6 @@ def _read_opened(opened: OpenedInput) -> Report:
         document = json.loads(
             opened.read_bytes().decode("utf-8-sig"),
             parse_int=_bounded_int,
-            parse_float=_finite_float,
             parse_constant=_no_constant,
         )
     except _NumberError as error:
@@ -111,13 +111,6 @@ def _bounded_int(text: str) -> int:
     if len(text.lstrip("-")) > 19 or abs(value := int(text)) >= _MAX_INTEGER:
         digits = len(text.lstrip("-"))
         raise _NumberError(f"an integer of {digits:,} digits ({text[:12]}...), larger than any report holds")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise _NumberError(f"the number {text[:20]}, which is too large for a float")
     return value
 
 
@@ -178,11 +171,19 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise _fail(where, "a list", value)
         item = get_args(hint)[0]
+        if item in (int, float) and all(type(v) in _PLAIN_NUMBERS[item] for v in value):
+            # Per-channel lists are most of a report: plain finite numbers skip the per-item path.
+            numbers = tuple(map(item, value))
+            if item is int or all(map(math.isfinite, numbers)):
+                return numbers
         return tuple(_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if hint is float:
         if isinstance(value, str) and value in _NONFINITE:
             return _NONFINITE[value]
         if isinstance(value, int | float) and not isinstance(value, bool):
+            # A literal too large for a float (1e999) reads as inf: reports write "inf" for that.
+            if not math.isfinite(value):
+                raise _fail(where, 'a finite number (or "nan", "inf", "-inf")', value)
             return float(value)
         raise _fail(where, "a number", value)
     if hint is int and (not isinstance(value, int) or isinstance(value, bool)):
@@ -194,18 +195,35 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+# Exactly these types pass as a list's numbers without a closer look (bool is an int, and is refused).
+_PLAIN_NUMBERS: dict[type, tuple[type, ...]] = {int: (int,), float: (float, int)}
+
+
+@functools.cache
+def _fields(record: type) -> tuple[tuple[str, Any, bool], ...]:
+    """Each field of a record: its name, its type, and whether a document must have it (no default)."""
+    hints = get_type_hints(record)
+    return tuple(
+        (
+            item.name,
+            hints[item.name],
+            item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING,
+        )
+        for item in dataclasses.fields(record)
+    )
+
+
 def _record(value: Any, record: type, where: str) -> Any:
     """A record dataclass from a JSON object: its fields converted, defaults for those an older
     version lacks, computed extras (mean_shift_z, var_ratio, kind) left out."""
     if not isinstance(value, dict):
         raise _fail(where, "an object", value)
-    hints = get_type_hints(record)
     chosen = {}
-    for item in dataclasses.fields(record):
-        path = f"{where}.{item.name}" if where else item.name
-        if item.name in value:
-            chosen[item.name] = _convert(value[item.name], hints[item.name], path)
-        elif item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING:
+    for name, hint, is_required in _fields(record):
+        path = f"{where}.{name}" if where else name
+        if name in value:
+            chosen[name] = _convert(value[name], hint, path)
+        elif is_required:
             raise ReportFileError(
                 f"the report has no field {path}",
                 "Give a report written by `bn-inspect inspect --format json`, unchanged",
