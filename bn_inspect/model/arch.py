@@ -173,6 +173,23 @@ def _import_file(path: Path, spec: str, flag: str) -> Any:
     return module
 
 
+def declare_source(spec: str, flag: str) -> None:
+    """Record the file that ``spec`` (``path/to/file.py:callable`` or ``package.module:callable``)
+    names in the run's manifest, without importing anything: a run that is given code but ends up
+    not running it (a whole-model file next to --arch) still never writes over it.
+
+    Raises:
+        ArchError: the module's file is not a regular file.
+    """
+    target = spec.rpartition(":")[0]
+    if not target:
+        return  # resolving it says what is wrong with it
+    if is_file_spec(target):
+        current_manifest().declare(Path(target), _SOURCES.get(flag, Source.ARCH_CODE))
+    else:
+        locate_module(target, flag)
+
+
 def locate_module(target: str, flag: str) -> Path | None:
     """The file module ``target`` would be imported from, found without importing anything, opened
     through the opener (so a named pipe or a device is refused before the import blocks on it) and

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from bn_inspect.boundary.reading import OpenedInput
 from bn_inspect.errors import ArchError
-from bn_inspect.model.arch import build_arch
+from bn_inspect.model.arch import build_arch, declare_source
 from bn_inspect.model.archives import load_exported, load_safetensors, load_torchscript
 from bn_inspect.model.files import FileKind, file_kind, file_sha256, open_model_file
 from bn_inspect.model.pickles import torch_load
@@ -103,6 +103,8 @@ def load_model(
         ModelFileError, UntrustedPickleError, ArchError, StateDictMismatchError.
     """
     kwargs = dict(arch_kwargs or {})
+    if arch is not None:
+        declare_source(arch, "--arch")
     if path is None:
         if arch is None:
             raise ArchError("no model given", "Give a MODEL file, or --arch to inspect a fresh architecture")
