@@ -269,6 +269,23 @@ def test_a_module_is_located_without_importing_its_package(tmp_path: Path, monke
     assert not marker.exists() and package not in sys.modules
 
 
+@pytest.mark.surface("read:arch-code", "execution")
+def test_an_unused_arch_is_recorded_and_not_imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bn_inspect.model.loading import load_model
+
+    marker = tmp_path / "ran"
+    package = _package(tmp_path, marker)
+    module = tmp_path / package / "net.py"
+    module.write_text(canary_code(marker))
+    monkeypatch.chdir(tmp_path)
+    with run_manifest() as manifest:
+        # A TorchScript file holds its architecture: --arch is not run, but no output may replace it.
+        assert load_model(MODEL, arch=f"{package}.net:Net").format == "torchscript"
+        entry = manifest.entry_for(identity_of(module) or (0, 0))
+        assert entry is not None and entry.source is Source.ARCH_CODE
+    assert not marker.exists() and package not in sys.modules
+
+
 @pytest.mark.surface("read:arch-code", "hang")
 @pytest.mark.surface("read:data-code", "hang")
 @pytest.mark.parametrize("flag", ["--arch", "--data"])
