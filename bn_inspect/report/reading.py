@@ -2,8 +2,11 @@
 check --baseline, and written, atomically, by check --write-baseline.
 
 Reads documents of schema version 1, including those written before a field was added ("kind",
-the fingerprints: they read as None or ""). A report comes from a file someone handed over, so every field is checked against the record's type and
-anything wrong ends in one ReportFileError naming the field.
+the fingerprints: they read as None or ""). A report comes from a file someone handed over: it is
+opened through the boundary's opener (a regular file within REPORT_BUDGET), its integers are
+bounded while JSON is parsed, and every field is checked against the record's type (per-channel
+lists against the channel count, numbers finite) before any is used; anything wrong ends in one
+ReportFileError naming the field.
 """
 
 from __future__ import annotations
