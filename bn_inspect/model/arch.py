@@ -102,6 +102,11 @@ def resolve_callable(spec: str, flag: str) -> Callable[..., Any]:
 # someone wrote, and is refused before it is read.
 CODE_BUDGET = 16 * 2**20
 _SOURCES = {"--arch": Source.ARCH_CODE, "--data": Source.DATA_CODE}
+_FILE_LOADERS = (
+    importlib.machinery.SourceFileLoader,
+    importlib.machinery.SourcelessFileLoader,
+    importlib.machinery.ExtensionFileLoader,
+)
 
 
 def is_file_spec(target: str) -> bool:
@@ -213,7 +218,8 @@ def locate_module(target: str, flag: str) -> Path | None:
             found = importlib.machinery.PathFinder.find_spec(".".join(parts[: index + 1]), list(locations))
     except (ImportError, ValueError):
         return None
-    if found is None or not found.has_location or not found.origin:
+    # Files on disk only: a module inside a zip archive (zipimport) has an origin no open reaches.
+    if found is None or not found.origin or not isinstance(found.loader, _FILE_LOADERS):
         return None
     origin = Path(found.origin)
     with open_checked(

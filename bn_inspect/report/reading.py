@@ -79,7 +79,12 @@ def load_report(path: Path, source: Source = Source.BASELINE) -> Report:
             type, a per-channel list of the wrong length, a non-finite number or an unbounded integer.
     """
     with open_checked(
-        path, source, noun="report", error=ReportFileError, max_bytes=REPORT_BUDGET, fix=f"{_REPORT_FIX} (a file)"
+        path,
+        source,
+        noun="report",
+        error=ReportFileError,
+        max_bytes=REPORT_BUDGET,
+        fix="Give the path of a JSON report written by bn-inspect",
     ) as opened:
         return _read_opened(opened)
 
