@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bn_inspect.boundary.reading import Source, open_checked
 from bn_inspect.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -56,11 +57,19 @@ _BOUNDS: dict[str, tuple[float, float | None]] = {
 }
 
 
+# A project's settings file is a few kilobytes; a larger one is not read.
+CONFIG_BUDGET = 2**20
+
+
 def find_pyproject(start: Path) -> Path | None:
-    """The nearest pyproject.toml in ``start`` or one of its parents."""
+    """The nearest pyproject.toml in ``start`` or one of its parents (a folder of that name does not count).
+
+    Which file it is, not whether it can be read: the opener judges that (a named pipe is an error,
+    not a reason to look further up).
+    """
     for folder in (start, *start.parents):
         candidate = folder / "pyproject.toml"
-        if candidate.is_file():
+        if candidate.exists() and not candidate.is_dir():
             return candidate
     return None
 
@@ -74,9 +83,20 @@ def load_check_config(start: Path) -> CheckConfig:
     path = find_pyproject(start)
     if path is None:
         return CheckConfig()
+    with open_checked(
+        path,
+        Source.CONFIG,
+        noun="settings file",
+        error=ConfigError,
+        max_bytes=CONFIG_BUDGET,
+        fix="Make pyproject.toml a regular file, or run from another folder",
+    ) as opened:
+        content = opened.read_bytes()
     try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as error:
+        document = tomllib.loads(content.decode("utf-8"))
+    except RecursionError:
+        raise ConfigError(f"cannot read {path}: it is nested too deeply", "Flatten its arrays and tables") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"cannot read {path} ({error})", "Fix the TOML syntax") from error
     table: Any = document.get("tool", {}).get("bn-inspect", {})
     if not isinstance(table, dict):

@@ -284,7 +284,7 @@ def test_the_tolerance_comes_from_pyproject_unless_a_flag_says_otherwise(
 @pytest.mark.parametrize(
     ("argv", "fragments"),
     [
-        (["diff", "missing.json", "{report}"], ["model file missing.json does not exist"]),
+        (["diff", "missing.json", "{report}"], ["OLD file missing.json does not exist"]),
         (
             ["diff", "{report}", "{report}", "--input", DIGITS / "test_images.npy"],
             ["two JSON reports run no data, so --input would be ignored"],

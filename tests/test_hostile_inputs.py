@@ -82,13 +82,13 @@ def test_fifo_input_is_refused_without_opening_it(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     code, line = run_bounded(["inspect", str(MODEL), "--input", str(fifo)], tmp_path)
     assert code == 2
-    assert line == f"Error: input path {fifo} is a named pipe (FIFO), not a regular file. {NOT_REGULAR_FIX}"
+    assert line == f"Error: input file {fifo} is a named pipe, not a regular file. {NOT_REGULAR_FIX}"
 
 
 def test_fifo_input_is_refused_by_the_library(tmp_path: Path) -> None:
     fifo = tmp_path / "images.npy"
     os.mkfifo(fifo)
-    with deadline(30), pytest.raises(InputError, match=r"images\.npy is a named pipe \(FIFO\), not a regular file"):
+    with deadline(30), pytest.raises(InputError, match=r"images\.npy is a named pipe, not a regular file"):
         read_input(fifo)
 
 
@@ -98,7 +98,7 @@ def test_dev_zero_as_csv_is_refused(tmp_path: Path) -> None:
     table.symlink_to("/dev/zero")
     code, line = run_bounded(["inspect", str(MODEL), "--input", str(table)], tmp_path)
     assert code == 2
-    assert line == f"Error: input path {table} is a character device, not a regular file. {NOT_REGULAR_FIX}"
+    assert line == f"Error: input file {table} is a character device, not a regular file. {NOT_REGULAR_FIX}"
 
 
 @pytest.mark.surface("read:input-shard", "hang")
@@ -109,16 +109,14 @@ def test_fifo_shard_in_a_directory_is_refused(tmp_path: Path, capsys: pytest.Cap
     os.mkfifo(shards / "b.npy")
     code, line = first_error_line(capsys, ["inspect", str(MODEL), "--input", str(shards)])
     assert code == 2
-    assert line == (
-        f"Error: b.npy in input directory {shards} is a named pipe (FIFO), not a regular file. {NOT_REGULAR_FIX}"
-    )
+    assert line == (f"Error: input shard {shards / 'b.npy'} is a named pipe, not a regular file. {NOT_REGULAR_FIX}")
 
 
 @pytest.mark.surface("read:input-shard", "hang")
 def test_device_shard_in_a_directory_is_refused_by_the_library(tmp_path: Path) -> None:
     np.save(tmp_path / "a.npy", images(4))
     (tmp_path / "b.npy").symlink_to("/dev/zero")
-    with pytest.raises(InputError, match=r"b\.npy in input directory .* is a character device, not a regular file"):
+    with pytest.raises(InputError, match=r"input shard .*b\.npy is a character device, not a regular file"):
         open_input(tmp_path)
 
 

@@ -331,7 +331,7 @@ def test_a_named_pipe_among_the_images_is_refused_before_it_blocks(
 def test_a_missing_image_file(tmp_path: Path, bn_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     result = invoke(capsys, ["inspect", bn_model, "--input", tmp_path / "missing.jpg"])
     assert result.code == 2
-    assert_one_error_line(result, f"cannot read input path {tmp_path / 'missing.jpg'} (No such file or directory)")
+    assert_one_error_line(result, f"input image {tmp_path / 'missing.jpg'} does not exist. Check the path")
 
 
 def test_a_file_that_vanishes_is_unreadable_not_corrupt(tmp_path: Path) -> None:

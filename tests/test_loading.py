@@ -673,7 +673,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_directory(tmp_path: Path) -> None:
-    with pytest.raises(ModelFileError, match=f"model path {re.escape(str(tmp_path))} is a directory"):
+    with pytest.raises(ModelFileError, match=f"model file {re.escape(str(tmp_path))} is a directory"):
         load_model(tmp_path, arch=ARCH)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from bn_inspect.errors import ReportFileError
 from bn_inspect.output.export import to_json
-from bn_inspect.report.reading import is_report_file, load_report, report_from_dict
+from bn_inspect.report.reading import load_report, read_diff_side, report_from_dict
 from bn_inspect.report.records import (
     BufferDivergence,
     DistributedInfo,
@@ -82,11 +82,11 @@ def test_a_cli_report_reads_back_to_the_same_document(capsys: pytest.CaptureFixt
     )
     assert result.code == 0, result.err
     assert load_report(target).to_dict() == json.loads(target.read_text())
-    assert is_report_file(target) and not is_report_file(DIGITS / "torchscript.pt")
+    assert read_diff_side(target, "OLD") is not None and read_diff_side(DIGITS / "torchscript.pt", "NEW") is None
     from safetensors.torch import save_file
 
     save_file({"bn.running_mean": torch.zeros(3)}, tmp_path / "model.safetensors")
-    assert not is_report_file(tmp_path / "model.safetensors")
+    assert read_diff_side(tmp_path / "model.safetensors", "NEW") is None
 
 
 def test_a_report_written_before_the_fingerprints_reads_without_them() -> None:
@@ -150,5 +150,5 @@ def test_a_file_that_is_no_report_is_refused(tmp_path: Path, content: bytes, fra
         load_report(path)
     with pytest.raises(ReportFileError, match="does not exist"):
         load_report(tmp_path / "missing.json")
-    with pytest.raises(ReportFileError, match="is not a regular file"):
+    with pytest.raises(ReportFileError, match="is a directory"):
         load_report(tmp_path)

@@ -318,17 +318,18 @@ def run_diff(
         ReportFileError: a side that looks like a JSON report cannot be read.
     """
     from bn_inspect.report.diff import diff_reports
-    from bn_inspect.report.reading import is_report_file, load_report
+    from bn_inspect.report.reading import read_diff_side
 
     check_outputs(options, old, new)
-    is_report = [is_report_file(old), is_report_file(new)]
-    if all(is_report):
+    # Each side is opened and judged (a regular file) before its first bytes tell a report from a model.
+    read = [read_diff_side(old, "OLD"), read_diff_side(new, "NEW")]
+    if all(report is not None for report in read):
         _refuse_data_options(
             options, "two JSON reports run no data", "Drop the data options, or give a model file to run them through"
         )
     reports = [
-        load_report(path) if report_file else run_inspect(replace(options, model=path), observer)
-        for path, report_file in zip((old, new), is_report, strict=True)
+        report if report is not None else run_inspect(replace(options, model=path), observer)
+        for path, report in zip((old, new), read, strict=True)
     ]
     # On the ranks of a torchrun run that do not print, run_inspect returns None.
     if reports[0] is None or reports[1] is None:

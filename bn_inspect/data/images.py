@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from bn_inspect.boundary.reading import Source, current_manifest
 from bn_inspect.data.batch import Batch
 from bn_inspect.data.decode import IMAGE_SUFFIXES, Preprocessing, UndecodableImage, decode_image, planned_shape
 from bn_inspect.data.memory import check_fits_memory
@@ -36,23 +37,38 @@ def default_workers() -> int:
     return max(1, min(8, usable - 1))
 
 
+# How many folders deep the scan goes below --input: class folders are one level, dataset layouts a
+# few more; a deeper tree is refused in one line rather than walked (or skipped in silence).
+MAX_FOLDER_DEPTH = 64
+
+
 def find_images(folder: Path) -> tuple[list[Path], list[Path]]:
     """Image files under ``folder`` (recursive, name order, hidden names left out) and other files seen.
 
     The order is that of torchvision's ImageFolder for its ``class_name/image.jpg`` layout
-    (classes sorted, then files sorted), which keeps runs reproducible.
+    (classes sorted, then files sorted), which keeps runs reproducible. The walk keeps its own
+    stack (any depth of folders costs no recursion), goes at most MAX_FOLDER_DEPTH levels down, and
+    never follows a symlinked folder (so no loop). Every image found is declared in the run's
+    manifest, so that no output may replace one, however deep.
 
     Raises:
-        InputError: an image path that is not a regular file (a named pipe would block).
+        InputError: an image path that is not a regular file (a named pipe would block), a folder
+            that cannot be read, or folders nested deeper than MAX_FOLDER_DEPTH.
     """
     images: list[Path] = []
     others: list[Path] = []
-    for root, dirs, files in os.walk(folder, onerror=_unreadable_folder):
-        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            path = Path(root, name)
+    manifest = current_manifest()
+    pending = [(folder, 0)]
+    while pending:
+        current, depth = pending.pop()
+        subfolders, files = _folder_entries(current)
+        if subfolders and depth >= MAX_FOLDER_DEPTH:
+            raise InputError(
+                f"input directory {folder} nests folders more than {MAX_FOLDER_DEPTH} levels deep "
+                f"(e.g. {subfolders[0]})",
+                "Give a folder of images that is less deeply nested",
+            )
+        for path in files:
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 others.append(path)
             elif not path.is_file():
@@ -62,11 +78,27 @@ def find_images(folder: Path) -> tuple[list[Path], list[Path]]:
                 )
             else:
                 images.append(path)
+                manifest.declare(path, Source.IMAGE)
+        pending.extend((subfolder, depth + 1) for subfolder in reversed(subfolders))
     return images, others
 
 
-def _unreadable_folder(error: OSError) -> None:
-    raise InputError(f"cannot read folder {error.filename} ({error.strerror})", "Check its permissions")
+def _folder_entries(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The visible subfolders (symlinked ones left out: never followed) and other entries of ``folder``, sorted."""
+    subfolders: list[Path] = []
+    files: list[Path] = []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    subfolders.append(Path(entry.path))
+                elif not entry.is_dir():
+                    files.append(Path(entry.path))
+    except OSError as error:
+        raise InputError(f"cannot read folder {folder} ({error.strerror})", "Check its permissions") from error
+    return sorted(subfolders), sorted(files)
 
 
 @dataclass

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bn_inspect.data.readers import InputData, load_npy, read_input, require_regular_file
+from bn_inspect.boundary.reading import Source, open_checked
+from bn_inspect.data.readers import InputData, load_npy, open_input_file, read_input
 from bn_inspect.errors import InputError
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ class DirectoryData:
         for path in self.files:
             if remaining is not None and remaining <= 0:
                 return
-            data = read_input(path, key=self.key)
+            data = read_input(path, key=self.key, source=Source.INPUT_SHARD)
             for batch in data.batches(batch_size, remaining):
                 yield batch
                 if remaining is not None:
@@ -64,7 +65,7 @@ class DirectoryData:
 
     def sample_shape(self) -> tuple[int, ...]:
         """Shape of one sample of the first file."""
-        return read_input(self.files[0], key=self.key).sample_shape()
+        return read_input(self.files[0], key=self.key, source=Source.INPUT_SHARD).sample_shape()
 
 
 def open_input(
@@ -98,11 +99,17 @@ def open_input(
                 "Put the images in a folder of their own and give that folder",
             )
         for file in files:
-            # A shard that is a pipe or device would block or never end; skipping it would drop data.
-            require_regular_file(file, f"{file.name} in input directory {path}")
+            # Every shard is opened and judged now, and recorded in the run's manifest: one that is a
+            # pipe or a device would block or never end when its turn came, and skipping it would drop
+            # data. Each is opened (and judged) again when it is read.
+            with open_input_file(file, Source.INPUT_SHARD):
+                pass
         return DirectoryData(str(path), files, key)
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        require_regular_file(path, f"input path {path}")
+        with open_checked(
+            path, Source.IMAGE, noun="input image", error=InputError, fix="Save the image to a regular file"
+        ):
+            pass
         return _open_images(path, prep or Preprocessing(), workers, strict)
     return read_input(path, key=key, drop_columns=drop_columns)
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
-import stat
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from bn_inspect.boundary.reading import OpenedInput, Source, open_checked
 from bn_inspect.data.memory import available_memory_bytes
 from bn_inspect.errors import InputError
 
@@ -67,36 +67,57 @@ def _as_tensor(array: Any) -> torch.Tensor:
     return torch.from_numpy(np.array(array, dtype=array.dtype.newbyteorder("="), copy=True))
 
 
-def read_input(path: Path, *, key: str | None = None, drop_columns: Sequence[str] = ()) -> InputData:
+# Budgets for files read whole into memory (a .npy file is memory-mapped and an .npz member is
+# checked against the memory available, so they need none): a table's text becomes several times
+# its size once parsed, and a .pt file's tensors are as large as the file.
+TABLE_BUDGET = 2**30
+_NOT_REGULAR_FIX = "Save the data to a regular file and give its path"
+_NOUNS = {Source.INPUT_FILE: "input file", Source.INPUT_SHARD: "input shard"}
+
+
+def open_input_file(
+    path: Path, source: Source = Source.INPUT_FILE, max_bytes: int | None = None
+) -> AbstractContextManager[OpenedInput]:
+    """An input file or shard opened through the boundary's opener (a regular file, recorded).
+
+    Raises:
+        InputError: the path is missing, unreadable, not a regular file, or over ``max_bytes``.
+    """
+    noun = _NOUNS.get(source, "input file")
+    return open_checked(path, source, noun=noun, error=InputError, max_bytes=max_bytes, fix=_NOT_REGULAR_FIX)
+
+
+def read_input(
+    path: Path, *, key: str | None = None, drop_columns: Sequence[str] = (), source: Source = Source.INPUT_FILE
+) -> InputData:
     """Read ``path`` (.pt/.pth, .npy, .npz, .csv, .parquet) into arrays of floating-point data.
 
     Args:
         path: the input file.
         key: which array of an .npz, or which entry of a dict in a .pt file, to use alone.
         drop_columns: table columns to leave out (labels, ids).
+        source: what the file is to the run (the --input file, or a shard of the --input folder).
 
     Raises:
-        InputError: unreadable file, unknown suffix, wrong dtype, empty data, ambiguous content.
+        InputError: unreadable file, unknown suffix, wrong dtype, empty data, ambiguous content, or a
+            .pt file or table over its budget (half the memory available; TABLE_BUDGET).
     """
-    if not path.exists():
-        raise InputError(f"input file {path} does not exist", "Check the path")
-    if path.is_dir():
-        raise InputError(f"input path {path} is a directory", "Give one input file, or stream it with open_input")
-    require_regular_file(path, f"input path {path}")
     suffix = path.suffix.lower()
-    if suffix in (".pt", ".pth"):
-        data = _read_torch(path, key)
-    elif suffix == ".npy":
-        data = InputData(str(path), (_checked(load_npy(path), path),), {}, 0)
-    elif suffix == ".npz":
-        data = InputData(str(path), (_checked(_read_npz(path, key), path),), {}, 0)
-    elif suffix in (".csv", ".parquet"):
-        data = InputData(str(path), (_read_table(path, drop_columns),), {}, 0)
-    else:
-        raise InputError(
-            f"input file {path} has suffix {suffix or '(none)'!r}, which bn-inspect cannot read",
-            f"Give one of {', '.join(INPUT_SUFFIXES)}",
-        )
+    budget = {".pt": available_memory_bytes() // 2, ".csv": TABLE_BUDGET, ".parquet": TABLE_BUDGET}
+    with open_input_file(path, source, budget.get(".pt" if suffix == ".pth" else suffix)) as opened:
+        if suffix in (".pt", ".pth"):
+            data = _read_torch(opened, key)
+        elif suffix == ".npy":
+            data = InputData(str(path), (_checked(_memory_mapped(opened), path),), {}, 0)
+        elif suffix == ".npz":
+            data = InputData(str(path), (_checked(_read_npz(opened, key), path),), {}, 0)
+        elif suffix in (".csv", ".parquet"):
+            data = InputData(str(path), (_read_table(opened, drop_columns),), {}, 0)
+        else:
+            raise InputError(
+                f"input file {path} has suffix {suffix or '(none)'!r}, which bn-inspect cannot read",
+                f"Give one of {', '.join(INPUT_SUFFIXES)}",
+            )
     arrays = [*data.args, *data.kwargs.values()]
     lengths = {int(a.shape[0]) for a in arrays}
     if len(lengths) != 1:
@@ -107,30 +128,6 @@ def read_input(path: Path, *, key: str | None = None, drop_columns: Sequence[str
     if num_samples == 0:
         raise InputError(f"input file {path} holds no samples", "Give a file with at least one sample")
     return InputData(data.source, data.args, data.kwargs, num_samples, data.notes)
-
-
-_FILE_KINDS = {
-    stat.S_IFIFO: "a named pipe (FIFO)",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFSOCK: "a socket",
-    stat.S_IFDIR: "a directory",
-}
-
-
-def require_regular_file(path: Path, name: str) -> None:
-    """Refuse, from its metadata alone, a path that is not a regular file (symlinks followed).
-
-    A FIFO blocks in open() until a writer comes and a device such as /dev/zero never ends, so
-    such a path must be refused before anything opens it.
-    """
-    try:
-        mode = path.stat().st_mode
-    except OSError as error:
-        raise InputError(f"cannot read {name} ({error.strerror})", "Check the path and its permissions") from error
-    if not stat.S_ISREG(mode):
-        kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
-        raise InputError(f"{name} is {kind}, not a regular file", "Save the data to a regular file and give its path")
 
 
 @dataclass(frozen=True)
@@ -187,32 +184,45 @@ def _read_npy_header(stream: IO[bytes], size: int, name: str) -> _NpyHeader:
     return _NpyHeader(tuple(shape), dtype)
 
 
-def load_npy(path: Path) -> np.ndarray:
-    """A .npy file memory-mapped, its header checked against the file's size first, no pickles."""
+def load_npy(path: Path, source: Source = Source.INPUT_SHARD) -> np.ndarray:
+    """A .npy file memory-mapped (``_memory_mapped``), opened through the boundary's opener."""
+    with open_input_file(path, source) as opened:
+        return _memory_mapped(opened)
+
+
+def _memory_mapped(opened: OpenedInput) -> np.ndarray:
+    """The opened .npy file memory-mapped, its header checked against the file's size first, no pickles.
+
+    The map is made through the checked descriptor's own path and outlives the descriptor.
+    """
     import numpy as np
 
-    with path.open("rb") as stream:
-        _read_npy_header(stream, os.fstat(stream.fileno()).st_size, str(path))
+    path = opened.path
+    with opened.stream() as stream:
+        _read_npy_header(stream, opened.size, str(path))
     try:
-        array: np.ndarray = np.load(path, mmap_mode="r", allow_pickle=False)
+        array: np.ndarray = np.load(opened.library_path(), mmap_mode="r", allow_pickle=False)
         return array
     except (ValueError, OSError) as error:
         # The header was checked above; what is left is the memory map itself failing.
         raise InputError(f"cannot read {path} as a .npy array ({error})", "Re-save it with numpy.save") from error
 
 
-def _read_npz(path: Path, key: str | None) -> np.ndarray:
+def _read_npz(opened: OpenedInput, key: str | None) -> np.ndarray:
     import zipfile
 
     import numpy as np
 
+    path = opened.path
     # The archive is read with zipfile rather than np.load: NpzFile hands back a member without the
     # NUMPY magic as raw bytes, and lets numpy allocate whatever a member's header declares.
+    whole = opened.stream()
     try:
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(whole)
     except (ValueError, OSError, zipfile.BadZipFile) as error:
+        whole.close()
         raise InputError(f"cannot read {path} as a .npz archive ({error})", "Re-save it with numpy.savez") from error
-    with archive:
+    with whole, archive:
         members = {name.removesuffix(".npy"): name for name in archive.namelist()}
         names = list(members)
         if key is None and len(names) == 1:
@@ -289,16 +299,18 @@ def _checked(array: np.ndarray, path: Path) -> np.ndarray:
     )
 
 
-def _read_torch(path: Path, key: str | None) -> InputData:
+def _read_torch(opened: OpenedInput, key: str | None) -> InputData:
     import pickle
     import warnings
 
     import torch
 
+    path = opened.path
     try:
-        with warnings.catch_warnings():
+        # A stream, not a path: torch.load hands any path ending in .safetensors to safetensors.
+        with opened.stream() as stream, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error says enough
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            obj = torch.load(stream, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise InputError(
             f"{path} needs code to unpickle; bn-inspect reads only tensors from input files",
@@ -382,12 +394,14 @@ def _require_values(shape: tuple[int, ...], path: Path) -> None:
         )
 
 
-def _read_table(path: Path, drop_columns: Sequence[str]) -> np.ndarray:
+def _read_table(opened: OpenedInput, drop_columns: Sequence[str]) -> np.ndarray:
     import numpy as np
     import pandas as pd
 
+    path = opened.path
     try:
-        frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+        with opened.stream() as stream:
+            frame = pd.read_csv(stream) if path.suffix.lower() == ".csv" else pd.read_parquet(stream)
     except ImportError as error:
         raise InputError(
             "reading .parquet files needs pyarrow, which is not installed",

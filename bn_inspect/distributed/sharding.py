@@ -12,6 +12,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from bn_inspect.boundary.reading import Source
 from bn_inspect.data.images import ImageFiles
 from bn_inspect.data.inputs import DirectoryData
 from bn_inspect.data.readers import InputData, read_input
@@ -87,7 +88,7 @@ class ShardedInput:
         for path in self.data.files:
             if first_index >= max_batches:
                 return
-            data = read_input(path, key=self.data.key)
+            data = read_input(path, key=self.data.key, source=Source.INPUT_SHARD)
             remaining = max_batches - first_index
             yield from _slices(data, batch_size, remaining, self.rank, self.world_size, first_index)
             first_index += data.num_batches(batch_size, remaining)

@@ -10,12 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bn_inspect.boundary.reading import OpenedInput
 from bn_inspect.errors import (
     ModelFileError,
     UntrustedArchiveError,
     UntrustedPickleError,
 )
-from bn_inspect.model.files import corrupt_file_error
+from bn_inspect.model.files import corrupt_file_error, open_model_file
 from bn_inspect.model.pickles import scan_globals, unsafe_globals
 from bn_inspect.model.state_dict import strip_prefixes
 
@@ -24,18 +25,20 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-def load_torchscript(path: Path, map_location: str, trust_pickle: bool) -> nn.Module:
+def load_torchscript(opened: OpenedInput, map_location: str, trust_pickle: bool) -> nn.Module:
     """``torch.jit.load`` after the archive's code was checked for operators that reach files (unless trusted)."""
     import warnings
 
     import torch
 
+    path = opened.path
     if not trust_pickle:
-        _check_torchscript_archive(path)
+        _check_torchscript_archive(opened)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            module: nn.Module = torch.jit.load(str(path), map_location=map_location)  # type: ignore[no-untyped-call]
+            # The checked descriptor's own path: the archive torch reads is the one checked above.
+            module: nn.Module = torch.jit.load(opened.library_path(), map_location=map_location)  # type: ignore[no-untyped-call]
         _check_storages(module)
     except Exception as error:
         raise corrupt_file_error(path, error) from error
@@ -55,12 +58,13 @@ def _check_storages(module: nn.Module) -> None:
             raise ValueError(f"a tensor needs {needed} bytes but its data record holds {storage.nbytes()}")
 
 
-def load_exported(path: Path, map_location: str, trust_pickle: bool) -> nn.Module:
+def load_exported(opened: OpenedInput, map_location: str, trust_pickle: bool) -> nn.Module:
     """``torch.export.load(path).module()``: a GraphModule whose batch norms are aten calls.
 
     torch loads a checked copy of the archive (see ``_checked_export_archive``), never the file itself.
     """
-    program = load_exported_program(path, trust_pickle)
+    path = opened.path
+    program = exported_program(opened, trust_pickle)
     try:
         module = program.module()
     except Exception as error:
@@ -77,7 +81,17 @@ def load_exported(path: Path, map_location: str, trust_pickle: bool) -> nn.Modul
 
 
 def load_exported_program(path: Path, trust_pickle: bool) -> torch.export.ExportedProgram:
-    """``torch.export.load`` of a checked copy of the archive at ``path`` (see ``_checked_export_archive``).
+    """``exported_program`` of the archive at ``path``, opened through the model file's opener.
+
+    Raises:
+        UntrustedPickleError, UntrustedArchiveError, ModelFileError.
+    """
+    with open_model_file(path) as opened:
+        return exported_program(opened, trust_pickle)
+
+
+def exported_program(opened: OpenedInput, trust_pickle: bool) -> torch.export.ExportedProgram:
+    """``torch.export.load`` of a checked copy of the opened archive (see ``_checked_export_archive``).
 
     Raises:
         UntrustedPickleError, UntrustedArchiveError, ModelFileError.
@@ -86,23 +100,23 @@ def load_exported_program(path: Path, trust_pickle: bool) -> torch.export.Export
 
     import torch
 
-    archive = _checked_export_archive(path, trust_pickle)
+    archive = _checked_export_archive(opened, trust_pickle)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.export.load(archive)
     except Exception as error:
-        raise corrupt_file_error(path, error) from error
+        raise corrupt_file_error(opened.path, error) from error
 
 
-def load_safetensors(path: Path, map_location: str) -> dict[str, torch.Tensor]:
+def load_safetensors(opened: OpenedInput, map_location: str) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, prefixes stripped."""
     from safetensors.torch import load_file
 
     try:
-        return strip_prefixes(load_file(str(path), device=map_location))
+        return strip_prefixes(load_file(opened.library_path(), device=map_location))
     except Exception as error:
-        raise corrupt_file_error(path, error) from error
+        raise corrupt_file_error(opened.path, error) from error
 
 
 # Operators that reach files, processes or the network. TorchScript code and exported graphs may call
@@ -168,15 +182,16 @@ def _dotted_names(source: str) -> Iterator[str]:
         yield ".".join(parts)
 
 
-def _check_torchscript_archive(path: Path) -> None:
+def _check_torchscript_archive(opened: OpenedInput) -> None:
     """Refuse a TorchScript archive whose code calls an operator that reaches files, processes or the
     network (run by ``__setstate__`` on load or by ``forward``), or whose pickles restore custom C++ classes.
 
     Raises:
         UntrustedArchiveError, ModelFileError.
     """
+    path = opened.path
     try:
-        with zipfile.ZipFile(path) as archive:
+        with opened.stream() as stream, zipfile.ZipFile(stream) as archive:
             for info in archive.infolist():
                 member = info.filename.partition("/")[2]
                 if member.startswith("code/") and member.endswith(".py"):
@@ -210,8 +225,8 @@ def _check_script_source(path: Path, member: str, source: str) -> None:
             )
 
 
-def _checked_export_archive(path: Path, trust_pickle: bool) -> io.BytesIO:
-    """A copy of the torch.export archive at ``path`` for torch.export.load, its sample inputs emptied.
+def _checked_export_archive(opened: OpenedInput, trust_pickle: bool) -> io.BytesIO:
+    """A copy of the opened torch.export archive for torch.export.load, its sample inputs emptied.
 
     torch.export.load unpickles with weights_only=False in several places: the sample inputs (retried
     unsafely when the safe load fails), weights and tensor constants marked ``use_pickle``, opaque and
@@ -225,8 +240,9 @@ def _checked_export_archive(path: Path, trust_pickle: bool) -> io.BytesIO:
     Raises:
         UntrustedPickleError, UntrustedArchiveError, ModelFileError.
     """
+    path = opened.path
     try:
-        with zipfile.ZipFile(path) as source:
+        with opened.stream() as stream, zipfile.ZipFile(stream) as source:
             entries = [(info, source.read(info)) for info in source.infolist()]
     except (OSError, zipfile.BadZipFile) as error:
         raise corrupt_file_error(path, error) from error

@@ -1,21 +1,15 @@
-"""What a model file is, judged by its bytes: kind detection, regular-file and bounded zip checks, corrupt-file errors."""
+"""What a model file is, judged by its bytes: the one opener for it, kind detection, bounded zip checks, corrupt-file errors."""
 
 from __future__ import annotations
 
-import os
-import stat
 import zipfile
+from contextlib import AbstractContextManager
 from enum import Enum
 from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from bn_inspect.errors import (
-    ModelFileError,
-)
-
-if TYPE_CHECKING:
-    pass
+from bn_inspect.boundary.reading import OpenedInput, Source, open_checked
+from bn_inspect.errors import ModelFileError
 
 
 class FileKind(str, Enum):
@@ -28,34 +22,55 @@ class FileKind(str, Enum):
     LEGACY_PICKLE = "legacy-pickle"
 
 
-def detect_file_kind(path: Path) -> FileKind:
-    """Classify ``path`` from its first bytes and, for zip archives, its entry names.
+def open_model_file(path: Path) -> AbstractContextManager[OpenedInput]:
+    """The model file opened through the boundary's opener: a regular file, recorded in the run's manifest.
+
+    No size budget: checkpoints of many gigabytes are ordinary, and every reader below is bounded
+    by the file's own size (the zip checks by an inflation budget).
 
     Raises:
-        ModelFileError: the file is missing, unreadable, empty, corrupt or of no known kind.
+        ModelFileError: the path is missing, unreadable, a directory, a pipe, a device or a socket.
     """
-    _check_regular_file(path)
-    try:
-        with path.open("rb") as stream:
-            head = stream.read(16)
-    except OSError as error:
-        raise ModelFileError(f"cannot read model file {path}: {error.strerror}", "Check its permissions") from error
-    if not head:
-        raise ModelFileError(f"model file {path} is empty", "Re-save or re-download it")
-    try:
-        is_zip = zipfile.is_zipfile(path)
-    except Exception as error:
-        # A damaged zip64 locator (several disks) makes is_zipfile itself raise.
-        raise ModelFileError(
-            f"model file {path} is a damaged zip archive ({type(error).__name__})", "Re-save or re-download it"
-        ) from error
+    return open_checked(
+        path, Source.MODEL, noun="model file", error=ModelFileError, fix="Give the path of a saved model file"
+    )
+
+
+def detect_file_kind(path: Path) -> FileKind:
+    """``file_kind`` of the file at ``path``, opened for the purpose.
+
+    Raises:
+        ModelFileError: as open_model_file and file_kind.
+    """
+    with open_model_file(path) as opened:
+        return file_kind(opened)
+
+
+def file_kind(opened: OpenedInput) -> FileKind:
+    """Classify the opened model file from its first bytes and, for zip archives, its entry names.
+
+    Raises:
+        ModelFileError: the file is empty, corrupt or of no known kind.
+    """
+    path = opened.path
+    with opened.stream() as stream:
+        head = stream.read(16)
+        if not head:
+            raise ModelFileError(f"model file {path} is empty", "Re-save or re-download it")
+        try:
+            is_zip = zipfile.is_zipfile(stream)
+        except Exception as error:
+            # A damaged zip64 locator (several disks) makes is_zipfile itself raise.
+            raise ModelFileError(
+                f"model file {path} is a damaged zip archive ({type(error).__name__})", "Re-save or re-download it"
+            ) from error
     if is_zip:
-        return _zip_kind(path)
+        return _zip_kind(opened)
     if head.startswith(b"PK"):
         raise ModelFileError(f"model file {path} is a damaged or truncated zip archive", "Re-save or re-download it")
     if len(head) >= 9 and head[8:9] == b"{":
         header_size = int.from_bytes(head[:8], "little")
-        if 0 < header_size <= path.stat().st_size - 8:
+        if 0 < header_size <= opened.size - 8:
             return FileKind.SAFETENSORS
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return FileKind.LEGACY_PICKLE
@@ -65,11 +80,11 @@ def detect_file_kind(path: Path) -> FileKind:
     )
 
 
-def _zip_kind(path: Path) -> FileKind:
+def _zip_kind(opened: OpenedInput) -> FileKind:
+    path, file_size = opened.path, opened.size
     try:
-        with zipfile.ZipFile(path) as archive:
+        with opened.stream() as stream, zipfile.ZipFile(stream) as archive:
             names = archive.namelist()
-            file_size = path.stat().st_size
             _check_entry_extents(archive, path, file_size)
             # A flipped byte in a tensor payload loads silently; the CRC check catches it.
             broken = _first_failing_crc(archive, path, file_size)
@@ -96,32 +111,6 @@ def _zip_kind(path: Path) -> FileKind:
         f"{path} is a zip archive but not a PyTorch checkpoint (no data.pkl, code/ or archive_format)",
         "Give a file written by torch.save, torch.jit.save or torch.export.save",
     )
-
-
-_FILE_TYPES = (
-    (stat.S_ISFIFO, "a named pipe"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
-def _check_regular_file(path: Path) -> None:
-    """Raise unless ``path`` is a regular file (a symlink to one is fine), judged without opening it:
-    opening a named pipe blocks until a writer comes, and a device such as /dev/zero never ends."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise ModelFileError(f"model file {path} does not exist", "Check the path") from None
-    except OSError as error:
-        raise ModelFileError(f"cannot read model file {path}: {error.strerror}", "Check its permissions") from error
-    if stat.S_ISDIR(mode):
-        raise ModelFileError(f"model path {path} is a directory", "Give the path of a model file")
-    if not stat.S_ISREG(mode):
-        described = next((name for is_type, name in _FILE_TYPES if is_type(mode)), "not a file")
-        raise ModelFileError(
-            f"model file {path} is {described}, not a regular file", "Give the path of a saved model file"
-        )
 
 
 # A zip entry's local header is at least this long: its data starts no earlier than 30 bytes after
@@ -199,8 +188,8 @@ def _first_failing_crc(archive: zipfile.ZipFile, path: Path, file_size: int) -> 
     return None
 
 
-def file_sha256(path: Path) -> str:
-    """The hex SHA-256 of the file's bytes, read in chunks.
+def file_sha256(opened: OpenedInput) -> str:
+    """The hex SHA-256 of the opened file's bytes, read in chunks.
 
     Raises:
         ModelFileError: the file cannot be read.
@@ -209,11 +198,13 @@ def file_sha256(path: Path) -> str:
 
     digest = hashlib.sha256()
     try:
-        with path.open("rb") as stream:
+        with opened.stream() as stream:
             while chunk := stream.read(_CHUNK_SIZE):
                 digest.update(chunk)
     except OSError as error:
-        raise ModelFileError(f"cannot read model file {path}: {error.strerror}", "Check its permissions") from error
+        raise ModelFileError(
+            f"cannot read model file {opened.path}: {error.strerror}", "Check its permissions"
+        ) from error
     return digest.hexdigest()
 
 

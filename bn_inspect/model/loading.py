@@ -7,12 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bn_inspect.errors import (
-    ArchError,
-)
-from bn_inspect.model.arch import build_arch
+from bn_inspect.boundary.reading import OpenedInput
+from bn_inspect.errors import ArchError
+from bn_inspect.model.arch import build_arch, declare_source
 from bn_inspect.model.archives import load_exported, load_safetensors, load_torchscript
-from bn_inspect.model.files import FileKind, detect_file_kind, file_sha256
+from bn_inspect.model.files import FileKind, file_kind, file_sha256, open_model_file
 from bn_inspect.model.pickles import torch_load
 from bn_inspect.model.state_dict import STATE_DICT_KEYS, extract_state_dict, load_state_into, validate_state_dict
 
@@ -52,18 +51,25 @@ def read_model_file(path: Path, *, trust_pickle: bool = False, map_location: str
     Raises:
         ModelFileError, UntrustedPickleError.
     """
-    kind = detect_file_kind(path)
+    # One open for every step: what is detected, hashed and loaded is the one checked file.
+    with open_model_file(path) as opened:
+        return _read_opened(opened, trust_pickle, map_location)
+
+
+def _read_opened(opened: OpenedInput, trust_pickle: bool, map_location: str) -> LoadedModel | Weights:
+    path = opened.path
+    kind = file_kind(opened)
     # Hashed before loading: a report names the bytes it judged, for comparing reports later.
-    digest = file_sha256(path)
+    digest = file_sha256(opened)
     if kind is FileKind.TORCHSCRIPT:
-        return LoadedModel(load_torchscript(path, map_location, trust_pickle), str(path), "torchscript", None, digest)
+        return LoadedModel(load_torchscript(opened, map_location, trust_pickle), str(path), "torchscript", None, digest)
     if kind is FileKind.TORCH_EXPORT:
-        return LoadedModel(load_exported(path, map_location, trust_pickle), str(path), "torch.export", None, digest)
+        return LoadedModel(load_exported(opened, map_location, trust_pickle), str(path), "torch.export", None, digest)
     if kind is FileKind.SAFETENSORS:
-        tensors = load_safetensors(path, map_location)
+        tensors = load_safetensors(opened, map_location)
         validate_state_dict(tensors, path)
         return Weights(tensors, str(path), "safetensors", digest)
-    obj = torch_load(path, map_location, trust_pickle, kind)
+    obj = torch_load(opened, map_location, trust_pickle, kind)
     from torch import nn
 
     if isinstance(obj, nn.Module):
@@ -97,6 +103,8 @@ def load_model(
         ModelFileError, UntrustedPickleError, ArchError, StateDictMismatchError.
     """
     kwargs = dict(arch_kwargs or {})
+    if arch is not None:
+        declare_source(arch, "--arch")
     if path is None:
         if arch is None:
             raise ArchError("no model given", "Give a MODEL file, or --arch to inspect a fresh architecture")

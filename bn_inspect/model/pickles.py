@@ -5,9 +5,9 @@ from __future__ import annotations
 import pickle
 import pickletools
 import zipfile
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
+from bn_inspect.boundary.reading import OpenedInput
 from bn_inspect.errors import (
     ModelFileError,
     UntrustedPickleError,
@@ -15,34 +15,22 @@ from bn_inspect.errors import (
 from bn_inspect.model.arch import cwd_importable
 from bn_inspect.model.files import FileKind, corrupt_file_error, weights_only_reason
 
-if TYPE_CHECKING:
-    pass
 
-
-def list_pickle_globals(path: Path, kind: FileKind) -> list[str]:
-    """Every ``module.name`` global the pickle would import that torch's weights-only loader refuses.
-
-    Found by disassembling the pickle, without running it; names are given as Python 3 imports them
-    (a protocol-2 ``__builtin__.exec`` is ``builtins.exec``).
-    """
-    return unsafe_globals(_scan_file(path, kind)[0])
-
-
-def _scan_file(path: Path, kind: FileKind) -> tuple[set[str], bool]:
+def _scan_file(opened: OpenedInput, kind: FileKind) -> tuple[set[str], bool]:
     if kind is FileKind.TORCH_SAVE:
         try:
-            data = _zip_pickle_bytes(path)
+            data = _zip_pickle_bytes(opened)
         except (StopIteration, zipfile.BadZipFile, OSError, KeyError):
             return set(), False
         # A torch.save archive holds exactly one pickle; tensor payloads live in other entries.
         return scan_globals(data, max_pickles=1)
     # A legacy torch.save file is five pickles (magic number, protocol, sys info, the object,
     # storage keys) followed by raw tensor bytes, which must not be read as opcodes.
-    return scan_globals(path.read_bytes(), max_pickles=5)
+    return scan_globals(opened.read_bytes(), max_pickles=5)
 
 
-def _zip_pickle_bytes(path: Path) -> bytes:
-    with zipfile.ZipFile(path) as archive:
+def _zip_pickle_bytes(opened: OpenedInput) -> bytes:
+    with opened.stream() as stream, zipfile.ZipFile(stream) as archive:
         name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
         return archive.read(name)
 
@@ -134,7 +122,7 @@ def scan_globals(data: bytes, max_pickles: int) -> tuple[set[str], bool]:
     return found, is_well_formed
 
 
-def torch_load(path: Path, map_location: str, trust_pickle: bool, kind: FileKind) -> Any:
+def torch_load(opened: OpenedInput, map_location: str, trust_pickle: bool, kind: FileKind) -> Any:
     """``torch.load`` with the weights-only unpickler; a full unpickle only when ``trust_pickle``.
 
     Raises:
@@ -145,15 +133,16 @@ def torch_load(path: Path, map_location: str, trust_pickle: bool, kind: FileKind
 
     import torch
 
+    path = opened.path
     try:
         # An open stream, not a path: torch.load hands any path ending in .safetensors to safetensors.
-        with path.open("rb") as stream, warnings.catch_warnings():
+        with opened.stream() as stream, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error says enough
             return torch.load(stream, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         if "Weights only load failed" not in str(error):
             raise corrupt_file_error(path, error) from error
-        found, is_well_formed = _scan_file(path, kind)
+        found, is_well_formed = _scan_file(opened, kind)
         unsafe = unsafe_globals(found)
         if not trust_pickle and unsafe:
             raise UntrustedPickleError(str(path), unsafe) from None
@@ -171,7 +160,7 @@ def torch_load(path: Path, map_location: str, trust_pickle: bool, kind: FileKind
         raise corrupt_file_error(path, error) from error
     with cwd_importable():
         try:
-            with path.open("rb") as stream:
+            with opened.stream() as stream:
                 return torch.load(stream, map_location=map_location, weights_only=False)
         except (ModuleNotFoundError, ImportError) as error:
             module = getattr(error, "name", None) or str(error)

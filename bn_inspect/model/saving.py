@@ -14,6 +14,7 @@ from bn_inspect.boundary.reading import Source, run_manifest
 from bn_inspect.boundary.writing import Destination, check_output_target, output_file
 from bn_inspect.errors import BnInspectError, OutputError
 from bn_inspect.model.archives import load_exported_program
+from bn_inspect.model.files import open_model_file
 from bn_inspect.model.state_dict import extract_state_dict, strip_prefixes
 
 
@@ -156,14 +157,15 @@ def _save_format(loaded_format: SaveFormat | str) -> SaveFormat:
 
 
 def _load_weights_only(source: Path) -> object:
-    try:
-        with source.open("rb") as stream:
-            return torch.load(stream, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise OutputError(
-            f"cannot read {source} again to keep its layout ({type(error).__name__})",
-            "Check that the input file is still there, or pass original=",
-        ) from error
+    with open_model_file(source) as opened:
+        try:
+            with opened.stream() as stream:
+                return torch.load(stream, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise OutputError(
+                f"cannot read {source} again to keep its layout ({type(error).__name__})",
+                "Check that the input file is still there, or pass original=",
+            ) from error
 
 
 def _replaced(saved: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
@@ -210,13 +212,14 @@ def _safetensors_bytes(source: Path, model: nn.Module) -> bytes:
     from safetensors import safe_open
     from safetensors.torch import save
 
-    try:
-        with safe_open(str(source), framework="pt", device="cpu") as handle:
-            metadata = handle.metadata()
-            saved = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
-    except Exception as error:
-        raise OutputError(
-            f"cannot read {source} again to keep its layout ({type(error).__name__})",
-            "Check that the input file is still there",
-        ) from error
+    with open_model_file(source) as opened:
+        try:
+            with safe_open(opened.library_path(), framework="pt", device="cpu") as handle:
+                metadata = handle.metadata()
+                saved = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+        except Exception as error:
+            raise OutputError(
+                f"cannot read {source} again to keep its layout ({type(error).__name__})",
+                "Check that the input file is still there",
+            ) from error
     return bytes(save(_replaced(saved, model), metadata=metadata))

@@ -21,6 +21,7 @@ always beyond the tolerance.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -302,27 +303,23 @@ def _renames(
     old: Sequence[LayerReport], new: Sequence[LayerReport], matched: set[Untrusted]
 ) -> dict[Untrusted, Untrusted]:
     """OLD label -> NEW label for layer calls that sit at the same place, with the same type,
-    channel count and input shape, in execution order."""
+    channel count and input shape, in execution order.
+
+    Each OLD call takes the first NEW call not yet taken with its place and shape: the NEW calls are
+    queued by (place, shape) in execution order, so matching costs one dictionary look-up per call.
+    """
     old_slots, new_slots = _slots(old, matched), _slots(new, matched)
+    waiting: dict[tuple[Untrusted | None, tuple[Untrusted, int | None, tuple[int, ...] | None]], deque[Untrusted]] = {}
     by_label = {layer.label: layer for layer in new}
-    taken: set[Untrusted] = set()
+    for label, slot in new_slots.items():
+        waiting.setdefault((slot, _shape_key(by_label[label])), deque()).append(label)
     renames = {}
     for layer in old:
         if layer.label not in old_slots:
             continue
-        candidate = next(
-            (
-                label
-                for label, slot in new_slots.items()
-                if slot == old_slots[layer.label]
-                and label not in taken
-                and _shape_key(by_label[label]) == _shape_key(layer)
-            ),
-            None,
-        )
-        if candidate is not None:
-            taken.add(candidate)
-            renames[layer.label] = candidate
+        queue = waiting.get((old_slots[layer.label], _shape_key(layer)))
+        if queue:
+            renames[layer.label] = queue.popleft()
     return renames
 
 
