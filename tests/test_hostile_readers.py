@@ -29,6 +29,7 @@ from bn_inspect.model.files import file_kind, open_model_file
 from bn_inspect.report.diff import diff_reports
 from bn_inspect.report.reading import REPORT_BUDGET, load_report, report_from_dict
 from bn_inspect.report.records import Report
+from bn_inspect.text import Untrusted
 from tests.helpers import DIGITS, GOLDEN, Result, assert_one_error_line, deadline, invoke
 from tests.hostile import canary_code, file_hashes, run_bounded
 
@@ -472,7 +473,9 @@ def test_a_report_that_breaks_its_schema_is_one_line(
 
 def _renamed_layers(count: int, prefix: str) -> Report:
     report = load_report(REPORT)
-    return replace(report, layers=tuple(replace(report.layers[0], name=f"{prefix}{i}") for i in range(count)))
+    return replace(
+        report, layers=tuple(replace(report.layers[0], name=Untrusted(f"{prefix}{i}")) for i in range(count))
+    )
 
 
 @pytest.mark.surface("read:diff-side", "hang")

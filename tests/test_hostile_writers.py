@@ -220,15 +220,14 @@ def test_an_output_never_replaces_the_users_code(
     refused(capsys, argv, code_folder, line)
 
 
-# Module-form sources are found (importlib.util.find_spec) and recorded in the manifest when they
-# are read; until that side of the boundary lands, --force lets these through.
+# Module-form sources are located (without importing) and recorded in the manifest under the path
+# the import system finds, which the message gives in full.
 MODULE_CASES = {
     "data-module": (["--arch", "net3.py:Net", "--data", "data:batches"], "data.py", "the --data source"),
     "arch-module": (["--arch", "net3:Net", "--data", "data.py:batches"], "net3.py", "the --arch source"),
 }
 
 
-@pytest.mark.xfail(strict=True, reason="needs module-form --arch/--data sources recorded when read (readers)")
 @pytest.mark.surface("write:result", "clobber")
 @pytest.mark.parametrize("case", list(MODULE_CASES))
 def test_an_output_never_replaces_a_module_the_run_imports_even_with_force(
@@ -236,7 +235,8 @@ def test_an_output_never_replaces_a_module_the_run_imports_even_with_force(
 ) -> None:
     options, target, role = MODULE_CASES[case]
     argv = ["inspect", *options, "--output", target, "--force"]
-    refused(capsys, argv, code_folder, f"--output {target} is {role} {target}, which this run reads. {FIX_READ}")
+    line = f"--output {target} is {role} {code_folder / target}, which this run reads. {FIX_READ}"
+    refused(capsys, argv, code_folder, line)
 
 
 # --- clobber: races ----------------------------------------------------------------------------

@@ -222,8 +222,6 @@ def prepare_run(
     device = resolve_device(options.device)
     shard = (0, 1) if ranks is None else (ranks.rank, ranks.world_size)
     images = _images_of(options) if needs_data else None
-    for image in images.files if images is not None else ():
-        current_manifest().declare(Path(image), Source.IMAGE)
     batches, source = _batches_from_options(options, observer, shard) if needs_data and images is None else (None, "")
     if needs_data and options.data is not None:
         from bn_inspect.analyses.user_data import data_batches
