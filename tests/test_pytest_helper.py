@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,12 +13,12 @@ import torch
 
 from bn_inspect.analyses.checking import check_model
 from bn_inspect.analyses.inspection import inspect_model
-from bn_inspect.errors import InputError
+from bn_inspect.errors import InputError, ReportFileError
 from bn_inspect.output.export import to_json
 from bn_inspect.output.formats import Rendering, TableFormatter
 from bn_inspect.testing import THRESHOLD_KEYWORDS, assert_bn_healthy
 from tests import models
-from tests.helpers import REPO
+from tests.helpers import REPO, deadline
 from tests.test_diff import _data, _net, _renamed_net
 
 
@@ -87,3 +88,21 @@ def test_pytest_shows_the_table_when_the_assertion_fails(tmp_path: Path) -> None
     assert result.returncode == 1, result.stdout[-2000:]
     assert "AssertionError" in result.stdout and "BN201" in result.stdout and "shifted" in result.stdout
     assert "FAILED (fails on error or worse)" in result.stdout
+
+
+@pytest.mark.surface("entry:pytest-helper", "traceback")
+@pytest.mark.parametrize("case", ["named-pipe", "truncated", "wrong-lengths"])
+def test_a_hostile_baseline_is_one_report_error_not_a_crash(tmp_path: Path, case: str) -> None:
+    data = _data(mean=0.0, std=1.0)
+    golden = tmp_path / "golden.json"
+    document = json.loads(to_json(inspect_model(_net(), [data])))
+    if case == "named-pipe":
+        os.mkfifo(golden)
+    elif case == "truncated":
+        golden.write_text(json.dumps(document)[:200])
+    else:
+        document["layers"][0]["batch_mean"] = document["layers"][0]["batch_mean"][:-1]
+        golden.write_text(json.dumps(document))
+    with deadline(10), pytest.raises(ReportFileError) as caught:
+        assert_bn_healthy(_net(), [data], baseline=golden, ignore=["BN201"])
+    assert "\n" not in str(caught.value) and str(golden) in str(caught.value)

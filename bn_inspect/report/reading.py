@@ -108,7 +108,13 @@ def _read_opened(opened: OpenedInput) -> Report:
         raise ReportFileError(
             f"cannot read report {opened.path} as JSON ({type(error).__name__})", _REPORT_FIX
         ) from error
-    return report_from_dict(document, str(opened.path))
+    try:
+        return report_from_dict(document, f"report {opened.path}")
+    except ReportFileError as error:
+        # A field's error names its JSON path; a test log or a CI line also needs the file's.
+        if str(opened.path) in error.what:
+            raise
+        raise ReportFileError(f"report {opened.path}: {error.what}", error.fix) from None
 
 
 class _NumberError(ValueError):
