@@ -1,0 +1,119 @@
+"""What bn-inspect says about a case today: `check` and `inspect --format json` run as a user would,
+and candidate departure scores computed from the inspect report's per-channel statistics."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from bn_inspect.cli.main import run as run_cli
+
+SEVERITY_ORDER = ("error", "warning", "info")
+# A channel counts as departing above these levels (the "share" aggregates).
+SKL_LEVEL, W2_LEVEL = 1.0, 1.0
+# Infinite departures (an inf running variance, a dead channel) are clipped so that JSON can hold them.
+CLIP = 1e9
+
+
+def bn_inspect(args: list[str]) -> tuple[int, str]:
+    """Run the bn-inspect CLI in this process (the console script's own code); return exit code and stderr."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        code = run_cli(args)
+    return code, stderr.getvalue()
+
+
+def check_today(model_args: list[str], data_args: list[str], out: Path) -> dict[str, Any]:
+    """`bn-inspect check --format json`: exit code, verdict (worst severity or pass), findings' codes."""
+    code, stderr = bn_inspect(["check", *model_args, *data_args, "--format", "json", "--output", str(out), "-q"])
+    if not out.exists():
+        return {"exit_code": code, "verdict": "could-not-run", "findings": [], "stderr": stderr.strip()}
+    report = json.loads(out.read_text())
+    findings = [
+        {"code": f["code"], "rule": f["rule"], "severity": f["severity"], "layer": f.get("layer")}
+        for f in report["findings"]
+    ]
+    severities = {f["severity"] for f in findings}
+    verdict = next((s for s in SEVERITY_ORDER[:2] if s in severities), "pass")
+    return {"exit_code": code, "verdict": verdict, "passed": report["passed"], "findings": findings}
+
+
+def inspect_today(model_args: list[str], data_args: list[str], out: Path) -> dict[str, Any]:
+    """`bn-inspect inspect --format json`: per layer the existing summaries and the candidate scores."""
+    code, stderr = bn_inspect(["inspect", *model_args, *data_args, "--format", "json", "--output", str(out), "-q"])
+    if not out.exists():
+        return {"exit_code": code, "layers": [], "scores": {}, "stderr": stderr.strip()}
+    layers = [layer_scores(layer) for layer in json.loads(out.read_text())["layers"]]
+    return {"exit_code": code, "layers": layers, "scores": model_scores(layers)}
+
+
+def finite(value: float | None) -> float:
+    """bn-inspect writes NaN and inf as null; treat them as the largest departure."""
+    if value is None or math.isnan(value) or math.isinf(value):
+        return CLIP
+    return min(value, CLIP)
+
+
+def channel_departures(layer: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """Per channel: symmetric KL between N(batch_mean, batch_var) and N(running_mean, running_var), and the
+    2-Wasserstein distance between them in running standard deviations; eps added to both variances, as BN does."""
+    eps = layer["eps"]
+    skl, w2 = [], []
+    for bm, bv, rm, rv in zip(
+        layer["batch_mean"], layer["batch_var"], layer["running_mean"], layer["running_var"], strict=True
+    ):
+        if None in (bm, bv, rm, rv) or not all(map(math.isfinite, (bm, bv, rm, rv))):
+            skl.append(CLIP)
+            w2.append(CLIP)
+            continue
+        vb, vr, d2 = bv + eps, rv + eps, (bm - rm) ** 2
+        # KL(p||q) + KL(q||p) for Gaussians: the log terms cancel.
+        skl.append(finite(0.5 * (vb / vr + vr / vb - 2.0) + 0.5 * d2 * (1.0 / vb + 1.0 / vr)))
+        w2.append(finite(math.sqrt(d2 + (math.sqrt(vb) - math.sqrt(vr)) ** 2) / math.sqrt(vr)))
+    return skl, w2
+
+
+def summary(values: list[float], level: float | None = None) -> dict[str, float]:
+    """Mean and max over channels (and the share above ``level``)."""
+    result = {"mean": finite(sum(values) / len(values)), "max": finite(max(values))}
+    if level is not None:
+        result["share"] = sum(v > level for v in values) / len(values)
+    return result
+
+
+def layer_scores(layer: dict[str, Any]) -> dict[str, Any]:
+    """The existing |shift z| and var-ratio summaries of one layer, and the candidate departures."""
+    abs_z = [finite(abs(z)) if z is not None else CLIP for z in layer["mean_shift_z"]]
+    log_ratio = [abs(math.log(r)) if r is not None and 0 < r < math.inf else CLIP for r in layer["var_ratio"]]
+    ratios = sorted(r if r is not None else math.inf for r in layer["var_ratio"])
+    skl, w2 = channel_departures(layer)
+    return {
+        "name": layer["name"],
+        "call": layer["call"],
+        "num_channels": layer["num_channels"],
+        "values_per_channel": layer["values_per_channel"],
+        "num_batches_tracked": layer.get("num_batches_tracked"),
+        "abs_shift_z": summary(abs_z),
+        "var_ratio_median": finite(ratios[len(ratios) // 2]),
+        "abs_log_var_ratio": summary(log_ratio),
+        "skl": summary(skl, SKL_LEVEL),
+        "w2": summary(w2, W2_LEVEL),
+    }
+
+
+def model_scores(layers: list[dict[str, Any]]) -> dict[str, float]:
+    """Candidate per-model scores: the first layer's and the worst layer's aggregate of each statistic."""
+    if not layers:
+        return {}
+    scores: dict[str, float] = {}
+    for stat in ("abs_shift_z", "abs_log_var_ratio", "skl", "w2"):
+        for agg in ("mean", "max", "share"):
+            if agg not in layers[0][stat]:
+                continue
+            scores[f"{stat}.{agg}.worst_layer"] = max(layer[stat][agg] for layer in layers)
+            scores[f"{stat}.{agg}.first_layer"] = layers[0][stat][agg]
+    return scores
