@@ -362,19 +362,19 @@ def model_cases() -> list[CaseSpec]:
             "few_batches_1",
             "fault",
             "statistics from 1 batch (momentum 0.1)",
-            lambda c: on_test(c, t.few_batches(tr(c), c.net.x_train, 1)),
+            lambda c: on_test(c, t.few_batches(tr(c), c.net.x_train, 1, c.net.batch_size)),
         ),
         CaseSpec(
             "few_batches_3",
             "fault",
             "statistics from 3 batches (momentum 0.1)",
-            lambda c: on_test(c, t.few_batches(tr(c), c.net.x_train, 3)),
+            lambda c: on_test(c, t.few_batches(tr(c), c.net.x_train, 3, c.net.batch_size)),
         ),
         CaseSpec(
             "few_batches_10",
             "fault",
             "statistics from 10 batches (momentum 0.1)",
-            lambda c: on_test(c, t.few_batches(tr(c), c.net.x_train, 10)),
+            lambda c: on_test(c, t.few_batches(tr(c), c.net.x_train, 10, c.net.batch_size)),
         ),
         CaseSpec(
             "momentum_0",

@@ -51,11 +51,15 @@ def inspect_today(model_args: list[str], data_args: list[str], out: Path) -> dic
     return {"exit_code": code, "layers": layers, "scores": model_scores(layers)}
 
 
-def finite(value: float | None) -> float:
-    """bn-inspect writes NaN and inf as null; treat them as the largest departure."""
-    if value is None or math.isnan(value) or math.isinf(value):
-        return CLIP
-    return min(value, CLIP)
+def number(value: float | str | None) -> float:
+    """A JSON number of bn-inspect's reports: non-finite floats are written "nan", "inf" or "-inf"."""
+    return math.nan if value is None else float(value)
+
+
+def finite(value: float | str | None) -> float:
+    """Non-finite statistics count as the largest departure (clipped so that JSON can hold it)."""
+    value = number(value)
+    return CLIP if math.isnan(value) or math.isinf(value) else min(value, CLIP)
 
 
 def channel_departures(layer: dict[str, Any]) -> tuple[list[float], list[float]]:
@@ -63,10 +67,9 @@ def channel_departures(layer: dict[str, Any]) -> tuple[list[float], list[float]]
     2-Wasserstein distance between them in running standard deviations; eps added to both variances, as BN does."""
     eps = layer["eps"]
     skl, w2 = [], []
-    for bm, bv, rm, rv in zip(
-        layer["batch_mean"], layer["batch_var"], layer["running_mean"], layer["running_var"], strict=True
-    ):
-        if None in (bm, bv, rm, rv) or not all(map(math.isfinite, (bm, bv, rm, rv))):
+    columns = [map(number, layer[key]) for key in ("batch_mean", "batch_var", "running_mean", "running_var")]
+    for bm, bv, rm, rv in zip(*columns, strict=True):
+        if not all(map(math.isfinite, (bm, bv, rm, rv))):
             skl.append(CLIP)
             w2.append(CLIP)
             continue
@@ -87,9 +90,9 @@ def summary(values: list[float], level: float | None = None) -> dict[str, float]
 
 def layer_scores(layer: dict[str, Any]) -> dict[str, Any]:
     """The existing |shift z| and var-ratio summaries of one layer, and the candidate departures."""
-    abs_z = [finite(abs(z)) if z is not None else CLIP for z in layer["mean_shift_z"]]
-    log_ratio = [abs(math.log(r)) if r is not None and 0 < r < math.inf else CLIP for r in layer["var_ratio"]]
-    ratios = sorted(r if r is not None else math.inf for r in layer["var_ratio"])
+    abs_z = [finite(abs(number(z))) for z in layer["mean_shift_z"]]
+    ratios = sorted(number(r) for r in layer["var_ratio"])
+    log_ratio = [abs(math.log(r)) if 0 < r < math.inf else CLIP for r in ratios]
     skl, w2 = channel_departures(layer)
     return {
         "name": layer["name"],

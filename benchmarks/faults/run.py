@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed for training, data splits and the case split")
     parser.add_argument("--smoke", action="store_true", help="one net, few epochs, six cases (under 2 minutes)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where to write the results JSON")
+    # Intra-op threads cost far more than they give on nets this small, and wreck timings on a shared machine.
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep models and data here (default: a temp dir)")
     return parser.parse_args(argv)
 
@@ -135,6 +137,7 @@ def document(cases: list[dict[str, Any]], args: argparse.Namespace, seconds: flo
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bn-faults-") as tmp:
         cases = run_all(args.seed, args.smoke, args.workdir or Path(tmp))

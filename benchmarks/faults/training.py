@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -51,13 +52,24 @@ def norm_layers(model: nn.Module) -> list[_BatchNorm]:
 
 @torch.no_grad()
 def forward_in_train_mode(model: nn.Module, x: np.ndarray, batch_size: int, num_batches: int | None = None) -> None:
-    """What an evaluation loop without model.eval() does: every batch updates the running statistics."""
+    """What an evaluation loop without model.eval() does: every batch updates the running statistics.
+
+    With ``num_batches``, exactly that many shuffled batches (passing over the data again if it is short).
+    """
+    labels = np.zeros(len(x), dtype=np.int64)
     model.train()
-    for index, (xb, _) in enumerate(batches(x, np.zeros(len(x), dtype=np.int64), batch_size, 0, shuffle=False)):
-        if num_batches is not None and index >= num_batches:
-            break
-        model(xb)
+    if num_batches is None:
+        for xb, _ in batches(x, labels, batch_size, 0, shuffle=False):
+            model(xb)
+    else:
+        for xb, _ in itertools.islice(endless_batches(x, labels, batch_size), num_batches):
+            model(xb)
     model.eval()
+
+
+def endless_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterator[tuple]:
+    for epoch in itertools.count():
+        yield from batches(x, y, batch_size, epoch)
 
 
 def spoiled_without_eval(model: nn.Module, x_other: np.ndarray) -> nn.Module:
@@ -67,12 +79,12 @@ def spoiled_without_eval(model: nn.Module, x_other: np.ndarray) -> nn.Module:
     return spoiled
 
 
-def few_batches(model: nn.Module, x_train: np.ndarray, num_batches: int) -> nn.Module:
+def few_batches(model: nn.Module, x_train: np.ndarray, num_batches: int, batch_size: int) -> nn.Module:
     """Running statistics re-estimated from only ``num_batches`` training batches (num_batches_tracked says so)."""
     short = copy.deepcopy(model)
     for layer in norm_layers(short):
         layer.reset_running_stats()
-    forward_in_train_mode(short, x_train, batch_size=64, num_batches=num_batches)
+    forward_in_train_mode(short, x_train, batch_size=batch_size, num_batches=num_batches)
     return short
 
 
