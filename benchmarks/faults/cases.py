@@ -37,12 +37,20 @@ class Context:
 
 
 @dataclass(frozen=True)
+class Requirement:
+    """What a net must have for a case to make sense; ``needs`` is recorded when a net lacks it."""
+
+    holds: Callable[[Net], bool]
+    needs: str
+
+
+@dataclass(frozen=True)
 class CaseSpec:
     name: str
     family: str  # "healthy" or "fault"
     what: str
     make: Callable[[Context], Built]
-    applies: Callable[[Net], bool] = lambda net: True
+    applies: Requirement | None = None
 
 
 def on_test(ctx: Context, model: nn.Module) -> Built:
@@ -167,6 +175,17 @@ def is_colour(net: Net) -> bool:
     return net.pipeline is not None and net.pipeline.is_colour
 
 
+IMAGE = Requirement(lambda net: net.is_image, "image input")
+TABLE = Requirement(is_table, "table input")
+GRAY_IMAGE = Requirement(is_gray_image, "a one-channel image net, which bn-inspect can feed grayscale image files")
+NORMALIZED = Requirement(
+    is_normalized, "an image pipeline with (x - mean) / std (digits_cnn takes pixels / 16 as it is)"
+)
+COLOUR = Requirement(
+    is_colour, "several input channels (the digits have one; digits_rgb_resnet is the 3-channel variant)"
+)
+
+
 def image_input(transform: Callable[[Net, Context], np.ndarray]) -> Callable[[Context], Built]:
     return lambda ctx: with_input(ctx, transform(ctx.net, ctx))
 
@@ -195,93 +214,93 @@ def input_cases() -> list[CaseSpec]:
         CaseSpec("trained", "healthy", "the trained model on the test data", lambda c: on_test(c, trained(c))),
         CaseSpec("test_half_a", "healthy", "the first half of the test data", lambda c: half(c, 0)),
         CaseSpec("test_half_b", "healthy", "the second half of the test data", lambda c: half(c, 1)),
-        CaseSpec("png_decoded", "healthy", "the shipped PNGs, decoded by bn-inspect", shipped_png, is_gray_image),
-        CaseSpec("csv_decoded", "healthy", "the test table read from CSV", table_csv, is_table),
-        CaseSpec("jpeg_q50", "fault", "JPEG (quality 50) copies of the test images", jpeg, is_gray_image),
+        CaseSpec("png_decoded", "healthy", "the shipped PNGs, decoded by bn-inspect", shipped_png, GRAY_IMAGE),
+        CaseSpec("csv_decoded", "healthy", "the test table read from CSV", table_csv, TABLE),
+        CaseSpec("jpeg_q50", "fault", "JPEG (quality 50) copies of the test images", jpeg, GRAY_IMAGE),
         CaseSpec(
             "unscaled_0_16",
             "fault",
             "raw 0-16 pixel values",
             image_input(lambda n, c: n.prep(n.raw.x_test * 16)),
-            lambda n: n.is_image,
+            IMAGE,
         ),
         CaseSpec(
             "scale_0_255",
             "fault",
             "0-255 pixels (no /255)",
             image_input(lambda n, c: n.prep(n.raw.x_test * 255)),
-            lambda n: n.is_image,
+            IMAGE,
         ),
         CaseSpec(
             "missing_normalization",
             "fault",
             "no (x - mean) / std",
             image_input(lambda n, c: pipe(n).without_normalization().apply(n.raw.x_test)),
-            is_normalized,
+            NORMALIZED,
         ),
         CaseSpec(
             "wrong_mean_std",
             "fault",
             "ImageNet mean/std instead of the data's",
             image_input(lambda n, c: pipe(n).with_stats(d.IMAGENET_MEAN, d.IMAGENET_STD).apply(n.raw.x_test)),
-            is_normalized,
+            NORMALIZED,
         ),
-        CaseSpec("bgr_order", "fault", "channels in BGR order before normalization", image_input(bgr), is_colour),
+        CaseSpec("bgr_order", "fault", "channels in BGR order before normalization", image_input(bgr), COLOUR),
         CaseSpec(
             "crop_zoom",
             "fault",
             "centre 6x6 crop resized to 8x8",
             image_input(lambda n, c: n.prep(d.zoom(n.raw.x_test))),
-            lambda n: n.is_image,
+            IMAGE,
         ),
         CaseSpec(
             "resize_shrink",
             "fault",
             "resized to 6x6 and zero-padded",
             image_input(lambda n, c: n.prep(d.shrink(n.raw.x_test))),
-            lambda n: n.is_image,
+            IMAGE,
         ),
         CaseSpec(
             "domain_noise",
             "fault",
             "another sensor: pixel noise sigma 0.2",
             image_input(lambda n, c: n.prep(d.add_noise(n.raw.x_test, 0.2, c.seed))),
-            lambda n: n.is_image,
+            IMAGE,
         ),
         CaseSpec(
             "domain_inverted",
             "fault",
             "another domain: inverted images",
             image_input(lambda n, c: other_data(n, c.seed)),
-            lambda n: n.is_image,
+            IMAGE,
         ),
         CaseSpec(
             "table_standardized",
             "fault",
             "z-scored features into a raw-unit model",
             image_input(lambda n, c: standardized(n.x_test)),
-            is_table,
+            TABLE,
         ),
         CaseSpec(
             "table_column_order",
             "fault",
             "mean_* and worst_* column blocks swapped",
             image_input(lambda n, c: swap_table_blocks(n.x_test)),
-            is_table,
+            TABLE,
         ),
         CaseSpec(
             "table_area_units",
             "fault",
             "area columns in units 100x smaller",
             image_input(lambda n, c: area_in_other_units(n.x_test)),
-            is_table,
+            TABLE,
         ),
         CaseSpec(
             "table_domain_shift",
             "fault",
             "another instrument: features 20% high, 5% noise",
             image_input(lambda n, c: other_data(n, c.seed)),
-            is_table,
+            TABLE,
         ),
     ]
 
@@ -430,6 +449,13 @@ def model_cases() -> list[CaseSpec]:
 SMOKE_CASES = {"trained", "png_decoded", "scale_0_255", "partial_load", "no_eval_other_data", "recal_precise"}
 
 
-def all_cases(net: Net, *, smoke: bool) -> list[CaseSpec]:
-    specs = [s for s in input_cases() + model_cases() if s.applies(net)]
-    return [s for s in specs if s.name in SMOKE_CASES] if smoke else specs
+def all_cases(net: Net, *, smoke: bool) -> tuple[list[CaseSpec], list[dict[str, str]]]:
+    """The cases that apply to ``net`` and, for those that do not, why (recorded in the results)."""
+    specs = [s for s in input_cases() + model_cases() if not smoke or s.name in SMOKE_CASES]
+    kept = [s for s in specs if s.applies is None or s.applies.holds(net)]
+    skipped = [
+        {"net": net.name, "name": s.name, "reason": f"needs {s.applies.needs}"}
+        for s in specs
+        if s.applies is not None and not s.applies.holds(net)
+    ]
+    return kept, skipped

@@ -101,23 +101,28 @@ def run_case(ctx: Context, spec: CaseSpec) -> dict[str, Any]:
     }
 
 
-def run_all(seed: int, smoke: bool, workdir: Path) -> list[dict[str, Any]]:
+def run_all(seed: int, smoke: bool, workdir: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Every case of every net, and the cases skipped with their reasons."""
     for folder in ("models", "data", "reports"):
         (workdir / folder).mkdir(parents=True, exist_ok=True)
-    results = []
+    results, skipped = [], []
     for net in make_nets(seed, smoke=smoke):
         train(net, seed)
         ctx = Context(net, workdir, seed)
-        for spec in all_cases(net, smoke=smoke):
+        specs, net_skipped = all_cases(net, smoke=smoke)
+        skipped += net_skipped
+        for spec in specs:
             case = run_case(ctx, spec)
             print(
                 f"{case['id']:<42} damage {case['damage_points']:>6.2f}  check {case['check']['verdict']}", flush=True
             )
             results.append(case)
-    return results
+    return results, skipped
 
 
-def document(cases: list[dict[str, Any]], args: argparse.Namespace, seconds: float) -> dict[str, Any]:
+def document(
+    cases: list[dict[str, Any]], skipped: list[dict[str, str]], args: argparse.Namespace, seconds: float
+) -> dict[str, Any]:
     tables.assign_split(cases, args.seed)
     held_out = [c for c in cases if c["split"] == "held-out"]
     return {
@@ -132,6 +137,7 @@ def document(cases: list[dict[str, Any]], args: argparse.Namespace, seconds: flo
         "confusion": {"all": tables.confusion(cases), "held-out": tables.confusion(held_out)},
         "trade_offs": tables.trade_offs(cases),
         "cases": cases,
+        "skipped": skipped,
     }
 
 
@@ -140,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bn-faults-") as tmp:
-        cases = run_all(args.seed, args.smoke, args.workdir or Path(tmp))
-    doc = document(cases, args, time.monotonic() - started)
+        cases, skipped = run_all(args.seed, args.smoke, args.workdir or Path(tmp))
+    doc = document(cases, skipped, args, time.monotonic() - started)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(doc, indent=1) + "\n")
     print()
