@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(tables.format_tuned(doc["trade_offs"]))
     print()
+    print(tables.format_per_net(doc["trade_offs"], SHOWN_SCORES))
+    print()
     print(tables.format_fixed(doc["trade_offs"], SHOWN_SCORES))
     print(f"\n{len(cases)} cases in {doc['seconds']} s; results in {args.output}")
 

@@ -81,6 +81,29 @@ def calibrated_threshold(cases: list[dict[str, Any]], score: str) -> float:
     return max(healthy, default=0.0) * MARGIN
 
 
+def separation(cases: list[dict[str, Any]], score: str) -> float | None:
+    """Share of (fault costing >=3 points, healthy) pairs the score orders right (ties count half): the AUC."""
+    faults = [c["inspect"]["scores"][score] for c in cases if c["bucket"] == ">=3" and score in c["inspect"]["scores"]]
+    healthy = [
+        c["inspect"]["scores"][score] for c in cases if c["bucket"] == "healthy" and score in c["inspect"]["scores"]
+    ]
+    if not faults or not healthy:
+        return None
+    wins = sum((f > h) + 0.5 * (f == h) for f in faults for h in healthy)
+    return wins / (len(faults) * len(healthy))
+
+
+def per_net(cases: list[dict[str, Any]], score: str) -> dict[str, dict[str, float | None]]:
+    """Per net: the largest healthy score and the smallest score of a fault costing >=3 points."""
+    result = {}
+    for net in sorted({c["net"] for c in cases}):
+        mine = [c for c in cases if c["net"] == net and score in c["inspect"]["scores"]]
+        healthy = [c["inspect"]["scores"][score] for c in mine if c["bucket"] == "healthy"]
+        damaging = [c["inspect"]["scores"][score] for c in mine if c["bucket"] == ">=3"]
+        result[net] = {"max_healthy": max(healthy, default=None), "min_damaging": min(damaging, default=None)}
+    return result
+
+
 def trade_offs(cases: list[dict[str, Any]]) -> dict[str, Any]:
     """For each candidate score: rates over all cases at fixed thresholds, and a threshold tuned on the
     calibration half only, with its rates on each half."""
@@ -90,6 +113,8 @@ def trade_offs(cases: list[dict[str, Any]]) -> dict[str, Any]:
     for score in score_names(cases):
         tuned = calibrated_threshold(calibration, score)
         result[score] = {
+            "auc_all": separation(cases, score),
+            "per_net": per_net(cases, score),
             "fixed": [rates(cases, score, th) for th in grid_for(score)],
             "tuned": {"calibration": rates(calibration, score, tuned), "held-out": rates(held_out, score, tuned)},
         }
@@ -116,7 +141,24 @@ def format_tuned(trade: dict[str, Any]) -> str:
     for score, entry in trade.items():
         cal, held = entry["tuned"]["calibration"], entry["tuned"]["held-out"]
         cells = [" | ".join(fraction(part[b]) for b in (">=3", "1-3", "healthy")) for part in (cal, held)]
-        lines.append(f"{score:<34}{cal['threshold']:>11.3g}  {cells[0]:>32}  {cells[1]:>30}")
+        auc = "-" if entry["auc_all"] is None else f"{entry['auc_all']:.3f}"
+        lines.append(f"{score:<36}{auc:>6}{cal['threshold']:>11.3g}  {cells[0]:>32}  {cells[1]:>30}")
+    return "\n".join(lines)
+
+
+def format_per_net(trade: dict[str, Any], scores: list[str]) -> str:
+    """Per net, the largest healthy score against the smallest score of a fault costing >=3 points."""
+    lines = ["Per net: largest healthy score < smallest score of a fault costing >=3 points?"]
+    for score in scores:
+        if score not in trade:
+            continue
+        cells = []
+        for net, pair in trade[score]["per_net"].items():
+            high, low = pair["max_healthy"], pair["min_damaging"]
+            if high is None or low is None:
+                continue
+            cells.append(f"{net} {high:.3g} {'<' if high < low else '>='} {low:.3g}")
+        lines.append(f"{score:<34} " + "; ".join(cells))
     return "\n".join(lines)
 
 
