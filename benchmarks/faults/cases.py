@@ -179,7 +179,7 @@ IMAGE = Requirement(lambda net: net.is_image, "image input")
 TABLE = Requirement(is_table, "table input")
 GRAY_IMAGE = Requirement(is_gray_image, "a one-channel image net, which bn-inspect can feed grayscale image files")
 NORMALIZED = Requirement(
-    is_normalized, "an image pipeline with (x - mean) / std (digits_cnn takes pixels / 16 as it is)"
+    is_normalized, "an image pipeline with (x - mean) / std (digits_cnn takes pixels / 16 as they are)"
 )
 COLOUR = Requirement(
     is_colour, "several input channels (the digits have one; digits_rgb_resnet is the 3-channel variant)"

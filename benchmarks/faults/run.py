@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where to write the results JSON")
     # Intra-op threads cost far more than they give on nets this small, and wreck timings on a shared machine.
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument(
+        "--summarize", type=Path, default=None, help="print an existing results JSON as markdown tables; run nothing"
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="keep models and data here (default: a temp dir)")
     return parser.parse_args(argv)
 
@@ -141,8 +144,23 @@ def document(
     }
 
 
+def summarize(path: Path) -> None:
+    """The markdown tables of benchmarks/faults/README.md, from a results file."""
+    doc = json.loads(path.read_text())
+    for title, text in [
+        ("Today's check verdict, all cases", tables.markdown_confusion(doc["confusion"]["all"])),
+        ("Today's check verdict, held-out half", tables.markdown_confusion(doc["confusion"]["held-out"])),
+        ("Candidate scores", tables.markdown_tuned(doc["trade_offs"])),
+        ("Cases", tables.markdown_cases(doc["cases"])),
+    ]:
+        print(f"### {title}\n\n{text}\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.summarize is not None:
+        summarize(args.summarize)
+        return
     torch.set_num_threads(args.threads)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bn-faults-") as tmp:

@@ -172,3 +172,39 @@ def format_fixed(trade: dict[str, Any], scores: list[str]) -> str:
             cells = " | ".join(fraction(row[b]) for b in BUCKETS)
             lines.append(f"{score:<34} > {row['threshold']:<8.3g} {cells}")
     return "\n".join(lines)
+
+
+def markdown_confusion(table: dict[str, dict[str, int]]) -> str:
+    lines = ["| damage \\ check verdict | " + " | ".join(VERDICTS) + " |", "|---" * (len(VERDICTS) + 1) + "|"]
+    lines += [f"| {b} | " + " | ".join(str(table[b][v]) for v in VERDICTS) + " |" for b in BUCKETS]
+    return "\n".join(lines)
+
+
+def markdown_tuned(trade: dict[str, Any]) -> str:
+    lines = [
+        "| score | AUC (all) | threshold | calibration >=3 / 1-3 / healthy | held-out >=3 / 1-3 / healthy |",
+        "|---|---|---|---|---|",
+    ]
+    for score, entry in trade.items():
+        cal, held = entry["tuned"]["calibration"], entry["tuned"]["held-out"]
+        cells = [" / ".join(fraction(part[b]) for b in (">=3", "1-3", "healthy")) for part in (cal, held)]
+        auc = "-" if entry["auc_all"] is None else f"{entry['auc_all']:.3f}"
+        lines.append(f"| `{score}` | {auc} | {cal['threshold']:.3g} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def markdown_cases(cases: list[dict[str, Any]]) -> str:
+    """One row per case: damage, today's check (verdict and rule codes) and two candidate scores."""
+    lines = [
+        "| case | split | accuracy (reference) | damage | check | codes | skl mean, worst layer | w2 mean, worst layer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for case in cases:
+        scores = case["inspect"]["scores"]
+        codes = ", ".join(sorted({f["code"] for f in case["check"]["findings"]})) or "-"
+        lines.append(
+            f"| {case['id']} | {case['split']} | {case['accuracy']:.4f} ({case['reference_accuracy']:.4f}) "
+            f"| {case['damage_points']:.2f} | {case['check']['verdict']} | {codes} "
+            f"| {scores.get('skl.mean.worst_layer', math.nan):.3g} | {scores.get('w2.mean.worst_layer', math.nan):.3g} |"
+        )
+    return "\n".join(lines)
