@@ -343,7 +343,9 @@ def model_cases() -> list[CaseSpec]:
             "swa_update_bn",
             "healthy",
             "SWA weights with update_bn",
-            lambda c: on_test(c, t.averaged(tr(c), *net_xy(c), ema=False, recompute_bn=True, seed=c.seed)),
+            lambda c: on_test(
+                c, t.averaged(tr(c), *net_xy(c), ema=False, recompute_bn=True, batch_size=c.net.batch_size, seed=c.seed)
+            ),
         ),
         CaseSpec(
             "no_eval_same_data",
@@ -423,13 +425,18 @@ def model_cases() -> list[CaseSpec]:
             "swa_no_update_bn",
             "fault",
             "SWA weights with the last iterate's statistics",
-            lambda c: on_test(c, t.averaged(tr(c), *net_xy(c), ema=False, recompute_bn=False, seed=c.seed)),
+            lambda c: on_test(
+                c,
+                t.averaged(tr(c), *net_xy(c), ema=False, recompute_bn=False, batch_size=c.net.batch_size, seed=c.seed),
+            ),
         ),
         CaseSpec(
             "ema_no_update_bn",
             "fault",
             "EMA weights with the last iterate's statistics",
-            lambda c: on_test(c, t.averaged(tr(c), *net_xy(c), ema=True, recompute_bn=False, seed=c.seed)),
+            lambda c: on_test(
+                c, t.averaged(tr(c), *net_xy(c), ema=True, recompute_bn=False, batch_size=c.net.batch_size, seed=c.seed)
+            ),
         ),
         CaseSpec(
             "corrupt_layer_var",

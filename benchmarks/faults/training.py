@@ -138,7 +138,9 @@ def head_finetuned_bn_train_mode(
     return tuned
 
 
-def averaged(model: nn.Module, x: np.ndarray, y: np.ndarray, *, ema: bool, recompute_bn: bool, seed: int) -> nn.Module:
+def averaged(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, *, ema: bool, recompute_bn: bool, batch_size: int, seed: int
+) -> nn.Module:
     """SWA (equal weights per epoch) or EMA (decay 0.95 per step) of 3 more epochs of SGD at lr 0.05.
 
     use_buffers=False copies the last iterate's BN statistics into the average; only update_bn
@@ -151,7 +153,7 @@ def averaged(model: nn.Module, x: np.ndarray, y: np.ndarray, *, ema: bool, recom
     torch.manual_seed(seed)
     for epoch in range(3):
         source.train()
-        for xb, yb in batches(x, y, 64, seed + epoch):
+        for xb, yb in batches(x, y, batch_size, seed + epoch):
             optimizer.zero_grad()
             nn.functional.cross_entropy(source(xb), yb).backward()
             optimizer.step()
@@ -160,7 +162,7 @@ def averaged(model: nn.Module, x: np.ndarray, y: np.ndarray, *, ema: bool, recom
         if not ema:
             average.update_parameters(source)
     if recompute_bn:
-        update_bn(batches(x, y, 64, seed), average)
+        update_bn(batches(x, y, batch_size, seed), average)
     return average.module.eval()
 
 
