@@ -186,7 +186,7 @@ COLOUR = Requirement(
 )
 
 
-def image_input(transform: Callable[[Net, Context], np.ndarray]) -> Callable[[Context], Built]:
+def transformed_input(transform: Callable[[Net, Context], np.ndarray]) -> Callable[[Context], Built]:
     return lambda ctx: with_input(ctx, transform(ctx.net, ctx))
 
 
@@ -221,85 +221,85 @@ def input_cases() -> list[CaseSpec]:
             "unscaled_0_16",
             "fault",
             "raw 0-16 pixel values",
-            image_input(lambda n, c: n.prep(n.raw.x_test * 16)),
+            transformed_input(lambda n, c: n.prep(n.raw.x_test * 16)),
             IMAGE,
         ),
         CaseSpec(
             "scale_0_255",
             "fault",
             "0-255 pixels (no /255)",
-            image_input(lambda n, c: n.prep(n.raw.x_test * 255)),
+            transformed_input(lambda n, c: n.prep(n.raw.x_test * 255)),
             IMAGE,
         ),
         CaseSpec(
             "missing_normalization",
             "fault",
             "no (x - mean) / std",
-            image_input(lambda n, c: pipe(n).without_normalization().apply(n.raw.x_test)),
+            transformed_input(lambda n, c: pipe(n).without_normalization().apply(n.raw.x_test)),
             NORMALIZED,
         ),
         CaseSpec(
             "wrong_mean_std",
             "fault",
             "ImageNet mean/std instead of the data's",
-            image_input(lambda n, c: pipe(n).with_stats(d.IMAGENET_MEAN, d.IMAGENET_STD).apply(n.raw.x_test)),
+            transformed_input(lambda n, c: pipe(n).with_stats(d.IMAGENET_MEAN, d.IMAGENET_STD).apply(n.raw.x_test)),
             NORMALIZED,
         ),
-        CaseSpec("bgr_order", "fault", "channels in BGR order before normalization", image_input(bgr), COLOUR),
+        CaseSpec("bgr_order", "fault", "channels in BGR order before normalization", transformed_input(bgr), COLOUR),
         CaseSpec(
             "crop_zoom",
             "fault",
             "centre 6x6 crop resized to 8x8",
-            image_input(lambda n, c: n.prep(d.zoom(n.raw.x_test))),
+            transformed_input(lambda n, c: n.prep(d.zoom(n.raw.x_test))),
             IMAGE,
         ),
         CaseSpec(
             "resize_shrink",
             "fault",
             "resized to 6x6 and zero-padded",
-            image_input(lambda n, c: n.prep(d.shrink(n.raw.x_test))),
+            transformed_input(lambda n, c: n.prep(d.shrink(n.raw.x_test))),
             IMAGE,
         ),
         CaseSpec(
             "domain_noise",
             "fault",
             "another sensor: pixel noise sigma 0.2",
-            image_input(lambda n, c: n.prep(d.add_noise(n.raw.x_test, 0.2, c.seed))),
+            transformed_input(lambda n, c: n.prep(d.add_noise(n.raw.x_test, 0.2, c.seed))),
             IMAGE,
         ),
         CaseSpec(
             "domain_inverted",
             "fault",
             "another domain: inverted images",
-            image_input(lambda n, c: other_data(n, c.seed)),
+            transformed_input(lambda n, c: other_data(n, c.seed)),
             IMAGE,
         ),
         CaseSpec(
             "table_standardized",
             "fault",
             "z-scored features into a raw-unit model",
-            image_input(lambda n, c: standardized(n.x_test)),
+            transformed_input(lambda n, c: standardized(n.x_test)),
             TABLE,
         ),
         CaseSpec(
             "table_column_order",
             "fault",
             "mean_* and worst_* column blocks swapped",
-            image_input(lambda n, c: swap_table_blocks(n.x_test)),
+            transformed_input(lambda n, c: swap_table_blocks(n.x_test)),
             TABLE,
         ),
         CaseSpec(
             "table_area_units",
             "fault",
             "area columns in units 100x smaller",
-            image_input(lambda n, c: area_in_other_units(n.x_test)),
+            transformed_input(lambda n, c: area_in_other_units(n.x_test)),
             TABLE,
         ),
         CaseSpec(
             "table_domain_shift",
             "fault",
             "another instrument: features 20% high, 5% noise",
-            image_input(lambda n, c: other_data(n, c.seed)),
+            transformed_input(lambda n, c: other_data(n, c.seed)),
             TABLE,
         ),
     ]

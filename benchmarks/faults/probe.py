@@ -42,13 +42,47 @@ def check_today(model_args: list[str], data_args: list[str], out: Path) -> dict[
     return {"exit_code": code, "verdict": verdict, "passed": report["passed"], "findings": findings}
 
 
-def inspect_today(model_args: list[str], data_args: list[str], out: Path) -> dict[str, Any]:
-    """`bn-inspect inspect --format json`: per layer the existing summaries and the candidate scores."""
+def inspect_report(model_args: list[str], data_args: list[str], out: Path) -> tuple[int, str, list[dict[str, Any]]]:
+    """`bn-inspect inspect --format json`: exit code, stderr, and the report's layers (none if it could not run)."""
     code, stderr = bn_inspect(["inspect", *model_args, *data_args, "--format", "json", "--output", str(out), "-q"])
-    if not out.exists():
+    return code, stderr, json.loads(out.read_text())["layers"] if out.exists() else []
+
+
+def inspect_today(
+    model_args: list[str], data_args: list[str], out: Path, halves: tuple[Path, Path] | None = None
+) -> dict[str, Any]:
+    """Per layer the existing summaries and the candidate scores; with ``halves`` (the evaluation data split in
+    two), also each layer's noise floor: the departure between the two halves' batch statistics."""
+    code, stderr, report = inspect_report(model_args, data_args, out)
+    if not report:
         return {"exit_code": code, "layers": [], "scores": {}, "stderr": stderr.strip()}
-    layers = [layer_scores(layer) for layer in json.loads(out.read_text())["layers"]]
+    layers = [layer_scores(layer) for layer in report]
+    if halves is not None:
+        parts = [
+            inspect_report(model_args, ["--input", str(h)], out.with_suffix(f".half{i}.json"))
+            for i, h in enumerate(halves)
+        ]
+        add_noise_floor(layers, parts[0][2], parts[1][2])
     return {"exit_code": code, "layers": layers, "scores": model_scores(layers)}
+
+
+def add_noise_floor(layers: list[dict[str, Any]], half_a: list[dict[str, Any]], half_b: list[dict[str, Any]]) -> None:
+    """Each layer's mean skl between the batch Gaussians of two halves of the data (sampling noise, heavy tails
+    included), and its skl mean in units of that floor."""
+    for layer, a, b in zip(layers, half_a, half_b, strict=True):
+        eps = a["eps"]
+        channels = zip(*(map(number, side[key]) for side in (a, b) for key in ("batch_mean", "batch_var")), strict=True)
+        floor = summary([gaussian_skl(ma, va + eps, mb, vb + eps) for ma, va, mb, vb in channels])["mean"]
+        layer["skl_floor"] = floor
+        layer["skl_over_floor"] = {"mean": finite(layer["skl"]["mean"] / max(floor, 1e-12))}
+
+
+def gaussian_skl(mean_p: float, var_p: float, mean_q: float, var_q: float) -> float:
+    """KL(p||q) + KL(q||p) for 1-D Gaussians (the log terms cancel); infinite statistics count as CLIP."""
+    if not all(map(math.isfinite, (mean_p, var_p, mean_q, var_q))):
+        return CLIP
+    d2 = (mean_p - mean_q) ** 2
+    return finite(0.5 * (var_p / var_q + var_q / var_p - 2.0) + 0.5 * d2 * (1.0 / var_p + 1.0 / var_q))
 
 
 def number(value: float | str | None) -> float:
@@ -74,8 +108,7 @@ def channel_departures(layer: dict[str, Any]) -> tuple[list[float], list[float]]
             w2.append(CLIP)
             continue
         vb, vr, d2 = bv + eps, rv + eps, (bm - rm) ** 2
-        # KL(p||q) + KL(q||p) for Gaussians: the log terms cancel.
-        skl.append(finite(0.5 * (vb / vr + vr / vb - 2.0) + 0.5 * d2 * (1.0 / vb + 1.0 / vr)))
+        skl.append(gaussian_skl(bm, vb, rm, vr))
         w2.append(finite(math.sqrt(d2 + (math.sqrt(vb) - math.sqrt(vr)) ** 2) / math.sqrt(vr)))
     return skl, w2
 
@@ -113,9 +146,9 @@ def model_scores(layers: list[dict[str, Any]]) -> dict[str, float]:
     if not layers:
         return {}
     scores: dict[str, float] = {}
-    for stat in ("abs_shift_z", "abs_log_var_ratio", "skl", "w2"):
+    for stat in ("abs_shift_z", "abs_log_var_ratio", "skl", "w2", "skl_over_floor"):
         for agg in ("mean", "max", "share"):
-            if agg not in layers[0][stat]:
+            if stat not in layers[0] or agg not in layers[0][stat]:
                 continue
             scores[f"{stat}.{agg}.worst_layer"] = max(layer[stat][agg] for layer in layers)
             scores[f"{stat}.{agg}.first_layer"] = layers[0][stat][agg]

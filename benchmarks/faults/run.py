@@ -36,6 +36,7 @@ SHOWN_SCORES = [
     "skl.mean.first_layer",
     "w2.mean.worst_layer",
     "w2.share.worst_layer",
+    "skl_over_floor.mean.worst_layer",
 ]
 
 
@@ -76,6 +77,21 @@ def data_args(ctx: Context, spec: CaseSpec, built: Built) -> list[str]:
     return ["--input", str(path)]
 
 
+def split_halves(ctx: Context, spec: CaseSpec, built: Built) -> tuple[Path, Path]:
+    """The evaluation data split at random (by seed) into two .npy files, for the split-half noise floor.
+
+    Random, not even/odd: data sorted by label (an image folder) would give stratified halves that agree
+    better than two samples do, and a floor that is too low.
+    """
+    order = np.random.default_rng(ctx.seed).permutation(len(built.x_eval))
+    paths = []
+    for index, part in enumerate(np.array_split(order, 2)):
+        path = ctx.workdir / "data" / f"{ctx.net.name}-{spec.name}-half{index}.npy"
+        np.save(path, np.ascontiguousarray(built.x_eval[part]))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
 def run_case(ctx: Context, spec: CaseSpec) -> dict[str, Any]:
     """Build one case, measure its accuracy against the healthy model on the same samples, ask bn-inspect."""
     started = time.monotonic()
@@ -87,6 +103,7 @@ def run_case(ctx: Context, spec: CaseSpec) -> dict[str, Any]:
     model_args = [str(model_file(ctx, spec, built)), *ctx.net.cli_model_args()]
     inputs = data_args(ctx, spec, built)
     stem = ctx.workdir / "reports" / f"{ctx.net.name}-{spec.name}"
+    halves = split_halves(ctx, spec, built)
     return {
         "id": f"{ctx.net.name}/{spec.name}",
         "net": ctx.net.name,
@@ -99,7 +116,7 @@ def run_case(ctx: Context, spec: CaseSpec) -> dict[str, Any]:
         "damage_points": damage,
         "bucket": tables.bucket(spec.family, damage),
         "check": check_today(model_args, inputs, stem.with_suffix(".check.json")),
-        "inspect": inspect_today(model_args, inputs, stem.with_suffix(".inspect.json")),
+        "inspect": inspect_today(model_args, inputs, stem.with_suffix(".inspect.json"), halves),
         "seconds": round(time.monotonic() - started, 2),
     }
 

@@ -15,6 +15,7 @@ GRIDS = {
     "abs_log_var_ratio": (math.log(1.25), math.log(1.5), math.log(2.0), math.log(4.0)),
     "skl": (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0),
     "w2": (0.1, 0.2, 0.3, 0.5, 1.0),
+    "skl_over_floor": (1.0, 2.0, 5.0, 10.0, 20.0, 50.0),
     "share": (0.05, 0.1, 0.25, 0.5),
 }
 # A calibrated threshold sits this far above the largest healthy score of the calibration half.
