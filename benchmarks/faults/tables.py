@@ -195,10 +195,11 @@ def markdown_tuned(trade: dict[str, Any]) -> str:
 
 
 def markdown_cases(cases: list[dict[str, Any]]) -> str:
-    """One row per case: damage, today's check (verdict and rule codes) and two candidate scores."""
+    """One row per case: damage, today's check (verdict and rule codes) and three candidate scores (mean over
+    channels, worst layer)."""
     lines = [
-        "| case | split | accuracy (reference) | damage | check | codes | skl mean, worst layer | w2 mean, worst layer |",
-        "|---|---|---|---|---|---|---|---|",
+        "| case | split | accuracy (reference) | damage | check | codes | skl | w2 | skl / floor |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for case in cases:
         scores = case["inspect"]["scores"]
@@ -206,6 +207,7 @@ def markdown_cases(cases: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {case['id']} | {case['split']} | {case['accuracy']:.4f} ({case['reference_accuracy']:.4f}) "
             f"| {case['damage_points']:.2f} | {case['check']['verdict']} | {codes} "
-            f"| {scores.get('skl.mean.worst_layer', math.nan):.3g} | {scores.get('w2.mean.worst_layer', math.nan):.3g} |"
+            f"| {scores.get('skl.mean.worst_layer', math.nan):.3g} | {scores.get('w2.mean.worst_layer', math.nan):.3g} "
+            f"| {scores.get('skl_over_floor.mean.worst_layer', math.nan):.3g} |"
         )
     return "\n".join(lines)
