@@ -1,0 +1,76 @@
+"""The fault benchmark's smoke run (benchmarks/faults/run.py --smoke): its JSON has every field, and damage is
+measured (healthy cases ~0, some fault costs points). Structure and sanity only, never exact accuracies."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from tests.helpers import REPO
+
+RUN = REPO / "benchmarks" / "faults" / "run.py"
+CASE_FIELDS = {
+    "id",
+    "net",
+    "name",
+    "family",
+    "what",
+    "accuracy",
+    "reference_accuracy",
+    "damage_points",
+    "bucket",
+    "split",
+    "check",
+    "inspect",
+}
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    output = tmp_path_factory.mktemp("faults") / "results.json"
+    subprocess.run(
+        [sys.executable, str(RUN), "--smoke", "--seed", "0", "--output", str(output)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    return json.loads(output.read_text())
+
+
+def test_smoke_run_records_every_case_field(smoke_results: dict[str, Any]) -> None:
+    cases = smoke_results["cases"]
+    assert cases and smoke_results["smoke"] is True
+    for case in cases:
+        assert case.keys() >= CASE_FIELDS, case["id"]
+        assert case["split"] in {"calibration", "held-out"}
+        assert case["check"]["verdict"] in {"error", "warning", "pass"}
+        assert case["check"]["exit_code"] in {0, 1}
+        assert case["inspect"]["layers"], case["id"]
+        for layer in case["inspect"]["layers"]:
+            assert {"abs_shift_z", "abs_log_var_ratio", "skl", "w2"} <= layer.keys()
+        assert {"skl.mean.worst_layer", "w2.mean.first_layer"} <= case["inspect"]["scores"].keys()
+
+
+def test_smoke_run_measures_damage(smoke_results: dict[str, Any]) -> None:
+    cases = smoke_results["cases"]
+    healthy = [c for c in cases if c["family"] == "healthy"]
+    faults = [c for c in cases if c["family"] == "fault"]
+    assert healthy and faults
+    assert all(abs(c["damage_points"]) < 3.0 for c in healthy)
+    assert any(c["damage_points"] >= 3.0 for c in faults)
+    assert all(c["bucket"] == "healthy" for c in healthy)
+
+
+def test_smoke_run_splits_and_tabulates(smoke_results: dict[str, Any]) -> None:
+    splits = {c["split"] for c in smoke_results["cases"]}
+    assert splits == {"calibration", "held-out"}
+    confusion = smoke_results["confusion"]["all"]
+    assert sum(sum(row.values()) for row in confusion.values()) == len(smoke_results["cases"])
+    for trade in smoke_results["trade_offs"].values():
+        assert {"calibration", "held-out"} <= trade["tuned"].keys()
