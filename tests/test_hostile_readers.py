@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -471,22 +470,40 @@ def test_a_report_that_breaks_its_schema_is_one_line(
     assert_one_error_line(result, fragment)
 
 
+class _CountedName(Untrusted):
+    """A layer name that counts how often it is compared: the work of matching, without a clock."""
+
+    comparisons = 0
+
+    def __eq__(self, other: object) -> bool:
+        _CountedName.comparisons += 1
+        return super().__eq__(other)
+
+    __hash__ = Untrusted.__hash__
+
+
 def _renamed_layers(count: int, prefix: str) -> Report:
     report = load_report(REPORT)
     return replace(
-        report, layers=tuple(replace(report.layers[0], name=Untrusted(f"{prefix}{i}")) for i in range(count))
+        report,
+        layers=tuple(
+            # Distinct objects for equal class names: every comparison of two layers' shapes is counted.
+            replace(layer, name=_CountedName(f"{prefix}{i}"), type=_CountedName(layer.type.raw))
+            for i, layer in enumerate([report.layers[0]] * count)
+        ),
     )
 
 
 @pytest.mark.surface("read:diff-side", "hang")
-def test_ten_thousand_unmatched_layers_diff_in_seconds() -> None:
-    old, new = _renamed_layers(10_000, "old"), _renamed_layers(10_000, "new")
-    started = time.perf_counter()
+def test_ten_thousand_unmatched_layers_are_matched_in_linear_work() -> None:
+    count = 10_000
+    old, new = _renamed_layers(count, "old"), _renamed_layers(count, "new")
+    _CountedName.comparisons = 0
     diff = diff_reports(old, new)
-    elapsed = time.perf_counter() - started
-    # Issue #25 case 9: matching renames by scanning took 57 s for 5,000 layers.
-    assert elapsed < 10, elapsed
-    assert len(diff.layers) == 10_000 and {layer.status for layer in diff.layers} == {"renamed"}
+    # Issue #25 case 9: matching renames by scanning compared every pair (5,000 layers took 57 s).
+    # Counting comparisons rather than seconds keeps the test true on any machine.
+    assert _CountedName.comparisons < 4 * count, _CountedName.comparisons
+    assert len(diff.layers) == count and {layer.status for layer in diff.layers} == {"renamed"}
     assert diff.layers[0].label == "old0 → new0" and diff.layers[-1].label == "old9999 → new9999"
 
 
