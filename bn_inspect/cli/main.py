@@ -33,7 +33,8 @@ def run(argv: Sequence[str], *, outputs: OutputSet | None = None) -> int:
     global _signal_received
     # Bare ``bn-inspect`` asks what the tool does: the help, not a usage error.
     argv = argv or ["--help"]
-    debug = "--debug" in argv
+    # Only an option asks for tracebacks: after ``--`` every word is a file name, ``--debug`` included.
+    debug = "--debug" in (argv[: argv.index("--")] if "--" in argv else argv)
     _signal_received = None
     outputs = OutputSet() if outputs is None else outputs
     try:
@@ -78,7 +79,16 @@ def run(argv: Sequence[str], *, outputs: OutputSet | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_CANNOT_RUN
-    except Exception:
+    except Exception as error:
+        if _is_out_of_memory(error):
+            if debug:
+                traceback.print_exc()
+            print(
+                "Error: the run ran out of memory. Use a smaller batch (--batch-size, or the first dim of "
+                "--shape) or smaller images (--resize), or free memory",
+                file=sys.stderr,
+            )
+            return EXIT_CANNOT_RUN
         traceback.print_exc()
         print(
             "Error: bn-inspect hit an internal error (a bug); please report it with the traceback above.",
@@ -128,13 +138,46 @@ def prepare_process() -> None:
         # A SIGINT ignored by the parent (a background job of a script) stays ignored.
         if signal.getsignal(signal_number) is not signal.SIG_IGN:
             signal.signal(signal_number, _raise_interrupted)
+    sys.unraisablehook = _quiet_after_interrupt
 
 
 def _raise_interrupted(signal_number: int, _frame: object) -> None:
-    """Turn SIGINT and SIGTERM into an exception, so that every ``finally`` (temporary files) runs."""
+    """Turn SIGINT and SIGTERM into an exception, so that every ``finally`` (temporary files) runs.
+
+    Only the first signal of a run raises: a second one (Ctrl-C twice, a process-group kill on top
+    of a forwarded signal) would land in the cleanup the first one started, in finalizers and
+    atexit callbacks, where it can only print a traceback.
+    """
     global _signal_received
+    if _signal_received is not None:
+        return
     _signal_received = signal_number
     raise Interrupted(signal_number)
+
+
+def _quiet_after_interrupt(unraisable: sys.UnraisableHookArgs) -> None:
+    """Python's report of an exception no one can catch (a finalizer's, an atexit callback's), kept
+    quiet once a signal has ended the run: a DataLoader whose workers the same signal killed then
+    complains from its ``__del__``, and the run's one line has said what happened."""
+    if _signal_received is None:
+        sys.__unraisablehook__(unraisable)
+
+
+# How torch's CPU allocator says that an allocation failed (it raises RuntimeError, not MemoryError).
+_ALLOCATION_FAILED = "can't allocate memory"
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is, or was raised while handling, a failed allocation: the data or the model
+    asked for more than the process may have, which no check before the run could see."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, MemoryError) or _ALLOCATION_FAILED in str(current):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _interrupted_exit_code(error: BaseException) -> int | None:
