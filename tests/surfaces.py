@@ -66,7 +66,7 @@ SURFACES: tuple[Surface, ...] = (
     # Entry points: the console scripts of pyproject.toml, the pre-commit hook, the GitHub Action,
     # and the pytest helper.
     _surface("entry:bn-inspect", "entry point", H.EXECUTION, H.TRACEBACK, H.CLOBBER),
-    _surface("entry:bn-inspect-each", "entry point", H.EXECUTION, H.TRACEBACK),
+    _surface("entry:bn-inspect-each", "entry point", H.EXECUTION, H.TRACEBACK, H.CLOBBER),
     _surface("entry:pre-commit", "entry point", H.EXECUTION),
     _surface("entry:github-action", "entry point", H.EXECUTION),
     _surface("entry:pytest-helper", "entry point", H.TRACEBACK),

@@ -70,14 +70,48 @@ def test_each_passes_a_file_named_like_an_option_as_a_model_path(tmp_path: Path)
 
 
 @pytest.mark.surface("entry:bn-inspect-each", "execution", "traceback")
-def test_each_without_a_separator_still_takes_every_name_as_a_file(tmp_path: Path) -> None:
+def test_each_without_a_separator_refuses_a_name_that_reads_as_an_option(tmp_path: Path) -> None:
     repository, marker = _hostile_repository(tmp_path)
     result = _script("bn-inspect-each", ["check", OPTION_NAMED, "model.pt"], repository)
     assert not marker.exists()
-    assert result.code == 2  # the empty file cannot be read; model.pt checks fine (on random input, with a note)
-    first, *_ = result.err.splitlines()
-    assert first == f"Error: model file {OPTION_NAMED} is empty. Re-save or re-download it"
-    assert "Traceback" not in result.err and "model model.pt" in result.out
+    assert_one_error_line(
+        result,
+        f"Error: {OPTION_NAMED} would be read as a file name; put the options before -- and the files after it.",
+        "Usage: bn-inspect-each COMMAND [OPTIONS] -- FILE...",
+    )
+    assert result.out == ""
+    result = _script("bn-inspect-each", ["layers", "model.pt"], repository)
+    assert result.code == 0 and "model.pt" in result.out, result.err
+
+
+@pytest.mark.surface("entry:bn-inspect-each", "clobber")
+@pytest.mark.parametrize(
+    "written",
+    [
+        ["check", "--no-data", "--format", "json", "--output", "other.pt", "--force"],
+        ["check", "--no-data", "--report=other.pt", "--force"],
+        ["recalibrate", "--input", str(DIGITS / "test_images.npy"), "--output", "other.pt", "--force"],
+    ],
+    ids=["output", "report", "recalibrated-model"],
+)
+def test_each_never_writes_over_a_file_of_the_same_call(tmp_path: Path, written: list[str]) -> None:
+    # One run's output would replace the next run's model, then the next run's output the last one's.
+    repository, _ = _hostile_repository(tmp_path)
+    shutil.copyfile(MODEL, repository / "other.pt")
+    before = file_hashes(repository)
+    result = _script("bn-inspect-each", [*written, "--", "model.pt", "other.pt"], repository)
+    option = "--report" if "--report=other.pt" in written else "--output"
+    assert_one_error_line(result, f"Error: {option} would be written once per file")
+    assert file_hashes(repository) == before
+
+
+@pytest.mark.surface("entry:bn-inspect", "traceback")
+@pytest.mark.surface("entry:bn-inspect-each", "traceback")
+def test_a_file_named_debug_does_not_turn_on_tracebacks(tmp_path: Path) -> None:
+    (tmp_path / "--debug").write_bytes(b"")
+    for script, argv in (("bn-inspect", ["check", "--no-data"]), ("bn-inspect-each", ["check", "--no-data"])):
+        result = _script(script, [*argv, "--", "--debug"], tmp_path)
+        assert_one_error_line(result, "Error: model file --debug is empty")
 
 
 @pytest.mark.surface("entry:bn-inspect-each", "traceback")
