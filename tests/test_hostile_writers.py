@@ -450,3 +450,17 @@ def test_a_target_that_cannot_be_written_is_one_line(
         target.mkdir()
         line = f"{option} {target} is a directory. Give a file path"
     refused(capsys, writer_argv(surface, files, target, "--force"), tmp_path, line)
+
+
+@pytest.mark.surface("write:result", "clobber")
+def test_an_output_never_replaces_code_the_run_imported_even_with_force(
+    code_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The --arch file is in the manifest; the helper module it imports is read by Python's import
+    # system. A name of this test's own, since the modules of one test process outlive a test.
+    helper = f"helper_{code_folder.name.replace('-', '_')}"
+    (code_folder / f"{helper}.py").write_text(NET)
+    (code_folder / "arch_file.py").write_text(f"from {helper} import Net\n")
+    argv = ["inspect", "--arch", "arch_file.py:Net", "--data", "data.py:batches", "--output", f"{helper}.py", "--force"]
+    line = f"--output {helper}.py is the source of the Python module {helper}, which this run imported. {FIX_READ}"
+    refused(capsys, argv, code_folder, line)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -309,12 +310,34 @@ def check_output_target(target: Path, destination: Destination, *, force: bool, 
 
 def _refuse_input(target: Path, option: str) -> None:
     identity = identity_of(target)
-    entry = current_manifest().entry_for(identity) if identity is not None else None
+    if identity is None:
+        return
+    entry = current_manifest().entry_for(identity)
     if entry is not None:
         raise OutputError(
             f"{option} {target} is {entry.source.value} {entry.path}, which this run reads",
             "Choose another path for the output",
         )
+    module = _imported_module(identity)
+    if module is not None:
+        raise OutputError(
+            f"{option} {target} is the source of the Python module {module}, which this run imported",
+            "Choose another path for the output",
+        )
+
+
+def _imported_module(identity: Identity) -> str | None:
+    """The module of this process whose source file is ``identity``, if any.
+
+    The manifest holds the --arch and --data sources, but the code they import (a package's
+    ``__init__.py``, a helper module), and what a trusted pickle imports, is read by Python's own
+    import system: every module loaded in this process counts as read.
+    """
+    for name, module in list(sys.modules.items()):
+        source = getattr(module, "__file__", None)
+        if isinstance(source, str) and identity_of(Path(source)) == identity:
+            return name
+    return None
 
 
 def _refuse_target(target: Path, option: str, *, force: bool) -> None:
