@@ -629,3 +629,10 @@ def test_every_image_found_however_deep_is_in_the_runs_manifest(tmp_path: Path) 
         with pytest.raises(OutputError, match=r"is an image of the --input folder .*1\.png, which this run reads"):
             check_output_target(deep, Destination.RESULT, force=True)
     assert file_hashes(root) == before
+
+
+@pytest.mark.surface("read:model", "traceback")
+def test_a_regular_file_that_fails_to_read_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    # /proc/self/mem opens and is a regular file of size 0, but reading its start fails (EIO).
+    result = _cli(capsys, ["check", "/proc/self/mem", "--no-data"])
+    assert_one_error_line(result, "Error: cannot read model file /proc/self/mem: Input/output error")

@@ -213,6 +213,15 @@ def open_checked(
             # Regular files ignore O_NONBLOCK; cleared so that no library sees a surprising flag.
             os.set_blocking(descriptor, True)
         current_manifest().record((status.st_dev, status.st_ino), source, path)
-        yield OpenedInput(path, descriptor, status.st_size, source)
+        try:
+            yield OpenedInput(path, descriptor, status.st_size, source)
+        except OSError as failure:
+            # A read of the opened file that fails (EIO from a failing disk, a file under /proc that
+            # opens but cannot be read) names no file; an error naming another path is not ours.
+            if failure.filename is not None:
+                raise
+            raise error(
+                f"cannot read {noun} {path}: {failure.strerror or failure}", "Check the file and the disk it is on"
+            ) from failure
     finally:
         os.close(descriptor)
