@@ -21,8 +21,10 @@ from xml.etree import ElementTree
 
 import pytest
 
+from bn_inspect.output.export import to_csv
+from bn_inspect.report.reading import load_report
 from bn_inspect.text import Untrusted
-from tests.helpers import Result, assert_one_error_line, invoke
+from tests.helpers import GOLDEN, Result, assert_one_error_line, invoke
 
 # Every hazard at once; no "." (a module name cannot hold one) and no ":" (an --arch spec splits on it).
 PIECES = (
@@ -289,3 +291,14 @@ def test_a_note_quoting_a_hostile_layer_is_inert(capsys: pytest.CaptureFixture[s
     assert "\\x1b[31m\\x07\\n::error::pwned" in result.err
     _assert_inert(result.err, "stderr")
     _assert_inert(result.out, "table")
+
+
+@pytest.mark.surface("render:csv", "inert")
+@pytest.mark.parametrize("name", ['=HYPERLINK("http://e","x")', "+1", "-2+3", "@SUM(A1)"])
+def test_a_csv_cell_from_a_name_never_starts_a_formula(name: str) -> None:
+    report = load_report(GOLDEN / "reports" / "digits_older.json")
+    named = dataclasses.replace(report, layers=(dataclasses.replace(report.layers[0], name=Untrusted(name)),))
+    rows = list(csv.reader(io.StringIO(to_csv(named))))
+    assert rows[1][rows[0].index("layer")] == "'" + name
+    # The tool's own numbers are not text from a file: a negative mean stays a number.
+    assert all(not cell.startswith("'") for cell in rows[1][rows[0].index("layer") + 1 :])

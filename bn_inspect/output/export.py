@@ -43,11 +43,22 @@ def to_json(report: Report) -> str:
 
 
 def to_csv(report: Report) -> str:
-    """The rows of ``report_frame`` as CSV, floats written to full precision, names ``inert``."""
+    """The rows of ``report_frame`` as CSV, floats written to full precision, names as ``csv_text``."""
     frame = report_frame(report)
     for column in ("layer", "type"):
-        frame[column] = frame[column].map(inert)
+        frame[column] = frame[column].map(csv_text)
     return str(frame.to_csv(index=False, float_format="%.17g"))
+
+
+# How a cell a spreadsheet reads as a formula starts (tabs and line breaks are escaped by ``inert``).
+_FORMULA_STARTS = ("=", "+", "-", "@")
+
+
+def csv_text(text: str) -> str:
+    """A name from a file as a CSV cell: ``inert``, and led by ``'`` where a spreadsheet would run
+    it as a formula (``=HYPERLINK(...)``), which spreadsheets then show as the text it is."""
+    shown = inert(text)
+    return f"'{shown}" if shown.startswith(_FORMULA_STARTS) else shown
 
 
 # What Markdown reads as structure in text from a file: a table cell's end, a code span, HTML or an
