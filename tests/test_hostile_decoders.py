@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -576,3 +577,16 @@ def test_an_endless_data_iterable_says_it_is_alive_off_a_terminal(data_code: Pat
     assert rest.splitlines()[-1] == INTERRUPTED
     assert all(line.startswith("progress: ") for line in rest.splitlines()[:-1])
     assert out == ""
+
+
+@pytest.mark.surface("read:image", "memory")
+def test_a_batch_of_images_is_sized_against_the_memory_limit_of_the_process(tmp_path: Path, bn_model: Path) -> None:
+    # Each image is within the pixel budget; eight together (6 GiB as float32 RGB) are not within the
+    # 4 GiB address space run_bounded allows, though the machine has more free memory than that.
+    folder = tmp_path / "images"
+    folder.mkdir()
+    png_declaring(folder / "0.png", 8192, 8192)
+    for index in range(1, 8):
+        shutil.copyfile(folder / "0.png", folder / f"{index}.png")
+    result = run_bounded(["inspect", bn_model, "--input", folder, "--batch-size", "8", "--workers", "0"], tmp_path)
+    assert_one_error_line(result, "one batch of shape (8, 3, 8192, 8192) needs 6.0 GiB, more than half of the")
