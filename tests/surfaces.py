@@ -10,8 +10,12 @@ a hazard that does not exist, and when the code has a surface this table does no
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import TypeVar
+
+import pytest
 
 
 class Hazard(str, Enum):
@@ -71,3 +75,14 @@ SURFACES: tuple[Surface, ...] = (
     _surface("entry:github-action", "entry point", H.EXECUTION),
     _surface("entry:pytest-helper", "entry point", H.TRACEBACK),
 )
+
+
+Test = TypeVar("Test", bound=Callable[..., object])
+OUTPUT_FORMATS = ("table", "json", "csv", "markdown", "junit", "html")
+
+
+def inert_in_every_format(test: Test) -> Test:
+    """Mark a test that checks every output format for inert text: ``render:FORMAT`` ``inert`` for each."""
+    for name in OUTPUT_FORMATS:
+        test = pytest.mark.surface(f"render:{name}", H.INERT.value)(test)
+    return test

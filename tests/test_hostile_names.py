@@ -28,6 +28,7 @@ from torch import nn
 
 from bn_inspect.text import inert
 from tests.helpers import invoke
+from tests.surfaces import inert_in_every_format
 
 # ESC sequences (clear screen, window title), BEL, DEL, a C1 CSI, a bidi override, rich markup
 # (a valid pair and a closing tag that opens nothing), Markdown and XML syntax, a backtick.
@@ -190,12 +191,7 @@ def assert_shows_name(fmt: str, text: str, name: str = NAME) -> None:
         assert shown in text
 
 
-@pytest.mark.surface("render:table", "inert")
-@pytest.mark.surface("render:json", "inert")
-@pytest.mark.surface("render:csv", "inert")
-@pytest.mark.surface("render:markdown", "inert")
-@pytest.mark.surface("render:junit", "inert")
-@pytest.mark.surface("render:html", "inert")
+@inert_in_every_format
 @pytest.mark.parametrize(("command", "fmt"), CASES, ids=[f"{c}-{f}" for c, f in CASES])
 def test_every_format_shows_hostile_names_as_text(
     hostile: dict[str, Path],

@@ -25,6 +25,7 @@ from bn_inspect.output.export import to_csv
 from bn_inspect.report.reading import load_report
 from bn_inspect.text import Untrusted
 from tests.helpers import GOLDEN, Result, assert_one_error_line, invoke
+from tests.surfaces import inert_in_every_format
 
 # Every hazard at once; no "." (a module name cannot hold one) and no ":" (an --arch spec splits on it).
 PIECES = (
@@ -155,12 +156,7 @@ def _run(capsys: pytest.CaptureFixture[str], command: str, output_format: str, a
 
 
 @pytest.mark.parametrize(("command", "output_format"), CASES)
-@pytest.mark.surface("render:table", "inert")
-@pytest.mark.surface("render:json", "inert")
-@pytest.mark.surface("render:csv", "inert")
-@pytest.mark.surface("render:markdown", "inert")
-@pytest.mark.surface("render:junit", "inert")
-@pytest.mark.surface("render:html", "inert")
+@inert_in_every_format
 def test_every_command_renders_a_hostile_layer_inert(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, arch: str, command: str, output_format: str
 ) -> None:
@@ -249,12 +245,7 @@ def _results_with_hostile_text(arch: str) -> list[Any]:
     return [report, check, comparison, listing, diff_reports(other, report)]
 
 
-@pytest.mark.surface("render:table", "inert")
-@pytest.mark.surface("render:json", "inert")
-@pytest.mark.surface("render:csv", "inert")
-@pytest.mark.surface("render:markdown", "inert")
-@pytest.mark.surface("render:junit", "inert")
-@pytest.mark.surface("render:html", "inert")
+@inert_in_every_format
 def test_every_renderer_makes_every_text_field_inert(arch: str) -> None:
     from bn_inspect.output.formats import FORMATTERS, Rendering
     from bn_inspect.report.diff import DiffReport
