@@ -31,6 +31,11 @@ _SPECIAL_KINDS = {
 }
 
 
+def kind_of(mode: int) -> str:
+    """What a file that is not a regular one is, by its ``st_mode``: "a named pipe", "a directory", ..."""
+    return _SPECIAL_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
 class Source(str, Enum):
     """What a file the run reads is to the run: the manifest's roles and the surface registry's readers.
 
@@ -199,7 +204,7 @@ def open_checked(
     try:
         status = os.fstat(descriptor)
         if not stat.S_ISREG(status.st_mode):
-            kind = _SPECIAL_KINDS.get(stat.S_IFMT(status.st_mode), "not a regular file")
+            kind = kind_of(status.st_mode)
             what = (
                 f"{noun} {path} is {kind}" if kind == "a directory" else f"{noun} {path} is {kind}, not a regular file"
             )

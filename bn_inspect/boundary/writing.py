@@ -24,16 +24,8 @@ from enum import Enum
 from pathlib import Path
 from typing import BinaryIO
 
-from bn_inspect.boundary.reading import Identity, current_manifest, identity_of
+from bn_inspect.boundary.reading import Identity, current_manifest, identity_of, kind_of
 from bn_inspect.errors import Interrupted, OutputError
-
-_KINDS = {
-    stat.S_IFIFO: "a named pipe",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFSOCK: "a socket",
-    stat.S_IFDIR: "a directory",
-}
 
 
 def interruption(error: BaseException) -> BaseException | None:
@@ -54,7 +46,7 @@ def _refuse_special(target: Path, option: str) -> None:
     except (OSError, ValueError):
         return
     if not stat.S_ISREG(mode):
-        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        kind = kind_of(mode)
         fix = "Give a file path" if stat.S_ISDIR(mode) else "Give the path of a regular file, or a new one"
         raise OutputError(f"{option} {target} is {kind}", fix)
 
