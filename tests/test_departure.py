@@ -118,3 +118,15 @@ def test_a_nonfinite_channel_is_an_error_named_by_channel() -> None:
     found = departure(inspect_model(nn.Sequential(layer), [x]).layers[0])
     assert found is not None and found.tier == ERROR and found.nonfinite == (1,)
     assert "NaN or infinite" in found.describe()
+
+
+def test_the_api_gives_each_layer_its_departure_and_the_model_its_worst() -> None:
+    model = nn.Sequential(
+        _bn(3, 1, np.zeros(3), np.ones(3), torch.float64), _bn(3, 1, np.full(3, 5.0), np.ones(3), torch.float64)
+    )
+    report = inspect_model(model, [torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))])
+    first, second = (layer.departure for layer in report.layers)
+    assert first is not None and second is not None and second.score > first.score
+    worst = report.worst_departure()
+    assert worst is not None and worst[0] is report.layers[1] and worst[1] == second
+    assert report.first_divergent() is report.layers[1]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bn_inspect.report.departure import Departure, Thresholds, departure
+from bn_inspect.report.departure import Thresholds, departure
 from bn_inspect.report.records import Report
 from bn_inspect.text import Untrusted
 
@@ -43,7 +42,7 @@ def inspection_verdict(
             "Random input says nothing about the running statistics (on it every layer may look shifted): "
             "pass real data with --input to see which layer departs from them first.",
         )
-    worst_layer, worst = max(scored, key=lambda pair: _rank(pair[1]))
+    worst_layer, worst = report.worst_departure(limits) or scored[0]
     departed = [(layer, found) for layer, found in scored if found.departs]
     if not departed:
         return Verdict(
@@ -58,7 +57,3 @@ def inspection_verdict(
     if worst_layer is not first:
         sentence += f" The largest: {name(worst_layer.label)}, departure {worst.score:.3g} ({worst.tier})."
     return Verdict("departs", sentence)
-
-
-def _rank(found: Departure) -> float:
-    return math.inf if found.is_nonfinite or math.isnan(found.score) else found.score

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bn_inspect.report import shift
-from bn_inspect.report.departure import Thresholds, departure
+from bn_inspect.report.departure import Departure, Thresholds, departure
 from bn_inspect.report.display import NotebookDisplay
 from bn_inspect.text import Untrusted
 
@@ -170,6 +170,12 @@ class LayerReport:
     def worst_var_ratio(self) -> float | None:
         """The channel's var_ratio farthest from 1 on a log scale (NaN if any channel is NaN)."""
         return shift.worst_ratio(self.var_ratio)
+
+    @property
+    def departure(self) -> Departure | None:
+        """The departure score of this call with check's default thresholds (report/departure.py);
+        None where it cannot be compared."""
+        return departure(self)
 
 
 @dataclass(frozen=True)
@@ -325,6 +331,13 @@ class Report(NotebookDisplay):
         above, or a NaN or infinite distance in some channel; the thresholds default to check's.
         """
         return next((layer for layer in self.layers if (found := departure(layer, thresholds)) and found.departs), None)
+
+    def worst_departure(self, thresholds: Thresholds | None = None) -> tuple[LayerReport, Departure] | None:
+        """The layer call with the largest departure score, and its score: the model's (None when no layer is compared)."""
+        scored = [(layer, found) for layer in self.layers if (found := departure(layer, thresholds)) is not None]
+        if not scored:
+            return None
+        return max(scored, key=lambda pair: math.inf if math.isnan(pair[1].score) else pair[1].score)
 
     def to_dataframe(self) -> Any:
         """A pandas DataFrame with one row per layer call and channel (the CSV export's rows)."""
