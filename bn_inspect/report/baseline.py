@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from bn_inspect.report.comparability import comparability_notes
 from bn_inspect.report.departure import Thresholds
 from bn_inspect.report.diff import (
     ADDED,
@@ -24,7 +25,6 @@ from bn_inspect.report.diff import (
     LayerChange,
     StatChange,
     Tolerance,
-    comparability_notes,
     diff_layers,
 )
 from bn_inspect.report.findings import RULES, Finding
