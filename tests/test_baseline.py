@@ -119,9 +119,17 @@ def test_changed_running_statistics_are_running_drift_not_data_drift(
     assert [f["layer"] for f in running] == ["features.4"] and "ratio of 4" in running[0]["message"]
     # features.8 sees other inputs through the changed layer: that is the model's doing, not the data's.
     assert "BN302" not in _codes(result.out)
-    assert any("not reported as data drift (BN302) because the model changed" in n for n in document["notes"])
+    assert (
+        "the 1 input that changed is not reported as data drift (BN302) because the model changed (BN301, BN303)"
+        in document["notes"]
+    )
+    assert "against the baseline, 1 layer's stored statistics changed; 1 downstream input changed" in document["notes"]
     no_data = invoke(capsys, ["check", drifted, *ARCH, "--no-data", "--baseline", golden, "--format", "json"])
     assert no_data.code == 1 and _codes(no_data.out) == ["BN301"]
+    assert (
+        "against the baseline, 1 layer's stored statistics changed; inputs not compared (no batch statistics on "
+        "the data)" in json.loads(no_data.out)["notes"]
+    )
     loose = invoke(
         capsys, ["check", drifted, *ARCH, "--no-data", "--baseline", golden, "--max-drift-var-ratio", "5", "-q"]
     )

@@ -8,7 +8,7 @@ import re
 from typing import TYPE_CHECKING
 
 from bn_inspect.output.verdict import inspection_verdict
-from bn_inspect.output.words import counted, image_details
+from bn_inspect.output.words import change_legend, change_word, counted, image_details
 from bn_inspect.report.findings import MODEL_LABEL, CheckReport, Finding
 from bn_inspect.report.frame import report_frame
 from bn_inspect.report.records import LayerListing, Report, matching_layers
@@ -353,7 +353,7 @@ def diff_to_markdown(diff: DiffReport) -> str:
         return format_number(value.max_abs_mean_change), format_number(value.worst_var_ratio)
 
     verdict = "✅ within tolerance" if diff.passed else "❌ beyond tolerance"
-    lines = [f"## bn-inspect diff: {verdict}", ""]
+    lines = [f"## bn-inspect diff: {verdict}", "", f"**{_text(diff.headline)}.**", ""]
     for name, model, data, mode in (
         ("OLD", diff.old_model, diff.old_input, diff.old_mode),
         ("NEW", diff.new_model, diff.new_input, diff.new_mode),
@@ -375,7 +375,7 @@ def diff_to_markdown(diff: DiffReport) -> str:
             str(layer.position),
             label or _code(layer.label),
             _text(layer.type),
-            f"**{layer.status}**" if layer.is_beyond else layer.status,
+            f"**{change_word(layer)}**" if layer.is_beyond else layer.status,
             " → ".join(dict.fromkeys(f"{c:,}" for c in channels if c is not None)) or "—",
             *change(layer.running),
             *change(layer.batch),
@@ -383,6 +383,9 @@ def diff_to_markdown(diff: DiffReport) -> str:
         ]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     lines += ["", "Mean changes are in units of the OLD standard deviation; var ratios are new / old."]
+    legend = change_legend(diff.layers)
+    if legend:
+        lines.append(f"In the change column, {_text(legend)}.")
     if diff.first_changed is not None:
         lines.append(f"First changed layer in execution order: {_code(diff.first_changed)}.")
     lines += [f"- {_text(note)}." for note in diff.notes]

@@ -26,6 +26,7 @@ from bn_inspect.report.diff import (
     StatChange,
     Tolerance,
     diff_layers,
+    what_changed,
 )
 from bn_inspect.report.findings import RULES, Finding
 from bn_inspect.report.records import LayerReport, LayerState, Report
@@ -63,6 +64,8 @@ def baseline_findings(
         changes = diff_layers(baseline.layers, current.layers, tolerance, thresholds)
         notes = comparability_notes(baseline, current, ("the baseline", "this run"))
         by_label = {layer.label: layer for layer in (*baseline.layers, *current.layers)}
+    if any(c.is_beyond for c in changes):
+        notes.insert(0, f"against the baseline, {what_changed(changes)}")
     findings = [_structural(c, by_label) for c in changes if c.status in (ADDED, REMOVED, RENAMED, CHANNELS)]
     findings += _running_drift(changes, by_label, tolerance)
     if current is not None:
@@ -170,10 +173,8 @@ def _data_drift(
     )
     if model_changed or not comparable:
         why = "the model changed (BN301, BN303)" if model_changed else "the runs used other modes"
-        notes.append(
-            f"batch statistics moved beyond the tolerance in {len(drifted)} layer call(s), not reported as data "
-            f"drift (BN302) because {why}"
-        )
+        inputs = "the 1 input that changed is" if len(drifted) == 1 else f"the {len(drifted)} inputs that changed are"
+        notes.append(f"{inputs} not reported as data drift (BN302) because {why}")
         return []
     return [
         _finding(
