@@ -115,9 +115,18 @@ def _as_layer(state: LayerState) -> LayerReport:
     )
 
 
-def _finding(code: str, layer: LayerReport, message: str) -> Finding:
+def _finding(code: str, layer: LayerReport, message: str, channels: tuple[int, ...] = ()) -> Finding:
     rule = RULES[code]
-    return Finding(code, rule.name, rule.severity, layer.name, layer.call, (), message)
+    return Finding(code, rule.name, rule.severity, layer.name, layer.call, channels, message)
+
+
+def _channels_beyond(change: StatChange, tolerance: Tolerance) -> tuple[int, ...]:
+    """The channels whose own change is beyond the tolerance (NaN counts as beyond, as for the layer)."""
+    return tuple(
+        c
+        for c, (mean_change, var_ratio) in enumerate(zip(change.mean_change, change.var_ratio, strict=True))
+        if tolerance.size((mean_change,), (var_ratio,)) > 1
+    )
 
 
 def _structural(change: LayerChange, by_label: dict[Untrusted, LayerReport]) -> Finding:
@@ -150,6 +159,7 @@ def _running_drift(
             f"the running statistics moved beyond the tolerance since the baseline: {_moved(change.running)} "
             f"(tolerance: {tolerance.describe()}). The model's stored statistics changed: check the training run "
             f"or the checkpoint. {_REWRITE}",
+            _channels_beyond(change.running, tolerance),
         )
         for change in changes
         if change.running is not None and _beyond(change.running, tolerance)
@@ -183,6 +193,7 @@ def _data_drift(
             "the batch statistics on the data moved beyond the tolerance since the baseline while the running "
             f"statistics did not: {_moved(change.batch)} (tolerance: {tolerance.describe()}): the data drifted. "
             "Check the input pipeline (source, preprocessing, normalization) against the baseline's",
+            _channels_beyond(change.batch, tolerance),
         )
         for change in drifted
         if change.batch is not None

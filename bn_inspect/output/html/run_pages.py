@@ -92,7 +92,6 @@ def check_page(check: CheckReport, model_output: str = "") -> Page:
 
 def _finding_row(finding: Finding, index: dict[Untrusted, int]) -> Row:
     target = index.get(finding.label)
-    shown = ", ".join(str(c) for c in finding.channels[:8]) + (" …" if len(finding.channels) > 8 else "")
     cells = (
         Cell(
             f'<span class="severity severity-{finding.severity.value}">{finding.severity.value}</span>',
@@ -101,10 +100,18 @@ def _finding_row(finding: Finding, index: dict[Untrusted, int]) -> Row:
         Cell(escaped(finding.code), finding.code),
         Cell(escaped(finding.rule), finding.rule),
         Cell(escaped(finding.label), finding.label, target=f"layer-{target}" if target is not None else ""),
-        Cell(f"{len(finding.channels):,}" + (f": {shown}" if shown else ""), len(finding.channels)),
+        _channels_cell(finding),
         Cell(escaped(finding.message), finding.message),
     )
     return Row(finding.layer or MODEL_LABEL, finding.label, cells)
+
+
+def _channels_cell(finding: Finding) -> Cell:
+    """How many channels, and the first few, where the rule names channels; a dash where it does not (BN303)."""
+    if not finding.channels:
+        return Cell("—", None)
+    shown = ", ".join(str(c) for c in finding.channels[:8]) + (" …" if len(finding.channels) > 8 else "")
+    return Cell(f"{len(finding.channels):,}: {shown}", len(finding.channels))
 
 
 def _checked_layers(check: CheckReport) -> str:
