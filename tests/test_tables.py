@@ -27,6 +27,16 @@ ARCH = ("--arch", "sample_models.architectures:DigitsCNN")
 COMMANDS = {
     "inspect": ["inspect", "digits/state_dict.pt", *ARCH, "--input", "digits/test_images.npy", "--layer", "features.1"],
     "check": ["check", "digits/state_dict.pt", *ARCH, "--input", "digits/test_images_unscaled.npy"],
+    # Two rules on the same three layers: one grouped row each, naming the layers.
+    "check-baseline": [
+        "check",
+        "digits/state_dict.pt",
+        *ARCH,
+        "--input",
+        "digits/test_images_unscaled.npy",
+        "--baseline",
+        "old.json",
+    ],
     "layers": ["layers", "digits/state_dict.pt", *ARCH],
     "compare-modes": ["compare-modes", "digits/state_dict.pt", *ARCH, "--input", "digits/test_images.npy"],
     "diff": ["diff", "old.json", "digits/state_dict.pt", *ARCH, "--input", "digits/test_images_unscaled.npy"],

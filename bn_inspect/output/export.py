@@ -7,6 +7,7 @@ import math
 import re
 from typing import TYPE_CHECKING
 
+from bn_inspect.output.grouped import group_sentence, grouped_findings
 from bn_inspect.output.verdict import inspection_verdict
 from bn_inspect.output.words import change_legend, change_word, counted, image_details
 from bn_inspect.report.findings import MODEL_LABEL, CheckReport, Finding
@@ -189,9 +190,13 @@ def check_to_markdown(check: CheckReport) -> str:
         "",
     ]
     if check.findings:
+        # A summary page has room: a group of findings names every one of its layers.
         lines += ["| severity | code | layer | finding |", "|---|---|---|---|"]
-        for f in sorted(check.findings, key=lambda f: -f.severity.rank):
-            lines.append(f"| {f.severity.value} | {f.code} {f.rule} | {_cell(_code(f.label))} | {_text(f.message)}. |")
+        for group in grouped_findings(check.findings):
+            f = group.first
+            layer = _cell(_code(f.label)) if len(group.findings) == 1 else counted(len(group.findings), "layer")
+            finding = group_sentence(group, lambda label: _cell(_code(label)), _text)
+            lines.append(f"| {f.severity.value} | {f.code} {f.rule} | {layer} | {finding} |")
     else:
         lines.append("No findings.")
     if check.first_divergent:
