@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from bn_inspect.output.grouped import group_sentence, grouped_findings
 from bn_inspect.output.verdict import inspection_verdict
-from bn_inspect.output.words import change_legend, change_word, counted, image_details
+from bn_inspect.output.words import batch_noise_sentence, change_legend, change_word, counted, image_details
 from bn_inspect.report.findings import MODEL_LABEL, CheckReport, Finding
 from bn_inspect.report.frame import report_frame
 from bn_inspect.report.records import LayerListing, Report, matching_layers
@@ -208,7 +208,7 @@ def check_to_markdown(check: CheckReport) -> str:
     t = check.thresholds
     lines += [
         "",
-        f"<sub>max shift {t.max_shift:g} · max var ratio {t.max_var_ratio:g} · max share {t.max_share:g} · "
+        f"<sub>departure warning {t.warning:g} · departure error {t.error:g} · "
         f"min values {t.min_values} · untrained statistics (BN104) {'an error' if t.strict else 'a warning'}</sub>",
         "",
     ]
@@ -311,11 +311,12 @@ def comparison_to_markdown(comparison: ModeComparison) -> str:
             f"{gap.own_rel_diff:.2%} | {format_number(gap.max_abs_shift_z)} | {format_number(gap.worst_var_ratio)} |"
         )
     lines.append("")
-    lines.append(
-        f"**The gap opens at {_code(comparison.gap_opens_at)}.**"
-        if comparison.gap_opens_at
-        else f"No layer's output differs by more than {comparison.threshold:.0%} between modes."
-    )
+    if comparison.gap_opens_at:
+        lines.append(f"**The gap opens at {_code(comparison.gap_opens_at)}.**")
+    elif comparison.batch_noise_from is not None:
+        lines.append(batch_noise_sentence(comparison, _code))
+    else:
+        lines.append(f"No layer's output differs by more than {comparison.threshold:.0%} between modes.")
     if comparison.output is not None:
         change = comparison.output.argmax_change_fraction
         lines.append(

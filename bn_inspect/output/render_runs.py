@@ -11,7 +11,7 @@ from rich.text import Text
 
 from bn_inspect.output.layout import Column, Layout, fitted
 from bn_inspect.output.render import _inert, _mean, _model_line, _short, _two_lines
-from bn_inspect.output.words import counted
+from bn_inspect.output.words import batch_noise_sentence, counted
 from bn_inspect.report.records import LayerListing, LayerState
 
 if TYPE_CHECKING:
@@ -166,6 +166,8 @@ def render_mode_comparison(comparison: ModeComparison, width: int = 160) -> Rend
                 style="bold red",
             )
         )
+    elif comparison.batch_noise_from is not None:
+        parts.append(Text(batch_noise_sentence(comparison, lambda label: label.inert()), style="yellow"))
     else:
         parts.append(
             Text(f"No layer's output differs by more than {comparison.threshold:.0%} between modes.", style="green")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+from bn_inspect.report.comparisons import ModeComparison
 from bn_inspect.report.diff import CHANGED, DOWNSTREAM_INPUT, STORED, LayerChange
 from bn_inspect.text import Untrusted
 
@@ -45,3 +46,24 @@ def change_legend(layers: Sequence[LayerChange]) -> str:
     """What each change word in ``layers`` means ("" when none is used): `"stored": its running statistics moved`."""
     used = {change_word(layer) for layer in layers}
     return "; ".join(f'"{word}": {meaning}' for word, meaning in _MEANINGS.items() if word in used)
+
+
+def batch_noise_sentence(comparison: ModeComparison, name: Callable[[Untrusted], str]) -> str:
+    """compare-modes when the modes differ but no layer's data departs: what the difference is, and is not."""
+    start = comparison.batch_noise_from
+    opening = comparison.layer(start.raw) if start is not None else None
+    scored = [layer for layer in comparison.layers if layer.departure is not None]
+    largest = max(scored, key=lambda layer: layer.departure or 0.0) if scored else None
+    per_batch = comparison.num_samples / comparison.num_batches if comparison.num_batches else 0
+    said = (
+        f"Train and eval mode differ from {name(start)} on (its output by {opening.output_rel_diff:.1%}), "
+        if start is not None and opening is not None
+        else "Train and eval mode differ, "
+    )
+    said += "but no layer's data departs from its running statistics"
+    if largest is not None and largest.departure is not None:
+        said += f" (largest departure {largest.departure:.2g}, {name(largest.label)})"
+    return (
+        said + f": the difference is train mode's per-batch statistics on batches of about {per_batch:.3g} samples "
+        "(small or unshuffled batches), not a fault of the stored statistics. Eval mode is what the deployed model does."
+    )

@@ -29,6 +29,8 @@ class LayerModeGap:
             running statistics).
         worst_var_ratio: batch_var / running_var farthest from 1 on a log scale (biased batch
             variance, as BatchNorm normalizes with).
+        departure, departure_tier: the departure score of the eval pass's input from the running
+            statistics and its tier (report/departure.py; None without running statistics).
     """
 
     name: Untrusted
@@ -43,6 +45,8 @@ class LayerModeGap:
     max_abs_shift_z: float | None
     mean_abs_shift_z: float | None
     worst_var_ratio: float | None
+    departure: float | None = None
+    departure_tier: str | None = None
 
     @property
     def label(self) -> Untrusted:
@@ -76,8 +80,12 @@ class ModeComparison(NotebookDisplay):
         output: the model output's difference, or None when the output has no batch dim.
         threshold: the relative difference above which a layer counts as departing.
         gap_opens_at: label of the first layer call whose output_rel_diff exceeds ``threshold``
-            (or is NaN); its input_rel_diff says how much came from upstream and its own_rel_diff
-            how much it adds itself. None when every layer stays within the threshold.
+            (or is NaN) and whose eval input departs from its running statistics (departure
+            warning or error); its input_rel_diff says how much came from upstream and its
+            own_rel_diff how much it adds itself. None when no such layer exists.
+        batch_noise_from: when no layer departs, the first layer call whose output still differs
+            beyond ``threshold``: train mode's per-batch statistics differ from the running ones
+            that match the data (small or unshuffled batches), which is no fault of the model.
         not_executed: normalization layers that never ran.
         num_batches, num_samples: the data.
         model: where the model came from, when it came from a file.
@@ -91,6 +99,7 @@ class ModeComparison(NotebookDisplay):
     num_batches: int
     num_samples: int
     model: ModelInfo | None = None
+    batch_noise_from: Untrusted | None = None
 
     def layer(self, label: str) -> LayerModeGap:
         """The entry of that label (``name`` or ``name#call``); KeyError if none."""

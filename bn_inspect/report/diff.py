@@ -254,9 +254,10 @@ def batch_change(old: LayerReport, new: LayerReport) -> StatChange | None:
 
 
 def _verdict(layer: LayerReport, thresholds: Thresholds) -> str | None:
-    if layer.mean_shift_z is None or layer.var_ratio is None or not layer.mean_shift_z:
+    found = departure(layer, thresholds)
+    if found is None:
         return None
-    return "departs" if departure(layer, thresholds) is not None else "matches"
+    return "departs" if found.departs else "matches"
 
 
 def _compared(

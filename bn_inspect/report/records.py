@@ -321,12 +321,10 @@ class Report(NotebookDisplay):
     def first_divergent(self, thresholds: Thresholds | None = None) -> LayerReport | None:
         """The first layer call in execution order whose data departs from its running statistics.
 
-        "Departs" is check's BN201 (report/departure.py): more than ``max_share`` of its channels
-        past ``max_shift`` or ``max_var_ratio``, or a NaN or infinite shift z or var ratio; the
-        thresholds default to check's.
+        "Departs" is check's BN201 (report/departure.py): a departure score at the warning level or
+        above, or a NaN or infinite distance in some channel; the thresholds default to check's.
         """
-        limits = thresholds or Thresholds()
-        return next((layer for layer in self.layers if departure(layer, limits) is not None), None)
+        return next((layer for layer in self.layers if (found := departure(layer, thresholds)) and found.departs), None)
 
     def to_dataframe(self) -> Any:
         """A pandas DataFrame with one row per layer call and channel (the CSV export's rows)."""
@@ -341,6 +339,19 @@ class Report(NotebookDisplay):
             entry = asdict(layer)
             entry["mean_shift_z"] = layer.mean_shift_z
             entry["var_ratio"] = layer.var_ratio
+            found = departure(layer)
+            entry["departure"] = (
+                None
+                if found is None
+                else {
+                    "score": found.score,
+                    "tier": found.tier,
+                    "mean_distance": found.mean_distance,
+                    "allowance": found.allowance,
+                    "samples": found.samples,
+                    "channels": list(found.channels),
+                }
+            )
             layers.append(entry)
         document = {
             "schema_version": self.schema_version,

@@ -9,9 +9,8 @@ from bn_inspect.output.html.blocks import Cell, Column, Row, escaped, facts, lay
 from bn_inspect.output.html.document import Page
 from bn_inspect.output.html.figures import BLUE, GREEN, GREY, ORANGE, RED, Series, profile, stacked_bars
 from bn_inspect.output.html.inspect_page import model_facts
-from bn_inspect.output.words import counted
+from bn_inspect.output.words import batch_noise_sentence, counted
 from bn_inspect.report.comparisons import LayerModeGap, ModeComparison, RecalibratedLayer, RecalibrationResult
-from bn_inspect.report.departure import Thresholds
 from bn_inspect.report.findings import MODEL_LABEL, CheckReport, Finding, Severity
 from bn_inspect.text import Untrusted
 
@@ -156,6 +155,8 @@ def comparison_page(comparison: ModeComparison, model_output: str = "") -> Page:
     verdict = (
         f"The train/eval gap opens at {opens}."
         if opens
+        else batch_noise_sentence(comparison, lambda label: label.inert())
+        if comparison.batch_noise_from is not None
         else f"Every layer's output stays within {comparison.threshold:g} between the modes."
     )
     marked = (labels.index(opens), f"gap opens: {escaped(opens)}") if opens in labels else None
@@ -250,7 +251,6 @@ def recalibration_page(result: RecalibrationResult, model_output: str = "") -> P
         f"Recalibrated {counted(len(layers), 'layer')}; {counted(len(result.skipped), 'layer')} left as they were."
     )
     hover = [f"<b>{escaped(layer.name)}</b> ({escaped(layer.type)})" for layer in layers]
-    thresholds = Thresholds()
     shifts = profile(
         hover,
         [
@@ -258,7 +258,7 @@ def recalibration_page(result: RecalibrationResult, model_output: str = "") -> P
             Series("after", [entry.max_abs_shift_z_after for entry in layers], GREEN),
         ],
         ("max |shift z| (log)", None),
-        ([thresholds.max_shift], []),
+        ([], []),
     )
     ratios = profile(
         hover,
@@ -267,7 +267,7 @@ def recalibration_page(result: RecalibrationResult, model_output: str = "") -> P
             Series("after", [entry.worst_var_ratio_after for entry in layers], GREEN),
         ],
         ("worst var ratio (log)", None),
-        ([thresholds.max_var_ratio, 1 / thresholds.max_var_ratio], []),
+        ([], []),
     )
     body = [
         _heading("recalibrate", rows, verdict, "within"),
