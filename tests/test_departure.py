@@ -13,14 +13,13 @@ from bn_inspect.analyses.inspection import inspect_model
 from bn_inspect.report.departure import ERROR, INFO, WARNING, WITHIN, Thresholds, channel_distances, departure
 
 
-def _reference_score(x: np.ndarray, running_mean: np.ndarray, running_var: np.ndarray, eps: float) -> float:
-    """W2 per channel in running stds from the raw data, in float64 with numpy: mean / (0.1 + 3 / sqrt(N))."""
+def _reference_distances(x: np.ndarray, running_mean: np.ndarray, running_var: np.ndarray, eps: float) -> np.ndarray:
+    """W2 per channel in running stds from the raw data, in float64 with numpy."""
     reduced = tuple(d for d in range(x.ndim) if d != 1)
     batch_mean = x.mean(axis=reduced)
     batch_std = np.sqrt(x.var(axis=reduced) + eps)
     running_std = np.sqrt(running_var + eps)
-    distance = np.sqrt((batch_mean - running_mean) ** 2 + (batch_std - running_std) ** 2) / running_std
-    return float(distance.mean() / (0.1 + 3 / math.sqrt(x.shape[0])))
+    return np.sqrt((batch_mean - running_mean) ** 2 + (batch_std - running_std) ** 2) / running_std
 
 
 def _bn(channels: int, dims: int, running_mean: np.ndarray, running_var: np.ndarray, dtype: torch.dtype) -> nn.Module:
@@ -54,8 +53,14 @@ def test_the_score_matches_a_float64_reference(
     report = inspect_model(nn.Sequential(layer), [data[: shape[0] // 2], data[shape[0] // 2 :]])
     found = departure(report.layers[0])
     assert found is not None and found.samples == shape[0]
-    expected = _reference_score(data.double().numpy(), running_mean, running_var, layer.eps)
-    assert found.score == pytest.approx(expected, rel=1e-9 if dtype == torch.float64 else 1e-5)
+    distances = _reference_distances(data.double().numpy(), running_mean, running_var, layer.eps)
+    expected = float(distances.mean() / (0.1 + 3 / math.sqrt(shape[0])))
+    tolerance = 1e-9 if dtype == torch.float64 else 1e-5
+    assert found.score == pytest.approx(expected, rel=tolerance)
+    # The DataFrame (and so the CSV) carries each channel's distance and the layer's score.
+    frame = report.to_dataframe()
+    assert frame["distance"].tolist() == pytest.approx(distances.tolist(), rel=tolerance)
+    assert set(frame["departure"]) == {found.score}
 
 
 def test_a_mean_shift_and_a_variance_ratio_give_their_distances() -> None:

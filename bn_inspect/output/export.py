@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 from bn_inspect.output.grouped import group_sentence, grouped_findings
 from bn_inspect.output.verdict import inspection_verdict
 from bn_inspect.output.words import batch_noise_sentence, change_legend, change_word, counted, image_details
+from bn_inspect.report.departure import departure
 from bn_inspect.report.findings import MODEL_LABEL, CheckReport, Finding
 from bn_inspect.report.frame import report_frame
-from bn_inspect.report.records import LayerListing, Report, matching_layers
+from bn_inspect.report.records import LayerListing, LayerReport, Report, matching_layers
 from bn_inspect.text import Untrusted, inert
 
 if TYPE_CHECKING:
@@ -101,6 +102,14 @@ def _avg(values: tuple[float, ...] | None) -> float | None:
     return math.fsum(values) / len(values) if values else None
 
 
+def _departure_cell(layer: LayerReport) -> str:
+    found = departure(layer)
+    if found is None:
+        return "—"
+    score = format_number(found.score, 3)
+    return f"**{score}** ({found.tier})" if found.departs else score
+
+
 def to_markdown(report: Report, channel_patterns: tuple[str, ...] = ()) -> str:
     """A GitHub-flavoured summary: one table row per layer call, then the explanations."""
     data = report.input
@@ -116,8 +125,8 @@ def to_markdown(report: Report, channel_patterns: tuple[str, ...] = ()) -> str:
         ),
         "",
         "| # | layer | type | input | C | values/ch | batch mean | running mean | batch var | running var "
-        "| max \\|z\\| | worst var ratio | uses | flags |",
-        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| departure | max \\|z\\| | worst var ratio | uses | flags |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for index, layer in enumerate(report.layers):
         cells = [
@@ -131,6 +140,7 @@ def to_markdown(report: Report, channel_patterns: tuple[str, ...] = ()) -> str:
             format_number(_avg(layer.running_mean)),
             format_number(_avg(layer.batch_var)),
             format_number(_avg(layer.running_var)),
+            _departure_cell(layer),
             format_number(layer.max_abs_shift_z),
             format_number(layer.worst_var_ratio),
             layer.normalizes_with,
