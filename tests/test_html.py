@@ -448,7 +448,10 @@ def test_diff_page_shows_both_sides_the_change_profile_and_each_layers_channels(
         assert diff[side]["model"]["sha256"] in text and diff[side]["input"]["first_batch_sha256"] in text
     for note in diff["notes"]:
         assert f"Note: {note}." in text
-    assert "Failed: 3 of 3 layer calls beyond the tolerance." in text and "|mean change| ≤ 0.5 old std" in text
+    assert (
+        "Failed: 3 inputs changed with no stored or structural change before them (3 of 3 layer calls beyond the "
+        "tolerance)." in text
+    ) and "|mean change| ≤ 0.5 old std" in text
     layers = sorted(diff["layers"], key=lambda layer: layer["position"])
     for layer in layers:
         assert layer["new"] in text

@@ -7,8 +7,9 @@ import math
 import re
 from typing import TYPE_CHECKING
 
+from bn_inspect.output.grouped import group_sentence, grouped_findings
 from bn_inspect.output.verdict import inspection_verdict
-from bn_inspect.output.words import batch_noise_sentence, counted, image_details
+from bn_inspect.output.words import batch_noise_sentence, change_legend, change_word, counted, image_details
 from bn_inspect.report.departure import departure
 from bn_inspect.report.findings import MODEL_LABEL, CheckReport, Finding
 from bn_inspect.report.frame import report_frame
@@ -199,9 +200,13 @@ def check_to_markdown(check: CheckReport) -> str:
         "",
     ]
     if check.findings:
+        # A summary page has room: a group of findings names every one of its layers.
         lines += ["| severity | code | layer | finding |", "|---|---|---|---|"]
-        for f in sorted(check.findings, key=lambda f: -f.severity.rank):
-            lines.append(f"| {f.severity.value} | {f.code} {f.rule} | {_cell(_code(f.label))} | {_text(f.message)}. |")
+        for group in grouped_findings(check.findings):
+            f = group.first
+            layer = _cell(_code(f.label)) if len(group.findings) == 1 else counted(len(group.findings), "layer")
+            finding = group_sentence(group, lambda label: _cell(_code(label)), _text)
+            lines.append(f"| {f.severity.value} | {f.code} {f.rule} | {layer} | {finding} |")
     else:
         lines.append("No findings.")
     if check.first_divergent:
@@ -364,7 +369,7 @@ def diff_to_markdown(diff: DiffReport) -> str:
         return format_number(value.max_abs_mean_change), format_number(value.worst_var_ratio)
 
     verdict = "✅ within tolerance" if diff.passed else "❌ beyond tolerance"
-    lines = [f"## bn-inspect diff: {verdict}", ""]
+    lines = [f"## bn-inspect diff: {verdict}", "", f"**{_text(diff.headline)}.**", ""]
     for name, model, data, mode in (
         ("OLD", diff.old_model, diff.old_input, diff.old_mode),
         ("NEW", diff.new_model, diff.new_input, diff.new_mode),
@@ -386,7 +391,7 @@ def diff_to_markdown(diff: DiffReport) -> str:
             str(layer.position),
             label or _code(layer.label),
             _text(layer.type),
-            f"**{layer.status}**" if layer.is_beyond else layer.status,
+            f"**{change_word(layer)}**" if layer.is_beyond else layer.status,
             " → ".join(dict.fromkeys(f"{c:,}" for c in channels if c is not None)) or "—",
             *change(layer.running),
             *change(layer.batch),
@@ -394,6 +399,9 @@ def diff_to_markdown(diff: DiffReport) -> str:
         ]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     lines += ["", "Mean changes are in units of the OLD standard deviation; var ratios are new / old."]
+    legend = change_legend(diff.layers)
+    if legend:
+        lines.append(f"In the change column, {_text(legend)}.")
     if diff.first_changed is not None:
         lines.append(f"First changed layer in execution order: {_code(diff.first_changed)}.")
     lines += [f"- {_text(note)}." for note in diff.notes]

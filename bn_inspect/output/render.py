@@ -9,6 +9,7 @@ from rich.console import Group, RenderableType
 from rich.text import Text
 
 from bn_inspect.output.export import format_number
+from bn_inspect.output.grouped import group_sentence, grouped_findings
 from bn_inspect.output.layout import Column, Layout, fitted
 from bn_inspect.output.verdict import inspection_verdict
 from bn_inspect.output.words import counted, image_details
@@ -298,15 +299,15 @@ def render_check(check: CheckReport, width: int = 160) -> RenderableType:
             head.append(f"\n{inert(detail)}")
     parts += [head, Text("")]
     if check.findings:
-        ordered = sorted(check.findings, key=lambda f: -f.severity.rank)
+        # A terminal is short of space: a group's layer list takes about one line of the table.
         rows = tuple(
             (
-                _inert(finding.label),
-                Text(finding.severity.value, style=_SEVERITY_STYLE[finding.severity.value]),
-                Text(f"{finding.code}\n{finding.rule}"),
-                _inert(finding.message + "."),
+                _inert(group.first.label) if len(group.findings) == 1 else Text(counted(len(group.findings), "layer")),
+                Text(group.severity.value, style=_SEVERITY_STYLE[group.severity.value]),
+                Text(f"{group.first.code}\n{group.first.rule}"),
+                _inert(group_sentence(group, Untrusted.inert, inert, budget=width)),
             )
-            for finding in ordered
+            for group in grouped_findings(check.findings)
         )
         columns = (Column("layer"), Column("severity"), Column("code"), Column("finding", wraps=True, ratio=1))
         parts += [fitted([Layout(columns, rows)], width), Text("")]

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from bn_inspect.report.comparisons import ModeComparison
+from bn_inspect.report.diff import CHANGED, DOWNSTREAM_INPUT, STORED, LayerChange
 from bn_inspect.text import Untrusted
+
+# What the change column says for a layer whose statistics changed: what changed, not just that.
+_CHANGED_WORD = {STORED: "stored", DOWNSTREAM_INPUT: "downstream"}
+_MEANINGS = {
+    "stored": "its running statistics moved",
+    "downstream": "only its input on the data moved, after a stored or structural change earlier in execution order",
+    "input": "only its input on the data moved, with no stored or structural change before it",
+}
 
 
 def counted(number: int, noun: str) -> str:
@@ -24,6 +33,19 @@ def image_details(preprocessing: Untrusted | None, num_skipped: int, skipped: tu
     if num_skipped:
         said.append(f"{counted(num_skipped, 'file')} skipped (not decodable), e.g. {skipped[0] if skipped else '?'}")
     return said
+
+
+def change_word(layer: LayerChange) -> str:
+    """A diff row's change: its status, with "changed" said as what changed (stored, input, downstream)."""
+    if layer.status != CHANGED:
+        return layer.status
+    return _CHANGED_WORD.get(layer.changed or "", "input")
+
+
+def change_legend(layers: Sequence[LayerChange]) -> str:
+    """What each change word in ``layers`` means ("" when none is used): `"stored": its running statistics moved`."""
+    used = {change_word(layer) for layer in layers}
+    return "; ".join(f'"{word}": {meaning}' for word, meaning in _MEANINGS.items() if word in used)
 
 
 def batch_noise_sentence(comparison: ModeComparison, name: Callable[[Untrusted], str]) -> str:
