@@ -19,7 +19,7 @@ first term is the drift a healthy model's statistics keep from its own data (the
 average of the last training batches); the second is sampling noise, heavy tails included. Both
 and the tiers below were calibrated on the fault benchmark (benchmarks/faults/): a score of 0.83
 is 1.1 times the largest score of a healthy model in its calibration half over four seeds, and
-on the held-out half it warned on 117 of 122 faults that cost 3 or more points of accuracy and on
+on the held-out half it warned on 119 of 122 faults that cost 3 or more points of accuracy and on
 none of 52 healthy models. A model's score is its worst layer's.
 """
 
