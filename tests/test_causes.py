@@ -258,7 +258,7 @@ def test_a_deep_layer_whose_spread_is_wider_in_every_channel_is_small_batch_trai
     running = stats(22)
     batch = (near(running)[0], [1.4 * v for v in running[1]])
     code, sentence = named(deep(batch, running), ["layer2.bn1"])
-    assert code == "small-batch-training" and "1.2x the running one in 100% of the channels" in sentence
+    assert code == "small-batch-training" and "1.2x the running one in all 16 channels of layer2.bn1" in sentence
 
 
 def test_a_deep_layer_whose_spread_is_narrower_in_every_channel_is_stale_statistics() -> None:

@@ -51,6 +51,9 @@ FEW_BATCHES = 100
 COLOUR_CHANNELS = (3, 4)
 # The order test compares every channel with every other: only for feature layers of modest width.
 MAX_ORDER_CHANNELS = 512
+# A reorder: most of the features the moved ones match were moved themselves (a unit change matches
+# unmoved features, if any).
+REORDER_CLOSED = 0.5
 
 
 @dataclass(frozen=True)
@@ -164,16 +167,15 @@ def _deep_cause(previous: LayerReport, pattern: LayerPattern) -> Cause | None:
             f"{1 - pattern.share_wider:.0%} narrower, mean shift {pattern.mean_shift:+.2g} running std): running "
             "statistics as noisy as one batch's, what a momentum near 1 leaves",
         )
-    share = max(pattern.share_wider, 1 - pattern.share_wider)
     if pattern.log_ratio > 0:
         return Cause(
             SMALL_BATCH_TRAINING,
-            f"the data's spread is {pattern.factor:.2g}x the running one in {share:.0%} of the channels of "
+            f"the data's spread is {pattern.factor:.2g}x the running one in {pattern.agreeing()} of "
             f"{where}: running variances from tiny batches underestimate the spread",
         )
     return Cause(
         STALE_STATISTICS,
-        f"the data's spread is {1 / pattern.factor:.2g}x below the running one in {share:.0%} of the channels "
+        f"the data's spread is {1 / pattern.factor:.2g}x below the running one in {pattern.agreeing()} "
         f"of {where}, with the means in place: the statistics were recorded for other weights",
     )
 
@@ -282,7 +284,7 @@ def _order_cause(layer: LayerReport) -> Cause | None:
             moved.append(c)
             targets.add(nearest)
     # A reorder moves features among themselves: the features they match are the moved ones.
-    closed = len(targets & set(moved)) >= COHERENT_SHARE * len(moved)
+    closed = len(targets & set(moved)) > REORDER_CLOSED * len(moved)
     if len(moved) >= 2 and closed and best < 0.5 * own:
         return Cause(
             CHANNEL_ORDER,
