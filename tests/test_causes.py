@@ -238,6 +238,13 @@ def test_float16_overflow_and_rounding_are_the_precision() -> None:
     assert code == "precision" and "1 running variances of net.0 are inf (above float16's 65,504)" in sentence
 
 
+def test_round_variances_are_not_taken_for_float16_rounding() -> None:
+    # Hand-set variances (0.5, 1, 1.5, 2, ...) are float16 values too, but say nothing about precision.
+    running = ([0.0] * C, [0.5 * (1 + c % 6) for c in range(C)])
+    batch = ([0.6] * C, [0.8 * v for v in running[1]])
+    assert named(first_layer_only(batch, running))[0] == "domain-shift"
+
+
 def deep(second: tuple[Sequence[float], Sequence[float]], running: tuple[Sequence[float], Sequence[float]]) -> Report:
     first = stats(20)
     return model(

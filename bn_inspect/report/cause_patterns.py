@@ -141,7 +141,7 @@ def shape_cause(report: Report, stats: Sequence[LayerReport], layer: LayerReport
     if pattern is None:
         return None
     if layer is not stats[0]:
-        return _deep_cause(stats[stats.index(layer) - 1], pattern)
+        return _deep_cause(stats[next(i for i, other in enumerate(stats) if other is layer) - 1], pattern)
     return _input_cause(report, pattern)
 
 
@@ -157,7 +157,7 @@ def _deep_cause(previous: LayerReport, pattern: LayerPattern) -> Cause | None:
             f"every channel of {name} departs alike ({moved}) while {_named(previous)} just before it "
             f"matches the data: {name}'s own stored statistics are off",
         )
-    where = f"{name}, past the first layer, which matches the data"
+    where = f"{name}, past the first layer, which does not depart"
     if pattern.abs_shift >= 0.3 and pattern.is_coherent:
         return None
     if not pattern.is_coherent or abs(pattern.log_ratio) < math.log(1.1):

@@ -23,6 +23,8 @@ from bn_inspect.report.records import LayerReport, LayerState, Report
 
 # The share of the departure that leaning toward mean 0, variance 1 must explain to name it.
 PULL_EXPLAINS = 0.5
+# Values with this many mantissa bits or fewer are round numbers, float16 values by nature.
+ROUND_NUMBER_BITS = 6
 
 
 def model_cause(
@@ -113,12 +115,25 @@ def _is_half(value: float) -> bool:
 
 
 def _looks_half_precision(running_var: Sequence[float] | None) -> bool:
-    """Some variance overflowed to inf and every finite one is exactly a float16 value."""
+    """Every finite variance is exactly a float16 value, and that says something: some overflowed to
+    inf, or there are eight or more and some needs more bits than a round number (0.5, 3, 1.25) has."""
     values = running_var or ()
     finite = [v for v in values if math.isfinite(v)]
+    if not finite or not all(map(_is_half, finite)):
+        return False
+    # A float32 value is a float16 one by chance 1 time in 8,192: eight in a row are not chance.
     overflowed = any(v == math.inf for v in values)
-    # Float32 values that happen to be float16 ones are 1 in 8,192; eight in a row are not chance.
-    return bool(finite) and all(map(_is_half, finite)) and (overflowed or len(finite) >= 8) and len(set(finite)) > 2
+    return overflowed or (len(finite) >= 8 and any(_significant_bits(v) > ROUND_NUMBER_BITS for v in finite))
+
+
+def _significant_bits(value: float) -> int:
+    """How many bits of mantissa ``value`` needs (1 for a power of two)."""
+    mantissa, _ = math.frexp(abs(value))
+    bits = 0
+    while mantissa and bits < 64:
+        mantissa = mantissa * 2 - int(mantissa * 2)
+        bits += 1
+    return bits
 
 
 def _precision_cause(name: str, running_var: Sequence[float]) -> Cause:
