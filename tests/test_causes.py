@@ -337,10 +337,17 @@ def test_stored_buffers_name_their_cause_before_any_pattern() -> None:
     assert half is not None and half.code == "precision" and "float16" in half.sentence
     keras = state_cause(state("bn", momentum=0.99))
     assert keras is not None and keras.code == "momentum" and "momentum 0.99" in keras.sentence
-    # The model's stored dtype outweighs what the departure's shape would say.
+    # The model's stored dtype outweighs what the departure's shape would say ...
     running = stats(1)
     report = first_layer_only(affine_input(running, 16.0, [0.0] * C), running)
     assert named(report, states=[state("features.1", buffer_dtype="bfloat16")])[0] == "precision"
+    # ... a momentum does not: it says how the statistics would move, not that they moved wrong.
+    assert named(report, states=[state("features.1", momentum=0.99)])[0] == "input-scale"
+    factors = [1.3 + 1.3 * c / (C - 1) for c in range(C)]
+    unclear = first_layer_only(
+        (list(running[0]), [f**2 * v for f, v in zip(factors, running[1], strict=True)]), running
+    )
+    assert named(unclear, states=[state("features.1", momentum=0.99)])[0] == "momentum"
 
 
 def finding(code: str, layer_name: str | None) -> Finding:

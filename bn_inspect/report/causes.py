@@ -46,39 +46,52 @@ def model_cause(
     leaving = [layer for layer in stats if layer.label.raw in departed]
     if not leaving:
         return None
+    by_name = {state.name.raw: state for state in states}
+    layer_states = [by_name[layer.name.raw] for layer in leaving if layer.name.raw in by_name]
     return (
-        _stored_cause(leaving, states)
+        _stored_cause(leaving, layer_states)
         or _statistics_cause(leaving[0])
         or shape_cause(report, stats, leaving[0])
+        # A momentum of 0 or 0.99 says how the statistics would move, not that they moved wrong: it
+        # explains a departure only where its shape names nothing else.
+        or next(filter(None, map(_momentum_cause, layer_states)), None)
         or Cause(UNKNOWN, f"{leaving[0].label.raw} departs, but in no pattern that names one cause")
     )
 
 
 def state_cause(state: LayerState) -> Cause | None:
-    """The cause a layer's stored buffers show by themselves (float16, initial values, momentum)."""
+    """The cause a layer's stored state shows by itself (float16, initial values, momentum)."""
+    return _buffer_cause(state) or _momentum_cause(state)
+
+
+def _buffer_cause(state: LayerState) -> Cause | None:
     name = state.name.raw
     if state.buffer_dtype in ("float16", "bfloat16"):
         return Cause(PRECISION, f"{name} stores its running statistics in {state.buffer_dtype}")
     if _at_initial_values(state.running_mean, state.running_var):
         return _initial_values_cause(name, state.num_batches_tracked)
-    if state.momentum is not None and not state.is_frozen and (state.momentum == 0 or state.momentum >= 0.5):
-        return Cause(
-            MOMENTUM,
-            f"{name} has momentum {state.momentum:g}: its running statistics "
-            + ("never move in training" if state.momentum == 0 else "keep little more than the last batch"),
-        )
     if _looks_half_precision(state.running_var):
         return _precision_cause(name, state.running_var or ())
     return None
 
 
+def _momentum_cause(state: LayerState) -> Cause | None:
+    if state.momentum is None or state.is_frozen or 0 < state.momentum < 0.5:
+        return None
+    return Cause(
+        MOMENTUM,
+        f"{state.name.raw} has momentum {state.momentum:g}: its running statistics "
+        + ("never move in training" if state.momentum == 0 else "keep little more than the last batch"),
+    )
+
+
 def _stored_cause(leaving: Sequence[LayerReport], states: Sequence[LayerState]) -> Cause | None:
-    by_name = {state.name.raw: state for state in states}
-    for layer in leaving:
-        state = by_name.get(layer.name.raw)
-        cause = state_cause(state) if state is not None else None
+    """What the departing layers' buffers show (from the states where given, else from the report)."""
+    for state in states:
+        cause = _buffer_cause(state)
         if cause is not None:
             return cause
+    for layer in leaving:
         if _at_initial_values(layer.running_mean, layer.running_var):
             return _initial_values_cause(layer.name.raw, layer.num_batches_tracked)
         if _looks_half_precision(layer.running_var):
@@ -97,7 +110,8 @@ def _initial_values_cause(name: str, num_batches_tracked: int | None) -> Cause:
         PARTIAL_LOAD,
         f"{name} holds running mean 0 and variance 1 exactly and num_batches_tracked "
         f"{num_batches_tracked if num_batches_tracked is not None else 'unknown'}: its buffers are "
-        "a fresh layer's, not loaded from the trained model (a state_dict loaded with strict=False)",
+        "a fresh layer's, never loaded from a trained model (a state_dict loaded with strict=False) "
+        "or never trained",
     )
 
 
