@@ -23,6 +23,7 @@ from bn_inspect.report.records import LayerReport, LayerState, Report
 
 # The share of the departure that leaning toward mean 0, variance 1 must explain to name it.
 PULL_EXPLAINS = 0.5
+HALF_DTYPES = ("float16", "bfloat16")
 # Values with this many mantissa bits or fewer are round numbers, float16 values by nature.
 ROUND_NUMBER_BITS = 6
 
@@ -52,35 +53,40 @@ def model_cause(
         _stored_cause(leaving, layer_states)
         or _statistics_cause(leaving[0])
         or shape_cause(report, stats, leaving[0])
-        # A momentum of 0 or 0.99 says how the statistics would move, not that they moved wrong: it
-        # explains a departure only where its shape names nothing else.
-        or next(filter(None, map(_momentum_cause, layer_states)), None)
+        or _weak_cause(leaving, layer_states)
         or Cause(UNKNOWN, f"{leaving[0].label.raw} departs, but in no pattern that names one cause")
     )
 
 
 def state_cause(state: LayerState) -> Cause | None:
     """The cause a layer's stored state shows by itself (float16, initial values, momentum)."""
-    return _buffer_cause(state) or _momentum_cause(state)
+    return _buffer_cause(state) or _weak_state_cause(state)
 
 
 def _buffer_cause(state: LayerState) -> Cause | None:
-    name = state.name.raw
-    if state.buffer_dtype in ("float16", "bfloat16"):
-        return Cause(PRECISION, f"{name} stores its running statistics in {state.buffer_dtype}")
+    """Buffers that are wrong by themselves: never loaded, or overflowed in float16."""
     if _at_initial_values(state.running_mean, state.running_var):
-        return _initial_values_cause(name, state.num_batches_tracked)
-    if _looks_half_precision(state.running_var):
-        return _precision_cause(name, state.running_var or ())
+        return _initial_values_cause(state.name.raw, state.num_batches_tracked)
+    values = state.running_var or ()
+    if math.inf in values and (state.buffer_dtype in HALF_DTYPES or _looks_half_precision(values)):
+        return _precision_cause(state.name.raw, values)
     return None
 
 
-def _momentum_cause(state: LayerState) -> Cause | None:
+def _weak_state_cause(state: LayerState) -> Cause | None:
+    """What the stored state may explain where the departure's shape names nothing: rounding to
+    float16 moves a statistic by a thousandth, and a momentum says how the statistics would move,
+    not that they moved wrong."""
+    name = state.name.raw
+    if state.buffer_dtype in HALF_DTYPES:
+        return Cause(PRECISION, f"{name} stores its running statistics in {state.buffer_dtype}")
+    if _looks_half_precision(state.running_var):
+        return _precision_cause(name, state.running_var or ())
     if state.momentum is None or state.is_frozen or 0 < state.momentum < 0.5:
         return None
     return Cause(
         MOMENTUM,
-        f"{state.name.raw} has momentum {state.momentum:g}: its running statistics "
+        f"{name} has momentum {state.momentum:g}: its running statistics "
         + ("never move in training" if state.momentum == 0 else "keep little more than the last batch"),
     )
 
@@ -94,6 +100,17 @@ def _stored_cause(leaving: Sequence[LayerReport], states: Sequence[LayerState]) 
     for layer in leaving:
         if _at_initial_values(layer.running_mean, layer.running_var):
             return _initial_values_cause(layer.name.raw, layer.num_batches_tracked)
+        if math.inf in (layer.running_var or ()) and _looks_half_precision(layer.running_var):
+            return _precision_cause(layer.name.raw, layer.running_var or ())
+    return None
+
+
+def _weak_cause(leaving: Sequence[LayerReport], states: Sequence[LayerState]) -> Cause | None:
+    for state in states:
+        cause = _weak_state_cause(state)
+        if cause is not None:
+            return cause
+    for layer in leaving:
         if _looks_half_precision(layer.running_var):
             return _precision_cause(layer.name.raw, layer.running_var or ())
     return None
