@@ -105,6 +105,8 @@ class LayerPattern:
 
     def direction(self) -> str:
         """The spread's common direction, as a phrase."""
+        if abs(self.log_ratio) < math.log(1.1):
+            return "about the same spread"
         return f"{self.factor:.2g}x the spread" if self.factor >= 1 else f"{1 / self.factor:.2g}x less spread"
 
 
