@@ -93,6 +93,7 @@ def test_every_json_output_validates_against_the_schema_of_its_kind(
 def test_the_runs_reach_the_branches_a_schema_must_allow(documents: dict[str, dict[str, Any]]) -> None:
     # Nullable and optional parts of the documents are exercised, not only their common case.
     assert documents["check-findings"]["findings"] and not documents["check-passing"]["findings"]
+    assert {f["cause"] for f in documents["check-findings"]["findings"]} == {"input-scale"}
     assert documents["check-no-data"]["input"] is None
     assert documents["check-infinite-threshold"]["thresholds"]["error"] == "inf"
     assert documents["layers-state-dict"]["types_inferred"] is True
@@ -162,6 +163,8 @@ BROKEN = {
         _set(("thresholds", "min_values"), 16.5),
         _set(("model", "format"), "onnx"),
         _set(("verdict",), "failed"),
+        _set(("findings", 0, "cause"), "input scale"),
+        _set(("findings", 0, "cause_sentence"), 1),
     ],
     "check-no-data": [_drop(("input",)), _set(("input",), "none"), _set(("kind",), "inspect")],
     "layers-torchscript": [

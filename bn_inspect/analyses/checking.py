@@ -17,6 +17,7 @@ from bn_inspect.model.layers import functional_candidates
 from bn_inspect.model.modules import find_layers, unwrap_compiled
 from bn_inspect.options import FailOn, Mode
 from bn_inspect.report.baseline import Baseline, baseline_findings
+from bn_inspect.report.causes import with_causes
 from bn_inspect.report.diff import Tolerance
 from bn_inspect.report.findings import CheckReport, Finding, Thresholds
 from bn_inspect.report.records import LayerState, ModelInfo, Report
@@ -100,7 +101,7 @@ def check_model(
         mode=Untrusted(Mode(mode).value),
         thresholds=thresholds,
         fail_on=FailOn(fail_on),
-        findings=tuple(filter_ignored(findings, ignore)),
+        findings=tuple(filter_ignored(with_causes(findings, report, states), ignore)),
         layers=tuple(layer.label for layer in report.layers) if report else tuple(state.name for state in states),
         notes=tuple(notes),
         ignored=tuple(ignore),

@@ -82,7 +82,11 @@ MODEL_LABEL = Untrusted("(model)")
 
 @dataclass(frozen=True)
 class Finding:
-    """One rule firing on one layer (or on the whole model, layer None)."""
+    """One rule firing on one layer (or on the whole model, layer None).
+
+    ``cause`` is the likely cause's code (report/causes.py) and ``cause_sentence`` the pattern that
+    named it; both None where no cause follows.
+    """
 
     code: str
     rule: str
@@ -91,6 +95,8 @@ class Finding:
     call: int | None
     channels: tuple[int, ...]
     message: str
+    cause: str | None = None
+    cause_sentence: str | None = None
 
     @property
     def label(self) -> Untrusted:
@@ -160,6 +166,8 @@ class CheckReport(NotebookDisplay):
                     "call": f.call,
                     "channels": list(f.channels),
                     "message": f.message,
+                    "cause": f.cause,
+                    "cause_sentence": f.cause_sentence,
                 }
                 for f in self.findings
             ],
