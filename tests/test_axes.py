@@ -65,9 +65,15 @@ def test_group_norm() -> None:
 def test_layer_norm_and_rms_norm_over_trailing_dims() -> None:
     tokens = explain_axes(NormFamily.LAYER, "ln (LayerNorm)", (8, 10, 768))
     assert tokens.sentence == (
-        "ln (LayerNorm) got (8, 10, 768) = (N, T, D): 80 means and as many variances, one per position, "
-        "each over D = 768 values (the last dim reduced; keeps no running statistics)."
+        "ln (LayerNorm) got (8, 10, 768) = (N, T, D): N×T = 8×10 = 80 means and as many variances, one per "
+        "position, each over D = 768 values (the last dim reduced; keeps no running statistics)."
     )
+    # The case: the kept dims multiplied out, as BatchNorm's reduced ones are.
+    assert explain_axes(NormFamily.LAYER, "ln (LayerNorm)", (8, 128, 512)).sentence == (
+        "ln (LayerNorm) got (8, 128, 512) = (N, T, D): N×T = 8×128 = 1,024 means and as many variances, one per "
+        "position, each over D = 512 values (the last dim reduced; keeps no running statistics)."
+    )
+    assert "N×D1×D2 = 4×3×5 = 60 means" in explain_axes(NormFamily.LAYER, "ln (LayerNorm)", (4, 3, 5, 6)).sentence
     two_dims = explain_axes(NormFamily.LAYER, "ln (LayerNorm)", (4, 3, 5, 6), normalized_ndim=2)
     assert two_dims.reduced_axes == (2, 3)
     assert (two_dims.num_statistics, two_dims.values_per_statistic) == (12, 30)

@@ -296,7 +296,8 @@ def test_layer_norm_subclasses_report_the_dims_their_kernel_reduces() -> None:
         layer(report, "rms_view").explanation.raw
     )
     assert layer(report, "ln_tokens").explanation.raw == (
-        "ln_tokens (LayerNorm) got (2, 35, 6) = (N, T, D): 70 means and as many variances, one per position, "
+        "ln_tokens (LayerNorm) got (2, 35, 6) = (N, T, D): N×T = 2×35 = 70 means and as many variances, one per "
+        "position, "
         "each over D = 6 values (the last dim reduced; keeps no running statistics)."
     )
     assert function_mode_depth() == 0

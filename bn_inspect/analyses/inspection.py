@@ -414,6 +414,7 @@ def _layer_report(record: CallRecord, mode: Mode) -> LayerReport:
         bias=layer.bias,
         explanation=Untrusted(explanation),
         flags=_flags(layer, batch_mean, batch_var),
+        num_groups=layer.num_groups if layer.family is NormFamily.GROUP else None,
     )
 
 

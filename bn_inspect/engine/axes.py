@@ -255,7 +255,8 @@ def _explain_trailing(
     what = "root mean squares (no mean is subtracted)" if family is NormFamily.RMS else ("means and as many variances")
     per = "one per sample" if kept == [0] else "one per position"
     if is_trailing:
-        head = f"{count:,}"
+        # One kept dim is the count itself; several are multiplied out, as the other families show theirs.
+        head = f"{count:,}" if len(kept) == 1 else _product([names[d] for d in kept], [shape[d] for d in kept])
         which = ("the last dim" if len(reduced) == 1 else f"the last {len(reduced)} dims") + " reduced"
     else:
         head = _product([names[d] for d in kept], [shape[d] for d in kept])

@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING
 
 from bn_inspect.output.grouped import group_sentence, grouped_findings
 from bn_inspect.output.verdict import inspection_verdict
-from bn_inspect.output.words import batch_noise_sentence, change_legend, change_word, counted, image_details
+from bn_inspect.output.words import (
+    batch_noise_sentence,
+    change_legend,
+    change_word,
+    counted,
+    image_details,
+    no_channel_statistics,
+)
 from bn_inspect.report.departure import departure
 from bn_inspect.report.findings import MODEL_LABEL, CheckReport, Finding
 from bn_inspect.report.frame import report_frame
@@ -159,6 +166,10 @@ def to_markdown(report: Report, channel_patterns: tuple[str, ...] = ()) -> str:
 
         lines += ["### Ranks", "", *(f"- {_text(line)}" for line in distributed_lines(report.distributed)), ""]
     for layer in matching_layers(report, channel_patterns):
+        missing = no_channel_statistics(layer, _code)
+        if missing is not None:
+            lines += [f"### {_code(layer.label)} per channel", "", missing, ""]
+            continue
         lines += [
             f"### {_code(layer.label)} per channel",
             "",

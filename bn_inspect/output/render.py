@@ -12,7 +12,7 @@ from bn_inspect.output.export import format_number
 from bn_inspect.output.grouped import group_sentence, grouped_findings
 from bn_inspect.output.layout import Column, Layout, fitted
 from bn_inspect.output.verdict import inspection_verdict
-from bn_inspect.output.words import counted, image_details
+from bn_inspect.output.words import counted, image_details, no_channel_statistics
 from bn_inspect.report.departure import ERROR, INFO, WARNING, WITHIN, Departure, departure
 from bn_inspect.report.findings import CheckReport
 from bn_inspect.report.records import LayerReport, ModelInfo, Report, matching_layers
@@ -212,7 +212,11 @@ def channel_table(layer: LayerReport, width: int = 160) -> RenderableType:
 
     Narrower, batch and running values share a column (one above the other); narrower still,
     weight and bias are left out (the JSON and CSV reports have them); then one block per channel.
+    A layer without per-channel statistics (GroupNorm, LayerNorm) is one line that says so.
     """
+    missing = no_channel_statistics(layer, Untrusted.inert)
+    if missing is not None:
+        return _inert(missing, "dim")
     shifts, ratios = layer.mean_shift_z, layer.var_ratio
     found = departure(layer)
     departing = set() if found is None else {*found.channels, *found.nonfinite}

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 from bn_inspect.report.comparisons import ModeComparison
 from bn_inspect.report.diff import CHANGED, DOWNSTREAM_INPUT, STORED, LayerChange
+from bn_inspect.report.records import LayerReport
 from bn_inspect.text import Untrusted
 
 # What the change column says for a layer whose statistics changed: what changed, not just that.
@@ -14,6 +15,13 @@ _MEANINGS = {
     "stored": "its running statistics moved",
     "downstream": "only its input on the data moved, after a stored or structural change earlier in execution order",
     "input": "only its input on the data moved, with no stored or structural change before it",
+}
+
+# Why a layer asked for with --layer has no per-channel table, by family.
+_NO_CHANNELS = {
+    "group": "its statistics are per sample and group of channels, not per channel",
+    "layer": "its statistics are per sample or position, not per channel",
+    "rms": "its statistics are per sample or position, not per channel",
 }
 
 
@@ -67,3 +75,14 @@ def batch_noise_sentence(comparison: ModeComparison, name: Callable[[Untrusted],
         said + f": the difference is train mode's per-batch statistics on batches of about {per_batch:.3g} samples "
         "(small or unshuffled batches), not a fault of the stored statistics. Eval mode is what the deployed model does."
     )
+
+
+def no_channel_statistics(layer: LayerReport, name: Callable[[Untrusted], str]) -> str | None:
+    """The one line that stands for a per-channel table where ``layer`` has none to show, else None.
+
+    ``name`` writes the layer's label as the format needs it (escaped, code-quoted).
+    """
+    if layer.batch_mean or layer.running_mean:
+        return None
+    why = _NO_CHANNELS.get(layer.family, "it has neither batch nor running statistics")
+    return f"{name(layer.label)} ({name(layer.type)}): no per-channel statistics ({why})."

@@ -115,7 +115,10 @@ class LayerState:
 
 @dataclass(frozen=True)
 class LayerReport:
-    """One call of one normalization layer (a shared module called twice gives two)."""
+    """One call of one normalization layer (a shared module called twice gives two).
+
+    ``num_groups`` is GroupNorm's G (None for other families and in reports that predate it).
+    """
 
     name: Untrusted
     call: int
@@ -141,6 +144,7 @@ class LayerReport:
     bias: Floats | None
     explanation: Untrusted
     flags: tuple[str, ...] = ()
+    num_groups: int | None = None
 
     @property
     def label(self) -> Untrusted:

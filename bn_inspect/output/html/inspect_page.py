@@ -212,7 +212,7 @@ def layer_detail(
     )
     picture = ""
     if layer.input_shape and layer.axis_names and layer.reduced_axes is not None:
-        reduction = Reduction(layer.input_shape, layer.axis_names, layer.reduced_axes, layer.family)
+        reduction = Reduction(layer.input_shape, layer.axis_names, layer.reduced_axes, layer.family, layer.num_groups)
         picture = reduction_svg(reduction, f"reduction-{index}")
     rows = [
         ("eps", number(layer.eps)),

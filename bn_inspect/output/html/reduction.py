@@ -3,8 +3,9 @@
 Rows are the input's first dim (N), columns its second (C, or T / D for LayerNorm), and each
 block stands for the remaining dims (H×W, L, D×H×W), drawn as a small grid. A value is shaded
 when it feeds the same statistic as the first shaded one: along every reduced dim all values are,
-along every kept dim only one index. GroupNorm reduces a group of channels, not all of them.
-Sizes come from the recorded input shape; the sentence beside the drawing is the report's own.
+along every kept dim only one index. GroupNorm reduces a group of C/G channels, not all of them:
+its first group is shaded and every group boundary among the drawn channels is marked. Sizes come
+from the recorded input shape and group count; the sentence beside the drawing is the report's own.
 """
 
 from __future__ import annotations
@@ -16,19 +17,30 @@ from dataclasses import dataclass
 MAX_ROWS, MAX_COLUMNS = 4, 8
 BLOCK, GAP, MARGIN_LEFT, MARGIN_TOP = 26, 5, 34, 30
 SHADED, PLAIN, EDGE = "#e8a33d", "#eef1f6", "#6b7280"
-# Where GroupNorm's first group is drawn: this many columns (the sentence gives its true size).
-GROUP_COLUMNS = 2
+# GroupNorm's group in a report that predates the recorded group count: this many columns
+# (the sentence beside the picture gives its true size).
+UNKNOWN_GROUP_COLUMNS = 2
 _SPATIAL_NAMES = {0: (), 1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
 
 
 @dataclass(frozen=True)
 class Reduction:
-    """What the drawing needs: the input shape, a name per dim, the reduced dims and the layer's family."""
+    """What the drawing needs: the input shape, a name per dim, the reduced dims, the layer's family
+    and, for GroupNorm, its number of groups (None where the report does not say)."""
 
     shape: tuple[int, ...]
     axis_names: tuple[str, ...]
     reduced_axes: tuple[int, ...]
     family: str
+    num_groups: int | None = None
+
+    @property
+    def group_size(self) -> int:
+        """Channels per GroupNorm group, C/G; a count from a report file that does not fit C is not trusted."""
+        channels = self.shape[1] if len(self.shape) > 1 else 1
+        if self.num_groups is None or not 1 <= self.num_groups <= channels or channels % self.num_groups:
+            return UNKNOWN_GROUP_COLUMNS
+        return channels // self.num_groups
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -46,7 +58,7 @@ def _drawn(size: int, limit: int) -> tuple[int, bool]:
 
 def _is_shaded_index(reduction: Reduction, dim: int, index: int, chosen: int) -> bool:
     if reduction.family == "group" and dim == 1:
-        return index < GROUP_COLUMNS
+        return index < reduction.group_size
     return dim in reduction.reduced_axes or index == chosen
 
 
@@ -100,6 +112,7 @@ def reduction_svg(reduction: Reduction, element_id: str) -> str:
     grid_w = num_columns * (BLOCK + GAP) + (18 if columns_cut else 0)
     grid_h = num_rows * (BLOCK + GAP) + (14 if rows_cut else 0)
     texts = _labels(reduction, num_columns, num_rows, (grid_w, grid_h), (columns_cut, rows_cut))
+    texts += _group_edges(reduction, num_columns, num_rows)
     # The key below the grid is the widest line where the grid is narrow (11px text: ~6.2px a character).
     key_w = 14 + round(6.2 * len(_shaded_words(reduction)))
     width, height = MARGIN_LEFT + max(grid_w, key_w) + 8, MARGIN_TOP + grid_h + 40
@@ -141,8 +154,23 @@ def _labels(
     return "".join(texts)
 
 
+def _group_edges(reduction: Reduction, num_columns: int, num_rows: int) -> str:
+    """A dashed line between two drawn channels of different GroupNorm groups."""
+    if reduction.family != "group" or reduction.num_groups is None:
+        return ""
+    size = reduction.group_size
+    top, bottom = MARGIN_TOP - 4, MARGIN_TOP + num_rows * (BLOCK + GAP) - GAP + 4
+    edges = [MARGIN_LEFT + column * (BLOCK + GAP) - GAP / 2 for column in range(size, num_columns, size)]
+    return "".join(
+        f'<path class="group-edge" d="M{x:g} {top}V{bottom}" stroke="{EDGE}" stroke-dasharray="3 2"/>' for x in edges
+    )
+
+
 def _shaded_words(reduction: Reduction) -> str:
     statistic = "root mean square" if reduction.family == "rms" else "mean and variance"
+    if reduction.family == "group" and reduction.num_groups is not None:
+        size = reduction.group_size
+        return f"the values behind one {statistic}: a group of {size:,} channel{'s' if size != 1 else ''}"
     return f"the values behind one {statistic}"
 
 
@@ -165,10 +193,18 @@ def family_reductions(shape: Sequence[int]) -> list[tuple[str, Reduction]]:
             "InstanceNorm: one per sample and channel, over the spatial positions",
             Reduction(tuple(shape), names, spatial, "instance"),
         ),
-        ("GroupNorm: one per sample and group of channels", Reduction(tuple(shape), names, every, "group")),
+        (
+            "GroupNorm: one per sample and group of channels",
+            Reduction(tuple(shape), names, every, "group", _two_channel_groups(shape[1])),
+        ),
         ("LayerNorm over (C, …): one per sample, over all its values", Reduction(tuple(shape), names, every, "layer")),
         (
             "RMSNorm: as LayerNorm, a root mean square (no mean subtracted)",
             Reduction(tuple(shape), names, every, "rms"),
         ),
     ]
+
+
+def _two_channel_groups(channels: int) -> int | None:
+    """A group count that makes groups of two channels, for the key's GroupNorm picture (None for odd C)."""
+    return channels // 2 if channels >= 2 and channels % 2 == 0 else None
