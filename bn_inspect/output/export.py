@@ -154,7 +154,7 @@ def to_markdown(report: Report, channel_patterns: tuple[str, ...] = ()) -> str:
             " ".join(layer.flags),
         ]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    said = inspection_verdict(report, _code)
+    said = inspection_verdict(report, _code, text=_text)
     lines += ["", f"**{said.sentence}**" if said.outcome == "departs" else said.sentence]
     if report.not_executed:
         lines.append(f"Not executed: {', '.join(_code(n) for n in report.not_executed)}.")
@@ -236,6 +236,12 @@ def check_to_markdown(check: CheckReport) -> str:
     return "\n".join(lines)
 
 
+def _cause_text(finding: Finding) -> str:
+    if not (finding.cause and finding.cause_sentence):
+        return ""
+    return f" (likely cause, {finding.cause}: {inert(finding.cause_sentence)})"
+
+
 def check_to_junit(check: CheckReport) -> str:
     """JUnit XML: one test case per layer (and one for the model), failed where a finding reaches --fail-on."""
     from xml.etree import ElementTree as ET
@@ -265,7 +271,9 @@ def check_to_junit(check: CheckReport) -> str:
                 type=failed[0].code,
                 message=f"{failed[0].code} {failed[0].rule}: {inert(failed[0].message)}",
             )
-            failure.text = "\n".join(f"[{f.severity.value}] {f.code} {f.rule}: {inert(f.message)}" for f in failed)
+            failure.text = "\n".join(
+                f"[{f.severity.value}] {f.code} {f.rule}: {inert(f.message)}" + _cause_text(f) for f in failed
+            )
         others = [f for f in findings if f not in failing]
         if others:
             ET.SubElement(element, "system-out").text = "\n".join(

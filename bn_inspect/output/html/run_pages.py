@@ -67,6 +67,7 @@ def check_page(check: CheckReport, model_output: str = "") -> Page:
         Column("layer"),
         Column("channels", is_numeric=True),
         Column("message"),
+        Column("cause", hint="the likely cause (README: Causes)"),
     )
     findings = [_finding_row(f, index) for f in sorted(check.findings, key=lambda f: -f.severity.rank)]
     body = [
@@ -98,6 +99,7 @@ def _finding_row(finding: Finding, index: dict[Untrusted, int]) -> Row:
         Cell(escaped(finding.label), finding.label, target=f"layer-{target}" if target is not None else ""),
         _channels_cell(finding),
         Cell(escaped(finding.message), finding.message),
+        Cell(escaped(finding.cause or "—"), finding.cause or ""),
     )
     return Row(finding.layer or MODEL_LABEL, finding.label, cells)
 
