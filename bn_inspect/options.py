@@ -67,6 +67,13 @@ class FailOn(str, Enum):
     WARNING = "warning"
 
 
+class Explain(str, Enum):
+    """How the table output of `bn-inspect inspect` explains each layer's reduction."""
+
+    GROUPED = "grouped"
+    ALL = "all"
+
+
 class DeviceChoice(str, Enum):
     """Where the model runs; auto picks CUDA when it is available."""
 

@@ -242,6 +242,66 @@ class Versioned(nn.Module):
         return self.bn(self.conv(x))
 
 
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3×3 conv-BN pairs and a shortcut (1×1 conv-BN where the shape changes)."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(outputs)
+        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(outputs)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
+            if stride != 1 or inputs != outputs
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + shortcut)
+
+
+class TinyResNet(nn.Module):
+    """A ResNet in miniature, many norms of one shape: stem (8 channels), layer1 (4 blocks of 8 channels,
+    the stem's shape), layer2 (2 blocks of 16 channels at half the size): 14 BatchNorm2d. Input (N, 3, 8, 8)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.layer1 = nn.Sequential(*(BasicBlock(8, 8) for _ in range(4)))
+        self.layer2 = nn.Sequential(BasicBlock(8, 16, 2), BasicBlock(16, 16))
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x)))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def resnet_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two halves of one ``make_input((256, 3, 8, 8))`` draw: 128 samples to calibrate on, 128 to inspect."""
+    data = make_input((256, 3, 8, 8), seed=seed)
+    return data[:128], data[128:]
+
+
+def calibrated_resnet(seed: int = 0) -> TinyResNet:
+    """A TinyResNet whose running statistics are exactly those of ``resnet_data(seed)[0]`` (a cumulative
+    average over one batch), marked as long trained, in eval mode: the other half sits within them."""
+    torch.manual_seed(seed)
+    model = TinyResNet()
+    norms = [module for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
+    for norm in norms:
+        norm.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(resnet_data(seed)[0])
+        for norm in norms:
+            norm.momentum = 0.1
+            norm.num_batches_tracked.fill_(1000)
+    return model.eval()
+
+
 def make_input(shape: tuple[int, ...], *, mean: float = 0.0, std: float = 1.0, seed: int = 0) -> torch.Tensor:
     """Normal data with a different offset per channel (dim 1), drawn in float64 then rounded to float32."""
     generator = torch.Generator().manual_seed(seed)

@@ -30,6 +30,7 @@ from bn_inspect.cli.options import (
     DepartureWarningOpt,
     DeviceOpt,
     DropColumnOpt,
+    ExplainOpt,
     FailOnOpt,
     ForceOpt,
     GrayscaleOpt,
@@ -73,6 +74,7 @@ from bn_inspect.cli.options import (
 from bn_inspect.options import (
     CheckFormat,
     DeviceChoice,
+    Explain,
     ListingFormat,
     Mode,
     OutputFormat,
@@ -106,6 +108,7 @@ def inspect_command(
     strict_data: StrictDataOpt = False,
     data: DataOpt = None,
     layer: LayerOpt = None,
+    explain: ExplainOpt = Explain.GROUPED,
     output_format: ReportFormatOpt = OutputFormat.TABLE,
     output: OutputOpt = None,
     force: ForceOpt = False,
@@ -135,9 +138,8 @@ def inspect_command(
     patterns = tuple(layer or ())
     inspection = run_inspect(options, observer_for(options), patterns)
     if inspection is not None:
-        write_result(
-            inspection, output_format.value, output, Rendering(channel_patterns=patterns), page=report, force=force
-        )
+        rendering = Rendering(channel_patterns=patterns, explain=explain)
+        write_result(inspection, output_format.value, output, rendering, page=report, force=force)
 
 
 @app.command("check")

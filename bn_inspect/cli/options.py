@@ -10,6 +10,7 @@ import typer
 from bn_inspect.options import (
     CheckFormat,
     DeviceChoice,
+    Explain,
     FailOn,
     ListingFormat,
     Mode,
@@ -108,6 +109,14 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar a
 LayerOpt = Annotated[
     list[str] | None,
     typer.Option("--layer", help="Glob on qualified layer names that adds a per-channel table (repeatable)."),
+]
+ExplainOpt = Annotated[
+    Explain,
+    typer.Option(
+        "--explain",
+        help="How the table explains each layer's reduction: grouped (one sentence per pattern layers share) "
+        "or all (one per layer call).",
+    ),
 ]
 ReportFormatOpt = Annotated[
     OutputFormat,

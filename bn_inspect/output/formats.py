@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from bn_inspect.boundary.writing import Destination, write_output
 from bn_inspect.errors import OutputError
+from bn_inspect.options import Explain
 from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
 from bn_inspect.report.diff import DiffReport
 from bn_inspect.report.findings import CheckReport
@@ -38,11 +39,13 @@ class Rendering:
         channel_patterns: --layer globs: layers that get a per-channel table.
         width: columns available to a table.
         model_output: for recalibrate, where the new model was written.
+        explain: inspect's table: one explanation per pattern of layers, or one per layer call.
     """
 
     channel_patterns: tuple[str, ...] = ()
     width: int = FILE_WIDTH
     model_output: str = ""
+    explain: Explain = Explain.GROUPED
 
 
 class Formatter:
@@ -136,7 +139,7 @@ class TableFormatter(Formatter):
 
             return render_diff(result, width)
         if isinstance(result, Report):
-            return render.render_report(result, rendering.channel_patterns, width)
+            return render.render_report(result, rendering.channel_patterns, width, rendering.explain)
         if isinstance(result, CheckReport):
             return render.render_check(result, width)
         if isinstance(result, LayerListing):

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from rich.console import Group, RenderableType
 from rich.text import Text
 
+from bn_inspect.options import Explain
+from bn_inspect.output.explained import explanation_groups, explanation_sentence
 from bn_inspect.output.export import format_number
 from bn_inspect.output.grouped import group_sentence, grouped_findings
 from bn_inspect.output.layout import Column, Layout, fitted
@@ -195,12 +197,20 @@ def verdict(report: Report) -> Text:
     return Text(said.sentence, style=_VERDICT_STYLE[said.outcome])
 
 
-def explanations(report: Report) -> Text:
-    """One sentence per layer call: which axes were reduced, over how many values."""
+def explanations(report: Report, explain: Explain = Explain.GROUPED) -> Text:
+    """Which axes each layer call reduced, over how many values: one sentence per pattern that
+    layers share (output/explained.py), or with ``Explain.ALL`` one per layer call."""
     text = Text()
     text.append("How each layer's statistics were computed\n", style="bold")
-    for layer in report.layers:
-        text.append(f"• {layer.explanation.inert()}\n")
+    groups = [] if explain is Explain.ALL else explanation_groups(report.layers)
+    if explain is Explain.ALL:
+        sentences = [layer.explanation.inert() for layer in report.layers]
+    else:
+        sentences = [explanation_sentence(group, Untrusted.inert) for group in groups]
+    for sentence in sentences:
+        text.append(f"• {sentence}\n")
+    if any(group.is_shortened for group in groups):
+        text.append("--explain all names every layer call in a sentence of its own.\n", style="dim")
     if report.not_executed:
         names = ", ".join(name.inert() for name in report.not_executed)
         text.append(f"Not executed on this input: {names}\n", style="yellow")
@@ -260,14 +270,17 @@ def channel_table(layer: LayerReport, width: int = 160) -> RenderableType:
     return Group(title, fitted(layouts, width))
 
 
-def render_report(report: Report, channel_patterns: Sequence[str] = (), width: int = 120) -> RenderableType:
-    """The whole inspection as one renderable: header, layer table, verdict, explanations, channels.
+def render_report(
+    report: Report, channel_patterns: Sequence[str] = (), width: int = 120, explain: Explain = Explain.GROUPED
+) -> RenderableType:
+    """The whole inspection as one renderable: the verdict in one line, header, layer table,
+    explanations, channels, and the whole verdict last, where the eye lands after the output.
 
     ``width`` is the console width the table is laid out for.
     """
-    table = layer_table(report, width)
-    parts: list[RenderableType] = [header(report), Text(""), table, Text(""), verdict(report)]
-    parts += [Text(""), explanations(report)]
+    said = inspection_verdict(report, Untrusted.inert)
+    parts: list[RenderableType] = [Text(said.summary, style=_VERDICT_STYLE[said.outcome]), header(report), Text("")]
+    parts += [layer_table(report, width), Text(""), explanations(report, explain)]
     for layer in matching_layers(report, channel_patterns):
         parts += [channel_table(layer, width), Text("")]
     if report.distributed is not None:
@@ -282,6 +295,7 @@ def render_report(report: Report, channel_patterns: Sequence[str] = (), width: i
             style="dim",
         )
     )
+    parts += [Text(""), verdict(report)]
     return Group(*parts)
 
 

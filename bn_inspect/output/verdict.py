@@ -13,10 +13,14 @@ from bn_inspect.text import Untrusted, inert
 
 @dataclass(frozen=True)
 class Verdict:
-    """One sentence and what it says: "departs", "within", "random" or "nothing to compare"."""
+    """What the verdict says ("departs", "within", "random" or "nothing to compare"), in full and in one line.
+
+    ``summary`` is the line an output opens with: how many layers depart and the worst of them.
+    """
 
     outcome: str
     sentence: str
+    summary: str
 
 
 def inspection_verdict(
@@ -37,23 +41,33 @@ def inspection_verdict(
     scored = [(layer, found) for layer in report.layers if (found := departure(layer, limits)) is not None]
     if not scored and report.input.num_samples == 0:
         return Verdict(
-            "nothing to compare", "Every batch was empty (0 samples): there are no batch statistics to compare."
+            "nothing to compare",
+            "Every batch was empty (0 samples): there are no batch statistics to compare.",
+            f"{_OPENING} nothing to compare (every batch was empty)",
         )
     if not scored:
-        return Verdict("nothing to compare", "No layer keeps running statistics to compare the batch with.")
+        return Verdict(
+            "nothing to compare",
+            "No layer keeps running statistics to compare the batch with.",
+            f"{_OPENING} nothing to compare ({_layers(len(report.layers))}, none with running statistics)",
+        )
     if report.input.is_random:
         return Verdict(
             "random",
             "Random input says nothing about the running statistics (on it every layer may look shifted): "
             "pass real data with --input to see which layer departs from them first.",
+            f"{_OPENING} random input, no verdict on the running statistics (pass real data with --input)",
         )
     worst_layer, worst = report.worst_departure(limits) or scored[0]
     departed = [(layer, found) for layer, found in scored if found.departs]
+    compared = _layers(len(scored)) if len(scored) == len(report.layers) else f"{len(scored):,} compared layers"
+    worst_words = f"{name(worst_layer.label)} (departure {worst.score:.3g}, {worst.tier})"
     if not departed:
         return Verdict(
             "within",
             f"No layer departs from its running statistics ({limits.departure_limits()}); largest departure: "
             f"{name(worst_layer.label)}, {worst.score:.3g}.",
+            f"{_OPENING} none of {compared} departs; largest {worst_words}",
         )
     first, found = departed[0]
     sentence = (
@@ -64,4 +78,12 @@ def inspection_verdict(
     cause = model_cause(report, (), {layer.label.raw for layer, _ in departed})
     if cause is not None:
         sentence += f" Likely cause, {cause.code}: {text(cause.sentence)}."
-    return Verdict("departs", sentence)
+    verb = "departs" if len(departed) == 1 else "depart"
+    return Verdict("departs", sentence, f"{_OPENING} {len(departed):,} of {compared} {verb}; worst {worst_words}")
+
+
+_OPENING = "bn-inspect:"
+
+
+def _layers(count: int) -> str:
+    return f"{count:,} layer" + ("" if count == 1 else "s")
