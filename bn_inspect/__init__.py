@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from bn_inspect.errors import BnInspectError
 from bn_inspect.options import Mode
+from bn_inspect.output import plain as _plain
 from bn_inspect.output.html import notebook as _notebook
 from bn_inspect.report.records import SCHEMA_VERSION, InputInfo, LayerReport, ModelInfo, Report
 from bn_inspect.version import __version__
@@ -24,8 +25,10 @@ if TYPE_CHECKING:
     from bn_inspect.model.saving import save_like
 
 
-# Results draw themselves in Jupyter (_repr_html_); report/ holds the hook, output/ the page.
+# Results draw themselves in Jupyter (_repr_html_) and at a prompt (a compact repr, .table());
+# report/ holds the hooks, output/ the page and the text.
 _notebook.register()
+_plain.register()
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -59,7 +59,7 @@ SURFACES: tuple[Surface, ...] = (
     _surface("write:page", "writer", H.CLOBBER, H.HANG, H.TRACEBACK),
     _surface("write:baseline", "writer", H.CLOBBER, H.HANG, H.TRACEBACK),
     _surface("write:model", "writer", H.CLOBBER, H.HANG, H.TRACEBACK),
-    # Renderers: one per output format (bn_inspect.output.formats.FORMATTERS), and the error line.
+    # Renderers: one per output format (bn_inspect.output.formats.FORMATTERS), the error line, the repr.
     _surface("render:table", "renderer", H.INERT),
     _surface("render:json", "renderer", H.INERT),
     _surface("render:csv", "renderer", H.INERT),
@@ -67,6 +67,8 @@ SURFACES: tuple[Surface, ...] = (
     _surface("render:junit", "renderer", H.INERT),
     _surface("render:html", "renderer", H.INERT),
     _surface("render:stderr", "renderer", H.INERT),
+    # The Python API's results at a prompt: their compact repr (output/plain.py).
+    _surface("render:repr", "renderer", H.INERT),
     # Entry points: the console scripts of pyproject.toml, the pre-commit hook, the GitHub Action,
     # and the pytest helper.
     _surface("entry:bn-inspect", "entry point", H.EXECUTION, H.TRACEBACK, H.CLOBBER),

@@ -97,9 +97,9 @@ def test_every_writer_of_the_policy_is_a_surface() -> None:
     assert writers == {f"write:{_spelled(destination.name)}" for destination in Destination}
 
 
-def test_every_output_format_and_the_error_line_is_a_surface() -> None:
+def test_every_output_format_the_error_line_and_the_repr_is_a_surface() -> None:
     renderers = {surface.name for surface in SURFACES if surface.kind == "renderer"}
-    assert renderers == {f"render:{name}" for name in FORMATTERS} | {"render:stderr"}
+    assert renderers == {f"render:{name}" for name in FORMATTERS} | {"render:stderr", "render:repr"}
 
 
 def test_every_way_to_start_bn_inspect_is_a_surface() -> None:

@@ -14,7 +14,7 @@ from bn_inspect.analyses.passes import joined_run
 from bn_inspect.config import CheckConfig, load_check_config
 from bn_inspect.errors import InputError, NoNormLayersError
 from bn_inspect.model.layers import functional_candidates
-from bn_inspect.model.modules import find_layers, unwrap_compiled
+from bn_inspect.model.modules import find_layers, in_memory_model_info, unwrap_compiled
 from bn_inspect.options import FailOn, Mode
 from bn_inspect.report.baseline import Baseline, baseline_findings
 from bn_inspect.report.causes import with_causes
@@ -96,7 +96,7 @@ def check_model(
     findings += _comparisons(model, report, states, run, baseline, thresholds, notes)
     first = report.first_divergent(thresholds) if report is not None and data_is_real else None
     return CheckReport(
-        model=model_info or ModelInfo.of("<module>", "module"),
+        model=model_info or in_memory_model_info(model),
         input=report.input if report else None,
         mode=Untrusted(Mode(mode).value),
         thresholds=thresholds,

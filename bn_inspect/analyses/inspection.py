@@ -34,6 +34,7 @@ from bn_inspect.model.graph import exported_training_mode, lowered_graph_norm_mo
 from bn_inspect.model.layers import NormFamily, NormLayer, functional_candidates
 from bn_inspect.model.modules import (
     find_layers,
+    in_memory_model_info,
     model_device,
     model_float_dtype,
     refuse_lazy_modules,
@@ -302,7 +303,7 @@ def run_inspection(
     )
     seen = {record.layer.name for record in records.values()}
     return Report(
-        model=model_info or ModelInfo.of("<module>", "module"),
+        model=model_info or in_memory_model_info(model),
         input=input_info,
         mode=Untrusted(mode.value),
         device=Untrusted(str(device)),

@@ -44,6 +44,7 @@ from bn_inspect.engine.preserve import preserved_state
 from bn_inspect.errors import InputError, ModeComparisonError, NoNormLayersError
 from bn_inspect.model.layers import NormFamily, NormLayer, iter_norm_layers
 from bn_inspect.model.modules import (
+    in_memory_model_info,
     model_device,
     model_float_dtype,
     refuse_lazy_modules,
@@ -204,6 +205,7 @@ def compare_modes(
         not_executed=tuple(Untrusted(layer.name) for layer in layers if layer.name not in seen),
         num_batches=num_batches,
         num_samples=num_samples,
+        model=in_memory_model_info(model),
     )
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from bn_inspect.errors import LazyModelError
 from bn_inspect.model.graph import iter_graph_norm_layers
 from bn_inspect.model.layers import NormLayer, is_uninitialized, iter_norm_layers
+from bn_inspect.report.records import IN_MEMORY_FORMAT, ModelInfo
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -75,3 +76,12 @@ def set_norm_layers_training(model: nn.Module, layers: Iterable[NormLayer]) -> N
     set_training(model, False)
     for layer in layers:
         layer.module.training = True
+
+
+def in_memory_model_info(model: nn.Module) -> ModelInfo:
+    """The record of a model handed over in memory (the Python API): its class name, "ResNet (in memory)".
+
+    A TorchScript module is named by the class it was scripted or traced from, not RecursiveScriptModule.
+    """
+    name = getattr(model, "original_name", None) if isinstance(model, torch.jit.ScriptModule) else None
+    return ModelInfo.of(f"{name or type(model).__name__} (in memory)", IN_MEMORY_FORMAT)

@@ -17,7 +17,7 @@ from bn_inspect.output.verdict import inspection_verdict
 from bn_inspect.output.words import counted, image_details, no_channel_statistics
 from bn_inspect.report.departure import ERROR, INFO, WARNING, WITHIN, Departure, departure
 from bn_inspect.report.findings import CheckReport
-from bn_inspect.report.records import LayerReport, ModelInfo, Report, matching_layers
+from bn_inspect.report.records import IN_MEMORY_FORMAT, LayerReport, ModelInfo, Report, matching_layers
 from bn_inspect.text import Untrusted, inert
 
 _BAR_CELLS = 6
@@ -84,12 +84,13 @@ def _short(value: float | None) -> str:
 
 
 def _model_line(model: ModelInfo) -> Text:
-    """``model <source> (<format>[, --arch <spec>])``, the first line of every command's output."""
+    """``model <source> (<format>[, --arch <spec>])``, the first line of every command's output but
+    inspect's; a model handed over in memory is its class name alone ("ResNet (in memory)")."""
     text = Text()
     text.append("model ", style="bold")
-    text.append(
-        f"{model.source.inert()} ({model.format.inert()}" + (f", --arch {model.arch.inert()})" if model.arch else ")")
-    )
+    details = [] if model.format.raw == IN_MEMORY_FORMAT else [model.format.inert()]
+    details += [f"--arch {model.arch.inert()}"] if model.arch else []
+    text.append(model.source.inert() + (f" ({', '.join(details)})" if details else ""))
     return text
 
 

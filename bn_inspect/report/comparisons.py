@@ -71,7 +71,8 @@ class OutputGap:
     num_samples: int
 
 
-@dataclass(frozen=True)
+# repr=False: NotebookDisplay's compact repr, not every per-channel list.
+@dataclass(frozen=True, repr=False)
 class ModeComparison(NotebookDisplay):
     """Eval against train mode, per normalization layer call in execution order.
 
@@ -168,7 +169,8 @@ class SkippedLayer:
     reason: str
 
 
-@dataclass(frozen=True)
+# repr=False: NotebookDisplay's compact repr, not every per-channel list.
+@dataclass(frozen=True, repr=False)
 class RecalibrationResult(NotebookDisplay):
     """What ``recalibrate`` changed.
 

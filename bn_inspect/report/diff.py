@@ -163,7 +163,8 @@ class LayerChange:
         return self.status in STRUCTURAL or self.status == CHANGED
 
 
-@dataclass(frozen=True)
+# repr=False: NotebookDisplay's compact repr, not every per-channel list.
+@dataclass(frozen=True, repr=False)
 class DiffReport(NotebookDisplay):
     """OLD and NEW compared: every layer call, largest change first, and whether NEW is within tolerance.
 

@@ -106,7 +106,8 @@ class Finding:
         return self.layer if not self.call else Untrusted(f"{self.layer.raw}#{self.call}")
 
 
-@dataclass(frozen=True)
+# repr=False: NotebookDisplay's compact repr, not every per-channel list.
+@dataclass(frozen=True, repr=False)
 class CheckReport(NotebookDisplay):
     """Findings of one `check` run and what they were measured against."""
 

@@ -32,6 +32,8 @@ from bn_inspect.text import Untrusted
 SCHEMA_VERSION = 1
 # How InputInfo.source starts for seeded random input (--shape, or a shape guessed from the model).
 RANDOM_INPUT = "random normal"
+# ModelInfo.format of a model handed to the Python API in memory (its source is the class name).
+IN_MEMORY_FORMAT = "module"
 
 Floats = tuple[float, ...]
 # The versions of a report that predates them.
@@ -40,7 +42,7 @@ NO_VERSION = Untrusted("")
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Where the model came from: file path (or "<module>"), detected format, --arch spec, and the
+    """Where the model came from: file path (or "ResNet (in memory)": the Python API's class name), detected format, --arch spec, and the
     hex SHA-256 of the file's bytes (None without a file: a fresh --arch, the Python API)."""
 
     source: Untrusted
@@ -308,7 +310,8 @@ class DistributedInfo:
     divergence: RankDivergence
 
 
-@dataclass(frozen=True)
+# repr=False: NotebookDisplay's compact repr, not every per-channel list.
+@dataclass(frozen=True, repr=False)
 class Report(NotebookDisplay):
     """The result of one inspection; ``to_dict`` gives the JSON document of schema version 1.
 
