@@ -147,6 +147,7 @@ def _change_profile(diff: DiffReport, ordered: list[LayerChange]) -> Figure:
     if first is not None and diff.first_changed is not None:
         marked = (first, f"first changed: {escaped(diff.first_changed)}")
     return profile(
+        [layer.label.inert() for layer in ordered],
         [_hover(layer) for layer in ordered],
         series,
         ("|Δ mean| (old std)", "var ratio new / old (log)"),

@@ -9,6 +9,7 @@ is HTML-escaped before it goes in.
 from __future__ import annotations
 
 import base64
+import html
 import math
 import sys
 from array import array
@@ -16,6 +17,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+# Plotly's toolbar (modebar) floats over the top right of a figure, about its top 30 pixels; a
+# legend above the plot sits below that band, in a top margin this tall.
+LEGEND_MARGIN = 72
+_LEGEND = {"orientation": "h", "x": 1, "xanchor": "right", "y": 1.02, "yanchor": "bottom"}
+# The most layer names an x axis carries (at about 20 pixels each when Plotly turns them upright
+# on a 1,180-pixel page); beyond, every k-th layer is named. A longer name is cut in its middle.
+MAX_LAYER_TICKS = 40
+TICK_CHARS = 24
 FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, 'Helvetica Neue', Arial, sans-serif"
 BLUE, RED, ORANGE, GREY, GREEN = "#3b6ea5", "#d1495b", "#e08e0b", "#8a8f98", "#2e8b57"
 CONFIG = {"displaylogo": False, "responsive": True, "modeBarButtonsToRemove": ["sendDataToCloud", "lasso2d"]}
@@ -90,6 +99,38 @@ def _hline(y: float, axis: str, color: str = RED) -> dict[str, Any]:
     }
 
 
+def _tick_text(name: str) -> str:
+    """A layer name for a tick: cut in the middle past TICK_CHARS (its stage and its own name stay), then escaped."""
+    if len(name) > TICK_CHARS:
+        half = (TICK_CHARS - 1) // 2
+        name = name[:half] + "…" + name[-(TICK_CHARS - 1 - half) :]
+    return html.escape(name, quote=True)
+
+
+def layer_axis(names: Sequence[str], title: str, **extra: Any) -> dict[str, Any]:
+    """An x axis of layer calls 0..n-1 labelled by name: every one up to MAX_LAYER_TICKS, else every k-th.
+
+    ``names`` are inert but not yet escaped. The range hugs the calls, so no tick falls before the
+    first or after the last (Plotly's own padding put one at -3).
+    """
+    count = len(names)
+    step = max(1, math.ceil(count / MAX_LAYER_TICKS))
+    ticks = list(range(0, count, step))
+    return _axis(
+        title,
+        tickmode="array",
+        tickvals=ticks,
+        ticktext=[_tick_text(names[i]) for i in ticks],
+        range=[-0.5, count - 0.5],
+        **extra,
+    )
+
+
+def _legend_layout(layout: dict[str, Any]) -> dict[str, Any]:
+    """``layout`` with its legend above the plot, on the right, clear of the modebar's band."""
+    return {**layout, "legend": dict(_LEGEND), "margin": {**layout["margin"], "t": LEGEND_MARGIN}}
+
+
 @dataclass(frozen=True)
 class Series:
     """One line of a profile: a name, a value per layer call, its colour and axis."""
@@ -102,6 +143,7 @@ class Series:
 
 
 def profile(
+    names: Sequence[str],
     hover: Sequence[str],
     series: Sequence[Series],
     axis_titles: tuple[str, str | None],
@@ -112,6 +154,7 @@ def profile(
     """A depth profile: layer calls in execution order on x, one or two log-scale panels of values.
 
     Args:
+        names: per layer call, its name (inert, not escaped): the x axis's tick labels.
         hover: per layer call, its escaped hover text (name, type, shape).
         series: the lines; ``axis`` "y" is the upper panel, "y2" the lower.
         axis_titles: the titles of the upper and (None for one panel) lower panel.
@@ -135,9 +178,7 @@ def profile(
         for line in series
     ]
     upper, lower = axis_titles
-    # Layer calls are counted: integer ticks, about twenty at most.
-    step = max(1, math.ceil(len(hover) / 20))
-    axes: dict[str, Any] = {"xaxis": _axis("layer call, in execution order", anchor="y2" if lower else "y", dtick=step)}
+    axes: dict[str, Any] = {"xaxis": layer_axis(names, "layer call, in execution order", anchor="y2" if lower else "y")}
     upper_values = [v for line in series if line.axis == "y" for v in line.values] + list(limits[0])
     axes["yaxis"] = _axis(upper, is_log=upper_is_log, values=upper_values, domain=[0.55, 1] if lower else [0, 1])
     if lower:
@@ -151,13 +192,23 @@ def profile(
         shapes.append(
             {"type": "line", "xref": "x", "x0": index, "x1": index, "yref": "paper", "y0": 0, "y1": 1, "line": line}
         )
+        # Beside the line, towards the middle: centred on it, a mark near either end was cut by the edge.
+        is_left_half = index < len(names) / 2
         annotations.append(
-            {"x": index, "xref": "x", "y": 1, "yref": "paper", "yanchor": "bottom", "text": text, "showarrow": False}
+            {
+                "x": index,
+                "xref": "x",
+                "xanchor": "left" if is_left_half else "right",
+                "xshift": 4 if is_left_half else -4,
+                "y": 1,
+                "yref": "paper",
+                "yanchor": "bottom",
+                "text": text,
+                "showarrow": False,
+            }
         )
     layout = _layout(460 if lower else 320, **axes, shapes=shapes, annotations=annotations, showlegend=True)
-    layout["legend"] = {"orientation": "h", "x": 1, "xanchor": "right", "y": 1.02, "yanchor": "bottom"}
-    layout["margin"] = {**layout["margin"], "t": 48}
-    return {"data": traces, "layout": layout}
+    return {"data": traces, "layout": _legend_layout(layout)}
 
 
 @dataclass(frozen=True)
@@ -252,8 +303,13 @@ def _span(values: Sequence[float], positive: bool) -> tuple[float, float] | None
     return (low, high) if low < high else (low - 1 if not positive else low / 2, high + 1 if not positive else high * 2)
 
 
-def stacked_bars(hover: Sequence[str], counts: Sequence[tuple[str, Sequence[int], str]], axis_title: str) -> Figure:
-    """Counts per layer call in execution order, stacked (findings by severity); ``counts``: (name, per layer, colour)."""
+def stacked_bars(
+    names: Sequence[str], hover: Sequence[str], counts: Sequence[tuple[str, Sequence[int], str]], axis_title: str
+) -> Figure:
+    """Counts per layer call in execution order, stacked (findings by severity); ``counts``: (name, per layer, colour).
+
+    ``names`` label the x axis (inert, not escaped), ``hover`` is each bar's escaped hover text.
+    """
     traces = [
         {
             "type": "bar",
@@ -267,14 +323,12 @@ def stacked_bars(hover: Sequence[str], counts: Sequence[tuple[str, Sequence[int]
         }
         for name, values, color in counts
     ]
-    step = max(1, math.ceil(len(hover) / 20))
     axes = {
-        "xaxis": _axis("layer, in execution order", dtick=step),
+        "xaxis": layer_axis(names, "layer, in execution order"),
         "yaxis": _axis(axis_title, dtick=1, rangemode="tozero"),
     }
     layout = _layout(260, **axes, barmode="stack", showlegend=True)
-    layout["legend"] = {"orientation": "h", "x": 1, "xanchor": "right", "y": 1.02, "yanchor": "bottom"}
-    return {"data": traces, "layout": layout}
+    return {"data": traces, "layout": _legend_layout(layout)}
 
 
 def channel_changes(statistic: str, running: Sequence[float] | None, batch: Sequence[float] | None) -> Figure:

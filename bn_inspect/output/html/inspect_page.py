@@ -134,6 +134,7 @@ def depth_profile(report: Report, first: LayerReport | None) -> Figure:
         marked = (layers.index(first), f"first departure: {escaped(first.label)}")
     limits: tuple[list[float], list[float]] = ([thresholds.warning, thresholds.error], [])
     return profile_figure(
+        [layer.label.inert() for layer in layers],
         [hover_text(layer) for layer in layers],
         series,
         ("departure, |shift z| (log)", "var ratio (log)"),

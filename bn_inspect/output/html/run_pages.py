@@ -59,7 +59,8 @@ def check_page(check: CheckReport, model_output: str = "") -> Page:
         )
         for severity in reversed(Severity)
     ]
-    figures = {"fig-findings": stacked_bars(hover, counts, "findings")}
+    names = [label.inert() for label in check.layers]
+    figures = {"fig-findings": stacked_bars(names, hover, counts, "findings")}
     columns = (
         Column("severity"),
         Column("code"),
@@ -170,6 +171,7 @@ def comparison_page(comparison: ModeComparison, model_output: str = "") -> Page:
     ]
     hover = [f"<b>{escaped(layer.label)}</b> ({escaped(layer.type)})" for layer in layers]
     figure = profile(
+        [layer.label.inert() for layer in layers],
         hover,
         series,
         ("train vs eval rel. diff (log)", "max |shift z| (log)"),
@@ -253,7 +255,9 @@ def recalibration_page(result: RecalibrationResult, model_output: str = "") -> P
         f"Recalibrated {counted(len(layers), 'layer')}; {counted(len(result.skipped), 'layer')} left as they were."
     )
     hover = [f"<b>{escaped(layer.name)}</b> ({escaped(layer.type)})" for layer in layers]
+    names = [layer.name.inert() for layer in layers]
     shifts = profile(
+        names,
         hover,
         [
             Series("before", [entry.max_abs_shift_z_before for entry in layers], RED),
@@ -263,6 +267,7 @@ def recalibration_page(result: RecalibrationResult, model_output: str = "") -> P
         ([], []),
     )
     ratios = profile(
+        names,
         hover,
         [
             Series("before", [entry.worst_var_ratio_before for entry in layers], RED),
