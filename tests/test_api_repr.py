@@ -143,3 +143,8 @@ def test_a_given_model_info_is_kept() -> None:
     report = bn_inspect.inspect_model(model, [models.make_input((4, 3, 6, 6))], model_info=info)
     assert report.model == info
     assert report.table().splitlines()[1] == "model nets/convbn.pt (state_dict)"
+
+
+def test_the_recalibration_table_claims_no_written_file(deep: dict[str, NotebookDisplay]) -> None:
+    # The CLI's table ends with "Wrote new.pt"; the API's result wrote nothing.
+    assert "Wrote" not in deep["recalibration"].table()

@@ -236,5 +236,6 @@ def render_recalibration(result: RecalibrationResult, output: str, width: int = 
         parts.append(_inert(f"Skipped {skipped.name.inert()} ({skipped.type.inert()}): {skipped.reason}", "yellow"))
     for note in result.notes:
         parts.append(_inert(f"Note: {note}", "dim"))
-    parts.append(_inert(f"Wrote {output}", "green"))
+    if output:  # the Python API's result.table() wrote no model
+        parts.append(_inert(f"Wrote {output}", "green"))
     return Group(*parts)
