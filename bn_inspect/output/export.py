@@ -320,13 +320,14 @@ def comparison_to_markdown(comparison: ModeComparison) -> str:
         "",
         f"{counted(comparison.num_samples, 'sample')} in {counted(comparison.num_batches, 'batch')}; Δ = ‖train − eval‖ / ‖eval‖.",
         "",
-        "| layer | type | output Δ | input Δ | own Δ | max \\|z\\| | worst var ratio |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| layer | type | output Δ | input Δ | own Δ | departure | max \\|z\\| | worst var ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for gap in comparison.layers:
         lines.append(
             f"| {_cell(_code(gap.label))} | {_text(gap.type)} | {gap.output_rel_diff:.2%} | {gap.input_rel_diff:.2%} | "
-            f"{gap.own_rel_diff:.2%} | {format_number(gap.max_abs_shift_z)} | {format_number(gap.worst_var_ratio)} |"
+            f"{gap.own_rel_diff:.2%} | {format_number(gap.departure, 3)} | {format_number(gap.max_abs_shift_z)} | "
+            f"{format_number(gap.worst_var_ratio)} |"
         )
     lines.append("")
     if comparison.gap_opens_at:

@@ -102,6 +102,10 @@ def render_listing(listing: LayerListing, width: int = 160) -> RenderableType:
     return Group(*parts)
 
 
+# The colours of inspect's departure column (output/render.py), by tier.
+_TIER_STYLE = {"error": "bold red", "warning": "yellow", "info": "", "within": "green"}
+
+
 def _ratio_bar(value: float, top: float = 1.0) -> Text:
     """A 10-cell bar of a relative difference on a log scale from 1e-4 to ``top``."""
     if math.isnan(value):
@@ -121,7 +125,7 @@ def render_mode_comparison(comparison: ModeComparison, width: int = 160) -> Rend
             "output Δ train vs eval": _ratio_bar(gap.output_rel_diff) + Text(f" {gap.output_rel_diff:.2%}"),
             "input Δ": Text(f"{gap.input_rel_diff:.2%}"),
             "own Δ": Text(f"{gap.own_rel_diff:.2%}"),
-            "max |z|": Text(_short(gap.max_abs_shift_z)),
+            "departure": Text(_short(gap.departure), style=_TIER_STYLE.get(gap.departure_tier or "", "dim")),
             "worst var ratio": Text(_short(gap.worst_var_ratio)),
         }
         for gap in comparison.layers
@@ -141,8 +145,8 @@ def render_mode_comparison(comparison: ModeComparison, width: int = 160) -> Rend
             tuple(tuple(row[key] for key in keys) for row in rows),
         )
         for keys in (
-            ("layer", "type", "output Δ train vs eval", "input Δ", "own Δ", "max |z|", "worst var ratio"),
-            ("layer\ntype", "output Δ train vs eval", "input Δ", "own Δ", "max |z|", "worst var ratio"),
+            ("layer", "type", "output Δ train vs eval", "input Δ", "own Δ", "departure", "worst var ratio"),
+            ("layer\ntype", "output Δ train vs eval", "input Δ", "own Δ", "departure", "worst var ratio"),
         )
     ]
     table = fitted(layouts, width)

@@ -166,13 +166,13 @@ def comparison_page(comparison: ModeComparison, model_output: str = "") -> Page:
         Series("output rel. diff", [layer.output_rel_diff for layer in layers], RED),
         Series("input rel. diff", [layer.input_rel_diff for layer in layers], BLUE, dash="dash"),
         Series("own rel. diff", [layer.own_rel_diff for layer in layers], GREEN, dash="dot"),
-        Series("max |shift z| (eval)", [layer.max_abs_shift_z for layer in layers], ORANGE, axis="y2"),
+        Series("departure (eval)", [layer.departure for layer in layers], ORANGE, axis="y2"),
     ]
     hover = [f"<b>{escaped(layer.label)}</b> ({escaped(layer.type)})" for layer in layers]
     figure = profile(
         hover,
         series,
-        ("train vs eval rel. diff (log)", "max |shift z| (log)"),
+        ("train vs eval rel. diff (log)", "departure (log)"),
         ([comparison.threshold], []),
         marked,
     )
@@ -214,6 +214,7 @@ _GAP_COLUMNS = (
     Column("output diff", is_numeric=True, hint="||y_train - y_eval|| / ||y_eval||"),
     Column("own diff", is_numeric=True, hint="this layer's own share, on the eval input"),
     Column("values / channel", is_numeric=True),
+    Column("departure", is_numeric=True, hint="the eval input's departure score from the running statistics"),
     Column("max |shift z|", is_numeric=True),
     Column("worst var ratio", is_numeric=True),
 )
@@ -229,6 +230,7 @@ def _gap_row(i: int, layer: LayerModeGap, opens: Untrusted | None) -> Row:
         Cell(number(layer.output_rel_diff), layer.output_rel_diff),
         Cell(number(layer.own_rel_diff), layer.own_rel_diff),
         Cell(number(layer.values_per_channel), layer.values_per_channel),
+        Cell(number(layer.departure), layer.departure),
         Cell(number(layer.max_abs_shift_z), layer.max_abs_shift_z),
         Cell(number(layer.worst_var_ratio), layer.worst_var_ratio),
     )
