@@ -45,7 +45,8 @@ def test_recalibrate_writes_an_exported_archive_with_the_new_statistics(
 ) -> None:
     archive, data = digits_archive(tmp_path / "d.pt2"), shifted_digits(tmp_path / "x.pt")
     output = tmp_path / "r.pt2"
-    result = invoke(capsys, ["recalibrate", archive, "--input", data, "--output", output, "--method", "sequential"])
+    # The default method, sequential, is the one an eval-mode program can run.
+    result = invoke(capsys, ["recalibrate", archive, "--input", data, "--output", output])
     assert result.code == 0, result.err
     before, after = load_program(archive).state_dict, load_program(output).state_dict
     for name in ("features.1", "features.4", "features.8"):
@@ -64,7 +65,9 @@ def test_recalibrate_refuses_precise_on_an_eval_mode_export_and_names_sequential
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     archive, data = digits_archive(tmp_path / "d.pt2"), shifted_digits(tmp_path / "x.pt")
-    result = invoke(capsys, ["recalibrate", archive, "--input", data, "--output", tmp_path / "r.pt2"])
+    result = invoke(
+        capsys, ["recalibrate", archive, "--input", data, "--output", tmp_path / "r.pt2", "--method", "precise"]
+    )
     assert result.code == 2
     assert_one_error_line(result, "exported in eval mode", "Use --method sequential")
     assert not (tmp_path / "r.pt2").exists()
