@@ -12,6 +12,7 @@ import torch
 
 from bn_inspect.data.batch import Batch, regroup_batches
 from bn_inspect.data.readers import read_input
+from bn_inspect.model.provenance import read_stored_record
 from sample_models.architectures import DigitsCNN
 from tests.helpers import assert_one_error_line, invoke
 
@@ -54,6 +55,8 @@ def test_recalibrate_writes_an_exported_archive_with_the_new_statistics(
         assert not torch.equal(before[f"{name}.running_var"], after[f"{name}.running_var"])
         assert int(after[f"{name}.num_batches_tracked"]) == 18  # 36 samples in batches of 2
     assert torch.equal(before["features.0.weight"], after["features.0.weight"])
+    stored = read_stored_record(output).record  # an extra file of the archive, which torch.export.load ignores
+    assert stored is not None and stored.method == "sequential" and stored.data.num_samples == 36
     # The saved program normalizes with what it was given: its layer inputs now fit their running statistics.
     report = invoke(capsys, ["inspect", output, "--input", data, "--format", "json"])
     layers = json.loads(report.out)["layers"]

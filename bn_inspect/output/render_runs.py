@@ -16,6 +16,7 @@ from bn_inspect.report.records import LayerListing, LayerState
 
 if TYPE_CHECKING:
     from bn_inspect.report.comparisons import ModeComparison, RecalibratedLayer, RecalibrationResult
+    from bn_inspect.report.provenance import RecalibrationProvenance
 
 
 def _spread(values: Sequence[float] | None) -> str:
@@ -227,6 +228,7 @@ def render_recalibration(result: RecalibrationResult, output: str, width: int = 
             f"{counted(result.num_batches, 'batch')} ({counted(result.num_passes, 'pass')}), method {method}.",
             style="bold",
         ),
+        *_provenance_lines(result.provenance),
         Text(""),
         table,
     ]
@@ -236,3 +238,14 @@ def render_recalibration(result: RecalibrationResult, output: str, width: int = 
         parts.append(_inert(f"Note: {note}", "dim"))
     parts.append(_inert(f"Wrote {output}", "green"))
     return Group(*parts)
+
+
+def _provenance_lines(provenance: RecalibrationProvenance | None) -> list[RenderableType]:
+    """Which model and which data the new statistics came from (the record the new file holds)."""
+    if provenance is None:
+        return []
+    digest = f" (sha256 {provenance.source_sha256.inert()[:12]}…)" if provenance.source_sha256 else ""
+    return [
+        _inert(f"Source model: {provenance.source_model.inert()}{digest}"),
+        _inert(f"Data: {provenance.data.describe()}"),
+    ]

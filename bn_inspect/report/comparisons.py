@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bn_inspect.report.display import NotebookDisplay
+from bn_inspect.report.provenance import RecalibrationProvenance
 from bn_inspect.report.records import ModelInfo
 from bn_inspect.text import Untrusted
 
@@ -171,6 +172,8 @@ class RecalibrationResult(NotebookDisplay):
         num_passes: passes over the batches, early-stopped ones and the verification included.
         num_waves: ``sequential``: passes that produced statistics (1 for ``precise``).
         notes: caveats that apply to this run (data-dependent control flow, shared modules).
+        provenance: the source model, the data and the method, as stored in the new model file
+            (None from the Python API, which knows no file or path).
     """
 
     method: str
@@ -181,6 +184,7 @@ class RecalibrationResult(NotebookDisplay):
     num_passes: int
     num_waves: int
     notes: tuple[str, ...] = ()
+    provenance: RecalibrationProvenance | None = None
 
     def layer(self, name: str) -> RecalibratedLayer:
         """The recalibrated layer of that qualified name (KeyError if none)."""

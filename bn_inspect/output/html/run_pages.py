@@ -214,6 +214,11 @@ def recalibration_page(result: RecalibrationResult, model_output: str = "") -> P
             ),
         ),
     ]
+    if result.provenance is not None:
+        rows[1:1] = [
+            ("source model", escaped(result.provenance.source_model)),
+            ("data from", escaped(result.provenance.data.describe())),
+        ]
     if model_output:
         rows.append(("new model", escaped(model_output)))
     verdict = (
