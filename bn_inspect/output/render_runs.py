@@ -11,7 +11,8 @@ from rich.text import Text
 
 from bn_inspect.output.layout import Column, Layout, fitted
 from bn_inspect.output.render import _inert, _mean, _model_line, _short, _two_lines
-from bn_inspect.output.words import counted
+from bn_inspect.output.words import counted, past_limits_sentence
+from bn_inspect.report.departure import Thresholds
 from bn_inspect.report.records import LayerListing, LayerState
 
 if TYPE_CHECKING:
@@ -232,6 +233,10 @@ def render_recalibration(result: RecalibrationResult, output: str, width: int = 
         Text(""),
         table,
     ]
+    thresholds = Thresholds()
+    past = result.past_limits_after(thresholds.max_shift, thresholds.max_var_ratio)
+    if past:
+        parts.append(_inert(past_limits_sentence(past, result.method), "bold red"))
     for skipped in result.skipped:
         parts.append(_inert(f"Skipped {skipped.name.inert()} ({skipped.type.inert()}): {skipped.reason}", "yellow"))
     for note in result.notes:

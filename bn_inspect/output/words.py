@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from bn_inspect.text import Untrusted
 
 
@@ -21,3 +23,19 @@ def image_details(preprocessing: Untrusted | None, num_skipped: int, skipped: tu
     if num_skipped:
         said.append(f"{counted(num_skipped, 'file')} skipped (not decodable), e.g. {skipped[0] if skipped else '?'}")
     return said
+
+
+def past_limits_sentence(names: Sequence[Untrusted], method: str) -> str:
+    """What recalibrate says when layers still sit past check's limits in eval mode after it (inert)."""
+    shown = ", ".join(name.inert() for name in names[:3]) + (", …" if len(names) > 3 else "")
+    why = (
+        "--method precise takes statistics in train mode, which deep layers do not see in eval; "
+        "--method sequential is exact for eval"
+        if method == "precise"
+        else "a layer runs more than once per forward, or the data differs from pass to pass (see the notes)"
+    )
+    return (
+        f"In eval mode on these data, {counted(len(names), 'layer')} ({shown}) still "
+        f"{'sits' if len(names) == 1 else 'sit'} past the "
+        f"limits check uses: {why}."
+    )

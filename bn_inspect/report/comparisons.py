@@ -186,6 +186,20 @@ class RecalibrationResult(NotebookDisplay):
     notes: tuple[str, ...] = ()
     provenance: RecalibrationProvenance | None = None
 
+    def past_limits_after(self, max_shift: float, max_var_ratio: float) -> tuple[Untrusted, ...]:
+        """The layers whose eval-mode input after recalibration still has a channel past a limit.
+
+        A layer counts when ``max_abs_shift_z_after > max_shift`` or ``worst_var_ratio_after`` lies
+        outside ``[1 / max_var_ratio, max_var_ratio]``: the lines the page draws. ``sequential``
+        leaves none on its own data; ``precise`` can, in deep layers and with small batches.
+        """
+        return tuple(
+            entry.name
+            for entry in self.layers
+            if (entry.max_abs_shift_z_after or 0.0) > max_shift
+            or not 1 / max_var_ratio <= (entry.worst_var_ratio_after or 1.0) <= max_var_ratio
+        )
+
     def layer(self, name: str) -> RecalibratedLayer:
         """The recalibrated layer of that qualified name (KeyError if none)."""
         for entry in self.layers:
