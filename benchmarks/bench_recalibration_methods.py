@@ -10,8 +10,9 @@ against its new running statistics:
 
 A model recalibrated so that eval mode sees exactly its running statistics has shift z 0 and var
 ratio (n - 1) / n, about 1. The models: the shipped ``sample_models/digits_cnn`` on its training
-images, and a small ResNet (``benchmarks/faults/nets.py``, width 32) trained here for 3 epochs on
-the same images. Then the cost: time of one plain eval pass, ``precise`` and ``sequential`` on
+images, a small ResNet (``benchmarks/faults/nets.py``, width 32) and ResNet-18's layout (20
+BatchNorm2d, widths 16-128), each trained here for 3 epochs on the same images; each recalibrated
+model is also checked (``check_model``) on the data it was recalibrated with. Then the cost: time of one plain eval pass, ``precise`` and ``sequential`` on
 ResNet-50's architecture (``bench_resnet50_cpu.py``) called through a custom forward, as
 torchvision's ResNet is (so the sequential passes cannot resume from a ``Cut``), on 4 batches of
 8x3x64x64. Run from the repository root:
@@ -38,7 +39,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_resnet50_cpu  # noqa: E402
 
-from benchmarks.faults.nets import DigitsResNet  # noqa: E402
+from benchmarks.faults.nets import BasicBlock, DigitsResNet  # noqa: E402
+from bn_inspect.analyses.checking import check_model  # noqa: E402
 from bn_inspect.analyses.recalibration import recalibrate  # noqa: E402
 from sample_models.architectures import DigitsCNN  # noqa: E402
 
@@ -101,9 +103,29 @@ def split(images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(images.split(batch_size))
 
 
-def trained_resnet(images: torch.Tensor, labels: torch.Tensor) -> nn.Module:
+class DigitsResNet18(nn.Module):
+    """ResNet-18's layout (stem, four stages of two BasicBlocks, 20 BatchNorm2d) at widths 16-128 for 8x8 digits."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        stages, width = [], 16
+        for out, stride in ((16, 1), (32, 2), (64, 2), (128, 2)):
+            stages.append(nn.Sequential(BasicBlock(width, out, stride), BasicBlock(out, out)))
+            width = out
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def trained_resnet(images: torch.Tensor, labels: torch.Tensor, deep: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    model = DigitsResNet(width=32)
+    model = DigitsResNet18() if deep else DigitsResNet(width=32)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     generator = torch.Generator().manual_seed(0)
@@ -126,14 +148,20 @@ def compare_methods(name: str, model: nn.Module, images: torch.Tensor, test: tup
             work = copy.deepcopy(model)
             recalibrate(work, batches, method=method)
             rows = eval_fit(work, batches)
+            checked = check_model(work, batches)
             run = {
                 "batch_size": batch_size,
                 "method": method,
                 "test_accuracy": accuracy(work, *test),
+                "check_passed": checked.passed,
+                "check_findings": sorted(f"{f.code} {f.layer}" for f in checked.findings),
                 "layers": rows,
             }
             out["runs"].append(run)
-            print(f"\n{name}, batch {batch_size}, {method}: test accuracy {run['test_accuracy']:.3f}")
+            print(
+                f"\n{name}, batch {batch_size}, {method}: test accuracy {run['test_accuracy']:.3f}, "
+                f"check on the same data {'passed' if checked.passed else 'FAILED'} {run['check_findings']}"
+            )
             print(f"  {'layer':<28} {'mean|z|':>9} {'max|z|':>9} {'mean ratio':>11} {'worst ratio':>12}")
             for row in rows:
                 print(
@@ -198,6 +226,7 @@ def main() -> None:
         "fit": [
             compare_methods("digits_cnn", cnn.eval(), images, test),
             compare_methods("digits_resnet", trained_resnet(images, labels), images, test),
+            compare_methods("digits_resnet18", trained_resnet(images, labels, deep=True), images, test),
         ]
     }
     if not args.skip_cost:
