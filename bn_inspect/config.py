@@ -22,9 +22,8 @@ class CheckConfig:
     """Settings for `bn-inspect check` read from pyproject.toml; None where the file sets nothing."""
 
     source: Path | None = None
-    max_shift: float | None = None
-    max_var_ratio: float | None = None
-    max_share: float | None = None
+    departure_warning: float | None = None
+    departure_error: float | None = None
     min_values: int | None = None
     fail_on: str | None = None
     strict: bool | None = None
@@ -34,9 +33,8 @@ class CheckConfig:
 
 
 _KEYS: dict[str, tuple[type, ...]] = {
-    "max-shift": (int, float),
-    "max-var-ratio": (int, float),
-    "max-share": (int, float),
+    "departure-warning": (int, float),
+    "departure-error": (int, float),
     "min-values": (int,),
     "fail-on": (str,),
     "strict": (bool,),
@@ -48,9 +46,8 @@ _KEYS: dict[str, tuple[type, ...]] = {
 # The least and the most each number may be, as the flags of the same names allow: a NaN or an
 # out-of-range gate would turn a failing check into a pass (or divide by zero).
 _BOUNDS: dict[str, tuple[float, float | None]] = {
-    "max-shift": (0, None),
-    "max-var-ratio": (1, None),
-    "max-share": (0, 1),
+    "departure-warning": (0, None),
+    "departure-error": (0, None),
     "min-values": (1, None),
     "max-drift": (0, None),
     "max-drift-var-ratio": (1, None),

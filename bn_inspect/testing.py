@@ -3,7 +3,7 @@
     from bn_inspect.testing import assert_bn_healthy
 
     def test_batchnorm_state(model, val_batches):
-        assert_bn_healthy(model, val_batches, baseline="tests/golden_bn.json", max_shift=2.5)
+        assert_bn_healthy(model, val_batches, baseline="tests/golden_bn.json", departure_warning=0.6)
 
 On failure the AssertionError's message is check's table (120 columns), so the test log says which
 rule fired on which layer and why.
@@ -25,9 +25,8 @@ if TYPE_CHECKING:
 
 # The keywords are [tool.bn-inspect]'s keys, with underscores: what a repository pins, a test can set.
 THRESHOLD_KEYWORDS = (
-    "max_shift",
-    "max_var_ratio",
-    "max_share",
+    "departure_warning",
+    "departure_error",
     "min_values",
     "strict",
     "fail_on",
@@ -50,7 +49,7 @@ def assert_bn_healthy(
         baseline: a known-good Report, or the path of a JSON report (``inspect --format json``,
             ``check --write-baseline``): adds the BN3xx drift rules.
         **thresholds: check's settings by their [tool.bn-inspect] names with underscores
-            (max_shift=2.5, ignore=["BN106"], fail_on="warning", max_drift=0.2, ...); the
+            (departure_warning=0.6, ignore=["BN106"], fail_on="warning", max_drift=0.2, ...); the
             project's pyproject.toml is not read, so a test says what it checks.
 
     Returns:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pytest
 import torch
 
 from bn_inspect.analyses.checking import check_model
 from bn_inspect.analyses.inspection import inspect_model
+from bn_inspect.output.html.pages import html_page
 from bn_inspect.report.baseline import Baseline
 from bn_inspect.report.diff import Tolerance
 from bn_inspect.report.schemas import schema
@@ -119,9 +122,17 @@ def test_changed_running_statistics_are_running_drift_not_data_drift(
     assert [f["layer"] for f in running] == ["features.4"] and "ratio of 4" in running[0]["message"]
     # features.8 sees other inputs through the changed layer: that is the model's doing, not the data's.
     assert "BN302" not in _codes(result.out)
-    assert any("not reported as data drift (BN302) because the model changed" in n for n in document["notes"])
+    assert (
+        "the 1 input that changed is not reported as data drift (BN302) because the model changed (BN301, BN303)"
+        in document["notes"]
+    )
+    assert "against the baseline, 1 layer's stored statistics changed; 1 downstream input changed" in document["notes"]
     no_data = invoke(capsys, ["check", drifted, *ARCH, "--no-data", "--baseline", golden, "--format", "json"])
     assert no_data.code == 1 and _codes(no_data.out) == ["BN301"]
+    assert (
+        "against the baseline, 1 layer's stored statistics changed; inputs not compared (no batch statistics on "
+        "the data)" in json.loads(no_data.out)["notes"]
+    )
     loose = invoke(
         capsys, ["check", drifted, *ARCH, "--no-data", "--baseline", golden, "--max-drift-var-ratio", "5", "-q"]
     )
@@ -150,3 +161,30 @@ def test_a_renamed_layer_is_a_layer_set_change_through_the_python_api() -> None:
     assert "bn2 of the baseline is now named norm_two" in layer_set[0].message and not renamed.passed
     without_data = check_model(_renamed_net(), None, baseline=known_good)
     assert [f.code for f in without_data.findings if f.code.startswith("BN3")] == ["BN303"]
+
+
+def test_drift_findings_name_the_channels_beyond_the_tolerance_and_the_page_shows_no_channel_count_of_0() -> None:
+    data = _data(mean=0.0, std=1.0)
+    known_good = Baseline(inspect_model(_net(), [data]), Tolerance())
+    shifted = data.clone()
+    shifted[:, 1] += 2.0  # input channel 1 only: bn1 normalizes the input itself
+    drift = [f for f in check_model(_net(), [shifted], baseline=known_good).findings if f.code == "BN302"]
+    bn1 = next(f for f in drift if f.layer == Untrusted("bn1"))
+    x_old, x_new = (np.moveaxis(x.numpy(), 1, 0).reshape(3, -1) for x in (data, shifted))
+    change = (x_new.mean(axis=1) - x_old.mean(axis=1)) / np.sqrt(x_old.var(axis=1) + 1e-5)
+    ratio = x_new.var(axis=1) / x_old.var(axis=1)
+    beyond = np.flatnonzero((np.abs(change) > 0.5) | (ratio > 1.5) | (ratio < 1 / 1.5))
+    assert bn1.channels == tuple(beyond) == (1,)
+    moved = _net()
+    with torch.no_grad():
+        moved.bn2.running_mean[[0, 3]] += moved.bn2.running_var[[0, 3]].sqrt()  # 1 old std: beyond 0.5
+    running = [f for f in check_model(moved, [data], baseline=known_good).findings if f.code == "BN301"]
+    assert [(f.layer, f.channels) for f in running] == [(Untrusted("bn2"), (0, 3))]
+    renamed = check_model(_renamed_net(), [data], baseline=known_good)
+    page = html_page(renamed)
+    row = next(r for r in re.findall(r"<tr.*?</tr>", page, re.S) if ">BN303<" in r)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)
+    assert cells[4] == "—"
+    drifted_page = html_page(check_model(_net(), [shifted], baseline=known_good))
+    bn1_row = next(r for r in re.findall(r"<tr.*?</tr>", drifted_page, re.S) if ">BN302<" in r and "bn1" in r)
+    assert re.findall(r"<td[^>]*>(.*?)</td>", bn1_row, re.S)[4] == "1: 1"

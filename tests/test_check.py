@@ -107,8 +107,7 @@ def test_shift_rule_thresholds_and_share() -> None:
     x = matching_data(model)
     x[:, 0] += 10 * model.bn.running_var[0].sqrt()
     assert "BN201" in codes(model, [x])
-    assert "BN201" not in codes(model, [x], thresholds=Thresholds(max_share=0.2))
-    assert "BN201" not in codes(model, [x], thresholds=Thresholds(max_shift=20, max_var_ratio=1e9))
+    assert "BN201" not in codes(model, [x], thresholds=Thresholds(warning=1e9, error=1e9))
 
 
 def test_variance_ratio_alone_triggers_shift() -> None:
@@ -235,9 +234,9 @@ def test_pyproject_pins_the_gate(
     monkeypatch.chdir(tmp_path)
     assert run(["check", str(path), "--no-data"]) == 1
     assert run(["check", str(path), "--no-data", "--fail-on", "error"]) == 0
-    (tmp_path / "pyproject.toml").write_text("[tool.bn-inspect]\nmax-shift = 'three'\n")
+    (tmp_path / "pyproject.toml").write_text("[tool.bn-inspect]\ndeparture-warning = 'three'\n")
     assert run(["check", str(path), "--no-data"]) == 2
-    assert "max-shift" in capsys.readouterr().err
+    assert "departure-warning" in capsys.readouterr().err
 
 
 def test_json_and_junit_outputs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -246,7 +245,7 @@ def test_json_and_junit_outputs(capsys: pytest.CaptureFixture[str], tmp_path: Pa
     assert run(["check", str(path), "--shape", "4,3,6,6", "--format", "json"]) == 1
     document = json.loads(capsys.readouterr().out)
     assert document["passed"] is False and document["schema_version"] == 1
-    assert document["thresholds"]["max_shift"] == 3.0
+    assert document["thresholds"]["warning"] == 0.83 and document["thresholds"]["error"] == 1.7
     found = {(f["code"], f["layer"]) for f in document["findings"]}
     assert ("BN101", "bn1") in found and ("BN105", "bn2") in found
     junit = tmp_path / "bn.xml"

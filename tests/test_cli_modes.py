@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,6 +59,33 @@ def test_compare_modes_on_matching_data_finds_no_gap(
         == 0
     )
     assert "| `features.1` | BatchNorm2d |" in capsys.readouterr().out
+
+
+def test_small_single_class_batches_are_no_gap_headline(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Sorted by label, batches of 8 hold one class each: train mode's per-batch statistics differ
+    # from the running ones, which match the data. That is no fault of the model.
+    images, labels = np.load(DIGITS / "test_images.npy"), np.load(DIGITS / "test_labels.npy")
+    np.save(tmp_path / "sorted.npy", images[np.argsort(labels, kind="stable")])
+    monkeypatch.setenv("COLUMNS", "140")
+    argv = [
+        "compare-modes",
+        str(DIGITS / "torchscript.pt"),
+        "--input",
+        str(tmp_path / "sorted.npy"),
+        "--batch-size",
+        "8",
+    ]
+    assert run(argv) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "The gap opens" not in text
+    assert "but no layer's data departs from its running statistics" in text
+    assert "train mode's per-batch statistics on batches of about 7.89 samples" in text
+    assert run([*argv, "--format", "json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["gap_opens_at"] is None and document["batch_noise_from"] is not None
+    assert all(layer["departure_tier"] == "within" for layer in document["layers"])
 
 
 @pytest.mark.parametrize(

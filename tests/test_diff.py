@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import math
+import re
 from collections import OrderedDict
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -18,6 +21,7 @@ from bn_inspect.output.export import diff_to_markdown
 from bn_inspect.output.formats import Rendering, TableFormatter
 from bn_inspect.report.diff import Tolerance, diff_reports
 from bn_inspect.report.records import ModelInfo, Report
+from bn_inspect.report.schemas import schema
 from bn_inspect.text import Untrusted
 from tests import models
 from tests.helpers import DIGITS, GOLDEN, assert_one_error_line, check_golden, invoke
@@ -128,6 +132,55 @@ def test_added_removed_and_channel_count_changes_are_structural() -> None:
     assert {c.status for c in diff_reports(base, different).layers} == {"unchanged", "added", "removed"}
 
 
+def test_a_corrupted_middle_layer_is_one_stored_change_and_the_inputs_after_it_are_downstream() -> None:
+    data = _data(mean=0.0, std=1.0)
+    names, channels = ("bn1", "bn2", "bn3", "bn4"), (3, 5, 5, 5)
+    healthy, corrupted = _net(names, channels), _net(names, channels)
+    with torch.no_grad():
+        corrupted.bn2.running_var.mul_(4.0)
+    old = _report(healthy, data)
+    diff = diff_reports(old, _report(corrupted, data))
+    changed = {c.label.raw: c.changed for c in diff.layers}
+    assert changed == {"bn1": None, "bn2": "stored", "bn3": "downstream-input", "bn4": "downstream-input"}
+    # bn2's own input is upstream of its statistics: only what it normalizes, and what follows, moved.
+    bn2 = next(c for c in diff.layers if c.label.raw == "bn2")
+    assert bn2.batch is not None and bn2.batch.max_abs_mean_change == 0 and bn2.batch.worst_var_ratio == 1
+    assert diff.headline == "1 layer's stored statistics changed; 2 downstream inputs changed"
+    other_data = diff_reports(old, _report(healthy, _data(mean=0.5, std=2.0, seed=3)))
+    assert {c.changed for c in other_data.layers} == {"input"}
+    assert other_data.headline == "4 inputs changed with no stored or structural change before them"
+    same = diff_reports(old, _report(healthy, data))
+    assert same.headline == "No layer's stored statistics changed and no input changed"
+    assert {c.changed for c in same.layers} == {None}
+    wider_net = _net(channels=(3, 6, 5))
+    wider_net.bn3.load_state_dict(_net().bn3.state_dict())  # bn3 stores what it stored: only its input moves
+    wider = diff_reports(_report(_net(), data), _report(wider_net, data))
+    assert {c.label.raw: c.changed for c in wider.layers} == {
+        "bn1": None,
+        "bn2": "structure",
+        "bn3": "downstream-input",
+    }
+    assert wider.headline == "1 layer's channel count changed; 1 downstream input changed"
+
+
+def test_without_batch_statistics_the_headline_says_only_what_stored_state_tells() -> None:
+    data = _data(mean=0.0, std=1.0)
+    corrupted = _net()
+    with torch.no_grad():
+        corrupted.bn1.running_mean.add_(corrupted.bn1.running_var.sqrt())
+
+    def stored_only(report: Report) -> Report:
+        layers = tuple(dataclasses.replace(layer, batch_mean=None, batch_var=None) for layer in report.layers)
+        return dataclasses.replace(report, layers=layers)
+
+    diff = diff_reports(stored_only(_report(_net(), data)), stored_only(_report(corrupted, data)))
+    assert diff.headline == "1 layer's stored statistics changed; inputs not compared (no batch statistics on the data)"
+    unchanged = diff_reports(stored_only(_report(_net(), data)), stored_only(_report(_net(), data)))
+    assert unchanged.headline == (
+        "No layer's stored statistics changed; inputs not compared (no batch statistics on the data)"
+    )
+
+
 def test_a_tolerance_of_zero_allows_exactly_no_change() -> None:
     exact = Tolerance(0.0, 1.0)
     assert exact.size([0.0, -0.0], [1.0, 1.0]) == 0 and math.isinf(exact.size([1e-300], [1.0]))
@@ -172,7 +225,7 @@ def test_names_from_the_file_are_escaped_in_markdown_and_inert_in_the_table() ->
     renamed.load_state_dict({k.replace("bn2.", hostile + "."): v for k, v in _net().state_dict().items()})
     diff = diff_reports(old, _report(renamed, data))
     markdown = diff_to_markdown(diff)
-    row = next(line for line in markdown.splitlines() if "renamed" in line)
+    row = next(line for line in markdown.splitlines() if line.startswith("| ") and "renamed" in line)
     # GitHub ends a cell at every | not escaped, inside code spans too; the escape character shows as text.
     assert "\x1b" not in markdown and "bn2\\|`x`\\x1b[31m" in row and row.count(" | ") == 9
     table = TableFormatter().text(diff, Rendering(width=200))
@@ -269,6 +322,36 @@ def test_model_files_run_the_same_data_and_a_shift_exits_1(
         ],
     )
     assert loose.code == 0, loose.out
+
+
+def test_every_format_says_one_layer_stored_statistics_changed_and_one_input_downstream(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    state = torch.load(DIGITS / "state_dict.pt")
+    state["features.4.running_var"] = state["features.4.running_var"] * 4
+    corrupted = tmp_path / "corrupted.pt"
+    torch.save(state, corrupted)
+    argv = ["diff", DIGITS / "state_dict.pt", corrupted, *ARCH, "--input", DIGITS / "test_images.npy", "-q"]
+    said = "1 layer's stored statistics changed; 1 downstream input changed"
+    table = invoke(capsys, argv)
+    assert table.code == 1 and f"{said}." in table.out
+    rows = {line.split()[0]: line.split()[3] for line in table.out.splitlines() if line.startswith("features.")}
+    assert rows == {"features.1": "unchanged", "features.4": "stored", "features.8": "downstream"}
+    assert '"stored": its running statistics moved; "downstream": only its input on the data moved' in table.out
+    markdown = invoke(capsys, [*argv, "--format", "markdown"]).out
+    assert f"**{said}.**" in markdown and "| `features.8` | BatchNorm2d | **downstream** |" in markdown
+    document = json.loads(invoke(capsys, [*argv, "--format", "json"]).out)
+    jsonschema.Draft202012Validator(schema("diff")).validate(document)
+    assert document["headline"] == said
+    assert {layer["new"]: layer["changed"] for layer in document["layers"]} == {
+        "features.1": None,
+        "features.4": "stored",
+        "features.8": "downstream-input",
+    }
+    page = tmp_path / "diff.html"
+    assert invoke(capsys, [*argv, "--format", "html", "--output", page]).code == 1
+    text = html.unescape(re.sub(r"<[^>]+>", "", page.read_text(encoding="utf-8")))
+    assert f"Failed: {said.lower()} (2 of 3 layer calls beyond the tolerance)." in text
 
 
 def test_the_tolerance_comes_from_pyproject_unless_a_flag_says_otherwise(

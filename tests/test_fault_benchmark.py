@@ -74,3 +74,16 @@ def test_smoke_run_splits_and_tabulates(smoke_results: dict[str, Any]) -> None:
     assert sum(sum(row.values()) for row in confusion.values()) == len(smoke_results["cases"])
     for trade in smoke_results["trade_offs"].values():
         assert {"calibration", "held-out"} <= trade["tuned"].keys()
+
+
+def test_smoke_run_judges_by_the_departure_score(smoke_results: dict[str, Any]) -> None:
+    # The smoke subset's faults are gross (0-255 pixels, a partial load) and its healthy models are the
+    # trained one and its recalibrations: check must tell them apart, and compare-modes stay quiet.
+    for case in smoke_results["cases"]:
+        assert "departure.worst_layer" in case["inspect"]["scores"], case["id"]
+        if case["family"] == "healthy":
+            assert case["check"]["verdict"] == "pass", case["id"]
+            assert case["compare_modes"]["gap_opens_at"] is None, case["id"]
+        elif case["damage_points"] >= 30:
+            assert case["check"]["verdict"] in {"warning", "error"}, case["id"]
+    assert smoke_results["compare_modes_healthy"]["gap_headlines"] == []

@@ -312,13 +312,10 @@ def first_error_line(err: str) -> str:
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
-        ("max-share = nan", "max-share = nan"),
-        ("max-share = 5", "max-share = 5"),
-        ("max-share = -0.1", "max-share = -0.1"),
-        ("max-var-ratio = 0", "max-var-ratio = 0"),
-        ("max-var-ratio = 0.5", "max-var-ratio = 0.5"),
-        ("max-shift = -1", "max-shift = -1"),
-        ("max-shift = inf", "max-shift = inf"),
+        ("departure-warning = nan", "departure-warning = nan"),
+        ("departure-warning = -0.1", "departure-warning = -0.1"),
+        ("departure-error = -1", "departure-error = -1"),
+        ("departure-error = inf", "departure-error = inf"),
         ("min-values = 0", "min-values = 0"),
     ],
 )
@@ -344,12 +341,12 @@ def test_config_in_range_is_used(
     hostile: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "pyproject.toml").write_text(
-        "[tool.bn-inspect]\nmax-share = 1\nmax-var-ratio = 1\nmax-shift = 0\nmin-values = 1\n", encoding="utf-8"
+        "[tool.bn-inspect]\ndeparture-warning = 0\ndeparture-error = 0.5\nmin-values = 1\n", encoding="utf-8"
     )
     monkeypatch.chdir(tmp_path)
     result = invoke(capsys, ["check", str(hostile["torchscript"]), "--no-data", "--format", "json"])
     assert result.code == 0, result.err
-    assert json.loads(result.out)["thresholds"]["max_share"] == 1
+    assert json.loads(result.out)["thresholds"]["error"] == 0.5
 
 
 @pytest.mark.parametrize("arch", ["builtins:exit", "sys:exit"])

@@ -120,7 +120,7 @@ def test_inspect_page_shows_every_layer_with_its_numbers_and_reduction(
     figures = page.data["figures"]
     assert isinstance(figures, dict)
     profile = figures["fig-profile"]["data"]
-    assert [round(v, 3) for v in profile[0]["y"]] == [round(float(layer_max(layer)), 3) for layer in layers]
+    assert [round(v, 3) for v in profile[0]["y"]] == [round(float(layer_score(layer)), 3) for layer in layers]
     # Per-channel dots: batch against running mean, as float32 of the report's values.
     dots = figures["fig-0-mean"]["data"][-1]
     assert _floats(dots["y"]) == pytest.approx(layers[0]["batch_mean"], rel=1e-6)
@@ -130,8 +130,8 @@ def test_inspect_page_shows_every_layer_with_its_numbers_and_reduction(
     assert len(svgs) == len(layers) + len(family_reductions((1, 1, 1)))
 
 
-def layer_max(layer: dict[str, object]) -> float:
-    return max(abs(float(z)) for z in layer["mean_shift_z"])  # type: ignore[attr-defined]
+def layer_score(layer: dict[str, object]) -> float:
+    return float(layer["departure"]["score"])  # type: ignore[index]
 
 
 @pytest.mark.parametrize("kind", ["report", "check", "comparison", "recalibration", "diff"])
@@ -448,7 +448,10 @@ def test_diff_page_shows_both_sides_the_change_profile_and_each_layers_channels(
         assert diff[side]["model"]["sha256"] in text and diff[side]["input"]["first_batch_sha256"] in text
     for note in diff["notes"]:
         assert f"Note: {note}." in text
-    assert "Failed: 3 of 3 layer calls beyond the tolerance." in text and "|mean change| ≤ 0.5 old std" in text
+    assert (
+        "Failed: 3 inputs changed with no stored or structural change before them (3 of 3 layer calls beyond the "
+        "tolerance)." in text
+    ) and "|mean change| ≤ 0.5 old std" in text
     layers = sorted(diff["layers"], key=lambda layer: layer["position"])
     for layer in layers:
         assert layer["new"] in text

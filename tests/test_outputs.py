@@ -16,7 +16,7 @@ from rich.console import Console
 from bn_inspect.analyses.inspection import inspect_model
 from bn_inspect.model.loading import load_model
 from bn_inspect.output.export import format_number, to_csv, to_json, to_markdown
-from bn_inspect.output.render import render_report, shift_bar
+from bn_inspect.output.render import departure_bar, render_report
 from bn_inspect.report import schemas
 from bn_inspect.report.records import ModelInfo, Report
 from tests import models
@@ -118,7 +118,7 @@ def test_csv_keeps_layers_without_channel_statistics() -> None:
     assert frame.loc[frame["layer"] == "gn", "channel"].isna().all()
 
 
-def test_number_format_and_shift_bar() -> None:
+def test_number_format_and_departure_bar() -> None:
     assert format_number(None) == "—"
     assert format_number(float("nan")) == "nan"
     assert format_number(12345.678) == "12,346"
@@ -126,9 +126,10 @@ def test_number_format_and_shift_bar() -> None:
     assert format_number(4021.7, 3) == "4,022"
     assert format_number(1.5e-7) == "1.500e-07"
     assert format_number(2.5e8) == "2.500e+08"
-    assert shift_bar(0.0).plain == "······"
-    assert shift_bar(100.0).plain == "██████"
-    assert shift_bar(float("nan")).plain == "??????"
+    assert departure_bar(0.0).plain == "······"
+    assert departure_bar(100.0).plain == "██████"
+    assert departure_bar(float("inf")).plain == "██████"
+    assert departure_bar(float("nan")).plain == "??????"
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,7 @@ def test_a_failure_raises_assertion_error_whose_message_is_the_check_table() -> 
     assert str(caught.value) == "\n" + expected
     assert "BN201" in str(caught.value) and "FAILED" in str(caught.value)
     # Thresholds loosen the gate by the config keys' names.
-    assert_bn_healthy(model, batches, max_shift=1e9, max_var_ratio=1e12)
+    assert_bn_healthy(model, batches, departure_warning=1e9, departure_error=1e12)
     assert_bn_healthy(model, batches, ignore=["shifted"])
 
 
@@ -60,9 +60,9 @@ def test_a_baseline_adds_the_drift_rules(tmp_path: Path) -> None:
 
 
 def test_an_unknown_keyword_is_a_type_error_naming_the_valid_ones() -> None:
-    with pytest.raises(TypeError, match=r"unexpected keyword.*max_shfit.*the thresholds are max_shift, "):
-        assert_bn_healthy(_net(), [_data()], max_shfit=2)
-    assert set(THRESHOLD_KEYWORDS) >= {"max_shift", "max_drift", "ignore", "fail_on"}
+    with pytest.raises(TypeError, match=r"unexpected keyword.*max_shift.*the thresholds are departure_warning, "):
+        assert_bn_healthy(_net(), [_data()], max_shift=2)
+    assert set(THRESHOLD_KEYWORDS) >= {"departure_warning", "departure_error", "max_drift", "ignore", "fail_on"}
     with pytest.raises(InputError, match="BN999"):
         assert_bn_healthy(_net(), [_data()], ignore=["BN999"])
 

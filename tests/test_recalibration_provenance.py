@@ -307,10 +307,10 @@ def test_a_forged_record_is_shown_inert_in_every_format(tmp_path: Path, capsys: 
     assert "\\<script\\>" in markdown.out
 
 
-# --- the verdict of the report: no green page over an after-curve past the limits ---------------
+# --- the verdict of the report: no green page over layers that still depart ---------------------
 
 
-def test_layers_left_past_the_limits_turn_the_verdict_and_name_the_method(tmp_path: Path) -> None:
+def test_layers_that_still_depart_after_recalibration_turn_the_verdict_and_name_the_method(tmp_path: Path) -> None:
     import io
 
     from rich.console import Console
@@ -321,19 +321,22 @@ def test_layers_left_past_the_limits_turn_the_verdict_and_name_the_method(tmp_pa
     model = models.randomize_norm_state(models.ResidualStack(), seed=3)
     images = torch.from_numpy(np.load(residual_files(tmp_path)[1]))
     exact = recalibrate(model, list(images.split(4)))
-    assert exact.past_limits_after(3.0, 4.0) == ()
-    # As the ResNet-18 after precise: the last layer's eval input 17.6 times its new variance.
-    last = replace(exact.layers[-1], worst_var_ratio_after=17.6)
+    assert all(entry.departure_after is not None and entry.departure_after < 0.05 for entry in exact.layers)
+    assert exact.departing_after(0.83) == ()
+    # As the ResNet-18 after precise: the last layer's eval input 17.6 times its new variance,
+    # a mean distance of sqrt(17.6) - 1 = 3.2 running stds, far past the warning level.
+    last = replace(exact.layers[-1], worst_var_ratio_after=17.6, departure_after=20.0)
     drifted = replace(exact, method="precise", layers=(*exact.layers[:-1], last))
-    assert drifted.past_limits_after(3.0, 4.0) == ("blocks.2.bn2",)
+    assert drifted.departing_after(0.83) == ("blocks.2.bn2",)
 
     def table(result: object) -> str:
         console = Console(file=io.StringIO(), width=120, no_color=True, record=True)
         console.print(render_recalibration(result, "new.pt", 120))  # type: ignore[arg-type]
         return console.export_text()
 
-    said = "In eval mode on these data, 1 layer (blocks.2.bn2) still sits past the limits check uses: --method precise"
+    said = "In eval mode on these data, 1 layer (blocks.2.bn2) still departs from the new statistics as check"
     assert said in " ".join(table(drifted).split())
-    assert "still sit" not in table(exact)
+    assert "--method precise takes statistics in train mode" in " ".join(table(drifted).split())
+    assert "still depart" not in table(exact)
     assert 'class="verdict verdict-departs"' in recalibration_page(drifted).body
     assert 'class="verdict verdict-within"' in recalibration_page(exact).body

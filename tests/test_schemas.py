@@ -49,7 +49,7 @@ RUNS: dict[str, tuple[str, list[str | Path], int]] = {
     "check-findings": ("check", ["check", MODEL, "--input", SHIFTED], 1),
     "check-passing": ("check", ["check", MODEL, "--input", MATCHING], 0),
     "check-no-data": ("check", ["check", MODEL, "--no-data"], 0),
-    "check-infinite-threshold": ("check", ["check", MODEL, "--input", SHIFTED, "--max-var-ratio", "inf"], 1),
+    "check-infinite-threshold": ("check", ["check", MODEL, "--input", SHIFTED, "--departure-error", "inf"], 0),
     "layers-state-dict": ("layers", ["layers", DIGITS / "state_dict.pt"], 0),
     "layers-torchscript": ("layers", ["layers", MODEL], 0),
     "compare-modes": ("compare-modes", ["compare-modes", MODEL, "--input", SHIFTED], 0),
@@ -97,8 +97,9 @@ def test_every_json_output_validates_against_the_schema_of_its_kind(
 def test_the_runs_reach_the_branches_a_schema_must_allow(documents: dict[str, dict[str, Any]]) -> None:
     # Nullable and optional parts of the documents are exercised, not only their common case.
     assert documents["check-findings"]["findings"] and not documents["check-passing"]["findings"]
+    assert {f["cause"] for f in documents["check-findings"]["findings"]} == {"input-scale"}
     assert documents["check-no-data"]["input"] is None
-    assert documents["check-infinite-threshold"]["thresholds"]["max_var_ratio"] == "inf"
+    assert documents["check-infinite-threshold"]["thresholds"]["error"] == "inf"
     assert documents["layers-state-dict"]["types_inferred"] is True
     assert documents["layers-state-dict"]["layers"][0]["eps"] is None
     assert documents["layers-torchscript"]["layers"][0]["eps"] is not None
@@ -166,6 +167,8 @@ BROKEN = {
         _set(("thresholds", "min_values"), 16.5),
         _set(("model", "format"), "onnx"),
         _set(("verdict",), "failed"),
+        _set(("findings", 0, "cause"), "input scale"),
+        _set(("findings", 0, "cause_sentence"), 1),
     ],
     "check-no-data": [_drop(("input",)), _set(("input",), "none"), _set(("kind",), "inspect")],
     "layers-torchscript": [

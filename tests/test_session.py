@@ -29,11 +29,11 @@ def test_run_options_take_the_command_parameters_they_know() -> None:
 
 
 def test_check_settings_take_flags_over_the_config_over_the_defaults() -> None:
-    config = CheckConfig(max_shift=2.0, max_share=0.5, fail_on="warning", ignore=("BN106",))
-    settings = check_settings(config, max_shift=1.5, min_values=4, ignore=["BN105"])
-    assert settings.thresholds.max_shift == 1.5  # the flag
-    assert settings.thresholds.max_share == 0.5  # the config
-    assert settings.thresholds.max_var_ratio == 4.0  # the default
+    config = CheckConfig(departure_warning=0.5, departure_error=3.0, fail_on="warning", ignore=("BN106",))
+    settings = check_settings(config, departure_warning=0.7, min_values=4, ignore=["BN105"])
+    assert settings.thresholds.warning == 0.7  # the flag
+    assert settings.thresholds.error == 3.0  # the config
+    assert settings.thresholds.info == 0.5  # the default
     assert settings.thresholds.min_values == 4
     assert settings.fail_on is FailOn.WARNING
     assert settings.ignore == ["BN106", "BN105"]

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 from torch import nn
 
@@ -26,9 +27,21 @@ ARCH = ("--arch", "sample_models.architectures:DigitsCNN")
 COMMANDS = {
     "inspect": ["inspect", "digits/state_dict.pt", *ARCH, "--input", "digits/test_images.npy", "--layer", "features.1"],
     "check": ["check", "digits/state_dict.pt", *ARCH, "--input", "digits/test_images_unscaled.npy"],
+    # Two rules on the same three layers: one grouped row each, naming the layers.
+    "check-baseline": [
+        "check",
+        "digits/state_dict.pt",
+        *ARCH,
+        "--input",
+        "digits/test_images_unscaled.npy",
+        "--baseline",
+        "old.json",
+    ],
     "layers": ["layers", "digits/state_dict.pt", *ARCH],
     "compare-modes": ["compare-modes", "digits/state_dict.pt", *ARCH, "--input", "digits/test_images.npy"],
     "diff": ["diff", "old.json", "digits/state_dict.pt", *ARCH, "--input", "digits/test_images_unscaled.npy"],
+    # One layer's stored statistics corrupted: the change column and the headline tell cause from consequence.
+    "diff-stored": ["diff", "digits/state_dict.pt", "corrupted.pt", *ARCH, "--input", "digits/test_images.npy"],
     "recalibrate": [
         "recalibrate",
         "digits/state_dict.pt",
@@ -53,6 +66,9 @@ def digits_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         shutil.copy(DIGITS / name, tmp_path / "digits" / name)
     # diff's OLD side: a report of the digits model on its test images, written before the fingerprints.
     shutil.copy(GOLDEN / "reports" / "digits_older.json", tmp_path / "old.json")
+    state = torch.load(DIGITS / "state_dict.pt")
+    state["features.4.running_var"] = state["features.4.running_var"] * 4
+    torch.save(state, tmp_path / "corrupted.pt")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

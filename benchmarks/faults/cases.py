@@ -51,6 +51,8 @@ class CaseSpec:
     what: str
     make: Callable[[Context], Built]
     applies: Requirement | None = None
+    # The cause bn-inspect should name when the fault is detected (report/causes.py's codes); None when healthy.
+    expected_cause: str | None = None
 
 
 def on_test(ctx: Context, model: nn.Module) -> Built:
@@ -216,13 +218,21 @@ def input_cases() -> list[CaseSpec]:
         CaseSpec("test_half_b", "healthy", "the second half of the test data", lambda c: half(c, 1)),
         CaseSpec("png_decoded", "healthy", "the shipped PNGs, decoded by bn-inspect", shipped_png, GRAY_IMAGE),
         CaseSpec("csv_decoded", "healthy", "the test table read from CSV", table_csv, TABLE),
-        CaseSpec("jpeg_q50", "fault", "JPEG (quality 50) copies of the test images", jpeg, GRAY_IMAGE),
+        CaseSpec(
+            "jpeg_q50",
+            "fault",
+            "JPEG (quality 50) copies of the test images",
+            jpeg,
+            GRAY_IMAGE,
+            expected_cause="domain-shift",
+        ),
         CaseSpec(
             "unscaled_0_16",
             "fault",
             "raw 0-16 pixel values",
             transformed_input(lambda n, c: n.prep(n.raw.x_test * 16)),
             IMAGE,
+            expected_cause="input-scale",
         ),
         CaseSpec(
             "scale_0_255",
@@ -230,6 +240,7 @@ def input_cases() -> list[CaseSpec]:
             "0-255 pixels (no /255)",
             transformed_input(lambda n, c: n.prep(n.raw.x_test * 255)),
             IMAGE,
+            expected_cause="input-scale",
         ),
         CaseSpec(
             "missing_normalization",
@@ -237,6 +248,7 @@ def input_cases() -> list[CaseSpec]:
             "no (x - mean) / std",
             transformed_input(lambda n, c: pipe(n).without_normalization().apply(n.raw.x_test)),
             NORMALIZED,
+            expected_cause="input-normalization",
         ),
         CaseSpec(
             "wrong_mean_std",
@@ -244,14 +256,23 @@ def input_cases() -> list[CaseSpec]:
             "ImageNet mean/std instead of the data's",
             transformed_input(lambda n, c: pipe(n).with_stats(d.IMAGENET_MEAN, d.IMAGENET_STD).apply(n.raw.x_test)),
             NORMALIZED,
+            expected_cause="input-normalization",
         ),
-        CaseSpec("bgr_order", "fault", "channels in BGR order before normalization", transformed_input(bgr), COLOUR),
+        CaseSpec(
+            "bgr_order",
+            "fault",
+            "channels in BGR order before normalization",
+            transformed_input(bgr),
+            COLOUR,
+            expected_cause="channel-order",
+        ),
         CaseSpec(
             "crop_zoom",
             "fault",
             "centre 6x6 crop resized to 8x8",
             transformed_input(lambda n, c: n.prep(d.zoom(n.raw.x_test))),
             IMAGE,
+            expected_cause="domain-shift",
         ),
         CaseSpec(
             "resize_shrink",
@@ -259,6 +280,7 @@ def input_cases() -> list[CaseSpec]:
             "resized to 6x6 and zero-padded",
             transformed_input(lambda n, c: n.prep(d.shrink(n.raw.x_test))),
             IMAGE,
+            expected_cause="domain-shift",
         ),
         CaseSpec(
             "domain_noise",
@@ -266,6 +288,7 @@ def input_cases() -> list[CaseSpec]:
             "another sensor: pixel noise sigma 0.2",
             transformed_input(lambda n, c: n.prep(d.add_noise(n.raw.x_test, 0.2, c.seed))),
             IMAGE,
+            expected_cause="domain-shift",
         ),
         CaseSpec(
             "domain_inverted",
@@ -273,6 +296,7 @@ def input_cases() -> list[CaseSpec]:
             "another domain: inverted images",
             transformed_input(lambda n, c: other_data(n, c.seed)),
             IMAGE,
+            expected_cause="domain-shift",
         ),
         CaseSpec(
             "table_standardized",
@@ -280,6 +304,7 @@ def input_cases() -> list[CaseSpec]:
             "z-scored features into a raw-unit model",
             transformed_input(lambda n, c: standardized(n.x_test)),
             TABLE,
+            expected_cause="input-normalization",
         ),
         CaseSpec(
             "table_column_order",
@@ -287,6 +312,7 @@ def input_cases() -> list[CaseSpec]:
             "mean_* and worst_* column blocks swapped",
             transformed_input(lambda n, c: swap_table_blocks(n.x_test)),
             TABLE,
+            expected_cause="channel-order",
         ),
         CaseSpec(
             "table_area_units",
@@ -294,6 +320,7 @@ def input_cases() -> list[CaseSpec]:
             "area columns in units 100x smaller",
             transformed_input(lambda n, c: area_in_other_units(n.x_test)),
             TABLE,
+            expected_cause="input-scale",
         ),
         CaseSpec(
             "table_domain_shift",
@@ -301,6 +328,7 @@ def input_cases() -> list[CaseSpec]:
             "another instrument: features 20% high, 5% noise",
             transformed_input(lambda n, c: other_data(n, c.seed)),
             TABLE,
+            expected_cause="domain-shift",
         ),
     ]
 
@@ -352,24 +380,28 @@ def model_cases() -> list[CaseSpec]:
             "fault",
             "an eval loop without eval() over the test data",
             lambda c: on_test(c, t.spoiled_without_eval(tr(c), c.net.x_test)),
+            expected_cause="spoiled-statistics",
         ),
         CaseSpec(
             "no_eval_other_data",
             "fault",
             "an eval loop without eval() over other data",
             lambda c: on_test(c, t.spoiled_without_eval(tr(c), other_data(c.net, c.seed))),
+            expected_cause="spoiled-statistics",
         ),
         CaseSpec(
             "recal_other_data",
             "fault",
             "bn-inspect recalibrate --method precise on other data",
             lambda c: recalibrated(c, "precise", other_data(c.net, c.seed), "other"),
+            expected_cause="spoiled-statistics",
         ),
         CaseSpec(
             "finetune_bs2",
             "fault",
             "one epoch of fine-tuning with batch size 2",
             lambda c: on_test(c, t.finetuned(tr(c), *net_xy(c), batch_size=2, seed=c.seed)),
+            expected_cause="small-batch-training",
         ),
         CaseSpec(
             "frozen_bn_train_mode",
@@ -378,48 +410,56 @@ def model_cases() -> list[CaseSpec]:
             lambda c: on_test(
                 c, t.head_finetuned_bn_train_mode(tr(c), c.net.head, *net_xy(c), batch_size=4, seed=c.seed)
             ),
+            expected_cause="small-batch-training",
         ),
         CaseSpec(
             "few_batches_1",
             "fault",
             "statistics from 1 batch (momentum 0.1)",
             lambda c: on_test(c, t.few_batches(tr(c), c.net.x_train, 1, c.net.batch_size)),
+            expected_cause="few-batches-tracked",
         ),
         CaseSpec(
             "few_batches_3",
             "fault",
             "statistics from 3 batches (momentum 0.1)",
             lambda c: on_test(c, t.few_batches(tr(c), c.net.x_train, 3, c.net.batch_size)),
+            expected_cause="few-batches-tracked",
         ),
         CaseSpec(
             "few_batches_10",
             "fault",
             "statistics from 10 batches (momentum 0.1)",
             lambda c: on_test(c, t.few_batches(tr(c), c.net.x_train, 10, c.net.batch_size)),
+            expected_cause="few-batches-tracked",
         ),
         CaseSpec(
             "momentum_0",
             "fault",
             "trained with momentum 0 (statistics never move)",
             lambda c: on_test(c, retrained(c, 0.0)),
+            expected_cause="momentum",
         ),
         CaseSpec(
             "momentum_1",
             "fault",
             "trained with momentum 1 (the last batch's statistics)",
             lambda c: on_test(c, retrained(c, 1.0)),
+            expected_cause="momentum",
         ),
         CaseSpec(
             "partial_load",
             "fault",
             "state_dict loaded without BN buffers (strict=False)",
             lambda c: on_test(c, t.partially_loaded(tr(c), c.net.build)),
+            expected_cause="partial-load",
         ),
         CaseSpec(
             "fp16_running_var",
             "fault",
             "running_var cast to float16 and back",
             lambda c: on_test(c, t.half_precision_var(tr(c))),
+            expected_cause="precision",
         ),
         CaseSpec(
             "swa_no_update_bn",
@@ -429,6 +469,7 @@ def model_cases() -> list[CaseSpec]:
                 c,
                 t.averaged(tr(c), *net_xy(c), ema=False, recompute_bn=False, batch_size=c.net.batch_size, seed=c.seed),
             ),
+            expected_cause="stale-statistics",
         ),
         CaseSpec(
             "ema_no_update_bn",
@@ -437,18 +478,21 @@ def model_cases() -> list[CaseSpec]:
             lambda c: on_test(
                 c, t.averaged(tr(c), *net_xy(c), ema=True, recompute_bn=False, batch_size=c.net.batch_size, seed=c.seed)
             ),
+            expected_cause="stale-statistics",
         ),
         CaseSpec(
             "corrupt_layer_var",
             "fault",
             "the middle BN layer's running_var x 1/16",
             lambda c: on_test(c, t.corrupted_layer(tr(c), var_factor=1 / 16)),
+            expected_cause="corrupted-layer",
         ),
         CaseSpec(
             "corrupt_layer_mean",
             "fault",
             "the middle BN layer's running_mean + 2 running std",
             lambda c: on_test(c, t.corrupted_layer(tr(c), mean_shift_std=2.0)),
+            expected_cause="corrupted-layer",
         ),
     ]
 

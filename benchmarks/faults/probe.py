@@ -42,6 +42,21 @@ def check_today(model_args: list[str], data_args: list[str], out: Path) -> dict[
     return {"exit_code": code, "verdict": verdict, "passed": report["passed"], "findings": findings}
 
 
+def compare_modes_today(model_args: list[str], data_args: list[str], out: Path) -> dict[str, Any]:
+    """`bn-inspect compare-modes --format json`: where it says the train/eval gap opens (None: no gap headline)."""
+    code, stderr = bn_inspect(
+        ["compare-modes", *model_args, *data_args, "--format", "json", "--output", str(out), "-q"]
+    )
+    if not out.exists():
+        return {"exit_code": code, "gap_opens_at": None, "batch_noise_from": None, "stderr": stderr.strip()}
+    report = json.loads(out.read_text())
+    return {
+        "exit_code": code,
+        "gap_opens_at": report["gap_opens_at"],
+        "batch_noise_from": report.get("batch_noise_from"),
+    }
+
+
 def inspect_report(model_args: list[str], data_args: list[str], out: Path) -> tuple[int, str, list[dict[str, Any]]]:
     """`bn-inspect inspect --format json`: exit code, stderr, and the report's layers (none if it could not run)."""
     code, stderr = bn_inspect(["inspect", *model_args, *data_args, "--format", "json", "--output", str(out), "-q"])
@@ -138,7 +153,14 @@ def layer_scores(layer: dict[str, Any]) -> dict[str, Any]:
         "abs_log_var_ratio": summary(log_ratio),
         "skl": summary(skl, SKL_LEVEL),
         "w2": summary(w2, W2_LEVEL),
+        "departure": departure_of(layer),
     }
+
+
+def departure_of(layer: dict[str, Any]) -> float | None:
+    """bn-inspect's own departure score of the layer, as its JSON report gives it (None where not compared)."""
+    found = layer.get("departure")
+    return None if found is None else finite(number(found["score"]))
 
 
 def model_scores(layers: list[dict[str, Any]]) -> dict[str, float]:
@@ -146,6 +168,9 @@ def model_scores(layers: list[dict[str, Any]]) -> dict[str, float]:
     if not layers:
         return {}
     scores: dict[str, float] = {}
+    departures = [layer["departure"] for layer in layers if layer.get("departure") is not None]
+    if departures:
+        scores["departure.worst_layer"] = max(departures)
     for stat in ("abs_shift_z", "abs_log_var_ratio", "skl", "w2", "skl_over_floor"):
         for agg in ("mean", "max", "share"):
             if stat not in layers[0] or agg not in layers[0][stat]:

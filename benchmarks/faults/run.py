@@ -25,12 +25,13 @@ sys.path.insert(0, str(REPO))
 from benchmarks.faults import tables  # noqa: E402
 from benchmarks.faults.cases import Built, CaseSpec, Context, all_cases  # noqa: E402
 from benchmarks.faults.nets_setup import Net, make_nets  # noqa: E402
-from benchmarks.faults.probe import check_today, inspect_today  # noqa: E402
+from benchmarks.faults.probe import check_today, compare_modes_today, inspect_today  # noqa: E402
 from benchmarks.faults.training import accuracy, fit  # noqa: E402
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results.json"
 # The scores printed at fixed thresholds (every score is in the JSON).
 SHOWN_SCORES = [
+    "departure.worst_layer",
     "abs_shift_z.mean.worst_layer",
     "skl.mean.worst_layer",
     "skl.mean.first_layer",
@@ -48,7 +49,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # Intra-op threads cost far more than they give on nets this small, and wreck timings on a shared machine.
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument(
-        "--summarize", type=Path, default=None, help="print an existing results JSON as markdown tables; run nothing"
+        "--summarize",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="print existing results JSON files as markdown tables (several: pooled over their seeds); run nothing",
     )
     parser.add_argument("--workdir", type=Path, default=None, help="keep models and data here (default: a temp dir)")
     return parser.parse_args(argv)
@@ -104,6 +109,7 @@ def run_case(ctx: Context, spec: CaseSpec) -> dict[str, Any]:
     inputs = data_args(ctx, spec, built)
     stem = ctx.workdir / "reports" / f"{ctx.net.name}-{spec.name}"
     halves = split_halves(ctx, spec, built)
+    modes = stem.with_suffix(".compare-modes.json")
     return {
         "id": f"{ctx.net.name}/{spec.name}",
         "net": ctx.net.name,
@@ -117,6 +123,8 @@ def run_case(ctx: Context, spec: CaseSpec) -> dict[str, Any]:
         "bucket": tables.bucket(spec.family, damage),
         "check": check_today(model_args, inputs, stem.with_suffix(".check.json")),
         "inspect": inspect_today(model_args, inputs, stem.with_suffix(".inspect.json"), halves),
+        # Issue 26: compare-modes must not headline a gap on a healthy model.
+        "compare_modes": compare_modes_today(model_args, inputs, modes) if spec.family == "healthy" else None,
         "seconds": round(time.monotonic() - started, 2),
     }
 
@@ -145,6 +153,7 @@ def document(
 ) -> dict[str, Any]:
     tables.assign_split(cases, args.seed)
     held_out = [c for c in cases if c["split"] == "held-out"]
+    healthy = [c for c in cases if c["compare_modes"] is not None]
     return {
         "benchmark": "bn-inspect fault benchmark",
         "seed": args.seed,
@@ -156,17 +165,32 @@ def document(
         "buckets": "fault damage in accuracy points: >=3, 1-3, <1; healthy cases are their own bucket",
         "confusion": {"all": tables.confusion(cases), "held-out": tables.confusion(held_out)},
         "trade_offs": tables.trade_offs(cases),
+        "compare_modes_healthy": {
+            "cases": len(healthy),
+            "gap_headlines": sorted(c["id"] for c in healthy if c["compare_modes"]["gap_opens_at"] is not None),
+        },
         "cases": cases,
         "skipped": skipped,
     }
 
 
-def summarize(path: Path) -> None:
-    """The markdown tables of benchmarks/faults/README.md, from a results file."""
-    doc = json.loads(path.read_text())
+def summarize(paths: list[Path]) -> None:
+    """The markdown tables of benchmarks/faults/README.md, from one results file, or pooled over several seeds."""
+    docs = [json.loads(path.read_text()) for path in paths]
+    if len(docs) > 1:
+        cases = [case for doc in docs for case in doc["cases"]]
+        held_out = [case for case in cases if case["split"] == "held-out"]
+        seeds = ", ".join(str(doc["seed"]) for doc in docs)
+        for title, table in [("all cases", tables.confusion(cases)), ("held-out half", tables.confusion(held_out))]:
+            print(f"### check's verdict, seeds {seeds} pooled, {title}\n\n{tables.markdown_confusion(table)}\n")
+        healthy = [case for case in cases if case.get("compare_modes") is not None]
+        gaps = [case["id"] for case in healthy if case["compare_modes"]["gap_opens_at"] is not None]
+        print(f"compare-modes on healthy cases: {len(gaps)} gap headlines in {len(healthy)} cases {gaps}\n")
+        return
+    doc = docs[0]
     for title, text in [
-        ("Today's check verdict, all cases", tables.markdown_confusion(doc["confusion"]["all"])),
-        ("Today's check verdict, held-out half", tables.markdown_confusion(doc["confusion"]["held-out"])),
+        ("check's verdict, all cases", tables.markdown_confusion(doc["confusion"]["all"])),
+        ("check's verdict, held-out half", tables.markdown_confusion(doc["confusion"]["held-out"])),
         ("Candidate scores", tables.markdown_tuned(doc["trade_offs"])),
         ("Cases", tables.markdown_cases(doc["cases"])),
     ]:
@@ -186,15 +210,17 @@ def main(argv: list[str] | None = None) -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(doc, indent=1) + "\n")
     print()
-    print(tables.format_confusion(doc["confusion"]["all"], "Today's check verdict (no baseline), all cases"))
+    print(tables.format_confusion(doc["confusion"]["all"], "check's verdict (no baseline), all cases"))
     print()
-    print(tables.format_confusion(doc["confusion"]["held-out"], "Today's check verdict, held-out half"))
+    print(tables.format_confusion(doc["confusion"]["held-out"], "check's verdict, held-out half"))
     print()
     print(tables.format_tuned(doc["trade_offs"]))
     print()
     print(tables.format_per_net(doc["trade_offs"], SHOWN_SCORES))
     print()
     print(tables.format_fixed(doc["trade_offs"], SHOWN_SCORES))
+    gaps = doc["compare_modes_healthy"]
+    print(f"\ncompare-modes on healthy cases: {len(gaps['gap_headlines'])} gap headlines in {gaps['cases']} cases")
     print(f"\n{len(cases)} cases in {doc['seconds']} s; results in {args.output}")
 
 

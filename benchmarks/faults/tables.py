@@ -17,6 +17,8 @@ GRIDS = {
     "w2": (0.1, 0.2, 0.3, 0.5, 1.0),
     "skl_over_floor": (1.0, 2.0, 5.0, 10.0, 20.0, 50.0),
     "share": (0.05, 0.1, 0.25, 0.5),
+    # bn-inspect's own score: its info, warning and error levels among others.
+    "departure": (0.5, 0.83, 1.0, 1.7, 3.0),
 }
 # A calibrated threshold sits this far above the largest healthy score of the calibration half.
 MARGIN = 1.1
@@ -70,6 +72,8 @@ def score_names(cases: list[dict[str, Any]]) -> list[str]:
 
 
 def grid_for(score: str) -> tuple[float, ...]:
+    if score == "departure.worst_layer":
+        return GRIDS["departure"]
     stat, agg, _ = score.split(".")
     return GRIDS["share"] if agg == "share" else GRIDS[stat]
 
@@ -195,11 +199,11 @@ def markdown_tuned(trade: dict[str, Any]) -> str:
 
 
 def markdown_cases(cases: list[dict[str, Any]]) -> str:
-    """One row per case: damage, today's check (verdict and rule codes) and three candidate scores (mean over
-    channels, worst layer)."""
+    """One row per case: damage, check's verdict and rule codes, bn-inspect's departure score (worst layer) and
+    three candidate scores (mean over channels, worst layer)."""
     lines = [
-        "| case | split | accuracy (reference) | damage | check | codes | skl | w2 | skl / floor |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | split | accuracy (reference) | damage | check | codes | departure | skl | w2 | skl / floor |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in cases:
         scores = case["inspect"]["scores"]
@@ -207,6 +211,7 @@ def markdown_cases(cases: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {case['id']} | {case['split']} | {case['accuracy']:.4f} ({case['reference_accuracy']:.4f}) "
             f"| {case['damage_points']:.2f} | {case['check']['verdict']} | {codes} "
+            f"| {scores.get('departure.worst_layer', math.nan):.3g} "
             f"| {scores.get('skl.mean.worst_layer', math.nan):.3g} | {scores.get('w2.mean.worst_layer', math.nan):.3g} "
             f"| {scores.get('skl_over_floor.mean.worst_layer', math.nan):.3g} |"
         )

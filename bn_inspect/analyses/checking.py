@@ -17,6 +17,7 @@ from bn_inspect.model.layers import functional_candidates
 from bn_inspect.model.modules import find_layers, unwrap_compiled
 from bn_inspect.options import FailOn, Mode
 from bn_inspect.report.baseline import Baseline, baseline_findings
+from bn_inspect.report.causes import with_causes
 from bn_inspect.report.diff import Tolerance
 from bn_inspect.report.findings import CheckReport, Finding, Thresholds
 from bn_inspect.report.records import LayerState, ModelInfo, Report
@@ -100,7 +101,7 @@ def check_model(
         mode=Untrusted(Mode(mode).value),
         thresholds=thresholds,
         fail_on=FailOn(fail_on),
-        findings=tuple(filter_ignored(findings, ignore)),
+        findings=tuple(filter_ignored(with_causes(findings, report, states), ignore)),
         layers=tuple(layer.label for layer in report.layers) if report else tuple(state.name for state in states),
         notes=tuple(notes),
         ignored=tuple(ignore),
@@ -166,9 +167,8 @@ class CheckSettings:
 
 def check_settings(
     config: CheckConfig,
-    max_shift: float | None = None,
-    max_var_ratio: float | None = None,
-    max_share: float | None = None,
+    departure_warning: float | None = None,
+    departure_error: float | None = None,
     min_values: int | None = None,
     *,
     strict: bool | None = None,
@@ -182,7 +182,8 @@ def check_settings(
     ``max_drift`` and ``max_drift_var_ratio`` are the tolerance of diff and of check --baseline.
 
     Raises:
-        InputError: an ignored rule that does not exist, or a fail-on in the config that is not one.
+        InputError: an ignored rule that does not exist, a fail-on in the config that is not one, or a
+            departure warning level above the error level.
     """
     ignored = [*config.ignore, *ignore]
     unknown = unknown_codes(ignored)
@@ -190,12 +191,16 @@ def check_settings(
         raise InputError(f"--ignore {', '.join(unknown)}: no such rule", "See the rule codes in bn-inspect's README")
     defaults = Thresholds()
     thresholds = Thresholds(
-        max_shift=_first(max_shift, config.max_shift, defaults.max_shift),
-        max_var_ratio=_first(max_var_ratio, config.max_var_ratio, defaults.max_var_ratio),
-        max_share=_first(max_share, config.max_share, defaults.max_share),
+        warning=_first(departure_warning, config.departure_warning, defaults.warning),
+        error=_first(departure_error, config.departure_error, defaults.error),
         min_values=int(_first(min_values, config.min_values, defaults.min_values)),
         strict=bool(_first(strict, config.strict, defaults.strict)),
     )
+    if thresholds.warning > thresholds.error:
+        raise InputError(
+            f"the departure warning level {thresholds.warning:g} is above the error level {thresholds.error:g}",
+            "Set --departure-warning at or below --departure-error (or departure-warning in [tool.bn-inspect])",
+        )
     try:
         gate = FailOn(fail_on or config.fail_on or FailOn.ERROR)
     except ValueError:
@@ -218,9 +223,8 @@ def check_gate(
     """
     return check_settings(
         config if config is not None else load_check_config(folder or Path.cwd()),
-        flags.get("max_shift"),
-        flags.get("max_var_ratio"),
-        flags.get("max_share"),
+        flags.get("departure_warning"),
+        flags.get("departure_error"),
         flags.get("min_values"),
         strict=flags.get("strict"),
         fail_on=flags.get("fail_on"),

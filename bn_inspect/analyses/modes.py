@@ -52,6 +52,7 @@ from bn_inspect.model.modules import (
 )
 from bn_inspect.report import shift
 from bn_inspect.report.comparisons import LayerModeGap, ModeComparison, OutputGap
+from bn_inspect.report.departure import ERROR, WARNING, measure
 from bn_inspect.text import Untrusted
 
 DEFAULT_THRESHOLD = 0.05
@@ -186,15 +187,20 @@ def compare_modes(
         raise InputError("no batch ran", "Give at least one batch of input")
     by_name = {layer.name: layer for layer in layers}
     entries = tuple(
-        _entry(by_name[name], call, sums, recorder) for (name, call), sums in lockstep.sums.items() if name in by_name
+        _entry(by_name[name], call, sums, recorder, num_samples)
+        for (name, call), sums in lockstep.sums.items()
+        if name in by_name
     )
-    opens = next((e.label for e in entries if not e.output_rel_diff <= threshold), None)
+    beyond = [e for e in entries if not e.output_rel_diff <= threshold]
+    opens = next((e.label for e in beyond if e.departure_tier in (WARNING, ERROR)), None)
+    noise = beyond[0].label if beyond and opens is None else None
     seen = {name for name, _ in lockstep.sums}
     return ModeComparison(
         layers=entries,
         output=outputs.gap(num_samples),
         threshold=threshold,
         gap_opens_at=opens,
+        batch_noise_from=noise,
         not_executed=tuple(Untrusted(layer.name) for layer in layers if layer.name not in seen),
         num_batches=num_batches,
         num_samples=num_samples,
@@ -445,16 +451,19 @@ def _close(a: torch.Tensor, b: torch.Tensor, tolerance: float) -> bool:
     return difference <= tolerance * scale or difference == 0.0
 
 
-def _entry(layer: NormLayer, call: int, sums: _Sums, recorder: StatisticsRecorder) -> LayerModeGap:
+def _entry(layer: NormLayer, call: int, sums: _Sums, recorder: StatisticsRecorder, num_samples: int) -> LayerModeGap:
     record = recorder.records.get((layer.name, call))
     moments = record.moments if record is not None else None
-    values_per_channel = max_z = mean_z = worst_ratio = None
+    values_per_channel = max_z = mean_z = worst_ratio = found = None
     if moments is not None:
         values_per_channel = moments.values_per_channel
         if layer.running_mean is not None and layer.running_var is not None:
-            z = shift.mean_shift_z(_floats(moments.mean), layer.running_mean, layer.running_var, layer.eps or 0.0)
+            mean, var = _floats(moments.mean), _floats(moments.biased_var())
+            z = shift.mean_shift_z(mean, layer.running_mean, layer.running_var, layer.eps or 0.0)
             max_z, mean_z = shift.max_abs(z), shift.mean_abs(z)
-            worst_ratio = shift.worst_ratio(shift.var_ratio(_floats(moments.biased_var()), layer.running_var))
+            worst_ratio = shift.worst_ratio(shift.var_ratio(var, layer.running_var))
+            if num_samples and mean:
+                found = measure(mean, var, layer.running_mean, layer.running_var, layer.eps or 0.0, num_samples)
     return LayerModeGap(
         name=Untrusted(layer.name),
         call=call,
@@ -468,6 +477,8 @@ def _entry(layer: NormLayer, call: int, sums: _Sums, recorder: StatisticsRecorde
         max_abs_shift_z=max_z,
         mean_abs_shift_z=mean_z,
         worst_var_ratio=worst_ratio,
+        departure=None if found is None else found.score,
+        departure_tier=None if found is None else found.tier,
     )
 
 

@@ -99,7 +99,7 @@ from bn_inspect.errors import ExportModeError, NoNormLayersError
 from bn_inspect.model.graph import exported_training_mode, iter_graph_norm_layers
 from bn_inspect.model.layers import NormFamily, NormLayer, iter_norm_layers
 from bn_inspect.model.modules import refuse_lazy_modules, unwrap_compiled
-from bn_inspect.report import shift
+from bn_inspect.report import departure, shift
 from bn_inspect.report.comparisons import RecalibratedLayer, RecalibrationResult, SkippedLayer
 from bn_inspect.text import Untrusted
 
@@ -190,7 +190,9 @@ def recalibrate(
     notes = measured.notes + (_shared_layers_note(seen) if method is RecalibrationMethod.SEQUENTIAL else [])
     return RecalibrationResult(
         method=method.value,
-        layers=tuple(_describe(targets[name], measured, originals[name], after.get(name)) for name in seen),
+        layers=tuple(
+            _describe(targets[name], measured, originals[name], after.get(name), runner.num_samples) for name in seen
+        ),
         skipped=tuple(skipped),
         num_batches=runner.num_batches,
         num_samples=runner.num_samples,
@@ -355,7 +357,9 @@ def _floats(tensor: torch.Tensor) -> Floats:
     return tuple(float(v) for v in tensor.detach().to("cpu", torch.float64).tolist())
 
 
-def _describe(target: Target, measured: Measurement, original: Original, after: Seen | None) -> RecalibratedLayer:
+def _describe(
+    target: Target, measured: Measurement, original: Original, after: Seen | None, num_samples: int
+) -> RecalibratedLayer:
     layer = target.layer
     seen = measured.seen[layer.name]
     eps = layer.eps or 0.0
@@ -363,9 +367,17 @@ def _describe(target: Target, measured: Measurement, original: Original, after: 
     # "Before" is the model as given: for sequential, ``seen`` was measured after the layers
     # upstream had already been rewritten, which tells nothing about the given model.
     z_before, ratio_before = _summary(measured.given[layer.name].moments, old_mean, old_var, eps)
-    z_after = ratio_after = None
+    z_after = ratio_after = departure_after = None
     if after is not None:
         z_after, ratio_after = _summary(after.moments, target.running_mean, target.running_var, eps)
+        departure_after = departure.measure(
+            _floats(after.moments.mean),
+            _floats(after.moments.biased_var()),
+            _floats(target.running_mean),
+            _floats(target.running_var),
+            eps,
+            max(1, num_samples * seen.calls_per_forward),
+        ).score
     tracked = target.num_batches_tracked
     return RecalibratedLayer(
         name=Untrusted(layer.name),
@@ -386,4 +398,5 @@ def _describe(target: Target, measured: Measurement, original: Original, after: 
         worst_var_ratio_before=ratio_before,
         max_abs_shift_z_after=z_after,
         worst_var_ratio_after=ratio_after,
+        departure_after=departure_after,
     )

@@ -128,15 +128,13 @@ NoDataOpt = Annotated[
 FailOnOpt = Annotated[
     FailOn | None, typer.Option("--fail-on", help="Lowest severity that fails the check (default error).")
 ]
-MaxShiftOpt = Annotated[
-    float | None, typer.Option("--max-shift", min=0, help="|shift z| above this is shifted (default 3).")
-]
-MaxVarRatioOpt = Annotated[
-    float | None, typer.Option("--max-var-ratio", min=1, help="Var ratio outside [1/R, R] is shifted (default 4).")
-]
-MaxShareOpt = Annotated[
+DepartureWarningOpt = Annotated[
     float | None,
-    typer.Option("--max-share", min=0, max=1, help="Share of shifted channels a layer may have (default 0.1)."),
+    typer.Option("--departure-warning", min=0, help="A layer's departure score from here on warns (default 0.83)."),
+]
+DepartureErrorOpt = Annotated[
+    float | None,
+    typer.Option("--departure-error", min=0, help="A layer's departure score from here on is an error (default 1.7)."),
 ]
 MinValuesOpt = Annotated[
     int | None, typer.Option("--min-values", min=1, help="Fewer values per channel per batch warn (default 16).")

@@ -7,11 +7,13 @@ import math
 import re
 from typing import TYPE_CHECKING
 
+from bn_inspect.output.grouped import group_sentence, grouped_findings
 from bn_inspect.output.verdict import inspection_verdict
-from bn_inspect.output.words import counted, image_details
+from bn_inspect.output.words import batch_noise_sentence, change_legend, change_word, counted, image_details
+from bn_inspect.report.departure import departure
 from bn_inspect.report.findings import MODEL_LABEL, CheckReport, Finding
 from bn_inspect.report.frame import report_frame
-from bn_inspect.report.records import LayerListing, Report, matching_layers
+from bn_inspect.report.records import LayerListing, LayerReport, Report, matching_layers
 from bn_inspect.text import Untrusted, inert
 
 if TYPE_CHECKING:
@@ -100,6 +102,14 @@ def _avg(values: tuple[float, ...] | None) -> float | None:
     return math.fsum(values) / len(values) if values else None
 
 
+def _departure_cell(layer: LayerReport) -> str:
+    found = departure(layer)
+    if found is None:
+        return "—"
+    score = format_number(found.score, 3)
+    return f"**{score}** ({found.tier})" if found.departs else score
+
+
 def to_markdown(report: Report, channel_patterns: tuple[str, ...] = ()) -> str:
     """A GitHub-flavoured summary: one table row per layer call, then the explanations."""
     data = report.input
@@ -115,8 +125,8 @@ def to_markdown(report: Report, channel_patterns: tuple[str, ...] = ()) -> str:
         ),
         "",
         "| # | layer | type | input | C | values/ch | batch mean | running mean | batch var | running var "
-        "| max \\|z\\| | worst var ratio | uses | flags |",
-        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| departure | max \\|z\\| | worst var ratio | uses | flags |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for index, layer in enumerate(report.layers):
         cells = [
@@ -130,6 +140,7 @@ def to_markdown(report: Report, channel_patterns: tuple[str, ...] = ()) -> str:
             format_number(_avg(layer.running_mean)),
             format_number(_avg(layer.batch_var)),
             format_number(_avg(layer.running_var)),
+            _departure_cell(layer),
             format_number(layer.max_abs_shift_z),
             format_number(layer.worst_var_ratio),
             layer.normalizes_with,
@@ -189,9 +200,13 @@ def check_to_markdown(check: CheckReport) -> str:
         "",
     ]
     if check.findings:
+        # A summary page has room: a group of findings names every one of its layers.
         lines += ["| severity | code | layer | finding |", "|---|---|---|---|"]
-        for f in sorted(check.findings, key=lambda f: -f.severity.rank):
-            lines.append(f"| {f.severity.value} | {f.code} {f.rule} | {_cell(_code(f.label))} | {_text(f.message)}. |")
+        for group in grouped_findings(check.findings):
+            f = group.first
+            layer = _cell(_code(f.label)) if len(group.findings) == 1 else counted(len(group.findings), "layer")
+            finding = group_sentence(group, lambda label: _cell(_code(label)), _text)
+            lines.append(f"| {f.severity.value} | {f.code} {f.rule} | {layer} | {finding} |")
     else:
         lines.append("No findings.")
     if check.first_divergent:
@@ -203,7 +218,7 @@ def check_to_markdown(check: CheckReport) -> str:
     t = check.thresholds
     lines += [
         "",
-        f"<sub>max shift {t.max_shift:g} · max var ratio {t.max_var_ratio:g} · max share {t.max_share:g} · "
+        f"<sub>departure warning {t.warning:g} · departure error {t.error:g} · "
         f"min values {t.min_values} · untrained statistics (BN104) {'an error' if t.strict else 'a warning'}</sub>",
         "",
     ]
@@ -306,11 +321,12 @@ def comparison_to_markdown(comparison: ModeComparison) -> str:
             f"{gap.own_rel_diff:.2%} | {format_number(gap.max_abs_shift_z)} | {format_number(gap.worst_var_ratio)} |"
         )
     lines.append("")
-    lines.append(
-        f"**The gap opens at {_code(comparison.gap_opens_at)}.**"
-        if comparison.gap_opens_at
-        else f"No layer's output differs by more than {comparison.threshold:.0%} between modes."
-    )
+    if comparison.gap_opens_at:
+        lines.append(f"**The gap opens at {_code(comparison.gap_opens_at)}.**")
+    elif comparison.batch_noise_from is not None:
+        lines.append(batch_noise_sentence(comparison, _code))
+    else:
+        lines.append(f"No layer's output differs by more than {comparison.threshold:.0%} between modes.")
     if comparison.output is not None:
         change = comparison.output.argmax_change_fraction
         lines.append(
@@ -366,7 +382,7 @@ def diff_to_markdown(diff: DiffReport) -> str:
         return format_number(value.max_abs_mean_change), format_number(value.worst_var_ratio)
 
     verdict = "✅ within tolerance" if diff.passed else "❌ beyond tolerance"
-    lines = [f"## bn-inspect diff: {verdict}", ""]
+    lines = [f"## bn-inspect diff: {verdict}", "", f"**{_text(diff.headline)}.**", ""]
     for name, model, data, mode in (
         ("OLD", diff.old_model, diff.old_input, diff.old_mode),
         ("NEW", diff.new_model, diff.new_input, diff.new_mode),
@@ -388,7 +404,7 @@ def diff_to_markdown(diff: DiffReport) -> str:
             str(layer.position),
             label or _code(layer.label),
             _text(layer.type),
-            f"**{layer.status}**" if layer.is_beyond else layer.status,
+            f"**{change_word(layer)}**" if layer.is_beyond else layer.status,
             " → ".join(dict.fromkeys(f"{c:,}" for c in channels if c is not None)) or "—",
             *change(layer.running),
             *change(layer.batch),
@@ -396,6 +412,9 @@ def diff_to_markdown(diff: DiffReport) -> str:
         ]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     lines += ["", "Mean changes are in units of the OLD standard deviation; var ratios are new / old."]
+    legend = change_legend(diff.layers)
+    if legend:
+        lines.append(f"In the change column, {_text(legend)}.")
     if diff.first_changed is not None:
         lines.append(f"First changed layer in execution order: {_code(diff.first_changed)}.")
     lines += [f"- {_text(note)}." for note in diff.notes]

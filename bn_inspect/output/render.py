@@ -4,25 +4,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from rich.console import Group, RenderableType
 from rich.text import Text
 
 from bn_inspect.output.export import format_number
+from bn_inspect.output.grouped import group_sentence, grouped_findings
 from bn_inspect.output.layout import Column, Layout, fitted
 from bn_inspect.output.verdict import inspection_verdict
 from bn_inspect.output.words import counted, image_details
+from bn_inspect.report.departure import ERROR, INFO, WARNING, WITHIN, Departure, departure
 from bn_inspect.report.findings import CheckReport
 from bn_inspect.report.records import LayerReport, ModelInfo, Report, matching_layers
 from bn_inspect.text import Untrusted, inert
 
-if TYPE_CHECKING:
-    pass
-
-# |z| beyond which the batch mean sits far outside the running distribution.
-SHIFT_WARN = 1.0
-SHIFT_ALARM = 3.0
 _BAR_CELLS = 6
 _BAR_TOP = 100.0
 _EIGHTHS = " ▏▎▍▌▋▊▉█"
@@ -49,28 +44,23 @@ def _geometric_mean(values: Sequence[float] | None) -> float | None:
     return math.exp(math.fsum(math.log(v) for v in values) / len(values))
 
 
-def shift_style(max_abs_z: float | None) -> str:
-    """Colour for a layer's worst |shift z|."""
-    if max_abs_z is None:
-        return "dim"
-    if math.isnan(max_abs_z) or max_abs_z > SHIFT_ALARM:
-        return "bold red"
-    if max_abs_z > SHIFT_WARN:
-        return "yellow"
-    return "green"
+_TIER_STYLE = {ERROR: "bold red", WARNING: "yellow", INFO: "", WITHIN: "green"}
 
 
-def shift_bar(max_abs_z: float | None) -> Text:
-    """A 6-cell bar of max |z| on a log scale (1 -> ~0.9 cell, 3 -> ~1.8, 100 -> full)."""
-    if max_abs_z is None:
-        return Text("")
-    if math.isnan(max_abs_z):
-        return Text("?" * _BAR_CELLS, style="bold red")
-    fill = _BAR_CELLS * min(1.0, math.log10(1 + max_abs_z) / math.log10(1 + _BAR_TOP))
+def departure_style(found: Departure | None) -> str:
+    """Colour for a layer's departure: its tier's (report/departure.py)."""
+    return "dim" if found is None else _TIER_STYLE[found.tier]
+
+
+def departure_bar(score: float, style: str = "") -> Text:
+    """A 6-cell bar of a departure score on a log scale (0.83 -> ~0.8 cell, 1.7 -> ~1.3, 100 -> full)."""
+    if math.isnan(score):
+        return Text("?" * _BAR_CELLS, style=style)
+    fill = _BAR_CELLS * min(1.0, math.log10(1 + score) / math.log10(1 + _BAR_TOP))
     eighths = round(fill * 8)
     full, rest = divmod(eighths, 8)
     bar = "█" * full + (_EIGHTHS[rest] if rest else "")
-    return Text(bar.ljust(_BAR_CELLS, "·"), style=shift_style(max_abs_z))
+    return Text(bar.ljust(_BAR_CELLS, "·"), style=style)
 
 
 def _shape(shape: Sequence[int] | None) -> str:
@@ -110,19 +100,20 @@ def _two_lines(top: str | Text, bottom: str | Text, bottom_style: str = "dim") -
 
 def _layer_cells(layer: LayerReport) -> dict[str, Text]:
     """Each cell of a layer call's row, by the column it belongs to."""
-    shifts, worst, ratio = layer.mean_shift_z, layer.max_abs_shift_z, layer.var_ratio
+    worst, ratio = layer.max_abs_shift_z, layer.var_ratio
+    found = departure(layer)
     shift_cell = Text("—", style="dim")
-    if shifts is not None and worst is not None:
-        shift_cell = _two_lines(
-            shift_bar(worst) + Text(f" {_short(worst)}"), f"avg {_short(_mean([abs(z) for z in shifts]))}"
-        )
+    if found is not None:
+        score = Text(f" {_short(found.score)}", style=departure_style(found))
+        shift_cell = _two_lines(departure_bar(found.score, departure_style(found)) + score, f"|z| {_short(worst)}")
     ratio_cell = Text("—", style="dim")
     if ratio is not None:
         ratio_cell = _two_lines(_short(_geometric_mean(ratio)), f"({_short(layer.worst_var_ratio)})")
     values = layer.values_per_channel
     channels = f"{layer.num_channels:,}" if layer.num_channels is not None else "—"
     flags = Text(" ".join(layer.flags), style="magenta")
-    name = _two_lines(_inert(layer.label, "bold"), _inert(layer.type, "dim"))
+    name_style = "bold red" if found is not None and found.tier == ERROR else "bold"
+    name = _two_lines(_inert(layer.label, name_style), _inert(layer.type, "dim"))
     return {
         "name": name,
         "named": _two_lines(name, flags) if layer.flags else name,
@@ -150,7 +141,7 @@ _LAYER_COLUMNS = {
     "C": Column("C", "right"),
     "mean": Column("mean\nbatch/run", "right"),
     "var": Column("var\nbatch/run", "right"),
-    "shift": Column("shift |z|\nmax", wraps=True),
+    "shift": Column("departure\n|z| max", wraps=True),
     "ratio": Column("var ratio\n(worst)", "right"),
     "uses": Column("uses\nflags", wraps=True),
 }
@@ -223,6 +214,8 @@ def channel_table(layer: LayerReport, width: int = 160) -> RenderableType:
     weight and bias are left out (the JSON and CSV reports have them); then one block per channel.
     """
     shifts, ratios = layer.mean_shift_z, layer.var_ratio
+    found = departure(layer)
+    departing = set() if found is None else {*found.channels, *found.nonfinite}
 
     def at(values: Sequence[float] | None, index: int) -> Text:
         return Text(format_number(values[index] if values is not None else None))
@@ -237,7 +230,7 @@ def channel_table(layer: LayerReport, width: int = 160) -> RenderableType:
                 "running mean": at(layer.running_mean, c),
                 "batch var": at(layer.batch_var, c),
                 "running var": at(layer.running_var, c),
-                "shift z": Text(format_number(z), style=shift_style(abs(z) if z is not None else None)),
+                "shift z": Text(format_number(z), style="bold red" if c in departing else ""),
                 "var ratio": at(ratios, c),
                 "weight": at(layer.weight, c),
                 "bias": at(layer.bias, c),
@@ -306,15 +299,15 @@ def render_check(check: CheckReport, width: int = 160) -> RenderableType:
             head.append(f"\n{inert(detail)}")
     parts += [head, Text("")]
     if check.findings:
-        ordered = sorted(check.findings, key=lambda f: -f.severity.rank)
+        # A terminal is short of space: a group's layer list takes about one line of the table.
         rows = tuple(
             (
-                _inert(finding.label),
-                Text(finding.severity.value, style=_SEVERITY_STYLE[finding.severity.value]),
-                Text(f"{finding.code}\n{finding.rule}"),
-                _inert(finding.message + "."),
+                _inert(group.first.label) if len(group.findings) == 1 else Text(counted(len(group.findings), "layer")),
+                Text(group.severity.value, style=_SEVERITY_STYLE[group.severity.value]),
+                Text(f"{group.first.code}\n{group.first.rule}"),
+                _inert(group_sentence(group, Untrusted.inert, inert, budget=width)),
             )
-            for finding in ordered
+            for group in grouped_findings(check.findings)
         )
         columns = (Column("layer"), Column("severity"), Column("code"), Column("finding", wraps=True, ratio=1))
         parts += [fitted([Layout(columns, rows)], width), Text("")]

@@ -7,7 +7,7 @@ from rich.text import Text
 
 from bn_inspect.output.layout import Column, Layout, fitted
 from bn_inspect.output.render import _inert, _short, _two_lines
-from bn_inspect.output.words import counted
+from bn_inspect.output.words import change_legend, change_word, counted
 from bn_inspect.report.diff import UNCHANGED, DiffReport, LayerChange, StatChange
 from bn_inspect.report.records import InputInfo, ModelInfo
 from bn_inspect.text import Untrusted
@@ -40,7 +40,7 @@ def diff_rows(layers: tuple[LayerChange, ...]) -> list[dict[str, Text]]:
     for layer in layers:
         running_mean, running_var = _change_cells(layer.running)
         batch_mean, batch_var = _change_cells(layer.batch)
-        status = Text(layer.status, style=_STATUS_STYLE.get(layer.status, "bold yellow"))
+        status = Text(change_word(layer), style=_STATUS_STYLE.get(layer.status, "bold yellow"))
         row = {
             "#": Text(str(layer.position)),
             "layer": _inert(layer.label, "bold" if layer.is_beyond else ""),
@@ -104,10 +104,14 @@ def render_diff(diff: DiffReport, width: int = 160) -> RenderableType:
         Text(""),
         Text("Mean changes are in units of the OLD standard deviation; var ratios are new / old.", style="dim"),
     ]
+    legend = change_legend(diff.layers)
+    if legend:
+        parts.append(Text(f"In the change column, {legend}.", style="dim"))
     if diff.first_changed is not None:
         parts.append(_inert(f"First changed layer in execution order: {diff.first_changed.inert()}", "bold"))
     parts += [_inert(f"Note: {note}.", "dim") for note in diff.notes]
     beyond = len(diff.beyond)
+    parts.append(Text(diff.headline + ".", style="bold"))
     parts.append(
         Text(
             f"{beyond} of {counted(len(diff.layers), 'layer call')} beyond the tolerance "

@@ -11,7 +11,7 @@ from rich.text import Text
 
 from bn_inspect.output.layout import Column, Layout, fitted
 from bn_inspect.output.render import _inert, _mean, _model_line, _short, _two_lines
-from bn_inspect.output.words import counted, past_limits_sentence
+from bn_inspect.output.words import batch_noise_sentence, counted, departing_after_sentence
 from bn_inspect.report.departure import Thresholds
 from bn_inspect.report.records import LayerListing, LayerState
 
@@ -168,6 +168,8 @@ def render_mode_comparison(comparison: ModeComparison, width: int = 160) -> Rend
                 style="bold red",
             )
         )
+    elif comparison.batch_noise_from is not None:
+        parts.append(Text(batch_noise_sentence(comparison, lambda label: label.inert()), style="yellow"))
     else:
         parts.append(
             Text(f"No layer's output differs by more than {comparison.threshold:.0%} between modes.", style="green")
@@ -233,10 +235,9 @@ def render_recalibration(result: RecalibrationResult, output: str, width: int = 
         Text(""),
         table,
     ]
-    thresholds = Thresholds()
-    past = result.past_limits_after(thresholds.max_shift, thresholds.max_var_ratio)
+    past = result.departing_after(Thresholds().warning)
     if past:
-        parts.append(_inert(past_limits_sentence(past, result.method), "bold red"))
+        parts.append(_inert(departing_after_sentence(past, result.method), "bold red"))
     for skipped in result.skipped:
         parts.append(_inert(f"Skipped {skipped.name.inert()} ({skipped.type.inert()}): {skipped.reason}", "yellow"))
     for note in result.notes:

@@ -29,12 +29,12 @@ def inspection_verdict(
         thresholds: the limits of "departs" (report/departure.py).
     """
     limits = thresholds or Thresholds()
-    compared = [layer for layer in report.layers if layer.max_abs_shift_z is not None]
-    if not compared and report.input.num_samples == 0:
+    scored = [(layer, found) for layer in report.layers if (found := departure(layer, limits)) is not None]
+    if not scored and report.input.num_samples == 0:
         return Verdict(
             "nothing to compare", "Every batch was empty (0 samples): there are no batch statistics to compare."
         )
-    if not compared:
+    if not scored:
         return Verdict("nothing to compare", "No layer keeps running statistics to compare the batch with.")
     if report.input.is_random:
         return Verdict(
@@ -42,16 +42,18 @@ def inspection_verdict(
             "Random input says nothing about the running statistics (on it every layer may look shifted): "
             "pass real data with --input to see which layer departs from them first.",
         )
-    first = report.first_divergent(limits)
-    found = departure(first, limits) if first is not None else None
-    if first is None or found is None:
-        largest = max(compared, key=lambda layer: layer.max_abs_shift_z or 0.0)
+    worst_layer, worst = report.worst_departure(limits) or scored[0]
+    departed = [(layer, found) for layer, found in scored if found.departs]
+    if not departed:
         return Verdict(
             "within",
-            f"No layer departs from its running statistics ({limits.departure_limits()}); largest |shift z|: "
-            f"{name(largest.label)}, {largest.max_abs_shift_z:.4g}.",
+            f"No layer departs from its running statistics ({limits.departure_limits()}); largest departure: "
+            f"{name(worst_layer.label)}, {worst.score:.3g}.",
         )
-    return Verdict(
-        "departs",
-        f"First departure from the running statistics, in execution order: {name(first.label)}: {found.describe()}.",
+    first, found = departed[0]
+    sentence = (
+        f"First departure from the running statistics, in execution order: {name(first.label)}: {found.describe()}."
     )
+    if worst_layer is not first:
+        sentence += f" The largest: {name(worst_layer.label)}, departure {worst.score:.3g} ({worst.tier})."
+    return Verdict("departs", sentence)

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+from bn_inspect.report.comparisons import ModeComparison
+from bn_inspect.report.diff import CHANGED, DOWNSTREAM_INPUT, STORED, LayerChange
 from bn_inspect.text import Untrusted
+
+# What the change column says for a layer whose statistics changed: what changed, not just that.
+_CHANGED_WORD = {STORED: "stored", DOWNSTREAM_INPUT: "downstream"}
+_MEANINGS = {
+    "stored": "its running statistics moved",
+    "downstream": "only its input on the data moved, after a stored or structural change earlier in execution order",
+    "input": "only its input on the data moved, with no stored or structural change before it",
+}
 
 
 def counted(number: int, noun: str) -> str:
@@ -25,8 +35,42 @@ def image_details(preprocessing: Untrusted | None, num_skipped: int, skipped: tu
     return said
 
 
-def past_limits_sentence(names: Sequence[Untrusted], method: str) -> str:
-    """What recalibrate says when layers still sit past check's limits in eval mode after it (inert)."""
+def change_word(layer: LayerChange) -> str:
+    """A diff row's change: its status, with "changed" said as what changed (stored, input, downstream)."""
+    if layer.status != CHANGED:
+        return layer.status
+    return _CHANGED_WORD.get(layer.changed or "", "input")
+
+
+def change_legend(layers: Sequence[LayerChange]) -> str:
+    """What each change word in ``layers`` means ("" when none is used): `"stored": its running statistics moved`."""
+    used = {change_word(layer) for layer in layers}
+    return "; ".join(f'"{word}": {meaning}' for word, meaning in _MEANINGS.items() if word in used)
+
+
+def batch_noise_sentence(comparison: ModeComparison, name: Callable[[Untrusted], str]) -> str:
+    """compare-modes when the modes differ but no layer's data departs: what the difference is, and is not."""
+    start = comparison.batch_noise_from
+    opening = comparison.layer(start.raw) if start is not None else None
+    scored = [layer for layer in comparison.layers if layer.departure is not None]
+    largest = max(scored, key=lambda layer: layer.departure or 0.0) if scored else None
+    per_batch = comparison.num_samples / comparison.num_batches if comparison.num_batches else 0
+    said = (
+        f"Train and eval mode differ from {name(start)} on (its output by {opening.output_rel_diff:.1%}), "
+        if start is not None and opening is not None
+        else "Train and eval mode differ, "
+    )
+    said += "but no layer's data departs from its running statistics"
+    if largest is not None and largest.departure is not None:
+        said += f" (largest departure {largest.departure:.2g}, {name(largest.label)})"
+    return (
+        said + f": the difference is train mode's per-batch statistics on batches of about {per_batch:.3g} samples "
+        "(small or unshuffled batches), not a fault of the stored statistics. Eval mode is what the deployed model does."
+    )
+
+
+def departing_after_sentence(names: Sequence[Untrusted], method: str) -> str:
+    """What recalibrate says when layers' eval inputs still depart from their new statistics (inert)."""
     shown = ", ".join(name.inert() for name in names[:3]) + (", …" if len(names) > 3 else "")
     why = (
         "--method precise takes statistics in train mode, which deep layers do not see in eval; "
@@ -36,6 +80,5 @@ def past_limits_sentence(names: Sequence[Untrusted], method: str) -> str:
     )
     return (
         f"In eval mode on these data, {counted(len(names), 'layer')} ({shown}) still "
-        f"{'sits' if len(names) == 1 else 'sit'} past the "
-        f"limits check uses: {why}."
+        f"{'departs' if len(names) == 1 else 'depart'} from the new statistics as check measures it: {why}."
     )

@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from bn_inspect.report.comparability import comparability_notes
 from bn_inspect.report.departure import Thresholds
 from bn_inspect.report.diff import (
     ADDED,
@@ -24,8 +25,8 @@ from bn_inspect.report.diff import (
     LayerChange,
     StatChange,
     Tolerance,
-    comparability_notes,
     diff_layers,
+    what_changed,
 )
 from bn_inspect.report.findings import RULES, Finding
 from bn_inspect.report.records import LayerReport, LayerState, Report
@@ -63,6 +64,8 @@ def baseline_findings(
         changes = diff_layers(baseline.layers, current.layers, tolerance, thresholds)
         notes = comparability_notes(baseline, current, ("the baseline", "this run"))
         by_label = {layer.label: layer for layer in (*baseline.layers, *current.layers)}
+    if any(c.is_beyond for c in changes):
+        notes.insert(0, f"against the baseline, {what_changed(changes)}")
     findings = [_structural(c, by_label) for c in changes if c.status in (ADDED, REMOVED, RENAMED, CHANNELS)]
     findings += _running_drift(changes, by_label, tolerance)
     if current is not None:
@@ -112,9 +115,18 @@ def _as_layer(state: LayerState) -> LayerReport:
     )
 
 
-def _finding(code: str, layer: LayerReport, message: str) -> Finding:
+def _finding(code: str, layer: LayerReport, message: str, channels: tuple[int, ...] = ()) -> Finding:
     rule = RULES[code]
-    return Finding(code, rule.name, rule.severity, layer.name, layer.call, (), message)
+    return Finding(code, rule.name, rule.severity, layer.name, layer.call, channels, message)
+
+
+def _channels_beyond(change: StatChange, tolerance: Tolerance) -> tuple[int, ...]:
+    """The channels whose own change is beyond the tolerance (NaN counts as beyond, as for the layer)."""
+    return tuple(
+        c
+        for c, (mean_change, var_ratio) in enumerate(zip(change.mean_change, change.var_ratio, strict=True))
+        if tolerance.size((mean_change,), (var_ratio,)) > 1
+    )
 
 
 def _structural(change: LayerChange, by_label: dict[Untrusted, LayerReport]) -> Finding:
@@ -147,6 +159,7 @@ def _running_drift(
             f"the running statistics moved beyond the tolerance since the baseline: {_moved(change.running)} "
             f"(tolerance: {tolerance.describe()}). The model's stored statistics changed: check the training run "
             f"or the checkpoint. {_REWRITE}",
+            _channels_beyond(change.running, tolerance),
         )
         for change in changes
         if change.running is not None and _beyond(change.running, tolerance)
@@ -170,10 +183,8 @@ def _data_drift(
     )
     if model_changed or not comparable:
         why = "the model changed (BN301, BN303)" if model_changed else "the runs used other modes"
-        notes.append(
-            f"batch statistics moved beyond the tolerance in {len(drifted)} layer call(s), not reported as data "
-            f"drift (BN302) because {why}"
-        )
+        inputs = "the 1 input that changed is" if len(drifted) == 1 else f"the {len(drifted)} inputs that changed are"
+        notes.append(f"{inputs} not reported as data drift (BN302) because {why}")
         return []
     return [
         _finding(
@@ -182,6 +193,7 @@ def _data_drift(
             "the batch statistics on the data moved beyond the tolerance since the baseline while the running "
             f"statistics did not: {_moved(change.batch)} (tolerance: {tolerance.describe()}): the data drifted. "
             "Check the input pipeline (source, preprocessing, normalization) against the baseline's",
+            _channels_beyond(change.batch, tolerance),
         )
         for change in drifted
         if change.batch is not None

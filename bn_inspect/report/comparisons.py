@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from bn_inspect.report.display import NotebookDisplay
@@ -30,6 +31,8 @@ class LayerModeGap:
             running statistics).
         worst_var_ratio: batch_var / running_var farthest from 1 on a log scale (biased batch
             variance, as BatchNorm normalizes with).
+        departure, departure_tier: the departure score of the eval pass's input from the running
+            statistics and its tier (report/departure.py; None without running statistics).
     """
 
     name: Untrusted
@@ -44,6 +47,8 @@ class LayerModeGap:
     max_abs_shift_z: float | None
     mean_abs_shift_z: float | None
     worst_var_ratio: float | None
+    departure: float | None = None
+    departure_tier: str | None = None
 
     @property
     def label(self) -> Untrusted:
@@ -77,8 +82,12 @@ class ModeComparison(NotebookDisplay):
         output: the model output's difference, or None when the output has no batch dim.
         threshold: the relative difference above which a layer counts as departing.
         gap_opens_at: label of the first layer call whose output_rel_diff exceeds ``threshold``
-            (or is NaN); its input_rel_diff says how much came from upstream and its own_rel_diff
-            how much it adds itself. None when every layer stays within the threshold.
+            (or is NaN) and whose eval input departs from its running statistics (departure
+            warning or error); its input_rel_diff says how much came from upstream and its
+            own_rel_diff how much it adds itself. None when no such layer exists.
+        batch_noise_from: when no layer departs, the first layer call whose output still differs
+            beyond ``threshold``: train mode's per-batch statistics differ from the running ones
+            that match the data (small or unshuffled batches), which is no fault of the model.
         not_executed: normalization layers that never ran.
         num_batches, num_samples: the data.
         model: where the model came from, when it came from a file.
@@ -92,6 +101,7 @@ class ModeComparison(NotebookDisplay):
     num_batches: int
     num_samples: int
     model: ModelInfo | None = None
+    batch_noise_from: Untrusted | None = None
 
     def layer(self, label: str) -> LayerModeGap:
         """The entry of that label (``name`` or ``name#call``); KeyError if none."""
@@ -129,6 +139,9 @@ class RecalibratedLayer:
         max_abs_shift_z_after, worst_var_ratio_after: the same for the layer's inputs in an eval
             forward of the recalibrated model, against the new statistics (None without the
             verification pass). About 0 and (n - 1) / n for ``sequential``.
+        departure_after: the departure score (report/departure.py, what check's BN201 judges) of
+            those same inputs against the new statistics, over ``samples`` = samples per pass times
+            ``calls_per_forward``; about 0 for ``sequential``, None without the verification pass.
     """
 
     name: Untrusted
@@ -149,6 +162,7 @@ class RecalibratedLayer:
     worst_var_ratio_before: float
     max_abs_shift_z_after: float | None
     worst_var_ratio_after: float | None
+    departure_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -186,18 +200,18 @@ class RecalibrationResult(NotebookDisplay):
     notes: tuple[str, ...] = ()
     provenance: RecalibrationProvenance | None = None
 
-    def past_limits_after(self, max_shift: float, max_var_ratio: float) -> tuple[Untrusted, ...]:
-        """The layers whose eval-mode input after recalibration still has a channel past a limit.
+    def departing_after(self, warning: float) -> tuple[Untrusted, ...]:
+        """The layers whose eval-mode input after recalibration still departs from the new statistics.
 
-        A layer counts when ``max_abs_shift_z_after > max_shift`` or ``worst_var_ratio_after`` lies
-        outside ``[1 / max_var_ratio, max_var_ratio]``: the lines the page draws. ``sequential``
-        leaves none on its own data; ``precise`` can, in deep layers and with small batches.
+        A layer counts when its ``departure_after`` reaches ``warning`` (check's BN201 warning level,
+        ``Thresholds.warning``) or is NaN. ``sequential`` leaves none on its own data; ``precise``
+        can, in deep layers and with small batches.
         """
         return tuple(
             entry.name
             for entry in self.layers
-            if (entry.max_abs_shift_z_after or 0.0) > max_shift
-            or not 1 / max_var_ratio <= (entry.worst_var_ratio_after or 1.0) <= max_var_ratio
+            if entry.departure_after is not None
+            and (math.isnan(entry.departure_after) or entry.departure_after >= warning)
         )
 
     def layer(self, name: str) -> RecalibratedLayer:

@@ -16,6 +16,14 @@ any tolerance. A layer call in one report only is added or removed, unless a lay
 type, channel count and input shape sits at the same place in the other (between the same matched
 layers): then it was renamed. Structural changes (added, removed, renamed, channel count) are
 always beyond the tolerance.
+
+What changed at a layer call beyond the tolerance (``LayerChange.changed``) separates cause from
+consequence: ``stored`` when its running statistics moved; ``downstream-input`` when only the
+batch statistics on the data moved and a layer before it in execution order changed its stored
+statistics or its structure (added, removed, other channel count), which changes every input after
+it; ``input`` when only the batch statistics moved and nothing before it changed that bn-inspect
+compares (other data, or weights it does not compare: convolutions, linear layers, BatchNorm's own
+weight and bias); ``structure`` when added, removed or of another channel count.
 """
 
 from __future__ import annotations
@@ -23,10 +31,11 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from bn_inspect.report import shift
+from bn_inspect.report.comparability import comparability_notes
 from bn_inspect.report.departure import Thresholds, departure
 from bn_inspect.report.display import NotebookDisplay
 from bn_inspect.report.records import SCHEMA_VERSION, InputInfo, LayerReport, ModelInfo, Report, json_ready
@@ -43,6 +52,7 @@ UNCHANGED, CHANGED, ADDED, REMOVED, RENAMED, CHANNELS = (
     "channels",
 )
 STRUCTURAL = (ADDED, REMOVED, RENAMED, CHANNELS)
+STORED, DOWNSTREAM_INPUT, INPUT, STRUCTURE = "stored", "downstream-input", "input", "structure"
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,8 @@ class LayerChange:
         old_verdict, new_verdict: "departs" or "matches" its running statistics on the data
             (report/departure.py), None where it cannot be judged.
         size: Tolerance.size of the larger of both changes; infinite for structural changes.
+        changed: what changed beyond the tolerance: stored, downstream-input, input or structure
+            (see the module's docstring); None when nothing did, or the layer was only renamed.
     """
 
     old: Untrusted | None
@@ -136,6 +148,7 @@ class LayerChange:
     old_verdict: str | None
     new_verdict: str | None
     size: float
+    changed: str | None = None
 
     @property
     def label(self) -> Untrusted:
@@ -185,6 +198,12 @@ class DiffReport(NotebookDisplay):
         """True when no layer changed beyond the tolerance."""
         return not self.beyond
 
+    @property
+    def headline(self) -> str:
+        """What changed, cause first: "1 layer's stored statistics changed; 20 downstream inputs changed"."""
+        text = what_changed(self.layers)
+        return text[0].upper() + text[1:]
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready document of kind "diff"; non-finite floats become "nan", "inf" or "-inf"."""
         layers = []
@@ -204,6 +223,7 @@ class DiffReport(NotebookDisplay):
             "new": {"model": asdict(self.new_model), "input": asdict(self.new_input), "mode": self.new_mode},
             "tolerance": asdict(self.tolerance),
             "passed": self.passed,
+            "headline": self.headline,
             "first_changed": self.first_changed,
             "notes": list(self.notes),
             "layers": layers,
@@ -234,9 +254,10 @@ def batch_change(old: LayerReport, new: LayerReport) -> StatChange | None:
 
 
 def _verdict(layer: LayerReport, thresholds: Thresholds) -> str | None:
-    if layer.mean_shift_z is None or layer.var_ratio is None or not layer.mean_shift_z:
+    found = departure(layer, thresholds)
+    if found is None:
         return None
-    return "departs" if departure(layer, thresholds) is not None else "matches"
+    return "departs" if found.departs else "matches"
 
 
 def _compared(
@@ -246,8 +267,11 @@ def _compared(
     same_channels = old.num_channels == new.num_channels
     running = running_change(old, new) if same_channels else None
     batch = batch_change(old, new) if same_channels else None
-    size = max(tolerance.size(c.mean_change, c.var_ratio) if c else 0.0 for c in (running, batch))
+    running_size, batch_size = (tolerance.size(c.mean_change, c.var_ratio) if c else 0.0 for c in (running, batch))
+    size = max(running_size, batch_size)
     status = CHANNELS if not same_channels else RENAMED if renamed else CHANGED if size > 1 else UNCHANGED
+    # Until diff_layers knows what ran before it, a change of the input alone counts as INPUT.
+    changed = STRUCTURE if not same_channels else STORED if running_size > 1 else INPUT if batch_size > 1 else None
     return LayerChange(
         old=old.label,
         new=new.label,
@@ -261,6 +285,7 @@ def _compared(
         old_verdict=_verdict(old, thresholds),
         new_verdict=_verdict(new, thresholds),
         size=math.inf if status in STRUCTURAL else size,
+        changed=changed,
     )
 
 
@@ -280,6 +305,7 @@ def _alone(layer: LayerReport, position: int, status: str) -> LayerChange:
         old_verdict=None,
         new_verdict=None,
         size=math.inf,
+        changed=STRUCTURE,
     )
 
 
@@ -343,13 +369,69 @@ def diff_layers(
     for position, layer in enumerate(old):
         if layer.label not in matched and layer.label not in renames:
             changes.append(_alone(layer, position, REMOVED))
-    return changes
+    return _downstream(changes)
+
+
+def _execution_order(change: LayerChange) -> tuple[int, bool]:
+    """Execution order across both reports: a removed call sits after the NEW call at its index."""
+    return change.position, change.status == REMOVED
+
+
+def _downstream(changes: list[LayerChange]) -> list[LayerChange]:
+    """``changes`` with each INPUT change after a stored or structural one in execution order made DOWNSTREAM_INPUT."""
+    causes = [_execution_order(c) for c in changes if c.changed in (STORED, STRUCTURE)]
+    if not causes:
+        return changes
+    first_cause = min(causes)
+    return [
+        replace(c, changed=DOWNSTREAM_INPUT) if c.changed == INPUT and _execution_order(c) > first_cause else c
+        for c in changes
+    ]
 
 
 def first_changed(changes: Sequence[LayerChange]) -> LayerChange | None:
     """The first change beyond the tolerance in execution order (a removed call after a NEW one at its index)."""
-    beyond = sorted((c for c in changes if c.is_beyond), key=lambda c: (c.position, c.status == REMOVED))
+    beyond = sorted((c for c in changes if c.is_beyond), key=_execution_order)
     return beyond[0] if beyond else None
+
+
+def _layers(number: int, what: str) -> str:
+    """``1 layer's stored statistics``, ``3 layers' stored statistics``."""
+    return f"{number:,} layer's {what}" if number == 1 else f"{number:,} layers' {what}"
+
+
+def _inputs(number: int, adjective: str = "") -> str:
+    """``1 downstream input``, ``20 downstream inputs``."""
+    return f"{number:,} {adjective}input{'' if number == 1 else 's'}".strip()
+
+
+def what_changed(changes: Sequence[LayerChange]) -> str:
+    """What changed beyond the tolerance, cause first: "1 layer's stored statistics changed; 20 downstream inputs changed".
+
+    Says only what the two reports can tell: without batch statistics on either side (stored state
+    only, as check --baseline --no-data), that inputs were not compared.
+    """
+    count = {what: sum(c.changed == what for c in changes) for what in (STORED, DOWNSTREAM_INPUT, INPUT)}
+    structure = {status: sum(c.status == status for c in changes) for status in STRUCTURAL}
+    parts = []
+    if count[STORED]:
+        parts.append(f"{_layers(count[STORED], 'stored statistics')} changed")
+    for status, said in ((ADDED, "added"), (REMOVED, "removed"), (RENAMED, "renamed")):
+        if structure[status]:
+            parts.append(f"{structure[status]:,} layer{'' if structure[status] == 1 else 's'} {said}")
+    if structure[CHANNELS]:
+        parts.append(f"{_layers(structure[CHANNELS], 'channel count')} changed")
+    if count[DOWNSTREAM_INPUT]:
+        parts.append(f"{_inputs(count[DOWNSTREAM_INPUT], 'downstream ')} changed")
+    if count[INPUT]:
+        them = "it" if count[INPUT] == 1 else "them"
+        parts.append(f"{_inputs(count[INPUT])} changed with no stored or structural change before {them}")
+    has_inputs = any(c.batch is not None for c in changes)
+    if not parts:
+        parts.append("no layer's stored statistics changed" + (" and no input changed" if has_inputs else ""))
+    if not has_inputs:
+        parts.append("inputs not compared (no batch statistics on the data)")
+    return "; ".join(parts)
 
 
 def diff_reports(
@@ -380,59 +462,3 @@ def diff_reports(
         first_changed=first.label if first else None,
         notes=tuple(comparability_notes(old, new)),
     )
-
-
-def comparability_notes(old: Report, new: Report, names: tuple[str, str] = ("OLD", "NEW")) -> list[str]:
-    """Why the batch statistics of ``old`` and ``new`` may differ for reasons other than the model.
-
-    ``names`` call the two reports in the notes ("OLD" and "NEW"; check says "the baseline" and "this run").
-    """
-    was, now = names
-    notes = []
-    if old.mode != new.mode:
-        notes.append(f"{was} ran in {old.mode} mode and {now} in {new.mode} mode: the reports are not comparable")
-    if old.input.dtype != new.input.dtype:
-        notes.append(f"{was} ran in {old.input.dtype} and {now} in {new.input.dtype}: expect rounding differences")
-    if old.device.raw.split(":")[0] != new.device.raw.split(":")[0]:
-        notes.append(f"{was} ran on {old.device} and {now} on {new.device}: expect rounding differences")
-    notes += _data_notes(old.input, new.input, names)
-    versions = [
-        f"{name} {a} → {b}"
-        for name, a, b in (
-            ("torch", old.torch_version, new.torch_version),
-            ("bn-inspect", old.bn_inspect_version, new.bn_inspect_version),
-        )
-        if a and b and a != b
-    ]
-    if versions:
-        notes.append(f"the reports were written by other versions ({', '.join(versions)})")
-    if old.model.sha256 and old.model.sha256 == new.model.sha256:
-        notes.append(f"{was} and {now} are the same model file (equal SHA-256): running statistics cannot have changed")
-    return notes
-
-
-def _data_notes(old: InputInfo, new: InputInfo, names: tuple[str, str]) -> list[str]:
-    """Notes on whether both reports ran the same data, by its fingerprint."""
-    if old.is_random != new.is_random:
-        return ["one report ran on random input and the other on data: batch statistics are not comparable"]
-    if old.first_batch_sha256 is None or new.first_batch_sha256 is None:
-        return [
-            "a report has no data fingerprint (written by an older bn-inspect): whether both ran the same data "
-            "cannot be told"
-        ]
-    # Other dtypes give other bytes for the same data: the dtype note says it already.
-    other_first = old.dtype == new.dtype and old.first_batch_sha256 != new.first_batch_sha256
-    differences = [
-        what
-        for what, differs in (
-            (f"{old.num_samples:,} vs {new.num_samples:,} samples", old.num_samples != new.num_samples),
-            ("another first batch", other_first),
-        )
-        if differs
-    ]
-    if differences:
-        return [
-            f"{names[0]} and {names[1]} ran other data ({', '.join(differences)}): batch statistic changes may be "
-            "data drift, not a change of the model"
-        ]
-    return []

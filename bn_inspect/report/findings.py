@@ -60,7 +60,7 @@ RULES = {
         ),
         Rule("BN110", "batch-stats-in-eval", Severity.WARNING, "no running buffers: eval output depends on the batch"),
         Rule("BN111", "rank-divergence", Severity.WARNING, "running statistics differ between distributed ranks"),
-        Rule("BN201", "shifted", Severity.ERROR, "batch statistics far from running statistics"),
+        Rule("BN201", "shifted", Severity.ERROR, "the data departs from the running statistics (departure score)"),
         Rule("BN202", "dead-channels", Severity.WARNING, "channels with zero batch variance on the data"),
         Rule("BN203", "few-values", Severity.WARNING, "too few values per channel for trustworthy statistics"),
         Rule("BN204", "nonfinite-batch", Severity.ERROR, "the layer's input holds NaN or Inf on the data"),
@@ -82,7 +82,11 @@ MODEL_LABEL = Untrusted("(model)")
 
 @dataclass(frozen=True)
 class Finding:
-    """One rule firing on one layer (or on the whole model, layer None)."""
+    """One rule firing on one layer (or on the whole model, layer None).
+
+    ``cause`` is the likely cause's code (report/causes.py) and ``cause_sentence`` the pattern that
+    named it; both None where no cause follows.
+    """
 
     code: str
     rule: str
@@ -91,6 +95,8 @@ class Finding:
     call: int | None
     channels: tuple[int, ...]
     message: str
+    cause: str | None = None
+    cause_sentence: str | None = None
 
     @property
     def label(self) -> Untrusted:
@@ -160,6 +166,8 @@ class CheckReport(NotebookDisplay):
                     "call": f.call,
                     "channels": list(f.channels),
                     "message": f.message,
+                    "cause": f.cause,
+                    "cause_sentence": f.cause_sentence,
                 }
                 for f in self.findings
             ],

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bn_inspect.report import shift
-from bn_inspect.report.departure import Thresholds, departure
+from bn_inspect.report.departure import Departure, Thresholds, departure
 from bn_inspect.report.display import NotebookDisplay
 from bn_inspect.text import Untrusted
 
@@ -170,6 +170,12 @@ class LayerReport:
     def worst_var_ratio(self) -> float | None:
         """The channel's var_ratio farthest from 1 on a log scale (NaN if any channel is NaN)."""
         return shift.worst_ratio(self.var_ratio)
+
+    @property
+    def departure(self) -> Departure | None:
+        """The departure score of this call with check's default thresholds (report/departure.py);
+        None where it cannot be compared."""
+        return departure(self)
 
 
 @dataclass(frozen=True)
@@ -321,12 +327,17 @@ class Report(NotebookDisplay):
     def first_divergent(self, thresholds: Thresholds | None = None) -> LayerReport | None:
         """The first layer call in execution order whose data departs from its running statistics.
 
-        "Departs" is check's BN201 (report/departure.py): more than ``max_share`` of its channels
-        past ``max_shift`` or ``max_var_ratio``, or a NaN or infinite shift z or var ratio; the
-        thresholds default to check's.
+        "Departs" is check's BN201 (report/departure.py): a departure score at the warning level or
+        above, or a NaN or infinite distance in some channel; the thresholds default to check's.
         """
-        limits = thresholds or Thresholds()
-        return next((layer for layer in self.layers if departure(layer, limits) is not None), None)
+        return next((layer for layer in self.layers if (found := departure(layer, thresholds)) and found.departs), None)
+
+    def worst_departure(self, thresholds: Thresholds | None = None) -> tuple[LayerReport, Departure] | None:
+        """The layer call with the largest departure score, and its score: the model's (None when no layer is compared)."""
+        scored = [(layer, found) for layer in self.layers if (found := departure(layer, thresholds)) is not None]
+        if not scored:
+            return None
+        return max(scored, key=lambda pair: math.inf if math.isnan(pair[1].score) else pair[1].score)
 
     def to_dataframe(self) -> Any:
         """A pandas DataFrame with one row per layer call and channel (the CSV export's rows)."""
@@ -341,6 +352,19 @@ class Report(NotebookDisplay):
             entry = asdict(layer)
             entry["mean_shift_z"] = layer.mean_shift_z
             entry["var_ratio"] = layer.var_ratio
+            found = departure(layer)
+            entry["departure"] = (
+                None
+                if found is None
+                else {
+                    "score": found.score,
+                    "tier": found.tier,
+                    "mean_distance": found.mean_distance,
+                    "allowance": found.allowance,
+                    "samples": found.samples,
+                    "channels": list(found.channels),
+                }
+            )
             layers.append(entry)
         document = {
             "schema_version": self.schema_version,

@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from bn_inspect.report.departure import Thresholds, departure
+from bn_inspect.report.departure import ERROR, Thresholds, departure
 from bn_inspect.report.findings import RULES, Finding, Severity
 from bn_inspect.report.records import LayerReport, LayerState, Report, never_updated
 from bn_inspect.text import Untrusted
@@ -271,16 +271,16 @@ def _data_findings(layer: LayerReport, thresholds: Thresholds) -> list[Finding]:
         )
     departed = departure(layer, thresholds)
     # NaN or Inf figures are BN204's (input) or BN101/BN102's (buffers), not a shift.
-    if departed is not None and not departed.is_nonfinite:
+    if departed is not None and departed.departs and not departed.is_nonfinite:
         out.append(
             _finding(
                 "BN201",
                 layer.name,
                 f"{departed.describe()}. The data does not match the running statistics this layer "
-                "normalizes with in eval: check preprocessing against training, or recalibrate the "
-                "statistics on representative data",
+                "normalizes with in eval",
                 call=layer.call,
                 channels=departed.channels,
+                severity=Severity.ERROR if departed.tier == ERROR else Severity.WARNING,
             )
         )
     variances = layer.batch_var or ()

@@ -18,8 +18,17 @@ from bn_inspect.output.html.figures import (
     diff_layouts,
     profile,
 )
-from bn_inspect.output.words import counted
-from bn_inspect.report.diff import ADDED, REMOVED, RENAMED, STRUCTURAL, DiffReport, LayerChange, StatChange
+from bn_inspect.output.words import change_legend, change_word, counted
+from bn_inspect.report.diff import (
+    ADDED,
+    REMOVED,
+    RENAMED,
+    STRUCTURAL,
+    DiffReport,
+    LayerChange,
+    StatChange,
+    what_changed,
+)
 from bn_inspect.report.records import InputInfo, ModelInfo
 from bn_inspect.text import Untrusted
 
@@ -27,7 +36,11 @@ _COLUMNS = (
     Column("#", is_numeric=True, hint="execution order (NEW's; OLD's for a removed layer)"),
     Column("layer"),
     Column("type"),
-    Column("change"),
+    Column(
+        "change",
+        hint="stored: its running statistics moved; input: only its input on the data; downstream: only its input, "
+        "after a stored or structural change earlier",
+    ),
     Column("C"),
     Column("running mean max |Δ|", is_numeric=True, hint="(new - old running mean) / sqrt(old running var + eps)"),
     Column("running var worst ratio", is_numeric=True, hint="new / old running var, farthest from 1"),
@@ -59,7 +72,7 @@ def diff_page(diff: DiffReport, model_output: str = "") -> Page:
             "its detail below. Mean changes are in OLD standard deviations; dotted lines: the tolerance.</p>",
             "profile",
         ),
-        section("Layers, largest change first", layer_table("layers-table", _COLUMNS, rows), "layers"),
+        section("Layers, largest change first", layer_table("layers-table", _COLUMNS, rows) + _legend(diff), "layers"),
         _structural(ordered),
         section("Each layer's channels", "\n".join(details), "details"),
     ]
@@ -96,8 +109,8 @@ def _header(diff: DiffReport, ordered: list[LayerChange]) -> str:
         rows.append(("first changed", f'<a class="jump" href="#layer-{target}">{escaped(diff.first_changed)}</a>'))
     beyond = len(diff.beyond)
     verdict = (
-        f"{'Passed' if diff.passed else 'Failed'}: {beyond} of {counted(len(diff.layers), 'layer call')} "
-        f"beyond the tolerance."
+        f"{'Passed' if diff.passed else 'Failed'}: {what_changed(diff.layers)} ({beyond} of "
+        f"{counted(len(diff.layers), 'layer call')} beyond the tolerance)."
     )
     notes = "".join(f'<p class="verdict verdict-random">Note: {escaped(note)}.</p>' for note in diff.notes)
     return (
@@ -106,8 +119,13 @@ def _header(diff: DiffReport, ordered: list[LayerChange]) -> str:
     )
 
 
+def _legend(diff: DiffReport) -> str:
+    legend = change_legend(diff.layers)
+    return f'<p class="hint">In the change column, {escaped(legend)}.</p>' if legend else ""
+
+
 def _hover(layer: LayerChange) -> str:
-    return f"<b>{escaped(layer.label)}</b> ({escaped(layer.type)})<br>{escaped(layer.status)}"
+    return f"<b>{escaped(layer.label)}</b> ({escaped(layer.type)})<br>{escaped(change_word(layer))}"
 
 
 def _change_profile(diff: DiffReport, ordered: list[LayerChange]) -> Figure:
@@ -153,7 +171,9 @@ def _verdicts(layer: LayerChange) -> str:
 def _row(index: int, layer: LayerChange, first_changed: Untrusted | None) -> Row:
     running, batch = layer.running, layer.batch
     mark = ' <span class="severity severity-error">first changed</span>' if layer.label == first_changed else ""
-    status = f'<span class="severity severity-{"error" if layer.is_beyond else "info"}">{escaped(layer.status)}</span>'
+    status = (
+        f'<span class="severity severity-{"error" if layer.is_beyond else "info"}">{escaped(change_word(layer))}</span>'
+    )
     cells = (
         Cell(str(layer.position), layer.position),
         Cell(escaped(layer.label) + mark, layer.label, target=f"layer-{index}"),
@@ -223,7 +243,7 @@ def _layer_detail(i: int, layer: LayerChange, figures: dict[str, Figure], first_
     figures.update(plots)
     summary = (
         f'<summary><span class="name">{escaped(layer.label)}</span> <span class="type">{escaped(layer.type)}</span>'
-        f' <span class="metric">{escaped(layer.status)} · past tolerance {number(layer.size)}</span></summary>'
+        f' <span class="metric">{escaped(change_word(layer))} · past tolerance {number(layer.size)}</span></summary>'
     )
     rows = [
         ("OLD", escaped(layer.old) if layer.old is not None else "—"),

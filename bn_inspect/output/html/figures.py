@@ -16,8 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bn_inspect.report.departure import Thresholds
-
 FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, 'Helvetica Neue', Arial, sans-serif"
 BLUE, RED, ORANGE, GREY, GREEN = "#3b6ea5", "#d1495b", "#e08e0b", "#8a8f98", "#2e8b57"
 CONFIG = {"displaylogo": False, "responsive": True, "modeBarButtonsToRemove": ["sendDataToCloud", "lasso2d"]}
@@ -193,8 +191,8 @@ def channel_layouts() -> dict[str, dict[str, Any]]:
     }
 
 
-def channel_scatter(panel: ChannelPanel, beyond: Sequence[bool], thresholds: Thresholds) -> Figure:
-    """Batch against running statistic per channel, the diagonal drawn, channels beyond the thresholds in red.
+def channel_scatter(panel: ChannelPanel, beyond: Sequence[bool]) -> Figure:
+    """Batch against running statistic per channel, the diagonal drawn, channels that depart on their own in red.
 
     The hover gives the channel index and both values; the layout is named (``channel_layouts``).
     """
@@ -220,8 +218,6 @@ def channel_scatter(panel: ChannelPanel, beyond: Sequence[bool], thresholds: Thr
     if span is not None:
         low, high = span
         guides = [(1.0, GREY, "solid")]
-        if panel.is_log:
-            guides += [(thresholds.max_var_ratio, RED, "dot"), (1 / thresholds.max_var_ratio, RED, "dot")]
         traces = [
             {
                 "type": "scatter",

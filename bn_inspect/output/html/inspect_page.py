@@ -24,7 +24,7 @@ from bn_inspect.output.html.reduction import Reduction, family_reductions, reduc
 from bn_inspect.output.verdict import inspection_verdict
 from bn_inspect.output.words import counted, image_details
 from bn_inspect.report import shift
-from bn_inspect.report.departure import Thresholds
+from bn_inspect.report.departure import Thresholds, departure
 from bn_inspect.report.records import LayerReport, ModelInfo, Report
 from bn_inspect.version import __version__
 
@@ -35,6 +35,9 @@ COLUMNS = (
     Column("input"),
     Column("C", is_numeric=True, hint="channels"),
     Column("values / channel", is_numeric=True),
+    Column(
+        "departure", is_numeric=True, hint="mean W2 distance over channels / allowance: 0.83 warns, 1.7 is an error"
+    ),
     Column("max |shift z|", is_numeric=True, hint="(batch mean - running mean) / sqrt(running var + eps)"),
     Column("mean |shift z|", is_numeric=True),
     Column("worst var ratio", is_numeric=True, hint="batch var / running var, farthest from 1"),
@@ -122,25 +125,32 @@ def depth_profile(report: Report, first: LayerReport | None) -> Figure:
     layers = report.layers
     thresholds = Thresholds()
     series = [
-        Series("max |shift z|", [layer.max_abs_shift_z for layer in layers], RED),
+        Series("departure", [_score(layer) for layer in layers], RED),
         Series("mean |shift z|", [shift.mean_abs(layer.mean_shift_z) for layer in layers], BLUE, dash="dash"),
         Series("worst var ratio", [layer.worst_var_ratio for layer in layers], GREEN, axis="y2"),
     ]
     marked = None
     if first is not None:
         marked = (layers.index(first), f"first departure: {escaped(first.label)}")
-    limits = ([thresholds.max_shift], [thresholds.max_var_ratio, 1 / thresholds.max_var_ratio])
+    limits: tuple[list[float], list[float]] = ([thresholds.warning, thresholds.error], [])
     return profile_figure(
         [hover_text(layer) for layer in layers],
         series,
-        ("|shift z| (log)", "var ratio (log)"),
+        ("departure, |shift z| (log)", "var ratio (log)"),
         limits,
         marked,
     )
 
 
+def _score(layer: LayerReport) -> float | None:
+    found = departure(layer)
+    return None if found is None else found.score
+
+
 def _row(index: int, layer: LayerReport) -> Row:
     max_z, mean_z, ratio = layer.max_abs_shift_z, shift.mean_abs(layer.mean_shift_z), layer.worst_var_ratio
+    found = departure(layer)
+    score = None if found is None else found.score
     cells = (
         Cell(str(index), index),
         Cell(escaped(layer.label), layer.label, target=f"layer-{index}"),
@@ -148,13 +158,14 @@ def _row(index: int, layer: LayerReport) -> Row:
         Cell(shape_text(layer.input_shape), None if layer.input_shape is None else math.prod(layer.input_shape)),
         Cell(number(layer.num_channels), layer.num_channels),
         Cell(number(layer.values_per_channel), layer.values_per_channel),
+        Cell(number(score), score),
         Cell(number(max_z), max_z),
         Cell(number(mean_z), mean_z),
         Cell(number(ratio), _ratio_distance(ratio)),
         Cell(escaped(layer.normalizes_with), layer.normalizes_with),
         Cell(escaped(" ".join(layer.flags)), " ".join(layer.flags)),
     )
-    css = "departs" if max_z is not None and (math.isnan(max_z) or max_z > Thresholds().max_shift) else ""
+    css = "departs" if found is not None and found.departs else ""
     return Row(layer.name, layer.label, cells, css)
 
 
@@ -166,13 +177,12 @@ def _ratio_distance(ratio: float | None) -> float | None:
 
 
 def beyond_thresholds(layer: LayerReport, thresholds: Thresholds) -> list[bool]:
-    """Per channel: |shift z| or the var ratio past check's thresholds, or either not finite."""
-    shifts, ratios = layer.mean_shift_z or (), layer.var_ratio or ()
-    low, high = 1 / thresholds.max_var_ratio, thresholds.max_var_ratio
-    return [
-        not (math.isfinite(z) and math.isfinite(r)) or abs(z) > thresholds.max_shift or not low <= r <= high
-        for z, r in zip(shifts, ratios, strict=True)
-    ]
+    """Per channel: its own distance reaches the warning level of the allowance, or is not finite."""
+    found = departure(layer, thresholds)
+    if found is None:
+        return [False] * len(layer.batch_mean or ())
+    marked = {*found.channels, *found.nonfinite}
+    return [c in marked for c in range(found.num_channels)]
 
 
 def channel_figures(index: int, layer: LayerReport, thresholds: Thresholds) -> dict[str, Figure]:
@@ -185,7 +195,7 @@ def channel_figures(index: int, layer: LayerReport, thresholds: Thresholds) -> d
     beyond = beyond_thresholds(layer, thresholds)
     means = ChannelPanel("mean", layer.batch_mean, layer.running_mean)
     variances = ChannelPanel("var", layer.batch_var, layer.running_var)
-    return {mean_id: channel_scatter(means, beyond, thresholds), var_id: channel_scatter(variances, beyond, thresholds)}
+    return {mean_id: channel_scatter(means, beyond), var_id: channel_scatter(variances, beyond)}
 
 
 def layer_detail(
@@ -197,7 +207,8 @@ def layer_detail(
     summary = (
         f'<summary><span class="name">{escaped(layer.label)}</span> <span class="type">{escaped(layer.type)}</span>'
         f' <span class="shape">{shape_text(layer.input_shape)}</span>'
-        f' <span class="metric">max |shift z| {number(layer.max_abs_shift_z)} · worst var ratio {number(layer.worst_var_ratio)}</span></summary>'
+        f' <span class="metric">departure {number(_score(layer))} · max |shift z| {number(layer.max_abs_shift_z)}'
+        f" · worst var ratio {number(layer.worst_var_ratio)}</span></summary>"
     )
     picture = ""
     if layer.input_shape and layer.axis_names and layer.reduced_axes is not None:
@@ -214,10 +225,12 @@ def layer_detail(
     if layer.flags:
         rows.append(("flags", escaped(" ".join(layer.flags))))
     charts = "".join(f'<div class="plot lazy" id="{html.escape(key)}"></div>' for key in plots)
-    if plots and layer.running_mean is not None:
+    found = departure(layer, thresholds)
+    if plots and found is not None:
         charts += (
-            f'<p class="hint">One dot per channel; red: |shift z| &gt; {thresholds.max_shift:g} or var ratio outside '
-            f"[{1 / thresholds.max_var_ratio:.3g}, {thresholds.max_var_ratio:g}]. Grey: batch = running.</p>"
+            '<p class="hint">One dot per channel; red: a channel whose own distance from the running statistics '
+            f"reaches {thresholds.warning:g} allowances ({thresholds.warning * found.allowance:.3g} running std "
+            f"for {found.samples:,} samples). Grey: batch = running.</p>"
         )
     return (
         f'<details class="layer" id="layer-{index}"{" open" if is_open else ""}>{summary}'

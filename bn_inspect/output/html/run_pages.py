@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import html
 
+from bn_inspect.output.grouped import group_sentence, grouped_findings
 from bn_inspect.output.html.blocks import Cell, Column, Row, escaped, facts, layer_table, number, section
 from bn_inspect.output.html.document import Page
 from bn_inspect.output.html.figures import BLUE, GREEN, GREY, ORANGE, RED, Series, profile, stacked_bars
 from bn_inspect.output.html.inspect_page import model_facts
-from bn_inspect.output.words import counted, past_limits_sentence
+from bn_inspect.output.words import batch_noise_sentence, counted, departing_after_sentence
 from bn_inspect.report.comparisons import LayerModeGap, ModeComparison, RecalibratedLayer, RecalibrationResult
 from bn_inspect.report.departure import Thresholds
 from bn_inspect.report.findings import MODEL_LABEL, CheckReport, Finding, Severity
@@ -74,11 +75,7 @@ def check_page(check: CheckReport, model_output: str = "") -> Page:
         section(
             "Findings per layer", '<div class="plot" id="fig-findings" data-target-prefix="layer-"></div>', "profile"
         ),
-        section(
-            "Findings",
-            layer_table("findings-table", columns, findings, noun="findings") if findings else "<p>No findings.</p>",
-            "findings",
-        ),
+        section("Findings", _grouped(check, index, columns, findings), "findings"),
         section("Layers checked, in execution order", _checked_layers(check), "layers"),
     ]
     if check.notes:
@@ -92,7 +89,6 @@ def check_page(check: CheckReport, model_output: str = "") -> Page:
 
 def _finding_row(finding: Finding, index: dict[Untrusted, int]) -> Row:
     target = index.get(finding.label)
-    shown = ", ".join(str(c) for c in finding.channels[:8]) + (" …" if len(finding.channels) > 8 else "")
     cells = (
         Cell(
             f'<span class="severity severity-{finding.severity.value}">{finding.severity.value}</span>',
@@ -101,10 +97,44 @@ def _finding_row(finding: Finding, index: dict[Untrusted, int]) -> Row:
         Cell(escaped(finding.code), finding.code),
         Cell(escaped(finding.rule), finding.rule),
         Cell(escaped(finding.label), finding.label, target=f"layer-{target}" if target is not None else ""),
-        Cell(f"{len(finding.channels):,}" + (f": {shown}" if shown else ""), len(finding.channels)),
+        _channels_cell(finding),
         Cell(escaped(finding.message), finding.message),
     )
     return Row(finding.layer or MODEL_LABEL, finding.label, cells)
+
+
+def _grouped(check: CheckReport, index: dict[Untrusted, int], columns: tuple[Column, ...], rows: list[Row]) -> str:
+    """One paragraph per rule and severity with every layer it names, then each finding's row, folded."""
+    if not rows:
+        return "<p>No findings.</p>"
+
+    def linked(label: Untrusted) -> str:
+        target = index.get(label)
+        return f'<a class="jump" href="#layer-{target}">{escaped(label)}</a>' if target is not None else escaped(label)
+
+    paragraphs = []
+    for group in grouped_findings(check.findings):
+        first = group.first
+        count = (
+            f" · {counted(len(group.findings), 'layer')}" if len(group.findings) > 1 else f" · {linked(first.label)}"
+        )
+        paragraphs.append(
+            f'<p class="finding"><span class="severity severity-{first.severity.value}">{first.severity.value}</span> '
+            f"<b>{escaped(first.code)}</b> {escaped(first.rule)}{count}: {group_sentence(group, linked, escaped)}</p>"
+        )
+    table = layer_table("findings-table", columns, rows, noun="findings")
+    return (
+        "\n".join(paragraphs)
+        + f"\n<details><summary>Each finding, one row per layer ({len(rows):,})</summary>\n{table}\n</details>"
+    )
+
+
+def _channels_cell(finding: Finding) -> Cell:
+    """How many channels, and the first few, where the rule names channels; a dash where it does not (BN303)."""
+    if not finding.channels:
+        return Cell("—", None)
+    shown = ", ".join(str(c) for c in finding.channels[:8]) + (" …" if len(finding.channels) > 8 else "")
+    return Cell(f"{len(finding.channels):,}: {shown}", len(finding.channels))
 
 
 def _checked_layers(check: CheckReport) -> str:
@@ -126,6 +156,8 @@ def comparison_page(comparison: ModeComparison, model_output: str = "") -> Page:
     verdict = (
         f"The train/eval gap opens at {opens}."
         if opens
+        else batch_noise_sentence(comparison, lambda label: label.inert())
+        if comparison.batch_noise_from is not None
         else f"Every layer's output stays within {comparison.threshold:g} between the modes."
     )
     marked = (labels.index(opens), f"gap opens: {escaped(opens)}") if opens in labels else None
@@ -226,10 +258,9 @@ def recalibration_page(result: RecalibrationResult, model_output: str = "") -> P
     verdict = (
         f"Recalibrated {counted(len(layers), 'layer')}; {counted(len(result.skipped), 'layer')} left as they were."
     )
-    thresholds = Thresholds()
-    past = result.past_limits_after(thresholds.max_shift, thresholds.max_var_ratio)
+    past = result.departing_after(Thresholds().warning)
     if past:
-        verdict += f" {past_limits_sentence(past, result.method)}"
+        verdict += f" {departing_after_sentence(past, result.method)}"
     hover = [f"<b>{escaped(layer.name)}</b> ({escaped(layer.type)})" for layer in layers]
     shifts = profile(
         hover,
@@ -238,7 +269,7 @@ def recalibration_page(result: RecalibrationResult, model_output: str = "") -> P
             Series("after", [entry.max_abs_shift_z_after for entry in layers], GREEN),
         ],
         ("max |shift z| (log)", None),
-        ([thresholds.max_shift], []),
+        ([], []),
     )
     ratios = profile(
         hover,
@@ -247,7 +278,7 @@ def recalibration_page(result: RecalibrationResult, model_output: str = "") -> P
             Series("after", [entry.worst_var_ratio_after for entry in layers], GREEN),
         ],
         ("worst var ratio (log)", None),
-        ([thresholds.max_var_ratio, 1 / thresholds.max_var_ratio], []),
+        ([], []),
     )
     body = [
         _heading("recalibrate", rows, verdict, "departs" if past else "within"),
