@@ -351,6 +351,7 @@ def recalibration_to_markdown(result: RecalibrationResult, output: str) -> str:
         f"## bn-inspect recalibrate ({result.method})",
         "",
         f"{counted(result.num_samples, 'sample')} in {counted(result.num_batches, 'batch')}; wrote {_code(output)}.",
+        *_provenance_markdown(result),
         "",
         "| layer | values/ch | max \\|z\\| before | max \\|z\\| after |",
         "|---|---:|---:|---:|",
@@ -362,6 +363,18 @@ def recalibration_to_markdown(result: RecalibrationResult, output: str) -> str:
         )
     lines += [f"- skipped {_code(s.name)}: {_text(s.reason)}" for s in result.skipped]
     return "\n".join(lines) + "\n"
+
+
+def _provenance_markdown(result: RecalibrationResult) -> list[str]:
+    provenance = result.provenance
+    if provenance is None:
+        return []
+    return [
+        "",
+        f"- source model: {_code(provenance.source_model)}",
+        f"- data: {_text(provenance.data.describe())}",
+        f"- method: {_text(provenance.method)}",
+    ]
 
 
 def diff_to_json(diff: DiffReport) -> str:

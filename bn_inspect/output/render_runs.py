@@ -11,11 +11,13 @@ from rich.text import Text
 
 from bn_inspect.output.layout import Column, Layout, fitted
 from bn_inspect.output.render import _inert, _mean, _model_line, _short, _two_lines
-from bn_inspect.output.words import batch_noise_sentence, counted
+from bn_inspect.output.words import batch_noise_sentence, counted, departing_after_sentence
+from bn_inspect.report.departure import Thresholds
 from bn_inspect.report.records import LayerListing, LayerState
 
 if TYPE_CHECKING:
     from bn_inspect.report.comparisons import ModeComparison, RecalibratedLayer, RecalibrationResult
+    from bn_inspect.report.provenance import RecalibrationProvenance
 
 
 def _spread(values: Sequence[float] | None) -> str:
@@ -233,12 +235,27 @@ def render_recalibration(result: RecalibrationResult, output: str, width: int = 
             f"{counted(result.num_batches, 'batch')} ({counted(result.num_passes, 'pass')}), method {method}.",
             style="bold",
         ),
+        *_provenance_lines(result.provenance),
         Text(""),
         table,
     ]
+    past = result.departing_after(Thresholds().warning)
+    if past:
+        parts.append(_inert(departing_after_sentence(past, result.method), "bold red"))
     for skipped in result.skipped:
         parts.append(_inert(f"Skipped {skipped.name.inert()} ({skipped.type.inert()}): {skipped.reason}", "yellow"))
     for note in result.notes:
         parts.append(_inert(f"Note: {note}", "dim"))
     parts.append(_inert(f"Wrote {output}", "green"))
     return Group(*parts)
+
+
+def _provenance_lines(provenance: RecalibrationProvenance | None) -> list[RenderableType]:
+    """Which model and which data the new statistics came from (the record the new file holds)."""
+    if provenance is None:
+        return []
+    digest = f" (sha256 {provenance.source_sha256.inert()[:12]}…)" if provenance.source_sha256 else ""
+    return [
+        _inert(f"Source model: {provenance.source_model.inert()}{digest}"),
+        _inert(f"Data: {provenance.data.describe()}"),
+    ]

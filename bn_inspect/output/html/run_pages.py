@@ -9,8 +9,9 @@ from bn_inspect.output.html.blocks import Cell, Column, Row, escaped, facts, lay
 from bn_inspect.output.html.document import Page
 from bn_inspect.output.html.figures import BLUE, GREEN, GREY, ORANGE, RED, Series, profile, stacked_bars
 from bn_inspect.output.html.inspect_page import model_facts
-from bn_inspect.output.words import batch_noise_sentence, counted
+from bn_inspect.output.words import batch_noise_sentence, counted, departing_after_sentence
 from bn_inspect.report.comparisons import LayerModeGap, ModeComparison, RecalibratedLayer, RecalibrationResult
+from bn_inspect.report.departure import Thresholds
 from bn_inspect.report.findings import MODEL_LABEL, CheckReport, Finding, Severity
 from bn_inspect.text import Untrusted
 
@@ -237,23 +238,33 @@ def _gap_row(i: int, layer: LayerModeGap, opens: Untrusted | None) -> Row:
     return Row(layer.name, layer.label, cells, "departs" if layer.label == opens else "", f"row-{i}")
 
 
+def _recalibration_facts(result: RecalibrationResult, model_output: str) -> list[tuple[str, str]]:
+    """The method, the source model and data it came from, the passes, and the new model."""
+    rows = [("method", escaped(result.method))]
+    if result.provenance is not None:
+        rows += [
+            ("source model", escaped(result.provenance.source_model)),
+            ("data from", escaped(result.provenance.data.describe())),
+        ]
+    batches = f"{counted(result.num_samples, 'sample')} in {counted(result.num_batches, 'batch')} per pass"
+    rows.append(
+        ("data", escaped(f"{batches}; {counted(result.num_passes, 'pass')}, {counted(result.num_waves, 'wave')}"))
+    )
+    if model_output:
+        rows.append(("new model", escaped(model_output)))
+    return rows
+
+
 def recalibration_page(result: RecalibrationResult, model_output: str = "") -> Page:
     """recalibrate as a page: before and after profiles side by side, the table of old and new statistics."""
     layers = result.layers
-    rows = [
-        ("method", escaped(result.method)),
-        (
-            "data",
-            escaped(
-                f"{counted(result.num_samples, 'sample')} in {counted(result.num_batches, 'batch')} per pass; {counted(result.num_passes, 'pass')}, {counted(result.num_waves, 'wave')}"
-            ),
-        ),
-    ]
-    if model_output:
-        rows.append(("new model", escaped(model_output)))
+    rows = _recalibration_facts(result, model_output)
     verdict = (
         f"Recalibrated {counted(len(layers), 'layer')}; {counted(len(result.skipped), 'layer')} left as they were."
     )
+    past = result.departing_after(Thresholds().warning)
+    if past:
+        verdict += f" {departing_after_sentence(past, result.method)}"
     hover = [f"<b>{escaped(layer.name)}</b> ({escaped(layer.type)})" for layer in layers]
     shifts = profile(
         hover,
@@ -274,7 +285,7 @@ def recalibration_page(result: RecalibrationResult, model_output: str = "") -> P
         ([], []),
     )
     body = [
-        _heading("recalibrate", rows, verdict, "within"),
+        _heading("recalibrate", rows, verdict, "departs" if past else "within"),
         section(
             "Before and after",
             '<div class="side-by-side"><div class="plot" id="fig-shift" data-target-prefix="row-"></div><div class="plot" id="fig-ratio" data-target-prefix="row-"></div></div><p class="hint">Before: the layer inputs against the old running statistics. After: an eval pass of the recalibrated model against the new ones.</p>',
