@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable
@@ -12,9 +13,12 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from bn_inspect.analyses.inspection import inspect_model
+from bn_inspect.analyses.merging import merge_report_files, merge_reports
 from bn_inspect.report.reading import load_report, write_report
 from bn_inspect.report.schemas import schema
 from tests.helpers import Result, assert_one_error_line, deadline, invoke
@@ -158,11 +162,25 @@ def test_a_part_of_empty_batches_adds_nothing(tmp_path: Path) -> None:
     for index, group in enumerate(groups):
         paths.append(tmp_path / f"part-{index}.json")
         write_report(paths[-1], inspect_model(model, group))
-    from bn_inspect.analyses.merging import merge_report_files
-
     merged = merge_report_files(paths)
     assert json.loads((tmp_path / "part-1.json").read_text())["layers"][0]["values_per_channel"] == 0
     _assert_same(one, merged.to_dict())
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 6), min_size=2, max_size=7),
+    cuts=st.sets(st.integers(1, 6), max_size=4),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_any_split_of_the_batches_merges_into_one_run(sizes: list[int], cuts: set[int], dtype: torch.dtype) -> None:
+    """Batches of any sizes (empty ones too), cut into parts anywhere: the parts' reports merge into one run's."""
+    model = randomize_norm_state(ConvBN2d()).to(dtype).eval()
+    batches = [make_input((n, 3, 4, 3), mean=50.0, std=0.1, seed=i).to(dtype) for i, n in enumerate(sizes)]
+    bounds = [0, *sorted(c for c in cuts if c < len(batches)), len(batches)]
+    parts = [inspect_model(model, batches[a:b]) for a, b in itertools.pairwise(bounds)]
+    merged = merge_reports(parts, [f"part-{i}" for i in range(len(parts))])
+    _assert_same(inspect_model(model, batches).to_dict(), merged.to_dict())
 
 
 @pytest.fixture

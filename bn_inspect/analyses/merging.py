@@ -137,6 +137,9 @@ def _refuse_other_run(first: Report, first_name: str, report: Report, name: str)
 
 
 def _refuse_same_data(earlier: Sequence[Report], names: Sequence[str], report: Report, name: str) -> None:
+    # Parts without a value (empty batches only) add nothing, however often they come.
+    if not any(layer.moments is not None and layer.moments.count for layer in report.layers):
+        return
     for other, other_name in zip(earlier, names, strict=True):
         if other.input.first_batch_sha256 == report.input.first_batch_sha256 and [
             layer.moments for layer in other.layers
