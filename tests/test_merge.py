@@ -254,12 +254,19 @@ def _set_input_dtype(document: dict[str, Any]) -> None:
         (_without_moments, ["holds no exact moments for layer bn1", "with this bn-inspect"]),
         (lambda d: d.update(mode="train"), ["is of another mode than", "(train, not eval)"]),
         (_set_input_dtype, ["is of another input dtype than", "(float64, not float32)"]),
-        (lambda d: d["layers"].pop(), ["is of other layers than", "(1 layer calls, not 2 layer calls)"]),
-        (lambda d: d["layers"][1].update(name="other"), ["is of other layers than", "other (BatchNorm2d"]),
+        (lambda d: d["layers"].pop(), ["is of other layers than", "(1 layer calls, not 2)"]),
+        (
+            lambda d: d["layers"][1].update(name="other"),
+            ["is of other layers than", "(other (BatchNorm2d, 4 channels), not bn2"],
+        ),
+        (lambda d: d.update(not_executed=["bn3"]), ["is of other layers than", "(never called: bn3, not none)"]),
         (lambda d: d["model"].update(sha256="0" * 64), ["is of another model than", "(0000000000000000, not"]),
-        (lambda d: d["layers"][0]["running_var"].__setitem__(0, 7.0), ["a model with other stored statistics"]),
+        (
+            lambda d: d["layers"][0]["running_var"].__setitem__(0, 7.0),
+            ["a model with other stored statistics", "(layer bn1 differs)"],
+        ),
     ],
-    ids=["no-moments", "mode", "dtype", "fewer-layers", "other-layer", "model", "stored-statistics"],
+    ids=["no-moments", "mode", "dtype", "fewer-layers", "other-layer", "never-called", "model", "stored-statistics"],
 )
 def test_reports_of_another_run_are_refused_in_one_line(
     tmp_path: Path,

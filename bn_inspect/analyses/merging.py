@@ -100,40 +100,38 @@ def _refuse_without_moments(report: Report, name: str) -> None:
 def _refuse_other_run(first: Report, first_name: str, report: Report, name: str) -> None:
     """Refuse a report that cannot be a part of the same run as the first: one line naming the first difference."""
 
-    def refuse(what: str, first_value: str, value: str, fix: str) -> MergeError:
-        return MergeError(f"report {name} is of {what} than {first_name} ({value}, not {first_value})", fix)
+    def refuse(what: str, detail: str, fix: str) -> MergeError:
+        return MergeError(f"report {name} is of {what} than {first_name} ({detail})", fix)
 
     same_model = "Merge only reports of one model file (the same SHA-256), run alike"
     if (report.model.sha256, report.model.arch) != (first.model.sha256, first.model.arch):
-        shown = [_shown(r.model.sha256 or r.model.arch) for r in (first, report)]
-        raise refuse("another model", shown[0], shown[1], same_model)
+        shown = [_shown(r.model.sha256 or r.model.arch) for r in (report, first)]
+        raise refuse("another model", f"{shown[0]}, not {shown[1]}", same_model)
     if report.mode != first.mode:
-        raise refuse("another mode", first.mode.inert(), report.mode.inert(), "Run every part with the same --mode")
+        detail = f"{report.mode.inert()}, not {first.mode.inert()}"
+        raise refuse("another mode", detail, "Run every part with the same --mode")
     if report.input.dtype != first.input.dtype:
-        raise refuse(
-            "another input dtype",
-            first.input.dtype.inert(),
-            report.input.dtype.inert(),
-            "Give every part's data one dtype",
-        )
-    labels = [_layer_key(layer) for layer in first.layers]
-    other = [_layer_key(layer) for layer in report.layers]
-    if other != labels or report.not_executed != first.not_executed:
-        differ = next((i for i, pair in enumerate(zip(labels, other, strict=False)) if pair[0] != pair[1]), None)
-        shown = (
-            [f"{len(other)} layer calls", f"{len(labels)} layer calls"]
-            if differ is None
-            else [other[differ], labels[differ]]
-        )
-        raise refuse("other layers", shown[1], shown[0], same_model)
+        detail = f"{report.input.dtype.inert()}, not {first.input.dtype.inert()}"
+        raise refuse("another input dtype", detail, "Give every part's data one dtype")
+    if (difference := _layer_difference(first, report)) is not None:
+        raise refuse("other layers", difference, same_model)
     for mine, theirs in zip(first.layers, report.layers, strict=True):
         if _stored_state(mine) != _stored_state(theirs):
-            raise refuse(
-                "a model with other stored statistics",
-                f"layer {mine.label.inert()}",
-                f"layer {theirs.label.inert()}",
-                same_model,
-            )
+            raise refuse("a model with other stored statistics", f"layer {theirs.label.inert()} differs", same_model)
+
+
+def _layer_difference(first: Report, report: Report) -> str | None:
+    """How the layer calls of ``report`` first differ from those of ``first``; None when they are the same."""
+    labels, other = [_layer_key(layer) for layer in first.layers], [_layer_key(layer) for layer in report.layers]
+    for mine, theirs in zip(labels, other, strict=False):
+        if mine != theirs:
+            return f"{theirs}, not {mine}"
+    if len(other) != len(labels):
+        return f"{len(other)} layer calls, not {len(labels)}"
+    if report.not_executed != first.not_executed:
+        shown = [", ".join(n.inert() for n in r.not_executed) or "none" for r in (report, first)]
+        return f"never called: {shown[0]}, not {shown[1]}"
+    return None
 
 
 def _refuse_same_data(earlier: Sequence[Report], names: Sequence[str], report: Report, name: str) -> None:
