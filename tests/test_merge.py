@@ -392,3 +392,17 @@ def test_a_part_over_the_report_budget_is_refused_before_it_is_read(
     result = _cli(capsys, ["merge", reports[0], big, "--output", tmp_path / "merged.json"])
     assert result.code == 2
     assert_one_error_line(result, f"report {big} is 120,000,000 bytes, over the")
+
+
+@pytest.mark.surface("render:stderr", "inert")
+def test_a_layer_name_from_a_report_is_inert_in_the_refusal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], parts: tuple[Path, list[Path]]
+) -> None:
+    _, reports = parts
+    hostile = _edited(
+        reports[1], tmp_path / "hostile.json", lambda d: d["layers"][1].update(name="bn2\x1b]0;pwned\x07")
+    )
+    result = _cli(capsys, ["merge", reports[0], hostile, "--output", tmp_path / "merged.json"])
+    assert result.code == 2
+    assert_one_error_line(result, "is of other layers than", "bn2\\x1b]0;pwned\\x07")
+    assert "\x1b" not in result.err and "\x07" not in result.err
