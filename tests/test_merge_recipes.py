@@ -108,8 +108,20 @@ def test_torchrun_on_two_nodes_gives_one_run(job: Path) -> None:
         assert node.returncode == 0, err[-3000:]
     report = json.loads((job / "all.json").read_text())
     assert report["distributed"]["world_size"] == 2
-    one = _one_run(job)
-    for a, b in zip(one["layers"], report["layers"], strict=True):
+    _assert_close(_one_run(job), report)
+    # A torchrun report is a part like any other: merged with one more shard, it is one run over all.
+    np.save(job / "shards" / "shard-3.npy", np.load(job / "val.npy"))
+    inspect = ["bn-inspect", "inspect", "model.pt", "--batch-size", "64", "--format", "json", "--quiet"]
+    _run([*inspect, "--input", "shards/shard-3.npy", "--output", "parts/part-3.json"], job)
+    _run(["bn-inspect", "merge", "all.json", "parts/part-3.json", "--output", "more.json"], job)
+    merged = json.loads((job / "more.json").read_text())
+    assert "distributed" not in merged
+    _assert_close(_one_run(job), merged)
+
+
+def _assert_close(one: dict, other: dict) -> None:
+    assert other["input"]["num_samples"] == one["input"]["num_samples"]
+    for a, b in zip(one["layers"], other["layers"], strict=True):
         assert a["values_per_channel"] == b["values_per_channel"]
         np.testing.assert_allclose(a["batch_mean"], b["batch_mean"], rtol=1e-12)
         np.testing.assert_allclose(a["batch_var"], b["batch_var"], rtol=1e-12)
