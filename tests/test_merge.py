@@ -284,15 +284,19 @@ def test_reports_of_another_run_are_refused_in_one_line(
 
 
 @pytest.mark.surface("read:merge-part", "traceback")
-def test_a_report_of_another_model_file_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], parts: tuple[Path, list[Path]]
+@pytest.mark.parametrize("other_run", ["model", "mode"])
+def test_a_real_run_of_another_model_or_mode_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], parts: tuple[Path, list[Path]], other_run: str
 ) -> None:
-    _, reports = parts
-    other_model = _model_file(tmp_path, ConvBN2d, torch.float32, seed=1)
-    other = _inspect(capsys, other_model, tmp_path / "all" / "shard-1.npy", tmp_path / "other.json")
+    model, reports = parts
+    shard = tmp_path / "all" / "shard-1.npy"
+    if other_run == "model":
+        other = _inspect(capsys, _model_file(tmp_path, ConvBN2d, torch.float32, seed=1), shard, tmp_path / "other.json")
+    else:
+        other = _inspect(capsys, model, shard, tmp_path / "other.json", "--mode", "train")
     result = _cli(capsys, ["merge", reports[0], other, "--output", tmp_path / "merged.json"])
     assert result.code == 2
-    assert_one_error_line(result, f"report {other} is of another model than {reports[0]}")
+    assert_one_error_line(result, f"report {other} is of another {other_run} than {reports[0]}")
 
 
 @pytest.mark.surface("read:merge-part", "traceback")
