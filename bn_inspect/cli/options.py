@@ -167,6 +167,16 @@ ListedModelArg = Annotated[Path, typer.Argument(help="Model file (any format bn-
 RecalibratedModelArg = Annotated[
     Path, typer.Argument(help="Model file to recalibrate (it is never written).", show_default=False)
 ]
+MergedReportsArg = Annotated[
+    list[Path],
+    typer.Argument(
+        help="JSON reports of runs over parts of the data (inspect --format json), in the order of the parts.",
+        show_default=False,
+    ),
+]
+MergedOutputOpt = Annotated[
+    Path, typer.Option("--output", help="Where to write the merged JSON report (a new file; - is stdout).")
+]
 NewModelOpt = Annotated[Path, typer.Option("--output", help="Where to write the recalibrated model (same format).")]
 DataInputOpt = Annotated[
     Path | None,
@@ -182,8 +192,8 @@ MethodOpt = Annotated[
     RecalibrationChoice,
     typer.Option(
         "--method",
-        help="precise: one pass with norm layers in train mode (PreciseBN, update_bn); "
-        "sequential: layer by layer in eval mode, exact for the deployed model.",
+        help="sequential (default): layer by layer in eval mode, exact for the deployed model and for check; "
+        "precise: one pass with norm layers in train mode (PreciseBN, update_bn), faster but off in deep layers.",
     ),
 ]
 ForceOpt = Annotated[

@@ -331,13 +331,14 @@ def comparison_to_markdown(comparison: ModeComparison) -> str:
         "",
         f"{counted(comparison.num_samples, 'sample')} in {counted(comparison.num_batches, 'batch')}; Δ = ‖train − eval‖ / ‖eval‖.",
         "",
-        "| layer | type | output Δ | input Δ | own Δ | max \\|z\\| | worst var ratio |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| layer | type | output Δ | input Δ | own Δ | departure | max \\|z\\| | worst var ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for gap in comparison.layers:
         lines.append(
             f"| {_cell(_code(gap.label))} | {_text(gap.type)} | {gap.output_rel_diff:.2%} | {gap.input_rel_diff:.2%} | "
-            f"{gap.own_rel_diff:.2%} | {format_number(gap.max_abs_shift_z)} | {format_number(gap.worst_var_ratio)} |"
+            f"{gap.own_rel_diff:.2%} | {format_number(gap.departure, 3)} | {format_number(gap.max_abs_shift_z)} | "
+            f"{format_number(gap.worst_var_ratio)} |"
         )
     lines.append("")
     if comparison.gap_opens_at:
@@ -361,17 +362,31 @@ def recalibration_to_markdown(result: RecalibrationResult, output: str) -> str:
         f"## bn-inspect recalibrate ({result.method})",
         "",
         f"{counted(result.num_samples, 'sample')} in {counted(result.num_batches, 'batch')}; wrote {_code(output)}.",
+        *_provenance_markdown(result),
         "",
-        "| layer | values/ch | max \\|z\\| before | max \\|z\\| after |",
-        "|---|---:|---:|---:|",
+        "| layer | values/ch | departure before | departure after | max \\|z\\| before | max \\|z\\| after |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for layer in result.layers:
         lines.append(
-            f"| {_cell(_code(layer.name))} | {layer.values_per_channel:,} | {format_number(layer.max_abs_shift_z_before)} | "
+            f"| {_cell(_code(layer.name))} | {layer.values_per_channel:,} | {format_number(layer.departure_before, 3)} | "
+            f"{format_number(layer.departure_after, 3)} | {format_number(layer.max_abs_shift_z_before)} | "
             f"{format_number(layer.max_abs_shift_z_after)} |"
         )
     lines += [f"- skipped {_code(s.name)}: {_text(s.reason)}" for s in result.skipped]
     return "\n".join(lines) + "\n"
+
+
+def _provenance_markdown(result: RecalibrationResult) -> list[str]:
+    provenance = result.provenance
+    if provenance is None:
+        return []
+    return [
+        "",
+        f"- source model: {_code(provenance.source_model)}",
+        f"- data: {_text(provenance.data.describe())}",
+        f"- method: {_text(provenance.method)}",
+    ]
 
 
 def diff_to_json(diff: DiffReport) -> str:

@@ -86,3 +86,18 @@ def no_channel_statistics(layer: LayerReport, name: Callable[[Untrusted], str]) 
         return None
     why = _NO_CHANNELS.get(layer.family, "it has neither batch nor running statistics")
     return f"{name(layer.label)} ({name(layer.type)}): no per-channel statistics ({why})."
+
+
+def departing_after_sentence(names: Sequence[Untrusted], method: str) -> str:
+    """What recalibrate says when layers' eval inputs still depart from their new statistics (inert)."""
+    shown = ", ".join(name.inert() for name in names[:3]) + (", …" if len(names) > 3 else "")
+    why = (
+        "--method precise takes statistics in train mode, which deep layers do not see in eval; "
+        "--method sequential is exact for eval"
+        if method == "precise"
+        else "a layer runs more than once per forward, or the data differs from pass to pass (see the notes)"
+    )
+    return (
+        f"In eval mode on these data, {counted(len(names), 'layer')} ({shown}) still "
+        f"{'departs' if len(names) == 1 else 'depart'} from the new statistics as check measures it: {why}."
+    )

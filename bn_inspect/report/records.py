@@ -116,6 +116,29 @@ class LayerState:
 
 
 @dataclass(frozen=True)
+class LayerMoments:
+    """The exact moments (float64) behind a layer call's statistics: what lets reports merge exactly.
+
+    kind "channel" (BatchNorm and relatives): ``count`` values per channel, their ``mean`` and
+    centred sum of squares ``m2 = sum((x - mean)**2)``; batch_var = m2 / count. kind "instance"
+    (InstanceNorm): ``count`` instances of ``values_per_instance`` values each, and the sums over
+    instances of each instance's mean (``mean_sum``) and biased variance (``var_sum``); batch_mean =
+    mean_sum / count. ``num_batches`` and ``batch_sizes`` ((samples, batches of that size) pairs, in the order the sizes first came)
+    say how the values came.
+    """
+
+    kind: str
+    count: int
+    num_batches: int
+    batch_sizes: tuple[tuple[int, int], ...]
+    mean: Floats | None = None
+    m2: Floats | None = None
+    values_per_instance: int | None = None
+    mean_sum: Floats | None = None
+    var_sum: Floats | None = None
+
+
+@dataclass(frozen=True)
 class LayerReport:
     """One call of one normalization layer (a shared module called twice gives two).
 
@@ -147,6 +170,7 @@ class LayerReport:
     explanation: Untrusted
     flags: tuple[str, ...] = ()
     num_groups: int | None = None
+    moments: LayerMoments | None = None
 
     @property
     def label(self) -> Untrusted:
@@ -310,13 +334,25 @@ class DistributedInfo:
     divergence: RankDivergence
 
 
+@dataclass(frozen=True)
+class MergedPart:
+    """One report a merged report was made of (`bn-inspect merge`): its path and its input."""
+
+    path: Untrusted
+    source: Untrusted
+    first_batch_sha256: Untrusted | None
+    num_batches: int
+    num_samples: int
+
+
 # repr=False: NotebookDisplay's compact repr, not every per-channel list.
 @dataclass(frozen=True, repr=False)
 class Report(NotebookDisplay):
     """The result of one inspection; ``to_dict`` gives the JSON document of schema version 1.
 
     ``torch_version``, ``bn_inspect_version`` and ``python_version`` say what produced it ("" in
-    reports that predate them), so that two reports can be told comparable or not.
+    reports that predate them), so that two reports can be told comparable or not. ``merged_from``
+    lists the reports a merged report was made of (empty for one run).
     """
 
     model: ModelInfo
@@ -330,6 +366,7 @@ class Report(NotebookDisplay):
     schema_version: int = field(default=SCHEMA_VERSION)
     bn_inspect_version: Untrusted = NO_VERSION
     python_version: Untrusted = NO_VERSION
+    merged_from: tuple[MergedPart, ...] = ()
 
     def first_divergent(self, thresholds: Thresholds | None = None) -> LayerReport | None:
         """The first layer call in execution order whose data departs from its running statistics.
@@ -388,6 +425,8 @@ class Report(NotebookDisplay):
         }
         if self.distributed is not None:
             document["distributed"] = asdict(self.distributed)
+        if self.merged_from:
+            document["merged_from"] = [asdict(part) for part in self.merged_from]
         return json_ready(document)  # type: ignore[no-any-return]
 
 
