@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 import bn_inspect
+from bn_inspect.output.export import to_markdown
 from bn_inspect.output.formats import Rendering, TableFormatter
+from bn_inspect.output.html.pages import html_page
 from bn_inspect.report import schemas
 from bn_inspect.report.diff import diff_reports
 from bn_inspect.report.display import NotebookDisplay
@@ -135,6 +137,10 @@ def test_a_model_in_memory_is_named_by_its_class() -> None:
     traced = torch.jit.trace(model, data[0][:2])
     assert bn_inspect.inspect_model(traced, data).model.source.raw == "TinyResNet (in memory)"
     jsonschema.validate(json.loads(json.dumps(report.to_dict())), schemas.schema("inspect"))
+    # Every output names it so, without the format: "(module)" would only repeat "(in memory)".
+    assert "**Model** `TinyResNet (in memory)` · **input**" in to_markdown(report)
+    assert "TinyResNet (in memory)</dd>" in html_page(report)
+    assert "(module)" not in to_markdown(report) + html_page(comparison) + repr(report)
 
 
 def test_a_given_model_info_is_kept() -> None:

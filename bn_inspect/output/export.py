@@ -20,7 +20,7 @@ from bn_inspect.output.words import (
 from bn_inspect.report.departure import departure
 from bn_inspect.report.findings import MODEL_LABEL, CheckReport, Finding
 from bn_inspect.report.frame import report_frame
-from bn_inspect.report.records import LayerListing, LayerReport, Report, matching_layers
+from bn_inspect.report.records import LayerListing, LayerReport, ModelInfo, Report, matching_layers
 from bn_inspect.text import Untrusted, inert
 
 if TYPE_CHECKING:
@@ -87,6 +87,11 @@ def _text(text: str | Untrusted) -> str:
     return "".join("\\" + c if c in _MARKDOWN_SPECIAL else c for c in _shown(text))
 
 
+def _format(model: ModelInfo) -> str:
+    """`` (state_dict)`` after the model's source; nothing for a model in memory, whose source names its class."""
+    return "" if model.is_in_memory else f" ({_text(model.format)})"
+
+
 def _code(text: str | Untrusted) -> str:
     """A name or path as a Markdown code span that shows it as it is (``inert``), backticks included.
 
@@ -123,7 +128,7 @@ def to_markdown(report: Report, channel_patterns: tuple[str, ...] = ()) -> str:
     lines = [
         "## bn-inspect",
         "",
-        f"**Model** {_code(report.model.source)} ({_text(report.model.format)}) · **input** {_code(data.source)}: "
+        f"**Model** {_code(report.model.source)}{_format(report.model)} · **input** {_code(data.source)}: "
         f"{counted(data.num_samples, 'sample')}, {counted(data.num_batches, 'batch')} of {tuple(data.shape)} · "
         f"**mode** {_text(report.mode)} · **device** {_text(report.device)}"
         + "".join(
@@ -203,7 +208,7 @@ def check_to_markdown(check: CheckReport) -> str:
     lines = [
         f"## bn-inspect check: {verdict}",
         "",
-        f"**Model** {_code(check.model.source)} ({_text(check.model.format)}) · "
+        f"**Model** {_code(check.model.source)}{_format(check.model)} · "
         + (f"**input** {_code(check.input.source)} · " if check.input else "**no data** · ")
         + f"{counted(counts['error'], 'error')}, {counted(counts['warning'], 'warning')}, "
         f"{counted(counts['info'], 'note')} · "
@@ -295,7 +300,7 @@ def listing_to_markdown(listing: LayerListing) -> str:
     lines = [
         "## bn-inspect layers",
         "",
-        f"**Model** {_code(listing.model.source)} ({_text(listing.model.format)})"
+        f"**Model** {_code(listing.model.source)}{_format(listing.model)}"
         + (" · layer types inferred from the state_dict keys" if listing.types_inferred else ""),
         "",
         "| layer | type | C | eps | momentum | affine | batches | running mean (avg) | running var (avg) | eval uses |",
@@ -409,7 +414,7 @@ def diff_to_markdown(diff: DiffReport) -> str:
         ("NEW", diff.new_model, diff.new_input, diff.new_mode),
     ):
         lines.append(
-            f"**{name}** {_code(model.source)} ({_text(model.format)}) · {_code(data.source)}: "
+            f"**{name}** {_code(model.source)}{_format(model)} · {_code(data.source)}: "
             f"{counted(data.num_samples, 'sample')} · mode {_text(mode)}  "
         )
     lines += [

@@ -16,7 +16,7 @@ from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
 from bn_inspect.report.diff import DiffReport
 from bn_inspect.report.display import register_text_renderers
 from bn_inspect.report.findings import CheckReport
-from bn_inspect.report.records import IN_MEMORY_FORMAT, ModelInfo, Report
+from bn_inspect.report.records import ModelInfo, Report
 from bn_inspect.text import Untrusted, inert
 
 # How many layers or findings a repr names, and how long a name or a message may be in it.
@@ -38,7 +38,7 @@ def _model(model: ModelInfo | None) -> str:
     if model is None:
         return "model ?"
     shown = f"model {_name(model.source)}"
-    return shown if model.format.raw == IN_MEMORY_FORMAT else f"{shown} ({_name(model.format)})"
+    return shown if model.is_in_memory else f"{shown} ({_name(model.format)})"
 
 
 def _largest_first(value: float) -> float:

@@ -17,7 +17,7 @@ from bn_inspect.output.verdict import inspection_verdict
 from bn_inspect.output.words import counted, image_details, no_channel_statistics
 from bn_inspect.report.departure import ERROR, INFO, WARNING, WITHIN, Departure, departure
 from bn_inspect.report.findings import CheckReport
-from bn_inspect.report.records import IN_MEMORY_FORMAT, LayerReport, ModelInfo, Report, matching_layers
+from bn_inspect.report.records import LayerReport, ModelInfo, Report, matching_layers
 from bn_inspect.text import Untrusted, inert
 
 _BAR_CELLS = 6
@@ -88,7 +88,7 @@ def _model_line(model: ModelInfo) -> Text:
     inspect's; a model handed over in memory is its class name alone ("ResNet (in memory)")."""
     text = Text()
     text.append("model ", style="bold")
-    details = [] if model.format.raw == IN_MEMORY_FORMAT else [model.format.inert()]
+    details = [] if model.is_in_memory else [model.format.inert()]
     details += [f"--arch {model.arch.inert()}"] if model.arch else []
     text.append(model.source.inert() + (f" ({', '.join(details)})" if details else ""))
     return text

@@ -81,7 +81,7 @@ _LEFT = {"layer", "type", "change", "layer\ntype", "change\nC", "verdict"}
 def _side(name: str, model: ModelInfo, data: InputInfo, mode: Untrusted) -> Text:
     text = Text()
     text.append(f"{name} ", style="bold")
-    text.append(f"{model.source.inert()} ({model.format.inert()}) · ")
+    text.append(model.source.inert() + ("" if model.is_in_memory else f" ({model.format.inert()})") + " · ")
     text.append(f"{data.source.inert()}: {counted(data.num_samples, 'sample')} · mode {mode.inert()}")
     return text
 

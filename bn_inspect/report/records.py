@@ -50,6 +50,11 @@ class ModelInfo:
     arch: Untrusted | None = None
     sha256: Untrusted | None = None
 
+    @property
+    def is_in_memory(self) -> bool:
+        """True for a model handed to the Python API: its source names its class, and its format says nothing more."""
+        return self.format.raw == IN_MEMORY_FORMAT
+
     @classmethod
     def of(cls, source: str, format: str, arch: str | None = None, sha256: str | None = None) -> ModelInfo:
         """The record of a model bn-inspect loaded: every field as Untrusted."""

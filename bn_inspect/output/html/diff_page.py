@@ -92,8 +92,9 @@ def _side(model: ModelInfo, data: InputInfo, mode: Untrusted) -> str:
     batches = (
         f"{counted(data.num_samples, 'sample')} in {counted(data.num_batches, 'batch')}, {data.dtype}, mode {mode}"
     )
+    shown_format = "" if model.is_in_memory else f" ({escaped(model.format)})"
     return (
-        f'<span class="name">{escaped(model.source)}</span> ({escaped(model.format)}){arch}{model_print}<br>'
+        f'<span class="name">{escaped(model.source)}</span>{shown_format}{arch}{model_print}<br>'
         f"{escaped(data.source)}: {escaped(batches)}{data_print}"
     )
 

@@ -78,7 +78,7 @@ def model_facts(model: ModelInfo | None) -> list[tuple[str, str]]:
     """The model's source, format and --arch as fact rows."""
     if model is None:
         return []
-    described = f"{escaped(model.source)} ({escaped(model.format)})"
+    described = escaped(model.source) + ("" if model.is_in_memory else f" ({escaped(model.format)})")
     rows = [("model", described)]
     if model.arch:
         rows.append(("arch", escaped(model.arch)))
