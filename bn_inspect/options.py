@@ -54,10 +54,10 @@ class RunFormat(str, Enum):
 
 
 class RecalibrationChoice(str, Enum):
-    """How `bn-inspect recalibrate` recomputes running statistics."""
+    """How `bn-inspect recalibrate` recomputes running statistics (sequential, the default, is exact for eval)."""
 
-    PRECISE = "precise"
     SEQUENTIAL = "sequential"
+    PRECISE = "precise"
 
 
 class FailOn(str, Enum):

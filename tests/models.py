@@ -44,6 +44,34 @@ class ConvBN2d(nn.Module):
         return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
 
 
+class ResidualStack(nn.Module):
+    """Conv stem and three residual blocks (conv -> BN -> ReLU -> conv -> BN, plus the block's input), in a
+    custom forward as a ResNet's: input (N, 3, H, W), seven BatchNorm2d, each depending on the ones before."""
+
+    def __init__(self, width: int = 8, num_blocks: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "conv1": nn.Conv2d(width, width, 3, padding=1),
+                    "bn1": nn.BatchNorm2d(width),
+                    "conv2": nn.Conv2d(width, width, 3, padding=1),
+                    "bn2": nn.BatchNorm2d(width),
+                }
+            )
+            for _ in range(num_blocks)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.stem(x)))
+        for block in self.blocks:
+            inner = torch.relu(block["bn1"](block["conv1"](x)))
+            x = torch.relu(block["bn2"](block["conv2"](inner)) + x)
+        return x
+
+
 class BN1dFeatures(nn.Module):
     """BatchNorm1d on (N, C) features."""
 

@@ -53,7 +53,8 @@ def trained(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.uniform(-1e3, 1e3, C), rng.uniform(1e-4, 1e-2, C)
 
 
-def test_the_score_is_the_mean_wasserstein_distance_over_the_sample_allowance() -> None:
+def test_the_score_it_judges_by_is_the_mean_wasserstein_distance_over_the_sample_allowance() -> None:
+    # Large means and tiny variances: bn-inspect's own score, which causes_eval judges detection by.
     running = trained(1)
     rng = np.random.default_rng(2)
     batch = (running[0] + rng.normal(0, 0.3, C) * np.sqrt(running[1]), running[1] * rng.uniform(0.3, 3, C))
@@ -61,7 +62,9 @@ def test_the_score_is_the_mean_wasserstein_distance_over_the_sample_allowance() 
     vb, vr = batch[1].astype(np.float64) + eps, running[1].astype(np.float64) + eps
     distance = np.sqrt((batch[0] - running[0]) ** 2 + (np.sqrt(vb) - np.sqrt(vr)) ** 2) / np.sqrt(vr)
     expected = distance.mean() / (0.1 + 3 / np.sqrt(samples))
-    assert causes_eval.layer_score(layer("bn", running, batch)) == pytest.approx(expected, rel=1e-12)
+    found = layer("bn", running, batch).departure
+    assert found is not None and found.score == pytest.approx(expected, rel=1e-12)
+    assert causes_eval.departed_labels(report(layer("bn", running, batch))) == ({"bn"} if found.departs else set())
 
 
 def test_every_fault_case_expects_a_documented_cause_and_no_healthy_case_does() -> None:

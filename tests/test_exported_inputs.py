@@ -12,6 +12,7 @@ import torch
 
 from bn_inspect.data.batch import Batch, regroup_batches
 from bn_inspect.data.readers import read_input
+from bn_inspect.model.provenance import read_stored_record
 from sample_models.architectures import DigitsCNN
 from tests.helpers import assert_one_error_line, invoke
 
@@ -45,7 +46,8 @@ def test_recalibrate_writes_an_exported_archive_with_the_new_statistics(
 ) -> None:
     archive, data = digits_archive(tmp_path / "d.pt2"), shifted_digits(tmp_path / "x.pt")
     output = tmp_path / "r.pt2"
-    result = invoke(capsys, ["recalibrate", archive, "--input", data, "--output", output, "--method", "sequential"])
+    # The default method, sequential, is the one an eval-mode program can run.
+    result = invoke(capsys, ["recalibrate", archive, "--input", data, "--output", output])
     assert result.code == 0, result.err
     before, after = load_program(archive).state_dict, load_program(output).state_dict
     for name in ("features.1", "features.4", "features.8"):
@@ -53,6 +55,8 @@ def test_recalibrate_writes_an_exported_archive_with_the_new_statistics(
         assert not torch.equal(before[f"{name}.running_var"], after[f"{name}.running_var"])
         assert int(after[f"{name}.num_batches_tracked"]) == 18  # 36 samples in batches of 2
     assert torch.equal(before["features.0.weight"], after["features.0.weight"])
+    stored = read_stored_record(output).record  # an extra file of the archive, which torch.export.load ignores
+    assert stored is not None and stored.method == "sequential" and stored.data.num_samples == 36
     # The saved program normalizes with what it was given: its layer inputs now fit their running statistics.
     report = invoke(capsys, ["inspect", output, "--input", data, "--format", "json"])
     layers = json.loads(report.out)["layers"]
@@ -64,7 +68,9 @@ def test_recalibrate_refuses_precise_on_an_eval_mode_export_and_names_sequential
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     archive, data = digits_archive(tmp_path / "d.pt2"), shifted_digits(tmp_path / "x.pt")
-    result = invoke(capsys, ["recalibrate", archive, "--input", data, "--output", tmp_path / "r.pt2"])
+    result = invoke(
+        capsys, ["recalibrate", archive, "--input", data, "--output", tmp_path / "r.pt2", "--method", "precise"]
+    )
     assert result.code == 2
     assert_one_error_line(result, "exported in eval mode", "Use --method sequential")
     assert not (tmp_path / "r.pt2").exists()

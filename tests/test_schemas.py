@@ -54,7 +54,11 @@ RUNS: dict[str, tuple[str, list[str | Path], int]] = {
     "layers-torchscript": ("layers", ["layers", MODEL], 0),
     "compare-modes": ("compare-modes", ["compare-modes", MODEL, "--input", SHIFTED], 0),
     "diff": ("diff", ["diff", GOLDEN / "reports" / "digits_older.json", MODEL, "--input", SHIFTED], 1),
-    "recalibrate-precise": ("recalibrate", ["recalibrate", MODEL, "--input", TRAIN, "--output", "{out}"], 0),
+    "recalibrate-precise": (
+        "recalibrate",
+        ["recalibrate", MODEL, "--input", TRAIN, "--output", "{out}", "--method", "precise"],
+        0,
+    ),
     "recalibrate-sequential": (
         "recalibrate",
         ["recalibrate", MODEL, "--input", TRAIN, "--output", "{out}", "--method", "sequential"],

@@ -4,7 +4,7 @@
 
 Each RESULTS is a run.py results JSON and WORKDIR the --workdir it kept (its reports/ hold each
 case's `inspect --format json` report). A fault is detected when some layer's departure score
-reaches WARNING (the calibrated score, recomputed here from the report's statistics); for each
+reaches the warning level (bn-inspect's departure score, report/departure.py); for each
 detected fault the cause that bn_inspect.report.causes names is compared with the case's
 ``expected_cause`` (cases.py): right, wrong or unknown, per half (calibration, held-out).
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -25,11 +24,8 @@ sys.path.insert(0, str(REPO))
 
 from bn_inspect.report.causes import UNKNOWN, model_cause  # noqa: E402
 from bn_inspect.report.reading import load_report  # noqa: E402
-from bn_inspect.report.records import LayerReport, Report  # noqa: E402
+from bn_inspect.report.records import Report  # noqa: E402
 
-# The departure score issue 26 settled on: per channel the 2-Wasserstein distance between the batch and
-# the running Gaussian in running stds; a layer's mean over channels over (DRIFT + NOISE / sqrt(samples)).
-DRIFT, NOISE, WARNING = 0.1, 3.0, 0.83
 HALVES = ("calibration", "held-out")
 
 
@@ -52,32 +48,9 @@ class Judged:
         return "right" if self.named == self.expected else "wrong"
 
 
-def layer_score(layer: LayerReport) -> float | None:
-    """The layer's departure score (inf or NaN where a channel's distance is), None when it cannot be compared."""
-    stats = (layer.batch_mean, layer.batch_var, layer.running_mean, layer.running_var)
-    if any(not s for s in stats) or not layer.values_per_channel or not layer.input_shape or not layer.reduced_axes:
-        return None
-    per_sample = math.prod(layer.input_shape[d] for d in layer.reduced_axes if d != 0)
-    samples = layer.values_per_channel // per_sample if per_sample else 0
-    if not samples:
-        return None
-    eps, total = layer.eps or 0.0, 0.0
-    for bm, bv, rm, rv in zip(*stats, strict=True):  # type: ignore[call-overload]
-        if not (bv + eps >= 0 and rv + eps > 0) or not all(map(math.isfinite, (bm, bv, rm, rv))):
-            return math.nan
-        running_std = math.sqrt(rv + eps)
-        total += math.hypot(bm - rm, math.sqrt(bv + eps) - running_std) / running_std
-    return total / len(stats[0]) / (DRIFT + NOISE / math.sqrt(samples))  # type: ignore[arg-type]
-
-
 def departed_labels(report: Report) -> set[str]:
-    """The layer calls whose score reaches WARNING (or cannot be finite)."""
-    out = set()
-    for layer in report.layers:
-        score = layer_score(layer)
-        if score is not None and not score < WARNING:
-            out.add(layer.label.raw)
-    return out
+    """The layer calls that depart by bn-inspect's own departure score (what check's BN201 fires on)."""
+    return {layer.label.raw for layer in report.layers if (found := layer.departure) is not None and found.departs}
 
 
 def expected_causes() -> dict[str, str | None]:

@@ -35,15 +35,21 @@ mu_k and biased variances v_k, the means agree (the average of mu_k is the popul
 stores the population variance, times ``n / (n - 1)`` for n = K * m values. With batches of
 uneven size the means differ too: ``update_bn`` weights every batch alike.
 
-The two methods
----------------
+The two methods, and why ``sequential`` is the default
+-----------------------------------------------------
+An eval-mode layer normalizes with its running statistics, and ``check`` measures each layer's
+eval-mode input against them, so the statistics to write are those of the eval-mode inputs.
+
 ``precise`` (as fvcore's PreciseBN and ``update_bn``): one pass with the normalization layers in
 training mode, so each layer's input was normalized upstream with *batch* statistics, as in
-training. One forward per batch; the statistics describe the training-time activations.
+training. One forward per batch; the statistics describe the training-time activations, which in
+eval mode (upstream layers normalizing with population statistics instead) are not what a deep
+layer sees: the gap grows with depth and as batches shrink (benchmarks/bench_recalibration_methods.py,
+docs/benchmarks.md), until ``check`` on the very data it was recalibrated with fails the model.
 
-``sequential``: the statistics of each layer are taken in *eval* mode with every layer upstream of
-it already recalibrated, so they are exactly the statistics the deployed model's layers see on
-these data. A layer can only be measured once everything it depends on has its new statistics,
+``sequential`` (the default): the statistics of each layer are taken in *eval* mode with every
+layer upstream of it already recalibrated, so they are exactly the statistics the deployed model's
+layers see on these data. A layer can only be measured once everything it depends on has its new statistics,
 so layers are recalibrated in waves: a first eval pass measures every layer and records, by
 following each tensor through the aten operations (a dispatch mode), which recalibrated layers each
 layer's input depends on; a layer that depends on none is done after that pass, and wave k holds
@@ -93,7 +99,7 @@ from bn_inspect.errors import ExportModeError, NoNormLayersError
 from bn_inspect.model.graph import exported_training_mode, iter_graph_norm_layers
 from bn_inspect.model.layers import NormFamily, NormLayer, iter_norm_layers
 from bn_inspect.model.modules import refuse_lazy_modules, unwrap_compiled
-from bn_inspect.report import shift
+from bn_inspect.report import departure, shift
 from bn_inspect.report.comparisons import RecalibratedLayer, RecalibrationResult, SkippedLayer
 from bn_inspect.text import Untrusted
 
@@ -110,15 +116,15 @@ Original = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 class RecalibrationMethod(str, Enum):
     """Which activations the new running statistics describe."""
 
-    PRECISE = "precise"
     SEQUENTIAL = "sequential"
+    PRECISE = "precise"
 
 
 def recalibrate(
     model: nn.Module,
     batches: Iterable[Any],
     *,
-    method: RecalibrationMethod | str = RecalibrationMethod.PRECISE,
+    method: RecalibrationMethod | str = RecalibrationMethod.SEQUENTIAL,
     verify: bool = True,
     distributed: DistributedContext | None = None,
 ) -> RecalibrationResult:
@@ -138,7 +144,8 @@ def recalibrate(
             passes iterate it again, so it must give the same data each time (a list, or a
             DataLoader without shuffling or random augmentation); a one-shot iterator is first
             collected into a list.
-        method: "precise" (one train-mode pass) or "sequential" (exact for eval).
+        method: "sequential" (the default: exact for eval, what ``check`` measures) or "precise"
+            (one train-mode pass, as PreciseBN).
         verify: for ``precise``, run one more eval pass to measure how well the recalibrated
             model's layer inputs fit the new statistics (``max_abs_shift_z_after``);
             ``sequential`` always runs that pass, as the check of its result.
@@ -183,7 +190,9 @@ def recalibrate(
     notes = measured.notes + (_shared_layers_note(seen) if method is RecalibrationMethod.SEQUENTIAL else [])
     return RecalibrationResult(
         method=method.value,
-        layers=tuple(_describe(targets[name], measured, originals[name], after.get(name)) for name in seen),
+        layers=tuple(
+            _describe(targets[name], measured, originals[name], after.get(name), runner.num_samples) for name in seen
+        ),
         skipped=tuple(skipped),
         num_batches=runner.num_batches,
         num_samples=runner.num_samples,
@@ -348,7 +357,9 @@ def _floats(tensor: torch.Tensor) -> Floats:
     return tuple(float(v) for v in tensor.detach().to("cpu", torch.float64).tolist())
 
 
-def _describe(target: Target, measured: Measurement, original: Original, after: Seen | None) -> RecalibratedLayer:
+def _describe(
+    target: Target, measured: Measurement, original: Original, after: Seen | None, num_samples: int
+) -> RecalibratedLayer:
     layer = target.layer
     seen = measured.seen[layer.name]
     eps = layer.eps or 0.0
@@ -356,9 +367,17 @@ def _describe(target: Target, measured: Measurement, original: Original, after: 
     # "Before" is the model as given: for sequential, ``seen`` was measured after the layers
     # upstream had already been rewritten, which tells nothing about the given model.
     z_before, ratio_before = _summary(measured.given[layer.name].moments, old_mean, old_var, eps)
-    z_after = ratio_after = None
+    z_after = ratio_after = departure_after = None
     if after is not None:
         z_after, ratio_after = _summary(after.moments, target.running_mean, target.running_var, eps)
+        departure_after = departure.measure(
+            _floats(after.moments.mean),
+            _floats(after.moments.biased_var()),
+            _floats(target.running_mean),
+            _floats(target.running_var),
+            eps,
+            max(1, num_samples * seen.calls_per_forward),
+        ).score
     tracked = target.num_batches_tracked
     return RecalibratedLayer(
         name=Untrusted(layer.name),
@@ -379,4 +398,5 @@ def _describe(target: Target, measured: Measurement, original: Original, after: 
         worst_var_ratio_before=ratio_before,
         max_abs_shift_z_after=z_after,
         worst_var_ratio_after=ratio_after,
+        departure_after=departure_after,
     )

@@ -65,7 +65,17 @@ def run_inspect(options: RunOptions, observer: RunObserver, layer_patterns: Sequ
         return None
     _require_layer_matches(report, layer_patterns)
     _warn_nonfinite(report.input, observer)
+    _note_other_data(options, report.input, observer)
     return report
+
+
+def _note_other_data(options: RunOptions, data: InputInfo | None, observer: RunObserver) -> None:
+    """Say that the model's statistics were recalibrated on other data than this run's (check keeps it in its notes)."""
+    from bn_inspect.analyses.provenance import recalibration_data_note
+
+    note = recalibration_data_note(options, None if data is None else data.num_samples, observer)
+    if note is not None:
+        observer.note(f"note: {note}.")
 
 
 def _require_layer_matches(report: Report, patterns: Sequence[str]) -> None:
@@ -129,6 +139,11 @@ def run_check(options: RunOptions, gate: CheckSettings, observer: RunObserver, *
     if not speaks(ranks):
         return CheckRun(None, passed)
     _warn_nonfinite(result.input, observer)
+    from bn_inspect.analyses.provenance import recalibration_data_note
+
+    other_data = recalibration_data_note(options, None if result.input is None else result.input.num_samples, observer)
+    if other_data is not None:
+        result = replace(result, notes=(*result.notes, other_data))
     if options.write_baseline is not None and result.inspection is not None:
         from bn_inspect.report.reading import write_report
 
@@ -244,6 +259,7 @@ def run_recalibrate(
         InputError: no --input (random data would write noise into the running statistics).
         OutputError: the output is stdout, exists without ``force``, or is a file the run reads.
     """
+    from bn_inspect.analyses.provenance import provenance_of
     from bn_inspect.analyses.recalibration import recalibrate
     from bn_inspect.analyses.sources import fit_images_to_model, open_data
     from bn_inspect.data.inputs import DEFAULT_BATCH_SIZE
@@ -273,10 +289,19 @@ def run_recalibrate(
         if loaded.format == "torch.export":
             mine = ExportedBatches(loaded.module, mine, observer)
         result = recalibrate(loaded.module, mine, method=method.value, distributed=ranks)
+        result = replace(result, provenance=provenance_of(options, method.value, result.num_samples, loaded.sha256))
         # Every rank now holds the same buffers; rank 0 alone writes the one file.
         with all_ranks(ranks):
             if speaks(ranks):
-                save_like(model, loaded.format, loaded.module, output, force=force, trust_pickle=options.trust_pickle)
+                save_like(
+                    model,
+                    loaded.format,
+                    loaded.module,
+                    output,
+                    force=force,
+                    trust_pickle=options.trust_pickle,
+                    provenance=result.provenance,
+                )
     return result if speaks(ranks) else None
 
 

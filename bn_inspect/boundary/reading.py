@@ -51,6 +51,7 @@ class Source(str, Enum):
     BASELINE = "the --baseline file"
     DIFF_SIDE = "a side of diff"
     CONFIG = "the pyproject.toml settings"
+    RECALIBRATION_RECORD = "the recalibration record of the model file"
 
 
 Identity = tuple[int, int]

@@ -297,7 +297,7 @@ def recalibrate_command(
     grayscale: GrayscaleOpt = False,
     workers: WorkersOpt = None,
     strict_data: StrictDataOpt = False,
-    method: MethodOpt = RecalibrationChoice.PRECISE,
+    method: MethodOpt = RecalibrationChoice.SEQUENTIAL,
     force: ForceOpt = False,
     output_format: RecalibrationFormatOpt = RunFormat.TABLE,
     report: RecalibrationReportOpt = None,

@@ -173,8 +173,8 @@ MethodOpt = Annotated[
     RecalibrationChoice,
     typer.Option(
         "--method",
-        help="precise: one pass with norm layers in train mode (PreciseBN, update_bn); "
-        "sequential: layer by layer in eval mode, exact for the deployed model.",
+        help="sequential (default): layer by layer in eval mode, exact for the deployed model and for check; "
+        "precise: one pass with norm layers in train mode (PreciseBN, update_bn), faster but off in deep layers.",
     ),
 ]
 ForceOpt = Annotated[

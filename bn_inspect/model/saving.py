@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Mapping
 from enum import Enum
 from pathlib import Path
@@ -15,7 +16,9 @@ from bn_inspect.boundary.writing import Destination, check_output_target, output
 from bn_inspect.errors import BnInspectError, OutputError
 from bn_inspect.model.archives import load_exported_program
 from bn_inspect.model.files import open_model_file
+from bn_inspect.model.provenance import METADATA_KEY, RECORD_NAME, record_bytes, with_record_entry
 from bn_inspect.model.state_dict import extract_state_dict, strip_prefixes
+from bn_inspect.report.provenance import RecalibrationProvenance
 
 
 class SaveFormat(str, Enum):
@@ -38,6 +41,7 @@ def save_like(
     force: bool = False,
     original: object = None,
     trust_pickle: bool = False,
+    provenance: RecalibrationProvenance | None = None,
 ) -> Path:
     """Write ``model`` to ``output_path`` in the format its input file had.
 
@@ -70,6 +74,8 @@ def save_like(
         original: what ``torch.load(original_path, weights_only=True)`` returned, if the caller
             still has it; for state_dict and checkpoint files it is loaded again (weights only,
             on the CPU) when omitted. Needed for a pickle whose model sits inside a dict.
+        provenance: where the new statistics came from, stored in the file where every loader
+            ignores it (bn_inspect/model/provenance.py); None stores nothing.
 
     Returns:
         The output path.
@@ -84,21 +90,23 @@ def save_like(
         manifest.declare(source, Source.MODEL)
         # Refused before the input is read again, which can take long.
         check_output_target(output, Destination.MODEL, force=force)
-        write = _writer(source, file_format, model, original, trust_pickle)
+        payload = None if provenance is None else record_bytes(provenance)
+        write = _writer(source, file_format, model, original, trust_pickle, payload)
         with output_file(output, Destination.MODEL, force=force) as stream:
             write(stream)
     return output
 
 
 def _writer(
-    source: Path, file_format: SaveFormat, model: nn.Module, original: object, trust_pickle: bool
+    source: Path, file_format: SaveFormat, model: nn.Module, original: object, trust_pickle: bool, record: bytes | None
 ) -> Callable[[IO[bytes]], None]:
-    """What writes ``model`` to a stream in ``file_format``; what it needs to read is read before the file is opened."""
+    """What writes ``model`` (and ``record``) to a stream in ``file_format``; what it needs to read is read before the file is opened."""
+    extra = {} if record is None else {RECORD_NAME: record.decode("utf-8")}
     if file_format is SaveFormat.TORCH_EXPORT:
         program = _exported_with_state(source, model, trust_pickle)
 
         def write(stream: IO[bytes]) -> None:
-            torch.export.save(program, stream)
+            torch.export.save(program, stream, extra_files=extra)
 
     elif file_format is SaveFormat.TORCHSCRIPT:
         if not isinstance(model, torch.jit.ScriptModule):
@@ -108,10 +116,10 @@ def _writer(
             )
 
         def write(stream: IO[bytes]) -> None:
-            torch.jit.save(model, stream)  # type: ignore[no-untyped-call]
+            torch.jit.save(model, stream, _extra_files=extra)  # type: ignore[no-untyped-call]
 
     elif file_format is SaveFormat.SAFETENSORS:
-        payload = _safetensors_bytes(source, model)
+        payload = _safetensors_bytes(source, model, record)
 
         def write(stream: IO[bytes]) -> None:
             stream.write(payload)
@@ -122,15 +130,26 @@ def _writer(
         document = original if holds_model else model
 
         def write(stream: IO[bytes]) -> None:
-            torch.save(document, stream)
+            _torch_save(document, stream, record)
 
     else:
         state_document = _state_dict_document(source, file_format, model, original)
 
         def write(stream: IO[bytes]) -> None:
-            torch.save(state_document, stream)
+            _torch_save(state_document, stream, record)
 
     return write
+
+
+def _torch_save(document: object, stream: IO[bytes], record: bytes | None) -> None:
+    if record is None:
+        torch.save(document, stream)
+        return
+    # The writer's stream is write-only, and zipfile appends by reading the central directory: the
+    # archive is built in memory (the model is there already) and written once.
+    buffer = io.BytesIO()
+    torch.save(document, buffer)
+    stream.write(with_record_entry(buffer.getvalue(), record))
 
 
 def _exported_with_state(source: Path, model: nn.Module, trust_pickle: bool) -> torch.export.ExportedProgram:
@@ -208,7 +227,7 @@ def _state_dict_document(source: Path, file_format: SaveFormat, model: nn.Module
     return _replaced(document, model)
 
 
-def _safetensors_bytes(source: Path, model: nn.Module) -> bytes:
+def _safetensors_bytes(source: Path, model: nn.Module, record: bytes | None) -> bytes:
     from safetensors import safe_open
     from safetensors.torch import save
 
@@ -222,4 +241,6 @@ def _safetensors_bytes(source: Path, model: nn.Module) -> bytes:
                 f"cannot read {source} again to keep its layout ({type(error).__name__})",
                 "Check that the input file is still there",
             ) from error
+    if record is not None:
+        metadata = {**(metadata or {}), METADATA_KEY: record.decode("utf-8")}
     return bytes(save(_replaced(saved, model), metadata=metadata))

@@ -147,7 +147,7 @@ def to_markdown(report: Report, channel_patterns: tuple[str, ...] = ()) -> str:
             " ".join(layer.flags),
         ]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    said = inspection_verdict(report, _code)
+    said = inspection_verdict(report, _code, text=_text)
     lines += ["", f"**{said.sentence}**" if said.outcome == "departs" else said.sentence]
     if report.not_executed:
         lines.append(f"Not executed: {', '.join(_code(n) for n in report.not_executed)}.")
@@ -225,6 +225,12 @@ def check_to_markdown(check: CheckReport) -> str:
     return "\n".join(lines)
 
 
+def _cause_text(finding: Finding) -> str:
+    if not (finding.cause and finding.cause_sentence):
+        return ""
+    return f" (likely cause, {finding.cause}: {inert(finding.cause_sentence)})"
+
+
 def check_to_junit(check: CheckReport) -> str:
     """JUnit XML: one test case per layer (and one for the model), failed where a finding reaches --fail-on."""
     from xml.etree import ElementTree as ET
@@ -254,7 +260,9 @@ def check_to_junit(check: CheckReport) -> str:
                 type=failed[0].code,
                 message=f"{failed[0].code} {failed[0].rule}: {inert(failed[0].message)}",
             )
-            failure.text = "\n".join(f"[{f.severity.value}] {f.code} {f.rule}: {inert(f.message)}" for f in failed)
+            failure.text = "\n".join(
+                f"[{f.severity.value}] {f.code} {f.rule}: {inert(f.message)}" + _cause_text(f) for f in failed
+            )
         others = [f for f in findings if f not in failing]
         if others:
             ET.SubElement(element, "system-out").text = "\n".join(
@@ -312,13 +320,14 @@ def comparison_to_markdown(comparison: ModeComparison) -> str:
         "",
         f"{counted(comparison.num_samples, 'sample')} in {counted(comparison.num_batches, 'batch')}; Δ = ‖train − eval‖ / ‖eval‖.",
         "",
-        "| layer | type | output Δ | input Δ | own Δ | max \\|z\\| | worst var ratio |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| layer | type | output Δ | input Δ | own Δ | departure | max \\|z\\| | worst var ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for gap in comparison.layers:
         lines.append(
             f"| {_cell(_code(gap.label))} | {_text(gap.type)} | {gap.output_rel_diff:.2%} | {gap.input_rel_diff:.2%} | "
-            f"{gap.own_rel_diff:.2%} | {format_number(gap.max_abs_shift_z)} | {format_number(gap.worst_var_ratio)} |"
+            f"{gap.own_rel_diff:.2%} | {format_number(gap.departure, 3)} | {format_number(gap.max_abs_shift_z)} | "
+            f"{format_number(gap.worst_var_ratio)} |"
         )
     lines.append("")
     if comparison.gap_opens_at:
@@ -342,6 +351,7 @@ def recalibration_to_markdown(result: RecalibrationResult, output: str) -> str:
         f"## bn-inspect recalibrate ({result.method})",
         "",
         f"{counted(result.num_samples, 'sample')} in {counted(result.num_batches, 'batch')}; wrote {_code(output)}.",
+        *_provenance_markdown(result),
         "",
         "| layer | values/ch | max \\|z\\| before | max \\|z\\| after |",
         "|---|---:|---:|---:|",
@@ -353,6 +363,18 @@ def recalibration_to_markdown(result: RecalibrationResult, output: str) -> str:
         )
     lines += [f"- skipped {_code(s.name)}: {_text(s.reason)}" for s in result.skipped]
     return "\n".join(lines) + "\n"
+
+
+def _provenance_markdown(result: RecalibrationResult) -> list[str]:
+    provenance = result.provenance
+    if provenance is None:
+        return []
+    return [
+        "",
+        f"- source model: {_code(provenance.source_model)}",
+        f"- data: {_text(provenance.data.describe())}",
+        f"- method: {_text(provenance.method)}",
+    ]
 
 
 def diff_to_json(diff: DiffReport) -> str:

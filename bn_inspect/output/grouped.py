@@ -77,9 +77,18 @@ def group_sentence(
     ``name`` renders a layer label and ``text`` a message in the output's own escaping; ``budget``
     bounds the layer list in characters (None: the full list).
     """
+    said = _with_cause(group.first, text)
     if len(group.findings) == 1:
-        return text(group.first.message) + "."
+        return said
     layers = listed_names([name(label) for label in group.labels], budget)
     if group.is_alike:
-        return f"{layers}: {text(group.first.message)}."
-    return f"{layers}. In {name(group.first.label)}: {text(group.first.message)}."
+        return f"{layers}: {said}"
+    return f"{layers}. In {name(group.first.label)}: {said}"
+
+
+def _with_cause(finding: Finding, text: Callable[[str], str]) -> str:
+    """The message, then the likely cause (report/causes.py) where the check named one."""
+    said = text(finding.message) + "."
+    if finding.cause and finding.cause_sentence:
+        said += f" Likely cause, {finding.cause}: {text(finding.cause_sentence)}."
+    return said

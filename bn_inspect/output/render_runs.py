@@ -11,11 +11,13 @@ from rich.text import Text
 
 from bn_inspect.output.layout import Column, Layout, fitted
 from bn_inspect.output.render import _inert, _mean, _model_line, _short, _two_lines
-from bn_inspect.output.words import batch_noise_sentence, counted
+from bn_inspect.output.words import batch_noise_sentence, counted, departing_after_sentence
+from bn_inspect.report.departure import Thresholds
 from bn_inspect.report.records import LayerListing, LayerState
 
 if TYPE_CHECKING:
     from bn_inspect.report.comparisons import ModeComparison, RecalibratedLayer, RecalibrationResult
+    from bn_inspect.report.provenance import RecalibrationProvenance
 
 
 def _spread(values: Sequence[float] | None) -> str:
@@ -102,6 +104,10 @@ def render_listing(listing: LayerListing, width: int = 160) -> RenderableType:
     return Group(*parts)
 
 
+# The colours of inspect's departure column (output/render.py), by tier.
+_TIER_STYLE = {"error": "bold red", "warning": "yellow", "info": "", "within": "green"}
+
+
 def _ratio_bar(value: float, top: float = 1.0) -> Text:
     """A 10-cell bar of a relative difference on a log scale from 1e-4 to ``top``."""
     if math.isnan(value):
@@ -121,7 +127,7 @@ def render_mode_comparison(comparison: ModeComparison, width: int = 160) -> Rend
             "output Δ train vs eval": _ratio_bar(gap.output_rel_diff) + Text(f" {gap.output_rel_diff:.2%}"),
             "input Δ": Text(f"{gap.input_rel_diff:.2%}"),
             "own Δ": Text(f"{gap.own_rel_diff:.2%}"),
-            "max |z|": Text(_short(gap.max_abs_shift_z)),
+            "departure": Text(_short(gap.departure), style=_TIER_STYLE.get(gap.departure_tier or "", "dim")),
             "worst var ratio": Text(_short(gap.worst_var_ratio)),
         }
         for gap in comparison.layers
@@ -141,8 +147,8 @@ def render_mode_comparison(comparison: ModeComparison, width: int = 160) -> Rend
             tuple(tuple(row[key] for key in keys) for row in rows),
         )
         for keys in (
-            ("layer", "type", "output Δ train vs eval", "input Δ", "own Δ", "max |z|", "worst var ratio"),
-            ("layer\ntype", "output Δ train vs eval", "input Δ", "own Δ", "max |z|", "worst var ratio"),
+            ("layer", "type", "output Δ train vs eval", "input Δ", "own Δ", "departure", "worst var ratio"),
+            ("layer\ntype", "output Δ train vs eval", "input Δ", "own Δ", "departure", "worst var ratio"),
         )
     ]
     table = fitted(layouts, width)
@@ -229,12 +235,27 @@ def render_recalibration(result: RecalibrationResult, output: str, width: int = 
             f"{counted(result.num_batches, 'batch')} ({counted(result.num_passes, 'pass')}), method {method}.",
             style="bold",
         ),
+        *_provenance_lines(result.provenance),
         Text(""),
         table,
     ]
+    past = result.departing_after(Thresholds().warning)
+    if past:
+        parts.append(_inert(departing_after_sentence(past, result.method), "bold red"))
     for skipped in result.skipped:
         parts.append(_inert(f"Skipped {skipped.name.inert()} ({skipped.type.inert()}): {skipped.reason}", "yellow"))
     for note in result.notes:
         parts.append(_inert(f"Note: {note}", "dim"))
     parts.append(_inert(f"Wrote {output}", "green"))
     return Group(*parts)
+
+
+def _provenance_lines(provenance: RecalibrationProvenance | None) -> list[RenderableType]:
+    """Which model and which data the new statistics came from (the record the new file holds)."""
+    if provenance is None:
+        return []
+    digest = f" (sha256 {provenance.source_sha256.inert()[:12]}…)" if provenance.source_sha256 else ""
+    return [
+        _inert(f"Source model: {provenance.source_model.inert()}{digest}"),
+        _inert(f"Data: {provenance.data.describe()}"),
+    ]

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from bn_inspect.report.causes import model_cause
 from bn_inspect.report.departure import Thresholds, departure
 from bn_inspect.report.records import Report
-from bn_inspect.text import Untrusted
+from bn_inspect.text import Untrusted, inert
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,10 @@ class Verdict:
 
 
 def inspection_verdict(
-    report: Report, name: Callable[[Untrusted], str], thresholds: Thresholds | None = None
+    report: Report,
+    name: Callable[[Untrusted], str],
+    thresholds: Thresholds | None = None,
+    text: Callable[[str], str] = inert,
 ) -> Verdict:
     """The verdict on ``report`` by check's thresholds (its defaults unless given).
 
@@ -27,6 +31,7 @@ def inspection_verdict(
         report: the inspection.
         name: how a layer's label is written (escaped for a terminal, code-quoted for Markdown).
         thresholds: the limits of "departs" (report/departure.py).
+        text: how a cause's sentence is written (it may quote a layer name): escaped by the output's kind.
     """
     limits = thresholds or Thresholds()
     scored = [(layer, found) for layer in report.layers if (found := departure(layer, limits)) is not None]
@@ -56,4 +61,7 @@ def inspection_verdict(
     )
     if worst_layer is not first:
         sentence += f" The largest: {name(worst_layer.label)}, departure {worst.score:.3g} ({worst.tier})."
+    cause = model_cause(report, (), {layer.label.raw for layer, _ in departed})
+    if cause is not None:
+        sentence += f" Likely cause, {cause.code}: {text(cause.sentence)}."
     return Verdict("departs", sentence)

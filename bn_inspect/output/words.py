@@ -67,3 +67,18 @@ def batch_noise_sentence(comparison: ModeComparison, name: Callable[[Untrusted],
         said + f": the difference is train mode's per-batch statistics on batches of about {per_batch:.3g} samples "
         "(small or unshuffled batches), not a fault of the stored statistics. Eval mode is what the deployed model does."
     )
+
+
+def departing_after_sentence(names: Sequence[Untrusted], method: str) -> str:
+    """What recalibrate says when layers' eval inputs still depart from their new statistics (inert)."""
+    shown = ", ".join(name.inert() for name in names[:3]) + (", …" if len(names) > 3 else "")
+    why = (
+        "--method precise takes statistics in train mode, which deep layers do not see in eval; "
+        "--method sequential is exact for eval"
+        if method == "precise"
+        else "a layer runs more than once per forward, or the data differs from pass to pass (see the notes)"
+    )
+    return (
+        f"In eval mode on these data, {counted(len(names), 'layer')} ({shown}) still "
+        f"{'departs' if len(names) == 1 else 'depart'} from the new statistics as check measures it: {why}."
+    )

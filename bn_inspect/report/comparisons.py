@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from bn_inspect.report.display import NotebookDisplay
+from bn_inspect.report.provenance import RecalibrationProvenance
 from bn_inspect.report.records import ModelInfo
 from bn_inspect.text import Untrusted
 
@@ -137,6 +139,9 @@ class RecalibratedLayer:
         max_abs_shift_z_after, worst_var_ratio_after: the same for the layer's inputs in an eval
             forward of the recalibrated model, against the new statistics (None without the
             verification pass). About 0 and (n - 1) / n for ``sequential``.
+        departure_after: the departure score (report/departure.py, what check's BN201 judges) of
+            those same inputs against the new statistics, over ``samples`` = samples per pass times
+            ``calls_per_forward``; about 0 for ``sequential``, None without the verification pass.
     """
 
     name: Untrusted
@@ -157,6 +162,7 @@ class RecalibratedLayer:
     worst_var_ratio_before: float
     max_abs_shift_z_after: float | None
     worst_var_ratio_after: float | None
+    departure_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +186,8 @@ class RecalibrationResult(NotebookDisplay):
         num_passes: passes over the batches, early-stopped ones and the verification included.
         num_waves: ``sequential``: passes that produced statistics (1 for ``precise``).
         notes: caveats that apply to this run (data-dependent control flow, shared modules).
+        provenance: the source model, the data and the method, as stored in the new model file
+            (None from the Python API, which knows no file or path).
     """
 
     method: str
@@ -190,6 +198,21 @@ class RecalibrationResult(NotebookDisplay):
     num_passes: int
     num_waves: int
     notes: tuple[str, ...] = ()
+    provenance: RecalibrationProvenance | None = None
+
+    def departing_after(self, warning: float) -> tuple[Untrusted, ...]:
+        """The layers whose eval-mode input after recalibration still departs from the new statistics.
+
+        A layer counts when its ``departure_after`` reaches ``warning`` (check's BN201 warning level,
+        ``Thresholds.warning``) or is NaN. ``sequential`` leaves none on its own data; ``precise``
+        can, in deep layers and with small batches.
+        """
+        return tuple(
+            entry.name
+            for entry in self.layers
+            if entry.departure_after is not None
+            and (math.isnan(entry.departure_after) or entry.departure_after >= warning)
+        )
 
     def layer(self, name: str) -> RecalibratedLayer:
         """The recalibrated layer of that qualified name (KeyError if none)."""

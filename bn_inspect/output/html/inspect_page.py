@@ -107,7 +107,7 @@ def header(report: Report) -> str:
     ]
     if report.not_executed:
         rows.append(("never ran", escaped(", ".join(name.inert() for name in report.not_executed))))
-    verdict = inspection_verdict(report, str)
+    verdict = inspection_verdict(report, str, text=str)
     outcome = html.escape(verdict.outcome.replace(" ", "-"))
     return (
         '<header><h1>bn-inspect <span class="kind">inspect</span></h1>'

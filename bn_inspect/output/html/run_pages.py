@@ -9,8 +9,9 @@ from bn_inspect.output.html.blocks import Cell, Column, Row, escaped, facts, lay
 from bn_inspect.output.html.document import Page
 from bn_inspect.output.html.figures import BLUE, GREEN, GREY, ORANGE, RED, Series, profile, stacked_bars
 from bn_inspect.output.html.inspect_page import model_facts
-from bn_inspect.output.words import batch_noise_sentence, counted
+from bn_inspect.output.words import batch_noise_sentence, counted, departing_after_sentence
 from bn_inspect.report.comparisons import LayerModeGap, ModeComparison, RecalibratedLayer, RecalibrationResult
+from bn_inspect.report.departure import Thresholds
 from bn_inspect.report.findings import MODEL_LABEL, CheckReport, Finding, Severity
 from bn_inspect.text import Untrusted
 
@@ -67,6 +68,7 @@ def check_page(check: CheckReport, model_output: str = "") -> Page:
         Column("layer"),
         Column("channels", is_numeric=True),
         Column("message"),
+        Column("cause", hint="the likely cause (README: Causes)"),
     )
     findings = [_finding_row(f, index) for f in sorted(check.findings, key=lambda f: -f.severity.rank)]
     body = [
@@ -98,6 +100,7 @@ def _finding_row(finding: Finding, index: dict[Untrusted, int]) -> Row:
         Cell(escaped(finding.label), finding.label, target=f"layer-{target}" if target is not None else ""),
         _channels_cell(finding),
         Cell(escaped(finding.message), finding.message),
+        Cell(escaped(finding.cause or "—"), finding.cause or ""),
     )
     return Row(finding.layer or MODEL_LABEL, finding.label, cells)
 
@@ -164,13 +167,13 @@ def comparison_page(comparison: ModeComparison, model_output: str = "") -> Page:
         Series("output rel. diff", [layer.output_rel_diff for layer in layers], RED),
         Series("input rel. diff", [layer.input_rel_diff for layer in layers], BLUE, dash="dash"),
         Series("own rel. diff", [layer.own_rel_diff for layer in layers], GREEN, dash="dot"),
-        Series("max |shift z| (eval)", [layer.max_abs_shift_z for layer in layers], ORANGE, axis="y2"),
+        Series("departure (eval)", [layer.departure for layer in layers], ORANGE, axis="y2"),
     ]
     hover = [f"<b>{escaped(layer.label)}</b> ({escaped(layer.type)})" for layer in layers]
     figure = profile(
         hover,
         series,
-        ("train vs eval rel. diff (log)", "max |shift z| (log)"),
+        ("train vs eval rel. diff (log)", "departure (log)"),
         ([comparison.threshold], []),
         marked,
     )
@@ -212,6 +215,7 @@ _GAP_COLUMNS = (
     Column("output diff", is_numeric=True, hint="||y_train - y_eval|| / ||y_eval||"),
     Column("own diff", is_numeric=True, hint="this layer's own share, on the eval input"),
     Column("values / channel", is_numeric=True),
+    Column("departure", is_numeric=True, hint="the eval input's departure score from the running statistics"),
     Column("max |shift z|", is_numeric=True),
     Column("worst var ratio", is_numeric=True),
 )
@@ -227,29 +231,40 @@ def _gap_row(i: int, layer: LayerModeGap, opens: Untrusted | None) -> Row:
         Cell(number(layer.output_rel_diff), layer.output_rel_diff),
         Cell(number(layer.own_rel_diff), layer.own_rel_diff),
         Cell(number(layer.values_per_channel), layer.values_per_channel),
+        Cell(number(layer.departure), layer.departure),
         Cell(number(layer.max_abs_shift_z), layer.max_abs_shift_z),
         Cell(number(layer.worst_var_ratio), layer.worst_var_ratio),
     )
     return Row(layer.name, layer.label, cells, "departs" if layer.label == opens else "", f"row-{i}")
 
 
+def _recalibration_facts(result: RecalibrationResult, model_output: str) -> list[tuple[str, str]]:
+    """The method, the source model and data it came from, the passes, and the new model."""
+    rows = [("method", escaped(result.method))]
+    if result.provenance is not None:
+        rows += [
+            ("source model", escaped(result.provenance.source_model)),
+            ("data from", escaped(result.provenance.data.describe())),
+        ]
+    batches = f"{counted(result.num_samples, 'sample')} in {counted(result.num_batches, 'batch')} per pass"
+    rows.append(
+        ("data", escaped(f"{batches}; {counted(result.num_passes, 'pass')}, {counted(result.num_waves, 'wave')}"))
+    )
+    if model_output:
+        rows.append(("new model", escaped(model_output)))
+    return rows
+
+
 def recalibration_page(result: RecalibrationResult, model_output: str = "") -> Page:
     """recalibrate as a page: before and after profiles side by side, the table of old and new statistics."""
     layers = result.layers
-    rows = [
-        ("method", escaped(result.method)),
-        (
-            "data",
-            escaped(
-                f"{counted(result.num_samples, 'sample')} in {counted(result.num_batches, 'batch')} per pass; {counted(result.num_passes, 'pass')}, {counted(result.num_waves, 'wave')}"
-            ),
-        ),
-    ]
-    if model_output:
-        rows.append(("new model", escaped(model_output)))
+    rows = _recalibration_facts(result, model_output)
     verdict = (
         f"Recalibrated {counted(len(layers), 'layer')}; {counted(len(result.skipped), 'layer')} left as they were."
     )
+    past = result.departing_after(Thresholds().warning)
+    if past:
+        verdict += f" {departing_after_sentence(past, result.method)}"
     hover = [f"<b>{escaped(layer.name)}</b> ({escaped(layer.type)})" for layer in layers]
     shifts = profile(
         hover,
@@ -270,7 +285,7 @@ def recalibration_page(result: RecalibrationResult, model_output: str = "") -> P
         ([], []),
     )
     body = [
-        _heading("recalibrate", rows, verdict, "within"),
+        _heading("recalibrate", rows, verdict, "departs" if past else "within"),
         section(
             "Before and after",
             '<div class="side-by-side"><div class="plot" id="fig-shift" data-target-prefix="row-"></div><div class="plot" id="fig-ratio" data-target-prefix="row-"></div></div><p class="hint">Before: the layer inputs against the old running statistics. After: an eval pass of the recalibrated model against the new ones.</p>',
