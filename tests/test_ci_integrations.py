@@ -219,6 +219,21 @@ def test_the_html_report_comes_from_the_same_run_and_is_uploaded(tmp_path: Path)
     assert len(calls) == 1 and "--format markdown" in calls[0] and f"--report {page}" in calls[0]
 
 
+def test_the_docs_action_example_is_valid_yaml_whose_args_split_into_the_words_meant() -> None:
+    text = (REPO / "docs" / "ci.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", text, re.DOTALL) if "OWNER/bn-inspect@" in b)
+    steps = yaml.safe_load(block)["jobs"]["batchnorm"]["steps"]
+    action = next(step for step in steps if str(step.get("uses", "")).startswith("OWNER/bn-inspect@"))
+    assert shlex.split(action["with"]["args"]) == [
+        "--arch",
+        "mypkg.models:net",
+        "--arch-kwargs",
+        '{"num_classes": 4}',
+        "--input",
+        "data/val set.npy",
+    ]
+
+
 def test_the_args_input_is_split_as_a_shell_splits_words(tmp_path: Path) -> None:
     # A JSON --arch-kwargs and a path with spaces, quoted as in the README: one word each.
     data = tmp_path / "val data" / "test images.npy"
