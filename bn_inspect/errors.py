@@ -146,6 +146,11 @@ class ReportFileError(BnInspectError):
     kind of document, a schema version this bn-inspect does not know, or a field of the wrong type."""
 
 
+class MergeError(BnInspectError):
+    """Reports that cannot merge into one (`bn-inspect merge`): of other models, modes, layer sets or
+    input dtypes, written without exact moments, or one data set given twice."""
+
+
 class Interrupted(BaseException):
     """SIGINT or SIGTERM arrived: raised by the CLI's signal handler so every ``finally`` runs.
 

@@ -53,6 +53,7 @@ SURFACES: tuple[Surface, ...] = (
     _surface("read:data-code", "reader", H.HANG, H.MEMORY, H.TRACEBACK),
     _surface("read:baseline", "reader", H.HANG, H.MEMORY, H.TRACEBACK),
     _surface("read:diff-side", "reader", H.HANG, H.MEMORY, H.TRACEBACK),
+    _surface("read:merge-part", "reader", H.HANG, H.MEMORY, H.TRACEBACK),
     _surface("read:config", "reader", H.HANG, H.MEMORY, H.TRACEBACK),
     _surface("read:recalibration-record", "reader", H.HANG, H.MEMORY, H.TRACEBACK),
     # Writers: one per bn_inspect.boundary.writing.Destination.

@@ -242,6 +242,9 @@ def test_before_is_measured_on_the_model_as_given(method: str) -> None:
         assert entry.max_abs_shift_z is not None and entry.worst_var_ratio is not None
         assert before.max_abs_shift_z_before == pytest.approx(entry.max_abs_shift_z, rel=1e-5)
         assert before.worst_var_ratio_before == pytest.approx(entry.worst_var_ratio, rel=1e-5)
+        # The departure score before is inspect's on the model as given (the same data, the same samples).
+        assert entry.departure is not None
+        assert before.departure_before == pytest.approx(entry.departure.score, rel=1e-5)
 
 
 def test_sequential_shares_passes_between_independent_layers_and_stops_early() -> None:

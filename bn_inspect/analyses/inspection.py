@@ -21,6 +21,7 @@ from bn_inspect.engine.capture import (
     dispatch_capture,
     hooks_and_functional_capture,
 )
+from bn_inspect.engine.moment_records import layer_moments
 from bn_inspect.engine.preserve import preserved_state
 from bn_inspect.errors import (
     BnInspectError,
@@ -357,6 +358,18 @@ def _batch_sizes(counts: Counter[int]) -> str:
     return f" ({parts[0]} {noun}{''.join(f', {p}' for p in parts[1:-1])} and {parts[-1]})"
 
 
+def run_summary(values_per_channel: int | None, num_batches: int, batch_sizes: Counter[int]) -> str:
+    """What a layer call's explanation says after its axes: no values, or how many batches gave how many."""
+    summary = ""
+    if values_per_channel == 0:
+        summary += " No value reached it (empty batches), so its batch statistics are undefined and not reported."
+    if num_batches > 1 and values_per_channel is not None:
+        summary += (
+            f" Over {num_batches} batches{_batch_sizes(batch_sizes)}: {values_per_channel:,} values per channel in all."
+        )
+    return summary
+
+
 def _layer_report(record: CallRecord, mode: Mode) -> LayerReport:
     layer = record.layer
     normalized_ndim = len(layer.normalized_shape) if layer.normalized_shape else 1
@@ -378,14 +391,7 @@ def _layer_report(record: CallRecord, mode: Mode) -> LayerReport:
     if moments is not None and values_per_channel:
         batch_mean, batch_var = _floats(moments.mean), _floats(moments.biased_var())
         batch_var_unbiased = _floats(moments.unbiased_var())
-    explanation = axes.sentence
-    if values_per_channel == 0:
-        explanation += " No value reached it (empty batches), so its batch statistics are undefined and not reported."
-    if record.num_batches > 1 and values_per_channel is not None:
-        explanation += (
-            f" Over {record.num_batches} batches{_batch_sizes(record.batch_sizes)}: "
-            f"{values_per_channel:,} values per channel in all."
-        )
+    explanation = axes.sentence + run_summary(values_per_channel, record.num_batches, record.batch_sizes)
     num_channels = layer.num_channels
     if num_channels is None and layer.family in (NormFamily.BATCH, NormFamily.INSTANCE, NormFamily.GROUP):
         num_channels = record.input_shape[0 if record.is_unbatched else 1]
@@ -414,6 +420,7 @@ def _layer_report(record: CallRecord, mode: Mode) -> LayerReport:
         bias=layer.bias,
         explanation=Untrusted(explanation),
         flags=_flags(layer, batch_mean, batch_var),
+        moments=None if moments is None else layer_moments(moments, record.num_batches, record.batch_sizes),
     )
 
 

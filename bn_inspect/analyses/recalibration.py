@@ -353,6 +353,13 @@ def _summary(
     return (math.nan if max_z is None else max_z), (math.nan if worst is None else worst)
 
 
+def _score(moments: Moments, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float, samples: int) -> float:
+    """The departure score (report/departure.py) of the data in ``moments`` against running statistics."""
+    return departure.measure(
+        _floats(moments.mean), _floats(moments.biased_var()), _floats(running_mean), _floats(running_var), eps, samples
+    ).score
+
+
 def _floats(tensor: torch.Tensor) -> Floats:
     return tuple(float(v) for v in tensor.detach().to("cpu", torch.float64).tolist())
 
@@ -366,18 +373,14 @@ def _describe(
     old_mean, old_var, old_tracked = original
     # "Before" is the model as given: for sequential, ``seen`` was measured after the layers
     # upstream had already been rewritten, which tells nothing about the given model.
-    z_before, ratio_before = _summary(measured.given[layer.name].moments, old_mean, old_var, eps)
+    samples = max(1, num_samples * seen.calls_per_forward)
+    given = measured.given[layer.name].moments
+    z_before, ratio_before = _summary(given, old_mean, old_var, eps)
+    departure_before = _score(given, old_mean, old_var, eps, samples)
     z_after = ratio_after = departure_after = None
     if after is not None:
         z_after, ratio_after = _summary(after.moments, target.running_mean, target.running_var, eps)
-        departure_after = departure.measure(
-            _floats(after.moments.mean),
-            _floats(after.moments.biased_var()),
-            _floats(target.running_mean),
-            _floats(target.running_var),
-            eps,
-            max(1, num_samples * seen.calls_per_forward),
-        ).score
+        departure_after = _score(after.moments, target.running_mean, target.running_var, eps, samples)
     tracked = target.num_batches_tracked
     return RecalibratedLayer(
         name=Untrusted(layer.name),
@@ -399,4 +402,5 @@ def _describe(
         max_abs_shift_z_after=z_after,
         worst_var_ratio_after=ratio_after,
         departure_after=departure_after,
+        departure_before=departure_before,
     )

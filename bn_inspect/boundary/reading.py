@@ -50,6 +50,7 @@ class Source(str, Enum):
     DATA_CODE = "the --data source"
     BASELINE = "the --baseline file"
     DIFF_SIDE = "a side of diff"
+    MERGE_PART = "a report to merge"
     CONFIG = "the pyproject.toml settings"
     RECALIBRATION_RECORD = "the recalibration record of the model file"
 

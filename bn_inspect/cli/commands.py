@@ -41,6 +41,8 @@ from bn_inspect.cli.options import (
     ListingFormatOpt,
     MaxDriftOpt,
     MaxDriftVarRatioOpt,
+    MergedOutputOpt,
+    MergedReportsArg,
     MethodOpt,
     MinValuesOpt,
     ModelArg,
@@ -388,3 +390,26 @@ def diff_command(
         write_result(diff, output_format.value, output, page=report, force=force)
         if not diff.passed:
             raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@app.command("merge")
+def merge_command(
+    reports: MergedReportsArg, output: MergedOutputOpt, force: ForceOpt = False, debug: DebugOpt = False
+) -> None:
+    """Merge the JSON reports of runs over parts of the data into the report of one run over all of it.
+
+    Each report must come from this bn-inspect (it records each layer's exact moments), with the
+    same model file, --mode and input dtype. The statistics are those of one run over the parts'
+    batches in the order given, to float64 rounding; check --baseline and diff read the result.
+    docs/merging.md shows a Slurm array and Ray Data.
+
+    Examples:
+
+      bn-inspect merge part-0.json part-1.json part-2.json --output all.json
+
+      bn-inspect check model.pt --input new.npy --baseline all.json
+    """
+    from bn_inspect.analyses.merging import merge_report_files
+    from bn_inspect.output.formats import write_result
+
+    write_result(merge_report_files(reports), "json", output, force=force)

@@ -158,6 +158,16 @@ ListedModelArg = Annotated[Path, typer.Argument(help="Model file (any format bn-
 RecalibratedModelArg = Annotated[
     Path, typer.Argument(help="Model file to recalibrate (it is never written).", show_default=False)
 ]
+MergedReportsArg = Annotated[
+    list[Path],
+    typer.Argument(
+        help="JSON reports of runs over parts of the data (inspect --format json), in the order of the parts.",
+        show_default=False,
+    ),
+]
+MergedOutputOpt = Annotated[
+    Path, typer.Option("--output", help="Where to write the merged JSON report (a new file; - is stdout).")
+]
 NewModelOpt = Annotated[Path, typer.Option("--output", help="Where to write the recalibrated model (same format).")]
 DataInputOpt = Annotated[
     Path | None,

@@ -353,12 +353,13 @@ def recalibration_to_markdown(result: RecalibrationResult, output: str) -> str:
         f"{counted(result.num_samples, 'sample')} in {counted(result.num_batches, 'batch')}; wrote {_code(output)}.",
         *_provenance_markdown(result),
         "",
-        "| layer | values/ch | max \\|z\\| before | max \\|z\\| after |",
-        "|---|---:|---:|---:|",
+        "| layer | values/ch | departure before | departure after | max \\|z\\| before | max \\|z\\| after |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for layer in result.layers:
         lines.append(
-            f"| {_cell(_code(layer.name))} | {layer.values_per_channel:,} | {format_number(layer.max_abs_shift_z_before)} | "
+            f"| {_cell(_code(layer.name))} | {layer.values_per_channel:,} | {format_number(layer.departure_before, 3)} | "
+            f"{format_number(layer.departure_after, 3)} | {format_number(layer.max_abs_shift_z_before)} | "
             f"{format_number(layer.max_abs_shift_z_after)} |"
         )
     lines += [f"- skipped {_code(s.name)}: {_text(s.reason)}" for s in result.skipped]

@@ -192,6 +192,7 @@ def render_mode_comparison(comparison: ModeComparison, width: int = 160) -> Rend
 def _before_after(layer: RecalibratedLayer) -> dict[str, tuple[float | None, float | None]]:
     """Each before/after pair of a recalibrated layer, by its stacked column header."""
     return {
+        "departure\nbefore/after": (layer.departure_before, layer.departure_after),
         "max |z|\nbefore/after": (layer.max_abs_shift_z_before, layer.max_abs_shift_z_after),
         "worst var ratio\nbefore/after": (layer.worst_var_ratio_before, layer.worst_var_ratio_after),
         "mean\nold/new": (_mean(layer.old_running_mean), _mean(layer.new_running_mean)),

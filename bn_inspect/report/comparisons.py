@@ -142,6 +142,7 @@ class RecalibratedLayer:
         departure_after: the departure score (report/departure.py, what check's BN201 judges) of
             those same inputs against the new statistics, over ``samples`` = samples per pass times
             ``calls_per_forward``; about 0 for ``sequential``, None without the verification pass.
+        departure_before: the departure score of the "before" inputs against the old statistics.
     """
 
     name: Untrusted
@@ -163,6 +164,7 @@ class RecalibratedLayer:
     max_abs_shift_z_after: float | None
     worst_var_ratio_after: float | None
     departure_after: float | None = None
+    departure_before: float | None = None
 
 
 @dataclass(frozen=True)

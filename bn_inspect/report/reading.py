@@ -22,7 +22,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from bn_inspect.boundary.reading import OpenedInput, Source, open_checked
 from bn_inspect.boundary.writing import Destination, write_output
 from bn_inspect.errors import ReportFileError
-from bn_inspect.report.records import SCHEMA_VERSION, LayerReport, Report
+from bn_inspect.report.records import SCHEMA_VERSION, LayerMoments, LayerReport, Report
 from bn_inspect.text import Untrusted
 
 READABLE_VERSIONS = (1,)
@@ -245,6 +245,7 @@ def _record(value: Any, record: type, where: str) -> Any:
             )
     if record is LayerReport:
         _check_channel_lengths(chosen, where)
+        _check_moments(chosen.get("moments"), chosen.get("num_channels"), f"{where}.moments")
     return record(**chosen)
 
 
@@ -263,6 +264,32 @@ def _check_channel_lengths(fields: dict[str, Any], where: str) -> None:
         if channels is not None and len(values) != channels:
             raise ReportFileError(
                 f"the report's field {where}.{name} holds {len(values)} values, and {where}.num_channels is {channels}",
+                f"{_REPORT_FIX}, unchanged",
+            )
+
+
+# Per kind of moments, the per-channel lists it must hold; the others must be null.
+_MOMENT_LISTS = {"channel": ("mean", "m2"), "instance": ("mean_sum", "var_sum")}
+
+
+def _check_moments(moments: LayerMoments | None, channels: int | None, where: str) -> None:
+    """A layer's moments are of a known kind, hold counts no run gives negative, and one value per channel."""
+    if moments is None:
+        return
+    if moments.kind not in _MOMENT_LISTS:
+        raise _fail(f"{where}.kind", '"channel" or "instance"', moments.kind)
+    counts = [moments.count, moments.num_batches, moments.values_per_instance or 0]
+    counts += [n for pair in moments.batch_sizes for n in pair]
+    if any(n < 0 for n in counts) or any(len(pair) != 2 for pair in moments.batch_sizes):
+        raise _fail(where, "non-negative counts and [samples, batches] pairs", "a negative count or a broken pair")
+    if moments.kind == "instance" and moments.values_per_instance is None:
+        raise _fail(f"{where}.values_per_instance", "an integer", None)
+    for name in _MOMENT_LISTS[moments.kind]:
+        values = getattr(moments, name)
+        if values is None or channels is None or len(values) != channels:
+            raise ReportFileError(
+                f"the report's field {where}.{name} holds {'no' if values is None else len(values)} values, "
+                f"and the layer's num_channels is {channels}",
                 f"{_REPORT_FIX}, unchanged",
             )
 

@@ -114,6 +114,29 @@ class LayerState:
 
 
 @dataclass(frozen=True)
+class LayerMoments:
+    """The exact moments (float64) behind a layer call's statistics: what lets reports merge exactly.
+
+    kind "channel" (BatchNorm and relatives): ``count`` values per channel, their ``mean`` and
+    centred sum of squares ``m2 = sum((x - mean)**2)``; batch_var = m2 / count. kind "instance"
+    (InstanceNorm): ``count`` instances of ``values_per_instance`` values each, and the sums over
+    instances of each instance's mean (``mean_sum``) and biased variance (``var_sum``); batch_mean =
+    mean_sum / count. ``num_batches`` and ``batch_sizes`` ((samples, batches of that size) pairs, in the order the sizes first came)
+    say how the values came.
+    """
+
+    kind: str
+    count: int
+    num_batches: int
+    batch_sizes: tuple[tuple[int, int], ...]
+    mean: Floats | None = None
+    m2: Floats | None = None
+    values_per_instance: int | None = None
+    mean_sum: Floats | None = None
+    var_sum: Floats | None = None
+
+
+@dataclass(frozen=True)
 class LayerReport:
     """One call of one normalization layer (a shared module called twice gives two)."""
 
@@ -141,6 +164,7 @@ class LayerReport:
     bias: Floats | None
     explanation: Untrusted
     flags: tuple[str, ...] = ()
+    moments: LayerMoments | None = None
 
     @property
     def label(self) -> Untrusted:
@@ -305,11 +329,23 @@ class DistributedInfo:
 
 
 @dataclass(frozen=True)
+class MergedPart:
+    """One report a merged report was made of (`bn-inspect merge`): its path and its input."""
+
+    path: Untrusted
+    source: Untrusted
+    first_batch_sha256: Untrusted | None
+    num_batches: int
+    num_samples: int
+
+
+@dataclass(frozen=True)
 class Report(NotebookDisplay):
     """The result of one inspection; ``to_dict`` gives the JSON document of schema version 1.
 
     ``torch_version``, ``bn_inspect_version`` and ``python_version`` say what produced it ("" in
-    reports that predate them), so that two reports can be told comparable or not.
+    reports that predate them), so that two reports can be told comparable or not. ``merged_from``
+    lists the reports a merged report was made of (empty for one run).
     """
 
     model: ModelInfo
@@ -323,6 +359,7 @@ class Report(NotebookDisplay):
     schema_version: int = field(default=SCHEMA_VERSION)
     bn_inspect_version: Untrusted = NO_VERSION
     python_version: Untrusted = NO_VERSION
+    merged_from: tuple[MergedPart, ...] = ()
 
     def first_divergent(self, thresholds: Thresholds | None = None) -> LayerReport | None:
         """The first layer call in execution order whose data departs from its running statistics.
@@ -381,6 +418,8 @@ class Report(NotebookDisplay):
         }
         if self.distributed is not None:
             document["distributed"] = asdict(self.distributed)
+        if self.merged_from:
+            document["merged_from"] = [asdict(part) for part in self.merged_from]
         return json_ready(document)  # type: ignore[no-any-return]
 
 

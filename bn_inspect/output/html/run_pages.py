@@ -266,14 +266,15 @@ def recalibration_page(result: RecalibrationResult, model_output: str = "") -> P
     if past:
         verdict += f" {departing_after_sentence(past, result.method)}"
     hover = [f"<b>{escaped(layer.name)}</b> ({escaped(layer.type)})" for layer in layers]
+    limits = Thresholds()
     shifts = profile(
         hover,
         [
-            Series("before", [entry.max_abs_shift_z_before for entry in layers], RED),
-            Series("after", [entry.max_abs_shift_z_after for entry in layers], GREEN),
+            Series("before", [entry.departure_before for entry in layers], RED),
+            Series("after", [entry.departure_after for entry in layers], GREEN),
         ],
-        ("max |shift z| (log)", None),
-        ([], []),
+        ("departure (log)", None),
+        ([limits.warning, limits.error], []),
     )
     ratios = profile(
         hover,
@@ -288,7 +289,7 @@ def recalibration_page(result: RecalibrationResult, model_output: str = "") -> P
         _heading("recalibrate", rows, verdict, "departs" if past else "within"),
         section(
             "Before and after",
-            '<div class="side-by-side"><div class="plot" id="fig-shift" data-target-prefix="row-"></div><div class="plot" id="fig-ratio" data-target-prefix="row-"></div></div><p class="hint">Before: the layer inputs against the old running statistics. After: an eval pass of the recalibrated model against the new ones.</p>',
+            '<div class="side-by-side"><div class="plot" id="fig-shift" data-target-prefix="row-"></div><div class="plot" id="fig-ratio" data-target-prefix="row-"></div></div><p class="hint">Before: the layer inputs against the old running statistics. After: an eval pass of the recalibrated model against the new ones. Dotted: check&#39;s warning and error levels of the departure score.</p>',
             "profile",
         ),
         section(
