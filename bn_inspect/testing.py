@@ -5,8 +5,9 @@
     def test_batchnorm_state(model, val_batches):
         assert_bn_healthy(model, val_batches, baseline="tests/golden_bn.json", departure_warning=0.6)
 
-On failure the AssertionError's message is check's table (120 columns), so the test log says which
-rule fired on which layer and why.
+On failure the AssertionError's first line is the verdict (``bn-inspect check FAILED: 1 error (BN201
+shifted in features.1)``), what pytest's one-line summary shows; check's table (120 columns)
+follows, so the test log says which rule fired on which layer and why.
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bn_inspect.config import CheckConfig
+from bn_inspect.report.findings import CheckReport, Severity
 from bn_inspect.report.records import Report
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from bn_inspect.report.findings import CheckReport
 
 # The keywords are [tool.bn-inspect]'s keys, with underscores: what a repository pins, a test can set.
 THRESHOLD_KEYWORDS = (
@@ -36,6 +36,8 @@ THRESHOLD_KEYWORDS = (
 )
 
 _TABLE_WIDTH = 120
+# The verdict line names this many rules, then counts the rest: pytest's summary line is one line.
+_RULES_NAMED = 3
 
 
 def assert_bn_healthy(
@@ -56,7 +58,7 @@ def assert_bn_healthy(
         The CheckReport, when it passed.
 
     Raises:
-        AssertionError: a finding reached fail_on; the message is check's table.
+        AssertionError: a finding reached fail_on; the message is the verdict line, then check's table.
         TypeError: a keyword that is no threshold (the message lists the valid ones).
         BnInspectError: the check could not run (no normalization layers, data that does not fit, ...).
     """
@@ -82,5 +84,30 @@ def assert_bn_healthy(
         baseline=None if known_good is None else Baseline(known_good, gate.tolerance),
     )
     if not result.passed:
-        raise AssertionError("\n" + TableFormatter().text(result, Rendering(width=_TABLE_WIDTH)))
+        table = TableFormatter().text(result, Rendering(width=_TABLE_WIDTH))
+        raise AssertionError(f"{verdict_line(result)}\n\n{table}")
     return result
+
+
+def verdict_line(result: CheckReport) -> str:
+    """``bn-inspect check FAILED: 2 errors (BN201 shifted in features.1 and features.4)``: the verdict on one line.
+
+    The findings that reached fail_on are counted and named, one rule at a time, the most severe
+    first; past three rules the rest are counted.
+    """
+    from bn_inspect.output.grouped import grouped_findings, listed_names
+    from bn_inspect.output.words import counted
+
+    if result.passed:
+        return "bn-inspect check PASSED"
+    nouns = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "note"}
+    tally = [counted(sum(f.severity == s for f in result.failed), noun) for s, noun in nouns.items()]
+    groups = grouped_findings(result.failed)
+    named = [
+        f"{group.first.code} {group.first.rule} in {listed_names([label.inert() for label in group.labels], 60)}"
+        for group in groups[:_RULES_NAMED]
+    ]
+    if len(groups) > _RULES_NAMED:
+        named.append(f"and {counted(len(groups) - _RULES_NAMED, 'more rule')}")
+    counts = " and ".join(part for part in tally if not part.startswith("0 "))
+    return f"bn-inspect check FAILED: {counts} ({'; '.join(named)})"

@@ -1,4 +1,4 @@
-"""Shared fixtures: the golden-file switch and a hash of everything inspection must not change."""
+"""Shared fixtures: the golden-file and README switches and a hash of everything inspection must not change."""
 
 from __future__ import annotations
 
@@ -13,11 +13,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--update-golden", action="store_true", default=False, help="Rewrite tests/golden/*.txt from current output."
     )
+    parser.addoption(
+        "--update-readme",
+        action="store_true",
+        default=False,
+        help="Rewrite the README's $ bn-inspect console blocks from current output (tests/test_readme_outputs.py).",
+    )
 
 
 @pytest.fixture
 def update_golden(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--update-golden"))
+
+
+@pytest.fixture
+def update_readme(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--update-readme"))
 
 
 def state_fingerprint(model: nn.Module) -> str:

@@ -138,6 +138,10 @@ def _run_action(tmp_path: Path, **given: str) -> tuple[int, str, list[tuple[str,
     calls = tmp_path / "calls"
     shim.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\nexec "{sys.executable}" -m bn_inspect "$@"\n')
     shim.chmod(shim.stat().st_mode | stat.S_IXUSR)
+    # actions/setup-python puts a `python` on the PATH; the action splits its args input with it.
+    python = shims / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(python.stat().st_mode | stat.S_IXUSR)
     summary = tmp_path / "summary.md"
     (tmp_path / "runner").mkdir(exist_ok=True)
     outputs: dict[str, dict[str, str]] = {}
@@ -213,6 +217,55 @@ def test_the_html_report_comes_from_the_same_run_and_is_uploaded(tmp_path: Path)
         assert name in text and name in summary
     calls = (tmp_path / "calls").read_text().splitlines()
     assert len(calls) == 1 and "--format markdown" in calls[0] and f"--report {page}" in calls[0]
+
+
+def test_the_docs_action_example_is_valid_yaml_whose_args_split_into_the_words_meant() -> None:
+    text = (REPO / "docs" / "ci.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", text, re.DOTALL) if "OWNER/bn-inspect@" in b)
+    steps = yaml.safe_load(block)["jobs"]["batchnorm"]["steps"]
+    action = next(step for step in steps if str(step.get("uses", "")).startswith("OWNER/bn-inspect@"))
+    assert shlex.split(action["with"]["args"]) == [
+        "--arch",
+        "mypkg.models:net",
+        "--arch-kwargs",
+        '{"num_classes": 4}',
+        "--input",
+        "data/val set.npy",
+    ]
+
+
+def test_the_args_input_is_split_as_a_shell_splits_words(tmp_path: Path) -> None:
+    # A JSON --arch-kwargs and a path with spaces, quoted as in the README: one word each.
+    data = tmp_path / "val data" / "test images.npy"
+    data.parent.mkdir()
+    data.write_bytes(MATCHING.read_bytes())
+    args = f"""--arch sample_models.architectures:DigitsCNN --arch-kwargs '{{"num_classes": 10}}' --input "{data}" --fail-on 'warning'"""
+    code, summary, _ = _run_action(tmp_path, model=str(DIGITS / "state_dict.pt"), args=args)
+    assert code == 0 and "## bn-inspect check: ✅ passed" in summary, summary
+    calls = (tmp_path / "calls").read_text()
+    assert '--arch-kwargs {"num_classes": 10} --input ' + str(data) + " --fail-on warning" in calls
+
+
+def test_args_that_are_not_shell_words_are_one_error_line(tmp_path: Path) -> None:
+    code, summary, _ = _run_action(tmp_path, model=str(MODEL), args="""--arch-kwargs '{"num_classes": 4}""")
+    assert code == 2 and summary == "" and not (tmp_path / "calls").exists()
+
+
+@pytest.mark.surface("entry:github-action", "execution")
+def test_the_args_input_expands_and_runs_nothing(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    hostile = (
+        f"--input $(touch {work}/dollar) `touch {work}/backtick` ; touch {work}/semicolon && touch {work}/and "
+        f"| touch {work}/pipe > {work}/redirect $HOME ${{PATH}} '$(touch {work}/quoted)'"
+    )
+    code, summary, _ = _run_action(tmp_path, model=str(MODEL), args=hostile)
+    assert sorted(p.name for p in work.iterdir()) == []
+    assert code == 2 and summary == ""
+    # bn-inspect got the words as written, none of them expanded.
+    call = (tmp_path / "calls").read_text()
+    assert f"$(touch {work}/dollar)" in call and f"`touch {work}/backtick`" in call and " ; " in call
+    assert "$HOME ${PATH} $(touch" in call
 
 
 def test_without_html_report_nothing_is_uploaded(tmp_path: Path) -> None:

@@ -178,6 +178,10 @@ def test_the_action_passes_the_model_after_the_separator(tmp_path: Path) -> None
         f'#!/bin/sh\nprintf "%s\\n" "$@" > "{calls}"\nexec "{sys.executable}" "{hook_script("bn-inspect")}" "$@"\n'
     )
     shim.chmod(shim.stat().st_mode | stat.S_IXUSR)
+    # actions/setup-python's `python`, which splits the args input.
+    python = shims / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(python.stat().st_mode | stat.S_IXUSR)
     (tmp_path / "runner").mkdir()
     step = _action_check_step()
     environment = {

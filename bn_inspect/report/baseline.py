@@ -12,6 +12,7 @@ Without data (--no-data) only BN301 and BN303 run, on the model's stored layer s
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +33,8 @@ from bn_inspect.report.findings import RULES, Finding
 from bn_inspect.report.records import LayerReport, LayerState, Report
 from bn_inspect.text import Untrusted
 
+# A NaN change lists this many channels, then counts the rest.
+_CHANNELS_SHOWN = 8
 _REWRITE = "If the change is intended, record a new baseline with --write-baseline PATH --force"
 
 
@@ -67,9 +70,13 @@ def baseline_findings(
     if any(c.is_beyond for c in changes):
         notes.insert(0, f"against the baseline, {what_changed(changes)}")
     findings = [_structural(c, by_label) for c in changes if c.status in (ADDED, REMOVED, RENAMED, CHANNELS)]
-    findings += _running_drift(changes, by_label, tolerance)
+    # by_label holds this run's layer where both have one; a NaN change is explained from both sides.
+    old_by_label = {layer.label: layer for layer in baseline.layers}
+    findings += _running_drift(changes, by_label, old_by_label, tolerance)
     if current is not None:
-        findings += _data_drift(changes, by_label, tolerance, notes, comparable=baseline.mode == current.mode)
+        findings += _data_drift(
+            changes, by_label, old_by_label, tolerance, notes, comparable=baseline.mode == current.mode
+        )
     return findings, notes
 
 
@@ -142,21 +149,55 @@ def _structural(change: LayerChange, by_label: dict[Untrusted, LayerReport]) -> 
     return _finding("BN303", layer, f"{what}. {_REWRITE}")
 
 
-def _moved(change: StatChange) -> str:
-    return (
-        f"mean by up to {change.max_abs_mean_change:.4g} old std, variance by a ratio of {change.worst_var_ratio:.4g}"
-    )
+def _moved(change: StatChange, kind: str, old: LayerReport | None, new: LayerReport) -> str:
+    """How far the ``kind`` ("running" or "batch") statistics moved; a NaN change says which value is NaN."""
+    values = {f"this model's {kind} {stat}": series for stat, series in _statistics(new, kind).items()}
+    if old is not None:
+        values |= {f"the baseline's {kind} {stat}": series for stat, series in _statistics(old, kind).items()}
+    mean, ratio = change.max_abs_mean_change, change.worst_var_ratio
+    parts = [
+        f"mean by up to {mean:.4g} old std"
+        if mean is None or not math.isnan(mean)
+        else _nan_in("the mean change", change.mean_change, values),
+        f"variance by a ratio of {ratio:.4g}"
+        if ratio is None or not math.isnan(ratio)
+        else _nan_in("the variance ratio", change.var_ratio, values),
+    ]
+    return ", ".join(parts)
+
+
+def _nan_in(what: str, changes: Sequence[float], values: dict[str, tuple[float, ...]]) -> str:
+    """``the variance ratio is NaN in channel 0 (this model's running variance is NaN there)``."""
+    channels = [c for c, value in enumerate(changes) if math.isnan(value)]
+    nan = [name for name, series in values.items() if any(math.isnan(series[c]) for c in channels)]
+    why = f"{' and '.join(nan)} {'is' if len(nan) == 1 else 'are'} NaN there" if nan else "variances of 0 or below"
+    return f"{what} is NaN in {_channel_list(channels)} ({why})"
+
+
+def _statistics(layer: LayerReport, kind: str) -> dict[str, tuple[float, ...]]:
+    """The layer's running or batch mean and (biased) variance, those it has."""
+    mean, var = (layer.running_mean, layer.running_var) if kind == "running" else (layer.batch_mean, layer.batch_var)
+    return {stat: series for stat, series in (("mean", mean), ("variance", var)) if series is not None}
+
+
+def _channel_list(channels: Sequence[int]) -> str:
+    shown = ", ".join(str(c) for c in channels[:_CHANNELS_SHOWN])
+    more = f" and {len(channels) - _CHANNELS_SHOWN} more" if len(channels) > _CHANNELS_SHOWN else ""
+    return f"channel{'s' if len(channels) > 1 else ''} {shown}{more}"
 
 
 def _running_drift(
-    changes: Sequence[LayerChange], by_label: dict[Untrusted, LayerReport], tolerance: Tolerance
+    changes: Sequence[LayerChange],
+    by_label: dict[Untrusted, LayerReport],
+    old_by_label: dict[Untrusted, LayerReport],
+    tolerance: Tolerance,
 ) -> list[Finding]:
     """BN301: the running statistics moved beyond the tolerance."""
     return [
         _finding(
             "BN301",
             by_label[change.new or Untrusted("")],
-            f"the running statistics moved beyond the tolerance since the baseline: {_moved(change.running)} "
+            f"the running statistics moved beyond the tolerance since the baseline: {_moved(change.running, 'running', old_by_label.get(change.old or Untrusted('')), by_label[change.new or Untrusted('')])} "
             f"(tolerance: {tolerance.describe()}). The model's stored statistics changed: check the training run "
             f"or the checkpoint. {_REWRITE}",
             _channels_beyond(change.running, tolerance),
@@ -169,6 +210,7 @@ def _running_drift(
 def _data_drift(
     changes: Sequence[LayerChange],
     by_label: dict[Untrusted, LayerReport],
+    old_by_label: dict[Untrusted, LayerReport],
     tolerance: Tolerance,
     notes: list[str],
     *,
@@ -191,7 +233,7 @@ def _data_drift(
             "BN302",
             by_label[change.new or Untrusted("")],
             "the batch statistics on the data moved beyond the tolerance since the baseline while the running "
-            f"statistics did not: {_moved(change.batch)} (tolerance: {tolerance.describe()}): the data drifted. "
+            f"statistics did not: {_moved(change.batch, 'batch', old_by_label.get(change.old or Untrusted('')), by_label[change.new or Untrusted('')])} (tolerance: {tolerance.describe()}): the data drifted. "
             "Check the input pipeline (source, preprocessing, normalization) against the baseline's",
             _channels_beyond(change.batch, tolerance),
         )
