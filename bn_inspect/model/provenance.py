@@ -49,11 +49,12 @@ def record_bytes(provenance: RecalibrationProvenance) -> bytes:
 
 def with_record_entry(archive: bytes, payload: bytes) -> bytes:
     """A ``torch.save`` zip archive with the record added as one more entry in its top folder."""
-    buffer = io.BytesIO(archive)
-    with zipfile.ZipFile(buffer, "a") as zipped:
+    # An in-memory copy of the archive being written, never a file: the opener has nothing to check.
+    copy = io.BytesIO(archive)
+    with zipfile.ZipFile(copy, "a") as zipped:
         top = zipped.namelist()[0].split("/")[0]
         zipped.writestr(f"{top}/{RECORD_NAME}", payload)
-    return buffer.getvalue()
+    return copy.getvalue()
 
 
 def read_stored_record(path: Path) -> StoredRecord:
