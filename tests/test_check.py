@@ -132,11 +132,17 @@ def test_dead_channels() -> None:
 
 
 def test_too_few_values_per_channel() -> None:
+    # In train mode each batch is normalized with its own statistics: a small batch matters.
     model = healthy()
-    one = next(f for f in check_model(model, [matching_data(model, 1)]).findings if f.code == "BN203")
-    assert one.severity is Severity.ERROR and "Expected more than 1 value per channel" in one.message
-    few = next(f for f in check_model(model, [matching_data(model, 8)]).findings if f.code == "BN203")
+    few = next(f for f in check_model(model, [matching_data(model, 8)], mode="train").findings if f.code == "BN203")
     assert few.severity is Severity.WARNING and "only 8 values" in few.message
+
+
+def test_a_small_batch_in_eval_mode_is_no_finding() -> None:
+    # In eval mode the layers normalize with their running statistics and the comparison pools every
+    # batch: --batch-size 8 for memory must not fail a healthy model.
+    model = healthy()
+    assert "BN203" not in codes(model, [matching_data(model, 8)])
 
 
 def test_nonfinite_input_is_reported() -> None:

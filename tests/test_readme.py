@@ -78,7 +78,7 @@ def test_api_report_converts_to_dataframe() -> None:
     model = models.randomize_norm_state(models.BN1dFeatures()).eval()
     frame = inspect_model(model, [torch.randn(16, 5)]).to_dataframe()
     assert list(frame["channel"]) == [0, 1, 2, 3, 4]
-    findings = check_model(model, [torch.randn(4, 5)]).to_dataframe()
+    findings = check_model(model, [torch.randn(4, 5)], mode="train").to_dataframe()
     assert "BN203" in set(findings["code"])
 
 

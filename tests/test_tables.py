@@ -185,6 +185,8 @@ def test_header_counts_are_separated_and_singular_for_one(num_nonfinite: int, li
 
 def test_counts_in_findings_are_thousands_separated() -> None:
     model = models.randomize_norm_state(models.ConvBN2d()).eval()
-    checked = check_model(model, [models.make_input((64, 3, 8, 8))], thresholds=Thresholds(min_values=10_000))
+    checked = check_model(
+        model, [models.make_input((64, 3, 8, 8))], mode="train", thresholds=Thresholds(min_values=10_000)
+    )
     messages = [finding.message for finding in checked.findings if finding.code == "BN203"]
     assert messages and "only 4,096 values per channel per batch (fewer than 10,000)" in messages[0]

@@ -51,6 +51,11 @@ def test_check_first_divergent_and_bn201_message_quote_the_var_ratio(
     bn201 = [f for f in document["findings"] if f["code"] == "BN201"]
     assert bn201 and bn201[0]["layer"] == "features.4"
     assert bn201[0]["severity"] == "error"
+    # The scores themselves, for a pipeline that trends them: one entry per compared layer call.
+    scores = {entry["layer"]: entry for entry in document["departures"]}
+    assert scores.keys() == {"features.1", "features.4", "features.8"}
+    assert scores["features.4"]["tier"] == "error" and scores["features.4"]["score"] >= 1.7
+    assert scores["features.4"]["samples"] == 450
     assert "spread 0.14x running" in bn201[0]["message"]
     assert "means above" not in bn201[0]["message"] and "means below" not in bn201[0]["message"]
 

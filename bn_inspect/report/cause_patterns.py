@@ -223,7 +223,9 @@ def _content_cause(pattern: LayerPattern) -> Cause:
         return Cause(
             SPOILED_STATISTICS,
             f"the first layer, {name}, departs (mean |shift| {pattern.abs_shift:.2g} running std) from "
-            f"statistics made in only {count:,} batches: the model was recalibrated on data unlike this",
+            f"statistics made in only {count:,} batches: they were estimated on data unlike this (a "
+            "recalibration or short fine-tune on other data, or an evaluation loop left in train mode), or "
+            "this data comes from another domain",
         )
     return Cause(
         DOMAIN_SHIFT,

@@ -8,6 +8,7 @@ from typing import Any
 
 from bn_inspect.options import FailOn
 from bn_inspect.report.departure import Thresholds as Thresholds  # its old home: callers import it from here
+from bn_inspect.report.departure import departure
 from bn_inspect.report.display import NotebookDisplay
 from bn_inspect.report.records import SCHEMA_VERSION, InputInfo, ModelInfo, Report, json_ready
 from bn_inspect.text import Untrusted
@@ -172,5 +173,17 @@ class CheckReport(NotebookDisplay):
                 }
                 for f in self.findings
             ],
+            "departures": self._departures(),
         }
         return json_ready(document)  # type: ignore[no-any-return]
+
+    def _departures(self) -> list[dict[str, Any]]:
+        """Each compared layer call's departure score and tier by this check's thresholds, in execution order."""
+        if self.inspection is None:
+            return []
+        scored = [(layer, departure(layer, self.thresholds)) for layer in self.inspection.layers]
+        return [
+            {"layer": layer.label, "score": found.score, "tier": found.tier, "samples": found.samples}
+            for layer, found in scored
+            if found is not None
+        ]  # type: ignore[no-any-return]

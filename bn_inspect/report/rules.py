@@ -250,7 +250,11 @@ def report_findings(report: Report, thresholds: Thresholds) -> list[Finding]:
 
 
 def _per_batch_values(layer: LayerReport) -> int | None:
-    if layer.family != "batch" or layer.input_shape is None or layer.reduced_axes is None:
+    # Only a layer that normalizes each batch with that batch's own statistics is hurt by a small
+    # batch; in eval mode the comparison pools every batch, whatever --batch-size is.
+    if layer.family != "batch" or layer.normalizes_with != "batch":
+        return None
+    if layer.input_shape is None or layer.reduced_axes is None:
         return None
     return math.prod(layer.input_shape[d] for d in layer.reduced_axes)
 
@@ -301,19 +305,9 @@ def _data_findings(layer: LayerReport, thresholds: Thresholds) -> list[Finding]:
             )
         )
     per_batch = _per_batch_values(layer)
-    if per_batch is not None and per_batch == 1:
-        out.append(
-            _finding(
-                "BN203",
-                layer.name,
-                "1 value per channel per batch: BatchNorm cannot compute a variance "
-                "from one value, so training with this batch shape fails ('Expected more than 1 value "
-                "per channel'). Use larger batches",
-                call=layer.call,
-                severity=Severity.ERROR,
-            )
-        )
-    elif per_batch is not None and per_batch < thresholds.min_values:
+    # One value per channel never gets here: BatchNorm itself refuses it when it normalizes with
+    # batch statistics ('Expected more than 1 value per channel'), and the run ends in that one line.
+    if per_batch is not None and per_batch < thresholds.min_values:
         out.append(
             _finding(
                 "BN203",
