@@ -211,7 +211,7 @@ def check_to_markdown(check: CheckReport) -> str:
         f"**Model** {_code(check.model.source)}{_format(check.model)} · "
         + (f"**input** {_code(check.input.source)} · " if check.input else "**no data** · ")
         + f"{counted(counts['error'], 'error')}, {counted(counts['warning'], 'warning')}, "
-        f"{counted(counts['info'], 'note')} · "
+        f"{counts['info']} info · "
         f"fails on {check.fail_on.value}",
         "",
     ]

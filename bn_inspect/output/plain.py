@@ -69,7 +69,7 @@ def _check(check: CheckReport) -> list[str]:
     findings = sorted(check.findings, key=lambda f: -f.severity.rank)
     return [
         f"{'PASSED' if check.passed else 'FAILED'} (fails on {check.fail_on.value}): {counted(counts['error'], 'error')}, "
-        f"{counted(counts['warning'], 'warning')}, {counted(counts['info'], 'note')}",
+        f"{counted(counts['warning'], 'warning')}, {counts['info']} info",
         f"{_model(check.model)}; {counted(len(check.layers), 'layer')}",
         *(
             f"{f.code} {f.severity.value} {_name(f.label)}: {_cut(inert(f.message), MESSAGE_LIMIT)}"

@@ -342,8 +342,8 @@ def render_check(check: CheckReport, width: int = 160) -> RenderableType:
     for note in check.notes:
         parts.append(_inert(f"Note: {note}.", "dim"))
     counts = {s: sum(f.severity.value == s for f in check.findings) for s in ("error", "warning", "info")}
-    nouns = {"error": "error", "warning": "warning", "info": "note"}
-    summary = ", ".join(f"{n} {nouns[s]}{'s' if n != 1 else ''}" for s, n in counts.items())
+    # "info", not "notes": the "Note:" lines above are remarks on the run, not findings.
+    summary = f"{counted(counts['error'], 'error')}, {counted(counts['warning'], 'warning')}, {counts['info']} info"
     verdict_text = "PASSED" if check.passed else "FAILED"
     parts.append(
         Text(

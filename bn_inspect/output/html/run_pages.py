@@ -26,8 +26,11 @@ def _heading(kind: str, rows: list[tuple[str, str]], verdict: str, outcome: str)
 
 
 def _check_verdict(check: CheckReport) -> str:
-    nouns = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "note"}
-    counts = ", ".join(counted(sum(f.severity is s for f in check.findings), nouns[s]) for s in reversed(Severity))
+    tally = {s: sum(f.severity is s for f in check.findings) for s in Severity}
+    counts = (
+        f"{counted(tally[Severity.ERROR], 'error')}, {counted(tally[Severity.WARNING], 'warning')}, "
+        f"{tally[Severity.INFO]} info"
+    )
     failing = counted(len(check.failed), "finding")
     if check.passed:
         return f"Passed: no finding at or above {check.fail_on.value} ({counts})."
