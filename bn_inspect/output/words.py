@@ -70,7 +70,7 @@ def batch_noise_sentence(comparison: ModeComparison, name: Callable[[Untrusted],
     )
     said += "but no layer's data departs from its running statistics"
     if largest is not None and largest.departure is not None:
-        said += f" (largest departure {largest.departure:.2g}, {name(largest.label)})"
+        said += f" (largest departure {largest.departure:.3g}, {name(largest.label)})"
     return (
         said + f": the difference is train mode's per-batch statistics on batches of about {per_batch:.3g} samples "
         "(small or unshuffled batches), not a fault of the stored statistics. Eval mode is what the deployed model does."
