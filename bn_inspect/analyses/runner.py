@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode, _pop_mode_temporarily
 
 from bn_inspect.analyses.inspection import run_model
 from bn_inspect.analyses.passes import Tally, guarded_pass, iter_batches, merged_over_ranks
@@ -361,6 +361,11 @@ class TracedRecorder(StatisticsRecorder):
         self._tracer = tracer
 
     def observe(self, layer: NormLayer, x: torch.Tensor) -> CallRecord | None:
+        if _get_current_dispatch_mode() is self._tracer:
+            # Off the mode stack, the reductions skip Python dispatch altogether: paused, each of
+            # their ops would still pass through the tracer, which triples a traced call's cost.
+            with _pop_mode_temporarily():
+                return super().observe(layer, x)
         self._tracer.is_paused = True
         try:
             return super().observe(layer, x)
