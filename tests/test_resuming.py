@@ -133,6 +133,19 @@ class InPlaceIgnored(nn.Module):
         return self.bn3(self.bn2(x) * 2)  # type: ignore[no-any-return]
 
 
+class BuiltInForward(nn.Module):
+    """Builds a module inside its forward, outside the model's own modules, between two BatchNorms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm1d(3)
+        self.bn2 = nn.BatchNorm1d(3)
+        self.bn3 = nn.BatchNorm1d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn3(self.bn2(nn.Tanh()(self.bn1(x))) + 1)  # type: ignore[no-any-return]
+
+
 def prepared(model: nn.Module, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return models.randomize_norm_state(model, seed=seed).eval().double()
@@ -253,8 +266,8 @@ def test_a_residual_stack_in_module_dicts_gives_the_buffers_of_full_passes() -> 
 
 @pytest.mark.parametrize(
     ("make", "batches"),
-    [(SharedBlock, images()), (models.SharedBN, images()), (InPlaceIgnored, features())],
-    ids=["block-called-twice", "layer-called-twice", "in-place-result-dropped"],
+    [(SharedBlock, images()), (models.SharedBN, images()), (InPlaceIgnored, features()), (BuiltInForward, features())],
+    ids=["block-called-twice", "layer-called-twice", "in-place-result-dropped", "built-in-forward"],
 )
 def test_modules_that_cannot_be_skipped_are_run_each_time_with_the_buffers_of_full_passes(
     make: type[nn.Module], batches: list[torch.Tensor]

@@ -36,9 +36,12 @@ def _plain_stages(module: nn.Module) -> list[nn.Module] | None:
 
 
 def _aliases(output: torch.Tensor, args: tuple[Any, ...]) -> bool:
-    """Whether ``output`` shares memory with an argument (an in-place module): a held copy would not write it."""
-    key = output.untyped_storage().data_ptr()
-    return any(isinstance(arg, torch.Tensor) and arg.untyped_storage().data_ptr() == key for arg in args)
+    """Whether ``output`` may share memory with an argument (an in-place module): a held copy would not write it."""
+    try:
+        key = output.untyped_storage().data_ptr()
+        return any(isinstance(arg, torch.Tensor) and arg.untyped_storage().data_ptr() == key for arg in args)
+    except (RuntimeError, NotImplementedError):
+        return True  # no plain storage (sparse, nested): not held
 
 
 @dataclass
@@ -125,6 +128,8 @@ class Resumer:
 
         def before(module: nn.Module, _args: tuple[Any, ...]) -> None:
             key = id(module)
+            if key not in self._modules:
+                return  # the hooks are global: a module outside the model (one built inside a forward)
             name = self._target_of.get(key)
             if name is not None:
                 self._log.append(name)
@@ -132,6 +137,8 @@ class Resumer:
             self._started[key] = len(self._log)
 
         def after(module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
+            if id(module) not in self._modules:
+                return
             seen = self._seen[id(module)]
             seen.inside.update(self._log[self._started.get(id(module), 0) :])
             seen.is_tensor &= isinstance(output, torch.Tensor)
@@ -164,7 +171,8 @@ class Resumer:
         def after(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             key = id(module)
             if (
-                isinstance(output, torch.Tensor)
+                key in self._modules
+                and isinstance(output, torch.Tensor)
                 and not _aliases(output, args)
                 and self._is_final(module)
                 and self._batch not in self._outputs[key]
