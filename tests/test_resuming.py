@@ -297,7 +297,7 @@ def test_over_the_memory_budget_batches_run_from_further_back_with_the_same_buff
     result = recalibrate(model, batches, memory_budget_bytes=0)
     recalibrate(unbounded, batches)
     assert_same_buffers(model, unbounded)
-    assert any("memory budget (0.00 GiB" in note for note in result.notes)
+    assert any("reached their memory budget (0.00 GiB;" in note for note in result.notes)
 
 
 def test_torchscript_is_not_resumed_and_matches_eager() -> None:

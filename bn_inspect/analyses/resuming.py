@@ -52,6 +52,8 @@ class _Seen:
     is_tensor: bool = True
     depends: set[str] = field(default_factory=set)  # target layers its output (a stage: its input) depends on
     inside: set[str] = field(default_factory=set)  # target layers called while it ran
+    depends_wave: int = -1  # the last wave of the layers in ``depends`` (``plan``; -1: none)
+    inside_wave: int = -1  # the same for ``inside``
 
 
 class Resumer:
@@ -102,7 +104,7 @@ class Resumer:
         self._held_bytes = 0
         self._num_batches = 0
         self._batch = 0
-        self._future: set[str] = set()
+        self._wave = 0
         self._final_stage: dict[int, int] = {}
         self._calls: dict[int, int] = defaultdict(int)
         self._log: list[str] = []
@@ -118,9 +120,15 @@ class Resumer:
         """Whether batch ``index`` resumes inside the model itself, so that its data is not needed."""
         return index in self._holds.get(id(self._model), {})
 
-    def begin_wave(self, future: set[str]) -> None:
-        """The next pass measures a wave; ``future`` names its layers and every later wave's."""
-        self._future = future
+    def plan(self, waves: Mapping[str, int]) -> None:
+        """Note, for what the traced pass saw, the last wave that changes it (a layer not run never changes)."""
+        for seen in [*self._seen.values(), *(stage for stages in self._stages.values() for stage in stages)]:
+            seen.depends_wave = max((waves.get(name, -1) for name in seen.depends), default=-1)
+            seen.inside_wave = max((waves.get(name, -1) for name in seen.inside), default=-1)
+
+    def begin_wave(self, wave: int) -> None:
+        """The next pass measures this wave, after every earlier wave's statistics were written."""
+        self._wave = wave
 
     @contextmanager
     def observing(self, tracer: DependencyTracer) -> Iterator[None]:
@@ -253,7 +261,7 @@ class Resumer:
     def _last_final_stage(self, key: int) -> int:
         """The deepest stage whose input no layer of this wave or later changes, nor runs before it.
 
-        Later waves only shrink the future, so the search goes on from the last pass's answer.
+        A later wave only moves it on, so the search goes on from the last pass's answer.
         """
         if not self._is_once(key):
             return -1
@@ -261,10 +269,10 @@ class Resumer:
         stages = self._stages[key]
         for index in range(max(found, 0), len(stages)):
             seen = stages[index]
-            if seen.count != self._num_batches or not seen.is_tensor or seen.depends & self._future:
+            if seen.count != self._num_batches or not seen.is_tensor or seen.depends_wave >= self._wave:
                 break
             found = index
-            if seen.inside & self._future:
+            if seen.inside_wave >= self._wave:
                 break
         self._final_stage[key] = found
         return found
@@ -288,7 +296,7 @@ class Resumer:
             and not module._forward_pre_hooks
             and self._is_once(key)
             and seen.is_tensor
-            and not (seen.depends | seen.inside) & self._future
+            and max(seen.depends_wave, seen.inside_wave) < self._wave
         )
 
     def _hold(self, value: torch.Tensor) -> bool:

@@ -81,9 +81,9 @@ def run_sequential(
     _measure_waves(runner, targets, first, order, waves, seen, stoppable=stoppable, start=1, resumer=resumer)
     if resumer is not None and resumer.is_over_budget:
         notes.append(
-            f"the activations held to resume the passes reached the memory budget "
-            f"({resumer.budget_bytes / 2**30:,.2f} GiB, half the memory available): "
-            "past it, batches ran from further back, as many times as before"
+            f"the activations held to resume the passes reached their memory budget "
+            f"({resumer.budget_bytes / 2**30:,.2f} GiB; by default half the memory available): "
+            "past it, batches ran their passes from further back, with the same result"
         )
     check = _check_pass(runner, targets, order, seen)
     wrong = _first_disagreeing(order, seen, check, targets)
@@ -144,7 +144,8 @@ def _measure_waves(
     members_of: dict[int, list[str]] = defaultdict(list)
     for name in order:
         members_of[waves[name]].append(name)
-    future = {name for name in order if waves[name] >= start}
+    if resumer is not None:
+        resumer.plan(waves)
     with runner.eval_session() if resumer is not None else nullcontext():
         changed = [name for name in order if name in seen]
         for wave in range(start, 1 + last):
@@ -154,8 +155,7 @@ def _measure_waves(
                 write_statistics(targets[name], seen[name])
             members = members_of[wave]
             if resumer is not None:
-                resumer.begin_wave(set(future))
-            future.difference_update(members)
+                resumer.begin_wave(wave)
             stop_after = {n: first[n].calls_per_forward for n in members} if stoppable else None
             measured = runner.run([targets[n] for n in members], training=False, stop_after=stop_after, resumer=resumer)
             changed = [name for name in members if name in measured]
