@@ -14,8 +14,8 @@ images, a small ResNet (``benchmarks/faults/nets.py``, width 32) and ResNet-18's
 BatchNorm2d, widths 16-128), each trained here for 3 epochs on the same images; each recalibrated
 model is also checked (``check_model``) on the data it was recalibrated with. Then the cost: time of one plain eval pass, ``precise`` and ``sequential`` on
 ResNet-50's architecture (``bench_resnet50_cpu.py``) called through a custom forward, as
-torchvision's ResNet is (so the sequential passes cannot resume from a ``Cut``), on 4 batches of
-8x3x64x64. Run from the repository root:
+torchvision's ResNet is (the sequential passes resume from activations held at its module
+boundaries), on 4 batches of 8x3x64x64. Run from the repository root:
 
     python benchmarks/bench_recalibration_methods.py [--json PATH] [--skip-cost]
 """

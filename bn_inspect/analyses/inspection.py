@@ -6,7 +6,7 @@ import math
 import platform
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -52,15 +52,10 @@ if TYPE_CHECKING:
     from bn_inspect.report.records import RankShare
 
 
-def run_model(
-    model: nn.Module, batch: Batch, recorder: StatisticsRecorder, forward: Callable[..., object] | None = None
-) -> None:
-    """One forward pass; turns a failure inside the model into a ForwardError naming where it failed.
-
-    ``forward``, if given, runs instead of ``model`` (a part of it); failures are named within ``model``.
-    """
+def run_model(model: nn.Module, batch: Batch, recorder: StatisticsRecorder) -> None:
+    """One forward pass; turns a failure inside the model into a ForwardError naming where it failed."""
     try:
-        (model if forward is None else forward)(*batch.args, **batch.kwargs)
+        model(*batch.args, **batch.kwargs)
     except ShapeMismatchError as error:
         # A layer deep inside names itself; when the data does not fit the first layer, that is the news.
         clearer = _shape_error(model, batch, error)

@@ -66,11 +66,15 @@ the end. TorchScript may fuse operations into kernels the dispatcher never sees,
 ScriptModule is not traced: every layer gets its own wave (early stopping still works).
 
 Cost, in forwards per batch: ``precise`` 1 (+1 with ``verify``); ``sequential`` 1 full + one
-partial forward per further wave + 1 full check. In a plain ``nn.Sequential`` (nested ones
-flattened) each partial forward resumes from the stage inputs the previous one saved (``Cut``),
-so for a chain they add up to about one full forward however deep it is, for at most
-``_CUT_BYTES`` of held stage inputs; any other model reruns every wave's upstream layers, which
-for a chain of L layers adds up to about L / 2 full forwards (docs/benchmarks.md has measured costs).
+partial forward per further wave + 1 full check. Each partial forward resumes from activations
+the earlier ones held (``Resumer``, analyses/resuming.py): the input of a stage of any plain
+``nn.Sequential`` in the model, and the output of any module called once per forward, whenever
+the trace says no later wave changes it. So the partial forwards of a chain add up to about one
+full forward however deep it is, and a ResNet's to a few, whatever its forward looks like; the
+activations are held within half the memory available, past which batches run from further
+back (a note says so). TorchScript, exported programs and data-dependent control flow are not
+resumed: there each partial forward reruns every wave's upstream layers, which for a chain of L
+layers adds up to about L / 2 full forwards (docs/benchmarks.md has measured costs).
 
 A torch.export program (``ep.module()``) has no modules, only batch-norm calls whose running
 statistics are program buffers, and its mode is fixed at export. An eval-mode program normalizes
@@ -127,12 +131,12 @@ def recalibrate(
     method: RecalibrationMethod | str = RecalibrationMethod.SEQUENTIAL,
     verify: bool = True,
     distributed: DistributedContext | None = None,
+    memory_budget_bytes: int | None = None,
 ) -> RecalibrationResult:
     """Rewrite every batch-style layer's running statistics with exact population statistics.
 
-    **This changes ``model`` in place** (its running buffers and ``num_batches_tracked``; training
-    flags are restored). Pass a copy, or a freshly loaded model, if you need the original. If the
-    forward pass fails, every buffer is restored before the error is raised.
+    **This changes ``model`` in place** (its running buffers and ``num_batches_tracked``; training flags
+    are restored): pass a copy if you need the original. If a forward fails, every buffer is restored.
 
     See the module docstring for the formulas and the two methods. Other modules run in eval mode
     in every pass (dropout off); in the ``precise`` pass only the normalization layers train, so a
@@ -140,19 +144,19 @@ def recalibrate(
 
     Args:
         model: an eager ``nn.Module``, a TorchScript module or an eval-mode torch.export program's module.
-        batches: tensors, dicts of tensors, (inputs, targets) pairs or ``Batch`` objects. Several
-            passes iterate it again, so it must give the same data each time (a list, or a
-            DataLoader without shuffling or random augmentation); a one-shot iterator is first
-            collected into a list.
+        batches: tensors, dicts of tensors, (inputs, targets) pairs or ``Batch`` objects, the same
+            data on every iteration (a list, or a DataLoader without shuffling or random
+            augmentation): several passes iterate it; a one-shot iterator is collected into a list.
         method: "sequential" (the default: exact for eval, what ``check`` measures) or "precise"
             (one train-mode pass, as PreciseBN).
-        verify: for ``precise``, run one more eval pass to measure how well the recalibrated
-            model's layer inputs fit the new statistics (``max_abs_shift_z_after``);
-            ``sequential`` always runs that pass, as the check of its result.
+        verify: for ``precise``, one more eval pass to measure how well the layer inputs fit the new
+            statistics (``max_abs_shift_z_after``); ``sequential`` always runs it, as its check.
         distributed: as for ``inspect_model``: each rank passes its own share of the batches
             (None joins an initialized process group). Every pass merges the layers' moments
             across ranks exactly before anything is written, so every rank ends with the same
             buffers: those one process would compute from all ranks' data. Save from one rank.
+        memory_budget_bytes: for ``sequential``, the most bytes of activations held for its passes
+            to resume from (default: half the memory available); past it, batches run from further back.
 
     Returns:
         The RecalibrationResult.
@@ -175,7 +179,7 @@ def recalibrate(
         for name, t in targets.items()
     }
     try:
-        measured = _measure(runner, targets, method, is_script)
+        measured = _measure(runner, targets, method, is_script, memory_budget_bytes)
         seen, after = measured.seen, measured.check
         unusable = {name: reason for name, entry in seen.items() if (reason := unusable_reason(entry)) is not None}
         seen = {name: entry for name, entry in seen.items() if name not in unusable}
@@ -202,14 +206,16 @@ def recalibrate(
     )
 
 
-def _measure(runner: Runner, targets: dict[str, Target], method: RecalibrationMethod, is_script: bool) -> Measurement:
+def _measure(
+    runner: Runner, targets: dict[str, Target], method: RecalibrationMethod, is_script: bool, budget: int | None
+) -> Measurement:
     """Each layer's new statistics, its inputs in the model as given, its wave, notes, and the check pass."""
     if method is RecalibrationMethod.PRECISE:
         seen = runner.run(list(targets.values()), training=True)
         return Measurement(seen, seen, {name: 0 for name in seen}, [], None)
     # TorchScript may fuse operations into kernels the dispatcher never sees, which would hide
     # dependencies from the trace: there, every layer gets its own wave.
-    return run_sequential(runner, targets, trace=not is_script)
+    return run_sequential(runner, targets, trace=not is_script, memory_budget_bytes=budget)
 
 
 def _shared_layers_note(seen: dict[str, Seen]) -> list[str]:

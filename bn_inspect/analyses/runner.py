@@ -1,21 +1,22 @@
-"""Recalibration's passes over the same batches: train or eval, stopped once the layers a pass needs have run, or resumed at the stage inputs the last pass saved."""
+"""Recalibration's passes over the same batches: train or eval, stopped once the layers a pass needs have run, or resumed from held activations."""
 
 from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager, nullcontext
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode, _pop_mode_temporarily
 
 from bn_inspect.analyses.inspection import run_model
 from bn_inspect.analyses.passes import Tally, guarded_pass, iter_batches, merged_over_ranks
+from bn_inspect.analyses.resuming import Resumer
 from bn_inspect.data.batch import Batch
 from bn_inspect.engine.capture import (
     CallRecord,
@@ -25,7 +26,6 @@ from bn_inspect.engine.capture import (
     hooks_capture,
 )
 from bn_inspect.engine.moments import Moments
-from bn_inspect.engine.preserve import preserved_state
 from bn_inspect.errors import (
     ForwardError,
     InputError,
@@ -90,9 +90,9 @@ class Runner:
 
     @contextmanager
     def eval_session(self) -> Iterator[None]:
-        """Eval mode, no grad and the model's state kept for a series of passes that resume at a cut.
+        """Eval mode, no grad and the model's state kept for a series of passes that resume.
 
-        Inside it, ``run`` with a cut sets up only the stages it runs, so a pass costs what it
+        Inside it, ``run`` with a resumer sets up only the modules it runs, so a pass costs what it
         runs, not the model's size. On exit every flag and buffer is as it was on entry: the
         running statistics written inside are undone too, so the caller writes them again.
         """
@@ -111,18 +111,18 @@ class Runner:
         training: bool,
         stop_after: Mapping[str, int] | None = None,
         tracer: DependencyTracer | None = None,
-        cut: Cut | None = None,
+        resumer: Resumer | None = None,
     ) -> dict[str, Seen]:
         """One pass; the targets' inputs merged per layer, in order of first call.
 
         ``stop_after`` (layer name -> calls per forward) ends each forward once every listed
         layer has been called that often; the model's state (flags, buffers) is restored after.
         Across ranks, the pass covers every rank's batches: the moments are merged exactly.
-        ``cut`` (eval passes inside ``eval_session`` only): each batch starts from the stage
-        input the cut holds for it, and the cut moves to the first stage of these targets.
+        ``resumer`` (eval passes only): with ``tracer``, it observes what later passes may hold;
+        without (inside ``eval_session``), each batch resumes from the activations it holds.
         """
-        if cut is not None and (training or tracer is not None or not self._in_session):
-            cut = None
+        if resumer is not None and (training or (tracer is None and not self._in_session)):
+            resumer = None
         recorder = StatisticsRecorder() if tracer is None else TracedRecorder(tracer)
         layers = [t.layer for t in targets]
         # Unfused: the sequential method's dependency tracer follows the batch-norm ops themselves.
@@ -130,19 +130,26 @@ class Runner:
         stopper = _Stopper(targets, stop_after or {}, self.is_script)
         tally = Tally(self.device)
         # Inside an eval session the model's state is already kept and its SyncBatchNorm local.
-        with guarded_pass(self.model, self.ranks, keep_state=cut is None), _maybe(tracer), _maybe(stopper.mode()):
-            if cut is None:
+        with (
+            guarded_pass(self.model, self.ranks, keep_state=not self._in_session),
+            _maybe(tracer),
+            _maybe(stopper.mode()),
+        ):
+            if not self._in_session:
                 set_norm_layers_training(self.model, self.norm_layers if training else [])
-            resumed = nullcontext() if cut is None else cut.pass_over([t.layer.name for t in targets])
+            resumed: AbstractContextManager[None] = nullcontext()
+            if resumer is not None:
+                resumed = resumer.observing(tracer) if tracer is not None else resumer.pass_over()
             with capture(layers, recorder), stopper.hooks(), resumed:
-                held = None if cut is None else cut.holds
+                held = None if resumer is None or tracer is not None else resumer.holds
                 for index, batch in enumerate(iter_batches(self.batches, self.device, self.dtype, tally, held=held)):
                     recorder.start_batch()
                     stopper.start_batch()
                     if tracer is not None:
                         tracer.start_batch()
-                    forward = None if cut is None else cut.forward(index)
-                    self._forward(batch, recorder, forward, stopper, training)
+                    if resumer is not None:
+                        resumer.start_batch(index)
+                    self._forward(batch, recorder, stopper, training)
         records, totals, _ = merged_over_ranks(recorder.records, tally.totals(), self.ranks, layers)
         if totals.num_batches == 0:
             raise InputError("no batch ran", "Give at least one batch of input")
@@ -154,13 +161,12 @@ class Runner:
         self,
         batch: Batch,
         recorder: StatisticsRecorder,
-        forward: Callable[..., object] | None,
         stopper: _Stopper,
         training: bool,
     ) -> None:
         """One forward, which may stop early; a train-mode batch of one sample says what to do instead."""
         try:
-            run_model(self.model, batch, recorder, forward)
+            run_model(self.model, batch, recorder)
         except StopForward:
             return
         except ForwardError as error:
@@ -171,132 +177,6 @@ class Runner:
                     error.what, "Use batches of at least 2 samples, or the sequential method (eval mode)"
                 ) from error
             raise
-
-
-# The most bytes of stage inputs a Cut holds; batches past it restart from their data.
-_CUT_BYTES = 1 << 30
-
-
-def _plain_stages(module: nn.Module) -> list[nn.Module] | None:
-    """The modules a plain ``nn.Sequential`` calls one after the other, nested ones flattened.
-
-    None unless the module runs ``nn.Sequential.forward`` itself and has no hooks of its own,
-    so calling its stages in turn is exactly what calling it does.
-    """
-    if type(module).forward is not nn.Sequential.forward or module._forward_hooks or module._forward_pre_hooks:
-        return None
-    stages: list[nn.Module] = []
-    for child in module._modules.values():  # as Sequential.forward iterates: a repeated child runs twice
-        if child is None:
-            return None
-        inner = _plain_stages(child)
-        stages.extend([child] if inner is None else inner)
-    return stages
-
-
-class Cut:
-    """Where the wave passes over a plain ``nn.Sequential`` resume: each batch's input to one stage.
-
-    Why it is exact: the input of stage j is computed by stages 0..j-1 alone. A pass saves each
-    batch's input to the first stage of its wave's layers (a copy, before that stage runs, so an
-    in-place stage cannot change it); before the next pass only those layers get new statistics,
-    all in stage j or later, so rerunning stages 0..j-1 would give the very same tensor (the
-    same operations on the same values and buffers). Should a layer that changed run before the
-    cut, or a wave's layer sit before it, the batches start from their data again. A layer run
-    from a stage that does not own it (not a registered submodule) would escape this; the check
-    pass after the last wave runs every batch from its data, and the layers from the first one
-    that disagrees are done again.
-
-    What it costs: memory for one stage input per batch at one cut (the old input of a batch is
-    dropped as its new one is saved), at most ``_CUT_BYTES``; batches past that start from their
-    data, as without a cut. Each pass copies the saved inputs once. A pass runs the stages from
-    the cut to its wave's layers, so for a chain every layer runs a bounded number of times per
-    batch in all.
-
-    Skipped stages are not run, so their state is not touched; the stages a pass runs have their
-    flags and buffers restored after it, as ``preserved_state`` does for a whole pass.
-    """
-
-    def __init__(self, model: nn.Module, stages: list[nn.Module], stage_of: dict[str, int]) -> None:
-        self._model = model
-        self._stages = stages
-        self._stage_of = stage_of
-        self._at = 0
-        self._held: dict[int, torch.Tensor] = {}
-        self._save_at = 0
-        self._saved: dict[int, torch.Tensor] = {}
-        self._saved_bytes = 0
-        self._entered: set[int] = set()
-        self._restore: ExitStack | None = None
-
-    @classmethod
-    def of(cls, model: nn.Module, targets: Mapping[str, Target]) -> Cut | None:
-        """A cut for a plain ``nn.Sequential`` whose stages own every target layer, else None."""
-        stages = _plain_stages(model)
-        if not stages:
-            return None
-        first_stage: dict[int, int] = {}
-        for index, stage in enumerate(stages):
-            for module in stage.modules():
-                first_stage.setdefault(id(module), index)
-        stage_of = {name: first_stage.get(id(t.layer.module), -1) for name, t in targets.items()}
-        if min(stage_of.values()) < 0:
-            return None
-        return cls(model, stages, stage_of)
-
-    def forget_if_changed_before(self, changed: Iterable[str]) -> None:
-        """Drop the held inputs if a layer with new statistics runs before the cut."""
-        if any(self._stage_of[name] < self._at for name in changed):
-            self._held.clear()
-
-    def holds(self, index: int) -> bool:
-        """Whether batch ``index`` resumes from a held stage input (its data is not needed)."""
-        return index in self._held
-
-    @contextmanager
-    def pass_over(self, names: list[str]) -> Iterator[None]:
-        """One pass that measures the layers ``names``: save inputs at their first stage."""
-        self._save_at = min(self._stage_of[name] for name in names)
-        if self._save_at < self._at:
-            self._held.clear()
-        self._saved, self._saved_bytes, self._entered = {}, 0, set()
-        with ExitStack() as restore:
-            self._restore = restore
-            try:
-                yield
-            finally:
-                self._restore = None
-        self._at, self._held, self._saved = self._save_at, self._saved, {}
-
-    def forward(self, index: int) -> Callable[..., object]:
-        """The forward of batch ``index``: from its held input if any, else from its data."""
-
-        def resume(*args: Any, **kwargs: Any) -> object:
-            held = self._held.pop(index, None)
-            if held is None and (len(args) != 1 or kwargs):
-                for stage in range(len(self._stages)):
-                    self._enter(stage)
-                return self._model(*args, **kwargs)
-            start, value = (0, args[0]) if held is None else (self._at, held)
-            for stage in range(start, len(self._stages)):
-                if stage == self._save_at and isinstance(value, torch.Tensor):
-                    self._save(index, value)
-                self._enter(stage)
-                value = self._stages[stage](value)
-            return value
-
-        return resume
-
-    def _save(self, index: int, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
-        if self._saved_bytes + size <= _CUT_BYTES:
-            self._saved[index] = value.detach().clone()
-            self._saved_bytes += size
-
-    def _enter(self, stage: int) -> None:
-        if stage not in self._entered and self._restore is not None:
-            self._entered.add(stage)
-            self._restore.enter_context(preserved_state(self._stages[stage]))
 
 
 @contextmanager
@@ -437,7 +317,8 @@ class DependencyTracer(PlainDispatchMode):
         # Storage addresses are reused between forwards; only the buffers carry over.
         self._taint = dict(self._sources)
 
-    def _of(self, value: object) -> frozenset[str]:
+    def sources_of(self, value: object) -> frozenset[str]:
+        """The target layers whose running statistics ``value`` (a tensor) was computed from."""
         if not isinstance(value, torch.Tensor):
             return frozenset()
         key = _storage_key(value)
@@ -449,10 +330,10 @@ class DependencyTracer(PlainDispatchMode):
         kwargs = kwargs or {}
         if self.is_paused:
             return func(*args, **kwargs)
-        taint: frozenset[str] = frozenset().union(*(self._of(v) for v in pytree.tree_leaves((args, kwargs))))
+        taint: frozenset[str] = frozenset().union(*(self.sources_of(v) for v in pytree.tree_leaves((args, kwargs))))
         if "batch_norm" in func.overloadpacket.__name__ and len(args) >= 5:
-            x_taint = self._of(args[0])
-            for owner in self._of(args[3]) | self._of(args[4]):
+            x_taint = self.sources_of(args[0])
+            for owner in self.sources_of(args[3]) | self.sources_of(args[4]):
                 self.depends[owner] |= x_taint - {owner}
         result = func(*args, **kwargs)
         for value in pytree.tree_leaves(result):
@@ -480,6 +361,11 @@ class TracedRecorder(StatisticsRecorder):
         self._tracer = tracer
 
     def observe(self, layer: NormLayer, x: torch.Tensor) -> CallRecord | None:
+        if _get_current_dispatch_mode() is self._tracer:
+            # Off the mode stack, the reductions skip Python dispatch altogether: paused, each of
+            # their ops would still pass through the tracer, which triples a traced call's cost.
+            with _pop_mode_temporarily():
+                return super().observe(layer, x)
         self._tracer.is_paused = True
         try:
             return super().observe(layer, x)

@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from bn_inspect.analyses.runner import Cut, DependencyTracer, Runner, Seen, Target
+from bn_inspect.analyses.resuming import Resumer
+from bn_inspect.analyses.runner import DependencyTracer, Runner, Seen, Target
+from bn_inspect.data.memory import available_memory_bytes
 from bn_inspect.engine.moments import Moments
 
 Floats = tuple[float, ...]
@@ -38,14 +40,21 @@ class Measurement:
     check: dict[str, Seen] | None
 
 
-def run_sequential(runner: Runner, targets: dict[str, Target], *, trace: bool) -> Measurement:
+def run_sequential(
+    runner: Runner, targets: dict[str, Target], *, trace: bool, memory_budget_bytes: int | None = None
+) -> Measurement:
     """Measure every layer in eval mode once all layers it depends on hold their new statistics.
 
     The first pass measures the model as given; a final eval pass of the recalibrated model
-    checks that no dependency was missed.
+    checks that no dependency was missed. The wave passes resume from activations held at module
+    boundaries (``Resumer``), within ``memory_budget_bytes`` (default: half the memory available).
     """
     tracer = DependencyTracer(targets) if trace else None
-    first = runner.run(list(targets.values()), training=False, tracer=tracer)
+    resumer = None
+    if tracer is not None and not runner.is_script:
+        budget = available_memory_bytes() // 2 if memory_budget_bytes is None else memory_budget_bytes
+        resumer = Resumer(runner.model, targets, budget)
+    first = runner.run(list(targets.values()), training=False, tracer=tracer, resumer=resumer)
     order = list(first)  # execution order of first calls
     notes = []
     if tracer is not None and runner.ranks is not None:
@@ -66,8 +75,16 @@ def run_sequential(runner: Runner, targets: dict[str, Target], *, trace: bool) -
             "a value computed from running statistics was read into Python (data-dependent control flow): "
             "one layer per pass, each pass run to the end"
         )
+    if not stoppable:
+        resumer = None  # the trace, which says what a held activation depends on, cannot be trusted
     seen = {name: first[name] for name in order if waves[name] == 0}
-    _measure_waves(runner, targets, first, order, waves, seen, stoppable=stoppable, start=1)
+    _measure_waves(runner, targets, first, order, waves, seen, stoppable=stoppable, start=1, resumer=resumer)
+    if resumer is not None and resumer.is_over_budget:
+        notes.append(
+            f"the activations held to resume the passes reached their memory budget "
+            f"({resumer.budget_bytes / 2**30:,.2f} GiB; by default half the memory available): "
+            "past it, batches ran their passes from further back, with the same result"
+        )
     check = _check_pass(runner, targets, order, seen)
     wrong = _first_disagreeing(order, seen, check, targets)
     if wrong is not None:
@@ -80,7 +97,8 @@ def run_sequential(runner: Runner, targets: dict[str, Target], *, trace: bool) -
             f"the dependency trace missed a dependency of {wrong}: it and the layers after it were "
             "recalibrated again, one per pass"
         )
-        _measure_waves(runner, targets, first, order, waves, seen, stoppable=stoppable, start=last + 1)
+        # The trace missed something, so nothing is held: every pass runs from the data.
+        _measure_waves(runner, targets, first, order, waves, seen, stoppable=stoppable, start=last + 1, resumer=None)
         check = _check_pass(runner, targets, order, seen)
     return Measurement({name: seen[name] for name in order if name in seen}, first, waves, notes, check)
 
@@ -113,31 +131,33 @@ def _measure_waves(
     *,
     stoppable: bool,
     start: int,
+    resumer: Resumer | None,
 ) -> None:
     """One eval pass per wave from ``start``, each after writing everything measured so far.
 
-    For a plain ``nn.Sequential`` each pass resumes from a ``Cut`` (see there): it runs only the
-    stages from the previous wave's first stage to this wave's layers, so a chain of L layers
-    costs about one forward per batch in all instead of L / 2. Inside the session the written
-    statistics are undone on exit; ``_check_pass`` and ``recalibrate`` write them all again.
+    With a resumer (see there) each pass runs only from the activations held before this wave's
+    layers, so a chain of L layers costs about one forward per batch in all instead of L / 2.
+    Inside the session the written statistics are undone on exit; ``_check_pass`` and
+    ``recalibrate`` write them all again.
     """
     last = max(waves.values(), default=0)
     members_of: dict[int, list[str]] = defaultdict(list)
     for name in order:
         members_of[waves[name]].append(name)
-    cut = None if runner.is_script else Cut.of(runner.model, targets)
-    with runner.eval_session() if cut is not None else nullcontext():
+    if resumer is not None:
+        resumer.plan(waves)
+    with runner.eval_session() if resumer is not None else nullcontext():
         changed = [name for name in order if name in seen]
         for wave in range(start, 1 + last):
             # Buffers written earlier stay written (each pass restores what it found), so only the
             # statistics measured by the previous pass need writing.
             for name in changed:
                 write_statistics(targets[name], seen[name])
-            if cut is not None:
-                cut.forget_if_changed_before(changed)
             members = members_of[wave]
+            if resumer is not None:
+                resumer.begin_wave(wave)
             stop_after = {n: first[n].calls_per_forward for n in members} if stoppable else None
-            measured = runner.run([targets[n] for n in members], training=False, stop_after=stop_after, cut=cut)
+            measured = runner.run([targets[n] for n in members], training=False, stop_after=stop_after, resumer=resumer)
             changed = [name for name in members if name in measured]
             seen.update({name: measured[name] for name in changed})
 

@@ -44,26 +44,30 @@ def _snapshot_when_materialized(
 
 
 @contextmanager
-def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Restore every module's training flag and every buffer on exit, even when the block raises."""
-    flags = [(module, module.training) for module in model.modules()]
+def preserved_state(model: nn.Module, *, recurse: bool = True) -> Iterator[None]:
+    """Restore every module's training flag and every buffer on exit, even when the block raises.
+
+    ``recurse`` False keeps ``model``'s own flag and buffers only, not its submodules'.
+    """
+    modules = list(model.modules()) if recurse else [model]
+    flags = [(module, module.training) for module in modules]
     # Kept by (module, name): a forward may assign a new tensor to a buffer (self.moving_mean = ...),
     # and the original object, with its original values, must be back in place afterwards.
     saved = [
         (module, name, buffer, buffer.detach().clone())
-        for module in model.modules()
+        for module in modules
         if not isinstance(module, torch.jit.ScriptModule)
         for name, buffer in module._buffers.items()
         if buffer is not None and not is_uninitialized(buffer)
     ]
     script_saved = [
         (buffer, buffer.detach().clone())
-        for module in model.modules()
+        for module in modules
         if isinstance(module, torch.jit.ScriptModule)
         for buffer in module.buffers(recurse=False)
         if not is_uninitialized(buffer)
     ]
-    handles = [_snapshot_when_materialized(module, saved) for module in model.modules() if _has_lazy_buffers(module)]
+    handles = [_snapshot_when_materialized(module, saved) for module in modules if _has_lazy_buffers(module)]
     try:
         yield
     finally:
