@@ -4,6 +4,7 @@ measured (healthy cases ~0, some fault costs points). Structure and sanity only,
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from typing import Any
@@ -22,6 +23,9 @@ CASE_FIELDS = {
     "accuracy",
     "reference_accuracy",
     "damage_points",
+    "samples_lost",
+    "samples_gained",
+    "damage_p",
     "bucket",
     "split",
     "check",
@@ -65,6 +69,26 @@ def test_smoke_run_measures_damage(smoke_results: dict[str, Any]) -> None:
     assert all(abs(c["damage_points"]) < 3.0 for c in healthy)
     assert any(c["damage_points"] >= 3.0 for c in faults)
     assert all(c["bucket"] == "healthy" for c in healthy)
+    for case in cases:
+        # The paired counts reproduce the damage: lost minus gained samples, in points of the evaluated samples.
+        net = case["samples_lost"] - case["samples_gained"]
+        assert case["damage_points"] == pytest.approx(100.0 * net / case["num_samples"], abs=0.01), case["id"]
+
+
+@pytest.mark.parametrize(
+    ("lost", "gained"), [(0, 0), (1, 0), (2, 0), (5, 1), (13, 0), (7, 7), (3, 9), (40, 25), (0, 12)]
+)
+def test_damage_p_is_the_exact_two_sided_sign_test(lost: int, gained: int) -> None:
+    # Independent reference: enumerate every way the discordant samples could split under "no effect" and
+    # add the probability of each split at most as likely as the one seen.
+    from benchmarks.faults.tables import damage_p
+
+    n = lost + gained
+    probability = [math.comb(n, k) / 2**n for k in range(n + 1)]
+    seen = probability[lost]
+    reference = sum(p for p in probability if p <= seen * (1 + 1e-12))
+    assert damage_p(lost, gained) == pytest.approx(min(1.0, reference), rel=1e-12)
+    assert (damage_p(lost, gained) < 0.05) == (reference < 0.05)
 
 
 def test_smoke_run_splits_and_tabulates(smoke_results: dict[str, Any]) -> None:
@@ -72,6 +96,10 @@ def test_smoke_run_splits_and_tabulates(smoke_results: dict[str, Any]) -> None:
     assert splits == {"calibration", "held-out"}
     confusion = smoke_results["confusion"]["all"]
     assert sum(sum(row.values()) for row in confusion.values()) == len(smoke_results["cases"])
+    measured = smoke_results["confusion"]["held-out, damage measured"]
+    held_out = smoke_results["confusion"]["held-out"]
+    for bucket, row in measured.items():
+        assert sum(row.values()) <= sum(held_out[bucket].values()), bucket
     for trade in smoke_results["trade_offs"].values():
         assert {"calibration", "held-out"} <= trade["tuned"].keys()
 

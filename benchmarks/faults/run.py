@@ -26,7 +26,7 @@ from benchmarks.faults import tables  # noqa: E402
 from benchmarks.faults.cases import Built, CaseSpec, Context, all_cases  # noqa: E402
 from benchmarks.faults.nets_setup import Net, make_nets  # noqa: E402
 from benchmarks.faults.probe import check_today, compare_modes_today, inspect_today  # noqa: E402
-from benchmarks.faults.training import accuracy, fit  # noqa: E402
+from benchmarks.faults.training import correct, fit  # noqa: E402
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results.json"
 # The scores printed at fixed thresholds (every score is in the JSON).
@@ -102,9 +102,13 @@ def run_case(ctx: Context, spec: CaseSpec) -> dict[str, Any]:
     started = time.monotonic()
     built = spec.make(ctx)
     assert ctx.net.trained is not None
-    case_accuracy = accuracy(built.model, built.x_eval, built.y_eval)
-    reference = accuracy(ctx.net.trained, built.x_reference, built.y_eval)
+    case_correct = correct(built.model, built.x_eval, built.y_eval)
+    reference_correct = correct(ctx.net.trained, built.x_reference, built.y_eval)
+    case_accuracy, reference = float(case_correct.mean()), float(reference_correct.mean())
     damage = round(100.0 * (reference - case_accuracy), 2)
+    # Paired on the same samples: a damage of 1 sample in 72 is not a measured cost (tables.damage_p).
+    lost = int((reference_correct & ~case_correct).sum())
+    gained = int((case_correct & ~reference_correct).sum())
     model_args = [str(model_file(ctx, spec, built)), *ctx.net.cli_model_args()]
     inputs = data_args(ctx, spec, built)
     stem = ctx.workdir / "reports" / f"{ctx.net.name}-{spec.name}"
@@ -120,6 +124,9 @@ def run_case(ctx: Context, spec: CaseSpec) -> dict[str, Any]:
         "accuracy": round(case_accuracy, 4),
         "reference_accuracy": round(reference, 4),
         "damage_points": damage,
+        "samples_lost": lost,
+        "samples_gained": gained,
+        "damage_p": tables.damage_p(lost, gained),
         "bucket": tables.bucket(spec.family, damage),
         "check": check_today(model_args, inputs, stem.with_suffix(".check.json")),
         "inspect": inspect_today(model_args, inputs, stem.with_suffix(".inspect.json"), halves),
@@ -163,7 +170,11 @@ def document(
         "num_threads": torch.get_num_threads(),
         "seconds": round(seconds, 1),
         "buckets": "fault damage in accuracy points: >=3, 1-3, <1; healthy cases are their own bucket",
-        "confusion": {"all": tables.confusion(cases), "held-out": tables.confusion(held_out)},
+        "confusion": {
+            "all": tables.confusion(cases),
+            "held-out": tables.confusion(held_out),
+            "held-out, damage measured": tables.confusion(tables.measured(held_out)),
+        },
         "trade_offs": tables.trade_offs(cases),
         "compare_modes_healthy": {
             "cases": len(healthy),
@@ -181,7 +192,11 @@ def summarize(paths: list[Path]) -> None:
         cases = [case for doc in docs for case in doc["cases"]]
         held_out = [case for case in cases if case["split"] == "held-out"]
         seeds = ", ".join(str(doc["seed"]) for doc in docs)
-        for title, table in [("all cases", tables.confusion(cases)), ("held-out half", tables.confusion(held_out))]:
+        for title, table in [
+            ("all cases", tables.confusion(cases)),
+            ("held-out half", tables.confusion(held_out)),
+            (f"held-out half, damage measured ({tables.MEASURED})", tables.confusion(tables.measured(held_out))),
+        ]:
             print(f"### check's verdict, seeds {seeds} pooled, {title}\n\n{tables.markdown_confusion(table)}\n")
         healthy = [case for case in cases if case.get("compare_modes") is not None]
         gaps = [case["id"] for case in healthy if case["compare_modes"]["gap_opens_at"] is not None]
@@ -191,6 +206,12 @@ def summarize(paths: list[Path]) -> None:
     for title, text in [
         ("check's verdict, all cases", tables.markdown_confusion(doc["confusion"]["all"])),
         ("check's verdict, held-out half", tables.markdown_confusion(doc["confusion"]["held-out"])),
+        (
+            f"check's verdict, held-out half, damage measured ({tables.MEASURED})",
+            tables.markdown_confusion(
+                tables.confusion(tables.measured([c for c in doc["cases"] if c["split"] == "held-out"]))
+            ),
+        ),
         ("Candidate scores", tables.markdown_tuned(doc["trade_offs"])),
         ("Cases", tables.markdown_cases(doc["cases"])),
     ]:

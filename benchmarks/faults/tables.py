@@ -24,6 +24,28 @@ GRIDS = {
 MARGIN = 1.1
 
 
+# A fault's damage counts as measured when the samples it lost against the healthy model outnumber the
+# ones it gained beyond chance: the exact two-sided sign test (McNemar's) on the discordant samples.
+SIGNIFICANCE = 0.05
+MEASURED = f"paired sign test p < {SIGNIFICANCE}"
+
+
+def damage_p(lost: int, gained: int) -> float:
+    """Two-sided exact p-value that ``lost`` and ``gained`` discordant samples come from a fault that
+    changes nothing (each discordant sample lost or gained with probability 1/2)."""
+    n = lost + gained
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(lost, gained) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def measured(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The healthy cases, the faults that cost under 1 point, and the faults whose cost of 1 point or more is
+    measured: the damage buckets the targets speak of, without faults whose loss is within the test set's noise."""
+    return [c for c in cases if c["bucket"] in ("healthy", "<1") or c["damage_p"] < SIGNIFICANCE]
+
+
 def bucket(family: str, damage_points: float) -> str:
     """Damage bucket of a case; healthy cases are their own bucket whatever their accuracy change."""
     if family == "healthy":

@@ -39,11 +39,16 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_si
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
-    """Share of correct predictions in eval mode."""
+def correct(model: nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per sample, whether the eval-mode prediction is right."""
     model.eval()
     predictions = model(torch.from_numpy(x)).argmax(dim=1).numpy()
-    return float((predictions == y).mean())
+    return np.asarray(predictions == y)
+
+
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    """Share of correct predictions in eval mode."""
+    return float(correct(model, x, y).mean())
 
 
 def norm_layers(model: nn.Module) -> list[_BatchNorm]:
