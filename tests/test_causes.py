@@ -258,7 +258,7 @@ def test_one_layer_off_while_the_one_before_matches_is_a_corrupted_layer() -> No
     corrupted = ([m + 2 * math.sqrt(v) for m, v in zip(*data, strict=True)], data[1])
     code, sentence = named(deep(near(data), corrupted), ["layer2.bn1"])
     assert code == "corrupted-layer"
-    assert "every channel of layer2.bn1 departs alike (means -2 running std) while layer1.bn1" in sentence
+    assert "every channel of layer2.bn1 departs alike (means moved -2 running std) while layer1.bn1" in sentence
 
 
 def test_a_deep_layer_whose_spread_is_wider_in_every_channel_is_small_batch_training() -> None:

@@ -38,7 +38,7 @@ def test_inspect_verdict_names_a_variance_departure(capsys: pytest.CaptureFixtur
     text = " ".join(result.out.split())
     assert "First departure from the running statistics, in execution order: features.4" in text
     assert "features.4: departure " in text and "(error at 1.7)" in text
-    assert "spread 0.14x running" in text
+    assert "data spread 0.14x the running one" in text
     assert "Every layer" not in text
 
 
@@ -56,7 +56,7 @@ def test_check_first_divergent_and_bn201_message_quote_the_var_ratio(
     assert scores.keys() == {"features.1", "features.4", "features.8"}
     assert scores["features.4"]["tier"] == "error" and scores["features.4"]["score"] >= 1.7
     assert scores["features.4"]["samples"] == 450
-    assert "spread 0.14x running" in bn201[0]["message"]
+    assert "data spread 0.14x the running one" in bn201[0]["message"]
     assert "means above" not in bn201[0]["message"] and "means below" not in bn201[0]["message"]
 
 

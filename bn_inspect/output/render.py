@@ -108,7 +108,7 @@ def _layer_cells(layer: LayerReport) -> dict[str, Text]:
     shift_cell = Text("—", style="dim")
     if found is not None:
         score = Text(f" {_short(found.score)}", style=departure_style(found))
-        shift_cell = _two_lines(departure_bar(found.score, departure_style(found)) + score, f"|z| {_short(worst)}")
+        shift_cell = _two_lines(departure_bar(found.score, departure_style(found)) + score, _short(worst))
     ratio_cell = Text("—", style="dim")
     if ratio is not None:
         ratio_cell = _two_lines(_short(_geometric_mean(ratio)), f"({_short(layer.worst_var_ratio)})")
@@ -144,7 +144,7 @@ _LAYER_COLUMNS = {
     "C": Column("C", "right"),
     "mean": Column("mean\nbatch/run", "right"),
     "var": Column("var\nbatch/run", "right"),
-    "shift": Column("departure\n|z| max", wraps=True),
+    "shift": Column("departure /\nmax |z|", wraps=True),
     "ratio": Column("var ratio\n(worst)", "right"),
     "uses": Column("uses\nflags", wraps=True),
 }

@@ -153,7 +153,7 @@ def _deep_cause(previous: LayerReport, pattern: LayerPattern) -> Cause | None:
     shifted = abs(pattern.mean_shift) >= 1 and abs(pattern.mean_shift) >= 0.9 * pattern.abs_shift
     rescaled = pattern.is_coherent and abs(pattern.log_ratio) >= math.log(2) and pattern.relative_spread < COMMON_SPREAD
     if before is not None and before.is_quiet and (shifted or rescaled):
-        moved = f"means {pattern.mean_shift:+.2g} running std" if shifted else pattern.direction()
+        moved = f"means moved {pattern.mean_shift:+.2g} running std" if shifted else pattern.direction()
         return Cause(
             CORRUPTED_LAYER,
             f"every channel of {name} departs alike ({moved}) while {_named(previous)} just before it "
@@ -166,7 +166,7 @@ def _deep_cause(previous: LayerReport, pattern: LayerPattern) -> Cause | None:
         return Cause(
             MOMENTUM,
             f"the channels of {where}, depart in no common direction ({pattern.share_wider:.0%} wider, "
-            f"{1 - pattern.share_wider:.0%} narrower, mean shift {pattern.mean_shift:+.2g} running std): running "
+            f"{1 - pattern.share_wider:.0%} narrower, means moved {pattern.mean_shift:+.2g} running std on average): running "
             "statistics as noisy as one batch's, what a momentum near 1 leaves",
         )
     if pattern.log_ratio > 0:
@@ -193,7 +193,7 @@ def _input_cause(report: Report, pattern: LayerPattern) -> Cause | None:
     if pattern.is_coherent and abs(pattern.log_ratio) >= math.log(SCALE_FACTOR):
         return Cause(
             INPUT_SCALE,
-            f"{every} have {pattern.direction()} (mean |shift| {pattern.abs_shift:.2g} running std): the input's "
+            f"{every} have {pattern.direction()} (means off by {pattern.abs_shift:.2g} running std on average): the input's "
             "scale differs from training's (pixels 0-255 where 0-1 was trained, or a missing /255)",
         )
     if pattern.is_coherent and abs(pattern.log_ratio) >= math.log(NORMALIZATION_FACTOR):
@@ -222,15 +222,15 @@ def _content_cause(pattern: LayerPattern) -> Cause:
     if count and count <= FEW_BATCHES:
         return Cause(
             SPOILED_STATISTICS,
-            f"the first layer, {name}, departs (mean |shift| {pattern.abs_shift:.2g} running std) from "
+            f"the first layer, {name}, departs (means off by {pattern.abs_shift:.2g} running std on average) from "
             f"statistics made in only {count:,} batches: they were estimated on data unlike this (a "
             "recalibration or short fine-tune on other data, or an evaluation loop left in train mode), or "
             "this data comes from another domain",
         )
     return Cause(
         DOMAIN_SHIFT,
-        f"the first layer, {name}, departs without a common scale or order (mean |shift| "
-        f"{pattern.abs_shift:.2g} running std, {pattern.direction()}): the data's content differs "
+        f"the first layer, {name}, departs without a common scale or order (means off by "
+        f"{pattern.abs_shift:.2g} running std on average, {pattern.direction()}): the data's content differs "
         "from what the statistics describe (another domain or sensor, crop, resize or decoding)",
     )
 

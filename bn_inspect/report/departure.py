@@ -154,10 +154,11 @@ class Departure:
         parts = []
         if math.isfinite(self.mean_shift) and abs(self.mean_shift) >= 0.1:
             parts.append(
-                f"means {'above' if self.mean_shift > 0 else 'below'} running by {abs(self.mean_shift):.2g} std"
+                f"data means {abs(self.mean_shift):.2g} running std {'above' if self.mean_shift > 0 else 'below'} "
+                "the running ones"
             )
         if math.isfinite(self.std_ratio) and abs(math.log(self.std_ratio)) >= math.log(1.1):
-            parts.append(f"spread {self.std_ratio:.2g}x running")
+            parts.append(f"data spread {self.std_ratio:.2g}x the running one")
         return ", ".join(parts) if parts else "no common direction over channels"
 
     def describe(self) -> str:
@@ -165,10 +166,10 @@ class Departure:
         if self.is_nonfinite:
             return f"{len(self.nonfinite)} of {self.num_channels} channels have a NaN or infinite distance"
         return (
-            f"departure {self.score:.3g} ({self._tier_words()}): mean distance {self.mean_distance:.3g} running std "
-            f"over {self.num_channels:,} channels against an allowance of {self.allowance:.3g} for "
-            f"{self.samples:,} samples; {len(self.channels)} of {self.num_channels} channels depart on their own; "
-            f"{self.direction()}"
+            f"departure {self.score:.3g} ({self._tier_words()}): over its {self.num_channels:,} channels the data's "
+            f"means and spreads sit {self.mean_distance:.3g} running std from the running ones on average, where "
+            f"{self.samples:,} samples allow {self.allowance:.3g} of noise; {len(self.channels)} of "
+            f"{self.num_channels} channels depart on their own; {self.direction()}"
         )
 
     def _tier_words(self) -> str:
