@@ -151,6 +151,11 @@ class MergeError(BnInspectError):
     input dtypes, written without exact moments, or one data set given twice."""
 
 
+class TimelineFileError(BnInspectError):
+    """A timeline file (`bn-inspect timeline`) cannot be read: missing, not JSON lines, another kind
+    of file, written by a newer bn-inspect, corrupted, or a rank given twice."""
+
+
 class Interrupted(BaseException):
     """SIGINT or SIGTERM arrived: raised by the CLI's signal handler so every ``finally`` runs.
 
