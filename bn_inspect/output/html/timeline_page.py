@@ -15,7 +15,7 @@ from bn_inspect.output.render_timeline import event_place, series_label
 from bn_inspect.output.words import counted
 from bn_inspect.report.departure import Thresholds
 from bn_inspect.report.findings import MODEL_LABEL
-from bn_inspect.report.timeline import Timeline, TimelineEvent
+from bn_inspect.report.timeline import LayerSeries, Timeline, TimelineEvent
 
 # White below the info tier, then the tiers' colours: the heatmap reads as check's departure column.
 _COLOURSCALE_STOPS = ("#ffffff", "#fde7c8", "#e08e0b", "#d1495b")
@@ -124,6 +124,11 @@ def _event_lines(events: list[TimelineEvent]) -> list[dict[str, Any]]:
     ]
 
 
+def _events_of(timeline: Timeline, series: LayerSeries) -> list[TimelineEvent]:
+    """The events of ``series``'s layer on its rank, and those of the whole model."""
+    return [e for e in timeline.events if e.rank == series.rank and e.layer in (None, series.layer)]
+
+
 def running_statistics(timeline: Timeline) -> dict[str, Any]:
     """Running mean norm and mean running variance over the steps for one layer call, chosen in a selector.
 
@@ -157,26 +162,29 @@ def running_statistics(timeline: Timeline) -> dict[str, Any]:
             }
         )
         visible = [j // 2 == i for j in range(2 * count)]
-        events = [e for e in timeline.events if e.rank == series.rank and e.layer in (None, series.layer)]
         buttons.append(
-            {"label": label, "method": "update", "args": [{"visible": visible}, {"shapes": _event_lines(events)}]}
+            {
+                "label": label,
+                "method": "update",
+                "args": [{"visible": visible}, {"shapes": _event_lines(_events_of(timeline, series))}],
+            }
         )
-    first_events = [e for e in timeline.events if timeline.series and e.layer in (None, timeline.series[0].layer)]
     layout = _layout(
         340,
         xaxis=_axis("step"),
         yaxis=_axis("‖running mean‖ (L2 norm)", color=BLUE),
         yaxis2=_axis("mean running var", overlaying="y", side="right", color=GREEN),
-        shapes=_event_lines(first_events),
+        shapes=_event_lines(_events_of(timeline, timeline.series[0])) if timeline.series else [],
         showlegend=True,
-        legend={"orientation": "h", "x": 0, "y": 1.12},
+        # The selector on the left and the legend on the right of the band above the plot, below the modebar.
+        legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 1.02, "yanchor": "bottom"},
         updatemenus=[
             {
                 "buttons": buttons,
-                "x": 1,
-                "xanchor": "right",
-                "y": 1.25,
-                "yanchor": "top",
+                "x": 0,
+                "xanchor": "left",
+                "y": 1.04,
+                "yanchor": "bottom",
                 "font": {"family": FONT, "size": 12},
                 "active": 0,
             }
