@@ -169,3 +169,8 @@ class Interrupted(BaseException):
     def __init__(self, signal_number: int) -> None:
         self.signal_number = signal_number
         super().__init__(signal_number)
+
+
+class WatchError(BnInspectError):
+    """``bn_inspect.watch`` cannot watch this model or loop: no BatchNorm layer, a compiled model
+    whose graphs skip the hooks, a training forward in which no layer call was seen, bad settings."""
