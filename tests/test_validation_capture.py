@@ -118,3 +118,29 @@ def test_the_hooks_are_gone_after_the_block_even_when_validation_raises() -> Non
     with pytest.raises(RuntimeError, match="validation failed"), ValidationCapture(model):
         raise RuntimeError("validation failed")
     assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_validation_run_is_a_validation_sample_and_a_gap_per_layer_the_largest_over_its_calls() -> None:
+    from bn_inspect.analyses.watch_validation import validation_records
+
+    model = models.randomize_norm_state(models.SharedBN()).eval()
+    capture = ValidationCapture(model)
+    with capture, torch.no_grad():
+        for seed in range(2):
+            capture.start_batch()
+            model(torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(seed)) * 2 + 1)
+    calls = capture.calls()
+    sample, gap = validation_records(40, 0, calls)
+    assert sample["record"] == "sample" and sample["phase"] == "validation" and sample["step"] == 40
+    entries = sample["layers"]
+    assert isinstance(entries, list)
+    assert [(e["layer"], e["call"], e["training"], e["params_changed"]) for e in entries] == [
+        ("bn", 0, False, False),
+        ("bn", 1, False, False),
+    ]
+    scores = [c.departure() for c in calls]
+    assert gap["gap"] == {
+        "layers": [{"layer": "bn", "departure": pytest.approx(max(s for s in scores if s is not None), rel=1e-5)}],
+        "largest": {"layer": "bn", "departure": pytest.approx(max(s for s in scores if s is not None), rel=1e-5)},
+    }
+    assert validation_records(40, 0, []) == []

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from bn_inspect.analyses.watch_validation import validation_records
 from bn_inspect.boundary.writing import AppendFile, Destination, create_append_file
 from bn_inspect.engine.watching import StepObservation, TrainingHooks, WatchedModule
 from bn_inspect.errors import WatchError
@@ -43,7 +44,11 @@ from bn_inspect.report.watch_rules import WatchRules
 from bn_inspect.version import __version__
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from torch.distributed import ProcessGroup
+
+    from bn_inspect.engine.validation_capture import EvalCall
 
 
 def rank_path(path: Path, rank: int) -> Path:
@@ -175,6 +180,18 @@ class Watch:
                 "the watch saw no training-mode forward of the model, so it recorded nothing",
                 "Call the model given to watch (not a compiled copy) in training mode inside the with block",
             )
+
+    def record_validation(self, step: int, calls: Sequence[EvalCall]) -> None:
+        """Write a validation run at ``step``: its sample (phase "validation") and its train/eval gap.
+
+        Args:
+            step: the training step the validation ran at.
+            calls: each layer call's statistics over the run (engine/validation_capture.py).
+        """
+        for record in validation_records(step, self.rank, calls, self.thresholds):
+            self._write(record)
+        if self._file is not None:
+            self._file.sync()
 
     def summary(self) -> str:
         """What the watch found, as text: one line per event, then the counts and the timeline's path."""

@@ -207,14 +207,21 @@ def header_record(
 
 
 def sample_record(
-    step: int, rank: int, summaries: Sequence[CallSummary], detail: Sequence[CallStatistics] = ()
+    step: int,
+    rank: int,
+    summaries: Sequence[CallSummary],
+    detail: Sequence[CallStatistics] = (),
+    phase: str = "train",
 ) -> dict[str, object]:
-    """A sample: every call's summary, and the per-channel statistics of ``detail`` when given."""
+    """A sample: every call's summary, and the per-channel statistics of ``detail`` when given.
+
+    ``phase`` is "train", or "validation" for the statistics of a validation run (the Lightning callback's).
+    """
     record: dict[str, object] = {
         "record": "sample",
         "step": step,
         "rank": rank,
-        "phase": "train",
+        "phase": phase,
         "layers": [_summary_entry(s) for s in summaries],
     }
     if detail:
