@@ -209,7 +209,7 @@ def test_the_html_page_draws_the_heatmap_the_selector_and_the_events_offline(
     assert heatmap[0]["type"] == "heatmap" and len(heatmap[0]["z"]) == 3 and len(heatmap[0]["x"]) == 10
     assert heatmap[0]["z"][1][-1] == pytest.approx(1.3)
     # The two events are marked on the heatmap, at their step and layer row.
-    assert list(zip(heatmap[1]["x"], heatmap[1]["y"], strict=True)) == [(70, 1), (90, 2)]
+    assert list(zip(heatmap[1]["x"], heatmap[1]["y"], strict=True)) == [(70, "features.4"), (90, "features.8")]
     running = data["figures"]["fig-running"]
     buttons = running["layout"]["updatemenus"][0]["buttons"]
     assert [b["label"] for b in buttons] == list(LAYERS)

@@ -16,10 +16,17 @@ from bn_inspect.output.words import counted
 from bn_inspect.report.departure import Thresholds
 from bn_inspect.report.findings import MODEL_LABEL
 from bn_inspect.report.timeline import LayerSeries, Timeline, TimelineEvent
+from bn_inspect.text import Untrusted
 
 # White below the info tier, then the tiers' colours: the heatmap reads as check's departure column.
 _COLOURSCALE_STOPS = ("#ffffff", "#fde7c8", "#e08e0b", "#d1495b")
 _EVENT_SYMBOL = {"error": "x", "warning": "diamond", "info": "circle-open"}
+
+
+def _shown(value: float | None) -> float | None:
+    """A value to draw: four significant digits (a 2,000-step run of 53 layers stays a few MB), None for none."""
+    drawn = finite_or_none(value)
+    return None if drawn is None else float(f"{drawn:.4g}")
 
 
 def _heading(timeline: Timeline) -> str:
@@ -58,7 +65,7 @@ def heatmap(timeline: Timeline) -> dict[str, Any]:
     for series in timeline.series:
         row: list[float | None] = [None] * len(steps)
         for step, score in zip(series.steps, series.departures, strict=True):
-            row[column[step]] = finite_or_none(score)
+            row[column[step]] = _shown(score)
         rows.append(row)
     t = Thresholds()
     top = max([t.error * 1.5, *(v for row in rows for v in row if v is not None)])
@@ -68,17 +75,19 @@ def heatmap(timeline: Timeline) -> dict[str, Any]:
         {
             "type": "heatmap",
             "x": steps,
-            "y": list(range(len(labels))),
+            "y": labels,
             "z": rows,
             "zmin": 0,
             "zmax": top,
             "colorscale": scale,
             "colorbar": {"title": {"text": "departure"}},
-            "customdata": [[label] * len(steps) for label in labels],
-            "hovertemplate": "<b>%{customdata}</b><br>step %{x}<br>departure %{z:.3g}<extra></extra>",
+            "hovertemplate": "<b>%{y}</b><br>step %{x}<br>departure %{z:.3g}<extra></extra>",
         }
     ]
-    index = {(series.layer, series.rank): i for i, series in enumerate(timeline.series)}
+    # An event names a layer, not a call: it is marked on the layer's first call's row.
+    index: dict[tuple[Untrusted, int], int] = {}
+    for i, series in enumerate(timeline.series):
+        index.setdefault((series.layer, series.rank), i)
     marked = [(e, index.get((e.layer, e.rank))) for e in timeline.events if e.layer is not None]
     placed = [(e, row) for e, row in marked if row is not None]
     if placed:
@@ -87,7 +96,7 @@ def heatmap(timeline: Timeline) -> dict[str, Any]:
                 "type": "scatter",
                 "mode": "markers",
                 "x": [e.step for e, _ in placed],
-                "y": [row for _, row in placed],
+                "y": [labels[row] for _, row in placed],
                 "marker": {
                     "symbol": [_EVENT_SYMBOL[e.severity.value] for e, _ in placed],
                     "size": 11,
@@ -98,11 +107,10 @@ def heatmap(timeline: Timeline) -> dict[str, Any]:
                 "hoverinfo": "text",
             }
         )
-    ticks = list(range(len(labels)))
     layout = _layout(
         max(260, 28 + 18 * len(labels) + 60),
         xaxis=_axis("step"),
-        yaxis=_axis("", tickmode="array", tickvals=ticks, ticktext=labels, autorange="reversed"),
+        yaxis=_axis("", type="category", autorange="reversed"),
     )
     return {"data": data, "layout": layout}
 
@@ -145,7 +153,7 @@ def running_statistics(timeline: Timeline) -> dict[str, Any]:
         data.append(
             {
                 **common,
-                "y": [finite_or_none(v) for v in series.running_mean_norms],
+                "y": [_shown(v) for v in series.running_mean_norms],
                 "name": "‖running mean‖",
                 "line": {"color": BLUE},
                 "hovertemplate": hover,
@@ -154,7 +162,7 @@ def running_statistics(timeline: Timeline) -> dict[str, Any]:
         data.append(
             {
                 **common,
-                "y": [finite_or_none(v) for v in series.running_var_means],
+                "y": [_shown(v) for v in series.running_var_means],
                 "name": "mean running var",
                 "yaxis": "y2",
                 "line": {"color": GREEN},
