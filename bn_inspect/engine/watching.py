@@ -41,16 +41,18 @@ class WatchedModule:
 
     def tensors(self) -> list[tuple[str, torch.Tensor]]:
         """Its running buffers and affine parameters that exist, by name."""
-        found = [(name, getattr(self.module, name, None)) for name in _STATE]
-        return [(name, t) for name, t in found if isinstance(t, torch.Tensor) and t.numel()]
+        # Read from the module's own tables: nn.Module.__getattr__ is the slow path, paid every step.
+        module = self.module
+        found = [(name, module._buffers.get(name, module._parameters.get(name))) for name in _STATE]
+        return [(name, t) for name, t in found if t is not None and t.numel()]
 
     @property
     def has_running(self) -> bool:
-        return isinstance(getattr(self.module, "running_mean", None), torch.Tensor)
+        return self.module._buffers.get("running_mean") is not None
 
     @property
     def has_affine(self) -> bool:
-        return isinstance(getattr(self.module, "weight", None), torch.Tensor)
+        return self.module._parameters.get("weight") is not None
 
     def requires_grad(self) -> bool:
         weight, bias = getattr(self.module, "weight", None), getattr(self.module, "bias", None)
@@ -135,6 +137,7 @@ class TrainingHooks:
         self.count = 0  # training forwards so far
         self.explicit_step: int | None = None
         self.order: list[int] = []  # layer indices in the order of their first call
+        self._ordered: set[int] = set()
         self._handles: list[RemovableHandle] = []
         self._current: _StepState | None = None
         self._last_sample: int | None = None
@@ -184,7 +187,7 @@ class TrainingHooks:
             state = self._current
             if state is None or not args or not isinstance(args[0], torch.Tensor):
                 return
-            with torch.no_grad(), _no_autocast(args[0]):
+            with torch.no_grad():
                 self._observe(state, watched, args[0].detach())
 
         return hook
@@ -192,7 +195,8 @@ class TrainingHooks:
     def _observe(self, state: _StepState, watched: WatchedModule, x: torch.Tensor) -> None:
         call = state.calls.get(watched.index, 0)
         state.calls[watched.index] = call + 1
-        if watched.index not in self.order:
+        if watched.index not in self._ordered:
+            self._ordered.add(watched.index)
             self.order.append(watched.index)
         values = x.numel() // watched.channels if watched.channels else 0
         training = watched.module.training
@@ -205,7 +209,9 @@ class TrainingHooks:
             state.input_flags[watched.index] = finite if previous is None else previous & finite
         if state.is_sample:
             samples = int(x.shape[0]) if x.dim() > 1 else 1
-            state.pending.append(_Pending(watched, call, values, samples, training, _call_statistics(watched, x)))
+            with _no_autocast(x):
+                statistics = _call_statistics(watched, x)
+            state.pending.append(_Pending(watched, call, values, samples, training, statistics))
 
     def _end(self, module: nn.Module, _args: tuple[Any, ...], _output: Any) -> None:
         state, self._current = self._current, None
