@@ -119,8 +119,14 @@ class Watch:
         self.events: list[WatchEvent] = []
         self.samples = 0
         self._file: AppendFile | None = None
+        self._divergence: list[WatchEvent | None] = []
         self._hooks = TrainingHooks(
-            self.model, self.layers, every=every, min_values=self.thresholds.min_values, on_step=self._on_step
+            self.model,
+            self.layers,
+            every=every,
+            min_values=self.thresholds.min_values,
+            on_step=self._on_step,
+            on_sample_begin=self._compare_ranks if self.world_size > 1 else None,
         )
 
     @property
@@ -212,8 +218,8 @@ class Watch:
     def _sample(self, step: int, calls: tuple[CallStatistics, ...], found: list[WatchEvent | None]) -> None:
         summaries = [summarize(call, self.thresholds) for call in calls]
         found.extend(self.rules.judge_sample(step, summaries))
-        if self.world_size > 1:
-            found.extend(self._rank_divergence(step))
+        found.extend(self._divergence)
+        self._divergence = []
         events = [e for e in found if e is not None]
         named = {e.layer for e in events if e.step == step}
         is_detailed = self.samples % self.detail_every == 0
@@ -224,7 +230,12 @@ class Watch:
         if self._file is not None:
             self._file.sync()
 
-    def _rank_divergence(self, step: int, group: ProcessGroup | None = None) -> list[WatchEvent | None]:
+    def _compare_ranks(self, step: int, group: ProcessGroup | None = None) -> None:
+        """BN504 at a sample step, on the buffers as the step's forward finds them (DDP has broadcast
+        its buffers by then, if it does; each rank's own update has not happened yet)."""
+        self._divergence = self._rank_divergence(step, group)
+
+    def _rank_divergence(self, step: int, group: ProcessGroup | None) -> list[WatchEvent | None]:
         from bn_inspect.distributed.divergence import running_spread
 
         buffers = [

@@ -118,6 +118,8 @@ class TrainingHooks:
         every: sample every ``every`` steps.
         min_values: report calls with fewer values per channel (BN505), once per layer.
         on_step: told every training forward's observation, after the forward.
+        on_sample_begin: told a sample step before its forward runs (the buffers as the step found
+            them: under DDP, after its broadcast and before this rank's update).
     """
 
     def __init__(
@@ -128,12 +130,14 @@ class TrainingHooks:
         every: int,
         min_values: int,
         on_step: Callable[[StepObservation], None],
+        on_sample_begin: Callable[[int], None] | None = None,
     ) -> None:
         self.root = root
         self.layers = list(layers)
         self.every = every
         self.min_values = min_values
         self.on_step = on_step
+        self.on_sample_begin = on_sample_begin
         self.count = 0  # training forwards so far
         self.explicit_step: int | None = None
         self.order: list[int] = []  # layer indices in the order of their first call
@@ -180,6 +184,8 @@ class TrainingHooks:
             )
         step = self.step
         is_sample = step % self.every == 0 and step != self._last_sample
+        if is_sample and self.on_sample_begin is not None:
+            self.on_sample_begin(step)
         self._current = _StepState(step, is_sample)
 
     def _make_layer_hook(self, watched: WatchedModule) -> Callable[..., None]:
