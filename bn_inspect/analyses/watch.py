@@ -15,6 +15,8 @@ records are those of report/watch_records.py; the events, BN501-BN506, those of 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from bn_inspect.boundary.writing import AppendFile, Destination, create_append_file
-from bn_inspect.engine.watching import StepObservation, TrainingHooks, WatchedModule
+from bn_inspect.engine.watching import StepObservation, TrainingHooks, ValidationMoments, WatchedModule
 from bn_inspect.errors import WatchError
 from bn_inspect.model.modules import refuse_lazy_modules
 from bn_inspect.report.departure import Thresholds
@@ -38,6 +40,7 @@ from bn_inspect.report.watch_records import (
     json_line,
     sample_record,
     summarize,
+    validation_record,
 )
 from bn_inspect.report.watch_rules import WatchRules
 from bn_inspect.version import __version__
@@ -181,6 +184,31 @@ class Watch:
                 "the watch saw no training-mode forward of the model, so it recorded nothing",
                 "Call the model given to watch (not a compiled copy) in training mode inside the with block",
             )
+
+    @contextmanager
+    def validation(self) -> Iterator[None]:
+        """Measure the train/eval gap over the eval forwards in this block, and record it in the timeline.
+
+        The inputs of every layer call in the block's eval-mode forwards are pooled exactly; at the
+        end each layer's departure score of the pooled statistics from its running statistics (the
+        largest over its calls) is written as a validation record at the current step. The forwards
+        are not steps.
+        """
+        pooled = ValidationMoments()
+        self._hooks.validation = pooled
+        try:
+            yield
+        finally:
+            self._hooks.validation = None
+        gaps: dict[str, float | None] = {}
+        for call in pooled.results():
+            score = summarize(call, self.thresholds).departure
+            best = gaps.get(call.layer)
+            gaps[call.layer] = score if best is None or (score is not None and score > best) else best
+        step = self._hooks.explicit_step if self._hooks.explicit_step is not None else max(self._hooks.count - 1, 0)
+        self._write(validation_record(step, self.rank, list(gaps.items())))
+        if self._file is not None:
+            self._file.sync()
 
     def summary(self) -> str:
         """What the watch found, as text: one line per event, then the counts and the timeline's path."""
