@@ -201,3 +201,17 @@ def test_a_validation_records_each_layers_train_eval_gap_from_the_pooled_statist
     assert expected["bn1"] > 1.7
     # Eval forwards are not steps.
     assert watch.steps == 60
+
+
+def test_periodic_detail_thins_out_as_it_fills_its_budget_and_never_passes_it() -> None:
+    from bn_inspect.analyses.watch import DetailBudget
+
+    budget = DetailBudget(detail_every=20, budget=100)
+    taken = []
+    for sample in range(2000):
+        if sample % budget.interval == 0 and budget.take(10):
+            taken.append(sample)
+    # 5 at every 20th sample fill half the budget, then every 40th to 3/4 and past it, every 80th...
+    assert taken == [0, 20, 40, 60, 80, 120, 160, 200, 240, 320]
+    # ...until the budget is spent: then no periodic detail is written any more.
+    assert budget.written == 100 and not budget.take(1)

@@ -85,6 +85,39 @@ def _unwrapped(model: object) -> nn.Module:
     return model
 
 
+# What the periodic per-channel detail of one timeline may take: with a ResNet-50's 26,560 channels
+# a detailed sample is about 1 MB, so 2,000 samples with detail at every 20th would be 100 MB.
+DETAIL_BUDGET_BYTES = 12 * 2**20
+
+
+class DetailBudget:
+    """When the periodic per-channel detail is written: every ``detail_every``-th sample while it is
+    cheap, ever more rarely as it fills its budget, never past it.
+
+    The interval doubles each time the detail written reaches 1/2, 3/4, 7/8, ... of the budget, so
+    that a large model's detail spreads over more of the run; a detail that would pass the budget is
+    not written, and once it is spent only events carry detail. Detail at events does not count: it
+    is small (the layers concerned) and always written.
+    """
+
+    def __init__(self, detail_every: int, budget: int = DETAIL_BUDGET_BYTES) -> None:
+        self.interval = detail_every
+        self.budget = budget
+        self.written = 0
+        self._halvings = 1
+
+    def take(self, size: int) -> bool:
+        """Whether a periodic detail of ``size`` bytes is written now (and counted, if so)."""
+        if self.written + size > self.budget:
+            return False
+        self.written += size
+        # Bounded: past 50 halvings the threshold is the budget itself, which nothing more can reach.
+        while self._halvings <= 50 and self.written >= self.budget * (1 - 0.5**self._halvings):
+            self.interval *= 2
+            self._halvings += 1
+        return True
+
+
 class Watch:
     """A watch over one model's BatchNorm layers during training; use it as a context manager.
 
@@ -123,6 +156,7 @@ class Watch:
         self.samples = 0
         self._file: AppendFile | None = None
         self._divergence: list[WatchEvent | None] = []
+        self._detail = DetailBudget(detail_every)
         self._hooks = TrainingHooks(
             self.model,
             self.layers,
@@ -250,9 +284,13 @@ class Watch:
         self._divergence = []
         events = [e for e in found if e is not None]
         named = {e.layer for e in events if e.step == step}
-        is_detailed = self.samples % self.detail_every == 0
-        detail = [call for call in calls if is_detailed or call.layer in named]
-        self._write(sample_record(step, self.rank, summaries, detail))
+        line = json_line(sample_record(step, self.rank, summaries, [c for c in calls if c.layer in named]))
+        if self.samples % self._detail.interval == 0:
+            detailed = json_line(sample_record(step, self.rank, summaries, calls))
+            if self._detail.take(len(detailed) - len(line)):
+                line = detailed
+        if self._file is not None:
+            self._file.write_line(line)
         self.samples += 1
         self._record(list(events))
         if self._file is not None:
