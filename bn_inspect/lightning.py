@@ -5,13 +5,14 @@
 It opens ``bn_inspect.watch`` on the LightningModule when fitting starts, names each training
 batch's step by ``trainer.global_step``, marks every validation run in the timeline and measures
 the train/eval gap there (each layer's departure of the validation data from its running
-statistics: engine/validation_capture.py), and closes the timeline when fitting ends or fails.
+statistics: the watch's ``validation()``), and closes the timeline when fitting ends or fails.
 Lightning is imported by this module alone (``lightning.pytorch`` where installed, else
 ``pytorch_lightning``), never by ``import bn_inspect``.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,6 @@ except ImportError:
 
 if TYPE_CHECKING:
     from bn_inspect.analyses.watch import Watch
-    from bn_inspect.engine.validation_capture import ValidationCapture
 
 
 class BNWatch(Callback):  # type: ignore[misc]
@@ -69,7 +69,7 @@ class BNWatch(Callback):  # type: ignore[misc]
         self.measure_validation = measure_validation
         self.watch: Watch | None = None
         self._is_open = False
-        self._validation: ValidationCapture | None = None
+        self._validation: AbstractContextManager[None] | None = None
 
     @property
     def events(self) -> list[Any]:
@@ -96,28 +96,18 @@ class BNWatch(Callback):  # type: ignore[misc]
             self.watch.step(int(trainer.global_step))
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
-        """Start measuring the validation data's statistics against the running ones (not in the sanity check)."""
-        if not (self._is_open and self.measure_validation) or trainer.sanity_checking:
+        """Pool the validation run's statistics (not the sanity check's), at the trainer's current step."""
+        if self.watch is None or not (self._is_open and self.measure_validation) or trainer.sanity_checking:
             return
-        from bn_inspect.engine.validation_capture import ValidationCapture
-
-        self._validation = ValidationCapture(pl_module).__enter__()
-
-    def on_validation_batch_start(
-        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        """Each validation batch's forward restarts the layers' call indices."""
-        if self._validation is not None:
-            self._validation.start_batch()
+        self.watch.step(int(trainer.global_step))
+        self._validation = self.watch.validation()
+        self._validation.__enter__()
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        """Write the validation run's sample (phase "validation") and its train/eval gap at the current step."""
-        capture, self._validation = self._validation, None
-        if capture is None:
-            return
-        capture.__exit__(None, None, None)
-        if self.watch is not None and self._is_open:
-            self.watch.record_validation(int(trainer.global_step), capture.calls())
+        """Write the validation run's sample (phase "validation") and its train/eval gap."""
+        validation, self._validation = self._validation, None
+        if validation is not None:
+            validation.__exit__(None, None, None)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         """Close the timeline with its end record."""

@@ -153,3 +153,65 @@ def test_nothing_is_printed_unless_asked(tmp_path: Path, capsys: pytest.CaptureF
 
 def test_a_digits_net_is_the_model_named(tmp_path: Path) -> None:
     assert isinstance(new_net(), DigitsNet)
+
+
+def test_a_validation_records_each_layers_train_eval_gap_from_the_pooled_statistics(tmp_path: Path) -> None:
+    import numpy as np
+
+    from bn_inspect.report.departure import measure
+    from tests.helpers import DIGITS
+
+    model = new_net()
+    path = tmp_path / "w.jsonl"
+    test_images = torch.from_numpy(np.load(DIGITS / "test_images.npy"))
+    pooled: dict[str, list[torch.Tensor]] = {}
+
+    def keep(name: str):  # type: ignore[no-untyped-def]
+        return lambda _m, args: pooled.setdefault(name, []).append(args[0].detach().double())
+
+    with bn_inspect.watch(model, path, every=10) as watch:
+        train(model, 60)
+        handles = [getattr(model, n).register_forward_pre_hook(keep(n)) for n in ("bn1", "bn2", "bn3")]
+        model.eval()
+        with watch.validation(), torch.no_grad():
+            for chunk in test_images.split(100):
+                model(chunk * 4.0 + 2.0)  # a shifted validation set: the gap opens at bn1
+        model.train()
+        for handle in handles:
+            handle.remove()
+    record = next(r for r in records(path) if r["record"] == "validation")
+    assert record["step"] == 59 and record["rank"] == 0
+    expected = {}
+    for name, inputs in pooled.items():
+        values = torch.cat(inputs).transpose(0, 1).reshape(inputs[0].shape[1], -1)
+        module = getattr(model, name)
+        expected[name] = measure(
+            values.mean(1).tolist(),
+            values.var(1, unbiased=False).tolist(),
+            module.running_mean.double().tolist(),
+            module.running_var.double().tolist(),
+            module.eps,
+            450,
+        ).score
+    got = {entry["layer"]: entry["departure"] for entry in record["gap"]["layers"]}
+    assert got.keys() == expected.keys()
+    for name in got:
+        assert got[name] == pytest.approx(expected[name], rel=1e-5)
+    assert record["gap"]["largest"]["layer"] == max(expected, key=expected.__getitem__)
+    assert expected["bn1"] > 1.7
+    # Eval forwards are not steps.
+    assert watch.steps == 60
+
+
+def test_periodic_detail_thins_out_as_it_fills_its_budget_and_never_passes_it() -> None:
+    from bn_inspect.analyses.watch import DetailBudget
+
+    budget = DetailBudget(detail_every=20, budget=100)
+    taken = []
+    for sample in range(2000):
+        if sample % budget.interval == 0 and budget.take(10):
+            taken.append(sample)
+    # 5 at every 20th sample fill half the budget, then every 40th to 3/4 and past it, every 80th...
+    assert taken == [0, 20, 40, 60, 80, 120, 160, 200, 240, 320]
+    # ...until the budget is spent: then no periodic detail is written any more.
+    assert budget.written == 100 and not budget.take(1)

@@ -15,6 +15,8 @@ records are those of report/watch_records.py; the events, BN501-BN506, those of 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
@@ -23,9 +25,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from bn_inspect.analyses.watch_validation import validation_records
 from bn_inspect.boundary.writing import AppendFile, Destination, create_append_file
-from bn_inspect.engine.watching import StepObservation, TrainingHooks, WatchedModule
+from bn_inspect.engine.watching import StepObservation, TrainingHooks, ValidationMoments, WatchedModule
 from bn_inspect.errors import WatchError
 from bn_inspect.model.modules import refuse_lazy_modules
 from bn_inspect.report.departure import Thresholds
@@ -39,16 +40,13 @@ from bn_inspect.report.watch_records import (
     json_line,
     sample_record,
     summarize,
+    validation_record,
 )
 from bn_inspect.report.watch_rules import WatchRules
 from bn_inspect.version import __version__
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from torch.distributed import ProcessGroup
-
-    from bn_inspect.engine.validation_capture import EvalCall
 
 
 def rank_path(path: Path, rank: int) -> Path:
@@ -85,6 +83,39 @@ def _unwrapped(model: object) -> nn.Module:
     if type(model).__name__ in ("DistributedDataParallel", "DataParallel") and isinstance(inner, nn.Module):
         return inner
     return model
+
+
+# What the periodic per-channel detail of one timeline may take: with a ResNet-50's 26,560 channels
+# a detailed sample is about 1 MB, so 2,000 samples with detail at every 20th would be 100 MB.
+DETAIL_BUDGET_BYTES = 12 * 2**20
+
+
+class DetailBudget:
+    """When the periodic per-channel detail is written: every ``detail_every``-th sample while it is
+    cheap, ever more rarely as it fills its budget, never past it.
+
+    The interval doubles each time the detail written reaches 1/2, 3/4, 7/8, ... of the budget, so
+    that a large model's detail spreads over more of the run; a detail that would pass the budget is
+    not written, and once it is spent only events carry detail. Detail at events does not count: it
+    is small (the layers concerned) and always written.
+    """
+
+    def __init__(self, detail_every: int, budget: int = DETAIL_BUDGET_BYTES) -> None:
+        self.interval = detail_every
+        self.budget = budget
+        self.written = 0
+        self._halvings = 1
+
+    def take(self, size: int) -> bool:
+        """Whether a periodic detail of ``size`` bytes is written now (and counted, if so)."""
+        if self.written + size > self.budget:
+            return False
+        self.written += size
+        # Bounded: past 50 halvings the threshold is the budget itself, which nothing more can reach.
+        while self._halvings <= 50 and self.written >= self.budget * (1 - 0.5**self._halvings):
+            self.interval *= 2
+            self._halvings += 1
+        return True
 
 
 class Watch:
@@ -124,8 +155,15 @@ class Watch:
         self.events: list[WatchEvent] = []
         self.samples = 0
         self._file: AppendFile | None = None
+        self._divergence: list[WatchEvent | None] = []
+        self._detail = DetailBudget(detail_every)
         self._hooks = TrainingHooks(
-            self.model, self.layers, every=every, min_values=self.thresholds.min_values, on_step=self._on_step
+            self.model,
+            self.layers,
+            every=every,
+            min_values=self.thresholds.min_values,
+            on_step=self._on_step,
+            on_sample_begin=self._compare_ranks if self.world_size > 1 else None,
         )
 
     @property
@@ -181,15 +219,32 @@ class Watch:
                 "Call the model given to watch (not a compiled copy) in training mode inside the with block",
             )
 
-    def record_validation(self, step: int, calls: Sequence[EvalCall]) -> None:
-        """Write a validation run at ``step``: its sample (phase "validation") and its train/eval gap.
+    @contextmanager
+    def validation(self) -> Iterator[None]:
+        """Measure the train/eval gap over the eval forwards in this block, and record it in the timeline.
 
-        Args:
-            step: the training step the validation ran at.
-            calls: each layer call's statistics over the run (engine/validation_capture.py).
+        The inputs of every layer call in the block's eval-mode forwards are pooled exactly; at the
+        end a sample of phase "validation" (each call's summary of the pooled statistics) and each
+        layer's departure score of the pooled statistics from its running statistics (the largest
+        over its calls) as a validation record are written at the current step. The forwards are
+        not steps.
         """
-        for record in validation_records(step, self.rank, calls, self.thresholds):
-            self._write(record)
+        pooled = ValidationMoments()
+        self._hooks.validation = pooled
+        try:
+            yield
+        finally:
+            self._hooks.validation = None
+        summaries = [summarize(call, self.thresholds) for call in pooled.results()]
+        gaps: dict[str, float | None] = {}
+        for summary in summaries:
+            score = summary.departure
+            best = gaps.get(summary.layer)
+            gaps[summary.layer] = score if best is None or (score is not None and score > best) else best
+        step = self._hooks.explicit_step if self._hooks.explicit_step is not None else max(self._hooks.count - 1, 0)
+        if summaries:
+            self._write(sample_record(step, self.rank, summaries, phase="validation"))
+        self._write(validation_record(step, self.rank, list(gaps.items())))
         if self._file is not None:
             self._file.sync()
 
@@ -229,19 +284,28 @@ class Watch:
     def _sample(self, step: int, calls: tuple[CallStatistics, ...], found: list[WatchEvent | None]) -> None:
         summaries = [summarize(call, self.thresholds) for call in calls]
         found.extend(self.rules.judge_sample(step, summaries))
-        if self.world_size > 1:
-            found.extend(self._rank_divergence(step))
+        found.extend(self._divergence)
+        self._divergence = []
         events = [e for e in found if e is not None]
         named = {e.layer for e in events if e.step == step}
-        is_detailed = self.samples % self.detail_every == 0
-        detail = [call for call in calls if is_detailed or call.layer in named]
-        self._write(sample_record(step, self.rank, summaries, detail))
+        line = json_line(sample_record(step, self.rank, summaries, [c for c in calls if c.layer in named]))
+        if self.samples % self._detail.interval == 0:
+            detailed = json_line(sample_record(step, self.rank, summaries, calls))
+            if self._detail.take(len(detailed) - len(line)):
+                line = detailed
+        if self._file is not None:
+            self._file.write_line(line)
         self.samples += 1
         self._record(list(events))
         if self._file is not None:
             self._file.sync()
 
-    def _rank_divergence(self, step: int, group: ProcessGroup | None = None) -> list[WatchEvent | None]:
+    def _compare_ranks(self, step: int, group: ProcessGroup | None = None) -> None:
+        """BN504 at a sample step, on the buffers as the step's forward finds them (DDP has broadcast
+        its buffers by then, if it does; each rank's own update has not happened yet)."""
+        self._divergence = self._rank_divergence(step, group)
+
+    def _rank_divergence(self, step: int, group: ProcessGroup | None) -> list[WatchEvent | None]:
         from bn_inspect.distributed.divergence import running_spread
 
         buffers = [

@@ -41,16 +41,18 @@ class WatchedModule:
 
     def tensors(self) -> list[tuple[str, torch.Tensor]]:
         """Its running buffers and affine parameters that exist, by name."""
-        found = [(name, getattr(self.module, name, None)) for name in _STATE]
-        return [(name, t) for name, t in found if isinstance(t, torch.Tensor) and t.numel()]
+        # Read from the module's own tables: nn.Module.__getattr__ is the slow path, paid every step.
+        module = self.module
+        found = [(name, module._buffers.get(name, module._parameters.get(name))) for name in _STATE]
+        return [(name, t) for name, t in found if t is not None and t.numel()]
 
     @property
     def has_running(self) -> bool:
-        return isinstance(getattr(self.module, "running_mean", None), torch.Tensor)
+        return self.module._buffers.get("running_mean") is not None
 
     @property
     def has_affine(self) -> bool:
-        return isinstance(getattr(self.module, "weight", None), torch.Tensor)
+        return self.module._parameters.get("weight") is not None
 
     def requires_grad(self) -> bool:
         weight, bias = getattr(self.module, "weight", None), getattr(self.module, "bias", None)
@@ -116,6 +118,8 @@ class TrainingHooks:
         every: sample every ``every`` steps.
         min_values: report calls with fewer values per channel (BN505), once per layer.
         on_step: told every training forward's observation, after the forward.
+        on_sample_begin: told a sample step before its forward runs (the buffers as the step found
+            them: under DDP, after its broadcast and before this rank's update).
     """
 
     def __init__(
@@ -126,15 +130,18 @@ class TrainingHooks:
         every: int,
         min_values: int,
         on_step: Callable[[StepObservation], None],
+        on_sample_begin: Callable[[int], None] | None = None,
     ) -> None:
         self.root = root
         self.layers = list(layers)
         self.every = every
         self.min_values = min_values
         self.on_step = on_step
+        self.on_sample_begin = on_sample_begin
         self.count = 0  # training forwards so far
         self.explicit_step: int | None = None
         self.order: list[int] = []  # layer indices in the order of their first call
+        self._ordered: set[int] = set()
         self._handles: list[RemovableHandle] = []
         self._current: _StepState | None = None
         self._last_sample: int | None = None
@@ -145,6 +152,8 @@ class TrainingHooks:
         self._snapshots: dict[int, list[torch.Tensor]] = {}
         # Found under a layout of tensors since replaced, and not read yet.
         self._pending_nonfinite: FirstNonfinite | None = None
+        # Set while a validation runs: its eval forwards are pooled, not counted as steps.
+        self.validation: ValidationMoments | None = None
 
     @property
     def step(self) -> int:
@@ -169,6 +178,8 @@ class TrainingHooks:
 
     def _begin(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if not module.training:
+            if self.validation is not None:
+                self.validation.calls.clear()
             return
         if torch.compiler.is_compiling():
             raise WatchError(
@@ -177,14 +188,21 @@ class TrainingHooks:
             )
         step = self.step
         is_sample = step % self.every == 0 and step != self._last_sample
+        if is_sample and self.on_sample_begin is not None:
+            self.on_sample_begin(step)
         self._current = _StepState(step, is_sample)
 
     def _make_layer_hook(self, watched: WatchedModule) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], _output: Any) -> None:
             state = self._current
-            if state is None or not args or not isinstance(args[0], torch.Tensor):
+            if not args or not isinstance(args[0], torch.Tensor):
                 return
-            with torch.no_grad(), _no_autocast(args[0]):
+            if state is None:
+                if self.validation is not None:
+                    with torch.no_grad(), _no_autocast(args[0]):
+                        self.validation.add(watched, args[0].detach())
+                return
+            with torch.no_grad():
                 self._observe(state, watched, args[0].detach())
 
         return hook
@@ -192,7 +210,8 @@ class TrainingHooks:
     def _observe(self, state: _StepState, watched: WatchedModule, x: torch.Tensor) -> None:
         call = state.calls.get(watched.index, 0)
         state.calls[watched.index] = call + 1
-        if watched.index not in self.order:
+        if watched.index not in self._ordered:
+            self._ordered.add(watched.index)
             self.order.append(watched.index)
         values = x.numel() // watched.channels if watched.channels else 0
         training = watched.module.training
@@ -205,7 +224,9 @@ class TrainingHooks:
             state.input_flags[watched.index] = finite if previous is None else previous & finite
         if state.is_sample:
             samples = int(x.shape[0]) if x.dim() > 1 else 1
-            state.pending.append(_Pending(watched, call, values, samples, training, _call_statistics(watched, x)))
+            with _no_autocast(x):
+                statistics = _call_statistics(watched, x)
+            state.pending.append(_Pending(watched, call, values, samples, training, statistics))
 
     def _end(self, module: nn.Module, _args: tuple[Any, ...], _output: Any) -> None:
         state, self._current = self._current, None
@@ -301,6 +322,72 @@ class TrainingHooks:
         module = watched.module
         found = [getattr(module, name, None) for name in _STATE]
         return [t.detach().clone() if isinstance(t, torch.Tensor) else torch.zeros(0) for t in found]
+
+
+class ValidationMoments:
+    """The pooled statistics of every layer call over a validation's eval forwards (float64 sums on the device)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, int] = {}
+        self._pooled: dict[tuple[int, int], tuple[WatchedModule, int, int, torch.Tensor]] = {}
+
+    def add(self, watched: WatchedModule, x: torch.Tensor) -> None:
+        """Pool one call's input: its values per channel, samples, and per-channel sum and sum of squares."""
+        call = self.calls.get(watched.index, 0)
+        self.calls[watched.index] = call + 1
+        values = x.double()
+        dims = [0, *range(2, x.dim())]
+        sums = torch.cat([values.sum(dims), (values * values).sum(dims)])
+        count = x.numel() // watched.channels if watched.channels else 0
+        samples = int(x.shape[0]) if x.dim() > 1 else 1
+        key = (watched.index, call)
+        if key in self._pooled:
+            _, old_count, old_samples, old_sums = self._pooled[key]
+            count, samples, sums = count + old_count, samples + old_samples, sums + old_sums
+        self._pooled[key] = (watched, count, samples, sums)
+
+    def results(self) -> list[CallStatistics]:
+        """Each pooled call's batch statistics against the layer's running ones, after one transfer to the host."""
+        if not self._pooled:
+            return []
+        entries = list(self._pooled.items())
+        host = torch.cat([sums.cpu() for _, (_, _, _, sums) in entries]).tolist()
+        out, offset = [], 0
+        for (_, call), (watched, count, samples, _) in entries:
+            c = watched.channels
+            sums, squares = host[offset : offset + c], host[offset + c : offset + 2 * c]
+            offset += 2 * c
+            mean = [s / count for s in sums]
+            module = watched.module
+            running = [
+                t for t in (module._buffers.get("running_mean"), module._buffers.get("running_var")) if t is not None
+            ]
+            running_mean, running_var = (
+                (tuple(running[0].double().tolist()), tuple(running[1].double().tolist()))
+                if len(running) == 2
+                else ((), ())
+            )
+            out.append(
+                CallStatistics(
+                    layer=watched.name,
+                    call=call,
+                    values_per_channel=count,
+                    samples=samples,
+                    batch_mean=tuple(mean),
+                    batch_var=tuple(max(q / count - m * m, 0.0) for q, m in zip(squares, mean, strict=True)),
+                    running_mean=running_mean,
+                    running_var=running_var,
+                    eps=float(getattr(module, "eps", 0.0)),
+                    nonfinite=0,
+                    buffers_changed=False,
+                    params_changed=False,
+                    params_requires_grad=watched.requires_grad(),
+                    training=False,
+                    has_running=watched.has_running,
+                    has_affine=watched.has_affine,
+                )
+            )
+        return out
 
 
 def _changed(now: list[torch.Tensor], before: list[torch.Tensor]) -> torch.Tensor:
