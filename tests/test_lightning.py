@@ -146,3 +146,34 @@ def test_every_n_steps_must_be_a_whole_number_of_at_least_one(every: Any, tmp_pa
 
     with pytest.raises(WatchError, match="every_n_steps must be a whole number of at least 1"):
         BNWatch(tmp_path / "run.jsonl", every_n_steps=every)
+
+
+def test_with_gradient_accumulation_a_step_is_an_optimizer_step(tmp_path: Path) -> None:
+    from bn_inspect.lightning import BNWatch
+
+    path = tmp_path / "bn-watch.jsonl"
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[BNWatch(path, every_n_steps=3)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        accumulate_grad_batches=2,
+        limit_train_batches=12,
+        limit_val_batches=2,
+    )
+    trainer.fit(
+        Digits(), _loader("train_images.npy", "train_labels.npy"), _loader("test_images.npy", "test_labels.npy")
+    )
+    written = [(r["record"], r["step"], r.get("phase")) for r in _records(path) if r["record"] != "header"]
+    # 12 batches, 6 optimizer steps: one sample at steps 0 and 3, then the validation at step 6.
+    assert written == [
+        ("sample", 0, "train"),
+        ("sample", 3, "train"),
+        ("sample", 6, "validation"),
+        ("validation", 6, None),
+        ("end", 6, None),
+    ]
