@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from bn_inspect.analyses.inspection import inspect_model
     from bn_inspect.analyses.modes import compare_modes
     from bn_inspect.analyses.recalibration import recalibrate
+    from bn_inspect.analyses.watch import Watch, watch
     from bn_inspect.data.batch import Batch
     from bn_inspect.distributed.context import DistributedContext
     from bn_inspect.model.loading import load_model
@@ -40,6 +41,7 @@ __all__ = [
     "Mode",
     "ModelInfo",
     "Report",
+    "Watch",
     "__version__",
     "check_model",
     "compare_modes",
@@ -47,6 +49,7 @@ __all__ = [
     "load_model",
     "recalibrate",
     "save_like",
+    "watch",
 ]
 
 _LAZY = {
@@ -58,6 +61,8 @@ _LAZY = {
     "Batch": "bn_inspect.data.batch",
     "load_model": "bn_inspect.model.loading",
     "DistributedContext": "bn_inspect.distributed.context",
+    "watch": "bn_inspect.analyses.watch",
+    "Watch": "bn_inspect.analyses.watch",
 }
 
 

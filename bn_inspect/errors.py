@@ -151,6 +151,11 @@ class MergeError(BnInspectError):
     input dtypes, written without exact moments, or one data set given twice."""
 
 
+class TimelineFileError(BnInspectError):
+    """A timeline file (`bn-inspect timeline`) cannot be read: missing, not JSON lines, another kind
+    of file, written by a newer bn-inspect, corrupted, or a rank given twice."""
+
+
 class Interrupted(BaseException):
     """SIGINT or SIGTERM arrived: raised by the CLI's signal handler so every ``finally`` runs.
 
@@ -164,3 +169,8 @@ class Interrupted(BaseException):
     def __init__(self, signal_number: int) -> None:
         self.signal_number = signal_number
         super().__init__(signal_number)
+
+
+class WatchError(BnInspectError):
+    """``bn_inspect.watch`` cannot watch this model or loop: no BatchNorm layer, a compiled model
+    whose graphs skip the hooks, a training forward in which no layer call was seen, bad settings."""

@@ -67,6 +67,15 @@ class FailOn(str, Enum):
     WARNING = "warning"
 
 
+class TimelineFailOn(str, Enum):
+    """The lowest severity of a timeline's events that makes `bn-inspect timeline` exit 1; never: none."""
+
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+    NEVER = "never"
+
+
 class Explain(str, Enum):
     """How the table output of `bn-inspect inspect` explains each layer's reduction."""
 

@@ -56,11 +56,14 @@ SURFACES: tuple[Surface, ...] = (
     _surface("read:merge-part", "reader", H.HANG, H.MEMORY, H.TRACEBACK),
     _surface("read:config", "reader", H.HANG, H.MEMORY, H.TRACEBACK),
     _surface("read:recalibration-record", "reader", H.HANG, H.MEMORY, H.TRACEBACK),
+    _surface("read:timeline", "reader", H.HANG, H.MEMORY, H.TRACEBACK),
     # Writers: one per bn_inspect.boundary.writing.Destination.
     _surface("write:result", "writer", H.CLOBBER, H.HANG, H.TRACEBACK),
     _surface("write:page", "writer", H.CLOBBER, H.HANG, H.TRACEBACK),
     _surface("write:baseline", "writer", H.CLOBBER, H.HANG, H.TRACEBACK),
     _surface("write:model", "writer", H.CLOBBER, H.HANG, H.TRACEBACK),
+    # The watch's timeline: created new and appended to while training runs (bn_inspect.watch).
+    _surface("write:timeline", "writer", H.CLOBBER, H.HANG, H.TRACEBACK),
     # Renderers: one per output format (bn_inspect.output.formats.FORMATTERS), the error line, the repr.
     _surface("render:table", "renderer", H.INERT),
     _surface("render:json", "renderer", H.INERT),

@@ -18,6 +18,7 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,8 +42,29 @@ def _corrupted(folder: Path) -> None:
     torch.save(state, folder / "corrupted.pt")
 
 
+def _watched_run(folder: Path) -> None:
+    """The README's timeline example: the digits net trained 40 steps under the watch, bn2's momentum 0
+    (its statistics never move) and a NaN in the input at step 23."""
+    import math
+
+    import bn_inspect
+    from tests.training import new_net, train
+
+    model = new_net()
+    model.bn2.momentum = 0.0
+
+    def plant(step: int, _model: object, x: Any) -> Any:
+        if step == 23:
+            x = x.clone()
+            x[0, 0, 0, 0] = math.nan
+        return x
+
+    with bn_inspect.watch(model, folder / "bn-watch.jsonl", every=10):
+        train(model, 40, before_step=plant)
+
+
 # Files that the README's examples name beside the shipped samples, and how each is made.
-MADE_FILES: dict[str, Callable[[Path], None]] = {"corrupted.pt": _corrupted}
+MADE_FILES: dict[str, Callable[[Path], None]] = {"corrupted.pt": _corrupted, "bn-watch.jsonl": _watched_run}
 
 
 @dataclass(frozen=True)

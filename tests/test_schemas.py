@@ -54,6 +54,8 @@ RUNS: dict[str, tuple[str, list[str | Path], int]] = {
     "layers-torchscript": ("layers", ["layers", MODEL], 0),
     "compare-modes": ("compare-modes", ["compare-modes", MODEL, "--input", SHIFTED], 0),
     "diff": ("diff", ["diff", GOLDEN / "reports" / "digits_older.json", MODEL, "--input", SHIFTED], 1),
+    # A watched run with a lag warning and a non-finite error (exit 1: an error event).
+    "timeline": ("timeline", ["timeline", GOLDEN / "timelines" / "run.jsonl"], 1),
     "recalibrate-precise": (
         "recalibrate",
         ["recalibrate", MODEL, "--input", TRAIN, "--output", "{out}", "--method", "precise"],
@@ -185,6 +187,14 @@ BROKEN = {
         _set(("layers", 0, "output_rel_diff"), None),
         _set(("output", "argmax_change_fraction"), 1.5),
         _set(("num_samples",), "450"),
+    ],
+    "timeline": [
+        _drop(("first_bad_step",)),
+        _set(("events", 0, "severity"), "fatal"),
+        _set(("layers", 0, "max_step"), "70"),
+        _set(("fail_on",), "critical"),
+        _set(("validations", 0, "largest", "departure"), "0.5"),
+        _set(("layers", 0, "extra"), 1),
     ],
     "diff": [
         _drop(("first_changed",)),

@@ -96,6 +96,7 @@ class Destination(str, Enum):
     PAGE = "page"
     BASELINE = "baseline"
     MODEL = "model"
+    TIMELINE = "timeline"
 
     @property
     def option(self) -> str:
@@ -108,6 +109,7 @@ _OPTIONS = {
     Destination.PAGE: "--report",
     Destination.BASELINE: "--write-baseline",
     Destination.MODEL: "--output",
+    Destination.TIMELINE: "timeline",
 }
 
 
@@ -344,3 +346,98 @@ def _listed(paths: Sequence[Path]) -> str:
 def _remove(temporary: str) -> None:
     with suppress(OSError):
         os.unlink(temporary)
+
+
+class AppendFile:
+    """A new file written a line at a time while the run goes on: what a kill leaves is every whole line.
+
+    Unlike the staged outputs, it exists from the start (a timeline is read while training runs), so
+    the policy is applied at creation instead: see ``create_append_file``.
+    """
+
+    def __init__(self, target: Path, descriptor: int, option: str) -> None:
+        self.target = target
+        self._descriptor: int | None = descriptor
+        self._option = option
+
+    def write_line(self, line: str) -> None:
+        """Append ``line`` and a newline in one write, straight to the file (no buffer a kill could lose).
+
+        Raises:
+            OutputError: the file is closed or cannot be written (a full disk).
+        """
+        data = (line + "\n").encode("utf-8")
+        try:
+            while data:
+                written = os.write(self._open_descriptor(), data)
+                data = data[written:]
+        except OSError as error:
+            raise OutputError(
+                f"cannot write {self._option} {self.target}: {error.strerror or error}",
+                "Check the folder and free space",
+            ) from error
+
+    def sync(self) -> None:
+        """Make what was written durable (fsync)."""
+        with suppress(OSError):
+            os.fsync(self._open_descriptor())
+
+    def close(self) -> None:
+        """Sync and close; closing twice does nothing."""
+        if self._descriptor is None:
+            return
+        self.sync()
+        descriptor, self._descriptor = self._descriptor, None
+        os.close(descriptor)
+
+    def _open_descriptor(self) -> int:
+        if self._descriptor is None:
+            raise OutputError(f"{self._option} {self.target} is already closed", "Write while the run is open")
+        return self._descriptor
+
+
+def create_append_file(target: Path, destination: Destination, *, option: str | None = None) -> AppendFile:
+    """Create ``target`` as a new, empty file for ``AppendFile``'s line-by-line writes.
+
+    The target must not exist in any form: a file there, even one this kind of output wrote, is
+    another run's (appending would mix two runs, replacing it would lose one), and a symlink, a named
+    pipe, a device or a directory is refused before anything is opened (lstat, so a pipe never blocks
+    and a link is never followed). O_EXCL | O_NOFOLLOW closes the race with a file or link created
+    after that check.
+
+    Raises:
+        OutputError: the target exists (whatever it is), or its folder is missing or not writable.
+    """
+    option = option or destination.option
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        mode = None
+    except (OSError, ValueError) as error:
+        raise OutputError(
+            f"{option} {target}: {getattr(error, 'strerror', None) or error}", "Give another path"
+        ) from error
+    if mode is not None:
+        raise OutputError(f"{option} {target} already exists{_as_kind(mode)}", _EXISTS_FIX)
+    check_output_target(target, destination, force=False, option=option)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        descriptor = os.open(target, flags, 0o666)
+    except FileExistsError:
+        raise OutputError(f"{option} {target} already exists", _EXISTS_FIX) from None
+    except OSError as error:
+        raise OutputError(
+            f"cannot write {option} {target}: {error.strerror or error}", "Check the folder and free space"
+        ) from error
+    return AppendFile(target, descriptor, option)
+
+
+_EXISTS_FIX = "Give each run a new path (a run's timeline is never appended to or replaced)"
+
+
+def _as_kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return ""
+    if stat.S_ISLNK(mode):
+        return " as a symbolic link"
+    return f" as {kind_of(mode)}"

@@ -13,6 +13,7 @@ import typer
 from bn_inspect.boundary.reading import run_manifest
 from bn_inspect.boundary.writing import OutputSet, interruption, run_outputs
 from bn_inspect.cli import commands as _commands  # noqa: F401 (registers the commands with the app)
+from bn_inspect.cli import timeline as _timeline  # noqa: F401 (registers `bn-inspect timeline`)
 from bn_inspect.cli.app import EXIT_CANNOT_RUN, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, app
 from bn_inspect.cli.console import pause_collector
 from bn_inspect.errors import BnInspectError, Interrupted

@@ -17,6 +17,7 @@ from bn_inspect.options import (
     OutputFormat,
     RecalibrationChoice,
     RunFormat,
+    TimelineFailOn,
 )
 
 
@@ -292,4 +293,16 @@ DataOpt = Annotated[
         help="Your data: package.module:function or path/to/file.py:function returning a Dataset, a DataLoader "
         "or an iterable of batches (imports and runs that code).",
     ),
+]
+
+TimelineFilesArg = Annotated[
+    list[Path],
+    typer.Argument(
+        help="Timeline files of one watched run (bn_inspect.watch, BNWatch): one per rank, merged.",
+        show_default=False,
+    ),
+]
+TimelineFailOnOpt = Annotated[
+    TimelineFailOn,
+    typer.Option("--fail-on", help="Lowest severity of an event that exits 1: error, warning, info or never."),
 ]

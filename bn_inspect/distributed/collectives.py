@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 
-def _collective_device(group: ProcessGroup | None) -> torch.device:
+def collective_device(group: ProcessGroup | None) -> torch.device:
+    """The device a collective of ``group``'s backend takes tensors on: the CPU for gloo, the current GPU for nccl."""
     import torch
     import torch.distributed as dist
 
@@ -57,7 +58,7 @@ def exchange(
     import torch.distributed as dist
 
     _, world = group_rank_and_size(group)
-    device = _collective_device(group)
+    device = collective_device(group)
     with _contact(step, group):
         sizes = torch.tensor([len(header), floats.numel()], dtype=torch.int64, device=device)
         all_sizes = [torch.empty_like(sizes) for _ in range(world)]

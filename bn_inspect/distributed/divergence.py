@@ -10,7 +10,7 @@ import json
 import math
 from typing import TYPE_CHECKING
 
-from bn_inspect.distributed.collectives import exchange
+from bn_inspect.distributed.collectives import collective_device, exchange
 from bn_inspect.distributed.context import group_rank_and_size
 from bn_inspect.errors import DistributedError
 from bn_inspect.report.findings import RULES, Finding
@@ -156,3 +156,23 @@ def divergence_findings(divergence: RankDivergence, tolerance: float = 0.0) -> l
             )
         )
     return findings
+
+
+def running_spread(values: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
+    """max - min across ranks of every element of ``values``, in one all_reduce (the watch's BN504).
+
+    One collective per call whatever the number of layers: the maximum of the values and of their
+    negatives together gives each element's maximum and minus its minimum.
+
+    Returns:
+        A float64 tensor on the CPU, the same on every rank (NaN where a rank holds NaN).
+    """
+    import torch
+    import torch.distributed as dist
+
+    both = torch.cat([values.detach().reshape(-1), -values.detach().reshape(-1)]).to(
+        collective_device(group), torch.float64
+    )
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    size = values.numel()
+    return (both[:size] + both[size:]).cpu()

@@ -21,11 +21,12 @@ from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
 from bn_inspect.report.diff import DiffReport
 from bn_inspect.report.findings import CheckReport
 from bn_inspect.report.records import LayerListing, Report
+from bn_inspect.report.timeline import Timeline
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
-Result = Report | CheckReport | LayerListing | ModeComparison | RecalibrationResult | DiffReport
+Result = Report | CheckReport | LayerListing | ModeComparison | RecalibrationResult | DiffReport | Timeline
 
 # Columns of a report written to a file: wide enough that no table is squeezed.
 FILE_WIDTH = 160
@@ -68,6 +69,10 @@ class JsonFormatter(Formatter):
 
         if isinstance(result, DiffReport):
             return diff_to_json(result)
+        if isinstance(result, Timeline):
+            from bn_inspect.output.timeline_export import timeline_to_json
+
+            return timeline_to_json(result)
         if isinstance(result, Report):
             return to_json(result)
         if isinstance(result, CheckReport):
@@ -108,6 +113,10 @@ class MarkdownFormatter(Formatter):
             return export.comparison_to_markdown(result)
         if isinstance(result, DiffReport):
             return export.diff_to_markdown(result)
+        if isinstance(result, Timeline):
+            from bn_inspect.output.timeline_export import timeline_to_markdown
+
+            return timeline_to_markdown(result)
         return export.recalibration_to_markdown(result, rendering.model_output)
 
 
@@ -138,6 +147,10 @@ class TableFormatter(Formatter):
             from bn_inspect.output.render_diff import render_diff
 
             return render_diff(result, width)
+        if isinstance(result, Timeline):
+            from bn_inspect.output.render_timeline import render_timeline
+
+            return render_timeline(result, width)
         if isinstance(result, Report):
             return render.render_report(result, rendering.channel_patterns, width, rendering.explain)
         if isinstance(result, CheckReport):
@@ -175,7 +188,7 @@ class TableFormatter(Formatter):
 
 
 class HtmlFormatter(Formatter):
-    """One self-contained HTML page (inspect, check, compare-modes, recalibrate), Plotly.js inline."""
+    """One self-contained HTML page (inspect, check, compare-modes, recalibrate, diff, timeline), Plotly.js inline."""
 
     name = "html"
 

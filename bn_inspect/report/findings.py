@@ -73,6 +73,13 @@ RULES = {
             "batch statistics on the data drifted since --baseline, model unchanged",
         ),
         Rule("BN303", "layers-changed", Severity.ERROR, "layers added, removed, renamed or resized since --baseline"),
+        # Watch events (bn_inspect.watch): found during training, at a step.
+        Rule("BN501", "nonfinite-during-training", Severity.ERROR, "a NaN or Inf appeared in a layer during training"),
+        Rule("BN502", "stats-not-moving", Severity.WARNING, "running statistics do not move in training mode"),
+        Rule("BN503", "half-frozen", Severity.WARNING, "affine frozen while statistics update, or the reverse"),
+        Rule("BN504", "ranks-diverging", Severity.WARNING, "running buffers differ across ranks during training"),
+        Rule("BN505", "few-values-training", Severity.WARNING, "too few values per channel per training batch"),
+        Rule("BN506", "lagging-stats", Severity.WARNING, "running statistics stay far from the recent batches"),
     )
 }
 

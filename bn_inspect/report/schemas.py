@@ -14,7 +14,21 @@ SCHEMA_FILES = {
     "compare-modes": "compare-modes.schema.json",
     "recalibrate": "recalibrate.schema.json",
     "diff": "diff.schema.json",
+    "timeline": "timeline-output.schema.json",
 }
+# The records of a timeline file (JSON Lines, not a document with a kind): one schema per line.
+TIMELINE_RECORD_SCHEMA = "timeline.schema.json"
+
+
+def timeline_record_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) each line of a timeline file validates against."""
+    return _load(TIMELINE_RECORD_SCHEMA)
+
+
+def _load(name: str) -> dict[str, Any]:
+    text = resources.files("bn_inspect.report").joinpath(name).read_text(encoding="utf-8")
+    document: dict[str, Any] = json.loads(text)
+    return document
 
 
 def schema(kind: str) -> dict[str, Any]:
@@ -25,6 +39,4 @@ def schema(kind: str) -> dict[str, Any]:
     """
     if kind not in SCHEMA_FILES:
         raise KeyError(f"no JSON document has kind {kind!r}; the kinds are {', '.join(SCHEMA_FILES)}")
-    text = resources.files("bn_inspect.report").joinpath(SCHEMA_FILES[kind]).read_text(encoding="utf-8")
-    document: dict[str, Any] = json.loads(text)
-    return document
+    return _load(SCHEMA_FILES[kind])

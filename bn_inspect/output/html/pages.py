@@ -11,10 +11,12 @@ from bn_inspect.output.html.diff_page import diff_page
 from bn_inspect.output.html.document import Page, PageBuilder, html_document
 from bn_inspect.output.html.inspect_page import inspect_page
 from bn_inspect.output.html.run_pages import check_page, comparison_page, recalibration_page
+from bn_inspect.output.html.timeline_page import timeline_page
 from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
 from bn_inspect.report.diff import DiffReport
 from bn_inspect.report.findings import CheckReport
 from bn_inspect.report.records import Report
+from bn_inspect.report.timeline import Timeline
 
 PAGE_BUILDERS: dict[type, PageBuilder] = {
     Report: inspect_page,
@@ -22,6 +24,7 @@ PAGE_BUILDERS: dict[type, PageBuilder] = {
     ModeComparison: comparison_page,
     RecalibrationResult: recalibration_page,
     DiffReport: diff_page,
+    Timeline: timeline_page,
 }
 
 
@@ -34,7 +37,7 @@ def result_page(result: Any, model_output: str = "") -> Page:
     builder = PAGE_BUILDERS.get(type(result))
     if builder is None:
         raise TypeError(
-            f"HTML holds inspect, check, compare-modes, recalibrate and diff results, not {type(result).__name__}"
+            f"HTML holds inspect, check, compare-modes, recalibrate, diff and timeline results, not {type(result).__name__}"
         )
     return builder(result, model_output)
 

@@ -1,0 +1,185 @@
+"""What ``bn_inspect.watch`` costs a training loop, and how large its timeline grows.
+
+Run from the repository root: ``python benchmarks/bench_watch.py [--rounds N] [--json PATH]``.
+
+Cost: a ResNet-18-sized network (BasicBlocks 2-2-2-2, 20 BatchNorm2d, 11.7 M parameters) built
+here, so torchvision is not needed, trains with SGD on random batches on the CPU. Each round runs
+``every`` plain steps, then the same number of steps inside a watch at ``every`` (one sample, at
+the round's first watched step), alternating which comes first; every step is timed alone. The
+figures: the mean watched step over the mean plain step, and the sampled step over the mean plain
+step (median over rounds).
+
+Size: a ResNet-50-sized network (bench_resnet50_cpu.py's) is watched at every=1 with the default
+detail_every for ``--size-steps`` steps; the bytes of a sample without and with per-channel detail
+are measured from the file, and the size of 100,000 steps at every=50 (2,000 samples, one in 20
+with detail, as the watch's detail budget allows) computed from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import bn_inspect
+from benchmarks.bench_resnet50_cpu import resnet50
+from bn_inspect.analyses.watch import DetailBudget
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.down(x))
+
+
+def resnet18(classes: int = 10) -> nn.Module:
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+    ]
+    cin = 64
+    for cout, stride in ((64, 1), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1)):
+        layers.append(BasicBlock(cin, cout, stride))
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes)]
+    return nn.Sequential(*layers)
+
+
+def timed_steps(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[torch.Tensor], labels: torch.Tensor
+) -> list[float]:
+    times = []
+    for x in batches:
+        start = time.perf_counter()
+        loss = F.cross_entropy(model(x), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def cost(rounds: int, every: int, batch: int, size: int, folder: Path) -> dict[str, object]:
+    torch.manual_seed(0)
+    model = resnet18()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    batches = [torch.randn(batch, 3, size, size) for _ in range(every)]
+    labels = torch.randint(0, 10, (batch,))
+    timed_steps(model, optimizer, batches[:3], labels)  # warm-up
+    plain: list[list[float]] = []
+    watched: list[list[float]] = []
+    for index in range(rounds):
+        order = ("plain", "watched") if index % 2 == 0 else ("watched", "plain")
+        for kind in order:
+            if kind == "plain":
+                plain.append(timed_steps(model, optimizer, batches, labels))
+                continue
+            with bn_inspect.watch(model, folder / f"cost-{index}.jsonl", every=every):
+                watched.append(timed_steps(model, optimizer, batches, labels))
+    plain_mean = statistics.fmean(t for r in plain for t in r)
+    per_round_mean = [statistics.fmean(w) / statistics.fmean(p) for w, p in zip(watched, plain, strict=True)]
+    per_round_sampled = [w[0] / statistics.fmean(p) for w, p in zip(watched, plain, strict=True)]
+    return {
+        "model": "ResNet-18-sized (20 BatchNorm2d)",
+        "batch": [batch, 3, size, size],
+        "every": every,
+        "rounds": rounds,
+        "plain_step_ms": 1000 * plain_mean,
+        "mean_ratio": statistics.fmean(t for r in watched for t in r) / plain_mean,
+        "mean_ratio_median_over_rounds": statistics.median(per_round_mean),
+        "sampled_ratio_median_over_rounds": statistics.median(per_round_sampled),
+        "per_round_mean_ratio": per_round_mean,
+        "per_round_sampled_ratio": per_round_sampled,
+    }
+
+
+def timeline_size(steps: int, folder: Path) -> dict[str, object]:
+    torch.manual_seed(0)
+    model = resnet50()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    path = folder / "size.jsonl"
+    x, labels = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+    with bn_inspect.watch(model, path, every=1):
+        for _ in range(steps):
+            loss = F.cross_entropy(model(x), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    lines = path.read_bytes().splitlines(keepends=True)
+    samples = [(json.loads(line), len(line)) for line in lines if b'"record":"sample"' in line]
+    plain = [size for record, size in samples if "detail" not in record]
+    detailed = [size for record, size in samples if "detail" in record]
+    header = len(lines[0])
+    total_samples = 100_000 // 50
+    extra = statistics.fmean(detailed) - statistics.fmean(plain)
+    # The watch's own rule for periodic detail, run over the 2,000 samples with the measured size.
+    budget = DetailBudget(20)
+    with_detail = sum(1 for n in range(total_samples) if n % budget.interval == 0 and budget.take(round(extra)))
+    estimate = header + total_samples * statistics.fmean(plain) + with_detail * extra
+    without_budget = header + total_samples * statistics.fmean(plain) + -(-total_samples // 20) * extra
+    return {
+        "model": "ResNet-50-sized (53 BatchNorm2d, 26,560 channels)",
+        "header_bytes": header,
+        "sample_bytes": statistics.fmean(plain),
+        "detailed_sample_bytes": statistics.fmean(detailed),
+        "samples_measured": len(samples),
+        "detailed_samples_of_2000": with_detail,
+        "estimate_100k_steps_every_50_bytes": estimate,
+        "estimate_without_the_detail_budget_bytes": without_budget,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--every", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--size-steps", type=int, default=21)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as folder:
+        result = {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}",
+            "cost": cost(args.rounds, args.every, args.batch, args.size, Path(folder)),
+            "size": timeline_size(args.size_steps, Path(folder)),
+        }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
