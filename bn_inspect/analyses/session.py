@@ -233,6 +233,8 @@ def prepare_run(
     loaded = load_model(
         options.model, arch=options.arch, arch_kwargs=kwargs, trust_pickle=options.trust_pickle, map_location=device
     )
+    for note in loaded.notes:
+        observer.note(note)
     if options.model is None:
         loaded = LoadedModel(loaded.module.to(device), loaded.source, loaded.format, loaded.arch, loaded.sha256)
     elif options.arch is not None and loaded.arch is None:

@@ -13,7 +13,14 @@ from bn_inspect.model.arch import build_arch, declare_source
 from bn_inspect.model.archives import load_exported, load_safetensors, load_torchscript
 from bn_inspect.model.files import FileKind, file_kind, file_sha256, open_model_file
 from bn_inspect.model.pickles import torch_load
-from bn_inspect.model.state_dict import STATE_DICT_KEYS, extract_state_dict, load_state_into, validate_state_dict
+from bn_inspect.model.state_dict import (
+    STATE_DICT_KEYS,
+    extract_state_dict,
+    load_state_into,
+    owner_prefix,
+    under_prefix,
+    validate_state_dict,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -25,7 +32,8 @@ class LoadedModel:
     """A model ready to inspect and a description of where it came from.
 
     ``format`` is one of: state_dict, checkpoint, safetensors, torchscript, pickle, arch.
-    ``sha256`` is the hex SHA-256 of the model file's bytes (None for a fresh --arch).
+    ``sha256`` is the hex SHA-256 of the model file's bytes (None for a fresh --arch). ``notes``
+    are what a user should know about how it was loaded (a prefix stripped from the file's keys).
     """
 
     module: nn.Module
@@ -33,6 +41,7 @@ class LoadedModel:
     format: str
     arch: str | None
     sha256: str | None = None
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,5 +127,29 @@ def load_model(
             "Pass --arch package.module:callable (or path/to/file.py:callable) that builds the model",
         )
     module = build_arch(arch, kwargs)
-    load_state_into(module, content.state_dict, arch)
-    return LoadedModel(module, str(path), content.format, arch, content.sha256)
+    notes = load_weights_into(module, content, arch)
+    return LoadedModel(module, str(path), content.format, arch, content.sha256, notes)
+
+
+def load_weights_into(module: nn.Module, weights: Weights, arch: str) -> tuple[str, ...]:
+    """Load a file's weights into the --arch module, the owner's prefix stripped where that makes them fit.
+
+    Returns:
+        The notes for the user: which prefix was stripped, if one was.
+
+    Raises:
+        StateDictMismatchError: the weights do not fit, with or without a prefix.
+    """
+    state_dict = weights.state_dict
+    prefix = owner_prefix(list(state_dict), list(module.state_dict()))
+    if prefix is None:
+        load_state_into(module, state_dict, arch)
+        return ()
+    kept = under_prefix(state_dict, prefix)
+    load_state_into(module, kept, arch)
+    left_out = len(state_dict) - len(kept)
+    others = f"; {left_out} entries outside it are left out" if left_out else ""
+    return (
+        f"note: the weights that fit --arch {arch} are under the prefix {prefix!r} in {weights.source} "
+        f"(a LightningModule keeps its network under the attribute that holds it), which was stripped{others}.",
+    )

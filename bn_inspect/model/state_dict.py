@@ -127,6 +127,43 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return result
 
 
+def owner_prefix(file_keys: list[str], module_keys: list[str]) -> str | None:
+    """The prefix that, stripped from the file's keys, makes them cover the module's; None if none is needed.
+
+    A LightningModule saves its network under the attribute that holds it (``model.conv.weight``
+    for ``self.model``), next to the state of other attributes (a loss's weights, metrics). The
+    shortest dotted prefix whose stripped keys include every key of the --arch module is the one;
+    keys outside it belong to other attributes. None when the keys fit as they are, or no prefix
+    makes them fit.
+    """
+    wanted = set(module_keys)
+    if not wanted or wanted <= set(file_keys):
+        return None
+    # Only a prefix that some file key carries in front of the module's first key can work.
+    first = module_keys[0]
+    candidates = sorted({key[: -len(first)] for key in file_keys if key.endswith("." + first)}, key=len)
+    for prefix in candidates:
+        if wanted <= {key[len(prefix) :] for key in file_keys if key.startswith(prefix)}:
+            return prefix
+    return None
+
+
+def under_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under ``prefix``, the prefix stripped (``_metadata`` kept alike)."""
+    result: dict[str, torch.Tensor] = OrderedDict(
+        (key[len(prefix) :], value) for key, value in state_dict.items() if key.startswith(prefix)
+    )
+    metadata = getattr(state_dict, "_metadata", None)
+    if isinstance(metadata, Mapping):
+        owner = prefix[:-1]
+        result._metadata = OrderedDict(  # type: ignore[attr-defined]
+            ("" if name == owner else name[len(prefix) :], value)
+            for name, value in metadata.items()
+            if name == owner or name.startswith(prefix)
+        )
+    return result
+
+
 def load_state_into(module: nn.Module, state_dict: dict[str, torch.Tensor], spec: str) -> None:
     """Load as ``module.load_state_dict`` does, refusing what PyTorch reports as not fitting.
 
