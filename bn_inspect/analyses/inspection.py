@@ -437,4 +437,6 @@ def _flags(layer: NormLayer, batch_mean: Sequence[float] | None, batch_var: Sequ
         flags.append("untrained")
     if layer.family is NormFamily.BATCH and not layer.is_frozen and layer.running_mean is None:
         flags.append("no-running-stats")
+    if layer.qat_owner is not None:
+        flags.append("qat-frozen" if layer.qat_owner.is_frozen else "qat")
     return tuple(flags)
