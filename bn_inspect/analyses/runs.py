@@ -229,7 +229,9 @@ def list_layers(options: RunOptions, observer: RunObserver) -> LayerListing:
         raise InputError("layers needs a model file", "Give the path of a model file")
     check_outputs(options)
     kwargs = parse_arch_kwargs(options.arch_kwargs)
-    content = read_model_file(options.model, trust_pickle=options.trust_pickle)
+    content = read_model_file(
+        options.model, trust_pickle=options.trust_pickle, trust_remote_code=options.trust_remote_code
+    )
     observer.loaded()
     if isinstance(content, LoadedModel):
         layers, _ = find_layers(unwrap_compiled(content.module))

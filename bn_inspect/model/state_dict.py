@@ -164,7 +164,14 @@ def under_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[st
     return result
 
 
-def load_state_into(module: nn.Module, state_dict: dict[str, torch.Tensor], spec: str) -> None:
+def load_state_into(
+    module: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    spec: str,
+    *,
+    target: str | None = None,
+    fix: str = "Check --arch and --arch-kwargs against the model that was saved",
+) -> None:
     """Load as ``module.load_state_dict`` does, refusing what PyTorch reports as not fitting.
 
     Every module's own ``_load_from_state_dict`` and load hooks decide what fits, as in PyTorch:
@@ -172,6 +179,8 @@ def load_state_into(module: nn.Module, state_dict: dict[str, torch.Tensor], spec
     from the file. The missing and unexpected keys are the ones ``load_state_dict`` reports (after
     its post-hooks), the wrong shapes its size mismatches; the module is left partly loaded on
     failure, which is harmless because --arch has just built it.
+
+    ``target`` names the model in the error (``--arch spec`` unless given), ``fix`` says what to check.
 
     Raises:
         StateDictMismatchError: listing the missing, unexpected and misshapen keys by name.
@@ -204,8 +213,7 @@ def load_state_into(module: nn.Module, state_dict: dict[str, torch.Tensor], spec
     problems += [message for message in load_errors if _size_mismatch(message) is None][:1]
     if problems:
         raise StateDictMismatchError(
-            f"the state_dict does not fit --arch {spec}: {'; '.join(problems)}",
-            "Check --arch and --arch-kwargs against the model that was saved",
+            f"the state_dict does not fit {target or f'--arch {spec}'}: {'; '.join(problems)}", fix
         )
 
 
