@@ -323,3 +323,72 @@ def test_a_folder_without_config_or_weights_says_what_is_missing(
     (folder / "model.safetensors").unlink()
     result = invoke(capsys, ["inspect", folder])
     assert_one_error_line(result, "has no model.safetensors or pytorch_model.bin")
+
+
+REMOTE_CONFIG = """
+from transformers import PretrainedConfig
+
+
+class TinyBNConfig(PretrainedConfig):
+    model_type = "tiny-bn"
+
+    def __init__(self, channels=4, **kwargs):
+        self.channels = channels
+        super().__init__(**kwargs)
+"""
+
+REMOTE_MODEL = """
+from torch import nn
+from transformers import PreTrainedModel
+
+from .configuration_tiny import TinyBNConfig
+
+
+class TinyBNModel(PreTrainedModel):
+    config_class = TinyBNConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.conv = nn.Conv2d(1, config.channels, 3)
+        self.norm = nn.BatchNorm2d(config.channels)
+        self.post_init()
+
+    def forward(self, pixel_values):
+        return self.norm(self.conv(pixel_values))
+"""
+
+
+def test_trusted_remote_code_is_imported_from_the_folder_only(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # transformers copies the folder's code into its modules cache before importing it: a fresh one here.
+    monkeypatch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "configuration_tiny.py").write_text(REMOTE_CONFIG)
+    (folder / "modeling_tiny.py").write_text(REMOTE_MODEL)
+    config = {
+        "model_type": "tiny-bn",
+        "channels": 4,
+        "image_size": 8,
+        "num_channels": 1,
+        "auto_map": {"AutoConfig": "configuration_tiny.TinyBNConfig", "AutoModel": "modeling_tiny.TinyBNModel"},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import save_file
+
+    norm = nn.BatchNorm2d(4)
+    norm.running_mean.copy_(torch.arange(4.0))
+    weights = {f"norm.{key}": value for key, value in norm.state_dict().items()}
+    save_file(
+        weights | {"conv.weight": torch.ones(4, 1, 3, 3), "conv.bias": torch.zeros(4)}, folder / "model.safetensors"
+    )
+    refused = invoke(capsys, ["layers", folder])
+    assert_one_error_line(refused, "configuration_tiny.TinyBNConfig", "--trust-remote-code")
+    result = invoke(capsys, ["layers", folder, "--trust-remote-code", "--format", "json"])
+    assert result.code == 0, result.err
+    (layer,) = json.loads(result.out)["layers"]
+    assert (layer["name"], layer["running_mean"]) == ("norm", [0.0, 1.0, 2.0, 3.0])
+    loaded = load_model(folder, trust_remote_code=True)
+    assert type(loaded.module).__name__ == "TinyBNModel" and loaded.sample_shape == (1, 8, 8)
