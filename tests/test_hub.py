@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -157,6 +158,19 @@ def test_a_pytorch_model_bin_folder_loads_through_the_safe_loader(
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     loaded = load_model(tmp_path)
     assert torch.equal(loaded.module.state_dict()["classifier.1.weight"], model.state_dict()["classifier.1.weight"])
+
+
+def test_loading_a_folder_opens_no_connection(
+    folders: dict[str, tuple[Path, nn.Module]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*_args: object) -> None:
+        raise AssertionError("bn-inspect tried to connect")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for folder, _ in folders.values():
+        assert load_model(folder).format == "huggingface"
 
 
 def test_import_bn_inspect_and_loading_a_file_never_import_transformers() -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,21 +56,6 @@ def load_model_folder(folder: Path, *, trust_remote_code: bool = False, map_loca
     return FolderModel(module.eval().to(map_location), library, sample_shape(config), digest, notes)
 
 
-@contextmanager
-def _offline() -> Iterator[None]:
-    """The hub's offline switches on while transformers builds: nothing it calls may download."""
-    saved = {name: os.environ.get(name) for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ.update(dict.fromkeys(saved, "1"))
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def _transformers_model(folder: Path, config_dict: dict[str, Any]) -> nn.Module:
     try:
         import transformers
@@ -81,24 +64,24 @@ def _transformers_model(folder: Path, config_dict: dict[str, Any]) -> nn.Module:
             f"{folder} is a Hugging Face model folder, and building its model needs transformers",
             "pip install 'bn-inspect[hf]'",
         ) from None
-    with _offline():
-        if config_dict.get("auto_map") is not None:  # check_remote_code let it through: trusted
-            config, model_class = _remote_classes(folder, config_dict)
-        else:
-            config = _known_config(folder, config_dict, transformers.__version__)
-            model_class = _named_class(config, transformers)
-        try:
-            if model_class is not None:
-                return model_class(config)  # type: ignore[no-any-return]
-            return _auto_model(config)
-        except ModelFileError:
-            raise
-        except Exception as error:
-            raise ModelFileError(
-                f"model folder {folder}: transformers cannot build a model from {CONFIG_NAME} "
-                f"({type(error).__name__}: {str(error)[:160]})",
-                "Check config.json, or re-save the model with save_pretrained",
-            ) from error
+    # Built from the config alone (no from_pretrained, no hub call): nothing can be downloaded. The
+    # hub's HF_HUB_OFFLINE is not set for it: huggingface_hub reads it once, at its first import, so
+    # it would stay set for the rest of a Python API user's process.
+    if config_dict.get("auto_map") is not None:  # check_remote_code let it through: trusted
+        config, model_class = _remote_classes(folder, config_dict)
+    else:
+        config = _known_config(folder, config_dict, transformers.__version__)
+        model_class = _named_class(config, transformers)
+    try:
+        if model_class is not None:
+            return model_class(config)  # type: ignore[no-any-return]
+        return _auto_model(config)
+    except Exception as error:
+        raise ModelFileError(
+            f"model folder {folder}: transformers cannot build a model from {CONFIG_NAME} "
+            f"({type(error).__name__}: {str(error)[:160]})",
+            "Check config.json, or re-save the model with save_pretrained",
+        ) from error
 
 
 def _known_config(folder: Path, config_dict: dict[str, Any], version: str) -> Any:
@@ -160,12 +143,13 @@ def _remote_classes(folder: Path, config_dict: dict[str, Any]) -> tuple[Any, Any
     try:
         config_class: Any = get_class_from_dynamic_module(config_ref, str(folder), local_files_only=True)
         model_class = get_class_from_dynamic_module(model_ref, str(folder), local_files_only=True)
+        config = config_class.from_dict(config_dict)
     except Exception as error:
         raise ModelFileError(
             f"model folder {folder}: its own code cannot be imported ({type(error).__name__}: {str(error)[:160]})",
             "Check the folder's Python files",
         ) from error
-    return config_class.from_dict(config_dict), model_class
+    return config, model_class
 
 
 def _timm_model(folder: Path, config: Mapping[str, Any]) -> nn.Module:
