@@ -125,7 +125,11 @@ def test_the_bn_inputs_are_the_rescaled_quantized_convolution(qat_model: nn.Modu
     measured = api_layers(qat_model, images)
     assert state_fingerprint(qat_model) == before
     assert_matches(measured, float64_bn_inputs(qat_model, images))
-    assert [layer.flags for layer in inspect_model(qat_model, images.split(64)).layers] == [("qat",)] * 3
+    report = inspect_model(qat_model, images.split(64))
+    assert [layer.flags for layer in report.layers] == [("qat",)] * 3
+    assert (
+        "Inside the QAT ConvBnReLU2d, that input is conv(x, fake_quant(W·s))/s + b" in report.layers[0].explanation.raw
+    )
     # The plain convolution's output is measurably another tensor: the check above tells them apart.
     plain = float64_bn_inputs(qat_model, images, quantized=False)
     name, batch_mean, _ = measured[1]

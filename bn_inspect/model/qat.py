@@ -34,6 +34,15 @@ class QatOwner:
     is_frozen: bool
 
     @property
+    def input_sentence(self) -> str:
+        """What the BatchNorm's input is, for the layer's explanation."""
+        operation = "linear" if self.type_name.startswith("Linear") else "conv"
+        return (
+            f" Inside the QAT {self.type_name}, that input is {operation}(x, fake_quant(W·s))/s + b with "
+            "s = weight/√(running var + eps): the layer as its quantized weights compute it."
+        )
+
+    @property
     def folds_in_eval(self) -> bool:
         """True where the forward never calls ``bn`` in eval mode (torch's slow, exact path)."""
         return bool(getattr(self.module, "_enable_slow_path_for_better_numerical_stability", False))
