@@ -44,6 +44,19 @@ class UntrustedPickleError(BnInspectError):
         )
 
 
+class RemoteCodeError(BnInspectError):
+    """A model folder's config names code in the folder (``auto_map``); refused without --trust-remote-code."""
+
+    def __init__(self, folder: str, classes: list[str]) -> None:
+        self.classes = classes
+        super().__init__(
+            f"model folder {folder}: config.json names code of its own ({', '.join(classes)} in auto_map), "
+            "which building the model would import and run",
+            "If you trust the folder's Python files, pass --trust-remote-code; otherwise ask for a model "
+            "that transformers builds itself",
+        )
+
+
 class ArchError(BnInspectError):
     """The --arch spec or --arch-kwargs cannot build a model."""
 

@@ -102,6 +102,7 @@ class RunOptions:
     arch: str | None = None
     arch_kwargs: str | None = None
     trust_pickle: bool = False
+    trust_remote_code: bool = False
     shape: str | None = None
     input_file: Path | None = None
     input_key: str | None = None

@@ -352,3 +352,56 @@ def uneven_batches(
         return [draw(size, seed + index) for index, size in enumerate(sizes)]
     data = make_input((sum(sizes), 3, 6, 5), mean=2.0, std=1.5, seed=seed)
     return list(data.split(list(sizes)))
+
+
+def qat_digits(freeze_bn: bool = False) -> nn.Module:
+    """The sample DigitsCNN fused and prepared for quantization-aware training (an --arch for its state_dict).
+
+    Conv+BN+ReLU twice as ConvBnReLU2d, Conv+BN once as ConvBn2d (its ReLU stays separate), each
+    BatchNorm the child ``bn`` of its fused module; ``freeze_bn`` freezes their statistics.
+    """
+    import torch.ao.quantization as quantization
+
+    from sample_models.architectures import DigitsCNN
+
+    model = DigitsCNN().train()
+    quantization.fuse_modules_qat(
+        model,
+        [
+            ["features.0", "features.1", "features.2"],
+            ["features.3", "features.4"],
+            ["features.7", "features.8", "features.9"],
+        ],
+        inplace=True,
+    )
+    model.qconfig = quantization.get_default_qat_qconfig("fbgemm")  # type: ignore[assignment]
+    quantization.prepare_qat(model, inplace=True)
+    if freeze_bn:
+        from torch.ao.nn.intrinsic.qat import freeze_bn_stats
+
+        model.apply(freeze_bn_stats)
+    return model
+
+
+class LinearBNHead(nn.Module):
+    """Linear+BatchNorm1d on flattened 8x8 digits, for LinearBn1d once fused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 24)
+        self.bn = nn.BatchNorm1d(24)
+        self.out = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.bn(self.fc(torch.flatten(x, 1)))))
+
+
+def qat_linear_head() -> nn.Module:
+    """LinearBNHead prepared for quantization-aware training: ``fc`` a LinearBn1d holding ``bn``."""
+    import torch.ao.quantization as quantization
+
+    model = LinearBNHead().train()
+    quantization.fuse_modules_qat(model, [["fc", "bn"]], inplace=True)
+    model.qconfig = quantization.get_default_qat_qconfig("fbgemm")  # type: ignore[assignment]
+    quantization.prepare_qat(model, inplace=True)
+    return model

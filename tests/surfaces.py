@@ -46,6 +46,8 @@ H = Hazard
 SURFACES: tuple[Surface, ...] = (
     # Readers: one per bn_inspect.boundary.reading.Source.
     _surface("read:model", "reader", H.EXECUTION, H.HANG, H.MEMORY, H.TRACEBACK),
+    # A Hugging Face model folder's config.json: names the code that builds the model.
+    _surface("read:model-config", "reader", H.EXECUTION, H.HANG, H.MEMORY, H.TRACEBACK),
     _surface("read:input-file", "reader", H.EXECUTION, H.HANG, H.MEMORY, H.TRACEBACK),
     _surface("read:input-shard", "reader", H.HANG, H.MEMORY, H.TRACEBACK),
     _surface("read:image", "reader", H.EXECUTION, H.HANG, H.MEMORY, H.TRACEBACK),

@@ -170,7 +170,11 @@ ON_DIGITS = "$digits --arch $A"
 CASES = {
     # the model file
     "missing-file": Case(f"$dir/missing.pt {S}", "Error: model file $dir/missing.pt does not exist. Check the path"),
-    "directory": Case(f"$dir {S}", "Error: model file $dir is a directory. Give the path of a saved model file"),
+    "directory": Case(
+        f"$dir {S}",
+        "Error: model file $dir is a directory without a config.json. Give the path of a saved model file, "
+        "or a folder written by save_pretrained (config.json and model.safetensors)",
+    ),
     "empty-file": Case(f"$dir/empty.pt {S}", "Error: model file $dir/empty.pt is empty. Re-save or re-download it"),
     "random-bytes": Case(
         f"$dir/random.pt {S}",

@@ -447,7 +447,27 @@ def test_all_three_problems_at_once(tmp_path: Path, state_dict: dict[str, torch.
 
 
 def test_long_key_lists_are_cut(tmp_path: Path, state_dict: dict[str, torch.Tensor]) -> None:
-    path = save({f"other.{k}": v for k, v in state_dict.items()}, tmp_path / "sd.pt")
+    # No prefix makes these keys fit (a prefix that did would be stripped: see the test below).
+    path = save({k.replace(".", "_"): v for k, v in state_dict.items()}, tmp_path / "sd.pt")
+    with pytest.raises(StateDictMismatchError, match=r"and \d+ more"):
+        load_model(path, arch=ARCH)
+
+
+def test_an_owner_prefix_that_makes_the_keys_fit_is_stripped_and_named(
+    tmp_path: Path, state_dict: dict[str, torch.Tensor]
+) -> None:
+    owned = {f"net.{k}": v for k, v in state_dict.items()} | {"loss.weight": torch.ones(10)}
+    loaded = load_model(save({"state_dict": owned}, tmp_path / "ck.pt"), arch=ARCH)
+    assert_weights_equal(loaded.module, state_dict)
+    (note,) = loaded.notes
+    assert "under the prefix 'net.'" in note and "1 entries outside it are left out" in note
+
+
+def test_a_prefix_covering_only_part_of_the_model_is_not_stripped(
+    tmp_path: Path, state_dict: dict[str, torch.Tensor]
+) -> None:
+    partial = {f"net.{k}": v for k, v in state_dict.items() if not k.startswith("classifier.")}
+    path = save(partial, tmp_path / "sd.pt")
     with pytest.raises(StateDictMismatchError, match=r"and \d+ more"):
         load_model(path, arch=ARCH)
 

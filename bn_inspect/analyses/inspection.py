@@ -388,6 +388,8 @@ def _layer_report(record: CallRecord, mode: Mode) -> LayerReport:
         batch_mean, batch_var = _floats(moments.mean), _floats(moments.biased_var())
         batch_var_unbiased = _floats(moments.unbiased_var())
     explanation = axes.sentence + run_summary(values_per_channel, record.num_batches, record.batch_sizes)
+    if layer.qat_owner is not None:
+        explanation += layer.qat_owner.input_sentence
     num_channels = layer.num_channels
     if num_channels is None and layer.family in (NormFamily.BATCH, NormFamily.INSTANCE, NormFamily.GROUP):
         num_channels = record.input_shape[0 if record.is_unbatched else 1]
@@ -437,4 +439,6 @@ def _flags(layer: NormLayer, batch_mean: Sequence[float] | None, batch_var: Sequ
         flags.append("untrained")
     if layer.family is NormFamily.BATCH and not layer.is_frozen and layer.running_mean is None:
         flags.append("no-running-stats")
+    if layer.qat_owner is not None:
+        flags.append("qat-frozen" if layer.qat_owner.is_frozen else "qat")
     return tuple(flags)

@@ -18,6 +18,7 @@ from torch import nn
 from bn_inspect.data.batch import Batch, RunTotals, as_batch
 from bn_inspect.engine.capture import CallRecord
 from bn_inspect.engine.preserve import preserved_state
+from bn_inspect.model.qat import observers_paused
 
 if TYPE_CHECKING:
     from bn_inspect.distributed.context import DistributedContext
@@ -66,6 +67,8 @@ def guarded_pass(model: nn.Module, run: DistributedContext | None, *, keep_state
             from bn_inspect.distributed.syncbn import local_sync_batch_norm
 
             stack.enter_context(local_sync_batch_norm(model))
+        # A QAT model's observers would requantize it batch by batch; every batch sees it as saved.
+        stack.enter_context(observers_paused(model))
         stack.enter_context(torch.no_grad())
         yield
 

@@ -221,16 +221,17 @@ def list_layers(options: RunOptions, observer: RunObserver) -> LayerListing:
     """
     from bn_inspect.model.arch import build_arch, parse_arch_kwargs
     from bn_inspect.model.layers import iter_norm_layers, states_from_state_dict
-    from bn_inspect.model.loading import LoadedModel, read_model_file
+    from bn_inspect.model.loading import LoadedModel, load_weights_into, read_model_file
     from bn_inspect.model.modules import find_layers, unwrap_compiled
-    from bn_inspect.model.state_dict import load_state_into
     from bn_inspect.report.records import LayerListing, ModelInfo
 
     if options.model is None:
         raise InputError("layers needs a model file", "Give the path of a model file")
     check_outputs(options)
     kwargs = parse_arch_kwargs(options.arch_kwargs)
-    content = read_model_file(options.model, trust_pickle=options.trust_pickle)
+    content = read_model_file(
+        options.model, trust_pickle=options.trust_pickle, trust_remote_code=options.trust_remote_code
+    )
     observer.loaded()
     if isinstance(content, LoadedModel):
         layers, _ = find_layers(unwrap_compiled(content.module))
@@ -238,7 +239,8 @@ def list_layers(options: RunOptions, observer: RunObserver) -> LayerListing:
         return LayerListing(info, tuple(layer.state() for layer in layers))
     if options.arch is not None:
         module = build_arch(options.arch, kwargs)
-        load_state_into(module, content.state_dict, options.arch)
+        for note in load_weights_into(module, content, options.arch):
+            observer.note(note)
         # A state_dict stores no training flags: the fresh architecture's would pass for the file's.
         states = tuple(
             replace(layer.state(), is_training=None, affine_requires_grad=None) for layer in iter_norm_layers(module)

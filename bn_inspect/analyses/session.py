@@ -231,8 +231,15 @@ def prepare_run(
 
     torch.manual_seed(options.seed)
     loaded = load_model(
-        options.model, arch=options.arch, arch_kwargs=kwargs, trust_pickle=options.trust_pickle, map_location=device
+        options.model,
+        arch=options.arch,
+        arch_kwargs=kwargs,
+        trust_pickle=options.trust_pickle,
+        map_location=device,
+        trust_remote_code=options.trust_remote_code,
     )
+    for note in loaded.notes:
+        observer.note(note)
     if options.model is None:
         loaded = LoadedModel(loaded.module.to(device), loaded.source, loaded.format, loaded.arch, loaded.sha256)
     elif options.arch is not None and loaded.arch is None:
@@ -247,7 +254,7 @@ def prepare_run(
         images = fit_to_model(images, loaded.module, options, kwargs)
         batches, source = image_batches(images, options, observer, shard)
     if needs_data and batches is None:
-        batches, source = _guessed_batches(loaded.module, options, observer, shard)
+        batches, source = _guessed_batches(loaded, options, observer, shard)
     if batches is not None and loaded.format == "torch.export":
         batches = iter(ExportedBatches(loaded.module, batches, observer))
     observer.loaded()
@@ -337,12 +344,17 @@ def _my_share(batches: Iterator[Batch], shard: tuple[int, int]) -> Iterator[Batc
 
 
 def _guessed_batches(
-    module: nn.Module, options: RunOptions, observer: RunObserver, shard: tuple[int, int]
+    loaded: LoadedModel, options: RunOptions, observer: RunObserver, shard: tuple[int, int]
 ) -> tuple[Iterator[Batch], str]:
-    """Random batches of the shape read off the model's first layer, when one of the tried sizes runs."""
+    """Random batches of the shape the model file gives (a model folder's config), else one read off
+    the model's first layer, when one of the tried sizes runs."""
     from bn_inspect.data.shapes import random_batches
 
-    chosen, reason = _input_shape_of(module, options.batch_size or 8)
+    if loaded.sample_shape is not None:
+        chosen = (options.batch_size or 8, *loaded.sample_shape)
+        reason = "the model folder's config.json gives that input size"
+    else:
+        chosen, reason = _input_shape_of(loaded.module, options.batch_size or 8)
     observer.note(
         f"No --shape or --input: using random normal input of shape {tuple(chosen)}, because {reason}. "
         "Pass --shape to choose."

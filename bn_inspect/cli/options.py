@@ -69,6 +69,14 @@ TrustPickleOpt = Annotated[
         "This runs code from the file: only for files you trust.",
     ),
 ]
+TrustRemoteCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="For a Hugging Face model folder whose config.json names its own code (auto_map): import and run "
+        "the folder's Python files to build the model. Only for folders you trust; nothing is downloaded.",
+    ),
+]
 ShapeOpt = Annotated[str | None, typer.Option("--shape", help="Random normal input of this shape, e.g. 16,3,32,32.")]
 InputOpt = Annotated[
     Path | None,

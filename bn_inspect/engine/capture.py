@@ -36,6 +36,7 @@ from bn_inspect.model.layers import (
     describe_functional,
     functional_candidates,
 )
+from bn_inspect.model.qat import folded_input
 
 
 @dataclass
@@ -275,6 +276,18 @@ class _LayerNormKernelWatch(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _folded_hook(layer: NormLayer, recorder: StatisticsRecorder) -> Callable[..., None]:
+    """A pre-hook on a QAT module that folds its BatchNorm in eval: it observes what the BN would normalize."""
+
+    def hook(owner: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # A training bn is called, and its own hook sees its input; a folded one never is.
+        x = _first_tensor(args, kwargs)
+        if x is not None and not layer.module.training:
+            recorder.observe(layer, folded_input(owner, x))
+
+    return hook
+
+
 @contextmanager
 def hooks_capture(layers: list[NormLayer], recorder: StatisticsRecorder, *, fuse: bool = True) -> Iterator[None]:
     """Forward pre-hooks on every layer for the duration of the block, removed even on error.
@@ -327,6 +340,10 @@ def hooks_capture(layers: list[NormLayer], recorder: StatisticsRecorder, *, fuse
     fused: list[nn.Module] = []
     try:
         for layer in layers:
+            if layer.qat_owner is not None and layer.qat_owner.folds_in_eval:
+                handles.append(
+                    layer.qat_owner.module.register_forward_pre_hook(_folded_hook(layer, recorder), with_kwargs=True)
+                )
             if fuse and layer.family is NormFamily.BATCH and fused_may_run(layer.module):
                 # An instance attribute shadows the class's forward; __call__ (and so every hook
                 # of the user's) runs as before, and the attribute is deleted again below.

@@ -367,3 +367,14 @@ def _check_graph_targets(path: Path, member: str, data: bytes) -> None:
                 f"has a graph node in {member} that calls {operator}, an operator that reaches files, "
                 "processes or the network",
             )
+
+
+def load_safetensors_bytes(opened: OpenedInput, map_location: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file read from its bytes (safetensors checks every header offset against them)."""
+    from safetensors.torch import load
+
+    try:
+        tensors = load(opened.read_bytes())
+        return {key: tensor.to(map_location) for key, tensor in tensors.items()}
+    except Exception as error:
+        raise corrupt_file_error(opened.path, error) from error

@@ -9,6 +9,7 @@ from enum import Enum
 import torch
 from torch import nn
 
+from bn_inspect.model.qat import QatOwner, qat_owners
 from bn_inspect.report.records import LayerState
 from bn_inspect.text import Untrusted
 
@@ -81,6 +82,7 @@ class NormLayer:
     buffer_dtype: str | None = None
     owner_tensors: tuple[torch.Tensor, ...] = ()
     observed_training: bool | None = None
+    qat_owner: QatOwner | None = None
 
     def state(self) -> LayerState:
         """The torch-free facts of this layer, for reports and rules."""
@@ -105,6 +107,8 @@ class NormLayer:
             is_frozen=self.is_frozen,
             is_lazy=self.is_lazy,
             eval_uses=self.normalizes_with(is_training=False),
+            fused_into=None if self.qat_owner is None else Untrusted(self.qat_owner.type_name),
+            is_qat_frozen=self.qat_owner is not None and self.qat_owner.is_frozen,
         )
 
     @property
@@ -124,7 +128,7 @@ class NormLayer:
         input statistics unless it tracks running ones and is in eval mode. Group, layer and RMS
         norms always use the statistics of the input itself.
         """
-        if self.is_frozen:
+        if self.is_frozen or (self.qat_owner is not None and self.qat_owner.is_frozen):
             return "running"
         if self.observed_training is not None:
             is_training = self.observed_training
@@ -178,10 +182,12 @@ def _is_frozen_batch_norm(module: nn.Module) -> bool:
 def iter_norm_layers(model: nn.Module) -> list[NormLayer]:
     """Every normalization layer of ``model`` in registration order, shared modules once."""
     layers = []
+    owners = qat_owners(model)
     for name, module in model.named_modules():
         family = norm_family(module)
         if family is not None:
-            layers.append(describe_layer(name or type(module).__name__, module, family))
+            layer = describe_layer(name or type(module).__name__, module, family)
+            layers.append(replace(layer, qat_owner=owners.get(id(module))))
     return layers
 
 

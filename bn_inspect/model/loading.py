@@ -12,8 +12,17 @@ from bn_inspect.errors import ArchError
 from bn_inspect.model.arch import build_arch, declare_source
 from bn_inspect.model.archives import load_exported, load_safetensors, load_torchscript
 from bn_inspect.model.files import FileKind, file_kind, file_sha256, open_model_file
+from bn_inspect.model.hub import is_model_folder
+from bn_inspect.model.hub_models import load_model_folder
 from bn_inspect.model.pickles import torch_load
-from bn_inspect.model.state_dict import STATE_DICT_KEYS, extract_state_dict, load_state_into, validate_state_dict
+from bn_inspect.model.state_dict import (
+    STATE_DICT_KEYS,
+    extract_state_dict,
+    load_state_into,
+    owner_prefix,
+    under_prefix,
+    validate_state_dict,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -24,8 +33,11 @@ if TYPE_CHECKING:
 class LoadedModel:
     """A model ready to inspect and a description of where it came from.
 
-    ``format`` is one of: state_dict, checkpoint, safetensors, torchscript, pickle, arch.
-    ``sha256`` is the hex SHA-256 of the model file's bytes (None for a fresh --arch).
+    ``format`` is one of: state_dict, checkpoint, safetensors, torchscript, torch.export, pickle,
+    arch, huggingface, timm. ``sha256`` is the hex SHA-256 of the model file's bytes (of the weights
+    file for a model folder; None for a fresh --arch). ``notes`` are what a user should know about
+    how it was loaded (a prefix stripped from the file's keys). ``sample_shape`` is the input one
+    sample takes where the file says so (a model folder's config), else None.
     """
 
     module: nn.Module
@@ -33,6 +45,8 @@ class LoadedModel:
     format: str
     arch: str | None
     sha256: str | None = None
+    notes: tuple[str, ...] = ()
+    sample_shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -45,12 +59,22 @@ class Weights:
     sha256: str | None = None
 
 
-def read_model_file(path: Path, *, trust_pickle: bool = False, map_location: str = "cpu") -> LoadedModel | Weights:
-    """A whole model (TorchScript, torch.export, pickle) or the weights a file holds, loaded safely.
+def read_model_file(
+    path: Path, *, trust_pickle: bool = False, map_location: str = "cpu", trust_remote_code: bool = False
+) -> LoadedModel | Weights:
+    """A whole model (TorchScript, torch.export, pickle, a model folder) or the weights a file holds, loaded safely.
+
+    A folder is a Hugging Face or timm model folder (config.json and its weights, docs/formats.md):
+    built with transformers or timm, its own code (``auto_map``) run only with ``trust_remote_code``.
 
     Raises:
-        ModelFileError, UntrustedPickleError.
+        ModelFileError, UntrustedPickleError, RemoteCodeError, StateDictMismatchError.
     """
+    if is_model_folder(path):
+        folder = load_model_folder(Path(path), trust_remote_code=trust_remote_code, map_location=map_location)
+        return LoadedModel(
+            folder.module, str(path), folder.format, None, folder.sha256, folder.notes, folder.sample_shape
+        )
     # One open for every step: what is detected, hashed and loaded is the one checked file.
     with open_model_file(path) as opened:
         return _read_opened(opened, trust_pickle, map_location)
@@ -89,6 +113,7 @@ def load_model(
     arch_kwargs: Mapping[str, Any] | None = None,
     trust_pickle: bool = False,
     map_location: str = "cpu",
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a model file (or build --arch alone) without running code from the file by default.
 
@@ -98,9 +123,11 @@ def load_model(
         arch_kwargs: keyword arguments for the arch callable.
         trust_pickle: allow unpickling arbitrary classes, which runs code from the file.
         map_location: device to load tensors onto.
+        trust_remote_code: for a model folder whose config names its own code (``auto_map``),
+            import and run that code.
 
     Raises:
-        ModelFileError, UntrustedPickleError, ArchError, StateDictMismatchError.
+        ModelFileError, UntrustedPickleError, RemoteCodeError, ArchError, StateDictMismatchError.
     """
     kwargs = dict(arch_kwargs or {})
     if arch is not None:
@@ -109,7 +136,9 @@ def load_model(
         if arch is None:
             raise ArchError("no model given", "Give a MODEL file, or --arch to inspect a fresh architecture")
         return LoadedModel(build_arch(arch, kwargs), "<arch>", "arch", arch)
-    content = read_model_file(path, trust_pickle=trust_pickle, map_location=map_location)
+    content = read_model_file(
+        path, trust_pickle=trust_pickle, map_location=map_location, trust_remote_code=trust_remote_code
+    )
     if isinstance(content, LoadedModel):
         return content
     if arch is None:
@@ -118,5 +147,29 @@ def load_model(
             "Pass --arch package.module:callable (or path/to/file.py:callable) that builds the model",
         )
     module = build_arch(arch, kwargs)
-    load_state_into(module, content.state_dict, arch)
-    return LoadedModel(module, str(path), content.format, arch, content.sha256)
+    notes = load_weights_into(module, content, arch)
+    return LoadedModel(module, str(path), content.format, arch, content.sha256, notes)
+
+
+def load_weights_into(module: nn.Module, weights: Weights, arch: str) -> tuple[str, ...]:
+    """Load a file's weights into the --arch module, the owner's prefix stripped where that makes them fit.
+
+    Returns:
+        The notes for the user: which prefix was stripped, if one was.
+
+    Raises:
+        StateDictMismatchError: the weights do not fit, with or without a prefix.
+    """
+    state_dict = weights.state_dict
+    prefix = owner_prefix(list(state_dict), list(module.state_dict()))
+    if prefix is None:
+        load_state_into(module, state_dict, arch)
+        return ()
+    kept = under_prefix(state_dict, prefix)
+    load_state_into(module, kept, arch)
+    left_out = len(state_dict) - len(kept)
+    others = f"; {left_out} entries outside it are left out" if left_out else ""
+    return (
+        f"note: the weights that fit --arch {arch} are under the prefix {prefix!r} in {weights.source} "
+        f"(a LightningModule keeps its network under the attribute that holds it), which was stripped{others}.",
+    )

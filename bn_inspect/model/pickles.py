@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import pickletools
 import zipfile
+from contextlib import AbstractContextManager
 from typing import Any, cast
 
 from bn_inspect.boundary.reading import OpenedInput
@@ -122,6 +123,23 @@ def scan_globals(data: bytes, max_pickles: int) -> tuple[set[str], bool]:
     return found, is_well_formed
 
 
+def plain_data_globals() -> AbstractContextManager[None]:
+    """torch's weights-only unpickler, with the plain data types that checkpoints keep beside their weights allowed.
+
+    A Lightning checkpoint's ``hyper_parameters`` hold what the training script was given, paths
+    among them: a pathlib path rebuilds from its string parts and reads nothing. Nothing that runs
+    code or reaches a file joins this list.
+    """
+    import pathlib
+
+    import torch
+
+    return cast(
+        AbstractContextManager[None],
+        torch.serialization.safe_globals([pathlib.PosixPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]),
+    )
+
+
 def torch_load(opened: OpenedInput, map_location: str, trust_pickle: bool, kind: FileKind) -> Any:
     """``torch.load`` with the weights-only unpickler; a full unpickle only when ``trust_pickle``.
 
@@ -136,14 +154,15 @@ def torch_load(opened: OpenedInput, map_location: str, trust_pickle: bool, kind:
     path = opened.path
     try:
         # An open stream, not a path: torch.load hands any path ending in .safetensors to safetensors.
-        with opened.stream() as stream, warnings.catch_warnings():
+        with opened.stream() as stream, warnings.catch_warnings(), plain_data_globals():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error says enough
             return torch.load(stream, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         if "Weights only load failed" not in str(error):
             raise corrupt_file_error(path, error) from error
         found, is_well_formed = _scan_file(opened, kind)
-        unsafe = unsafe_globals(found)
+        with plain_data_globals():
+            unsafe = unsafe_globals(found)
         if not trust_pickle and unsafe:
             raise UntrustedPickleError(str(path), unsafe) from None
         if not is_well_formed:

@@ -16,8 +16,9 @@ from bn_inspect.boundary.writing import Destination, check_output_target, output
 from bn_inspect.errors import BnInspectError, OutputError
 from bn_inspect.model.archives import load_exported_program
 from bn_inspect.model.files import open_model_file
+from bn_inspect.model.pickles import plain_data_globals
 from bn_inspect.model.provenance import METADATA_KEY, RECORD_NAME, record_bytes, with_record_entry
-from bn_inspect.model.state_dict import extract_state_dict, strip_prefixes
+from bn_inspect.model.state_dict import extract_state_dict, owner_prefix, strip_prefixes
 from bn_inspect.report.provenance import RecalibrationProvenance
 
 
@@ -178,7 +179,7 @@ def _save_format(loaded_format: SaveFormat | str) -> SaveFormat:
 def _load_weights_only(source: Path) -> object:
     with open_model_file(source) as opened:
         try:
-            with opened.stream() as stream:
+            with opened.stream() as stream, plain_data_globals():
                 return torch.load(stream, map_location="cpu", weights_only=True)
         except Exception as error:
             raise OutputError(
@@ -199,9 +200,11 @@ def _replaced(saved: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
     if metadata is not None:
         # Module versions that load_state_dict uses to upgrade old layouts (BatchNorm's is one).
         replaced._metadata = metadata  # type: ignore[attr-defined]
+    # A LightningModule's network sits under its attribute's prefix, as when it was loaded.
+    prefix = owner_prefix(stripped, list(current)) or ""
     for key, short in zip(saved, stripped, strict=True):
         value = saved[key]
-        new = current.get(short)
+        new = current.get(short[len(prefix) :]) if short.startswith(prefix) else None
         if isinstance(value, torch.Tensor) and isinstance(new, torch.Tensor) and new.shape == value.shape:
             value = new.detach().to(device="cpu", dtype=value.dtype).clone()
         replaced[key] = value

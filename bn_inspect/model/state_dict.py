@@ -127,7 +127,51 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return result
 
 
-def load_state_into(module: nn.Module, state_dict: dict[str, torch.Tensor], spec: str) -> None:
+def owner_prefix(file_keys: list[str], module_keys: list[str]) -> str | None:
+    """The prefix that, stripped from the file's keys, makes them cover the module's; None if none is needed.
+
+    A LightningModule saves its network under the attribute that holds it (``model.conv.weight``
+    for ``self.model``), next to the state of other attributes (a loss's weights, metrics). The
+    shortest dotted prefix whose stripped keys include every key of the --arch module is the one;
+    keys outside it belong to other attributes. None when the keys fit as they are, or no prefix
+    makes them fit.
+    """
+    wanted = set(module_keys)
+    if not wanted or wanted <= set(file_keys):
+        return None
+    # Only a prefix that some file key carries in front of the module's first key can work.
+    first = module_keys[0]
+    candidates = sorted({key[: -len(first)] for key in file_keys if key.endswith("." + first)}, key=len)
+    for prefix in candidates:
+        if wanted <= {key[len(prefix) :] for key in file_keys if key.startswith(prefix)}:
+            return prefix
+    return None
+
+
+def under_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under ``prefix``, the prefix stripped (``_metadata`` kept alike)."""
+    result: dict[str, torch.Tensor] = OrderedDict(
+        (key[len(prefix) :], value) for key, value in state_dict.items() if key.startswith(prefix)
+    )
+    metadata = getattr(state_dict, "_metadata", None)
+    if isinstance(metadata, Mapping):
+        owner = prefix[:-1]
+        result._metadata = OrderedDict(  # type: ignore[attr-defined]
+            ("" if name == owner else name[len(prefix) :], value)
+            for name, value in metadata.items()
+            if name == owner or name.startswith(prefix)
+        )
+    return result
+
+
+def load_state_into(
+    module: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    spec: str,
+    *,
+    target: str | None = None,
+    fix: str = "Check --arch and --arch-kwargs against the model that was saved",
+) -> None:
     """Load as ``module.load_state_dict`` does, refusing what PyTorch reports as not fitting.
 
     Every module's own ``_load_from_state_dict`` and load hooks decide what fits, as in PyTorch:
@@ -135,6 +179,8 @@ def load_state_into(module: nn.Module, state_dict: dict[str, torch.Tensor], spec
     from the file. The missing and unexpected keys are the ones ``load_state_dict`` reports (after
     its post-hooks), the wrong shapes its size mismatches; the module is left partly loaded on
     failure, which is harmless because --arch has just built it.
+
+    ``target`` names the model in the error (``--arch spec`` unless given), ``fix`` says what to check.
 
     Raises:
         StateDictMismatchError: listing the missing, unexpected and misshapen keys by name.
@@ -167,8 +213,7 @@ def load_state_into(module: nn.Module, state_dict: dict[str, torch.Tensor], spec
     problems += [message for message in load_errors if _size_mismatch(message) is None][:1]
     if problems:
         raise StateDictMismatchError(
-            f"the state_dict does not fit --arch {spec}: {'; '.join(problems)}",
-            "Check --arch and --arch-kwargs against the model that was saved",
+            f"the state_dict does not fit {target or f'--arch {spec}'}: {'; '.join(problems)}", fix
         )
 
 

@@ -96,6 +96,9 @@ class LayerState:
     ``eval_uses`` says which statistics the layer would normalize with in eval mode: "running",
     or "batch" when it keeps none (its eval output then depends on the batch). ``is_training`` and
     ``affine_requires_grad`` are None where the file does not store them (a state_dict).
+    ``fused_into`` is the class of the quantization-aware-training module the layer sits in
+    (ConvBnReLU2d, LinearBn1d, ...; None outside one), ``is_qat_frozen`` whether that module's
+    ``freeze_bn`` is set (the statistics no longer update, and it normalizes with them in train mode too).
     """
 
     name: Untrusted
@@ -118,6 +121,8 @@ class LayerState:
     is_frozen: bool
     is_lazy: bool
     eval_uses: str
+    fused_into: Untrusted | None = None
+    is_qat_frozen: bool = False
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,23 @@ def state_findings(
 
 
 def _buffer_findings(s: LayerState, thresholds: Thresholds) -> list[Finding]:
-    return [*_nonfinite_findings(s), *_running_var_findings(s), *_update_findings(s, thresholds)]
+    return [*_nonfinite_findings(s), *_running_var_findings(s), *_update_findings(s, thresholds), *_qat_findings(s)]
+
+
+def _qat_findings(s: LayerState) -> list[Finding]:
+    """BN113: the BatchNorm of a quantization-aware-training module whose statistics are frozen."""
+    if not s.is_qat_frozen or s.fused_into is None:
+        return []
+    return [
+        _finding(
+            "BN113",
+            s.name,
+            f"this BatchNorm sits in a QAT {s.fused_into.inert()} whose freeze_bn is set: its running statistics "
+            "no longer update, and it normalizes with them in train mode too, as the converted model will. "
+            "Usual in the last epochs of QAT; if it was frozen from the start, they are the float model's "
+            "(update_bn_stats unfreezes it)",
+        )
+    ]
 
 
 def _nonfinite_findings(s: LayerState) -> list[Finding]:
