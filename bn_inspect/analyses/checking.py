@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,9 @@ from bn_inspect.report.records import LayerState, ModelInfo, Report
 from bn_inspect.report.rules import filter_ignored, report_findings, state_findings, unknown_codes
 from bn_inspect.text import Untrusted
 
+# BatchNorm's eps unless the constructor says otherwise; a state_dict does not store it.
+DEFAULT_EPS = 1e-5
+
 if TYPE_CHECKING:
     from bn_inspect.distributed.context import DistributedContext
 
@@ -43,6 +46,7 @@ def check_model(
     materialize_lazy: bool = False,
     distributed: DistributedContext | None = None,
     baseline: Baseline | None = None,
+    is_recalibrated: bool = False,
 ) -> CheckReport:
     """Run the BatchNorm health rules on ``model`` (and on ``batches``, when given).
 
@@ -66,17 +70,14 @@ def check_model(
             (BN111). Every rank judges the global statistics against its own running ones, so
             ranks agree unless their buffers diverge; report rank 0's verdict.
         baseline: a known-good report and tolerance: the BN3xx rules (report/baseline.py), over all ranks.
+        is_recalibrated: the model file holds bn-inspect's recalibration record (BN114 does not apply).
 
     Returns:
         The CheckReport; ``passed`` is False when a finding reaches ``fail_on``.
     """
     thresholds, run = thresholds or Thresholds(), joined_run(distributed)
     model = unwrap_compiled(model)
-    layers, _ = find_layers(model)
-    if not layers and not functional_candidates(model, []):
-        raise NoNormLayersError.for_action("check")
-    states = [layer.state() for layer in layers]
-    findings = state_findings(states, thresholds, flags_from_file=flags_from_file, model_is_training=model.training)
+    states, findings = _stored_state(model, thresholds, flags_from_file, is_recalibrated)
     notes: list[str] = []
     report: Report | None = None
     if batches is None:
@@ -107,6 +108,74 @@ def check_model(
         ignored=tuple(ignore),
         first_divergent=first.label if first else None,
         inspection=report,
+    )
+
+
+def _stored_state(
+    model: nn.Module, thresholds: Thresholds, flags_from_file: bool, is_recalibrated: bool
+) -> tuple[list[LayerState], list[Finding]]:
+    """The model's normalization layers as stored, and the BN1xx findings on them.
+
+    Raises:
+        NoNormLayersError: the model has none.
+    """
+    layers, _ = find_layers(model)
+    if not layers and not functional_candidates(model, []):
+        raise NoNormLayersError.for_action("check")
+    states = [layer.state() for layer in layers]
+    findings = state_findings(
+        states,
+        thresholds,
+        flags_from_file=flags_from_file,
+        model_is_training=model.training,
+        is_recalibrated=is_recalibrated,
+    )
+    return states, findings
+
+
+# What a bare state_dict cannot tell: check's one line on the rules it left out.
+WEIGHTS_ONLY_NOTE = (
+    "a state_dict without --arch: the rules on stored buffers ran (BN101-BN104, BN109, BN114) with eps taken "
+    "as PyTorch's default 1e-5; momentum (BN105, BN106), train mode and requires_grad (BN107, BN108), the "
+    "folding rules (BN4xx) and the data rules need --arch"
+)
+
+
+def check_weights(
+    states: Sequence[LayerState],
+    *,
+    thresholds: Thresholds | None = None,
+    fail_on: FailOn | str = FailOn.ERROR,
+    ignore: Sequence[str] = (),
+    model_info: ModelInfo,
+    is_recalibrated: bool = False,
+) -> CheckReport:
+    """The rules on stored buffers over the layers a bare state_dict holds (``states_from_state_dict``).
+
+    A state_dict stores neither eps nor momentum nor any flag: eps is taken as PyTorch's default
+    (so BN103 can judge), and the rules on momentum, modes and gradients are left out, as the
+    report's note says.
+
+    Raises:
+        NoNormLayersError: no key group with running_mean and running_var.
+    """
+    if not states:
+        raise NoNormLayersError.for_action("check")
+    thresholds = thresholds or Thresholds()
+    states = [replace(state, eps=DEFAULT_EPS if state.eps is None else state.eps) for state in states]
+    findings = state_findings(
+        states, thresholds, flags_from_file=False, model_is_training=False, is_recalibrated=is_recalibrated
+    )
+    return CheckReport(
+        model=model_info,
+        input=None,
+        mode=Untrusted(Mode.EVAL.value),
+        thresholds=thresholds,
+        fail_on=FailOn(fail_on),
+        findings=tuple(filter_ignored(with_causes(findings, None, states), ignore)),
+        layers=tuple(state.name for state in states),
+        notes=(WEIGHTS_ONLY_NOTE,),
+        ignored=tuple(ignore),
     )
 
 
