@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -9,13 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from bn_inspect.analyses.folding import folding_findings
 from bn_inspect.analyses.inspection import run_inspection
 from bn_inspect.analyses.passes import joined_run
 from bn_inspect.config import CheckConfig, load_check_config
+from bn_inspect.data.batch import Batch, as_batch
 from bn_inspect.errors import InputError, NoNormLayersError
 from bn_inspect.model.layers import functional_candidates
-from bn_inspect.model.modules import find_layers, in_memory_model_info, unwrap_compiled
-from bn_inspect.options import FailOn, Mode
+from bn_inspect.model.modules import find_layers, in_memory_model_info, model_device, model_float_dtype, unwrap_compiled
+from bn_inspect.options import FailOn, Mode, Precision
 from bn_inspect.report.baseline import Baseline, baseline_findings
 from bn_inspect.report.causes import with_causes
 from bn_inspect.report.diff import Tolerance
@@ -47,6 +50,8 @@ def check_model(
     distributed: DistributedContext | None = None,
     baseline: Baseline | None = None,
     is_recalibrated: bool = False,
+    fold: bool = False,
+    precision: Precision | str | None = None,
 ) -> CheckReport:
     """Run the BatchNorm health rules on ``model`` (and on ``batches``, when given).
 
@@ -71,6 +76,8 @@ def check_model(
             ranks agree unless their buffers diverge; report rank 0's verdict.
         baseline: a known-good report and tolerance: the BN3xx rules (report/baseline.py), over all ranks.
         is_recalibrated: the model file holds bn-inspect's recalibration record (BN114 does not apply).
+        fold, precision: the folding rules BN401-BN402; a deployment format (fp16, bf16, int8) adds
+            BN403 and, on the first batch, BN404 (analyses/folding.py).
 
     Returns:
         The CheckReport; ``passed`` is False when a finding reaches ``fail_on``.
@@ -78,11 +85,9 @@ def check_model(
     thresholds, run = thresholds or Thresholds(), joined_run(distributed)
     model = unwrap_compiled(model)
     states, findings = _stored_state(model, thresholds, flags_from_file, is_recalibrated)
-    notes: list[str] = []
+    batches, notes = _folding(model, batches, fold, precision, findings)
     report: Report | None = None
-    if batches is None:
-        notes.append("no data: only the rules on stored state (BN1xx) ran")
-    else:
+    if batches is not None:
         report = run_inspection(
             model,
             batches,
@@ -109,6 +114,41 @@ def check_model(
         first_divergent=first.label if first else None,
         inspection=report,
     )
+
+
+def _folding(
+    model: nn.Module,
+    batches: Iterable[Any] | None,
+    fold: bool,
+    precision: Precision | str | None,
+    findings: list[Finding],
+) -> tuple[Iterable[Any] | None, list[str]]:
+    """The folding rules' findings, added to ``findings``; the batches to run (the first one peeked)
+    and the notes so far (what did not run)."""
+    folding = fold or precision is not None
+    notes = (
+        []
+        if batches is not None
+        else [f"no data: only the rules on stored state (BN1xx{', BN401-BN403' * folding}) ran"]
+    )
+    if not folding:
+        return batches, notes
+    deployed = None if precision is None else Precision(precision)
+    sample, batches = _first_batch(model, batches) if deployed is not None else (None, batches)
+    folded, said = folding_findings(model, deployed, sample)
+    findings += folded
+    return batches, notes + said
+
+
+def _first_batch(model: nn.Module, batches: Iterable[Any] | None) -> tuple[Batch | None, Iterable[Any] | None]:
+    """The first batch on the model's device and in its dtype (for BN404), and all the batches, that one included."""
+    if batches is None:
+        return None, None
+    items = iter(batches)
+    first = next(items, None)
+    if first is None:
+        return None, ()
+    return as_batch(first).to(model_device(model), model_float_dtype(model)), itertools.chain([first], items)
 
 
 def _stored_state(
@@ -232,6 +272,8 @@ class CheckSettings:
     fail_on: FailOn
     ignore: list[str]
     tolerance: Tolerance = field(default_factory=Tolerance)
+    fold: bool = False
+    precision: Precision | None = None
 
 
 def check_settings(
@@ -290,7 +332,7 @@ def check_gate(
     Raises:
         ConfigError, InputError: as load_check_config and check_settings.
     """
-    return check_settings(
+    settings = check_settings(
         config if config is not None else load_check_config(folder or Path.cwd()),
         flags.get("departure_warning"),
         flags.get("departure_error"),
@@ -301,6 +343,7 @@ def check_gate(
         max_drift=flags.get("max_drift"),
         max_drift_var_ratio=flags.get("max_drift_var_ratio"),
     )
+    return replace(settings, fold=bool(flags.get("fold")), precision=flags.get("precision"))
 
 
 def _first(*values: float | bool | None) -> float:

@@ -134,6 +134,8 @@ def run_check(options: RunOptions, gate: CheckSettings, observer: RunObserver, *
             distributed=ranks,
             baseline=None if baseline is None else Baseline(baseline, gate.tolerance),
             is_recalibrated=is_recalibrated,
+            fold=gate.fold,
+            precision=gate.precision,
         )
         if result.input is not None:
             result = replace(result, input=prepared.input_details(result.input, ranks))

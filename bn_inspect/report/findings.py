@@ -74,6 +74,25 @@ RULES = {
             "batch statistics on the data drifted since --baseline, model unchanged",
         ),
         Rule("BN303", "layers-changed", Severity.ERROR, "layers added, removed, renamed or resized since --baseline"),
+        Rule("BN401", "bias-before-bn", Severity.INFO, "a Conv/Linear bias directly before BatchNorm is redundant"),
+        Rule(
+            "BN402",
+            "unfoldable-bn",
+            Severity.INFO,
+            "BatchNorm with nothing to fold into (warning with --precision)",
+        ),
+        Rule(
+            "BN403",
+            "fold-precision",
+            Severity.WARNING,
+            "with --precision: statistics or folded weights overflow, vanish or lose precision in that format",
+        ),
+        Rule(
+            "BN404",
+            "fold-output-change",
+            Severity.WARNING,
+            "with --precision and data: folding BatchNorm changes a layer's or the model's output",
+        ),
     )
 }
 
