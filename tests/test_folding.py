@@ -223,3 +223,11 @@ def test_lazy_modules_not_yet_run_are_said_and_not_folded() -> None:
     result = check_model(models.LazyConvBN(), [torch.randn(4, 3, 8, 8)], precision="fp16", materialize_lazy=True)
     assert not [f for f in result.findings if f.code.startswith("BN4")]
     assert any("lazy modules that have not run yet" in note for note in result.notes)
+
+
+def test_a_hostile_module_name_reaches_the_message_inert() -> None:
+    model = nn.Sequential()
+    model.add_module("conv\x1b[31m", nn.Conv2d(3, 4, 3))
+    model.add_module("bn", nn.BatchNorm2d(4))
+    (finding,) = [f for f in check_model(model.eval(), fold=True).findings if f.code == "BN401"]
+    assert "\x1b" not in finding.message and "conv\\x1b[31m (Conv2d)" in finding.message

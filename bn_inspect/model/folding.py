@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bn_inspect.report.folding import FoldSite
-from bn_inspect.text import Untrusted
+from bn_inspect.text import Untrusted, inert
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -35,9 +35,9 @@ def find_fold_sites(model: nn.Module) -> FoldGraph:
         return FoldGraph((), "a TorchScript or torch.export model keeps no BatchNorm modules to fold")
     try:
         graph = torch.fx.symbolic_trace(model).graph
-    except Exception as error:
+    except Exception as error:  # tracing runs the model's own forward: whatever it raises means no graph
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return FoldGraph((), f"torch.fx could not trace the model ({first[:160]})")
+        return FoldGraph((), f"torch.fx could not trace the model ({inert(first[:160])})")
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
     for node in graph.nodes:
@@ -65,10 +65,10 @@ def _site(node: torch.fx.Node, modules: dict[str, nn.Module], calls: dict[str, i
     if calls[str(node.target)] > 1 or calls[str(source.target)] > 1:
         return FoldSite(name, owner, kind, False, "it or its producer is called more than once")
     if len(source.users) > 1:
-        return FoldSite(name, owner, kind, False, f"the output of {owner.raw} is read elsewhere too")
+        return FoldSite(name, owner, kind, False, f"the output of {owner} is read elsewhere too")
     channels = producer.out_channels if isinstance(producer, _CONVS) else producer.out_features
     if channels != getattr(norm, "num_features", None):
-        return FoldSite(name, owner, kind, False, f"{owner.raw} gives {channels} channels, BatchNorm normalizes others")
+        return FoldSite(name, owner, kind, False, f"{owner} gives {channels} channels, BatchNorm normalizes others")
     bias = producer.bias
     bias_max = float(bias.detach().abs().max()) if bias is not None and bias.numel() else None
     return FoldSite(name, owner, kind, True, None, bias_max)
@@ -78,13 +78,13 @@ def _kind(source: torch.fx.Node, producer: nn.Module | None) -> str:
     if source.op == "placeholder":
         return "the model's input"
     if producer is not None:
-        return type(producer).__name__
+        return inert(type(producer).__name__)
     target = source.target
-    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+    return inert(target if isinstance(target, str) else str(getattr(target, "__name__", target)))
 
 
 def _named(owner: Untrusted | None, kind: str) -> str:
-    return f"{owner.raw} ({kind})" if owner is not None else kind
+    return f"{owner} ({kind})" if owner is not None else kind
 
 
 def fold_parameters(

@@ -107,7 +107,7 @@ def site_findings(sites: Sequence[FoldSite], *, deploys: bool) -> list[Finding]:
     """
     out: list[Finding] = []
     for site in sites:
-        producer = site.producer.raw if site.producer is not None else site.producer_kind
+        producer = site.producer if site.producer is not None else site.producer_kind
         if site.is_foldable and site.bias_max is not None:
             out.append(
                 _finding(
