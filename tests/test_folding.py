@@ -231,3 +231,33 @@ def test_a_hostile_module_name_reaches_the_message_inert() -> None:
     model.add_module("bn", nn.BatchNorm2d(4))
     (finding,) = [f for f in check_model(model.eval(), fold=True).findings if f.code == "BN401"]
     assert "\x1b" not in finding.message and "conv\\x1b[31m (Conv2d)" in finding.message
+
+
+def test_the_int8_output_change_matches_a_float64_reference() -> None:
+    from bn_inspect.analyses.folding import fold_changes
+    from bn_inspect.data.batch import as_batch
+    from bn_inspect.options import Precision
+
+    model = models.randomize_norm_state(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4))).eval()
+    with torch.no_grad():
+        model[1].weight[0] = 20.0  # channel 0's folded weights set the int8 scale of the whole tensor
+    x = models.make_input((64, 5), mean=2.0)
+    changes = {
+        (c.format, c.layer is None): c.change
+        for c in fold_changes(model, find_fold_sites(model), Precision.INT8, as_batch(x))
+    }
+    linear, norm = model[0], model[1]
+    tensors = [t.detach().double().numpy() for t in (linear.weight, linear.bias, norm.weight, norm.bias)]
+    folded, folded_bias, _ = _numpy_fold(
+        *tensors, norm.running_mean.double().numpy(), norm.running_var.double().numpy(), norm.eps
+    )
+    step = np.abs(folded).max() / 127
+    quantized = np.round(folded / step) * step
+    inputs = x.double().numpy()
+    exact = model.double()(x.double()).detach().numpy()
+    moved = inputs @ quantized.T + folded_bias - exact
+    expected = np.sqrt(np.mean(moved**2)) / np.sqrt(np.mean(exact**2))
+    assert expected > 1e-3
+    np.testing.assert_allclose(changes[("int8 (per-tensor weights)", True)], expected, rtol=1e-3)
+    np.testing.assert_allclose(changes[("int8 (per-tensor weights)", False)], expected, rtol=1e-3)
+    assert changes[("float32", True)] < 1e-6
