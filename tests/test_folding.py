@@ -261,3 +261,9 @@ def test_the_int8_output_change_matches_a_float64_reference() -> None:
     np.testing.assert_allclose(changes[("int8 (per-tensor weights)", True)], expected, rtol=1e-3)
     np.testing.assert_allclose(changes[("int8 (per-tensor weights)", False)], expected, rtol=1e-3)
     assert changes[("float32", True)] < 1e-6
+
+
+def test_bn404_says_its_largest_changes_even_when_silent() -> None:
+    result = check_model(_digits(), [_digits_batch()], precision="bf16")
+    (note,) = [note for note in result.notes if note.startswith("BN404 on the first batch")]
+    assert "folded in float32, the model's output moved" in note and "folded in bf16" in note

@@ -27,6 +27,7 @@ from bn_inspect.report.folding import (
     FoldHeadroom,
     FoldSite,
     change_findings,
+    change_summary,
     headroom_findings,
     site_findings,
 )
@@ -51,7 +52,10 @@ def folding_findings(
     if precision is not None:
         findings += headroom_findings(fold_headrooms(model, graph.sites, precision), precision.value)
     if precision is not None and batch is not None and graph.sites:
-        findings += change_findings(fold_changes(model, graph, precision, batch))
+        changes = fold_changes(model, graph, precision, batch)
+        findings += change_findings(changes)
+        summary = change_summary(changes)
+        notes += [summary] if summary is not None else []
     return findings, notes
 
 

@@ -213,3 +213,25 @@ def _moved(change: FoldChange) -> str:
     if math.isfinite(change.change):
         return f"moves by {change.change:.3g} of its scale"
     return "becomes NaN or infinite"
+
+
+def change_summary(changes: Sequence[FoldChange]) -> str | None:
+    """One line with the largest change per format, silent or not: the model's output and the worst folded layer."""
+    parts = []
+    for format in dict.fromkeys(change.format for change in changes):
+        mine = [change for change in changes if change.format == format]
+        model = next((change.change for change in mine if change.layer is None), None)
+        layers = [change for change in mine if change.layer is not None]
+        worst = max(
+            layers, key=lambda change: change.change if math.isfinite(change.change) else math.inf, default=None
+        )
+        said = f"folded in {format}, the model's output moved {model:.2g}" if model is not None else f"in {format}"
+        if worst is not None:
+            said += f", the folded layers at most {worst.change:.2g} ({worst.layer})"
+        parts.append(said)
+    if not parts:
+        return None
+    return (
+        f"BN404 on the first batch (each change as a share of its output's scale; limits {MAX_OUTPUT_CHANGE:g} "
+        f"for the model's output, {MAX_LAYER_CHANGE:g} for a layer): {'; '.join(parts)}"
+    )
