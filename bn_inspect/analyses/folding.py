@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from bn_inspect.data.batch import Batch
-from bn_inspect.model.fold_precision import FLOAT_FORMATS, channel_largest, float_headroom, int8_headroom
-from bn_inspect.model.folding import FoldGraph, find_fold_sites, fold_parameters, folded_copy
+from bn_inspect.model.fold_precision import FLOAT_FORMATS, layer_headrooms
+from bn_inspect.model.folding import FoldGraph, find_fold_sites, folded_copy
 from bn_inspect.model.layers import is_uninitialized
 from bn_inspect.model.modules import model_device
 from bn_inspect.options import Precision
@@ -71,30 +71,7 @@ def fold_headrooms(model: nn.Module, sites: tuple[FoldSite, ...], precision: Pre
             continue
         producer = model.get_submodule(site.producer.raw) if site.is_foldable and site.producer else None
         weight, bias = _weight_and_bias(producer)
-        folded_weight, folded_bias, scale = fold_parameters(
-            weight if weight is not None else torch.ones(mean.numel(), 1),
-            bias,
-            norm.weight,
-            norm.bias,
-            mean,
-            var,
-            norm.eps,
-        )
-        if precision is Precision.INT8:
-            found = [int8_headroom(site.layer, folded_weight)] if producer is not None else []
-        else:
-            bias_name = "folded bias" if producer is not None else "shift (bias - running_mean * scale)"
-            found = [
-                float_headroom(site.layer, "running_var", var, precision),
-                float_headroom(site.layer, "scale", scale, precision),
-                *(
-                    [float_headroom(site.layer, "folded weight", channel_largest(folded_weight), precision)]
-                    if producer
-                    else []
-                ),
-                _overflow_only(float_headroom(site.layer, bias_name, folded_bias, precision)),
-            ]
-        out += [room for room in found if room is not None]
+        out += layer_headrooms(site.layer, precision, weight, bias, norm.weight, norm.bias, mean, var, norm.eps)
     return out
 
 
@@ -103,11 +80,6 @@ def _weight_and_bias(producer: nn.Module | None) -> tuple[torch.Tensor | None, t
     if not isinstance(producer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
         return None, None
     return producer.weight, producer.bias
-
-
-def _overflow_only(room: FoldHeadroom | None) -> FoldHeadroom | None:
-    # A bias near 0 rounded coarsely moves the output by next to nothing: only its overflow counts.
-    return room if room is not None and room.problem == "overflow" else None
 
 
 def fold_changes(model: nn.Module, graph: FoldGraph, precision: Precision, batch: Batch) -> list[FoldChange]:

@@ -9,12 +9,67 @@ from __future__ import annotations
 
 import torch
 
+from bn_inspect.model.folding import fold_parameters
 from bn_inspect.options import Precision
 from bn_inspect.report.folding import MAX_INT8_CHANNEL_ERROR, MAX_RELATIVE_ROUNDING, FoldHeadroom
 from bn_inspect.text import Untrusted
 
 FLOAT_FORMATS = {Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}
 INT8_LEVELS = 127
+
+
+def layer_headrooms(
+    layer: Untrusted,
+    precision: Precision,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+) -> list[FoldHeadroom]:
+    """BN403 for one BatchNorm from its tensors alone: the worst channel of each quantity that fires.
+
+    ``weight`` and ``bias`` are the producer's (a Conv's or Linear's, output channels in dim 0);
+    ``weight`` None is a BatchNorm that does not fold, judged as it runs on its own: running_var,
+    scale and shift. fp16/bf16: running_var, scale and the folded weight (each channel's largest)
+    by float_headroom, the folded bias (or shift) by its overflow alone; int8: the folded weight
+    by int8_headroom (an unfolded BatchNorm has none).
+    """
+    folded_weight, folded_bias, scale = fold_parameters(
+        weight if weight is not None else torch.ones(running_mean.numel(), 1),
+        bias,
+        norm_weight,
+        norm_bias,
+        running_mean,
+        running_var,
+        eps,
+    )
+    if precision is Precision.INT8:
+        found = [int8_headroom(layer, folded_weight)] if weight is not None else []
+    else:
+        found = [
+            float_headroom(layer, "running_var", running_var, precision),
+            float_headroom(layer, "scale", scale, precision),
+            float_headroom(layer, "folded weight", channel_largest(folded_weight), precision)
+            if weight is not None
+            else None,
+            _overflow_only(
+                float_headroom(
+                    layer,
+                    "folded bias" if weight is not None else "shift (bias - running_mean * scale)",
+                    folded_bias,
+                    precision,
+                )
+            ),
+        ]
+    return [room for room in found if room is not None]
+
+
+def _overflow_only(room: FoldHeadroom | None) -> FoldHeadroom | None:
+    # A bias near 0 rounded coarsely moves the output by next to nothing: only its overflow counts.
+    return room if room is not None and room.problem == "overflow" else None
 
 
 def float_headroom(layer: Untrusted, quantity: str, values: torch.Tensor, precision: Precision) -> FoldHeadroom | None:
