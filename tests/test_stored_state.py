@@ -167,3 +167,20 @@ def test_a_model_recalibrated_by_bn_inspect_is_exempt(capsys: pytest.CaptureFixt
     stripped = tmp_path / "stripped.pt"
     torch.jit.save(torch.jit.load(str(output)), str(stripped))
     assert "BN114" in {c for c, _ in _code_layers(_findings(capsys, [stripped])[1])}
+
+
+def test_a_bare_safetensors_file_and_checkpoint_dict_are_checked_alike(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from safetensors.torch import save_file
+
+    model = models.randomize_norm_state(models.ConvBN2d()).eval()
+    with torch.no_grad():
+        model.bn2.running_var[1] = -1.0
+    state_dict = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
+    save_file(state_dict, str(tmp_path / "model.safetensors"))
+    torch.save({"epoch": 3, "state_dict": state_dict}, tmp_path / "last.ckpt")
+    for name, format in (("model.safetensors", "safetensors"), ("last.ckpt", "checkpoint")):
+        exit_code, document = _findings(capsys, [tmp_path / name])
+        assert exit_code == 1 and document["model"]["format"] == format  # type: ignore[index]
+        assert ("BN102", "bn2") in _code_layers(document)
