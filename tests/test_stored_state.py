@@ -184,3 +184,21 @@ def test_a_bare_safetensors_file_and_checkpoint_dict_are_checked_alike(
         exit_code, document = _findings(capsys, [tmp_path / name])
         assert exit_code == 1 and document["model"]["format"] == format  # type: ignore[index]
         assert ("BN102", "bn2") in _code_layers(document)
+
+
+def test_a_bare_state_dict_is_compared_with_a_baseline(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    golden = tmp_path / "golden.json"
+    arch = ["--arch", "sample_models.architectures:DigitsCNN"]
+    written = invoke(
+        capsys,
+        ["check", DIGITS / "state_dict.pt", *arch, "--input", DIGITS / "test_images.npy", "--write-baseline", golden],
+    )
+    assert written.code == 0, written.err
+    state_dict = torch.load(DIGITS / "state_dict.pt")
+    key = next(k for k in state_dict if k.endswith("running_mean"))
+    state_dict[key] += 10.0
+    drifted = tmp_path / "drifted.pt"
+    torch.save(state_dict, drifted)
+    exit_code, document = _findings(capsys, [drifted, "--baseline", golden])
+    assert exit_code == 1 and ("BN301", key.rpartition(".")[0]) in _code_layers(document)
+    assert _findings(capsys, [DIGITS / "state_dict.pt", "--baseline", golden])[0] == 0

@@ -189,12 +189,14 @@ def check_weights(
     ignore: Sequence[str] = (),
     model_info: ModelInfo,
     is_recalibrated: bool = False,
+    baseline: Baseline | None = None,
 ) -> CheckReport:
     """The rules on stored buffers over the layers a bare state_dict holds (``states_from_state_dict``).
 
     A state_dict stores neither eps nor momentum nor any flag: eps is taken as PyTorch's default
     (so BN103 can judge), and the rules on momentum, modes and gradients are left out, as the
-    report's note says.
+    report's note says. With ``baseline``, BN301 and BN303 compare the stored statistics, as
+    check_model does without data.
 
     Raises:
         NoNormLayersError: no key group with running_mean and running_var.
@@ -206,6 +208,10 @@ def check_weights(
     findings = state_findings(
         states, thresholds, flags_from_file=False, model_is_training=False, is_recalibrated=is_recalibrated
     )
+    notes = [WEIGHTS_ONLY_NOTE]
+    if baseline is not None:
+        found, said = baseline_findings(baseline, None, states, thresholds)
+        findings, notes = findings + found, notes + said
     return CheckReport(
         model=model_info,
         input=None,
@@ -214,7 +220,7 @@ def check_weights(
         fail_on=FailOn(fail_on),
         findings=tuple(filter_ignored(with_causes(findings, None, states), ignore)),
         layers=tuple(state.name for state in states),
-        notes=(WEIGHTS_ONLY_NOTE,),
+        notes=tuple(notes),
         ignored=tuple(ignore),
     )
 

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from bn_inspect.analyses.checking import CheckSettings
     from bn_inspect.data.batch import Batch
     from bn_inspect.model.loading import LoadedModel, Weights
+    from bn_inspect.report.baseline import Baseline
     from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
     from bn_inspect.report.diff import DiffReport, Tolerance
     from bn_inspect.report.findings import CheckReport, Thresholds
@@ -117,7 +118,8 @@ def run_check(options: RunOptions, gate: CheckSettings, observer: RunObserver, *
         with all_ranks(ranks):
             content = _weights_only(options, no_data)
             if content is not None and not isinstance(content, LoadedModel):
-                return _check_weights(content, gate, observer, is_recalibrated=is_recalibrated)
+                known_good = None if baseline is None else Baseline(baseline, gate.tolerance)
+                return _check_weights(content, gate, observer, is_recalibrated=is_recalibrated, baseline=known_good)
             prepared = prepare_run(options, observer, needs_data=not no_data, ranks=ranks, loaded=content)
         result = check_model(
             prepared.loaded.module,
@@ -179,7 +181,9 @@ def _weights_only(options: RunOptions, no_data: bool) -> LoadedModel | Weights |
     )
 
 
-def _check_weights(content: Weights, gate: CheckSettings, observer: RunObserver, *, is_recalibrated: bool) -> CheckRun:
+def _check_weights(
+    content: Weights, gate: CheckSettings, observer: RunObserver, *, is_recalibrated: bool, baseline: Baseline | None
+) -> CheckRun:
     """check --no-data on a bare state_dict: the rules on stored buffers over its BatchNorm-like key groups."""
     from bn_inspect.analyses.checking import check_weights
     from bn_inspect.model.layers import states_from_state_dict
@@ -193,6 +197,7 @@ def _check_weights(content: Weights, gate: CheckSettings, observer: RunObserver,
         ignore=gate.ignore,
         model_info=ModelInfo.of(content.source, content.format, sha256=content.sha256),
         is_recalibrated=is_recalibrated,
+        baseline=baseline,
     )
     return CheckRun(result, result.passed)
 
