@@ -267,3 +267,18 @@ def test_bn404_says_its_largest_changes_even_when_silent() -> None:
     result = check_model(_digits(), [_digits_batch()], precision="bf16")
     (note,) = [note for note in result.notes if note.startswith("BN404 on the first batch")]
     assert "folded in float32, the model's output moved" in note and "folded in bf16" in note
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in miniature: a BatchNorm subclass that also activates."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
+def test_a_batchnorm_subclass_is_one_site_that_does_not_fold_and_a_keyword_call_is_read() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), BatchNormAct(4)).eval()
+    (site,) = find_fold_sites(model).sites
+    assert not site.is_foldable and site.reason is not None and site.reason.startswith("BatchNormAct subclasses")
+    (keyword,) = find_fold_sites(models.KeywordCall()).sites
+    assert keyword.producer_kind == "the model's input"

@@ -34,7 +34,7 @@ def find_fold_sites(model: nn.Module) -> FoldGraph:
     if isinstance(model, (torch.jit.ScriptModule, torch.fx.GraphModule)):
         return FoldGraph((), "a TorchScript or torch.export model keeps no BatchNorm modules to fold")
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _LeafTracer().trace(model)
     except Exception as error:  # tracing runs the model's own forward: whatever it raises means no graph
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return FoldGraph((), f"torch.fx could not trace the model ({inert(first[:160])})")
@@ -51,9 +51,19 @@ def find_fold_sites(model: nn.Module) -> FoldGraph:
     return FoldGraph(tuple(sites))
 
 
+class _LeafTracer(torch.fx.Tracer):  # type: ignore[misc]
+    """torch.fx's tracer, with every BatchNorm, Conv and Linear (subclasses too: timm's BatchNormAct2d)
+    kept as one call, so that each is a site or a producer rather than the functions inside it."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, (*_BATCH_NORMS, *_CONVS, nn.Linear)) or bool(
+            super().is_leaf_module(module, qualified_name)
+        )
+
+
 def _site(node: torch.fx.Node, modules: dict[str, nn.Module], calls: dict[str, int]) -> FoldSite:
     name = Untrusted(str(node.target))
-    source = node.args[0] if node.args else None
+    source = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
     if not isinstance(source, torch.fx.Node):
         return FoldSite(name, None, "a constant", False, "its input is not a traced value")
     producer = modules.get(str(source.target)) if source.op == "call_module" else None
@@ -62,6 +72,10 @@ def _site(node: torch.fx.Node, modules: dict[str, nn.Module], calls: dict[str, i
     norm = modules[str(node.target)]
     if owner is None or not isinstance(producer, (*_CONVS, nn.Linear)):
         return FoldSite(name, owner, kind, False, f"it follows {_named(owner, kind)}, not a Conv or Linear")
+    subclassed = next((m for m in (norm, producer) if type(m) not in (*_BATCH_NORMS, *_CONVS, nn.Linear)), None)
+    if subclassed is not None:
+        what = inert(type(subclassed).__name__)
+        return FoldSite(name, owner, kind, False, f"{what} subclasses PyTorch's class, and its forward may do more")
     if calls[str(node.target)] > 1 or calls[str(source.target)] > 1:
         return FoldSite(name, owner, kind, False, "it or its producer is called more than once")
     if len(source.users) > 1:
