@@ -225,9 +225,9 @@ def change_summary(changes: Sequence[FoldChange]) -> str | None:
         worst = max(
             layers, key=lambda change: change.change if math.isfinite(change.change) else math.inf, default=None
         )
-        said = f"folded in {format}, the model's output moved {model:.2g}" if model is not None else f"in {format}"
+        said = f"folded in {format}, the model's output {_by(model)}" if model is not None else f"folded in {format}"
         if worst is not None:
-            said += f", the folded layers at most {worst.change:.2g} ({worst.layer})"
+            said += f", the folded layers {_by(worst.change, 'at most ')} ({worst.layer})"
         parts.append(said)
     if not parts:
         return None
@@ -235,3 +235,7 @@ def change_summary(changes: Sequence[FoldChange]) -> str | None:
         f"BN404 on the first batch (each change as a share of its output's scale; limits {MAX_OUTPUT_CHANGE:g} "
         f"for the model's output, {MAX_LAYER_CHANGE:g} for a layer): {'; '.join(parts)}"
     )
+
+
+def _by(change: float, bound: str = "") -> str:
+    return f"moved {bound}{change:.2g}" if math.isfinite(change) else "became NaN or infinite"
