@@ -4,6 +4,7 @@ with numbers against a float64 reference."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,3 +283,21 @@ def test_a_batchnorm_subclass_is_one_site_that_does_not_fold_and_a_keyword_call_
     assert not site.is_foldable and site.reason is not None and site.reason.startswith("BatchNormAct subclasses")
     (keyword,) = find_fold_sites(models.KeywordCall()).sites
     assert keyword.producer_kind == "the model's input"
+
+
+def test_a_torch_export_archive_gets_bn401_and_bn402_from_its_graph(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    model = models.randomize_norm_state(AfterEverything()).eval()
+    exported = torch.export.export(model, (torch.randn(2, 3, 8, 8),))
+    traced = {site.layer.raw: site.reason for site in find_fold_sites(model).sites}
+    assert {site.layer.raw: site.reason for site in find_fold_sites(exported.module()).sites} == traced
+    path = tmp_path / "convbn.pt2"
+    torch.export.save(
+        torch.export.export(models.randomize_norm_state(models.ConvBN2d()).eval(), (torch.randn(2, 3, 8, 8),)), path
+    )
+    result = invoke(capsys, ["check", path, "--no-data", "--precision", "fp16", "--format", "json"])
+    document = json.loads(result.out)
+    assert result.code == 0, result.err
+    assert {(f["code"], f["layer"]) for f in document["findings"]} == {("BN401", "bn1"), ("BN401", "bn2")}
+    assert any(note.startswith("BN403 and BN404 did not run") for note in document["notes"])

@@ -49,6 +49,12 @@ def folding_findings(
         graph = FoldGraph((), "the model has lazy modules that have not run yet, so their weights do not exist")
     notes = [] if graph.untraced is None else [f"the folding rules (BN401-BN404) did not run: {graph.untraced}"]
     findings = site_findings(graph.sites, deploys=precision is not None)
+    if graph.is_exported:
+        if precision is not None:
+            notes.append(
+                "BN403 and BN404 did not run: they read BatchNorm modules, which a torch.export graph no longer has"
+            )
+        return findings, notes
     if precision is not None:
         findings += headroom_findings(fold_headrooms(model, graph.sites, precision), precision.value)
     if precision is not None and batch is not None and graph.sites:

@@ -2,8 +2,9 @@
 
 A BatchNorm folds into the Conv or Linear directly before it when only it reads that layer's
 output (report/folding.py has the formula). torch.fx traces the model symbolically (no data runs,
-no state changes); a model whose forward it cannot trace (data-dependent control flow,
-TorchScript, torch.export programs, whose BatchNorm is no longer a module) gets no sites.
+no state changes); a torch.export program is read off its own graph (its BatchNorm is no longer a
+module, so only where it folds is known); a model whose forward torch.fx cannot trace
+(data-dependent control flow) and TorchScript get no sites.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bn_inspect.model.graph import BATCH_NORM_OPS
 from bn_inspect.report.folding import FoldSite
 from bn_inspect.text import Untrusted, inert
 
@@ -27,12 +29,18 @@ class FoldGraph:
 
     sites: tuple[FoldSite, ...]
     untraced: str | None = None
+    # Sites read off a torch.export graph: BN401/BN402 only, since BN403/BN404 need the modules.
+    is_exported: bool = False
 
 
 def find_fold_sites(model: nn.Module) -> FoldGraph:
     """Each BatchNorm module call of ``model``'s torch.fx trace, with what comes directly before it."""
+    if isinstance(model, torch.fx.GraphModule) and any(_is_batch_norm(node) for node in model.graph.nodes):
+        return FoldGraph(
+            tuple(_exported_site(node, model) for node in model.graph.nodes if _is_batch_norm(node)), None, True
+        )
     if isinstance(model, (torch.jit.ScriptModule, torch.fx.GraphModule)):
-        return FoldGraph((), "a TorchScript or torch.export model keeps no BatchNorm modules to fold")
+        return FoldGraph((), "a TorchScript model keeps no BatchNorm modules to fold")
     try:
         graph = _LeafTracer().trace(model)
     except Exception as error:  # tracing runs the model's own forward: whatever it raises means no graph
@@ -86,6 +94,65 @@ def _site(node: torch.fx.Node, modules: dict[str, nn.Module], calls: dict[str, i
     bias = producer.bias
     bias_max = float(bias.detach().abs().max()) if bias is not None and bias.numel() else None
     return FoldSite(name, owner, kind, True, None, bias_max)
+
+
+_GRAPH_PRODUCERS = frozenset({"conv1d", "conv2d", "conv3d", "convolution", "linear"})
+
+
+def _op_name(node: object) -> str | None:
+    """The aten op a torch.export graph node calls (``conv2d``, ``batch_norm``), else None."""
+    if getattr(node, "op", None) != "call_function":
+        return None
+    return getattr(getattr(getattr(node, "target", None), "overloadpacket", None), "__name__", None)
+
+
+def _is_batch_norm(node: torch.fx.Node) -> bool:
+    return _op_name(node) in BATCH_NORM_OPS | {"batch_norm"} and bool(node.meta.get("nn_module_stack"))
+
+
+def _stack_entry(node: torch.fx.Node) -> tuple[str, str] | None:
+    """(module path, class name) of the module a torch.export graph node came from."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    return str(path), (cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))).rsplit(".", 1)[-1]
+
+
+def _exported_site(node: torch.fx.Node, model: nn.Module) -> FoldSite:
+    """A fold site read off a torch.export graph: the batch-norm call and the node its input comes from."""
+    entry = _stack_entry(node)
+    name = Untrusted(entry[0] if entry else str(node.name))
+    source = node.args[0]
+    if not isinstance(source, torch.fx.Node):
+        return FoldSite(name, None, "a constant", False, "its input is not a traced value")
+    if source.op == "placeholder":
+        return FoldSite(name, None, "the model's input", False, "it follows the model's input, not a Conv or Linear")
+    producer_entry = _stack_entry(source)
+    # A function called in the root's forward (an add, a cat) belongs to no submodule: it is named by its op.
+    owner = Untrusted(producer_entry[0]) if producer_entry and producer_entry[0] else None
+    kind = inert(producer_entry[1] if owner is not None and producer_entry else str(_op_name(source) or source.op))
+    transposed = _op_name(source) == "convolution" and len(source.args) > 6 and bool(source.args[6])
+    if _op_name(source) not in _GRAPH_PRODUCERS or transposed or owner is None:
+        return FoldSite(name, owner, kind, False, f"it follows {_named(owner, kind)}, not a Conv or Linear")
+    if len(source.users) > 1:
+        return FoldSite(name, owner, kind, False, f"the output of {owner} is read elsewhere too")
+    bias = _graph_attribute(model, source.args[2] if len(source.args) > 2 else None)
+    bias_max = float(bias.detach().abs().max()) if bias is not None and bias.numel() else None
+    return FoldSite(name, owner, kind, True, None, bias_max)
+
+
+def _graph_attribute(model: nn.Module, arg: object) -> torch.Tensor | None:
+    """The parameter or buffer a graph's ``get_attr`` node names, else None."""
+    target = getattr(arg, "target", None)
+    if getattr(arg, "op", None) != "get_attr" or not isinstance(target, str):
+        return None
+    for lookup in (model.get_parameter, model.get_buffer):
+        try:
+            return lookup(target)
+        except AttributeError:
+            continue
+    return None
 
 
 def _kind(source: torch.fx.Node, producer: nn.Module | None) -> str:
