@@ -83,6 +83,14 @@ class Explain(str, Enum):
     ALL = "all"
 
 
+class Precision(str, Enum):
+    """The number format a model is deployed in, for check's folding rules (BN402-BN404)."""
+
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
+
+
 class DeviceChoice(str, Enum):
     """Where the model runs; auto picks CUDA when it is available."""
 

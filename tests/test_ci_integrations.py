@@ -86,8 +86,22 @@ def test_the_hook_checks_every_changed_file_and_fails_when_one_is_broken(broken_
 def test_hook_args_before_the_separator_reach_every_file() -> None:
     result = _run_hook([DIGITS / "state_dict.pt"], ["--arch", "sample_models.architectures:DigitsCNN", "--"])
     assert result.returncode == 0, result.stderr
+    assert "--arch sample_models.architectures:DigitsCNN" in result.stdout and "without --arch" not in result.stdout
     without = _run_hook([DIGITS / "state_dict.pt"])
-    assert without.returncode == 2 and "holds only weights" in without.stderr
+    assert without.returncode == 0, without.stderr
+    assert "a state_dict without --arch" in without.stdout
+
+
+def test_the_shipped_hook_checks_bare_state_dicts(tmp_path: Path) -> None:
+    # No --arch: the rules on stored buffers run over the state_dict's BatchNorm key groups (#28).
+    state_dict = torch.load(DIGITS / "state_dict.pt")
+    key = next(k for k in state_dict if k.endswith("running_var"))
+    state_dict[key][0] = -1.0
+    broken = tmp_path / "broken_state_dict.pt"
+    torch.save(state_dict, broken)
+    result = _run_hook([DIGITS / "state_dict.pt", broken])
+    assert result.returncode == 1, result.stderr
+    assert "BN102" in result.stdout and result.stdout.count("PASSED") == 1 and result.stderr == ""
 
 
 def test_run_each_returns_the_worst_exit_code(

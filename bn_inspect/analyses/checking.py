@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from bn_inspect.analyses.folding import folding_findings
 from bn_inspect.analyses.inspection import run_inspection
 from bn_inspect.analyses.passes import joined_run
 from bn_inspect.config import CheckConfig, load_check_config
+from bn_inspect.data.batch import Batch, as_batch
 from bn_inspect.errors import InputError, NoNormLayersError
 from bn_inspect.model.layers import functional_candidates
-from bn_inspect.model.modules import find_layers, in_memory_model_info, unwrap_compiled
-from bn_inspect.options import FailOn, Mode
+from bn_inspect.model.modules import find_layers, in_memory_model_info, model_device, model_float_dtype, unwrap_compiled
+from bn_inspect.options import FailOn, Mode, Precision
 from bn_inspect.report.baseline import Baseline, baseline_findings
 from bn_inspect.report.causes import with_causes
 from bn_inspect.report.diff import Tolerance
@@ -23,6 +26,9 @@ from bn_inspect.report.findings import CheckReport, Finding, Thresholds
 from bn_inspect.report.records import LayerState, ModelInfo, Report
 from bn_inspect.report.rules import filter_ignored, report_findings, state_findings, unknown_codes
 from bn_inspect.text import Untrusted
+
+# BatchNorm's eps unless the constructor says otherwise; a state_dict does not store it.
+DEFAULT_EPS = 1e-5
 
 if TYPE_CHECKING:
     from bn_inspect.distributed.context import DistributedContext
@@ -43,6 +49,9 @@ def check_model(
     materialize_lazy: bool = False,
     distributed: DistributedContext | None = None,
     baseline: Baseline | None = None,
+    is_recalibrated: bool = False,
+    fold: bool = False,
+    precision: Precision | str | None = None,
 ) -> CheckReport:
     """Run the BatchNorm health rules on ``model`` (and on ``batches``, when given).
 
@@ -66,22 +75,19 @@ def check_model(
             (BN111). Every rank judges the global statistics against its own running ones, so
             ranks agree unless their buffers diverge; report rank 0's verdict.
         baseline: a known-good report and tolerance: the BN3xx rules (report/baseline.py), over all ranks.
+        is_recalibrated: the model file holds bn-inspect's recalibration record (BN114 does not apply).
+        fold, precision: the folding rules BN401-BN402; a deployment format (fp16, bf16, int8) adds
+            BN403 and, on the first batch, BN404 (analyses/folding.py).
 
     Returns:
         The CheckReport; ``passed`` is False when a finding reaches ``fail_on``.
     """
     thresholds, run = thresholds or Thresholds(), joined_run(distributed)
     model = unwrap_compiled(model)
-    layers, _ = find_layers(model)
-    if not layers and not functional_candidates(model, []):
-        raise NoNormLayersError.for_action("check")
-    states = [layer.state() for layer in layers]
-    findings = state_findings(states, thresholds, flags_from_file=flags_from_file, model_is_training=model.training)
-    notes: list[str] = []
+    states, findings = _stored_state(model, thresholds, flags_from_file, is_recalibrated)
+    batches, notes = _folding(model, batches, fold, precision, findings)
     report: Report | None = None
-    if batches is None:
-        notes.append("no data: only the rules on stored state (BN1xx) ran")
-    else:
+    if batches is not None:
         report = run_inspection(
             model,
             batches,
@@ -107,6 +113,115 @@ def check_model(
         ignored=tuple(ignore),
         first_divergent=first.label if first else None,
         inspection=report,
+    )
+
+
+def _folding(
+    model: nn.Module,
+    batches: Iterable[Any] | None,
+    fold: bool,
+    precision: Precision | str | None,
+    findings: list[Finding],
+) -> tuple[Iterable[Any] | None, list[str]]:
+    """The folding rules' findings, added to ``findings``; the batches to run (the first one peeked)
+    and the notes so far (what did not run)."""
+    folding = fold or precision is not None
+    notes = (
+        []
+        if batches is not None
+        else [f"no data: only the rules on stored state (BN1xx{', BN401-BN403' * folding}) ran"]
+    )
+    if not folding:
+        return batches, notes
+    deployed = None if precision is None else Precision(precision)
+    sample, batches = _first_batch(model, batches) if deployed is not None else (None, batches)
+    folded, said = folding_findings(model, deployed, sample)
+    findings += folded
+    return batches, notes + said
+
+
+def _first_batch(model: nn.Module, batches: Iterable[Any] | None) -> tuple[Batch | None, Iterable[Any] | None]:
+    """The first batch on the model's device and in its dtype (for BN404), and all the batches, that one included."""
+    if batches is None:
+        return None, None
+    items = iter(batches)
+    first = next(items, None)
+    if first is None:
+        return None, ()
+    return as_batch(first).to(model_device(model), model_float_dtype(model)), itertools.chain([first], items)
+
+
+def _stored_state(
+    model: nn.Module, thresholds: Thresholds, flags_from_file: bool, is_recalibrated: bool
+) -> tuple[list[LayerState], list[Finding]]:
+    """The model's normalization layers as stored, and the BN1xx findings on them.
+
+    Raises:
+        NoNormLayersError: the model has none.
+    """
+    layers, _ = find_layers(model)
+    if not layers and not functional_candidates(model, []):
+        raise NoNormLayersError.for_action("check")
+    states = [layer.state() for layer in layers]
+    findings = state_findings(
+        states,
+        thresholds,
+        flags_from_file=flags_from_file,
+        model_is_training=model.training,
+        is_recalibrated=is_recalibrated,
+    )
+    return states, findings
+
+
+# What a bare state_dict cannot tell: check's one line on the rules it left out.
+WEIGHTS_ONLY_NOTE = (
+    "a state_dict without --arch: the rules on stored buffers ran (BN101-BN104, BN109, BN114) with eps taken "
+    "as PyTorch's default 1e-5; momentum (BN105, BN106), train mode and requires_grad (BN107, BN108), the "
+    "folding rules (BN4xx) and the data rules need --arch"
+)
+
+
+def check_weights(
+    states: Sequence[LayerState],
+    *,
+    thresholds: Thresholds | None = None,
+    fail_on: FailOn | str = FailOn.ERROR,
+    ignore: Sequence[str] = (),
+    model_info: ModelInfo,
+    is_recalibrated: bool = False,
+    baseline: Baseline | None = None,
+) -> CheckReport:
+    """The rules on stored buffers over the layers a bare state_dict holds (``states_from_state_dict``).
+
+    A state_dict stores neither eps nor momentum nor any flag: eps is taken as PyTorch's default
+    (so BN103 can judge), and the rules on momentum, modes and gradients are left out, as the
+    report's note says. With ``baseline``, BN301 and BN303 compare the stored statistics, as
+    check_model does without data.
+
+    Raises:
+        NoNormLayersError: no key group with running_mean and running_var.
+    """
+    if not states:
+        raise NoNormLayersError.for_action("check")
+    thresholds = thresholds or Thresholds()
+    states = [replace(state, eps=DEFAULT_EPS if state.eps is None else state.eps) for state in states]
+    findings = state_findings(
+        states, thresholds, flags_from_file=False, model_is_training=False, is_recalibrated=is_recalibrated
+    )
+    notes = [WEIGHTS_ONLY_NOTE]
+    if baseline is not None:
+        found, said = baseline_findings(baseline, None, states, thresholds)
+        findings, notes = findings + found, notes + said
+    return CheckReport(
+        model=model_info,
+        input=None,
+        mode=Untrusted(Mode.EVAL.value),
+        thresholds=thresholds,
+        fail_on=FailOn(fail_on),
+        findings=tuple(filter_ignored(with_causes(findings, None, states), ignore)),
+        layers=tuple(state.name for state in states),
+        notes=tuple(notes),
+        ignored=tuple(ignore),
     )
 
 
@@ -163,6 +278,8 @@ class CheckSettings:
     fail_on: FailOn
     ignore: list[str]
     tolerance: Tolerance = field(default_factory=Tolerance)
+    fold: bool = False
+    precision: Precision | None = None
 
 
 def check_settings(
@@ -221,7 +338,7 @@ def check_gate(
     Raises:
         ConfigError, InputError: as load_check_config and check_settings.
     """
-    return check_settings(
+    settings = check_settings(
         config if config is not None else load_check_config(folder or Path.cwd()),
         flags.get("departure_warning"),
         flags.get("departure_error"),
@@ -232,6 +349,7 @@ def check_gate(
         max_drift=flags.get("max_drift"),
         max_drift_var_ratio=flags.get("max_drift_var_ratio"),
     )
+    return replace(settings, fold=bool(flags.get("fold")), precision=flags.get("precision"))
 
 
 def _first(*values: float | bool | None) -> float:

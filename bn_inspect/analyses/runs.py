@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
     from bn_inspect.analyses.checking import CheckSettings
     from bn_inspect.data.batch import Batch
+    from bn_inspect.model.loading import LoadedModel, Weights
+    from bn_inspect.report.baseline import Baseline
     from bn_inspect.report.comparisons import ModeComparison, RecalibrationResult
     from bn_inspect.report.diff import DiffReport, Tolerance
     from bn_inspect.report.findings import CheckReport, Thresholds
@@ -104,15 +106,21 @@ def run_check(options: RunOptions, gate: CheckSettings, observer: RunObserver, *
     options.write_baseline, rank 0 writes this run's inspection report there.
     """
     from bn_inspect.analyses.checking import check_model
+    from bn_inspect.model.loading import LoadedModel
     from bn_inspect.report.baseline import Baseline
 
     if no_data:
         _refuse_data_options(options)
     check_outputs(options)
     baseline = _read_baseline(options, no_data)
+    is_recalibrated = _is_recalibrated(options)
     with torchrun(resolve_device(options.device)) as ranks:
         with all_ranks(ranks):
-            prepared = prepare_run(options, observer, needs_data=not no_data, ranks=ranks)
+            content = _weights_only(options, no_data)
+            if content is not None and not isinstance(content, LoadedModel):
+                known_good = None if baseline is None else Baseline(baseline, gate.tolerance)
+                return _check_weights(content, gate, observer, is_recalibrated=is_recalibrated, baseline=known_good)
+            prepared = prepare_run(options, observer, needs_data=not no_data, ranks=ranks, loaded=content)
         result = check_model(
             prepared.loaded.module,
             prepared.batches,
@@ -127,6 +135,9 @@ def run_check(options: RunOptions, gate: CheckSettings, observer: RunObserver, *
             materialize_lazy=True,
             distributed=ranks,
             baseline=None if baseline is None else Baseline(baseline, gate.tolerance),
+            is_recalibrated=is_recalibrated,
+            fold=gate.fold,
+            precision=gate.precision,
         )
         if result.input is not None:
             result = replace(result, input=prepared.input_details(result.input, ranks))
@@ -150,6 +161,45 @@ def run_check(options: RunOptions, gate: CheckSettings, observer: RunObserver, *
         write_report(options.write_baseline, result.inspection, force=options.force)
         observer.note(f"note: the baseline goes to {options.write_baseline} when the check ends.")
     return CheckRun(result, passed)
+
+
+def _is_recalibrated(options: RunOptions) -> bool:
+    """The model file holds a readable bn-inspect recalibration record (its num_batches_tracked counts recalibration)."""
+    from bn_inspect.model.provenance import read_stored_record
+
+    return options.model is not None and read_stored_record(options.model).record is not None
+
+
+def _weights_only(options: RunOptions, no_data: bool) -> LoadedModel | Weights | None:
+    """The model file, read, where --no-data without --arch may meet a bare state_dict; else None (load as usual)."""
+    from bn_inspect.model.loading import read_model_file
+
+    if not no_data or options.arch is not None or options.model is None:
+        return None
+    return read_model_file(
+        options.model, trust_pickle=options.trust_pickle, map_location=resolve_device(options.device)
+    )
+
+
+def _check_weights(
+    content: Weights, gate: CheckSettings, observer: RunObserver, *, is_recalibrated: bool, baseline: Baseline | None
+) -> CheckRun:
+    """check --no-data on a bare state_dict: the rules on stored buffers over its BatchNorm-like key groups."""
+    from bn_inspect.analyses.checking import check_weights
+    from bn_inspect.model.layers import states_from_state_dict
+    from bn_inspect.report.records import ModelInfo
+
+    observer.loaded()
+    result = check_weights(
+        states_from_state_dict(content.state_dict),
+        thresholds=gate.thresholds,
+        fail_on=gate.fail_on,
+        ignore=gate.ignore,
+        model_info=ModelInfo.of(content.source, content.format, sha256=content.sha256),
+        is_recalibrated=is_recalibrated,
+        baseline=baseline,
+    )
+    return CheckRun(result, result.passed)
 
 
 def _read_baseline(options: RunOptions, no_data: bool) -> Report | None:

@@ -204,9 +204,14 @@ class PreparedRun:
 
 
 def prepare_run(
-    options: RunOptions, observer: RunObserver, *, needs_data: bool = True, ranks: DistributedContext | None = None
+    options: RunOptions,
+    observer: RunObserver,
+    *,
+    needs_data: bool = True,
+    ranks: DistributedContext | None = None,
+    loaded: LoadedModel | None = None,
 ) -> PreparedRun:
-    """Check the options, load the model and build this rank's batches (guessing a shape if needed).
+    """Check the options, load the model (unless ``loaded`` is it) and build this rank's batches (guessing a shape if needed).
 
     Raises:
         InputError, OutputError, DeviceError, and what loading the model raises.
@@ -230,14 +235,15 @@ def prepare_run(
     import torch
 
     torch.manual_seed(options.seed)
-    loaded = load_model(
-        options.model,
-        arch=options.arch,
-        arch_kwargs=kwargs,
-        trust_pickle=options.trust_pickle,
-        map_location=device,
-        trust_remote_code=options.trust_remote_code,
-    )
+    if loaded is None:
+        loaded = load_model(
+            options.model,
+            arch=options.arch,
+            arch_kwargs=kwargs,
+            trust_pickle=options.trust_pickle,
+            map_location=device,
+            trust_remote_code=options.trust_remote_code,
+        )
     for note in loaded.notes:
         observer.note(note)
     if options.model is None:

@@ -32,6 +32,7 @@ from bn_inspect.cli.options import (
     DropColumnOpt,
     ExplainOpt,
     FailOnOpt,
+    FoldOpt,
     ForceOpt,
     GrayscaleOpt,
     IgnoreOpt,
@@ -54,6 +55,7 @@ from bn_inspect.cli.options import (
     NormalizeOpt,
     OldSideArg,
     OutputOpt,
+    PrecisionOpt,
     QuietOpt,
     RecalibratedModelArg,
     RecalibrationFormatOpt,
@@ -176,6 +178,8 @@ def check_command(
     min_values: MinValuesOpt = None,
     ignore: IgnoreOpt = None,
     strict: StrictOpt = None,
+    fold: FoldOpt = False,
+    precision: PrecisionOpt = None,
     baseline: BaselineOpt = None,
     write_baseline: WriteBaselineOpt = None,
     force: ForceOpt = False,
@@ -191,7 +195,8 @@ def check_command(
 
     Thresholds can be pinned under [tool.bn-inspect] in pyproject.toml; flags override them. --baseline adds
     the drift rules BN301-BN303 against a known-good report (--write-baseline records one); --no-data checks
-    the stored state alone. Example: bn-inspect check model.pt --input val.npy --baseline golden.json
+    the stored state alone; --fold and --precision fp16|bf16|int8 add the folding rules BN401-BN404.
+    Example: bn-inspect check model.pt --input val.npy --baseline golden.json
     """
     from bn_inspect.analyses.checking import check_gate
     from bn_inspect.analyses.runs import run_check

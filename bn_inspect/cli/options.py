@@ -15,6 +15,7 @@ from bn_inspect.options import (
     ListingFormat,
     Mode,
     OutputFormat,
+    Precision,
     RecalibrationChoice,
     RunFormat,
     TimelineFailOn,
@@ -159,6 +160,20 @@ MinValuesOpt = Annotated[
 ]
 IgnoreOpt = Annotated[
     list[str] | None, typer.Option("--ignore", help="Rule code or name to leave out, e.g. BN106 (repeatable).")
+]
+FoldOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fold", help="Run the folding rules BN401-BN402: which BatchNorm folds into the Conv/Linear before it."
+    ),
+]
+PrecisionOpt = Annotated[
+    Precision | None,
+    typer.Option(
+        "--precision",
+        help="Deployment format: the folding rules with BN402 as a warning, BN403 (precision headroom) and, "
+        "with data, BN404 (output change when folded).",
+    ),
 ]
 StrictOpt = Annotated[
     bool | None, typer.Option("--strict/--no-strict", help="Untrained statistics (BN104) are an error.")

@@ -180,6 +180,9 @@ def load_state_into(
     its post-hooks), the wrong shapes its size mismatches; the module is left partly loaded on
     failure, which is harmless because --arch has just built it.
 
+    The module's floating tensors first take the dtypes the file saved (keep_saved_dtypes), so a
+    checkpoint saved after ``model.half()`` is inspected in float16, as the same model pickled is.
+
     ``target`` names the model in the error (``--arch spec`` unless given), ``fix`` says what to check.
 
     Raises:
@@ -191,6 +194,7 @@ def load_state_into(
         # The root's post-hooks run last, after every module's hooks have amended the lists.
         reported.append((list(incompatible.missing_keys), list(incompatible.unexpected_keys)))
 
+    keep_saved_dtypes(module, state_dict)
     handle = module.register_load_state_dict_post_hook(keep_reported)  # type: ignore[no-untyped-call]
     load_errors: list[str] = []
     try:
@@ -215,6 +219,35 @@ def load_state_into(
         raise StateDictMismatchError(
             f"the state_dict does not fit {target or f'--arch {spec}'}: {'; '.join(problems)}", fix
         )
+
+
+def keep_saved_dtypes(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Give each floating parameter and buffer of ``module`` the dtype of its entry in ``state_dict``.
+
+    ``load_state_dict`` copies into the module's own tensors, so a float16 file loaded into a
+    float32 --arch would be upcast, and BN109 and the precision rules would never see float16.
+    Uninitialized (lazy) tensors are left for their module's load hook, which takes the file's
+    tensor as it is; integer tensors (num_batches_tracked) are left alone.
+    """
+    for prefix, owner in module.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for name, parameter in owner.named_parameters(recurse=False):
+            dtype = _saved_dtype(parameter, state_dict.get(dot + name))
+            if dtype is not None:
+                parameter.data = parameter.data.to(dtype)
+        for name, buffer in owner.named_buffers(recurse=False):
+            dtype = _saved_dtype(buffer, state_dict.get(dot + name))
+            if dtype is not None:
+                setattr(owner, name, buffer.to(dtype))
+
+
+def _saved_dtype(tensor: torch.Tensor, saved: torch.Tensor | None) -> torch.dtype | None:
+    """The saved tensor's dtype where both are floating point and the dtypes differ, else None."""
+    from bn_inspect.model.layers import is_uninitialized
+
+    if saved is None or is_uninitialized(tensor) or not (tensor.is_floating_point() and saved.is_floating_point()):
+        return None
+    return saved.dtype if saved.dtype != tensor.dtype else None
 
 
 # How Module._load_from_state_dict words a tensor whose shape differs from the module's.

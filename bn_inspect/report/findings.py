@@ -67,6 +67,7 @@ RULES = {
             Severity.INFO,
             "QAT fused module with freeze_bn: running statistics frozen, and used in train mode too",
         ),
+        Rule("BN114", "few-batches-tracked", Severity.WARNING, "running statistics saw only 1 to 20 batches"),
         Rule("BN201", "shifted", Severity.ERROR, "the data departs from the running statistics (departure score)"),
         Rule("BN202", "dead-channels", Severity.WARNING, "channels with zero batch variance on the data"),
         Rule("BN203", "few-values", Severity.WARNING, "too few values per channel for trustworthy statistics"),
@@ -79,6 +80,25 @@ RULES = {
             "batch statistics on the data drifted since --baseline, model unchanged",
         ),
         Rule("BN303", "layers-changed", Severity.ERROR, "layers added, removed, renamed or resized since --baseline"),
+        Rule("BN401", "bias-before-bn", Severity.INFO, "a Conv/Linear bias directly before BatchNorm is redundant"),
+        Rule(
+            "BN402",
+            "unfoldable-bn",
+            Severity.INFO,
+            "BatchNorm with nothing to fold into (warning with --precision)",
+        ),
+        Rule(
+            "BN403",
+            "fold-precision",
+            Severity.WARNING,
+            "with --precision: statistics or folded weights overflow, vanish or lose precision in that format",
+        ),
+        Rule(
+            "BN404",
+            "fold-output-change",
+            Severity.WARNING,
+            "with --precision and data: folding BatchNorm changes a layer's or the model's output",
+        ),
         # Watch events (bn_inspect.watch): found during training, at a step.
         Rule("BN501", "nonfinite-during-training", Severity.ERROR, "a NaN or Inf appeared in a layer during training"),
         Rule("BN502", "stats-not-moving", Severity.WARNING, "running statistics do not move in training mode"),

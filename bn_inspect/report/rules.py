@@ -18,6 +18,11 @@ from bn_inspect.text import Untrusted
 
 FLOAT16_MAX = 65504.0
 EPS_DOMINANCE = 10.0
+# BN114: with PyTorch's default momentum 0.1 the initial running_var (1) and running_mean (0) still
+# weigh 0.9**n in the statistics after n batches: 12% at n = 20, 4% at 30. Up to 20 batches the
+# initial values are a visible part of the statistics; past it they are below one part in eight.
+FEW_BATCHES = 20
+DEFAULT_MOMENTUM = 0.1
 
 
 def _channels(values: Sequence[float] | None, bad: Any) -> tuple[int, ...]:
@@ -43,7 +48,12 @@ def _finding(
 
 
 def state_findings(
-    states: Sequence[LayerState], thresholds: Thresholds, *, flags_from_file: bool, model_is_training: bool
+    states: Sequence[LayerState],
+    thresholds: Thresholds,
+    *,
+    flags_from_file: bool,
+    model_is_training: bool,
+    is_recalibrated: bool = False,
 ) -> list[Finding]:
     """Rules on stored buffers and flags (no data needed).
 
@@ -53,11 +63,15 @@ def state_findings(
         flags_from_file: training flags were saved with the model (pickle, TorchScript), not set
             by the --arch constructor; the train-mode rules need that.
         model_is_training: the root module's training flag.
+        is_recalibrated: the file holds bn-inspect's recalibration record, so num_batches_tracked
+            counts recalibration batches, not training ones: BN114 does not apply.
     """
     findings: list[Finding] = []
     batch_like = [s for s in states if s.family in ("batch", "instance")]
     for s in batch_like:
         findings += _buffer_findings(s, thresholds)
+        if not is_recalibrated:
+            findings += _few_batches_findings(s)
     if flags_from_file:
         findings += _mode_findings(batch_like, model_is_training)
     return findings
@@ -216,6 +230,30 @@ def _update_findings(s: LayerState, thresholds: Thresholds) -> list[Finding]:
             )
         )
     return out
+
+
+def _few_batches_findings(s: LayerState) -> list[Finding]:
+    """BN114: statistics from so few batches that their initial values still weigh in them.
+
+    A cumulative average (momentum None) keeps nothing of the initial values after one batch, so
+    it is left to BN106; an unknown momentum (a state_dict read without --arch) is taken as
+    PyTorch's default.
+    """
+    tracked = s.num_batches_tracked
+    if tracked is None or not 1 <= tracked <= FEW_BATCHES or s.is_cumulative_average or not s.track_running_stats:
+        return []
+    momentum = DEFAULT_MOMENTUM if s.momentum is None else s.momentum
+    assumed = " (PyTorch's default; the file does not store it)" if s.momentum is None else ""
+    return [
+        _finding(
+            "BN114",
+            s.name,
+            f"statistics saw only {tracked:,} batch{'es' if tracked > 1 else ''} (num_batches_tracked): with "
+            f"momentum {momentum:g}{assumed} the initial running_mean 0 and running_var 1 still make up "
+            f"{(1 - momentum) ** tracked:.0%} of them. Train longer, or recalibrate on real data "
+            "(bn-inspect recalibrate)",
+        )
+    ]
 
 
 def _mode_findings(states: Sequence[LayerState], model_is_training: bool) -> list[Finding]:
