@@ -177,7 +177,10 @@ def _weights_only(options: RunOptions, no_data: bool) -> LoadedModel | Weights |
     if not no_data or options.arch is not None or options.model is None:
         return None
     return read_model_file(
-        options.model, trust_pickle=options.trust_pickle, map_location=resolve_device(options.device)
+        options.model,
+        trust_pickle=options.trust_pickle,
+        map_location=resolve_device(options.device),
+        trust_remote_code=options.trust_remote_code,
     )
 
 

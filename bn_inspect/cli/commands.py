@@ -193,10 +193,9 @@ def check_command(
 ) -> None:
     """Check a model's normalization layers for broken state; exit 1 when a finding reaches --fail-on.
 
-    Thresholds can be pinned under [tool.bn-inspect] in pyproject.toml; flags override them. --baseline adds
-    the drift rules BN301-BN303 against a known-good report (--write-baseline records one); --no-data checks
-    the stored state alone; --fold and --precision fp16|bf16|int8 add the folding rules BN401-BN404.
-    Example: bn-inspect check model.pt --input val.npy --baseline golden.json
+    Thresholds can be pinned under [tool.bn-inspect] in pyproject.toml; flags override them. --baseline adds the
+    drift rules BN301-BN303 (--write-baseline records one); --no-data checks the stored state alone; --fold and
+    --precision add BN401-BN404. Example: bn-inspect check model.pt --input val.npy --baseline golden.json
     """
     from bn_inspect.analyses.checking import check_gate
     from bn_inspect.analyses.runs import run_check
