@@ -15,6 +15,7 @@ from bn_inspect.config import CheckConfig, load_check_config
 from bn_inspect.errors import InputError, NoNormLayersError
 from bn_inspect.model.layers import functional_candidates
 from bn_inspect.model.modules import find_layers, in_memory_model_info, unwrap_compiled
+from bn_inspect.model.onnx_module import OnnxModel
 from bn_inspect.options import FailOn, Mode
 from bn_inspect.report.baseline import Baseline, baseline_findings
 from bn_inspect.report.causes import with_causes
@@ -26,6 +27,12 @@ from bn_inspect.text import Untrusted
 
 if TYPE_CHECKING:
     from bn_inspect.distributed.context import DistributedContext
+
+
+ONNX_RULES_NOTE = (
+    "ONNX model: BN106-BN108 need a PyTorch module (momentum None, training flags, requires_grad are not "
+    "exported) and did not run; with no num_batches_tracked exported, BN104 judges the statistics alone"
+)
 
 
 def check_model(
@@ -77,7 +84,7 @@ def check_model(
         raise NoNormLayersError.for_action("check")
     states = [layer.state() for layer in layers]
     findings = state_findings(states, thresholds, flags_from_file=flags_from_file, model_is_training=model.training)
-    notes: list[str] = []
+    notes: list[str] = [ONNX_RULES_NOTE] if isinstance(model, OnnxModel) else []
     report: Report | None = None
     if batches is None:
         notes.append("no data: only the rules on stored state (BN1xx) ran")

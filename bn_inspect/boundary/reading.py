@@ -53,6 +53,7 @@ class Source(str, Enum):
     MERGE_PART = "a report to merge"
     CONFIG = "the pyproject.toml settings"
     RECALIBRATION_RECORD = "the recalibration record of the model file"
+    ONNX_EXTERNAL_DATA = "an external data file of the ONNX model"
 
 
 Identity = tuple[int, int]

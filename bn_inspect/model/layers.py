@@ -81,6 +81,7 @@ class NormLayer:
     buffer_dtype: str | None = None
     owner_tensors: tuple[torch.Tensor, ...] = ()
     observed_training: bool | None = None
+    is_exported_training: bool = False
 
     def state(self) -> LayerState:
         """The torch-free facts of this layer, for reports and rules."""
@@ -105,6 +106,7 @@ class NormLayer:
             is_frozen=self.is_frozen,
             is_lazy=self.is_lazy,
             eval_uses=self.normalizes_with(is_training=False),
+            is_exported_training=self.is_exported_training,
         )
 
     @property
@@ -252,6 +254,11 @@ def describe_layer(name: str, module: nn.Module, family: NormFamily) -> NormLaye
         has_momentum=hasattr(module, "momentum"),
         affine_requires_grad=_requires_grad(weight, bias),
         buffer_dtype=dtype_name(buffers.get("running_var", buffers.get("running_mean"))),
+        # A stand-in for an exported graph's node (model/onnx_module.py) runs in the mode fixed at export.
+        observed_training=exported
+        if isinstance(exported := getattr(module, "exported_training", None), bool)
+        else None,
+        is_exported_training=getattr(module, "exported_training", None) is True,
     )
 
 

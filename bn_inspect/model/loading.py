@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 class LoadedModel:
     """A model ready to inspect and a description of where it came from.
 
-    ``format`` is one of: state_dict, checkpoint, safetensors, torchscript, pickle, arch.
+    ``format`` is one of: state_dict, checkpoint, safetensors, torchscript, pickle, onnx, arch.
     ``sha256`` is the hex SHA-256 of the model file's bytes (None for a fresh --arch).
     """
 
@@ -65,6 +65,11 @@ def _read_opened(opened: OpenedInput, trust_pickle: bool, map_location: str) -> 
         return LoadedModel(load_torchscript(opened, map_location, trust_pickle), str(path), "torchscript", None, digest)
     if kind is FileKind.TORCH_EXPORT:
         return LoadedModel(load_exported(opened, map_location, trust_pickle), str(path), "torch.export", None, digest)
+    if kind is FileKind.ONNX:
+        # Imported here only: onnx and onnxruntime are an optional extra, needed for ONNX files alone.
+        from bn_inspect.model.onnx_module import load_onnx
+
+        return LoadedModel(load_onnx(opened), str(path), "onnx", None, digest)
     if kind is FileKind.SAFETENSORS:
         tensors = load_safetensors(opened, map_location)
         validate_state_dict(tensors, path)

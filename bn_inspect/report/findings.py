@@ -61,6 +61,12 @@ RULES = {
         ),
         Rule("BN110", "batch-stats-in-eval", Severity.WARNING, "no running buffers: eval output depends on the batch"),
         Rule("BN111", "rank-divergence", Severity.WARNING, "running statistics differ between distributed ranks"),
+        Rule(
+            "BN112",
+            "exported-training-mode",
+            Severity.ERROR,
+            "exported in training mode: every inference batch is normalized with its own statistics",
+        ),
         Rule("BN201", "shifted", Severity.ERROR, "the data departs from the running statistics (departure score)"),
         Rule("BN202", "dead-channels", Severity.WARNING, "channels with zero batch variance on the data"),
         Rule("BN203", "few-values", Severity.WARNING, "too few values per channel for trustworthy statistics"),

@@ -96,6 +96,8 @@ class LayerState:
     ``eval_uses`` says which statistics the layer would normalize with in eval mode: "running",
     or "batch" when it keeps none (its eval output then depends on the batch). ``is_training`` and
     ``affine_requires_grad`` are None where the file does not store them (a state_dict).
+    ``is_exported_training``: an exported graph's node fixed in training mode (ONNX
+    BatchNormalization with ``training_mode=1``), which normalizes every batch with its own statistics.
     """
 
     name: Untrusted
@@ -118,6 +120,7 @@ class LayerState:
     is_frozen: bool
     is_lazy: bool
     eval_uses: str
+    is_exported_training: bool = False
 
 
 @dataclass(frozen=True)
