@@ -407,3 +407,54 @@ def test_model_file_error_is_the_class(tmp_path: Path) -> None:
     path.write_bytes(b"\x08\x08\x12\x03abc\x3a\xff")
     with pytest.raises(ModelFileError):
         load_model(path)
+
+
+def test_stored_tensors_through_constant_and_identity_nodes(tmp_path: Path) -> None:
+    helper, numpy_helper = onnx.helper, onnx.numpy_helper
+    model = _tiny_model()
+    graph = model.graph
+    mean = np.array([0.5, -1.0, 2.0], np.float32)
+    del graph.initializer[2]  # "m" now comes from a Constant node through an Identity
+    constant = helper.make_node("Constant", [], ["m_const"], value=numpy_helper.from_array(mean, "m_value"))
+    identity = helper.make_node("Identity", ["m_const"], ["m"])
+    graph.node.insert(0, identity)
+    graph.node.insert(0, constant)
+    path = tmp_path / "constants.onnx"
+    onnx.save(model, path)
+    x = torch.randn(2, 3, 4, 4)
+    (layer,) = inspect_model(load_model(path).module, [x]).layers
+    assert layer.running_mean == tuple(float(v) for v in mean)
+    # The engine sums float32 input in float32 (engine/moments.py), as for a PyTorch layer.
+    np.testing.assert_allclose(layer.batch_mean, x.double().mean(dim=(0, 2, 3)).numpy(), rtol=2e-6)
+
+
+def test_group_normalization_node(tmp_path: Path) -> None:
+    helper, numpy_helper = onnx.helper, onnx.numpy_helper
+    scale = numpy_helper.from_array(np.linspace(0.5, 2, 6).astype(np.float32), "scale")
+    bias = numpy_helper.from_array(np.zeros(6, np.float32), "bias")
+    node = helper.make_node("GroupNormalization", ["x", "scale", "bias"], ["y"], name="gn", num_groups=3)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 6, 5])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 6, 5])],
+        [scale, bias],
+    )
+    path = tmp_path / "group.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), path)
+    (layer,) = inspect_model(load_model(path).module, [torch.randn(2, 6, 5)]).layers
+    assert (layer.type.raw, layer.family, layer.num_groups, layer.num_channels) == ("GroupNormalization", "group", 3, 6)
+    assert "3 groups" in layer.explanation.raw or "groups" in layer.explanation.raw
+
+
+def test_recalibrate_refuses_an_onnx_file_before_running(
+    exports: Callable[[str], Path], data: torch.Tensor, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = tmp_path / "data.npy"
+    np.save(inputs, data.numpy())
+    result = invoke(
+        capsys, ["recalibrate", exports("dynamo-no-optimize"), "--input", inputs, "--output", tmp_path / "out.onnx"]
+    )
+    assert result.code == 2
+    assert_one_error_line(result, "recalibrate does not write ONNX files")
+    assert not (tmp_path / "out.onnx").exists()
