@@ -458,3 +458,27 @@ def test_recalibrate_refuses_an_onnx_file_before_running(
     assert result.code == 2
     assert_one_error_line(result, "recalibrate does not write ONNX files")
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_float16_statistics_are_bn109_and_need_no_onnxruntime(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = _tiny_model()
+    for tensor in model.graph.initializer:
+        values = onnx.numpy_helper.to_array(tensor).astype(np.float16)
+        tensor.CopyFrom(onnx.numpy_helper.from_array(values, tensor.name))
+    path = tmp_path / "half.onnx"
+    onnx.save(model, path)
+    result = invoke(capsys, ["check", path, "--no-data", "--format", "json"])
+    assert result.code == 0, result.err
+    assert {finding["code"] for finding in json.loads(result.out)["findings"]} == {"BN109"}
+
+
+def test_stored_tensors_of_different_lengths_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = _tiny_model()
+    model.graph.initializer[2].CopyFrom(onnx.numpy_helper.from_array(np.zeros(5, np.float32), "m"))
+    path = tmp_path / "mismatch.onnx"
+    onnx.save(model, path)
+    result = invoke(capsys, ["layers", path])
+    assert result.code == 2
+    assert_one_error_line(result, "stores running_mean of shape (5,) where (3,) fits its other tensors")

@@ -97,7 +97,6 @@ def _standin(node: NormNode) -> nn.Module:
             affine=scale is not None and bias is not None,
             track_running_stats=mean is not None and var is not None,
         )
-        _fill(module, weight=scale, bias=bias, running_mean=mean, running_var=var)
         if getattr(module, "num_batches_tracked", None) is not None:
             # ONNX does not keep the count; None rather than a fresh module's 0, which reads as untrained.
             module.register_buffer("num_batches_tracked", None)
@@ -109,23 +108,26 @@ def _standin(node: NormNode) -> nn.Module:
             momentum=None,  # type: ignore[arg-type]  # InstanceNormalization has no running statistics to update
             affine=scale is not None and bias is not None,
         )
-        _fill(module, weight=scale, bias=bias)
     elif node.op_type == "LayerNormalization":
         shape = tuple(node.scale.shape) if node.scale is not None else (1,)
         module = LayerNormalization(
             shape, eps=node.epsilon, elementwise_affine=scale is not None, bias=bias is not None
         )
-        _fill(module, weight=scale.reshape(shape) if scale is not None else None, bias=_shaped(bias, shape))
+        scale, bias = _shaped(scale, shape), _shaped(bias, shape)
     else:
         groups = node.num_groups or 1
         per_channel = scale is not None and len(scale) % groups == 0 and len(scale) != groups
         module = GroupNormalization(
             groups, len(scale) if per_channel and scale is not None else groups, eps=node.epsilon, affine=per_channel
         )
-        if per_channel:
-            _fill(module, weight=scale, bias=bias)
-        else:
+        if not per_channel:
+            scale = bias = None
             module.num_channels = 0  # opset 18 keeps one scale per group: the channel count is the input's
+    stored = next((t for t in (scale, bias, _tensor(node.mean), _tensor(node.var)) if t is not None), None)
+    if stored is not None:
+        # The initializers' own precision, so that the precision rule (BN109) sees float16 statistics.
+        module.to(stored.dtype)
+        _fill(module, node, weight=scale, bias=bias, running_mean=_tensor(node.mean), running_var=_tensor(node.var))
     module.onnx_node = node.node_name  # type: ignore[assignment]
     module.exported_training = node.is_training_mode  # type: ignore[assignment]
     module.training = node.is_training_mode
@@ -137,12 +139,20 @@ def _shaped(tensor: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor
     return None if tensor is None or tensor.numel() != int(np.prod(shape)) else tensor.reshape(shape)
 
 
-def _fill(module: nn.Module, **tensors: torch.Tensor | None) -> None:
+def _fill(module: nn.Module, node: NormNode, **tensors: torch.Tensor | None) -> None:
+    """Copy the node's stored tensors into the stand-in's; a tensor of another size is a damaged file."""
     with torch.no_grad():
         for name, value in tensors.items():
             current = getattr(module, name, None)
-            if isinstance(current, torch.Tensor) and value is not None and current.shape == value.shape:
-                current.copy_(value.to(current.dtype))
+            if not isinstance(current, torch.Tensor) or value is None:
+                continue
+            if current.shape != value.shape:
+                raise ModelFileError(
+                    f"ONNX node {inert(node.node_name)!r} ({node.op_type}) stores {name} of shape "
+                    f"{tuple(value.shape)} where {tuple(current.shape)} fits its other tensors",
+                    "Re-export the model",
+                )
+            current.copy_(value.to(current.dtype))
 
 
 class OnnxModel(nn.Module):
@@ -174,7 +184,9 @@ class OnnxModel(nn.Module):
             self._calls.append((shared, node.input_name))
         self.inputs = declared_inputs(model)
         self.is_exported_training = any(node.is_training_mode for node in nodes)
-        self._session = _session(model, sorted({name for _, name in self._calls} - {n for n, _, _ in self.inputs}))
+        # Made at the first forward: listing layers and the stored-state rules need no onnxruntime.
+        self._graph = model
+        self._session: Any = None
         self._outputs = [output.name for output in model.graph.output]
 
     def named_modules(
@@ -201,6 +213,8 @@ class OnnxModel(nn.Module):
             )
         feeds = self._feeds(args, kwargs)
         fetch = [name for name in self._session_outputs if name not in feeds]
+        if self._session is None:
+            self._session = _session(self._graph, [name for _, name in self._calls if name not in feeds])
         try:
             results = dict(zip(fetch, self._session.run(fetch, feeds), strict=True))
         except Exception as error:  # onnxruntime raises its own classes, one per status code
@@ -217,7 +231,7 @@ class OnnxModel(nn.Module):
 
     @property
     def _session_outputs(self) -> list[str]:
-        return [*self._outputs, *(name for name in dict.fromkeys(name for _, name in self._calls))]
+        return list(dict.fromkeys([*self._outputs, *(name for _, name in self._calls)]))
 
     def _feeds(self, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         from onnx import helper
@@ -260,7 +274,7 @@ def _session(model: onnx.ModelProto, extra_outputs: list[str]) -> Any:
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     present = {output.name for output in exposed.graph.output}
-    for name in extra_outputs:
+    for name in dict.fromkeys(extra_outputs):
         if name not in present:
             exposed.graph.output.append(onnx.ValueInfoProto(name=name))
     options = onnxruntime.SessionOptions()
