@@ -250,6 +250,8 @@ def test_instance_and_layer_normalization(tmp_path: Path, options: dict[str, Any
     model = randomize_norm_state(_Family()).eval()
     x = torch.randn(2, 4, 5, 6)
     report = inspect_model(load_model(export(model, x, tmp_path / "family.onnx", **options)).module, [x])
+    assert [layer.name.raw for layer in report.layers] == ["inorm", "ln"]
+    assert all(layer.momentum is None for layer in report.layers)
     by_type = {layer.type.raw: layer for layer in report.layers}
     assert set(by_type) == {"InstanceNormalization", "LayerNormalization"}
     assert by_type["LayerNormalization"].input_shape == (2, 4, 5, 6)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import math
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,7 +324,21 @@ def _torch_name(node: onnx.NodeProto, known: dict[str, np.ndarray]) -> str | Non
             for suffix in _PARAMETER_SUFFIXES:
                 if name.endswith(suffix) and len(name) > len(suffix):
                     return str(name)[: -len(suffix)]
-    return None
+    return _scope_name(str(node.name), str(node.op_type))
+
+
+def _scope_name(node_name: str, op_type: str) -> str | None:
+    """The module path in a TorchScript exporter's node name: ``/layer1/layer1.0/bn1/BatchNormalization``
+    is ``layer1.0.bn1`` (each scope is a module's qualified name, or its attribute name under the last)."""
+    scopes = node_name.split("/")
+    if len(scopes) < 3 or scopes[0] or not re.fullmatch(re.escape(op_type) + r"(_\d+)?", scopes[-1]):
+        return None
+    path = ""
+    for scope in scopes[1:-1]:
+        if not scope:
+            return None
+        path = scope if not path or scope.startswith(path + ".") else f"{path}.{scope}"
+    return path
 
 
 def declared_inputs(model: onnx.ModelProto) -> list[tuple[str, int, tuple[int | None, ...] | None]]:

@@ -102,12 +102,9 @@ def _standin(node: NormNode) -> nn.Module:
             module.register_buffer("num_batches_tracked", None)
     elif node.op_type == "InstanceNormalization":
         channels = len(scale) if scale is not None else 0
-        module = InstanceNormalization(
-            channels,
-            eps=node.epsilon,
-            momentum=None,  # type: ignore[arg-type]  # InstanceNormalization has no running statistics to update
-            affine=scale is not None and bias is not None,
-        )
+        module = InstanceNormalization(channels, eps=node.epsilon, affine=scale is not None and bias is not None)
+        # ONNX's InstanceNormalization keeps no running statistics, so it has no momentum to report.
+        del module.momentum
     elif node.op_type == "LayerNormalization":
         shape = tuple(node.scale.shape) if node.scale is not None else (1,)
         module = LayerNormalization(
