@@ -484,3 +484,17 @@ def test_stored_tensors_of_different_lengths_are_one_line(tmp_path: Path, capsys
     result = invoke(capsys, ["layers", path])
     assert result.code == 2
     assert_one_error_line(result, "stores running_mean of shape (5,) where (3,) fits its other tensors")
+
+
+def test_without_onnxruntime_installed_it_is_one_line(exports: Callable[[str], Path]) -> None:
+    code = (
+        "import sys; sys.modules['onnxruntime'] = None\n"
+        "from bn_inspect.cli.main import run\n"
+        f"sys.exit(run(['layers', {str(exports('dynamo-no-optimize'))!r}]))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"Error: {exports('dynamo-no-optimize')} is an ONNX model, and reading one needs onnxruntime, which is not "
+        "installed. pip install 'bn-inspect[onnx]' (onnx and onnxruntime)"
+    ]

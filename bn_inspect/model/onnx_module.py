@@ -293,9 +293,17 @@ def load_onnx(opened: OpenedInput) -> OnnxModel:
     """The ONNX model file as an ``OnnxModel``, read through the boundary.
 
     Raises:
-        ModelFileError: as read_onnx, or onnxruntime cannot load the graph.
+        ModelFileError: as read_onnx, or onnx or onnxruntime is not installed.
         NoNormLayersError: the graph has no normalization node.
     """
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as error:
+        raise ModelFileError(
+            f"{opened.path} is an ONNX model, and reading one needs {error.name or 'onnx'}, which is not installed",
+            "pip install 'bn-inspect[onnx]' (onnx and onnxruntime)",
+        ) from error
     model = read_onnx(opened)
     nodes = norm_nodes(model)
     if not nodes:
