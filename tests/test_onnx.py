@@ -498,3 +498,49 @@ def test_without_onnxruntime_installed_it_is_one_line(exports: Callable[[str], P
         f"Error: {exports('dynamo-no-optimize')} is an ONNX model, and reading one needs onnxruntime, which is not "
         "installed. pip install 'bn-inspect[onnx]' (onnx and onnxruntime)"
     ]
+
+
+def _nested(depth: int) -> Any:
+    """A graph whose If nodes nest ``depth`` graphs deep."""
+    helper = onnx.helper
+    inner = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "leaf",
+        [],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    for level in range(depth):
+        node = helper.make_node("If", ["c"], [f"y{level}"], then_branch=inner, else_branch=inner)
+        inner = helper.make_graph(
+            [node], f"g{level}", [], [helper.make_tensor_value_info(f"y{level}", onnx.TensorProto.FLOAT, [1])]
+        )
+    return inner
+
+
+@pytest.mark.surface("read:model", "hang")
+def test_graphs_nested_too_deep_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = _tiny_model()
+    model.graph.node.append(onnx.helper.make_node("If", ["c"], ["z"], then_branch=_nested(20), else_branch=_nested(1)))
+    path = tmp_path / "deep.onnx"
+    path.write_bytes(model.SerializeToString())
+    result = invoke(capsys, ["layers", path])
+    assert result.code == 2
+    assert_one_error_line(result, "nests graphs more than 16 levels deep")
+
+
+@pytest.mark.surface("read:model", "execution")
+def test_a_custom_operator_inside_a_model_function_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    helper = onnx.helper
+    model = _tiny_model()
+    body = helper.make_node("Backdoor", ["a"], ["b"], domain="evil.ops")
+    model.functions.append(
+        helper.make_function("local.fns", "Wrapped", ["a"], ["b"], [body], [helper.make_opsetid("", 15)])
+    )
+    model.graph.node.append(helper.make_node("Wrapped", ["y"], ["w"], domain="local.fns"))
+    path = tmp_path / "function.onnx"
+    path.write_bytes(model.SerializeToString())
+    result = invoke(capsys, ["layers", path])
+    assert result.code == 2
+    assert_one_error_line(result, "custom domain evil.ops")

@@ -115,29 +115,44 @@ def _check_structure(model: onnx.ModelProto, path: Path) -> None:
     if not model.HasField("graph"):
         raise ModelFileError(f"ONNX model {path} has no graph", _BAD_FILE_FIX)
     functions = {function.domain for function in model.functions}
-    for graph in _walk_graphs(model.graph, path):
-        for node in graph.node:
-            if node.domain not in KNOWN_DOMAINS and node.domain not in functions:
-                raise ModelFileError(
-                    f"ONNX model {path} uses operator {inert(node.op_type)} of the custom domain "
-                    f"{inert(node.domain)}, whose library bn-inspect never loads",
-                    "Export the model with standard ONNX operators only",
-                )
+    for node in _all_nodes(model, path)[1]:
+        if node.domain not in KNOWN_DOMAINS and node.domain not in functions:
+            raise ModelFileError(
+                f"ONNX model {path} uses operator {inert(node.op_type)} of the custom domain "
+                f"{inert(node.domain)}, whose library bn-inspect never loads",
+                "Export the model with standard ONNX operators only",
+            )
 
 
-def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor the model stores: initializers and attribute tensors, in every nested graph and function."""
-    graphs = list(_walk_graphs(model.graph, Path("?")))
-    nodes = [node for graph in graphs for node in graph.node]
-    nodes += [node for function in model.functions for node in function.node]
+def _all_nodes(model: onnx.ModelProto, path: Path) -> tuple[list[onnx.GraphProto], list[onnx.NodeProto]]:
+    """Every graph (the main one and those nested in attributes, also inside the model's functions)
+    and every node of them and of the functions, bounded as ``_walk_graphs``."""
+    graphs = list(_walk_graphs(model.graph, path))
+    nodes = [node for function in model.functions for node in function.node]
+    for node in list(nodes):
+        for attribute in node.attribute:
+            for sub in (*([attribute.g] if attribute.HasField("g") else ()), *attribute.graphs):
+                graphs += _walk_graphs(sub, path)
+    return graphs, nodes + [node for graph in graphs for node in graph.node]
+
+
+def iter_tensors(model: onnx.ModelProto, path: Path) -> Iterator[onnx.TensorProto]:
+    """Every tensor the model stores: initializers (sparse ones too) and attribute tensors, in every
+    nested graph and function."""
+    graphs, nodes = _all_nodes(model, path)
     for graph in graphs:
         yield from graph.initializer
-        yield from (sparse.values for sparse in graph.sparse_initializer)
+        for sparse in graph.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
     for node in nodes:
         for attribute in node.attribute:
             if attribute.HasField("t"):
                 yield attribute.t
             yield from attribute.tensors
+            if attribute.HasField("sparse_tensor"):
+                yield from (attribute.sparse_tensor.values, attribute.sparse_tensor.indices)
+            for sparse in attribute.sparse_tensors:
+                yield from (sparse.values, sparse.indices)
 
 
 def _read_external_data(model: onnx.ModelProto, path: Path) -> int:
@@ -150,7 +165,7 @@ def _read_external_data(model: onnx.ModelProto, path: Path) -> int:
 
     folder = os.path.realpath(path.parent)
     total = 0
-    for tensor in iter_tensors(model):
+    for tensor in iter_tensors(model, path):
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
         entries = {entry.key: entry.value for entry in tensor.external_data}
@@ -215,7 +230,7 @@ def _check_declared_sizes(model: onnx.ModelProto, path: Path, budget: int) -> No
     """Refuse a tensor whose declared dims hold more values than the file and its external data could."""
     from onnx import helper
 
-    for tensor in iter_tensors(model):
+    for tensor in iter_tensors(model, path):
         dims = tuple(int(d) for d in tensor.dims)
         numel = math.prod(dims) if all(d >= 0 for d in dims) else -1
         try:
