@@ -44,9 +44,8 @@ def _tensor(values: np.ndarray | None) -> torch.Tensor | None:
 
 
 class _Standin:
-    """What every stand-in shares: it says it stands for an ONNX node, and passes its input on."""
+    """What every stand-in shares: its mode is the one fixed at export, and its forward passes its input on."""
 
-    onnx_node: str
     exported_training: bool
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -125,7 +124,6 @@ def _standin(node: NormNode) -> nn.Module:
         # The initializers' own precision, so that the precision rule (BN109) sees float16 statistics.
         module.to(stored.dtype)
         _fill(module, node, weight=scale, bias=bias, running_mean=_tensor(node.mean), running_var=_tensor(node.var))
-    module.onnx_node = node.node_name  # type: ignore[assignment]
     module.exported_training = node.is_training_mode  # type: ignore[assignment]
     module.training = node.is_training_mode
     module.requires_grad_(False)
@@ -180,7 +178,6 @@ class OnnxModel(nn.Module):
             # The same module exported twice (called twice) is one layer with two calls, as in PyTorch.
             self._calls.append((shared, node.input_name))
         self.inputs = declared_inputs(model)
-        self.is_exported_training = any(node.is_training_mode for node in nodes)
         # Made at the first forward: listing layers and the stored-state rules need no onnxruntime.
         self._graph = model
         self._session: Any = None
