@@ -544,3 +544,13 @@ def test_a_custom_operator_inside_a_model_function_is_refused(
     result = invoke(capsys, ["layers", path])
     assert result.code == 2
     assert_one_error_line(result, "custom domain evil.ops")
+
+
+def test_diff_of_the_pytorch_model_and_its_export_finds_no_change(
+    exports: Callable[[str], Path], resnet: nn.Module, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scripted = tmp_path / "resnet.pt"
+    torch.jit.save(torch.jit.script(resnet), scripted)
+    result = invoke(capsys, ["diff", scripted, exports("torchscript-no-folding"), "--shape", "16,3,8,8"])
+    assert result.code == 0, result.err
+    assert "No layer's stored statistics changed and no input changed." in result.out
