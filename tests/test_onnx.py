@@ -554,3 +554,30 @@ def test_diff_of_the_pytorch_model_and_its_export_finds_no_change(
     result = invoke(capsys, ["diff", scripted, exports("torchscript-no-folding"), "--shape", "16,3,8,8"])
     assert result.code == 0, result.err
     assert "No layer's stored statistics changed and no input changed." in result.out
+
+
+class _TrackedInstance(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.inorm = nn.InstanceNorm2d(4, affine=True, track_running_stats=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inorm(self.conv(x))
+
+
+@pytest.mark.parametrize(
+    "options", [{"dynamo": False, "do_constant_folding": False}, {"dynamo": True, "optimize": False}]
+)
+def test_instance_norm_with_running_statistics_is_read_back_from_its_tiled_batch_norm(
+    tmp_path: Path, options: dict[str, Any]
+) -> None:
+    model = randomize_norm_state(_TrackedInstance()).eval()
+    x = torch.randn(2, 3, 5, 6) * 2 + 1
+    (theirs,) = inspect_model(model, [x]).layers
+    (mine,) = inspect_model(load_model(export(model, x, tmp_path / "tracked.onnx", **options)).module, [x]).layers
+    assert (mine.name.raw, mine.type.raw, mine.normalizes_with) == ("inorm", "InstanceNormalization", "running")
+    assert mine.running_mean == theirs.running_mean and mine.running_var == theirs.running_var
+    assert mine.explanation.raw == theirs.explanation.raw.replace("(InstanceNorm2d)", "(InstanceNormalization)")
+    assert mine.batch_mean is not None and theirs.batch_mean is not None
+    np.testing.assert_allclose(mine.batch_mean, theirs.batch_mean, rtol=0, atol=2e-6 * max(map(abs, theirs.batch_mean)))

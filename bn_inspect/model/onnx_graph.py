@@ -281,6 +281,7 @@ def norm_nodes(model: onnx.ModelProto) -> list[NormNode]:
     """The normalization nodes of the main graph, in graph (execution) order."""
     graph = model.graph
     known = constant_values(graph)
+    producers = {output: node for node in graph.node for output in node.output}
     found = []
     for index, node in enumerate(graph.node):
         if node.op_type not in NORM_OPS or node.domain not in ("", "ai.onnx") or not node.input:
@@ -288,19 +289,23 @@ def norm_nodes(model: onnx.ModelProto) -> list[NormNode]:
         attributes = _attributes(node)
         stored = [known.get(name) for name in node.input[1:5]] + [None] * 4
         is_bn = node.op_type == "BatchNormalization"
+        op_type, input_name = node.op_type, node.input[0]
+        tracked_instance = _tracked_instance_norm(node, producers, known) if is_bn else None
+        if tracked_instance is not None:
+            op_type, input_name, stored = "InstanceNormalization", *tracked_instance
         momentum = attributes.get("momentum", 0.9) if is_bn else None
         found.append(
             NormNode(
                 index=index,
                 node_name=node.name,
-                op_type=node.op_type,
-                input_name=node.input[0],
+                op_type=op_type,
+                input_name=input_name,
                 torch_name=_torch_name(node, known),
                 stored_key=tuple(node.input[1:]),
                 scale=stored[0],
                 bias=stored[1],
-                mean=stored[2] if is_bn else None,
-                var=stored[3] if is_bn else None,
+                mean=stored[2],
+                var=stored[3],
                 epsilon=float(_number(attributes.get("epsilon"), 1e-5)),
                 # ONNX keeps the weight of the old statistics; PyTorch that of the batch's.
                 momentum=None if momentum is None else 1.0 - float(_number(momentum, 0.9)),
@@ -310,6 +315,36 @@ def norm_nodes(model: onnx.ModelProto) -> list[NormNode]:
             )
         )
     return found
+
+
+# How both exporters write an InstanceNorm with running statistics: its input reshaped to
+# (1, N*C, ...) and a BatchNormalization whose statistics are the stored ones tiled N times.
+_TILING_OPS = frozenset({"Tile", "Expand", "Identity", "Cast"})
+
+
+def _tracked_instance_norm(
+    node: onnx.NodeProto, producers: dict[str, onnx.NodeProto], known: dict[str, np.ndarray]
+) -> tuple[str, list[np.ndarray | None]] | None:
+    """(the InstanceNorm's own input, its stored scale, bias, mean and var) where ``node`` is that pattern, else None."""
+    if len(node.input) < 5 or node.input[3] in known or node.input[4] in known:
+        return None
+    reshape = producers.get(node.input[0])
+    stored = [_untiled(name, producers, known) for name in node.input[1:5]]
+    if reshape is None or reshape.op_type != "Reshape" or not reshape.input or stored[2] is None or stored[3] is None:
+        return None
+    return str(reshape.input[0]), stored
+
+
+def _untiled(name: str, producers: dict[str, onnx.NodeProto], known: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The stored tensor that ``name`` repeats (through Tile, Expand, Identity, Cast), or None."""
+    for _ in range(8):
+        if name in known:
+            return known[name]
+        producer = producers.get(name)
+        if producer is None or producer.op_type not in _TILING_OPS or not producer.input:
+            return None
+        name = producer.input[0]
+    return None
 
 
 def _number(value: object, default: float) -> float:

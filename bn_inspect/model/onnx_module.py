@@ -96,14 +96,20 @@ def _standin(node: NormNode) -> nn.Module:
             affine=scale is not None and bias is not None,
             track_running_stats=mean is not None and var is not None,
         )
-        if getattr(module, "num_batches_tracked", None) is not None:
-            # ONNX does not keep the count; None rather than a fresh module's 0, which reads as untrained.
-            module.register_buffer("num_batches_tracked", None)
     elif node.op_type == "InstanceNormalization":
-        channels = len(scale) if scale is not None else 0
-        module = InstanceNormalization(channels, eps=node.epsilon, affine=scale is not None and bias is not None)
-        # ONNX's InstanceNormalization keeps no running statistics, so it has no momentum to report.
-        del module.momentum
+        mean, var = _tensor(node.mean), _tensor(node.var)
+        channels = next((len(t) for t in (scale, bias, mean, var) if t is not None), 0)
+        tracks = mean is not None and var is not None
+        module = InstanceNormalization(
+            channels,
+            eps=node.epsilon,
+            momentum=node.momentum if node.momentum is not None else 0.1,
+            affine=scale is not None and bias is not None,
+            track_running_stats=tracks,
+        )
+        if not tracks:
+            # ONNX's InstanceNormalization keeps no running statistics, so it has no momentum to report.
+            del module.momentum
     elif node.op_type == "LayerNormalization":
         shape = tuple(node.scale.shape) if node.scale is not None else (1,)
         module = LayerNormalization(
@@ -119,6 +125,9 @@ def _standin(node: NormNode) -> nn.Module:
         if not per_channel:
             scale = bias = None
             module.num_channels = 0  # opset 18 keeps one scale per group: the channel count is the input's
+    if getattr(module, "num_batches_tracked", None) is not None:
+        # ONNX does not keep the count; None rather than a fresh module's 0, which reads as untrained.
+        module.register_buffer("num_batches_tracked", None)
     stored = next((t for t in (scale, bias, _tensor(node.mean), _tensor(node.var)) if t is not None), None)
     if stored is not None:
         # The initializers' own precision, so that the precision rule (BN109) sees float16 statistics.
