@@ -163,6 +163,14 @@ def test_sentences_and_names_are_the_pytorch_ones(
         np.testing.assert_allclose(mine.batch_var, theirs.batch_var, rtol=0, atol=2e-6 * max(theirs.batch_var))
 
 
+def test_python_api_checks_an_onnx_model(exports: Callable[[str], Path], data: torch.Tensor) -> None:
+    import bn_inspect
+
+    result = bn_inspect.check_model(bn_inspect.load_model(exports("torchscript-training")).module, [data])
+    assert not result.passed
+    assert {finding.code for finding in result.findings} == {"BN112"}
+
+
 def test_inspecting_leaves_the_file_unchanged(exports: Callable[[str], Path], data: torch.Tensor) -> None:
     path = exports("torchscript-no-folding")
     before = path.read_bytes()

@@ -83,8 +83,11 @@ def check_model(
     if not layers and not functional_candidates(model, []):
         raise NoNormLayersError.for_action("check")
     states = [layer.state() for layer in layers]
+    is_onnx = isinstance(model, OnnxModel)
+    # An ONNX graph's stand-in modules carry no training flags or requires_grad of the exported model.
+    flags_from_file = flags_from_file and not is_onnx
     findings = state_findings(states, thresholds, flags_from_file=flags_from_file, model_is_training=model.training)
-    notes: list[str] = [ONNX_RULES_NOTE] if isinstance(model, OnnxModel) else []
+    notes: list[str] = [ONNX_RULES_NOTE] if is_onnx else []
     report: Report | None = None
     if batches is None:
         notes.append("no data: only the rules on stored state (BN1xx) ran")
