@@ -83,11 +83,8 @@ def check_model(
     if not layers and not functional_candidates(model, []):
         raise NoNormLayersError.for_action("check")
     states = [layer.state() for layer in layers]
-    is_onnx = isinstance(model, OnnxModel)
-    # An ONNX graph's stand-in modules carry no training flags or requires_grad of the exported model.
-    flags_from_file = flags_from_file and not is_onnx
+    flags_from_file, notes = _model_kind_notes(model, flags_from_file)
     findings = state_findings(states, thresholds, flags_from_file=flags_from_file, model_is_training=model.training)
-    notes: list[str] = [ONNX_RULES_NOTE] if is_onnx else []
     report: Report | None = None
     if batches is None:
         notes.append("no data: only the rules on stored state (BN1xx) ran")
@@ -118,6 +115,14 @@ def check_model(
         first_divergent=first.label if first else None,
         inspection=report,
     )
+
+
+def _model_kind_notes(model: nn.Module, flags_from_file: bool) -> tuple[bool, list[str]]:
+    """Whether the train-mode rules may run, and what check's notes start with, for this kind of model."""
+    if isinstance(model, OnnxModel):
+        # An ONNX graph's stand-in modules carry no training flags or requires_grad of the exported model.
+        return False, [ONNX_RULES_NOTE]
+    return flags_from_file, []
 
 
 def _data_findings(report: Report, thresholds: Thresholds, data_is_real: bool, notes: list[str]) -> list[Finding]:
