@@ -59,6 +59,7 @@ SURFACES: tuple[Surface, ...] = (
     _surface("read:config", "reader", H.HANG, H.MEMORY, H.TRACEBACK),
     _surface("read:recalibration-record", "reader", H.HANG, H.MEMORY, H.TRACEBACK),
     _surface("read:timeline", "reader", H.HANG, H.MEMORY, H.TRACEBACK),
+    _surface("read:onnx-external-data", "reader", H.HANG, H.MEMORY, H.TRACEBACK),
     # Writers: one per bn_inspect.boundary.writing.Destination.
     _surface("write:result", "writer", H.CLOBBER, H.HANG, H.TRACEBACK),
     _surface("write:page", "writer", H.CLOBBER, H.HANG, H.TRACEBACK),

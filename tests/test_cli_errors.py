@@ -178,7 +178,7 @@ CASES = {
     "empty-file": Case(f"$dir/empty.pt {S}", "Error: model file $dir/empty.pt is empty. Re-save or re-download it"),
     "random-bytes": Case(
         f"$dir/random.pt {S}",
-        "Error: $dir/random.pt is not a PyTorch model file (no zip archive, pickle or safetensors header)",
+        "Error: $dir/random.pt is not a PyTorch or ONNX model file (no zip archive, pickle, safetensors or ONNX header)",
     ),
     "truncated-zip": Case(
         f"$dir/truncated.pt --arch $A {S}", "Error: model file $dir/truncated.pt is a damaged or truncated zip archive"
@@ -187,8 +187,8 @@ CASES = {
         f"$dir/flipped.pt --arch $A {S}",
         "Error: model file $dir/flipped.pt is corrupt: entry state_dict/data/0 fails its CRC check",
     ),
-    "text-file": Case(f"$dir/notes.pt {S}", "Error: $dir/notes.pt is not a PyTorch model file"),
-    "json-file": Case(f"$dir/config.pt {S}", "Error: $dir/config.pt is not a PyTorch model file"),
+    "text-file": Case(f"$dir/notes.pt {S}", "Error: $dir/notes.pt is not a PyTorch or ONNX model file"),
+    "json-file": Case(f"$dir/config.pt {S}", "Error: $dir/config.pt is not a PyTorch or ONNX model file"),
     "foreign-zip": Case(
         f"$dir/foreign.zip {S}",
         "Error: $dir/foreign.zip is a zip archive but not a PyTorch checkpoint (no data.pkl, code/ or archive_format)",

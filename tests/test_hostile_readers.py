@@ -115,7 +115,7 @@ def test_a_model_of_random_bytes_is_one_line(tmp_path: Path, capsys: pytest.Capt
     model.write_bytes(os.urandom(4096).replace(b"PK", b"pk").replace(b"\x80", b"\x00"))
     result = _cli(capsys, ["inspect", model, "--input", IMAGES])
     assert result.code == 2
-    assert_one_error_line(result, f"{model} is not a PyTorch model file")
+    assert_one_error_line(result, f"{model} is not a PyTorch or ONNX model file")
 
 
 class _Payload:

@@ -633,13 +633,16 @@ def _zip_with_junk_pickle(path: Path) -> Path:
 
 CORRUPT_FILES = {
     "empty": (lambda p, real: _write_bytes(p, b""), r"model file {path} is empty\. Re-save or re-download it"),
-    "random-bytes": (lambda p, real: _random_bytes(p), r"{path} is not a PyTorch model file"),
+    "random-bytes": (lambda p, real: _random_bytes(p), r"{path} is not a PyTorch or ONNX model file"),
     "truncated-zip": (_truncated, r"model file {path} is a damaged or truncated zip archive"),
     "flipped-byte": (_flipped, r"model file {path} is corrupt: entry \S+/data/0 fails its CRC check"),
-    "text": (lambda p, real: _write_bytes(p, b"hello, this is not a model\n" * 4), r"{path} is not a PyTorch model"),
+    "text": (
+        lambda p, real: _write_bytes(p, b"hello, this is not a model\n" * 4),
+        r"{path} is not a PyTorch or ONNX model",
+    ),
     "json": (
         lambda p, real: _write_bytes(p, json.dumps({"state_dict": {"w": [1.0, 2.0]}}).encode()),
-        r"{path} is not a PyTorch model file",
+        r"{path} is not a PyTorch or ONNX model file",
     ),
     "foreign-zip": (lambda p, real: _foreign_zip(p), r"{path} is a zip archive but not a PyTorch checkpoint"),
     "zip-with-junk-pickle": (

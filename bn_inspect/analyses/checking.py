@@ -18,6 +18,7 @@ from bn_inspect.data.batch import Batch, as_batch
 from bn_inspect.errors import InputError, NoNormLayersError
 from bn_inspect.model.layers import functional_candidates
 from bn_inspect.model.modules import find_layers, in_memory_model_info, model_device, model_float_dtype, unwrap_compiled
+from bn_inspect.model.onnx_module import OnnxModel
 from bn_inspect.options import FailOn, Mode, Precision
 from bn_inspect.report.baseline import Baseline, baseline_findings
 from bn_inspect.report.causes import with_causes
@@ -32,6 +33,12 @@ DEFAULT_EPS = 1e-5
 
 if TYPE_CHECKING:
     from bn_inspect.distributed.context import DistributedContext
+
+
+ONNX_RULES_NOTE = (
+    "ONNX model: BN106-BN108 need a PyTorch module (momentum None, training flags, requires_grad are not "
+    "exported) and did not run; with no num_batches_tracked exported, BN104 judges the statistics alone"
+)
 
 
 def check_model(
@@ -84,8 +91,10 @@ def check_model(
     """
     thresholds, run = thresholds or Thresholds(), joined_run(distributed)
     model = unwrap_compiled(model)
+    flags_from_file, kind_notes = _model_kind_notes(model, flags_from_file)
     states, findings = _stored_state(model, thresholds, flags_from_file, is_recalibrated)
     batches, notes = _folding(model, batches, fold, precision, findings)
+    notes = kind_notes + notes
     report: Report | None = None
     if batches is not None:
         report = run_inspection(
@@ -223,6 +232,12 @@ def check_weights(
         notes=tuple(notes),
         ignored=tuple(ignore),
     )
+def _model_kind_notes(model: nn.Module, flags_from_file: bool) -> tuple[bool, list[str]]:
+    """Whether the train-mode rules may run, and what check's notes start with, for this kind of model."""
+    if isinstance(model, OnnxModel):
+        # An ONNX graph's stand-in modules carry no training flags or requires_grad of the exported model.
+        return False, [ONNX_RULES_NOTE]
+    return flags_from_file, []
 
 
 def _data_findings(report: Report, thresholds: Thresholds, data_is_real: bool, notes: list[str]) -> list[Finding]:

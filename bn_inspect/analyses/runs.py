@@ -335,6 +335,11 @@ def run_recalibrate(
                 model, arch=options.arch, arch_kwargs=kwargs, trust_pickle=options.trust_pickle, map_location=device
             )
         observer.loaded()
+        if loaded.format == "onnx":
+            # Refused before the passes run: they would end in a file that cannot be written.
+            raise OutputError(
+                "recalibrate does not write ONNX files", "Recalibrate the PyTorch model, then export it again"
+            )
         data = fit_images_to_model(data, loaded.module, options, kwargs)
         mine: Iterable[Batch] = Rereadable(data, size, options.batches, observer)
         if ranks is not None:

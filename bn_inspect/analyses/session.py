@@ -370,15 +370,23 @@ def _guessed_batches(
 
 
 def _input_shape_of(module: nn.Module, batch_size: int) -> tuple[tuple[int, ...], str]:
-    """An input shape the model runs, and why: a torch.export archive's own specification, else the first layer's.
+    """An input shape the model runs, and why: an ONNX graph's or a torch.export archive's own
+    specification, else the first layer's.
 
     Raises:
         InputError: neither tells, or no tried size runs.
     """
     from bn_inspect.analyses.inspection import find_working_shape
+    from bn_inspect.data.memory import check_fits_memory
     from bn_inspect.data.shapes import guess_input_shapes
     from bn_inspect.model.graph import exported_input_shapes
+    from bn_inspect.model.onnx_module import onnx_input_shape
 
+    declared = onnx_input_shape(module)
+    if declared is not None and len(declared) >= 2 and all(size is not None for size in declared[1:]):
+        shape = tuple(batch_size if size is None else size for size in declared)
+        check_fits_memory(shape, 4)
+        return shape, "the ONNX graph's input is declared with that shape"
     exported = exported_input_shapes(module)
     if len(exported) == 1 and len(exported[0]) >= 2 and all(size is not None for size in exported[0][1:]):
         first = exported[0][0]

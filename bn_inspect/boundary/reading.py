@@ -55,6 +55,7 @@ class Source(str, Enum):
     CONFIG = "the pyproject.toml settings"
     RECALIBRATION_RECORD = "the recalibration record of the model file"
     TIMELINE = "a timeline file"
+    ONNX_EXTERNAL_DATA = "an external data file of the ONNX model"
 
 
 Identity = tuple[int, int]

@@ -20,6 +20,7 @@ class FileKind(str, Enum):
     TORCH_EXPORT = "torch.export"
     SAFETENSORS = "safetensors"
     LEGACY_PICKLE = "legacy-pickle"
+    ONNX = "onnx"
 
 
 def open_model_file(path: Path) -> AbstractContextManager[OpenedInput]:
@@ -74,10 +75,23 @@ def file_kind(opened: OpenedInput) -> FileKind:
             return FileKind.SAFETENSORS
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return FileKind.LEGACY_PICKLE
+    if looks_like_onnx(head):
+        return FileKind.ONNX
     raise ModelFileError(
-        f"{path} is not a PyTorch model file (no zip archive, pickle or safetensors header)",
-        "Give a file written by torch.save, torch.jit.save, torch.export.save or safetensors",
+        f"{path} is not a PyTorch or ONNX model file (no zip archive, pickle, safetensors or ONNX header)",
+        "Give a file written by torch.save, torch.jit.save, torch.export.save, safetensors or torch.onnx.export",
     )
+
+
+# The tag bytes a serialized ONNX ModelProto's second field may start with (fields 2 to 8: producer
+# name and version, domain, model version, doc string, graph, opset import); serializers write
+# fields in number order, after field 1, ir_version, a small varint.
+_ONNX_SECOND_FIELD_TAGS = frozenset({0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42})
+
+
+def looks_like_onnx(head: bytes) -> bool:
+    """True when ``head`` opens like a serialized ONNX ModelProto."""
+    return len(head) >= 3 and head[0] == 0x08 and 0 < head[1] < 0x80 and head[2] in _ONNX_SECOND_FIELD_TAGS
 
 
 def _zip_kind(opened: OpenedInput) -> FileKind:

@@ -83,6 +83,7 @@ class NormLayer:
     owner_tensors: tuple[torch.Tensor, ...] = ()
     observed_training: bool | None = None
     qat_owner: QatOwner | None = None
+    is_exported_training: bool = False
 
     def state(self) -> LayerState:
         """The torch-free facts of this layer, for reports and rules."""
@@ -109,6 +110,7 @@ class NormLayer:
             eval_uses=self.normalizes_with(is_training=False),
             fused_into=None if self.qat_owner is None else Untrusted(self.qat_owner.type_name),
             is_qat_frozen=self.qat_owner is not None and self.qat_owner.is_frozen,
+            is_exported_training=self.is_exported_training,
         )
 
     @property
@@ -258,6 +260,11 @@ def describe_layer(name: str, module: nn.Module, family: NormFamily) -> NormLaye
         has_momentum=hasattr(module, "momentum"),
         affine_requires_grad=_requires_grad(weight, bias),
         buffer_dtype=dtype_name(buffers.get("running_var", buffers.get("running_mean"))),
+        # A stand-in for an exported graph's node (model/onnx_module.py) runs in the mode fixed at export.
+        observed_training=exported
+        if isinstance(exported := getattr(module, "exported_training", None), bool)
+        else None,
+        is_exported_training=getattr(module, "exported_training", None) is True,
     )
 
 

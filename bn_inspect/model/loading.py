@@ -34,7 +34,7 @@ class LoadedModel:
     """A model ready to inspect and a description of where it came from.
 
     ``format`` is one of: state_dict, checkpoint, safetensors, torchscript, torch.export, pickle,
-    arch, huggingface, timm. ``sha256`` is the hex SHA-256 of the model file's bytes (of the weights
+    onnx, arch, huggingface, timm. ``sha256`` is the hex SHA-256 of the model file's bytes (of the weights
     file for a model folder; None for a fresh --arch). ``notes`` are what a user should know about
     how it was loaded (a prefix stripped from the file's keys). ``sample_shape`` is the input one
     sample takes where the file says so (a model folder's config), else None.
@@ -89,6 +89,11 @@ def _read_opened(opened: OpenedInput, trust_pickle: bool, map_location: str) -> 
         return LoadedModel(load_torchscript(opened, map_location, trust_pickle), str(path), "torchscript", None, digest)
     if kind is FileKind.TORCH_EXPORT:
         return LoadedModel(load_exported(opened, map_location, trust_pickle), str(path), "torch.export", None, digest)
+    if kind is FileKind.ONNX:
+        # Imported here only: onnx and onnxruntime are an optional extra, needed for ONNX files alone.
+        from bn_inspect.model.onnx_module import load_onnx
+
+        return LoadedModel(load_onnx(opened), str(path), "onnx", None, digest)
     if kind is FileKind.SAFETENSORS:
         tensors = load_safetensors(opened, map_location)
         validate_state_dict(tensors, path)

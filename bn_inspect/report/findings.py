@@ -62,6 +62,12 @@ RULES = {
         Rule("BN110", "batch-stats-in-eval", Severity.WARNING, "no running buffers: eval output depends on the batch"),
         Rule("BN111", "rank-divergence", Severity.WARNING, "running statistics differ between distributed ranks"),
         Rule(
+            "BN112",
+            "exported-training-mode",
+            Severity.ERROR,
+            "exported in training mode: every inference batch is normalized with its own statistics",
+        ),
+        Rule(
             "BN113",
             "qat-frozen-bn",
             Severity.INFO,

@@ -99,6 +99,8 @@ class LayerState:
     ``fused_into`` is the class of the quantization-aware-training module the layer sits in
     (ConvBnReLU2d, LinearBn1d, ...; None outside one), ``is_qat_frozen`` whether that module's
     ``freeze_bn`` is set (the statistics no longer update, and it normalizes with them in train mode too).
+    ``is_exported_training``: an exported graph's node fixed in training mode (ONNX
+    BatchNormalization with ``training_mode=1``), which normalizes every batch with its own statistics.
     """
 
     name: Untrusted
@@ -123,6 +125,7 @@ class LayerState:
     eval_uses: str
     fused_into: Untrusted | None = None
     is_qat_frozen: bool = False
+    is_exported_training: bool = False
 
 
 @dataclass(frozen=True)

@@ -72,9 +72,21 @@ def state_findings(
         findings += _buffer_findings(s, thresholds)
         if not is_recalibrated:
             findings += _few_batches_findings(s)
+    findings += [_exported_training_finding(s) for s in states if s.is_exported_training]
     if flags_from_file:
         findings += _mode_findings(batch_like, model_is_training)
     return findings
+
+
+def _exported_training_finding(s: LayerState) -> Finding:
+    """BN112: a graph node whose mode the export fixed to training."""
+    return _finding(
+        "BN112",
+        s.name,
+        "exported in training mode: every inference batch is normalized with its own statistics, so "
+        "outputs depend on the batch and the stored statistics are never used. Export again after "
+        "model.eval() (torch.onnx.export's training=TrainingMode.EVAL or PRESERVE)",
+    )
 
 
 def _buffer_findings(s: LayerState, thresholds: Thresholds) -> list[Finding]:
@@ -219,7 +231,7 @@ def _update_findings(s: LayerState, thresholds: Thresholds) -> list[Finding]:
                 "batch's weight, 1/num_batches_tracked), so early batches count as much as late ones",
             )
         )
-    if s.eval_uses == "batch" and s.family == "batch":
+    if s.eval_uses == "batch" and s.family == "batch" and not s.is_exported_training:  # BN112 says more
         out.append(
             _finding(
                 "BN110",
