@@ -91,10 +91,8 @@ def check_model(
     """
     thresholds, run = thresholds or Thresholds(), joined_run(distributed)
     model = unwrap_compiled(model)
-    flags_from_file, kind_notes = _model_kind_notes(model, flags_from_file)
-    states, findings = _stored_state(model, thresholds, flags_from_file, is_recalibrated)
-    batches, notes = _folding(model, batches, fold, precision, findings)
-    notes = kind_notes + notes
+    states, findings, kind_notes = _stored_state(model, thresholds, flags_from_file, is_recalibrated)
+    batches, notes = _folding(model, batches, fold, precision, findings, kind_notes)
     report: Report | None = None
     if batches is not None:
         report = run_inspection(
@@ -131,11 +129,12 @@ def _folding(
     fold: bool,
     precision: Precision | str | None,
     findings: list[Finding],
+    notes_so_far: list[str],
 ) -> tuple[Iterable[Any] | None, list[str]]:
     """The folding rules' findings, added to ``findings``; the batches to run (the first one peeked)
-    and the notes so far (what did not run)."""
+    and ``notes_so_far`` with what did not run added."""
     folding = fold or precision is not None
-    notes = (
+    notes = notes_so_far + (
         []
         if batches is not None
         else [f"no data: only the rules on stored state (BN1xx{', BN401-BN403' * folding}) ran"]
@@ -162,8 +161,9 @@ def _first_batch(model: nn.Module, batches: Iterable[Any] | None) -> tuple[Batch
 
 def _stored_state(
     model: nn.Module, thresholds: Thresholds, flags_from_file: bool, is_recalibrated: bool
-) -> tuple[list[LayerState], list[Finding]]:
-    """The model's normalization layers as stored, and the BN1xx findings on them.
+) -> tuple[list[LayerState], list[Finding], list[str]]:
+    """The model's normalization layers as stored, the BN1xx findings on them, and the notes on which
+    rules this kind of model leaves out (an ONNX graph carries no training flags).
 
     Raises:
         NoNormLayersError: the model has none.
@@ -172,6 +172,7 @@ def _stored_state(
     if not layers and not functional_candidates(model, []):
         raise NoNormLayersError.for_action("check")
     states = [layer.state() for layer in layers]
+    flags_from_file, notes = _model_kind_notes(model, flags_from_file)
     findings = state_findings(
         states,
         thresholds,
@@ -179,7 +180,7 @@ def _stored_state(
         model_is_training=model.training,
         is_recalibrated=is_recalibrated,
     )
-    return states, findings
+    return states, findings, notes
 
 
 # What a bare state_dict cannot tell: check's one line on the rules it left out.
@@ -232,6 +233,8 @@ def check_weights(
         notes=tuple(notes),
         ignored=tuple(ignore),
     )
+
+
 def _model_kind_notes(model: nn.Module, flags_from_file: bool) -> tuple[bool, list[str]]:
     """Whether the train-mode rules may run, and what check's notes start with, for this kind of model."""
     if isinstance(model, OnnxModel):
