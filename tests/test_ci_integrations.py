@@ -19,6 +19,9 @@ from bn_inspect.cli.each import run_each
 from tests.helpers import DIGITS, REPO
 from tests.test_hostile_entries import hook_script
 
+# Left out of the quick subset (`-m "not slow"`): runs pre-commit's loader and the hook entry in subprocesses (about 20 s).
+pytestmark = pytest.mark.slow
+
 MODEL = DIGITS / "torchscript.pt"
 MATCHING = DIGITS / "test_images.npy"
 SHIFTED = DIGITS / "test_images_unscaled.npy"

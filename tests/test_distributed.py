@@ -53,6 +53,9 @@ from tests.conftest import state_fingerprint
 from tests.helpers import REPO
 from tests.models import ChannelLayerNorm, randomize_norm_state, uneven_batches
 
+# Left out of the quick subset (`-m "not slow"`): starts multi-process gloo groups.
+pytestmark = pytest.mark.slow
+
 LAUNCH_TIMEOUT_S = 60.0
 COLLECTIVE_TIMEOUT_S = 20.0
 BATCH_SIZE = 6

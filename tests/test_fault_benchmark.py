@@ -13,6 +13,9 @@ import pytest
 
 from tests.helpers import REPO
 
+# Left out of the quick subset (`-m "not slow"`): trains the fault benchmark's smoke subset (about 40 s).
+pytestmark = pytest.mark.slow
+
 RUN = REPO / "benchmarks" / "faults" / "run.py"
 CASE_FIELDS = {
     "id",

@@ -45,6 +45,9 @@ import pytest
 
 from tests.helpers import DIGITS, REPO, SAMPLES, invoke
 
+# Left out of the quick subset (`-m "not slow"`): hypothesis searches many shapes and dtypes (about 30 s).
+pytestmark = pytest.mark.slow
+
 FUZZ_CASES = int(os.environ.get("BN_INSPECT_FUZZ_CASES", "2000"))
 INPUT_CASES = max(50, FUZZ_CASES // 20)  # per input format: the input side is fuzzed lightly
 FUZZ_SEED = int(os.environ.get("BN_INSPECT_FUZZ_SEED", "20240601"))

@@ -23,6 +23,9 @@ import yaml
 from tests.helpers import DIGITS, REPO, Result, assert_one_error_line
 from tests.hostile import canary_code, file_hashes, run_bounded
 
+# Left out of the quick subset (`-m "not slow"`): runs every entry point in subprocesses against hostile inputs (about 15 s).
+pytestmark = pytest.mark.slow
+
 MODEL = DIGITS / "torchscript.pt"
 OPTION_NAMED = "--arch=evil.py:net.pt"
 

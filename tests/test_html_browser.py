@@ -20,6 +20,9 @@ from bn_inspect.text import inert
 from tests.helpers import DIGITS
 from tests.pages import HOSTILE_NAMES, hostile_results
 
+# Left out of the quick subset (`-m "not slow"`): drives a real browser over the pages.
+pytestmark = pytest.mark.slow
+
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [
     "--no-sandbox",

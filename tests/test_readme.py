@@ -44,7 +44,7 @@ def test_each_quick_start_command_creates_and_activates_a_virtual_environment() 
 def test_the_quick_start_says_what_the_tests_cost_and_offers_the_subsets() -> None:
     section = _section("## Quick start")
     assert re.search(r"about [\d,]+ tests, took about \d+ minutes on a 2-core machine", " ".join(section.split()))
-    assert "400 MB of downloads" in section
+    assert "550 MB of downloads" in section
     assert 'python -m pytest -m "not slow"' in section and "python -m pytest tests/" in section
     # What leaving out `slow` leaves out is named: every test file that marks a test slow.
     marks_slow = re.compile(r"^(@pytest\.mark\.slow$|pytestmark = .*pytest\.mark\.slow\b)", re.MULTILINE)

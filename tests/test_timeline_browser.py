@@ -8,10 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bn_inspect.text import inert
 from tests.helpers import invoke
 from tests.test_html_browser import browser, visit  # noqa: F401 (the module's browser fixture)
 from tests.timelines import LAG_EVENT, LAYERS, NAN_EVENT, event, write_timeline
+
+# Left out of the quick subset (`-m "not slow"`): drives a real browser over the timeline page.
+pytestmark = pytest.mark.slow
 
 
 def test_the_page_draws_both_figures_and_the_selector_shows_the_chosen_layer(

@@ -16,6 +16,9 @@ import torch
 
 from tests.helpers import DIGITS, REPO
 
+# Left out of the quick subset (`-m "not slow"`): launches torchrun process groups (about 100 s on 2 cores).
+pytestmark = pytest.mark.slow
+
 MODEL = str(DIGITS / "torchscript.pt")
 STATE_DICT = ["--arch", "sample_models.architectures:DigitsCNN"]
 LAUNCH_TIMEOUT_S = 120
