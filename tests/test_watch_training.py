@@ -241,3 +241,9 @@ def test_a_killed_run_leaves_a_file_whose_every_complete_line_parses(tmp_path: P
     # What follows the last newline is at most one partial line.
     assert b"\n" not in rest
     assert all(math.isfinite(r.get("step", 0)) for r in parsed)
+
+
+def test_data_parallel_is_refused_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(WatchError) as caught:
+        bn_inspect.watch(nn.DataParallel(new_net()), tmp_path / "w.jsonl")
+    assert caught.value.line().startswith("DataParallel runs copies of the model in threads")
