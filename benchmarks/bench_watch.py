@@ -3,11 +3,11 @@
 Run from the repository root: ``python benchmarks/bench_watch.py [--rounds N] [--json PATH]``.
 
 Cost: a ResNet-18-sized network (BasicBlocks 2-2-2-2, 20 BatchNorm2d, 11.7 M parameters) built
-here, so torchvision is not needed, trains with SGD on random batches on the CPU. Each round runs
-``every`` plain steps, then the same number of steps inside a watch at ``every`` (one sample, at
-the round's first watched step), alternating which comes first; every step is timed alone. The
-figures: the mean watched step over the mean plain step, and the sampled step over the mean plain
-step (median over rounds).
+here, so torchvision is not needed, trains with SGD on random batches on the CPU. Two copies train
+side by side, one inside a watch at ``every``: each step runs on both, alternating which goes
+first, and is timed alone, for ``rounds`` x ``every`` steps (one sample per round). The figures:
+the mean watched step over the mean plain step, and each sampled step over the plain steps around
+it (median over the samples).
 
 Size: a ResNet-50-sized network (bench_resnet50_cpu.py's) is watched at every=1 with the default
 detail_every for ``--size-steps`` steps; the bytes of a sample without and with per-channel detail
@@ -18,6 +18,7 @@ with detail, as the watch's detail budget allows) computed from them.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -87,35 +88,37 @@ def timed_steps(
 
 def cost(rounds: int, every: int, batch: int, size: int, folder: Path) -> dict[str, object]:
     torch.manual_seed(0)
-    model = resnet18()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    plain_model = resnet18()
+    watched_model = copy.deepcopy(plain_model)
+    models = {
+        "plain": (plain_model, torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)),
+        "watched": (watched_model, torch.optim.SGD(watched_model.parameters(), lr=0.01, momentum=0.9)),
+    }
     batches = [torch.randn(batch, 3, size, size) for _ in range(every)]
     labels = torch.randint(0, 10, (batch,))
-    timed_steps(model, optimizer, batches[:3], labels)  # warm-up
-    plain: list[list[float]] = []
-    watched: list[list[float]] = []
-    for index in range(rounds):
-        order = ("plain", "watched") if index % 2 == 0 else ("watched", "plain")
-        for kind in order:
-            if kind == "plain":
-                plain.append(timed_steps(model, optimizer, batches, labels))
-                continue
-            with bn_inspect.watch(model, folder / f"cost-{index}.jsonl", every=every):
-                watched.append(timed_steps(model, optimizer, batches, labels))
-    plain_mean = statistics.fmean(t for r in plain for t in r)
-    per_round_mean = [statistics.fmean(w) / statistics.fmean(p) for w, p in zip(watched, plain, strict=True)]
-    per_round_sampled = [w[0] / statistics.fmean(p) for w, p in zip(watched, plain, strict=True)]
+    for model, optimizer in models.values():
+        timed_steps(model, optimizer, batches[:3], labels)  # warm-up
+    times: dict[str, list[float]] = {"plain": [], "watched": []}
+    # Step by step, alternating which goes first: a load that comes and goes (a shared machine)
+    # falls on both alike.
+    with bn_inspect.watch(watched_model, folder / "cost.jsonl", every=every):
+        for step in range(rounds * every):
+            order = ("plain", "watched") if step % 2 == 0 else ("watched", "plain")
+            for kind in order:
+                model, optimizer = models[kind]
+                times[kind] += timed_steps(model, optimizer, [batches[step % every]], labels)
+    plain, watched = times["plain"], times["watched"]
+    sampled = [watched[s] / statistics.fmean(plain[max(s - 2, 0) : s + 3]) for s in range(0, rounds * every, every)]
     return {
         "model": "ResNet-18-sized (20 BatchNorm2d)",
         "batch": [batch, 3, size, size],
         "every": every,
-        "rounds": rounds,
-        "plain_step_ms": 1000 * plain_mean,
-        "mean_ratio": statistics.fmean(t for r in watched for t in r) / plain_mean,
-        "mean_ratio_median_over_rounds": statistics.median(per_round_mean),
-        "sampled_ratio_median_over_rounds": statistics.median(per_round_sampled),
-        "per_round_mean_ratio": per_round_mean,
-        "per_round_sampled_ratio": per_round_sampled,
+        "steps": rounds * every,
+        "plain_step_ms": 1000 * statistics.fmean(plain),
+        "mean_ratio": statistics.fmean(watched) / statistics.fmean(plain),
+        "median_pair_ratio": statistics.median(w / p for w, p in zip(watched, plain, strict=True)),
+        "sampled_ratio_median": statistics.median(sampled),
+        "sampled_ratios": sampled,
     }
 
 
@@ -157,7 +160,7 @@ def timeline_size(steps: int, folder: Path) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=64)

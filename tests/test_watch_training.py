@@ -81,33 +81,36 @@ def _reference(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return values.mean(1).numpy(), values.var(1, unbiased=False).numpy()
 
 
+@pytest.mark.parametrize("layer", ["bn1", "bn2", "bn3"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_recorded_statistics_match_a_float64_reference(channels_last: bool, tmp_path: Path) -> None:
+def test_recorded_statistics_match_a_float64_reference(channels_last: bool, layer: str, tmp_path: Path) -> None:
     model = new_net()
+    watched = getattr(model, layer)
     inputs: dict[int, list[torch.Tensor]] = {}
     after: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     step = {"n": -1}
 
     def keep_input(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        if module is model.bn2:
+        if module is watched:
             inputs.setdefault(step["n"], []).append(args[0].detach().clone())
 
     def keep_running(module: nn.Module, _args: object, _out: object) -> None:
-        if module is model.bn2:
+        if module is watched:
             after[step["n"]] = (module.running_mean.clone(), module.running_var.clone())
 
     def count(current: int, _model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         step["n"] = current
-        # Large means and small spreads: a one-pass float32 variance would lose digits here.
+        # Large means and small spreads at bn1 (conv1 has no bias): a one-pass float32 variance would
+        # lose digits there.
         return x * 0.01 + 50.0
 
-    handles = [model.bn2.register_forward_pre_hook(keep_input), model.bn2.register_forward_hook(keep_running)]
+    handles = [watched.register_forward_pre_hook(keep_input), watched.register_forward_hook(keep_running)]
     with bn_inspect.watch(model, tmp_path / "w.jsonl", every=4, detail_every=1):
         train(model, 9, before_step=count, channels_last=channels_last)
     for handle in handles:
         handle.remove()
     details = {
-        r["step"]: next(d for d in r["detail"] if d["layer"] == "bn2")
+        r["step"]: next(d for d in r["detail"] if d["layer"] == layer)
         for r in records(tmp_path / "w.jsonl")
         if r["record"] == "sample"
     }
@@ -241,3 +244,9 @@ def test_a_killed_run_leaves_a_file_whose_every_complete_line_parses(tmp_path: P
     # What follows the last newline is at most one partial line.
     assert b"\n" not in rest
     assert all(math.isfinite(r.get("step", 0)) for r in parsed)
+
+
+def test_data_parallel_is_refused_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(WatchError) as caught:
+        bn_inspect.watch(nn.DataParallel(new_net()), tmp_path / "w.jsonl")
+    assert caught.value.line().startswith("DataParallel runs copies of the model in threads")

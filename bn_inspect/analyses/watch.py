@@ -78,9 +78,14 @@ def _unwrapped(model: object) -> nn.Module:
             "the model is compiled (torch.compile), and its compiled graphs skip the hooks the watch adds",
             "Watch the uncompiled model (model._orig_mod) while diagnosing",
         )
+    if type(model).__name__ == "DataParallel":
+        raise WatchError(
+            "DataParallel runs copies of the model in threads, which the watch's hooks cannot follow",
+            "Train with DistributedDataParallel (one process per GPU), or watch a single-device run",
+        )
     inner = getattr(model, "module", None)
-    # DDP and DataParallel call their module, whose layers carry the names a checkpoint uses.
-    if type(model).__name__ in ("DistributedDataParallel", "DataParallel") and isinstance(inner, nn.Module):
+    # DDP calls its module, whose layers carry the names a checkpoint uses.
+    if type(model).__name__ == "DistributedDataParallel" and isinstance(inner, nn.Module):
         return inner
     return model
 
@@ -340,7 +345,7 @@ def watch(
     """Watch ``model``'s BatchNorm layers while it trains, writing a timeline to ``path``; use it in a ``with`` block.
 
     Args:
-        model: the model the loop trains (a DDP or DataParallel wrapper is looked through).
+        model: the model the loop trains (a DistributedDataParallel wrapper is looked through).
         path: the timeline to create (JSON lines; never an existing file). Under torch.distributed
             rank r > 0 writes ``<stem>.rank<r><suffix>`` beside it.
         every: record a sample every ``every`` steps (step 0 included).
@@ -352,7 +357,8 @@ def watch(
         The ``Watch``: its ``events`` so far, ``step(global_step)``, ``summary()``.
 
     Raises:
-        WatchError: the model is compiled, has no BatchNorm layer or unmaterialized lazy ones, the
+        WatchError: the model is compiled or wrapped in DataParallel, has no BatchNorm layer or
+            unmaterialized lazy ones, the
             settings are not whole numbers of at least 1, or (at the end of a block that raised
             nothing) no training forward was seen.
         OutputError: ``path`` exists in any form, or its folder is missing or not writable.
