@@ -18,6 +18,8 @@ Both answer the same questions alike (``Moments``): ``mean``, ``biased_var()``, 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -67,9 +69,10 @@ class ChannelMoments:
         m2 = self.m2 + other.m2 + delta.square() * (self.count * other.count / count)
         # Chan's update turns an infinite mean into NaN (inf - inf); the sum of the means keeps
         # +inf, -inf or NaN as the population of values would have it, and the spread is undefined.
-        finite = torch.isfinite(self.mean) & torch.isfinite(other.mean)
+        # The delta is finite where both means are (it could overflow only for means near 1e308).
+        finite = torch.isfinite(delta)
         mean = torch.where(finite, mean, self.mean + other.mean)
-        m2 = torch.where(finite, m2, torch.full_like(m2, float("nan")))
+        m2 = torch.where(finite, m2, math.nan)
         return ChannelMoments(count, mean, m2)
 
     def biased_var(self) -> torch.Tensor:
@@ -98,50 +101,83 @@ def channel_moments(x: torch.Tensor) -> ChannelMoments:
     if x.is_cuda and x.dtype != torch.float64:
         return welford_moments(x, count)
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    dims = [0, *range(2, x.dim())]
     if x.device.type != "cpu":
         # Elsewhere a cancellation check would stall the device queue; var_mean is exact.
-        return two_pass_moments(work, dims, count)
-    first = work[(0, slice(None)) + (0,) * (x.dim() - 2)]
-    # An infinite first value would turn the whole channel into inf - inf = NaN.
-    shift = torch.where(torch.isfinite(first), first, 0).view(1, num_channels, *([1] * (x.dim() - 2)))
-    shifted_sum, sum_sq = _shifted_sums(work, shift)
+        return two_pass_moments(work, [0, *range(2, x.dim())], count)
+    return cpu_moments(work)
+
+
+def cpu_moments(work: torch.Tensor, each_piece: Callable[[int, int], None] | None = None) -> ChannelMoments:
+    """``channel_moments`` of a float32 or float64 CPU tensor of shape (N, C, *S) with N * prod(S) > 0.
+
+    ``each_piece(start, stop)``, where given, runs for every piece ``work[start:stop]`` right after
+    the piece was first read, while it is still in the cache: a caller that normalizes the same
+    input there (``cpu_batch_norm``) reads it from memory once for both.
+    """
+    if work.requires_grad:
+        # Out= ops refuse tensors that require grad, and statistics are no part of the graph.
+        work = work.detach()
+    num_channels = work.shape[1]
+    count = work.numel() // num_channels
+    # The first value of each channel is the shift; an infinite one would turn the whole channel
+    # into inf - inf = NaN, so those channels are not shifted.
+    first = work[(0, slice(None)) + (0,) * (work.dim() - 2)]
+    shift = torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0).view(1, num_channels, *[1] * (work.dim() - 2))
+    shifted_sum, sum_sq = _shifted_sums(work, shift, each_piece)
     shifted_mean = shifted_sum / count
     m2 = sum_sq - shifted_sum * shifted_mean
-    cancellation = shifted_mean.square() * count / m2
-    # Shifted sums are unusable where they cancelled, or where float32 squares overflowed
-    # although the values themselves are finite (activations beyond ~1e17).
-    overflowed = ~torch.isfinite(sum_sq) & torch.isfinite(shifted_sum)
-    if bool(((m2 <= 0) & (shifted_mean != 0)).any() | (cancellation > MAX_CANCELLATION).any() | overflowed.any()):
+    # Shifted sums are unusable where they cancelled (the squared mean over the spread past
+    # MAX_CANCELLATION, or m2 <= 0 beside a nonzero mean), or where float32 squares overflowed
+    # although the values themselves are finite (m2 = inf; activations beyond ~1e17). NaN
+    # channels compare false and keep their NaN.
+    unusable = (shifted_mean.square() * (count / MAX_CANCELLATION) > m2) | (m2 == math.inf)
+    if bool(unusable.any()):
         # Exact, and rare: in float64, so no channel's mean is rounded to float32.
-        return two_pass_moments(work.double(), dims, count)
+        return two_pass_moments(work.double(), [0, *range(2, work.dim())], count)
     return ChannelMoments(count, shift.reshape(-1).double() + shifted_mean, m2.clamp_min(0))
 
 
-def _shifted_sums(work: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _shifted_sums(
+    work: torch.Tensor, shift: torch.Tensor, each_piece: Callable[[int, int], None] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel sum and sum of squares of ``work - shift``, piece by piece along dim 0 (float64 totals).
 
     Within a piece each (sample, channel) row is summed in float32 (torch.sum's cascade over
-    contiguous values), then the rows are added in float64: relative errors near 1e-8, where one
-    float32 reduction over all of N, H, W drifts to 1e-6, and torch.linalg.vector_norm to 1e-4.
+    contiguous values) into one buffer of row sums, whose rows are then added in float64: relative
+    errors near 1e-8, where one float32 reduction over all of N, H, W drifts to 1e-6, and
+    torch.linalg.vector_norm to 1e-4. The pieces are views made by one ``split`` each, so the
+    Python work per piece is the four reductions themselves.
     """
     spatial = list(range(2, work.dim()))
-    per_sample = max(1, work[0].numel() * work.element_size())
+    per_sample = max(1, math.prod(work.shape[1:]) * work.element_size())
     step = max(1, CPU_PIECE_BYTES // per_sample)
-    scratch = torch.empty_like(work[:step])
-    shifted_sum = torch.zeros(work.shape[1], dtype=torch.float64)
-    sum_sq = torch.zeros(work.shape[1], dtype=torch.float64)
-
-    def per_channel(values: torch.Tensor) -> torch.Tensor:
-        rows = values.sum(spatial) if spatial else values
-        return rows.double().sum(0)
-
-    for start in range(0, work.shape[0], step):
-        piece = work[start : start + step]
-        shifted = torch.sub(piece, shift, out=scratch[: piece.shape[0]])
-        shifted_sum += per_channel(shifted)
-        sum_sq += per_channel(shifted.square_())
-    return shifted_sum, sum_sq
+    rows = torch.empty((2, work.shape[0], work.shape[1]), dtype=work.dtype)
+    # A (N, C) input has no spatial dims: its rows are its values, shifted straight into the buffer.
+    is_one_piece = step >= work.shape[0]
+    scratch = torch.empty_like(work if is_one_piece else work[:step]) if spatial else None
+    # Most inputs of a small model fit one piece: they skip the three splits.
+    pieces = (
+        [(work, rows[0], rows[1])]
+        if is_one_piece
+        else zip(torch.split(work, step), torch.split(rows[0], step), torch.split(rows[1], step), strict=True)
+    )
+    start = 0
+    for piece, sums, squares in pieces:
+        stop = start + len(piece)
+        if scratch is None:
+            torch.sub(piece, shift, out=sums)
+            if each_piece is not None:
+                each_piece(start, stop)
+            torch.mul(sums, sums, out=squares)
+        else:
+            shifted = torch.sub(piece, shift, out=scratch if stop - start == len(scratch) else scratch[: stop - start])
+            if each_piece is not None:
+                each_piece(start, stop)
+            torch.sum(shifted, spatial, out=sums)
+            torch.sum(shifted.square_(), spatial, out=squares)
+        start = stop
+    totals = rows.double().sum(1)
+    return totals[0], totals[1]
 
 
 # torch's batch-norm statistics kernel returns invstd = 0 for a zero variance when eps is 0 (its
