@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bn_inspect.engine.moments import ChannelMoments, cpu_moments
+from bn_inspect.engine.moments import ChannelMoments, cpu_moments, piece_length
 
 STOCK_FORWARD = _BatchNorm.forward
 _DTYPES = (torch.float32, torch.float64)
@@ -65,12 +65,14 @@ def cpu_batch_norm(
     Call only where ``cpu_pass_applies(module, x)``.
     """
     output = torch.empty_like(x)
+    step = piece_length(x)
+    outputs = (output,) if step >= len(x) else torch.split(output, step)
     unused = torch.empty(0, dtype=x.dtype)
     normalize = torch.ops.aten.native_batch_norm.out
     args = (module.weight, module.bias, module.running_mean, module.running_var, False, 0.0, module.eps)
 
-    def each_piece(start: int, stop: int) -> None:
-        normalize(x[start:stop], *args, out=output[start:stop], save_mean=unused, save_invstd=unused)
+    def each_piece(index: int, piece: torch.Tensor) -> None:
+        normalize(piece, *args, out=outputs[index], save_mean=unused, save_invstd=unused)
 
     moments = cpu_moments(x, each_piece)
     return output, moments if previous is None else previous.merge(moments)

@@ -65,12 +65,13 @@ class ChannelMoments:
             return self
         count = self.count + other.count
         delta = other.mean - self.mean
-        mean = self.mean + delta * (other.count / count)
-        m2 = self.m2 + other.m2 + delta.square() * (self.count * other.count / count)
+        mean = torch.add(self.mean, delta, alpha=other.count / count)
+        m2 = torch.addcmul(self.m2 + other.m2, delta, delta, value=self.count * other.count / count)
         # Chan's update turns an infinite mean into NaN (inf - inf); the sum of the means keeps
         # +inf, -inf or NaN as the population of values would have it, and the spread is undefined.
-        # The delta is finite where both means are (it could overflow only for means near 1e308).
-        finite = torch.isfinite(delta)
+        # delta - delta is 0 exactly where delta is finite, which it is where both means are (it
+        # could overflow only for means near 1e308).
+        finite = delta - delta == 0
         mean = torch.where(finite, mean, self.mean + other.mean)
         m2 = torch.where(finite, m2, math.nan)
         return ChannelMoments(count, mean, m2)
@@ -107,38 +108,44 @@ def channel_moments(x: torch.Tensor) -> ChannelMoments:
     return cpu_moments(work)
 
 
-def cpu_moments(work: torch.Tensor, each_piece: Callable[[int, int], None] | None = None) -> ChannelMoments:
+def cpu_moments(work: torch.Tensor, each_piece: Callable[[int, torch.Tensor], None] | None = None) -> ChannelMoments:
     """``channel_moments`` of a float32 or float64 CPU tensor of shape (N, C, *S) with N * prod(S) > 0.
 
-    ``each_piece(start, stop)``, where given, runs for every piece ``work[start:stop]`` right after
-    the piece was first read, while it is still in the cache: a caller that normalizes the same
-    input there (``cpu_batch_norm``) reads it from memory once for both.
+    ``each_piece(index, piece)``, where given, runs for every piece of ``work`` along dim 0
+    (``piece_length`` samples each) right after the piece was first read, while it is still in
+    the cache: a caller that normalizes the same input there (``cpu_batch_norm``) reads it from
+    memory once for both.
     """
     if work.requires_grad:
         # Out= ops refuse tensors that require grad, and statistics are no part of the graph.
         work = work.detach()
     num_channels = work.shape[1]
     count = work.numel() // num_channels
-    # The first value of each channel is the shift; an infinite one would turn the whole channel
-    # into inf - inf = NaN, so those channels are not shifted.
-    first = work[(0, slice(None)) + (0,) * (work.dim() - 2)]
-    shift = torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0).view(1, num_channels, *[1] * (work.dim() - 2))
+    # The first value of each channel is the shift (one strided view of them, shaped to broadcast);
+    # an infinite one would turn the whole channel into inf - inf = NaN, so those are not shifted.
+    first = work.as_strided((1, num_channels, *[1] * (work.dim() - 2)), work.stride(), work.storage_offset())
+    shift = torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0)
     shifted_sum, sum_sq = _shifted_sums(work, shift, each_piece)
     shifted_mean = shifted_sum / count
-    m2 = sum_sq - shifted_sum * shifted_mean
+    m2 = torch.addcmul(sum_sq, shifted_sum, shifted_mean, value=-1)
     # Shifted sums are unusable where they cancelled (the squared mean over the spread past
-    # MAX_CANCELLATION, or m2 <= 0 beside a nonzero mean), or where float32 squares overflowed
-    # although the values themselves are finite (m2 = inf; activations beyond ~1e17). NaN
-    # channels compare false and keep their NaN.
-    unusable = (shifted_mean.square() * (count / MAX_CANCELLATION) > m2) | (m2 == math.inf)
-    if bool(unusable.any()):
+    # MAX_CANCELLATION, or m2 <= 0 beside a nonzero mean: m2 - count * mean**2 / MAX_CANCELLATION
+    # < 0), or where float32 squares overflowed although the values themselves are finite (m2 =
+    # inf; activations beyond ~1e17). NaN channels compare false and keep their NaN.
+    excess = torch.addcmul(m2, shifted_mean, shifted_mean, value=-count / MAX_CANCELLATION)
+    if bool(((excess < 0) | (m2 == math.inf)).any()):
         # Exact, and rare: in float64, so no channel's mean is rounded to float32.
         return two_pass_moments(work.double(), [0, *range(2, work.dim())], count)
-    return ChannelMoments(count, shift.reshape(-1).double() + shifted_mean, m2.clamp_min(0))
+    return ChannelMoments(count, torch.add(shifted_mean, shift.reshape(-1)), m2.clamp_min(0))
+
+
+def piece_length(work: torch.Tensor) -> int:
+    """Samples of ``work`` per piece of the CPU statistics pass: CPU_PIECE_BYTES, or one sample."""
+    return max(1, CPU_PIECE_BYTES // max(1, math.prod(work.shape[1:]) * work.element_size()))
 
 
 def _shifted_sums(
-    work: torch.Tensor, shift: torch.Tensor, each_piece: Callable[[int, int], None] | None
+    work: torch.Tensor, shift: torch.Tensor, each_piece: Callable[[int, torch.Tensor], None] | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel sum and sum of squares of ``work - shift``, piece by piece along dim 0 (float64 totals).
 
@@ -149,35 +156,31 @@ def _shifted_sums(
     Python work per piece is the four reductions themselves.
     """
     spatial = list(range(2, work.dim()))
-    per_sample = max(1, math.prod(work.shape[1:]) * work.element_size())
-    step = max(1, CPU_PIECE_BYTES // per_sample)
-    rows = torch.empty((2, work.shape[0], work.shape[1]), dtype=work.dtype)
+    step = piece_length(work)
+    row_sums, row_squares = torch.empty((2, work.shape[0], work.shape[1]), dtype=work.dtype).unbind()
     # A (N, C) input has no spatial dims: its rows are its values, shifted straight into the buffer.
     is_one_piece = step >= work.shape[0]
     scratch = torch.empty_like(work if is_one_piece else work[:step]) if spatial else None
     # Most inputs of a small model fit one piece: they skip the three splits.
     pieces = (
-        [(work, rows[0], rows[1])]
+        [(work, row_sums, row_squares)]
         if is_one_piece
-        else zip(torch.split(work, step), torch.split(rows[0], step), torch.split(rows[1], step), strict=True)
+        else zip(torch.split(work, step), torch.split(row_sums, step), torch.split(row_squares, step), strict=True)
     )
-    start = 0
-    for piece, sums, squares in pieces:
-        stop = start + len(piece)
+    for index, (piece, sums, squares) in enumerate(pieces):
         if scratch is None:
             torch.sub(piece, shift, out=sums)
             if each_piece is not None:
-                each_piece(start, stop)
+                each_piece(index, piece)
             torch.mul(sums, sums, out=squares)
         else:
-            shifted = torch.sub(piece, shift, out=scratch if stop - start == len(scratch) else scratch[: stop - start])
+            length = len(piece)
+            shifted = torch.sub(piece, shift, out=scratch if length == len(scratch) else scratch[:length])
             if each_piece is not None:
-                each_piece(start, stop)
+                each_piece(index, piece)
             torch.sum(shifted, spatial, out=sums)
             torch.sum(shifted.square_(), spatial, out=squares)
-        start = stop
-    totals = rows.double().sum(1)
-    return totals[0], totals[1]
+    return row_sums.sum(0, dtype=torch.float64), row_squares.sum(0, dtype=torch.float64)
 
 
 # torch's batch-norm statistics kernel returns invstd = 0 for a zero variance when eps is 0 (its
