@@ -10,6 +10,8 @@ run (alternating which goes first), never with a figure from another day or mach
 * capture overhead, small ResNet-style CNN (22 BatchNorm2d, batch 32x3x64x64) and ResNet-50's
   architecture (53 BatchNorm2d, batch 16x3x224x224): one eval forward under bn-inspect's hooks
   against the plain eval forward, median of the per-pair ratios;
+* a training step under the hooks: the small ResNet in train mode, forward and backward, against
+  the same step without them;
 * throughput: ``inspect_model`` over 10 batches against a plain eval loop over the same batches,
   in samples per second (issue targets: >= 0.8 for datasets, >= 0.9 to leave it on);
 * peak memory: peak RSS (VmHWM) of a child process running ``inspect_model`` over 5 batches against
@@ -51,6 +53,7 @@ import bench_capture  # noqa: E402
 import bench_resnet50_cpu  # noqa: E402
 
 from bn_inspect.analyses.inspection import inspect_model  # noqa: E402
+from bn_inspect.engine.capture import StatisticsRecorder, hooks_capture  # noqa: E402
 from bn_inspect.model.layers import iter_norm_layers  # noqa: E402
 
 DIGITS = ROOT / "sample_models" / "digits_cnn"
@@ -107,6 +110,26 @@ def capture_resnet50(pairs: int) -> dict:
         pairs,
         warmup=1,
     )
+
+
+def _train_step(model: torch.nn.Module, x: torch.Tensor, layers: list | None) -> None:
+    """One training step's forward and backward, under bn-inspect's hooks where ``layers`` are given."""
+    if layers is None:
+        model(x).sum().backward()
+    else:
+        recorder = StatisticsRecorder()
+        with hooks_capture(layers, recorder):
+            recorder.start_batch()
+            model(x).sum().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def capture_train(pairs: int) -> dict:
+    """The small ResNet in train mode: a forward and backward under the hooks against a plain one."""
+    model = bench_capture.build_model().train()
+    layers = iter_norm_layers(model)
+    x = bench_capture.make_batches(1)[0]
+    return _median_ratio(lambda: _train_step(model, x, None), lambda: _train_step(model, x, layers), pairs)
 
 
 def throughput(pairs: int) -> dict:
@@ -258,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("capture_small", lambda: capture_small(args.pairs)),
         ("capture_resnet50", lambda: capture_resnet50(args.pairs)),
+        ("capture_train", lambda: capture_train(args.pairs)),
         ("throughput", lambda: throughput(max(8, args.pairs // 2))),
         ("memory", lambda: bench_capture.measure_memory(None)),
         ("memory_flat", memory_flat),
@@ -271,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name}: {time.perf_counter() - began:.0f} s", flush=True)
 
     small, big, flow = results["capture_small"], results["capture_resnet50"], results["throughput"]
+    train = results["capture_train"]
     mib = 1024 * 1024
     rows = [
         _ratio_row(
@@ -291,6 +316,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{flow['inspect_samples_per_s']:.0f} vs {flow['plain_samples_per_s']:.0f} samples/s",
         ),
         _ratio_row("throughput, 10 batches (issue 4)", flow["samples_per_s_ratio"], 0.8, False),
+        _ratio_row("capture, small ResNet (issue 30)", small["median"], 1.03, True),
+        _ratio_row("capture, ResNet-50 (issue 30)", big["median"], 1.03, True),
+        _ratio_row("throughput, 10 batches (issue 30)", flow["samples_per_s_ratio"], 0.95, False),
+        _ratio_row(
+            "train step, small ResNet (issue 30)",
+            train["median"],
+            1.02,
+            True,
+            f"forward + backward, plain {train['baseline_median_s'] * 1e3:.0f} ms",
+        ),
         _ratio_row(
             "peak RSS, inspect vs plain loop",
             results["memory"]["ratio"],
@@ -320,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         lens = results["peer"]
         rows += [
             Row("torchlens / bn-inspect, time", lens["time_ratio_torchlens_vs_bn_inspect"], "(peer)", None),
+            _ratio_row("  same, against the issue 30 target", lens["time_ratio_torchlens_vs_bn_inspect"], 5.0, False),
             Row("torchlens / bn-inspect, peak RSS", lens["memory_ratio_torchlens_vs_bn_inspect"], "(peer)", None),
         ]
     rates = results["distributed"]["samples_per_s"]

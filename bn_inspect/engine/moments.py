@@ -18,6 +18,8 @@ Both answer the same questions alike (``Moments``): ``mean``, ``biased_var()``, 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -63,13 +65,15 @@ class ChannelMoments:
             return self
         count = self.count + other.count
         delta = other.mean - self.mean
-        mean = self.mean + delta * (other.count / count)
-        m2 = self.m2 + other.m2 + delta.square() * (self.count * other.count / count)
+        mean = torch.add(self.mean, delta, alpha=other.count / count)
+        m2 = torch.addcmul(self.m2 + other.m2, delta, delta, value=self.count * other.count / count)
         # Chan's update turns an infinite mean into NaN (inf - inf); the sum of the means keeps
         # +inf, -inf or NaN as the population of values would have it, and the spread is undefined.
-        finite = torch.isfinite(self.mean) & torch.isfinite(other.mean)
+        # delta - delta is 0 exactly where delta is finite, which it is where both means are (it
+        # could overflow only for means near 1e308).
+        finite = delta - delta == 0
         mean = torch.where(finite, mean, self.mean + other.mean)
-        m2 = torch.where(finite, m2, torch.full_like(m2, float("nan")))
+        m2 = torch.where(finite, m2, math.nan)
         return ChannelMoments(count, mean, m2)
 
     def biased_var(self) -> torch.Tensor:
@@ -98,50 +102,85 @@ def channel_moments(x: torch.Tensor) -> ChannelMoments:
     if x.is_cuda and x.dtype != torch.float64:
         return welford_moments(x, count)
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    dims = [0, *range(2, x.dim())]
     if x.device.type != "cpu":
         # Elsewhere a cancellation check would stall the device queue; var_mean is exact.
-        return two_pass_moments(work, dims, count)
-    first = work[(0, slice(None)) + (0,) * (x.dim() - 2)]
-    # An infinite first value would turn the whole channel into inf - inf = NaN.
-    shift = torch.where(torch.isfinite(first), first, 0).view(1, num_channels, *([1] * (x.dim() - 2)))
-    shifted_sum, sum_sq = _shifted_sums(work, shift)
+        return two_pass_moments(work, [0, *range(2, x.dim())], count)
+    return cpu_moments(work)
+
+
+def cpu_moments(work: torch.Tensor, each_piece: Callable[[int, torch.Tensor], None] | None = None) -> ChannelMoments:
+    """``channel_moments`` of a float32 or float64 CPU tensor of shape (N, C, *S) with N * prod(S) > 0.
+
+    ``each_piece(index, piece)``, where given, runs for every piece of ``work`` along dim 0
+    (``piece_length`` samples each) right after the piece was first read, while it is still in
+    the cache: a caller that normalizes the same input there (``cpu_batch_norm``) reads it from
+    memory once for both.
+    """
+    if work.requires_grad:
+        # Out= ops refuse tensors that require grad, and statistics are no part of the graph.
+        work = work.detach()
+    num_channels = work.shape[1]
+    count = work.numel() // num_channels
+    # The first value of each channel is the shift (one strided view of them, shaped to broadcast);
+    # an infinite one would turn the whole channel into inf - inf = NaN, so those are not shifted.
+    first = work.as_strided((1, num_channels, *[1] * (work.dim() - 2)), work.stride(), work.storage_offset())
+    shift = torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0)
+    shifted_sum, sum_sq = _shifted_sums(work, shift, each_piece)
     shifted_mean = shifted_sum / count
-    m2 = sum_sq - shifted_sum * shifted_mean
-    cancellation = shifted_mean.square() * count / m2
-    # Shifted sums are unusable where they cancelled, or where float32 squares overflowed
-    # although the values themselves are finite (activations beyond ~1e17).
-    overflowed = ~torch.isfinite(sum_sq) & torch.isfinite(shifted_sum)
-    if bool(((m2 <= 0) & (shifted_mean != 0)).any() | (cancellation > MAX_CANCELLATION).any() | overflowed.any()):
+    m2 = torch.addcmul(sum_sq, shifted_sum, shifted_mean, value=-1)
+    # Shifted sums are unusable where they cancelled (the squared mean over the spread past
+    # MAX_CANCELLATION, or m2 <= 0 beside a nonzero mean: m2 - count * mean**2 / MAX_CANCELLATION
+    # < 0), or where float32 squares overflowed although the values themselves are finite (m2 =
+    # inf; activations beyond ~1e17). NaN channels compare false and keep their NaN.
+    excess = torch.addcmul(m2, shifted_mean, shifted_mean, value=-count / MAX_CANCELLATION)
+    if bool(((excess < 0) | (m2 == math.inf)).any()):
         # Exact, and rare: in float64, so no channel's mean is rounded to float32.
-        return two_pass_moments(work.double(), dims, count)
-    return ChannelMoments(count, shift.reshape(-1).double() + shifted_mean, m2.clamp_min(0))
+        return two_pass_moments(work.double(), [0, *range(2, work.dim())], count)
+    return ChannelMoments(count, torch.add(shifted_mean, shift.reshape(-1)), m2.clamp_min(0))
 
 
-def _shifted_sums(work: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def piece_length(work: torch.Tensor) -> int:
+    """Samples of ``work`` per piece of the CPU statistics pass: CPU_PIECE_BYTES, or one sample."""
+    return max(1, CPU_PIECE_BYTES // max(1, math.prod(work.shape[1:]) * work.element_size()))
+
+
+def _shifted_sums(
+    work: torch.Tensor, shift: torch.Tensor, each_piece: Callable[[int, torch.Tensor], None] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel sum and sum of squares of ``work - shift``, piece by piece along dim 0 (float64 totals).
 
     Within a piece each (sample, channel) row is summed in float32 (torch.sum's cascade over
-    contiguous values), then the rows are added in float64: relative errors near 1e-8, where one
-    float32 reduction over all of N, H, W drifts to 1e-6, and torch.linalg.vector_norm to 1e-4.
+    contiguous values) into one buffer of row sums, whose rows are then added in float64: relative
+    errors near 1e-8, where one float32 reduction over all of N, H, W drifts to 1e-6, and
+    torch.linalg.vector_norm to 1e-4. The pieces are views made by one ``split`` each, so the
+    Python work per piece is the four reductions themselves.
     """
     spatial = list(range(2, work.dim()))
-    per_sample = max(1, work[0].numel() * work.element_size())
-    step = max(1, CPU_PIECE_BYTES // per_sample)
-    scratch = torch.empty_like(work[:step])
-    shifted_sum = torch.zeros(work.shape[1], dtype=torch.float64)
-    sum_sq = torch.zeros(work.shape[1], dtype=torch.float64)
-
-    def per_channel(values: torch.Tensor) -> torch.Tensor:
-        rows = values.sum(spatial) if spatial else values
-        return rows.double().sum(0)
-
-    for start in range(0, work.shape[0], step):
-        piece = work[start : start + step]
-        shifted = torch.sub(piece, shift, out=scratch[: piece.shape[0]])
-        shifted_sum += per_channel(shifted)
-        sum_sq += per_channel(shifted.square_())
-    return shifted_sum, sum_sq
+    step = piece_length(work)
+    row_sums, row_squares = torch.empty((2, work.shape[0], work.shape[1]), dtype=work.dtype).unbind()
+    # A (N, C) input has no spatial dims: its rows are its values, shifted straight into the buffer.
+    is_one_piece = step >= work.shape[0]
+    scratch = torch.empty_like(work if is_one_piece else work[:step]) if spatial else None
+    # Most inputs of a small model fit one piece: they skip the three splits.
+    pieces = (
+        [(work, row_sums, row_squares)]
+        if is_one_piece
+        else zip(torch.split(work, step), torch.split(row_sums, step), torch.split(row_squares, step), strict=True)
+    )
+    for index, (piece, sums, squares) in enumerate(pieces):
+        if scratch is None:
+            torch.sub(piece, shift, out=sums)
+            if each_piece is not None:
+                each_piece(index, piece)
+            torch.mul(sums, sums, out=squares)
+        else:
+            length = len(piece)
+            shifted = torch.sub(piece, shift, out=scratch if length == len(scratch) else scratch[:length])
+            if each_piece is not None:
+                each_piece(index, piece)
+            torch.sum(shifted, spatial, out=sums)
+            torch.sum(shifted.square_(), spatial, out=squares)
+    return row_sums.sum(0, dtype=torch.float64), row_squares.sum(0, dtype=torch.float64)
 
 
 # torch's batch-norm statistics kernel returns invstd = 0 for a zero variance when eps is 0 (its
