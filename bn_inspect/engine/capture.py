@@ -25,7 +25,6 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bn_inspect.engine.axes import TensorLayout, kernel_reduced_dims
-from bn_inspect.engine.cpu_batch_norm import cpu_batch_norm, cpu_pass_applies, cpu_pass_may_run
 from bn_inspect.engine.fused.dispatch import STOCK_FORWARD, batch_norm_eval_with_moments, fused_applies, fused_may_run
 from bn_inspect.engine.moments import ChannelMoments, Moments, channel_moments, instance_moments
 from bn_inspect.errors import ShapeMismatchError
@@ -293,10 +292,9 @@ def _folded_hook(layer: NormLayer, recorder: StatisticsRecorder) -> Callable[...
 def hooks_capture(layers: list[NormLayer], recorder: StatisticsRecorder, *, fuse: bool = True) -> Iterator[None]:
     """Forward pre-hooks on every layer for the duration of the block, removed even on error.
 
-    With ``fuse``, stock batch norms in eval mode normalize and reduce in one read of the input:
-    on a GPU with Triton the fused kernel (see ``fused``), on the CPU torch's own kernel run piece
-    by piece inside the statistics pass (see ``cpu_batch_norm``). Either changes the ops a forward
-    makes, so a caller that follows the ops of the forward passes ``fuse=False``.
+    With ``fuse``, stock batch norms on a GPU with Triton instead run the fused kernel (see
+    ``fused``), which normalizes and reduces in one read of the input. Its work is invisible to
+    dispatch modes, so a caller that follows the ops of the forward passes ``fuse=False``.
 
     LayerNorm and RMSNorm layers also get a forward hook that ends the watch over their first call.
     """
@@ -324,17 +322,13 @@ def hooks_capture(layers: list[NormLayer], recorder: StatisticsRecorder, *, fuse
         assert isinstance(module, _BatchNorm)
 
         def forward(input: torch.Tensor) -> torch.Tensor:
-            if fused_applies(module, input):
-                run = batch_norm_eval_with_moments
-            elif cpu_pass_applies(module, input):
-                run = cpu_batch_norm
-            else:
+            if not fused_applies(module, input):
                 recorder.observe(layer, input)
                 return STOCK_FORWARD(module, input)
 
             def normalize(previous: ChannelMoments | None) -> tuple[torch.Tensor, ChannelMoments]:
                 module._check_input_dim(input)  # type: ignore[no-untyped-call]
-                return run(module, input, previous)
+                return batch_norm_eval_with_moments(module, input, previous)
 
             return recorder.observe_fused(layer, input, normalize)
 
@@ -350,8 +344,7 @@ def hooks_capture(layers: list[NormLayer], recorder: StatisticsRecorder, *, fuse
                 handles.append(
                     layer.qat_owner.module.register_forward_pre_hook(_folded_hook(layer, recorder), with_kwargs=True)
                 )
-            module = layer.module
-            if fuse and layer.family is NormFamily.BATCH and (fused_may_run(module) or cpu_pass_may_run(module)):
+            if fuse and layer.family is NormFamily.BATCH and fused_may_run(layer.module):
                 # An instance attribute shadows the class's forward; __call__ (and so every hook
                 # of the user's) runs as before, and the attribute is deleted again below.
                 layer.module.forward = make_fused_forward(layer)  # type: ignore[method-assign]

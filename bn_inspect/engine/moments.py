@@ -19,7 +19,6 @@ Both answer the same questions alike (``Moments``): ``mean``, ``biased_var()``, 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -108,14 +107,8 @@ def channel_moments(x: torch.Tensor) -> ChannelMoments:
     return cpu_moments(work)
 
 
-def cpu_moments(work: torch.Tensor, each_piece: Callable[[int, torch.Tensor], None] | None = None) -> ChannelMoments:
-    """``channel_moments`` of a float32 or float64 CPU tensor of shape (N, C, *S) with N * prod(S) > 0.
-
-    ``each_piece(index, piece)``, where given, runs for every piece of ``work`` along dim 0
-    (``piece_length`` samples each) right after the piece was first read, while it is still in
-    the cache: a caller that normalizes the same input there (``cpu_batch_norm``) reads it from
-    memory once for both.
-    """
+def cpu_moments(work: torch.Tensor) -> ChannelMoments:
+    """``channel_moments`` of a float32 or float64 CPU tensor of shape (N, C, *S) with N * prod(S) > 0."""
     if work.requires_grad:
         # Out= ops refuse tensors that require grad, and statistics are no part of the graph.
         work = work.detach()
@@ -125,7 +118,7 @@ def cpu_moments(work: torch.Tensor, each_piece: Callable[[int, torch.Tensor], No
     # an infinite one would turn the whole channel into inf - inf = NaN, so those are not shifted.
     first = work.as_strided((1, num_channels, *[1] * (work.dim() - 2)), work.stride(), work.storage_offset())
     shift = torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0)
-    shifted_sum, sum_sq = _shifted_sums(work, shift, each_piece)
+    shifted_sum, sum_sq = _shifted_sums(work, shift)
     shifted_mean = shifted_sum / count
     m2 = torch.addcmul(sum_sq, shifted_sum, shifted_mean, value=-1)
     # Shifted sums are unusable where they cancelled (the squared mean over the spread past
@@ -139,14 +132,12 @@ def cpu_moments(work: torch.Tensor, each_piece: Callable[[int, torch.Tensor], No
     return ChannelMoments(count, torch.add(shifted_mean, shift.reshape(-1)), m2.clamp_min(0))
 
 
-def piece_length(work: torch.Tensor) -> int:
+def _piece_length(work: torch.Tensor) -> int:
     """Samples of ``work`` per piece of the CPU statistics pass: CPU_PIECE_BYTES, or one sample."""
     return max(1, CPU_PIECE_BYTES // max(1, math.prod(work.shape[1:]) * work.element_size()))
 
 
-def _shifted_sums(
-    work: torch.Tensor, shift: torch.Tensor, each_piece: Callable[[int, torch.Tensor], None] | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _shifted_sums(work: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel sum and sum of squares of ``work - shift``, piece by piece along dim 0 (float64 totals).
 
     Within a piece each (sample, channel) row is summed in float32 (torch.sum's cascade over
@@ -156,7 +147,7 @@ def _shifted_sums(
     Python work per piece is the four reductions themselves.
     """
     spatial = list(range(2, work.dim()))
-    step = piece_length(work)
+    step = _piece_length(work)
     row_sums, row_squares = torch.empty((2, work.shape[0], work.shape[1]), dtype=work.dtype).unbind()
     # A (N, C) input has no spatial dims: its rows are its values, shifted straight into the buffer.
     is_one_piece = step >= work.shape[0]
@@ -167,17 +158,13 @@ def _shifted_sums(
         if is_one_piece
         else zip(torch.split(work, step), torch.split(row_sums, step), torch.split(row_squares, step), strict=True)
     )
-    for index, (piece, sums, squares) in enumerate(pieces):
+    for piece, sums, squares in pieces:
         if scratch is None:
             torch.sub(piece, shift, out=sums)
-            if each_piece is not None:
-                each_piece(index, piece)
             torch.mul(sums, sums, out=squares)
         else:
             length = len(piece)
             shifted = torch.sub(piece, shift, out=scratch if length == len(scratch) else scratch[:length])
-            if each_piece is not None:
-                each_piece(index, piece)
             torch.sum(shifted, spatial, out=sums)
             torch.sum(shifted.square_(), spatial, out=squares)
     return row_sums.sum(0, dtype=torch.float64), row_squares.sum(0, dtype=torch.float64)
