@@ -33,6 +33,9 @@ from bn_inspect.errors import InputError
 from tests.helpers import REPO, Result, assert_one_error_line, deadline, invoke
 from tests.hostile import MEMORY_CAP_BYTES, file_hashes, run_bounded
 
+# Left out of the quick subset (`-m "not slow"`): decodes hostile image files, some in subprocesses (about 25 s).
+pytestmark = pytest.mark.slow
+
 INTERRUPTED = "Error: interrupted; nothing written."
 # A file of a format Pillow knows but bn-inspect does not decode, each named like a PNG.
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"

@@ -34,6 +34,9 @@ from bn_inspect.model.loading import load_model
 from bn_inspect.model.saving import save_like
 from tests.helpers import REPO, SAMPLES, deadline
 
+# Left out of the quick subset (`-m "not slow"`): every writer against hostile destinations (about 20 s).
+pytestmark = pytest.mark.slow
+
 DIGITS = SAMPLES / "digits_cnn"
 DIGITS_TS = DIGITS / "torchscript.pt"
 TRAIN = DIGITS / "train_images.npy"

@@ -26,6 +26,9 @@ from bn_inspect.model.loading import load_model
 from tests.helpers import assert_one_error_line, invoke
 from tests.models import calibrated_resnet, randomize_norm_state, resnet_data
 
+# Left out of the quick subset (`-m "not slow"`): exports models with both ONNX exporters and runs them in onnxruntime (about 45 s).
+pytestmark = pytest.mark.slow
+
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 

@@ -11,6 +11,9 @@ import pytest
 
 from tests.helpers import REPO
 
+# Left out of the quick subset (`-m "not slow"`): ruff, mypy --strict and import-linter over the whole package (about 60 s).
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize(
     "command",

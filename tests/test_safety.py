@@ -48,6 +48,9 @@ from tests.conftest import state_fingerprint
 from tests.helpers import REPO, SAMPLES, assert_one_error_line, invoke
 from tests.malicious import ATTACKS, CARRIERS, disguise_as_torchscript
 
+# Left out of the quick subset (`-m "not slow"`): every command against interrupted and hostile runs, with subprocesses (about 40 s).
+pytestmark = pytest.mark.slow
+
 # The options of inspect that the tests give; a command that lacks one is run without it, and
 # skips the tests and scenarios that need it.
 SHARED_OPTIONS = frozenset({"--shape", "--input", "--batches", "--mode", "--output"})

@@ -26,6 +26,9 @@ from bn_inspect.errors import BnInspectError
 from bn_inspect.report.schemas import schema
 from tests.conftest import state_fingerprint
 
+# Left out of the quick subset (`-m "not slow"`): over a thousand parametrized exactness cases (about 75 s on 2 cores).
+pytestmark = pytest.mark.slow
+
 CHANNELS = 3
 # Large mean, small spread: the case where one-pass or float32 reductions lose every digit.
 MEAN, STD = 100.0, 0.01
