@@ -106,8 +106,7 @@ def test_check_no_data_runs_the_buffer_rules_on_a_bare_state_dict(
     path = _broken_state_dict(tmp_path, code, change)
     exit_code, document = _findings(capsys, [path])
     assert code in {c for c, _ in _code_layers(document)}
-    # Errors fail the default gate: NaN, a negative variance, and statistics still 73% initial (BN114 at 3 batches).
-    assert exit_code == (1 if code in ("BN101", "BN102", "BN114") else 0)
+    assert exit_code == (1 if code in ("BN101", "BN102") else 0)
     (note,) = document["notes"]  # type: ignore[misc]
     assert note.startswith("a state_dict without --arch") and "BN107, BN108" in note
     # With --arch the same file gives the same finding.
@@ -143,18 +142,6 @@ def test_few_batches_tracked_fires_with_the_initial_values_weight(tracked: int) 
     # (1 - momentum)**n: the weight PyTorch's update leaves on the initial running_mean 0 and running_var 1.
     weight = 0.8**tracked
     assert f"only {tracked} batch" in message and f"{weight:.0%} of them" in message
-
-
-@pytest.mark.parametrize(
-    ("tracked", "severity"), [(1, "error"), (5, "error"), (6, "warning"), (FEW_BATCHES, "warning")]
-)
-def test_few_batches_tracked_is_an_error_while_the_initial_values_weigh_30_percent(tracked: int, severity: str) -> None:
-    # momentum 0.2: 0.8**5 = 33% still initial (error), 0.8**6 = 26% (warning).
-    model = models.randomize_norm_state(models.BN1dFeatures()).eval()
-    model.bn.num_batches_tracked.fill_(tracked)
-    model.bn.momentum = 0.2
-    (finding,) = [f for f in check_model(model).findings if f.code == "BN114"]
-    assert finding.severity.value == severity
 
 
 @pytest.mark.parametrize("tracked", [0, FEW_BATCHES + 1, 10_000])
