@@ -146,7 +146,7 @@ def test_layers_and_check_read_a_folder(
     assert listed.code == 0, listed.err
     names = [name for name, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)]
     assert [layer["name"] for layer in json.loads(listed.out)["layers"]] == names
-    # The folder's model trained 6 steps, which BN114 (few batches tracked) rightly fails: left out here.
+    # The folder's model trained 6 steps, which BN114 (few batches tracked) rightly flags: left out here.
     checked = invoke(capsys, ["check", folder, "--no-data", "--format", "json", "--ignore", "BN114"])
     assert checked.code == 0, checked.err
 

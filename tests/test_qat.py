@@ -231,7 +231,7 @@ def test_bn113_fires_on_a_frozen_qat_model_only(
     if freeze:
         model.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
     path = pickled(model, tmp_path / "qat.pt")
-    # The fixture trains a few steps only, which BN114 (few batches tracked) rightly fails: left out here.
+    # The fixture trains a few steps only, which BN114 (few batches tracked) rightly flags: left out here.
     result = invoke(capsys, ["check", path, "--trust-pickle", "--no-data", "--format", "json", "--ignore", "BN114"])
     assert result.code == 0, result.err
     findings = [f for f in json.loads(result.out)["findings"] if f["code"] == "BN113"]
