@@ -202,3 +202,34 @@ def test_a_bare_state_dict_is_compared_with_a_baseline(capsys: pytest.CaptureFix
     exit_code, document = _findings(capsys, [drifted, "--baseline", golden])
     assert exit_code == 1 and ("BN301", key.rpartition(".")[0]) in _code_layers(document)
     assert _findings(capsys, [DIGITS / "state_dict.pt", "--baseline", golden])[0] == 0
+
+
+def _features(seed: int, rows: int = 400) -> torch.Tensor:
+    # Large means and unequal spreads, so statistics left near 0 and 1 could not pass for them.
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 5, generator=generator) * torch.tensor([0.5, 2.0, 1.0, 3.0, 0.2]) + 4.0
+
+
+def test_data_overrules_few_batches_where_the_statistics_fit_it() -> None:
+    # update_bn's way: a cumulative average over 5 batches, then momentum 0.1 restored, so the
+    # stored state looks like 5 batches of momentum 0.1, though the statistics are exact.
+    model = models.BN1dFeatures().train()
+    model.bn.momentum = None
+    for batch in _features(0).split(80):
+        model(batch)
+    model.bn.momentum = 0.1
+    model.eval()
+    assert int(model.bn.num_batches_tracked) == 5
+    assert _bn114(model) != []
+    checked = check_model(model, _features(1).split(100))
+    assert [f.code for f in checked.findings if f.code in ("BN114", "BN201")] == []
+    assert any("BN114 left out for 1 layer(s)" in note for note in checked.notes)
+
+
+def test_data_keeps_few_batches_where_the_initial_values_still_show() -> None:
+    model = models.BN1dFeatures().train()
+    for batch in _features(0).split(80)[:3]:
+        model(batch)
+    model.eval()
+    codes = {f.code for f in check_model(model, _features(1).split(100)).findings}
+    assert {"BN114", "BN201"} <= codes

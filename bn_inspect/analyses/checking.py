@@ -22,6 +22,7 @@ from bn_inspect.model.onnx_module import OnnxModel
 from bn_inspect.options import FailOn, Mode, Precision
 from bn_inspect.report.baseline import Baseline, baseline_findings
 from bn_inspect.report.causes import with_causes
+from bn_inspect.report.departure import departure
 from bn_inspect.report.diff import Tolerance
 from bn_inspect.report.findings import CheckReport, Finding, Thresholds
 from bn_inspect.report.records import LayerState, ModelInfo, Report
@@ -106,6 +107,8 @@ def check_model(
             run=run,
         )
         findings += _data_findings(report, thresholds, data_is_real, notes)
+        if data_is_real and Mode(mode) is Mode.EVAL:
+            findings = _few_batches_overruled(findings, report, thresholds, notes)
     findings += _comparisons(model, report, states, run, baseline, thresholds, notes)
     first = report.first_divergent(thresholds) if report is not None and data_is_real else None
     return CheckReport(
@@ -251,6 +254,30 @@ def _data_findings(report: Report, thresholds: Thresholds, data_is_real: bool, n
         "random input: the shift (BN201) and dead-channel (BN202) rules need real data (--input) and did not run"
     )
     return [f for f in findings if f.code not in ("BN201", "BN202")]
+
+
+def _few_batches_overruled(
+    findings: list[Finding], report: Report, thresholds: Thresholds, notes: list[str]
+) -> list[Finding]:
+    """``findings`` without BN114 on the layers whose data, at every call, fits their running statistics.
+
+    BN114 reads only num_batches_tracked and assumes momentum 0.1; statistics computed exactly over
+    a few batches (``torch.optim.swa_utils.update_bn`` leaves num_batches_tracked at the batch count
+    and momentum at 0.1 again) look the same. The data tells the two apart: where it sits within the
+    warning level of the running statistics, their initial values do not weigh in them.
+    """
+    verdicts: dict[str, bool] = {}
+    for layer in report.layers:
+        measured = departure(layer, thresholds)
+        fits = measured is not None and not measured.departs and not measured.is_nonfinite
+        verdicts[layer.name.raw] = verdicts.get(layer.name.raw, True) and fits
+    kept = [f for f in findings if not (f.code == "BN114" and f.layer is not None and verdicts.get(f.layer.raw))]
+    if len(kept) < len(findings):
+        notes.append(
+            f"BN114 left out for {len(findings) - len(kept):,} layer(s) that saw few batches but whose statistics "
+            "fit this data (within the warning level): they were computed well, not still near their initial values"
+        )
+    return kept
 
 
 def _comparisons(
