@@ -312,3 +312,45 @@ def test_the_pytorch_model_and_its_export_stay_unchanged(tmp_path: Path) -> None
     twin = copy.deepcopy(module.proto)
     _bn4(module, [torch.randn(2, 3, 8, 8)], precision="bf16")
     assert path.read_bytes() == before and module.proto == twin
+
+
+def _unfoldable(kind: str) -> tuple[list[Any], dict[str, np.ndarray], list[str]]:
+    """(nodes, tensors, extra graph inputs) of a graph whose BatchNormalization cannot fold, for each ONNX-only reason."""
+    make = onnx.helper.make_node
+    generator = np.random.default_rng(3)
+    tensors = {"w": generator.normal(size=(4, 3, 1, 1))} | _batch_norm_tensors(generator, 4)
+    conv = make("Conv", ["x", "w"], ["h"])
+    norm = make("BatchNormalization", ["h", *_BN], ["y"], name="bn")
+    if kind == "shared-weight":
+        return [conv, make("Conv", ["x", "w"], ["unused"]), norm], tensors, []
+    if kind == "grouped-transpose":
+        tensors["w"] = generator.normal(size=(4, 2, 1, 1))
+        return [make("ConvTranspose", ["x4", "w"], ["h"], group=2), norm], tensors, ["x4"]
+    if kind == "computed-statistics":
+        del tensors["mean"]
+        return [conv, norm], tensors, ["mean"]
+    tensors["w"], tensors["c"] = generator.normal(size=(3, 4)), generator.normal(size=(2, 1))
+    return [make("Gemm", ["x2", "w", "c"], ["h"]), norm], tensors, ["x2"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("shared-weight", "cannot be folded: conv shares its weight with another node"),
+        ("grouped-transpose", "is a grouped ConvTranspose"),
+        ("computed-statistics", "its scale, bias or running statistics are computed in the graph"),
+        ("bias-per-row", "is not one value per output channel"),
+    ],
+)
+def test_onnx_only_reasons_not_to_fold_are_bn402(tmp_path: Path, kind: str, reason: str) -> None:
+    nodes, tensors, extra = _unfoldable(kind)
+    if kind == "shared-weight":
+        nodes[0].name = "conv"
+    shapes = {"x": [2, 3, 4, 4], "x4": [2, 4, 4, 4], "x2": [2, 3], "mean": [4]}
+    model = _graph(nodes, tensors, shapes["x"], [2, 4, 4, 4] if kind != "bias-per-row" else [2, 4])
+    for name in extra:
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shapes[name]))
+    path = tmp_path / f"{kind}.onnx"
+    onnx.save(model, path)
+    (finding,) = _bn4(load_model(path).module, fold=True)
+    assert finding.code == "BN402" and reason in finding.message, finding.message

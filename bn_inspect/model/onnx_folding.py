@@ -144,8 +144,12 @@ def _float(values: np.ndarray | None) -> np.ndarray | None:
 
 def _batch_norm(layer: Untrusted, norm: NormNode, found: _Graph, num_calls: int) -> OnnxBatchNorm:
     node = found.graph.node[norm.index]
-    scale, bias, mean, var = (_float(found.known.get(name)) for name in [*node.input[1:5], "", "", "", ""][:4])
-    site, fold = _site(layer, norm, found, num_calls, mean if var is not None else None)
+    tensors = [_float(found.known.get(name)) for name in [*node.input[1:5], "", "", "", ""][:4]]
+    if any(tensor is None for tensor in tensors):
+        # ONNX requires all four: one the graph computes is unknown here, so the node is not judged.
+        tensors = [None] * 4
+    scale, bias, mean, var = tensors
+    site, fold = _site(layer, norm, found, num_calls, mean)
     return OnnxBatchNorm(site, scale, bias, mean, var, norm.epsilon, fold)
 
 
@@ -174,7 +178,7 @@ def _site(
             "it was exported in training mode (training_mode=1) and normalizes with each batch's statistics"
         )
     if mean is None:
-        return unfoldable("its running statistics are computed in the graph, not stored")
+        return unfoldable("its scale, bias or running statistics are computed in the graph, not stored")
     if num_calls > 1:
         return unfoldable("it is called more than once")
     if found.readers[read] > 1:
@@ -261,7 +265,7 @@ def _oriented(
     elif weight.ndim < 3:
         return "the weight of {owner} is not a convolution's"
     if bias is not None:
-        if bias.size not in (1, weight.shape[0]) or bias.size != max(bias.shape, default=1):
+        if bias.size not in (1, weight.shape[0]) or any(size != 1 for size in bias.shape[:-1]):
             return "the bias of {owner} is not one value per output channel"
         bias = np.broadcast_to(bias.astype(np.float64).reshape(-1), (weight.shape[0],)).copy()
     return weight, bias, stored.dtype
