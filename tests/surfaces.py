@@ -48,6 +48,8 @@ SURFACES: tuple[Surface, ...] = (
     _surface("read:model", "reader", H.EXECUTION, H.HANG, H.MEMORY, H.TRACEBACK),
     # A Hugging Face model folder's config.json: names the code that builds the model.
     _surface("read:model-config", "reader", H.EXECUTION, H.HANG, H.MEMORY, H.TRACEBACK),
+    # A sharded folder's model.safetensors.index.json: names the shard files to read.
+    _surface("read:model-index", "reader", H.HANG, H.MEMORY, H.TRACEBACK),
     _surface("read:input-file", "reader", H.EXECUTION, H.HANG, H.MEMORY, H.TRACEBACK),
     _surface("read:input-shard", "reader", H.HANG, H.MEMORY, H.TRACEBACK),
     _surface("read:image", "reader", H.EXECUTION, H.HANG, H.MEMORY, H.TRACEBACK),

@@ -20,6 +20,15 @@ from bn_inspect.model.fold_precision import FLOAT_FORMATS, layer_headrooms
 from bn_inspect.model.folding import FoldGraph, find_fold_sites, folded_copy
 from bn_inspect.model.layers import is_uninitialized
 from bn_inspect.model.modules import model_device
+from bn_inspect.model.onnx_folding import (
+    OnnxBatchNorm,
+    folded_graph,
+    onnx_batch_norms,
+    onnx_headrooms,
+    rounding,
+    run_graph,
+)
+from bn_inspect.model.onnx_module import OnnxModel
 from bn_inspect.options import Precision
 from bn_inspect.report.findings import Finding
 from bn_inspect.report.folding import (
@@ -44,6 +53,8 @@ def folding_findings(
         precision: the deployment format (--precision); None runs BN401 and BN402 only.
         batch: one batch on the model's device and in its dtype, for BN404; None skips it.
     """
+    if isinstance(model, OnnxModel):
+        return _onnx_folding_findings(model, precision, batch)
     graph = find_fold_sites(model)
     if any(is_uninitialized(tensor) for tensor in (*model.parameters(), *model.buffers())):
         graph = FoldGraph((), "the model has lazy modules that have not run yet, so their weights do not exist")
@@ -163,3 +174,52 @@ def _change(layer: Untrusted | None, format: str, reference: torch.Tensor, folde
     moved = float((folded.double() - exact).square().mean().sqrt()) if exact.numel() else 0.0
     change = moved / scale if scale > 0 else (0.0 if moved == 0 else math.inf)
     return FoldChange(layer, format, change, scale)
+
+
+# What the folding rules read in an ONNX graph, and where BN404 differs from a PyTorch model's.
+ONNX_FOLDING_NOTE = (
+    "ONNX model: the folding rules read the BatchNormalization nodes and the Conv, ConvTranspose, Gemm or "
+    "MatMul(+Add) before them; BN404 folds a copy of the graph and runs it in onnxruntime in float32, with the "
+    "folded weights and biases rounded to the --precision format (the activations stay float32)"
+)
+
+
+def _onnx_folding_findings(
+    model: OnnxModel, precision: Precision | None, batch: Batch | None
+) -> tuple[list[Finding], list[str]]:
+    """folding_findings for an ONNX graph: its BatchNormalization nodes' sites and initializers."""
+    norms = onnx_batch_norms(model)
+    findings = site_findings([norm.site for norm in norms], deploys=precision is not None)
+    notes = [ONNX_FOLDING_NOTE]
+    if precision is not None:
+        findings += headroom_findings(onnx_headrooms(norms, precision), precision.value)
+    if precision is not None and batch is not None and any(norm.fold is not None for norm in norms):
+        changes = onnx_fold_changes(model, norms, precision, batch)
+        findings += change_findings(changes)
+        summary = change_summary(changes)
+        notes += [summary] if summary is not None else []
+    return findings, notes
+
+
+def onnx_fold_changes(
+    model: OnnxModel, norms: list[OnnxBatchNorm], precision: Precision, batch: Batch
+) -> list[FoldChange]:
+    """BN404 on an ONNX graph: on ``batch``, each folded layer's and the model's first output, the graph
+    folded (float32, then with the folded tensors rounded to ``precision``) against the graph as stored."""
+    graph = model.proto.graph
+    folded = {graph.node[norm.fold.norm].output[0]: norm.site.layer for norm in norms if norm.fold is not None}
+    output = graph.output[0].name if graph.output else None
+    names = list(dict.fromkeys([*folded, *([output] if output is not None else [])]))
+    feeds = model.feeds(batch.args, batch.kwargs)
+    reference = run_graph(model.proto, feeds, names)
+    label = "int8 (per-tensor weights)" if precision is Precision.INT8 else f"{precision.value} (folded tensors)"
+    changes: list[FoldChange] = []
+    for format, rounded in (("float32", rounding(None)), (label, rounding(precision))):
+        seen = run_graph(folded_graph(model.proto, norms, rounded), feeds, names)
+        changes += [
+            _change(layer, format, torch.from_numpy(reference[name]), torch.from_numpy(seen[name]))
+            for name, layer in folded.items()
+        ]
+        if output is not None and reference[output].dtype.kind == "f":
+            changes.append(_change(None, format, torch.from_numpy(reference[output]), torch.from_numpy(seen[output])))
+    return changes

@@ -44,6 +44,7 @@ class Source(str, Enum):
 
     MODEL = "the model file"
     MODEL_CONFIG = "the config.json of a model folder"
+    MODEL_INDEX = "the weight index of a sharded model folder"
     INPUT_FILE = "the --input file"
     INPUT_SHARD = "a shard of the --input folder"
     IMAGE = "an image of the --input folder"

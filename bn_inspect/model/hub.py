@@ -10,6 +10,7 @@ downloaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 
 CONFIG_NAME = "config.json"
 WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
+# What save_pretrained writes beside model-0000K-of-0000N.safetensors when the weights exceed max_shard_size.
+INDEX_NAME = "model.safetensors.index.json"
 # A config is a few kilobytes; ImageNet-21k label maps reach about a megabyte.
 CONFIG_BUDGET = 16 * 2**20
 _DEFAULT_IMAGE_SIZE = 224
@@ -120,12 +123,12 @@ def read_folder_weights(folder: Path, map_location: str) -> tuple[dict[str, torc
         ModelFileError, UntrustedPickleError.
     """
     present = [name for name in WEIGHT_NAMES if os.path.lexists(folder / name)]
+    if not present and os.path.lexists(folder / INDEX_NAME):
+        return read_sharded_weights(folder, map_location)
     if not present:
-        sharded = os.path.lexists(folder / "model.safetensors.index.json")
         raise ModelFileError(
-            f"model folder {folder} has no {' or '.join(WEIGHT_NAMES)}"
-            + (" (its weights are split into shards, which bn-inspect does not read)" if sharded else ""),
-            "Save the model with save_pretrained in one file (max_shard_size larger than the model)",
+            f"model folder {folder} has no {' or '.join(WEIGHT_NAMES)} and no {INDEX_NAME}",
+            "Give a folder written by save_pretrained",
         )
     name = present[0]
     with open_in_folder(folder, name, Source.MODEL) as opened:
@@ -134,6 +137,91 @@ def read_folder_weights(folder: Path, map_location: str) -> tuple[dict[str, torc
             return load_safetensors_bytes(opened, map_location), digest
         loaded = torch_load(opened, map_location, False, _pickle_kind(opened))
         return extract_state_dict(loaded, opened.path)[0], digest
+
+
+def read_sharded_weights(folder: Path, map_location: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights of a sharded folder: every shard its index names, each read through the opener,
+    and one SHA-256 over the index and the shards' own digests.
+
+    Raises:
+        ModelFileError: the index is malformed or lists a tensor twice, names a shard outside the folder
+            or missing, or a shard holds a tensor the index does not place there or lacks one it does.
+    """
+    with open_in_folder(folder, INDEX_NAME, Source.MODEL_INDEX, max_bytes=CONFIG_BUDGET) as opened:
+        raw = opened.read_bytes()
+    weight_map = _weight_map(folder, raw)
+    digest = hashlib.sha256(raw)
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in dict.fromkeys(weight_map.values()):
+        with open_in_folder(folder, shard, Source.MODEL) as opened:
+            digest.update(f"{shard}:{file_sha256(opened)}\n".encode())
+            loaded = load_safetensors_bytes(opened, map_location)
+        for key, tensor in loaded.items():
+            if weight_map.get(key) != shard or key in tensors:
+                where = (
+                    f"the index places it in {_shown(weight_map[key])}"
+                    if key in weight_map
+                    else "the index does not list it"
+                )
+                raise ModelFileError(
+                    f"model folder {folder}: shard {_shown(shard)} holds tensor {_shown(key)}, but {where}",
+                    _SHARD_FIX,
+                )
+            tensors[key] = tensor
+    absent = next((key for key in weight_map if key not in tensors), None)
+    if absent is not None:
+        raise ModelFileError(
+            f"model folder {folder}: {INDEX_NAME} places tensor {_shown(absent)} in shard "
+            f"{_shown(weight_map[absent])}, which does not hold it",
+            _SHARD_FIX,
+        )
+    return tensors, digest.hexdigest()
+
+
+_SHARD_FIX = "Re-save the model with save_pretrained, or re-download the folder"
+
+
+def _shown(text: str) -> str:
+    from bn_inspect.text import inert
+
+    return repr(inert(text[:200]))
+
+
+def _weight_map(folder: Path, raw: bytes) -> dict[str, str]:
+    """The index's ``weight_map`` (tensor -> shard file), every shard a plain file name of the folder that exists."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        if len(set(keys)) != len(keys):
+            twice = next(key for key in keys if keys.count(key) > 1)
+            raise ModelFileError(f"model folder {folder}: {INDEX_NAME} lists {_shown(twice)} twice", _SHARD_FIX)
+        return dict(pairs)
+
+    try:
+        index = json.loads(raw, object_pairs_hook=unique)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        reason = f"line {error.lineno}" if isinstance(error, json.JSONDecodeError) else type(error).__name__
+        raise ModelFileError(f"model folder {folder}: {INDEX_NAME} is not valid JSON ({reason})", _SHARD_FIX) from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if (
+        not isinstance(weight_map, dict)
+        or not weight_map
+        or not all(isinstance(key, str) and isinstance(value, str) for key, value in weight_map.items())
+    ):
+        raise ModelFileError(
+            f"model folder {folder}: {INDEX_NAME} has no weight_map of tensor names to shard files", _SHARD_FIX
+        )
+    for shard in dict.fromkeys(weight_map.values()):
+        if shard in ("", ".", "..") or os.path.basename(shard) != shard or "\\" in shard or "\0" in shard:
+            raise ModelFileError(
+                f"model folder {folder}: {INDEX_NAME} names the shard {_shown(shard)}, which is not a file of the folder",
+                "Keep every shard beside the index, named by its file name alone",
+            )
+        if not os.path.lexists(folder / shard):
+            raise ModelFileError(
+                f"model folder {folder}: {INDEX_NAME} names the shard {_shown(shard)}, which is missing", _SHARD_FIX
+            )
+    return weight_map
 
 
 def _pickle_kind(opened: OpenedInput) -> FileKind:

@@ -300,7 +300,7 @@ def norm_nodes(model: onnx.ModelProto) -> list[NormNode]:
                 node_name=node.name,
                 op_type=op_type,
                 input_name=input_name,
-                torch_name=_torch_name(node, known),
+                torch_name=torch_name(node, known),
                 stored_key=tuple(node.input[1:]),
                 scale=stored[0],
                 bias=stored[1],
@@ -354,7 +354,7 @@ def _number(value: object, default: float) -> float:
 _PARAMETER_SUFFIXES = (".running_mean", ".running_var", ".weight", ".bias")
 
 
-def _torch_name(node: onnx.NodeProto, known: dict[str, np.ndarray]) -> str | None:
+def torch_name(node: onnx.NodeProto, known: dict[str, np.ndarray]) -> str | None:
     """The PyTorch module path an exporter kept for ``node``, or None.
 
     The dynamo exporter writes ``pkg.torch.onnx.name_scopes`` (the module path's scopes, then the

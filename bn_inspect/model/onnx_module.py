@@ -173,6 +173,8 @@ class OnnxModel(nn.Module):
         self._calls: list[tuple[nn.Module, str]] = []
         by_key: dict[tuple[str, tuple[str, ...]], nn.Module] = {}
         taken: set[str] = set()
+        # Each node with the name of the layer its stand-in is, for the folding rules (model/onnx_folding.py).
+        self.named_nodes: list[tuple[str, NormNode]] = []
         for node in nodes:
             name = node.torch_name or node.node_name or f"{node.op_type}_{node.index}"
             shared = by_key.get((name, node.stored_key))
@@ -186,9 +188,10 @@ class OnnxModel(nn.Module):
                 taken.add(name)
             # The same module exported twice (called twice) is one layer with two calls, as in PyTorch.
             self._calls.append((shared, node.input_name))
+            self.named_nodes.append((self._names[id(shared)], node))
         self.inputs = declared_inputs(model)
         # Made at the first forward: listing layers and the stored-state rules need no onnxruntime.
-        self._graph = model
+        self.proto = model
         self._session: Any = None
         self._outputs = [output.name for output in model.graph.output]
 
@@ -214,10 +217,10 @@ class OnnxModel(nn.Module):
                 "BatchNormalization nodes exported with training_mode=1 normalize with batch statistics there",
                 "Use --mode eval (check reports such nodes as BN112)",
             )
-        feeds = self._feeds(args, kwargs)
+        feeds = self.feeds(args, kwargs)
         fetch = [name for name in self._session_outputs if name not in feeds]
         if self._session is None:
-            self._session = _session(self._graph, [name for _, name in self._calls if name not in feeds])
+            self._session = graph_session(self.proto, [name for _, name in self._calls if name not in feeds])
         try:
             results = dict(zip(fetch, self._session.run(fetch, feeds), strict=True))
         except Exception as error:  # onnxruntime raises its own classes, one per status code
@@ -236,7 +239,9 @@ class OnnxModel(nn.Module):
     def _session_outputs(self) -> list[str]:
         return list(dict.fromkeys([*self._outputs, *(name for _, name in self._calls)]))
 
-    def _feeds(self, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    def feeds(self, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """The graph's inputs as onnxruntime takes them: ``args`` in order, ``kwargs`` by name, each checked
+        against the declared shape and cast to the declared type."""
         from onnx import helper
 
         given = dict(zip((name for name, _, _ in self.inputs), args, strict=False)) | kwargs
@@ -265,8 +270,9 @@ class OnnxModel(nn.Module):
         return feeds
 
 
-def _session(model: onnx.ModelProto, extra_outputs: list[str]) -> Any:
-    """An onnxruntime session on a copy of ``model`` whose norm nodes' inputs are graph outputs too.
+def graph_session(model: onnx.ModelProto, extra_outputs: list[str], *, optimize: bool = True) -> Any:
+    """An onnxruntime session on a copy of ``model`` whose ``extra_outputs`` (the norm nodes' inputs) are
+    graph outputs too; ``optimize`` False runs the graph as written (no fusion of Conv and BatchNormalization).
 
     No custom-op library is registered, and every external tensor was read in already, so
     onnxruntime opens no file.
@@ -282,7 +288,11 @@ def _session(model: onnx.ModelProto, extra_outputs: list[str]) -> Any:
             exposed.graph.output.append(onnx.ValueInfoProto(name=name))
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.graph_optimization_level = (
+        onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        if optimize
+        else onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     try:
         return onnxruntime.InferenceSession(
             exposed.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
