@@ -21,6 +21,7 @@ import torch
 from bn_inspect.errors import ForwardError
 from bn_inspect.model.fold_precision import FLOAT_FORMATS, INT8_LEVELS, layer_headrooms
 from bn_inspect.model.folding import fold_parameters
+from bn_inspect.model.onnx_constants import STANDARD_DOMAINS, computed_constants
 from bn_inspect.model.onnx_graph import NormNode, constant_values, torch_name
 from bn_inspect.model.onnx_module import OnnxModel, graph_session
 from bn_inspect.options import Precision
@@ -31,15 +32,6 @@ if TYPE_CHECKING:
     import onnx
 
 FOLDS_INTO = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-# The operators an exporter computes a constant with from stored tensors (the dynamo exporter's
-# zero bias: Shape, Expand, CastLike); a value computed by any other, or by more than
-# _MAX_CONSTANT_NODES nodes, is not read, and its node does not fold.
-_CONSTANT_OPS = frozenset(
-    {"Shape", "Expand", "CastLike", "Cast", "Constant", "ConstantOfShape", "Identity", "Reshape"}
-    | {"Unsqueeze", "Squeeze", "Gather", "Concat", "Slice", "Mul", "Add", "Sub", "Div", "Transpose"}
-)
-_MAX_CONSTANT_NODES = 32
-_STANDARD = ("", "ai.onnx")
 
 
 @dataclass(frozen=True)
@@ -171,7 +163,7 @@ def _site(
     def unfoldable(reason: str) -> tuple[FoldSite, None]:
         return FoldSite(layer, owner, kind, False, reason), None
 
-    if producer.op_type not in FOLDS_INTO or producer.domain not in _STANDARD:
+    if producer.op_type not in FOLDS_INTO or producer.domain not in STANDARD_DOMAINS:
         return unfoldable(f"it follows {owner} ({kind}), not a Conv or Gemm")
     if norm.is_training_mode:
         return unfoldable(
@@ -200,7 +192,7 @@ def _site(
 def _matmul_before(add: int, found: _Graph) -> int | None:
     """The MatMul whose output the Add at ``add`` adds a stored bias to (only that Add reading it), else None."""
     node = found.graph.node[add]
-    if len(node.input) != 2 or node.domain not in _STANDARD:
+    if len(node.input) != 2 or node.domain not in STANDARD_DOMAINS:
         return None
     for value, other in (node.input, node.input[::-1]):
         matmul = found.producers.get(value)
@@ -269,74 +261,6 @@ def _oriented(
             return "the bias of {owner} is not one value per output channel"
         bias = np.broadcast_to(bias.astype(np.float64).reshape(-1), (weight.shape[0],)).copy()
     return weight, bias, stored.dtype
-
-
-def computed_constants(
-    proto: onnx.ModelProto, names: set[str], producers: dict[str, int], known: dict[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """The values of ``names`` that an exporter computes from stored tensors only, run by onnxruntime
-    on those nodes alone; names computed otherwise are left out."""
-    import onnx
-
-    graph = proto.graph
-    keep: set[int] = set()
-    wanted = []
-    for name in sorted(names):
-        nodes = _constant_ancestors(name, graph, producers, known)
-        if nodes:
-            wanted.append(name)
-            keep |= nodes
-    if not wanted:
-        return {}
-    kept = [onnx.NodeProto() for _ in sorted(keep)]
-    for copy, index in zip(kept, sorted(keep), strict=True):
-        copy.CopyFrom(graph.node[index])
-        if copy.op_type == "CastLike":
-            # Only its first input's values matter; the second, a value of the running graph, gives its type.
-            copy.op_type = "Identity"
-            del copy.input[1:]
-    made = {name for node in kept for name in node.output}
-    read = sorted({name for node in kept for name in node.input if name in known and name not in made})
-    sub = onnx.helper.make_model(
-        onnx.helper.make_graph(
-            kept,
-            "constants",
-            [],
-            [onnx.ValueInfoProto(name=name) for name in wanted],
-            [onnx.numpy_helper.from_array(known[name], name) for name in read],
-        ),
-        opset_imports=list(proto.opset_import),
-        ir_version=proto.ir_version,
-    )
-    try:
-        values = graph_session(sub, [], optimize=False).run(wanted, {})
-    except Exception:  # onnxruntime's own classes, one per status code: the values stay unknown
-        return {}
-    return {name: np.asarray(value) for name, value in zip(wanted, values, strict=True)}
-
-
-def _constant_ancestors(
-    name: str, graph: onnx.GraphProto, producers: dict[str, int], known: dict[str, np.ndarray]
-) -> set[int] | None:
-    """The nodes that compute ``name`` from stored tensors alone, or None if it needs anything else."""
-    nodes: set[int] = set()
-    pending = [name]
-    while pending:
-        value = pending.pop()
-        if value in known or not value:
-            continue
-        index = producers.get(value)
-        if index is None:
-            return None
-        node = graph.node[index]
-        if node.op_type not in _CONSTANT_OPS or node.domain not in _STANDARD or any(a.g.node for a in node.attribute):
-            return None
-        if index not in nodes:
-            nodes.add(index)
-            pending += node.input[:1] if node.op_type == "CastLike" else node.input
-        if len(nodes) > _MAX_CONSTANT_NODES:
-            return None
-    return nodes
 
 
 def _tensor(values: np.ndarray | None) -> torch.Tensor | None:
