@@ -106,9 +106,7 @@ def check_model(
             materialize_lazy=materialize_lazy,
             run=run,
         )
-        findings += _data_findings(report, thresholds, data_is_real, notes)
-        if data_is_real and Mode(mode) is Mode.EVAL:
-            findings = _few_batches_overruled(findings, report, thresholds, notes)
+        findings = _with_data_findings(findings, report, thresholds, data_is_real, Mode(mode), notes)
     findings += _comparisons(model, report, states, run, baseline, thresholds, notes)
     first = report.first_divergent(thresholds) if report is not None and data_is_real else None
     return CheckReport(
@@ -246,14 +244,19 @@ def _model_kind_notes(model: nn.Module, flags_from_file: bool) -> tuple[bool, li
     return flags_from_file, []
 
 
-def _data_findings(report: Report, thresholds: Thresholds, data_is_real: bool, notes: list[str]) -> list[Finding]:
-    findings = report_findings(report, thresholds)
+def _with_data_findings(
+    findings: list[Finding], report: Report, thresholds: Thresholds, data_is_real: bool, mode: Mode, notes: list[str]
+) -> list[Finding]:
+    """``findings`` and the data rules' findings: real data in eval mode may overrule BN114; random data
+    leaves out the shift and dead-channel rules."""
+    found = report_findings(report, thresholds)
     if data_is_real:
-        return findings
+        combined = findings + found
+        return _few_batches_overruled(combined, report, thresholds, notes) if mode is Mode.EVAL else combined
     notes.append(
         "random input: the shift (BN201) and dead-channel (BN202) rules need real data (--input) and did not run"
     )
-    return [f for f in findings if f.code not in ("BN201", "BN202")]
+    return findings + [f for f in found if f.code not in ("BN201", "BN202")]
 
 
 def _few_batches_overruled(
