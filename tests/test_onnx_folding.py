@@ -354,3 +354,25 @@ def test_onnx_only_reasons_not_to_fold_are_bn402(tmp_path: Path, kind: str, reas
     onnx.save(model, path)
     (finding,) = _bn4(load_model(path).module, fold=True)
     assert finding.code == "BN402" and reason in finding.message, finding.message
+
+
+@pytest.mark.parametrize("op_type", ["ConstantOfShape", "Expand"])
+def test_a_computed_bias_that_asks_for_a_huge_tensor_is_not_made(tmp_path: Path, op_type: str) -> None:
+    # A hostile graph computes the Conv's bias from a shape of 2**25 values, past the bound on a
+    # computed constant (2**24): it stays unknown (BN402) and is never made. Made, it would be judged
+    # as a bias that is not one value per channel.
+    make = onnx.helper.make_node
+    generator = np.random.default_rng(5)
+    tensors = {"w": generator.normal(size=(4, 3, 1, 1))} | _batch_norm_tensors(generator, 4)
+    huge = onnx.numpy_helper.from_array(np.array([1 << 13, 1 << 12], dtype=np.int64))
+    one = onnx.numpy_helper.from_array(np.array([1.0], dtype=np.float32))
+    if op_type == "ConstantOfShape":
+        made = [make("Constant", [], ["dims"], value=huge), make("ConstantOfShape", ["dims"], ["b"])]
+    else:
+        made = [make("Constant", [], ["dims"], value=huge), make("Constant", [], ["one"], value=one)]
+        made.append(make("Expand", ["one", "dims"], ["b"]))
+    nodes = [*made, make("Conv", ["x", "w", "b"], ["h"]), make("BatchNormalization", ["h", *_BN], ["y"], name="bn")]
+    path = tmp_path / "huge.onnx"
+    onnx.save(_graph(nodes, tensors, [2, 3, 4, 4], [2, 4, 4, 4]), path)
+    (finding,) = _bn4(load_model(path).module, fold=True)
+    assert finding.code == "BN402" and "computed in the graph" in finding.message, finding.message

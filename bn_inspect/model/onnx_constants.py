@@ -1,13 +1,13 @@
 """The constants an ONNX exporter computes from stored tensors (the dynamo exporter's zero bias), worked out
-by running only the nodes that compute them."""
+by running only the nodes that compute them, with onnx's numpy reference implementation and a bound
+on every value's size."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
-
-from bn_inspect.model.onnx_module import graph_session
 
 if TYPE_CHECKING:
     import onnx
@@ -21,13 +21,15 @@ _CONSTANT_OPS = frozenset(
     | {"Unsqueeze", "Squeeze", "Gather", "Concat", "Slice", "Mul", "Add", "Sub", "Div", "Transpose"}
 )
 _MAX_CONSTANT_NODES = 32
+# No computed constant is larger than a layer's stored weights could reasonably be.
+_MAX_CONSTANT_VALUES = 1 << 24
 
 
 def computed_constants(
     proto: onnx.ModelProto, names: set[str], producers: dict[str, int], known: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
-    """The values of ``names`` that an exporter computes from stored tensors only, run by onnxruntime
-    on those nodes alone; names computed otherwise are left out."""
+    """The values of ``names`` that an exporter computes from stored tensors only, run node by node
+    by onnx's reference implementation; names computed otherwise, or too large, are left out."""
     import onnx
 
     graph = proto.graph
@@ -47,24 +49,58 @@ def computed_constants(
             # Only its first input's values matter; the second, a value of the running graph, gives its type.
             copy.op_type = "Identity"
             del copy.input[1:]
-    made = {name for node in kept for name in node.output}
-    read = sorted({name for node in kept for name in node.input if name in known and name not in made})
-    sub = onnx.helper.make_model(
-        onnx.helper.make_graph(
-            kept,
-            "constants",
-            [],
-            [onnx.ValueInfoProto(name=name) for name in wanted],
-            [onnx.numpy_helper.from_array(known[name], name) for name in read],
-        ),
-        opset_imports=list(proto.opset_import),
-        ir_version=proto.ir_version,
-    )
+    values = {name: known[name] for node in kept for name in node.input if name in known}
+    # Node by node, in graph order, each output's size bounded before the node runs: a hostile
+    # Expand or ConstantOfShape would otherwise allocate whatever size it names.
+    for node in kept:
+        inputs = [values.get(name) for name in node.input if name]
+        present = [value for value in inputs if value is not None]
+        if len(present) < len(inputs) or _output_size(node.op_type, present) > _MAX_CONSTANT_VALUES:
+            return {}
+        try:
+            outputs = _run_node(node, present, proto)
+        except Exception:  # the reference implementation's errors, one per operator: the values stay unknown
+            return {}
+        values.update(zip(node.output, outputs, strict=False))
+    return {name: np.asarray(values[name]) for name in wanted if name in values}
+
+
+def _output_size(op_type: str, inputs: list[np.ndarray]) -> float:
+    """The most values ``op_type`` makes from ``inputs`` (one of _CONSTANT_OPS), without making them."""
     try:
-        values = graph_session(sub, [], optimize=False).run(wanted, {})
-    except Exception:  # onnxruntime's own classes, one per status code: the values stay unknown
-        return {}
-    return {name: np.asarray(value) for name, value in zip(wanted, values, strict=True)}
+        if op_type == "ConstantOfShape":
+            dims = [int(d) for d in inputs[0].reshape(-1)]
+            return math.prod(dims) if min(dims, default=0) >= 0 else math.inf
+        if op_type == "Expand":
+            dims = [int(d) for d in inputs[1].reshape(-1)]
+            return (
+                math.prod(np.broadcast_shapes(inputs[0].shape, tuple(dims))) if min(dims, default=0) >= 0 else math.inf
+            )
+        if op_type in ("Add", "Sub", "Mul", "Div"):
+            return math.prod(np.broadcast_shapes(*(value.shape for value in inputs)))
+        if op_type == "Concat":
+            return sum(value.size for value in inputs)
+        if op_type == "Gather":
+            return inputs[0].size * inputs[1].size
+    except (ValueError, IndexError, OverflowError):
+        return math.inf
+    return max((value.size for value in inputs), default=0)
+
+
+def _run_node(node: onnx.NodeProto, inputs: list[np.ndarray], proto: onnx.ModelProto) -> list[np.ndarray]:
+    """``node``'s outputs on ``inputs``, by onnx's numpy reference implementation under the model's opsets."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    names = [name for name in node.input if name]
+    graph = onnx.helper.make_graph(
+        [node],
+        "constant",
+        [onnx.ValueInfoProto(name=name) for name in names],
+        [onnx.ValueInfoProto(name=name) for name in node.output],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
+    return list(ReferenceEvaluator(model).run(None, dict(zip(names, inputs, strict=True))))
 
 
 def _constant_ancestors(
