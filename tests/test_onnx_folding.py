@@ -356,6 +356,7 @@ def test_onnx_only_reasons_not_to_fold_are_bn402(tmp_path: Path, kind: str, reas
     assert finding.code == "BN402" and reason in finding.message, finding.message
 
 
+@pytest.mark.surface("read:model", "memory")
 @pytest.mark.parametrize("op_type", ["ConstantOfShape", "Expand"])
 def test_a_computed_bias_that_asks_for_a_huge_tensor_is_not_made(tmp_path: Path, op_type: str) -> None:
     # A hostile graph computes the Conv's bias from a shape of 2**25 values, past the bound on a
