@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from bn_inspect.engine.watch_statistics import input_statistics
 from bn_inspect.errors import WatchError
 from bn_inspect.report.watch_records import CallStatistics
 
@@ -225,7 +226,7 @@ class TrainingHooks:
         if state.is_sample:
             samples = int(x.shape[0]) if x.dim() > 1 else 1
             with _no_autocast(x):
-                statistics = _call_statistics(watched, x)
+                statistics = input_statistics(watched.module, x)
             state.pending.append(_Pending(watched, call, values, samples, training, statistics))
 
     def _end(self, module: nn.Module, _args: tuple[Any, ...], _output: Any) -> None:
@@ -396,18 +397,6 @@ def _changed(now: list[torch.Tensor], before: list[torch.Tensor]) -> torch.Tenso
         for a, b in zip(now, before, strict=True)
     ]
     return torch.stack([f.to(flags[0].device) for f in flags]).any()
-
-
-def _call_statistics(watched: WatchedModule, x: torch.Tensor) -> torch.Tensor:
-    """batch_mean, batch_var (biased), running_mean, running_var after the update, non-finite count: float64."""
-    values = x if x.dtype == torch.float64 else x.float()
-    dims = [0, *range(2, x.dim())]
-    batch_var, batch_mean = torch.var_mean(values, dim=dims, correction=0)
-    module = watched.module
-    running = [getattr(module, name, None) for name in ("running_mean", "running_var")]
-    running_parts = [t.detach().double().reshape(-1) for t in running if isinstance(t, torch.Tensor)]
-    nonfinite = (~torch.isfinite(x)).sum().double().reshape(1)
-    return torch.cat([batch_mean.double(), batch_var.double(), *running_parts, nonfinite])
 
 
 def _decode_calls(pending: list[_Pending], host: torch.Tensor, layers: list[WatchedModule]) -> Iterator[CallStatistics]:
