@@ -6,9 +6,10 @@ NaN or infinite exactly when an element is, and no sum of squares to overflow) i
 whose running statistics do not follow its input (eval mode, momentum 0, no running buffers) is
 checked with ``isfinite(x).all()``. That vector is read once per step on the CPU, where a read
 costs nothing, and once per sample elsewhere, so the step and layer where a NaN first appeared
-are exact either way. At a sample step each call's batch statistics (float32 ``var_mean`` over
-every axis but the channels) and running statistics after its update are cloned on the device,
-and all of them cross to the host in one transfer after the forward. Everything runs under
+are exact either way. At a sample step each call's batch statistics (in training mode read back
+from BatchNorm's own update of its running buffers, cloned by a pre-hook; otherwise a float32
+``var_mean`` of the input: engine/watch_statistics.py) and running statistics after its update
+are kept on the device, and all of them cross to the host in one transfer after the forward. Everything runs under
 ``torch.no_grad()`` on detached tensors with autocast off, draws no random numbers and writes
 nothing the model holds, so training is bitwise the same with or without the watch.
 """
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from bn_inspect.engine.watch_statistics import input_statistics
+from bn_inspect.engine.watch_statistics import RunningBefore, input_statistics, read_back_statistics, running_before
 from bn_inspect.errors import WatchError
 from bn_inspect.report.watch_records import CallStatistics
 
@@ -151,6 +152,8 @@ class TrainingHooks:
         self._layout: list[tuple[int, str]] = []
         self._nonfinite_done = False
         self._snapshots: dict[int, list[torch.Tensor]] = {}
+        # Per layer at a sample step, between its call's pre-hook and its hook: its buffers before the update.
+        self._before: dict[int, RunningBefore] = {}
         # Found under a layout of tensors since replaced, and not read yet.
         self._pending_nonfinite: FirstNonfinite | None = None
         # Set while a validation runs: its eval forwards are pooled, not counted as steps.
@@ -168,6 +171,7 @@ class TrainingHooks:
         self._handles.append(self.root.register_forward_pre_hook(self._begin))
         self._handles.append(self.root.register_forward_hook(self._end))
         for watched in self.layers:
+            self._handles.append(watched.module.register_forward_pre_hook(self._make_layer_pre_hook(watched)))
             self._handles.append(watched.module.register_forward_hook(self._make_layer_hook(watched)))
 
     def remove(self) -> None:
@@ -191,7 +195,22 @@ class TrainingHooks:
         is_sample = step % self.every == 0 and step != self._last_sample
         if is_sample and self.on_sample_begin is not None:
             self.on_sample_begin(step)
+        self._before.clear()
         self._current = _StepState(step, is_sample)
+
+    def _make_layer_pre_hook(self, watched: WatchedModule) -> Callable[..., None]:
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            state = self._current
+            if state is None or not state.is_sample:
+                return
+            with torch.no_grad():
+                before = running_before(module)
+            if before is None:
+                self._before.pop(watched.index, None)
+            else:
+                self._before[watched.index] = before
+
+        return pre_hook
 
     def _make_layer_hook(self, watched: WatchedModule) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], _output: Any) -> None:
@@ -225,8 +244,13 @@ class TrainingHooks:
             state.input_flags[watched.index] = finite if previous is None else previous & finite
         if state.is_sample:
             samples = int(x.shape[0]) if x.dim() > 1 else 1
+            before = self._before.pop(watched.index, None)
             with _no_autocast(x):
-                statistics = input_statistics(watched.module, x)
+                statistics = (
+                    input_statistics(watched.module, x)
+                    if before is None
+                    else read_back_statistics(watched.module, before, x)
+                )
             state.pending.append(_Pending(watched, call, values, samples, training, statistics))
 
     def _end(self, module: nn.Module, _args: tuple[Any, ...], _output: Any) -> None:
