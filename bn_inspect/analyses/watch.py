@@ -26,7 +26,13 @@ import torch
 from torch import nn
 
 from bn_inspect.boundary.writing import AppendFile, Destination, create_append_file
-from bn_inspect.engine.watching import StepObservation, TrainingHooks, ValidationMoments, WatchedModule
+from bn_inspect.engine.watch_compiling import compile_refusal
+from bn_inspect.engine.watching import (
+    StepObservation,
+    TrainingHooks,
+    ValidationMoments,
+    WatchedModule,
+)
 from bn_inspect.errors import WatchError
 from bn_inspect.model.modules import refuse_lazy_modules
 from bn_inspect.report.departure import Thresholds
@@ -209,6 +215,7 @@ class Watch:
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self._hooks.remove()
+        refusal = compile_refusal(error) if error is not None else None
         try:
             found = self._hooks.flush_nonfinite()
             if found is not None:
@@ -218,6 +225,8 @@ class Watch:
         finally:
             if self._file is not None:
                 self._file.close()
+        if refusal is not None:
+            raise refusal from error
         if error is None and self.steps == 0:
             raise WatchError(
                 "the watch saw no training-mode forward of the model, so it recorded nothing",
@@ -357,7 +366,9 @@ def watch(
         The ``Watch``: its ``events`` so far, ``step(global_step)``, ``summary()``.
 
     Raises:
-        WatchError: the model is compiled or wrapped in DataParallel, has no BatchNorm layer or
+        WatchError: the model is compiled (before the watch, or inside it: ``torch.compile`` of the
+            watched model or of a module holding it, at its first compiled forward) or wrapped in
+            DataParallel, has no BatchNorm layer or
             unmaterialized lazy ones, the
             settings are not whole numbers of at least 1, or (at the end of a block that raised
             nothing) no training forward was seen.

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from bn_inspect.engine.watch_compiling import refuse_compiling
 from bn_inspect.engine.watch_statistics import RunningBefore, input_statistics, read_back_statistics, running_before
 from bn_inspect.errors import WatchError
 from bn_inspect.report.watch_records import CallStatistics
@@ -187,10 +188,7 @@ class TrainingHooks:
                 self.validation.calls.clear()
             return
         if torch.compiler.is_compiling():
-            raise WatchError(
-                "the watched model is being compiled (torch.compile), and its graphs would skip the watch's hooks",
-                "Watch the model uncompiled while diagnosing, or compile it after the watch ends",
-            )
+            refuse_compiling()
         step = self.step
         is_sample = step % self.every == 0 and step != self._last_sample
         if is_sample and self.on_sample_begin is not None:
@@ -200,6 +198,8 @@ class TrainingHooks:
 
     def _make_layer_pre_hook(self, watched: WatchedModule) -> Callable[..., None]:
         def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if torch.compiler.is_compiling():  # a compiled part of the model (the root's hook ran eagerly)
+                refuse_compiling()
             state = self._current
             if state is None or not state.is_sample:
                 return
