@@ -27,12 +27,7 @@ from torch import nn
 
 from bn_inspect.boundary.writing import AppendFile, Destination, create_append_file
 from bn_inspect.engine.watch_compiling import compile_refusal
-from bn_inspect.engine.watching import (
-    StepObservation,
-    TrainingHooks,
-    ValidationMoments,
-    WatchedModule,
-)
+from bn_inspect.engine.watching import StepObservation, TrainingHooks, ValidationMoments, WatchedModule
 from bn_inspect.errors import WatchError
 from bn_inspect.model.modules import refuse_lazy_modules
 from bn_inspect.report.departure import Thresholds
@@ -366,12 +361,11 @@ def watch(
         The ``Watch``: its ``events`` so far, ``step(global_step)``, ``summary()``.
 
     Raises:
-        WatchError: the model is compiled (before the watch, or inside it: ``torch.compile`` of the
-            watched model or of a module holding it, at its first compiled forward) or wrapped in
-            DataParallel, has no BatchNorm layer or
-            unmaterialized lazy ones, the
-            settings are not whole numbers of at least 1, or (at the end of a block that raised
-            nothing) no training forward was seen.
+        WatchError: the model is compiled (before the watch, or inside it: at the first compiled
+            forward of the model, of a module holding it or of one of its layers) or wrapped in
+            DataParallel, has no BatchNorm layer or unmaterialized lazy ones, the settings are not
+            whole numbers of at least 1, or (at the end of a block that raised nothing) no training
+            forward was seen.
         OutputError: ``path`` exists in any form, or its folder is missing or not writable.
     """
     return Watch(model, path, every=every, detail_every=detail_every, print_events=print_events, thresholds=thresholds)

@@ -7,11 +7,11 @@ whose running statistics do not follow its input (eval mode, momentum 0, no runn
 checked with ``isfinite(x).all()``. That vector is read once per step on the CPU, where a read
 costs nothing, and once per sample elsewhere, so the step and layer where a NaN first appeared
 are exact either way. At a sample step each call's batch statistics (in training mode read back
-from BatchNorm's own update of its running buffers, cloned by a pre-hook; otherwise a float32
+from BatchNorm's own update of its running buffers, which a pre-hook clones; otherwise a float32
 ``var_mean`` of the input: engine/watch_statistics.py) and running statistics after its update
-are kept on the device, and all of them cross to the host in one transfer after the forward. Everything runs under
-``torch.no_grad()`` on detached tensors with autocast off, draws no random numbers and writes
-nothing the model holds, so training is bitwise the same with or without the watch.
+are kept on the device, and all of them cross to the host in one transfer after the forward.
+Everything runs under ``torch.no_grad()`` on detached tensors with autocast off, draws no random
+numbers and writes nothing the model holds, so training is bitwise the same with or without the watch.
 """
 
 from __future__ import annotations
