@@ -120,8 +120,9 @@ def _hard_batches(shape: tuple[int, ...], steps: int, channels_last: bool = Fals
         (nn.BatchNorm2d, (3, 5, 7, 9), False),
         (nn.BatchNorm2d, (3, 5, 7, 9), True),
         (nn.BatchNorm3d, (2, 5, 3, 4, 5), False),
+        (nn.SyncBatchNorm, (3, 5, 7, 9), False),
     ],
-    ids=["1d-nc", "1d-ncl", "2d-odd", "2d-nhwc", "3d"],
+    ids=["1d-nc", "1d-ncl", "2d-odd", "2d-nhwc", "3d", "syncbn-one-process"],
 )
 def test_statistics_read_back_match_a_float64_reference_within_the_documented_tolerance(
     cls: type[nn.Module], shape: tuple[int, ...], channels_last: bool, momentum: float | None, tmp_path: Path
