@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -176,3 +177,27 @@ def test_the_nonfinite_count_of_a_sampled_call_read_back(tmp_path: Path) -> None
     _watch_inputs(model, path, batches)
     samples = [r for r in records(path) if r["record"] == "sample"]
     assert [s["layers"][0]["nonfinite"] for s in samples] == [0, 2, 0]
+
+
+class Counted(torch.Tensor):
+    """An input that records the reductions the watch would run over it."""
+
+    reads: ClassVar[list[str]] = []  # reset by each test
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in (torch.var_mean, torch.isfinite):
+            cls.reads.append(func.__name__)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize(("momentum", "reads"), [(0.1, []), (MIN_UPDATE_FACTOR / 2, ["var_mean", "isfinite"] * 3)])
+def test_a_sampled_training_call_reads_its_input_only_below_the_floor(
+    momentum: float, reads: list[str], tmp_path: Path
+) -> None:
+    model = nn.Sequential(nn.BatchNorm2d(3, momentum=momentum)).train()
+    Counted.reads = []
+    with bn_inspect.watch(model, tmp_path / "w.jsonl", every=1), torch.no_grad():
+        for seed in range(3):
+            model(torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(seed)).as_subclass(Counted))
+    assert Counted.reads == reads
