@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from bn_inspect.boundary.writing import AppendFile, Destination, create_append_file
+from bn_inspect.engine.watch_compiling import compile_refusal
 from bn_inspect.engine.watching import StepObservation, TrainingHooks, ValidationMoments, WatchedModule
 from bn_inspect.errors import WatchError
 from bn_inspect.model.modules import refuse_lazy_modules
@@ -209,6 +210,7 @@ class Watch:
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self._hooks.remove()
+        refusal = compile_refusal(error) if error is not None else None
         try:
             found = self._hooks.flush_nonfinite()
             if found is not None:
@@ -218,6 +220,8 @@ class Watch:
         finally:
             if self._file is not None:
                 self._file.close()
+        if refusal is not None:
+            raise refusal from error
         if error is None and self.steps == 0:
             raise WatchError(
                 "the watch saw no training-mode forward of the model, so it recorded nothing",
@@ -357,10 +361,11 @@ def watch(
         The ``Watch``: its ``events`` so far, ``step(global_step)``, ``summary()``.
 
     Raises:
-        WatchError: the model is compiled or wrapped in DataParallel, has no BatchNorm layer or
-            unmaterialized lazy ones, the
-            settings are not whole numbers of at least 1, or (at the end of a block that raised
-            nothing) no training forward was seen.
+        WatchError: the model is compiled (before the watch, or inside it: at the first compiled
+            forward of the model, of a module holding it or of one of its layers) or wrapped in
+            DataParallel, has no BatchNorm layer or unmaterialized lazy ones, the settings are not
+            whole numbers of at least 1, or (at the end of a block that raised nothing) no training
+            forward was seen.
         OutputError: ``path`` exists in any form, or its folder is missing or not writable.
     """
     return Watch(model, path, every=every, detail_every=detail_every, print_events=print_events, thresholds=thresholds)
