@@ -82,9 +82,9 @@ class FoldChange:
     """How much folding changed one output on one batch (BN404).
 
     ``layer`` is the folded BatchNorm (its producer's output in the folded model), None for the
-    model's output. ``change`` is the largest |folded - original| over the output's elements as
-    a share of the original output's root mean square (``scale``); ``format`` is "float32" or the
-    --precision format.
+    model's output. ``change`` is the root mean square of folded - original over the output's
+    elements as a share of the original output's root mean square (``scale``); ``format`` is
+    "float32" or the --precision format.
     """
 
     layer: Untrusted | None
@@ -197,22 +197,24 @@ def change_findings(changes: Sequence[FoldChange]) -> list[Finding]:
         if change.change <= limit:
             continue
         what = "the model's output" if change.layer is None else "the output of the layer it folds into"
+        finite = math.isfinite(change.change)
+        moved = (
+            f"changes by {change.change:.3g} of its size: the root mean square of the change is {change.change:.3g} "
+            f"times the original output's ({change.scale:.3g}); the limit is {limit:g}"
+            if finite
+            else "becomes NaN or infinite"
+        )
         out.append(
             _finding(
                 "BN404",
                 change.layer,
-                f"folded and run in {change.format}, {what} {_moved(change)} (root mean square of the change "
-                f"over that of the original output, {change.scale:.3g}; the limit is {limit:g}). "
+                f"folded and run in {change.format}, {what} {moved}. "
                 "See the BN403 findings, or keep the layers it names unfolded in float32",
+                # An output that is no longer a number is broken, however small the model's other changes.
+                severity=None if finite else Severity.ERROR,
             )
         )
     return out
-
-
-def _moved(change: FoldChange) -> str:
-    if math.isfinite(change.change):
-        return f"moves by {change.change:.3g} of its scale"
-    return "becomes NaN or infinite"
 
 
 def change_summary(changes: Sequence[FoldChange]) -> str | None:
