@@ -170,6 +170,8 @@ def test_int8_names_the_channel_another_channel_dwarfs_with_its_rounding_bound()
     assert error[worst] > MAX_INT8_CHANNEL_ERROR and finding.layer.raw == "bn2"  # type: ignore[union-attr]
     assert f"channel {worst}'s largest |folded weight|, {per_channel[worst]:.3g}" in finding.message
     assert f"up to {error[worst]:.1%}" in finding.message
+    setter = int(per_channel.argmax())
+    assert setter == 2 and f"set by channel 2's largest |folded weight|, {per_channel[setter]:.3g}" in finding.message
 
 
 def _digits(change: object = None) -> DigitsCNN:
