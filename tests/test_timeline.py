@@ -94,6 +94,32 @@ def test_ranks_merge_by_rank_then_step_whatever_the_order_of_the_files(tmp_path:
     assert dict(first.values) == {"values_per_channel": 4.0}
 
 
+# The BN504 event line a torchrun run with DistributedDataParallel(broadcast_buffers=False) wrote.
+BN504_LINE = (
+    '{"record":"event","step":5,"rank":0,"code":"BN504","severity":"warning","layer":"1","message":"the ranks hold '
+    "different running_mean in 1 (by up to 0.3038): each rank updates its own running statistics (DDP with "
+    'broadcast_buffers=False); keep broadcast_buffers=True, use SyncBatchNorm, or average the buffers before saving",'
+    '"values":{"max_abs_diff":0.303848,"buffer":"running_mean"}}'
+)
+
+
+def test_the_bn504_event_the_watch_writes_is_read_and_its_buffer_name_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    records = timeline_records(20, 5, world_size=2, layers=("1",))
+    path = tmp_path / "ddp.jsonl"
+    path.write_bytes(lines(records[:2]) + BN504_LINE.encode() + b"\n" + lines(records[2:]))
+    jsonschema.Draft202012Validator(timeline_record_schema()).validate(json.loads(BN504_LINE))
+    (found,) = read_timelines([path]).events
+    assert dict(found.values) == {"max_abs_diff": 0.303848, "buffer": "running_mean"}
+    result = invoke(capsys, ["timeline", path, "--format", "json"])
+    assert result.code == 0, result.err
+    document = json.loads(result.out)
+    jsonschema.Draft202012Validator(schema("timeline")).validate(document)
+    assert document["events"][0]["values"] == {"max_abs_diff": 0.303848, "buffer": "running_mean"}
+    assert invoke(capsys, ["timeline", path, "--fail-on", "warning"]).code == 1
+
+
 def test_the_same_rank_twice_or_two_runs_are_refused(tmp_path: Path) -> None:
     one = write_timeline(tmp_path / "a.jsonl")
     two = write_timeline(tmp_path / "b.jsonl")
@@ -183,6 +209,7 @@ def test_a_record_schema_rejects_what_the_reader_rejects() -> None:
         {**header(), "version": 2},
         {**header(), "format": "other"},
         {**NAN_EVENT, "severity": "fatal"},
+        {**NAN_EVENT, "values": {"buffer": ["running_mean"]}},
     ):
         assert not validator.is_valid(broken), broken
 

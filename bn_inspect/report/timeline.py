@@ -34,7 +34,8 @@ class TimelineEvent:
         severity: as the watch judged it.
         layer: the layer it is about, None for the whole model.
         message: one sentence, as the file holds it.
-        values: its code-specific numbers (``departure``, ``max_abs_diff``...); None where not finite.
+        values: its code-specific figures: numbers (``departure``, ``max_abs_diff``...), None where not
+            finite, and names as the file holds them (BN504's ``buffer``).
     """
 
     step: int
@@ -43,7 +44,7 @@ class TimelineEvent:
     severity: Severity
     layer: Untrusted | None
     message: Untrusted
-    values: tuple[tuple[Untrusted, float | None], ...] = ()
+    values: tuple[tuple[Untrusted, float | Untrusted | None], ...] = ()
 
 
 @dataclass(frozen=True)
