@@ -13,6 +13,7 @@ import pytest
 
 from bn_inspect.errors import TimelineFileError
 from bn_inspect.options import TimelineFailOn
+from bn_inspect.output.render_timeline import peak_step, trend
 from bn_inspect.report import timeline_reading
 from bn_inspect.report.schemas import schema, timeline_record_schema
 from bn_inspect.report.timeline_reading import read_timelines
@@ -160,6 +161,42 @@ def test_the_table_names_the_events_the_first_bad_step_and_each_layer(
     # first 0.11 at step 10, last 1.3 at step 100, max 1.3 at step 100.
     assert row[1:5] == ["0.11", "1.3", "1.3", "100"]
     assert "1 error, 1 warning, 0 info: FAILED (fails on error or worse)" in result.out
+
+
+def test_a_layer_that_ends_non_finite_shows_it_last_in_every_format(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def departure(layer: str, step: int) -> float:
+        # features.4 goes NaN at step 80 and stays so, as a NaN batch leaves it.
+        return math.nan if layer == "features.4" and step >= 80 else default_departure(layer, step)
+
+    path = write_timeline(tmp_path / "run.jsonl", departure=departure)
+    series = read_timelines([path]).series[1]
+    assert series.last is None and series.ends_nonfinite and series.first == pytest.approx(0.11)
+    table = invoke(capsys, ["timeline", path]).out
+    row = next(line.split() for line in table.splitlines() if line.startswith("features.4"))
+    # last nan (not 0.9, its last finite departure at step 70); the trend ends with its three non-finite samples.
+    assert row[1:5] == ["0.11", "nan", "0.7", "70"] and row[5].endswith("!!!")
+    assert "! not finite; · not measured" in " ".join(table.split())
+    document = json.loads(invoke(capsys, ["timeline", path, "--format", "json"]).out)
+    jsonschema.Draft202012Validator(schema("timeline")).validate(document)
+    layer = document["layers"][1]
+    assert layer["last"] is None and layer["nonfinite"] == [0] * 7 + [12] * 3
+    assert document["layers"][0]["last"] == pytest.approx(0.2) and document["layers"][0]["nonfinite"] == [0] * 10
+    markdown = invoke(capsys, ["timeline", path, "--format", "markdown"]).out
+    assert "| `features.4` | 0.11 | nan | 0.7 | 70 |" in markdown
+
+
+def test_the_trend_is_on_one_scale_for_every_layer_and_a_constant_series_has_no_peak_step(tmp_path: Path) -> None:
+    def departure(layer: str, step: int) -> float:
+        # features.1 flat as shown (0.00122), though its last digits move.
+        return {"features.1": 0.00122 + step * 1e-9, "features.4": 3.0}.get(layer, 1.0)
+
+    timeline = read_timelines([write_timeline(tmp_path / "run.jsonl", departure=departure)])
+    # One scale, 0 to the error tier 1.7: level = round(min(d, 1.7) / 1.7 * 7) of ▁▂▃▄▅▆▇█.
+    assert [trend(s) for s in timeline.series] == ["▁" * 10, "█" * 10, "▅" * 10]
+    assert [peak_step(s) for s in timeline.series] == ["all"] * 3
+    assert peak_step(read_timelines([write_timeline(tmp_path / "b.jsonl")]).series[1]) == "100"
 
 
 @pytest.mark.parametrize("width", WIDTHS)

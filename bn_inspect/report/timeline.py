@@ -60,6 +60,8 @@ class LayerSeries:
             running standard deviations, report/departure.py); None where not finite or not measured.
         running_mean_norms: the L2 norm of the running mean after the step's update.
         running_var_means: the mean over channels of the running variance after the update.
+        nonfinite: the number of non-finite values the sample counted at each step (0 where the
+            file's departure is null only because nothing was measured).
     """
 
     layer: Untrusted
@@ -69,6 +71,7 @@ class LayerSeries:
     departures: tuple[float | None, ...]
     running_mean_norms: tuple[float | None, ...]
     running_var_means: tuple[float | None, ...]
+    nonfinite: tuple[int, ...] = ()
 
     @property
     def label(self) -> Untrusted:
@@ -86,9 +89,14 @@ class LayerSeries:
 
     @property
     def last(self) -> float | None:
-        """The departure at the last step it was measured."""
-        measured = self._measured()
-        return measured[-1][1] if measured else None
+        """The departure at the last sampled step; None there when it was not finite (see
+        ``ends_nonfinite``) or not measured: a layer that went NaN must not read as its last finite value."""
+        return self.departures[-1] if self.departures else None
+
+    @property
+    def ends_nonfinite(self) -> bool:
+        """True when the layer's last sample counted non-finite values and its departure is not finite."""
+        return bool(self.nonfinite) and self.nonfinite[-1] > 0 and self.last is None
 
     @property
     def peak(self) -> tuple[int, float] | None:
@@ -236,4 +244,5 @@ def _series_dict(series: LayerSeries) -> dict[str, Any]:
         "departures": list(series.departures),
         "running_mean_norms": list(series.running_mean_norms),
         "running_var_means": list(series.running_var_means),
+        "nonfinite": list(series.nonfinite),
     }

@@ -150,7 +150,7 @@ class _FileContents:
 
     header: dict[str, Any]
     events: list[TimelineEvent] = field(default_factory=list)
-    samples: dict[tuple[str, int], list[tuple[int, float | None, float | None, float | None]]] = field(
+    samples: dict[tuple[str, int], list[tuple[int, float | None, float | None, float | None, int]]] = field(
         default_factory=dict
     )
     validations: list[ValidationGap] = field(default_factory=list)
@@ -297,6 +297,7 @@ def _take_sample(contents: _FileContents, record: dict[str, Any]) -> None:
                 _number(layer["departure"]),
                 _number(layer["running_mean_norm"]),
                 _number(layer["running_var_mean"]),
+                layer["nonfinite"],
             )
         )
 
@@ -408,6 +409,7 @@ def _series_of(contents: _FileContents) -> list[LayerSeries]:
                 departures=tuple(p[1] for p in points),
                 running_mean_norms=tuple(p[2] for p in points),
                 running_var_means=tuple(p[3] for p in points),
+                nonfinite=tuple(p[4] for p in points),
             )
         )
     return series

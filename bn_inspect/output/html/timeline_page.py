@@ -11,7 +11,7 @@ from typing import Any
 from bn_inspect.output.html.blocks import Cell, Column, Row, escaped, facts, layer_table, number, section
 from bn_inspect.output.html.document import Page
 from bn_inspect.output.html.figures import BLUE, FONT, GREEN, RED, _axis, _layout, finite_or_none
-from bn_inspect.output.render_timeline import event_place, series_label
+from bn_inspect.output.render_timeline import event_place, last_departure, peak_step, series_label
 from bn_inspect.output.words import counted
 from bn_inspect.report.departure import Thresholds
 from bn_inspect.report.findings import MODEL_LABEL
@@ -226,9 +226,9 @@ def _series_rows(timeline: Timeline) -> list[Row]:
         cells = (
             Cell(escaped(label), label),
             Cell(number(series.first, 3), series.first),
-            Cell(number(series.last, 3), series.last),
+            Cell(number(last_departure(series), 3), last_departure(series)),
             Cell(number(None if peak is None else peak[1], 3), None if peak is None else peak[1]),
-            Cell("—" if peak is None else f"{peak[0]:,}", None if peak is None else peak[0]),
+            Cell(peak_step(series), None if peak is None else peak[0]),
         )
         rows.append(Row(series.layer, label, cells))
     return rows
