@@ -131,6 +131,33 @@ def test_the_same_rank_twice_or_two_runs_are_refused(tmp_path: Path) -> None:
         read_timelines([one, other])
 
 
+@pytest.mark.surface("read:timeline", "traceback")
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"model": "OtherNet", "every": 7}, "(model DigitsCNN vs OtherNet; sampled every 10 vs 7)"),
+        ({"created": "2026-01-01T00:00:00Z"}, "(created 2026-12-07T17:00:00Z vs 2026-01-01T00:00:00Z)"),
+        ({"layers": [{"layer": "fc.bn", "kind": "BatchNorm1d", "channels": 4}]}, "(different layers)"),
+        ({"rank": 0, "model": "Net"}, "(model DigitsCNN vs Net)"),
+    ],
+    ids=["model-every", "created", "layers", "another-runs-rank0"],
+)
+def test_rank_files_of_different_runs_are_refused_in_one_line(
+    change: dict[str, Any], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rank0 = write_timeline(tmp_path / "run.jsonl", world_size=2)
+    records = timeline_records(rank=1, world_size=2)
+    records = [{**records[0], **change}] + [{**r, "rank": change.get("rank", 1)} for r in records[1:]]
+    other = write_timeline(tmp_path / "other.rank1.jsonl", records)
+    result = invoke(capsys, ["timeline", rank0, other])
+    assert result.code == 2
+    assert_one_error_line(result, f"timelines {rank0} and {other} are of different runs {fragment}")
+    # The ranks of one run stamp their headers seconds apart: merged.
+    late = timeline_records(rank=1, world_size=2)
+    late[0]["created"] = "2026-12-07T17:00:41+00:00"
+    assert read_timelines([rank0, write_timeline(tmp_path / "run.rank1.jsonl", late)]).ranks == (0, 1)
+
+
 @pytest.mark.parametrize(
     ("fail_on", "code"),
     [("error", 1), ("warning", 1), ("info", 1), ("never", 0)],
@@ -325,6 +352,7 @@ def test_a_cut_off_last_line_is_dropped_with_a_note(tmp_path: Path, capsys: pyte
             ["an integer of 5,000 digits"],
         ),
         (lambda r: r.__setitem__(3, "[1, 2]"), ["unknown type None"]),
+        (lambda r: r.__setitem__(3, r[0]), ["line 4 is corrupted: a second header (two timelines in one file?)"]),
         (lambda r: r.__setitem__(4, r[4].replace('"phase": "train"', '"phase": "test"')), ["line 5", "unknown phase"]),
         (
             lambda r: r.__setitem__(4, r[4].replace('"training": true', '"training": 1')),
@@ -335,7 +363,18 @@ def test_a_cut_off_last_line_is_dropped_with_a_note(tmp_path: Path, capsys: pyte
             ["a record of rank 3 in the file of rank 0"],
         ),
     ],
-    ids=["not-json", "missing-key", "unknown-record", "nan", "huge-integer", "array", "phase", "bool", "rank"],
+    ids=[
+        "not-json",
+        "missing-key",
+        "unknown-record",
+        "nan",
+        "huge-integer",
+        "array",
+        "second-header",
+        "phase",
+        "bool",
+        "rank",
+    ],
 )
 def test_a_corrupted_record_is_one_line_naming_the_file_and_the_line(
     mutate: Any, fragments: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
