@@ -29,6 +29,7 @@ from tests.timelines import (
     lines,
     sample,
     timeline_records,
+    validation,
     write_timeline,
 )
 
@@ -309,6 +310,35 @@ def test_the_html_page_draws_the_heatmap_the_selector_and_the_events_offline(
     assert buttons[1]["args"][0]["visible"] == [False, False, True, True, False, False]
     assert [shape["x0"] for shape in buttons[1]["args"][1]["shapes"]] == [70]
     assert running["data"][2]["y"][-1] == pytest.approx(1.0 + 1.3)
+
+
+def test_the_validation_gap_names_the_first_layer_that_departs_beside_the_largest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A Lightning run's gap with features.4's momentum 0: the gap opens at features.4 (the first, in
+    # execution order, at the warning tier 0.83), features.8 only inherits it and is the largest.
+    records = timeline_records(50, 10)
+    gaps = {"features.1": 0.267, "features.4": 2.79, "features.8": 3.82}
+    records.insert(-1, validation(48, gaps))
+    records.insert(-1, validation(50, {"features.1": 0.2, "features.4": 0.5, "features.8": 0.6}))
+    path = write_timeline(tmp_path / "run.jsonl", records)
+    first, calm = read_timelines([path]).validations
+    assert first.first_departing == ("features.4", 2.79) and first.largest == ("features.8", 3.82)
+    assert calm.first_departing is None
+    table = invoke(capsys, ["timeline", path]).out
+    assert ["48", "features.4", "2.79", "features.8", "3.82"] in [line.split() for line in table.splitlines()]
+    assert ["50", "—", "—", "features.8", "0.6"] in [line.split() for line in table.splitlines()]
+    document = json.loads(invoke(capsys, ["timeline", path, "--format", "json"]).out)
+    jsonschema.Draft202012Validator(schema("timeline")).validate(document)
+    assert document["validations"][0]["first_departing"] == {"layer": "features.4", "departure": 2.79}
+    assert document["validations"][1]["first_departing"] is None
+    markdown = invoke(capsys, ["timeline", path, "--format", "markdown"]).out
+    assert "| 48 | 0 | `features.4` | 2.79 | `features.8` | 3.82 |" in markdown
+    out = tmp_path / "t.html"
+    invoke(capsys, ["timeline", path, "--format", "html", "--output", out])
+    page = out.read_text(encoding="utf-8")
+    assert "first departs at features.4, departure 2.79; largest gap at features.8, departure 3.82" in page
+    assert "step 50 (rank 0): no layer departs; largest gap at features.8" in page
 
 
 def test_a_run_killed_or_still_running_is_read_with_a_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

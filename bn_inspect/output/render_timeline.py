@@ -139,16 +139,31 @@ def _series_table(timeline: Timeline, width: int) -> RenderableType:
 
 def _validations_table(timeline: Timeline, width: int) -> RenderableType:
     thresholds = Thresholds()
+
+    def named(entry: tuple[Untrusted, float | None] | None) -> tuple[Text, Text]:
+        if entry is None:
+            return Text("—"), Text("—")
+        return _inert(entry[0]), _departure_cell(math.nan if entry[1] is None else entry[1], thresholds)
+
     rows = tuple(
         (
             Text(f"{gap.step:,}" + (f"\nrank {gap.rank}" if len(timeline.ranks) > 1 else "")),
-            _inert(gap.largest[0]) if gap.largest else Text("—"),
-            _departure_cell(gap.largest[1] if gap.largest else None, thresholds),
+            *named(gap.first_departing),
+            *named(gap.largest),
         )
         for gap in timeline.validations
     )
-    columns = (Column("step", "right"), Column("largest gap at"), Column("departure", "right"))
-    return fitted([Layout(columns, rows)], width)
+    columns = (
+        Column("step", "right"),
+        Column("first departs at"),
+        Column("departure", "right"),
+        Column("largest gap at"),
+        Column("departure", "right"),
+    )
+    # Narrower: each layer over its departure, in one cell.
+    stacked = tuple((step, Text("\n").join([a, b]), Text("\n").join([c, d])) for step, a, b, c, d in rows)
+    narrow = (Column("step", "right"), Column("first departs at"), Column("largest gap at"))
+    return fitted([Layout(columns, rows), Layout(narrow, stacked)], width)
 
 
 def _heading(timeline: Timeline) -> Text:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bn_inspect.options import TimelineFailOn
+from bn_inspect.report.departure import Thresholds
 from bn_inspect.report.findings import Severity
 from bn_inspect.report.records import json_ready
 from bn_inspect.text import Untrusted
@@ -124,6 +125,14 @@ class ValidationGap:
     layers: tuple[tuple[Untrusted, float | None], ...]
     largest: tuple[Untrusted, float | None] | None
 
+    @property
+    def first_departing(self) -> tuple[Untrusted, float | None] | None:
+        """The first layer, in execution order (the record's), whose departure reaches the warning tier
+        or is not finite: where the gap opens, as check names it; the largest is often a layer after it
+        that only inherits its input. None when no layer departs."""
+        warning = Thresholds().warning
+        return next(((name, score) for name, score in self.layers if score is None or score >= warning), None)
+
 
 @dataclass(frozen=True)
 class Timeline:
@@ -209,13 +218,18 @@ class Timeline:
                 {
                     "step": v.step,
                     "rank": v.rank,
-                    "largest": None if v.largest is None else {"layer": v.largest[0], "departure": v.largest[1]},
+                    "largest": _gap_layer(v.largest),
+                    "first_departing": _gap_layer(v.first_departing),
                     "layers": [{"layer": name, "departure": score} for name, score in v.layers],
                 }
                 for v in self.validations
             ],
         }
         return json_ready(document)  # type: ignore[no-any-return]
+
+
+def _gap_layer(entry: tuple[Untrusted, float | None] | None) -> dict[str, Any] | None:
+    return None if entry is None else {"layer": entry[0], "departure": entry[1]}
 
 
 def _event_dict(event: TimelineEvent) -> dict[str, Any]:

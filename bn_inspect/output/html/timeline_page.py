@@ -234,6 +234,13 @@ def _series_rows(timeline: Timeline) -> list[Row]:
     return rows
 
 
+def _gap_place(entry: tuple[Untrusted, float | None] | None, what: str) -> str:
+    if entry is None:
+        return "no layer departs" if what.startswith("first") else f"{what} —"
+    score = "not finite" if entry[1] is None else number(entry[1], 3)
+    return f"{what} {escaped(entry[0])}, departure {score}"
+
+
 def timeline_page(timeline: Timeline, model_output: str = "") -> Page:
     """The timeline as a page: the verdict, the heatmap, one layer's running statistics, the events, the layers."""
     numeric = {"step", "rank", "first", "last", "max", "at step"}
@@ -259,10 +266,9 @@ def timeline_page(timeline: Timeline, model_output: str = "") -> Page:
         body.append(section("Layers", layer_table("layers-table", series_columns, _series_rows(timeline)), "layers"))
     if timeline.validations:
         items = "".join(
-            f"<li>step {gap.step:,} (rank {gap.rank}): largest gap at {escaped(gap.largest[0])}, "
-            f"departure {number(gap.largest[1], 3)}</li>"
+            f"<li>step {gap.step:,} (rank {gap.rank}): {_gap_place(gap.first_departing, 'first departs at')}; "
+            f"{_gap_place(gap.largest, 'largest gap at')}</li>"
             for gap in timeline.validations
-            if gap.largest is not None
         )
         body.append(section("Train/eval gap at each validation", f'<ul class="plain">{items}</ul>', "validations"))
     if timeline.notes:
