@@ -341,6 +341,29 @@ def test_the_validation_gap_names_the_first_layer_that_departs_beside_the_larges
     assert "step 50 (rank 0): no layer departs; largest gap at features.8" in page
 
 
+def test_the_heatmap_draws_non_finite_departures_in_the_error_colour_never_as_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def departure(layer: str, step: int) -> float:
+        return math.nan if layer == "features.4" and step >= 80 else default_departure(layer, step)
+
+    path = write_timeline(tmp_path / "run.jsonl", departure=departure, events=[LAG_EVENT])
+    out = tmp_path / "t.html"
+    invoke(capsys, ["timeline", path, "--format", "html", "--output", out])
+    page = out.read_text(encoding="utf-8")
+    data = json.loads(page.split('<script type="application/json" id="bn-data">')[1].split("</script>")[0])
+    departures, *others = data["figures"]["fig-heatmap"]["data"]
+    (cells,) = [trace for trace in others if trace.get("name") == "not finite"]
+    assert departures["z"][1][7:] == [None] * 3 and cells["z"][1][7:] == [1] * 3
+    assert sum(mark is not None for row in cells["z"] for mark in row) == 3
+    assert cells["text"][1][7:] == ["nan"] * 3 and cells["text"][0] == [""] * 10
+    # The error tier's colour, not the white of departure 0; the hover says so.
+    assert {stop[1] for stop in cells["colorscale"]} == {departures["colorscale"][3][1]} != {"#ffffff"}
+    assert "not finite" in cells["hovertemplate"]
+    # The events still come last, drawn over the cells.
+    assert others[-1]["type"] == "scatter" and "1 event</span>" in page
+
+
 def test_a_run_killed_or_still_running_is_read_with_a_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_timeline(tmp_path / "run.jsonl", events=[LAG_EVENT], is_complete=False)
     result = invoke(capsys, ["timeline", path])

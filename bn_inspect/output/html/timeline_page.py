@@ -21,6 +21,8 @@ from bn_inspect.text import Untrusted
 # White below the info tier, then the tiers' colours: the heatmap reads as check's departure column.
 _COLOURSCALE_STOPS = ("#ffffff", "#fde7c8", "#e08e0b", "#d1495b")
 _EVENT_SYMBOL = {"error": "x", "warning": "diamond", "info": "circle-open"}
+# A non-finite departure is an error: the error tier's colour, told apart from a finite one by its "nan".
+NONFINITE_COLOUR = _COLOURSCALE_STOPS[3]
 
 
 def _shown(value: float | None) -> float | None:
@@ -62,11 +64,18 @@ def heatmap(timeline: Timeline) -> dict[str, Any]:
     column = {step: i for i, step in enumerate(steps)}
     labels = [escaped(series_label(series, timeline)) for series in timeline.series]
     rows = []
+    # 1 where a departure was not finite: a second trace draws those cells, else they would be left
+    # blank and read as departure 0 (white) though NaN is an error.
+    nonfinite_rows = []
     for series in timeline.series:
         row: list[float | None] = [None] * len(steps)
-        for step, score in zip(series.steps, series.departures, strict=True):
+        marks: list[int | None] = [None] * len(steps)
+        counts = series.nonfinite or (0,) * len(series.steps)
+        for step, score, count in zip(series.steps, series.departures, counts, strict=True):
             row[column[step]] = _shown(score)
+            marks[column[step]] = 1 if score is None and count > 0 else None
         rows.append(row)
+        nonfinite_rows.append(marks)
     t = Thresholds()
     top = max([t.error * 1.5, *(v for row in rows for v in row if v is not None)])
     scale = [[0.0, _COLOURSCALE_STOPS[0]], [t.info / top, _COLOURSCALE_STOPS[1]]]
@@ -84,6 +93,8 @@ def heatmap(timeline: Timeline) -> dict[str, Any]:
             "hovertemplate": "<b>%{y}</b><br>step %{x}<br>departure %{z:.3g}<extra></extra>",
         }
     ]
+    if any(mark for marks in nonfinite_rows for mark in marks):
+        data.append(_nonfinite_cells(steps, labels, nonfinite_rows))
     # An event names a layer, not a call: it is marked on the layer's first call's row.
     index: dict[tuple[Untrusted, int], int] = {}
     for i, series in enumerate(timeline.series):
@@ -113,6 +124,25 @@ def heatmap(timeline: Timeline) -> dict[str, Any]:
         yaxis=_axis("", type="category", autorange="reversed"),
     )
     return {"data": data, "layout": layout}
+
+
+def _nonfinite_cells(steps: list[int], labels: list[str], marks: list[list[int | None]]) -> dict[str, Any]:
+    """The cells whose departure was not finite, in the error colour with "nan" written in them."""
+    return {
+        "type": "heatmap",
+        "name": "not finite",
+        "x": steps,
+        "y": labels,
+        "z": marks,
+        "zmin": 0,
+        "zmax": 1,
+        "colorscale": [[0.0, NONFINITE_COLOUR], [1.0, NONFINITE_COLOUR]],
+        "showscale": False,
+        "text": [["nan" if mark else "" for mark in row] for row in marks],
+        "texttemplate": "%{text}",
+        "textfont": {"color": "#ffffff", "size": 10},
+        "hovertemplate": "<b>%{y}</b><br>step %{x}<br>departure not finite (an error)<extra></extra>",
+    }
 
 
 def _event_lines(events: list[TimelineEvent]) -> list[dict[str, Any]]:
