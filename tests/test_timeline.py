@@ -71,8 +71,8 @@ def test_the_reader_keeps_each_layers_training_samples_and_summarizes_them(tmp_p
         assert series.peak == (min(s for s, d in finite if d == top), top)
     assert timeline.series[2].peak == (40, pytest.approx(0.1 + 0.04 + 0.9))
     assert timeline.series[1].departures[5] is None
-    # Validation samples are not training samples: counted, but not in the series.
-    assert timeline.num_samples == 12 + 3 and len(timeline.series[0].steps) == 12
+    # Validation samples are not training samples: counted apart (the end record counts the 12), not in the series.
+    assert timeline.num_samples == 12 and timeline.num_validation_samples == 3 and len(timeline.series[0].steps) == 12
     assert [(v.step, v.largest[0]) for v in timeline.validations if v.largest] == [
         (40, "features.8"),
         (80, "features.4"),
@@ -189,6 +189,8 @@ def test_the_table_names_the_events_the_first_bad_step_and_each_layer(
     # first 0.11 at step 10, last 1.3 at step 100, max 1.3 at step 100.
     assert row[1:5] == ["0.11", "1.3", "1.3", "100"]
     assert "1 error, 1 warning, 0 info: FAILED (fails on error or worse)" in result.out
+    # 10 training samples (as the end record counts) and 2 at validation runs, told apart.
+    assert "last step 100 · 10 samples, 2 validations" in result.out
 
 
 def test_a_layer_that_ends_non_finite_shows_it_last_in_every_format(
@@ -260,6 +262,7 @@ def test_the_json_output_validates_and_the_file_records_validate(
     document = json.loads(result.out)
     jsonschema.Draft202012Validator(schema("timeline")).validate(document)
     assert document["first_bad_step"]["step"] == 70 and document["passed"] is False
+    assert (document["samples"], document["validation_samples"]) == (10, 2)
     assert [layer["max_step"] for layer in document["layers"]] == [100, 100, 100]
 
 

@@ -67,6 +67,12 @@ def peak_step(series: LayerSeries) -> str:
     return "all" if len(measured) > 1 and len({_short(d) for d in measured}) == 1 else f"{peak[0]:,}"
 
 
+def sample_count(timeline: Timeline) -> str:
+    """``10 samples, 6 validations``: the training samples (as the end record counts them), then the validation runs'."""
+    validations = timeline.num_validation_samples
+    return counted(timeline.num_samples, "sample") + (f", {counted(validations, 'validation')}" if validations else "")
+
+
 def series_label(series: LayerSeries, timeline: Timeline) -> Untrusted:
     """The layer call's label, with its rank when the run had several."""
     if len(timeline.ranks) < 2:
@@ -174,7 +180,7 @@ def _heading(timeline: Timeline) -> Text:
     ranks = f" · {counted(len(timeline.ranks), 'rank')} of {timeline.world_size}" if timeline.world_size > 1 else ""
     head.append(
         f"{timeline.model.inert()}{ranks} · sampled every {counted(timeline.every, 'step')} · "
-        f"last step {timeline.last_step:,} · {counted(timeline.num_samples, 'sample')}"
+        f"last step {timeline.last_step:,} · {sample_count(timeline)}"
     )
     return head
 

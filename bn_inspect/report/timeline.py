@@ -150,7 +150,8 @@ class Timeline:
         series: per layer call and rank, the sampled training steps.
         validations: the gaps measured at validation runs, by rank then step.
         last_step: the largest step any record names (0 for a file with only its header).
-        num_samples: the number of "sample" records read, both phases.
+        num_samples: the number of training "sample" records read (phase "train"), as the end record counts.
+        num_validation_samples: the number of validation "sample" records read (phase "validation").
         is_complete: every file has its "end" record (the run ended cleanly).
         notes: remarks on the files (a run killed or still running, a cut-off last line dropped).
         fail_on: the lowest severity of an event that fails the command.
@@ -169,6 +170,7 @@ class Timeline:
     last_step: int
     num_samples: int
     is_complete: bool
+    num_validation_samples: int = 0
     notes: tuple[str, ...] = ()
     fail_on: TimelineFailOn = TimelineFailOn.ERROR
     schema_version: int = field(default=OUTPUT_SCHEMA_VERSION)
@@ -208,6 +210,7 @@ class Timeline:
             "complete": self.is_complete,
             "last_step": self.last_step,
             "samples": self.num_samples,
+            "validation_samples": self.num_validation_samples,
             "fail_on": self.fail_on.value,
             "passed": self.passed,
             "first_bad_step": None if first is None else _event_dict(first),

@@ -157,6 +157,7 @@ class _FileContents:
     validations: list[ValidationGap] = field(default_factory=list)
     last_step: int = 0
     num_samples: int = 0
+    num_validation_samples: int = 0
     has_end: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -289,9 +290,10 @@ def _take_sample(contents: _FileContents, record: dict[str, Any]) -> None:
         _checked(layer, _SAMPLE_LAYER_KEYS, f"layer {index} of the sample")
     for index, detail in enumerate(record.get("detail") or []):
         _checked(detail, _DETAIL_KEYS, f"detail {index} of the sample")
-    contents.num_samples += 1
     if record["phase"] != "train":
+        contents.num_validation_samples += 1
         return
+    contents.num_samples += 1
     for layer in record["layers"]:
         points = contents.samples.setdefault((layer["layer"], layer["call"]), [])
         points.append(
@@ -396,6 +398,7 @@ def read_timelines(paths: Sequence[Path], fail_on: TimelineFailOn = TimelineFail
         validations=tuple(v for c in ranked for v in sorted(c.validations, key=lambda v: v.step)),
         last_step=max(c.last_step for c in ranked),
         num_samples=sum(c.num_samples for c in ranked),
+        num_validation_samples=sum(c.num_validation_samples for c in ranked),
         is_complete=all(c.has_end for c in ranked),
         notes=tuple(note for c in contents for note in c.notes),
         fail_on=fail_on,

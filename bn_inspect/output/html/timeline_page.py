@@ -11,7 +11,7 @@ from typing import Any
 from bn_inspect.output.html.blocks import Cell, Column, Row, escaped, facts, layer_table, number, section
 from bn_inspect.output.html.document import Page
 from bn_inspect.output.html.figures import BLUE, FONT, GREEN, RED, _axis, _layout, finite_or_none
-from bn_inspect.output.render_timeline import event_place, last_departure, peak_step, series_label
+from bn_inspect.output.render_timeline import event_place, last_departure, peak_step, sample_count, series_label
 from bn_inspect.output.words import counted
 from bn_inspect.report.departure import Thresholds
 from bn_inspect.report.findings import MODEL_LABEL
@@ -37,7 +37,7 @@ def _heading(timeline: Timeline) -> str:
         ("model", escaped(timeline.model)),
         ("written by", f"bn-inspect {escaped(timeline.bn_inspect_version)}"),
         ("ranks", f"{len(timeline.ranks)} of {timeline.world_size}"),
-        ("sampled", f"every {counted(timeline.every, 'step')}; {counted(timeline.num_samples, 'sample')}"),
+        ("sampled", f"every {counted(timeline.every, 'step')}; {sample_count(timeline)}"),
         ("last step", f"{timeline.last_step:,}" + ("" if timeline.is_complete else " (no end record)")),
     ]
     first = timeline.first_bad
