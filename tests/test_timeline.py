@@ -367,6 +367,20 @@ def test_the_heatmap_draws_non_finite_departures_in_the_error_colour_never_as_ze
     assert others[-1]["type"] == "scatter" and "1 event</span>" in page
 
 
+@pytest.mark.parametrize("width", ["80", "120"])
+def test_the_help_keeps_each_example_command_on_one_line(
+    width: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", width)
+    shown = invoke(capsys, ["timeline", "--help"]).out
+    examples = [line.strip() for line in shown.split("Examples:")[1].split("Arguments")[0].splitlines()]
+    assert [line for line in examples if line] == [
+        "bn-inspect timeline runs/bn-watch.jsonl",
+        "bn-inspect timeline runs/bn-watch*.jsonl --fail-on warning",
+        "bn-inspect timeline runs/bn-watch.jsonl --format html --output watch.html",
+    ]
+
+
 def test_a_run_killed_or_still_running_is_read_with_a_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_timeline(tmp_path / "run.jsonl", events=[LAG_EVENT], is_complete=False)
     result = invoke(capsys, ["timeline", path])
