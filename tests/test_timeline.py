@@ -540,7 +540,7 @@ ESCAPE_MESSAGE = "running statistics lag\x1b[2J the batches <script>alert(1)</sc
 def test_escapes_in_a_layer_name_or_a_message_are_shown_inert(
     output_format: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    hostile = event(20, "BN506", "warning", ESCAPE_NAME, ESCAPE_MESSAGE, departure=1.0)
+    hostile = event(20, "BN506", "warning", ESCAPE_NAME, ESCAPE_MESSAGE, departure=1.0, buffer=ESCAPE_MESSAGE)
     path = write_timeline(tmp_path / "run.jsonl", layers=(ESCAPE_NAME, "features.8"), events=[hostile])
     out = tmp_path / "out.txt"
     result = invoke(capsys, ["timeline", path, "--format", output_format, "--output", out])
@@ -548,6 +548,7 @@ def test_escapes_in_a_layer_name_or_a_message_are_shown_inert(
     assert result.code == 0 and "\x1b" not in text and "\x07" not in text
     if output_format == "json":
         assert json.loads(text)["events"][0]["layer"] == ESCAPE_NAME
+        assert json.loads(text)["events"][0]["values"]["buffer"] == ESCAPE_MESSAGE
     else:
         assert "\\x1b[31mred" in text
     if output_format == "html":
