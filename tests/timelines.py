@@ -73,7 +73,7 @@ def event(
     layer: str | None,
     message: str,
     rank: int = 0,
-    **values: float | None,
+    **values: float | str | None,
 ) -> dict[str, Any]:
     return {
         "record": "event",

@@ -29,9 +29,9 @@ def timeline_command(
 
       bn-inspect timeline runs/bn-watch.jsonl
 
-      bn-inspect timeline runs/bn-watch.jsonl runs/bn-watch.rank1.jsonl --fail-on warning
+      bn-inspect timeline runs/bn-watch*.jsonl --fail-on warning
 
-      bn-inspect timeline runs/bn-watch.jsonl --format html --output bn-watch.html
+      bn-inspect timeline runs/bn-watch.jsonl --format html --output watch.html
     """
     from bn_inspect.output.formats import check_destination, write_result
     from bn_inspect.report.timeline_reading import read_timelines

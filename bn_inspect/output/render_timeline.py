@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import math
 
 from rich.console import Group, RenderableType
 from rich.text import Text
@@ -21,25 +22,55 @@ _SPARKS = "▁▂▃▄▅▆▇█"
 TREND_CELLS = 12
 
 
-def trend(departures: Sequence[float | None], cells: int = TREND_CELLS) -> str:
-    """A sparkline of ``departures``: the largest in each of ``cells`` equal stretches, scaled to the
-    largest overall; ``·`` for a stretch with nothing measured, ``!`` for one with a non-finite score."""
+def trend(series: LayerSeries, cells: int = TREND_CELLS) -> str:
+    """A sparkline of the series' departures: the largest in each of ``cells`` equal stretches, on one
+    scale for every layer (``▁`` 0 to ``█`` the error tier or above, TREND_LEGEND); ``!`` for a stretch
+    where a departure was not finite, ``·`` for one with nothing measured."""
+    departures = series.departures
     if not departures:
         return ""
+    nonfinite = series.nonfinite or (0,) * len(departures)
+    top = Thresholds().error
     count = min(cells, len(departures))
     bounds = [round(i * len(departures) / count) for i in range(count + 1)]
-    stretches = [departures[bounds[i] : bounds[i + 1]] for i in range(count)]
-    finite = [d for d in departures if d is not None]
-    top = max(finite, default=0.0)
     marks = []
-    for stretch in stretches:
-        measured = [d for d in stretch if d is not None]
+    for start, end in itertools.pairwise(bounds):
+        if any(d is None and n > 0 for d, n in zip(departures[start:end], nonfinite[start:end], strict=True)):
+            marks.append("!")
+            continue
+        measured = [d for d in departures[start:end] if d is not None]
         if not measured:
             marks.append("·")
             continue
-        level = 0 if top <= 0 else round(max(measured) / top * (len(_SPARKS) - 1))
-        marks.append(_SPARKS[level])
+        marks.append(_SPARKS[round(min(max(measured), top) / top * (len(_SPARKS) - 1))])
     return "".join(marks)
+
+
+TREND_LEGEND = (
+    f"trend: one scale for every layer, ▁ 0 to █ the error tier ({Thresholds().error:g}) or above; "
+    "! not finite; · not measured"
+)
+
+
+def last_departure(series: LayerSeries) -> float | None:
+    """The departure at the layer's last sample: NaN when it ended non-finite, None when not measured."""
+    return math.nan if series.ends_nonfinite else series.last
+
+
+def peak_step(series: LayerSeries) -> str:
+    """The step of the largest departure, ``all`` when every measured departure reads the same as shown
+    (three digits): a flat series has no step of its largest."""
+    peak = series.peak
+    if peak is None:
+        return "—"
+    measured = [d for d in series.departures if d is not None]
+    return "all" if len(measured) > 1 and len({_short(d) for d in measured}) == 1 else f"{peak[0]:,}"
+
+
+def sample_count(timeline: Timeline) -> str:
+    """``10 samples, 6 validations``: the training samples (as the end record counts them), then the validation runs'."""
+    validations = timeline.num_validation_samples
+    return counted(timeline.num_samples, "sample") + (f", {counted(validations, 'validation')}" if validations else "")
 
 
 def series_label(series: LayerSeries, timeline: Timeline) -> Untrusted:
@@ -93,10 +124,10 @@ def _series_table(timeline: Timeline, width: int) -> RenderableType:
             {
                 "layer": _inert(series_label(series, timeline)),
                 "first": _departure_cell(series.first, thresholds),
-                "last": _departure_cell(series.last, thresholds),
+                "last": _departure_cell(last_departure(series), thresholds),
                 "max": _departure_cell(None if peak is None else peak[1], thresholds),
-                "at step": Text("—" if peak is None else f"{peak[0]:,}"),
-                "trend": Text(trend(series.departures)),
+                "at step": Text(peak_step(series)),
+                "trend": Text(trend(series)),
             }
         )
     layouts = [
@@ -114,16 +145,31 @@ def _series_table(timeline: Timeline, width: int) -> RenderableType:
 
 def _validations_table(timeline: Timeline, width: int) -> RenderableType:
     thresholds = Thresholds()
+
+    def named(entry: tuple[Untrusted, float | None] | None) -> tuple[Text, Text]:
+        if entry is None:
+            return Text("—"), Text("—")
+        return _inert(entry[0]), _departure_cell(math.nan if entry[1] is None else entry[1], thresholds)
+
     rows = tuple(
         (
             Text(f"{gap.step:,}" + (f"\nrank {gap.rank}" if len(timeline.ranks) > 1 else "")),
-            _inert(gap.largest[0]) if gap.largest else Text("—"),
-            _departure_cell(gap.largest[1] if gap.largest else None, thresholds),
+            *named(gap.first_departing),
+            *named(gap.largest),
         )
         for gap in timeline.validations
     )
-    columns = (Column("step", "right"), Column("largest gap at"), Column("departure", "right"))
-    return fitted([Layout(columns, rows)], width)
+    columns = (
+        Column("step", "right"),
+        Column("first departs at"),
+        Column("departure", "right"),
+        Column("largest gap at"),
+        Column("departure", "right"),
+    )
+    # Narrower: each layer over its departure, in one cell.
+    stacked = tuple((step, Text("\n").join([a, b]), Text("\n").join([c, d])) for step, a, b, c, d in rows)
+    narrow = (Column("step", "right"), Column("first departs at"), Column("largest gap at"))
+    return fitted([Layout(columns, rows), Layout(narrow, stacked)], width)
 
 
 def _heading(timeline: Timeline) -> Text:
@@ -134,7 +180,7 @@ def _heading(timeline: Timeline) -> Text:
     ranks = f" · {counted(len(timeline.ranks), 'rank')} of {timeline.world_size}" if timeline.world_size > 1 else ""
     head.append(
         f"{timeline.model.inert()}{ranks} · sampled every {counted(timeline.every, 'step')} · "
-        f"last step {timeline.last_step:,} · {counted(timeline.num_samples, 'sample')}"
+        f"last step {timeline.last_step:,} · {sample_count(timeline)}"
     )
     return head
 
@@ -153,6 +199,7 @@ def render_timeline(timeline: Timeline, width: int = 160) -> RenderableType:
         parts += [
             Text("Departure from the running statistics over the training samples", style="bold"),
             _series_table(timeline, width),
+            Text(TREND_LEGEND, style="dim"),
             Text(""),
         ]
     if timeline.validations:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 
 from bn_inspect.output.export import _cell, _code, _text, format_number
-from bn_inspect.output.render_timeline import event_place, series_label, trend
+from bn_inspect.output.render_timeline import TREND_LEGEND, event_place, last_departure, peak_step, series_label, trend
 from bn_inspect.output.words import counted
 from bn_inspect.report.timeline import Timeline
 
@@ -52,14 +53,23 @@ def timeline_to_markdown(timeline: Timeline) -> str:
             peak = series.peak
             lines.append(
                 f"| {_cell(_code(series_label(series, timeline)))} | {format_number(series.first, 3)} | "
-                f"{format_number(series.last, 3)} | {format_number(None if peak is None else peak[1], 3)} | "
-                f"{'—' if peak is None else f'{peak[0]:,}'} | {trend(series.departures)} |"
+                f"{format_number(last_departure(series), 3)} | {format_number(None if peak is None else peak[1], 3)} | "
+                f"{peak_step(series)} | {trend(series)} |"
             )
+        lines += ["", f"_{TREND_LEGEND}._"]
     if timeline.validations:
-        lines += ["", "| validation at step | rank | largest gap at | departure |", "|---:|---:|---|---:|"]
+        lines += [
+            "",
+            "| validation at step | rank | first departs at | departure | largest gap at | departure |",
+            "|---:|---:|---|---:|---|---:|",
+        ]
         for gap in timeline.validations:
-            name = _cell(_code(gap.largest[0])) if gap.largest else "—"
-            score = format_number(gap.largest[1] if gap.largest else None, 3)
-            lines.append(f"| {gap.step:,} | {gap.rank} | {name} | {score} |")
+            cells = [
+                f"{_cell(_code(entry[0]))} | {format_number(math.nan if entry[1] is None else entry[1], 3)}"
+                if entry
+                else "— | —"
+                for entry in (gap.first_departing, gap.largest)
+            ]
+            lines.append(f"| {gap.step:,} | {gap.rank} | {' | '.join(cells)} |")
     lines += [""] + [f"- {_text(note)}" for note in timeline.notes]
     return "\n".join(lines) + "\n"

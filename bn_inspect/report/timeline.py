@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bn_inspect.options import TimelineFailOn
+from bn_inspect.report.departure import Thresholds
 from bn_inspect.report.findings import Severity
 from bn_inspect.report.records import json_ready
 from bn_inspect.text import Untrusted
@@ -34,7 +35,8 @@ class TimelineEvent:
         severity: as the watch judged it.
         layer: the layer it is about, None for the whole model.
         message: one sentence, as the file holds it.
-        values: its code-specific numbers (``departure``, ``max_abs_diff``...); None where not finite.
+        values: its code-specific figures: numbers (``departure``, ``max_abs_diff``...), None where not
+            finite, and names as the file holds them (BN504's ``buffer``).
     """
 
     step: int
@@ -43,7 +45,7 @@ class TimelineEvent:
     severity: Severity
     layer: Untrusted | None
     message: Untrusted
-    values: tuple[tuple[Untrusted, float | None], ...] = ()
+    values: tuple[tuple[Untrusted, float | Untrusted | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class LayerSeries:
             running standard deviations, report/departure.py); None where not finite or not measured.
         running_mean_norms: the L2 norm of the running mean after the step's update.
         running_var_means: the mean over channels of the running variance after the update.
+        nonfinite: the number of non-finite values the sample counted at each step (0 where the
+            file's departure is null only because nothing was measured).
     """
 
     layer: Untrusted
@@ -68,6 +72,7 @@ class LayerSeries:
     departures: tuple[float | None, ...]
     running_mean_norms: tuple[float | None, ...]
     running_var_means: tuple[float | None, ...]
+    nonfinite: tuple[int, ...] = ()
 
     @property
     def label(self) -> Untrusted:
@@ -85,9 +90,14 @@ class LayerSeries:
 
     @property
     def last(self) -> float | None:
-        """The departure at the last step it was measured."""
-        measured = self._measured()
-        return measured[-1][1] if measured else None
+        """The departure at the last sampled step; None there when it was not finite (see
+        ``ends_nonfinite``) or not measured: a layer that went NaN must not read as its last finite value."""
+        return self.departures[-1] if self.departures else None
+
+    @property
+    def ends_nonfinite(self) -> bool:
+        """True when the layer's last sample counted non-finite values and its departure is not finite."""
+        return bool(self.nonfinite) and self.nonfinite[-1] > 0 and self.last is None
 
     @property
     def peak(self) -> tuple[int, float] | None:
@@ -115,6 +125,14 @@ class ValidationGap:
     layers: tuple[tuple[Untrusted, float | None], ...]
     largest: tuple[Untrusted, float | None] | None
 
+    @property
+    def first_departing(self) -> tuple[Untrusted, float | None] | None:
+        """The first layer, in execution order (the record's), whose departure reaches the warning tier
+        or is not finite: where the gap opens, as check names it; the largest is often a layer after it
+        that only inherits its input. None when no layer departs."""
+        warning = Thresholds().warning
+        return next(((name, score) for name, score in self.layers if score is None or score >= warning), None)
+
 
 @dataclass(frozen=True)
 class Timeline:
@@ -132,7 +150,8 @@ class Timeline:
         series: per layer call and rank, the sampled training steps.
         validations: the gaps measured at validation runs, by rank then step.
         last_step: the largest step any record names (0 for a file with only its header).
-        num_samples: the number of "sample" records read, both phases.
+        num_samples: the number of training "sample" records read (phase "train"), as the end record counts.
+        num_validation_samples: the number of validation "sample" records read (phase "validation").
         is_complete: every file has its "end" record (the run ended cleanly).
         notes: remarks on the files (a run killed or still running, a cut-off last line dropped).
         fail_on: the lowest severity of an event that fails the command.
@@ -151,6 +170,7 @@ class Timeline:
     last_step: int
     num_samples: int
     is_complete: bool
+    num_validation_samples: int = 0
     notes: tuple[str, ...] = ()
     fail_on: TimelineFailOn = TimelineFailOn.ERROR
     schema_version: int = field(default=OUTPUT_SCHEMA_VERSION)
@@ -190,6 +210,7 @@ class Timeline:
             "complete": self.is_complete,
             "last_step": self.last_step,
             "samples": self.num_samples,
+            "validation_samples": self.num_validation_samples,
             "fail_on": self.fail_on.value,
             "passed": self.passed,
             "first_bad_step": None if first is None else _event_dict(first),
@@ -200,13 +221,18 @@ class Timeline:
                 {
                     "step": v.step,
                     "rank": v.rank,
-                    "largest": None if v.largest is None else {"layer": v.largest[0], "departure": v.largest[1]},
+                    "largest": _gap_layer(v.largest),
+                    "first_departing": _gap_layer(v.first_departing),
                     "layers": [{"layer": name, "departure": score} for name, score in v.layers],
                 }
                 for v in self.validations
             ],
         }
         return json_ready(document)  # type: ignore[no-any-return]
+
+
+def _gap_layer(entry: tuple[Untrusted, float | None] | None) -> dict[str, Any] | None:
+    return None if entry is None else {"layer": entry[0], "departure": entry[1]}
 
 
 def _event_dict(event: TimelineEvent) -> dict[str, Any]:
@@ -235,4 +261,5 @@ def _series_dict(series: LayerSeries) -> dict[str, Any]:
         "departures": list(series.departures),
         "running_mean_norms": list(series.running_mean_norms),
         "running_var_means": list(series.running_var_means),
+        "nonfinite": list(series.nonfinite),
     }

@@ -15,6 +15,7 @@ import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -150,12 +151,13 @@ class _FileContents:
 
     header: dict[str, Any]
     events: list[TimelineEvent] = field(default_factory=list)
-    samples: dict[tuple[str, int], list[tuple[int, float | None, float | None, float | None]]] = field(
+    samples: dict[tuple[str, int], list[tuple[int, float | None, float | None, float | None, int]]] = field(
         default_factory=dict
     )
     validations: list[ValidationGap] = field(default_factory=list)
     last_step: int = 0
     num_samples: int = 0
+    num_validation_samples: int = 0
     has_end: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -263,7 +265,9 @@ def _header(record: Any, name: str) -> dict[str, Any]:
 def _take(contents: _FileContents, record: Any) -> None:
     """Check one record after the header and keep what the command shows of it."""
     kind = record.get("record") if isinstance(record, dict) else None
-    if kind not in _RECORD_KEYS or kind == "header":
+    if kind == "header":
+        raise _Corrupted("a second header (two timelines in one file?)")
+    if kind not in _RECORD_KEYS:
         raise _Corrupted(f"a record of unknown type {one_line(repr(kind))[:40]}")
     record = _checked(record, _RECORD_KEYS[kind], f'the "{kind}" record')
     if record["rank"] != contents.header["rank"]:
@@ -286,9 +290,10 @@ def _take_sample(contents: _FileContents, record: dict[str, Any]) -> None:
         _checked(layer, _SAMPLE_LAYER_KEYS, f"layer {index} of the sample")
     for index, detail in enumerate(record.get("detail") or []):
         _checked(detail, _DETAIL_KEYS, f"detail {index} of the sample")
-    contents.num_samples += 1
     if record["phase"] != "train":
+        contents.num_validation_samples += 1
         return
+    contents.num_samples += 1
     for layer in record["layers"]:
         points = contents.samples.setdefault((layer["layer"], layer["call"]), [])
         points.append(
@@ -297,6 +302,7 @@ def _take_sample(contents: _FileContents, record: dict[str, Any]) -> None:
                 _number(layer["departure"]),
                 _number(layer["running_mean_norm"]),
                 _number(layer["running_var_mean"]),
+                layer["nonfinite"],
             )
         )
 
@@ -306,11 +312,15 @@ def _event(record: dict[str, Any]) -> TimelineEvent:
         severity = Severity(record["severity"])
     except ValueError:
         raise _Corrupted(f"an event of unknown severity {one_line(repr(record['severity']))[:40]}") from None
-    values = []
+    values: list[tuple[Untrusted, float | Untrusted | None]] = []
     for key, value in record["values"].items():
-        if not _is_kind(value, "num"):
-            raise _Corrupted(f'an event whose value "{one_line(key)[:40]}" is not a number or null')
-        values.append((Untrusted(key), _number(value)))
+        # BN504 names the buffer that differs ("buffer": "running_mean") beside its numbers.
+        if isinstance(value, str):
+            values.append((Untrusted(key), Untrusted(value)))
+        elif _is_kind(value, "num"):
+            values.append((Untrusted(key), _number(value)))
+        else:
+            raise _Corrupted(f'an event whose value "{one_line(key)[:40]}" is not a number, a string or null')
     layer = record["layer"]
     return TimelineEvent(
         step=record["step"],
@@ -351,9 +361,19 @@ def read_timelines(paths: Sequence[Path], fail_on: TimelineFailOn = TimelineFail
     Raises:
         TimelineFileError: a file is missing, not a regular file, over TIMELINE_BUDGET, not a
             timeline, of a newer version, holds a corrupted record (named by its line) or a line
-            over LINE_BUDGET; or two files hold the same rank, or runs of another world size.
+            over LINE_BUDGET; or two files hold the same rank, or are of different runs: another
+            world size, model, sampling period, bn-inspect version or layers, or headers created more
+            than RUN_START_SPREAD apart.
     """
     contents = [read_timeline(path) for path in paths]
+    world_sizes = {content.header["world_size"] for content in contents}
+    if len(world_sizes) > 1:
+        raise TimelineFileError(
+            f"the timelines come from runs of {' and '.join(str(w) for w in sorted(world_sizes))} processes",
+            "Give the files of one run",
+        )
+    for path, content in zip(paths[1:], contents[1:], strict=True):
+        _check_same_run(paths[0], contents[0].header, path, content.header)
     by_rank: dict[int, tuple[Path, _FileContents]] = {}
     for path, content in zip(paths, contents, strict=True):
         rank = content.header["rank"]
@@ -363,12 +383,6 @@ def read_timelines(paths: Sequence[Path], fail_on: TimelineFailOn = TimelineFail
                 "Give each rank's file once",
             )
         by_rank[rank] = (path, content)
-    world_sizes = {content.header["world_size"] for content in contents}
-    if len(world_sizes) > 1:
-        raise TimelineFileError(
-            f"the timelines come from runs of {' and '.join(str(w) for w in sorted(world_sizes))} processes",
-            "Give the files of one run",
-        )
     ranked = [by_rank[rank][1] for rank in sorted(by_rank)]
     first = ranked[0].header
     return Timeline(
@@ -384,10 +398,45 @@ def read_timelines(paths: Sequence[Path], fail_on: TimelineFailOn = TimelineFail
         validations=tuple(v for c in ranked for v in sorted(c.validations, key=lambda v: v.step)),
         last_step=max(c.last_step for c in ranked),
         num_samples=sum(c.num_samples for c in ranked),
+        num_validation_samples=sum(c.num_validation_samples for c in ranked),
         is_complete=all(c.has_end for c in ranked),
         notes=tuple(note for c in contents for note in c.notes),
         fail_on=fail_on,
     )
+
+
+# The ranks of one run each stamp their header when their watch opens: seconds apart, minutes at most
+# where one rank waits on a slow start; two runs of one script are told apart by this.
+RUN_START_SPREAD = timedelta(minutes=10)
+
+
+def _created(header: dict[str, Any]) -> datetime | None:
+    created = header.get("created")
+    try:
+        stamp = datetime.fromisoformat(created) if isinstance(created, str) else None
+    except ValueError:
+        return None
+    return stamp if stamp is None or stamp.tzinfo is not None else stamp.replace(tzinfo=timezone.utc)
+
+
+def _check_same_run(first_path: Path, first: dict[str, Any], path: Path, header: dict[str, Any]) -> None:
+    """Refuse ``header`` unless it is of the run ``first`` is: the same model, sampling, layers and start."""
+    differences = [
+        f"{what} {one_line(str(first[key]))[:40]} vs {one_line(str(header[key]))[:40]}"
+        for key, what in (("model", "model"), ("every", "sampled every"), ("bn_inspect", "bn-inspect"))
+        if first[key] != header[key]
+    ]
+    if [layer["layer"] for layer in first["layers"]] != [layer["layer"] for layer in header["layers"]]:
+        differences.append("different layers")
+    started = (_created(first), _created(header))
+    if started[0] is not None and started[1] is not None and abs(started[0] - started[1]) > RUN_START_SPREAD:
+        differences.append(f"created {first['created']} vs {header['created']}")
+    if differences:
+        raise TimelineFileError(
+            f"timelines {one_line(str(first_path))} and {one_line(str(path))} are of different runs "
+            f"({one_line('; '.join(differences))})",
+            "Only the rank files of one run can be merged: give each run's files on their own",
+        )
 
 
 def _series_of(contents: _FileContents) -> list[LayerSeries]:
@@ -404,6 +453,7 @@ def _series_of(contents: _FileContents) -> list[LayerSeries]:
                 departures=tuple(p[1] for p in points),
                 running_mean_norms=tuple(p[2] for p in points),
                 running_var_means=tuple(p[3] for p in points),
+                nonfinite=tuple(p[4] for p in points),
             )
         )
     return series

@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from bn_inspect.output.words import counted
 from bn_inspect.text import Untrusted, inert
 
 
@@ -102,7 +103,7 @@ def layer_table(table_id: str, columns: Sequence[Column], rows: Sequence[Row], n
         f'<div class="table-tools"><label>Filter {html.escape(noun)} '
         f'<input type="search" class="layer-filter" data-table="{table_id}" placeholder="glob, e.g. layer1.*" '
         f'spellcheck="false" autocomplete="off"></label> <span class="filter-count" data-table="{table_id}">'
-        f"{len(rows):,} {html.escape(noun)}</span></div>"
+        f"{html.escape(counted(len(rows), noun.removesuffix('s')))}</span></div>"
     )
     return (
         f'{tools}\n<div class="table-scroll"><table class="sortable" id="{table_id}">'

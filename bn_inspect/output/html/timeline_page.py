@@ -11,7 +11,7 @@ from typing import Any
 from bn_inspect.output.html.blocks import Cell, Column, Row, escaped, facts, layer_table, number, section
 from bn_inspect.output.html.document import Page
 from bn_inspect.output.html.figures import BLUE, FONT, GREEN, RED, _axis, _layout, finite_or_none
-from bn_inspect.output.render_timeline import event_place, series_label
+from bn_inspect.output.render_timeline import event_place, last_departure, peak_step, sample_count, series_label
 from bn_inspect.output.words import counted
 from bn_inspect.report.departure import Thresholds
 from bn_inspect.report.findings import MODEL_LABEL
@@ -21,6 +21,8 @@ from bn_inspect.text import Untrusted
 # White below the info tier, then the tiers' colours: the heatmap reads as check's departure column.
 _COLOURSCALE_STOPS = ("#ffffff", "#fde7c8", "#e08e0b", "#d1495b")
 _EVENT_SYMBOL = {"error": "x", "warning": "diamond", "info": "circle-open"}
+# A non-finite departure is an error: the error tier's colour, told apart from a finite one by its "nan".
+NONFINITE_COLOUR = _COLOURSCALE_STOPS[3]
 
 
 def _shown(value: float | None) -> float | None:
@@ -35,7 +37,7 @@ def _heading(timeline: Timeline) -> str:
         ("model", escaped(timeline.model)),
         ("written by", f"bn-inspect {escaped(timeline.bn_inspect_version)}"),
         ("ranks", f"{len(timeline.ranks)} of {timeline.world_size}"),
-        ("sampled", f"every {counted(timeline.every, 'step')}; {counted(timeline.num_samples, 'sample')}"),
+        ("sampled", f"every {counted(timeline.every, 'step')}; {sample_count(timeline)}"),
         ("last step", f"{timeline.last_step:,}" + ("" if timeline.is_complete else " (no end record)")),
     ]
     first = timeline.first_bad
@@ -62,11 +64,18 @@ def heatmap(timeline: Timeline) -> dict[str, Any]:
     column = {step: i for i, step in enumerate(steps)}
     labels = [escaped(series_label(series, timeline)) for series in timeline.series]
     rows = []
+    # 1 where a departure was not finite: a second trace draws those cells, else they would be left
+    # blank and read as departure 0 (white) though NaN is an error.
+    nonfinite_rows = []
     for series in timeline.series:
         row: list[float | None] = [None] * len(steps)
-        for step, score in zip(series.steps, series.departures, strict=True):
+        marks: list[int | None] = [None] * len(steps)
+        counts = series.nonfinite or (0,) * len(series.steps)
+        for step, score, count in zip(series.steps, series.departures, counts, strict=True):
             row[column[step]] = _shown(score)
+            marks[column[step]] = 1 if score is None and count > 0 else None
         rows.append(row)
+        nonfinite_rows.append(marks)
     t = Thresholds()
     top = max([t.error * 1.5, *(v for row in rows for v in row if v is not None)])
     scale = [[0.0, _COLOURSCALE_STOPS[0]], [t.info / top, _COLOURSCALE_STOPS[1]]]
@@ -84,6 +93,8 @@ def heatmap(timeline: Timeline) -> dict[str, Any]:
             "hovertemplate": "<b>%{y}</b><br>step %{x}<br>departure %{z:.3g}<extra></extra>",
         }
     ]
+    if any(mark for marks in nonfinite_rows for mark in marks):
+        data.append(_nonfinite_cells(steps, labels, nonfinite_rows))
     # An event names a layer, not a call: it is marked on the layer's first call's row.
     index: dict[tuple[Untrusted, int], int] = {}
     for i, series in enumerate(timeline.series):
@@ -113,6 +124,25 @@ def heatmap(timeline: Timeline) -> dict[str, Any]:
         yaxis=_axis("", type="category", autorange="reversed"),
     )
     return {"data": data, "layout": layout}
+
+
+def _nonfinite_cells(steps: list[int], labels: list[str], marks: list[list[int | None]]) -> dict[str, Any]:
+    """The cells whose departure was not finite, in the error colour with "nan" written in them."""
+    return {
+        "type": "heatmap",
+        "name": "not finite",
+        "x": steps,
+        "y": labels,
+        "z": marks,
+        "zmin": 0,
+        "zmax": 1,
+        "colorscale": [[0.0, NONFINITE_COLOUR], [1.0, NONFINITE_COLOUR]],
+        "showscale": False,
+        "text": [["nan" if mark else "" for mark in row] for row in marks],
+        "texttemplate": "%{text}",
+        "textfont": {"color": "#ffffff", "size": 10},
+        "hovertemplate": "<b>%{y}</b><br>step %{x}<br>departure not finite (an error)<extra></extra>",
+    }
 
 
 def _event_lines(events: list[TimelineEvent]) -> list[dict[str, Any]]:
@@ -226,12 +256,19 @@ def _series_rows(timeline: Timeline) -> list[Row]:
         cells = (
             Cell(escaped(label), label),
             Cell(number(series.first, 3), series.first),
-            Cell(number(series.last, 3), series.last),
+            Cell(number(last_departure(series), 3), last_departure(series)),
             Cell(number(None if peak is None else peak[1], 3), None if peak is None else peak[1]),
-            Cell("—" if peak is None else f"{peak[0]:,}", None if peak is None else peak[0]),
+            Cell(peak_step(series), None if peak is None else peak[0]),
         )
         rows.append(Row(series.layer, label, cells))
     return rows
+
+
+def _gap_place(entry: tuple[Untrusted, float | None] | None, what: str) -> str:
+    if entry is None:
+        return "no layer departs" if what.startswith("first") else f"{what} —"
+    score = "not finite" if entry[1] is None else number(entry[1], 3)
+    return f"{what} {escaped(entry[0])}, departure {score}"
 
 
 def timeline_page(timeline: Timeline, model_output: str = "") -> Page:
@@ -259,10 +296,9 @@ def timeline_page(timeline: Timeline, model_output: str = "") -> Page:
         body.append(section("Layers", layer_table("layers-table", series_columns, _series_rows(timeline)), "layers"))
     if timeline.validations:
         items = "".join(
-            f"<li>step {gap.step:,} (rank {gap.rank}): largest gap at {escaped(gap.largest[0])}, "
-            f"departure {number(gap.largest[1], 3)}</li>"
+            f"<li>step {gap.step:,} (rank {gap.rank}): {_gap_place(gap.first_departing, 'first departs at')}; "
+            f"{_gap_place(gap.largest, 'largest gap at')}</li>"
             for gap in timeline.validations
-            if gap.largest is not None
         )
         body.append(section("Train/eval gap at each validation", f'<ul class="plain">{items}</ul>', "validations"))
     if timeline.notes:
