@@ -209,20 +209,32 @@ class Watch:
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self._hooks.remove()
+        refusal = None
+        if error is None and self.steps == 0:
+            refusal = WatchError(
+                "the watch saw no training-mode forward of the model, so it recorded nothing",
+                "Call the model given to watch (not a compiled copy) in training mode inside the with block",
+            )
         try:
             found = self._hooks.flush_nonfinite()
             if found is not None:
                 self._record([self.rules.nonfinite(found.step, found.layer, found.tensors)])
             last = max(self._hooks.count - 1, 0) if self._hooks.explicit_step is None else self._hooks.explicit_step
-            self._write(end_record(last, self.rank, steps=self.steps, samples=self.samples, events=len(self.events)))
+            self._write(
+                end_record(
+                    last,
+                    self.rank,
+                    steps=self.steps,
+                    samples=self.samples,
+                    events=len(self.events),
+                    raised=error if error is not None else refusal,
+                )
+            )
         finally:
             if self._file is not None:
                 self._file.close()
-        if error is None and self.steps == 0:
-            raise WatchError(
-                "the watch saw no training-mode forward of the model, so it recorded nothing",
-                "Call the model given to watch (not a compiled copy) in training mode inside the with block",
-            )
+        if refusal is not None:
+            raise refusal
 
     @contextmanager
     def validation(self) -> Iterator[None]:
