@@ -215,3 +215,33 @@ def test_periodic_detail_thins_out_as_it_fills_its_budget_and_never_passes_it() 
     assert taken == [0, 20, 40, 60, 80, 120, 160, 200, 240, 320]
     # ...until the budget is spent: then no periodic detail is written any more.
     assert budget.written == 100 and not budget.take(1)
+
+
+@pytest.mark.parametrize(("momentum", "fires"), [(1.0, True), (0.99, True), (0.1, False)])
+def test_a_momentum_so_large_the_statistics_follow_single_batches_is_bn506_at_the_first_sample(
+    momentum: float, fires: bool, tmp_path: Path
+) -> None:
+    model = new_net()
+    model.bn2.momentum = momentum
+    path = tmp_path / "w.jsonl"
+    watch = watched(model, path, 25)
+    found = [(e.step, e.code, e.layer) for e in watch.events]
+    assert found == ([(0, "BN506", "bn2")] if fires else [])
+    if fires:
+        event = watch.events[0]
+        assert event.severity == "warning" and event.values == {"momentum": momentum}
+        assert f"bn2 trains with momentum {momentum:g}: each update makes its running statistics" in event.message
+        assert "follow single batches" in event.message and "1 - momentum" in event.message
+        assert events(path) == [(0, "BN506", "bn2")]
+
+
+def test_a_large_momentum_in_eval_mode_is_not_bn506(tmp_path: Path) -> None:
+    model = new_net()
+    model.bn2.momentum = 0.9
+
+    def freeze_bn2(step: int, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        net.bn2.eval()  # its statistics never update: the momentum does nothing
+        return x
+
+    watch = watched(model, tmp_path / "w.jsonl", 12, before_step=freeze_bn2)
+    assert "BN506" not in {e.code for e in watch.events}

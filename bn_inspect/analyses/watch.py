@@ -300,7 +300,8 @@ class Watch:
 
     def _sample(self, step: int, calls: tuple[CallStatistics, ...], found: list[WatchEvent | None]) -> None:
         summaries = [summarize(call, self.thresholds) for call in calls]
-        found.extend(self.rules.judge_sample(step, summaries))
+        momenta = {w.name: float(m) for w in self.layers if (m := getattr(w.module, "momentum", None)) is not None}
+        found.extend(self.rules.judge_sample(step, summaries, momenta))
         found.extend(self._divergence)
         self._divergence = []
         events = [e for e in found if e is not None]
