@@ -245,3 +245,43 @@ def test_a_large_momentum_in_eval_mode_is_not_bn506(tmp_path: Path) -> None:
 
     watch = watched(model, tmp_path / "w.jsonl", 12, before_step=freeze_bn2)
     assert "BN506" not in {e.code for e in watch.events}
+
+
+def _nan_message(tmp_path: Path, plant: object) -> str:
+    model = new_net()
+    watch = watched(model, tmp_path / "w.jsonl", 14, before_step=plant)  # type: ignore[arg-type]
+    [event] = [e for e in watch.events if e.code == "BN501"]
+    return event.message
+
+
+def test_bn501_says_a_nan_in_running_statistics_that_follow_the_input_may_come_from_the_input(
+    tmp_path: Path,
+) -> None:
+    def nan_input(step: int, _model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x * math.nan if step == 3 else x
+
+    assert _nan_message(tmp_path, nan_input).startswith(
+        "the first non-finite value appeared at step 3 in bn1's running_mean, running_var (updated from the "
+        "step's input: a non-finite input or an upstream layer), the first layer in execution order to hold one"
+    )
+
+
+def test_bn501_names_the_input_of_a_layer_whose_statistics_do_not_follow_it(tmp_path: Path) -> None:
+    def nan_input_to_eval_bn1(step: int, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        net.bn1.eval()
+        return x * math.nan if step == 3 else x
+
+    message = _nan_message(tmp_path, nan_input_to_eval_bn1)
+    assert message.startswith("the first non-finite value appeared at step 3 in bn1 (input), the first layer")
+
+
+def test_bn501_names_the_buffer_alone_when_it_was_overwritten_in_eval_mode(tmp_path: Path) -> None:
+    def nan_checkpoint(step: int, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        net.bn1.eval()
+        if step == 3:
+            with torch.no_grad():
+                net.bn1.running_var[2] = math.nan
+        return x
+
+    message = _nan_message(tmp_path, nan_checkpoint)
+    assert message.startswith("the first non-finite value appeared at step 3 in bn1 (running_var), the first layer")

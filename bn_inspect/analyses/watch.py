@@ -218,7 +218,7 @@ class Watch:
         try:
             found = self._hooks.flush_nonfinite()
             if found is not None:
-                self._record([self.rules.nonfinite(found.step, found.layer, found.tensors)])
+                self._record([self._nonfinite(found.step, found.layer, found.tensors)])
             last = max(self._hooks.count - 1, 0) if self._hooks.explicit_step is None else self._hooks.explicit_step
             self._write(
                 end_record(
@@ -292,11 +292,15 @@ class Watch:
         found = [self.rules.few_values(step, name, values) for name, values in observation.few_values]
         if observation.nonfinite is not None:
             first = observation.nonfinite
-            found.append(self.rules.nonfinite(first.step, first.layer, first.tensors))
+            found.append(self._nonfinite(first.step, first.layer, first.tensors))
         if observation.is_sample:
             self._sample(step, observation.calls, found)
         elif self._record(found) and self._file is not None:
             self._file.sync()
+
+    def _nonfinite(self, step: int, layer: str, tensors: tuple[str, ...]) -> WatchEvent | None:
+        follows = any(w.name == layer and w.follows_input() for w in self.layers)
+        return self.rules.nonfinite(step, layer, tensors, follows_input=follows)
 
     def _sample(self, step: int, calls: tuple[CallStatistics, ...], found: list[WatchEvent | None]) -> None:
         summaries = [summarize(call, self.thresholds) for call in calls]

@@ -49,16 +49,28 @@ class WatchRules:
     def _new(self, code: str, layer: str | None) -> bool:
         return (code, layer) not in self.reported
 
-    def nonfinite(self, step: int, layer: str, tensors: Sequence[str]) -> WatchEvent | None:
-        """BN501 at the first step and first layer (execution order) holding a NaN or infinity; once per run."""
+    def nonfinite(
+        self, step: int, layer: str, tensors: Sequence[str], follows_input: bool = False
+    ) -> WatchEvent | None:
+        """BN501 at the first step and first layer (execution order) holding a NaN or infinity; once per run.
+
+        ``follows_input``: the layer's running statistics are updated from its input (training mode,
+        momentum above 0), so its input is not checked apart and a NaN found in them may have come
+        from the input as much as from the buffers themselves.
+        """
         if any(code == "BN501" for code, _ in self.reported):
             return None
-        where = ", ".join(tensors) if tensors else "its input"
+        where = f"{layer} ({', '.join(tensors)})" if tensors else f"{layer} (its input)"
+        if follows_input and {"running_mean", "running_var"} & set(tensors):
+            where = (
+                f"{layer}'s {', '.join(tensors)} (updated from the step's input: a non-finite input or an "
+                "upstream layer)"
+            )
         return self._event(
             step,
             "BN501",
             layer,
-            f"the first non-finite value appeared at step {step} in {layer} ({where}), the first layer in "
+            f"the first non-finite value appeared at step {step} in {where}, the first layer in "
             "execution order to hold one: look at this step's batch, the learning rate and the loss scale",
         )
 
