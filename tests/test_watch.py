@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 import bn_inspect
+from bn_inspect.errors import OutputError
 from bn_inspect.report.findings import RULES
-from tests.training import DigitsNet, events, new_net, records, train
+from tests.training import DigitsNet, batches, events, new_net, records, train
 
 
 def watched(model: nn.Module, path: Path, steps: int, *, every: int = 10, **training: object) -> bn_inspect.Watch:
@@ -147,7 +148,7 @@ def test_nothing_is_printed_unless_asked(tmp_path: Path, capsys: pytest.CaptureF
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("step 0: BN502 warning bn2: ")
     assert watch.summary().splitlines()[-1] == (
-        f"12 training steps watched, 2 samples, 1 events; timeline: {tmp_path / 'loud.jsonl'}"
+        f"12 training steps watched, 2 samples, 1 event; timeline: {tmp_path / 'loud.jsonl'}"
     )
 
 
@@ -285,3 +286,63 @@ def test_bn501_names_the_buffer_alone_when_it_was_overwritten_in_eval_mode(tmp_p
 
     message = _nan_message(tmp_path, nan_checkpoint)
     assert message.startswith("the first non-finite value appeared at step 3 in bn1 (running_var), the first layer")
+
+
+def test_the_summary_counts_steps_named_and_forwards_apart_with_gradient_accumulation(tmp_path: Path) -> None:
+    model = new_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    path = tmp_path / "w.jsonl"
+    with bn_inspect.watch(model, path, every=2) as watch:
+        for index, (x, y) in enumerate(batches(16, 12)):
+            watch.step(index // 2)  # named at every forward: the same step twice counts once
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            if index % 2 == 1:
+                optimizer.step()
+                optimizer.zero_grad()
+    assert watch.summary() == f"6 steps named (0 to 5), 12 training forwards, 3 samples, 0 events; timeline: {path}"
+    assert records(path)[-1]["steps"] == 12 and records(path)[-1]["step"] == 5
+
+
+@pytest.mark.surface("write:timeline", "traceback")
+@pytest.mark.parametrize("path", ["", "  "])
+def test_an_empty_path_is_refused_in_one_line(path: str) -> None:
+    with pytest.raises(OutputError) as caught:
+        bn_inspect.watch(new_net(), path)
+    assert caught.value.line() == "the timeline's path is empty. Pass a new file's path, e.g. runs/bn-watch.jsonl"
+
+
+def test_one_event_on_several_layers_at_a_step_is_one_line_of_the_summary(tmp_path: Path) -> None:
+    model = new_net()
+    for layer in (model.bn1, model.bn2, model.bn3):
+        layer.weight.requires_grad_(False)
+        layer.bias.requires_grad_(False)
+    model.bn2.momentum = 0.0  # bn2: BN502, a second group of one
+    watch = watched(model, tmp_path / "w.jsonl", 12)
+    assert [(e.step, e.code, e.layer) for e in watch.events] == [
+        (0, "BN503", "bn1"),
+        (0, "BN502", "bn2"),
+        (0, "BN503", "bn3"),
+    ]
+    lines = watch.summary().splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith(
+        "step 0: BN503 warning on 2 layers (bn1 and bn3); in bn1: bn1 has frozen affine parameters"
+    )
+    assert lines[1].startswith("step 0: BN502 warning bn2: bn2 is in training mode")
+    assert lines[2].startswith("12 training steps watched, 2 samples, 3 events;")
+
+
+def test_a_group_names_its_first_eight_layers_then_counts_the_rest() -> None:
+    from bn_inspect.report.watch_records import WatchEvent, grouped_event_lines
+
+    frozen = [
+        WatchEvent(0, "BN503", "warning", f"layer{n}", f"layer{n} has frozen affine parameters") for n in range(11)
+    ]
+    later = WatchEvent(7, "BN503", "warning", "head", "head has frozen affine parameters")
+    model = WatchEvent(7, "BN504", "warning", None, "the ranks differ")
+    assert grouped_event_lines([*frozen, later, model]) == [
+        "step 0: BN503 warning on 11 layers (layer0, layer1, layer2, layer3, layer4, layer5, layer6, layer7 and 3 more); "
+        "in layer0: layer0 has frozen affine parameters",
+        "step 7: BN503 warning head: head has frozen affine parameters",
+        "step 7: BN504 warning (model): the ranks differ",
+    ]

@@ -163,6 +163,37 @@ class WatchEvent:
         return f"step {self.step}: {self.code} {self.severity} {where}: {self.message}"
 
 
+# A group of events lists at most this many layers by name, then counts the rest.
+GROUP_NAMES_SHOWN = 8
+
+
+def grouped_event_lines(events: Sequence[WatchEvent]) -> list[str]:
+    """The events as lines, those of one step, code and severity on several layers as one line with the layer list.
+
+    A frozen backbone gives one BN503 per layer, whose messages differ only by the name: one line
+    lists the layers (the first GROUP_NAMES_SHOWN, then a count) and shows the first layer's
+    message. Groups keep the order in which their first event was found.
+    """
+    groups: dict[tuple[int, str, str], list[WatchEvent]] = {}
+    for event in events:
+        groups.setdefault((event.step, event.code, event.severity), []).append(event)
+    lines = []
+    for (step, code, severity), members in groups.items():
+        named = [e for e in members if e.layer is not None]
+        if len(members) == 1 or len(named) != len(members):
+            lines += [e.line() for e in members]
+            continue
+        names = [str(e.layer) for e in named]
+        shown = ", ".join(names[:GROUP_NAMES_SHOWN])
+        rest = len(names) - GROUP_NAMES_SHOWN
+        listing = f"{shown} and {rest:,} more" if rest > 0 else f"{', '.join(names[:-1])} and {names[-1]}"
+        first = members[0]
+        lines.append(
+            f"step {step}: {code} {severity} on {len(names):,} layers ({listing}); in {first.layer}: {first.message}"
+        )
+    return lines
+
+
 def _number(value: float | None, digits: int) -> float | None:
     # Rounded to what the statistics hold (float32 inputs carry about 7 digits): shorter lines, the
     # same information. Not finite: null.
