@@ -9,6 +9,12 @@ first, and is timed alone, for ``rounds`` x ``every`` steps (one sample per roun
 the mean watched step over the mean plain step, and each sampled step over the plain steps around
 it (median over the samples).
 
+Read-back A/B (``--ab-rounds N``): the same network at every=1 (every step a sample), three copies
+stepped in rotating order: plain, watched with the batch statistics read back from BatchNorm's
+update (the watch's way), and watched with them read from each layer's input (the way before
+050378b, forced by swapping the engine's ``running_before`` for one that declines); each watched
+step over the plain step of its round, median over N rounds.
+
 Size: a ResNet-50-sized network (bench_resnet50_cpu.py's) is watched at every=1 with the default
 detail_every for ``--size-steps`` steps; the bytes of a sample without and with per-channel detail
 are measured from the file, and the size of 100,000 steps at every=50 (2,000 samples, one in 20
@@ -122,6 +128,48 @@ def cost(rounds: int, every: int, batch: int, size: int, folder: Path) -> dict[s
     }
 
 
+def read_back_ab(rounds: int, batch: int, size: int, folder: Path) -> dict[str, object]:
+    from bn_inspect.engine import watching
+
+    read_back = watching.running_before
+    torch.manual_seed(0)
+    base = resnet18()
+    kinds = ("plain", "read back", "read from the input")
+    models = {kind: copy.deepcopy(base) for kind in kinds}
+    optimizers = {kind: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for kind, m in models.items()}
+    x, labels = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+
+    def step(kind: str) -> float:
+        # The hooks look running_before up at each call: declining it sends every call to the input.
+        watching.running_before = read_back if kind != "read from the input" else (lambda module: None)
+        return timed_steps(models[kind], optimizers[kind], [x], labels)[0]
+
+    for kind in kinds:
+        step(kind)  # warm-up
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    try:
+        with (
+            bn_inspect.watch(models["read back"], folder / "ab-read-back.jsonl", every=1),
+            bn_inspect.watch(models["read from the input"], folder / "ab-input.jsonl", every=1),
+        ):
+            for n in range(rounds):
+                for kind in kinds[n % 3 :] + kinds[: n % 3]:
+                    times[kind].append(step(kind))
+    finally:
+        watching.running_before = read_back
+    plain = times["plain"]
+    return {
+        "rounds": rounds,
+        "plain_step_ms": 1000 * statistics.median(plain),
+        **{
+            f"sampled_ratio_median_{kind.replace(' ', '_')}": statistics.median(
+                t / p for t, p in zip(times[kind], plain, strict=True)
+            )
+            for kind in kinds[1:]
+        },
+    }
+
+
 def timeline_size(steps: int, folder: Path) -> dict[str, object]:
     torch.manual_seed(0)
     model = resnet50()
@@ -165,6 +213,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--size-steps", type=int, default=21)
+    parser.add_argument("--ab-rounds", type=int, default=0, help="rounds of the read-back A/B (0: skip it)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -178,6 +227,8 @@ def main() -> None:
             "cost": cost(args.rounds, args.every, args.batch, args.size, Path(folder)),
             "size": timeline_size(args.size_steps, Path(folder)),
         }
+        if args.ab_rounds:
+            result["read_back_ab"] = read_back_ab(args.ab_rounds, args.batch, args.size, Path(folder))
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

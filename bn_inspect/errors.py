@@ -185,5 +185,5 @@ class Interrupted(BaseException):
 
 
 class WatchError(BnInspectError):
-    """``bn_inspect.watch`` cannot watch this model or loop: no BatchNorm layer, a compiled model
-    whose graphs skip the hooks, a training forward in which no layer call was seen, bad settings."""
+    """``bn_inspect.watch`` cannot watch this model or loop: no BatchNorm layer, a model compiled
+    before or inside the watch, a training forward in which no layer call was seen, bad settings."""

@@ -6,12 +6,16 @@ It opens ``bn_inspect.watch`` on the LightningModule when fitting starts, names 
 batch's step by ``trainer.global_step``, marks every validation run in the timeline and measures
 the train/eval gap there (each layer's departure of the validation data from its running
 statistics: the watch's ``validation()``), and closes the timeline when fitting ends or fails.
-Lightning is imported by this module alone (``lightning.pytorch`` where installed, else
-``pytorch_lightning``), never by ``import bn_inspect``.
+Lightning is imported by this module alone, never by ``import bn_inspect``. It comes as two
+packages whose Trainers each take only their own package's callbacks: the unified ``lightning``
+(``lightning.pytorch.Trainer``) and the older ``pytorch_lightning``. ``BNWatch`` subclasses the
+``Callback`` of each one installed, so the same class works with either Trainer, whichever the
+user trains with (``CALLBACK_PACKAGES`` names those found).
 """
 
 from __future__ import annotations
 
+import importlib
 from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
@@ -19,22 +23,35 @@ from typing import TYPE_CHECKING, Any
 
 from bn_inspect.errors import WatchError
 
-try:
-    from lightning.pytorch import Callback
-except ImportError:
-    try:
-        from pytorch_lightning import Callback
-    except ImportError:
-        raise ImportError(
-            "bn_inspect.lightning needs PyTorch Lightning. Install it: python -m pip install 'bn-inspect[lightning]'"
-        ) from None
-
 if TYPE_CHECKING:
     from bn_inspect.analyses.watch import Watch
 
 
-class BNWatch(Callback):  # type: ignore[misc]
+def _callback_bases() -> dict[str, type]:
+    bases = {}
+    for package in ("lightning.pytorch", "pytorch_lightning"):
+        try:
+            bases[package] = importlib.import_module(package).Callback
+        except ImportError:
+            continue
+    if not bases:
+        raise ImportError(
+            "bn_inspect.lightning needs PyTorch Lightning (the lightning or the pytorch_lightning package). "
+            "Install it: python -m pip install 'bn-inspect[lightning]'"
+        )
+    return bases
+
+
+_BASES = _callback_bases()
+# The Lightning packages found, whose Trainers take BNWatch: "lightning.pytorch", "pytorch_lightning".
+CALLBACK_PACKAGES = tuple(_BASES)
+
+
+class BNWatch(*_BASES.values()):  # type: ignore[misc]
     """Watch the LightningModule's BatchNorm layers during ``fit`` and write a timeline to ``path``.
+
+    A ``Callback`` of every Lightning package installed (``CALLBACK_PACKAGES``): pass it to a
+    ``lightning.pytorch.Trainer`` or a ``pytorch_lightning.Trainer`` alike.
 
     Args:
         path: the timeline to create (never an existing file); under DDP rank r > 0 writes

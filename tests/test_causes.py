@@ -261,6 +261,37 @@ def test_one_layer_off_while_the_one_before_matches_is_a_corrupted_layer() -> No
     assert "every channel of layer2.bn1 departs alike (means moved -2 running std) while layer1.bn1" in sentence
 
 
+def test_one_channel_off_while_the_rest_and_the_layer_before_match_is_a_corrupted_layer() -> None:
+    # One stored variance overwritten with 1e-8: that channel's spread ratio is huge, the others are
+    # in-distribution; averaged over channels it would read as noise in no common direction.
+    running = stats(31)
+    batch = near(running)
+    stored = (running[0], [1e-8 if c == 5 else v for c, v in enumerate(running[1])])
+    code, sentence = named(deep(batch, stored), ["layer2.bn1"])
+    assert code == "corrupted-layer"
+    assert "channel 5 of layer2.bn1 makes most of its departure while its other 15 channels" in sentence
+
+
+def test_a_noisy_departure_spread_over_channels_is_not_taken_for_a_few_corrupted_ones() -> None:
+    running = stats(24)
+    rng = random.Random(25)
+    batch = (
+        [m + rng.gauss(0, 0.25) * math.sqrt(v) for m, v in zip(*running, strict=True)],
+        [v * math.exp(rng.gauss(0, 0.4)) for v in running[1]],
+    )
+    assert named(deep(batch, running), ["layer2.bn1"])[0] != "corrupted-layer"
+
+
+def test_stored_variances_below_eps_are_a_corrupted_layer_not_the_input_scale() -> None:
+    # Every first-layer variance overwritten with 1e-8: the spread ratio is enormous in every channel,
+    # which alone would read as a missing /255, but the means match and eps/10 is 1e-6.
+    running = stats(32)
+    stored = (running[0], [1e-8] * C)
+    code, sentence = named(first_layer_only(near(running), stored))
+    assert code == "corrupted-layer"
+    assert "below eps/10 in 16 of its 16 channels" in sentence
+
+
 def test_a_deep_layer_whose_spread_is_wider_in_every_channel_is_small_batch_training() -> None:
     running = stats(22)
     batch = (near(running)[0], [1.4 * v for v in running[1]])

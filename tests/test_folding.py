@@ -14,7 +14,8 @@ from torch import nn
 from bn_inspect.analyses.checking import check_model
 from bn_inspect.model.folding import find_fold_sites, fold_parameters, folded_copy
 from bn_inspect.report.findings import Finding, Severity
-from bn_inspect.report.folding import MAX_INT8_CHANNEL_ERROR, MAX_OUTPUT_CHANGE
+from bn_inspect.report.folding import MAX_INT8_CHANNEL_ERROR, MAX_OUTPUT_CHANGE, FoldChange, change_findings
+from bn_inspect.text import Untrusted
 from sample_models.architectures import DigitsCNN
 from tests import models
 from tests.conftest import state_fingerprint
@@ -169,6 +170,8 @@ def test_int8_names_the_channel_another_channel_dwarfs_with_its_rounding_bound()
     assert error[worst] > MAX_INT8_CHANNEL_ERROR and finding.layer.raw == "bn2"  # type: ignore[union-attr]
     assert f"channel {worst}'s largest |folded weight|, {per_channel[worst]:.3g}" in finding.message
     assert f"up to {error[worst]:.1%}" in finding.message
+    setter = int(per_channel.argmax())
+    assert setter == 2 and f"set by channel 2's largest |folded weight|, {per_channel[setter]:.3g}" in finding.message
 
 
 def _digits(change: object = None) -> DigitsCNN:
@@ -193,7 +196,7 @@ def test_a_tiny_running_var_moves_the_int8_output() -> None:
     planted = _digits(lambda m: m.features[8].running_var.__setitem__(0, 1e-8))
     found = [f for f in _findings(planted, [_digits_batch()], precision="int8") if f.code == "BN404"]
     assert any(f.layer is None for f in found), [f.message for f in found]
-    change = float(next(f for f in found if f.layer is None).message.split("moves by ")[1].split(" ")[0])
+    change = float(next(f for f in found if f.layer is None).message.split("changes by ")[1].split(" ")[0])
     assert change > MAX_OUTPUT_CHANGE
 
 
@@ -301,3 +304,16 @@ def test_a_torch_export_archive_gets_bn401_and_bn402_from_its_graph(
     assert result.code == 0, result.err
     assert {(f["code"], f["layer"]) for f in document["findings"]} == {("BN401", "bn1"), ("BN401", "bn2")}
     assert any(note.startswith("BN403 and BN404 did not run") for note in document["notes"])
+
+
+def test_a_folded_output_that_is_no_longer_a_number_is_an_error_and_a_large_change_a_warning() -> None:
+    changes = [
+        FoldChange(None, "fp16", float("inf"), 23.3),
+        FoldChange(Untrusted("bn1"), "fp16", 0.5, 2.0),
+        FoldChange(Untrusted("bn2"), "fp16", 0.01, 2.0),
+    ]
+    found = {(f.layer.raw if f.layer else None): f for f in change_findings(changes)}
+    assert found.keys() == {None, "bn1"}
+    assert found[None].severity is Severity.ERROR and "becomes NaN or infinite" in found[None].message
+    assert found["bn1"].severity is Severity.WARNING
+    assert "the root mean square of the change is 0.5 times the original output's (2)" in found["bn1"].message

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -18,9 +20,17 @@ from bn_inspect.report.timeline_reading import read_timelines
 from sample_models.architectures import DigitsCNN
 from tests.helpers import DIGITS, REPO, invoke
 
-pl = pytest.importorskip("pytorch_lightning")
+PACKAGES = ["lightning.pytorch", "pytorch_lightning"]
+if not any(importlib.util.find_spec(name.split(".")[0]) for name in PACKAGES):
+    pytest.skip("neither lightning nor pytorch_lightning is installed", allow_module_level=True)
 
 BATCH = 64
+
+
+@pytest.fixture(params=PACKAGES)
+def pl(request: pytest.FixtureRequest) -> ModuleType:
+    """Each Lightning package in turn (its Trainer takes only its own callbacks and modules); skipped if absent."""
+    return pytest.importorskip(request.param)
 
 
 def _loader(images: str, labels: str, *, shuffle: bool = False) -> torch.utils.data.DataLoader[Any]:
@@ -34,31 +44,35 @@ def _loader(images: str, labels: str, *, shuffle: bool = False) -> torch.utils.d
     )
 
 
-class Digits(pl.LightningModule):  # type: ignore[misc]
-    def __init__(self, fail_at: int | None = None) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = DigitsCNN()
-        self.fail_at = fail_at
+def digits_module(pl: ModuleType, fail_at: int | None = None) -> Any:
+    """The digits CNN as a LightningModule of the package ``pl``."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    class Digits(pl.LightningModule):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = DigitsCNN()
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if self.fail_at is not None and self.global_step == self.fail_at:
-            raise RuntimeError("the loss exploded")
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            if fail_at is not None and self.global_step == fail_at:
+                raise RuntimeError("the loss exploded")
+            x, y = batch
+            return nn.functional.cross_entropy(self(x), y)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+            x, y = batch
+            self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    return Digits()
 
 
-def _trainer(callback: Any, epochs: int = 2) -> Any:
+def _trainer(pl: ModuleType, callback: Any, epochs: int = 2) -> Any:
     return pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
@@ -76,6 +90,13 @@ def _records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def test_the_callback_is_a_callback_of_each_lightning_package_installed(pl: ModuleType, tmp_path: Path) -> None:
+    from bn_inspect.lightning import CALLBACK_PACKAGES, BNWatch
+
+    assert pl.__name__ in CALLBACK_PACKAGES
+    assert isinstance(BNWatch(tmp_path / "run.jsonl"), pl.Callback)
+
+
 def test_importing_bn_inspect_does_not_import_lightning() -> None:
     code = (
         "import sys, bn_inspect; "
@@ -86,17 +107,17 @@ def test_importing_bn_inspect_does_not_import_lightning() -> None:
 
 
 def test_a_real_fit_writes_samples_at_global_steps_and_the_train_eval_gap_at_each_validation(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pl: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from bn_inspect.lightning import BNWatch
 
     path = tmp_path / "bn-watch.jsonl"
-    module = Digits()
+    module = digits_module(pl)
     callback = BNWatch(path, every_n_steps=5)
     train = _loader("train_images.npy", "train_labels.npy", shuffle=True)
     # The unscaled images (16 times the training scale): eval mode meets data far from its statistics.
     val = _loader("test_images_unscaled.npy", "test_labels.npy")
-    _trainer(callback).fit(module, train, val)
+    _trainer(pl, callback).fit(module, train, val)
     steps_per_epoch = len(train)
     records = _records(path)
     assert records[0]["record"] == "header" and records[-1]["record"] == "end"
@@ -126,13 +147,13 @@ def test_a_real_fit_writes_samples_at_global_steps_and_the_train_eval_gap_at_eac
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
 
 
-def test_a_fit_that_fails_closes_the_timeline_and_removes_the_hooks(tmp_path: Path) -> None:
+def test_a_fit_that_fails_closes_the_timeline_and_removes_the_hooks(pl: ModuleType, tmp_path: Path) -> None:
     from bn_inspect.lightning import BNWatch
 
     path = tmp_path / "bn-watch.jsonl"
-    module = Digits(fail_at=7)
+    module = digits_module(pl, fail_at=7)
     with pytest.raises(RuntimeError, match="the loss exploded"):
-        _trainer(BNWatch(path, every_n_steps=5)).fit(module, _loader("train_images.npy", "train_labels.npy"))
+        _trainer(pl, BNWatch(path, every_n_steps=5)).fit(module, _loader("train_images.npy", "train_labels.npy"))
     records = _records(path)
     assert records[0]["record"] == "header"
     assert [r["step"] for r in records if r["record"] == "sample"] == [0, 5]
@@ -148,7 +169,7 @@ def test_every_n_steps_must_be_a_whole_number_of_at_least_one(every: Any, tmp_pa
         BNWatch(tmp_path / "run.jsonl", every_n_steps=every)
 
 
-def test_with_gradient_accumulation_a_step_is_an_optimizer_step(tmp_path: Path) -> None:
+def test_with_gradient_accumulation_a_step_is_an_optimizer_step(pl: ModuleType, tmp_path: Path) -> None:
     from bn_inspect.lightning import BNWatch
 
     path = tmp_path / "bn-watch.jsonl"
@@ -166,7 +187,9 @@ def test_with_gradient_accumulation_a_step_is_an_optimizer_step(tmp_path: Path) 
         limit_val_batches=2,
     )
     trainer.fit(
-        Digits(), _loader("train_images.npy", "train_labels.npy"), _loader("test_images.npy", "test_labels.npy")
+        digits_module(pl),
+        _loader("train_images.npy", "train_labels.npy"),
+        _loader("test_images.npy", "test_labels.npy"),
     )
     written = [(r["record"], r["step"], r.get("phase")) for r in _records(path) if r["record"] != "header"]
     # 12 batches, 6 optimizer steps: one sample at steps 0 and 3, then the validation at step 6.

@@ -233,3 +233,20 @@ def test_data_keeps_few_batches_where_the_initial_values_still_show() -> None:
     model.eval()
     codes = {f.code for f in check_model(model, _features(1).split(100)).findings}
     assert {"BN114", "BN201"} <= codes
+
+
+def test_statistics_that_never_moved_in_tracked_batches_are_bn104_without_data(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # A layer trained with momentum 0: 48 batches tracked, its statistics still 0 and 1 exactly.
+    model = models.ConvBN2d().train()
+    model.bn1.momentum = 0.0
+    for batch in torch.randn(48, 4, 3, 8, 8).unbind():
+        model(batch)
+    path = tmp_path / "momentum0.pt"
+    torch.save(model.eval().state_dict(), path)
+    _, document = _findings(capsys, [path])
+    assert ("BN104", "bn1") in _code_layers(document)
+    assert ("BN104", "bn2") not in _code_layers(document)
+    (message,) = [f["message"] for f in document["findings"] if f["code"] == "BN104"]  # type: ignore[attr-defined, index]
+    assert "num_batches_tracked is 48" in message

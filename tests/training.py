@@ -115,3 +115,32 @@ def records(path: Path) -> list[dict[str, Any]]:
 def events(path: Path) -> list[tuple[int, str, str | None]]:
     """(step, code, layer) of every event in a timeline."""
     return [(r["step"], r["code"], r["layer"]) for r in records(path) if r["record"] == "event"]
+
+
+HALF_ULP = 2.0**-24
+# What the update's own roundings add to the half ulp of the stored buffers (the docstring's
+# "a few times that"): the kernel rounds (1 - f) running, f batch and their sum.
+ROUNDINGS = 4.0
+# The layer's own float32 reduction against the float64 reference: a variance of data whose mean is
+# 5e4 standard deviations from zero keeps about 4 digits (input_statistics' tolerance too).
+MEAN_RTOL, VAR_RTOL = 2e-6, 2e-4
+
+
+def assert_read_back(
+    x: torch.Tensor,
+    detail: dict[str, object],
+    old: tuple[np.ndarray, np.ndarray],
+    new: tuple[np.ndarray, np.ndarray],
+    factor: float,
+) -> None:
+    """A sampled call's statistics read back from the update (``old`` and ``new`` its running buffers) against
+    a float64 reference of its input ``x``, to engine/watch_statistics.py's tolerance."""
+    values = x.double().transpose(0, 1).reshape(x.shape[1], -1)
+    mean, var = values.mean(1).numpy(), values.var(1, unbiased=False).numpy()
+    mean_bound = ROUNDINGS * HALF_ULP * np.maximum(np.abs(old[0]), np.abs(new[0])) / factor
+    var_bound = ROUNDINGS * HALF_ULP * np.maximum(np.abs(old[1]), np.abs(new[1])) / factor
+    assert np.all(np.abs(np.asarray(detail["batch_mean"]) - mean) <= mean_bound + MEAN_RTOL * np.abs(mean).max())
+    assert np.all(np.abs(np.asarray(detail["batch_var"]) - var) <= var_bound + VAR_RTOL * var)
+    # The timeline keeps 7 significant digits.
+    np.testing.assert_allclose(detail["running_mean"], new[0], rtol=1e-6)
+    np.testing.assert_allclose(detail["running_var"], new[1], rtol=1e-6)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from bn_inspect.boundary.writing import AppendFile, Destination, create_append_file
+from bn_inspect.engine.watch_compiling import compile_refusal
 from bn_inspect.engine.watching import StepObservation, TrainingHooks, ValidationMoments, WatchedModule
 from bn_inspect.errors import OutputError, WatchError
 from bn_inspect.model.modules import refuse_lazy_modules
@@ -218,7 +219,8 @@ class Watch:
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self._hooks.remove()
-        refusal = None
+        # The watch's own refusal, when it refuses, is what ended the block: the end record names it.
+        refusal = compile_refusal(error) if error is not None else None
         if error is None and self.steps == 0:
             refusal = WatchError(
                 "the watch saw no training-mode forward of the model, so it recorded nothing",
@@ -236,14 +238,14 @@ class Watch:
                     steps=self.steps,
                     samples=self.samples,
                     events=len(self.events),
-                    raised=error if error is not None else refusal,
+                    raised=refusal if refusal is not None else error,
                 )
             )
         finally:
             if self._file is not None:
                 self._file.close()
         if refusal is not None:
-            raise refusal
+            raise refusal from error
 
     @contextmanager
     def validation(self) -> Iterator[None]:
@@ -397,10 +399,11 @@ def watch(
         The ``Watch``: its ``events`` so far, ``step(global_step)``, ``summary()``.
 
     Raises:
-        WatchError: the model is compiled or wrapped in DataParallel, has no BatchNorm layer or
-            unmaterialized lazy ones, the
-            settings are not whole numbers of at least 1, or (at the end of a block that raised
-            nothing) no training forward was seen.
+        WatchError: the model is compiled (before the watch, or inside it: at the first compiled
+            forward of the model, of a module holding it or of one of its layers) or wrapped in
+            DataParallel, has no BatchNorm layer or unmaterialized lazy ones, the settings are not
+            whole numbers of at least 1, or (at the end of a block that raised nothing) no training
+            forward was seen.
         OutputError: ``path`` is empty, exists in any form, or its folder is missing or not writable.
     """
     return Watch(model, path, every=every, detail_every=detail_every, print_events=print_events, thresholds=thresholds)

@@ -6,11 +6,12 @@ NaN or infinite exactly when an element is, and no sum of squares to overflow) i
 whose running statistics do not follow its input (eval mode, momentum 0, no running buffers) is
 checked with ``isfinite(x).all()``. That vector is read once per step on the CPU, where a read
 costs nothing, and once per sample elsewhere, so the step and layer where a NaN first appeared
-are exact either way. At a sample step each call's batch statistics (float32 ``var_mean`` over
-every axis but the channels) and running statistics after its update are cloned on the device,
-and all of them cross to the host in one transfer after the forward. Everything runs under
-``torch.no_grad()`` on detached tensors with autocast off, draws no random numbers and writes
-nothing the model holds, so training is bitwise the same with or without the watch.
+are exact either way. At a sample step each call's batch statistics (in training mode read back
+from BatchNorm's own update of its running buffers, which a pre-hook clones; otherwise a float32
+``var_mean`` of the input: engine/watch_statistics.py) and running statistics after its update
+are kept on the device, and all of them cross to the host in one transfer after the forward.
+Everything runs under ``torch.no_grad()`` on detached tensors with autocast off, draws no random
+numbers and writes nothing the model holds, so training is bitwise the same with or without the watch.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from bn_inspect.engine.watch_compiling import refuse_compiling
+from bn_inspect.engine.watch_statistics import RunningBefore, input_statistics, read_back_statistics, running_before
 from bn_inspect.errors import WatchError
 from bn_inspect.report.watch_records import CallStatistics
 
@@ -150,6 +153,8 @@ class TrainingHooks:
         self._layout: list[tuple[int, str]] = []
         self._nonfinite_done = False
         self._snapshots: dict[int, list[torch.Tensor]] = {}
+        # Per layer at a sample step, between its call's pre-hook and its hook: its buffers before the update.
+        self._before: dict[int, RunningBefore] = {}
         # Found under a layout of tensors since replaced, and not read yet.
         self._pending_nonfinite: FirstNonfinite | None = None
         # Set while a validation runs: its eval forwards are pooled, not counted as steps.
@@ -167,6 +172,7 @@ class TrainingHooks:
         self._handles.append(self.root.register_forward_pre_hook(self._begin))
         self._handles.append(self.root.register_forward_hook(self._end))
         for watched in self.layers:
+            self._handles.append(watched.module.register_forward_pre_hook(self._make_layer_pre_hook(watched)))
             self._handles.append(watched.module.register_forward_hook(self._make_layer_hook(watched)))
 
     def remove(self) -> None:
@@ -182,15 +188,29 @@ class TrainingHooks:
                 self.validation.calls.clear()
             return
         if torch.compiler.is_compiling():
-            raise WatchError(
-                "the watched model is being compiled (torch.compile), and its graphs would skip the watch's hooks",
-                "Watch the model uncompiled while diagnosing, or compile it after the watch ends",
-            )
+            refuse_compiling()
         step = self.step
         is_sample = step % self.every == 0 and step != self._last_sample
         if is_sample and self.on_sample_begin is not None:
             self.on_sample_begin(step)
+        self._before.clear()
         self._current = _StepState(step, is_sample)
+
+    def _make_layer_pre_hook(self, watched: WatchedModule) -> Callable[..., None]:
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if torch.compiler.is_compiling():  # a compiled part of the model (the root's hook ran eagerly)
+                refuse_compiling()
+            state = self._current
+            if state is None or not state.is_sample:
+                return
+            with torch.no_grad():
+                before = running_before(module)
+            if before is None:
+                self._before.pop(watched.index, None)
+            else:
+                self._before[watched.index] = before
+
+        return pre_hook
 
     def _make_layer_hook(self, watched: WatchedModule) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], _output: Any) -> None:
@@ -224,8 +244,13 @@ class TrainingHooks:
             state.input_flags[watched.index] = finite if previous is None else previous & finite
         if state.is_sample:
             samples = int(x.shape[0]) if x.dim() > 1 else 1
+            before = self._before.pop(watched.index, None)
             with _no_autocast(x):
-                statistics = _call_statistics(watched, x)
+                statistics = (
+                    input_statistics(watched.module, x)
+                    if before is None
+                    else read_back_statistics(watched.module, before, x)
+                )
             state.pending.append(_Pending(watched, call, values, samples, training, statistics))
 
     def _end(self, module: nn.Module, _args: tuple[Any, ...], _output: Any) -> None:
@@ -396,18 +421,6 @@ def _changed(now: list[torch.Tensor], before: list[torch.Tensor]) -> torch.Tenso
         for a, b in zip(now, before, strict=True)
     ]
     return torch.stack([f.to(flags[0].device) for f in flags]).any()
-
-
-def _call_statistics(watched: WatchedModule, x: torch.Tensor) -> torch.Tensor:
-    """batch_mean, batch_var (biased), running_mean, running_var after the update, non-finite count: float64."""
-    values = x if x.dtype == torch.float64 else x.float()
-    dims = [0, *range(2, x.dim())]
-    batch_var, batch_mean = torch.var_mean(values, dim=dims, correction=0)
-    module = watched.module
-    running = [getattr(module, name, None) for name in ("running_mean", "running_var")]
-    running_parts = [t.detach().double().reshape(-1) for t in running if isinstance(t, torch.Tensor)]
-    nonfinite = (~torch.isfinite(x)).sum().double().reshape(1)
-    return torch.cat([batch_mean.double(), batch_var.double(), *running_parts, nonfinite])
 
 
 def _decode_calls(pending: list[_Pending], host: torch.Tensor, layers: list[WatchedModule]) -> Iterator[CallStatistics]:

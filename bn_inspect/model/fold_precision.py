@@ -118,13 +118,25 @@ def int8_headroom(layer: Untrusted, folded_weight: torch.Tensor) -> FoldHeadroom
     error = (step / 2) / per_channel
     channel = int(error.argmax())
     worst = float(per_channel[channel])
+    setter = int(per_channel.argmax())
     if worst < step / 2:
-        return FoldHeadroom(layer, "folded weight", "zero", channel, worst, 0.0, 1.0, int(per_channel.numel()))
+        return FoldHeadroom(
+            layer, "folded weight", "zero", channel, worst, 0.0, 1.0, int(per_channel.numel()), setter, largest
+        )
     if float(error[channel]) <= MAX_INT8_CHANNEL_ERROR:
         return None
     rounded = round(worst / step) * step
     return FoldHeadroom(
-        layer, "folded weight", "precision", channel, worst, rounded, float(error[channel]), int(per_channel.numel())
+        layer,
+        "folded weight",
+        "precision",
+        channel,
+        worst,
+        rounded,
+        float(error[channel]),
+        int(per_channel.numel()),
+        setter,
+        largest,
     )
 
 

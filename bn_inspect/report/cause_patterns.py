@@ -45,6 +45,8 @@ STRUCTURED_SPREAD = 0.25
 # A layer counts as untouched by the fault when its mean |z| and |mean ln r| stay below these.
 QUIET_SHIFT = 0.2
 QUIET_LOG_RATIO = 0.15
+# A departure is a few channels' when at most a tenth of them make this share of its size (|z| + |ln r|).
+CONCENTRATED = 0.8
 # num_batches_tracked at or below this: statistics from a short pass (a recalibration, or too few batches).
 FEW_BATCHES = 100
 # Input channel counts where channel order is a thing people get wrong (RGB, RGBA).
@@ -142,9 +144,45 @@ def shape_cause(report: Report, stats: Sequence[LayerReport], layer: LayerReport
     pattern = layer_pattern(layer)
     if pattern is None:
         return None
+    below_eps = _variances_below_eps(layer)
+    if below_eps:
+        return Cause(
+            CORRUPTED_LAYER,
+            f"{_named(layer)} stores running variances below eps/10 in {below_eps} of its {len(layer.running_var or ())} "
+            "channels, where BatchNorm's own eps dwarfs them: its stored statistics are off (overwritten, or "
+            "computed on constant data), whatever the input does",
+        )
     if layer is not stats[0]:
         return _deep_cause(stats[next(i for i, other in enumerate(stats) if other is layer) - 1], pattern)
     return _input_cause(report, pattern)
+
+
+def _variances_below_eps(layer: LayerReport) -> int:
+    """How many channels store a running variance below eps/10, when that is most of them; else 0."""
+    eps, variances = layer.eps or 0.0, layer.running_var or ()
+    count = sum(0 <= v < eps / 10 for v in variances)
+    return count if variances and count >= COHERENT_SHARE * len(variances) else 0
+
+
+def _concentrated(pattern: LayerPattern) -> tuple[int, ...]:
+    """The few channels (at most a tenth, at least one) that make CONCENTRATED of the layer's departure, if any."""
+    shifts, ratios = pattern.layer.mean_shift_z or (), pattern.layer.var_ratio or ()
+    sizes = [
+        abs(z) + abs(0.5 * math.log(r)) if math.isfinite(z) and 0 < r < math.inf else math.inf
+        for z, r in zip(shifts, ratios, strict=True)
+    ]
+    total = math.fsum(size for size in sizes if math.isfinite(size))
+    ranked = sorted(range(len(sizes)), key=lambda c: -sizes[c])
+    limit = max(1, len(sizes) // 10)
+    top = ranked[:limit]
+    if not total or any(not math.isfinite(sizes[c]) for c in top):
+        return ()
+    picked: list[int] = []
+    for channel in top:
+        picked.append(channel)
+        if math.fsum(sizes[c] for c in picked) >= CONCENTRATED * total:
+            return tuple(sorted(picked))
+    return ()
 
 
 def _deep_cause(previous: LayerReport, pattern: LayerPattern) -> Cause | None:
@@ -158,6 +196,15 @@ def _deep_cause(previous: LayerReport, pattern: LayerPattern) -> Cause | None:
             CORRUPTED_LAYER,
             f"every channel of {name} departs alike ({moved}) while {_named(previous)} just before it "
             f"matches the data: {name}'s own stored statistics are off",
+        )
+    few = _concentrated(pattern) if before is not None and before.is_quiet else ()
+    if few:
+        return Cause(
+            CORRUPTED_LAYER,
+            f"channel{'s' if len(few) > 1 else ''} {_listed(list(few))} of {name} make{'' if len(few) > 1 else 's'} most of "
+            f"its departure while its "
+            f"other {pattern.num_channels - len(few)} channels and {_named(previous)} just before it match the data: "
+            "those channels' stored statistics are off",
         )
     where = f"{name}, past the first layer, which does not depart"
     if pattern.abs_shift >= 0.3 and pattern.is_coherent:

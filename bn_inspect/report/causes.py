@@ -19,7 +19,7 @@ from bn_inspect.report.cause_codes import CAUSES as CAUSES
 from bn_inspect.report.cause_codes import FEW_BATCHES_TRACKED, MOMENTUM, PARTIAL_LOAD, PRECISION, UNKNOWN, Cause
 from bn_inspect.report.cause_patterns import FEW_BATCHES, shape_cause
 from bn_inspect.report.findings import Finding
-from bn_inspect.report.records import LayerReport, LayerState, Report
+from bn_inspect.report.records import LayerReport, LayerState, Report, at_initial_values
 
 # The share of the departure that leaning toward mean 0, variance 1 must explain to name it.
 PULL_EXPLAINS = 0.5
@@ -65,7 +65,7 @@ def state_cause(state: LayerState) -> Cause | None:
 
 def _buffer_cause(state: LayerState) -> Cause | None:
     """Buffers that are wrong by themselves: never loaded, or overflowed in float16."""
-    if _at_initial_values(state.running_mean, state.running_var):
+    if at_initial_values(state.running_mean, state.running_var):
         return _initial_values_cause(state.name.raw, state.num_batches_tracked)
     values = state.running_var or ()
     if math.inf in values and (state.buffer_dtype in HALF_DTYPES or _looks_half_precision(values)):
@@ -98,7 +98,7 @@ def _stored_cause(leaving: Sequence[LayerReport], states: Sequence[LayerState]) 
         if cause is not None:
             return cause
     for layer in leaving:
-        if _at_initial_values(layer.running_mean, layer.running_var):
+        if at_initial_values(layer.running_mean, layer.running_var):
             return _initial_values_cause(layer.name.raw, layer.num_batches_tracked)
         if math.inf in (layer.running_var or ()) and _looks_half_precision(layer.running_var):
             return _precision_cause(layer.name.raw, layer.running_var or ())
@@ -130,10 +130,6 @@ def _initial_values_cause(name: str, num_batches_tracked: int | None) -> Cause:
         "a fresh layer's, never loaded from a trained model (a state_dict loaded with strict=False) "
         "or never trained",
     )
-
-
-def _at_initial_values(running_mean: Sequence[float] | None, running_var: Sequence[float] | None) -> bool:
-    return bool(running_mean) and all(m == 0 for m in running_mean or ()) and all(v == 1 for v in running_var or ())
 
 
 def _is_half(value: float) -> bool:

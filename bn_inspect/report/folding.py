@@ -65,6 +65,8 @@ class FoldHeadroom:
     ``problem``: "overflow" (beyond the format's largest finite value), "zero" (rounds to zero),
     "precision" (rounding moves it by ``relative_error`` of itself, above the rule's limit).
     ``value`` is the float64 value of the worst channel, ``rounded`` what the format makes of it.
+    In int8, ``scale_channel`` is the channel whose largest |folded weight|, ``scale_value``, sets
+    the tensor's one scale (the cause, where the worst channel is the victim).
     """
 
     layer: Untrusted
@@ -75,6 +77,8 @@ class FoldHeadroom:
     rounded: float
     relative_error: float
     num_channels: int
+    scale_channel: int | None = None
+    scale_value: float | None = None
 
 
 @dataclass(frozen=True)
@@ -82,9 +86,9 @@ class FoldChange:
     """How much folding changed one output on one batch (BN404).
 
     ``layer`` is the folded BatchNorm (its producer's output in the folded model), None for the
-    model's output. ``change`` is the largest |folded - original| over the output's elements as
-    a share of the original output's root mean square (``scale``); ``format`` is "float32" or the
-    --precision format.
+    model's output. ``change`` is the root mean square of folded - original over the output's
+    elements as a share of the original output's root mean square (``scale``); ``format`` is
+    "float32" or the --precision format.
     """
 
     layer: Untrusted | None
@@ -161,11 +165,16 @@ def _said(room: FoldHeadroom, precision: str) -> str:
     where = f"{room.quantity} of channel {room.channel}"
     if precision == "int8":
         where = f"channel {room.channel}'s largest |folded weight|, {room.value:.3g},"
+        scale = "one scale for the whole tensor" + (
+            f", set by channel {room.scale_channel}'s largest |folded weight|, {room.scale_value:.3g}"
+            if room.scale_channel is not None and room.scale_value is not None
+            else ""
+        )
         if room.problem == "zero":
-            return f"{where} is below half of int8's step under one scale for the whole tensor: the channel becomes 0"
+            return f"{where} is below half of int8's step under {scale}: the channel becomes 0"
         return (
-            f"{where} spans {0.5 / room.relative_error:.1f} of int8's 127 levels under one scale for the whole "
-            f"tensor: its weights are rounded by up to {room.relative_error:.1%} of it"
+            f"{where} spans {0.5 / room.relative_error:.1f} of int8's 127 levels under {scale}: its weights are "
+            f"rounded by up to {room.relative_error:.1%} of it"
         )
     if room.problem == "overflow":
         return f"{where} is {room.value:.4g}, beyond {precision}'s largest value: it becomes inf"
@@ -197,22 +206,24 @@ def change_findings(changes: Sequence[FoldChange]) -> list[Finding]:
         if change.change <= limit:
             continue
         what = "the model's output" if change.layer is None else "the output of the layer it folds into"
+        finite = math.isfinite(change.change)
+        moved = (
+            f"changes by {change.change:.3g} of its size: the root mean square of the change is {change.change:.3g} "
+            f"times the original output's ({change.scale:.3g}); the limit is {limit:g}"
+            if finite
+            else "becomes NaN or infinite"
+        )
         out.append(
             _finding(
                 "BN404",
                 change.layer,
-                f"folded and run in {change.format}, {what} {_moved(change)} (root mean square of the change "
-                f"over that of the original output, {change.scale:.3g}; the limit is {limit:g}). "
+                f"folded and run in {change.format}, {what} {moved}. "
                 "See the BN403 findings, or keep the layers it names unfolded in float32",
+                # An output that is no longer a number is broken, however small the model's other changes.
+                severity=None if finite else Severity.ERROR,
             )
         )
     return out
-
-
-def _moved(change: FoldChange) -> str:
-    if math.isfinite(change.change):
-        return f"moves by {change.change:.3g} of its scale"
-    return "becomes NaN or infinite"
 
 
 def change_summary(changes: Sequence[FoldChange]) -> str | None:

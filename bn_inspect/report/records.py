@@ -447,17 +447,16 @@ def _maybe(text: str | None) -> Untrusted | None:
     return None if text is None else Untrusted(text)
 
 
+def at_initial_values(running_mean: Sequence[float] | None, running_var: Sequence[float] | None) -> bool:
+    """Running statistics exactly as a layer is built: mean 0 and variance 1 in every channel."""
+    return bool(running_mean) and all(m == 0 for m in running_mean or ()) and all(v == 1 for v in running_var or ())
+
+
 def never_updated(
     num_batches_tracked: int | None, running_mean: Sequence[float] | None, running_var: Sequence[float] | None
 ) -> bool:
     """Running statistics as a layer is built (mean 0, var 1) and never tracked a batch: untrained."""
-    return (
-        num_batches_tracked == 0
-        and running_mean is not None
-        and running_var is not None
-        and all(v == 0 for v in running_mean)
-        and all(v == 1 for v in running_var)
-    )
+    return num_batches_tracked == 0 and running_var is not None and at_initial_values(running_mean, running_var)
 
 
 def json_ready(value: Any) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 
 from bn_inspect.report.departure import ERROR, Thresholds, departure
 from bn_inspect.report.findings import RULES, Finding, Severity
-from bn_inspect.report.records import LayerReport, LayerState, Report, never_updated
+from bn_inspect.report.records import LayerReport, LayerState, Report, at_initial_values, never_updated
 from bn_inspect.text import Untrusted
 
 FLOAT16_MAX = 65504.0
@@ -198,6 +198,18 @@ def _update_findings(s: LayerState, thresholds: Thresholds) -> list[Finding]:
                 "running statistics were never updated (num_batches_tracked is 0, "
                 "running_mean 0, running_var 1), so eval normalizes with nothing learned. Train, or "
                 "recalibrate on real data before evaluating",
+                severity=Severity.ERROR if thresholds.strict else None,
+            )
+        )
+    elif s.num_batches_tracked and at_initial_values(s.running_mean, s.running_var):
+        out.append(
+            _finding(
+                "BN104",
+                s.name,
+                f"running statistics are still exactly their initial values (running_mean 0, running_var 1) "
+                f"although num_batches_tracked is {s.num_batches_tracked:,}: they were tracked with momentum 0, "
+                "or reset or never loaded afterwards, so eval normalizes with nothing learned. Recalibrate on "
+                "real data (bn-inspect recalibrate), and look for momentum 0 in training",
                 severity=Severity.ERROR if thresholds.strict else None,
             )
         )
