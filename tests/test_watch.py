@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 import bn_inspect
+from bn_inspect.errors import OutputError
 from bn_inspect.report.findings import RULES
-from tests.training import DigitsNet, events, new_net, records, train
+from tests.training import DigitsNet, batches, events, new_net, records, train
 
 
 def watched(model: nn.Module, path: Path, steps: int, *, every: int = 10, **training: object) -> bn_inspect.Watch:
@@ -147,7 +148,7 @@ def test_nothing_is_printed_unless_asked(tmp_path: Path, capsys: pytest.CaptureF
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("step 0: BN502 warning bn2: ")
     assert watch.summary().splitlines()[-1] == (
-        f"12 training steps watched, 2 samples, 1 events; timeline: {tmp_path / 'loud.jsonl'}"
+        f"12 training steps watched, 2 samples, 1 event; timeline: {tmp_path / 'loud.jsonl'}"
     )
 
 
@@ -215,3 +216,133 @@ def test_periodic_detail_thins_out_as_it_fills_its_budget_and_never_passes_it() 
     assert taken == [0, 20, 40, 60, 80, 120, 160, 200, 240, 320]
     # ...until the budget is spent: then no periodic detail is written any more.
     assert budget.written == 100 and not budget.take(1)
+
+
+@pytest.mark.parametrize(("momentum", "fires"), [(1.0, True), (0.99, True), (0.1, False)])
+def test_a_momentum_so_large_the_statistics_follow_single_batches_is_bn506_at_the_first_sample(
+    momentum: float, fires: bool, tmp_path: Path
+) -> None:
+    model = new_net()
+    model.bn2.momentum = momentum
+    path = tmp_path / "w.jsonl"
+    watch = watched(model, path, 25)
+    found = [(e.step, e.code, e.layer) for e in watch.events]
+    assert found == ([(0, "BN506", "bn2")] if fires else [])
+    if fires:
+        event = watch.events[0]
+        assert event.severity == "warning" and event.values == {"momentum": momentum}
+        assert f"bn2 trains with momentum {momentum:g}: each update makes its running statistics" in event.message
+        assert "follow single batches" in event.message and "1 - momentum" in event.message
+        assert events(path) == [(0, "BN506", "bn2")]
+
+
+def test_a_large_momentum_in_eval_mode_is_not_bn506(tmp_path: Path) -> None:
+    model = new_net()
+    model.bn2.momentum = 0.9
+
+    def freeze_bn2(step: int, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        net.bn2.eval()  # its statistics never update: the momentum does nothing
+        return x
+
+    watch = watched(model, tmp_path / "w.jsonl", 12, before_step=freeze_bn2)
+    assert "BN506" not in {e.code for e in watch.events}
+
+
+def _nan_message(tmp_path: Path, plant: object) -> str:
+    model = new_net()
+    watch = watched(model, tmp_path / "w.jsonl", 14, before_step=plant)  # type: ignore[arg-type]
+    [event] = [e for e in watch.events if e.code == "BN501"]
+    return event.message
+
+
+def test_bn501_says_a_nan_in_running_statistics_that_follow_the_input_may_come_from_the_input(
+    tmp_path: Path,
+) -> None:
+    def nan_input(step: int, _model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x * math.nan if step == 3 else x
+
+    assert _nan_message(tmp_path, nan_input).startswith(
+        "the first non-finite value appeared at step 3 in bn1's running_mean, running_var (updated from the "
+        "step's input: a non-finite input or an upstream layer), the first layer in execution order to hold one"
+    )
+
+
+def test_bn501_names_the_input_of_a_layer_whose_statistics_do_not_follow_it(tmp_path: Path) -> None:
+    def nan_input_to_eval_bn1(step: int, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        net.bn1.eval()
+        return x * math.nan if step == 3 else x
+
+    message = _nan_message(tmp_path, nan_input_to_eval_bn1)
+    assert message.startswith("the first non-finite value appeared at step 3 in bn1 (input), the first layer")
+
+
+def test_bn501_names_the_buffer_alone_when_it_was_overwritten_in_eval_mode(tmp_path: Path) -> None:
+    def nan_checkpoint(step: int, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        net.bn1.eval()
+        if step == 3:
+            with torch.no_grad():
+                net.bn1.running_var[2] = math.nan
+        return x
+
+    message = _nan_message(tmp_path, nan_checkpoint)
+    assert message.startswith("the first non-finite value appeared at step 3 in bn1 (running_var), the first layer")
+
+
+def test_the_summary_counts_steps_named_and_forwards_apart_with_gradient_accumulation(tmp_path: Path) -> None:
+    model = new_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    path = tmp_path / "w.jsonl"
+    with bn_inspect.watch(model, path, every=2) as watch:
+        for index, (x, y) in enumerate(batches(16, 12)):
+            watch.step(index // 2)  # named at every forward: the same step twice counts once
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            if index % 2 == 1:
+                optimizer.step()
+                optimizer.zero_grad()
+    assert watch.summary() == f"6 steps named (0 to 5), 12 training forwards, 3 samples, 0 events; timeline: {path}"
+    assert records(path)[-1]["steps"] == 12 and records(path)[-1]["step"] == 5
+
+
+@pytest.mark.surface("write:timeline", "traceback")
+@pytest.mark.parametrize("path", ["", "  "])
+def test_an_empty_path_is_refused_in_one_line(path: str) -> None:
+    with pytest.raises(OutputError) as caught:
+        bn_inspect.watch(new_net(), path)
+    assert caught.value.line() == "the timeline's path is empty. Pass a new file's path, e.g. runs/bn-watch.jsonl"
+
+
+def test_one_event_on_several_layers_at_a_step_is_one_line_of_the_summary(tmp_path: Path) -> None:
+    model = new_net()
+    for layer in (model.bn1, model.bn2, model.bn3):
+        layer.weight.requires_grad_(False)
+        layer.bias.requires_grad_(False)
+    model.bn2.momentum = 0.0  # bn2: BN502, a second group of one
+    watch = watched(model, tmp_path / "w.jsonl", 12)
+    assert [(e.step, e.code, e.layer) for e in watch.events] == [
+        (0, "BN503", "bn1"),
+        (0, "BN502", "bn2"),
+        (0, "BN503", "bn3"),
+    ]
+    lines = watch.summary().splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith(
+        "step 0: BN503 warning on 2 layers (bn1 and bn3); in bn1: bn1 has frozen affine parameters"
+    )
+    assert lines[1].startswith("step 0: BN502 warning bn2: bn2 is in training mode")
+    assert lines[2].startswith("12 training steps watched, 2 samples, 3 events;")
+
+
+def test_a_group_names_its_first_eight_layers_then_counts_the_rest() -> None:
+    from bn_inspect.report.watch_records import WatchEvent, grouped_event_lines
+
+    frozen = [
+        WatchEvent(0, "BN503", "warning", f"layer{n}", f"layer{n} has frozen affine parameters") for n in range(11)
+    ]
+    later = WatchEvent(7, "BN503", "warning", "head", "head has frozen affine parameters")
+    model = WatchEvent(7, "BN504", "warning", None, "the ranks differ")
+    assert grouped_event_lines([*frozen, later, model]) == [
+        "step 0: BN503 warning on 11 layers (layer0, layer1, layer2, layer3, layer4, layer5, layer6, layer7 and 3 more); "
+        "in layer0: layer0 has frozen affine parameters",
+        "step 7: BN503 warning head: head has frozen affine parameters",
+        "step 7: BN504 warning (model): the ranks differ",
+    ]

@@ -72,6 +72,8 @@ def _assert_refused(
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     end = records(path)[-1]
     assert end["record"] == "end" and end["steps"] == 1
+    # The refusal ended the block (with fullgraph too, where Dynamo raised an error of its own).
+    assert end["exception"]["type"] == "WatchError" and REFUSAL.startswith(end["exception"]["message"].rstrip("…"))
 
 
 @pytest.mark.parametrize("how", list(COMPILES))

@@ -62,6 +62,7 @@ def test_the_hooks_are_removed_and_the_file_ended_when_the_loop_raises(tmp_path:
         "steps": 7,
         "samples": 2,
         "events": 0,
+        "exception": {"type": "RuntimeError", "message": "loader failed"},
     }
 
 

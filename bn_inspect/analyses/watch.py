@@ -28,7 +28,7 @@ from torch import nn
 from bn_inspect.boundary.writing import AppendFile, Destination, create_append_file
 from bn_inspect.engine.watch_compiling import compile_refusal
 from bn_inspect.engine.watching import StepObservation, TrainingHooks, ValidationMoments, WatchedModule
-from bn_inspect.errors import WatchError
+from bn_inspect.errors import OutputError, WatchError
 from bn_inspect.model.modules import refuse_lazy_modules
 from bn_inspect.report.departure import Thresholds
 from bn_inspect.report.watch_records import (
@@ -37,6 +37,7 @@ from bn_inspect.report.watch_records import (
     WatchEvent,
     end_record,
     event_record,
+    grouped_event_lines,
     header_record,
     json_line,
     sample_record,
@@ -147,6 +148,8 @@ class Watch:
         for name, value in (("every", every), ("detail_every", detail_every)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise WatchError(f"{name} must be a whole number of at least 1, not {value!r}", f"Pass {name}=50")
+        if not str(path).strip():
+            raise OutputError("the timeline's path is empty", "Pass a new file's path, e.g. runs/bn-watch.jsonl")
         self.model = _unwrapped(model)
         refuse_lazy_modules(self.model, ", so its layers' channels are unknown", "Run one forward before watching")
         self.layers = _watched_modules(self.model)
@@ -163,6 +166,8 @@ class Watch:
         self._file: AppendFile | None = None
         self._divergence: list[WatchEvent | None] = []
         self._detail = DetailBudget(detail_every)
+        # Named by step(): the first and the last step named, and how many were named (each change counts).
+        self._named: tuple[int, int, int] | None = None
         self._hooks = TrainingHooks(
             self.model,
             self.layers,
@@ -182,6 +187,10 @@ class Watch:
         if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
             raise WatchError(f"the step must be a whole number of at least 0, not {global_step!r}", "Pass global_step")
         self._hooks.explicit_step = global_step
+        if self._named is None:
+            self._named = (global_step, global_step, 1)
+        elif global_step != self._named[1]:
+            self._named = (self._named[0], global_step, self._named[2] + 1)
 
     def __enter__(self) -> Watch:
         self._file = create_append_file(self.path, Destination.TIMELINE)
@@ -210,23 +219,33 @@ class Watch:
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self._hooks.remove()
+        # The watch's own refusal, when it refuses, is what ended the block: the end record names it.
         refusal = compile_refusal(error) if error is not None else None
+        if error is None and self.steps == 0:
+            refusal = WatchError(
+                "the watch saw no training-mode forward of the model, so it recorded nothing",
+                "Call the model given to watch (not a compiled copy) in training mode inside the with block",
+            )
         try:
             found = self._hooks.flush_nonfinite()
             if found is not None:
-                self._record([self.rules.nonfinite(found.step, found.layer, found.tensors)])
+                self._record([self._nonfinite(found.step, found.layer, found.tensors)])
             last = max(self._hooks.count - 1, 0) if self._hooks.explicit_step is None else self._hooks.explicit_step
-            self._write(end_record(last, self.rank, steps=self.steps, samples=self.samples, events=len(self.events)))
+            self._write(
+                end_record(
+                    last,
+                    self.rank,
+                    steps=self.steps,
+                    samples=self.samples,
+                    events=len(self.events),
+                    raised=refusal if refusal is not None else error,
+                )
+            )
         finally:
             if self._file is not None:
                 self._file.close()
         if refusal is not None:
             raise refusal from error
-        if error is None and self.steps == 0:
-            raise WatchError(
-                "the watch saw no training-mode forward of the model, so it recorded nothing",
-                "Call the model given to watch (not a compiled copy) in training mode inside the with block",
-            )
 
     @contextmanager
     def validation(self) -> Iterator[None]:
@@ -258,11 +277,21 @@ class Watch:
             self._file.sync()
 
     def summary(self) -> str:
-        """What the watch found, as text: one line per event, then the counts and the timeline's path."""
-        lines = [event.line() for event in self.events]
+        """What the watch found, as text: one line per event (an event on several layers at one step
+        as one line listing them), then the counts and the timeline's path.
+
+        With ``step(global_step)`` the steps named and the training forwards are counted apart (with
+        gradient accumulation a step is several forwards).
+        """
+        lines = grouped_event_lines(self.events)
+        watched = f"{_counted(self.steps, 'training step')} watched"
+        if self._named is not None:
+            first, last, count = self._named
+            watched = (
+                f"{_counted(count, 'step')} named ({first:,} to {last:,}), {_counted(self.steps, 'training forward')}"
+            )
         lines.append(
-            f"{self.steps:,} training steps watched, {self.samples:,} samples, {len(self.events):,} events; "
-            f"timeline: {self.path}"
+            f"{watched}, {_counted(self.samples, 'sample')}, {_counted(len(self.events), 'event')}; timeline: {self.path}"
         )
         return "\n".join(lines)
 
@@ -284,15 +313,20 @@ class Watch:
         found = [self.rules.few_values(step, name, values) for name, values in observation.few_values]
         if observation.nonfinite is not None:
             first = observation.nonfinite
-            found.append(self.rules.nonfinite(first.step, first.layer, first.tensors))
+            found.append(self._nonfinite(first.step, first.layer, first.tensors))
         if observation.is_sample:
             self._sample(step, observation.calls, found)
         elif self._record(found) and self._file is not None:
             self._file.sync()
 
+    def _nonfinite(self, step: int, layer: str, tensors: tuple[str, ...]) -> WatchEvent | None:
+        follows = any(w.name == layer and w.follows_input() for w in self.layers)
+        return self.rules.nonfinite(step, layer, tensors, follows_input=follows)
+
     def _sample(self, step: int, calls: tuple[CallStatistics, ...], found: list[WatchEvent | None]) -> None:
         summaries = [summarize(call, self.thresholds) for call in calls]
-        found.extend(self.rules.judge_sample(step, summaries))
+        momenta = {w.name: float(m) for w in self.layers if (m := getattr(w.module, "momentum", None)) is not None}
+        found.extend(self.rules.judge_sample(step, summaries, momenta))
         found.extend(self._divergence)
         self._divergence = []
         events = [e for e in found if e is not None]
@@ -337,6 +371,10 @@ class Watch:
         return [self.rules.rank_divergence(step, layer, value, name) for layer, (value, name) in largest.items()]
 
 
+def _counted(number: int, noun: str) -> str:
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
+
+
 def watch(
     model: nn.Module,
     path: str | Path,
@@ -366,6 +404,6 @@ def watch(
             DataParallel, has no BatchNorm layer or unmaterialized lazy ones, the settings are not
             whole numbers of at least 1, or (at the end of a block that raised nothing) no training
             forward was seen.
-        OutputError: ``path`` exists in any form, or its folder is missing or not writable.
+        OutputError: ``path`` is empty, exists in any form, or its folder is missing or not writable.
     """
     return Watch(model, path, every=every, detail_every=detail_every, print_events=print_events, thresholds=thresholds)

@@ -281,6 +281,7 @@ def _take(contents: _FileContents, record: Any) -> None:
         contents.validations.append(_validation(record))
     else:
         contents.has_end = True
+        contents.notes.extend(_ending(record))
 
 
 def _take_sample(contents: _FileContents, record: dict[str, Any]) -> None:
@@ -457,3 +458,18 @@ def _series_of(contents: _FileContents) -> list[LayerSeries]:
             )
         )
     return series
+
+
+def _ending(end: dict[str, Any]) -> list[str]:
+    """A note when the end record says the block raised (``exception``) or nothing was watched (0 steps)."""
+    raised = end.get("exception")
+    kind = message = ""
+    if raised is not None:
+        raised = _checked(raised, {"type": "str", "message": "str"}, "the end record's exception")
+        kind, message = one_line(raised["type"])[:60], one_line(raised["message"])[:200].rstrip(".")
+    if end["steps"] == 0:
+        return [f"nothing was watched (0 steps){f'; the watch ended with {kind}: {message}' if kind else ''}"]
+    if raised is None:
+        return []
+    run = "the run" if end["rank"] == 0 else f"rank {end['rank']}'s run"
+    return [f"{run} ended with {kind} at step {end['step']:,}: {message}"]

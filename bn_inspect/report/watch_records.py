@@ -1,9 +1,10 @@
 """The timeline a watch writes: its records as plain values and their JSON lines (format bn-inspect-timeline, version 1).
 
 One JSON object per line: a header, then samples, events and validation records in the order
-they happen, then an end record on a clean exit (a file without one was killed). Every record but
-the header carries ``step`` (the watch's step: its count of training forwards from 0, or the
-user's ``watch.step(global_step)``) and ``rank`` (0 without torch.distributed). JSON has no NaN:
+they happen, then an end record when the watch's block ends (a file without one was killed; the
+end record of a block that raised names the exception). Every record but the header carries
+``step`` (the watch's step: its count of training forwards from 0, or the user's
+``watch.step(global_step)``) and ``rank`` (0 without torch.distributed). JSON has no NaN:
 a figure that is not finite is written as null, and the event that names it says why.
 
 Per layer call, a sample holds (``batch_*`` over the call's input, ``running_*`` after its update):
@@ -162,6 +163,37 @@ class WatchEvent:
         return f"step {self.step}: {self.code} {self.severity} {where}: {self.message}"
 
 
+# A group of events lists at most this many layers by name, then counts the rest.
+GROUP_NAMES_SHOWN = 8
+
+
+def grouped_event_lines(events: Sequence[WatchEvent]) -> list[str]:
+    """The events as lines, those of one step, code and severity on several layers as one line with the layer list.
+
+    A frozen backbone gives one BN503 per layer, whose messages differ only by the name: one line
+    lists the layers (the first GROUP_NAMES_SHOWN, then a count) and shows the first layer's
+    message. Groups keep the order in which their first event was found.
+    """
+    groups: dict[tuple[int, str, str], list[WatchEvent]] = {}
+    for event in events:
+        groups.setdefault((event.step, event.code, event.severity), []).append(event)
+    lines = []
+    for (step, code, severity), members in groups.items():
+        named = [e for e in members if e.layer is not None]
+        if len(members) == 1 or len(named) != len(members):
+            lines += [e.line() for e in members]
+            continue
+        names = [str(e.layer) for e in named]
+        shown = ", ".join(names[:GROUP_NAMES_SHOWN])
+        rest = len(names) - GROUP_NAMES_SHOWN
+        listing = f"{shown} and {rest:,} more" if rest > 0 else f"{', '.join(names[:-1])} and {names[-1]}"
+        first = members[0]
+        lines.append(
+            f"step {step}: {code} {severity} on {len(names):,} layers ({listing}); in {first.layer}: {first.message}"
+        )
+    return lines
+
+
 def _number(value: float | None, digits: int) -> float | None:
     # Rounded to what the statistics hold (float32 inputs carry about 7 digits): shorter lines, the
     # same information. Not finite: null.
@@ -284,6 +316,31 @@ def validation_record(step: int, rank: int, gaps: Sequence[tuple[str, float | No
     return {"record": "validation", "step": step, "rank": rank, "gap": {"layers": layers, "largest": largest}}
 
 
-def end_record(step: int, rank: int, *, steps: int, samples: int, events: int) -> dict[str, object]:
-    """The last line of a clean exit."""
-    return {"record": "end", "step": step, "rank": rank, "steps": steps, "samples": samples, "events": events}
+# An exception's message in the end record is cut here: it says what ended the run, not its traceback.
+EXCEPTION_MESSAGE_CHARACTERS = 200
+
+
+def end_record(
+    step: int, rank: int, *, steps: int, samples: int, events: int, raised: BaseException | None = None
+) -> dict[str, object]:
+    """The last line, written when the watch's block ends; ``raised``: the exception it ended with, if any.
+
+    The exception is kept as ``exception``: its class name and the first line of its message (at
+    most EXCEPTION_MESSAGE_CHARACTERS), so a reader can tell a run that raised (or that the watch
+    refused) from one that finished.
+    """
+    record: dict[str, object] = {
+        "record": "end",
+        "step": step,
+        "rank": rank,
+        "steps": steps,
+        "samples": samples,
+        "events": events,
+    }
+    if raised is not None:
+        lines = str(raised).strip().splitlines()
+        message = lines[0] if lines else ""
+        if len(message) > EXCEPTION_MESSAGE_CHARACTERS:
+            message = message[: EXCEPTION_MESSAGE_CHARACTERS - 1] + "…"
+        record["exception"] = {"type": type(raised).__name__, "message": message}
+    return record

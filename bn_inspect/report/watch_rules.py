@@ -1,13 +1,14 @@
 """The watch's events (BN501-BN506): what a sample or a step shows, judged on plain values.
 
-Each event fires once per layer (BN506 once per stretch of lagging samples), at the step where it
-was seen; the rule table (report/findings.py) holds the codes, names and severities.
+Each event fires once per layer (BN506 once for a momentum of at least LARGE_MOMENTUM, and once
+per stretch of lagging samples), at the step where it was seen; the rule table
+(report/findings.py) holds the codes, names and severities.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bn_inspect.report.departure import Thresholds
@@ -19,6 +20,10 @@ from bn_inspect.report.watch_records import CallSummary, WatchEvent
 # so the first steps (running statistics still near 0 and 1) and one odd batch never fire.
 LAG_SAMPLES = 5
 LAG_MIN_STEPS = 100
+# BN506 also names a training-mode layer whose momentum is at least this, as check's BN105 does:
+# a sample taken after the update sees running statistics that are mostly the last batch, so no
+# departure can show that they follow single batches.
+LARGE_MOMENTUM = 0.5
 
 
 @dataclass
@@ -44,16 +49,28 @@ class WatchRules:
     def _new(self, code: str, layer: str | None) -> bool:
         return (code, layer) not in self.reported
 
-    def nonfinite(self, step: int, layer: str, tensors: Sequence[str]) -> WatchEvent | None:
-        """BN501 at the first step and first layer (execution order) holding a NaN or infinity; once per run."""
+    def nonfinite(
+        self, step: int, layer: str, tensors: Sequence[str], follows_input: bool = False
+    ) -> WatchEvent | None:
+        """BN501 at the first step and first layer (execution order) holding a NaN or infinity; once per run.
+
+        ``follows_input``: the layer's running statistics are updated from its input (training mode,
+        momentum above 0), so its input is not checked apart and a NaN found in them may have come
+        from the input as much as from the buffers themselves.
+        """
         if any(code == "BN501" for code, _ in self.reported):
             return None
-        where = ", ".join(tensors) if tensors else "its input"
+        where = f"{layer} ({', '.join(tensors)})" if tensors else f"{layer} (its input)"
+        if follows_input and {"running_mean", "running_var"} & set(tensors):
+            where = (
+                f"{layer}'s {', '.join(tensors)} (updated from the step's input: a non-finite input or an "
+                "upstream layer)"
+            )
         return self._event(
             step,
             "BN501",
             layer,
-            f"the first non-finite value appeared at step {step} in {layer} ({where}), the first layer in "
+            f"the first non-finite value appeared at step {step} in {where}, the first layer in "
             "execution order to hold one: look at this step's batch, the learning rate and the loss scale",
         )
 
@@ -86,14 +103,17 @@ class WatchRules:
             buffer=buffer,
         )
 
-    def judge_sample(self, step: int, summaries: Sequence[CallSummary]) -> list[WatchEvent]:
-        """BN502, BN503 and BN506 on one sample's summaries."""
+    def judge_sample(
+        self, step: int, summaries: Sequence[CallSummary], momenta: Mapping[str, float] | None = None
+    ) -> list[WatchEvent]:
+        """BN502, BN503 and BN506 on one sample's summaries; ``momenta``: each layer's momentum (None: a cumulative average)."""
         events: list[WatchEvent | None] = []
         departures: dict[str, float | None] = {}
         for s in summaries:
             if s.call == 0:
                 events.append(self._frozen_statistics(step, s))
                 events.append(self._half_frozen(step, s))
+                events.append(self._large_momentum(step, s, (momenta or {}).get(s.layer)))
             if s.training and s.has_running:
                 best = departures.get(s.layer)
                 score = s.departure
@@ -133,6 +153,22 @@ class WatchRules:
                 "training: the scale and shift learn against statistics that no longer follow the data",
             )
         return None
+
+    def _large_momentum(self, step: int, s: CallSummary, momentum: float | None) -> WatchEvent | None:
+        if momentum is None or momentum < LARGE_MOMENTUM or not (s.training and s.has_running):
+            return None
+        if not self._new("BN506", s.layer):
+            return None
+        return self._event(
+            step,
+            "BN506",
+            s.layer,
+            f"{s.layer} trains with momentum {momentum:g}: each update makes its running statistics "
+            f"{momentum:.0%} the current batch, so they follow single batches and eval normalizes with "
+            "one batch's noise; PyTorch weights the new batch by momentum where Keras/TF weight the old "
+            "statistics (0.99 there is 0.01 here): use 1 - momentum when porting, or 0.1 (the default)",
+            momentum=momentum,
+        )
 
     def _lag(self, step: int, layer: str, score: float | None) -> WatchEvent | None:
         if score is None or not math.isfinite(score) or score < self.thresholds.warning:
