@@ -665,3 +665,21 @@ def test_a_batch_size_other_than_the_fixed_one_is_refused_before_any_batch_runs(
     random = invoke(capsys, ["inspect", static_digits, "--shape", "4,1,8,8"])
     assert random.code == 2
     assert_one_error_line(random, "Give batches of 8 samples (--batch-size 8, or the first dim of --shape)")
+
+
+def test_diff_fails_an_export_that_normalizes_with_batch_statistics(
+    digits: nn.Module, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Fails before the fix: diff PASSED a training-mode export, whose every batch is normalized with its own statistics."""
+    x = torch.from_numpy(np.load(DIGITS / "test_images.npy")[:8])
+    trained = export(digits, x, tmp_path / "train.onnx", dynamo=False, training=TRAINING.TRAINING, input_names=["x"])
+    arch = ("--arch", f"{SAMPLES}/architectures.py:DigitsCNN")
+    argv = ["diff", DIGITS / "state_dict.pt", trained, *arch, "--input", DIGITS / "test_images.npy"]
+    result = invoke(capsys, argv)
+    assert result.code == 1, result.err
+    assert "3 layers normalize with batch statistics in NEW, running in OLD." in result.out
+    assert "uses batch" in result.out and "FAILED" in result.out
+    layers = json.loads(invoke(capsys, [*argv, "--format", "json"]).out)["layers"]
+    assert {(layer["changed"], layer["old_normalizes_with"], layer["new_normalizes_with"]) for layer in layers} == {
+        ("normalization", "running", "batch")
+    }
