@@ -211,6 +211,21 @@ def test_stored_statistics_moved_within_the_tolerance_are_not_called_unchanged()
     )
 
 
+def test_a_layer_that_now_normalizes_with_batch_statistics_fails_the_diff() -> None:
+    """Any layer, not only an ONNX node: a BatchNorm without running statistics normalizes with the batch's."""
+    data = _data(mean=0.0, std=1.0)
+    batch_only = _net()
+    batch_only.bn2 = nn.BatchNorm2d(5, track_running_stats=False).double().eval()
+    diff = diff_reports(_report(_net(), data), _report(batch_only, data))
+    assert not diff.passed and diff.first_changed == "bn2"
+    bn2 = next(c for c in diff.layers if c.label.raw == "bn2")
+    assert (bn2.changed, bn2.old_normalizes_with, bn2.new_normalizes_with) == ("normalization", "running", "batch")
+    assert diff.headline.startswith("1 layer normalizes with batch statistics in NEW, running in OLD")
+    back = diff_reports(_report(batch_only, data), _report(_net(), data))
+    assert back.headline.startswith("1 layer normalizes with running statistics in NEW, batch in OLD")
+    assert "uses running" in TableFormatter().text(back, Rendering(width=120))
+
+
 def test_on_random_input_no_layer_is_said_to_depart_or_match() -> None:
     """Fails before the fix: the verdict column said "departs" on random input, which inspect and check do not judge."""
     data = _data()  # far from what the layers were calibrated on: every layer departs on it
