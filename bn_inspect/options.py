@@ -117,6 +117,8 @@ class RunOptions:
     drop_column: tuple[str, ...] = ()
     batch_size: int | None = None
     batches: int | None = None
+    # Every batch holds exactly batch_size samples, a short last one left out: an ONNX graph fixes the size.
+    whole_batches: bool = False
     seed: int = 0
     mode: Mode = Mode.EVAL
     device: DeviceChoice = DeviceChoice.CPU

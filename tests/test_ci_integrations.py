@@ -71,7 +71,8 @@ def test_the_hook_manifest_is_valid_and_matches_model_files_only() -> None:
     hook = _hook()
     assert hook["language"] == "python" and hook["pass_filenames"] and hook["require_serial"]
     pattern = re.compile(hook["files"])
-    for name in ("model.pt", "w.pth", "prog.pt2", "net.ts", "x.safetensors", "last.ckpt", "pytorch_model.bin"):
+    models = ("model.pt", "w.pth", "prog.pt2", "net.ts", "x.safetensors", "last.ckpt", "pytorch_model.bin", "m.onnx")
+    for name in models:
         assert pattern.search(name), name
     for name in ("val.npy", "golden.json", "model.py", "notes.txt"):
         assert not pattern.search(name), name

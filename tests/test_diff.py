@@ -181,6 +181,63 @@ def test_without_batch_statistics_the_headline_says_only_what_stored_state_tells
     )
 
 
+def test_stored_statistics_moved_within_the_tolerance_are_not_called_unchanged() -> None:
+    """Fails before the fix: the change column said "unchanged" and the headline "No layer's stored statistics changed"."""
+    data = _data(mean=0.0, std=1.0)
+    nudged = _net()
+    with torch.no_grad():
+        nudged.bn2.running_mean.add_(0.01 * nudged.bn2.running_var.sqrt())
+        nudged.bn3.running_var.mul_(1.04)
+    diff = diff_reports(_report(_net(), data), _report(nudged, data))
+    assert diff.passed
+    assert {c.label.raw: c.status for c in diff.layers} == {
+        "bn1": "unchanged",
+        "bn2": "within-tolerance",
+        "bn3": "within-tolerance",
+    }
+    assert diff.headline.startswith("Stored statistics changed in 2 layers, all within the tolerance")
+    table = TableFormatter().text(diff, Rendering(width=120))
+    assert "within tolerance" in table and "No layer's stored statistics changed" not in table
+    assert '"within tolerance": its running statistics moved, within the tolerance' in table
+    assert "| within tolerance |" in diff_to_markdown(diff)
+    jsonschema.validate(json.loads(json.dumps(diff.to_dict())), schema("diff"))
+    beyond = _net()
+    with torch.no_grad():
+        beyond.bn1.running_var.mul_(1.04)
+        beyond.bn3.running_var.mul_(4.0)
+    mixed = diff_reports(_report(_net(), data), _report(beyond, data))
+    assert mixed.headline == (
+        "1 layer's stored statistics changed; 1 layer's stored statistics changed within the tolerance"
+    )
+
+
+def test_a_layer_that_now_normalizes_with_batch_statistics_fails_the_diff() -> None:
+    """Any layer, not only an ONNX node: a BatchNorm without running statistics normalizes with the batch's."""
+    data = _data(mean=0.0, std=1.0)
+    batch_only = _net()
+    batch_only.bn2 = nn.BatchNorm2d(5, track_running_stats=False).double().eval()
+    diff = diff_reports(_report(_net(), data), _report(batch_only, data))
+    assert not diff.passed and diff.first_changed == "bn2"
+    bn2 = next(c for c in diff.layers if c.label.raw == "bn2")
+    assert (bn2.changed, bn2.old_normalizes_with, bn2.new_normalizes_with) == ("normalization", "running", "batch")
+    assert diff.headline.startswith("1 layer normalizes with batch statistics in NEW, running in OLD")
+    back = diff_reports(_report(batch_only, data), _report(_net(), data))
+    assert back.headline.startswith("1 layer normalizes with running statistics in NEW, batch in OLD")
+    assert "uses running" in TableFormatter().text(back, Rendering(width=120))
+
+
+def test_on_random_input_no_layer_is_said_to_depart_or_match() -> None:
+    """Fails before the fix: the verdict column said "departs" on random input, which inspect and check do not judge."""
+    data = _data()  # far from what the layers were calibrated on: every layer departs on it
+    real = diff_reports(_report(_net(), data), _report(_net(), data))
+    assert {c.new_verdict for c in real.layers} == {"departs"}
+    random = diff_reports(
+        _report(_net(), data, "random normal, seed 0"), _report(_net(), data, "random normal, seed 0")
+    )
+    assert {(c.old_verdict, c.new_verdict) for c in random.layers} == {(None, None)}
+    assert "departs" not in TableFormatter().text(random, Rendering(width=120))
+
+
 def test_a_tolerance_of_zero_allows_exactly_no_change() -> None:
     exact = Tolerance(0.0, 1.0)
     assert exact.size([0.0, -0.0], [1.0, 1.0]) == 0 and math.isinf(exact.size([1e-300], [1.0]))

@@ -23,7 +23,7 @@ from bn_inspect.analyses.inspection import inspect_model
 from bn_inspect.errors import ExportModeError, ModelFileError, NoNormLayersError
 from bn_inspect.model.layers import iter_norm_layers
 from bn_inspect.model.loading import load_model
-from tests.helpers import assert_one_error_line, invoke
+from tests.helpers import DIGITS, SAMPLES, assert_one_error_line, invoke
 from tests.models import calibrated_resnet, randomize_norm_state, resnet_data
 
 # Left out of the quick subset (`-m "not slow"`): exports models with both ONNX exporters and runs them in onnxruntime (about 45 s).
@@ -598,3 +598,88 @@ def test_instance_norm_with_running_statistics_is_read_back_from_its_tiled_batch
     assert mine.explanation.raw == theirs.explanation.raw.replace("(InstanceNorm2d)", "(InstanceNormalization)")
     assert mine.batch_mean is not None and theirs.batch_mean is not None
     np.testing.assert_allclose(mine.batch_mean, theirs.batch_mean, rtol=0, atol=2e-6 * max(map(abs, theirs.batch_mean)))
+
+
+@pytest.fixture(scope="module")
+def digits() -> nn.Module:
+    from sample_models.architectures import DigitsCNN
+
+    model = DigitsCNN()
+    model.load_state_dict(torch.load(DIGITS / "state_dict.pt", weights_only=True))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def static_digits(tmp_path_factory: pytest.TempPathFactory, digits: nn.Module) -> Path:
+    """The digits net exported as most users export: input of 8 samples, no dynamic batch dim."""
+    folder = tmp_path_factory.mktemp("static")
+    x = torch.from_numpy(np.load(DIGITS / "test_images.npy")[:8])
+    return export(digits, x, folder / "static.onnx", dynamo=False, do_constant_folding=False, input_names=["x"])
+
+
+def test_a_fixed_batch_dim_batches_the_data_and_leaves_out_a_short_last_batch(
+    static_digits: Path, digits: nn.Module, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Fails before the fix: the data ran in batches of 64 (--batch-size's default) and the graph refused them."""
+    images = DIGITS / "test_images.npy"
+    for command in ("inspect", "check"):
+        result = invoke(capsys, [command, static_digits, "--input", images, "--format", "json"])
+        assert result.code == 0, result.err
+        assert "declared with a batch size of 8, so the data runs in batches of 8" in result.err
+        assert "the last 2 samples are left out" in result.err
+    report = json.loads(invoke(capsys, ["inspect", static_digits, "--input", images, "--format", "json"]).out)
+    assert (report["input"]["num_batches"], report["input"]["num_samples"]) == (56, 448)
+    reference = float64_inputs(digits, torch.from_numpy(np.load(images)[:448]))
+    for layer in report["layers"]:
+        expected = reference[layer["name"]].mean(axis=(0, 2, 3))
+        np.testing.assert_allclose(layer["batch_mean"], expected, rtol=1e-5, atol=1e-6)
+    diffed = invoke(
+        capsys,
+        [
+            "diff",
+            DIGITS / "state_dict.pt",
+            static_digits,
+            "--arch",
+            f"{SAMPLES}/architectures.py:DigitsCNN",
+            "--input",
+            images,
+        ],
+    )
+    assert diffed.code == 0, diffed.err
+    assert "NEW's ONNX graph input x is declared with a batch size of 8, so both models run" in diffed.err
+    assert "no input changed" in diffed.out
+
+
+def test_a_batch_size_other_than_the_fixed_one_is_refused_before_any_batch_runs(
+    static_digits: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Fails before the fix: 56 batches ran before the short last one was refused, with a hint to use --shape."""
+    images = DIGITS / "test_images.npy"
+    for command in ("inspect", "check"):
+        result = invoke(capsys, [command, static_digits, "--input", images, "--batch-size", "16"])
+        assert result.code == 2
+        assert_one_error_line(result, "--batch-size 16 was given", "fixed batch size of 8", "Pass --batch-size 8")
+    diffed = invoke(capsys, ["diff", static_digits, static_digits, "--input", images, "--batch-size", "64"])
+    assert diffed.code == 2
+    assert_one_error_line(diffed, "--batch-size 64 was given", "OLD's ONNX graph input x", "Pass --batch-size 8")
+    random = invoke(capsys, ["inspect", static_digits, "--shape", "4,1,8,8"])
+    assert random.code == 2
+    assert_one_error_line(random, "Give batches of 8 samples (--batch-size 8, or the first dim of --shape)")
+
+
+def test_diff_fails_an_export_that_normalizes_with_batch_statistics(
+    digits: nn.Module, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Fails before the fix: diff PASSED a training-mode export, whose every batch is normalized with its own statistics."""
+    x = torch.from_numpy(np.load(DIGITS / "test_images.npy")[:8])
+    trained = export(digits, x, tmp_path / "train.onnx", dynamo=False, training=TRAINING.TRAINING, input_names=["x"])
+    arch = ("--arch", f"{SAMPLES}/architectures.py:DigitsCNN")
+    argv = ["diff", DIGITS / "state_dict.pt", trained, *arch, "--input", DIGITS / "test_images.npy"]
+    result = invoke(capsys, argv)
+    assert result.code == 1, result.err
+    assert "3 layers normalize with batch statistics in NEW, running in OLD." in result.out
+    assert "uses batch" in result.out and "FAILED" in result.out
+    layers = json.loads(invoke(capsys, [*argv, "--format", "json"]).out)["layers"]
+    assert {(layer["changed"], layer["old_normalizes_with"], layer["new_normalizes_with"]) for layer in layers} == {
+        ("normalization", "running", "batch")
+    }

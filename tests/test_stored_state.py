@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -118,7 +119,9 @@ def test_a_healthy_bare_state_dict_passes_and_data_still_needs_arch(capsys: pyte
     assert exit_code == 0 and document["findings"] == [] and len(document["layers"]) == 3  # type: ignore[arg-type]
     result = invoke(capsys, ["check", DIGITS / "state_dict.pt", "--input", DIGITS / "test_images.npy"])
     assert result.code == 2
-    assert_one_error_line(result, "holds only weights (state_dict)", "Pass --arch")
+    assert_one_error_line(
+        result, "holds only weights (state_dict)", "Pass --arch", "`bn-inspect check FILE --no-data` checks its stored"
+    )
 
 
 def test_a_bare_state_dict_without_batchnorm_keys_says_so(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -250,3 +253,71 @@ def test_statistics_that_never_moved_in_tracked_batches_are_bn104_without_data(
     assert ("BN104", "bn2") not in _code_layers(document)
     (message,) = [f["message"] for f in document["findings"] if f["code"] == "BN104"]  # type: ignore[attr-defined, index]
     assert "num_batches_tracked is 48" in message
+
+
+def _messages(capsys: pytest.CaptureFixture[str], tmp_path: Path, **buffers: torch.Tensor) -> dict[str, str]:
+    """check --no-data of the digits state_dict with ``buffers`` (features.1's) replaced: each code's message."""
+    state = torch.load(DIGITS / "state_dict.pt", weights_only=True)
+    for name, value in buffers.items():
+        state[f"features.1.{name}"] = value
+    path = tmp_path / "state_dict.pt"
+    torch.save(state, path)
+    _, document = _findings(capsys, [path])
+    return {f["code"]: f["message"] for f in document["findings"]}  # type: ignore[attr-defined, index]
+
+
+def test_bfloat16_is_not_said_to_overflow_at_float16s_maximum(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Fails before the fix: BN109 said bfloat16 "overflows past 65,504", float16's maximum."""
+    state = torch.load(DIGITS / "state_dict.pt", weights_only=True)
+    bf16 = _messages(
+        capsys,
+        tmp_path,
+        **{
+            k.removeprefix("features.1."): v.bfloat16()
+            for k, v in state.items()
+            if k.startswith("features.1.") and v.is_floating_point()
+        },
+    )
+    assert "65,504" not in bf16["BN109"] and "8-bit mantissa" in bf16["BN109"] and "0.4%" in bf16["BN109"]
+    fp16 = _messages(
+        capsys,
+        tmp_path,
+        **{
+            k.removeprefix("features.1."): v.half()
+            for k, v in state.items()
+            if k.startswith("features.1.") and v.is_floating_point()
+        },
+    )
+    assert "overflows past 65,504" in fp16["BN109"]
+
+
+def test_channel_lists_read_unambiguously(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Fails before the fix: "in channels 3" for one channel, and "channels 0, 1, ..., 7 and 8 more" read as channel 8."""
+    var = torch.ones(16)
+    var[3] = math.nan
+    var[0] = -1.0
+    one = _messages(capsys, tmp_path, running_var=var)
+    assert "running_var is NaN in channel 3; every output of that channel will be NaN" in one["BN101"]
+    assert "zero or negative in channel 0;" in one["BN102"]
+    tiny = _messages(capsys, tmp_path, running_var=torch.full((16,), 1e-8))
+    assert "in channels 0–7 and 8 more (16 of 16), so" in tiny["BN103"]
+
+
+def test_an_infinite_variance_collapses_the_output_to_the_bias_not_nan(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Fails before the fix: BN101 said every output would be NaN, while x / inf is 0 and the output is the bias."""
+    var = torch.ones(16)
+    var[2] = math.inf
+    message = _messages(capsys, tmp_path, running_var=var)["BN101"]
+    assert "running_var is infinite in channel 2" in message and "collapses to the bias" in message
+    assert "NaN" not in message.split(". ")[0]
+    # What the sentence claims: PyTorch's own output of that channel is its bias.
+    bn = torch.nn.BatchNorm2d(16).eval()
+    with torch.no_grad():
+        bn.running_var.copy_(var)
+        bn.bias.uniform_()
+    out = bn(torch.randn(4, 16, 3, 3, dtype=torch.float32))
+    assert torch.equal(out[:, 2], bn.bias[2].expand(4, 3, 3))

@@ -412,6 +412,12 @@ def run_diff(
         _refuse_data_options(
             options, "two JSON reports run no data", "Drop the data options, or give a model file to run them through"
         )
+    from bn_inspect.analyses.graph_batches import fit_diff_batches
+
+    models = [
+        (side, path) for side, path, report in zip(("OLD", "NEW"), (old, new), read, strict=True) if report is None
+    ]
+    options = fit_diff_batches(options, models, observer)
     reports = [
         report if report is not None else run_inspect(replace(options, model=path), observer)
         for path, report in zip((old, new), read, strict=True)

@@ -227,6 +227,10 @@ def prepare_run(
     device = resolve_device(options.device)
     shard = (0, 1) if ranks is None else (ranks.rank, ranks.world_size)
     images = _images_of(options) if needs_data else None
+    if needs_data:
+        from bn_inspect.analyses.graph_batches import fit_batches_to_graph
+
+        options = fit_batches_to_graph(options, observer, loaded)
     batches, source = _batches_from_options(options, observer, shard) if needs_data and images is None else (None, "")
     if needs_data and options.data is not None:
         from bn_inspect.analyses.user_data import data_batches
@@ -261,6 +265,10 @@ def prepare_run(
         batches, source = image_batches(images, options, observer, shard)
     if needs_data and batches is None:
         batches, source = _guessed_batches(loaded, options, observer, shard)
+    if batches is not None and options.whole_batches:
+        from bn_inspect.analyses.graph_batches import whole_batches
+
+        batches = whole_batches(batches, options.batch_size or 1, observer)
     if batches is not None and loaded.format == "torch.export":
         batches = iter(ExportedBatches(loaded.module, batches, observer))
     observer.loaded()

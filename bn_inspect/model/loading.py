@@ -149,7 +149,8 @@ def load_model(
     if arch is None:
         raise ArchError(
             f"{path} holds only weights ({content.format}), not the model's code",
-            "Pass --arch package.module:callable (or path/to/file.py:callable) that builds the model",
+            "Pass --arch package.module:callable (or path/to/file.py:callable) that builds the model; "
+            "`bn-inspect check FILE --no-data` checks its stored statistics without one",
         )
     module = build_arch(arch, kwargs)
     notes = load_weights_into(module, content, arch)

@@ -11,6 +11,7 @@ Each is named by the PyTorch module path the exporter kept, else by the node's n
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,7 +21,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from bn_inspect.boundary.reading import OpenedInput
-from bn_inspect.errors import ExportModeError, ForwardError, ModelFileError, NoNormLayersError, ShapeMismatchError
+from bn_inspect.errors import (
+    BnInspectError,
+    ExportModeError,
+    ForwardError,
+    ModelFileError,
+    NoNormLayersError,
+    ShapeMismatchError,
+)
 from bn_inspect.model.onnx_graph import NormNode, declared_inputs, norm_nodes, read_onnx
 from bn_inspect.text import inert
 
@@ -260,10 +268,15 @@ class OnnxModel(nn.Module):
                 or any(d is not None and d != s for d, s in zip(shape, tensor.shape, strict=True))
             ):
                 spelled = "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
+                only_batch = len(shape) == tensor.dim() and all(
+                    d is None or d == s for d, s in zip(shape[1:], tensor.shape[1:], strict=True)
+                )
                 raise ShapeMismatchError(
                     f"the data has shape {tuple(tensor.shape)}, but the ONNX graph's input {inert(name)} is "
                     f"declared {spelled}",
-                    "Give input of the declared shape (--shape)",
+                    f"Give batches of {shape[0]} samples (--batch-size {shape[0]}, or the first dim of --shape)"
+                    if only_batch
+                    else "Give input of the declared shape (--input, or --shape)",
                 )
             dtype = helper.tensor_dtype_to_np_dtype(elem_type) if elem_type else np.float32
             feeds[name] = tensor.detach().cpu().numpy().astype(dtype, copy=False)
@@ -332,3 +345,35 @@ def onnx_input_shape(module: nn.Module) -> tuple[int | None, ...] | None:
     if isinstance(module, OnnxModel) and len(module.inputs) == 1:
         return module.inputs[0][2]
     return None
+
+
+def fixed_batch_size(module: nn.Module) -> tuple[str, int] | None:
+    """The name of an ONNX model's one input and the batch size it declares, None for a free batch dim
+    (or another model): both exporters fix it unless asked for a dynamic one."""
+    return _fixed_batch(module.inputs) if isinstance(module, OnnxModel) else None
+
+
+def file_fixed_batch_size(path: Path) -> tuple[str, int] | None:
+    """fixed_batch_size of the model file at ``path``, read through the boundary; None for a file
+    that is no ONNX model, or that cannot be read (loading it says why, in its turn)."""
+    from bn_inspect.model.files import FileKind, file_kind, open_model_file
+    from bn_inspect.model.hub import is_model_folder
+
+    if is_model_folder(path):
+        return None
+    try:
+        with open_model_file(path) as opened:
+            if file_kind(opened) is not FileKind.ONNX:
+                return None
+            import onnx  # noqa: F401
+
+            return _fixed_batch(declared_inputs(read_onnx(opened)))
+    except (BnInspectError, ImportError):
+        return None
+
+
+def _fixed_batch(inputs: list[tuple[str, int, tuple[int | None, ...] | None]]) -> tuple[str, int] | None:
+    if len(inputs) != 1:
+        return None
+    name, _, shape = inputs[0]
+    return (inert(name), shape[0]) if shape and shape[0] is not None else None

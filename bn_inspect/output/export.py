@@ -430,7 +430,7 @@ def diff_to_markdown(diff: DiffReport) -> str:
             str(layer.position),
             label or _code(layer.label),
             _text(layer.type),
-            f"**{change_word(layer)}**" if layer.is_beyond else layer.status,
+            f"**{change_word(layer)}**" if layer.is_beyond else change_word(layer),
             " → ".join(dict.fromkeys(f"{c:,}" for c in channels if c is not None)) or "—",
             *change(layer.running),
             *change(layer.batch),

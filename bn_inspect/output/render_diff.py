@@ -8,11 +8,11 @@ from rich.text import Text
 from bn_inspect.output.layout import Column, Layout, fitted
 from bn_inspect.output.render import _inert, _short, _two_lines
 from bn_inspect.output.words import change_legend, change_word, counted
-from bn_inspect.report.diff import UNCHANGED, DiffReport, LayerChange, StatChange
+from bn_inspect.report.diff import UNCHANGED, WITHIN, DiffReport, LayerChange, StatChange
 from bn_inspect.report.records import InputInfo, ModelInfo
 from bn_inspect.text import Untrusted
 
-_STATUS_STYLE = {UNCHANGED: "green", "changed": "bold red"}
+_STATUS_STYLE = {UNCHANGED: "green", WITHIN: "green", "changed": "bold red"}
 
 
 def _channels(layer: LayerChange) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from bn_inspect.report.comparisons import ModeComparison
-from bn_inspect.report.diff import CHANGED, DOWNSTREAM_INPUT, STORED, LayerChange
+from bn_inspect.report.diff import CHANGED, DOWNSTREAM_INPUT, NORMALIZATION, STORED, WITHIN, LayerChange
 from bn_inspect.report.records import LayerReport
 from bn_inspect.text import Untrusted
 
@@ -15,6 +15,9 @@ _MEANINGS = {
     "stored": "its running statistics moved",
     "downstream": "only its input on the data moved, after a stored or structural change earlier in execution order",
     "input": "only its input on the data moved, with no stored or structural change before it",
+    "within tolerance": "its running statistics moved, within the tolerance",
+    "uses batch": "it normalizes with batch statistics in NEW, with running ones in OLD",
+    "uses running": "it normalizes with running statistics in NEW, with batch ones in OLD",
 }
 
 # Why a layer asked for with --layer has no per-channel table, by family.
@@ -45,6 +48,10 @@ def image_details(preprocessing: Untrusted | None, num_skipped: int, skipped: tu
 
 def change_word(layer: LayerChange) -> str:
     """A diff row's change: its status, with "changed" said as what changed (stored, input, downstream)."""
+    if layer.status == WITHIN:
+        return "within tolerance"
+    if layer.changed == NORMALIZATION:
+        return f"uses {layer.new_normalizes_with}"
     if layer.status != CHANGED:
         return layer.status
     return _CHANGED_WORD.get(layer.changed or "", "input")

@@ -23,7 +23,9 @@ batch statistics on the data moved and a layer before it in execution order chan
 statistics or its structure (added, removed, other channel count), which changes every input after
 it; ``input`` when only the batch statistics moved and nothing before it changed that bn-inspect
 compares (other data, or weights it does not compare: convolutions, linear layers, BatchNorm's own
-weight and bias); ``structure`` when added, removed or of another channel count.
+weight and bias); ``structure`` when added, removed or of another channel count; ``normalization``
+when it normalizes with batch statistics on one side and running ones on the other (a model
+exported in training mode), whatever the numbers.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ from bn_inspect.text import Untrusted
 
 Floats = tuple[float, ...]
 
-UNCHANGED, CHANGED, ADDED, REMOVED, RENAMED, CHANNELS = (
+UNCHANGED, WITHIN, CHANGED, ADDED, REMOVED, RENAMED, CHANNELS = (
     "unchanged",
+    "within-tolerance",
     "changed",
     "added",
     "removed",
@@ -53,6 +56,8 @@ UNCHANGED, CHANGED, ADDED, REMOVED, RENAMED, CHANNELS = (
 )
 STRUCTURAL = (ADDED, REMOVED, RENAMED, CHANNELS)
 STORED, DOWNSTREAM_INPUT, INPUT, STRUCTURE = "stored", "downstream-input", "input", "structure"
+# What the layer normalizes with (running or batch statistics) differs: a change of what it computes.
+NORMALIZATION = "normalization"
 
 
 @dataclass(frozen=True)
@@ -123,17 +128,20 @@ class LayerChange:
     Attributes:
         old: its label (name#call past the first call) in OLD; None when added.
         new: its label in NEW; None when removed.
-        status: unchanged, changed (beyond the tolerance), added, removed, renamed or channels.
+        status: unchanged (stored statistics bitwise equal), within-tolerance (they moved, within the
+            tolerance), changed (beyond it, or what it normalizes with changed), added, removed,
+            renamed or channels.
         position: its index in execution order, in NEW (in OLD when removed).
         type: the layer's class name (NEW's, OLD's when removed).
         old_channels, new_channels: channel counts.
         running: how the running statistics moved (None without them in either report).
         batch: how the batch statistics on the data moved (None without them in either).
         old_verdict, new_verdict: "departs" or "matches" its running statistics on the data
-            (report/departure.py), None where it cannot be judged.
+            (report/departure.py), None where it cannot be judged (random input among them).
         size: Tolerance.size of the larger of both changes; infinite for structural changes.
-        changed: what changed beyond the tolerance: stored, downstream-input, input or structure
-            (see the module's docstring); None when nothing did, or the layer was only renamed.
+        changed: what changed beyond the tolerance: stored, downstream-input, input, structure or
+            normalization (see the module's docstring); None when nothing did, or the layer was only renamed.
+        old_normalizes_with, new_normalizes_with: "running" or "batch" on each side (None when absent).
     """
 
     old: Untrusted | None
@@ -149,6 +157,8 @@ class LayerChange:
     new_verdict: str | None
     size: float
     changed: str | None = None
+    old_normalizes_with: str | None = None
+    new_normalizes_with: str | None = None
 
     @property
     def label(self) -> Untrusted:
@@ -270,9 +280,12 @@ def _compared(
     batch = batch_change(old, new) if same_channels else None
     running_size, batch_size = (tolerance.size(c.mean_change, c.var_ratio) if c else 0.0 for c in (running, batch))
     size = max(running_size, batch_size)
-    status = CHANNELS if not same_channels else RENAMED if renamed else CHANGED if size > 1 else UNCHANGED
+    uses = old.normalizes_with != new.normalizes_with
+    quiet = UNCHANGED if (old.running_mean, old.running_var) == (new.running_mean, new.running_var) else WITHIN
+    status = CHANNELS if not same_channels else RENAMED if renamed else CHANGED if size > 1 or uses else quiet
     # Until diff_layers knows what ran before it, a change of the input alone counts as INPUT.
-    changed = STRUCTURE if not same_channels else STORED if running_size > 1 else INPUT if batch_size > 1 else None
+    beyond = NORMALIZATION if uses else STORED if running_size > 1 else INPUT if batch_size > 1 else None
+    changed = STRUCTURE if not same_channels else beyond
     return LayerChange(
         old=old.label,
         new=new.label,
@@ -285,8 +298,10 @@ def _compared(
         batch=batch,
         old_verdict=_verdict(old, thresholds),
         new_verdict=_verdict(new, thresholds),
-        size=math.inf if status in STRUCTURAL else size,
+        size=math.inf if status in STRUCTURAL or uses else size,
         changed=changed,
+        old_normalizes_with=old.normalizes_with,
+        new_normalizes_with=new.normalizes_with,
     )
 
 
@@ -380,7 +395,7 @@ def _execution_order(change: LayerChange) -> tuple[int, bool]:
 
 def _downstream(changes: list[LayerChange]) -> list[LayerChange]:
     """``changes`` with each INPUT change after a stored or structural one in execution order made DOWNSTREAM_INPUT."""
-    causes = [_execution_order(c) for c in changes if c.changed in (STORED, STRUCTURE)]
+    causes = [_execution_order(c) for c in changes if c.changed in (STORED, STRUCTURE, NORMALIZATION)]
     if not causes:
         return changes
     first_cause = min(causes)
@@ -415,6 +430,11 @@ def what_changed(changes: Sequence[LayerChange]) -> str:
     count = {what: sum(c.changed == what for c in changes) for what in (STORED, DOWNSTREAM_INPUT, INPUT)}
     structure = {status: sum(c.status == status for c in changes) for status in STRUCTURAL}
     parts = []
+    for uses, other in (("batch", "running"), ("running", "batch")):
+        number = sum(c.changed == NORMALIZATION and c.new_normalizes_with == uses for c in changes)
+        if number:
+            verb = "layer normalizes" if number == 1 else "layers normalize"
+            parts.append(f"{number:,} {verb} with {uses} statistics in NEW, {other} in OLD")
     if count[STORED]:
         parts.append(f"{_layers(count[STORED], 'stored statistics')} changed")
     for status, said in ((ADDED, "added"), (REMOVED, "removed"), (RENAMED, "renamed")):
@@ -428,7 +448,14 @@ def what_changed(changes: Sequence[LayerChange]) -> str:
         them = "it" if count[INPUT] == 1 else "them"
         parts.append(f"{_inputs(count[INPUT])} changed with no stored or structural change before {them}")
     has_inputs = any(c.batch is not None for c in changes)
-    if not parts:
+    within = sum(c.status == WITHIN for c in changes)
+    if within and parts:
+        parts.append(f"{_layers(within, 'stored statistics')} changed within the tolerance")
+    elif within:
+        parts.append(
+            f"stored statistics changed in {within:,} layer{'' if within == 1 else 's'}, all within the tolerance"
+        )
+    elif not parts:
         parts.append("no layer's stored statistics changed" + (" and no input changed" if has_inputs else ""))
     if not has_inputs:
         parts.append("inputs not compared (no batch statistics on the data)")
@@ -450,6 +477,10 @@ def diff_reports(
         The DiffReport, layers sorted by size of change (largest first, then execution order).
     """
     changes = diff_layers(old.layers, new.layers, tolerance or Tolerance(), thresholds or Thresholds())
+    # On random input no layer departs or matches (as inspect and check do not judge it).
+    random = (old.input.is_random, new.input.is_random)
+    changes = [replace(c, old_verdict=None) if random[0] else c for c in changes]
+    changes = [replace(c, new_verdict=None) if random[1] else c for c in changes]
     first = first_changed(changes)
     return DiffReport(
         old_model=old.model,

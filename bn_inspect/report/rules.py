@@ -34,6 +34,26 @@ def _listed(channels: Sequence[int | Untrusted], limit: int = 8) -> str:
     return shown + (f" and {len(channels) - limit} more" if len(channels) > limit else "")
 
 
+def _in_channels(channels: Sequence[int], total: int | None = None, limit: int = 8) -> str:
+    """``channel 3``, ``channels 0, 2 and 5``, ``channels 0–7 and 8 more (16 of 16)``: runs of three or
+    more as ranges, so that the count of the rest is not read as one more channel."""
+    if len(channels) == 1:
+        return f"channel {channels[0]}"
+    runs: list[list[int]] = []
+    for channel in channels[:limit]:
+        if runs and channel == runs[-1][-1] + 1:
+            runs[-1].append(channel)
+        else:
+            runs.append([channel])
+    items = [
+        f"{run[0]}–{run[-1]}" if len(run) >= 3 else str(c) for run in runs for c in (run if len(run) < 3 else run[:1])
+    ]
+    if len(channels) > limit:
+        of = f" of {total}" if total else ""
+        return f"channels {', '.join(items)} and {len(channels) - limit} more ({len(channels)}{of})"
+    return "channels " + (f"{', '.join(items[:-1])} and {items[-1]}" if len(items) > 1 else items[0])
+
+
 def _finding(
     code: str,
     layer: Untrusted | None,
@@ -120,13 +140,25 @@ def _nonfinite_findings(s: LayerState) -> list[Finding]:
     ):
         bad = _channels(values, lambda v: not math.isfinite(v))
         if bad:
+            nan = any(math.isnan((values or ())[c]) for c in bad)
+            kind = (
+                ("NaN" if all(math.isnan((values or ())[c]) for c in bad) else "NaN or infinite") if nan else "infinite"
+            )
+            those = "that channel" if len(bad) == 1 else "those channels"
+            # x / sqrt(inf) is 0: an infinite variance leaves the bias; only NaN makes every output NaN.
+            effect = (
+                f"every output of {those} will be NaN"
+                if nan
+                else f"every output of {those} collapses to the bias (x / √∞ = 0)"
+                if what == "running_var"
+                else f"every output of {those} will be infinite or NaN"
+            )
             out.append(
                 _finding(
                     "BN101",
                     s.name,
-                    f"{what} is NaN or infinite in channels {_listed(bad)}; every output "
-                    "of those channels will be NaN. Retrain or restore the checkpoint from before the "
-                    "divergence (often a too-high learning rate or fp16 overflow)",
+                    f"{what} is {kind} in {_in_channels(bad, len(values or ()))}; {effect}. Retrain or restore the "
+                    "checkpoint from before the divergence (often a too-high learning rate or fp16 overflow)",
                     channels=bad,
                 )
             )
@@ -143,8 +175,8 @@ def _running_var_findings(s: LayerState) -> list[Finding]:
                 _finding(
                     "BN102",
                     s.name,
-                    f"running_var is zero or negative in channels "
-                    f"{_listed(nonpositive)}; a variance cannot be, so the buffer was overwritten or "
+                    f"running_var is zero or negative in "
+                    f"{_in_channels(nonpositive, len(s.running_var))}; a variance cannot be, so the buffer was overwritten or "
                     "corrupted. Recalibrate the statistics on real data",
                     channels=nonpositive,
                 )
@@ -157,7 +189,7 @@ def _running_var_findings(s: LayerState) -> list[Finding]:
                 _finding(
                     "BN103",
                     s.name,
-                    f"running_var is below eps/{EPS_DOMINANCE:g} = {eps / EPS_DOMINANCE:g} in channels {_listed(tiny)}, so "
+                    f"running_var is below eps/{EPS_DOMINANCE:g} = {eps / EPS_DOMINANCE:g} in {_in_channels(tiny, len(s.running_var))}, so "
                     "eps, not the data, sets their scale. Check that eps was not ported in the wrong "
                     "units, or that those channels are not dead",
                     channels=tiny,
@@ -168,8 +200,13 @@ def _running_var_findings(s: LayerState) -> list[Finding]:
                 _finding(
                     "BN109",
                     s.name,
-                    f"running statistics are stored in {s.buffer_dtype}, which rounds "
-                    "them coarsely and overflows past 65,504. Keep BatchNorm buffers in float32",
+                    f"running statistics are stored in {s.buffer_dtype}, "
+                    + (
+                        "which rounds them coarsely (11-bit mantissa) and overflows past 65,504"
+                        if s.buffer_dtype == "float16"
+                        else "whose 8-bit mantissa rounds them coarsely (by up to about 0.4%)"
+                    )
+                    + ". Keep BatchNorm buffers in float32",
                 )
             )
         large = _channels(s.running_var, lambda v: v > FLOAT16_MAX)
@@ -178,8 +215,8 @@ def _running_var_findings(s: LayerState) -> list[Finding]:
                 _finding(
                     "BN109",
                     s.name,
-                    f"running_var exceeds the float16 maximum (65,504) in channels "
-                    f"{_listed(large)}; the model breaks if run or exported in half precision",
+                    f"running_var exceeds the float16 maximum (65,504) in "
+                    f"{_in_channels(large, len(s.running_var))}; the model breaks if run or exported in half precision",
                     channels=large,
                     severity=Severity.INFO,
                 )
@@ -345,7 +382,7 @@ def _data_findings(layer: LayerReport, thresholds: Thresholds) -> list[Finding]:
             _finding(
                 "BN204",
                 layer.name,
-                f"the input holds NaN or Inf in channels {_listed(nonfinite)}: "
+                f"the input holds NaN or Inf in {_in_channels(nonfinite, len(layer.batch_mean or ()))}: "
                 "something upstream (the data, or a layer before this one) produces them",
                 call=layer.call,
                 channels=nonfinite,
@@ -376,8 +413,8 @@ def _data_findings(layer: LayerReport, thresholds: Thresholds) -> list[Finding]:
             _finding(
                 "BN202",
                 layer.name,
-                f"channels {_listed(dead)} are constant on this data (batch variance "
-                "0): their upstream units are dead, or the data never varies there",
+                f"{_in_channels(dead, len(variances))} {'is' if len(dead) == 1 else 'are'} constant on this data "
+                "(batch variance 0): their upstream units are dead, or the data never varies there",
                 call=layer.call,
                 channels=dead,
             )
