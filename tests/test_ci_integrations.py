@@ -71,10 +71,12 @@ def test_the_hook_manifest_is_valid_and_matches_model_files_only() -> None:
     hook = _hook()
     assert hook["language"] == "python" and hook["pass_filenames"] and hook["require_serial"]
     pattern = re.compile(hook["files"])
-    models = ("model.pt", "w.pth", "prog.pt2", "net.ts", "x.safetensors", "last.ckpt", "pytorch_model.bin", "m.onnx")
+    models = ("model.pt", "w.pth", "prog.pt2", "net.ts", "x.safetensors", "last.ckpt", "pytorch_model.bin")
     for name in models:
         assert pattern.search(name), name
-    for name in ("val.npy", "golden.json", "model.py", "notes.txt"):
+    # An export that folded its BatchNorm (the exporters' default in eval mode) has none, and check
+    # cannot run on it: a repository whose exports keep BatchNorm adds onnx itself (docs/ci.md).
+    for name in ("val.npy", "golden.json", "model.py", "notes.txt", "deployed.onnx"):
         assert not pattern.search(name), name
 
 
