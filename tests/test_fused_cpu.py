@@ -22,6 +22,7 @@ from bn_inspect.analyses.inspection import inspect_model
 from bn_inspect.engine.fused import cpu
 from bn_inspect.engine.moments import ChannelMoments
 from bn_inspect.errors import ForwardError
+from tests.helpers import invoke
 
 needs_compiler = pytest.mark.skipif(cpu.find_compiler() is None, reason="no C compiler")
 
@@ -329,3 +330,19 @@ def test_a_library_owned_by_someone_else_is_refused() -> None:
     library = _planted_library()
     os.chown(library, 65534, 65534)
     _refused("belongs to another user")
+
+
+def test_the_fallback_is_silent_except_under_debug(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cpu, "find_compiler", lambda: None)
+    argv = ["inspect", "--arch", "sample_models/architectures.py:SignalCNN1d", "--shape", "4,1,64", "--format", "json"]
+    quiet = invoke(capsys, argv)
+    assert quiet.code == 0 and "portable" not in quiet.err
+    cpu.kernel.cache_clear()
+    loud = invoke(capsys, [*argv, "--debug"])
+    assert loud.code == 0
+    assert (
+        "debug: statistics took the portable path: the CPU kernel could not be built or loaded (no C compiler"
+        in loud.err
+    )
