@@ -27,14 +27,27 @@ from tests.helpers import invoke
 needs_compiler = pytest.mark.skipif(cpu.find_compiler() is None, reason="no C compiler")
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache folder for the tests that only use the kernel: it is built once for them all."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture(autouse=True)
-def fresh_kernel(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Each test builds (or refuses) the kernel anew, in a cache folder of its own, and leaves none cached."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+def fresh_kernel(shared_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test loads (or refuses) the kernel anew, from the shared cache, and leaves none loaded."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(shared_cache))
     monkeypatch.delenv("BN_INSPECT_FUSED", raising=False)
-    cpu.kernel.cache_clear()
+    built = cpu.kernel  # a test may replace it; the fixture's teardown runs before that is undone
+    built.cache_clear()
     yield
-    cpu.kernel.cache_clear()
+    built.cache_clear()
+
+
+@pytest.fixture
+def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache folder of the test's own: it builds there, or finds there what it planted."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
 
 
 def loaded() -> cpu.Kernel:
@@ -211,7 +224,9 @@ def test_inspection_reads_each_input_once_and_leaves_the_model_unchanged(monkeyp
     assert _inspected_against_float64(monkeypatch) == 9
 
 
-def test_without_a_compiler_capture_takes_the_portable_path(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_a_compiler_capture_takes_the_portable_path(
+    monkeypatch: pytest.MonkeyPatch, private_cache: None
+) -> None:
     monkeypatch.setattr(cpu, "find_compiler", lambda: None)
     assert cpu.kernel() is None
     assert "no C compiler" in (cpu.fallback_reason() or "")
@@ -250,7 +265,7 @@ def test_a_forward_that_raises_leaves_no_replaced_forward() -> None:
 
 
 @needs_compiler
-def test_the_library_is_built_once_into_a_private_folder() -> None:
+def test_the_library_is_built_once_into_a_private_folder(private_cache: None) -> None:
     loaded()
     folder = cpu.cache_folder()
     libraries = list(folder.iterdir())
@@ -270,7 +285,7 @@ def _refused(fragment: str) -> None:
 
 
 @pytest.mark.surface("cache:cpu-kernel", "clobber", "execution", "traceback")
-def test_a_cache_folder_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+def test_a_cache_folder_that_is_a_symlink_is_refused(tmp_path: Path, private_cache: None) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     folder = cpu.cache_folder()
@@ -281,7 +296,7 @@ def test_a_cache_folder_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.surface("cache:cpu-kernel", "clobber", "traceback")
-def test_a_file_where_the_cache_folder_should_be_is_refused_and_kept() -> None:
+def test_a_file_where_the_cache_folder_should_be_is_refused_and_kept(private_cache: None) -> None:
     folder = cpu.cache_folder()
     folder.parent.mkdir(parents=True, exist_ok=True)
     folder.write_text("my notes\n")
@@ -290,7 +305,7 @@ def test_a_file_where_the_cache_folder_should_be_is_refused_and_kept() -> None:
 
 
 @pytest.mark.surface("cache:cpu-kernel", "execution")
-def test_a_world_writable_cache_folder_is_refused() -> None:
+def test_a_world_writable_cache_folder_is_refused(private_cache: None) -> None:
     folder = cpu.cache_folder()
     folder.mkdir(parents=True)
     folder.chmod(0o777)
@@ -307,7 +322,7 @@ def _planted_library() -> Path:
 
 @needs_compiler
 @pytest.mark.surface("cache:cpu-kernel", "execution")
-def test_a_group_writable_library_is_refused() -> None:
+def test_a_group_writable_library_is_refused(private_cache: None) -> None:
     library = _planted_library()
     library.chmod(0o775)
     _refused("is writable by others")
@@ -315,7 +330,7 @@ def test_a_group_writable_library_is_refused() -> None:
 
 @needs_compiler
 @pytest.mark.surface("cache:cpu-kernel", "execution")
-def test_a_library_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+def test_a_library_that_is_a_symlink_is_refused(tmp_path: Path, private_cache: None) -> None:
     library = _planted_library()
     moved = tmp_path / "other.so"
     library.rename(moved)
@@ -326,14 +341,14 @@ def test_a_library_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
 @needs_compiler
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="changing a file's owner needs root")
 @pytest.mark.surface("cache:cpu-kernel", "execution")
-def test_a_library_owned_by_someone_else_is_refused() -> None:
+def test_a_library_owned_by_someone_else_is_refused(private_cache: None) -> None:
     library = _planted_library()
     os.chown(library, 65534, 65534)
     _refused("belongs to another user")
 
 
 def test_the_fallback_is_silent_except_under_debug(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, private_cache: None
 ) -> None:
     monkeypatch.setattr(cpu, "find_compiler", lambda: None)
     argv = ["inspect", "--arch", "sample_models/architectures.py:SignalCNN1d", "--shape", "4,1,64", "--format", "json"]
@@ -346,3 +361,36 @@ def test_the_fallback_is_silent_except_under_debug(
         "debug: statistics took the portable path: the CPU kernel could not be built or loaded (no C compiler"
         in loud.err
     )
+
+
+def test_a_failing_build_takes_the_portable_path_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, private_cache: None
+) -> None:
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\necho 'cc: fatal error: no input files' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setattr(cpu, "find_compiler", lambda: str(broken))
+    assert cpu.kernel() is None
+    assert "failed with exit code 1: cc: fatal error: no input files" in (cpu.fallback_reason() or "")
+    assert [p.name for p in cpu.cache_folder().iterdir()] == []
+
+
+@needs_compiler
+def test_sequential_recalibration_is_the_same_with_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its waves come from a trace of torch ops, which cannot see inside the kernel.
+    import copy
+
+    from bn_inspect.analyses.recalibration import recalibrate
+
+    built = cpu.kernel
+    assert built() is not None, cpu.fallback_reason()
+    results = []
+    for kernel in (built, lambda: None):
+        monkeypatch.setattr(cpu, "kernel", kernel)
+        model = copy.deepcopy(_model())
+        result = recalibrate(model, _batches(), method="sequential")
+        results.append(([layer.wave for layer in result.layers], model.state_dict()))
+    (kernel_waves, kernel_state), (plain_waves, plain_state) = results
+    assert kernel_waves == plain_waves == [0, 1, 2]
+    for key, value in plain_state.items():
+        assert torch.allclose(kernel_state[key].double(), value.double(), rtol=1e-5, atol=1e-6), key

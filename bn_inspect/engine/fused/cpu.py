@@ -100,7 +100,8 @@ def kernel() -> Kernel | None:
         return None
     try:
         library = ctypes.CDLL(str(_library_path()))
-    except (OSError, subprocess.SubprocessError) as error:
+    # RuntimeError: pathlib finds no home folder.
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         _fallback_reason.append(f"the CPU kernel could not be built or loaded ({error})")
         return None
     functions = {}
@@ -161,7 +162,10 @@ def _build(source: bytes, folder: Path, target: Path) -> None:
         source_path.write_bytes(source)
         built = Path(work) / "bn_eval.so"
         command = [compiler, *FLAGS, str(source_path), "-o", str(built), "-lm"]
-        subprocess.run(command, capture_output=True, timeout=BUILD_TIMEOUT_S, check=True)
+        built_by = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
+        if built_by.returncode != 0:
+            last = (built_by.stderr.strip().splitlines() or ["no message"])[-1]
+            raise OSError(f"{compiler} failed with exit code {built_by.returncode}: {last}")
         built.chmod(0o755)
         os.replace(built, target)
 
