@@ -51,10 +51,6 @@ _ARGTYPES += [ctypes.c_double, ctypes.c_int, _SIZE, _POINTER, _POINTER, _POINTER
 _ENTRY_POINTS = {torch.float32: "bn_eval_moments_f32", torch.float64: "bn_eval_moments_f64"}
 
 
-class UnsafeCacheError(OSError):
-    """The kernel cache folder or library is not the user's own: it is not loaded."""
-
-
 @dataclass(frozen=True)
 class Kernel:
     """The loaded entry points, per dtype, and whether each rounds through a fused multiply-add."""
@@ -142,14 +138,14 @@ def _own_folder(folder: Path) -> Path:
 
 
 def _check_own(path: Path, is_kind: Callable[[int], bool], kind: str) -> None:
-    """Refuse ``path`` unless it is (not a link to) ``kind``, the user's, and writable by the user alone."""
+    """OSError (the kernel falls back) unless ``path`` is ``kind``, not a link, the user's, and no one else's to write."""
     info = os.lstat(path)
     if not is_kind(info.st_mode):
-        raise UnsafeCacheError(f"{path} is not {kind}")
+        raise OSError(f"{path} is not {kind}")
     if hasattr(os, "getuid") and info.st_uid != os.getuid():
-        raise UnsafeCacheError(f"{path} belongs to another user")
+        raise OSError(f"{path} belongs to another user")
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise UnsafeCacheError(f"{path} is writable by others")
+        raise OSError(f"{path} is writable by others")
 
 
 def _build(source: bytes, folder: Path, target: Path) -> None:
