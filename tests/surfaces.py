@@ -69,8 +69,6 @@ SURFACES: tuple[Surface, ...] = (
     _surface("write:model", "writer", H.CLOBBER, H.HANG, H.TRACEBACK),
     # The watch's timeline: created new and appended to while training runs (bn_inspect.watch).
     _surface("write:timeline", "writer", H.CLOBBER, H.HANG, H.TRACEBACK),
-    # The compiled CPU kernel's cache folder (bn_inspect.engine.fused.cpu): built into, and loaded from.
-    _surface("cache:cpu-kernel", "cache", H.EXECUTION, H.CLOBBER, H.TRACEBACK),
     # Renderers: one per output format (bn_inspect.output.formats.FORMATTERS), the error line, the repr.
     _surface("render:table", "renderer", H.INERT),
     _surface("render:json", "renderer", H.INERT),

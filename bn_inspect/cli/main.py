@@ -46,8 +46,6 @@ def run(argv: Sequence[str], *, outputs: OutputSet | None = None) -> int:
                 if result != EXIT_INTERRUPTED:
                     outputs.commit()
             _print_warnings(caught)
-            if debug:
-                _print_kernel_fallback()
         except BaseException as error:
             code = _interrupted_exit_code(error)
             if code is None:
@@ -106,15 +104,6 @@ def run(argv: Sequence[str], *, outputs: OutputSet | None = None) -> int:
 
 
 _QUIET_BY_DEFAULT = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
-
-
-def _print_kernel_fallback() -> None:
-    """Under --debug: why the CPU capture kernel was not used, where a capture asked for it."""
-    # Looked up, not imported: a command that never captured has not loaded torch, and need not.
-    kernel = sys.modules.get("bn_inspect.engine.fused.cpu")
-    reason = None if kernel is None else kernel.fallback_reason()
-    if reason is not None:
-        print(f"debug: statistics took the portable path: {one_line(reason)}", file=sys.stderr)
 
 
 def _print_warnings(caught: list[warnings.WarningMessage]) -> None:

@@ -114,9 +114,7 @@ OutputOpt = Annotated[
         "--output", help="Write the report to this new file (whole, at the end) instead of stdout; - is stdout."
     ),
 ]
-DebugOpt = Annotated[
-    bool, typer.Option("--debug", help="Show the traceback of any error, and why the CPU capture kernel was not used.")
-]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of any error.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no notes on stderr.")]
 LayerOpt = Annotated[
     list[str] | None,

@@ -1,4 +1,4 @@
-"""Eval-mode batch norm that also returns its input's per-channel moments, in one read (Triton, or C on the CPU).
+"""Eval-mode batch norm that also returns its input's per-channel moments, in one read (Triton).
 
 A separate statistics pass must read every batch-norm input once more than the forward does;
 on a GPU that read costs as much as the normalization itself. In eval mode the layer's output
@@ -17,9 +17,7 @@ the spread, not to the magnitude (tests/test_fused.py, benchmarks/gpu_check.py).
 
 Used only where it applies exactly (stock ``nn.BatchNorm1d/2d/3d`` in eval mode with running
 statistics, on CUDA, input contiguous in NC* or channels-last order, no autograd); elsewhere the
-portable path (a pre-hook and ``stats.channel_moments``) runs. On the CPU a small C kernel does the
-same where it was built (``cpu``; float32 and float64, its output bit for bit torch's).
-``BN_INSPECT_FUSED=0`` turns both off.
+portable path (a pre-hook and ``stats.channel_moments``) runs. ``BN_INSPECT_FUSED=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -34,7 +32,6 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bn_inspect.engine.fused import cpu
 from bn_inspect.engine.fused.tiles import TILE
 from bn_inspect.engine.moments import ChannelMoments
 
@@ -68,8 +65,6 @@ def fused_may_run(module: nn.Module) -> bool:
     ):
         return False
     device = module.running_mean.device
-    if device.type == "cpu" and not _interpreting():
-        return cpu.kernel() is not None
     return (device.type == "cuda" or (_interpreting() and device.type == "cpu")) and _kernels() is not None
 
 
@@ -107,14 +102,13 @@ def fused_applies(module: _BatchNorm, x: torch.Tensor) -> bool:
     """Whether this call of a fusable module can run the fused kernel (else: the portable path)."""
     if module.training or module.running_mean is None or module.running_var is None or x.dim() < 2:
         return False
+    if not (x.is_cuda or (_interpreting() and x.device.type == "cpu")) or x.dtype not in _FLOAT_TYPES:
+        return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters(False))):
         return False
     if x.numel() == 0 or _layout(x) is None:
         return False
-    if x.device.type == "cpu" and not _interpreting():
-        kernel = cpu.kernel()
-        return kernel is not None and cpu.applies(kernel, module, x)
-    return x.dtype in _FLOAT_TYPES and (x.is_cuda or _interpreting()) and _kernels() is not None
+    return _kernels() is not None
 
 
 def batch_norm_eval_with_moments(
@@ -126,14 +120,9 @@ def batch_norm_eval_with_moments(
     memory format, normalized with the running statistics as ``F.batch_norm`` would (float32
     arithmetic; the result differs from torch's kernels by rounding only).
     """
-    layout = _layout(x)
-    assert layout is not None
-    if x.device.type == "cpu" and not _interpreting():
-        kernel = cpu.kernel()
-        assert kernel is not None
-        return cpu.batch_norm_eval_with_moments(kernel, module, x, previous, layout)
     kernels = _kernels()
-    assert kernels is not None
+    layout = _layout(x)
+    assert kernels is not None and layout is not None
     kind, outer, num_channels, spatial = layout
     y = torch.empty_like(x)
     partials = kernels.normalize_and_reduce(kind, x, y, module, outer, num_channels, spatial, TILE)
