@@ -18,12 +18,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from bn_inspect.errors import ForwardError
 from bn_inspect.model.fold_precision import FLOAT_FORMATS, INT8_LEVELS, layer_headrooms
 from bn_inspect.model.folding import fold_parameters
 from bn_inspect.model.onnx_constants import STANDARD_DOMAINS, computed_constants
 from bn_inspect.model.onnx_graph import NormNode, constant_values, torch_name
-from bn_inspect.model.onnx_module import OnnxModel, graph_session
+from bn_inspect.model.onnx_module import OnnxModel, graph_session, run_session
 from bn_inspect.options import Precision
 from bn_inspect.report.folding import FoldHeadroom, FoldSite
 from bn_inspect.text import Untrusted, inert
@@ -387,13 +386,5 @@ def run_graph(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: lis
     Raises:
         ForwardError: onnxruntime could not run it.
     """
-    session = graph_session(proto, outputs, optimize=False)
-    try:
-        values = session.run(outputs, feeds)
-    except Exception as error:  # onnxruntime raises its own classes, one per status code
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ForwardError(
-            f"onnxruntime could not run the folded graph: {inert(first)[:300]}",
-            "Check that the input fits the graph's declared inputs (--shape, --input)",
-        ) from error
+    values = run_session(graph_session(proto, outputs, optimize=False), outputs, feeds, "the folded graph")
     return {name: np.asarray(value) for name, value in zip(outputs, values, strict=True)}

@@ -229,14 +229,7 @@ class OnnxModel(nn.Module):
         fetch = [name for name in self._session_outputs if name not in feeds]
         if self._session is None:
             self._session = graph_session(self.proto, [name for _, name in self._calls if name not in feeds])
-        try:
-            results = dict(zip(fetch, self._session.run(fetch, feeds), strict=True))
-        except Exception as error:  # onnxruntime raises its own classes, one per status code
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ForwardError(
-                f"onnxruntime could not run the graph: {inert(first)[:300]}",
-                "Check that the input fits the graph's declared inputs (--shape, --input)",
-            ) from error
+        results = dict(zip(fetch, run_session(self._session, fetch, feeds, "the graph"), strict=True))
         results.update(feeds)
         for module, name in self._calls:
             module(torch.from_numpy(np.asarray(results[name])))
@@ -377,3 +370,19 @@ def _fixed_batch(inputs: list[tuple[str, int, tuple[int | None, ...] | None]]) -
         return None
     name, _, shape = inputs[0]
     return (inert(name), shape[0]) if shape and shape[0] is not None else None
+
+
+def run_session(session: Any, outputs: list[str], feeds: dict[str, np.ndarray], what: str) -> list[Any]:
+    """``outputs`` of an onnxruntime ``session`` on ``feeds``; ``what`` names the graph in the error.
+
+    Raises:
+        ForwardError: onnxruntime could not run it.
+    """
+    try:
+        return list(session.run(outputs, feeds))
+    except Exception as error:  # onnxruntime raises its own classes, one per status code
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ForwardError(
+            f"onnxruntime could not run {what}: {inert(first)[:300]}",
+            "Check that the input fits the graph's declared inputs (--shape, --input)",
+        ) from error
