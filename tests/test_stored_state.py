@@ -271,25 +271,18 @@ def test_bfloat16_is_not_said_to_overflow_at_float16s_maximum(
 ) -> None:
     """Fails before the fix: BN109 said bfloat16 "overflows past 65,504", float16's maximum."""
     state = torch.load(DIGITS / "state_dict.pt", weights_only=True)
-    bf16 = _messages(
-        capsys,
-        tmp_path,
-        **{
-            k.removeprefix("features.1."): v.bfloat16()
+
+    def first_layer_in(dtype: torch.dtype) -> dict[str, str]:
+        layer = {
+            k.removeprefix("features.1."): v.to(dtype)
             for k, v in state.items()
             if k.startswith("features.1.") and v.is_floating_point()
-        },
-    )
+        }
+        return _messages(capsys, tmp_path, **layer)
+
+    bf16 = first_layer_in(torch.bfloat16)
     assert "65,504" not in bf16["BN109"] and "8-bit mantissa" in bf16["BN109"] and "0.4%" in bf16["BN109"]
-    fp16 = _messages(
-        capsys,
-        tmp_path,
-        **{
-            k.removeprefix("features.1."): v.half()
-            for k, v in state.items()
-            if k.startswith("features.1.") and v.is_floating_point()
-        },
-    )
+    fp16 = first_layer_in(torch.float16)
     assert "overflows past 65,504" in fp16["BN109"]
 
 
