@@ -21,6 +21,7 @@ import pytest
 
 from bn_inspect.boundary.reading import Source, identity_of, run_manifest
 from bn_inspect.boundary.writing import Destination, check_output_target
+from bn_inspect.cli.main import run as run_cli
 from bn_inspect.data.images import MAX_FOLDER_DEPTH, find_images
 from bn_inspect.data.inputs import DirectoryData, open_input
 from bn_inspect.errors import InputError, ModelFileError, OutputError
@@ -267,6 +268,32 @@ def test_a_module_is_located_without_importing_its_package(tmp_path: Path, monke
         entry = manifest.entry_for(identity_of(module) or (0, 0))
         assert entry is not None and entry.source is Source.ARCH_CODE
     assert not marker.exists() and package not in sys.modules
+
+
+@pytest.mark.surface("read:arch-code", "execution")
+def test_a_module_inside_namespace_packages_is_located_and_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Folders without __init__.py, two deep (benchmarks/faults/nets.py): the path finder alone raised
+    # KeyError for the inner one, whose parent was never imported, and the CLI ended in a traceback.
+    from bn_inspect.model.arch import locate_module
+
+    top = f"ns_{uuid.uuid4().hex[:12]}"
+    module = tmp_path / top / "inner" / "net.py"
+    module.parent.mkdir(parents=True)
+    module.write_text("import torch\ndef build():\n    return torch.nn.BatchNorm1d(3)\n")
+    monkeypatch.chdir(tmp_path)
+    try:
+        with run_manifest() as manifest:
+            assert locate_module(f"{top}.inner.net", "--arch") == module.resolve()
+            entry = manifest.entry_for(identity_of(module) or (0, 0))
+            assert entry is not None and entry.source is Source.ARCH_CODE
+        assert top not in sys.modules
+        assert run_cli(["inspect", "--arch", f"{top}.inner.net:build", "--shape", "2,3", "-q"]) == 0
+    finally:
+        for name in [n for n in sys.modules if n == top or n.startswith(f"{top}.")]:
+            sys.modules.pop(name)
+    capsys.readouterr()
 
 
 @pytest.mark.surface("read:arch-code", "execution")

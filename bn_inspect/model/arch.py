@@ -215,7 +215,7 @@ def locate_module(target: str, flag: str) -> Path | None:
             locations = None if found is None else found.submodule_search_locations
             if locations is None:
                 return None
-            found = importlib.machinery.PathFinder.find_spec(".".join(parts[: index + 1]), list(locations))
+            found = _child_spec(".".join(parts[: index + 1]), list(locations))
     except (ImportError, ValueError):
         return None
     # Files on disk only: a module inside a zip archive (zipimport) has an origin no open reaches.
@@ -226,6 +226,35 @@ def locate_module(target: str, flag: str) -> Path | None:
         origin, _SOURCES.get(flag, Source.ARCH_CODE), noun=f"{flag} module {target}: file", error=ArchError
     ):
         return origin
+
+
+def _child_spec(name: str, locations: list[str]) -> importlib.machinery.ModuleSpec | None:
+    """``name``'s spec in its parent's search ``locations``, importing nothing.
+
+    For a namespace package (a folder without ``__init__.py``) the path finder looks its parent up
+    in ``sys.modules`` and raises KeyError when the parent was never imported; there the portions
+    are gathered here instead: a package's ``__init__.py``, a module's ``.py``, or plain folders.
+    """
+    try:
+        return importlib.machinery.PathFinder.find_spec(name, locations)
+    except KeyError:
+        pass
+    last = name.rpartition(".")[2]
+    portions = []
+    for location in map(Path, locations):
+        for candidate in (location / last / "__init__.py", location / f"{last}.py"):
+            if candidate.is_file():
+                is_package = candidate.name == "__init__.py"
+                return importlib.util.spec_from_file_location(
+                    name, candidate, submodule_search_locations=[str(candidate.parent)] if is_package else None
+                )
+        if (location / last).is_dir():
+            portions.append(str(location / last))
+    if not portions:
+        return None
+    spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    spec.submodule_search_locations = portions
+    return spec
 
 
 def build_arch(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
