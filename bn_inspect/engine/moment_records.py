@@ -12,7 +12,7 @@ from collections import Counter
 import torch
 
 from bn_inspect.engine.moments import ChannelMoments, InstanceMoments, Moments
-from bn_inspect.report.records import LayerMoments
+from bn_inspect.report.layer_moments import LayerMoments
 
 CHANNEL = "channel"
 INSTANCE = "instance"

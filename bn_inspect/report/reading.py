@@ -22,7 +22,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from bn_inspect.boundary.reading import OpenedInput, Source, open_checked
 from bn_inspect.boundary.writing import Destination, write_output
 from bn_inspect.errors import ReportFileError
-from bn_inspect.report.records import SCHEMA_VERSION, LayerMoments, LayerReport, Report
+from bn_inspect.report.layer_moments import LayerMoments
+from bn_inspect.report.records import SCHEMA_VERSION, LayerReport, Report
 from bn_inspect.text import Untrusted
 
 READABLE_VERSIONS = (1,)

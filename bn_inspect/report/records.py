@@ -25,6 +25,7 @@ from typing import Any
 from bn_inspect.report import shift
 from bn_inspect.report.departure import Departure, Thresholds, departure
 from bn_inspect.report.display import NotebookDisplay
+from bn_inspect.report.layer_moments import Floats, LayerMoments
 from bn_inspect.text import Untrusted
 
 # Adding a field keeps the version (README, "JSON report"): reports written before the fingerprints
@@ -35,7 +36,6 @@ RANDOM_INPUT = "random normal"
 # ModelInfo.format of a model handed to the Python API in memory (its source is the class name).
 IN_MEMORY_FORMAT = "module"
 
-Floats = tuple[float, ...]
 # The versions of a report that predates them.
 NO_VERSION = Untrusted("")
 
@@ -126,29 +126,6 @@ class LayerState:
     fused_into: Untrusted | None = None
     is_qat_frozen: bool = False
     is_exported_training: bool = False
-
-
-@dataclass(frozen=True)
-class LayerMoments:
-    """The exact moments (float64) behind a layer call's statistics: what lets reports merge exactly.
-
-    kind "channel" (BatchNorm and relatives): ``count`` values per channel, their ``mean`` and
-    centred sum of squares ``m2 = sum((x - mean)**2)``; batch_var = m2 / count. kind "instance"
-    (InstanceNorm): ``count`` instances of ``values_per_instance`` values each, and the sums over
-    instances of each instance's mean (``mean_sum``) and biased variance (``var_sum``); batch_mean =
-    mean_sum / count. ``num_batches`` and ``batch_sizes`` ((samples, batches of that size) pairs, in the order the sizes first came)
-    say how the values came.
-    """
-
-    kind: str
-    count: int
-    num_batches: int
-    batch_sizes: tuple[tuple[int, int], ...]
-    mean: Floats | None = None
-    m2: Floats | None = None
-    values_per_instance: int | None = None
-    mean_sum: Floats | None = None
-    var_sum: Floats | None = None
 
 
 @dataclass(frozen=True)
