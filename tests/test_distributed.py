@@ -131,9 +131,9 @@ class LocalRun:
 
 
 def record_locally(model: nn.Module, batches: Iterable[torch.Tensor], *, training: bool = False) -> LocalRun:
-    """What inspect_model does before it builds the report: hooks, recorder, model restored."""
+    """What check_model does before it builds the report: hooks, recorder (per-sample moments too), model restored."""
     layers = iter_norm_layers(model)
-    recorder = StatisticsRecorder()
+    recorder = StatisticsRecorder(sample_means=True)
     num_batches = num_samples = 0
     first: torch.Tensor | None = None
     with preserved_state(model), hooks_capture(layers, recorder), torch.no_grad():
@@ -168,6 +168,11 @@ def describe_records(records: dict[tuple[str, int], CallRecord]) -> dict[str, di
                 "count": moments.num_instances,
                 "mean": moments.mean.tolist(),
                 "var": moments.biased_var().tolist(),
+            }
+        if record.sample_moments is not None:
+            entry |= {
+                "num_samples": record.sample_moments.count,
+                "between_var": record.sample_moments.biased_var().tolist(),
             }
         described[f"{name}#{call}"] = entry
     return described
@@ -464,6 +469,7 @@ def assert_matches_references(merged: dict[str, dict[str, Any]], batches: list[t
     """Equal to one process over the same batches to float64 rounding, and to numpy's float64 figures."""
     single = describe_records(record_locally(make_model(), batches).records)
     assert list(merged) == list(single), "layer calls in another order than in one process"
+    assert any("between_var" in entry for entry in merged.values())
     reference = reference_statistics(make_model(), batches)
     for key, entry in merged.items():
         one = single[key]
@@ -478,6 +484,11 @@ def assert_matches_references(merged: dict[str, dict[str, Any]], batches: list[t
         # mean's magnitude, relayed to var through Chan's delta term.
         np.testing.assert_allclose(mean, one["mean"], rtol=0, atol=1e-14 * scale.max())
         np.testing.assert_allclose(var, one["var"], rtol=1e-9, atol=0)
+        # Check's per-sample moments (BN205) travel too, for the batch norms with spatial dims.
+        assert ("between_var" in entry) == ("between_var" in one)
+        if "between_var" in one:
+            assert entry["num_samples"] == one["num_samples"]
+            np.testing.assert_allclose(entry["between_var"], one["between_var"], rtol=1e-9, atol=0)
         ref_mean, ref_var = reference[key]
         np.testing.assert_allclose(mean, ref_mean, rtol=0, atol=1e-13 * scale.max())
         np.testing.assert_allclose(var, ref_var, rtol=1e-8, atol=0)

@@ -4,8 +4,9 @@
 
 Each RESULTS is a run.py results JSON and WORKDIR the --workdir it kept (its reports/ hold each
 case's `inspect --format json` report). A fault is detected when some layer's departure score
-reaches the warning level (bn-inspect's departure score, report/departure.py); for each
-detected fault the cause that bn_inspect.report.causes names is compared with the case's
+reaches the warning level (bn-inspect's departure score, report/departure.py), or, where none
+does, when check's BN205 (statistics from tiny batches) fired; for each detected fault the cause
+that bn_inspect.report.causes names (BN205's own, for the second kind) is compared with the case's
 ``expected_cause`` (cases.py): right, wrong or unknown, per half (calibration, held-out).
 """
 
@@ -74,7 +75,28 @@ def judge_run(results: Path, workdir: Path, expected: dict[str, str | None]) -> 
         cause = model_cause(report, (), departed)
         if cause is not None:
             judged.append(Judged(case["id"], document["seed"], case["split"], wanted, cause.code, cause.sentence))
+            continue
+        # Detected by BN205 alone (statistics from tiny batches): the cause check gave it.
+        small_batch = _small_batch_finding(workdir / "reports" / f"{case['net']}-{case['name']}.check.json")
+        if small_batch is not None:
+            judged.append(
+                Judged(
+                    case["id"],
+                    document["seed"],
+                    case["split"],
+                    wanted,
+                    small_batch["cause"],
+                    small_batch["cause_sentence"],
+                )
+            )
     return judged
+
+
+def _small_batch_finding(path: Path) -> dict[str, str] | None:
+    if not path.exists():
+        return None
+    found = [f for f in json.loads(path.read_text())["findings"] if f["code"] == "BN205"]
+    return found[0] if found else None
 
 
 def summary(judged: Sequence[Judged]) -> str:

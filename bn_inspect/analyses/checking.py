@@ -96,16 +96,7 @@ def check_model(
     batches, notes = _folding(model, batches, fold, precision, findings, kind_notes)
     report: Report | None = None
     if batches is not None:
-        report = run_inspection(
-            model,
-            batches,
-            Mode(mode),
-            model_info=model_info,
-            input_source=input_source,
-            require_norm_layers=True,
-            materialize_lazy=materialize_lazy,
-            run=run,
-        )
+        report = _inspected(model, batches, Mode(mode), model_info, input_source, materialize_lazy, run, data_is_real)
         findings = _with_data_findings(findings, report, thresholds, data_is_real, Mode(mode), notes)
     findings += _comparisons(model, report, states, run, baseline, thresholds, notes)
     first = report.first_divergent(thresholds) if report is not None and data_is_real else None
@@ -121,6 +112,30 @@ def check_model(
         ignored=tuple(ignore),
         first_divergent=first.label if first else None,
         inspection=report,
+    )
+
+
+def _inspected(
+    model: nn.Module,
+    batches: Iterable[Any],
+    mode: Mode,
+    model_info: ModelInfo | None,
+    input_source: str,
+    materialize_lazy: bool,
+    run: DistributedContext | None,
+    data_is_real: bool,
+) -> Report:
+    """inspect_model's run, with the per-sample moments BN205 reads where the data is real and the mode eval."""
+    return run_inspection(
+        model,
+        batches,
+        mode,
+        model_info=model_info,
+        input_source=input_source,
+        require_norm_layers=True,
+        materialize_lazy=materialize_lazy,
+        run=run,
+        sample_means=data_is_real and mode is Mode.EVAL,
     )
 
 
@@ -254,9 +269,10 @@ def _with_data_findings(
         combined = findings + found
         return _few_batches_overruled(combined, report, thresholds, notes) if mode is Mode.EVAL else combined
     notes.append(
-        "random input: the shift (BN201) and dead-channel (BN202) rules need real data (--input) and did not run"
+        "random input: the shift (BN201), dead-channel (BN202) and small-batch (BN205) rules need real data "
+        "(--input) and did not run"
     )
-    return findings + [f for f in found if f.code not in ("BN201", "BN202")]
+    return findings + [f for f in found if f.code not in ("BN201", "BN202", "BN205")]
 
 
 def _few_batches_overruled(

@@ -43,7 +43,15 @@ from bn_inspect.model.modules import (
     unwrap_compiled,
 )
 from bn_inspect.options import Mode
-from bn_inspect.report.records import DistributedInfo, InputInfo, LayerReport, ModelInfo, Report, never_updated
+from bn_inspect.report.layer_moments import SampleSpread
+from bn_inspect.report.records import (
+    DistributedInfo,
+    InputInfo,
+    LayerReport,
+    ModelInfo,
+    Report,
+    never_updated,
+)
 from bn_inspect.text import Untrusted
 from bn_inspect.version import __version__
 
@@ -262,8 +270,13 @@ def run_inspection(
     require_norm_layers: bool,
     materialize_lazy: bool,
     run: DistributedContext | None,
+    sample_means: bool = False,
 ) -> Report:
-    """inspect_model with the run already resolved (None: a single process); check_model shares it."""
+    """inspect_model with the run already resolved (None: a single process); check_model shares it.
+
+    ``sample_means``: layer reports also carry their ``sample_spread`` (check's BN205), at the cost
+    of one more read of each batch-style input with spatial dims.
+    """
     if not materialize_lazy:
         refuse_lazy_modules(
             model,
@@ -273,7 +286,7 @@ def run_inspection(
     model = unwrap_compiled(model)
     layers, is_graph = _layers_to_inspect(model, mode, require_norm_layers)
     device = model_device(model)
-    recorder = StatisticsRecorder()
+    recorder = StatisticsRecorder(sample_means=sample_means)
     if is_graph or isinstance(model, torch.jit.ScriptModule):
         capture = dispatch_capture(layers, recorder)
     else:
@@ -420,7 +433,15 @@ def _layer_report(record: CallRecord, mode: Mode) -> LayerReport:
         flags=_flags(layer, batch_mean, batch_var),
         num_groups=layer.num_groups if layer.family is NormFamily.GROUP else None,
         moments=None if moments is None else layer_moments(moments, record.num_batches, record.batch_sizes),
+        sample_spread=_sample_spread(record),
     )
+
+
+def _sample_spread(record: CallRecord) -> SampleSpread | None:
+    spread = record.sample_moments
+    if spread is None or spread.count == 0:
+        return None
+    return SampleSpread(spread.count, _floats(spread.biased_var()))
 
 
 def _flags(layer: NormLayer, batch_mean: Sequence[float] | None, batch_var: Sequence[float] | None) -> tuple[str, ...]:

@@ -109,6 +109,9 @@ def _encode_records(
             pieces += [moments.mean_sum.reshape(-1), moments.var_sum.reshape(-1)]
         else:
             entry["kind"] = "none"
+        if record.sample_moments is not None:
+            entry["sample_count"] = record.sample_moments.count
+            pieces += [record.sample_moments.mean.reshape(-1), record.sample_moments.m2.reshape(-1)]
         entries.append(entry)
     header = {"totals": dataclasses.asdict(totals), "records": entries}
     floats = torch.cat([p.detach().to("cpu", torch.float64) for p in pieces]) if pieces else torch.zeros(0)
@@ -125,6 +128,17 @@ def _decode_moments(entry: Mapping[str, Any], floats: torch.Tensor, offset: int)
     if entry["kind"] == "channel":
         return ChannelMoments(int(entry["count"]), first, second), offset + 2 * c
     return InstanceMoments(int(entry["count"]), int(entry["values_per_instance"]), first, second), offset + 2 * c
+
+
+def _decode_samples(entry: Mapping[str, Any], floats: torch.Tensor, offset: int) -> tuple[Any, int]:
+    """The per-sample moments (check's BN205) where the rank recorded them, after the moments."""
+    from bn_inspect.engine.moments import ChannelMoments
+
+    if "sample_count" not in entry:
+        return None, offset
+    c = int(entry["num_channels"])
+    mean, m2 = floats[offset : offset + c], floats[offset + c : offset + 2 * c]
+    return ChannelMoments(int(entry["sample_count"]), mean, m2), offset + 2 * c
 
 
 def _merged_order(per_rank_keys: Sequence[Sequence[RecordKey]]) -> list[RecordKey]:
@@ -182,10 +196,11 @@ def merge_run_across_ranks(
     for text, values in gathered:
         document = json.loads(text)
         offset = 0
-        entries: dict[RecordKey, tuple[dict[str, Any], Any]] = {}
+        entries: dict[RecordKey, tuple[dict[str, Any], Any, Any]] = {}
         for entry in document["records"]:
             moments, offset = _decode_moments(entry, values, offset)
-            entries[(entry["name"], int(entry["call"]))] = (entry, moments)
+            samples, offset = _decode_samples(entry, values, offset)
+            entries[(entry["name"], int(entry["call"]))] = (entry, moments, samples)
         decoded.append((RunTotals(**_tupled(document["totals"])), entries))
     merged: dict[RecordKey, CallRecord] = {}
     for key in _merged_order([list(entries) for _, entries in decoded]):
@@ -210,15 +225,15 @@ def _tupled(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 def _merge_record(
     key: RecordKey,
-    per_rank: Sequence[tuple[dict[str, Any], Any] | None],
+    per_rank: Sequence[tuple[dict[str, Any], Any, Any] | None],
     local: Mapping[RecordKey, CallRecord],
     known: Mapping[str, NormLayer],
 ) -> CallRecord:
     from bn_inspect.engine.capture import CallRecord
 
     present = [(rank, item) for rank, item in enumerate(per_rank) if item is not None]
-    first_rank, (first_entry, merged_moments) = present[0]
-    for rank, (entry, moments) in present[1:]:
+    first_rank, (first_entry, merged_moments, _) = present[0]
+    for rank, (entry, moments, _) in present[1:]:
         if (entry["kind"], entry.get("num_channels")) != (first_entry["kind"], first_entry.get("num_channels")):
             raise DistributedError(
                 f"layer {key[0]} call {key[1]} reported {first_entry['kind']} statistics of "
@@ -233,7 +248,7 @@ def _merge_record(
     elif key[0] in known:
         layer = known[key[0]]
     else:
-        described = next((entry["layer"] for _, (entry, _) in present if entry["layer"] is not None), None)
+        described = next((entry["layer"] for _, (entry, _, _) in present if entry["layer"] is not None), None)
         if described is None:
             raise DistributedError(
                 f"layer {key[0]} ran on other ranks but is unknown on this one",
@@ -241,7 +256,7 @@ def _merge_record(
             )
         layer = _layer_from_fields(described)
     batch_sizes: Counter[int] = Counter()
-    for _, (entry, _) in present:
+    for _, (entry, _, _) in present:
         batch_sizes.update({int(size): int(count) for size, count in entry["batch_sizes"]})
     return CallRecord(
         layer=layer,
@@ -249,10 +264,21 @@ def _merge_record(
         input_shape=tuple(first_entry["input_shape"]),
         is_unbatched=bool(first_entry["is_unbatched"]),
         moments=merged_moments,
-        num_batches=sum(int(entry["num_batches"]) for _, (entry, _) in present),
+        num_batches=sum(int(entry["num_batches"]) for _, (entry, _, _) in present),
         batch_sizes=batch_sizes,
         reduced_dims=None if first_entry["reduced_dims"] is None else tuple(first_entry["reduced_dims"]),
+        sample_moments=_merged_samples([samples for _, (_, _, samples) in present]),
     )
+
+
+def _merged_samples(per_rank: Sequence[Any]) -> Any:
+    """The ranks' per-sample moments merged in rank order, where every rank that ran the call kept them."""
+    if not per_rank or any(samples is None for samples in per_rank):
+        return None
+    merged = per_rank[0]
+    for samples in per_rank[1:]:
+        merged = merged.merge(samples)
+    return merged
 
 
 def merge_records_across_ranks(

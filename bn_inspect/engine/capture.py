@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bn_inspect.engine.axes import TensorLayout, kernel_reduced_dims
 from bn_inspect.engine.fused.dispatch import STOCK_FORWARD, batch_norm_eval_with_moments, fused_applies, fused_may_run
-from bn_inspect.engine.moments import ChannelMoments, Moments, channel_moments, instance_moments
+from bn_inspect.engine.moments import ChannelMoments, Moments, channel_moments, instance_moments, sample_moments
 from bn_inspect.errors import ShapeMismatchError
 from bn_inspect.model.graph import BATCH_NORM_OPS
 from bn_inspect.model.layers import (
@@ -53,12 +53,20 @@ class CallRecord:
     batch_sizes: Counter[int] = field(default_factory=Counter)
     # LayerNorm / RMSNorm: the input dims its kernel was seen to reduce; None keeps the trailing dims.
     reduced_dims: tuple[int, ...] | None = None
+    # Batch-style layers with spatial dims, where the recorder was asked: moments of the per-sample
+    # channel means (engine/moments.py's sample_moments).
+    sample_moments: ChannelMoments | None = None
 
 
 class StatisticsRecorder:
-    """Receives each normalization layer's input during forward passes and merges its moments."""
+    """Receives each normalization layer's input during forward passes and merges its moments.
 
-    def __init__(self) -> None:
+    With ``sample_means``, batch-style layers whose input has spatial dims also keep the moments of
+    each sample's channel means (check's BN205 needs them); it costs one more read of those inputs.
+    """
+
+    def __init__(self, *, sample_means: bool = False) -> None:
+        self.sample_means = sample_means
         self.records: dict[tuple[str, int], CallRecord] = {}
         self.last_layer: str | None = None
         # TorchScript passes a kernel's error back through dispatch capture without its message;
@@ -82,12 +90,20 @@ class StatisticsRecorder:
         if record is None:
             record = self.records[key] = CallRecord(layer, key[1], tuple(x.shape), is_unbatched, moments)
             record.batch_sizes[_samples(x, is_unbatched)] += 1
+            self._observe_samples(record, x)
             return record
         record.num_batches += 1
         record.batch_sizes[_samples(x, is_unbatched)] += 1
         if record.moments is not None and moments is not None:
             record.moments = record.moments.merge(moments)  # type: ignore[arg-type]
+        self._observe_samples(record, x)
         return None
+
+    def _observe_samples(self, record: CallRecord, x: torch.Tensor) -> None:
+        if not self.sample_means or record.layer.family is not NormFamily.BATCH or x.dim() < 3:
+            return
+        found = sample_moments(x)
+        record.sample_moments = found if record.sample_moments is None else record.sample_moments.merge(found)
 
     def observe_fused(
         self,
@@ -109,6 +125,7 @@ class StatisticsRecorder:
             record.num_batches += 1
             record.moments = moments
         record.batch_sizes[_samples(x, is_unbatched)] += 1
+        self._observe_samples(record, x)
         return output
 
     def _enter(self, layer: NormLayer, x: torch.Tensor) -> tuple[tuple[str, int], bool]:

@@ -170,6 +170,32 @@ def _shifted_sums(work: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor
     return row_sums.sum(0, dtype=torch.float64), row_squares.sum(0, dtype=torch.float64)
 
 
+# A float32 mean over up to millions of values errs by well under 1e-6 of its magnitude (torch.mean
+# sums in a cascade); below this many times that error squared, a spread of per-sample means would
+# be rounding, so those means are taken again in float64.
+SAMPLE_MEAN_ERROR = 1e-6
+
+
+def sample_moments(x: torch.Tensor) -> ChannelMoments:
+    """Moments over the N samples of each sample's channel mean, for ``x`` of shape (N, C, *S), S non-empty.
+
+    ``biased_var()`` is then the between-sample variance of the channel: the part of the channel's
+    spread that a batch of few samples leaves out of its own variance (check's BN205). Each sample's
+    mean is a float32 mean over S (float64 for float64 input), taken again in float64 wherever its
+    rounding could matter next to the spread; the merge over samples and batches is
+    ``channel_moments``'s, exact.
+    """
+    work = x.detach() if x.dtype in (torch.float32, torch.float64) else x.detach().float()
+    spatial = list(range(2, x.dim()))
+    means = work.mean(spatial)
+    moments = channel_moments(means)
+    if work.dtype == torch.float32 and moments.count:
+        rounding = (moments.mean.abs() * SAMPLE_MEAN_ERROR).square() * moments.count * MAX_CANCELLATION
+        if bool((moments.m2 < rounding).any()):
+            moments = channel_moments(work.mean(spatial, dtype=torch.float64))
+    return moments
+
+
 # torch's batch-norm statistics kernel returns invstd = 0 for a zero variance when eps is 0 (its
 # InvStd functor), which would read back as an infinite variance for every constant channel (a dead
 # ReLU upstream). With the smallest normal float32 as eps, a constant channel gives invstd = 2**63

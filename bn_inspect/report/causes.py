@@ -16,10 +16,19 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import replace
 
 from bn_inspect.report.cause_codes import CAUSES as CAUSES
-from bn_inspect.report.cause_codes import FEW_BATCHES_TRACKED, MOMENTUM, PARTIAL_LOAD, PRECISION, UNKNOWN, Cause
+from bn_inspect.report.cause_codes import (
+    FEW_BATCHES_TRACKED,
+    MOMENTUM,
+    PARTIAL_LOAD,
+    PRECISION,
+    SMALL_BATCH_TRAINING,
+    UNKNOWN,
+    Cause,
+)
 from bn_inspect.report.cause_patterns import FEW_BATCHES, shape_cause
 from bn_inspect.report.findings import Finding
 from bn_inspect.report.records import LayerReport, LayerState, Report, at_initial_values
+from bn_inspect.report.small_batch import estimate_beside
 
 # The share of the departure that leaning toward mean 0, variance 1 must explain to name it.
 PULL_EXPLAINS = 0.5
@@ -188,6 +197,17 @@ def _statistics_cause(layer: LayerReport) -> Cause | None:
     return None
 
 
+def _small_batch_cause(report: Report, findings: Sequence[Finding]) -> Cause | None:
+    found = estimate_beside(report.layers, findings)
+    if found is None:
+        return None
+    return Cause(
+        SMALL_BATCH_TRAINING,
+        f"running variances short of the data's between-sample spread by what batches of about "
+        f"{found.batch_size:.1f} samples leave out of their own variance",
+    )
+
+
 def _mean_distance(layer: LayerReport, weight: float) -> float:
     """The mean 2-Wasserstein distance, in running stds, between the running statistics and what a
     pass with ``weight`` on the data and 1 - weight on mean 0, variance 1 would leave."""
@@ -231,6 +251,8 @@ def with_causes(
         found: Cause | None = None
         if finding.code == "BN201":
             found = cause
+        elif finding.code == "BN205" and report is not None:
+            found = _small_batch_cause(report, findings)
         elif finding.code in ("BN101", "BN104", "BN105", "BN109") and finding.layer is not None:
             state = by_name.get(finding.layer.raw)
             found = state_cause(state) if state is not None else None

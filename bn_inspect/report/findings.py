@@ -78,6 +78,12 @@ RULES = {
         Rule("BN202", "dead-channels", Severity.WARNING, "channels with zero batch variance on the data"),
         Rule("BN203", "few-values", Severity.WARNING, "too few values per channel for trustworthy statistics"),
         Rule("BN204", "nonfinite-batch", Severity.ERROR, "the layer's input holds NaN or Inf on the data"),
+        Rule(
+            "BN205",
+            "small-batch-statistics",
+            Severity.WARNING,
+            "running variances lack the between-sample spread: statistics from batches of 3 samples or fewer",
+        ),
         Rule("BN301", "running-drift", Severity.ERROR, "running statistics moved beyond tolerance since --baseline"),
         Rule(
             "BN302",

@@ -1,4 +1,5 @@
-"""What lies behind a layer call's statistics, as plain values: the exact moments a report carries."""
+"""What lies behind a layer call's statistics, as plain values: the exact moments a report carries, and the
+spread of per-sample means that check's BN205 reads."""
 
 from __future__ import annotations
 
@@ -28,3 +29,12 @@ class LayerMoments:
     values_per_instance: int | None = None
     mean_sum: Floats | None = None
     var_sum: Floats | None = None
+
+
+@dataclass(frozen=True)
+class SampleSpread:
+    """For check's BN205, not in reports: per channel, the biased variance over ``num_samples`` samples
+    of each sample's mean of the channel over its spatial values (engine/moments.py)."""
+
+    num_samples: int
+    between_var: Floats

@@ -25,7 +25,7 @@ from typing import Any
 from bn_inspect.report import shift
 from bn_inspect.report.departure import Departure, Thresholds, departure
 from bn_inspect.report.display import NotebookDisplay
-from bn_inspect.report.layer_moments import Floats, LayerMoments
+from bn_inspect.report.layer_moments import Floats, LayerMoments, SampleSpread
 from bn_inspect.text import Untrusted
 
 # Adding a field keeps the version (README, "JSON report"): reports written before the fingerprints
@@ -161,6 +161,7 @@ class LayerReport:
     flags: tuple[str, ...] = ()
     num_groups: int | None = None
     moments: LayerMoments | None = None
+    sample_spread: SampleSpread | None = None
 
     @property
     def label(self) -> Untrusted:
@@ -384,6 +385,7 @@ class Report(NotebookDisplay):
         layers = []
         for layer in self.layers:
             entry = asdict(layer)
+            del entry["sample_spread"]  # check's alone, and check writes no layer records
             entry["mean_shift_z"] = layer.mean_shift_z
             entry["var_ratio"] = layer.var_ratio
             found = departure(layer)

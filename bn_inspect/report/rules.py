@@ -14,6 +14,7 @@ from typing import Any
 from bn_inspect.report.departure import ERROR, Thresholds, departure
 from bn_inspect.report.findings import RULES, Finding, Severity
 from bn_inspect.report.records import LayerReport, LayerState, Report, at_initial_values, never_updated
+from bn_inspect.report.small_batch import estimate_beside
 from bn_inspect.text import Untrusted
 
 FLOAT16_MAX = 65504.0
@@ -361,7 +362,26 @@ def report_findings(report: Report, thresholds: Thresholds) -> list[Finding]:
     findings: list[Finding] = []
     for layer in report.layers:
         findings += _data_findings(layer, thresholds)
-    return findings
+    return findings + _small_batch_findings(report, findings)
+
+
+def _small_batch_findings(report: Report, findings: Iterable[Finding]) -> list[Finding]:
+    """BN205 (report/small_batch.py): running variances that lack the between-sample spread small batches leave out."""
+    found = estimate_beside(report.layers, findings)
+    if found is None or not found.fires:
+        return []
+    return [
+        _finding(
+            "BN205",
+            None,
+            f"the running variances lack {min(1.0, found.inverse_batch):.0%} of the spread between samples on this "
+            f"data (1/B = {found.inverse_batch:.2f} ± {found.noise:.2f} over {len(found.layers):,} layers, mostly "
+            f"{found.strongest().label}): the statistics look accumulated from batches of 3 samples or fewer "
+            f"(estimated {found.batch_size:.1f}), so BatchNorm trained on noisy batch statistics. Train with 16 or "
+            "more samples per batch, or fine-tune with BatchNorm frozen in eval mode",
+            call=None,
+        )
+    ]
 
 
 def _per_batch_values(layer: LayerReport) -> int | None:

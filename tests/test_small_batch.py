@@ -1,0 +1,215 @@
+"""BN205: running statistics accumulated from batches of a few samples (report/small_batch.py), and the
+per-sample moments behind it (engine/moments.py's sample_moments)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bn_inspect.analyses.checking import check_model
+from bn_inspect.analyses.inspection import inspect_model
+from bn_inspect.cli.main import run
+from bn_inspect.engine.capture import StatisticsRecorder, hooks_capture
+from bn_inspect.engine.moments import sample_moments
+from bn_inspect.model.modules import find_layers
+from bn_inspect.report.layer_moments import SampleSpread
+from bn_inspect.report.small_batch import LEVEL, estimate
+from tests.conftest import state_fingerprint
+from tests.test_causes import layer as layer_report
+
+
+def reference_between_var(x: torch.Tensor) -> torch.Tensor:
+    """Float64: each sample's channel mean over the spatial dims, then their biased variance over samples."""
+    means = x.double().flatten(2).mean(2)
+    return ((means - means.mean(0)) ** 2).mean(0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "mean", "between", "within", "dtype"),
+    [
+        ((7, 5, 3, 5), 0.0, 1.0, 1.0, torch.float32),  # odd sizes
+        ((16, 4, 6, 6), 1e4, 1e-3, 1e-1, torch.float32),  # large means, tiny spread between samples
+        ((9, 3, 2, 2, 3), -3.0, 0.5, 2.0, torch.float32),  # 3-D spatial
+        ((6, 4, 5, 5), 1e6, 1e-2, 1.0, torch.float64),  # a float64 model's activations
+        ((5, 2, 4, 4), 2.0, 1.0, 1.0, torch.bfloat16),
+    ],
+)
+def test_sample_moments_match_float64(
+    shape: tuple[int, ...], mean: float, between: float, within: float, dtype: torch.dtype
+) -> None:
+    generator = torch.Generator().manual_seed(0)
+    offsets = torch.randn(shape[0], shape[1], *[1] * (len(shape) - 2), generator=generator, dtype=torch.float64)
+    x64 = mean + between * offsets + within * torch.randn(shape, generator=generator, dtype=torch.float64)
+    x = x64.to(dtype)
+    found = sample_moments(x)
+    assert found.count == shape[0]
+    expected = reference_between_var(x)
+    torch.testing.assert_close(found.biased_var(), expected, rtol=1e-6 if dtype != torch.bfloat16 else 1e-2, atol=0)
+
+
+def test_sample_moments_merge_over_uneven_and_empty_batches() -> None:
+    generator = torch.Generator().manual_seed(1)
+    x = 5.0 + torch.randn(13, 6, 1, 1, generator=generator) + 0.3 * torch.randn(13, 6, 4, 4, generator=generator)
+    parts = [x[:5], x[5:5], x[5:12], x[12:]]
+    merged = sample_moments(parts[0])
+    for part in parts[1:]:
+        merged = merged.merge(sample_moments(part))
+    assert merged.count == 13
+    torch.testing.assert_close(merged.biased_var(), reference_between_var(x), rtol=1e-6, atol=0)
+
+
+def test_the_recorder_keeps_sample_moments_only_when_asked_and_only_with_spatial_dims() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(5), nn.BatchNorm1d(5))
+    model(torch.randn(2, 3, 6, 6))
+    model.eval()
+    layers, _ = find_layers(model)
+    x = torch.randn(8, 3, 6, 6)
+    for asked in (False, True):
+        recorder = StatisticsRecorder(sample_means=asked)
+        with hooks_capture(layers, recorder), torch.no_grad():
+            recorder.start_batch()
+            model(x)
+        kept = {name: record.sample_moments is not None for (name, _), record in recorder.records.items()}
+        assert kept == {"1": asked, "4": False}
+
+
+def _planted(inverse_batch: float, share: float = 0.5, noise_samples: int = 10_000) -> list:
+    """Layers whose running variances lack ``inverse_batch`` of a between-sample share ``share``."""
+    layers = []
+    for index, values_per_sample in enumerate((64, 16, 4)):
+        total = [1.0 + 0.5 * c for c in range(8)]
+        between = [share * t for t in total]
+        running = [t - b * inverse_batch for t, b in zip(total, between, strict=True)]
+        made = layer_report(
+            f"bn{index}", ([0.0] * 8, running), ([0.0] * 8, total), shape=(noise_samples, 8, values_per_sample, 1)
+        )
+        made = replace(
+            made,
+            values_per_channel=noise_samples * values_per_sample,
+            sample_spread=SampleSpread(noise_samples, tuple(between)),
+        )
+        layers.append(made)
+    return layers
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 8, 64])
+def test_the_estimate_reads_the_batch_size_off_planted_statistics(batch_size: int) -> None:
+    found = estimate(_planted(1 / batch_size))
+    assert found is not None
+    assert found.inverse_batch == pytest.approx(1 / batch_size, rel=1e-12)
+    assert found.fires is (1 / batch_size - 2 * found.noise >= LEVEL)
+    assert found.fires is (batch_size <= 2)
+
+
+def test_few_samples_make_the_estimate_too_noisy_to_fire() -> None:
+    found = estimate(_planted(0.5, noise_samples=8))
+    assert found is not None and found.inverse_batch == pytest.approx(0.5) and not found.fires
+
+
+def test_layers_that_tell_nothing_are_left_out() -> None:
+    planted = _planted(0.5)
+    without_spread = [replace(layer, sample_spread=None) for layer in planted]
+    in_train_mode = [replace(layer, normalizes_with="batch") for layer in planted]
+    one_value_per_sample = [
+        replace(layer, values_per_channel=layer.sample_spread.num_samples) for layer in planted if layer.sample_spread
+    ]
+    nonfinite = [replace(layer, running_var=(math.inf,) * 8) for layer in planted]
+    for layers in (without_spread, in_train_mode, one_value_per_sample, nonfinite):
+        assert estimate(layers) is None
+    assert estimate(planted[:1] + nonfinite[1:]) is not None
+
+
+# --- a conv net whose running statistics come from batches of 2 or of 32 -------------------------------
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Conv2d(32, 32, 1),
+        nn.BatchNorm2d(32),
+        nn.Flatten(),
+        nn.Linear(128, 4),
+    )
+
+
+def _images(count: int, seed: int) -> torch.Tensor:
+    """Images whose channels vary between samples (an offset per sample) as well as within them."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(count, 3, 1, 1, generator=generator) + 0.5 * torch.randn(count, 3, 8, 8, generator=generator)
+
+
+def _statistics_from_batches_of(batch_size: int) -> nn.Module:
+    """The net with running statistics accumulated in train mode (momentum 0.1) from batches of ``batch_size``."""
+    model = _net()
+    pool = _images(4096, seed=1)
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(2))
+    model.train()
+    with torch.no_grad():
+        for step in range(300):
+            picked = order[(step * batch_size) % len(pool) :][:batch_size]
+            model(pool[picked])
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def small_and_large() -> tuple[nn.Module, nn.Module]:
+    return _statistics_from_batches_of(2), _statistics_from_batches_of(32)
+
+
+def test_check_warns_on_statistics_from_batches_of_two_and_not_of_32(small_and_large: tuple) -> None:
+    small, large = small_and_large
+    data = [_images(512, seed=3)]
+    before = state_fingerprint(small)
+    found = check_model(small, data)
+    assert state_fingerprint(small) == before
+    small_batch = [f for f in found.findings if f.code == "BN205"]
+    assert len(small_batch) == 1 and small_batch[0].severity.value == "warning" and small_batch[0].layer is None
+    assert small_batch[0].cause == "small-batch-training"
+    assert "batches of 3 samples or fewer" in small_batch[0].message
+    assert "BN205" not in {f.code for f in check_model(large, data).findings}
+
+
+def test_bn205_needs_real_data_in_eval_mode(small_and_large: tuple) -> None:
+    small, _ = small_and_large
+    data = [_images(512, seed=3)]
+    assert "BN205" not in {f.code for f in check_model(small, data, data_is_real=False).findings}
+    assert "BN205" not in {f.code for f in check_model(small, data, mode="train").findings}
+
+
+def test_the_inspect_report_does_not_carry_the_sample_spread(small_and_large: tuple) -> None:
+    small, _ = small_and_large
+    report = inspect_model(small, [_images(64, seed=3)])
+    assert all(layer.sample_spread is None for layer in report.layers)
+    assert all("sample_spread" not in entry for entry in report.to_dict()["layers"])
+
+
+def test_the_cli_reports_bn205_in_json(
+    small_and_large: tuple, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    small, _ = small_and_large
+    model_path, data_path = tmp_path / "model.pt", tmp_path / "data.npy"
+    torch.jit.save(torch.jit.script(copy.deepcopy(small)), model_path)
+    np.save(data_path, _images(512, seed=3).numpy())
+    out = tmp_path / "check.json"
+    code = run(["check", str(model_path), "--input", str(data_path), "--format", "json", "--output", str(out)])
+    document = json.loads(out.read_text())
+    # Its deepest layer departs past the error level (BN201) too; BN205 reads the other two.
+    assert code == 1 and not document["passed"]
+    found = [f for f in document["findings"] if f["code"] == "BN205"]
+    assert len(found) == 1 and found[0]["cause"] == "small-batch-training" and found[0]["layer"] is None
+    capsys.readouterr()
