@@ -20,8 +20,10 @@ from bn_inspect.cli.main import run
 from bn_inspect.engine.capture import StatisticsRecorder, hooks_capture
 from bn_inspect.engine.moments import sample_moments
 from bn_inspect.model.modules import find_layers
+from bn_inspect.report.findings import Finding, Severity
 from bn_inspect.report.layer_moments import SampleSpread
-from bn_inspect.report.small_batch import LEVEL, estimate
+from bn_inspect.report.small_batch import LEVEL, estimate, estimate_beside, layer_gap
+from bn_inspect.text import Untrusted
 from tests.conftest import state_fingerprint
 from tests.test_causes import layer as layer_report
 
@@ -125,6 +127,29 @@ def test_layers_that_tell_nothing_are_left_out() -> None:
     for layers in (without_spread, in_train_mode, one_value_per_sample, nonfinite):
         assert estimate(layers) is None
     assert estimate(planted[:1] + nonfinite[1:]) is not None
+
+
+def test_a_corrupted_layer_is_left_out_of_the_estimate() -> None:
+    # A variance stored 16x too small lacks 94% of the data's: beyond any batch size where less than
+    # 47% lies between samples (a larger share is left to BN201, whose error level excludes the layer).
+    planted = _planted(0.0, share=0.3)
+    total = planted[1].batch_var or ()
+    corrupted = replace(planted[1], running_var=tuple(v / 16 for v in total))
+    assert layer_gap(corrupted) is None
+    found = estimate([planted[0], corrupted, planted[2]])
+    assert found is not None and len(found.layers) == 2 and not found.fires
+
+
+def _error(label: str) -> Finding:
+    return Finding("BN201", "shifted", Severity.ERROR, Untrusted(label), 0, (), "departs")
+
+
+def test_layers_departing_past_the_error_level_are_left_out_and_a_departing_first_layer_ends_it() -> None:
+    planted = _planted(0.5)
+    assert estimate_beside(planted, [_error("bn0")]) is None
+    beside = estimate_beside(planted, [_error("bn1"), replace(_error("bn2"), severity=Severity.WARNING)])
+    assert beside is not None and [gap.label for gap in beside.layers] == ["bn0", "bn2"]
+    assert beside.inverse_batch == pytest.approx(0.5, rel=1e-12)
 
 
 # --- a conv net whose running statistics come from batches of 2 or of 32 -------------------------------
