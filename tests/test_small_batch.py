@@ -42,6 +42,7 @@ def reference_between_var(x: torch.Tensor) -> torch.Tensor:
         ((9, 3, 2, 2, 3), -3.0, 0.5, 2.0, torch.float32),  # 3-D spatial
         ((6, 4, 5, 5), 1e6, 1e-2, 1.0, torch.float64),  # a float64 model's activations
         ((5, 2, 4, 4), 2.0, 1.0, 1.0, torch.bfloat16),
+        ((5, 2, 4, 4), 300.0, 1e-2, 1.0, torch.float16),  # summed in float32, without a float32 copy
     ],
 )
 def test_sample_moments_match_float64(
@@ -54,7 +55,7 @@ def test_sample_moments_match_float64(
     found = sample_moments(x)
     assert found.count == shape[0]
     expected = reference_between_var(x)
-    torch.testing.assert_close(found.biased_var(), expected, rtol=1e-6 if dtype != torch.bfloat16 else 1e-2, atol=0)
+    torch.testing.assert_close(found.biased_var(), expected, rtol=1e-6, atol=0)
 
 
 def test_sample_moments_merge_over_uneven_and_empty_batches() -> None:

@@ -180,16 +180,19 @@ def sample_moments(x: torch.Tensor) -> ChannelMoments:
     """Moments over the N samples of each sample's channel mean, for ``x`` of shape (N, C, *S), S non-empty.
 
     ``biased_var()`` is then the between-sample variance of the channel: the part of the channel's
-    spread that a batch of few samples leaves out of its own variance (check's BN205). Each sample's
-    mean is a float32 mean over S (float64 for float64 input), taken again in float64 wherever its
-    rounding could matter next to the spread; the merge over samples and batches is
-    ``channel_moments``'s, exact.
+    spread that a batch of few samples leaves out of its own variance (check's BN205). On the CPU
+    each sample's mean is a float32 mean over S (float64 for float64 input), taken again in float64
+    wherever its rounding could matter next to the spread; elsewhere it is a float64 mean. The merge
+    over samples and batches is ``channel_moments``'s, exact.
     """
-    work = x.detach() if x.dtype in (torch.float32, torch.float64) else x.detach().float()
-    spatial = list(range(2, x.dim()))
-    means = work.mean(spatial)
-    moments = channel_moments(means)
-    if work.dtype == torch.float32 and moments.count:
+    work, spatial = x.detach(), list(range(2, x.dim()))
+    if x.device.type != "cpu":
+        # On an accelerator a float64 mean costs no more than the read, and checking the rounding
+        # would wait for the device.
+        return channel_moments(work.mean(spatial, dtype=torch.float64))
+    # Half-precision input is summed in float32 without a float32 copy of it.
+    moments = channel_moments(work.mean(spatial, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))
+    if x.dtype != torch.float64 and moments.count:
         rounding = (moments.mean.abs() * SAMPLE_MEAN_ERROR).square() * moments.count * MAX_CANCELLATION
         if bool((moments.m2 < rounding).any()):
             moments = channel_moments(work.mean(spatial, dtype=torch.float64))
