@@ -288,7 +288,14 @@ def test_a_tiny_running_var_moves_the_int8_output_of_the_export(
     document = json.loads(loud.out)
     model_change = [f for f in document["findings"] if f["code"] == "BN404" and f["layer"] is None]
     assert model_change, document["findings"]
-    assert any(note.startswith("ONNX model: the folding rules read") for note in document["notes"])
+    assert any(
+        note.startswith("ONNX model: the folding rules read") and "BN404 folds" in note for note in document["notes"]
+    )
+    # Without data BN404 does not run, and the note does not speak of it.
+    no_data = invoke(capsys, ["check", planted, "--no-data", "--precision", "int8", "--format", "json"])
+    notes = json.loads(no_data.out)["notes"]
+    assert any(note.startswith("ONNX model: the folding rules read") for note in notes)
+    assert not any("BN404 folds" in note for note in notes)
 
 
 def test_bn401_needs_a_stored_bias_and_a_hostile_node_name_is_inert(tmp_path: Path) -> None:

@@ -176,11 +176,14 @@ def _change(layer: Untrusted | None, format: str, reference: torch.Tensor, folde
     return FoldChange(layer, format, change, scale)
 
 
-# What the folding rules read in an ONNX graph, and where BN404 differs from a PyTorch model's.
+# What the folding rules read in an ONNX graph, and, where BN404 ran, how it differs from a PyTorch model's.
 ONNX_FOLDING_NOTE = (
     "ONNX model: the folding rules read the BatchNormalization nodes and the Conv, ConvTranspose, Gemm or "
-    "MatMul(+Add) before them; BN404 folds a copy of the graph and runs it in onnxruntime in float32, with the "
-    "folded weights and biases rounded to the --precision format (the activations stay float32)"
+    "MatMul(+Add) before them"
+)
+ONNX_BN404_NOTE = (
+    "; BN404 folds a copy of the graph and runs it in onnxruntime in float32, with the folded weights and "
+    "biases rounded to the --precision format (the activations stay float32)"
 )
 
 
@@ -194,6 +197,7 @@ def _onnx_folding_findings(
     if precision is not None:
         findings += headroom_findings(onnx_headrooms(norms, precision), precision.value)
     if precision is not None and batch is not None and any(norm.fold is not None for norm in norms):
+        notes = [ONNX_FOLDING_NOTE + ONNX_BN404_NOTE]
         changes = onnx_fold_changes(model, norms, precision, batch)
         findings += change_findings(changes)
         summary = change_summary(changes)
