@@ -22,7 +22,7 @@ The noise of e_l from N samples is modelled as ``NOISE * sqrt(2 / N) * (s_l + (1
 (S_l values per sample and channel), NOISE fitted on subsamples of the healthy models of the fault
 benchmark's calibration halves. BN205 warns when 1/B, less twice its noise, reaches LEVEL: batches
 of 3 samples or fewer. The benchmark's healthy models reach at most 0.17 (running statistics of a
-ResNet that lag its last weights); batches of 2 give 0.5 to 1.7, of 4 give 0.2 to 0.5.
+ResNet that lag its last weights); batches of 2 give 0.54 to 1.56, of 4 give 0.0 to 0.5.
 """
 
 from __future__ import annotations
