@@ -8,6 +8,7 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from bn_inspect.engine.moments import sample_moments
 from bn_inspect.model.modules import find_layers
 from bn_inspect.report.findings import Finding, Severity
 from bn_inspect.report.layer_moments import SampleSpread
-from bn_inspect.report.small_batch import LEVEL, estimate, estimate_beside, layer_gap
+from bn_inspect.report.small_batch import LEVEL, estimate, estimate_beside, first_layer_departure, layer_gap
 from bn_inspect.text import Untrusted
 from tests.conftest import state_fingerprint
 from tests.test_causes import layer as layer_report
@@ -85,11 +86,12 @@ def test_the_recorder_keeps_sample_moments_only_when_asked_and_only_with_spatial
 
 
 def _planted(inverse_batch: float, share: float = 0.5, noise_samples: int = 10_000) -> list:
-    """Layers whose running variances lack ``inverse_batch`` of a between-sample share ``share``."""
+    """Layers whose running variances lack ``inverse_batch`` of their between-sample share: ``share``
+    past the first layer, which, as in a conv net on images, varies little between samples (1%)."""
     layers = []
     for index, values_per_sample in enumerate((64, 16, 4)):
         total = [1.0 + 0.5 * c for c in range(8)]
-        between = [share * t for t in total]
+        between = [(share if index else 0.01) * t for t in total]
         running = [t - b * inverse_batch for t, b in zip(total, between, strict=True)]
         made = layer_report(
             f"bn{index}", ([0.0] * 8, running), ([0.0] * 8, total), shape=(noise_samples, 8, values_per_sample, 1)
@@ -145,7 +147,7 @@ def _error(label: str) -> Finding:
     return Finding("BN201", "shifted", Severity.ERROR, Untrusted(label), 0, (), "departs")
 
 
-def test_layers_departing_past_the_error_level_are_left_out_and_a_departing_first_layer_ends_it() -> None:
+def test_layers_departing_past_the_error_level_are_left_out_and_the_first_layer_ends_it() -> None:
     planted = _planted(0.5)
     assert estimate_beside(planted, [_error("bn0")]) is None
     beside = estimate_beside(planted, [_error("bn1"), replace(_error("bn2"), severity=Severity.WARNING)])
@@ -153,89 +155,95 @@ def test_layers_departing_past_the_error_level_are_left_out_and_a_departing_firs
     assert beside.inverse_batch == pytest.approx(0.5, rel=1e-12)
 
 
-# --- a conv net whose running statistics come from batches of 2 or of 32 -------------------------------
+def test_a_first_layer_past_the_info_level_is_reported() -> None:
+    # Data that varies more between samples than the training data's leaves the same gap; where the
+    # first layer's data departs (0.1 running std off in mean: score 0.77) BN205 names both readings.
+    planted = _planted(0.5)
+    first = planted[0]
+    moved = replace(first, batch_mean=tuple(0.1 * math.sqrt(v) for v in first.running_var or ()))
+    assert first_layer_departure(planted) is None
+    assert first_layer_departure([moved, *planted[1:]]) == pytest.approx(0.77, abs=0.01)
+
+
+# --- a conv net whose running statistics come from batches of 2 or of 32 ---------------------------------
 
 
 def _net() -> nn.Module:
+    """One conv and one BatchNorm, whose statistics average every batch (momentum None): what it is
+    trained on reaches it unchanged, so the gap is the one the README derives, 1/B of tau^2."""
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8, momentum=None),
         nn.ReLU(),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Conv2d(32, 32, 1),
-        nn.BatchNorm2d(32),
+        nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
-        nn.Linear(128, 4),
+        nn.Linear(8, 4),
     )
 
 
-def _images(count: int, seed: int) -> torch.Tensor:
-    """Images whose channels vary between samples (an offset per sample) as well as within them."""
+def _images(count: int, seed: int, offset: float) -> torch.Tensor:
+    """Images whose channels also vary between samples: an offset per sample and channel of std ``offset``."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(count, 3, 1, 1, generator=generator) + 0.5 * torch.randn(count, 3, 8, 8, generator=generator)
+    return offset * torch.randn(count, 3, 1, 1, generator=generator) + torch.randn(count, 3, 8, 8, generator=generator)
 
 
-def _statistics_from_batches_of(batch_size: int) -> nn.Module:
-    """The net with running statistics accumulated in train mode (momentum 0.1) from batches of ``batch_size``."""
+def _statistics_from_batches_of(batch_size: int, offset: float) -> nn.Module:
+    """The net with running statistics accumulated in train mode from batches of ``batch_size``."""
     model = _net()
-    pool = _images(4096, seed=1)
-    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(2))
+    pool = _images(4096, seed=1, offset=offset)
     model.train()
     with torch.no_grad():
-        for step in range(300):
-            picked = order[(step * batch_size) % len(pool) :][:batch_size]
-            model(pool[picked])
+        for start in range(0, len(pool), batch_size):
+            model(pool[start : start + batch_size])
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def small_and_large() -> tuple[nn.Module, nn.Module]:
-    return _statistics_from_batches_of(2), _statistics_from_batches_of(32)
+def _bn205(model: nn.Module, data: torch.Tensor, **kwargs: Any) -> list[Finding]:
+    return [f for f in check_model(model, [data], **kwargs).findings if f.code == "BN205"]
 
 
-def test_check_warns_on_statistics_from_batches_of_two_and_not_of_32(small_and_large: tuple) -> None:
-    small, large = small_and_large
-    data = [_images(512, seed=3)]
+def test_check_reads_batches_of_two_and_not_of_32() -> None:
+    # An offset of 0.6 puts a quarter of the BatchNorm's input variance between samples.
+    small, large = _statistics_from_batches_of(2, 0.6), _statistics_from_batches_of(32, 0.6)
+    data = _images(1024, seed=3, offset=0.6)
     before = state_fingerprint(small)
-    found = check_model(small, data)
+    found = _bn205(small, data)
     assert state_fingerprint(small) == before
-    small_batch = [f for f in found.findings if f.code == "BN205"]
-    assert len(small_batch) == 1 and small_batch[0].severity.value == "warning" and small_batch[0].layer is None
-    assert small_batch[0].cause == "small-batch-training"
-    assert "batches of 3 samples or fewer" in small_batch[0].message
-    assert "BN205" not in {f.code for f in check_model(large, data).findings}
+    assert len(found) == 1 and found[0].severity.value == "warning" and found[0].layer is None
+    assert found[0].cause == "small-batch-training"
+    assert "batches of 3 samples or fewer (estimated 2." in found[0].message
+    assert _bn205(large, data) == []
 
 
-def test_bn205_needs_real_data_in_eval_mode(small_and_large: tuple) -> None:
-    small, _ = small_and_large
-    data = [_images(512, seed=3)]
-    assert "BN205" not in {f.code for f in check_model(small, data, data_is_real=False).findings}
-    assert "BN205" not in {f.code for f in check_model(small, data, mode="train").findings}
+def test_a_first_layer_that_departs_leaves_the_cause_open() -> None:
+    # An offset of 1.0: the first layer's data departs past the info level (score about 0.6), and the
+    # gap could as well come from data that varies more between samples than the training data's.
+    found = _bn205(_statistics_from_batches_of(2, 1.0), _images(1024, seed=3, offset=1.0))
+    assert len(found) == 1 and found[0].cause == "unknown"
+    assert "so the data may be the cause" in found[0].message
 
 
-def test_the_inspect_report_does_not_carry_the_sample_spread(small_and_large: tuple) -> None:
-    small, _ = small_and_large
-    report = inspect_model(small, [_images(64, seed=3)])
+def test_bn205_needs_real_data_in_eval_mode() -> None:
+    small, data = _statistics_from_batches_of(2, 0.6), _images(1024, seed=3, offset=0.6)
+    assert _bn205(small, data, data_is_real=False) == []
+    assert _bn205(small, data, mode="train") == []
+
+
+def test_the_inspect_report_does_not_carry_the_sample_spread() -> None:
+    report = inspect_model(_statistics_from_batches_of(2, 0.6), [_images(64, seed=3, offset=0.6)])
     assert all(layer.sample_spread is None for layer in report.layers)
     assert all("sample_spread" not in entry for entry in report.to_dict()["layers"])
 
 
-def test_the_cli_reports_bn205_in_json(
-    small_and_large: tuple, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    small, _ = small_and_large
+def test_the_cli_reports_bn205_in_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model_path, data_path = tmp_path / "model.pt", tmp_path / "data.npy"
-    torch.jit.save(torch.jit.script(copy.deepcopy(small)), model_path)
-    np.save(data_path, _images(512, seed=3).numpy())
+    torch.jit.save(torch.jit.script(copy.deepcopy(_statistics_from_batches_of(2, 0.6))), model_path)
+    np.save(data_path, _images(1024, seed=3, offset=0.6).numpy())
     out = tmp_path / "check.json"
     code = run(["check", str(model_path), "--input", str(data_path), "--format", "json", "--output", str(out)])
     document = json.loads(out.read_text())
-    # Its deepest layer departs past the error level (BN201) too; BN205 reads the other two.
-    assert code == 1 and not document["passed"]
+    assert code == 0 and document["passed"]
     found = [f for f in document["findings"] if f["code"] == "BN205"]
     assert len(found) == 1 and found[0]["cause"] == "small-batch-training" and found[0]["layer"] is None
     capsys.readouterr()

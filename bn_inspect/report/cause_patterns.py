@@ -27,9 +27,11 @@ from bn_inspect.report.cause_codes import (
     SMALL_BATCH_TRAINING,
     SPOILED_STATISTICS,
     STALE_STATISTICS,
+    UNKNOWN,
     Cause,
 )
 from bn_inspect.report.records import LayerReport, Report
+from bn_inspect.report.small_batch import first_layer_departure
 
 # A spread ratio of 8 or more (1/8 or less) is a scale mistake (x255, x16, x100 units); the
 # standard deviations of normalization lie within it.
@@ -153,7 +155,7 @@ def shape_cause(report: Report, stats: Sequence[LayerReport], layer: LayerReport
             "computed on constant data), whatever the input does",
         )
     if layer is not stats[0]:
-        return _deep_cause(stats[next(i for i, other in enumerate(stats) if other is layer) - 1], pattern)
+        return _deep_cause(stats[next(i for i, other in enumerate(stats) if other is layer) - 1], pattern, stats[0])
     return _input_cause(report, pattern)
 
 
@@ -185,7 +187,7 @@ def _concentrated(pattern: LayerPattern) -> tuple[int, ...]:
     return ()
 
 
-def _deep_cause(previous: LayerReport, pattern: LayerPattern) -> Cause | None:
+def _deep_cause(previous: LayerReport, pattern: LayerPattern, first: LayerReport) -> Cause | None:
     """A departure that starts past the first layer: in the statistics, not in the input."""
     name, before = _named(pattern.layer), layer_pattern(previous)
     shifted = abs(pattern.mean_shift) >= 1 and abs(pattern.mean_shift) >= 0.9 * pattern.abs_shift
@@ -210,11 +212,20 @@ def _deep_cause(previous: LayerReport, pattern: LayerPattern) -> Cause | None:
     if pattern.abs_shift >= 0.3 and pattern.is_coherent:
         return None
     if not pattern.is_coherent or abs(pattern.log_ratio) < math.log(1.1):
+        how = "depart in no common direction" if not pattern.is_coherent else "keep their spread within 10%"
         return Cause(
             MOMENTUM,
-            f"the channels of {where}, depart in no common direction ({pattern.share_wider:.0%} wider, "
+            f"the channels of {where}, {how} ({pattern.share_wider:.0%} wider, "
             f"{1 - pattern.share_wider:.0%} narrower, means moved {pattern.mean_shift:+.2g} running std on average): running "
             "statistics as noisy as one batch's, what a momentum near 1 leaves",
+        )
+    first_departure = first_layer_departure([first])
+    if pattern.log_ratio > 0 and first_departure is not None:
+        return Cause(
+            UNKNOWN,
+            f"the data's spread is {pattern.factor:.2g}x the running one in {pattern.agreeing()} of {name}, and the "
+            f"first layer's data departs too, if less (score {first_departure:.2g}): running variances from tiny "
+            "batches and data that varies more between samples than the training data's look alike here",
         )
     if pattern.log_ratio > 0:
         return Cause(

@@ -28,7 +28,7 @@ from bn_inspect.report.cause_codes import (
 from bn_inspect.report.cause_patterns import FEW_BATCHES, shape_cause
 from bn_inspect.report.findings import Finding
 from bn_inspect.report.records import LayerReport, LayerState, Report, at_initial_values
-from bn_inspect.report.small_batch import estimate_beside
+from bn_inspect.report.small_batch import estimate_beside, first_layer_departure
 
 # The share of the departure that leaning toward mean 0, variance 1 must explain to name it.
 PULL_EXPLAINS = 0.5
@@ -201,6 +201,13 @@ def _small_batch_cause(report: Report, findings: Sequence[Finding]) -> Cause | N
     found = estimate_beside(report.layers, findings)
     if found is None:
         return None
+    first = first_layer_departure(report.layers)
+    if first is not None:
+        return Cause(
+            UNKNOWN,
+            f"batches of about {found.batch_size:.1f} samples and data that varies more between samples than the "
+            f"training data leave the same gap, and the first layer's data departs too (score {first:.2g})",
+        )
     return Cause(
         SMALL_BATCH_TRAINING,
         f"running variances short of the data's between-sample spread by what batches of about "

@@ -14,7 +14,7 @@ from typing import Any
 from bn_inspect.report.departure import ERROR, Thresholds, departure
 from bn_inspect.report.findings import RULES, Finding, Severity
 from bn_inspect.report.records import LayerReport, LayerState, Report, at_initial_values, never_updated
-from bn_inspect.report.small_batch import estimate_beside
+from bn_inspect.report.small_batch import estimate_beside, first_layer_departure
 from bn_inspect.text import Untrusted
 
 FLOAT16_MAX = 65504.0
@@ -370,18 +370,27 @@ def _small_batch_findings(report: Report, findings: Iterable[Finding]) -> list[F
     found = estimate_beside(report.layers, findings)
     if found is None or not found.fires:
         return []
-    return [
-        _finding(
-            "BN205",
-            None,
-            f"the running variances lack {min(1.0, found.inverse_batch):.0%} of the spread between samples on this "
-            f"data (1/B = {found.inverse_batch:.2f} ± {found.noise:.2f} over {len(found.layers):,} layers, mostly "
-            f"{found.strongest().label}): the statistics look accumulated from batches of 3 samples or fewer "
-            f"(estimated {found.batch_size:.1f}), so BatchNorm trained on noisy batch statistics. Train with 16 or "
-            "more samples per batch, or fine-tune with BatchNorm frozen in eval mode",
-            call=None,
+    gap = (
+        f"the running variances lack {min(1.0, found.inverse_batch):.0%} of the spread between samples on this "
+        f"data (1/B = {found.inverse_batch:.2f} ± {found.noise:.2f} over {len(found.layers):,} layers, mostly "
+        f"{found.strongest().label})"
+    )
+    first = first_layer_departure(report.layers)
+    if first is None:
+        message = (
+            f"{gap}: the statistics look accumulated from batches of 3 samples or fewer (estimated "
+            f"{found.batch_size:.1f}), so BatchNorm trained on noisy batch statistics. Train with 16 or more samples "
+            "per batch, or fine-tune with BatchNorm frozen in eval mode"
         )
-    ]
+    else:
+        message = (
+            f"{gap}. Statistics accumulated from batches of 3 samples or fewer (estimated {found.batch_size:.1f}) "
+            "leave such a gap, and so does data whose samples differ more among themselves than the training "
+            f"data's (exposure, gain or source varying per sample); here the first layer's data departs too "
+            f"(score {first:.2g}), so the data may be the cause. Check on data like the training data, or against "
+            "a --baseline"
+        )
+    return [_finding("BN205", None, message, call=None)]
 
 
 def _per_batch_values(layer: LayerReport) -> int | None:

@@ -16,7 +16,15 @@ Layers where each sample holds one value per channel (BatchNorm1d on (N, C)) hav
 part and no such gap; layers whose excess is beyond any batch size (e_l > 2 s_l, past the noise: a
 corrupted or rescaled layer) are another departure's, and both are left out. So are the layers
 whose data departs past the error level (check's BN201) for some other reason, and the whole
-estimate where the first layer's does: the input itself is off, and every variance after it.
+estimate where the first layer's data departs that far (the input itself is off).
+
+Data whose samples differ more among themselves than the training data's did (exposure or gain that
+varies per image, mixed sources) widens the between-sample spread just as small batches narrow the
+running one, and the two cannot be told apart here. Where the first layer's departure score
+reaches the info level (0.5) the input itself differs from the training data, so BN205 then names
+both readings and no cause (``first_layer_departure``). On the fault benchmark every case BN205
+fires on has a first layer at 0.39 or below; per-image brightness offsets that cost a digits CNN 18
+points put its first layer at 0.73.
 
 The noise of e_l from N samples is modelled as ``NOISE * sqrt(2 / N) * (s_l + (1 - s_l) / S_l)``
 (S_l values per sample and channel), NOISE fitted on subsamples of the healthy models of the fault
@@ -31,6 +39,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from bn_inspect.report.departure import Thresholds, departure
 from bn_inspect.report.findings import Finding, Severity
 from bn_inspect.report.records import LayerReport
 
@@ -104,6 +113,15 @@ def estimate_beside(layers: Sequence[LayerReport], findings: Iterable[Finding]) 
     if not layers or layers[0].label.raw in departing:
         return None
     return estimate([layer for layer in layers if layer.label.raw not in departing])
+
+
+def first_layer_departure(layers: Sequence[LayerReport]) -> float | None:
+    """The first layer's departure score where it reaches the info level (the input differs from the
+    training data, which can widen the between-sample spread as small batches do); else None."""
+    found = departure(layers[0]) if layers else None
+    if found is None or not (found.is_nonfinite or found.score >= Thresholds().info):
+        return None
+    return found.score
 
 
 def estimate(layers: Sequence[LayerReport]) -> SmallBatchEstimate | None:
