@@ -299,6 +299,17 @@ def test_a_deep_layer_whose_spread_is_wider_in_every_channel_is_small_batch_trai
     assert code == "small-batch-training" and "1.2x the running one in all 16 channels of layer2.bn1" in sentence
 
 
+def test_a_wider_deep_layer_after_a_first_layer_past_the_info_level_names_no_cause() -> None:
+    # Data that varies more between samples than the training data's widens the deep layers too; the
+    # first layer's departure (score 0.61: info, not warning) says the input itself differs.
+    running, first = stats(22), stats(20)
+    batch = (near(running)[0], [1.4 * v for v in running[1]])
+    wider_first = (near(first)[0], [1.3 * v for v in first[1]])
+    report = model(layer("layer1.bn1", first, wider_first), layer("layer2.bn1", running, batch, shape=(64, C, 4, 4)))
+    code, sentence = named(report, ["layer2.bn1"])
+    assert code == "unknown" and "the first layer's data departs too, if less (score 0.61)" in sentence
+
+
 def test_a_deep_layer_whose_spread_is_narrower_in_every_channel_is_stale_statistics() -> None:
     running = stats(23)
     batch = (near(running)[0], [0.6 * v for v in running[1]])
