@@ -224,10 +224,23 @@ def test_a_first_layer_that_departs_leaves_the_cause_open() -> None:
     assert "so the data may be the cause" in found[0].message
 
 
-def test_bn205_needs_real_data_in_eval_mode() -> None:
+def test_bn205_needs_real_data_in_eval_mode_and_says_so() -> None:
     small, data = _statistics_from_batches_of(2, 0.6), _images(1024, seed=3, offset=0.6)
     assert _bn205(small, data, data_is_real=False) == []
-    assert _bn205(small, data, mode="train") == []
+    assert any("(BN205)" in note for note in check_model(small, [data], data_is_real=False).notes)
+    trained = check_model(small, [data], mode="train")
+    assert not [f for f in trained.findings if f.code == "BN205"]
+    assert any(note.startswith("train mode: the small-batch rule (BN205)") for note in trained.notes)
+
+
+def test_too_few_samples_to_tell_leave_a_note_instead_of_a_finding() -> None:
+    small = _statistics_from_batches_of(2, 0.6)
+    few = check_model(small, [_images(64, seed=3, offset=0.6)])
+    assert not [f for f in few.findings if f.code == "BN205"]
+    assert [note for note in few.notes if note.startswith("BN205 could not tell")] == [
+        next(note for note in few.notes if "64 samples are too few" in note)
+    ]
+    assert not any(note.startswith("BN205") for note in check_model(small, [_images(1024, seed=3, offset=0.6)]).notes)
 
 
 def test_the_inspect_report_does_not_carry_the_sample_spread() -> None:

@@ -27,6 +27,7 @@ from bn_inspect.report.diff import Tolerance
 from bn_inspect.report.findings import CheckReport, Finding, Thresholds
 from bn_inspect.report.records import LayerState, ModelInfo, Report
 from bn_inspect.report.rules import filter_ignored, report_findings, state_findings, unknown_codes
+from bn_inspect.report.small_batch import inconclusive_note
 from bn_inspect.text import Untrusted
 
 # BatchNorm's eps unless the constructor says otherwise; a state_dict does not store it.
@@ -265,9 +266,14 @@ def _with_data_findings(
     """``findings`` and the data rules' findings: real data in eval mode may overrule BN114; random data
     leaves out the shift and dead-channel rules."""
     found = report_findings(report, thresholds)
+    if data_is_real and mode is Mode.EVAL:
+        notes += [note] if (note := inconclusive_note(report.layers, found)) is not None else []
+        return _few_batches_overruled(findings + found, report, thresholds, notes)
     if data_is_real:
-        combined = findings + found
-        return _few_batches_overruled(combined, report, thresholds, notes) if mode is Mode.EVAL else combined
+        notes.append(
+            "train mode: the small-batch rule (BN205) reads running statistics against eval-mode data and did not run"
+        )
+        return findings + found
     notes.append(
         "random input: the shift (BN201), dead-channel (BN202) and small-batch (BN205) rules need real data "
         "(--input) and did not run"

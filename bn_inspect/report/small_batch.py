@@ -133,3 +133,16 @@ def estimate(layers: Sequence[LayerReport]) -> SmallBatchEstimate | None:
     inverse_batch = math.fsum(gap.share * gap.excess for gap in gaps) / weight
     noise = math.sqrt(math.fsum((gap.share * gap.noise) ** 2 for gap in gaps)) / weight
     return SmallBatchEstimate(inverse_batch, noise, gaps)
+
+
+def inconclusive_note(layers: Sequence[LayerReport], findings: Iterable[Finding]) -> str | None:
+    """A note where 1/B reaches LEVEL but its noise keeps BN205 from firing: too few samples to tell."""
+    found = estimate_beside(layers, findings)
+    if found is None or found.fires or found.inverse_batch < LEVEL:
+        return None
+    samples = max(layer.sample_spread.num_samples for layer in layers if layer.sample_spread is not None)
+    return (
+        f"BN205 could not tell: the running variances lack {min(1.0, found.inverse_batch):.0%} of the spread between "
+        f"samples (1/B = {found.inverse_batch:.2f} ± {found.noise:.2f}), as batches of 3 samples or fewer would "
+        f"leave, but {samples:,} samples are too few to rule out noise; check on a few hundred samples or more"
+    )
