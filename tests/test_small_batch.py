@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -21,8 +22,9 @@ from bn_inspect.cli.main import run
 from bn_inspect.engine.capture import StatisticsRecorder, hooks_capture
 from bn_inspect.engine.moments import sample_moments
 from bn_inspect.model.modules import find_layers
-from bn_inspect.report.findings import Finding, Severity
+from bn_inspect.report.findings import Finding, Severity, departing_past_error
 from bn_inspect.report.layer_moments import SampleSpread
+from bn_inspect.report.schemas import schema
 from bn_inspect.report.small_batch import LEVEL, estimate, estimate_beside, first_layer_departure, layer_gap
 from bn_inspect.text import Untrusted
 from tests.conftest import state_fingerprint
@@ -149,8 +151,9 @@ def _error(label: str) -> Finding:
 
 def test_layers_departing_past_the_error_level_are_left_out_and_the_first_layer_ends_it() -> None:
     planted = _planted(0.5)
-    assert estimate_beside(planted, [_error("bn0")]) is None
-    beside = estimate_beside(planted, [_error("bn1"), replace(_error("bn2"), severity=Severity.WARNING)])
+    assert estimate_beside(planted, departing_past_error([_error("bn0")])) is None
+    warned = replace(_error("bn2"), severity=Severity.WARNING)
+    beside = estimate_beside(planted, departing_past_error([_error("bn1"), warned]))
     assert beside is not None and [gap.label for gap in beside.layers] == ["bn0", "bn2"]
     assert beside.inverse_batch == pytest.approx(0.5, rel=1e-12)
 
@@ -256,7 +259,14 @@ def test_the_cli_reports_bn205_in_json(tmp_path: Path, capsys: pytest.CaptureFix
     out = tmp_path / "check.json"
     code = run(["check", str(model_path), "--input", str(data_path), "--format", "json", "--output", str(out)])
     document = json.loads(out.read_text())
+    jsonschema.validate(document, schema("check"))
     assert code == 0 and document["passed"]
     found = [f for f in document["findings"] if f["code"] == "BN205"]
     assert len(found) == 1 and found[0]["cause"] == "small-batch-training" and found[0]["layer"] is None
+    # The estimate itself, for a pipeline that tracks it (fired or not): the figures the message gives.
+    estimated = document["small_batch"]
+    assert estimated["fires"] and estimated["first_layer_departure"] is None
+    assert f"1/B = {estimated['inverse_batch']:.2f} ± {estimated['noise']:.2f}" in found[0]["message"]
+    assert [layer["layer"] for layer in estimated["layers"]] == ["1"]
+    assert 0 < estimated["layers"][0]["share"] < 1 and estimated["batch_size"] == 1 / estimated["inverse_batch"]
     capsys.readouterr()

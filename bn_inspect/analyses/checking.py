@@ -24,7 +24,7 @@ from bn_inspect.report.baseline import Baseline, baseline_findings
 from bn_inspect.report.causes import with_causes
 from bn_inspect.report.departure import departure
 from bn_inspect.report.diff import Tolerance
-from bn_inspect.report.findings import CheckReport, Finding, Thresholds
+from bn_inspect.report.findings import CheckReport, Finding, Thresholds, departing_past_error
 from bn_inspect.report.records import LayerState, ModelInfo, Report
 from bn_inspect.report.rules import filter_ignored, report_findings, state_findings, unknown_codes
 from bn_inspect.report.small_batch import inconclusive_note
@@ -267,7 +267,7 @@ def _with_data_findings(
     leaves out the shift and dead-channel rules."""
     found = report_findings(report, thresholds)
     if data_is_real and mode is Mode.EVAL:
-        notes += [note] if (note := inconclusive_note(report.layers, found)) is not None else []
+        notes += [note] if (note := inconclusive_note(report.layers, departing_past_error(found))) is not None else []
         return _few_batches_overruled(findings + found, report, thresholds, notes)
     if data_is_real:
         notes.append(

@@ -26,7 +26,7 @@ from bn_inspect.report.cause_codes import (
     Cause,
 )
 from bn_inspect.report.cause_patterns import FEW_BATCHES, shape_cause
-from bn_inspect.report.findings import Finding
+from bn_inspect.report.findings import Finding, departing_past_error
 from bn_inspect.report.records import LayerReport, LayerState, Report, at_initial_values
 from bn_inspect.report.small_batch import estimate_beside, first_layer_departure
 
@@ -198,7 +198,7 @@ def _statistics_cause(layer: LayerReport) -> Cause | None:
 
 
 def _small_batch_cause(report: Report, findings: Sequence[Finding]) -> Cause | None:
-    found = estimate_beside(report.layers, findings)
+    found = estimate_beside(report.layers, departing_past_error(findings))
     if found is None:
         return None
     first = first_layer_departure(report.layers)

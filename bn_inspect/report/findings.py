@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
@@ -11,6 +12,7 @@ from bn_inspect.report.departure import Thresholds as Thresholds  # its old home
 from bn_inspect.report.departure import departure
 from bn_inspect.report.display import NotebookDisplay
 from bn_inspect.report.records import SCHEMA_VERSION, InputInfo, ModelInfo, Report, json_ready
+from bn_inspect.report.small_batch import estimate_beside, first_layer_departure
 from bn_inspect.text import Untrusted
 
 
@@ -152,6 +154,11 @@ class Finding:
         return self.layer if not self.call else Untrusted(f"{self.layer.raw}#{self.call}")
 
 
+def departing_past_error(findings: Iterable[Finding]) -> set[str]:
+    """The layer calls BN201 finds past the error level (BN205 reads its estimate off the others)."""
+    return {f.label.raw for f in findings if f.code == "BN201" and f.severity is Severity.ERROR}
+
+
 # repr=False: NotebookDisplay's compact repr, not every per-channel list.
 @dataclass(frozen=True, repr=False)
 class CheckReport(NotebookDisplay):
@@ -219,8 +226,25 @@ class CheckReport(NotebookDisplay):
                 for f in self.findings
             ],
             "departures": self._departures(),
+            "small_batch": self._small_batch(),
         }
         return json_ready(document)  # type: ignore[no-any-return]
+
+    def _small_batch(self) -> dict[str, Any] | None:
+        """BN205's estimate (report/small_batch.py) where one was made, fired or not."""
+        if self.inspection is None:
+            return None
+        found = estimate_beside(self.inspection.layers, departing_past_error(self.findings))
+        if found is None:
+            return None
+        return {
+            "inverse_batch": found.inverse_batch,
+            "noise": found.noise,
+            "batch_size": found.batch_size,
+            "fires": found.fires,
+            "first_layer_departure": first_layer_departure(self.inspection.layers),
+            "layers": [{"layer": gap.label, "share": gap.share, "excess": gap.excess} for gap in found.layers],
+        }
 
     def _departures(self) -> list[dict[str, Any]]:
         """Each compared layer call's departure score and tier by this check's thresholds, in execution order."""

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from bn_inspect.report.departure import ERROR, Thresholds, departure
-from bn_inspect.report.findings import RULES, Finding, Severity
+from bn_inspect.report.findings import RULES, Finding, Severity, departing_past_error
 from bn_inspect.report.records import LayerReport, LayerState, Report, at_initial_values, never_updated
 from bn_inspect.report.small_batch import estimate_beside, first_layer_departure
 from bn_inspect.text import Untrusted
@@ -367,7 +367,7 @@ def report_findings(report: Report, thresholds: Thresholds) -> list[Finding]:
 
 def _small_batch_findings(report: Report, findings: Iterable[Finding]) -> list[Finding]:
     """BN205 (report/small_batch.py): running variances that lack the between-sample spread small batches leave out."""
-    found = estimate_beside(report.layers, findings)
+    found = estimate_beside(report.layers, departing_past_error(findings))
     if found is None or not found.fires:
         return []
     gap = (

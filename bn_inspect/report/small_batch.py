@@ -36,11 +36,10 @@ ResNet that lag its last weights); batches of 2 give 0.54 to 1.56, of 4 give 0.0
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from bn_inspect.report.departure import Thresholds, departure
-from bn_inspect.report.findings import Finding, Severity
 from bn_inspect.report.records import LayerReport
 
 LEVEL = 1 / 3
@@ -106,10 +105,9 @@ def layer_gap(layer: LayerReport) -> LayerGap | None:
     return LayerGap(layer.label.raw, share, excess, noise)
 
 
-def estimate_beside(layers: Sequence[LayerReport], findings: Iterable[Finding]) -> SmallBatchEstimate | None:
-    """``estimate`` over the layers BN201 does not find departing past the error level in ``findings``;
-    None where the first layer departs that far."""
-    departing = {f.label.raw for f in findings if f.code == "BN201" and f.severity is Severity.ERROR}
+def estimate_beside(layers: Sequence[LayerReport], departing: Collection[str]) -> SmallBatchEstimate | None:
+    """``estimate`` over the layers whose labels are not in ``departing`` (those BN201 finds past the
+    error level); None where the first layer is among them."""
     if not layers or layers[0].label.raw in departing:
         return None
     return estimate([layer for layer in layers if layer.label.raw not in departing])
@@ -135,9 +133,9 @@ def estimate(layers: Sequence[LayerReport]) -> SmallBatchEstimate | None:
     return SmallBatchEstimate(inverse_batch, noise, gaps)
 
 
-def inconclusive_note(layers: Sequence[LayerReport], findings: Iterable[Finding]) -> str | None:
+def inconclusive_note(layers: Sequence[LayerReport], departing: Collection[str]) -> str | None:
     """A note where 1/B reaches LEVEL but its noise keeps BN205 from firing: too few samples to tell."""
-    found = estimate_beside(layers, findings)
+    found = estimate_beside(layers, departing)
     if found is None or found.fires or found.inverse_batch < LEVEL:
         return None
     samples = max(layer.sample_spread.num_samples for layer in layers if layer.sample_spread is not None)
