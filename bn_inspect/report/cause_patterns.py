@@ -30,8 +30,14 @@ from bn_inspect.report.cause_codes import (
     UNKNOWN,
     Cause,
 )
-from bn_inspect.report.records import LayerReport, Report
+from bn_inspect.report.records import IN_MEMORY_FORMAT, LayerReport, Report
 from bn_inspect.report.small_batch import first_layer_departure
+
+# BN105's limit: from here on a momentum weights each batch as much as everything before it.
+MOMENTUM_NEAR_1 = 0.5
+# Formats whose modules keep the momentum they trained with; weights loaded into --arch take the
+# architecture's, which says nothing about training.
+MOMENTUM_SAVED_WITH = ("torchscript", "pickle", IN_MEMORY_FORMAT)
 
 # A spread ratio of 8 or more (1/8 or less) is a scale mistake (x255, x16, x100 units); the
 # standard deviations of normalization lie within it.
@@ -155,7 +161,9 @@ def shape_cause(report: Report, stats: Sequence[LayerReport], layer: LayerReport
             "computed on constant data), whatever the input does",
         )
     if layer is not stats[0]:
-        return _deep_cause(stats[next(i for i, other in enumerate(stats) if other is layer) - 1], pattern, stats[0])
+        momentum = layer.momentum if report.model.format.raw in MOMENTUM_SAVED_WITH else None
+        previous = stats[next(i for i, other in enumerate(stats) if other is layer) - 1]
+        return _deep_cause(previous, pattern, stats[0], momentum)
     return _input_cause(report, pattern)
 
 
@@ -187,7 +195,9 @@ def _concentrated(pattern: LayerPattern) -> tuple[int, ...]:
     return ()
 
 
-def _deep_cause(previous: LayerReport, pattern: LayerPattern, first: LayerReport) -> Cause | None:
+def _deep_cause(
+    previous: LayerReport, pattern: LayerPattern, first: LayerReport, momentum: float | None
+) -> Cause | None:
     """A departure that starts past the first layer: in the statistics, not in the input."""
     name, before = _named(pattern.layer), layer_pattern(previous)
     shifted = abs(pattern.mean_shift) >= 1 and abs(pattern.mean_shift) >= 0.9 * pattern.abs_shift
@@ -213,12 +223,17 @@ def _deep_cause(previous: LayerReport, pattern: LayerPattern, first: LayerReport
         return None
     if not pattern.is_coherent or abs(pattern.log_ratio) < math.log(1.1):
         how = "depart in no common direction" if not pattern.is_coherent else "keep their spread within 10%"
-        return Cause(
-            MOMENTUM,
-            f"the channels of {where}, {how} ({pattern.share_wider:.0%} wider, "
-            f"{1 - pattern.share_wider:.0%} narrower, means moved {pattern.mean_shift:+.2g} running std on average): running "
-            "statistics as noisy as one batch's, what a momentum near 1 leaves",
+        seen = (
+            f"the channels of {where}, {how} ({pattern.share_wider:.0%} wider, {1 - pattern.share_wider:.0%} narrower, "
+            f"means moved {pattern.mean_shift:+.2g} running std on average)"
         )
+        if momentum is not None and 0 < momentum < MOMENTUM_NEAR_1:
+            return Cause(
+                UNKNOWN,
+                f"{seen}: as noisy as one batch's statistics, but the layer's momentum is {momentum:g}; the weights "
+                "may have moved after the statistics were recorded (fine-tuning with BatchNorm frozen), or the data differs",
+            )
+        return Cause(MOMENTUM, f"{seen}: running statistics as noisy as one batch's, what a momentum near 1 leaves")
     first_departure = first_layer_departure([first])
     if pattern.log_ratio > 0 and first_departure is not None:
         return Cause(
