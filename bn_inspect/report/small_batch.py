@@ -44,6 +44,8 @@ from bn_inspect.report.records import LayerReport
 
 LEVEL = 1 / 3
 NOISE = 0.7
+# Below this many samples the estimate's noise alone can hide batches of 2 (a digits CNN needed 256).
+FEW_SAMPLES = 300
 # Batches of one sample leave out the whole between-sample share (e_l = s_l); running statistics
 # over a few such batches are noisy themselves, so up to twice that still counts as theirs.
 EXCESS_LIMIT = 2.0
@@ -134,13 +136,24 @@ def estimate(layers: Sequence[LayerReport]) -> SmallBatchEstimate | None:
 
 
 def inconclusive_note(layers: Sequence[LayerReport], departing: Collection[str]) -> str | None:
-    """A note where 1/B reaches LEVEL but its noise keeps BN205 from firing: too few samples to tell."""
+    """A note where 1/B reaches LEVEL but its noise keeps BN205 from firing: on the border, or too few samples."""
     found = estimate_beside(layers, departing)
     if found is None or found.fires or found.inverse_batch < LEVEL:
         return None
     samples = max(layer.sample_spread.num_samples for layer in layers if layer.sample_spread is not None)
+    low, high = found.inverse_batch - 2 * found.noise, found.inverse_batch + 2 * found.noise
+    batches = (
+        f"batches of {1 / high:.1f} to {1 / low:.1f} samples"
+        if low > 0
+        else f"batches of {1 / high:.1f} samples or more"
+    )
+    advice = (
+        f"; {samples:,} samples leave that much noise, a few hundred or more narrow it"
+        if samples < FEW_SAMPLES
+        else ", on the border of the 3 samples per batch it warns at"
+    )
     return (
         f"BN205 could not tell: the running variances lack {min(1.0, found.inverse_batch):.0%} of the spread between "
-        f"samples (1/B = {found.inverse_batch:.2f} ± {found.noise:.2f}), as batches of 3 samples or fewer would "
-        f"leave, but {samples:,} samples are too few to rule out noise; check on a few hundred samples or more"
+        f"samples (1/B = {found.inverse_batch:.2f} ± {found.noise:.2f}: {batches}, or data that varies more "
+        f"between samples than the training data's){advice}"
     )
