@@ -18,6 +18,7 @@ from torch import nn
 
 from bn_inspect.analyses.checking import check_model
 from bn_inspect.analyses.inspection import inspect_model
+from bn_inspect.analyses.recalibration import recalibrate
 from bn_inspect.cli.main import run
 from bn_inspect.engine.capture import StatisticsRecorder, hooks_capture
 from bn_inspect.engine.moments import sample_moments
@@ -270,3 +271,16 @@ def test_the_cli_reports_bn205_in_json(tmp_path: Path, capsys: pytest.CaptureFix
     assert [layer["layer"] for layer in estimated["layers"]] == ["1"]
     assert 0 < estimated["layers"][0]["share"] < 1 and estimated["batch_size"] == 1 / estimated["inverse_batch"]
     capsys.readouterr()
+
+
+def test_precise_recalibration_in_tiny_batches_says_what_it_leaves_out() -> None:
+    # Two BatchNorms: the second's input was normalized with each batch's own statistics.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8))
+    data = _images(64, seed=4, offset=0.6)
+    small = recalibrate(copy.deepcopy(model), list(data.split(2)), method="precise")
+    assert any("--method precise normalized each batch of about 2 samples" in note for note in small.notes)
+    large = recalibrate(copy.deepcopy(model), list(data.split(32)), method="precise")
+    assert not any("--method precise normalized" in note for note in large.notes)
+    alone = recalibrate(_net(), list(data.split(2)), method="precise")
+    assert not any("--method precise normalized" in note for note in alone.notes)

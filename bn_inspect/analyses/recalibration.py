@@ -206,13 +206,30 @@ def recalibrate(
     )
 
 
+# Below this many samples per batch, precise's train-mode pass leaves a visible share of the
+# between-sample spread out of the deeper layers' variances (check's BN205 reads it).
+PRECISE_MIN_BATCH = 16
+
+
+def _small_batches_note(runner: Runner, seen: dict[str, Any]) -> list[str]:
+    # One layer alone sees the data as it is: what it merges over batches is exact.
+    per_batch = runner.num_samples / max(1, runner.num_batches)
+    if per_batch >= PRECISE_MIN_BATCH or len(seen) < 2:
+        return []
+    return [
+        f"--method precise normalized each batch of about {per_batch:.3g} samples with its own statistics, so the "
+        f"layers after the first can lack up to about 1/{per_batch:.3g} of the spread between samples in their new variances "
+        f"(check's BN205 reads it). Use batches of {PRECISE_MIN_BATCH} or more, or --method sequential"
+    ]
+
+
 def _measure(
     runner: Runner, targets: dict[str, Target], method: RecalibrationMethod, is_script: bool, budget: int | None
 ) -> Measurement:
     """Each layer's new statistics, its inputs in the model as given, its wave, notes, and the check pass."""
     if method is RecalibrationMethod.PRECISE:
         seen = runner.run(list(targets.values()), training=True)
-        return Measurement(seen, seen, {name: 0 for name in seen}, [], None)
+        return Measurement(seen, seen, {name: 0 for name in seen}, _small_batches_note(runner, seen), None)
     # TorchScript may fuse operations into kernels the dispatcher never sees, which would hide
     # dependencies from the trace: there, every layer gets its own wave.
     return run_sequential(runner, targets, trace=not is_script, memory_budget_bytes=budget)
