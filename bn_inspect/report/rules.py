@@ -365,6 +365,10 @@ def report_findings(report: Report, thresholds: Thresholds) -> list[Finding]:
     return findings + _small_batch_findings(report, findings)
 
 
+def _layers(count: int) -> str:
+    return "1 layer" if count == 1 else f"{count:,} layers"
+
+
 def _small_batch_findings(report: Report, findings: Iterable[Finding]) -> list[Finding]:
     """BN205 (report/small_batch.py): running variances that lack the between-sample spread small batches leave out."""
     found = estimate_beside(report.layers, departing_past_error(findings))
@@ -372,7 +376,7 @@ def _small_batch_findings(report: Report, findings: Iterable[Finding]) -> list[F
         return []
     gap = (
         f"the running variances lack {min(1.0, found.inverse_batch):.0%} of the spread between samples on this "
-        f"data (1/B = {found.inverse_batch:.2f} ± {found.noise:.2f} over {len(found.layers):,} layers, mostly "
+        f"data (1/B = {found.inverse_batch:.2f} ± {found.noise:.2f} over {_layers(len(found.layers))}, mostly "
         f"{found.strongest().label})"
     )
     first = first_layer_departure(report.layers)
