@@ -317,29 +317,27 @@ def test_a_deep_layer_whose_spread_is_narrower_in_every_channel_is_stale_statist
     assert code == "stale-statistics" and "1.3x below the running one" in sentence
 
 
-def test_a_deep_layer_departing_every_which_way_is_noise_from_a_momentum_near_1() -> None:
+def every_which_way() -> Report:
+    """A deep layer whose channels depart in no common direction, as one batch's statistics would."""
     running = stats(24)
     rng = random.Random(25)
     batch = (
         [m + rng.gauss(0, 0.25) * math.sqrt(v) for m, v in zip(*running, strict=True)],
         [v * math.exp(rng.gauss(0, 0.4)) for v in running[1]],
     )
-    assert named(deep(batch, running), ["layer2.bn1"])[0] == "momentum"
+    return deep(batch, running)
+
+
+def test_a_deep_layer_departing_every_which_way_is_noise_from_a_momentum_near_1() -> None:
+    assert named(every_which_way(), ["layer2.bn1"])[0] == "momentum"
 
 
 def test_noise_like_one_batchs_is_not_blamed_on_a_momentum_the_model_file_says_is_small() -> None:
     # A TorchScript file keeps the momentum it trained with (0.1 here): a momentum near 1 is ruled out.
     # Weights loaded into --arch (a state_dict) take the architecture's, which says nothing of training.
-    running = stats(24)
-    rng = random.Random(25)
-    batch = (
-        [m + rng.gauss(0, 0.25) * math.sqrt(v) for m, v in zip(*running, strict=True)],
-        [v * math.exp(rng.gauss(0, 0.4)) for v in running[1]],
-    )
-    scripted = replace(deep(batch, running), model=ModelInfo.of("m.pt", "torchscript"))
+    scripted = replace(every_which_way(), model=ModelInfo.of("m.pt", "torchscript"))
     code, sentence = named(scripted, ["layer2.bn1"])
     assert code == "unknown" and "but the layer's momentum is 0.1" in sentence
-    assert named(deep(batch, running), ["layer2.bn1"])[0] == "momentum"
 
 
 def test_a_deep_layer_with_large_coherent_shifts_after_a_departing_layer_is_not_named() -> None:
