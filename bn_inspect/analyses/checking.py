@@ -263,8 +263,8 @@ def _model_kind_notes(model: nn.Module, flags_from_file: bool) -> tuple[bool, li
 def _with_data_findings(
     findings: list[Finding], report: Report, thresholds: Thresholds, data_is_real: bool, mode: Mode, notes: list[str]
 ) -> list[Finding]:
-    """``findings`` and the data rules' findings: real data in eval mode may overrule BN114; random data
-    leaves out the shift and dead-channel rules."""
+    """``findings`` and the data rules' findings: real data in eval mode may overrule BN114 and notes an
+    inconclusive BN205; random data leaves out the shift, dead-channel and small-batch rules."""
     found = report_findings(report, thresholds)
     if data_is_real and mode is Mode.EVAL:
         notes += [note] if (note := inconclusive_note(report.layers, departing_past_error(found))) is not None else []
