@@ -272,14 +272,19 @@ def test_one_channel_off_while_the_rest_and_the_layer_before_match_is_a_corrupte
     assert "channel 5 of layer2.bn1 makes most of its departure while its other 15 channels" in sentence
 
 
-def test_a_noisy_departure_spread_over_channels_is_not_taken_for_a_few_corrupted_ones() -> None:
+def every_which_way() -> Report:
+    """A deep layer whose channels depart in no common direction, as one batch's statistics would."""
     running = stats(24)
     rng = random.Random(25)
     batch = (
         [m + rng.gauss(0, 0.25) * math.sqrt(v) for m, v in zip(*running, strict=True)],
         [v * math.exp(rng.gauss(0, 0.4)) for v in running[1]],
     )
-    assert named(deep(batch, running), ["layer2.bn1"])[0] != "corrupted-layer"
+    return deep(batch, running)
+
+
+def test_a_noisy_departure_spread_over_channels_is_not_taken_for_a_few_corrupted_ones() -> None:
+    assert named(every_which_way(), ["layer2.bn1"])[0] != "corrupted-layer"
 
 
 def test_stored_variances_below_eps_are_a_corrupted_layer_not_the_input_scale() -> None:
@@ -315,17 +320,6 @@ def test_a_deep_layer_whose_spread_is_narrower_in_every_channel_is_stale_statist
     batch = (near(running)[0], [0.6 * v for v in running[1]])
     code, sentence = named(deep(batch, running), ["layer2.bn1"])
     assert code == "stale-statistics" and "1.3x below the running one" in sentence
-
-
-def every_which_way() -> Report:
-    """A deep layer whose channels depart in no common direction, as one batch's statistics would."""
-    running = stats(24)
-    rng = random.Random(25)
-    batch = (
-        [m + rng.gauss(0, 0.25) * math.sqrt(v) for m, v in zip(*running, strict=True)],
-        [v * math.exp(rng.gauss(0, 0.4)) for v in running[1]],
-    )
-    return deep(batch, running)
 
 
 def test_a_deep_layer_departing_every_which_way_is_noise_from_a_momentum_near_1() -> None:
