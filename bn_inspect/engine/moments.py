@@ -113,12 +113,32 @@ def cpu_moments(work: torch.Tensor) -> ChannelMoments:
         # Out= ops refuse tensors that require grad, and statistics are no part of the graph.
         work = work.detach()
     num_channels = work.shape[1]
-    count = work.numel() // num_channels
     # The first value of each channel is the shift (one strided view of them, shaped to broadcast);
     # an infinite one would turn the whole channel into inf - inf = NaN, so those are not shifted.
     first = work.as_strided((1, num_channels, *[1] * (work.dim() - 2)), work.stride(), work.storage_offset())
     shift = torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0)
     shifted_sum, sum_sq = _shifted_sums(work, shift)
+    count = work.numel() // num_channels
+    return settled_moments(work, count, *shifted_moments(count, shift.reshape(-1), shifted_sum, sum_sq))
+
+
+def settled_moments(
+    work: torch.Tensor, count: int, mean: torch.Tensor, m2: torch.Tensor, unusable: torch.Tensor
+) -> ChannelMoments:
+    """``shifted_moments``'s results as moments, or, where they were unusable, exact two-pass moments of ``work``."""
+    if bool(unusable):
+        # Exact, and rare: in float64, so no channel's mean is rounded to float32.
+        return two_pass_moments(work.double(), [0, *range(2, work.dim())], count)
+    return ChannelMoments(count, mean, m2)
+
+
+def shifted_moments(
+    count: int, shift: torch.Tensor, shifted_sum: torch.Tensor, sum_sq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, m2 and whether the shifted sums are unusable (a 0-dim bool), from sums over ``count`` values.
+
+    Plain tensor ops, so that the compiled CPU kernel (engine/fused/cpu.py) runs them in its graph.
+    """
     shifted_mean = shifted_sum / count
     m2 = torch.addcmul(sum_sq, shifted_sum, shifted_mean, value=-1)
     # Shifted sums are unusable where they cancelled (the squared mean over the spread past
@@ -126,10 +146,8 @@ def cpu_moments(work: torch.Tensor) -> ChannelMoments:
     # < 0), or where float32 squares overflowed although the values themselves are finite (m2 =
     # inf; activations beyond ~1e17). NaN channels compare false and keep their NaN.
     excess = torch.addcmul(m2, shifted_mean, shifted_mean, value=-count / MAX_CANCELLATION)
-    if bool(((excess < 0) | (m2 == math.inf)).any()):
-        # Exact, and rare: in float64, so no channel's mean is rounded to float32.
-        return two_pass_moments(work.double(), [0, *range(2, work.dim())], count)
-    return ChannelMoments(count, torch.add(shifted_mean, shift.reshape(-1)), m2.clamp_min(0))
+    unusable = ((excess < 0) | (m2 == math.inf)).any()
+    return shifted_mean + shift, m2.clamp_min(0), unusable
 
 
 def _piece_length(work: torch.Tensor) -> int:
