@@ -11,8 +11,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bn_inspect.analyses.exported_batches import ExportedBatches
 from bn_inspect.analyses.session import (
-    ExportedBatches,
     Rereadable,
     RunObserver,
     all_ranks,
