@@ -69,6 +69,9 @@ SURFACES: tuple[Surface, ...] = (
     _surface("write:model", "writer", H.CLOBBER, H.HANG, H.TRACEBACK),
     # The watch's timeline: created new and appended to while training runs (bn_inspect.watch).
     _surface("write:timeline", "writer", H.CLOBBER, H.HANG, H.TRACEBACK),
+    # Inductor's cache folder for the compiled CPU kernel (bn_inspect.engine.fused.cpu): written to,
+    # and the libraries built there are loaded into the process.
+    _surface("cache:cpu-kernel", "cache", H.EXECUTION, H.CLOBBER, H.TRACEBACK),
     # Renderers: one per output format (bn_inspect.output.formats.FORMATTERS), the error line, the repr.
     _surface("render:table", "renderer", H.INERT),
     _surface("render:json", "renderer", H.INERT),

@@ -273,6 +273,12 @@ def prepare_run(
         from bn_inspect.analyses.exported_batches import ExportedBatches
 
         batches = iter(ExportedBatches(loaded.module, batches, observer))
+    if needs_data and device == "cpu":
+        from bn_inspect.engine.fused.cpu import prepare_note
+
+        is_eager_eval = options.mode is Mode.EVAL and loaded.format not in ("torchscript", "torch.export")
+        if kernel_note := prepare_note(is_eager_eval):
+            observer.note(kernel_note)
     observer.loaded()
     is_real_data = options.input_file is not None or options.data is not None
     return PreparedRun(loaded, batches, source, is_real_data=is_real_data, images=images)

@@ -25,7 +25,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bn_inspect.engine.axes import TensorLayout, kernel_reduced_dims
-from bn_inspect.engine.fused.dispatch import STOCK_FORWARD, batch_norm_eval_with_moments, fused_applies, fused_may_run
+from bn_inspect.engine.fused.cpu import STOCK_FORWARD
+from bn_inspect.engine.fused.dispatch import batch_norm_eval_with_moments, fused_applies, fused_may_run
 from bn_inspect.engine.moments import ChannelMoments, Moments, channel_moments, instance_moments, sample_moments
 from bn_inspect.errors import ShapeMismatchError
 from bn_inspect.model.graph import BATCH_NORM_OPS

@@ -32,10 +32,11 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bn_inspect.engine.fused import cpu
+from bn_inspect.engine.fused.cpu import STOCK_FORWARD
 from bn_inspect.engine.fused.tiles import TILE
 from bn_inspect.engine.moments import ChannelMoments
 
-STOCK_FORWARD = _BatchNorm.forward
 _FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -65,6 +66,8 @@ def fused_may_run(module: nn.Module) -> bool:
     ):
         return False
     device = module.running_mean.device
+    if device.type == "cpu" and not _interpreting():
+        return cpu.requested()
     return (device.type == "cuda" or (_interpreting() and device.type == "cpu")) and _kernels() is not None
 
 
@@ -102,9 +105,11 @@ def fused_applies(module: _BatchNorm, x: torch.Tensor) -> bool:
     """Whether this call of a fusable module can run the fused kernel (else: the portable path)."""
     if module.training or module.running_mean is None or module.running_var is None or x.dim() < 2:
         return False
-    if not (x.is_cuda or (_interpreting() and x.device.type == "cpu")) or x.dtype not in _FLOAT_TYPES:
-        return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters(False))):
+        return False
+    if x.device.type == "cpu" and not _interpreting():
+        return cpu.requested() and cpu.applies(module, x)
+    if not (x.is_cuda or (_interpreting() and x.device.type == "cpu")) or x.dtype not in _FLOAT_TYPES:
         return False
     if x.numel() == 0 or _layout(x) is None:
         return False
@@ -120,6 +125,8 @@ def batch_norm_eval_with_moments(
     memory format, normalized with the running statistics as ``F.batch_norm`` would (float32
     arithmetic; the result differs from torch's kernels by rounding only).
     """
+    if x.device.type == "cpu" and not _interpreting():
+        return cpu.batch_norm_eval_with_moments(module, x, previous)
     kernels = _kernels()
     layout = _layout(x)
     assert kernels is not None and layout is not None

@@ -1,0 +1,233 @@
+"""Eval-mode batch norm with its input's moments in one read on the CPU: a kernel compiled by inductor.
+
+The portable CPU path reads every batch-norm input twice: once in the statistics pass of the
+pre-hook, once in the layer's own normalization. In eval mode the output is ``x * alpha + beta``
+per channel, so one loop can write it and add up the same values: torch.compile's C++ backend
+fuses the output and the per-(sample, channel) row sums into one kernel, which costs about what
+torch's own eval kernel costs (docs/benchmarks.md, issue 30).
+
+Opt-in (``BN_INSPECT_CPU_KERNEL=compiled``): the first calls in a process compile for several
+seconds, which only a long run earns back. It keeps what the portable path guarantees:
+
+* the output is bit for bit ``F.batch_norm``'s. alpha and beta are read back from torch's own
+  kernel (``_coefficients``), and the compiled multiply-add is contracted as torch's is; each
+  layer's first call per input shape also runs torch's kernel and compares, and a layer and shape
+  whose outputs differed take the portable path from then on;
+* the moments: each row is shifted by its channel's first value in float32, as the portable pass
+  does, then summed with its squares in float64, and finished by the same ``shifted_moments``
+  (with its cancellation check and exact two-pass fallback).
+
+Without a C++ compiler, without a private cache folder, or where compiling fails, the portable
+path runs and ``unavailable_reason`` says why. Inductor loads the libraries it builds from its
+cache, so that cache is a folder only this user can write (``private_cache``), not torch's
+default under /tmp, unless the user chose one with ``TORCHINDUCTOR_CACHE_DIR``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import stat
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bn_inspect.engine.moments import ChannelMoments, cpu_moments, settled_moments, shifted_moments
+
+STOCK_FORWARD = _BatchNorm.forward
+
+CPU_KERNEL_VARIABLE = "BN_INSPECT_CPU_KERNEL"
+DTYPES = (torch.float32, torch.float64)
+
+
+def requested() -> bool:
+    """Whether the user asked for the compiled CPU kernel."""
+    return os.environ.get(CPU_KERNEL_VARIABLE, "") == "compiled"
+
+
+def _normalize_and_reduce(
+    planes: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, shift: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Output, and mean, m2 and the unusable flag of ``shifted_moments``, for planes of shape (N, C, S).
+
+    One loop nest writes the output and reduces each (sample, channel) row of the same values: the
+    shifted values in float32, as the portable pass forms them, summed with their squares in float64.
+    """
+    output = planes * alpha[:, None] + beta[:, None]
+    shifted = (planes - shift[:, None]).to(torch.float64)
+    shifted_sum = shifted.sum(2).sum(0)
+    sum_sq = (shifted * shifted).sum(2).sum(0)
+    return output, *shifted_moments(planes.shape[0] * planes.shape[2], shift, shifted_sum, sum_sq)
+
+
+def private_cache() -> Path:
+    """A folder for inductor's cache that only this user can write, created if missing.
+
+    Raises:
+        OSError: when it exists but belongs to someone else or others may write to it.
+    """
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = base / "bn-inspect" / "inductor"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise OSError(f"{folder} is not a folder of this user's")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise OSError(f"{folder} is writable by others")
+    return folder
+
+
+_unavailable: list[str] = []
+
+
+def unavailable_reason() -> str | None:
+    """Why the requested kernel is not in use (no compiler, no private cache, compiling failed), once tried."""
+    return _unavailable[0] if _unavailable else None
+
+
+def prepare() -> str | None:
+    """Make the kernel ready where it was requested; returns why it cannot be used, else None."""
+    _kernel()
+    return unavailable_reason()
+
+
+def prepare_note(is_eager_eval: bool) -> str | None:
+    """Where the kernel was asked for, prepare it and say whether this run uses it; None where it was not."""
+    if not requested():
+        return None
+    if not is_eager_eval:
+        return (
+            f"note: {CPU_KERNEL_VARIABLE}=compiled is set, but the compiled kernel serves only eval-mode "
+            "BatchNorm modules of an eager model: this run takes the portable path."
+        )
+    reason = prepare()
+    if reason is not None:
+        return (
+            f"note: {CPU_KERNEL_VARIABLE}=compiled is set, but {reason}: the statistics take the portable path "
+            "(one more read of each batch-norm input)."
+        )
+    return (
+        f"note: {CPU_KERNEL_VARIABLE}=compiled: eval-mode BatchNorm layers normalize and reduce in one compiled "
+        "kernel; the first batches wait several seconds while it compiles."
+    )
+
+
+@functools.cache
+def _kernel() -> Callable[..., Any] | None:
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        _unavailable.append("there is no C++ compiler (g++ or c++) on PATH")
+        return None
+    try:
+        # Inductor loads the libraries it built from its cache: never from a folder others can
+        # write to. A folder the user chose for it (TORCHINDUCTOR_CACHE_DIR) is theirs to vouch for.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(private_cache()))
+    except OSError as error:
+        _unavailable.append(f"its cache folder cannot be used: {error}")
+        return None
+    # ATen's eval kernel rounds x * alpha + beta as one fused multiply-add where its build can (each
+    # layer's first call is compared with it); inductor contracts it alike only with this flag.
+    # One compile thread: a pool of compile workers takes seconds to start, for a single kernel.
+    return torch.compile(
+        _normalize_and_reduce,
+        dynamic=True,
+        fullgraph=True,
+        options={"cpp.enable_floating_point_contract_flag": "fast", "compile_threads": 1},
+    )
+
+
+# Per layer: input (shape, dtype) -> whether the kernel's output equalled torch's on its first call.
+_verified: weakref.WeakKeyDictionary[_BatchNorm, dict[tuple[torch.Size, torch.dtype], bool]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def applies(module: _BatchNorm, x: torch.Tensor) -> bool:
+    """Whether this eval call may run the compiled kernel (checked after dispatch's own checks)."""
+    if x.device.type != "cpu" or x.dtype not in DTYPES or x.dim() < 3 or not x.is_contiguous():
+        return False
+    if x.numel() == 0 or x.shape[2:].numel() < 2:
+        return False
+    tensors = [module.running_mean, module.running_var]
+    if module.affine:
+        tensors += [module.weight, module.bias]
+    # Parameters of another dtype or layout send torch down another path, which rounds otherwise.
+    if not all(tensor is not None and tensor.dtype == x.dtype and tensor.is_contiguous() for tensor in tensors):
+        return False
+    if _verified.get(module, {}).get((x.shape, x.dtype)) is False or _unavailable:
+        return False
+    # Under a dispatch or function mode (bn-inspect's own observers, or the user's) the compiled
+    # call would be traced by the mode: the portable path keeps every op visible to it.
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    return _kernel() is not None
+
+
+def _coefficients(module: _BatchNorm, num_channels: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha and beta of ``output = x * alpha + beta``, as torch's eval kernel rounds them.
+
+    Kept per layer until one of its tensors is replaced or changed in place (their versions).
+    """
+    tensors = (module.running_mean, module.running_var, module.weight, module.bias)
+    key = (dtype, module.eps, *((id(tensor), tensor._version) if tensor is not None else None for tensor in tensors))
+    kept = _coefficients_of.get(module)
+    if kept is not None and kept[0] == key:
+        return kept[1], kept[2]
+    # ATen forms them per channel (batch_norm_cpu_collect_linear_and_constant_terms) with an inverse
+    # square root and a multiply-add whose rounding depends on the CPU capability it dispatches
+    # to, so both are read back from its own kernel: the output for zeros is beta, and with mean
+    # and bias zero the output for ones is alpha.
+    probe = torch.zeros((2, 1, num_channels, 2), dtype=dtype)
+    probe[1] = 1
+    zero = probe[0, 0, :, 0].contiguous()
+    weight, bias = module.weight, module.bias
+    beta = F.batch_norm(probe[0], module.running_mean, module.running_var, weight, bias, False, 0.0, module.eps)
+    alpha = F.batch_norm(probe[1], zero, module.running_var, weight, None, False, 0.0, module.eps)
+    _coefficients_of[module] = (key, alpha[0, :, 0], beta[0, :, 0])
+    return alpha[0, :, 0], beta[0, :, 0]
+
+
+_coefficients_of: weakref.WeakKeyDictionary[_BatchNorm, tuple[tuple[Any, ...], torch.Tensor, torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def batch_norm_eval_with_moments(
+    module: _BatchNorm, x: torch.Tensor, previous: ChannelMoments | None
+) -> tuple[torch.Tensor, ChannelMoments]:
+    """The layer's eval output (bit for bit ``F.batch_norm``'s) and ``previous`` merged with ``x``'s moments.
+
+    Call only where ``applies(module, x)``. The first call per input shape and dtype also runs
+    torch's own kernel and compares: where the outputs differ, it returns torch's and this layer
+    and shape take the portable path from then on.
+    """
+    function = _kernel()
+    assert function is not None
+    with torch.no_grad():
+        alpha, beta = _coefficients(module, x.shape[1], x.dtype)
+        planes = x.view(x.shape[0], x.shape[1], -1)
+        # As in cpu_moments: each channel is shifted by its first value, unless that is not finite.
+        shift = torch.nan_to_num(planes[0, :, 0], nan=0.0, posinf=0.0, neginf=0.0)
+        try:
+            output, mean, m2, unusable = function(planes, alpha, beta, shift)
+        except Exception as error:
+            # Whatever stops the compiler (headers, a full disk), the portable path remains.
+            _unavailable.append(f"compiling it failed ({type(error).__name__})")
+            return STOCK_FORWARD(module, x), _merged(previous, cpu_moments(x))
+        output = output.view(x.shape)
+        seen = _verified.setdefault(module, {})
+        if (x.shape, x.dtype) not in seen:
+            expected = STOCK_FORWARD(module, x)
+            seen[(x.shape, x.dtype)] = torch.equal(output, expected)
+            output = expected
+        moments = settled_moments(x, planes.shape[0] * planes.shape[2], mean, m2, unusable)
+    return output, _merged(previous, moments)
+
+
+def _merged(previous: ChannelMoments | None, moments: ChannelMoments) -> ChannelMoments:
+    return moments if previous is None else previous.merge(moments)

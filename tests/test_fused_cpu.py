@@ -1,0 +1,319 @@
+"""The compiled CPU kernel (bn_inspect/engine/fused/cpu.py): exact where it runs, the portable path where it cannot.
+
+The kernel is compiled by torch.compile's C++ backend, so the tests that run it need a C++
+compiler and skip without one; they run in a child process, so that the compile, dynamo's state
+and inductor's cache folder stay out of the test process. The fallbacks (no compiler, a cache
+folder others could write to) need no compiler and run here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bn_inspect.analyses.inspection import inspect_model
+from bn_inspect.engine.fused import cpu
+from tests.helpers import REPO, invoke
+
+HAS_COMPILER = shutil.which("g++") is not None or shutil.which("c++") is not None
+needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler for torch.compile")
+
+CHECK = r"""
+import copy, hashlib, torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from bn_inspect.engine.fused import cpu
+from bn_inspect.analyses.inspection import inspect_model
+
+calls = []
+original = cpu.batch_norm_eval_with_moments
+cpu.batch_norm_eval_with_moments = lambda *a: (calls.append(1), original(*a))[1]
+import bn_inspect.engine.fused.dispatch as dispatch
+dispatch.cpu = cpu
+
+def state_hash(model):
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode()); digest.update(tensor.detach().double().numpy().tobytes())
+    return digest.hexdigest(), [m.training for m in model.modules()], [sorted(vars(m)) for m in model.modules()]
+
+def build(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 130, 3), nn.BatchNorm2d(130), nn.ReLU(),
+        nn.Conv2d(130, 8, 3), nn.BatchNorm2d(8, affine=False),
+        nn.Flatten(2), nn.BatchNorm1d(8),
+        nn.Flatten(1), nn.Linear(8 * 6 * 6, 10), nn.BatchNorm1d(10),
+    ).to(dtype)
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 3, 10, 10, dtype=dtype) * 3 + 5)
+    return model.eval()
+
+def check(dtype, tolerance):
+    model = build(dtype)
+    # Large means and a tiny spread, ragged batches (one of a single sample), one channels-last batch.
+    batches = [torch.randn(n, 3, 10, 10, dtype=dtype) * 1e-3 + 1e3 for n in (5, 1, 7)]
+    batches.append(batches[2].to(memory_format=torch.channels_last))
+    before = state_hash(model)
+    with torch.no_grad():
+        plain = [model(b) for b in batches]
+    seen, outputs = {}, []
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, []).append(a[0].double()))
+             for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    hooks.append(model.register_forward_hook(lambda m, a, out: outputs.append(out)))
+    calls.clear()
+    report = inspect_model(model, batches)
+    for h in hooks:
+        h.remove()
+    assert state_hash(model) == before, "model changed"
+    # The three layers with spatial dims, on the three contiguous batches: the channels-last batch
+    # (still channels-last after Flatten(2)) and BatchNorm1d over (N, C) take the portable path.
+    assert len(calls) == 9, calls
+    for out, expected in zip(outputs, plain, strict=True):
+        assert torch.equal(out, expected), "the model's output changed under the kernel"
+    for layer in report.layers:
+        values = torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1) for t in seen[layer.name.raw]], 1)
+        mean, var = values.mean(1), values.var(1, unbiased=False)
+        assert layer.values_per_channel == values.shape[1]
+        mean_err = ((torch.tensor(layer.batch_mean, dtype=torch.float64) - mean).abs() / var.sqrt()).max().item()
+        var_err = ((torch.tensor(layer.batch_var, dtype=torch.float64) - var).abs() / var).max().item()
+        assert mean_err < tolerance and var_err < tolerance, (dtype, layer.name, mean_err, var_err)
+    return model
+
+model = check(torch.float32, 1e-5)
+# Relative to the spread, with means about 1e6 spreads: float64's own rounding of the reference sum.
+check(torch.float64, 1e-8)
+
+bn = model[1]
+with torch.no_grad():
+    # A constant channel has variance exactly 0; an infinite value gives an infinite mean and NaN
+    # var; a far outlier as a channel's first value (its shift) falls back to the exact two passes.
+    x = torch.randn(4, 130, 3, 3)
+    x[:, 5] = 7.0
+    x[1, 9, 0, 0] = float("inf")
+    x[:, 11] = torch.randn(4, 3, 3) * 1e-2 + 1e4
+    x[0, 11, 0, 0] = -1e8
+    _, moments = cpu.batch_norm_eval_with_moments(bn, x, None)
+    assert moments.biased_var()[5] == 0 and moments.mean[5] == 7.0
+    assert moments.mean[9] == float("inf") and moments.biased_var()[9].isnan()
+    exact = x[:, 11].double()
+    assert abs(moments.biased_var()[11] - exact.var(unbiased=False)) <= 1e-9 * exact.var(unbiased=False)
+
+    # A layer whose first call disagrees with torch gets torch's output, and the portable path after.
+    fresh = copy.deepcopy(bn)
+    right = cpu._coefficients
+    cpu._coefficients = lambda module, c, dtype: tuple(t * (1 + 2**-20) for t in right(module, c, dtype))
+    y = torch.randn(3, 130, 4, 4)
+    expected = nn.functional.batch_norm(y, fresh.running_mean, fresh.running_var, fresh.weight, fresh.bias, False, 0.0, fresh.eps)
+    out, _ = cpu.batch_norm_eval_with_moments(fresh, y, None)
+    assert torch.equal(out, expected)
+    assert not cpu.applies(fresh, y) and cpu.applies(fresh, y[:2])
+    cpu._coefficients = right
+
+    # Under a function mode the compiled call would be traced by it: the portable path runs.
+    class Passing(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passing():
+        assert not cpu.applies(bn, x)
+
+# Sequential recalibration traces torch ops: it must give what the portable path gives.
+from bn_inspect.analyses.recalibration import recalibrate
+import os
+batches = [torch.randn(6, 3, 10, 10) * 3 + 5 for _ in range(3)]
+results = {}
+for kernel in ("compiled", ""):
+    os.environ["BN_INSPECT_CPU_KERNEL"] = kernel
+    copied = copy.deepcopy(model)
+    result = recalibrate(copied, batches, method="sequential")
+    results[kernel] = ([layer.wave for layer in result.layers], copied.state_dict())
+for key, value in results[""][1].items():
+    assert torch.allclose(results["compiled"][1][key].double(), value.double(), rtol=1e-5, atol=1e-6), key
+assert results["compiled"][0] == results[""][0]
+assert cpu.unavailable_reason() is None, cpu.unavailable_reason()
+print("ok")
+"""
+
+
+@pytest.fixture(scope="module")
+def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache home for every child of this module: the first compiles, the others reuse it."""
+    return tmp_path_factory.mktemp("xdg-cache")
+
+
+def _child_env(cache_home: Path) -> dict[str, str]:
+    path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))
+    env = {**os.environ, "BN_INSPECT_CPU_KERNEL": "compiled", "PYTHONPATH": path, "XDG_CACHE_HOME": str(cache_home)}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    return env
+
+
+@needs_compiler
+def test_compiled_kernel_is_exact_bit_for_bit_and_leaves_the_model_unchanged(kernel_cache: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", CHECK],
+        env=_child_env(kernel_cache),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    # Inductor built into the private folder, which only this user may write to.
+    folder = kernel_cache / "bn-inspect" / "inductor"
+    assert any(folder.iterdir())
+    assert folder.stat().st_mode & 0o077 == 0
+
+
+@needs_compiler
+def test_the_command_line_prints_the_same_report_with_the_kernel(kernel_cache: Path) -> None:
+    argv = [
+        sys.executable,
+        "-m",
+        "bn_inspect",
+        "inspect",
+        "sample_models/digits_cnn/state_dict.pt",
+        "--arch",
+        "sample_models.architectures:DigitsCNN",
+        "--input",
+        "sample_models/digits_cnn/test_images.npy",
+        "--format",
+        "json",
+    ]
+    env = _child_env(kernel_cache)
+    compiled = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    portable = subprocess.run(
+        argv, cwd=REPO, env={**env, "BN_INSPECT_CPU_KERNEL": ""}, capture_output=True, text=True, timeout=900
+    )
+    assert compiled.returncode == portable.returncode == 0, compiled.stderr[-2000:]
+    assert compiled.stderr.splitlines() == [
+        "note: BN_INSPECT_CPU_KERNEL=compiled: eval-mode BatchNorm layers normalize and reduce in one compiled "
+        "kernel; the first batches wait several seconds while it compiles."
+    ]
+    assert portable.stderr == ""
+    # The statistics agree to float32 rounding; the rest of the report is the same.
+    with_kernel, without = json.loads(compiled.stdout), json.loads(portable.stdout)
+    for new, old in zip(with_kernel["layers"], without["layers"], strict=True):
+        assert (new["name"], new["flags"], new["explanation"]) == (old["name"], old["flags"], old["explanation"])
+        for key in ("batch_mean", "batch_var"):
+            assert torch.allclose(torch.tensor(new[key]), torch.tensor(old[key]), rtol=1e-5, atol=1e-7), key
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """The kernel asked for and not yet prepared, with a cache home of the test's own; reset after."""
+    monkeypatch.setenv("BN_INSPECT_CPU_KERNEL", "compiled")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "torch-chose-this"))
+    cpu._kernel.cache_clear()
+    cpu._unavailable.clear()
+    yield
+    cpu._kernel.cache_clear()
+    cpu._unavailable.clear()
+
+
+def _small_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU())
+    with torch.no_grad():
+        model(torch.randn(8, 3, 8, 8))
+    return model.eval()
+
+
+def test_without_a_compiler_the_portable_path_gives_the_same_statistics(
+    fresh_kernel: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, batches = _small_model(), [torch.randn(4, 3, 8, 8) + 2]
+    monkeypatch.setenv("BN_INSPECT_CPU_KERNEL", "")
+    expected = inspect_model(model, batches)
+    monkeypatch.setenv("BN_INSPECT_CPU_KERNEL", "compiled")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    report = inspect_model(model, batches)
+    assert cpu.unavailable_reason() == "there is no C++ compiler (g++ or c++) on PATH"
+    assert [layer.batch_var for layer in report.layers] == [layer.batch_var for layer in expected.layers]
+
+
+@pytest.mark.surface("cache:cpu-kernel", "execution")
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702])
+def test_a_cache_folder_others_can_write_to_is_refused(tmp_path: Path, mode: int) -> None:
+    folder = tmp_path / "bn-inspect" / "inductor"
+    folder.mkdir(parents=True)
+    folder.chmod(mode)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        with pytest.raises(OSError, match="writable by others"):
+            cpu.private_cache()
+
+
+@pytest.mark.surface("cache:cpu-kernel", "execution")
+def test_a_cache_folder_of_another_user_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "bn-inspect" / "inductor").mkdir(parents=True, mode=0o700)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    with pytest.raises(OSError, match="not a folder of this user's"):
+        cpu.private_cache()
+
+
+@pytest.mark.surface("cache:cpu-kernel", "clobber")
+def test_a_file_or_a_link_where_the_cache_folder_goes_is_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    (tmp_path / "bn-inspect").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (tmp_path / "bn-inspect" / "inductor").symlink_to(elsewhere)
+    with pytest.raises(OSError, match="not a folder of this user's"):
+        cpu.private_cache()
+    (tmp_path / "bn-inspect" / "inductor").unlink()
+    (tmp_path / "bn-inspect" / "inductor").write_text("mine")
+    with pytest.raises(OSError):
+        cpu.private_cache()
+    assert (tmp_path / "bn-inspect" / "inductor").read_text() == "mine"
+
+
+@pytest.mark.surface("cache:cpu-kernel", "traceback")
+def test_an_unusable_cache_folder_is_one_note_and_the_run_goes_on(
+    fresh_kernel: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    home = tmp_path / "cache"
+    (home / "bn-inspect").mkdir(parents=True)
+    (home / "bn-inspect" / "inductor").write_text("not a folder")
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/g++")
+    model_file = tmp_path / "model.pt"
+    torch.jit.save(torch.jit.script(_small_model()), model_file)
+    result = invoke(capsys, ["inspect", model_file, "--shape", "4,3,8,8", "--format", "json"])
+    assert result.code == 0
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    # A scripted model never takes the kernel: the note says so, and nothing was prepared.
+    assert result.err.splitlines() == [
+        "note: BN_INSPECT_CPU_KERNEL=compiled is set, but the compiled kernel serves only eval-mode BatchNorm "
+        "modules of an eager model: this run takes the portable path."
+    ]
+    torch.save(_small_model().state_dict(), tmp_path / "state.pt")
+    (tmp_path / "arch.py").write_text(
+        "from torch import nn\n\n"
+        "class Small(nn.Sequential):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU())\n"
+    )
+    argv = ["inspect", tmp_path / "state.pt", "--arch", f"{tmp_path / 'arch.py'}:Small", "--shape", "4,3,8,8"]
+    result = invoke(capsys, argv)
+    assert result.code == 0, result.err
+    assert len(result.err.splitlines()) == 1
+    assert result.err.startswith("note: BN_INSPECT_CPU_KERNEL=compiled is set, but its cache folder cannot be used: ")
+    assert result.err.rstrip().endswith(
+        "the statistics take the portable path (one more read of each batch-norm input)."
+    )
+    assert "Traceback" not in result.err
