@@ -14,6 +14,9 @@ run (alternating which goes first), never with a figure from another day or mach
   the same step without them;
 * throughput: ``inspect_model`` over 10 batches against a plain eval loop over the same batches,
   in samples per second (issue targets: >= 0.8 for datasets, >= 0.9 to leave it on);
+* the two captures and the throughput again with the opt-in compiled CPU kernel
+  (``BN_INSPECT_CPU_KERNEL=compiled``, engine/fused/cpu.py; issue 30's targets), its compile in
+  the warm-up rounds;
 * peak memory: peak RSS (VmHWM) of a child process running ``inspect_model`` over 5 batches against
   one running the plain loop (a peak cannot be reset, so one child per figure), and the peak
   RSS of ``bn-inspect inspect --batches 1000`` against ``--batches 10`` (flat memory);
@@ -37,7 +40,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +58,7 @@ import bench_resnet50_cpu  # noqa: E402
 
 from bn_inspect.analyses.inspection import inspect_model  # noqa: E402
 from bn_inspect.engine.capture import StatisticsRecorder, hooks_capture  # noqa: E402
+from bn_inspect.engine.fused import cpu as cpu_kernel  # noqa: E402
 from bn_inspect.model.layers import iter_norm_layers  # noqa: E402
 
 DIGITS = ROOT / "sample_models" / "digits_cnn"
@@ -110,6 +115,33 @@ def capture_resnet50(pairs: int) -> dict:
         pairs,
         warmup=1,
     )
+
+
+@contextmanager
+def _compiled_cpu_kernel() -> Iterator[None]:
+    """bn-inspect's opt-in compiled CPU kernel (engine/fused/cpu.py) for the block: what BN_INSPECT_CPU_KERNEL=compiled asks."""
+    before = os.environ.get(cpu_kernel.CPU_KERNEL_VARIABLE)
+    os.environ[cpu_kernel.CPU_KERNEL_VARIABLE] = "compiled"
+    try:
+        reason = cpu_kernel.prepare()
+        if reason is not None:
+            raise SystemExit(f"the compiled CPU kernel cannot run here: {reason}")
+        yield
+    finally:
+        if before is None:
+            del os.environ[cpu_kernel.CPU_KERNEL_VARIABLE]
+        else:
+            os.environ[cpu_kernel.CPU_KERNEL_VARIABLE] = before
+
+
+def compiled(step: Callable[[], dict]) -> Callable[[], dict]:
+    """``step`` run with the compiled CPU kernel (its warm-up rounds include the compile)."""
+
+    def run() -> dict:
+        with _compiled_cpu_kernel():
+            return step()
+
+    return run
 
 
 def _train_step(model: torch.nn.Module, x: torch.Tensor, layers: list | None) -> None:
@@ -283,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         ("capture_resnet50", lambda: capture_resnet50(args.pairs)),
         ("capture_train", lambda: capture_train(args.pairs)),
         ("throughput", lambda: throughput(max(8, args.pairs // 2))),
+        ("capture_small_compiled", compiled(lambda: capture_small(args.pairs))),
+        ("capture_resnet50_compiled", compiled(lambda: capture_resnet50(args.pairs))),
+        ("throughput_compiled", compiled(lambda: throughput(max(8, args.pairs // 2)))),
         ("memory", lambda: bench_capture.measure_memory(None)),
         ("memory_flat", memory_flat),
         ("startup", startup),
@@ -319,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         _ratio_row("capture, small ResNet (issue 30)", small["median"], 1.03, True),
         _ratio_row("capture, ResNet-50 (issue 30)", big["median"], 1.03, True),
         _ratio_row("throughput, 10 batches (issue 30)", flow["samples_per_s_ratio"], 0.95, False),
+        _ratio_row(
+            "  same three, compiled kernel: small ResNet", results["capture_small_compiled"]["median"], 1.03, True
+        ),
+        _ratio_row("  ResNet-50", results["capture_resnet50_compiled"]["median"], 1.03, True),
+        _ratio_row("  throughput", results["throughput_compiled"]["samples_per_s_ratio"], 0.95, False),
         _ratio_row(
             "train step, small ResNet (issue 30)",
             train["median"],
