@@ -152,7 +152,9 @@ def applies(module: _BatchNorm, x: torch.Tensor) -> bool:
     """Whether this eval call may run the compiled kernel (checked after dispatch's own checks)."""
     if x.device.type != "cpu" or x.dtype not in DTYPES or x.dim() < 3 or not x.is_contiguous():
         return False
-    if x.numel() == 0 or x.shape[2:].numel() < 2:
+    # Each dtype compiles once for every size; a dim of size 1 would compile again (dynamo
+    # specializes 0 and 1), and those rare calls are cheaper on the portable path than a compile.
+    if x.shape[0] < 2 or x.shape[1] < 2 or x.shape[2:].numel() < 2:
         return False
     tensors = [module.running_mean, module.running_var]
     if module.affine:
@@ -189,8 +191,10 @@ def _coefficients(module: _BatchNorm, num_channels: int, dtype: torch.dtype) -> 
     weight, bias = module.weight, module.bias
     beta = F.batch_norm(probe[0], module.running_mean, module.running_var, weight, bias, False, 0.0, module.eps)
     alpha = F.batch_norm(probe[1], zero, module.running_var, weight, None, False, 0.0, module.eps)
-    _coefficients_of[module] = (key, alpha[0, :, 0], beta[0, :, 0])
-    return alpha[0, :, 0], beta[0, :, 0]
+    # Contiguous, so that the compiled call always sees the same layout (a new one compiles again).
+    alpha, beta = alpha[0, :, 0].contiguous(), beta[0, :, 0].contiguous()
+    _coefficients_of[module] = (key, alpha, beta)
+    return alpha, beta
 
 
 _coefficients_of: weakref.WeakKeyDictionary[_BatchNorm, tuple[tuple[Any, ...], torch.Tensor, torch.Tensor]] = (
@@ -211,7 +215,16 @@ def batch_norm_eval_with_moments(
     assert function is not None
     with torch.no_grad():
         alpha, beta = _coefficients(module, x.shape[1], x.dtype)
-        planes = x.view(x.shape[0], x.shape[1], -1)
+        # The values as (N, C, S), as a tensor of its own over x's storage: a view would make dynamo
+        # guard on its base's rank, and compile again for every rank of input.
+        num_samples, num_channels = x.shape[0], x.shape[1]
+        spatial = x.numel() // (num_samples * num_channels)
+        planes = torch.empty(0, dtype=x.dtype).set_(
+            x.untyped_storage(),
+            x.storage_offset(),
+            (num_samples, num_channels, spatial),
+            (num_channels * spatial, spatial, 1),
+        )
         # As in cpu_moments: each channel is shifted by its first value, unless that is not finite.
         shift = torch.nan_to_num(planes[0, :, 0], nan=0.0, posinf=0.0, neginf=0.0)
         try:
@@ -226,7 +239,7 @@ def batch_norm_eval_with_moments(
             expected = STOCK_FORWARD(module, x)
             seen[(x.shape, x.dtype)] = torch.equal(output, expected)
             output = expected
-        moments = settled_moments(x, planes.shape[0] * planes.shape[2], mean, m2, unusable)
+        moments = settled_moments(x, num_samples * spatial, mean, m2, unusable)
     return output, _merged(previous, moments)
 
 
