@@ -106,6 +106,11 @@ with torch.no_grad():
     _, moments = cpu.batch_norm_eval_with_moments(bn, x, None)
     assert moments.biased_var()[5] == 0 and moments.mean[5] == 7.0
     assert moments.mean[9] == float("inf") and moments.biased_var()[9].isnan()
+    # A NaN input is NaN in torch's output as in the kernel's: no mismatch, the layer keeps the kernel.
+    x[2, 13, 1, 1] = float("nan")
+    fresh_shape = x[:3]
+    out, _ = cpu.batch_norm_eval_with_moments(bn, fresh_shape, None)
+    assert out.isnan().any() and cpu._verified[bn][(fresh_shape.shape, fresh_shape.dtype)]
     exact = x[:, 11].double()
     assert abs(moments.biased_var()[11] - exact.var(unbiased=False)) <= 1e-9 * exact.var(unbiased=False)
 
