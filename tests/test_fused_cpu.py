@@ -215,10 +215,7 @@ def test_the_command_line_prints_the_same_report_with_the_kernel(kernel_cache: P
         argv, cwd=REPO, env={**env, "BN_INSPECT_CPU_KERNEL": ""}, capture_output=True, text=True, timeout=900
     )
     assert compiled.returncode == portable.returncode == 0, compiled.stderr[-2000:]
-    assert compiled.stderr.splitlines() == [
-        "note: BN_INSPECT_CPU_KERNEL=compiled: eval-mode BatchNorm layers normalize and reduce in one compiled "
-        "kernel; the first batches wait several seconds while it compiles."
-    ]
+    assert compiled.stderr.splitlines() == [cpu.FIRST_USE_NOTE]
     assert portable.stderr == ""
     # The statistics agree to float32 rounding; the rest of the report is the same.
     with_kernel, without = json.loads(compiled.stdout), json.loads(portable.stdout)
@@ -226,6 +223,23 @@ def test_the_command_line_prints_the_same_report_with_the_kernel(kernel_cache: P
         assert (new["name"], new["flags"], new["explanation"]) == (old["name"], old["flags"], old["explanation"])
         for key in ("batch_mean", "batch_var"):
             assert torch.allclose(torch.tensor(new[key]), torch.tensor(old[key]), rtol=1e-5, atol=1e-7), key
+
+
+@needs_compiler
+def test_two_models_in_one_run_hear_of_the_kernel_once(kernel_cache: Path) -> None:
+    model = ["sample_models/digits_cnn/state_dict.pt", "--arch", "sample_models.architectures:DigitsCNN"]
+    argv = [
+        sys.executable,
+        "-m",
+        "bn_inspect",
+        "diff",
+        model[0],
+        *model,
+        "--input",
+        "sample_models/digits_cnn/test_images.npy",
+    ]
+    done = subprocess.run(argv, cwd=REPO, env=_child_env(kernel_cache), capture_output=True, text=True, timeout=900)
+    assert done.stderr.splitlines() == [cpu.FIRST_USE_NOTE], done.stderr[-2000:]
 
 
 @pytest.fixture
@@ -239,6 +253,21 @@ def fresh_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[No
     yield
     cpu._kernel.cache_clear()
     cpu._unavailable.clear()
+    cpu._announce.clear()
+
+
+def test_a_run_where_no_layer_qualifies_is_not_told_of_the_kernel(fresh_kernel: None, tmp_path: Path) -> None:
+    heard: list[str] = []
+    assert cpu.prepare_note(True, heard.append) is None
+    torch.manual_seed(0)
+    # BatchNorm1d over (N, C), and a batch of one sample for the BatchNorm2d: neither qualifies.
+    table = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6)).eval()
+    inspect_model(table, [torch.randn(8, 4)])
+    inspect_model(_small_model(), [torch.randn(1, 3, 8, 8)])
+    assert heard == []
+    # The folder torch was told to use (TORCHINDUCTOR_CACHE_DIR) is used as set: bn-inspect's own is
+    # neither made nor checked.
+    assert not (tmp_path / "cache").exists()
 
 
 def _small_model() -> nn.Module:
@@ -272,6 +301,20 @@ def test_a_cache_folder_others_can_write_to_is_refused(tmp_path: Path, mode: int
         patch.setenv("XDG_CACHE_HOME", str(tmp_path))
         with pytest.raises(OSError, match="writable by others"):
             cpu.private_cache()
+
+
+@pytest.mark.surface("cache:cpu-kernel", "execution")
+def test_a_folder_above_the_cache_that_others_can_write_to_is_refused_unless_sticky(tmp_path: Path) -> None:
+    base = tmp_path / "shared"
+    base.mkdir()
+    base.chmod(0o777)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(base))
+        with pytest.raises(OSError, match=f"{base} is writable by others"):
+            cpu.private_cache()
+        # A sticky folder (as /tmp is) lets no one rename another user's folder inside it.
+        base.chmod(0o1777)
+        assert cpu.private_cache() == base / "bn-inspect" / "inductor"
 
 
 @pytest.mark.surface("cache:cpu-kernel", "execution")

@@ -277,7 +277,7 @@ def prepare_run(
         from bn_inspect.engine.fused.cpu import prepare_note
 
         is_eager_eval = options.mode is Mode.EVAL and loaded.format not in ("torchscript", "torch.export")
-        if kernel_note := prepare_note(is_eager_eval):
+        if kernel_note := prepare_note(is_eager_eval, observer.note):
             observer.note(kernel_note)
     observer.loaded()
     is_real_data = options.input_file is not None or options.data is not None

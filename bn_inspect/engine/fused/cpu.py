@@ -70,17 +70,28 @@ def _normalize_and_reduce(
 def private_cache() -> Path:
     """A folder for inductor's cache that only this user can write, created if missing.
 
+    The folder and every folder above it must belong to this user (or root) and be closed to
+    others' writes, unless sticky (as /tmp is): whoever can write to a folder above could swap the
+    cache for one of their own between this check and inductor's use of it.
+
     Raises:
-        OSError: when it exists but belongs to someone else or others may write to it.
+        OSError: naming the folder that fails, and why.
     """
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     folder = base / "bn-inspect" / "inductor"
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"{folder} cannot be created ({error.strerror or error})") from error
     info = folder.lstat()
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
         raise OSError(f"{folder} is not a folder of this user's")
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise OSError(f"{folder} is writable by others")
+    for place in (folder, *folder.parents):
+        info = place.stat()
+        if info.st_uid not in (0, os.getuid()):
+            raise OSError(f"{place} belongs to another user")
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not (place != folder and info.st_mode & stat.S_ISVTX):
+            raise OSError(f"{place} is writable by others")
     return folder
 
 
@@ -98,8 +109,12 @@ def prepare() -> str | None:
     return unavailable_reason()
 
 
-def prepare_note(is_eager_eval: bool) -> str | None:
-    """Where the kernel was asked for, prepare it and say whether this run uses it; None where it was not."""
+def prepare_note(is_eager_eval: bool, announce: Callable[[str], None]) -> str | None:
+    """Where the kernel was asked for, prepare it; returns a note where this run cannot use it.
+
+    ``announce`` hears, once per process, that the kernel is about to compile: only where a layer
+    qualifies, so that no run is told about a kernel it never used.
+    """
     if not requested():
         return None
     if not is_eager_eval:
@@ -110,13 +125,21 @@ def prepare_note(is_eager_eval: bool) -> str | None:
     reason = prepare()
     if reason is not None:
         return (
-            f"note: {CPU_KERNEL_VARIABLE}=compiled is set, but {reason}: the statistics take the portable path "
+            f"note: {CPU_KERNEL_VARIABLE}=compiled is set, but {reason}; the statistics take the portable path "
             "(one more read of each batch-norm input)."
         )
-    return (
-        f"note: {CPU_KERNEL_VARIABLE}=compiled: eval-mode BatchNorm layers normalize and reduce in one compiled "
-        "kernel; the first batches wait several seconds while it compiles."
-    )
+    if not _told:
+        _announce[:] = [announce]
+    return None
+
+
+# Who hears of the kernel's first use in this process (the command's observer), until told.
+_announce: list[Callable[[str], None]] = []
+_told: list[bool] = []
+FIRST_USE_NOTE = (
+    f"note: {CPU_KERNEL_VARIABLE}=compiled: eval-mode BatchNorm layers normalize and reduce in one compiled "
+    "kernel; this batch waits several seconds while it compiles."
+)
 
 
 @functools.cache
@@ -124,13 +147,17 @@ def _kernel() -> Callable[..., Any] | None:
     if shutil.which("g++") is None and shutil.which("c++") is None:
         _unavailable.append("there is no C++ compiler (g++ or c++) on PATH")
         return None
-    try:
-        # Inductor loads the libraries it built from its cache: never from a folder others can
-        # write to. A folder the user chose for it (TORCHINDUCTOR_CACHE_DIR) is theirs to vouch for.
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(private_cache()))
-    except OSError as error:
-        _unavailable.append(f"its cache folder cannot be used: {error}")
-        return None
+    # Inductor loads the libraries it built from its cache: never from a folder others can write
+    # to. A folder the user chose for it (TORCHINDUCTOR_CACHE_DIR) is theirs to vouch for.
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        try:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(private_cache())
+        except OSError as error:
+            _unavailable.append(
+                f"its cache folder cannot be used: {error} (set XDG_CACHE_HOME, or TORCHINDUCTOR_CACHE_DIR, to a "
+                "folder only you can write to)"
+            )
+            return None
     # ATen's eval kernel rounds x * alpha + beta as one fused multiply-add where its build can (each
     # layer's first call is compared with it); inductor contracts it alike only with this flag.
     # One compile thread: a pool of compile workers takes seconds to start, for a single kernel.
@@ -227,6 +254,9 @@ def batch_norm_eval_with_moments(
         )
         # As in cpu_moments: each channel is shifted by its first value, unless that is not finite.
         shift = torch.nan_to_num(planes[0, :, 0], nan=0.0, posinf=0.0, neginf=0.0)
+        if _announce:
+            _told.append(True)
+            _announce.pop()(FIRST_USE_NOTE)
         try:
             output, mean, m2, unusable = function(planes, alpha, beta, shift)
         except Exception as error:
