@@ -160,6 +160,8 @@ for key, value in results[""][1].items():
     assert torch.allclose(results["compiled"][1][key].double(), value.double(), rtol=1e-5, atol=1e-6), key
 assert results["compiled"][0] == results[""][0]
 assert cpu.unavailable_reason() is None, cpu.unavailable_reason()
+# The private folder was set for inductor around the kernel's calls only: the process keeps its own.
+assert "bn-inspect" not in os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
 print("ok")
 """
 
@@ -242,6 +244,47 @@ def test_two_models_in_one_run_hear_of_the_kernel_once(kernel_cache: Path) -> No
     assert done.stderr.splitlines() == [cpu.FIRST_USE_NOTE], done.stderr[-2000:]
 
 
+@pytest.mark.surface("cache:cpu-kernel", "traceback")
+def test_a_compiler_that_fails_is_one_note_and_none_of_its_output(tmp_path: Path) -> None:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name in ("g++", "c++", "gcc", "cc"):
+        (fake / name).write_text("#!/bin/sh\necho 'fake compiler: error: broken' >&2\nexit 1\n")
+        (fake / name).chmod(0o755)
+    env = {
+        **_child_env(tmp_path / "cache"),
+        "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}",
+        "CXX": str(fake / "g++"),
+        "CC": str(fake / "gcc"),
+    }
+    argv = [
+        sys.executable,
+        "-m",
+        "bn_inspect",
+        "inspect",
+        "sample_models/digits_cnn/state_dict.pt",
+        "--arch",
+        "sample_models.architectures:DigitsCNN",
+        "--input",
+        "sample_models/digits_cnn/test_images.npy",
+        "--format",
+        "json",
+    ]
+    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and json.loads(done.stdout)["layers"]
+    assert done.stderr.splitlines() == [cpu.FIRST_USE_NOTE, cpu.FAILED_NOTE], done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value", ["1", "Compiled", "compiled "])
+def test_a_value_the_variable_does_not_know_is_said_and_ignored(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("BN_INSPECT_CPU_KERNEL", value)
+    note = cpu.prepare_note(True, print)
+    assert note is not None and note.startswith(
+        f"note: BN_INSPECT_CPU_KERNEL={value!r} is not a value bn-inspect knows"
+    )
+    assert not cpu.requested()
+
+
 @pytest.fixture
 def fresh_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """The kernel asked for and not yet prepared, with a cache home of the test's own; reset after."""
@@ -292,7 +335,7 @@ def test_without_a_compiler_the_portable_path_gives_the_same_statistics(
 
 
 @pytest.mark.surface("cache:cpu-kernel", "execution")
-@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702])
+@pytest.mark.parametrize("mode", [0o777, 0o702])
 def test_a_cache_folder_others_can_write_to_is_refused(tmp_path: Path, mode: int) -> None:
     folder = tmp_path / "bn-inspect" / "inductor"
     folder.mkdir(parents=True)
@@ -315,6 +358,28 @@ def test_a_folder_above_the_cache_that_others_can_write_to_is_refused_unless_sti
         # A sticky folder (as /tmp is) lets no one rename another user's folder inside it.
         base.chmod(0o1777)
         assert cpu.private_cache() == base / "bn-inspect" / "inductor"
+
+
+@pytest.mark.surface("cache:cpu-kernel", "execution")
+def test_a_group_writable_cache_folder_is_refused_unless_the_group_is_the_users_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import grp
+    import pwd
+
+    folder = tmp_path / "bn-inspect" / "inductor"
+    folder.mkdir(parents=True, mode=0o700)
+    folder.chmod(0o770)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    me = pwd.getpwuid(os.getuid()).pw_name
+    # A user private group (as umask 002 systems make): no other member, no one else's primary group.
+    monkeypatch.setattr(grp, "getgrgid", lambda gid: grp.struct_group(("mine", "x", gid, [])))
+    monkeypatch.setattr(pwd, "getpwall", lambda: [])
+    assert cpu.private_cache() == folder
+    # A group with someone else in it.
+    monkeypatch.setattr(grp, "getgrgid", lambda gid: grp.struct_group(("staff", "x", gid, [me, "someone-else"])))
+    with pytest.raises(OSError, match="writable by others"):
+        cpu.private_cache()
 
 
 @pytest.mark.surface("cache:cpu-kernel", "execution")

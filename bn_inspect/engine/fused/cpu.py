@@ -25,12 +25,16 @@ default under /tmp, unless the user chose one with ``TORCHINDUCTOR_CACHE_DIR``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import grp
 import os
+import pwd
 import shutil
 import stat
+import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +94,23 @@ def private_cache() -> Path:
         info = place.stat()
         if info.st_uid not in (0, os.getuid()):
             raise OSError(f"{place} belongs to another user")
-        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not (place != folder and info.st_mode & stat.S_ISVTX):
+        writable_by_others = info.st_mode & stat.S_IWOTH or (
+            info.st_mode & stat.S_IWGRP and not _own_group(info.st_gid)
+        )
+        if writable_by_others and not (place != folder and info.st_mode & stat.S_ISVTX):
             raise OSError(f"{place} is writable by others")
     return folder
+
+
+def _own_group(gid: int) -> bool:
+    """Whether no one but this user is in group ``gid`` (a user private group, as umask 002 systems make)."""
+    try:
+        group = grp.getgrgid(gid)
+        me = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return False
+    members = set(group.gr_mem) | {user.pw_name for user in pwd.getpwall() if user.pw_gid == gid}
+    return members <= {me}
 
 
 _unavailable: list[str] = []
@@ -115,6 +133,12 @@ def prepare_note(is_eager_eval: bool, announce: Callable[[str], None]) -> str | 
     ``announce`` hears, once per process, that the kernel is about to compile: only where a layer
     qualifies, so that no run is told about a kernel it never used.
     """
+    value = os.environ.get(CPU_KERNEL_VARIABLE, "")
+    if value not in ("", "compiled"):
+        return (
+            f"note: {CPU_KERNEL_VARIABLE}={value!r} is not a value bn-inspect knows: set it to compiled for the "
+            "compiled CPU kernel, or leave it unset; this run takes the portable path."
+        )
     if not requested():
         return None
     if not is_eager_eval:
@@ -128,14 +152,19 @@ def prepare_note(is_eager_eval: bool, announce: Callable[[str], None]) -> str | 
             f"note: {CPU_KERNEL_VARIABLE}=compiled is set, but {reason}; the statistics take the portable path "
             "(one more read of each batch-norm input)."
         )
-    if not _told:
+    if not _told_by:
         _announce[:] = [announce]
     return None
 
 
-# Who hears of the kernel's first use in this process (the command's observer), until told.
+# Who hears of the kernel's first use in this process (the command's observer), until told; who
+# was told, so that they hear if compiling fails.
 _announce: list[Callable[[str], None]] = []
-_told: list[bool] = []
+_told_by: list[Callable[[str], None]] = []
+FAILED_NOTE = (
+    f"note: {CPU_KERNEL_VARIABLE}=compiled: compiling the CPU kernel failed; the statistics take the portable "
+    "path (one more read of each batch-norm input)."
+)
 FIRST_USE_NOTE = (
     f"note: {CPU_KERNEL_VARIABLE}=compiled: eval-mode BatchNorm layers normalize and reduce in one compiled "
     "kernel; this batch waits several seconds while it compiles."
@@ -151,7 +180,7 @@ def _kernel() -> Callable[..., Any] | None:
     # to. A folder the user chose for it (TORCHINDUCTOR_CACHE_DIR) is theirs to vouch for.
     if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
         try:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(private_cache())
+            _cache_folder.append(str(private_cache()))
         except OSError as error:
             _unavailable.append(
                 f"its cache folder cannot be used: {error} (set XDG_CACHE_HOME, or TORCHINDUCTOR_CACHE_DIR, to a "
@@ -165,8 +194,50 @@ def _kernel() -> Callable[..., Any] | None:
         _normalize_and_reduce,
         dynamic=True,
         fullgraph=True,
-        options={"cpp.enable_floating_point_contract_flag": "fast", "compile_threads": 1},
+        options={
+            "cpp.enable_floating_point_contract_flag": "fast",
+            "compile_threads": 1,
+            # Precompiled headers go to a folder of torch's own under /tmp whatever the cache folder is.
+            "cpp_cache_precompile_headers": False,
+        },
     )
+
+
+# The private cache folder, where the user chose none; set for inductor only around the calls.
+_cache_folder: list[str] = []
+# Dtypes compiled for (each compiles once, for every size); their first call keeps the compiler quiet.
+_compiled: set[torch.dtype] = set()
+
+
+@contextlib.contextmanager
+def _compiling(dtype: torch.dtype) -> Iterator[None]:
+    """Inductor's cache folder set for the call, and, on a dtype's first call, the compiler's output off stderr.
+
+    The compiler and inductor's probes write to file descriptor 2 from subprocesses, and a failed
+    compile would fill the terminal with them; bn-inspect says in one note what happened instead.
+    Left unset afterwards, the user's own torch.compile calls keep torch's choice of folder.
+    """
+    # Importing inductor sets the variable to torch's default folder: it is replaced for the call.
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if _cache_folder:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = _cache_folder[0]
+    quiet = dtype not in _compiled
+    if quiet:
+        sys.stderr.flush()
+        saved, sink = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(sink, 2)
+    try:
+        yield
+        _compiled.add(dtype)
+    finally:
+        if quiet:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(sink)
+        if _cache_folder and before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        elif _cache_folder and before is not None:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
 
 
 # Per layer: input (shape, dtype) -> whether the kernel's output equalled torch's on its first call.
@@ -255,13 +326,16 @@ def batch_norm_eval_with_moments(
         # As in cpu_moments: each channel is shifted by its first value, unless that is not finite.
         shift = torch.nan_to_num(planes[0, :, 0], nan=0.0, posinf=0.0, neginf=0.0)
         if _announce:
-            _told.append(True)
+            _told_by.append(_announce[0])
             _announce.pop()(FIRST_USE_NOTE)
         try:
-            output, mean, m2, unusable = function(planes, alpha, beta, shift)
+            with _compiling(x.dtype):
+                output, mean, m2, unusable = function(planes, alpha, beta, shift)
         except Exception as error:
             # Whatever stops the compiler (headers, a full disk), the portable path remains.
             _unavailable.append(f"compiling it failed ({type(error).__name__})")
+            for tell in _told_by:
+                tell(FAILED_NOTE)
             return STOCK_FORWARD(module, x), _merged(previous, cpu_moments(x))
         output = output.view(x.shape)
         seen = _verified.setdefault(module, {})
