@@ -13,14 +13,16 @@ seconds, which only a long run earns back. It keeps what the portable path guara
   kernel (``_coefficients``), and the compiled multiply-add is contracted as torch's is; each
   layer's first call per input shape also runs torch's kernel and compares, and a layer and shape
   whose outputs differed take the portable path from then on;
-* the moments: each row is shifted by its channel's first value in float32, as the portable pass
-  does, then summed with its squares in float64, and finished by the same ``shifted_moments``
-  (with its cancellation check and exact two-pass fallback).
+* the moments: each row is shifted by its channel's first value and summed with its squares as
+  the portable pass sums them (in the input's dtype), the row sums are added in float64, and
+  the same ``shifted_moments`` finishes them (with its cancellation check and exact fallback).
 
 Without a C++ compiler, without a private cache folder, or where compiling fails, the portable
-path runs and ``unavailable_reason`` says why. Inductor loads the libraries it builds from its
-cache, so that cache is a folder only this user can write (``private_cache``), not torch's
-default under /tmp, unless the user chose one with ``TORCHINDUCTOR_CACHE_DIR``.
+path runs and ``unavailable_reason`` (and a note, ``prepare_note``) says why; the compiler's
+own output never reaches stderr. Inductor loads the libraries it builds from its cache, so that
+cache is a folder only this user can write (``private_cache``), set for inductor around the
+kernel's calls, not torch's default under /tmp, unless the user chose one with
+``TORCHINDUCTOR_CACHE_DIR``.
 """
 
 from __future__ import annotations
