@@ -441,3 +441,23 @@ def _as_kind(mode: int) -> str:
     if stat.S_ISLNK(mode):
         return " as a symbolic link"
     return f" as {kind_of(mode)}"
+
+
+@contextmanager
+def stderr_discarded() -> Iterator[None]:
+    """File descriptor 2 goes to the null device for the block, and back after.
+
+    For subprocesses whose output is no part of bn-inspect's (a compiler's diagnostics while the
+    CPU kernel compiles): they write to the descriptor, past Python's ``sys.stderr``, and
+    bn-inspect says what happened in its own note instead.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    sink = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(sink, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(sink)

@@ -34,7 +34,6 @@ import os
 import pwd
 import shutil
 import stat
-import sys
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bn_inspect.boundary.writing import stderr_discarded
 from bn_inspect.engine.moments import ChannelMoments, cpu_moments, settled_moments, shifted_moments
 
 STOCK_FORWARD = _BatchNorm.forward
@@ -223,19 +223,11 @@ def _compiling(dtype: torch.dtype) -> Iterator[None]:
     before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if _cache_folder:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = _cache_folder[0]
-    quiet = dtype not in _compiled
-    if quiet:
-        sys.stderr.flush()
-        saved, sink = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-        os.dup2(sink, 2)
     try:
-        yield
+        with stderr_discarded() if dtype not in _compiled else contextlib.nullcontext():
+            yield
         _compiled.add(dtype)
     finally:
-        if quiet:
-            os.dup2(saved, 2)
-            os.close(saved)
-            os.close(sink)
         if _cache_folder and before is None:
             os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
         elif _cache_folder and before is not None:
