@@ -166,6 +166,22 @@ print("ok")
 """
 
 
+# The digits sample as an eager model (state_dict and --arch), inspected in a child process.
+INSPECT_DIGITS_JSON = [
+    sys.executable,
+    "-m",
+    "bn_inspect",
+    "inspect",
+    "sample_models/digits_cnn/state_dict.pt",
+    "--arch",
+    "sample_models.architectures:DigitsCNN",
+    "--input",
+    "sample_models/digits_cnn/test_images.npy",
+    "--format",
+    "json",
+]
+
+
 @pytest.fixture(scope="module")
 def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache home for every child of this module: the first compiles, the others reuse it."""
@@ -198,19 +214,7 @@ def test_compiled_kernel_is_exact_bit_for_bit_and_leaves_the_model_unchanged(ker
 
 @needs_compiler
 def test_the_command_line_prints_the_same_report_with_the_kernel(kernel_cache: Path) -> None:
-    argv = [
-        sys.executable,
-        "-m",
-        "bn_inspect",
-        "inspect",
-        "sample_models/digits_cnn/state_dict.pt",
-        "--arch",
-        "sample_models.architectures:DigitsCNN",
-        "--input",
-        "sample_models/digits_cnn/test_images.npy",
-        "--format",
-        "json",
-    ]
+    argv = INSPECT_DIGITS_JSON
     env = _child_env(kernel_cache)
     compiled = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     portable = subprocess.run(
@@ -257,19 +261,7 @@ def test_a_compiler_that_fails_is_one_note_and_none_of_its_output(tmp_path: Path
         "CXX": str(fake / "g++"),
         "CC": str(fake / "gcc"),
     }
-    argv = [
-        sys.executable,
-        "-m",
-        "bn_inspect",
-        "inspect",
-        "sample_models/digits_cnn/state_dict.pt",
-        "--arch",
-        "sample_models.architectures:DigitsCNN",
-        "--input",
-        "sample_models/digits_cnn/test_images.npy",
-        "--format",
-        "json",
-    ]
+    argv = INSPECT_DIGITS_JSON
     done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0 and json.loads(done.stdout)["layers"]
     assert done.stderr.splitlines() == [cpu.FIRST_USE_NOTE, cpu.FAILED_NOTE], done.stderr[-2000:]
